@@ -1,0 +1,237 @@
+"""The attention engine: per-instance wrappers on the UNet's attention modules, and the retouch
+editor that runs the multi-source attention swap and the mask blend (paper §3.3, ALGORITHM.md).
+
+Design (after MasaCtrl's AttentionBase and diffusers' attention processors): one callable, the
+*editor*, is called by every wrapped module with the module's name; the editor decides per step and
+layer what to do. `patched_attention` installs the wrappers on the module INSTANCES (A1111 swaps
+the class-level forward whenever the attention optimisation changes; instance attributes survive
+that) and always restores exactly what was there, exception or interrupt included.
+
+One UNet call per step carries every path. Its batch is laid out in *rows*: for each CFG half
+(uncond, cond) the reference rows (1, shared by all images), the layout rows (N) and the target
+rows (N). The editor rebuilds the target rows' Q/K/V from the layout/reference rows of the same
+call, so the three paths cost one batched call (`sequential=True` runs them one call each, for
+checking the batched result).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .layers import LayerTable, attention_modules, is_cross_attention, is_self_attention
+from .masks import _layer_hw as layer_hw
+
+REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
+UNCOND, COND = "uncond", "cond"
+
+# editor(name, module, x, context, mask, original_forward) -> output
+Editor = Callable[[str, torch.nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Callable], torch.Tensor]
+
+
+class AttentionAlreadyPatched(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def patched_attention(unet: torch.nn.Module, editor: Editor, names: Optional[Sequence[str]] = None) -> Iterator[None]:
+    """Route every (or the named) attention module of `unet` through `editor` while the block runs.
+
+    On exit — normal, exception or KeyboardInterrupt — each module gets back exactly its previous
+    instance attribute (or none, so the class forward applies again)."""
+    modules = attention_modules(unet)
+    if names is not None:
+        modules = {n: modules[n] for n in names}
+    installed: list[tuple[torch.nn.Module, bool, object]] = []
+    try:
+        for name, module in modules.items():
+            if getattr(module.__dict__.get("forward"), "_layout_retouch", False):
+                raise AttentionAlreadyPatched(f"{name} is already patched by Layout-and-Retouch")
+            had_own = "forward" in module.__dict__
+            previous = module.__dict__.get("forward")
+            module.forward = _make_wrapper(name, module, editor, previous if had_own else None)
+            installed.append((module, had_own, previous))
+        yield
+    finally:
+        for module, had_own, previous in reversed(installed):
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward
+
+
+def _make_wrapper(name: str, module: torch.nn.Module, editor: Editor, previous) -> Callable:
+    def original(x, context=None, mask=None, **kwargs):
+        # Looked up at call time: the class forward may have been swapped by the host meanwhile.
+        if previous is not None:
+            return previous(x, context=context, mask=mask, **kwargs)
+        return type(module).forward(module, x, context=context, mask=mask, **kwargs)
+
+    def forward(x, context=None, mask=None, **kwargs):
+        return editor(name, module, x, context, mask, original)
+
+    forward._layout_retouch = True  # type: ignore[attr-defined]
+    return forward
+
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """softmax(QKᵀ/√d) for (B, heads, n, d) inputs, in float32. Only used where the maps are needed
+    (the layout path's 16×16 cross-attention); everything else goes through SDPA."""
+    scale = q.shape[-1] ** -0.5
+    return (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).softmax(dim=-1)
+
+
+@dataclass
+class RowPlan:
+    """Where each (path, half) sits in the current UNet call's batch."""
+
+    slices: dict[tuple[str, str], slice] = field(default_factory=dict)
+    batch: int = 0
+
+    @classmethod
+    def build(cls, paths: Sequence[tuple[str, int]], halves: Sequence[str] = (UNCOND, COND)) -> "RowPlan":
+        plan, start = cls(), 0
+        for half in halves:
+            for path, count in paths:
+                if count:
+                    plan.slices[(path, half)] = slice(start, start + count)
+                    start += count
+        plan.batch = start
+        return plan
+
+    def get(self, path: str, half: str) -> Optional[slice]:
+        return self.slices.get((path, half))
+
+    def halves(self) -> list[str]:
+        return [h for h in (UNCOND, COND) if any(k[1] == h for k in self.slices)]
+
+
+class RetouchAttention:
+    """The retouch editor (Algorithm 1, lines 6–14), driven step by step by the pipeline.
+
+    Per step s (set by `begin_step`):
+      s ≤ λ2 (copy phase): target Q, K, V ← layout's, at `layers.layout_layers` (all by default);
+      s > λ2: target self-attention uses its own Q with the reference K, V at `reference_layers`;
+      s ≥ mask_start: target self-attention output φ* = M⊙φ_t + (1−M)⊙φ_o at `blend_layers`.
+    The layout path's subject-token cross-attention maps are accumulated at `mask_layers` while
+    `record_maps` is on (the pipeline turns it off once M is built).
+    """
+
+    def __init__(self, layers: LayerTable, subject_tokens: Sequence[int], latent_hw: tuple[int, int]):
+        self.layers = layers
+        self.subject_tokens = list(subject_tokens)
+        self.latent_hw = latent_hw
+        self.plan: Optional[RowPlan] = None
+        self.copy_layout = False
+        self.paint_identity = False
+        self.blend = False
+        self.record_maps = False
+        self.masks = None  # masks.LayerMasks, set by the pipeline at mask_start
+        self.map_sum: Optional[torch.Tensor] = None   # (N, h, w) sum of subject maps
+        self.map_count = 0
+        # Sources kept between calls when the paths run one call each (sequential mode / cached reference).
+        self.store: dict[tuple[str, str, str], tuple[torch.Tensor, ...]] = {}
+        self.store_sources = False
+        self._reference = set(layers.reference_layers)
+        self._mask = set(layers.mask_layers)
+        self._blend = set(layers.blend_layers)
+
+    # -- driven by the pipeline ------------------------------------------------------------
+    def begin_step(self, plan: RowPlan, *, copy_layout: bool, paint_identity: bool, blend: bool, record_maps: bool,
+                   keep_store: bool = False) -> None:
+        self.plan = plan
+        self.copy_layout, self.paint_identity, self.blend, self.record_maps = copy_layout, paint_identity, blend, record_maps
+        if not keep_store:
+            self.store.clear()
+
+    def subject_maps(self) -> Optional[torch.Tensor]:
+        """Mean subject-token map per image over recorded layers and steps, (N, h, w)."""
+        if self.map_sum is None or self.map_count == 0:
+            return None
+        return self.map_sum / self.map_count
+
+    # -- called by every attention module ------------------------------------------------------
+    def __call__(self, name, module, x, context, mask, original):
+        plan = self.plan
+        if plan is None or mask is not None:
+            return original(x, context=context, mask=mask)
+        self_attn = is_self_attention(name)
+        target_rows = [(h, plan.get(TARGET, h)) for h in plan.halves() if plan.get(TARGET, h) is not None]
+        copy_here = self.copy_layout and self.layers.copies_layout_at(name)
+        ref_here = self.paint_identity and self_attn and name in self._reference
+        blend_here = self.blend and self_attn and name in self._blend and self.masks is not None
+        maps_here = self.record_maps and not self_attn and name in self._mask and plan.get(LAYOUT, COND) is not None
+        needs_sources = copy_here or ref_here or blend_here
+        edits_target = bool(target_rows) and needs_sources
+        stores = self.store_sources and needs_sources and any(p != TARGET for p, _ in plan.slices)
+        if not (edits_target or maps_here or stores):
+            return original(x, context=context, mask=mask)
+
+        heads = module.heads
+        ctx = x if context is None else context
+        q = split_heads(module.to_q(x), heads)
+        k = split_heads(module.to_k(ctx), heads)
+        v = split_heads(module.to_v(ctx), heads)
+
+        if copy_here or ref_here:
+            for half, rows in target_rows:
+                if copy_here:
+                    src = self._source(name, LAYOUT, half, q, k, v)
+                    q[rows], k[rows], v[rows] = src[0], src[1], src[2]
+                else:
+                    src = self._source(name, REFERENCE, half, q, k, v)
+                    n = rows.stop - rows.start
+                    k[rows] = src[1].expand(n, -1, -1, -1)
+                    v[rows] = src[2].expand(n, -1, -1, -1)
+
+        if maps_here:
+            self._record_maps(q, k, plan.get(LAYOUT, COND))
+
+        out = F.scaled_dot_product_attention(q, k, v)
+
+        if blend_here:
+            for half, rows in target_rows:
+                phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
+                m = self.masks.for_tokens(out.shape[2]).to(out.dtype).unsqueeze(1)  # (N, 1, n, 1)
+                out[rows] = m * out[rows] + (1 - m) * phi_o
+
+        if stores:
+            self._keep_sources(name, q, k, v, out)
+        return module.to_out(merge_heads(out))
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _source(self, name, path, half, q, k, v, out=None):
+        rows = self.plan.get(path, half)
+        if rows is not None:
+            return (q[rows], k[rows], v[rows], None if out is None else out[rows])
+        try:
+            return self.store[(name, path, half)]
+        except KeyError:
+            raise RuntimeError(f"{path} path ({half}) missing for {name} at this step") from None
+
+    def _keep_sources(self, name, q, k, v, out):
+        for (path, half), rows in self.plan.slices.items():
+            if path != TARGET:
+                self.store[(name, path, half)] = (q[rows], k[rows], v[rows], out[rows])
+
+    def _record_maps(self, q, k, rows: slice) -> None:
+        probs = attention_probabilities(q[rows], k[rows])            # (N, heads, n, tokens)
+        maps = probs[..., self.subject_tokens].mean(dim=(1, 3))      # (N, n)
+        maps = maps.reshape(-1, *layer_hw(self.latent_hw, maps.shape[1]))
+        if self.map_sum is None or self.map_sum.shape != maps.shape:
+            self.map_sum, self.map_count = torch.zeros_like(maps), 0
+        self.map_sum += maps
+        self.map_count += 1

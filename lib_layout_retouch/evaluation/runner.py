@@ -1,0 +1,561 @@
+"""The protocol runner: ViCo concepts x prompts x seeds, Layout-and-Retouch on and off, via the WebUI API.
+
+For every (concept, prompt, seed) it asks `POST {url}/sdapi/v1/txt2img` twice with the same seed:
+"off" (the personalized model alone; the script is sent with enabled=False) and "on"
+(Layout-and-Retouch enabled with the concept's reference photo). Each result is written as
+
+    <out>/images/<method>/<concept>/p<prompt index:02d>_s<seed>.png   (+ .json sidecar)
+
+atomically, so a run that stops (Ctrl-C, WebUI down, errors) keeps what it made, and running the
+same command again skips every image already on disk. Only the standard library speaks HTTP.
+
+The concept file (JSON) maps ViCo concept names to what the WebUI needs:
+
+    {"defaults": {"personalization": "dreambooth", "vanilla_checkpoint": "v1-5-pruned-emaonly.safetensors"},
+     "concepts": {
+        "brown_dog":  {"token": "sks", "class": "dog", "checkpoint": "db_brown_dog.safetensors"},
+        "cat_statue": {"folder": "cat-toy", "token": "<cat-toy>", "class": "cat statue",
+                       "personalization": "textual_inversion"}}}
+
+Per concept: token, class (required); folder (default: the name), subject (text put into the
+prompt's "{}", default "{token} {class}"), reference_image (default: the concept's entry in
+imgs_source.txt, else the first image of the folder), personalization, checkpoint (sent as
+override_settings.sd_model_checkpoint), prompt_extra (appended to the prompt, e.g. "<lora:dog:1>"),
+live (which prompt list; default from ViCo's five animals), and the script arguments
+vanilla_checkpoint, lambda1, lambda2, mask_start, sam_model, ca_threshold. "defaults" may hold any
+of these except token/class/folder/reference_image.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import http.client
+import io
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from ..errors import LayoutRetouchError
+
+SCRIPT_TITLE = "Layout-and-Retouch"
+METHODS = ("off", "on")
+METHOD_LABELS = {"off": "Baseline (Layout-and-Retouch off)", "on": "Layout-and-Retouch (on)"}
+PERSONALIZATIONS = ("dreambooth", "textual_inversion", "lora")
+LIVE_CONCEPTS = ("black_cat", "brown_cat", "brown_dog", "brown_dog2", "fat_dog")  # ViCo / DreamMatcher
+PROMPT_SETS = ("normal", "challenging")
+SCRIPT_ARG_KEYS = ("vanilla_checkpoint", "lambda1", "lambda2", "mask_start", "sam_model", "ca_threshold")
+CONCEPT_KEYS = ("token", "class", "folder", "subject", "reference_image", "personalization", "checkpoint",
+                "prompt_extra", "live") + SCRIPT_ARG_KEYS
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class ConceptSpec:
+    name: str
+    folder: str  # absolute path of the concept's photos
+    token: str
+    class_phrase: str
+    subject: str
+    reference_image: str  # absolute path
+    personalization: str = "dreambooth"
+    checkpoint: str = ""
+    prompt_extra: str = ""
+    live: bool = False
+    script: dict = field(default_factory=dict)  # overrides of SCRIPT_ARG_KEYS
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunSettings:
+    """Generation settings shared by every request (the paper: SD1.4, DDIM 50 steps, 8 images)."""
+
+    n: int = 8  # images per (concept, prompt) and method
+    n_prompts: int | None = None  # first K prompts of each list; None = all
+    prompt_set: str = "normal"
+    seed: int = 0  # seeds are seed, seed+1, ..., seed+n-1 for every prompt and both methods
+    steps: int = 50
+    cfg_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    sampler: str = "DDIM"
+    negative_prompt: str = ""
+    methods: tuple = METHODS
+    lambda1: int | None = None  # None: 5 for normal prompts, 3 for challenging (paper)
+    lambda2: int = 10
+    mask_start: int = 31
+    ca_threshold: float = 0.1
+    sam_model: str = ""
+    vanilla_checkpoint: str = ""
+    max_reference_side: int = 1024  # the reference photo is downscaled to this before upload
+    on_marker: str = SCRIPT_TITLE  # text an "on" infotext should contain when the script really ran
+
+    def generation_key(self) -> dict:
+        """The settings that change an image: a resumed run must match them."""
+        keys = ("steps", "cfg_scale", "width", "height", "sampler", "negative_prompt", "prompt_set", "lambda2",
+                "mask_start", "ca_threshold", "sam_model", "vanilla_checkpoint", "max_reference_side")
+        d = {k: getattr(self, k) for k in keys}
+        d["lambda1"] = self.effective_lambda1()
+        return d
+
+    def effective_lambda1(self) -> int:
+        if self.lambda1 is not None:
+            return int(self.lambda1)
+        return 3 if self.prompt_set == "challenging" else 5
+
+
+@dataclass
+class RunSummary:
+    out_dir: str
+    total: int
+    generated: int
+    skipped: int
+    warnings: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------ ViCo inputs
+def _check_dir(path: str, what: str, parameter: str) -> str:
+    if not path or not os.path.isdir(path):
+        raise LayoutRetouchError(f"{what} folder '{path}' does not exist.", parameter=parameter)
+    return os.path.abspath(path)
+
+
+def _image_files(folder: str) -> list[str]:
+    return sorted(f for f in os.listdir(folder)
+                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                  and os.path.isfile(os.path.join(folder, f)))
+
+
+def read_prompts(vico_dir: str, live: bool, prompt_set: str = "normal") -> list[str]:
+    """The ViCo prompt list for a live/non-live concept: templates with "{}" for the subject."""
+    if prompt_set not in PROMPT_SETS:
+        raise LayoutRetouchError(f"Unknown prompt set '{prompt_set}'; use one of {PROMPT_SETS}.", parameter="prompt_set")
+    name = f"prompts_{'live' if live else 'nonlive'}_objects{'_challenging' if prompt_set == 'challenging' else ''}.txt"
+    path = os.path.join(vico_dir, name)
+    if not os.path.isfile(path):
+        raise LayoutRetouchError(f"Prompt list {path} is missing: --vico must be the ViCo folder with the "
+                                 f"prompts_*_objects*.txt files.", parameter="vico")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    bad = [p for p in prompts if "{}" not in p]
+    if bad:
+        raise LayoutRetouchError(f"{path}: every prompt needs '{{}}' where the subject goes; these do not: {bad[:3]}",
+                                 parameter="vico")
+    if not prompts:
+        raise LayoutRetouchError(f"Prompt list {path} is empty.", parameter="vico")
+    return prompts
+
+
+def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
+    """Read and check the concept file (format in the module docstring) against the ViCo folder."""
+    vico_dir = _check_dir(vico_dir, "ViCo", "vico")
+    if not os.path.isfile(path):
+        raise LayoutRetouchError(f"Concept file '{path}' does not exist.", parameter="concepts")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LayoutRetouchError(f"Concept file '{path}' is not valid JSON ({e}).", parameter="concepts") from None
+    if not isinstance(data, dict):
+        raise LayoutRetouchError(f"Concept file '{path}' must hold a JSON object.", parameter="concepts")
+    defaults = data.get("defaults", {})
+    concepts = data["concepts"] if "concepts" in data else {k: v for k, v in data.items() if k != "defaults"}
+    if not isinstance(concepts, dict) or not concepts or not isinstance(defaults, dict):
+        raise LayoutRetouchError(f"Concept file '{path}' names no concepts: expected "
+                                 '{"concepts": {"brown_dog": {"token": "sks", "class": "dog"}, ...}}.',
+                                 parameter="concepts")
+    sources = {}
+    src_file = os.path.join(vico_dir, "imgs_source.txt")
+    if os.path.isfile(src_file):
+        try:
+            with open(src_file, encoding="utf-8") as f:
+                sources = json.load(f)
+        except json.JSONDecodeError:
+            sources = {}
+    available = sorted(d for d in os.listdir(vico_dir) if os.path.isdir(os.path.join(vico_dir, d)))
+    specs = []
+    for name, raw in concepts.items():
+        if not isinstance(raw, dict):
+            raise LayoutRetouchError(f"Concept '{name}' in {path} must be an object with token and class.",
+                                     parameter="concepts")
+        unknown = sorted(set(raw) - set(CONCEPT_KEYS)) + sorted(set(defaults) - set(CONCEPT_KEYS))
+        if unknown:
+            raise LayoutRetouchError(f"Unknown key(s) {unknown} for concept '{name}' in {path}; known keys: "
+                                     f"{', '.join(CONCEPT_KEYS)}.", parameter="concepts")
+        merged = {**{k: v for k, v in defaults.items() if k not in ("token", "class", "folder", "reference_image")},
+                  **raw}
+        for key in ("token", "class"):
+            if not str(merged.get(key, "")).strip():
+                raise LayoutRetouchError(f"Concept '{name}' in {path} needs a non-empty '{key}'.", parameter="concepts")
+        folder_name = str(merged.get("folder", name))
+        folder = os.path.join(vico_dir, folder_name)
+        if not os.path.isdir(folder):
+            raise LayoutRetouchError(f"Concept '{name}': folder '{folder}' does not exist. Set \"folder\" to one of: "
+                                     f"{', '.join(available)}.", parameter="concepts")
+        images = _image_files(folder)
+        if not images:
+            raise LayoutRetouchError(f"Concept '{name}': no images in '{folder}'.", parameter="concepts")
+        ref = merged.get("reference_image") or sources.get(folder_name) or images[0]
+        ref_path = ref if os.path.isabs(ref) else os.path.join(folder, ref)
+        if not os.path.isfile(ref_path):
+            if merged.get("reference_image"):
+                raise LayoutRetouchError(f"Concept '{name}': reference image '{ref_path}' does not exist.",
+                                         parameter="concepts")
+            ref_path = os.path.join(folder, images[0])  # imgs_source.txt names a file this copy lacks
+        pers = str(merged.get("personalization", "dreambooth"))
+        if pers not in PERSONALIZATIONS:
+            raise LayoutRetouchError(f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATIONS}.",
+                                     parameter="concepts")
+        token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
+        specs.append(ConceptSpec(
+            name=name, folder=folder, token=token, class_phrase=cls,
+            subject=str(merged.get("subject") or f"{token} {cls}"), reference_image=os.path.abspath(ref_path),
+            personalization=pers, checkpoint=str(merged.get("checkpoint", "")),
+            prompt_extra=str(merged.get("prompt_extra", "")),
+            live=bool(merged.get("live", folder_name in LIVE_CONCEPTS or name in LIVE_CONCEPTS)),
+            script={k: merged[k] for k in SCRIPT_ARG_KEYS if k in merged},
+        ))
+    return specs
+
+
+def encode_reference(path: str, max_side: int = 1024) -> str:
+    """The reference photo as base64 PNG (no data: prefix), longest side capped at `max_side`."""
+    from .models import load_image  # lazy: keeps `runner` free of torch until scoring
+
+    img = load_image(path)
+    if max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# --------------------------------------------------------------------------------------- the API
+class WebUIError(LayoutRetouchError):
+    """The WebUI could not be reached or kept failing; `transient` says whether retrying might help."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message, parameter="url")
+        self.transient = transient
+
+
+class WebUIClient:
+    """A1111's HTTP API with retries: connection errors, timeouts and 5xx are retried with
+    exponential backoff (backoff, 2*backoff, 4*backoff ... seconds); 4xx fail at once."""
+
+    def __init__(self, url: str, timeout: float = 600.0, retries: int = 3, backoff: float = 2.0,
+                 auth: str | None = None, sleep: Callable[[float], None] = time.sleep):
+        if not url.startswith(("http://", "https://")):
+            raise LayoutRetouchError(f"WebUI URL '{url}' must start with http:// or https://.", parameter="url")
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.sleep = sleep
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if auth:
+            self.headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+
+    def _once(self, method: str, path: str, payload: dict | None) -> dict:
+        data = None if payload is None else json.dumps(payload).encode("utf-8")
+        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = _error_detail(e)
+            if e.code == 404:
+                raise WebUIError(f"{self.url}{path} answered 404: start the WebUI with --api (and check the URL). "
+                                 f"{detail}", transient=False) from None
+            if e.code in (401, 403):
+                raise WebUIError(f"{self.url}{path} answered {e.code}: pass --api-auth user:password. {detail}",
+                                 transient=False) from None
+            if e.code == 422:
+                raise WebUIError(f"The WebUI rejected the request (422): {detail}", transient=False) from None
+            raise WebUIError(f"HTTP {e.code} from {self.url}{path}: {detail}", transient=e.code >= 500 or e.code == 429) \
+                from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
+            reason = getattr(e, "reason", e)
+            raise WebUIError(f"could not reach the WebUI at {self.url} ({type(reason).__name__}: {reason})") from None
+        try:
+            return json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise WebUIError(f"{self.url}{path} sent a reply that is not JSON ({body[:80]!r}...)") from None
+
+    def call(self, method: str, path: str, payload: dict | None = None,
+             check: Callable[[dict], None] | None = None) -> dict:
+        """One API call with retries; `check(reply)` may raise WebUIError to retry a bad 200 reply too."""
+        last: WebUIError | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                reply = self._once(method, path, payload)
+                if check is not None:
+                    check(reply)
+                return reply
+            except WebUIError as e:
+                if not e.transient:
+                    raise
+                last = e
+        raise WebUIError(f"{last} — gave up after {self.retries + 1} attempts", transient=True)
+
+    def txt2img(self, payload: dict) -> dict:
+        """POST /sdapi/v1/txt2img; the reply must carry at least one decodable image."""
+
+        def check(reply: dict) -> None:
+            if not isinstance(reply, dict) or not isinstance(reply.get("images"), list) or not reply["images"]:
+                keys = sorted(reply) if isinstance(reply, dict) else type(reply).__name__
+                raise WebUIError(f"the txt2img reply has no images (keys: {keys})")
+            try:
+                _decode_image(reply["images"][0])
+            except Exception as e:
+                raise WebUIError(f"the txt2img reply's image is unreadable ({type(e).__name__}: {e})") from None
+
+        return self.call("POST", "/sdapi/v1/txt2img", payload, check=check)
+
+    def txt2img_scripts(self) -> list[str] | None:
+        """Script titles the txt2img API accepts (lower case), or None when the WebUI has no such endpoint."""
+        try:
+            reply = self.call("GET", "/sdapi/v1/scripts")
+        except WebUIError as e:
+            if not e.transient and "404" in str(e):
+                return None
+            raise
+        return [str(s).lower() for s in reply.get("txt2img", [])] if isinstance(reply, dict) else None
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        body = e.read().decode("utf-8", "replace")
+    except Exception:
+        return str(e.reason)
+    try:
+        j = json.loads(body)
+        if isinstance(j, dict):
+            parts = [str(j[k]) for k in ("error", "detail", "errors") if j.get(k)]
+            return "; ".join(parts)[:500] or body[:500]
+    except json.JSONDecodeError:
+        pass
+    return body[:500]
+
+
+def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, settings: RunSettings,
+                  reference_b64: str) -> dict:
+    """The /sdapi/v1/txt2img request for one image. "on" and "off" differ only in the script's args."""
+    prompt = " ".join(template.replace("{}", spec.subject).split())
+    if spec.prompt_extra:
+        prompt = f"{prompt} {spec.prompt_extra}"
+    enabled = method == "on"
+    script = {
+        "enabled": enabled,
+        "reference_image": reference_b64 if enabled else "",
+        "personalization": spec.personalization,
+        "vanilla_checkpoint": spec.script.get("vanilla_checkpoint", settings.vanilla_checkpoint),
+        "concept_token": spec.token,
+        "class_phrase": spec.class_phrase,
+        "lambda1": int(spec.script.get("lambda1", settings.effective_lambda1())),
+        "lambda2": int(spec.script.get("lambda2", settings.lambda2)),
+        "mask_start": int(spec.script.get("mask_start", settings.mask_start)),
+        "sam_model": spec.script.get("sam_model", settings.sam_model),
+        "ca_threshold": float(spec.script.get("ca_threshold", settings.ca_threshold)),
+        "show_intermediates": False,
+    }
+    payload = {
+        "prompt": prompt,
+        "negative_prompt": settings.negative_prompt,
+        "seed": int(seed),
+        "subseed": -1,
+        "subseed_strength": 0,
+        "steps": int(settings.steps),
+        "cfg_scale": float(settings.cfg_scale),
+        "width": int(settings.width),
+        "height": int(settings.height),
+        "sampler_name": settings.sampler,
+        "batch_size": 1,
+        "n_iter": 1,
+        "send_images": True,
+        "save_images": False,
+        "alwayson_scripts": {SCRIPT_TITLE: {"args": [script]}},
+    }
+    if spec.checkpoint:
+        payload["override_settings"] = {"sd_model_checkpoint": spec.checkpoint}
+        payload["override_settings_restore_afterwards"] = True
+    return payload
+
+
+# ------------------------------------------------------------------------------------- the files
+def image_path(out_dir: str, method: str, concept: str, prompt_index: int, seed: int) -> str:
+    return os.path.join(out_dir, "images", method, concept, f"p{prompt_index:02d}_s{seed}.png")
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def image_done(path: str) -> bool:
+    """An image counts as done when it exists and decodes; a broken one is moved aside (kept)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:
+        os.replace(path, path + ".broken")
+        return False
+
+
+def _decode_image(b64: str) -> bytes:
+    if b64.startswith("data:"):
+        b64 = b64.split(",", 1)[1]
+    raw = base64.b64decode(b64)
+    with Image.open(io.BytesIO(raw)) as im:
+        im.load()
+        if im.format == "PNG":
+            return raw
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")  # JPEG/WebP replies are stored losslessly as PNG
+        return buf.getvalue()
+
+
+def _parse_info(reply: dict) -> dict:
+    info = reply.get("info", {})
+    if isinstance(info, str):
+        try:
+            info = json.loads(info)
+        except json.JSONDecodeError:
+            info = {"raw": info}
+    return info if isinstance(info, dict) else {}
+
+
+def _check_run_file(out_dir: str, settings: RunSettings, concepts: Sequence[ConceptSpec], vico_dir: str,
+                    url: str) -> None:
+    """Write run.json; refuse to mix images made with other generation settings into one folder."""
+    path = os.path.join(out_dir, "run.json")
+    current = settings.generation_key()
+    old_concepts = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except (json.JSONDecodeError, OSError):
+            old = {}
+        diff = {k: (old.get("generation", {}).get(k), v) for k, v in current.items()
+                if k in old.get("generation", {}) and old["generation"][k] != v}
+        if diff:
+            pretty = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+            raise LayoutRetouchError(f"{out_dir} holds images made with other settings ({pretty}). Use the same "
+                                     f"settings to resume, or another --out.", parameter="out")
+        old_concepts = old.get("concepts", {})
+    record = {
+        "vico": vico_dir, "url": url, "generation": current,
+        "n": settings.n, "n_prompts": settings.n_prompts, "seed": settings.seed, "methods": list(settings.methods),
+        "concepts": {**old_concepts, **{c.name: c.to_json() for c in concepts}},
+    }
+    _atomic_write(path, json.dumps(record, indent=2).encode("utf-8"))
+
+
+def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, settings: RunSettings | None = None,
+                 client: WebUIClient | None = None, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> RunSummary:
+    """Generate every missing image of the sweep. Raises LayoutRetouchError when the WebUI gives up,
+    after saving everything made so far (the message says how many, and that rerunning resumes)."""
+    from tqdm import tqdm
+
+    settings = settings or RunSettings()
+    if settings.n < 1:
+        raise LayoutRetouchError("--n must be at least 1.", parameter="n")
+    bad = [m for m in settings.methods if m not in METHODS]
+    if bad or not settings.methods:
+        raise LayoutRetouchError(f"Unknown method(s) {bad}; use some of {METHODS}.", parameter="methods")
+    concepts = load_concepts(concepts_path, vico_dir)
+    vico_dir = os.path.abspath(vico_dir)
+    out_dir = os.path.abspath(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise LayoutRetouchError(f"Cannot create output folder {out_dir} ({e}).", parameter="out") from None
+    client = client or WebUIClient(url)
+
+    jobs = []  # (spec, prompt index, template, seed, method): pairs of methods stay together
+    for spec in concepts:
+        prompts = read_prompts(vico_dir, spec.live, settings.prompt_set)
+        if settings.n_prompts is not None:
+            prompts = prompts[: max(0, int(settings.n_prompts))]
+        for pi, template in enumerate(prompts):
+            for k in range(settings.n):
+                for method in settings.methods:
+                    jobs.append((spec, pi, template, settings.seed + k, method))
+    todo = [j for j in jobs if not image_done(image_path(out_dir, j[4], j[0].name, j[1], j[3]))]
+    summary = RunSummary(out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo))
+    _check_run_file(out_dir, settings, concepts, vico_dir, url)
+    say = log or (lambda msg: tqdm.write(msg))
+    if not todo:
+        return summary
+
+    if "on" in settings.methods and any(j[4] == "on" for j in todo):
+        try:
+            titles = client.txt2img_scripts()
+        except WebUIError as e:
+            raise WebUIError(f"{e}. Start the WebUI with --api, check --url, then run again. "
+                             f"{summary.skipped} of {summary.total} images already on disk.", transient=False) from None
+        if titles is not None and SCRIPT_TITLE.lower() not in titles:
+            raise LayoutRetouchError(f"The WebUI at {client.url} has no '{SCRIPT_TITLE}' txt2img script: install and "
+                                     f"enable the extension, restart the WebUI, run again.", parameter="url")
+
+    refs: dict[str, str] = {}
+    warned_marker = False
+    bar = tqdm(total=len(jobs), initial=summary.skipped, desc="txt2img", unit="img", disable=not progress)
+    try:
+        for spec, pi, template, seed, method in todo:
+            if method == "on" and spec.name not in refs:
+                refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
+            payload = build_payload(spec, template, seed, method, settings, refs.get(spec.name, ""))
+            try:
+                reply = client.txt2img(payload)
+            except WebUIError as e:
+                raise LayoutRetouchError(
+                    f"The WebUI failed on {spec.name} / prompt {pi} / seed {seed} / {method}: {e}. "
+                    f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the "
+                    f"same command again to resume (or `score` to score what is there).", parameter="url") from None
+            data = _decode_image(reply["images"][0])
+            info = _parse_info(reply)
+            infotexts = info.get("infotexts") or []
+            infotext = infotexts[0] if infotexts else str(info.get("raw", ""))
+            script_ran = None
+            if method == "on" and settings.on_marker:
+                script_ran = settings.on_marker.lower() in infotext.lower()
+                if not script_ran and not warned_marker:
+                    warned_marker = True
+                    msg = (f"warning: an 'on' image's infotext does not mention '{settings.on_marker}': the script may "
+                           f"not have run (the WebUI hides script errors; check its console).")
+                    summary.warnings.append(msg)
+                    say(msg)
+            path = image_path(out_dir, method, spec.name, pi, seed)
+            sidecar = {
+                "concept": spec.name, "method": method, "prompt_index": pi, "template": template,
+                "prompt": payload["prompt"], "seed": seed, "class": spec.class_phrase, "token": spec.token,
+                "subject": spec.subject, "folder": spec.folder, "info_seed": info.get("seed"),
+                "infotext": infotext, "script_ran": script_ran, "extra_images": max(0, len(reply["images"]) - 1),
+            }
+            _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8"))
+            _atomic_write(path, data)  # last: the image's presence is what "done" means
+            summary.generated += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    return summary

@@ -1,0 +1,426 @@
+"""All of the extension's parameters in ONE validated object.
+
+`FIELDS` is the single source of truth: its order is the UI component order and the positional API
+order (A1111 passes script args positionally), and each field carries its label, hint, UI range and
+infotext key. `LayoutRetouchParams` coerces what the UI/API sends, validates it with messages that
+name the parameter and the fix, and (de)serialises to the API dict and the infotext. Modelled on
+sd-webui-controlnet's `internal_controlnet/args.py`, with dataclasses instead of pydantic.
+"""
+from __future__ import annotations
+
+import base64
+import difflib
+import io
+import math
+import numbers
+import re
+from dataclasses import dataclass, fields as dc_fields
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import LayoutRetouchError
+from .images import decode_image, image_fingerprint
+from .schedule import PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, PAPER_STEPS, Schedule
+
+PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
+LAYOUT_SOURCES = ("inversion", "stage1")
+NO_SAM = "none"
+INFOTEXT_PREFIX = "LR "
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str  # API name (dict key) and dataclass attribute
+    default: Any
+    kind: str  # "bool" | "int" | "float" | "str" | "choice" | "image"
+    label: str  # UI label
+    hint: str  # UI tooltip and README meaning
+    infotext_key: str | None  # None = not written to the infotext
+    minimum: float | None = None  # UI slider range; `validate` enforces the real rules
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()  # values, for kind "choice"
+    choice_labels: tuple[str, ...] = ()  # UI labels, same order; accepted as input too
+    step: float | None = None  # UI slider step
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("enabled", False, "bool", "Enable Layout-and-Retouch",
+          "Let the vanilla model draw the layout, then retouch the subject's identity from the "
+          "reference photo.", None),
+    Field("reference_image", None, "image", "Reference photo of the subject",
+          "One photo of your subject (I_r). It is centre-cropped to the image's aspect ratio; the "
+          "infotext records its fingerprint.", "LR reference"),
+    Field("personalization", "dreambooth", "choice", "Personalized model type",
+          "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the "
+          "vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the "
+          "loaded (vanilla) model.", "LR personalization",
+          choices=PERSONALIZATION_KINDS,
+          choice_labels=("DreamBooth checkpoint", "Textual Inversion embedding", "LoRA")),
+    Field("vanilla_checkpoint", "", "str", "Vanilla checkpoint",
+          "The original checkpoint your DreamBooth model was fine-tuned from; it draws the layout. "
+          "Not needed for Textual Inversion or LoRA.", "LR vanilla checkpoint"),
+    Field("concept_token", "", "str", "Concept token",
+          "The word in your prompt that stands for the subject, e.g. sks or <my-vase>.",
+          "LR concept token"),
+    Field("class_phrase", "", "str", "Class phrase",
+          "What a normal model calls the subject, e.g. dog or red vase. Replaces the concept token "
+          "in the vanilla model's prompt and finds the subject for the mask.", "LR class phrase"),
+    Field("reference_prompt", "", "str", "Reference prompt (optional)",
+          "Neutral prompt for the reference and target paths; empty means "
+          "'a photo of <concept token> <class phrase>'.", "LR reference prompt"),
+    Field("lambda1", PAPER_LAMBDA1, "int", "λ1: vanilla layout steps",
+          "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger "
+          "follows the prompt better but weakens the identity.", "LR lambda1",
+          minimum=0, maximum=PAPER_STEPS, step=1),
+    Field("lambda2", PAPER_LAMBDA2, "int", "λ2: layout-copy steps",
+          "How many first retouch steps copy the layout's attention (paper: 10).", "LR lambda2",
+          minimum=0, maximum=PAPER_STEPS, step=1),
+    Field("mask_start", PAPER_MASK_START, "int", "Mask blending from step",
+          f"First retouch step that blends the subject mask (paper: 31 of 50); {PAPER_STEPS + 1} "
+          "turns blending off.", "LR mask start",
+          minimum=2, maximum=PAPER_STEPS + 1, step=1),
+    Field("scale_with_steps", True, "bool", "Scale λ1, λ2 and mask start with the step count",
+          f"On: the three values are for {PAPER_STEPS} steps and are scaled to your step count. "
+          "Off: they are used as they are.", "LR scale with steps"),
+    Field("sam_model", NO_SAM, "str", "Segment-Anything model",
+          f"SAM checkpoint that sharpens the subject mask; '{NO_SAM}' uses the cross-attention "
+          "mask only.", "LR SAM model"),
+    Field("ca_threshold", 0.1, "float", "Cross-attention mask threshold",
+          "Threshold on the min-max normalised cross-attention map of the subject tokens "
+          "(MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.", "LR CA threshold",
+          minimum=0.01, maximum=0.99, step=0.01),
+    Field("show_intermediates", False, "bool", "Show layout, reference and mask",
+          "Add the stage-1 layout, the prepared reference and the mask to the gallery "
+          "(a viewing option: not written to the infotext).", None),
+    Field("layout_source", "inversion", "choice", "Layout path latents",
+          "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
+          "or the latents stage 1 passed through (no inversion cost).", "LR layout source",
+          choices=LAYOUT_SOURCES,
+          choice_labels=("DDIM inversion of the layout (paper)", "Stage-1 latents (faster)")),
+    Field("reset_reference", True, "bool", "Reset the reference path every step",
+          "Set the reference path back to its stored inversion latent at every step, so it "
+          "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).", "LR reset reference"),
+)
+FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
+
+# What the range rules mean, for messages.
+_MEANING = {
+    "lambda1": "λ1, the number of first steps drawn by the vanilla model",
+    "lambda2": "λ2, the number of first retouch steps that copy the layout",
+    "mask_start": "the first retouch step that blends the subject mask",
+    "ca_threshold": "the threshold of the cross-attention mask",
+}
+
+
+def _norm_choice(text: str) -> str:
+    return re.sub(r"[\s\-]+", "_", text.strip().lower())
+
+
+def _type_error(f: Field, value: Any, wanted: str) -> LayoutRetouchError:
+    return LayoutRetouchError(
+        f"{f.name} must be {wanted}, got {value!r} ({type(value).__name__})", parameter=f.name
+    )
+
+
+def _coerce(f: Field, value: Any) -> Any:
+    """One UI/API value → the field's type, or a LayoutRetouchError naming the field."""
+    if f.kind == "image":
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return decode_image(value)
+    if value is None:  # Gradio sends None for untouched components; the API may send null
+        return f.default
+    if f.kind == "bool":
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        if isinstance(value, numbers.Real) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _type_error(f, value, "true or false")
+    if f.kind == "int":
+        if isinstance(value, (bool, np.bool_)):
+            raise _type_error(f, value, "a whole number")
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        if isinstance(value, str):
+            text = value.strip()
+            if re.fullmatch(r"[+-]?\d+", text):
+                return int(text)
+            try:
+                number = float(text)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
+        raise _type_error(f, value, "a whole number")
+    if f.kind == "float":
+        if isinstance(value, (bool, np.bool_)):
+            raise _type_error(f, value, "a number")
+        number = math.nan
+        if isinstance(value, numbers.Real):
+            number = float(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                pass
+        if not math.isfinite(number):
+            raise _type_error(f, value, "a number")
+        return number
+    if f.kind in ("str", "choice"):
+        if not isinstance(value, str):
+            raise _type_error(f, value, "text")
+        text = value.strip()
+        if f.kind == "str":
+            if f.name == "sam_model" and text.lower() in ("", NO_SAM):
+                return NO_SAM
+            return text
+        key = _norm_choice(text)
+        for choice, label in zip(f.choices, f.choice_labels or f.choices):
+            if key in (_norm_choice(choice), _norm_choice(label)):
+                return choice
+        allowed = ", ".join(f"'{c}'" for c in f.choices)
+        raise LayoutRetouchError(
+            f"{f.name} is '{text}', which is not one of {allowed}: choose one of those",
+            parameter=f.name,
+        )
+    raise AssertionError(f"unknown field kind {f.kind!r}")  # a bug in FIELDS
+
+
+def _format_infotext(f: Field, value: Any) -> str:
+    if f.kind == "float":
+        return repr(float(value))
+    return str(value)
+
+
+def _encode_png(img: Image.Image) -> str:
+    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+@dataclass
+class LayoutRetouchParams:
+    enabled: bool = False
+    reference_image: Image.Image | None = None
+    personalization: str = "dreambooth"
+    vanilla_checkpoint: str = ""
+    concept_token: str = ""
+    class_phrase: str = ""
+    reference_prompt: str = ""
+    lambda1: int = PAPER_LAMBDA1
+    lambda2: int = PAPER_LAMBDA2
+    mask_start: int = PAPER_MASK_START
+    scale_with_steps: bool = True
+    sam_model: str = NO_SAM
+    ca_threshold: float = 0.1
+    show_intermediates: bool = False
+    layout_source: str = "inversion"
+    reset_reference: bool = True
+
+    def __post_init__(self) -> None:
+        # Coerce on construction, so every instance holds typed values (types only; `validate`
+        # checks the rules, because a disabled unit may be incomplete).
+        for f in FIELDS:
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+
+    # ---- construction from the UI / API -------------------------------------------------------
+    @classmethod
+    def from_script_args(
+        cls, args: Sequence[Any] | Mapping[str, Any] | LayoutRetouchParams
+    ) -> LayoutRetouchParams:
+        """A1111 script args → params.
+
+        Accepted: the positional values in `FIELDS` order (shorter lists take defaults; None takes
+        the default), or one dict of named parameters first (the API's ``"args": [{...}]``; A1111
+        fills the remaining positions with UI defaults, which are ignored), or a params object.
+        """
+        if isinstance(args, LayoutRetouchParams):
+            return args
+        if isinstance(args, Mapping):
+            return cls.from_dict(args)
+        args = list(args)
+        if args and isinstance(args[0], LayoutRetouchParams):
+            return args[0]
+        if args and isinstance(args[0], Mapping):
+            return cls.from_dict(args[0])
+        if len(args) > len(FIELDS):
+            raise LayoutRetouchError(
+                f"got {len(args)} positional arguments but Layout-and-Retouch takes at most "
+                f"{len(FIELDS)}, in this order: {', '.join(FIELD_NAMES)}; or send one dict of "
+                "named parameters instead",
+            )
+        return cls(**dict(zip(FIELD_NAMES, args)))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "LayoutRetouchParams":
+        """Named parameters (API names) → params; missing names take defaults."""
+        if not isinstance(d, Mapping):
+            raise LayoutRetouchError(
+                f"parameters must be a dict of named values, got {type(d).__name__}"
+            )
+        for key in d:
+            if key not in FIELD_BY_NAME:
+                close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise LayoutRetouchError(
+                    f"unknown parameter '{key}'{hint}; valid names are: {', '.join(FIELD_NAMES)}",
+                    parameter=str(key),
+                )
+        return cls(**dict(d))
+
+    # ---- rules ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise LayoutRetouchError (naming the parameter and the fix) for the first problem.
+
+        Ranges are always checked; what a run needs (photo, token, class, vanilla checkpoint) only
+        when enabled. Limits that depend on the step count are checked by `schedule(steps)`.
+        """
+        for f in FIELDS:  # re-coerce: attributes may have been assigned after construction
+            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+        for name, low in (("lambda1", 0), ("lambda2", 0), ("mask_start", 2)):
+            value = getattr(self, name)
+            if value < low:
+                raise LayoutRetouchError(
+                    f"{name} ({_MEANING[name]}) is {value} but must be {low} or more: "
+                    f"set it to {low} or more (paper: {FIELD_BY_NAME[name].default} at "
+                    f"{PAPER_STEPS} steps)",
+                    parameter=name,
+                )
+        if not 0 < self.ca_threshold < 1:
+            raise LayoutRetouchError(
+                f"ca_threshold ({_MEANING['ca_threshold']}) is {self.ca_threshold} but must be "
+                "between 0 and 1 (exclusive): try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)",
+                parameter="ca_threshold",
+            )
+        if not self.enabled:
+            return
+        if self.reference_image is None:
+            raise LayoutRetouchError(
+                "no reference image: upload one photo of your subject", parameter="reference_image"
+            )
+        if not self.concept_token:
+            raise LayoutRetouchError(
+                "concept_token is empty: enter the word that stands for your subject, e.g. sks or "
+                "<my-vase>",
+                parameter="concept_token",
+            )
+        if not self.class_phrase:
+            raise LayoutRetouchError(
+                "class_phrase is empty: enter what a normal model calls your subject, e.g. dog or "
+                "red vase",
+                parameter="class_phrase",
+            )
+        if self.personalization == "dreambooth" and not self.vanilla_checkpoint:
+            raise LayoutRetouchError(
+                "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose "
+                "the original checkpoint your DreamBooth model was fine-tuned from (e.g. "
+                "v1-5-pruned-emaonly.safetensors), or set personalization to 'textual_inversion' "
+                "or 'lora' if your subject is an embedding or a LoRA",
+                parameter="vanilla_checkpoint",
+            )
+
+    def schedule(self, steps: int) -> Schedule:
+        """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`)."""
+        return Schedule.for_steps(
+            steps, self.lambda1, self.lambda2, self.mask_start, scale=self.scale_with_steps
+        )
+
+    # ---- infotext ------------------------------------------------------------------------------
+    def to_infotext(self, steps: int, mask_kind: str | None = None) -> dict[str, str]:
+        """The "LR …" entries for the image's generation parameters; {} when disabled.
+
+        Empty text fields are left out (A1111 writes ``key: ,`` badly); `from_infotext` restores
+        them as empty. The reference photo is recorded by its fingerprint only.
+        """
+        if not self.enabled:
+            return {}
+        info: dict[str, str] = {}
+        for f in FIELDS:
+            if f.infotext_key is None or f.kind == "image":
+                continue
+            value = getattr(self, f.name)
+            if f.kind == "str" and value == "":
+                continue
+            info[f.infotext_key] = _format_infotext(f, value)
+        info["LR steps used"] = self.schedule(steps).describe()
+        if mask_kind:
+            info["LR mask"] = mask_kind
+        if self.reference_image is not None:
+            info[FIELD_BY_NAME["reference_image"].infotext_key] = image_fingerprint(self.reference_image)
+        return info
+
+    @classmethod
+    def from_infotext(cls, info: Mapping[str, Any]) -> dict[str, object]:
+        """Pasted generation parameters → {field name: value} for every field but the image.
+
+        Returns {} when the infotext has no "LR " entry (the image was made without the
+        extension). A field missing from the infotext gets its default; a value that does not
+        parse is left out, so pasting never fails on a hand-edited infotext. `show_intermediates`
+        is a viewing option and not part of the infotext.
+        """
+        if not any(str(k).startswith(INFOTEXT_PREFIX) for k in info):
+            return {}
+        out: dict[str, object] = {"enabled": True}
+        for f in FIELDS:
+            if f.infotext_key is None or f.kind == "image":
+                continue
+            if f.infotext_key not in info:
+                out[f.name] = f.default
+                continue
+            try:
+                out[f.name] = _coerce(f, info[f.infotext_key])
+            except LayoutRetouchError:
+                continue
+        return out
+
+    # ---- API -----------------------------------------------------------------------------------
+    def to_api_dict(self) -> dict[str, Any]:
+        """Named dict (the image as base64 PNG) that `from_dict` reads back to equal params."""
+        out: dict[str, Any] = {}
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if f.kind == "image":
+                value = None if value is None else _encode_png(value)
+            out[f.name] = value
+        return out
+
+
+def markdown_parameter_table() -> str:
+    """README table: API name | default | meaning, in UI/positional order."""
+    rows = ["| name | default | meaning |", "|---|---|---|"]
+    for f in FIELDS:
+        if f.kind == "image":
+            default = "(none)"
+        elif f.kind == "str" and f.default == "":
+            default = '""'
+        else:
+            default = f"`{f.default}`"
+        meaning = f"**{f.label}.** {f.hint}"
+        if f.kind == "choice":
+            meaning += " One of " + ", ".join(f"`{c}`" for c in f.choices) + "."
+        # "<my-vase>" would vanish as an HTML tag when the README is rendered
+        meaning = meaning.replace("|", "/").replace("<", "&lt;").replace(">", "&gt;")
+        rows.append(f"| `{f.name}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _check_fields_match_dataclass() -> None:
+    # FIELDS and the dataclass must list the same names in the same order (positional API).
+    names = tuple(f.name for f in dc_fields(LayoutRetouchParams))
+    if names != FIELD_NAMES:
+        raise AssertionError(f"FIELDS {FIELD_NAMES} != LayoutRetouchParams fields {names}")
+
+
+_check_fields_match_dataclass()

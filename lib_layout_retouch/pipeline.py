@@ -1,0 +1,340 @@
+"""Stage 2 — the retouch (paper Algorithm 1), and the two stages end to end.
+
+    z_r[0…T] ← DDIMInversion(Encode(I_r), "")      cached per (reference, model, T)
+    z_o[0…T] ← DDIMInversion(z_o[0], "")           or the stage-1 trajectory (layout_source="stage1")
+    z_t ← z_o[T]
+    for s = 1 … T: one batched UNet call with the reference, layout and target paths (× CFG halves);
+        the attention editor copies the layout (s ≤ λ2), paints the reference identity (s > λ2) and
+        blends with the adaptive mask M (s ≥ mask_start); each path takes a DDIM step.
+    I_t ← Decode(z_t)
+
+Fast paths that change no result: while s ≤ λ2 and the layout is copied into every layer the target
+equals the layout path exactly (ALGORITHM.md invariant), so the target rows are not computed and
+z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import ddim, masks
+from .attention import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RetouchAttention, RowPlan, patched_attention
+from .errors import Interrupted, LayoutRetouchError
+from .layers import LayerTable, layer_table_for
+from .model import LdmModel
+
+ProgressFn = Callable[[str, int, int], None]   # (phase, step, total)
+
+MASK_CA_ONLY = "CA only"
+MASK_SAM = "SAM+CA"
+
+
+@dataclass
+class RetouchSettings:
+    schedule: object                        # schedule.Schedule (steps, λ1, λ2, mask_start)
+    guidance_scale: float = 7.5
+    ca_threshold: float = masks.DEFAULT_CA_THRESHOLD
+    reset_reference: bool = True            # re-set the reference path to its inversion latents each step
+    layers: Optional[LayerTable] = None     # None: the table for this UNet (SD1 or inferred)
+    skip_equal_target: bool = True          # fast path above; False computes the target anyway
+    sequential: bool = False                # one UNet call per path (slow; checks the batched call)
+    keep_trajectories: bool = False         # keep every step's layout/target latents (tests, previews)
+
+
+@dataclass
+class RetouchConds:
+    """Conditionings (1, tokens, dim): y_r for reference/target, y_p for layout, the negative prompt."""
+
+    reference: torch.Tensor
+    layout: torch.Tensor
+    uncond: torch.Tensor
+
+
+@dataclass
+class RetouchResult:
+    latents: torch.Tensor                   # (N, C, h, w) target latents z_t[0]
+    masks: Optional[torch.Tensor]           # (N, H, W) adaptive mask M in [0, 1]
+    ca_maps: Optional[torch.Tensor]         # (N, h, w) normalised subject cross-attention maps
+    mask_kind: str                          # MASK_SAM or MASK_CA_ONLY
+    notes: list[str] = field(default_factory=list)
+    unet_calls: int = 0
+    unet_rows: int = 0
+    reference_cached: bool = False
+    trajectories: Optional[dict[str, list[torch.Tensor]]] = None   # "layout"/"target": latents after each step
+
+
+class InversionCache:
+    """Bounded LRU of reference inversions, key (reference fingerprint, model key, steps).
+
+    One entry is (T+1) latents of one image: 51 × 4×64×64 floats ≈ 3.3 MB at SD1 512² in fp32."""
+
+    def __init__(self, max_entries: int = 4):
+        self.max_entries = max_entries
+        self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> Optional[list[torch.Tensor]]:
+        with self._lock:
+            levels = self._items.get(key)
+            if levels is not None:
+                self._items.move_to_end(key)
+                self.hits += 1
+            else:
+                self.misses += 1
+            return levels
+
+    def put(self, key: tuple, levels: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._items[key] = levels
+            self._items.move_to_end(key)
+            while len(self._items) > max(0, self.max_entries):
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "") -> RetouchConds:
+    c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
+    return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
+
+
+@torch.no_grad()
+def invert_latents(model: LdmModel, z0: torch.Tensor, ddim_schedule: ddim.DDIMSchedule,
+                   progress: Optional[ProgressFn] = None, phase: str = "inversion",
+                   should_stop: Optional[Callable[[], bool]] = None,
+                   counter: Optional[list] = None) -> list[torch.Tensor]:
+    """DDIM inversion with the empty prompt and no CFG (ALGORITHM.md). `counter` ([calls, rows])
+    is incremented per UNet call."""
+    empty = model.conditioning([""])
+
+    def eps(x, t):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped during {phase}")
+        if counter is not None:
+            counter[0] += 1
+            counter[1] += x.shape[0]
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return model.eps(x, tt, empty.expand(x.shape[0], -1, -1))
+
+    cb = (lambda s, total: progress(phase, s, total)) if progress else None
+    return ddim.invert(eps, z0, ddim_schedule, callback=cb)
+
+
+def _pad_tokens(conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Conditionings of different lengths (A1111 prompts over 75 tokens come in 77-token chunks) are
+    padded to the longest by repeating their last chunk, so one batch can carry them."""
+    longest = max(c.shape[1] for c in conds)
+    out = []
+    for c in conds:
+        while c.shape[1] < longest:
+            c = torch.cat([c, c[:, -77:]], dim=1)
+        out.append(c[:, :longest])
+    return out
+
+
+@torch.no_grad()
+def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: torch.Tensor,
+            conds: RetouchConds, subject_tokens: Sequence[int], settings: RetouchSettings,
+            layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
+            layout_images: Optional[np.ndarray] = None, segmenter=None,
+            reference_key: Optional[tuple] = None, cache: Optional[InversionCache] = None,
+            progress: Optional[ProgressFn] = None,
+            should_stop: Optional[Callable[[], bool]] = None) -> RetouchResult:
+    """Retouch N layout latents (N, C, h, w) with one reference latent (1, C, h, w).
+
+    layout_trajectory: the stage-1 DDIM trajectory [z_T … z_0] (each (N, C, h, w)) on the same
+    timesteps — then the layout path follows it instead of a fresh inversion (50 fewer UNet calls).
+    layout_images: (N, H, W, 3) uint8 of the layouts, needed only for SAM.
+    """
+    schedule = settings.schedule
+    T = schedule.steps
+    n = layout_latents.shape[0]
+    device = layout_latents.device
+    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, T)
+    layers = settings.layers or layer_table_for(model.unet)
+    latent_hw = tuple(layout_latents.shape[-2:])
+    notes: list[str] = []
+    result_calls = [0, 0]
+
+    if reference_latent.shape[-2:] != layout_latents.shape[-2:]:
+        raise LayoutRetouchError("the reference latent and the layout latents differ in size; "
+                                 "prepare the reference at the generation size", parameter="reference_image")
+
+    # Reference inversion, once per (reference, model, T).
+    key = None if reference_key is None else (*reference_key, T, tuple(latent_hw))
+    z_r = cache.get(key) if (cache is not None and key is not None) else None
+    reference_cached = z_r is not None
+    if z_r is None:
+        z_r = invert_latents(model, reference_latent, ddim_schedule, progress, "reference inversion", should_stop,
+                             result_calls)
+        if cache is not None and key is not None:
+            cache.put(key, z_r)
+
+    # Layout path: its own inversion (paper) or the stage-1 trajectory.
+    if layout_trajectory is not None:
+        if len(layout_trajectory) != T + 1:
+            raise ValueError(f"layout_trajectory has {len(layout_trajectory)} latents, expected {T + 1}")
+        z_l = layout_trajectory[0].clone()
+    else:
+        z_l = invert_latents(model, layout_latents, ddim_schedule, progress, "layout inversion", should_stop,
+                             result_calls)[-1].clone()
+    z_t = z_l.clone()
+    z_ref = z_r[T].clone()
+
+    editor = RetouchAttention(layers, subject_tokens, latent_hw)
+    trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
+    mask_result: dict = {}
+
+    def build_mask() -> None:
+        maps = editor.subject_maps()
+        if maps is None:
+            return
+        norm_maps, full_masks = [], []
+        kind = MASK_CA_ONLY
+        for i in range(n):
+            norm, mc = masks.cross_attention_mask(maps[i], settings.ca_threshold)
+            sam = None
+            if segmenter is not None and layout_images is not None:
+                sam = segmenter.segment(layout_images[i], norm, mc)
+                kind = MASK_SAM
+            full_masks.append(masks.adaptive_mask(mc, sam, size=None if sam is not None else latent_hw))
+            norm_maps.append(norm)
+        m = torch.from_numpy(np.stack(full_masks)).to(device)
+        editor.masks = masks.LayerMasks(m, latent_hw)
+        editor.record_maps = False
+        mask_result.update(masks=m, ca_maps=torch.from_numpy(np.stack(norm_maps)), kind=kind)
+
+    if segmenter is not None and layout_images is None:
+        notes.append("SAM skipped: no layout image given; cross-attention mask only")
+
+    c_ref, c_lay, c_un = _pad_tokens([conds.reference, conds.layout, conds.uncond])
+    cond_of = {REFERENCE: c_ref, LAYOUT: c_lay, TARGET: c_ref}
+
+    def run(paths: list[tuple[str, int]], latents: dict[str, torch.Tensor], t: int, *, keep_store=False, **phase):
+        plan = RowPlan.build(paths)
+        x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
+        cond = torch.cat([(c_un if h == UNCOND else cond_of[p]).expand(c, -1, -1)
+                          for h in plan.halves() for p, c in paths if c])
+        editor.begin_step(plan, keep_store=keep_store, **phase)
+        tt = torch.full((plan.batch,), t, device=device, dtype=torch.long)
+        eps = model.eps(x.to(device), tt, cond)
+        result_calls[0] += 1
+        result_calls[1] += plan.batch
+        out = {}
+        for p, c in paths:
+            if c:
+                out[p] = ddim.cfg_combine(eps[plan.get(p, UNCOND)], eps[plan.get(p, COND)], settings.guidance_scale)
+        return out
+
+    with patched_attention(model.unet, editor):
+        for s in range(1, T + 1):
+            if should_stop is not None and should_stop():
+                raise Interrupted(f"stopped at retouch step {s} of {T}")
+            lv = ddim_schedule.level_before_step(s)
+            t = ddim_schedule.timestep_of_step(s)
+            if settings.reset_reference:
+                z_ref = z_r[lv]
+            if layout_trajectory is not None:
+                z_l = layout_trajectory[s - 1]
+            if s == schedule.mask_start:
+                build_mask()
+            copy = schedule.copies_layout(s)
+            phase = dict(copy_layout=copy, paint_identity=not copy,
+                         blend=schedule.blends_mask(s) and editor.masks is not None,
+                         record_maps=not mask_result)  # maps are recorded until M is built
+            skip_target = copy and settings.skip_equal_target and layers.swaps_every_layer()
+            need_ref = (not copy and bool(layers.reference_layers)) or not settings.reset_reference
+            paths = [(REFERENCE, 1 if need_ref else 0), (LAYOUT, n), (TARGET, 0 if skip_target else n)]
+            latents = {REFERENCE: z_ref, LAYOUT: z_l, TARGET: z_t}
+            if settings.sequential:
+                eps = {}
+                editor.store_sources = True
+                for i, (p, c) in enumerate(paths):
+                    if c:
+                        eps.update(run([(p, c)], latents, t, keep_store=i > 0, **phase))
+                editor.store_sources = False
+            else:
+                eps = run(paths, latents, t, **phase)
+            z_l_next = ddim.denoise_step(ddim_schedule, z_l, eps[LAYOUT], s)
+            z_t = z_l_next.clone() if skip_target else ddim.denoise_step(ddim_schedule, z_t, eps[TARGET], s)
+            if not settings.reset_reference and REFERENCE in eps:
+                z_ref = ddim.denoise_step(ddim_schedule, z_ref, eps[REFERENCE], s)
+            z_l = z_l_next
+            if trajectories is not None:
+                trajectories[LAYOUT].append(z_l)
+                trajectories[TARGET].append(z_t)
+            if progress is not None:
+                progress("retouch", s, T)
+        if not mask_result:
+            build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
+
+    if mask_result.get("kind") is None:
+        notes.append("no cross-attention maps were recorded; no mask")
+    return RetouchResult(latents=z_t, masks=mask_result.get("masks"), ca_maps=mask_result.get("ca_maps"),
+                         mask_kind=mask_result.get("kind", MASK_CA_ONLY), notes=notes,
+                         unet_calls=result_calls[0], unet_rows=result_calls[1], reference_cached=reference_cached,
+                         trajectories=trajectories)
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor            # (N, 3, H, W) retouched images in [-1, 1]
+    layout_images: torch.Tensor     # (N, 3, H, W) stage-1 layouts I_o in [-1, 1]
+    layout_latents: torch.Tensor
+    retouch: RetouchResult
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: torch.Tensor,
+             settings: RetouchSettings, negative_prompt: str = "",
+             vanilla_unet: Optional[torch.nn.Module] = None, layout_source: str = "inversion",
+             segmenter=None, cache: Optional[InversionCache] = None, reference_key: Optional[tuple] = None,
+             progress: Optional[ProgressFn] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+    """Both stages with the library's DDIM: stage 1 (step-blended layout) then the retouch.
+
+    reference_image: (1, 3, H, W) in [-1, 1] at the generation size; noise: (N, C, h, w) z_T.
+    vanilla_unet: DreamBooth's vanilla UNet (None: the same UNet, i.e. Textual Inversion).
+    """
+    from . import stage1
+    from .prompts import subject_token_positions
+
+    schedule = settings.schedule
+    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
+    c = model.conditioning([prompts.layout, prompts.personalized, negative_prompt, prompts.reference])
+    cond_layout, cond_personal, uncond, cond_ref = (c[i:i + 1] for i in range(4))
+    trajectory = stage1.sample_step_blended(
+        model.denoiser(vanilla_unet), model.denoiser(), schedule, ddim_schedule, cond_layout, cond_personal,
+        uncond, noise, settings.guidance_scale, progress=progress, should_stop=should_stop)
+    layout_latents = trajectory[-1]
+    layout_images = model.decode(layout_latents)
+    subject = subject_token_positions(model.tokenize, prompts.personalized,
+                                      [prompts.concept_token, prompts.class_phrase])
+    reference_latent = model.encode(reference_image)
+    result = retouch(model, reference_latent=reference_latent, layout_latents=layout_latents,
+                     conds=RetouchConds(reference=cond_ref, layout=cond_personal, uncond=uncond),
+                     subject_tokens=subject, settings=settings,
+                     layout_trajectory=trajectory if layout_source == "stage1" else None,
+                     layout_images=to_uint8(layout_images) if segmenter is not None else None,
+                     segmenter=segmenter, reference_key=reference_key, cache=cache,
+                     progress=progress, should_stop=should_stop)
+    return GenerationResult(images=model.decode(result.latents), layout_images=layout_images,
+                            layout_latents=layout_latents, retouch=result)

@@ -1,0 +1,215 @@
+"""The paper's three prompts, derived from what the user typed.
+
+- `y_p`  (personalized): the user's prompt, e.g. ``a sks dog jumping over a fence``.
+- `y_p⁻` (layout): `y_p` as a vanilla model can read it: the concept token replaced by the class
+  phrase, or removed when the class phrase already follows it (``a sks dog`` → ``a dog``).
+- `y_r`  (reference): the neutral prompt for the reference and target paths, by default
+  ``a photo of <concept token> <class phrase>``.
+
+Also: where the subject's tokens sit in the text conditioning (for the cross-attention mask), and a
+best guess at the concept token so the UI can prefill its fields.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from .errors import LayoutRetouchError
+
+# Words DreamBooth/LoRA tutorials use as the rare identifier of a subject.
+RARE_TOKENS = ("sks", "ohwx", "zwx")
+# Words after a rare token that are not what it stands for ("a sks on the beach").
+_NOT_A_CLASS = frozenset(
+    "a an the and or on in at of with by near under over from to is are wearing sitting standing "
+    "lying jumping running holding".split()
+)
+
+# A1111 extra-network tags: <lora:NAME:0.8>, <lyco:...>, <hypernet:...>. Their text is not prompt
+# text, so a concept token inside one is not an occurrence (and must never be rewritten).
+_EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^<>:]+)(?::[^<>]*)?>")
+
+
+@dataclass(frozen=True)
+class RetouchPrompts:
+    personalized: str  # y_p, the user's prompt
+    layout: str  # y_p⁻, for the vanilla model
+    reference: str  # y_r, neutral prompt for the reference and target paths
+    concept_token: str
+    class_phrase: str
+
+
+def _token_pattern(token: str) -> re.Pattern[str]:
+    """Whole-token, case-sensitive match: ``sks`` must not match inside ``asks``.
+
+    A boundary is only required on a side where the token itself starts/ends with a word character
+    (``<my-vase>`` brings its own brackets). Emphasis syntax is no word character, so ``(sks:1.2)``
+    and ``[sks]`` match.
+    """
+    left = r"(?<!\w)" if re.match(r"\w", token[0]) else ""
+    right = r"(?!\w)" if re.match(r"\w", token[-1]) else ""
+    return re.compile(left + re.escape(token) + right)
+
+
+def _tag_spans(prompt: str) -> list[tuple[int, int]]:
+    return [m.span() for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
+
+
+def _token_matches(prompt: str, token: str) -> list[re.Match[str]]:
+    """Every occurrence of the token outside extra-network tags."""
+    spans = _tag_spans(prompt)
+    return [
+        m
+        for m in _token_pattern(token).finditer(prompt)
+        if not any(a <= m.start() < b for a, b in spans)
+    ]
+
+
+def derive_prompts(
+    prompt: str,
+    concept_token: str,
+    class_phrase: str,
+    reference_prompt: str | None = None,
+) -> RetouchPrompts:
+    """Build `y_p`, `y_p⁻` and `y_r` from the user's prompt.
+
+    Every occurrence of the concept token is handled on its own: if the class phrase follows it
+    (after whitespace, compared case-insensitively), the token and the whitespace after it are
+    removed; otherwise the token is replaced by the class phrase. Nothing else in the prompt changes.
+    Known limit: ``(sks:1.2) dog`` becomes ``(dog:1.2) dog`` — the class phrase does not follow the
+    token directly, so it is replaced.
+    """
+    prompt = prompt or ""
+    token = (concept_token or "").strip()
+    if not token:
+        raise LayoutRetouchError(
+            "the concept token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>",
+            parameter="concept_token",
+        )
+    matches = _token_matches(prompt, token)
+    if not matches:
+        raise LayoutRetouchError(
+            f"the concept token '{token}' does not appear in the prompt '{prompt}' "
+            "(it must be a whole word and the case must match): write it in the prompt where the "
+            f"subject goes, e.g. 'a photo of {token} dog', or change the concept token to the word "
+            "your prompt uses for the subject",
+            parameter="concept_token",
+        )
+    phrase = " ".join((class_phrase or "").split())
+    if not phrase:
+        raise LayoutRetouchError(
+            "the class phrase is empty: enter what a normal model calls your subject, "
+            "e.g. dog or red vase",
+            parameter="class_phrase",
+        )
+
+    # The class phrase "follows" when only whitespace separates it from the token; its inner
+    # spaces may be any whitespace, and it must end at a word boundary (dog ≠ doghouse).
+    follows = re.compile(
+        r"\s+" + r"\s+".join(re.escape(w) for w in phrase.split()) + r"(?!\w)", re.IGNORECASE
+    )
+    pieces: list[str] = []
+    pos = 0
+    for m in matches:
+        pieces.append(prompt[pos : m.start()])
+        after = follows.match(prompt, m.end())
+        if after:
+            # Drop the token and the whitespace after it: "a sks dog" → "a dog" (no double space).
+            gap = re.match(r"\s+", prompt[m.end() :])
+            pos = m.end() + (gap.end() if gap else 0)
+        else:
+            pieces.append(phrase)
+            pos = m.end()
+    pieces.append(prompt[pos:])
+    layout = "".join(pieces)
+
+    reference = (reference_prompt or "").strip() or f"a photo of {token} {phrase}"
+    return RetouchPrompts(
+        personalized=prompt,
+        layout=layout,
+        reference=reference,
+        concept_token=token,
+        class_phrase=phrase,
+    )
+
+
+def conditioning_position(index: int, chunk_length: int = 75) -> int:
+    """Token index (no BOS/EOS) → row in the conditioning tensor.
+
+    A1111/ldm encode the prompt in chunks of `chunk_length` tokens, each wrapped in BOS … EOS
+    (77 rows per chunk for SD1), so BOS sits at row 0 of every chunk.
+    """
+    return (index // chunk_length) * (chunk_length + 2) + index % chunk_length + 1
+
+
+def subject_token_positions(
+    tokenize: Callable[[str], list[int]],
+    prompt: str,
+    phrases: Sequence[str],
+    chunk_length: int = 75,
+) -> list[int]:
+    """Rows of the conditioning that hold the subject (every occurrence of every phrase).
+
+    `tokenize(text)` returns token ids without BOS/EOS; each phrase is tokenized alone and searched
+    as an id sequence in the prompt's ids. Pass the text the model actually encodes (emphasis
+    brackets and extra-network tags removed), or the rows shift. Chunks are assumed to be plain
+    `chunk_length`-token runs (A1111's optional comma padding is not modelled).
+    """
+    ids = list(tokenize(prompt))
+    found: set[int] = set()
+    for phrase in phrases:
+        if not phrase or not phrase.strip():
+            continue
+        pids = list(tokenize(phrase.strip()))
+        n = len(pids)
+        if n == 0:
+            continue
+        for i in range(len(ids) - n + 1):
+            if ids[i : i + n] == pids:
+                found.update(conditioning_position(i + k, chunk_length) for k in range(n))
+    if not found:
+        wanted = ", ".join(f"'{p}'" for p in phrases if p and p.strip()) or "(none given)"
+        raise LayoutRetouchError(
+            f"none of the subject words {wanted} appears in the prompt '{prompt}', so the "
+            "cross-attention mask has nothing to follow: set the class phrase to a word that is in "
+            "the prompt (e.g. dog for 'a sks dog on a beach')",
+            parameter="class_phrase",
+        )
+    return sorted(found)
+
+
+def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[str, str] | None:
+    """A best guess of (concept token, class phrase) to prefill the UI; None if nothing fits.
+
+    In this order:
+    1. a known Textual-Inversion embedding name present in the prompt as a whole token (the one
+       that comes first in the prompt) → (name, "");
+    2. a rare identifier (sks, ohwx, zwx) → (token, the word after it, or "");
+    3. a LoRA tag ``<lora:NAME:…>`` → (NAME, "") — many LoRAs use their name as trigger word.
+    Rare tokens come before LoRA tags because a LoRA in the prompt is often a style, while a rare
+    identifier always stands for the subject.
+    """
+    prompt = prompt or ""
+    best: tuple[int, str] | None = None
+    for name in known_embeddings:
+        name = (name or "").strip()
+        if not name:
+            continue
+        matches = _token_matches(prompt, name)
+        if matches and (best is None or matches[0].start() < best[0]):
+            best = (matches[0].start(), name)
+    if best is not None:
+        return best[1], ""
+
+    spans = _tag_spans(prompt)
+    rare = re.compile(r"(?<!\w)(" + "|".join(RARE_TOKENS) + r")(?!\w)(?:[\s\]\)]+([A-Za-z][\w-]*))?")
+    for m in rare.finditer(prompt):
+        if any(a <= m.start() < b for a, b in spans):
+            continue
+        following = m.group(2) or ""
+        return m.group(1), "" if following.lower() in _NOT_A_CLASS else following
+
+    for m in _EXTRA_NETWORK_TAG.finditer(prompt):
+        if m.group(1).lower() in ("lora", "lyco"):
+            return m.group(2).strip(), ""
+    return None

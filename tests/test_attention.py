@@ -1,0 +1,180 @@
+"""The attention engine: wrappers installed and restored exactly; the mask blend; SDPA."""
+import copy
+
+import pytest
+import torch
+
+from lib_layout_retouch import attention as attn
+from lib_layout_retouch.attention import COND, LAYOUT, TARGET, UNCOND, RetouchAttention, RowPlan, patched_attention
+from lib_layout_retouch.errors import Interrupted
+from lib_layout_retouch.layers import LayerTable, attention_modules, layer_table_for
+from lib_layout_retouch.masks import LayerMasks
+
+
+def unet_forward(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        return unet(x, torch.tensor([500, 20]), context=ctx)
+
+
+class CountingEditor:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, name, module, x, context, mask, original):
+        self.calls.append(name)
+        return original(x, context=context, mask=mask)
+
+
+def forwards(unet):
+    return {n: m.__dict__.get("forward") for n, m in attention_modules(unet).items()}
+
+
+def test_every_attention_module_routed_by_name_and_restored(tiny_ldm):
+    unet = tiny_ldm.model.diffusion_model
+    before = unet_forward(unet)
+    editor = CountingEditor()
+    with patched_attention(unet, editor):
+        during = unet_forward(unet)
+        assert all(f is not None for f in forwards(unet).values())
+    assert editor.calls == list(attention_modules(unet))  # once each, in execution order
+    assert torch.equal(during, before)  # pass-through editor changes nothing
+    assert all(f is None for f in forwards(unet).values())
+    assert torch.equal(unet_forward(unet), before)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), Interrupted("stop"), KeyboardInterrupt()])
+def test_restored_after_exception_and_interrupt(tiny_ldm, exc):
+    unet = tiny_ldm.model.diffusion_model
+    before = unet_forward(unet)
+
+    def failing_editor(name, module, x, context, mask, original):
+        if name.startswith("output_blocks"):
+            raise exc
+        return original(x, context=context, mask=mask)
+
+    with pytest.raises(type(exc)):
+        with patched_attention(unet, failing_editor):
+            unet_forward(unet)
+    assert all(f is None for f in forwards(unet).values())
+    assert torch.equal(unet_forward(unet), before)
+
+
+def test_restores_a_foreign_instance_forward_and_refuses_double_patch(tiny_ldm):
+    unet = tiny_ldm.model.diffusion_model
+    name, module = next(iter(attention_modules(unet).items()))
+    own = lambda x, context=None, mask=None: type(module).forward(module, x, context, mask)  # noqa: E731
+    module.forward = own  # another extension's per-instance hook
+    try:
+        editor = CountingEditor()
+        with patched_attention(unet, editor):
+            with pytest.raises(attn.AttentionAlreadyPatched):
+                with patched_attention(unet, editor):
+                    pass
+            assert module.__dict__["forward"] is not own
+        assert module.__dict__["forward"] is own
+    finally:
+        del module.forward
+    assert "forward" not in module.__dict__
+
+
+def test_patches_survive_a_class_forward_swap(tiny_ldm):
+    """A1111 replaces CrossAttention.forward on the class when the optimisation changes."""
+    unet = tiny_ldm.model.diffusion_model
+    cls = type(next(iter(attention_modules(unet).values())))
+    old = cls.forward
+    seen = []
+
+    def swapped(self, x, context=None, mask=None):
+        seen.append(1)
+        return old(self, x, context, mask)
+
+    editor = CountingEditor()
+    with patched_attention(unet, editor):
+        cls.forward = swapped
+        try:
+            unet_forward(unet)
+        finally:
+            cls.forward = old
+    assert len(editor.calls) == len(attention_modules(unet)) and len(seen) == len(editor.calls)
+
+
+def _self_attention_module(tiny_ldm):
+    name = "output_blocks.3.1.transformer_blocks.0.attn1"
+    return name, attention_modules(tiny_ldm.model.diffusion_model)[name]
+
+
+@pytest.mark.parametrize("m_value", [1.0, 0.0, 0.3])
+def test_mask_blend_exact_values(tiny_ldm, m_value):
+    """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend."""
+    name, module = _self_attention_module(tiny_ldm)
+    table = LayerTable("t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=())
+    g = torch.Generator().manual_seed(3)
+    x_layout = torch.randn(1, 64, 32, generator=g)
+    x_target = torch.randn(1, 64, 32, generator=g)
+    with torch.no_grad():
+        own_t = module(x_target)
+        own_o = module(x_layout)
+    editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
+    editor.masks = LayerMasks(torch.full((1, 8, 8), m_value), (8, 8))
+    plan = RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,))
+    editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=True, record_maps=False)
+    x = torch.cat([x_layout, x_target])
+    with torch.no_grad():
+        out = editor(name, module, x, None, None, lambda *a, **k: pytest.fail("must not pass through"))
+    assert torch.allclose(out[0:1], own_o, atol=1e-6)  # the layout row is untouched
+    expected = m_value * own_t + (1 - m_value) * own_o
+    assert torch.allclose(out[1:2], expected, atol=1e-6)
+    if m_value == 1.0:
+        assert torch.allclose(out[1:2], own_t, atol=1e-6)
+    if m_value == 0.0:
+        assert torch.allclose(out[1:2], own_o, atol=1e-6)
+
+
+def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
+    """s > λ2: target uses its own Q with the reference K, V (one reference row for N targets)."""
+    name, module = _self_attention_module(tiny_ldm)
+    table = LayerTable("t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=())
+    g = torch.Generator().manual_seed(4)
+    x_ref, x_lay, x_t = (torch.randn(1, 64, 32, generator=g) for _ in range(3))
+    x_t2 = torch.randn(1, 64, 32, generator=g)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
+    plan = RowPlan.build([("reference", 1), (LAYOUT, 1), (TARGET, 2)], halves=(COND,))
+    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False)
+    with torch.no_grad():
+        out = editor(name, module, torch.cat([x_ref, x_lay, x_t, x_t2]), None, None, None)
+        h = module.heads
+        for i, xt in enumerate((x_t, x_t2)):
+            q = attn.split_heads(module.to_q(xt), h)
+            k = attn.split_heads(module.to_k(x_ref), h)
+            v = attn.split_heads(module.to_v(x_ref), h)
+            probs = attn.attention_probabilities(q, k)
+            expected = module.to_out(attn.merge_heads(torch.matmul(probs, v)))
+            assert torch.allclose(out[2 + i:3 + i], expected, atol=1e-5)
+        assert not torch.allclose(out[2:3], module(x_t), atol=1e-4)
+    assert calls == [1]  # one SDPA call for the whole batch, no hand-written softmax
+
+
+def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
+    unet = tiny_ldm.model.diffusion_model
+    table = layer_table_for(unet)
+    name = table.mask_layers[0]
+    module = attention_modules(unet)[name]
+    editor = RetouchAttention(table, subject_tokens=[4, 5], latent_hw=(8, 8))
+    plan = RowPlan.build([(LAYOUT, 2)])
+    editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=False, record_maps=True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 16, 64, generator=g)
+    ctx = torch.randn(4, 77, 32, generator=g)
+    with torch.no_grad():
+        out = editor(name, module, x, ctx, None, None)
+        assert torch.allclose(out, module(x, ctx), atol=1e-5)  # recording does not change the output
+        q = attn.split_heads(module.to_q(x[2:]), module.heads)
+        k = attn.split_heads(module.to_k(ctx[2:]), module.heads)
+        expected = attn.attention_probabilities(q, k)[..., [4, 5]].mean(dim=(1, 3)).reshape(2, 4, 4)
+    assert torch.allclose(editor.subject_maps(), expected, atol=1e-6)  # the COND half only

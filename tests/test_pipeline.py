@@ -1,0 +1,167 @@
+"""Stage 2 end to end on the tiny model: ALGORITHM.md invariants and the pipeline's promises."""
+import numpy as np
+import pytest
+import torch
+
+from lib_layout_retouch import pipeline as pl
+from lib_layout_retouch.attention import LAYOUT, TARGET
+from lib_layout_retouch.errors import Interrupted
+from lib_layout_retouch.layers import attention_modules, layer_table_for
+from lib_layout_retouch.model import LdmModel
+from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
+from lib_layout_retouch.schedule import Schedule
+from tests.test_ddim import photo_tensor
+
+T = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ldm):
+    model = LdmModel(tiny_ldm)
+    prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
+    conds = pl.encode_prompts(model, prompts, "")
+    subject = subject_token_positions(model.tokenize, prompts.personalized, ["sks", "dog"])
+    ref = model.encode(photo_tensor())
+    g = torch.Generator().manual_seed(7)
+    layouts = torch.randn(2, 4, 8, 8, generator=g)
+    return model, conds, subject, ref, layouts
+
+
+def run(setup, **kw):
+    model, conds, subject, ref, layouts = setup
+    sched = kw.pop("schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False))
+    settings = pl.RetouchSettings(schedule=sched, **{k: kw.pop(k) for k in list(kw) if hasattr(pl.RetouchSettings, k) or k in pl.RetouchSettings.__dataclass_fields__})
+    return pl.retouch(model, reference_latent=ref, layout_latents=kw.pop("layouts", layouts), conds=conds,
+                      subject_tokens=subject, settings=settings, **kw)
+
+
+def test_subject_tokens_point_at_sks_and_dog(setup):
+    model, _, subject, _, _ = setup
+    ids = model.tokenize("a sks dog on the beach")
+    assert subject == [2, 3] and len(ids) == 6
+
+
+def test_full_layout_swap_makes_target_equal_layout_until_lambda2(setup):
+    res = run(setup, skip_equal_target=False, keep_trajectories=True)
+    lay, tgt = res.trajectories[LAYOUT], res.trajectories[TARGET]
+    for s in (1, 2):  # s ≤ λ2
+        assert torch.allclose(tgt[s - 1], lay[s - 1], atol=1e-5), s
+    assert not torch.allclose(tgt[-1], lay[-1], atol=1e-3)  # then the identity is painted
+
+
+def test_without_the_swap_target_differs_from_layout(setup):
+    model = setup[0]
+    table = layer_table_for(model.unet).with_layout_layers(())
+    res = run(setup, skip_equal_target=False, keep_trajectories=True, layers=table)
+    assert not torch.allclose(res.trajectories[TARGET][1], res.trajectories[LAYOUT][1], atol=1e-4)
+
+
+def test_fast_path_equals_computed_target(setup):
+    fast = run(setup, keep_trajectories=True)
+    slow = run(setup, skip_equal_target=False, keep_trajectories=True)
+    assert torch.allclose(fast.latents, slow.latents, atol=1e-5)
+    assert fast.unet_rows < slow.unet_rows
+
+
+def test_batched_three_path_step_equals_one_call_per_path(setup):
+    batched = run(setup, skip_equal_target=False)
+    sequential = run(setup, skip_equal_target=False, sequential=True)
+    assert torch.allclose(batched.latents, sequential.latents, atol=1e-5)
+    assert sequential.unet_calls > batched.unet_calls
+    assert torch.allclose(batched.masks, sequential.masks)
+
+
+def test_one_batched_unet_call_per_step_and_rows(setup):
+    res = run(setup)
+    # T inversion calls for the reference, T for the layouts, T retouch calls
+    assert res.unet_calls == 3 * T
+    # rows: inversion 1 + 2 per step; retouch: λ2 steps layout only (2 halves × 2 images),
+    # later steps reference + layout + target (2 × (1 + 2 + 2))
+    assert res.unet_rows == T * 1 + T * 2 + 2 * 4 + (T - 2) * 10
+
+
+def test_reference_inversion_cached_per_reference_model_and_steps(setup):
+    cache = pl.InversionCache(max_entries=2)
+    first = run(setup, cache=cache, reference_key=("ref-a", "model-1"))
+    second = run(setup, cache=cache, reference_key=("ref-a", "model-1"))
+    assert not first.reference_cached and second.reference_cached
+    assert second.unet_calls == first.unet_calls - T
+    assert torch.equal(first.latents, second.latents)
+    run(setup, cache=cache, reference_key=("ref-b", "model-1"))
+    run(setup, cache=cache, reference_key=("ref-c", "model-1"))
+    assert len(cache) == 2 and cache.get(("ref-a", "model-1", T, (8, 8))) is None  # bounded LRU
+
+
+def test_mask_is_built_from_layout_cross_attention(setup):
+    res = run(setup)
+    assert res.mask_kind == pl.MASK_CA_ONLY
+    assert res.masks.shape == (2, 8, 8) and res.ca_maps.shape == (2, 4, 4)
+    m = res.masks.numpy()
+    assert m.min() >= 0 and m.max() <= 1 and (m == 0).any() and (m >= 0.5).any()
+    assert np.isclose(res.ca_maps.numpy().max(axis=(1, 2)), 1).all()
+
+
+def test_blending_changes_the_result_and_mask_one_is_no_blend(setup):
+    never = Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=T + 1, scale=False)
+    no_blend = run(setup, schedule=never)
+    blended = run(setup)
+    assert not torch.allclose(no_blend.latents, blended.latents, atol=1e-5)
+
+
+def test_sam_mask_joins_the_mask(setup):
+    class HalfImageSegmenter:  # stands in for SAM: the left half of the image is the subject
+        def segment(self, image, norm_map, ca_mask):
+            m = np.zeros(image.shape[:2], bool)
+            m[:, : image.shape[1] // 2] = True
+            return m
+
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    res = run(setup, segmenter=HalfImageSegmenter(), layout_images=images)
+    assert res.mask_kind == pl.MASK_SAM and res.masks.shape == (2, 64, 64)
+    assert (res.masks[:, :, :32] >= 0.5).all()
+
+
+def test_layout_from_stage1_trajectory(setup):
+    model, conds, subject, ref, layouts = setup
+    traj = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(T + 1)]
+    res = run(setup, layout_trajectory=traj, keep_trajectories=True)
+    assert res.unet_calls == 2 * T  # no layout inversion
+    # the layout path is re-set to the trajectory at every step
+    with pytest.raises(ValueError):
+        run(setup, layout_trajectory=traj[:-1])
+
+
+def test_interrupt_restores_every_forward_and_progress_reports(setup):
+    model = setup[0]
+    unet = model.unet
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    c = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = unet(x, torch.tensor([300]), context=c)
+    seen = []
+
+    def progress(phase, s, total):
+        seen.append((phase, s, total))
+
+    with pytest.raises(Interrupted):
+        run(setup, progress=progress, should_stop=lambda: sum(p == "retouch" for p, _, _ in seen) >= 4)
+    assert ("reference inversion", T, T) in seen and ("layout inversion", T, T) in seen
+    assert ("retouch", 4, T) in seen and ("retouch", 5, T) not in seen
+    assert all("forward" not in m.__dict__ for m in attention_modules(unet).values())
+    with torch.no_grad():
+        assert torch.equal(unet(x, torch.tensor([300]), context=c), before)
+
+
+def test_generate_both_stages_end_to_end(tiny_ldm, tiny_vanilla_unet):
+    model = LdmModel(tiny_ldm)
+    prompts = derive_prompts("a sks dog jumping over the fence", "sks", "dog")
+    settings = pl.RetouchSettings(schedule=Schedule.for_steps(6, lambda1=1, lambda2=1, mask_start=4, scale=False))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pl.generate(model, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings,
+                      vanilla_unet=tiny_vanilla_unet)
+    assert out.images.shape == (2, 3, 64, 64) and out.layout_images.shape == (2, 3, 64, 64)
+    assert not torch.allclose(out.images, out.layout_images, atol=1e-3)
+    fast = pl.generate(model, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings,
+                       vanilla_unet=tiny_vanilla_unet, layout_source="stage1")
+    assert fast.retouch.unet_calls == out.retouch.unet_calls - 6
+    assert torch.equal(fast.layout_latents, out.layout_latents)

@@ -1,0 +1,154 @@
+"""Which model/prompt/phase runs at step s, and how λ1, λ2, mask_start scale with the step count."""
+from __future__ import annotations
+
+import pytest
+
+from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.schedule import (
+    PAPER_LAMBDA1,
+    PAPER_LAMBDA2,
+    PAPER_MASK_START,
+    PAPER_STEPS,
+    Schedule,
+)
+
+
+def test_paper_constants():
+    assert (PAPER_STEPS, PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START) == (50, 5, 10, 31)
+
+
+@pytest.mark.parametrize(
+    "steps, expected",
+    [
+        (50, (5, 10, 31)),  # exactly the paper
+        (20, (2, 4, 13)),  # 20 blended steps of 50 → 8 of 20
+        (25, (3, 5, 16)),  # 2.5 rounds half up
+        (100, (10, 20, 61)),
+        (10, (1, 2, 7)),
+        (4, (1, 1, 3)),  # λ1 = 0.4 would round to 0: at least 1
+        (2, (1, 1, 2)),  # mask start at least 2
+    ],
+)
+def test_scaling_table(steps, expected):
+    s = Schedule.for_steps(steps)
+    assert (s.steps, s.lambda1, s.lambda2, s.mask_start) == (steps, *expected)
+
+
+def test_scaling_keeps_zero_and_never_blend():
+    s = Schedule.for_steps(20, 0, 0, 51)
+    assert (s.lambda1, s.lambda2, s.mask_start) == (0, 0, 21)
+    assert not any(s.blends_mask(i) for i in range(1, 21))
+
+
+def test_scaling_other_reference_steps():
+    s = Schedule.for_steps(40, 5, 10, 11, reference_steps=20)
+    assert (s.lambda1, s.lambda2, s.mask_start) == (10, 20, 21)
+
+
+def test_unscaled_values_used_as_given():
+    s = Schedule.for_steps(20, 5, 10, 15, scale=False)
+    assert (s.lambda1, s.lambda2, s.mask_start) == (5, 10, 15)
+
+
+def test_stage1_calls_per_step_are_exact():
+    s = Schedule.for_steps(50)
+    calls = [s.stage1(i) for i in range(1, 51)]
+    assert calls == [("vanilla", "layout")] * 5 + [("personalized", "personalized")] * 45
+    assert [s.uses_vanilla(i) for i in (1, 5, 6, 50)] == [True, True, False, False]
+
+
+def test_stage2_phases():
+    s = Schedule(steps=20, lambda1=2, lambda2=4, mask_start=13)
+    copy = [i for i in range(1, 21) if s.copies_layout(i)]
+    paint = [i for i in range(1, 21) if s.paints_identity(i)]
+    blend = [i for i in range(1, 21) if s.blends_mask(i)]
+    assert copy == [1, 2, 3, 4]
+    assert paint == list(range(5, 21))
+    assert blend == list(range(13, 21))
+
+
+@pytest.mark.parametrize("bad", [0, 21, -1, 1.0, True, None])
+def test_step_outside_run_is_a_programming_error(bad):
+    s = Schedule.for_steps(20)
+    for method in (s.uses_vanilla, s.stage1, s.copies_layout, s.paints_identity, s.blends_mask):
+        with pytest.raises(ValueError) as e:
+            method(bad)
+        assert not isinstance(e.value, LayoutRetouchError)
+        assert "1..20" in str(e.value)
+
+
+def test_describe():
+    assert Schedule.for_steps(20).describe() == "λ1=2, λ2=4, mask from step 13 of 20"
+    assert Schedule.for_steps(50).describe() == "λ1=5, λ2=10, mask from step 31 of 50"
+    assert Schedule(10, 1, 2, 11).describe() == "λ1=1, λ2=2, no mask blending in 10 steps"
+
+
+def test_bounds_are_inclusive_where_allowed():
+    Schedule(10, 0, 0, 2)
+    Schedule(10, 9, 10, 11)
+
+
+@pytest.mark.parametrize(
+    "args, parameter, pieces",
+    [
+        ((10, 10, 2, 5), "lambda1", ["λ1 (the number of first steps drawn by the vanilla model) is 10",
+                                    "at 10 sampling steps", "between 0 and 9"]),
+        ((10, -1, 2, 5), "lambda1", ["is -1", "between 0 and 9"]),
+        ((10, 1, 11, 5), "lambda2", ["λ2 (the number of first retouch steps that copy the layout) is 11",
+                                    "between 0 and 10"]),
+        ((10, 1, 2, 1), "mask_start", ["mask start (the first step that blends the subject mask) is 1",
+                                      "between 2 and 11", "11 turns blending off"]),
+        ((10, 1, 2, 12), "mask_start", ["is 12", "between 2 and 11"]),
+        ((1, 0, 0, 2), "steps", ["the number of sampling steps is 1", "at least 2"]),
+        ((10, 1.5, 2, 5), "lambda1", ["whole number", "1.5"]),
+    ],
+)
+def test_validation_messages(args, parameter, pieces):
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule(*args)
+    assert e.value.parameter == parameter
+    for piece in pieces:
+        assert piece in str(e.value)
+    assert "scaled" not in str(e.value)
+
+
+def test_scaled_error_mentions_value_before_scaling():
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule.for_steps(20, 49)  # 49 of 50 → 20 of 20: nothing left for the personalized model
+    msg = str(e.value)
+    assert e.value.parameter == "lambda1"
+    assert "is 20 at 20 sampling steps (scaled from the 49 you set for 50 steps)" in msg
+    assert "between 0 and 19" in msg
+    assert "use more sampling steps" in msg
+
+
+def test_scaled_error_turn_off_hint_only_when_unscaled_would_fit():
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule.for_steps(100, 50)  # → 100, but λ1 ≤ 99; the unscaled 50 would fit
+    assert "turn off scaling with steps" in str(e.value)
+    assert Schedule.for_steps(100, 50, scale=False).lambda1 == 50
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule.for_steps(20, 49)  # 49 does not fit 20 steps either
+    assert "turn off scaling" not in str(e.value)
+
+
+@pytest.mark.parametrize("mask_start", [1, 0, 52])
+def test_scaled_mask_start_outside_reference_range(mask_start):
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule.for_steps(20, 5, 10, mask_start)
+    assert e.value.parameter == "mask_start"
+    assert f"is {mask_start}" in str(e.value) and "between 2 and 51" in str(e.value)
+
+
+@pytest.mark.parametrize("steps", [0, 1, -5, 20.0, "20"])
+def test_for_steps_bad_steps(steps):
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule.for_steps(steps)
+    assert e.value.parameter == "steps"
+
+
+def test_frozen_and_equality_ignores_origin():
+    a = Schedule.for_steps(20)
+    assert a == Schedule(20, 2, 4, 13)
+    with pytest.raises(AttributeError):
+        a.lambda1 = 3  # type: ignore[misc]
