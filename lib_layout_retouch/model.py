@@ -81,13 +81,15 @@ class LdmModel:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1], (B, 3, H, W) → latents. The posterior's mode, not a sample: the
         inversion must be deterministic for the reference cache to mean anything."""
+        vae_dtype = next(self.ldm.first_stage_model.parameters()).dtype
         with self.autocast():
-            posterior = self.ldm.encode_first_stage(images.to(self.device))
+            posterior = self.ldm.encode_first_stage(images.to(self.device, vae_dtype))
             z = posterior.mode() if hasattr(posterior, "mode") else posterior
             return self.ldm.get_first_stage_encoding(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1]."""
+        vae_dtype = next(self.ldm.first_stage_model.parameters()).dtype
         with self.autocast():
-            return self.ldm.decode_first_stage(latents)
+            return self.ldm.decode_first_stage(latents.to(vae_dtype))

@@ -213,3 +213,37 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
         if m.group(1).lower() in ("lora", "lyco"):
             return m.group(2).strip(), ""
     return None
+
+
+def subject_positions_in_chunks(chunks: Sequence, tokenize: Callable[[str], list[int]],
+                                concept_token: str, class_phrase: str) -> list[int]:
+    """Conditioning rows of the subject in A1111's parsed prompt (`tokenize_line` chunks).
+
+    Each chunk has `.tokens` (BOS + 75 + EOS ids; Textual-Inversion vectors are placeholders) and
+    `.fixes` (offset, embedding) for embeddings. The subject is: every vector of an embedding named
+    like the concept token, and every occurrence of the concept token's or the class phrase's ids.
+    Emphasis and extra-network tags are already parsed out, so rows are exact.
+    """
+    found: set[int] = set()
+    phrases = [p.strip() for p in (concept_token, class_phrase) if p and p.strip()]
+    wanted = [list(tokenize(p)) for p in phrases]
+    for ci, chunk in enumerate(chunks):
+        base = ci * len(chunk.tokens)
+        for fix in getattr(chunk, "fixes", ()):
+            emb = fix.embedding
+            if getattr(emb, "name", None) == concept_token:
+                found.update(base + 1 + fix.offset + k for k in range(int(emb.vectors)))
+        body = list(chunk.tokens[1:-1])
+        for ids in wanted:
+            n = len(ids)
+            for i in range(len(body) - n + 1) if n else ():
+                if body[i:i + n] == ids:
+                    found.update(base + 1 + i + k for k in range(n))
+    if not found:
+        raise LayoutRetouchError(
+            f"neither the concept token '{concept_token}' nor the class phrase '{class_phrase}' was "
+            "found among the prompt's tokens, so the subject mask has nothing to follow: put the "
+            "class word in the prompt (e.g. 'a sks dog') or check the spelling of the token",
+            parameter="class_phrase",
+        )
+    return sorted(found)

@@ -220,3 +220,20 @@ def load_segmenter(path: str | None, device: str | torch.device = "cpu", kind: s
         seg = SubjectSegmenter(load_sam(path, kind, device), device)
         _cache = (key, seg)
         return seg
+
+
+SAM_EXTENSIONS = (".pth", ".pt", ".safetensors")
+
+
+def find_sam_checkpoints(folders) -> dict[str, str]:
+    """SAM checkpoints in `folders` (not recursive), file name → path; the first folder wins on a
+    name clash. The UI and API choose by NAME from this listing: a path from API input is never opened."""
+    found: dict[str, str] = {}
+    for folder in folders:
+        if not folder or not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.lower().endswith(SAM_EXTENSIONS) and os.path.isfile(path) and name not in found:
+                found[name] = path
+    return found

@@ -157,7 +157,7 @@ def test_dino_preprocessing_follows_dreammatcher(dino):
     img = Image.new("RGB", (100, 60), (255, 0, 128))
     x = dino.preprocess([img])
     assert x.shape == (1, 3, 256, 256)  # squashed to 256x256, then fed at 256 with interpolated positions
-    assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1.0]))  # [-1, 1], no ImageNet norm
+    assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1.0]), atol=1e-6)  # [-1, 1], no ImageNet norm
     imagenet = models.build_random_dino(preprocess="imagenet").preprocess([img])
     assert imagenet.shape == (1, 3, 32, 32)  # tiny model: crop to its own input size
     assert imagenet[0, 0, 0, 0].item() == pytest.approx((1.0 - 0.485) / 0.229, abs=1e-5)
@@ -173,7 +173,7 @@ def test_clip_preprocessing_normalises_with_clip_statistics(clip):
 
 def test_load_image_handles_odd_modes_and_reports_broken_files(tmp_path):
     arr16 = (np.arange(12 * 7, dtype=np.uint16).reshape(7, 12) * 700)
-    Image.fromarray(arr16, "I;16").save(tmp_path / "deep.png")
+    Image.fromarray(arr16).save(tmp_path / "deep.png")
     img = models.load_image(tmp_path / "deep.png")
     assert img.mode == "RGB" and img.size == (12, 7)
     assert np.asarray(img)[..., 0].max() > 200  # rescaled, not clipped to all-white
@@ -227,3 +227,15 @@ def test_fmt_and_nanmean():
     assert metrics.fmt(0.12345) == "0.123"
     assert metrics.nanmean([1.0, float("nan"), 3.0]) == 2.0
     assert math.isnan(metrics.nanmean([]))
+
+
+def test_image_reward_wrapper_always_returns_a_list_of_floats():
+    class FakeModel:  # ImageReward's `score` returns a float for one image, a list for several
+        def score(self, prompt, images):
+            vals = [float(len(prompt)) + i for i in range(len(images))]
+            return vals[0] if len(vals) == 1 else vals
+
+    scorer = models.ImageRewardScorer(FakeModel())
+    img = Image.new("RGB", (8, 8))
+    assert scorer("abc", [img]) == [3.0]
+    assert scorer("abc", [img, img]) == [3.0, 4.0]

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backoff", type=float, default=2.0, help="first retry wait in seconds; doubles each time")
     run.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     run.add_argument("--api-auth", default=None, help="user:password when the WebUI runs with --api-auth")
+    run.add_argument("--on-marker", default="LR lambda1",
+                     help="text every 'on' infotext must contain (proof the script ran); '' turns the check off")
     run.add_argument("--no-score", action="store_true", help="only generate")
     _add_scoring_args(run)
 
@@ -82,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args, out_dir: str) -> int:
-    from .scoring import ScoreOptions, build_scorers, markdown_table, score_run, write_reports
+    from .scoring import ScoreOptions, build_scorers, collect_records, markdown_table, score_run, write_reports
 
+    collect_records(out_dir, getattr(args, "vico_override", None))  # a wrong --out fails before models load
     scorers = build_scorers(dino=args.dino, clip=args.clip, inception=args.inception, imagereward=args.imagereward,
                             sam=args.sam, sam_type=args.sam_type, device=args.device,
                             dino_preprocess=args.dino_preprocess, random_models=args.random_models)
@@ -95,8 +98,8 @@ def _score(args, out_dir: str) -> int:
     print(markdown_table(report.rows))
     for note in report.notes:
         print(f"note: {note}")
-    print("wrote " + ", ".join(files[k] for k in ("csv", "md")) + f" and {len(report.heatmaps)} heat map(s) in "
-          f"{os.path.join(out_dir, 'heatmaps')}")
+    print("wrote " + ", ".join(files[k] for k in ("csv", "per_concept", "per_prompt", "md"))
+          + (f" and heat maps in {os.path.join(out_dir, 'heatmaps')}" if report.heatmaps else ""))
     return 0
 
 
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg_scale=args.cfg, width=args.width, height=args.height, sampler=args.sampler,
                 negative_prompt=args.negative, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                 lambda1=args.lambda1, lambda2=args.lambda2, mask_start=args.mask_start,
-                ca_threshold=args.ca_threshold, sam_model=args.sam_model, vanilla_checkpoint=args.vanilla_checkpoint)
+                ca_threshold=args.ca_threshold, sam_model=args.sam_model, vanilla_checkpoint=args.vanilla_checkpoint,
+                on_marker=args.on_marker)
             client = WebUIClient(args.url, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
                                  auth=args.api_auth)
             summary = run_protocol(args.vico, args.concepts, args.url, args.out, settings, client=client,

@@ -234,10 +234,11 @@ def _looks_like_path(source: str) -> bool:
 
 def load_clip(source: str = DEFAULT_CLIP, device: str | None = None) -> ClipEmbedder:
     """CLIP ViT-B/32 from a saved folder (`save_pretrained` of openai/clip-vit-base-patch32) or the HF cache."""
+    source = os.path.expanduser(source)
     from transformers import CLIPModel, CLIPTokenizer
 
     if _looks_like_path(source) and not os.path.isdir(source):
-        raise LayoutRetouchError(f"CLIP folder '{source}' does not exist.", parameter="clip")
+        raise LayoutRetouchError(f"CLIP folder '{source}' (--clip) does not exist.", parameter="clip")
     try:
         model = CLIPModel.from_pretrained(source)
         tokenizer = CLIPTokenizer.from_pretrained(source)
@@ -252,10 +253,11 @@ def load_clip(source: str = DEFAULT_CLIP, device: str | None = None) -> ClipEmbe
 
 def load_dino(source: str = DEFAULT_DINO, device: str | None = None, preprocess: str = "dreammatcher") -> DinoEmbedder:
     """DINO ViT-S/16 from a saved folder (facebook/dino-vits16) or the HF cache."""
+    source = os.path.expanduser(source)
     from transformers import ViTModel
 
     if _looks_like_path(source) and not os.path.isdir(source):
-        raise LayoutRetouchError(f"DINO folder '{source}' does not exist.", parameter="dino")
+        raise LayoutRetouchError(f"DINO folder '{source}' (--dino) does not exist.", parameter="dino")
     try:
         model = ViTModel.from_pretrained(source, add_pooling_layer=False)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -327,11 +329,8 @@ def load_image_reward(source: str = DEFAULT_IMAGE_REWARD, device: str | None = N
     try:
         kwargs = {"device": dev}
         if os.path.isfile(source):
-            # A local ImageReward.pt: its med_config.json is looked up beside it (ImageReward's download_root).
+            # A local ImageReward.pt: ImageReward looks for med_config.json in download_root, so point it beside.
             kwargs["download_root"] = os.path.dirname(os.path.abspath(source))
-            med = os.path.join(kwargs["download_root"], "med_config.json")
-            if os.path.isfile(med):
-                kwargs["med_config"] = med
         model = RM.load(source, **kwargs)
     except Exception as e:
         reason = (f"ImageReward model '{source}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). Pass "
@@ -411,5 +410,5 @@ def build_random_inception(seed: int = 0, input_size: int = 75, device: str = "c
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
     return InceptionClassifier(model, device=device, input_size=input_size)

@@ -1,8 +1,9 @@
 """The protocol runner: ViCo concepts x prompts x seeds, Layout-and-Retouch on and off, via the WebUI API.
 
 For every (concept, prompt, seed) it asks `POST {url}/sdapi/v1/txt2img` twice with the same seed:
-"off" (the personalized model alone; the script is sent with enabled=False) and "on"
-(Layout-and-Retouch enabled with the concept's reference photo). Each result is written as
+"off" (the personalized model alone; the script is sent with enabled=False, or left out when the
+WebUI lacks the extension) and "on" (Layout-and-Retouch enabled with the concept's reference photo;
+its infotext must show the script ran, see `RunSettings.on_marker`). Each result is written as
 
     <out>/images/<method>/<concept>/p<prompt index:02d>_s<seed>.png   (+ .json sidecar)
 
@@ -96,7 +97,10 @@ class RunSettings:
     sam_model: str = ""
     vanilla_checkpoint: str = ""
     max_reference_side: int = 1024  # the reference photo is downscaled to this before upload
-    on_marker: str = SCRIPT_TITLE  # text an "on" infotext should contain when the script really ran
+    # Text an "on" image's infotext holds only when the script really ran (the extension writes its
+    # parameters as "LR ..." keys). The WebUI swallows script errors and still answers 200 with a
+    # plain image, so without this check a misconfigured run would quietly be a second baseline.
+    on_marker: str = "LR lambda1"
 
     def generation_key(self) -> dict:
         """The settings that change an image: a resumed run must match them."""
@@ -307,7 +311,7 @@ class WebUIClient:
                 if not e.transient:
                     raise
                 last = e
-        raise WebUIError(f"{last} — gave up after {self.retries + 1} attempts", transient=True)
+        raise WebUIError(f"{last.args[0] if last else 'no attempt'} — gave up after {self.retries + 1} attempts", transient=True)
 
     def txt2img(self, payload: dict) -> dict:
         """POST /sdapi/v1/txt2img; the reply must carry at least one decodable image."""
@@ -350,8 +354,12 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
 
 
 def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, settings: RunSettings,
-                  reference_b64: str) -> dict:
-    """The /sdapi/v1/txt2img request for one image. "on" and "off" differ only in the script's args."""
+                  reference_b64: str, include_script: bool = True) -> dict:
+    """The /sdapi/v1/txt2img request for one image. "on" and "off" differ only in the script's args.
+
+    "off" sends the script with enabled=False (the same code path as "on", minus the work), or no
+    script at all when `include_script` is False (a WebUI without the extension answers 422 to an
+    unknown alwayson script)."""
     prompt = " ".join(template.replace("{}", spec.subject).split())
     if spec.prompt_extra:
         prompt = f"{prompt} {spec.prompt_extra}"
@@ -366,10 +374,12 @@ def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, sett
         "lambda1": int(spec.script.get("lambda1", settings.effective_lambda1())),
         "lambda2": int(spec.script.get("lambda2", settings.lambda2)),
         "mask_start": int(spec.script.get("mask_start", settings.mask_start)),
-        "sam_model": spec.script.get("sam_model", settings.sam_model),
         "ca_threshold": float(spec.script.get("ca_threshold", settings.ca_threshold)),
         "show_intermediates": False,
     }
+    sam_model = spec.script.get("sam_model", settings.sam_model)
+    if sam_model:  # absent: the extension's own default (its settings may name a SAM model)
+        script["sam_model"] = sam_model
     payload = {
         "prompt": prompt,
         "negative_prompt": settings.negative_prompt,
@@ -385,11 +395,14 @@ def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, sett
         "n_iter": 1,
         "send_images": True,
         "save_images": False,
-        "alwayson_scripts": {SCRIPT_TITLE: {"args": [script]}},
     }
+    if include_script or enabled:
+        payload["alwayson_scripts"] = {SCRIPT_TITLE: {"args": [script]}}
     if spec.checkpoint:
         payload["override_settings"] = {"sd_model_checkpoint": spec.checkpoint}
-        payload["override_settings_restore_afterwards"] = True
+        # Not restored after each request: that would reload the weights twice per image. The WebUI
+        # keeps the last concept's checkpoint loaded when the run ends.
+        payload["override_settings_restore_afterwards"] = False
     return payload
 
 
@@ -479,9 +492,15 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
     settings = settings or RunSettings()
     if settings.n < 1:
         raise LayoutRetouchError("--n must be at least 1.", parameter="n")
+    for name in ("width", "height"):
+        v = getattr(settings, name)
+        if v < 8 or v % 8:
+            raise LayoutRetouchError(f"--{name} {v}: Stable Diffusion draws on an 8-pixel latent grid; use a positive "
+                                     f"multiple of 8 (e.g. {max(8, v // 8 * 8)}).", parameter=name)
     bad = [m for m in settings.methods if m not in METHODS]
     if bad or not settings.methods:
-        raise LayoutRetouchError(f"Unknown method(s) {bad}; use some of {METHODS}.", parameter="methods")
+        raise LayoutRetouchError(f"Unknown method(s) {bad} in --methods; use some of {','.join(METHODS)}.",
+                                 parameter="methods")
     concepts = load_concepts(concepts_path, vico_dir)
     vico_dir = os.path.abspath(vico_dir)
     out_dir = os.path.abspath(out_dir)
@@ -506,30 +525,34 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
     say = log or (lambda msg: tqdm.write(msg))
     if not todo:
         return summary
+    refs: dict[str, str] = {}  # every reference photo is checked before the first request
+    for spec in {j[0].name: j[0] for j in todo if j[4] == "on"}.values():
+        refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
 
-    if "on" in settings.methods and any(j[4] == "on" for j in todo):
-        try:
-            titles = client.txt2img_scripts()
-        except WebUIError as e:
-            raise WebUIError(f"{e}. Start the WebUI with --api, check --url, then run again. "
-                             f"{summary.skipped} of {summary.total} images already on disk.", transient=False) from None
-        if titles is not None and SCRIPT_TITLE.lower() not in titles:
+    try:
+        titles = client.txt2img_scripts()
+    except WebUIError as e:
+        raise WebUIError(f"{e.args[0]}. Start the WebUI with --api, check --url, then run again. "
+                         f"{summary.skipped} of {summary.total} images already on disk.", transient=False) from None
+    has_script = titles is None or SCRIPT_TITLE.lower() in titles  # None: an old WebUI without /scripts
+    if not has_script:
+        if any(j[4] == "on" for j in todo):
             raise LayoutRetouchError(f"The WebUI at {client.url} has no '{SCRIPT_TITLE}' txt2img script: install and "
                                      f"enable the extension, restart the WebUI, run again.", parameter="url")
+        msg = f"note: the WebUI has no '{SCRIPT_TITLE}' script; 'off' requests are sent without it."
+        summary.warnings.append(msg)
+        say(msg)
 
-    refs: dict[str, str] = {}
-    warned_marker = False
     bar = tqdm(total=len(jobs), initial=summary.skipped, desc="txt2img", unit="img", disable=not progress)
     try:
         for spec, pi, template, seed, method in todo:
-            if method == "on" and spec.name not in refs:
-                refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
-            payload = build_payload(spec, template, seed, method, settings, refs.get(spec.name, ""))
+            payload = build_payload(spec, template, seed, method, settings, refs.get(spec.name, ""),
+                                    include_script=has_script)
             try:
                 reply = client.txt2img(payload)
             except WebUIError as e:
                 raise LayoutRetouchError(
-                    f"The WebUI failed on {spec.name} / prompt {pi} / seed {seed} / {method}: {e}. "
+                    f"The WebUI failed on {spec.name} / prompt {pi} / seed {seed} / {method}: {e.args[0]}. "
                     f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the "
                     f"same command again to resume (or `score` to score what is there).", parameter="url") from None
             data = _decode_image(reply["images"][0])
@@ -539,18 +562,20 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
             script_ran = None
             if method == "on" and settings.on_marker:
                 script_ran = settings.on_marker.lower() in infotext.lower()
-                if not script_ran and not warned_marker:
-                    warned_marker = True
-                    msg = (f"warning: an 'on' image's infotext does not mention '{settings.on_marker}': the script may "
-                           f"not have run (the WebUI hides script errors; check its console).")
-                    summary.warnings.append(msg)
-                    say(msg)
+                if not script_ran:
+                    raise LayoutRetouchError(
+                        f"The WebUI answered {spec.name} / prompt {pi} / seed {seed} / on with an image whose infotext "
+                        f"has no '{settings.on_marker}': Layout-and-Retouch did not run (the WebUI hides script "
+                        f"errors; its console says why, e.g. a wrong vanilla_checkpoint). That image was not saved; "
+                        f"{summary.skipped + summary.generated} of {summary.total} are in {out_dir}. Fix the concept "
+                        f"file and run again (--on-marker '' turns this check off).", parameter="concepts")
             path = image_path(out_dir, method, spec.name, pi, seed)
             sidecar = {
                 "concept": spec.name, "method": method, "prompt_index": pi, "template": template,
                 "prompt": payload["prompt"], "seed": seed, "class": spec.class_phrase, "token": spec.token,
                 "subject": spec.subject, "folder": spec.folder, "info_seed": info.get("seed"),
                 "infotext": infotext, "script_ran": script_ran, "extra_images": max(0, len(reply["images"]) - 1),
+                "size": list(Image.open(io.BytesIO(data)).size),
             }
             _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8"))
             _atomic_write(path, data)  # last: the image's presence is what "done" means

@@ -24,7 +24,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 
 from ..errors import LayoutRetouchError
 from . import diversity
@@ -279,7 +278,7 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
     heatmaps = {}
     for method, pts in centres_by_method.items():
         heatmaps[method] = diversity.save_heatmap_png(
-            pts, os.path.join(out_dir, "heatmaps", f"{method}.png"), title=METHOD_LABELS.get(method, method),
+            pts, os.path.join(out_dir, "heatmaps", f"{method}.png"), title=f"{METHOD_LABELS.get(method, method)}, pooled",
             sigma=options.heatmap_sigma)
     if mask_sources.get("none") and not (mask_sources.get("png") or mask_sources.get("sam")):
         notes.append("σ²_avg n/a: no subject masks. Pass --sam <SAM checkpoint>, or save <image>.mask.png beside "
@@ -338,9 +337,12 @@ def describe(report: ScoreReport, scorers: Scorers) -> list[str]:
     lines.append("I_DINO / I_CLIP: mean cosine over all (reference photo, generated image) pairs per prompt, averaged "
                  "over prompts, then concepts (DreamMatcher's evaluate.py); images squashed to 256x256 first"
                  + (f"; DINO input: {scorers.dino.preprocess_mode}" if scorers.dino is not None else "") + ".")
-    lines.append("ImageReward: mean score per prompt (text as T_CLIP), same averaging.")
-    lines.append(f"IS: torchvision Inception-v3 softmax, per concept over all its images, mean over min({o.is_splits}, "
-                 f"n/2) splits (fewest used: {min((r['IS_splits'] for r in rows), default=0)}), averaged over concepts.")
+    if scorers.image_reward is not None:
+        lines.append("ImageReward: mean score per prompt (text as T_CLIP), same averaging.")
+    if scorers.inception is not None:
+        lines.append(f"IS: torchvision Inception-v3 softmax, per concept over all its images, mean over min({o.is_splits}"
+                     f", n/2) splits (fewest used: {min((r['IS_splits'] for r in rows), default=0)}), averaged over "
+                     f"concepts.")
     lines.append(f"σ²_avg: (Var x + Var y)/2 of subject centre points ({'bounding-box centre' if o.centre_mode == 'bbox' else 'mask centroid'}, "
                  f"normalised to [0,1]²) per concept, averaged over concepts; heat maps in heatmaps/ "
                  f"(Gaussians of fixed σ = {o.heatmap_sigma} at each centre, max-normalised).")

@@ -1,0 +1,32 @@
+// Hover hints for the Layout-and-Retouch controls, through the WebUI's `titles` (hints.js).
+// Generated from lib_layout_retouch/params.py by tools/gen_hints.py: do not edit by hand.
+(function () {
+    const layoutRetouchHints = {
+        "Enable Layout-and-Retouch": "Let the vanilla model draw the layout, then retouch the subject's identity from the reference photo.",
+        "Reference photo of the subject": "One photo of your subject (I_r). It is centre-cropped to the image's aspect ratio; the infotext records its fingerprint.",
+        "Personalized model type": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
+        "Vanilla checkpoint": "The original checkpoint your DreamBooth model was fine-tuned from; it draws the layout. Not needed for Textual Inversion or LoRA.",
+        "Concept token": "The word in your prompt that stands for the subject, e.g. sks or <my-vase>.",
+        "Class phrase": "What a normal model calls the subject, e.g. dog or red vase. Replaces the concept token in the vanilla model's prompt and finds the subject for the mask.",
+        "Reference prompt (optional)": "Neutral prompt for the reference and target paths; empty means 'a photo of <concept token> <class phrase>'.",
+        "λ1: vanilla layout steps": "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger follows the prompt better but weakens the identity.",
+        "λ2: layout-copy steps": "How many first retouch steps copy the layout's attention (paper: 10).",
+        "Mask blending from step": "First retouch step that blends the subject mask (paper: 31 of 50); 51 turns blending off.",
+        "Scale λ1, λ2 and mask start with the step count": "On: the three values are for 50 steps and are scaled to your step count. Off: they are used as they are.",
+        "Segment-Anything model": "SAM checkpoint that sharpens the subject mask; 'none' uses the cross-attention mask only.",
+        "Cross-attention mask threshold": "Threshold on the min-max normalised cross-attention map of the subject tokens (MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.",
+        "Show layout, reference and mask": "Add the stage-1 layout, the prepared reference and the mask to the gallery (a viewing option: not written to the infotext).",
+        "Layout path latents": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost).",
+        "Reset the reference path every step": "Set the reference path back to its stored inversion latent at every step, so it reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).",
+        "DreamBooth checkpoint": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
+        "Textual Inversion embedding": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
+        "LoRA": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
+        "DDIM inversion of the layout (paper)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost).",
+        "Stage-1 latents (faster)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost)."
+    };
+    function addHints() {
+        if (typeof titles === 'object') Object.assign(titles, layoutRetouchHints);
+    }
+    addHints();
+    if (typeof onUiLoaded === 'function') onUiLoaded(addHints);
+})();

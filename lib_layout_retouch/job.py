@@ -1,0 +1,112 @@
+"""One enabled generation, host-agnostic: what the WebUI glue asks the library for.
+
+`RetouchJob` turns validated parameters plus the generation's prompt, size and step count into
+everything both stages need — the schedule at this step count, y_p / y_p⁻ / y_r, the prepared
+reference — and runs the retouch on a batch of stage-1 latents. The glue only wires host objects
+(the model, the progress bar, the Interrupt button) to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import pipeline
+from .errors import LayoutRetouchError
+from .images import image_fingerprint, prepare_reference
+from .model import LdmModel
+from .params import NO_SAM, LayoutRetouchParams
+from .prompts import RetouchPrompts, derive_prompts
+
+# Reference inversions across generations: one entry ≈ (T+1) latents of one image (3.3 MB at
+# SD1 512², T=50, fp32). The WebUI setting "Reference cache size" overrides it.
+SHARED_INVERSION_CACHE = pipeline.InversionCache(max_entries=4)
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB → (1, 3, H, W) float in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """(N, 3, H, W) in [-1, 1] → PIL images."""
+    return [Image.fromarray(a) for a in pipeline.to_uint8(x)]
+
+
+def mask_to_image(mask: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """(H, W) in [0, 1] → grey PIL image at `size` (w, h), nearest so cells stay visible."""
+    arr = (mask.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(arr, mode="L").resize(size, Image.NEAREST).convert("RGB")
+
+
+@dataclass
+class RetouchJob:
+    params: LayoutRetouchParams
+    prompt: str
+    negative_prompt: str
+    steps: int
+    width: int
+    height: int
+    guidance_scale: float
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.params.validate()
+        if self.width % 8 or self.height % 8:
+            raise LayoutRetouchError(f"image size {self.width}×{self.height} is not a multiple of 8", parameter="width")
+        self.schedule = self.params.schedule(self.steps)
+        self.prompts: RetouchPrompts = derive_prompts(self.prompt, self.params.concept_token,
+                                                      self.params.class_phrase, self.params.reference_prompt or None)
+        self.reference, ref_notes = prepare_reference(self.params.reference_image, (self.width, self.height))
+        self.notes.extend(ref_notes)
+        self.reference_fingerprint = image_fingerprint(self.reference)
+        self.mask_kind: Optional[str] = None
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def uses_vanilla(self, s: int) -> bool:
+        """Stage 1 at (1-based) step s: vanilla model with y_p⁻?"""
+        return 1 <= s <= self.steps and self.schedule.uses_vanilla(s)
+
+    # -- stage 2 ---------------------------------------------------------------------------------
+    def settings(self, **overrides) -> pipeline.RetouchSettings:
+        return pipeline.RetouchSettings(schedule=self.schedule, guidance_scale=self.guidance_scale,
+                                        ca_threshold=self.params.ca_threshold,
+                                        reset_reference=self.params.reset_reference, **overrides)
+
+    def retouch(self, model: LdmModel, layout_latents: torch.Tensor, *, subject_tokens: Sequence[int],
+                model_key: str, layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
+                layout_images: Optional[np.ndarray] = None, segmenter=None,
+                cache: Optional[pipeline.InversionCache] = SHARED_INVERSION_CACHE,
+                progress: Optional[pipeline.ProgressFn] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> pipeline.RetouchResult:
+        device = layout_latents.device
+        reference_latent = model.encode(image_to_tensor(self.reference).to(device)).to(layout_latents.dtype)
+        conds = pipeline.encode_prompts(model, self.prompts, self.negative_prompt)
+        result = pipeline.retouch(
+            model, reference_latent=reference_latent, layout_latents=layout_latents, conds=conds,
+            subject_tokens=subject_tokens, settings=self.settings(), layout_trajectory=layout_trajectory,
+            layout_images=layout_images, segmenter=segmenter,
+            reference_key=(self.reference_fingerprint, model_key), cache=cache,
+            progress=progress, should_stop=should_stop)
+        self.mask_kind = result.mask_kind
+        for note in result.notes:
+            if note not in self.notes:
+                self.notes.append(note)
+        return result
+
+    # -- record --------------------------------------------------------------------------------
+    def infotext(self) -> dict[str, str]:
+        info = self.params.to_infotext(self.steps, mask_kind=self.mask_kind)
+        if self.params.sam_model != NO_SAM and self.mask_kind == pipeline.MASK_CA_ONLY:
+            self.add_note(f"SAM '{self.params.sam_model}' not used; cross-attention mask only")
+        if self.notes:
+            info["LR notes"] = "; ".join(self.notes)
+        return info
+
+    def add_note(self, note: str) -> None:
+        if note not in self.notes:
+            self.notes.append(note)

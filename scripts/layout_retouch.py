@@ -1,0 +1,562 @@
+"""AUTOMATIC1111 glue for Layout-and-Retouch: the txt2img accordion, the hooks, X/Y/Z axes, settings.
+
+All algorithm lives in `lib_layout_retouch`. Here we only translate between the WebUI and it:
+- `process` parses/validates the parameters (`LayoutRetouchParams`) and, for an enabled run, wraps
+  THIS generation's `p.sample` / `p.sample_hr_pass` (instance attributes of `p`, gone with it);
+- stage 1 switches prompt (and UNet / LoRA) per step from the CFG-denoiser callback, which acts
+  only for a `p` that carries a live run, and is undone in a `finally` of the wrapped `p.sample`;
+- stage 2 runs on the stage-1 latents inside the wrapped `p.sample` (before hires fix), so its
+  errors reach the API as HTTP errors instead of being swallowed by the WebUI's hook runner.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import sys
+import threading
+import time
+from collections import OrderedDict
+
+import gradio as gr
+import torch
+
+_EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _EXT_ROOT not in sys.path:
+    sys.path.insert(0, _EXT_ROOT)
+
+from modules import devices, scripts, script_callbacks, sd_models, shared  # noqa: E402
+from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
+
+from lib_layout_retouch import axes, job as lr_job, pipeline  # noqa: E402
+from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
+from lib_layout_retouch.model import LdmModel  # noqa: E402
+from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, NO_SAM, LayoutRetouchParams  # noqa: E402
+from lib_layout_retouch.prompts import guess_concept, subject_positions_in_chunks  # noqa: E402
+from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter  # noqa: E402
+
+TITLE = "Layout-and-Retouch"
+LOG = "[Layout-and-Retouch]"
+RUN_ATTR = "layout_retouch_run"
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def log(msg: str) -> None:
+    print(f"{LOG} {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the WebUI offers: SAM files, checkpoints, settings
+# ---------------------------------------------------------------------------------------------------
+def sam_folders() -> list[str]:
+    models = getattr(shared, "models_path", os.path.join(_EXT_ROOT, "models"))
+    return [os.path.join(models, "sam"),
+            # where the popular sd-webui-segment-anything extension keeps its checkpoints
+            os.path.join(os.path.dirname(_EXT_ROOT), "sd-webui-segment-anything", "models", "sam")]
+
+
+def sam_choices() -> list[str]:
+    return [NO_SAM] + list(find_sam_checkpoints(sam_folders()))
+
+
+def checkpoint_choices() -> list[str]:
+    return [""] + list(sd_models.checkpoint_tiles())
+
+
+def opt(name: str, default):
+    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
+
+
+def on_ui_settings():
+    section = ("layout_retouch", TITLE)
+    shared.opts.add_option("layout_retouch_default_sam", shared.OptionInfo(
+        NO_SAM, "Default Segment-Anything model", gr.Dropdown, lambda: {"choices": sam_choices()}, section=section))
+    shared.opts.add_option("layout_retouch_reference_cache", shared.OptionInfo(
+        4, "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)", gr.Slider,
+        {"minimum": 0, "maximum": 32, "step": 1}, section=section))
+    shared.opts.add_option("layout_retouch_vanilla_cache", shared.OptionInfo(
+        1, "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)", gr.Slider,
+        {"minimum": 0, "maximum": 4, "step": 1}, section=section))
+    shared.opts.add_option("layout_retouch_vanilla_on_cpu", shared.OptionInfo(
+        False, "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
+        section=section))
+
+
+script_callbacks.on_ui_settings(on_ui_settings)
+
+
+# ---------------------------------------------------------------------------------------------------
+# DreamBooth: the vanilla UNet, loaded once and switched by reference
+# ---------------------------------------------------------------------------------------------------
+class VanillaUNets:
+    """Bounded cache of vanilla UNets built from checkpoint files, sharing nothing but the class
+    with the loaded model (VAE and text encoder stay the loaded model's)."""
+
+    def __init__(self):
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, info, personal_unet: torch.nn.Module) -> torch.nn.Module:
+        key = (info.filename, os.path.getmtime(info.filename), next(personal_unet.parameters()).dtype)
+        with self._lock:
+            unet = self._items.get(key)
+            if unet is None:
+                unet = self._load(info, personal_unet)
+                self._items[key] = unet
+                self.loads += 1
+            self._items.move_to_end(key)
+            while len(self._items) > max(1, int(opt("layout_retouch_vanilla_cache", 1))):
+                self._items.popitem(last=False)
+            return unet
+
+    @staticmethod
+    def _load(info, personal_unet):
+        log(f"loading vanilla UNet from {os.path.basename(info.filename)}")
+        state = sd_models.read_state_dict(info.filename, map_location="cpu")
+        prefix = "model.diffusion_model."
+        unet_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        del state
+        own = personal_unet.state_dict()
+        if not unet_state:
+            raise LayoutRetouchError(f"vanilla checkpoint '{info.title}' has no SD UNet weights "
+                                     "(model.diffusion_model.*): choose an SD1.x checkpoint", parameter="vanilla_checkpoint")
+        mismatch = [k for k in own if k not in unet_state or unet_state[k].shape != own[k].shape]
+        if mismatch or len(unet_state) != len(own):
+            raise LayoutRetouchError(
+                f"vanilla checkpoint '{info.title}' is of another architecture than the loaded model "
+                f"(e.g. SDXL vs SD1: {len(mismatch)} UNet weights differ); choose the checkpoint your "
+                "DreamBooth model was trained from", parameter="vanilla_checkpoint")
+        unet = copy.deepcopy(personal_unet)
+        for m in unet.modules():  # a patched instance forward must not be copied along
+            m.__dict__.pop("forward", None)
+        unet.load_state_dict(unet_state)
+        unet.eval().requires_grad_(False)
+        return unet
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
+
+
+VANILLA_UNETS = VanillaUNets()
+
+
+# ---------------------------------------------------------------------------------------------------
+# One enabled generation
+# ---------------------------------------------------------------------------------------------------
+class Run:
+    """State of one enabled generation, kept on `p` (never global)."""
+
+    def __init__(self, p, params: LayoutRetouchParams):
+        self.params = params
+        self.job = lr_job.RetouchJob(params, prompt=_EXTRA_NETWORK.sub("", p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
+                                     negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
+                                     steps=p.steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale)
+        self.vanilla_unet = None
+        self.personal_unet = None
+        self.layout_cond = None
+        self.stage1_active = False
+        self.switched_at = None
+        self.trajectory: list[torch.Tensor] = []
+        self.intermediates: list = []
+        self.retouched = False
+        self.lora_saved: list = []
+
+
+def parse_params(p, args) -> LayoutRetouchParams:
+    params = LayoutRetouchParams.from_script_args(args)
+    params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None))
+    if params.enabled and params.sam_model == NO_SAM and not _given(args, "sam_model"):
+        default_sam = opt("layout_retouch_default_sam", NO_SAM)
+        if default_sam and default_sam != NO_SAM:
+            params = axes.apply_overrides(params, {"sam_model": default_sam})
+    return params
+
+
+def _given(args, name) -> bool:
+    return bool(args) and isinstance(args[0], dict) and name in args[0]
+
+
+def check_host(p, params: LayoutRetouchParams) -> None:
+    """The checks that need the WebUI: model kind, lists of checkpoints/files."""
+    if not isinstance(p, StableDiffusionProcessingTxt2Img):
+        raise LayoutRetouchError("Layout-and-Retouch works in txt2img only")
+    model = p.sd_model
+    if getattr(model, "is_sdxl", False) or getattr(model, "is_sd3", False):
+        raise LayoutRetouchError("SDXL/SD3 models are not yet supported (the paper and this extension are "
+                                 "SD1.x-based); load an SD1.x checkpoint", parameter="sd_model")
+    if getattr(model, "is_sd2", False) or getattr(model, "parameterization", "eps") != "eps":
+        raise LayoutRetouchError("v-prediction (SD2.x) models are not yet supported; load an SD1.x checkpoint",
+                                 parameter="sd_model")
+    if params.sam_model != NO_SAM and params.sam_model not in find_sam_checkpoints(sam_folders()):
+        raise LayoutRetouchError(f"SAM model '{params.sam_model}' is not in the list of SAM checkpoints "
+                                 f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
+                                 parameter="sam_model")
+    if params.personalization == "dreambooth":
+        info = sd_models.get_closet_checkpoint_match(params.vanilla_checkpoint)
+        if info is None or not os.path.isfile(info.filename):
+            raise LayoutRetouchError(f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
+                                     "checkpoint list; choose one from the list (refresh it after adding files)",
+                                     parameter="vanilla_checkpoint")
+
+
+def fail_generation(p, err: LayoutRetouchError) -> None:
+    """Make the generation fail with `err`: hooks' exceptions are swallowed by the WebUI, so raise
+    from `p.sample` instead. The API answers 422 with the message; the UI shows it."""
+    err.status_code = 422
+    err.detail = str(err)
+    log(f"refused: {err}")
+
+    def sample(*args, **kwargs):
+        raise err
+    p.sample = sample
+
+
+# --- stage 1 -----------------------------------------------------------------------------------------
+def on_cfg_denoiser(params):
+    """Stage 1: (ε, y_p⁻) for s ≤ λ1, then (ε*, y_p). Acts only for a p with a live run."""
+    denoiser = getattr(params, "denoiser", None)
+    p = getattr(denoiser, "p", None)
+    run = getattr(p, RUN_ATTR, None)
+    if run is None or not run.stage1_active:
+        return
+    s = int(denoiser.step) + 1  # the model call about to run, 1-based (exact, unlike sampling_step)
+    if run.params.layout_source == "stage1" and len(run.trajectory) < s:
+        run.trajectory.append(params.x.detach().clone())
+    if run.job.uses_vanilla(s):
+        cond = run.layout_cond
+        tc = params.text_cond
+        if isinstance(tc, torch.Tensor):
+            params.text_cond = cond.to(tc.device, tc.dtype).expand(tc.shape[0], -1, -1)
+        if run.vanilla_unet is not None:
+            p.sd_model.model.diffusion_model = run.vanilla_unet
+    elif run.switched_at is None:
+        run.switched_at = s
+        restore_stage1(p, run)
+        log(f"stage 1: switched to personalized UNet at step {s}")
+
+
+def restore_stage1(p, run) -> None:
+    if run.personal_unet is not None:
+        p.sd_model.model.diffusion_model = run.personal_unet
+    if run.lora_saved:
+        for net, mult in run.lora_saved:
+            net.unet_multiplier = mult
+        run.lora_saved = []
+
+
+def loaded_loras():
+    networks = sys.modules.get("networks")  # the built-in Lora extension
+    return list(getattr(networks, "loaded_networks", []) or [])
+
+
+def begin_stage1(p, run) -> None:
+    model = p.sd_model
+    run.personal_unet = model.model.diffusion_model
+    kind = run.params.personalization
+    if kind == "dreambooth":
+        info = sd_models.get_closet_checkpoint_match(run.params.vanilla_checkpoint)
+        run.vanilla_unet = VANILLA_UNETS.get(info, run.personal_unet)
+        device = next(run.personal_unet.parameters()).device
+        if next(run.vanilla_unet.parameters()).device != device:
+            run.vanilla_unet.to(device)
+    lora_off = kind == "lora" and run.job.schedule.lambda1 > 0
+    nets = loaded_loras() if lora_off else []
+    if lora_off and not nets:
+        raise LayoutRetouchError("personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
+                                 "to the prompt", parameter="personalization")
+    # y_p⁻ for the vanilla steps (text encoder without the LoRA).
+    saved_te = [(n, n.te_multiplier) for n in nets]
+    try:
+        for n in nets:
+            n.te_multiplier = 0
+        with devices.autocast():
+            run.layout_cond = model.get_learned_conditioning([run.job.prompts.layout])
+    finally:
+        for n, m in saved_te:
+            n.te_multiplier = m
+    if lora_off:
+        run.lora_saved = [(n, n.unet_multiplier) for n in nets]
+        for n in nets:
+            n.unet_multiplier = 0
+    run.stage1_active = True
+    run.switched_at = None
+    run.trajectory = []
+
+
+def end_stage1(p, run) -> None:
+    run.stage1_active = False
+    restore_stage1(p, run)
+    if run.vanilla_unet is not None and opt("layout_retouch_vanilla_on_cpu", False):
+        run.vanilla_unet.to("cpu")
+
+
+# --- stage 2 -----------------------------------------------------------------------------------------
+def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
+    """Stage 2 on a batch of stage-1 latents; returns the retouched latents."""
+    if run.retouched or samples is None:
+        return samples
+    run.retouched = True
+    if shared.state.interrupted or shared.state.skipped:
+        run.job.add_note("interrupted before the retouch: layout returned")
+        return samples
+    job = run.job
+    job_for_batch = job
+    if p.prompts and _EXTRA_NETWORK.sub("", p.prompts[0]) != job.prompt:
+        job_for_batch = lr_job.RetouchJob(job.params, prompt=p.prompts[0], negative_prompt=p.negative_prompts[0],
+                                          steps=job.steps, width=job.width, height=job.height,
+                                          guidance_scale=job.guidance_scale, notes=job.notes)
+    model = LdmModel(p.sd_model, autocast=devices.autocast)
+    clip = p.sd_model.cond_stage_model
+    if hasattr(clip, "tokenize_line"):
+        chunks, _ = clip.tokenize_line(job_for_batch.prompts.personalized)
+        subject = subject_positions_in_chunks(chunks, lambda t: clip.tokenize([t])[0],
+                                              job.params.concept_token, job.params.class_phrase)
+    else:
+        from lib_layout_retouch.prompts import subject_token_positions
+        subject = subject_token_positions(model.tokenize, job_for_batch.prompts.personalized,
+                                          [job.params.concept_token, job.params.class_phrase])
+    segmenter = None
+    if job.params.sam_model != NO_SAM:
+        path = find_sam_checkpoints(sam_folders()).get(job.params.sam_model)
+        try:
+            segmenter = load_segmenter(path, device=devices.device)
+        except LayoutRetouchError as e:
+            job.add_note(f"SAM not used ({e}); cross-attention mask only")
+            log(f"SAM fallback: {e}")
+    layout_images = None
+    if segmenter is not None:
+        with devices.autocast():
+            layout_images = pipeline.to_uint8(model.decode(samples.to(devices.dtype_vae)))
+    trajectory = None
+    if job.params.layout_source == "stage1":
+        if p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
+            # A1111's DDIM stops at t=1 after N−1 calls: its latents are our levels T…1.
+            trajectory = run.trajectory + [samples, samples]
+        else:
+            job.add_note("layout source 'stage1' needs the DDIM sampler; the layout was inverted instead")
+    cache = lr_job.SHARED_INVERSION_CACHE
+    cache.max_entries = int(opt("layout_retouch_reference_cache", 4))
+    checkpoint = getattr(p.sd_model, "sd_checkpoint_info", None)
+    model_key = "|".join([getattr(checkpoint, "filename", "?"), job.params.personalization,
+                          ",".join(f"{n.name}:{n.unet_multiplier}" for n in loaded_loras())])
+
+    total = {"n": 0}
+
+    def progress(phase, step, total_steps):
+        shared.state.textinfo = f"Layout-and-Retouch: {phase}"
+        shared.state.sampling_steps = total_steps
+        shared.state.sampling_step = step
+        total["n"] += 1
+
+    def should_stop():
+        return bool(shared.state.interrupted or shared.state.skipped)
+
+    started = time.perf_counter()
+    try:
+        result = job_for_batch.retouch(model, samples, subject_tokens=subject, model_key=model_key,
+                                       layout_trajectory=trajectory, layout_images=layout_images,
+                                       segmenter=segmenter, cache=cache, progress=progress, should_stop=should_stop)
+    except Interrupted as e:
+        job.add_note(f"retouch interrupted ({e}); layout returned")
+        log(f"interrupted: {e}")
+        return samples
+    job.mask_kind = result.mask_kind
+    for note in job_for_batch.notes:
+        job.add_note(note)
+    log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls, "
+        f"reference {'cached' if result.reference_cached else 'inverted'}, mask {result.mask_kind}")
+    if job.params.show_intermediates:
+        size = (p.width, p.height)
+        with devices.autocast():
+            layouts = lr_job.tensor_to_images(model.decode(samples.to(devices.dtype_vae)))
+        for i, layout in enumerate(layouts):
+            run.intermediates.append(("layout", layout))
+            if result.masks is not None:
+                run.intermediates.append(("mask", lr_job.mask_to_image(result.masks[i], size)))
+            if result.ca_maps is not None:
+                run.intermediates.append(("cross-attention map", lr_job.mask_to_image(result.ca_maps[i], size)))
+    return result.latents.to(samples.dtype)
+
+
+def install(p, run) -> None:
+    """Wrap this generation's sampling (instance attributes on p only)."""
+    original_sample = p.sample
+    original_hr = getattr(p, "sample_hr_pass", None)
+
+    def sample(*args, **kwargs):
+        run.retouched = False
+        try:
+            begin_stage1(p, run)
+            samples = original_sample(*args, **kwargs)
+        finally:
+            end_stage1(p, run)  # nothing stays switched, whatever happened
+        if not run.retouched:
+            samples = retouch_samples(p, run, samples)
+        p.extra_generation_params.update(run.job.infotext())
+        return samples
+
+    def sample_hr_pass(samples, decoded_samples, *args, **kwargs):
+        end_stage1(p, run)
+        retouched = retouch_samples(p, run, samples)
+        if decoded_samples is not None and retouched is not samples:
+            with devices.autocast():
+                decoded_samples = p.sd_model.decode_first_stage(retouched.to(devices.dtype_vae)).float().cpu()
+        return original_hr(retouched, decoded_samples, *args, **kwargs)
+
+    p.sample = sample
+    if original_hr is not None:
+        p.sample_hr_pass = sample_hr_pass
+    setattr(p, RUN_ATTR, run)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------------
+class LayoutRetouchScript(scripts.Script):
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return False if is_img2img else scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        comps = {}
+        labels = {f.name: dict(zip(f.choices, f.choice_labels or f.choices)) for f in FIELDS}
+        with gr.Accordion(TITLE, open=False, elem_id=self.elem_id("accordion")):
+            gr.Markdown("Vanilla model draws the layout, your subject is retouched in from one photo "
+                        "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
+                        "the paper used **DDIM**.")
+            for f in FIELDS:
+                eid = self.elem_id(f.name)
+                if f.kind == "bool":
+                    c = gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
+                elif f.kind == "image":
+                    c = gr.Image(label=f.label, type="pil", source="upload", elem_id=eid, height=256)
+                elif f.kind == "choice":
+                    c = gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
+                                 label=f.label, elem_id=eid)
+                elif f.name == "vanilla_checkpoint":
+                    c = gr.Dropdown(choices=checkpoint_choices(), value="", label=f.label, elem_id=eid)
+                elif f.name == "sam_model":
+                    c = gr.Dropdown(choices=sam_choices(), value=NO_SAM, label=f.label, elem_id=eid)
+                elif f.kind in ("int", "float"):
+                    c = gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, value=f.default,
+                                  label=f.label, elem_id=eid)
+                else:
+                    c = gr.Textbox(value=f.default, label=f.label, elem_id=eid)
+                comps[f.name] = c
+            effective = gr.Markdown(elem_id=self.elem_id("effective"))
+            guess = gr.Button("Guess token and class from the prompt", elem_id=self.elem_id("guess"))
+
+        kind = comps["personalization"]
+        kind.change(lambda v: gr.update(visible=v == labels["personalization"]["dreambooth"]),
+                    inputs=[kind], outputs=[comps["vanilla_checkpoint"]], show_progress=False)
+        prompt_box = getattr(self, "_txt2img_prompt", None)
+        steps_box = getattr(self, "_txt2img_steps", None)
+        knobs = [comps[n] for n in ("lambda1", "lambda2", "mask_start", "scale_with_steps")]
+        if steps_box is not None:
+            for c in knobs + [steps_box]:
+                c.change(_describe_effective, inputs=knobs + [steps_box], outputs=[effective], show_progress=False)
+        if prompt_box is not None:
+            guess.click(_guess, inputs=[prompt_box], outputs=[comps["concept_token"], comps["class_phrase"]])
+
+        self.infotext_fields = [(comps["enabled"], lambda d: True if any(k.startswith("LR ") for k in d) else None)]
+        for f in FIELDS:
+            if f.infotext_key and f.kind != "image":
+                self.infotext_fields.append((comps[f.name], _paste(f.name, labels.get(f.name, {}))))
+        self.paste_field_names = [f.infotext_key for f in FIELDS if f.infotext_key]
+        return [comps[f.name] for f in FIELDS]
+
+    def after_component(self, component, **kwargs):
+        eid = kwargs.get("elem_id")
+        if eid == "txt2img_prompt":
+            self._txt2img_prompt = component
+        elif eid == "txt2img_steps":
+            self._txt2img_steps = component
+
+    def process(self, p, *args):
+        setattr(p, RUN_ATTR, None)
+        try:
+            params = parse_params(p, args)
+            if not params.enabled:
+                return
+            check_host(p, params)
+            run = Run(p, params)
+        except LayoutRetouchError as e:
+            fail_generation(p, e)
+            return
+        install(p, run)
+        p.extra_generation_params.update(run.job.infotext())
+        log(f"enabled: {run.job.schedule.describe()}, personalization {params.personalization}")
+
+    def postprocess(self, p, processed, *args):
+        run = getattr(p, RUN_ATTR, None)
+        if run is None:
+            return
+        if run.intermediates:
+            for _label, img in run.intermediates:
+                processed.images.append(img)
+                processed.infotexts.append(processed.infotexts[0] if processed.infotexts else "")
+            run.intermediates = []
+        setattr(p, RUN_ATTR, None)  # drop references to tensors and UNets held by the run
+
+
+def _describe_effective(l1, l2, ms, scale, steps):
+    try:
+        params = LayoutRetouchParams(lambda1=l1, lambda2=l2, mask_start=ms, scale_with_steps=scale)
+        return f"At {int(steps)} steps: {params.schedule(int(steps)).describe()}"
+    except LayoutRetouchError as e:
+        return f"⚠ {e}"
+
+
+def _guess(prompt):
+    try:
+        from modules import sd_hijack
+        names = list(sd_hijack.model_hijack.embedding_db.word_embeddings)
+    except Exception:  # the embedding DB is optional for a guess
+        names = []
+    found = guess_concept(prompt or "", names)
+    if not found:
+        return gr.update(), gr.update()
+    return found[0], found[1] or gr.update()
+
+
+def _paste(name, labels):
+    def read(d):
+        values = LayoutRetouchParams.from_infotext(d)
+        if name not in values:
+            return None
+        v = values[name]
+        return labels.get(v, v) if labels else v
+    return read
+
+
+# ---------------------------------------------------------------------------------------------------
+# X/Y/Z plot axes (at import and on_before_ui: with --nowebui the API builds its UI first)
+# ---------------------------------------------------------------------------------------------------
+def register_axes() -> None:
+    xyz = None
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") or os.path.basename(data.path) == "xyz_grid.py":
+            xyz = data.module
+            break
+    if xyz is None:
+        return
+    existing = {getattr(o, "label", None) for o in xyz.axis_options}
+    choices = {"bool": lambda: ["True", "False"], "checkpoints": lambda: list(sd_models.checkpoint_tiles()),
+               "sam": sam_choices}
+    for spec in axes.AXES:
+        if spec.label in existing:
+            continue
+        xyz.axis_options.append(xyz.AxisOption(spec.label, spec.value_type, axes.axis_apply(spec.field),
+                                               choices=choices.get(spec.choices)))
+
+
+try:
+    register_axes()
+except Exception as e:  # the grid script may not be loaded yet; on_before_ui tries again
+    log(f"X/Y/Z axes not registered yet: {e}")
+script_callbacks.on_before_ui(register_axes)
+script_callbacks.on_cfg_denoiser(on_cfg_denoiser)

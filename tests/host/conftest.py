@@ -1,0 +1,340 @@
+"""Session fixture for the host tier: a live AUTOMATIC1111 WebUI with this repo as an extension.
+
+How the WebUI is found (first that applies):
+  LR_WEBUI_URL   attach to a running WebUI (started with --api). Optional beside it: LR_WEBUI_PID (for
+                 the memory test), LR_WEBUI_LOG (its stdout, for the log-line tests). It must have the
+                 tiny checkpoints loaded (see tiny_checkpoints.py); tests that need what it lacks skip.
+  LR_WEBUI_DIR   start one from this WebUI folder with LR_WEBUI_PYTHON (default /work/host/venv/bin/python),
+                 default /work/host/webui when it exists (tests/host/setup_webui.sh builds both).
+Otherwise every host test is skipped: "no WebUI: set LR_WEBUI_DIR or LR_WEBUI_URL; see tests/host/README.md".
+
+A started WebUI gets a temporary --data-dir whose extensions/sd-webui-layout-retouch is a symlink to
+this repository, the tiny checkpoints as --ckpt-dir, the TI embedding as --embeddings-dir, the LoRA as
+--lora-dir, a models/sam folder with a corrupt and a to-be-deleted SAM file, and its stdout+stderr in
+<data-dir>/webui.log. It is stopped (by its PID) at the end of the session.
+Extra env: LR_WEBUI_ARGS (more command-line args), LR_HOST_MODELS (cache folder of the tiny models),
+LR_WEBUI_KEEP=1 (keep the temp folder for inspection).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import requests
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import host_helpers as H  # noqa: E402
+import tiny_checkpoints as TC  # noqa: E402
+
+NO_WEBUI = "no WebUI: set LR_WEBUI_DIR or LR_WEBUI_URL; see tests/host/README.md"
+DEFAULT_DIR = "/work/host/webui"
+DEFAULT_PYTHON = "/work/host/venv/bin/python"
+EXTENSION_NAME = "sd-webui-layout-retouch"
+SAM_CORRUPT = H.SAM_CORRUPT
+SAM_MISSING = H.SAM_MISSING
+START_TIMEOUT = float(os.environ.get("LR_WEBUI_START_TIMEOUT", "300"))
+
+
+def _webui_source():
+    """('url', url) | ('dir', webui_dir, python) | (None, reason)."""
+    url = os.environ.get("LR_WEBUI_URL")
+    if url:
+        return ("url", url.rstrip("/"))
+    d = os.environ.get("LR_WEBUI_DIR") or (DEFAULT_DIR if os.path.isfile(os.path.join(DEFAULT_DIR, "launch.py")) else None)
+    if not d:
+        return (None, NO_WEBUI)
+    py = os.environ.get("LR_WEBUI_PYTHON", DEFAULT_PYTHON)
+    if not os.path.isfile(os.path.join(d, "launch.py")):
+        return (None, f"LR_WEBUI_DIR={d} has no launch.py; {NO_WEBUI}")
+    if not os.path.exists(py):
+        return (None, f"LR_WEBUI_PYTHON={py} does not exist; {NO_WEBUI}")
+    return ("dir", d, py)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long host test (50 generations); deselect with -m 'not slow'")
+
+
+def pytest_report_header(config):
+    src = _webui_source()
+    if src[0] == "url":
+        return f"host WebUI: attach to {src[1]}"
+    if src[0] == "dir":
+        return f"host WebUI: start {src[1]} with {src[2]}"
+    return f"host WebUI: {src[1]} -> every host test is skipped"
+
+
+class WebUI:
+    """What the tests know about the live WebUI."""
+
+    def __init__(self, url, pid=None, log_path=None, data_dir=None, models=None, proc=None):
+        self.url = url
+        self.pid = pid
+        self.log_path = log_path
+        self.data_dir = data_dir
+        self.models = models or {}  # tiny_checkpoints paths (started mode only)
+        self.proc = proc
+        self.titles = {}  # stem -> checkpoint title
+
+    # -- log
+    def log_mark(self) -> int:
+        return os.path.getsize(self.log_path) if self.log_path and os.path.exists(self.log_path) else 0
+
+    def log_since(self, mark: int, settle: float = 0.3) -> str:
+        if not self.log_path:
+            pytest.skip("the WebUI's stdout is not available (attached without LR_WEBUI_LOG)")
+        time.sleep(settle)  # let the server flush what it printed for the request
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode("utf-8", "replace")
+
+    # -- memory
+    def rss_mib(self) -> float:
+        if not self.pid:
+            pytest.skip("the WebUI's PID is not known (attached without LR_WEBUI_PID)")
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+        raise RuntimeError("no VmRSS")
+
+    def alive(self) -> bool:
+        try:
+            return requests.get(self.url + "/sdapi/v1/sd-models", timeout=30).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def title(self, stem: str) -> str:
+        if stem not in self.titles:
+            pytest.skip(f"checkpoint {stem} is not in this WebUI's list")
+        return self.titles[stem]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _models_cache_dir() -> str:
+    env = os.environ.get("LR_HOST_MODELS")
+    if env:
+        return env
+    h = hashlib.sha1()
+    for p in (os.path.join(REPO_ROOT, "tests", "tiny_models.py"), os.path.join(HERE, "tiny_checkpoints.py")):
+        with open(p, "rb") as f:
+            h.update(f.read())
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sd-webui-layout-retouch", "host-models-" + h.hexdigest()[:12])
+
+
+def _build_models(webui_dir: str, python: str) -> dict:
+    """Build (or reuse) the tiny models with the WebUI's own Python and ldm, so the keys match."""
+    cache = _models_cache_dir()
+    if not os.path.exists(os.path.join(cache, TC.MARKER)):
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   PYTHONPATH=os.path.join(webui_dir, "repositories", "stable-diffusion-stability-ai"))
+        tmp = cache + ".tmp-%d" % os.getpid()
+        shutil.rmtree(tmp, ignore_errors=True)
+        r = subprocess.run([python, os.path.join(HERE, "tiny_checkpoints.py"), tmp], env=env,
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"building the tiny models failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+        # The yamls name the CLIP folder by absolute path: rewrite tmp -> cache before moving.
+        for fn in os.listdir(os.path.join(tmp, "Stable-diffusion")):
+            if fn.endswith(".yaml"):
+                p = os.path.join(tmp, "Stable-diffusion", fn)
+                with open(p, encoding="utf-8") as f:
+                    text = f.read()
+                with open(p, "w", encoding="utf-8") as f:
+                    f.write(text.replace(tmp, cache))
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        os.rename(tmp, cache)
+    return _paths(cache)
+
+
+def _paths(root: str) -> dict:
+    return {
+        "root": root, "clip": os.path.join(root, "clip"), "ckpt_dir": os.path.join(root, "Stable-diffusion"),
+        "embeddings_dir": os.path.join(root, "embeddings"), "lora_dir": os.path.join(root, "Lora"),
+    }
+
+
+def _wait_ready(url: str, proc, log_path: str, timeout: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the WebUI exited with {proc.returncode}:\n{_tail(log_path)}")
+        try:
+            if requests.get(url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the WebUI did not answer /sdapi/v1/sd-models within {timeout:.0f}s:\n{_tail(log_path)}")
+
+
+def _tail(path, n=4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def _start(webui_dir: str, python: str, tmp: str) -> WebUI:
+    built = _build_models(webui_dir, python)
+    data_dir = os.path.join(tmp, "data")
+    os.makedirs(os.path.join(data_dir, "extensions"))
+    os.symlink(REPO_ROOT, os.path.join(data_dir, "extensions", EXTENSION_NAME))
+    # Checkpoints are copied per session (a test moves one away and back); CLIP folders stay cached.
+    ckpt_dir = os.path.join(tmp, "Stable-diffusion")
+    shutil.copytree(built["ckpt_dir"], ckpt_dir)
+    sam_dir = os.path.join(data_dir, "models", "sam")
+    os.makedirs(sam_dir)
+    with open(os.path.join(sam_dir, SAM_CORRUPT), "wb") as f:
+        f.write(b"this is not a SAM checkpoint" * 100)
+    with open(os.path.join(sam_dir, SAM_MISSING), "wb") as f:
+        f.write(b"deleted by the test before it is used")
+    # No cond cache across requests: a bit-identity test must see a text encoder left patched.
+    with open(os.path.join(data_dir, "config.json"), "w", encoding="utf-8") as f:
+        f.write('{"persistent_cond_cache": false}')
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = os.path.join(data_dir, "webui.log")
+    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api", "--nowebui", "--use-cpu", "all",
+            "--no-half", "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
+            "--do-not-download-clip", "--disable-console-progressbars", "--server-name", "127.0.0.1",
+            "--port", str(port), "--data-dir", data_dir, "--ckpt-dir", ckpt_dir,
+            "--ckpt", os.path.join(ckpt_dir, TC.PERSONAL + ".safetensors"),
+            "--embeddings-dir", built["embeddings_dir"], "--lora-dir", built["lora_dir"]]
+    args += os.environ.get("LR_WEBUI_ARGS", "").split()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    log.close()
+    w = WebUI(url, pid=proc.pid, log_path=log_path, data_dir=data_dir,
+              models=dict(built, ckpt_dir=ckpt_dir, sam_dir=sam_dir), proc=proc)
+    try:
+        _wait_ready(url, proc, log_path, START_TIMEOUT)
+    except Exception:
+        _stop(w)
+        raise
+    return w
+
+
+def _stop(w: WebUI) -> None:
+    proc = w.proc
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def webui():
+    src = _webui_source()
+    if src[0] is None:
+        pytest.skip(src[1])
+    tmp = None
+    if src[0] == "url":
+        w = WebUI(src[1], pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
+                  log_path=os.environ.get("LR_WEBUI_LOG") or None)
+        if not w.alive():
+            raise RuntimeError(f"LR_WEBUI_URL={src[1]} does not answer /sdapi/v1/sd-models")
+    else:
+        tmp = tempfile.mkdtemp(prefix="lr-host-")
+        w = _start(src[1], src[2], tmp)
+    try:
+        for m in H.get(w.url, "/sdapi/v1/sd-models"):
+            w.titles[m["model_name"]] = m["title"]
+        # Warm-up: the model loads on the first generation; make sure it is the personalized one.
+        H.txt2img(w.url, H.plain_body("warm up", steps=2,
+                                      override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}))
+        yield w
+    finally:
+        _stop(w)
+        if tmp and not os.environ.get("LR_WEBUI_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp:
+            print(f"\nhost WebUI folder kept: {tmp}")
+
+
+@pytest.fixture(scope="session")
+def url(webui) -> str:
+    return webui.url
+
+
+@pytest.fixture(scope="session")
+def reference_b64() -> str:
+    return H.png_b64(H.reference_rgb())
+
+
+@pytest.fixture(scope="session")
+def plain_before(webui):
+    """The plain (extension off) image and infotext made before any enabled run: the baseline every
+    "bit-identical afterwards" test compares with. Session-scoped, so it is made at first use; the
+    test modules use it in their first test."""
+    r = H.txt2img(webui.url, H.plain_body())
+    assert r.ok, r.describe()
+    return r
+
+
+@pytest.fixture(scope="session")
+def lr_defaults(webui, reference_b64) -> dict:
+    """A full named-args dict: DreamBooth mode, tiny-personal (loaded) vs tiny-vanilla, 8 steps,
+    λ1=2, λ2=3, mask start 6 taken literally (scale_with_steps off), no SAM."""
+    return {
+        "enabled": True,
+        "reference_image": reference_b64,
+        "personalization": "dreambooth",
+        "vanilla_checkpoint": webui.title(TC.VANILLA),
+        "concept_token": "sks",
+        "class_phrase": "dog",
+        "reference_prompt": "a photo of sks dog",
+        "lambda1": 2,
+        "lambda2": 3,
+        "mask_start": 6,
+        "scale_with_steps": False,
+        "sam_model": "none",
+        "ca_threshold": 0.1,
+        "show_intermediates": False,
+        "layout_source": "inversion",
+        "reset_reference": False,
+    }
+
+
+@pytest.fixture
+def lr(lr_defaults):
+    """A fresh copy of the defaults: `lr(lambda1=3)` → the dict with that changed."""
+    def make(**kw):
+        d = dict(lr_defaults)
+        d.update(kw)
+        return d
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    # Run the plain-WebUI checks first (they take the baseline), the memory soak last.
+    order = {"test_host_webui.py": 0, "test_host_memory.py": 9}
+    items.sort(key=lambda it: order.get(os.path.basename(str(it.fspath)), 5))

@@ -1,0 +1,232 @@
+"""Client-side helpers for the host tests: requests to a live WebUI, infotext parsing, reference images.
+
+Everything here talks HTTP to the WebUI's `/sdapi/v1` API; nothing imports the WebUI.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import requests
+from PIL import Image
+
+SCRIPT = "Layout-and-Retouch"
+LOG_PREFIX = "[Layout-and-Retouch]"
+# Order of the positional form = order of the named parameters in the API contract (issue 3).
+ARG_ORDER = (
+    "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
+    "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps", "sam_model", "ca_threshold",
+    "show_intermediates", "layout_source", "reset_reference",
+)
+SIZE = 64
+STEPS = 8
+PROMPT = "a photo of sks dog jumping over a fence"
+# SAM files the harness puts in <data-dir>/models/sam: garbage, and one the test deletes before use.
+SAM_CORRUPT = "sam_vit_b_corrupt.pth"
+SAM_MISSING = "sam_vit_b_missing.pth"
+
+
+@dataclass
+class Result:
+    """One txt2img answer. `images` are uint8 arrays; `infotexts` one per image (as the WebUI gives them)."""
+    status: int
+    text: str
+    seconds: float
+    images: list = field(default_factory=list)
+    infotexts: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def image(self) -> np.ndarray:
+        assert self.images, f"no image in the answer (HTTP {self.status}): {self.text[:500]}"
+        return self.images[0]
+
+    @property
+    def lr(self) -> dict:
+        """The `LR ` keys of the first infotext."""
+        return lr_params(self.infotexts[0]) if self.infotexts else {}
+
+    def describe(self) -> str:
+        it = self.infotexts[0] if self.infotexts else ""
+        return f"HTTP {self.status}, {len(self.images)} image(s), infotext: {it!r}, body: {self.text[:800]!r}"
+
+
+def decode_image(b64: str) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def txt2img(url: str, body: dict, timeout: float = 600) -> Result:
+    """POST /sdapi/v1/txt2img; never raises on an HTTP error status (tests assert on it)."""
+    t0 = time.monotonic()
+    r = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=timeout)
+    dt = time.monotonic() - t0
+    res = Result(status=r.status_code, text=r.text, seconds=dt)
+    if r.status_code == 200:
+        j = r.json()
+        res.images = [decode_image(i) for i in j.get("images") or []]
+        try:
+            res.info = json.loads(j.get("info") or "{}")
+        except ValueError:
+            res.info = {}
+        res.infotexts = list(res.info.get("infotexts") or [])
+    return res
+
+
+def plain_body(prompt: str = PROMPT, **kw) -> dict:
+    """A plain tiny txt2img request (DDIM, 64×64, fixed seed)."""
+    body = dict(prompt=prompt, negative_prompt="", steps=STEPS, width=SIZE, height=SIZE, seed=1234,
+                sampler_name="DDIM", scheduler="Automatic", cfg_scale=5.0, batch_size=1, n_iter=1)
+    body.update(kw)
+    return body
+
+
+def lr_body(lr: dict | list, prompt: str = PROMPT, **kw) -> dict:
+    """A txt2img request with the extension's args: a dict is sent as the named form, a list as is."""
+    body = plain_body(prompt, **kw)
+    args = [lr] if isinstance(lr, dict) else list(lr)
+    body["alwayson_scripts"] = {SCRIPT: {"args": args}}
+    return body
+
+
+def positional(named: dict) -> list:
+    """The positional form of a full named dict (contract order)."""
+    missing = [k for k in ARG_ORDER if k not in named]
+    assert not missing, f"positional form needs every value, missing {missing}"
+    return [named[k] for k in ARG_ORDER]
+
+
+# The WebUI's own infotext "key: value" syntax (modules/infotext_utils.py: re_param).
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_infotext(infotext: str) -> dict:
+    """Key/value pairs of the infotext's last line (the parameters line); quoted values unquoted."""
+    last = infotext.strip().split("\n")[-1]
+    out = {}
+    for k, v in _RE_PARAM.findall(last):
+        v = v.strip()
+        if len(v) >= 2 and v[0] == '"' and v[-1] == '"':
+            try:
+                v = json.loads(v)
+            except ValueError:
+                v = v[1:-1]
+        out[k.strip()] = v
+    return out
+
+
+def lr_params(infotext: str) -> dict:
+    return {k: v for k, v in parse_infotext(infotext).items() if k.startswith("LR ")}
+
+
+def lr_notes(res: Result) -> dict:
+    """`LR note…` keys (notes about converted inputs, fallbacks)."""
+    return {k: v for k, v in res.lr.items() if k.lower().startswith("lr note")}
+
+
+def ints_in(value: str) -> list[int]:
+    return [int(x) for x in re.findall(r"-?\d+", value)]
+
+
+def error_text(res: Result) -> str:
+    """Everything the error answer says (FastAPI `detail`, the WebUI's `errors`/`body`), for matching."""
+    try:
+        j = json.loads(res.text)
+    except ValueError:
+        return res.text
+    return json.dumps(j, ensure_ascii=False)
+
+
+def assert_error_names(res: Result, *names: str) -> None:
+    """An HTTP error (4xx/5xx) whose body names the parameter (any of `names`; `_`/space-insensitive)."""
+    assert res.status >= 400, f"expected an HTTP error naming {names}, got {res.describe()}"
+    text = error_text(res).lower()
+    flat = text.replace(" ", "_")
+    assert any(n.lower() in text or n.lower().replace(" ", "_") in flat for n in names), \
+        f"error does not name {names}: {text[:1000]}"
+
+
+def assert_retouched(res: Result) -> dict:
+    """A 200 answer that only a working Layout-and-Retouch run produces: `LR ` infotext keys."""
+    assert res.ok, f"expected a retouched image, got {res.describe()}"
+    assert res.images and res.infotexts, res.describe()
+    lr = res.lr
+    assert lr, f"no 'LR ' keys in the infotext (the WebUI swallows script errors): {res.describe()}"
+    return lr
+
+
+def differs(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape != b.shape or not np.array_equal(a, b)
+
+
+# ---------------------------------------------------------------- reference images (deterministic)
+
+def reference_rgb(w: int = SIZE, h: int = SIZE) -> Image.Image:
+    """A non-symmetric "subject": a red ellipse and a blue bar on a green-to-yellow gradient."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    img[..., 0] = 255 * xx / max(w - 1, 1)
+    img[..., 1] = 160 + 60 * yy / max(h - 1, 1)
+    img[..., 2] = 40
+    ell = ((xx - 0.4 * w) / (0.22 * w)) ** 2 + ((yy - 0.55 * h) / (0.3 * h)) ** 2 <= 1
+    img[ell] = (220, 30, 40)
+    img[int(0.1 * h):int(0.2 * h), int(0.6 * w):int(0.9 * w)] = (30, 40, 220)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def png_b64(img: Image.Image, data_url: bool = False, **save_kw) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **save_kw)
+    s = base64.b64encode(buf.getvalue()).decode("ascii")
+    return "data:image/png;base64," + s if data_url else s
+
+
+def jpeg_b64(img: Image.Image, quality: int = 90) -> str:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def exif_rotated(img: Image.Image) -> tuple[Image.Image, bytes]:
+    """Stored pixels rotated 90° counter-clockwise plus EXIF Orientation 6 ("rotate 90 CW to display"):
+    a viewer that honours EXIF shows `img`."""
+    stored = img.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return stored, exif.tobytes()
+
+
+# ---------------------------------------------------------------- server state
+
+def get(url: str, path: str, timeout: float = 60):
+    r = requests.get(url + path, timeout=timeout)
+    r.raise_for_status()
+    return r.json()
+
+
+def script_info(url: str, name: str, img2img: bool = False):
+    for s in get(url, "/sdapi/v1/script-info"):
+        if s.get("name", "").lower() == name.lower() and bool(s.get("is_img2img")) == img2img:
+            return s
+    return None
+
+
+def xyz_axis_choices(url: str) -> list[str]:
+    s = script_info(url, "x/y/z plot")
+    assert s is not None, "x/y/z plot script missing from /sdapi/v1/script-info"
+    return list(s["args"][0]["choices"])
+
+
+def xyz_args(x_index: int, x_values: str) -> list:
+    """Positional args of the WebUI's X/Y/Z script (scripts/xyz_grid.py ui() order): X only, no legend,
+    sub-images included, margins 0 (so the grid is exactly n×SIZE wide)."""
+    return [x_index, x_values, None, 0, "", None, 0, "", None,
+            False, True, False, False, False, False, False, 0, False]

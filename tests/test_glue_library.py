@@ -1,0 +1,152 @@
+"""The parts of the WebUI glue that are library code: axes, the job, subject rows in A1111's
+parsed chunks, the hints file, and the rule that the library never imports the WebUI."""
+import ast
+import os
+import py_compile
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_layout_retouch import axes, job as lr_job
+from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.params import FIELDS, LayoutRetouchParams
+from lib_layout_retouch.prompts import subject_positions_in_chunks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTO = Image.open(os.path.join(ROOT, "..", "shared", "data", "vico", "brown_dog", "00.jpg")) \
+    if os.path.exists(os.path.join(ROOT, "..", "shared", "data", "vico", "brown_dog", "00.jpg")) \
+    else Image.open("/work/shared/data/vico/brown_dog/00.jpg")
+
+
+def test_library_never_imports_the_webui():
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "lib_layout_retouch")):
+        for name in files:
+            if name.endswith(".py"):
+                tree = ast.parse(open(os.path.join(dirpath, name), encoding="utf-8").read())
+                for node in ast.walk(tree):
+                    mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                    assert not any(m == "modules" or m.startswith("modules.") for m in mods), (name, mods)
+
+
+def test_glue_files_compile():
+    for rel in ("scripts/layout_retouch.py", "install.py"):
+        py_compile.compile(os.path.join(ROOT, rel), doraise=True)
+
+
+def test_hints_file_is_generated_from_the_fields():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_hints", os.path.join(ROOT, "tools", "gen_hints.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    with open(gen.JS_PATH, encoding="utf-8") as f:
+        assert f.read() == gen.render(), "run tools/gen_hints.py"
+    for field in FIELDS:
+        assert field.hint in gen.render()
+
+
+def test_axes_write_overrides_that_are_validated_like_api_values():
+    p = SimpleNamespace()
+    by_label = {a.label: a for a in axes.AXES}
+    by_label["[L&R] Lambda1"].field == "lambda1"
+    axes.axis_apply("lambda1")(p, 3, [3, 5])
+    axes.axis_apply("enabled")(p, "True", ["True", "False"])
+    params = axes.apply_overrides(LayoutRetouchParams(lambda1=5), getattr(p, axes.OVERRIDES_ATTR))
+    assert params.lambda1 == 3 and params.enabled is True
+    axes.set_override(p, "ca_threshold", "abc")
+    with pytest.raises(LayoutRetouchError) as err:
+        axes.apply_overrides(LayoutRetouchParams(), getattr(p, axes.OVERRIDES_ATTR))
+    assert err.value.parameter == "ca_threshold"
+    with pytest.raises(KeyError):
+        axes.set_override(p, "lambda9", 1)
+    assert {a.field for a in axes.AXES} == {"enabled", "lambda1", "lambda2", "mask_start", "ca_threshold",
+                                            "vanilla_checkpoint", "sam_model"}
+
+
+def chunk(tokens, fixes=()):
+    """A1111's PromptChunk shape: BOS + 75 + EOS ids, and embedding fixes."""
+    body = list(tokens) + [49407] * (75 - len(tokens))
+    return SimpleNamespace(tokens=[49406] + body + [49407], fixes=list(fixes))
+
+
+VOCAB = {"a": 1, "photo": 2, "of": 3, "sks": 4, "dog": 5, "red": 6, "vase": 7, "on": 8, "<v>": 9, "<my-vase>": 10}
+
+
+def tokenize(text):
+    return [VOCAB[w] for w in text.split()]
+
+
+def test_subject_rows_for_tokens_and_phrases():
+    c = chunk([1, 4, 5, 8, 1, 5])  # "a sks dog on a dog"
+    assert subject_positions_in_chunks([c], tokenize, "sks", "dog") == [2, 3, 6]
+    # second chunk rows start at 77
+    assert subject_positions_in_chunks([chunk([1]), chunk([6, 7])], tokenize, "<v>", "red vase") == [78, 79]
+
+
+def test_subject_rows_for_a_textual_inversion_embedding():
+    emb = SimpleNamespace(name="<my-vase>", vectors=3)
+    c = chunk([1, 2, 3, 0, 0, 0, 8], fixes=[SimpleNamespace(offset=3, embedding=emb)])
+    assert subject_positions_in_chunks([c], tokenize, "<my-vase>", "vase") == [4, 5, 6]
+    with pytest.raises(LayoutRetouchError) as err:
+        subject_positions_in_chunks([chunk([1, 2])], tokenize, "sks", "dog")
+    assert err.value.parameter == "class_phrase"
+
+
+def make_job(**kw):
+    params = LayoutRetouchParams(enabled=True, reference_image=PHOTO, personalization="textual_inversion",
+                                 concept_token="sks", class_phrase="dog", **kw)
+    return lr_job.RetouchJob(params, prompt="a sks dog on the beach", negative_prompt="", steps=20,
+                             width=64, height=64, guidance_scale=7.0)
+
+
+def test_job_prepares_prompts_schedule_reference_and_infotext():
+    job = make_job()
+    assert job.prompts.layout == "a dog on the beach" and job.prompts.reference == "a photo of sks dog"
+    assert (job.schedule.lambda1, job.schedule.lambda2, job.schedule.mask_start) == (2, 4, 13)
+    assert [s for s in range(1, 21) if job.uses_vanilla(s)] == [1, 2]
+    assert job.reference.size == (64, 64)
+    assert any("cropped" in n or "resized" in n for n in job.notes)
+    info = job.infotext()
+    assert info["LR lambda1"] == "5" and "λ1=2" in info["LR steps used"]
+    assert all(k.startswith("LR ") for k in info)
+    restored = LayoutRetouchParams.from_infotext(info)
+    assert restored["lambda1"] == 5 and restored["personalization"] == "textual_inversion"
+
+
+@pytest.mark.parametrize("kw,param", [(dict(lambda1=50, scale_with_steps=False), "lambda1"),
+                                      (dict(mask_start=1), "mask_start")])
+def test_job_refuses_bad_values_naming_them(kw, param):
+    with pytest.raises(LayoutRetouchError) as err:
+        make_job(**kw)
+    assert err.value.parameter == param
+
+
+def test_job_refuses_a_prompt_without_the_token():
+    params = LayoutRetouchParams(enabled=True, reference_image=PHOTO, personalization="lora",
+                                 concept_token="sks", class_phrase="dog")
+    with pytest.raises(LayoutRetouchError) as err:
+        lr_job.RetouchJob(params, prompt="a dog", negative_prompt="", steps=20, width=64, height=64,
+                          guidance_scale=7.0)
+    assert err.value.parameter == "concept_token"
+
+
+def test_job_retouch_on_the_tiny_model(tiny_ldm):
+    from lib_layout_retouch.model import LdmModel
+    from lib_layout_retouch.pipeline import InversionCache, encode_prompts
+
+    job = make_job(lambda1=1, lambda2=1, mask_start=3, scale_with_steps=False)
+    job.steps = 4
+    job.schedule = job.params.schedule(4)
+    model = LdmModel(tiny_ldm)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cache = InversionCache(2)
+    res = job.retouch(model, latents, subject_tokens=[2, 3], model_key="tiny", cache=cache)
+    assert res.latents.shape == latents.shape and job.mask_kind == "CA only"
+    again = job.retouch(model, latents, subject_tokens=[2, 3], model_key="tiny", cache=cache)
+    assert again.reference_cached and torch.equal(again.latents, res.latents)
+    assert job.infotext()["LR mask"] == "CA only"
+    assert lr_job.mask_to_image(res.masks[0], (64, 64)).size == (64, 64)
+    assert len(lr_job.tensor_to_images(model.decode(res.latents))) == 2
