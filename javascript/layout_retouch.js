@@ -15,14 +15,14 @@
         "Scale λ1, λ2 and mask start with the step count": "On: the three values are for 50 steps and are scaled to your step count. Off: they are used as they are.",
         "Segment-Anything model": "SAM checkpoint that sharpens the subject mask; 'none' uses the cross-attention mask only.",
         "Cross-attention mask threshold": "Threshold on the min-max normalised cross-attention map of the subject tokens (MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.",
-        "Show layout, reference and mask": "Add the stage-1 layout, the prepared reference and the mask to the gallery (a viewing option: not written to the infotext).",
-        "Layout path latents": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost).",
+        "Show layout, mask and attention map": "Add each image's stage-1 layout, its blend mask and its subject cross-attention map to the gallery after the results (a viewing option: not written to the infotext).",
+        "Layout path latents": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so).",
         "Reset the reference path every step": "Set the reference path back to its stored inversion latent at every step, so it reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).",
         "DreamBooth checkpoint": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
         "Textual Inversion embedding": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
         "LoRA": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
-        "DDIM inversion of the layout (paper)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost).",
-        "Stage-1 latents (faster)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost)."
+        "DDIM inversion of the layout (paper)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so).",
+        "Stage-1 latents (faster)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so)."
     };
     function addHints() {
         if (typeof titles === 'object') Object.assign(titles, layoutRetouchHints);

@@ -94,12 +94,13 @@ FIELDS: tuple[Field, ...] = (
           "Threshold on the min-max normalised cross-attention map of the subject tokens "
           "(MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.", "LR CA threshold",
           minimum=0.01, maximum=0.99, step=0.01),
-    Field("show_intermediates", False, "bool", "Show layout, reference and mask",
-          "Add the stage-1 layout, the prepared reference and the mask to the gallery "
-          "(a viewing option: not written to the infotext).", None),
+    Field("show_intermediates", False, "bool", "Show layout, mask and attention map",
+          "Add each image's stage-1 layout, its blend mask and its subject cross-attention map to "
+          "the gallery after the results (a viewing option: not written to the infotext).", None),
     Field("layout_source", "inversion", "choice", "Layout path latents",
           "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
-          "or the latents stage 1 passed through (no inversion cost).", "LR layout source",
+          "or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the "
+          "layout is inverted and the infotext says so).", "LR layout source",
           choices=LAYOUT_SOURCES,
           choice_labels=("DDIM inversion of the layout (paper)", "Stage-1 latents (faster)")),
     Field("reset_reference", True, "bool", "Reset the reference path every step",
