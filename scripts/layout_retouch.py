@@ -204,12 +204,16 @@ def check_host(p, params: LayoutRetouchParams) -> None:
 def fail_generation(p, err: LayoutRetouchError) -> None:
     """Make the generation fail with `err`: hooks' exceptions are swallowed by the WebUI, so raise
     from `p.sample` instead. The API answers 422 with the message; the UI shows it."""
-    err.status_code = 422
-    err.detail = str(err)
     log(f"refused: {err}")
+    exc: Exception = err
+    if getattr(p, "is_api", False):
+        # An HTTPException reaches the client as a plain 422 {"detail": msg, "errors": ...}; the
+        # WebUI's handler prints no traceback for it (the message above is the log).
+        from fastapi import HTTPException
+        exc = HTTPException(status_code=422, detail=str(err))
 
     def sample(*args, **kwargs):
-        raise err
+        raise exc
     p.sample = sample
 
 

@@ -320,7 +320,7 @@ def lr_defaults(webui, reference_b64) -> dict:
         "ca_threshold": 0.1,
         "show_intermediates": False,
         "layout_source": "inversion",
-        "reset_reference": False,
+        "reset_reference": True,
     }
 
 

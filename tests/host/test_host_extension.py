@@ -20,7 +20,7 @@ import host_helpers as H
 import tiny_checkpoints as TC
 
 SWITCH_LINE = re.compile(r"\[Layout-and-Retouch\] stage 1: switched to personalized UNet at step (\d+)")
-INVERSION_LINE = re.compile(r"\[Layout-and-Retouch\][^\n]*(invert[^\n]*reference|reference[^\n]*invers)", re.I)
+RETOUCH_LINE = re.compile(r"\[Layout-and-Retouch\] retouch of (\d+) image\(s\):[^\n]*reference (inverted|cached)")
 
 
 def test_script_is_registered(webui, plain_before):
@@ -108,19 +108,26 @@ def test_vanilla_checkpoint_by_name_or_title(webui, lr):
 
 
 def test_dreambooth_does_not_reload_vanilla_weights_from_disk(webui, lr):
+    """After one DreamBooth run the vanilla UNet is resident: overwrite the vanilla checkpoint file with
+    garbage (same name, same mtime, so it stays listed with the same title) and run again — a reload
+    from disk would fail or change the image."""
     if not webui.models.get("ckpt_dir"):
-        pytest.skip("needs a WebUI started by the harness (moves the vanilla checkpoint file away)")
+        pytest.skip("needs a WebUI started by the harness (overwrites the vanilla checkpoint file)")
     first = H.txt2img(webui.url, H.lr_body(lr()))
     H.assert_retouched(first)
     src = os.path.join(webui.models["ckpt_dir"], TC.VANILLA + ".safetensors")
+    st = os.stat(src)
     away = src + ".away"
     shutil.move(src, away)
     try:
+        with open(src, "wb") as f:
+            f.write(os.urandom(st.st_size))
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
         mark = webui.log_mark()
         second = H.txt2img(webui.url, H.lr_body(lr()))
         log = webui.log_since(mark)
     finally:
-        shutil.move(away, src)
+        os.replace(away, src)
     H.assert_retouched(second)
     assert np.array_equal(first.image, second.image)
     assert "Loading weights [" not in log, f"weights were loaded during the second run:\n{log}"
@@ -163,13 +170,20 @@ def test_batch_size_2_gives_2_retouched_images(webui, lr):
 
 
 def test_batch_inverts_the_reference_once(webui, lr):
+    """Batch size 2 × batch count 2 with a reference never seen before: the glue's per-batch log line
+    `[Layout-and-Retouch] retouch of N image(s): …, reference inverted|cached, …` says the reference
+    was inverted for the first batch and taken from the cache for the second."""
+    fresh = H.reference_rgb()
+    fresh.putpixel((1, 1), (1, 2, 3))  # not in the inversion cache yet
     mark = webui.log_mark()
-    on = H.txt2img(webui.url, H.lr_body(lr(reset_reference=True), batch_size=2, n_iter=2))
+    on = H.txt2img(webui.url, H.lr_body(lr(reference_image=H.png_b64(fresh)), batch_size=2, n_iter=2))
     H.assert_retouched(on)
     assert len(on.images) == 4, on.describe()  # the API returns no grid
-    lines = INVERSION_LINE.findall(webui.log_since(mark))
-    assert len(lines) == 1, ("expected exactly one '[Layout-and-Retouch] … inverted reference …' log line "
-                             f"for 4 images, saw {len(lines)}")
+    for i in range(4):
+        assert H.lr_params(on.infotexts[i]), f"image {i} has no LR infotext"
+    lines = RETOUCH_LINE.findall(webui.log_since(mark))
+    assert sum(int(n) for n, _ in lines) == 4, f"retouch log lines: {lines}"
+    assert [how for _, how in lines].count("inverted") == 1, f"reference inverted more than once: {lines}"
 
 
 def test_show_intermediates_appends_layout_mask_and_ca_map(webui, lr):
@@ -187,12 +201,13 @@ def test_show_intermediates_appends_layout_mask_and_ca_map(webui, lr):
 
 
 def test_scale_with_steps_records_the_effective_values(webui, lr):
-    # T=10 with the paper's λ1=5, λ2=10, mask start 31 at T=50 → round(×10/50) = 1, 2, 6.
+    # T=10 with the paper's λ1=5, λ2=10, mask start 31 at T=50: counts scale and round half up
+    # (1, 2); mask start keeps the NUMBER of blended steps proportional (20 of 50 → 4 of 10 → step 7).
     r = H.txt2img(webui.url, H.lr_body(lr(scale_with_steps=True, lambda1=5, lambda2=10, mask_start=31), steps=10))
     lr_keys = H.assert_retouched(r)
-    used = H.ints_in(lr_keys["LR steps used"])
-    it = iter(used)
-    assert all(v in it for v in (1, 2, 6)), f"LR steps used should hold 1, 2, 6 in order: {lr_keys}"
+    used = [int(v) for v in re.findall(r"(?:=|step )\s*(\d+)", lr_keys["LR steps used"])]
+    assert used[:3] == [1, 2, 7], lr_keys
+    assert lr_keys["LR lambda1"] == "5" and lr_keys["LR mask start"] == "31", "the values as given are kept too"
 
 
 def test_layout_source_stage1_differs_from_inversion(webui, lr):
@@ -204,12 +219,16 @@ def test_layout_source_stage1_differs_from_inversion(webui, lr):
     assert H.differs(inv.image, st1.image)
 
 
-def test_reset_reference_gives_the_same_image(webui, lr):
-    cached = H.txt2img(webui.url, H.lr_body(lr()))
-    fresh = H.txt2img(webui.url, H.lr_body(lr(reset_reference=True)))
-    H.assert_retouched(cached)
-    H.assert_retouched(fresh)
-    assert np.array_equal(cached.image, fresh.image), "a cached reference inversion gave another image"
+def test_reset_reference_is_recorded_and_matters(webui, lr):
+    """reset_reference: the reference path is re-set to its stored inversion latent every step
+    (MasaCtrl/DreamMatcher) or left to run freely from z_r[T]; the two give different K_r/V_r."""
+    reset = H.txt2img(webui.url, H.lr_body(lr(reset_reference=True)))
+    free = H.txt2img(webui.url, H.lr_body(lr(reset_reference=False)))
+    assert H.assert_retouched(reset)["LR reset reference"] == "True"
+    assert H.assert_retouched(free)["LR reset reference"] == "False"
+    assert H.differs(reset.image, free.image)
+    again = H.txt2img(webui.url, H.lr_body(lr(reset_reference=True)))
+    assert np.array_equal(again.image, reset.image), "a cached reference inversion gave another image"
 
 
 def test_lambda_values_change_the_image(webui, lr):
@@ -225,12 +244,13 @@ def test_lambda_values_change_the_image(webui, lr):
 
 def test_infotext_paste_restores_the_parameters(webui, lr, reference_b64):
     """The API's `infotext` field pastes like "Send to txt2img": the WebUI fills the script's positional
-    args from the infotext (the script's `infotext_fields`); the reference image is not in an infotext,
-    so it comes as a named dict in position 0, which names only it."""
-    src = H.txt2img(webui.url, H.lr_body(lr(lambda1=3, lambda2=5, mask_start=7, ca_threshold=0.2)))
+    args from the infotext (the script's `infotext_fields`). The reference image is not in an infotext,
+    so the request gives positions 0–1 (enabled, reference_image) and the rest must come from the paste."""
+    src = H.txt2img(webui.url, H.lr_body(lr(lambda1=3, lambda2=5, mask_start=7, ca_threshold=0.2,
+                                            layout_source="inversion", reset_reference=False)))
     src_lr = H.assert_retouched(src)
     pasted = H.txt2img(webui.url, {"infotext": src.infotexts[0],
-                                   "alwayson_scripts": {H.SCRIPT: {"args": [{"reference_image": reference_b64}]}}})
+                                   "alwayson_scripts": {H.SCRIPT: {"args": [True, reference_b64]}}})
     pasted_lr = H.assert_retouched(pasted)
     assert pasted_lr == src_lr, f"pasted {pasted_lr} != original {src_lr}"
     assert np.array_equal(pasted.image, src.image)

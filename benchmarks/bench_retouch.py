@@ -1,0 +1,732 @@
+"""Speed and memory of Layout-and-Retouch against a plain generation, on one device, in one run.
+
+    python benchmarks/bench_retouch.py --config sd15 --device cuda --dtype fp16      # GPU (issue 4)
+    python benchmarks/bench_retouch.py --config tiny --device cpu --dtype fp32 --steps 8   # CPU / CI
+
+Models are built from ldm configs with random weights (nothing is downloaded): the SD1.5
+v1-inference UNet and VAE ("sd15", 512²) or a narrow model of the same classes ("tiny", 64²).
+There is no text encoder: the LatentDiffusion gets ldm's "__is_unconditional__" cond stage (with
+`force_null_conditioning`, so the UNet still cross-attends), and `BenchModel.conditioning` hands the
+pipeline a fixed random (1, 77, context_dim) tensor per prompt, as CLIP would. A second UNet with
+other random weights is DreamBooth's vanilla UNet (it shares the VAE; no text encoder to share).
+
+Measured, for batch 1 and batch 4 (one reference), each as warm-up run(s) then timed runs (median):
+  plain     the personalized model alone, T-step DDIM with CFG + VAE decode (stage-1 code, λ1 = 0),
+            with the vanilla UNet off the device (what a user without the extension has loaded);
+  lr_paper  `pipeline.generate` with the paper's settings (λ1 = 5, λ2 = 10, mask from 31 at T = 50,
+            scaled for other T), layout inverted, the reference inversion cached (warm cache);
+  lr_fast   the same with layout_source="stage1" (layout path = the stage-1 trajectory);
+  hook      one UNet forward at the retouch batch 2·(1+2N) rows, inside `patched_attention` with
+            the retouch editor in the identity phase (reference K/V in the decoder layers), against
+            the same forward without the hooks (median of interleaved runs).
+Peak memory is torch.cuda.max_memory_allocated, reset before each timed run (null on the CPU).
+A table goes to stdout; JSON to benchmarks/results/<card-slug>-<config>.json (CPU runs:
+<...>.tmp.json, git-ignored) or --out.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import zlib
+from collections import defaultdict
+from typing import Callable, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from lib_layout_retouch import masks as lr_masks  # noqa: E402
+from lib_layout_retouch import pipeline as pl  # noqa: E402
+from lib_layout_retouch import stage1  # noqa: E402
+from lib_layout_retouch.attention import LAYOUT, REFERENCE, TARGET, RetouchAttention, RowPlan, patched_attention  # noqa: E402
+from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
+from lib_layout_retouch.layers import layer_table_for  # noqa: E402
+from lib_layout_retouch.model import LdmModel  # noqa: E402
+from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
+from lib_layout_retouch.schedule import Schedule  # noqa: E402
+
+GIB = float(1 << 30)
+# The issue's goals (same run, same card, SD1.5, 512², T=50, cached reference).
+GOALS = {"ratio_fast": 2.5, "ratio_paper": 3.5, "lr_extra_peak_gib": 2.5, "hook_overhead": 1.05}
+REQUIRED_KEYS = ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "plain_peak_gib",
+                 "lr_peak_gib", "hook_overhead", "unet_calls")
+
+PROMPT, CONCEPT, CLASS = "a photo of sks dog jumping over the fence", "sks", "dog"
+NEGATIVE = ""
+
+# ---------------------------------------------------------------------------------------------------
+# Model configs (ldm's own classes; random weights)
+
+
+def _ldm_config(unet: dict, ddconfig: dict, image_size: int) -> dict:
+    return {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
+            "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": image_size // 8,
+            "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
+            "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
+            # No CLIP (no weights, no tokenizer): ldm sets cond_stage_model = None for this value, and
+            # force_null_conditioning keeps conditioning_key "crossattn" so apply_model passes context.
+            "cond_stage_config": "__is_unconditional__", "force_null_conditioning": True,
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            "first_stage_config": {
+                "target": "ldm.models.autoencoder.AutoencoderKL",
+                "params": {"embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": ddconfig,
+                           "lossconfig": {"target": "torch.nn.Identity"}},
+            },
+        },
+    }
+
+
+def sd15_config() -> dict:
+    """configs/stable-diffusion/v1-inference.yaml (SD1.4/1.5), use_checkpoint off (inference)."""
+    unet = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+            "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
+            "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768,
+            "use_checkpoint": False, "legacy": False}
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    return _ldm_config(unet, ddconfig, 512)
+
+
+def tiny_config() -> dict:
+    """tests/tiny_models.py's narrow SD1-architecture model (two UNet levels, 2 heads, 64²)."""
+    unet = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+            "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2,
+            "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 32,
+            "use_checkpoint": False, "legacy": False}
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
+                "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    return _ldm_config(unet, ddconfig, 64)
+
+
+CONFIGS: dict[str, Callable[[], dict]] = {"sd15": sd15_config, "tiny": tiny_config}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def image_size_of(cfg: dict) -> int:
+    return int(cfg["params"]["image_size"]) * 8
+
+
+def context_dim_of(cfg: dict) -> int:
+    return int(cfg["params"]["unet_config"]["params"]["context_dim"])
+
+
+def reinit_zero_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> int:
+    """Re-draw every all-zero weight (ldm zero-inits proj_out and the output conv, which would make
+    the attention layers no-ops). Same rule as tests/tiny_models.py."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1 and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+                n += 1
+    return n
+
+
+def _tame_output(unet: torch.nn.Module) -> None:
+    # A random ε-predictor is far rougher than a trained one; a small output conv keeps ε, and so
+    # the DDIM trajectories and inversions, bounded (no fp16 overflow, no NaN attention maps).
+    with torch.no_grad():
+        unet.out[-1].weight.mul_(0.1)
+        unet.out[-1].bias.mul_(0.1)
+
+
+def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool = True):
+    """(LatentDiffusion, vanilla UNet or None), float32, on the CPU, eval mode, no grad."""
+    from ldm.util import instantiate_from_config
+    from omegaconf import OmegaConf
+
+    cfg = CONFIGS[config]()
+    sink = io.StringIO()
+    with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+        torch.manual_seed(seed)
+        ldm = instantiate_from_config(OmegaConf.create(cfg))
+        reinit_zero_weights(ldm, seed)
+        _tame_output(ldm.model.diffusion_model)
+        ldm.eval().requires_grad_(False)
+        vanilla_unet = None
+        if vanilla:
+            torch.manual_seed(seed + 1)
+            vanilla_unet = instantiate_from_config(OmegaConf.create(cfg["params"]["unet_config"]))
+            reinit_zero_weights(vanilla_unet, seed + 1)
+            _tame_output(vanilla_unet)
+            vanilla_unet.eval().requires_grad_(False)
+    return ldm, vanilla_unet
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention baseline
+
+
+def _sdpa_cross_attention_forward(self, x, context=None, mask=None, **kwargs):
+    """ldm CrossAttention through F.scaled_dot_product_attention (as A1111's "sdp" optimisation)."""
+    h = self.heads
+    ctx = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
+    b, n, _ = q.shape
+    q, k, v = (t.view(b, -1, h, t.shape[-1] // h).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        mask = mask.reshape(b, 1, 1, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+def _sdpa_attnblock_forward(self, x):
+    """ldm's VAE AttnBlock through SDPA (A1111's sdp_attnblock_forward)."""
+    h_ = self.norm(x)
+    q, k, v = self.q(h_), self.k(h_), self.v(h_)
+    b, c, hh, ww = q.shape
+    q, k, v = (t.reshape(b, 1, c, hh * ww).transpose(2, 3) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return x + self.proj_out(out.transpose(2, 3).reshape(b, c, hh, ww))
+
+
+@contextlib.contextmanager
+def attention_mode(mode: str):
+    """Which attention the UNet/VAE's *unhooked* layers use, patched at class level and restored.
+
+    ldm's CrossAttention computes softmax(QKᵀ) with explicit einsums, in float32 (ATTN_PRECISION):
+    at 512² with the retouch batch its 64×64 self-attention alone materialises 18·8·4096² floats
+    (~10 GiB) and runs several times slower than SDPA. Nobody runs SD1.5 like that on a GPU — A1111
+    replaces these forwards by SDPA ("sdp", the automatic choice without xformers) — and the
+    retouch editor's own layers use SDPA, so comparing against einsum attention would make both the
+    plain baseline and the unedited layers of the L&R run slow and the ratios meaningless. "sdpa"
+    (default) therefore patches CrossAttention (and MemoryEfficientCrossAttention, used when
+    xformers is importable) and the VAE's AttnBlock the way A1111 does; the hooked wrapper falls
+    back to the same class forward (`type(module).forward`), so hooked and plain differ only by the
+    editor's work. "ldm" leaves ldm's code as it is.
+    """
+    if mode == "ldm":
+        yield
+        return
+    if mode != "sdpa":
+        raise ValueError(f"unknown attention mode {mode!r}")
+    from ldm.modules import attention as la
+    from ldm.modules.diffusionmodules import model as lm
+
+    saved = []
+    for cls, fwd in ((getattr(la, "CrossAttention", None), _sdpa_cross_attention_forward),
+                     (getattr(la, "MemoryEfficientCrossAttention", None), _sdpa_cross_attention_forward),
+                     (getattr(lm, "AttnBlock", None), _sdpa_attnblock_forward),
+                     (getattr(lm, "MemoryEfficientAttnBlock", None), _sdpa_attnblock_forward)):
+        if cls is not None:
+            saved.append((cls, cls.__dict__["forward"]))
+            cls.forward = fwd
+    try:
+        yield
+    finally:
+        for cls, fwd in saved:
+            cls.forward = fwd
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model the pipeline sees
+
+
+class PhaseClock:
+    """Wall time split into named phases. `close(name)` synchronises the device and adds the time
+    since the previous mark to `name`; marks are placed only at phase ends (a handful per run), so
+    the step loops keep running asynchronously."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = defaultdict(float)
+        self.last = 0.0
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self) -> None:
+        self.sync()
+        self.totals = defaultdict(float)
+        self.last = time.perf_counter()
+
+    def close(self, name: str) -> float:
+        self.sync()
+        now = time.perf_counter()
+        self.totals[name] += now - self.last
+        self.last = now
+        return now
+
+    def progress(self, phase: str, s: int, total: int) -> None:
+        """The pipeline's progress callback: a phase ends at its last step."""
+        if s == total:
+            self.close(PHASE_NAMES.get(phase, phase))
+
+
+PHASE_NAMES = {"layout": "stage1", "reference inversion": "reference_inversion",
+               "layout inversion": "layout_inversion", "retouch": "retouch"}
+PHASE_ORDER = ("stage1", "reference_inversion", "layout_inversion", "retouch", "vae", "other")
+
+
+class BenchModel(LdmModel):
+    """LdmModel without a text encoder: a fixed random conditioning per prompt (made once and kept,
+    so the benchmark does not time a text encoder; A1111's CLIP costs ~5 ms per call), and a
+    whitespace tokenizer for the subject token rows. VAE calls are timed as their own phase."""
+
+    def __init__(self, ldm, autocast, context_dim: int, tokens: int = 77, clock: Optional[PhaseClock] = None):
+        super().__init__(ldm, autocast)
+        self.context_dim = context_dim
+        self.tokens = tokens
+        self.clock = clock
+        self._conds: dict[str, torch.Tensor] = {}
+
+    def _cond(self, prompt: str) -> torch.Tensor:
+        c = self._conds.get(prompt)
+        if c is None:
+            g = torch.Generator().manual_seed(zlib.crc32(prompt.encode("utf-8")))
+            c = torch.randn(1, self.tokens, self.context_dim, generator=g).to(self.device)
+            self._conds[prompt] = c
+        return c
+
+    def conditioning(self, prompts):
+        return torch.cat([self._cond(p) for p in prompts])
+
+    def tokenize(self, text: str) -> list[int]:
+        return [zlib.crc32(w.encode("utf-8")) % 49406 for w in text.split()]
+
+    def _timed(self, fn, *args):
+        if self.clock is None:
+            return fn(*args)
+        self.clock.close("other")
+        out = fn(*args)
+        self.clock.close("vae")
+        return out
+
+    def encode(self, images):
+        return self._timed(super().encode, images)
+
+    def decode(self, latents):
+        return self._timed(super().decode, latents)
+
+
+class UNetCounter:
+    """Counts UNet calls and batch rows (a forward pre-hook on each UNet; ~µs per call)."""
+
+    def __init__(self, unets):
+        self.calls = 0
+        self.rows = 0
+        self._handles = [u.register_forward_pre_hook(self._hook) for u in unets if u is not None]
+
+    def _hook(self, module, args):
+        self.calls += 1
+        self.rows += int(args[0].shape[0])
+
+    def reset(self) -> None:
+        self.calls = self.rows = 0
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The measured runs
+
+
+def plain_generate(model: BenchModel, noise: torch.Tensor, steps: int, guidance: float, progress) -> torch.Tensor:
+    """A plain T-step DDIM CFG image: the stage-1 code with λ1 = 0 (personalized model throughout)."""
+    schedule = Schedule.for_steps(steps, lambda1=0, lambda2=0, mask_start=steps + 1, scale=False)
+    ddim_schedule = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps)
+    c = model.conditioning([PROMPT, NEGATIVE])
+    den = model.denoiser()
+    traj = stage1.sample_step_blended(den, den, schedule, ddim_schedule, c[0:1], c[0:1], c[1:2], noise,
+                                      guidance, progress=progress)
+    return model.decode(traj[-1])
+
+
+def measure(fn: Callable[[], object], clock: PhaseClock, counter: UNetCounter, warmup: int, repeats: int) -> dict:
+    """Warm-up runs, then timed runs: median seconds, peak memory over the timed runs, the phases
+    of the median run, UNet calls/rows of one run, and what the last run returned."""
+    cuda = clock.cuda
+    for _ in range(warmup):
+        fn()
+    runs, phases, peaks = [], [], []
+    calls = rows = 0
+    out = None
+    for _ in range(repeats):
+        counter.reset()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        clock.start()
+        t0 = clock.last
+        out = fn()
+        t1 = clock.close("other")
+        runs.append(t1 - t0)
+        phases.append(dict(clock.totals))
+        calls, rows = counter.calls, counter.rows
+        if cuda:
+            peaks.append(torch.cuda.max_memory_allocated() / GIB)
+    order = sorted(range(len(runs)), key=runs.__getitem__)
+    mid = order[(len(order) - 1) // 2]
+    return {"s": statistics.median(runs), "runs_s": runs,
+            "phases_s": {k: phases[mid].get(k, 0.0) for k in PHASE_ORDER if k in phases[mid]},
+            "peak_gib": max(peaks) if peaks else None, "unet_calls": calls, "unet_rows": rows, "out": out}
+
+
+def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: PhaseClock,
+                  repeats: int, blend: bool, seed: int = 0) -> dict:
+    """One UNet forward at the three-path batch 2·(1+2n), hooked (retouch editor, identity phase,
+    reference layers active; with `blend`, also the mask blend of steps ≥ mask start) vs plain.
+    Interleaved, median of `repeats` each after 3 warm-ups."""
+    device = model.device
+    g = torch.Generator().manual_seed(seed)
+    plan = RowPlan.build([(REFERENCE, 1), (LAYOUT, n), (TARGET, n)])
+    rows = plan.batch
+    x = torch.randn(rows, 4, *latent_hw, generator=g).to(device)
+    c = torch.randn(rows, 77, context_dim_of_model(model), generator=g).to(device)
+    t = torch.full((rows,), 501, device=device, dtype=torch.long)
+    editor = RetouchAttention(layer_table_for(model.unet), subject_tokens=[2, 3], latent_hw=latent_hw)
+    if blend:
+        m = torch.rand(n, *latent_hw, generator=g).to(device)
+        editor.masks = lr_masks.LayerMasks(m, latent_hw)
+    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=blend, record_maps=False)
+
+    def timed(fn) -> float:
+        clock.sync()
+        t0 = time.perf_counter()
+        fn()
+        clock.sync()
+        return time.perf_counter() - t0
+
+    plain_fn = lambda: model.eps(x, t, c)  # noqa: E731
+    plain_t, hooked_t = [], []
+    for _ in range(3):
+        plain_fn()
+    with patched_attention(model.unet, editor):
+        for _ in range(3):
+            plain_fn()
+    for _ in range(repeats):
+        plain_t.append(timed(plain_fn))
+        with patched_attention(model.unet, editor):
+            hooked_t.append(timed(plain_fn))
+    p, h = statistics.median(plain_t), statistics.median(hooked_t)
+    return {"rows": rows, "plain_s": p, "hooked_s": h, "ratio": h / p}
+
+
+def context_dim_of_model(model: BenchModel) -> int:
+    return model.context_dim
+
+
+def reference_image(size: int, seed: int = 1) -> torch.Tensor:
+    """A smooth (1, 3, H, W) image in [-1, 1]: low-frequency noise, like a photo's layout."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 8, 8, generator=g) * 2 - 1
+    return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    proc = platform.processor() or platform.machine()
+    return f"CPU {proc} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def default_out(card: str, config: str, device: torch.device) -> str:
+    name = "cpu" if device.type != "cuda" else slug(card)
+    suffix = ".json" if device.type == "cuda" else ".tmp.json"  # only GPU results are committed
+    return os.path.join(ROOT, "benchmarks", "results", f"{name}-{config}{suffix}")
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(per: dict) -> dict:
+    """The figures of one batch size from its measurements."""
+    plain, paper, fast = per["plain"], per["lr_paper"], per["lr_fast"]
+    d = {
+        "batch": per["batch"],
+        "plain_s": plain["s"], "lr_paper_s": paper["s"], "lr_fast_s": fast["s"],
+        "ratio_paper": _ratio(paper["s"], plain["s"]), "ratio_fast": _ratio(fast["s"], plain["s"]),
+        "plain_peak_gib": plain["peak_gib"], "lr_peak_gib": paper["peak_gib"], "lr_fast_peak_gib": fast["peak_gib"],
+        "lr_extra_peak_gib": (None if paper["peak_gib"] is None else paper["peak_gib"] - plain["peak_gib"]),
+        "hook_overhead": per["hook"]["ratio"], "hook_overhead_blend": per["hook_blend"]["ratio"],
+        "hook": {"identity": per["hook"], "identity_blend": per["hook_blend"]},
+        "unet_calls": {k: per[k]["unet_calls"] for k in ("plain", "lr_paper", "lr_fast")},
+        "unet_rows": {k: per[k]["unet_rows"] for k in ("plain", "lr_paper", "lr_fast")},
+        "retouch_unet_calls": {k: per[k]["retouch_calls"] for k in ("lr_paper", "lr_fast")},
+        "retouch_unet_rows": {k: per[k]["retouch_rows"] for k in ("lr_paper", "lr_fast")},
+        "reference_cached": all(per[k]["reference_cached"] for k in ("lr_paper", "lr_fast")),
+        "phases_s": {k: per[k]["phases_s"] for k in ("plain", "lr_paper", "lr_fast")},
+        "runs_s": {k: per[k]["runs_s"] for k in ("plain", "lr_paper", "lr_fast")},
+    }
+    d["goals"] = {k: {"goal": g, "value": d[k], "met": None if d[k] is None else bool(d[k] <= g)}
+                  for k, g in GOALS.items()}
+    return d
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def format_table(res: dict) -> str:
+    """The human-readable table (also what the CI test looks for)."""
+    batches = [("batch 1", res)] + ([("batch 4", res["batch4"])] if "batch4" in res else [])
+    head = (f"Layout-and-Retouch benchmark — {res['card']} · {res['config']} {res['dtype']} "
+            f"{res['image_size']}² · T={res['steps']} · attention {res['attention']} · torch {res['torch']}")
+    rows = [
+        ("plain (s)", "plain_s", ".3f", None),
+        ("L&R paper (s)", "lr_paper_s", ".3f", None),
+        ("L&R fast (s)", "lr_fast_s", ".3f", None),
+        ("ratio paper (×plain)", "ratio_paper", ".2f", "ratio_paper"),
+        ("ratio fast (×plain)", "ratio_fast", ".2f", "ratio_fast"),
+        ("plain peak (GiB)", "plain_peak_gib", ".2f", None),
+        ("L&R paper peak (GiB)", "lr_peak_gib", ".2f", None),
+        ("L&R fast peak (GiB)", "lr_fast_peak_gib", ".2f", None),
+        ("L&R − plain peak (GiB)", "lr_extra_peak_gib", ".2f", "lr_extra_peak_gib"),
+        ("hooked/plain UNet fwd", "hook_overhead", ".3f", "hook_overhead"),
+        ("  … with mask blend", "hook_overhead_blend", ".3f", None),
+    ]
+    w0, w = 26, 14
+    lines = [head, f"{'figure':<{w0}}" + "".join(f"{b:>{w}}" for b, _ in batches) + f"{'goal':>{w}}"]
+    for label, key, spec, goal in rows:
+        cells = "".join(f"{_fmt(d.get(key), spec):>{w}}" for _, d in batches)
+        gtxt = f"≤ {GOALS[goal]}" if goal else ""
+        lines.append(f"{label:<{w0}}{cells}{gtxt:>{w}}")
+    for what in ("unet_calls", "unet_rows"):
+        cells = "".join(f"{'/'.join(str(d[what][k]) for k in ('plain', 'lr_paper', 'lr_fast')):>{w}}"
+                        for _, d in batches)
+        lines.append(f"{what.replace('_', ' ') + ' plain/paper/fast':<{w0}}{cells}")
+    lines.append("")
+    lines.append("where the time goes (s, median run): " + ", ".join(PHASE_ORDER))
+    for bname, d in batches:
+        for k in ("plain", "lr_paper", "lr_fast"):
+            ph = d["phases_s"][k]
+            lines.append(f"  {bname} {k:<9}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER))
+    if res["device"] != "cuda":
+        lines.append("(CPU run: the goals are for a GPU, where a UNet call is launch-bound; on a CPU rows cost"
+                     " time in proportion, so the ratios here say nothing about the goals)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp16 on CUDA, fp32 on the CPU by default")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes; 1 (top level) and 4 (batch4)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per figure (median)")
+    p.add_argument("--hook-repeats", type=int, default=10, help="timed forwards per hook figure (median)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--attention", choices=("sdpa", "ldm"), default="sdpa",
+                   help="attention of the unhooked layers (see attention_mode)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<card>-<config>.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="also run one L&R paper batch-1 generation under torch.profiler; top ops → JSON + .txt")
+    p.add_argument("--forward-only", action="store_true",
+                   help="sanity check: build the model and time one UNet forward at CFG batch 2, nothing else")
+    p.add_argument("--verbose", action="store_true", help="show ldm's prints while building")
+    args = p.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "fp16" if str(args.device).startswith("cuda") else "fp32"
+    return args
+
+
+def _autocast_for(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise SystemExit("fp16 needs a GPU; use --dtype fp32 (or bf16) on the CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU")
+    cfg = CONFIGS[args.config]()
+    size = image_size_of(cfg)
+    latent_hw = (size // 8, size // 8)
+    clock = PhaseClock(device)
+    started = time.perf_counter()
+
+    t0 = time.perf_counter()
+    ldm, vanilla = build_models(args.config, args.seed, vanilla=not args.forward_only, quiet=not args.verbose)
+    # Weights in the run's dtype (A1111: model.half()), ldm's schedule buffers (ᾱ) stay float32.
+    ldm.model.to(device, dtype)
+    ldm.first_stage_model.to(device, dtype)
+    ldm.to(device)
+    if vanilla is not None:
+        vanilla.to(dtype)  # kept on the CPU for the plain runs (a user without the extension)
+    build_s = time.perf_counter() - t0
+    model = BenchModel(ldm, _autocast_for(device, dtype), context_dim_of(cfg), clock=clock)
+    unet_params = sum(p.numel() for p in model.unet.parameters())
+    vae_params = sum(p.numel() for p in ldm.first_stage_model.parameters())
+    cuda = device.type == "cuda"
+    mem = (lambda: torch.cuda.memory_allocated() / GIB) if cuda else (lambda: None)
+
+    res: dict = {
+        "card": card_name(device), "config": args.config, "dtype": args.dtype, "steps": args.steps,
+        "device": device.type, "image_size": size, "attention": args.attention,
+        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "grad_mode": "inference_mode",
+        "backends": {"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "cudnn_benchmark": torch.backends.cudnn.benchmark},
+        "unet_params_m": round(unet_params / 1e6, 2), "vae_params_m": round(vae_params / 1e6, 2),
+        "build_s": build_s, "warmup": args.warmup, "repeats": args.repeats, "hook_repeats": args.hook_repeats,
+        "guidance": args.guidance,
+    }
+
+    with torch.inference_mode(), attention_mode(args.attention):
+        if args.forward_only:
+            x = torch.randn(2, 4, *latent_hw).to(device)
+            c = model.conditioning([PROMPT, NEGATIVE])
+            t = torch.full((2,), 501, device=device, dtype=torch.long)
+            model.eps(x, t, c)  # warm-up
+            clock.start()
+            eps = model.eps(x, t, c)
+            clock.close("forward")
+            res["forward_s"] = clock.totals["forward"]
+            res["forward_finite"] = bool(torch.isfinite(eps).all())
+            res["forward_abs_max"] = float(eps.abs().max())
+            res["total_s"] = time.perf_counter() - started
+            return res
+
+        schedule = Schedule.for_steps(args.steps)  # the paper's λ1, λ2, mask start (scaled to T)
+        res["schedule"] = {"lambda1": schedule.lambda1, "lambda2": schedule.lambda2,
+                           "mask_start": schedule.mask_start, "describe": schedule.describe()}
+        settings = pl.RetouchSettings(schedule=schedule, guidance_scale=args.guidance)
+        prompts = derive_prompts(PROMPT, CONCEPT, CLASS)
+        ref_img = reference_image(size)
+        cache = pl.InversionCache(max_entries=2)
+        counter = UNetCounter([model.unet, vanilla])
+        res["weights_gib"] = mem()
+        per_batch: dict[int, dict] = {}
+
+        def noise_for(b: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(args.seed + 100 + b)
+            return torch.randn(b, 4, *latent_hw, generator=g).to(device)
+
+        # 1. plain, with only the personalized model on the device
+        for b in args.batches:
+            noise = noise_for(b)
+            per_batch[b] = {"batch": b, "plain": measure(
+                lambda: plain_generate(model, noise, args.steps, args.guidance, clock.progress),
+                clock, counter, args.warmup, args.repeats)}
+            per_batch[b]["plain"].pop("out")
+
+        # 2. DreamBooth mode: the vanilla UNet joins it (sharing the VAE)
+        if vanilla is not None:
+            vanilla.to(device)
+        res["vanilla_unet_gib"] = None if not cuda else mem() - res["weights_gib"]
+
+        def lr(noise, layout_source):
+            return pl.generate(model, prompts=prompts, reference_image=ref_img, noise=noise, settings=settings,
+                               negative_prompt=NEGATIVE, vanilla_unet=vanilla, layout_source=layout_source,
+                               cache=cache, reference_key=("bench-reference", args.config, args.seed),
+                               progress=clock.progress)
+
+        for b in args.batches:
+            noise = noise_for(b)
+            for key, source in (("lr_paper", "inversion"), ("lr_fast", "stage1")):
+                m = measure(lambda: lr(noise, source), clock, counter, args.warmup, args.repeats)
+                out = m.pop("out")
+                r = out.retouch
+                m.update(retouch_calls=r.unet_calls, retouch_rows=r.unet_rows, reference_cached=r.reference_cached,
+                         mask_kind=r.mask_kind, images_finite=bool(torch.isfinite(out.images).all()))
+                per_batch[b][key] = m
+            for key, blend in (("hook", False), ("hook_blend", True)):
+                per_batch[b][key] = hook_overhead(model, b, latent_hw, clock, args.hook_repeats, blend, args.seed)
+
+        if args.profile:
+            res["torch_profile"] = profile_once(lambda: lr(noise_for(1), "inversion"), device)
+        counter.remove()
+
+    first = args.batches[0]
+    res.update(summarize(per_batch[first]))
+    for b in args.batches[1:]:
+        res[f"batch{b}"] = summarize(per_batch[b])
+    res["cache"] = {"entries": len(cache), "max_entries": cache.max_entries, "hits": cache.hits,
+                    "misses": cache.misses}
+    res["total_s"] = time.perf_counter() - started
+    return res
+
+
+def profile_once(fn, device: torch.device, top: int = 25) -> dict:
+    """One run under torch.profiler: the ops that take the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    avgs = prof.key_averages()
+    table = avgs.table(sort_by=sort, row_limit=top)
+    rows = []
+    for e in sorted(avgs, key=lambda e: getattr(e, sort, 0), reverse=True)[:top]:
+        rows.append({"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                     "self_device_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3})
+    return {"sort": sort, "top": rows, "table": table}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = run(args)
+    if args.forward_only:
+        print(f"{res['config']} UNet ({res['unet_params_m']} M params) + VAE ({res['vae_params_m']} M) built in "
+              f"{res['build_s']:.1f} s; one UNet forward at batch 2 on {res['card']} ({res['dtype']}): "
+              f"{res['forward_s']:.3f} s; finite={res['forward_finite']} |eps|max={res['forward_abs_max']:.3g}")
+        return res
+    print(format_table(res))
+    out = args.out or default_out(res["card"], res["config"], torch.device(args.device))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    prof = res.get("torch_profile")
+    if prof is not None:
+        with open(os.path.splitext(out)[0] + ".profile.txt", "w", encoding="utf-8") as f:
+            f.write(prof.pop("table"))
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=2, sort_keys=False)
+        f.write("\n")
+    print(f"JSON: {out}  (total {res['total_s']:.1f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
