@@ -7,15 +7,13 @@ from PIL import Image
 from lib_layout_retouch import ddim
 from lib_layout_retouch.model import LdmModel
 
-PHOTO = "/work/shared/data/vico/brown_dog/00.jpg"
+from tests.paths import DOG_PHOTO
+
+PHOTO = str(DOG_PHOTO)
 
 
 def photo_tensor(path=PHOTO, size=64):
-    import os
-
-    here = os.path.dirname(__file__)
-    alt = os.path.join(here, "..", "..", "shared", "data", "vico", "brown_dog", "00.jpg")
-    img = Image.open(path if os.path.exists(path) else alt).convert("RGB").resize((size, size), Image.LANCZOS)
+    img = Image.open(path).convert("RGB").resize((size, size), Image.LANCZOS)
     x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
     return x
 

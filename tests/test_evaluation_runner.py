@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+
+from tests.paths import HAS_VICO, VICO
 from PIL import Image
 
 from lib_layout_retouch.errors import LayoutRetouchError
@@ -205,15 +207,15 @@ def test_reference_defaults_to_the_first_image_without_imgs_source(vico, concept
     assert os.path.basename(specs["brown_dog"].reference_image) == "00.jpg"
 
 
-@pytest.mark.skipif(not os.path.isdir("/work/shared/data/vico"), reason="the shared ViCo copy is not here")
+@pytest.mark.skipif(not HAS_VICO, reason="the shared ViCo copy is not here")
 def test_the_real_vico_folder_reads(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"brown_dog": {"token": "sks", "class": "dog"},
                                 "cat_statue": {"folder": "cat-toy", "token": "sks", "class": "cat statue"}}))
-    specs = {s.name: s for s in runner.load_concepts(str(path), "/work/shared/data/vico")}
+    specs = {s.name: s for s in runner.load_concepts(str(path), str(VICO))}
     assert os.path.basename(specs["cat_statue"].reference_image) == "2.jpeg"
-    assert specs["brown_dog"].live and len(runner.read_prompts("/work/shared/data/vico", True)) >= 25
-    assert len(runner.read_prompts("/work/shared/data/vico", False, "challenging")) >= 20
+    assert specs["brown_dog"].live and len(runner.read_prompts(str(VICO), True)) >= 25
+    assert len(runner.read_prompts(str(VICO), False, "challenging")) >= 20
 
 
 def test_payload_carries_the_named_script_arguments(vico, concepts):

@@ -15,9 +15,9 @@ from lib_layout_retouch.params import FIELDS, LayoutRetouchParams
 from lib_layout_retouch.prompts import subject_positions_in_chunks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHOTO = Image.open(os.path.join(ROOT, "..", "shared", "data", "vico", "brown_dog", "00.jpg")) \
-    if os.path.exists(os.path.join(ROOT, "..", "shared", "data", "vico", "brown_dog", "00.jpg")) \
-    else Image.open("/work/shared/data/vico/brown_dog/00.jpg")
+from tests.paths import DOG_PHOTO  # noqa: E402
+
+PHOTO = Image.open(DOG_PHOTO)
 
 
 def test_library_never_imports_the_webui():

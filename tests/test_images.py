@@ -14,7 +14,7 @@ from lib_layout_retouch import images
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.images import MAX_SIDE, decode_image, image_fingerprint, prepare_reference
 
-VICO = Path("/work/shared/data/vico")
+from tests.paths import VICO
 DOG = VICO / "brown_dog" / "00.jpg"  # 1440×1440
 ELEPHANT = VICO / "elephant_statue" / "2.jpg"  # 1856×2475, portrait
 needs_vico = pytest.mark.skipif(not DOG.exists(), reason="ViCo photos not on this machine")

@@ -25,7 +25,7 @@ from lib_layout_retouch.params import (
 )
 from lib_layout_retouch.schedule import Schedule
 
-DOG = Path("/work/shared/data/vico/brown_dog/00.jpg")
+from tests.paths import DOG_PHOTO as DOG
 NAMES = [f.name for f in FIELDS]
 
 

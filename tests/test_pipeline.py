@@ -165,3 +165,11 @@ def test_generate_both_stages_end_to_end(tiny_ldm, tiny_vanilla_unet):
                        vanilla_unet=tiny_vanilla_unet, layout_source="stage1")
     assert fast.retouch.unet_calls == out.retouch.unet_calls - 6
     assert torch.equal(fast.layout_latents, out.layout_latents)
+
+
+def test_reference_path_without_reset_steps_itself(setup):
+    reset = run(setup)
+    free = run(setup, reset_reference=False)
+    # without the reset the reference path runs (and steps) at every step, copy phase included
+    assert free.unet_rows == reset.unet_rows + 2 * 2
+    assert not torch.allclose(reset.latents, free.latents, atol=1e-6)

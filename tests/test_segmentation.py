@@ -20,7 +20,9 @@ from lib_layout_retouch.segmentation import (
     sam_kind_from_filename,
 )
 
-DOG = "/work/shared/data/vico/brown_dog/00.jpg"
+from tests.paths import DOG_PHOTO
+
+DOG = str(DOG_PHOTO)
 IMG = 64  # tiny SAM input size (SamPredictor resizes the long side to this)
 
 
