@@ -13,6 +13,8 @@ from typing import Iterable
 
 import torch
 
+from lib_layout_retouch.evaluation.models import bytes_to_unicode  # CLIP BPE's byte alphabet
+
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to characters, as the
 # real CLIP BPE does for rare strings. Whole-word tokens keep token positions easy to read in tests.
 TINY_WORDS = (
@@ -21,24 +23,11 @@ TINY_WORDS = (
 )
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte→unicode table CLIP's BPE uses (openai/CLIP simple_tokenizer).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def make_tiny_clip_tokenizer_files(folder: str, words: Iterable[str] = TINY_WORDS) -> int:
     """Write vocab.json/merges.txt of a small CLIP BPE: every byte, every byte + '</w>', the BPE
     merges that build `words` whole, and the two special tokens. Returns the vocabulary size."""
     os.makedirs(folder, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     for word in words:

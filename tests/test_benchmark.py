@@ -1,0 +1,106 @@
+"""The benchmark (benchmarks/bench_retouch.py) runs on the CPU with the tiny config: it prints the
+table and writes JSON with every figure the issue asks for. Numbers are only checked for being
+sensible (positive, null where the CPU has no such figure), never for their size."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_retouch.py")
+STEPS = 6
+
+FIGURES = ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "plain_peak_gib", "lr_peak_gib",
+           "hook_overhead", "unet_calls")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--steps", str(STEPS),
+         "--warmup", "1", "--repeats", "1", "--hook-repeats", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text()), out
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def test_prints_the_table(bench):
+    stdout, res, out = bench
+    assert "Layout-and-Retouch benchmark" in stdout
+    for label in ("plain (s)", "L&R paper (s)", "L&R fast (s)", "ratio paper", "ratio fast", "hooked/plain UNet fwd",
+                  "unet calls plain/paper/fast", "where the time goes"):
+        assert label in stdout, label
+    header = next(line for line in stdout.splitlines() if line.startswith("figure"))
+    assert "batch 1" in header and "batch 4" in header
+    assert str(out) in stdout
+
+
+def test_json_has_every_figure_for_batch_1_and_4(bench):
+    _, res, _ = bench
+    for key in ("card", "config", "dtype", "steps", "torch", "date", "batch4"):
+        assert key in res, key
+    assert (res["config"], res["dtype"], res["steps"], res["device"]) == ("tiny", "fp32", STEPS, "cpu")
+    assert res["card"].startswith("CPU")
+    for d, batch in ((res, 1), (res["batch4"], 4)):
+        assert d["batch"] == batch
+        for key in FIGURES:
+            assert key in d, (batch, key)
+        for key in ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "hook_overhead",
+                    "hook_overhead_blend"):
+            assert _positive(d[key]), (batch, key, d[key])
+        assert math.isclose(d["ratio_paper"], d["lr_paper_s"] / d["plain_s"])
+        assert math.isclose(d["ratio_fast"], d["lr_fast_s"] / d["plain_s"])
+        # no CUDA memory on the CPU: null, not 0
+        for key in ("plain_peak_gib", "lr_peak_gib", "lr_fast_peak_gib", "lr_extra_peak_gib"):
+            assert d[key] is None, key
+        assert d["reference_cached"] is True  # timed runs hit the warm reference cache
+        assert set(d["goals"]) == {"ratio_fast", "ratio_paper", "lr_extra_peak_gib", "hook_overhead"}
+        assert d["hook"]["identity"]["rows"] == 2 * (1 + 2 * batch)
+
+
+def test_unet_calls_and_rows_follow_the_schedule(bench):
+    """Counted by hooks on the UNets: plain T calls; paper = stage 1 + layout inversion + retouch
+    (reference inversion cached); fast drops the layout inversion."""
+    _, res, _ = bench
+    T = STEPS
+    lam2 = res["schedule"]["lambda2"]
+    for d, n in ((res, 1), (res["batch4"], 4)):
+        assert d["unet_calls"] == {"plain": T, "lr_paper": 3 * T, "lr_fast": 2 * T}
+        retouch_rows = lam2 * 2 * n + (T - lam2) * 2 * (1 + 2 * n)
+        assert d["retouch_unet_calls"] == {"lr_paper": 2 * T, "lr_fast": T}
+        assert d["retouch_unet_rows"] == {"lr_paper": T * n + retouch_rows, "lr_fast": retouch_rows}
+        assert d["unet_rows"] == {"plain": T * 2 * n, "lr_paper": T * 2 * n + T * n + retouch_rows,
+                                  "lr_fast": T * 2 * n + retouch_rows}
+
+
+def test_phases_account_for_the_run(bench):
+    _, res, _ = bench
+    ph = res["phases_s"]
+    assert set(ph["plain"]) >= {"stage1", "vae"} and "retouch" not in ph["plain"]
+    assert ph["lr_paper"]["layout_inversion"] > 0 and "layout_inversion" not in ph["lr_fast"]
+    assert "reference_inversion" not in ph["lr_paper"]  # cached
+    for k in ("plain", "lr_paper", "lr_fast"):
+        assert sum(ph[k].values()) == pytest.approx(res["runs_s"][k][0], rel=1e-6)
+
+
+def test_cpu_results_never_land_as_committed_gpu_results(bench):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_retouch
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    cpu_default = bench_retouch.default_out("CPU x", "tiny", torch.device("cpu"))
+    assert cpu_default.endswith("cpu-tiny.tmp.json")  # git-ignored
+    gpu_default = bench_retouch.default_out("NVIDIA H100 80GB HBM3", "sd15", torch.device("cuda"))
+    assert gpu_default.endswith(os.path.join("results", "nvidia-h100-80gb-hbm3-sd15.json"))
