@@ -394,7 +394,7 @@ def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: 
     plan = RowPlan.build([(REFERENCE, 1), (LAYOUT, n), (TARGET, n)])
     rows = plan.batch
     x = torch.randn(rows, 4, *latent_hw, generator=g).to(device)
-    c = torch.randn(rows, 77, context_dim_of_model(model), generator=g).to(device)
+    c = torch.randn(rows, 77, model.context_dim, generator=g).to(device)
     t = torch.full((rows,), 501, device=device, dtype=torch.long)
     editor = RetouchAttention(layer_table_for(model.unet), subject_tokens=[2, 3], latent_hw=latent_hw)
     if blend:
@@ -409,23 +409,21 @@ def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: 
         clock.sync()
         return time.perf_counter() - t0
 
-    plain_fn = lambda: model.eps(x, t, c)  # noqa: E731
+    def forward():
+        return model.eps(x, t, c)
+
     plain_t, hooked_t = [], []
     for _ in range(3):
-        plain_fn()
+        forward()
     with patched_attention(model.unet, editor):
         for _ in range(3):
-            plain_fn()
-    for _ in range(repeats):
-        plain_t.append(timed(plain_fn))
+            forward()
+    for _ in range(repeats):  # interleaved, so clock drift and thermals hit both alike
+        plain_t.append(timed(forward))
         with patched_attention(model.unet, editor):
-            hooked_t.append(timed(plain_fn))
+            hooked_t.append(timed(forward))
     p, h = statistics.median(plain_t), statistics.median(hooked_t)
     return {"rows": rows, "plain_s": p, "hooked_s": h, "ratio": h / p}
-
-
-def context_dim_of_model(model: BenchModel) -> int:
-    return model.context_dim
 
 
 def reference_image(size: int, seed: int = 1) -> torch.Tensor:
@@ -476,6 +474,8 @@ def summarize(per: dict) -> dict:
         "retouch_unet_calls": {k: per[k]["retouch_calls"] for k in ("lr_paper", "lr_fast")},
         "retouch_unet_rows": {k: per[k]["retouch_rows"] for k in ("lr_paper", "lr_fast")},
         "reference_cached": all(per[k]["reference_cached"] for k in ("lr_paper", "lr_fast")),
+        "images_finite": all(per[k]["images_finite"] for k in ("lr_paper", "lr_fast")),
+        "mask_kind": per["lr_paper"]["mask_kind"],
         "phases_s": {k: per[k]["phases_s"] for k in ("plain", "lr_paper", "lr_fast")},
         "runs_s": {k: per[k]["runs_s"] for k in ("plain", "lr_paper", "lr_fast")},
     }
@@ -526,6 +526,10 @@ def format_table(res: dict) -> str:
         for k in ("plain", "lr_paper", "lr_fast"):
             ph = d["phases_s"][k]
             lines.append(f"  {bname} {k:<9}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER))
+    for what, pts in (res.get("sync_points") or {}).items():
+        total = sum(p["count"] for p in pts)
+        lines.append(f"implicit host-device syncs in one {what} batch-1 run: {total}"
+                     + "".join(f"\n    {p['count']:>5} × {p['where']}" for p in pts[:6]))
     if res["device"] != "cuda":
         lines.append("(CPU run: the goals are for a GPU, where a UNet call is launch-bound; on a CPU rows cost"
                      " time in proportion, so the ratios here say nothing about the goals)")
@@ -542,6 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp16 on CUDA, fp32 on the CPU by default")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels per side (default: 512 for sd15, 64 for tiny); smaller for a quick CPU smoke run")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes; 1 (top level) and 4 (batch4)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per figure (median)")
@@ -553,8 +559,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<card>-<config>.json)")
     p.add_argument("--profile", action="store_true",
                    help="also run one L&R paper batch-1 generation under torch.profiler; top ops → JSON + .txt")
+    p.add_argument("--no-sync-check", action="store_true",
+                   help="skip the pass that lists implicit host-device syncs (CUDA only)")
     p.add_argument("--forward-only", action="store_true",
                    help="sanity check: build the model and time one UNet forward at CFG batch 2, nothing else")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 avoids OpenMP spin-waits on a busy shared CPU; CI uses it)")
     p.add_argument("--verbose", action="store_true", help="show ldm's prints while building")
     args = p.parse_args(argv)
     if args.dtype is None:
@@ -571,14 +581,19 @@ def _autocast_for(device: torch.device, dtype: torch.dtype):
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cpu" and dtype == torch.float16:
         raise SystemExit("fp16 needs a GPU; use --dtype fp32 (or bf16) on the CPU")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     cfg = CONFIGS[args.config]()
-    size = image_size_of(cfg)
+    size = args.image_size or image_size_of(cfg)
+    if size % 8:
+        raise SystemExit(f"--image-size must be a multiple of 8, got {size}")
     latent_hw = (size // 8, size // 8)
     clock = PhaseClock(device)
+    cuda = device.type == "cuda"
     started = time.perf_counter()
 
     t0 = time.perf_counter()
@@ -589,11 +604,18 @@ def run(args: argparse.Namespace) -> dict:
     ldm.to(device)
     if vanilla is not None:
         vanilla.to(dtype)  # kept on the CPU for the plain runs (a user without the extension)
+    if device.type == "cpu" and dtype != torch.float32:
+        # CPU-only: ldm's GroupNorm32 runs in float32 on half weights, which CUDA autocast allows
+        # and the CPU kernels refuse; norms stay float32 so bf16 runs on a CPU (a check of the
+        # mixed-precision path, not a speed figure).
+        for m in [ldm] + ([vanilla] if vanilla is not None else []):
+            for mod in m.modules():
+                if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                    mod.float()
     build_s = time.perf_counter() - t0
     model = BenchModel(ldm, _autocast_for(device, dtype), context_dim_of(cfg), clock=clock)
     unet_params = sum(p.numel() for p in model.unet.parameters())
     vae_params = sum(p.numel() for p in ldm.first_stage_model.parameters())
-    cuda = device.type == "cuda"
     mem = (lambda: torch.cuda.memory_allocated() / GIB) if cuda else (lambda: None)
 
     res: dict = {
@@ -603,6 +625,9 @@ def run(args: argparse.Namespace) -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "grad_mode": "inference_mode",
+        "device_props": ({"total_memory_gib": torch.cuda.get_device_properties(device).total_memory / GIB,
+                          "multiprocessors": torch.cuda.get_device_properties(device).multi_processor_count}
+                         if cuda else {"threads": torch.get_num_threads()}),
         "backends": {"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                      "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
                      "cudnn_benchmark": torch.backends.cudnn.benchmark},
@@ -654,11 +679,11 @@ def run(args: argparse.Namespace) -> dict:
             vanilla.to(device)
         res["vanilla_unet_gib"] = None if not cuda else mem() - res["weights_gib"]
 
-        def lr(noise, layout_source):
+        def lr(noise, layout_source, progress=clock.progress):
             return pl.generate(model, prompts=prompts, reference_image=ref_img, noise=noise, settings=settings,
                                negative_prompt=NEGATIVE, vanilla_unet=vanilla, layout_source=layout_source,
                                cache=cache, reference_key=("bench-reference", args.config, args.seed),
-                               progress=clock.progress)
+                               progress=progress)
 
         for b in args.batches:
             noise = noise_for(b)
@@ -672,6 +697,16 @@ def run(args: argparse.Namespace) -> dict:
             for key, blend in (("hook", False), ("hook_blend", True)):
                 per_batch[b][key] = hook_overhead(model, b, latent_hw, clock, args.hook_repeats, blend, args.seed)
 
+        if cuda and not args.no_sync_check:
+            model.clock = None  # the clock's own synchronize() calls are not what we look for
+            try:
+                res["sync_points"] = {
+                    "plain": sync_points(lambda: plain_generate(model, noise_for(1), args.steps, args.guidance, None)),
+                    "lr_paper": sync_points(lambda: lr(noise_for(1), "inversion", None)),
+                }
+            except Exception as e:  # a diagnostic: never lose the figures above to it
+                res["sync_points_error"] = f"{type(e).__name__}: {e}"
+            model.clock = clock
         if args.profile:
             res["torch_profile"] = profile_once(lambda: lr(noise_for(1), "inversion"), device)
         counter.remove()
@@ -686,23 +721,48 @@ def run(args: argparse.Namespace) -> dict:
     return res
 
 
+def sync_points(fn) -> list[dict]:
+    """Where one run makes the host wait for the GPU implicitly (a D2H copy, a pageable H2D copy,
+    `.item()`, …): torch.cuda.set_sync_debug_mode("warn") turns each into a warning at the Python
+    line that caused it. Inside the step loop these stall the launch queue every step."""
+    import warnings
+
+    counts: dict[str, int] = defaultdict(int)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" not in str(w.message):
+            continue
+        where = os.path.relpath(w.filename, ROOT) if w.filename.startswith(ROOT) else w.filename
+        counts[f"{where}:{w.lineno}"] += 1
+    return [{"where": k, "count": v} for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
 def profile_once(fn, device: torch.device, top: int = 25) -> dict:
     """One run under torch.profiler: the ops that take the most device (or CPU) time."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     fn()
-    with profile(activities=acts) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    avgs = prof.key_averages()
+    try:
+        with profile(activities=acts) as prof:
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        avgs = prof.key_averages()
+    except Exception as e:  # the figures above must survive a profiler that fails on some machine
+        return {"error": f"{type(e).__name__}: {e}", "table": ""}
+    dev = "self_device_time_total" if hasattr(avgs[0], "self_device_time_total") else "self_cuda_time_total"
+    sort = dev if device.type == "cuda" else "self_cpu_time_total"
     table = avgs.table(sort_by=sort, row_limit=top)
-    rows = []
-    for e in sorted(avgs, key=lambda e: getattr(e, sort, 0), reverse=True)[:top]:
-        rows.append({"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                     "self_device_ms": getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3})
+    rows = [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "self_device_ms": getattr(e, dev, 0) / 1e3}
+            for e in sorted(avgs, key=lambda e: getattr(e, sort, 0), reverse=True)[:top]]
     return {"sort": sort, "top": rows, "table": table}
 
 

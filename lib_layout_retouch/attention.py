@@ -205,7 +205,7 @@ class RetouchAttention:
         if blend_here:
             for half, rows in target_rows:
                 phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
-                m = self.masks.for_tokens(out.shape[2]).to(out.dtype).unsqueeze(1)  # (N, 1, n, 1)
+                m = self.masks.for_tokens(out.shape[2], out.dtype).unsqueeze(1)  # (N, 1, n, 1), cached
                 out[rows] = m * out[rows] + (1 - m) * phi_o
 
         if stores:

@@ -55,8 +55,13 @@ def sam_folders() -> list[str]:
             os.path.join(os.path.dirname(_EXT_ROOT), "sd-webui-segment-anything", "models", "sam")]
 
 
+_SAM_SEEN: set[str] = set()  # names ever listed: one that vanished later is "missing", not "unknown"
+
+
 def sam_choices() -> list[str]:
-    return [NO_SAM] + list(find_sam_checkpoints(sam_folders()))
+    names = list(find_sam_checkpoints(sam_folders()))
+    _SAM_SEEN.update(names)
+    return [NO_SAM] + names
 
 
 def checkpoint_choices() -> list[str]:
@@ -189,8 +194,13 @@ def check_host(p, params: LayoutRetouchParams) -> None:
     if getattr(model, "is_sd2", False) or getattr(model, "parameterization", "eps") != "eps":
         raise LayoutRetouchError("v-prediction (SD2.x) models are not yet supported; load an SD1.x checkpoint",
                                  parameter="sd_model")
-    if params.sam_model != NO_SAM and params.sam_model not in find_sam_checkpoints(sam_folders()):
-        raise LayoutRetouchError(f"SAM model '{params.sam_model}' is not in the list of SAM checkpoints "
+    name = params.sam_model
+    if name != NO_SAM and (os.path.basename(name) != name or name in (".", "..") or "\\" in name):
+        # A name from the list, never a path: API input must not open arbitrary files.
+        raise LayoutRetouchError(f"SAM model '{name}' is a path; give a file name from the list of SAM "
+                                 f"checkpoints ({', '.join(sam_choices())}) or 'none'", parameter="sam_model")
+    if name != NO_SAM and name not in sam_choices()[1:] and name not in _SAM_SEEN:
+        raise LayoutRetouchError(f"SAM model '{name}' is not in the list of SAM checkpoints "
                                  f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
                                  parameter="sam_model")
     if params.personalization == "dreambooth":
@@ -227,7 +237,8 @@ def on_cfg_denoiser(params):
         return
     s = int(denoiser.step) + 1  # the model call about to run, 1-based (exact, unlike sampling_step)
     if run.params.layout_source == "stage1" and len(run.trajectory) < s:
-        run.trajectory.append(params.x.detach().clone())
+        # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.
+        run.trajectory.append(params.x[-p.batch_size:].detach().clone())
     if run.job.uses_vanilla(s):
         cond = run.layout_cond
         tc = params.text_cond
@@ -325,6 +336,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
     if job.params.sam_model != NO_SAM:
         path = find_sam_checkpoints(sam_folders()).get(job.params.sam_model)
         try:
+            if path is None:  # listed once, gone now (or never there): the CA mask still works
+                raise LayoutRetouchError(f"SAM file '{job.params.sam_model}' is not in models/sam", parameter="sam_model")
             segmenter = load_segmenter(path, device=devices.device)
         except LayoutRetouchError as e:
             job.add_note(f"SAM not used ({e}); cross-attention mask only")

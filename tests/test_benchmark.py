@@ -20,11 +20,13 @@ FIGURES = ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "p
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    # One thread: on a busy 2-core CI machine two OpenMP threads spin-wait on each other (seen: 8 s → 300 s).
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--steps", str(STEPS),
-         "--warmup", "1", "--repeats", "1", "--hook-repeats", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+         "--warmup", "1", "--repeats", "1", "--hook-repeats", "2", "--threads", "1",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text()), out
 

@@ -5,7 +5,8 @@ How the WebUI is found (first that applies):
                  the memory test), LR_WEBUI_LOG (its stdout, for the log-line tests). It must have the
                  tiny checkpoints loaded (see tiny_checkpoints.py); tests that need what it lacks skip.
   LR_WEBUI_DIR   start one from this WebUI folder with LR_WEBUI_PYTHON (default /work/host/venv/bin/python),
-                 default /work/host/webui when it exists (tests/host/setup_webui.sh builds both).
+                 default /work/host/webui when it exists (tests/host/setup_webui.sh builds both);
+                 LR_WEBUI_DIR=none turns the default off.
 Otherwise every host test is skipped: "no WebUI: set LR_WEBUI_DIR or LR_WEBUI_URL; see tests/host/README.md".
 
 A started WebUI gets a temporary --data-dir whose extensions/sd-webui-layout-retouch is a symlink to
@@ -52,7 +53,11 @@ def _webui_source():
     url = os.environ.get("LR_WEBUI_URL")
     if url:
         return ("url", url.rstrip("/"))
-    d = os.environ.get("LR_WEBUI_DIR") or (DEFAULT_DIR if os.path.isfile(os.path.join(DEFAULT_DIR, "launch.py")) else None)
+    d = os.environ.get("LR_WEBUI_DIR")
+    if d is not None and d.strip().lower() in ("", "none", "0"):
+        return (None, NO_WEBUI)  # explicitly off (also hides the default folder)
+    if d is None and os.path.isfile(os.path.join(DEFAULT_DIR, "launch.py")):
+        d = DEFAULT_DIR
     if not d:
         return (None, NO_WEBUI)
     py = os.environ.get("LR_WEBUI_PYTHON", DEFAULT_PYTHON)
@@ -196,6 +201,15 @@ def _tail(path, n=4000) -> str:
         return "(no log)"
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when pytest dies, even by SIGKILL (Linux), so no server is orphaned."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def _start(webui_dir: str, python: str, tmp: str) -> WebUI:
     built = _build_models(webui_dir, python)
     data_dir = os.path.join(tmp, "data")
@@ -227,7 +241,7 @@ def _start(webui_dir: str, python: str, tmp: str) -> WebUI:
     env.pop("PYTHONPATH", None)
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
     log.close()
     w = WebUI(url, pid=proc.pid, log_path=log_path, data_dir=data_dir,
               models=dict(built, ckpt_dir=ckpt_dir, sam_dir=sam_dir), proc=proc)
@@ -264,7 +278,12 @@ def webui():
             raise RuntimeError(f"LR_WEBUI_URL={src[1]} does not answer /sdapi/v1/sd-models")
     else:
         tmp = tempfile.mkdtemp(prefix="lr-host-")
-        w = _start(src[1], src[2], tmp)
+        try:
+            w = _start(src[1], src[2], tmp)
+        except BaseException:
+            if not os.environ.get("LR_WEBUI_KEEP"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     try:
         for m in H.get(w.url, "/sdapi/v1/sd-models"):
             w.titles[m["model_name"]] = m["title"]

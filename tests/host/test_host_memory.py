@@ -1,10 +1,12 @@
 """50 enabled generations in a row leave the WebUI's memory flat (issue 3 "Tests").
 
-RSS of the server process (/proc/<pid>/status VmRSS) after each generation. The first WARMUP runs
-fill the caches (reference inversion, vanilla UNet, allocator pools); after that RSS may not grow by
-more than RSS_BOUND_MIB in total. With tiny models every cache entry is well under a MiB, so a leak of
-even one layout image or latent history per generation crosses the bound. For scale: 50 plain tiny
-generations on this host grow RSS by 0 MiB after warm-up.
+RSS of the server process (/proc/<pid>/status VmRSS) after each generation. The references rotate
+through REFERENCES different images, more than the reference-inversion cache keeps (default 4), so the
+cache fills and evicts all along. The first WARMUP runs fill the caches (reference inversions, the
+vanilla UNet, allocator pools); after that RSS may not grow by more than RSS_BOUND_MIB in total, i.e.
+a leak of about 1.5 MiB per generation fails: a UNet copy (~4 MiB for the tiny model), a kept model
+reference, or accumulating hooks. Per-generation tensors of the tiny model are too small to see.
+For scale: 50 plain tiny generations grow RSS by 0 MiB after warm-up; enabled ones by ~1 MiB.
 """
 from __future__ import annotations
 
@@ -15,15 +17,27 @@ import host_helpers as H
 RUNS = 50
 WARMUP = 10
 RSS_BOUND_MIB = 64.0
+REFERENCES = 6
+
+
+def _references() -> list[str]:
+    out = []
+    for i in range(REFERENCES):
+        img = H.reference_rgb()
+        img.putpixel((2, 2), (i * 40, 255 - i * 40, 7))
+        out.append(H.png_b64(img))
+    return out
 
 
 @pytest.mark.slow
 def test_50_enabled_generations_keep_memory_flat(webui, lr):
     webui.rss_mib()  # skips when the PID is unknown
     rss = []
+    refs = _references()
     for i in range(RUNS):
-        # Own seed and prompt each time (as users do); the same reference (a cache hit after the first).
-        r = H.txt2img(webui.url, H.lr_body(lr(), prompt=f"a photo of sks dog number {i}", seed=1000 + i))
+        # Own seed and prompt each time (as users do); references in rotation (the cache evicts).
+        r = H.txt2img(webui.url, H.lr_body(lr(reference_image=refs[i % REFERENCES]),
+                                           prompt=f"a photo of sks dog number {i}", seed=1000 + i))
         H.assert_retouched(r)
         rss.append(webui.rss_mib())
     base = rss[WARMUP - 1]

@@ -29,8 +29,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
-if TESTS not in sys.path:
-    sys.path.insert(0, TESTS)
+REPO_ROOT = os.path.dirname(TESTS)
+for _p in (TESTS, REPO_ROOT):  # tiny_models, and lib_layout_retouch which it may import
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
