@@ -20,6 +20,8 @@ Measured, for batch 1 and batch 4 (one reference), each as warm-up run(s) then t
             the retouch editor in the identity phase (reference K/V in the decoder layers), against
             the same forward without the hooks (median of interleaved runs).
 Peak memory is torch.cuda.max_memory_allocated, reset before each timed run (null on the CPU).
+On CUDA, one more plain and one L&R run go under torch.cuda.set_sync_debug_mode("warn") to list
+the lines that make the host wait for the GPU (`sync_points`); --profile adds a torch.profiler run.
 A table goes to stdout; JSON to benchmarks/results/<card-slug>-<config>.json (CPU runs:
 <...>.tmp.json, git-ignored) or --out.
 """
@@ -699,10 +701,11 @@ def run(args: argparse.Namespace) -> dict:
 
         if cuda and not args.no_sync_check:
             model.clock = None  # the clock's own synchronize() calls are not what we look for
+            n1 = noise_for(1)
             try:
                 res["sync_points"] = {
-                    "plain": sync_points(lambda: plain_generate(model, noise_for(1), args.steps, args.guidance, None)),
-                    "lr_paper": sync_points(lambda: lr(noise_for(1), "inversion", None)),
+                    "plain": sync_points(lambda: plain_generate(model, n1, args.steps, args.guidance, None)),
+                    "lr_paper": sync_points(lambda: lr(n1, "inversion", None)),
                 }
             except Exception as e:  # a diagnostic: never lose the figures above to it
                 res["sync_points_error"] = f"{type(e).__name__}: {e}"

@@ -145,6 +145,7 @@ class RetouchAttention:
         # Sources kept between calls when the paths run one call each (sequential mode / cached reference).
         self.store: dict[tuple[str, str, str], tuple[torch.Tensor, ...]] = {}
         self.store_sources = False
+        self._token_index: Optional[torch.Tensor] = None
         self._reference = set(layers.reference_layers)
         self._mask = set(layers.mask_layers)
         self._blend = set(layers.blend_layers)
@@ -206,7 +207,7 @@ class RetouchAttention:
             for half, rows in target_rows:
                 phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
                 m = self.masks.for_tokens(out.shape[2], out.dtype).unsqueeze(1)  # (N, 1, n, 1), cached
-                out[rows] = m * out[rows] + (1 - m) * phi_o
+                out[rows] = torch.lerp(phi_o, out[rows], m)  # M⊙φ_t + (1−M)⊙φ_o in one kernel
 
         if stores:
             self._keep_sources(name, q, k, v, out)
@@ -229,7 +230,10 @@ class RetouchAttention:
 
     def _record_maps(self, q, k, rows: slice) -> None:
         probs = attention_probabilities(q[rows], k[rows])            # (N, heads, n, tokens)
-        maps = probs[..., self.subject_tokens].mean(dim=(1, 3))      # (N, n)
+        if self._token_index is None or self._token_index.device != probs.device:
+            # built once on the device: indexing with a Python list would copy it host→device per call
+            self._token_index = torch.tensor(self.subject_tokens, dtype=torch.long, device=probs.device)
+        maps = probs.index_select(-1, self._token_index).mean(dim=(1, 3))  # (N, n)
         maps = maps.reshape(-1, *layer_hw(self.latent_hw, maps.shape[1]))
         if self.map_sum is None or self.map_sum.shape != maps.shape:
             self.map_sum, self.map_count = torch.zeros_like(maps), 0

@@ -84,13 +84,16 @@ class RetouchJob:
                 progress: Optional[pipeline.ProgressFn] = None,
                 should_stop: Optional[Callable[[], bool]] = None) -> pipeline.RetouchResult:
         device = layout_latents.device
-        reference_latent = model.encode(image_to_tensor(self.reference).to(device)).to(layout_latents.dtype)
+        key = (self.reference_fingerprint, model_key)
+        cached = cache.peek(pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:])) if cache is not None else None
+        reference_latent = cached[0] if cached is not None else \
+            model.encode(image_to_tensor(self.reference).to(device)).to(layout_latents.dtype)
         conds = pipeline.encode_prompts(model, self.prompts, self.negative_prompt)
         result = pipeline.retouch(
             model, reference_latent=reference_latent, layout_latents=layout_latents, conds=conds,
             subject_tokens=subject_tokens, settings=self.settings(), layout_trajectory=layout_trajectory,
             layout_images=layout_images, segmenter=segmenter,
-            reference_key=(self.reference_fingerprint, model_key), cache=cache,
+            reference_key=key, cache=cache,
             progress=progress, should_stop=should_stop)
         self.mask_kind = result.mask_kind
         for note in result.notes:

@@ -90,6 +90,11 @@ class InversionCache:
                 self.misses += 1
             return levels
 
+    def peek(self, key: tuple) -> Optional[list[torch.Tensor]]:
+        """Look without counting a hit or refreshing the entry."""
+        with self._lock:
+            return self._items.get(key)
+
     def put(self, key: tuple, levels: list[torch.Tensor]) -> None:
         with self._lock:
             self._items[key] = levels
@@ -103,6 +108,10 @@ class InversionCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def inversion_key(reference_key: tuple, steps: int, latent_hw) -> tuple:
+    return (*reference_key, steps, tuple(latent_hw))
 
 
 def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "") -> RetouchConds:
@@ -173,7 +182,7 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
                                  "prepare the reference at the generation size", parameter="reference_image")
 
     # Reference inversion, once per (reference, model, T).
-    key = None if reference_key is None else (*reference_key, T, tuple(latent_hw))
+    key = None if reference_key is None else inversion_key(reference_key, T, latent_hw)
     z_r = cache.get(key) if (cache is not None and key is not None) else None
     reference_cached = z_r is not None
     if z_r is None:
@@ -328,7 +337,10 @@ def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: 
     layout_images = model.decode(layout_latents)
     subject = subject_token_positions(model.tokenize, prompts.personalized,
                                       [prompts.concept_token, prompts.class_phrase])
-    reference_latent = model.encode(reference_image)
+    # A cached inversion starts with the reference's latent: no VAE pass then.
+    cached = (cache.peek(inversion_key(reference_key, schedule.steps, noise.shape[-2:]))
+              if cache is not None and reference_key is not None else None)
+    reference_latent = cached[0] if cached is not None else model.encode(reference_image)
     result = retouch(model, reference_latent=reference_latent, layout_latents=layout_latents,
                      conds=RetouchConds(reference=cond_ref, layout=cond_personal, uncond=uncond),
                      subject_tokens=subject, settings=settings,
