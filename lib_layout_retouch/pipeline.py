@@ -270,9 +270,9 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
             if settings.sequential:
                 eps = {}
                 editor.store_sources = True
-                for i, (p, c) in enumerate(paths):
-                    if c:
-                        eps.update(run([(p, c)], latents, t, keep_store=i > 0, **phase))
+                for p, c in paths:
+                    if c:  # the first call of the step clears last step's sources
+                        eps.update(run([(p, c)], latents, t, keep_store=bool(eps), **phase))
                 editor.store_sources = False
             else:
                 eps = run(paths, latents, t, **phase)

@@ -214,17 +214,21 @@ def check_host(p, params: LayoutRetouchParams) -> None:
 def fail_generation(p, err: LayoutRetouchError) -> None:
     """Make the generation fail with `err`: hooks' exceptions are swallowed by the WebUI, so raise
     from `p.sample` instead. The API answers 422 with the message; the UI shows it."""
-    log(f"refused: {err}")
-    exc: Exception = err
-    if getattr(p, "is_api", False):
-        # An HTTPException reaches the client as a plain 422 {"detail": msg, "errors": ...}; the
-        # WebUI's handler prints no traceback for it (the message above is the log).
-        from fastapi import HTTPException
-        exc = HTTPException(status_code=422, detail=str(err))
+    exc = request_error(p, err)
 
     def sample(*args, **kwargs):
         raise exc
     p.sample = sample
+
+
+def request_error(p, err: LayoutRetouchError) -> Exception:
+    """What to raise for a user error: for the API an HTTPException, which reaches the client as a
+    plain 422 {"detail": msg} without a server traceback; in the UI the error itself (a toast)."""
+    log(f"refused: {err}")
+    if getattr(p, "is_api", False):
+        from fastapi import HTTPException
+        return HTTPException(status_code=422, detail=str(err))
+    return err
 
 
 # --- stage 1 -----------------------------------------------------------------------------------------
@@ -405,18 +409,21 @@ def install(p, run) -> None:
     def sample(*args, **kwargs):
         run.retouched = False
         try:
-            begin_stage1(p, run)
-            samples = original_sample(*args, **kwargs)
-        finally:
-            end_stage1(p, run)  # nothing stays switched, whatever happened
-        if not run.retouched:
-            samples = retouch_samples(p, run, samples)
+            try:
+                begin_stage1(p, run)
+                samples = original_sample(*args, **kwargs)
+            finally:
+                end_stage1(p, run)  # nothing stays switched, whatever happened
+            if not run.retouched:
+                samples = retouch_samples(p, run, samples)
+        except LayoutRetouchError as e:
+            raise request_error(p, e) from None
         p.extra_generation_params.update(run.job.infotext())
         return samples
 
     def sample_hr_pass(samples, decoded_samples, *args, **kwargs):
         end_stage1(p, run)
-        retouched = retouch_samples(p, run, samples)
+        retouched = retouch_samples(p, run, samples)  # its errors pass through sample() above
         if decoded_samples is not None and retouched is not samples:
             with devices.autocast():
                 decoded_samples = p.sd_model.decode_first_stage(retouched.to(devices.dtype_vae)).float().cpu()
