@@ -277,3 +277,21 @@ def test_xyz_over_lambda1_returns_a_grid(webui, lr):
     assert H.differs(cells[0], cells[1]) and H.differs(cells[1], cells[2])
     single = H.txt2img(webui.url, H.lr_body(lr(lambda1=2)))
     assert np.array_equal(single.image, cells[1]), "the λ1=2 cell differs from a λ1=2 run"
+
+
+RETOUCH_LINE = re.compile(r"\[Layout-and-Retouch\] retouch of (\d+) image")
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_retouches_the_first_pass_once(webui, lr, upscaler):
+    """Stage 2 runs on the first-pass latents, before the hires pass (latent and pixel upscalers)."""
+    hr = dict(enable_hr=True, hr_scale=2, hr_upscaler=upscaler, hr_second_pass_steps=3, denoising_strength=0.5)
+    plain_hr = H.txt2img(webui.url, H.plain_body(**hr))
+    assert plain_hr.ok, plain_hr.describe()
+    mark = webui.log_mark()
+    r = H.txt2img(webui.url, H.lr_body(lr(), **hr))
+    H.assert_retouched(r)
+    log = webui.log_since(mark)
+    assert RETOUCH_LINE.findall(log) == ["1"], log[-2000:]
+    assert r.image.shape[:2] == (2 * H.SIZE, 2 * H.SIZE)
+    assert H.differs(r.image, plain_hr.image)
