@@ -13,8 +13,23 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 
+from .errors import LayoutRetouchError
+
 # eps = denoiser(x, t, cond) for a batch x, timesteps t (B,), conditioning cond (B, tokens, dim)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_model_supported(ldm) -> None:
+    """Refuse, with a message, the model kinds this extension cannot retouch yet.
+
+    SD1.x ε-prediction is what the paper (and our layer table) covers; SDXL/SD3 have another UNet
+    and conditioning, SD2.x's 768 models predict v (the DDIM inversion here assumes ε)."""
+    if getattr(ldm, "is_sdxl", False) or getattr(ldm, "is_sd3", False) or not hasattr(ldm, "apply_model"):
+        raise LayoutRetouchError("SDXL/SD3 models are not yet supported (the paper and this extension are "
+                                 "SD1.x-based); load an SD1.x checkpoint", parameter="sd_model")
+    if getattr(ldm, "parameterization", "eps") != "eps":
+        raise LayoutRetouchError("v-prediction models (SD2.x 768) are not yet supported; load an SD1.x "
+                                 "checkpoint", parameter="sd_model")
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
 
 from lib_layout_retouch import axes, job as lr_job, pipeline  # noqa: E402
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
-from lib_layout_retouch.model import LdmModel  # noqa: E402
+from lib_layout_retouch.model import LdmModel, check_model_supported  # noqa: E402
 from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, NO_SAM, LayoutRetouchParams  # noqa: E402
 from lib_layout_retouch.prompts import guess_concept, subject_positions_in_chunks  # noqa: E402
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter  # noqa: E402
@@ -188,12 +188,7 @@ def check_host(p, params: LayoutRetouchParams) -> None:
     if not isinstance(p, StableDiffusionProcessingTxt2Img):
         raise LayoutRetouchError("Layout-and-Retouch works in txt2img only")
     model = p.sd_model
-    if getattr(model, "is_sdxl", False) or getattr(model, "is_sd3", False):
-        raise LayoutRetouchError("SDXL/SD3 models are not yet supported (the paper and this extension are "
-                                 "SD1.x-based); load an SD1.x checkpoint", parameter="sd_model")
-    if getattr(model, "is_sd2", False) or getattr(model, "parameterization", "eps") != "eps":
-        raise LayoutRetouchError("v-prediction (SD2.x) models are not yet supported; load an SD1.x checkpoint",
-                                 parameter="sd_model")
+    check_model_supported(model)
     name = params.sam_model
     if name != NO_SAM and (os.path.basename(name) != name or name in (".", "..") or "\\" in name):
         # A name from the list, never a path: API input must not open arbitrary files.
@@ -277,9 +272,12 @@ def begin_stage1(p, run) -> None:
     if kind == "dreambooth":
         info = sd_models.get_closet_checkpoint_match(run.params.vanilla_checkpoint)
         run.vanilla_unet = VANILLA_UNETS.get(info, run.personal_unet)
-        device = next(run.personal_unet.parameters()).device
-        if next(run.vanilla_unet.parameters()).device != device:
-            run.vanilla_unet.to(device)
+        if not getattr(model, "lowvram", False):
+            # Normal VRAM: resident beside the personalized UNet. In --medvram/--lowvram the WebUI's own
+            # hooks (on the UNet wrapper, or copied with the blocks) move it to the GPU when it runs.
+            device = next(run.personal_unet.parameters()).device
+            if next(run.vanilla_unet.parameters()).device != device:
+                run.vanilla_unet.to(device)
     lora_off = kind == "lora" and run.job.schedule.lambda1 > 0
     nets = loaded_loras() if lora_off else []
     if lora_off and not nets:
@@ -307,8 +305,15 @@ def begin_stage1(p, run) -> None:
 def end_stage1(p, run) -> None:
     run.stage1_active = False
     restore_stage1(p, run)
-    if run.vanilla_unet is not None and opt("layout_retouch_vanilla_on_cpu", False):
-        run.vanilla_unet.to("cpu")
+    if run.vanilla_unet is None:
+        return
+    medvram = getattr(p.sd_model, "lowvram", False) and not getattr(shared.cmd_opts, "lowvram", False)
+    if opt("layout_retouch_vanilla_on_cpu", False) or medvram:
+        # --medvram moves the whole UNet wrapper to the GPU with whatever UNet it holds, and back
+        # without the swapped-out one: send the vanilla UNet back ourselves. (--lowvram's per-block
+        # hooks handle it; never move a lowvram model as a whole.)
+        if not getattr(shared.cmd_opts, "lowvram", False):
+            run.vanilla_unet.to("cpu")
 
 
 # --- stage 2 -----------------------------------------------------------------------------------------

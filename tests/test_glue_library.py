@@ -150,3 +150,19 @@ def test_job_retouch_on_the_tiny_model(tiny_ldm):
     assert job.infotext()["LR mask"] == "CA only"
     assert lr_job.mask_to_image(res.masks[0], (64, 64)).size == (64, 64)
     assert len(lr_job.tensor_to_images(model.decode(res.latents))) == 2
+
+
+def test_model_kinds_that_are_not_supported_are_refused(tiny_ldm):
+    from lib_layout_retouch.model import check_model_supported
+
+    check_model_supported(tiny_ldm)  # SD1-architecture ε-prediction: fine
+    sdxl = SimpleNamespace(is_sdxl=True, apply_model=None)  # what A1111's SDXL model says of itself
+    with pytest.raises(LayoutRetouchError, match="not yet supported") as err:
+        check_model_supported(sdxl)
+    assert err.value.parameter == "sd_model"
+    tiny_ldm.parameterization = "v"
+    try:
+        with pytest.raises(LayoutRetouchError, match="v-prediction"):
+            check_model_supported(tiny_ldm)
+    finally:
+        tiny_ldm.parameterization = "eps"
