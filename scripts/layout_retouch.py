@@ -512,6 +512,7 @@ class LayoutRetouchScript(scripts.Script):
             params = parse_params(p, args)
             if not params.enabled:
                 return
+            params.validate()  # the user's own values first, then what depends on the WebUI
             check_host(p, params)
             run = Run(p, params)
         except LayoutRetouchError as e:
