@@ -476,8 +476,10 @@ class LayoutRetouchScript(scripts.Script):
                 else:
                     c = gr.Textbox(value=f.default, label=f.label, elem_id=eid)
                 comps[f.name] = c
-            steps_now = getattr(getattr(self, "_txt2img_steps", None), "value", 20) or 20
-            effective = gr.Markdown(_describe_effective(5, 10, 31, True, steps_now), elem_id=self.elem_id("effective"))
+                if f.name == "scale_with_steps":  # what λ1/λ2/mask start become at the current steps
+                    steps_now = getattr(getattr(self, "_txt2img_steps", None), "value", 20) or 20
+                    effective = gr.Markdown(_describe_effective(5, 10, 31, True, steps_now),
+                                            elem_id=self.elem_id("effective"))
             guess = gr.Button("Guess token and class from the prompt", elem_id=self.elem_id("guess"))
 
         kind = comps["personalization"]
