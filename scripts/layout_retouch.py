@@ -172,15 +172,16 @@ class Run:
 def parse_params(p, args) -> LayoutRetouchParams:
     params = LayoutRetouchParams.from_script_args(args)
     params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None))
-    if params.enabled and params.sam_model == NO_SAM and not _given(args, "sam_model"):
+    # The settings' default SAM is the UI dropdown's initial value; for the API it fills an omitted name.
+    if params.enabled and params.sam_model == NO_SAM and _named_without(args, "sam_model"):
         default_sam = opt("layout_retouch_default_sam", NO_SAM)
         if default_sam and default_sam != NO_SAM:
             params = axes.apply_overrides(params, {"sam_model": default_sam})
     return params
 
 
-def _given(args, name) -> bool:
-    return bool(args) and isinstance(args[0], dict) and name in args[0]
+def _named_without(args, name) -> bool:
+    return bool(args) and isinstance(args[0], dict) and name not in args[0]
 
 
 def check_host(p, params: LayoutRetouchParams) -> None:
@@ -469,7 +470,10 @@ class LayoutRetouchScript(scripts.Script):
                 elif f.name == "vanilla_checkpoint":
                     c = gr.Dropdown(choices=checkpoint_choices(), value="", label=f.label, elem_id=eid)
                 elif f.name == "sam_model":
-                    c = gr.Dropdown(choices=sam_choices(), value=NO_SAM, label=f.label, elem_id=eid)
+                    choices = sam_choices()
+                    default_sam = opt("layout_retouch_default_sam", NO_SAM)
+                    c = gr.Dropdown(choices=choices, value=default_sam if default_sam in choices else NO_SAM,
+                                    label=f.label, elem_id=eid)
                 elif f.kind in ("int", "float"):
                     c = gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, value=f.default,
                                   label=f.label, elem_id=eid)
