@@ -226,7 +226,7 @@ def test_payload_carries_the_named_script_arguments(vico, concepts):
     args_on = on["alwayson_scripts"]["Layout-and-Retouch"]["args"]
     assert len(args_on) == 1 and set(args_on[0]) == SCRIPT_KEYS
     a = args_on[0]
-    assert a["enabled"] is True and a["show_intermediates"] is False
+    assert a["enabled"] is True and a["show_intermediates"] is True  # for the pipeline's mask
     assert (a["personalization"], a["concept_token"], a["class_phrase"]) == ("dreambooth", "sks", "dog")
     assert (a["lambda1"], a["lambda2"], a["mask_start"], a["ca_threshold"]) == (5, 10, 31, 0.1)
     assert a["vanilla_checkpoint"] == "tiny-vanilla.safetensors"
@@ -579,3 +579,24 @@ def test_cli_module_entry_point_reports_errors_with_exit_code_2(tmp_path):
     assert proc.returncode == 2
     assert "error: Layout-and-Retouch:" in proc.stderr and "images" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _png_b64(value: int) -> str:
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), value).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_pipeline_mask_is_the_third_image_of_an_on_reply(vico, concepts):
+    specs = {s.name: s for s in runner.load_concepts(str(concepts), str(vico))}
+    on = runner.build_payload(specs["brown_dog"], "a {}", 1, "on", small_settings(), "")
+    off = runner.build_payload(specs["brown_dog"], "a {}", 1, "off", small_settings(), "")
+    reply = {"images": [_png_b64(10), _png_b64(20), _png_b64(200), _png_b64(30)]}
+    mask = runner.pipeline_mask(reply, on)
+    with Image.open(io.BytesIO(mask)) as im:
+        assert im.getpixel((0, 0)) == 200
+    assert runner.pipeline_mask(reply, off) is None                       # no mask for OFF
+    assert runner.pipeline_mask({"images": reply["images"][:1]}, on) is None  # WebUI sent no intermediates
+    quiet = runner.build_payload(specs["brown_dog"], "a {}", 1, "on", small_settings(keep_masks=False), "")
+    assert quiet["alwayson_scripts"]["Layout-and-Retouch"]["args"][0]["show_intermediates"] is False
+    assert runner.pipeline_mask(reply, quiet) is None

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backoff", type=float, default=2.0, help="first retry wait in seconds; doubles each time")
     run.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     run.add_argument("--api-auth", default=None, help="user:password when the WebUI runs with --api-auth")
+    run.add_argument("--no-masks", action="store_true",
+                     help="do not ask the extension for its subject masks (by default each ON image's mask is "
+                          "saved as <image>.mask.png and used for σ²_avg and the heat maps)")
     run.add_argument("--on-marker", default="LR lambda1",
                      help="text every 'on' infotext must contain (proof the script ran); '' turns the check off")
     run.add_argument("--no-score", action="store_true", help="only generate")
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 negative_prompt=args.negative, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                 lambda1=args.lambda1, lambda2=args.lambda2, mask_start=args.mask_start,
                 ca_threshold=args.ca_threshold, sam_model=args.sam_model, vanilla_checkpoint=args.vanilla_checkpoint,
-                on_marker=args.on_marker)
+                on_marker=args.on_marker, keep_masks=not args.no_masks)
             client = WebUIClient(args.url, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
                                  auth=args.api_auth)
             summary = run_protocol(args.vico, args.concepts, args.url, args.out, settings, client=client,

@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ..errors import LayoutRetouchError
+from .diversity import mask_path_for
 
 SCRIPT_TITLE = "Layout-and-Retouch"
 METHODS = ("off", "on")
@@ -101,6 +102,7 @@ class RunSettings:
     # parameters as "LR ..." keys). The WebUI swallows script errors and still answers 200 with a
     # plain image, so without this check a misconfigured run would quietly be a second baseline.
     on_marker: str = "LR lambda1"
+    keep_masks: bool = True  # save the extension's mask of each ON image as <image>.mask.png
 
     def generation_key(self) -> dict:
         """The settings that change an image: a resumed run must match them."""
@@ -353,6 +355,23 @@ def _error_detail(e: urllib.error.HTTPError) -> str:
     return body[:500]
 
 
+def pipeline_mask(reply: dict, payload: dict) -> bytes | None:
+    """The blend mask the extension returned for a one-image ON request, as PNG bytes, or None.
+
+    With show_intermediates the images are [result, layout, mask, cross-attention map]; the mask's
+    foreground is ≥ 0.5 (≥ 128 grey), which `diversity.load_mask_png` reads as subject."""
+    args = (payload.get("alwayson_scripts", {}).get(SCRIPT_TITLE, {}).get("args") or [{}])
+    if not (isinstance(args[0], dict) and args[0].get("enabled") and args[0].get("show_intermediates")):
+        return None
+    images = reply.get("images") or []
+    if len(images) < 4:
+        return None
+    try:
+        return base64.b64decode(images[2].split(",", 1)[-1])
+    except (ValueError, TypeError):
+        return None
+
+
 def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, settings: RunSettings,
                   reference_b64: str, include_script: bool = True) -> dict:
     """The /sdapi/v1/txt2img request for one image. "on" and "off" differ only in the script's args.
@@ -375,7 +394,8 @@ def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, sett
         "lambda2": int(spec.script.get("lambda2", settings.lambda2)),
         "mask_start": int(spec.script.get("mask_start", settings.mask_start)),
         "ca_threshold": float(spec.script.get("ca_threshold", settings.ca_threshold)),
-        "show_intermediates": False,
+        # ON: ask for the intermediates, to keep the pipeline's own subject mask for σ²_avg.
+        "show_intermediates": enabled and settings.keep_masks,
     }
     sam_model = spec.script.get("sam_model", settings.sam_model)
     if sam_model:  # absent: the extension's own default (its settings may name a SAM model)
@@ -578,6 +598,9 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
                 "size": list(Image.open(io.BytesIO(data)).size),
             }
             _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8"))
+            mask = pipeline_mask(reply, payload)
+            if mask is not None:
+                _atomic_write(mask_path_for(path), mask)
             _atomic_write(path, data)  # last: the image's presence is what "done" means
             summary.generated += 1
             bar.update(1)

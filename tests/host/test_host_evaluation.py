@@ -40,7 +40,12 @@ def test_protocol_runner_against_the_webui(webui, tmp_path):
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2  # one row per method
-    pngs = [p for p in out.rglob("*.png") if "heatmap" not in str(p)]
+    # ON images keep the extension's own subject mask, so their layout diversity is measured
+    masks = sorted(out.rglob("*.mask.png"))
+    assert len(masks) == 8 and all(f"{os.sep}on{os.sep}" in str(m) for m in masks)
+    on_row = table.split("| Layout-and-Retouch (on) |")[1].split("\n")[0]
+    float(on_row.strip(" |").split("|")[-1])  # σ²_avg is a number for ON (from the saved masks), not n/a
+    pngs = [p for p in out.rglob("*.png") if "heatmap" not in str(p) and not p.name.endswith(".mask.png")]
     assert len(pngs) >= 2 * 2 * 2 * 2  # concepts × prompts × seeds × {on, off}
     # the ON images are retouched: each differs from its OFF twin (same seed)
     import numpy as np
@@ -54,4 +59,4 @@ def test_protocol_runner_against_the_webui(webui, tmp_path):
     # resumable: a second run requests nothing new and keeps every file
     r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert len([p for p in out.rglob("*.png") if "heatmap" not in str(p)]) == len(pngs)
+    assert len([p for p in out.rglob("*.png") if "heatmap" not in str(p) and not p.name.endswith(".mask.png")]) == len(pngs)
