@@ -145,6 +145,9 @@ class RetouchAttention:
         # Sources kept between calls when the paths run one call each (sequential mode / cached reference).
         self.store: dict[tuple[str, str, str], tuple[torch.Tensor, ...]] = {}
         self.store_sources = False
+        # Reference K/V kept for other generations (pipeline.ReferenceAttentionCache): filled while
+        # `capture_reference` is a dict, read back through `store` on later runs.
+        self.capture_reference: Optional[dict] = None
         self._token_index: Optional[torch.Tensor] = None
         self._reference = set(layers.reference_layers)
         self._mask = set(layers.mask_layers)
@@ -152,11 +155,14 @@ class RetouchAttention:
 
     # -- driven by the pipeline ------------------------------------------------------------
     def begin_step(self, plan: RowPlan, *, copy_layout: bool, paint_identity: bool, blend: bool, record_maps: bool,
-                   keep_store: bool = False) -> None:
+                   keep_store: bool = False, sources: Optional[dict] = None) -> None:
+        """`sources`: (name, path, half) → (q, k, v, out) of paths not in this call (a cached reference)."""
         self.plan = plan
         self.copy_layout, self.paint_identity, self.blend, self.record_maps = copy_layout, paint_identity, blend, record_maps
         if not keep_store:
             self.store.clear()
+        if sources:
+            self.store.update(sources)
 
     def subject_maps(self) -> Optional[torch.Tensor]:
         """Mean subject-token map per image over recorded layers and steps, (N, h, w)."""
@@ -195,6 +201,8 @@ class RetouchAttention:
                 else:
                     src = self._source(name, REFERENCE, half, q, k, v)
                     n = rows.stop - rows.start
+                    if self.capture_reference is not None and plan.get(REFERENCE, half) is not None:
+                        self.capture_reference[(name, REFERENCE, half)] = (None, src[1].clone(), src[2].clone(), None)
                     k[rows] = src[1].expand(n, -1, -1, -1)
                     v[rows] = src[2].expand(n, -1, -1, -1)
 

@@ -24,6 +24,9 @@ from .prompts import RetouchPrompts, derive_prompts
 # Reference inversions across generations: one entry ≈ (T+1) latents of one image (3.3 MB at
 # SD1 512², T=50, fp32). The WebUI setting "Reference cache size" overrides it.
 SHARED_INVERSION_CACHE = pipeline.InversionCache(max_entries=4)
+# The reference path's K/V across generations: opt-in (≈1.9 GB at SD1 512², 50 steps, fp16), so
+# 0 bytes until the WebUI setting "Reference attention cache (MB)" says otherwise.
+SHARED_REFERENCE_ATTENTION_CACHE = pipeline.ReferenceAttentionCache(max_bytes=0)
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:
@@ -81,6 +84,7 @@ class RetouchJob:
                 model_key: str, layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
                 layout_images: Optional[np.ndarray] = None, segmenter=None,
                 cache: Optional[pipeline.InversionCache] = SHARED_INVERSION_CACHE,
+                kv_cache: Optional[pipeline.ReferenceAttentionCache] = SHARED_REFERENCE_ATTENTION_CACHE,
                 progress: Optional[pipeline.ProgressFn] = None,
                 should_stop: Optional[Callable[[], bool]] = None) -> pipeline.RetouchResult:
         device = layout_latents.device
@@ -93,7 +97,7 @@ class RetouchJob:
             model, reference_latent=reference_latent, layout_latents=layout_latents, conds=conds,
             subject_tokens=subject_tokens, settings=self.settings(), layout_trajectory=layout_trajectory,
             layout_images=layout_images, segmenter=segmenter,
-            reference_key=key, cache=cache,
+            reference_key=key, cache=cache, kv_cache=kv_cache,
             progress=progress, should_stop=should_stop)
         self.mask_kind = result.mask_kind
         for note in result.notes:

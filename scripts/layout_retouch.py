@@ -79,6 +79,10 @@ def on_ui_settings():
     shared.opts.add_option("layout_retouch_reference_cache", shared.OptionInfo(
         4, "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)", gr.Slider,
         {"minimum": 0, "maximum": 32, "step": 1}, section=section))
+    shared.opts.add_option("layout_retouch_kv_cache_mb", shared.OptionInfo(
+        0, "Reference attention cache, MB of VRAM (0 = off; one SD1 512² 50-step reference ≈ 1900 MB): "
+           "repeat generations with the same reference skip the reference path", gr.Slider,
+        {"minimum": 0, "maximum": 16384, "step": 64}, section=section))
     shared.opts.add_option("layout_retouch_vanilla_cache", shared.OptionInfo(
         1, "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)", gr.Slider,
         {"minimum": 0, "maximum": 4, "step": 1}, section=section))
@@ -365,6 +369,10 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
             job.add_note("layout source 'stage1' needs the DDIM sampler; the layout was inverted instead")
     cache = lr_job.SHARED_INVERSION_CACHE
     cache.max_entries = int(opt("layout_retouch_reference_cache", 4))
+    kv_cache = lr_job.SHARED_REFERENCE_ATTENTION_CACHE
+    kv_cache.max_bytes = int(opt("layout_retouch_kv_cache_mb", 0)) * 2 ** 20
+    if kv_cache.max_bytes == 0:
+        kv_cache.clear()
     checkpoint = getattr(p.sd_model, "sd_checkpoint_info", None)
     model_key = "|".join([getattr(checkpoint, "filename", "?"), job.params.personalization,
                           ",".join(f"{n.name}:{n.unet_multiplier}" for n in loaded_loras())])
@@ -384,7 +392,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
     try:
         result = job_for_batch.retouch(model, samples, subject_tokens=subject, model_key=model_key,
                                        layout_trajectory=trajectory, layout_images=layout_images,
-                                       segmenter=segmenter, cache=cache, progress=progress, should_stop=should_stop)
+                                       segmenter=segmenter, cache=cache, kv_cache=kv_cache, progress=progress,
+                                       should_stop=should_stop)
     except Interrupted as e:
         job.add_note(f"retouch interrupted ({e}); layout returned")
         log(f"interrupted: {e}")
@@ -392,7 +401,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
     job.mask_kind = result.mask_kind
     for note in job_for_batch.notes:
         job.add_note(note)
-    log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls, "
+    log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls "
+        f"({result.unet_rows} rows), "
         f"reference {'cached' if result.reference_cached else 'inverted'}, mask {result.mask_kind}")
     if job.params.show_intermediates:
         size = (p.width, p.height)

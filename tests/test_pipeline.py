@@ -173,3 +173,39 @@ def test_reference_path_without_reset_steps_itself(setup):
     # without the reset the reference path runs (and steps) at every step, copy phase included
     assert free.unet_rows == reset.unet_rows + 2 * 2
     assert not torch.allclose(reset.latents, free.latents, atol=1e-6)
+
+
+def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result(setup):
+    model, conds, subject, ref, layouts = setup
+    kv = pl.ReferenceAttentionCache(max_bytes=10 ** 9)
+    inv = pl.InversionCache(4)
+    first = run(setup, cache=inv, kv_cache=kv, reference_key=("ref", "model"))
+    assert len(kv) == 1 and kv.nbytes() > 0
+    one_reference = kv.nbytes()
+    second = run(setup, cache=inv, kv_cache=kv, reference_key=("ref", "model"))
+    assert torch.allclose(first.latents, second.latents, atol=1e-5)
+    # no reference inversion (T rows) and no reference rows in the T−λ2 identity steps (2 each)
+    assert second.unet_rows == first.unet_rows - T - 2 * (T - 2)
+    # another negative prompt is another key: the reference runs again
+    other = pl.RetouchConds(reference=conds.reference, layout=conds.layout, uncond=conds.reference)
+    res = pl.retouch(model, reference_latent=ref, layout_latents=layouts, conds=other, subject_tokens=subject,
+                     settings=pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5,
+                                                                             scale=False)),
+                     cache=inv, kv_cache=kv, reference_key=("ref", "model"))
+    assert res.unet_rows == first.unet_rows - T
+    # bounded: a cache smaller than one step keeps nothing, and the run is still right
+    tiny = pl.ReferenceAttentionCache(max_bytes=1000)
+    again = run(setup, cache=inv, kv_cache=tiny, reference_key=("ref", "model"))
+    assert len(tiny) == 0 or tiny.nbytes() <= 1000
+    assert torch.allclose(again.latents, first.latents, atol=1e-5)
+    # room for about half the steps: those are reused, the others recomputed, same result
+    half = pl.ReferenceAttentionCache(max_bytes=one_reference // 2)
+    run(setup, cache=inv, kv_cache=half, reference_key=("ref", "model"))
+    assert 0 < half.nbytes() <= one_reference // 2
+    partial = run(setup, cache=inv, kv_cache=half, reference_key=("ref", "model"))
+    assert second.unet_rows < partial.unet_rows < first.unet_rows - T
+    assert torch.allclose(partial.latents, first.latents, atol=1e-5)
+    # off by default (0 bytes)
+    off = pl.ReferenceAttentionCache()
+    run(setup, cache=inv, kv_cache=off, reference_key=("ref", "model"))
+    assert len(off) == 0

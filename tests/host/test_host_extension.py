@@ -292,3 +292,28 @@ def test_hires_fix_retouches_the_first_pass_once(webui, lr, upscaler):
     assert [n for n, _ in RETOUCH_LINE.findall(log)] == ["1"], log[-2000:]
     assert r.image.shape[:2] == (2 * H.SIZE, 2 * H.SIZE)
     assert H.differs(r.image, plain_hr.image)
+
+
+ROWS_LINE = re.compile(r"\[Layout-and-Retouch\] retouch of \d+ image\(s\):[^\n]*\((\d+) rows\)")
+
+
+def test_reference_attention_cache_setting_skips_the_reference_rows(webui, lr):
+    """With the opt-in "Reference attention cache (MB)" setting, a repeat with the same reference runs
+    no reference rows in the identity steps, and the image stays the same."""
+    import requests
+
+    fresh = H.reference_rgb()
+    fresh.putpixel((2, 2), (9, 8, 7))
+    body = H.lr_body(lr(reference_image=H.png_b64(fresh)))
+    requests.post(webui.url + "/sdapi/v1/options", json={"layout_retouch_kv_cache_mb": 64}, timeout=60).raise_for_status()
+    try:
+        mark = webui.log_mark()
+        first = H.txt2img(webui.url, body)
+        second = H.txt2img(webui.url, body)
+        rows = [int(n) for n in ROWS_LINE.findall(webui.log_since(mark))]
+    finally:
+        requests.post(webui.url + "/sdapi/v1/options", json={"layout_retouch_kv_cache_mb": 0}, timeout=60)
+    H.assert_retouched(first)
+    H.assert_retouched(second)
+    assert len(rows) == 2 and rows[1] < rows[0], rows
+    assert np.abs(first.image.astype(int) - second.image.astype(int)).max() <= 1
