@@ -385,6 +385,7 @@ def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: 
              settings: RetouchSettings, negative_prompt: str = "",
              vanilla_unet: Optional[torch.nn.Module] = None, layout_source: str = "inversion",
              segmenter=None, cache: Optional[InversionCache] = None, reference_key: Optional[tuple] = None,
+             kv_cache: Optional[ReferenceAttentionCache] = None,
              progress: Optional[ProgressFn] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
     """Both stages with the library's DDIM: stage 1 (step-blended layout) then the retouch.
@@ -415,7 +416,7 @@ def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: 
                      subject_tokens=subject, settings=settings,
                      layout_trajectory=trajectory if layout_source == "stage1" else None,
                      layout_images=to_uint8(layout_images) if segmenter is not None else None,
-                     segmenter=segmenter, reference_key=reference_key, cache=cache,
+                     segmenter=segmenter, reference_key=reference_key, cache=cache, kv_cache=kv_cache,
                      progress=progress, should_stop=should_stop)
     return GenerationResult(images=model.decode(result.latents), layout_images=layout_images,
                             layout_latents=layout_latents, retouch=result)
