@@ -398,7 +398,8 @@ def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: 
     x = torch.randn(rows, 4, *latent_hw, generator=g).to(device)
     c = torch.randn(rows, 77, model.context_dim, generator=g).to(device)
     t = torch.full((rows,), 501, device=device, dtype=torch.long)
-    editor = RetouchAttention(layer_table_for(model.unet), subject_tokens=[2, 3], latent_hw=latent_hw)
+    table = layer_table_for(model.unet)
+    editor = RetouchAttention(table, subject_tokens=[2, 3], latent_hw=latent_hw)
     if blend:
         m = torch.rand(n, *latent_hw, generator=g).to(device)
         editor.masks = lr_masks.LayerMasks(m, latent_hw)
@@ -425,7 +426,39 @@ def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: 
         with patched_attention(model.unet, editor):
             hooked_t.append(timed(forward))
     p, h = statistics.median(plain_t), statistics.median(hooked_t)
-    return {"rows": rows, "plain_s": p, "hooked_s": h, "ratio": h / p}
+    plain_k = count_kernels(forward)
+    with patched_attention(model.unet, editor):
+        hooked_k = count_kernels(forward)
+    return {"rows": rows, "plain_s": p, "hooked_s": h, "ratio": h / p, "layer_table": table.name,
+            "reference_layers": len(table.reference_layers), "blend_layers": len(table.blend_layers),
+            "plain_kernels": sum(plain_k.values()), "hooked_kernels": sum(hooked_k.values()),
+            "extra_kernels": {k: hooked_k[k] - plain_k.get(k, 0) for k in sorted(hooked_k)
+                              if hooked_k[k] != plain_k.get(k, 0)}}
+
+
+def count_kernels(fn) -> dict:
+    """aten ops that compute (views and other aliasing ops left out) in one call of `fn`, by name:
+    a device-independent measure of what the hooks add — on a launch-bound GPU each is a launch."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            returns = func._schema.returns
+            aliasing = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+            if not aliasing:
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    counter = _Count()
+    with counter:
+        fn()
+    return dict(counter.ops)
 
 
 def reference_image(size: int, seed: int = 1) -> torch.Tensor:
@@ -519,12 +552,17 @@ def format_table(res: dict) -> str:
         ("hooked/plain UNet fwd", "hook_overhead", ".3f", "hook_overhead"),
         ("  … with mask blend", "hook_overhead_blend", ".3f", None),
     ]
+    kernel_rows = [("kernels plain/hooked fwd", "identity"), ("  … with mask blend", "identity_blend")]
     w0, w = 26, 14
     lines = [head, f"{'figure':<{w0}}" + "".join(f"{b:>{w}}" for b, _ in batches) + f"{'goal':>{w}}"]
     for label, key, spec, goal in rows:
         cells = "".join(f"{_fmt(d.get(key), spec):>{w}}" for _, d in batches)
         gtxt = f"≤ {GOALS[goal]}" if goal else ""
         lines.append(f"{label:<{w0}}{cells}{gtxt:>{w}}")
+    for label, key in kernel_rows:
+        cells = "".join(f"{str(d['hook'][key].get('plain_kernels')) + '/' + str(d['hook'][key].get('hooked_kernels')):>{w}}"
+                        for _, d in batches)
+        lines.append(f"{label:<{w0}}{cells}")
     for what in ("unet_calls", "unet_rows"):
         cells = "".join(f"{'/'.join(str(d[what][k]) for k in ('plain', 'lr_paper', 'lr_fast')):>{w}}"
                         for _, d in batches)
@@ -608,6 +646,9 @@ def run(args: argparse.Namespace) -> dict:
     cuda = device.type == "cuda"
     started = time.perf_counter()
 
+    def say(msg: str) -> None:  # progress on stderr: the run takes minutes on a GPU, longer on a CPU
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
     t0 = time.perf_counter()
     ldm, vanilla = build_models(args.config, args.seed, vanilla=not args.forward_only, quiet=not args.verbose)
     # Weights in the run's dtype (A1111: model.half()), ldm's schedule buffers (ᾱ) stay float32.
@@ -625,6 +666,7 @@ def run(args: argparse.Namespace) -> dict:
                 if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                     mod.float()
     build_s = time.perf_counter() - t0
+    say(f"built the {args.config} models ({build_s:.1f} s)")
     model = BenchModel(ldm, _autocast_for(device, dtype), context_dim_of(cfg), clock=clock)
     unet_params = sum(p.numel() for p in model.unet.parameters())
     vae_params = sum(p.numel() for p in ldm.first_stage_model.parameters())
@@ -685,6 +727,7 @@ def run(args: argparse.Namespace) -> dict:
                 lambda: plain_generate(model, noise, args.steps, args.guidance, clock.progress),
                 clock, counter, args.warmup, args.repeats)}
             per_batch[b]["plain"].pop("out")
+            say(f"batch {b}: plain {per_batch[b]['plain']['s']:.3f} s")
 
         # 2. DreamBooth mode: the vanilla UNet joins it (sharing the VAE)
         if vanilla is not None:
@@ -712,8 +755,10 @@ def run(args: argparse.Namespace) -> dict:
                 m.update(retouch_calls=r.unet_calls, retouch_rows=r.unet_rows, reference_cached=r.reference_cached,
                          mask_kind=r.mask_kind, images_finite=bool(torch.isfinite(out.images).all()))
                 per_batch[b][key] = m
+                say(f"batch {b}: {key} {m['s']:.3f} s")
             for key, blend in (("hook", False), ("hook_blend", True)):
                 per_batch[b][key] = hook_overhead(model, b, latent_hw, clock, args.hook_repeats, blend, args.seed)
+                say(f"batch {b}: {key} forward ×{per_batch[b][key]['ratio']:.3f}")
 
         if cuda and not args.no_sync_check:
             model.clock = None  # the clock's own synchronize() calls are not what we look for
@@ -727,6 +772,7 @@ def run(args: argparse.Namespace) -> dict:
                 res["sync_points_error"] = f"{type(e).__name__}: {e}"
             model.clock = clock
         if args.profile:
+            say("profiling one L&R run")
             res["torch_profile"] = profile_once(lambda: lr(noise_for(1), "inversion"), device)
         counter.remove()
 

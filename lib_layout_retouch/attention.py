@@ -100,6 +100,8 @@ class RowPlan:
 
     slices: dict[tuple[str, str], slice] = field(default_factory=dict)
     batch: int = 0
+    # what the editor derives from the plan once (row indices on a device, the halves check)
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, paths: Sequence[tuple[str, int]], halves: Sequence[str] = (UNCOND, COND)) -> "RowPlan":
@@ -190,8 +192,17 @@ class RetouchAttention:
         heads = module.heads
         ctx = x if context is None else context
         q = split_heads(module.to_q(x), heads)
-        k = split_heads(module.to_k(ctx), heads)
-        v = split_heads(module.to_v(ctx), heads)
+        gather = self._reference_gather(x.device) if ref_here and not copy_here else None
+        if gather is not None:
+            # The reference rows are in this call: feed the target rows the reference's hidden
+            # states before to_k/to_v (one gather kernel), so the target rows' K, V *are* the
+            # reference's — instead of four row copies into K and V after the projections.
+            x_kv = x.index_select(0, gather)
+            k = split_heads(module.to_k(x_kv), heads)
+            v = split_heads(module.to_v(x_kv), heads)
+        else:
+            k = split_heads(module.to_k(ctx), heads)
+            v = split_heads(module.to_v(ctx), heads)
 
         if copy_here or ref_here:
             for half, rows in target_rows:
@@ -199,12 +210,14 @@ class RetouchAttention:
                     src = self._source(name, LAYOUT, half, q, k, v)
                     q[rows], k[rows], v[rows] = src[0], src[1], src[2]
                 else:
-                    src = self._source(name, REFERENCE, half, q, k, v)
-                    n = rows.stop - rows.start
-                    if self.capture_reference is not None and plan.get(REFERENCE, half) is not None:
-                        self.capture_reference[(name, REFERENCE, half)] = (None, src[1].clone(), src[2].clone(), None)
-                    k[rows] = src[1].expand(n, -1, -1, -1)
-                    v[rows] = src[2].expand(n, -1, -1, -1)
+                    ref_rows = plan.get(REFERENCE, half)
+                    if self.capture_reference is not None and ref_rows is not None:
+                        self.capture_reference[(name, REFERENCE, half)] = (None, k[ref_rows].clone(), v[ref_rows].clone(), None)
+                    if gather is None:
+                        src = self._source(name, REFERENCE, half, q, k, v)
+                        n = rows.stop - rows.start
+                        k[rows] = src[1].expand(n, -1, -1, -1)
+                        v[rows] = src[2].expand(n, -1, -1, -1)
 
         if maps_here:
             self._record_maps(q, k, plan.get(LAYOUT, COND))
@@ -212,16 +225,62 @@ class RetouchAttention:
         out = F.scaled_dot_product_attention(q, k, v)
 
         if blend_here:
-            for half, rows in target_rows:
-                phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
-                m = self.masks.for_tokens(out.shape[2], out.dtype).unsqueeze(1)  # (N, 1, n, 1), cached
-                out[rows] = torch.lerp(phi_o, out[rows], m)  # M⊙φ_t + (1−M)⊙φ_o in one kernel
+            w = self.masks.for_tokens(out.shape[2], out.dtype, complement=True).unsqueeze(1)  # (N, 1, n, 1), cached
+            both = self._halves_view(out)
+            if both is not None:
+                # φ* = M⊙φ_t + (1−M)⊙φ_o = φ_t.lerp_(φ_o, 1 − M): one in-place kernel for both CFG halves
+                targets, layouts = both
+                targets.lerp_(layouts, w)
+            else:
+                for half, rows in target_rows:
+                    phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
+                    out[rows].lerp_(phi_o, w)
 
         if stores:
             self._keep_sources(name, q, k, v, out)
         return module.to_out(merge_heads(out))
 
     # -- helpers --------------------------------------------------------------------------------
+    def _reference_gather(self, device: torch.device) -> Optional[torch.Tensor]:
+        """Row index that maps every target row to its half's reference row (others to themselves),
+        built once per plan on the device; None when a half with targets has no reference rows here
+        (the reference comes from `store`)."""
+        key = ("reference_gather", device)
+        if key in self.plan.derived:
+            return self.plan.derived[key]
+        index: Optional[list[int]] = list(range(self.plan.batch))
+        for half in self.plan.halves():
+            rows, ref = self.plan.get(TARGET, half), self.plan.get(REFERENCE, half)
+            if rows is None:
+                continue
+            if ref is None:
+                index = None
+                break
+            index[rows] = [ref.start] * (rows.stop - rows.start)
+        gather = None if index is None else torch.tensor(index, dtype=torch.long, device=device)
+        self.plan.derived[key] = gather
+        return gather
+
+    def _halves_view(self, out: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(target rows, layout rows) of both CFG halves as two strided views of `out`, when both
+        halves have the same row layout and the layout rows are in this call; else None."""
+        plan = self.plan
+        rows = plan.derived.get("halves_rows", False)
+        if rows is False:
+            rows = None
+            half = plan.batch // 2
+            t, o = plan.get(TARGET, UNCOND), plan.get(LAYOUT, UNCOND)
+            if plan.halves() == [UNCOND, COND] and t is not None and o is not None and all(
+                    plan.get(path, COND) == slice(r.start + half, r.stop + half)
+                    for (path, h), r in plan.slices.items() if h == UNCOND) and len(plan.slices) % 2 == 0:
+                rows = (half, t, o)
+            plan.derived["halves_rows"] = rows
+        if rows is None:
+            return None
+        half, t, o = rows
+        pair = out.view(2, half, *out.shape[1:])
+        return pair[:, t], pair[:, o]
+
     def _source(self, name, path, half, q, k, v, out=None):
         rows = self.plan.get(path, half)
         if rows is not None:

@@ -207,7 +207,7 @@ class LayerMasks:
         self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         if self.latent_hw[0] <= 0 or self.latent_hw[1] <= 0:
             raise ValueError(f"latent_hw must be positive, got {latent_hw}")
-        self._cache: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._cache: dict[tuple[int, torch.dtype, bool], torch.Tensor] = {}
 
     @property
     def batch_size(self) -> int:
@@ -216,10 +216,11 @@ class LayerMasks:
     def layer_hw(self, n_tokens: int) -> tuple[int, int]:
         return _layer_hw(self.latent_hw, int(n_tokens))
 
-    def for_tokens(self, n_tokens: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """(B, n_tokens, 1) mask at the layer's resolution; bilinear, antialiased when shrinking."""
+    def for_tokens(self, n_tokens: int, dtype: torch.dtype | None = None, complement: bool = False) -> torch.Tensor:
+        """(B, n_tokens, 1) mask at the layer's resolution; bilinear, antialiased when shrinking.
+        `complement=True` gives 1 − M (the weight of an in-place `φ_t.lerp_(φ_o, 1 − M)`), also cached."""
         dtype = dtype or self.mask.dtype
-        key = (int(n_tokens), dtype)
+        key = (int(n_tokens), dtype, bool(complement))
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -235,7 +236,10 @@ class LayerMasks:
         else:
             shrink = h < H or w < W
             out = F.interpolate(src, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
-        out = out.clamp(0.0, 1.0).reshape(self.batch_size, h * w, 1).to(self.mask.device, dtype)
+        out = out.clamp(0.0, 1.0).reshape(self.batch_size, h * w, 1)
+        if complement:
+            out = 1.0 - out  # in float64: 1 − 1 and 1 − 0 stay exact
+        out = out.to(self.mask.device, dtype)
         self._cache[key] = out
         return out
 

@@ -160,6 +160,89 @@ def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
     assert calls == [1]  # one SDPA call for the whole batch, no hand-written softmax
 
 
+def _expected_with_reference(module, x_target, x_reference):
+    h = module.heads
+    q = attn.split_heads(module.to_q(x_target), h)
+    k = attn.split_heads(module.to_k(x_reference), h)
+    v = attn.split_heads(module.to_v(x_reference), h)
+    return module.to_out(attn.merge_heads(torch.matmul(attn.attention_probabilities(q, k), v)))
+
+
+def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm):
+    """Both CFG halves: each half's targets take that half's reference K, V — whether the reference
+    rows are in the call (gathered before to_k/to_v) or come from a cached reference (`sources`)."""
+    name, module = _self_attention_module(tiny_ldm)
+    table = LayerTable("t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=())
+    g = torch.Generator().manual_seed(5)
+    x = {(p, h): torch.randn(n, 64, 32, generator=g)
+         for h in (UNCOND, COND) for p, n in (("reference", 1), (LAYOUT, 2), (TARGET, 2))}
+    plan = RowPlan.build([("reference", 1), (LAYOUT, 2), (TARGET, 2)])
+    batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in ("reference", LAYOUT, TARGET)])
+    editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
+    editor.capture_reference = {}
+    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False)
+    with torch.no_grad():
+        out = editor(name, module, batch, None, None, None)
+        for h in (UNCOND, COND):
+            rows = plan.get(TARGET, h)
+            expected = _expected_with_reference(module, x[(TARGET, h)], x[("reference", h)])
+            assert torch.allclose(out[rows], expected, atol=1e-5)
+            assert torch.allclose(out[plan.get(LAYOUT, h)], module(x[(LAYOUT, h)]), atol=1e-5)  # untouched
+            assert torch.allclose(out[plan.get("reference", h)], module(x[("reference", h)]), atol=1e-5)
+        # the halves differ, so a mix-up of halves could not pass
+        assert not torch.allclose(out[plan.get(TARGET, UNCOND)], _expected_with_reference(
+            module, x[(TARGET, UNCOND)], x[("reference", COND)]), atol=1e-3)
+        captured = dict(editor.capture_reference)
+        assert set(captured) == {(name, "reference", UNCOND), (name, "reference", COND)}
+
+        # The same step with the reference from the capture instead of reference rows.
+        cached_plan = RowPlan.build([(LAYOUT, 2), (TARGET, 2)])
+        editor.capture_reference = None
+        editor.begin_step(cached_plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False,
+                          sources=captured)
+        cached_batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in (LAYOUT, TARGET)])
+        cached_out = editor(name, module, cached_batch, None, None, None)
+        for h in (UNCOND, COND):
+            assert torch.allclose(cached_out[cached_plan.get(TARGET, h)], out[plan.get(TARGET, h)], atol=1e-5)
+
+
+def test_mask_blend_both_cfg_halves_with_a_varying_mask(tiny_ldm):
+    """The one in-place kernel over both CFG halves gives M⊙φ_t + (1−M)⊙φ_o per image and half."""
+    name, module = _self_attention_module(tiny_ldm)
+    table = LayerTable("t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=())
+    g = torch.Generator().manual_seed(6)
+    x = {(p, h): torch.randn(2, 64, 32, generator=g) for h in (UNCOND, COND) for p in (LAYOUT, TARGET)}
+    m = torch.rand(2, 8, 8, generator=g)
+    m[0, :4] = 1.0
+    m[1, :, :3] = 0.0
+    editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
+    editor.masks = LayerMasks(m, (8, 8))
+    plan = RowPlan.build([(LAYOUT, 2), (TARGET, 2)])
+    editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=True, record_maps=False)
+    batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in (LAYOUT, TARGET)])
+    with torch.no_grad():
+        out = editor(name, module, batch, None, None, None)
+        w = m.reshape(2, 64, 1)
+        for h in (UNCOND, COND):
+            own_t, own_o = module(x[(TARGET, h)]), module(x[(LAYOUT, h)])
+            assert torch.allclose(out[plan.get(LAYOUT, h)], own_o, atol=1e-6)
+            assert torch.allclose(out[plan.get(TARGET, h)], w * own_t + (1 - w) * own_o, atol=1e-5)
+            # exact where M is exactly 1 or 0 (up to to_out's rounding of identical inputs)
+            assert torch.allclose(out[plan.get(TARGET, h)][0, :32], own_t[0, :32], atol=1e-6)
+            assert torch.allclose(out[plan.get(TARGET, h)][1].view(8, 8, -1)[:, :3], own_o[1].view(8, 8, -1)[:, :3], atol=1e-6)
+
+
+def test_layer_masks_complement_is_exact():
+    m = torch.tensor([[[1.0, 0.0], [0.25, 0.7]]])
+    lm = LayerMasks(m, (2, 2))
+    for dtype in (torch.float32, torch.float16):
+        w = lm.for_tokens(4, dtype, complement=True)
+        assert w.dtype == dtype and w.shape == (1, 4, 1)
+        assert w.flatten().tolist() == [0.0, 1.0, torch.tensor(0.75, dtype=dtype).item(), torch.tensor(0.3, dtype=dtype).item()]
+        assert lm.for_tokens(4, dtype, complement=True) is w  # cached
+    assert torch.equal(lm.for_tokens(4), m.reshape(1, 4, 1))  # the mask itself is unchanged by it
+
+
 def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
     unet = tiny_ldm.model.diffusion_model
     table = layer_table_for(unet)

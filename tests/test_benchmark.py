@@ -106,3 +106,18 @@ def test_cpu_results_never_land_as_committed_gpu_results(bench):
     assert cpu_default.endswith("cpu-tiny.tmp.json")  # git-ignored
     gpu_default = bench_retouch.default_out("NVIDIA H100 80GB HBM3", "sd15", torch.device("cuda"))
     assert gpu_default.endswith(os.path.join("results", "nvidia-h100-80gb-hbm3-sd15.json"))
+
+
+def test_what_the_hooks_add_is_one_gather_per_reference_layer_and_one_blend_per_blend_layer(bench):
+    """Counted aten kernels of one UNet forward at the retouch batch, hooked vs plain: the identity
+    phase adds one `index_select` per reference layer (the target rows' K/V source), the mask blend
+    one in-place `lerp_` per blend layer for both CFG halves — nothing else, at any batch size."""
+    _, res, _ = bench
+    for d in (res, res["batch4"]):
+        ident, blend = d["hook"]["identity"], d["hook"]["identity_blend"]
+        n_ref, n_blend = ident["reference_layers"], ident["blend_layers"]
+        assert n_ref >= 2 and n_blend >= 2
+        assert ident["extra_kernels"] == {"index_select": n_ref}
+        assert blend["extra_kernels"] == {"index_select": n_ref, "lerp_": n_blend}
+        assert ident["hooked_kernels"] - ident["plain_kernels"] == n_ref
+        assert ident["plain_kernels"] > 100
