@@ -248,16 +248,16 @@ class RetouchAttention:
         key = ("reference_gather", device)
         if key in self.plan.derived:
             return self.plan.derived[key]
-        index: Optional[list[int]] = list(range(self.plan.batch))
+        # arange + slice fills: made on the device, no host→device copy (which would sync the host)
+        gather: Optional[torch.Tensor] = torch.arange(self.plan.batch, dtype=torch.long, device=device)
         for half in self.plan.halves():
             rows, ref = self.plan.get(TARGET, half), self.plan.get(REFERENCE, half)
             if rows is None:
                 continue
             if ref is None:
-                index = None
+                gather = None
                 break
-            index[rows] = [ref.start] * (rows.stop - rows.start)
-        gather = None if index is None else torch.tensor(index, dtype=torch.long, device=device)
+            gather[rows] = ref.start
         self.plan.derived[key] = gather
         return gather
 

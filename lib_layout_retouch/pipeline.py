@@ -292,9 +292,13 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
             and not settings.sequential:
         kv_key = (*key, _digest(c_ref, c_un), layers.name, tuple(layers.reference_layers))
 
+    plans: dict[tuple, RowPlan] = {}  # one plan per row layout, kept: the editor keeps device indices on it
+
     def run(paths: list[tuple[str, int]], latents: dict[str, torch.Tensor], t: int, *, keep_store=False,
             sources=None, **phase):
-        plan = RowPlan.build(paths)
+        plan = plans.get(tuple(paths))
+        if plan is None:
+            plan = plans[tuple(paths)] = RowPlan.build(paths)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
         cond = torch.cat([(c_un if h == UNCOND else cond_of[p]).expand(c, -1, -1)
                           for h in plan.halves() for p, c in paths if c])

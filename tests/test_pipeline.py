@@ -209,3 +209,29 @@ def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result
     off = pl.ReferenceAttentionCache()
     run(setup, cache=inv, kv_cache=off, reference_key=("ref", "model"))
     assert len(off) == 0
+
+
+def test_row_plans_and_their_device_indices_are_made_once_per_row_layout(setup, monkeypatch):
+    """The editor keeps device-side row indices on the plan; the retouch must not rebuild plans (and
+    so those indices, a host→device copy on a GPU) every step: one plan per distinct row layout."""
+    from lib_layout_retouch import attention
+
+    built, gathers = [], []
+    real_build = attention.RowPlan.build.__func__
+    real_gather = attention.RetouchAttention._reference_gather
+
+    def counting_build(cls, paths, *a, **k):
+        built.append(tuple(paths))
+        return real_build(cls, paths, *a, **k)
+
+    def counting_gather(self, device):
+        if ("reference_gather", device) not in self.plan.derived:
+            gathers.append(id(self.plan))
+        return real_gather(self, device)
+
+    monkeypatch.setattr(attention.RowPlan, "build", classmethod(counting_build))
+    monkeypatch.setattr(attention.RetouchAttention, "_reference_gather", counting_gather)
+    res = run(setup)
+    assert res.unet_calls == 3 * T
+    assert len(built) == len(set(built)) == 2  # layout-only steps (s ≤ λ2), then three paths
+    assert len(gathers) == 1  # made once, for the three-path plan
