@@ -58,6 +58,7 @@ from lib_layout_retouch import stage1  # noqa: E402
 from lib_layout_retouch.attention import LAYOUT, REFERENCE, TARGET, RetouchAttention, RowPlan, patched_attention  # noqa: E402
 from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
 from lib_layout_retouch.layers import layer_table_for  # noqa: E402
+from tests.tiny_models import reinit_zero_weights, tame_output  # noqa: E402  (ldm zero-inits; random ε is rough)
 from lib_layout_retouch.model import LdmModel  # noqa: E402
 from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
 from lib_layout_retouch.schedule import Schedule  # noqa: E402
@@ -130,27 +131,6 @@ def context_dim_of(cfg: dict) -> int:
     return int(cfg["params"]["unet_config"]["params"]["context_dim"])
 
 
-def reinit_zero_weights(module: torch.nn.Module, seed: int, std: float = 0.05) -> int:
-    """Re-draw every all-zero weight (ldm zero-inits proj_out and the output conv, which would make
-    the attention layers no-ops). Same rule as tests/tiny_models.py."""
-    g = torch.Generator().manual_seed(seed)
-    n = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-                n += 1
-    return n
-
-
-def _tame_output(unet: torch.nn.Module) -> None:
-    # A random ε-predictor is far rougher than a trained one; a small output conv keeps ε, and so
-    # the DDIM trajectories and inversions, bounded (no fp16 overflow, no NaN attention maps).
-    with torch.no_grad():
-        unet.out[-1].weight.mul_(0.1)
-        unet.out[-1].bias.mul_(0.1)
-
-
 def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool = True):
     """(LatentDiffusion, vanilla UNet or None), float32, on the CPU, eval mode, no grad."""
     from ldm.util import instantiate_from_config
@@ -161,15 +141,15 @@ def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool =
     with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
         torch.manual_seed(seed)
         ldm = instantiate_from_config(OmegaConf.create(cfg))
-        reinit_zero_weights(ldm, seed)
-        _tame_output(ldm.model.diffusion_model)
+        reinit_zero_weights(ldm, torch.Generator().manual_seed(seed))
+        tame_output(ldm.model.diffusion_model)
         ldm.eval().requires_grad_(False)
         vanilla_unet = None
         if vanilla:
             torch.manual_seed(seed + 1)
             vanilla_unet = instantiate_from_config(OmegaConf.create(cfg["params"]["unet_config"]))
-            reinit_zero_weights(vanilla_unet, seed + 1)
-            _tame_output(vanilla_unet)
+            reinit_zero_weights(vanilla_unet, torch.Generator().manual_seed(seed + 1))
+            tame_output(vanilla_unet)
             vanilla_unet.eval().requires_grad_(False)
     return ldm, vanilla_unet
 

@@ -123,6 +123,16 @@ def reinit_zero_weights(module: torch.nn.Module, generator: torch.Generator, std
     return n
 
 
+def tame_output(unet: torch.nn.Module, factor: float = 0.1) -> None:
+    """Scale the UNet's output conv. A trained ε-predictor changes smoothly with its input; a random
+    one is far rougher, which breaks DDIM inversion (ε(z_k) ≠ ε(z_k+1)) and lets fp16 overflow. A
+    small output conv makes ε smooth enough for the inversion round trip while attention still
+    changes the output measurably."""
+    with torch.no_grad():
+        unet.out[-1].weight.mul_(factor)
+        unet.out[-1].bias.mul_(factor)
+
+
 def build_tiny_ldm(clip_folder: str, seed: int = 0):
     """A tiny `LatentDiffusion` in eval mode, float32, CPU. Two seeds give two "checkpoints"; the UNet
     of one can serve as the other's vanilla UNet (DreamBooth mode)."""
@@ -133,12 +143,6 @@ def build_tiny_ldm(clip_folder: str, seed: int = 0):
     model = instantiate_from_config(OmegaConf.create(tiny_ldm_config(clip_folder)))
     g = torch.Generator().manual_seed(seed)
     reinit_zero_weights(model, g)
-    # A trained ε-predictor changes smoothly with its input; a random one is far rougher, which
-    # breaks DDIM inversion (ε(z_k) ≠ ε(z_k+1)). A small output conv makes ε smooth enough for the
-    # inversion round trip while attention still changes the output measurably.
-    with torch.no_grad():
-        out_conv = model.model.diffusion_model.out[-1]
-        out_conv.weight.mul_(0.1)
-        out_conv.bias.mul_(0.1)
+    tame_output(model.model.diffusion_model)
     model.eval()
     return model

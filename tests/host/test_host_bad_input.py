@@ -111,20 +111,17 @@ def test_rgba_reference(webui, lr, rgb_run):
     assert H.differs(t.image, rgb_run.image), "transparency had no effect on the reference"
 
 
-def test_grayscale_reference(webui, lr):
-    gray = H.reference_rgb().convert("L")
-    r = _run_ref(webui, lr, H.png_b64(gray))
-    _assert_works_with_note(r, "grayscale")
-    same = _run_ref(webui, lr, H.png_b64(gray.convert("RGB")))
-    H.assert_retouched(same)
-    assert np.array_equal(r.image, same.image)
-
-
-def test_palette_reference(webui, lr):
-    pal = H.reference_rgb().convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    r = _run_ref(webui, lr, H.png_b64(pal))
-    _assert_works_with_note(r, "palette")
-    same = _run_ref(webui, lr, H.png_b64(pal.convert("RGB")))
+@pytest.mark.parametrize("mode, note", [
+    ("L", "grayscale"),
+    ("P", "palette"),
+])
+def test_single_channel_reference_acts_as_its_rgb_twin(webui, lr, mode, note):
+    """A grayscale or palette reference works with a note, and gives exactly its RGB twin's image."""
+    src = H.reference_rgb()
+    img = src.convert("L") if mode == "L" else src.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    r = _run_ref(webui, lr, H.png_b64(img))
+    _assert_works_with_note(r, note)
+    same = _run_ref(webui, lr, H.png_b64(img.convert("RGB")))
     H.assert_retouched(same)
     assert np.array_equal(r.image, same.image)
 
