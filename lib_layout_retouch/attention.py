@@ -257,7 +257,7 @@ class RetouchAttention:
             if ref is None:
                 gather = None
                 break
-            gather[rows] = ref.start
+            gather[rows].fill_(ref.start)
         self.plan.derived[key] = gather
         return gather
 
@@ -265,19 +265,15 @@ class RetouchAttention:
         """(target rows, layout rows) of both CFG halves as two strided views of `out`, when both
         halves have the same row layout and the layout rows are in this call; else None."""
         plan = self.plan
-        rows = plan.derived.get("halves_rows", False)
-        if rows is False:
-            rows = None
+        if "halves_rows" not in plan.derived:
             half = plan.batch // 2
             t, o = plan.get(TARGET, UNCOND), plan.get(LAYOUT, UNCOND)
-            if plan.halves() == [UNCOND, COND] and t is not None and o is not None and all(
-                    plan.get(path, COND) == slice(r.start + half, r.stop + half)
-                    for (path, h), r in plan.slices.items() if h == UNCOND) and len(plan.slices) % 2 == 0:
-                rows = (half, t, o)
-            plan.derived["halves_rows"] = rows
-        if rows is None:
+            same = plan.batch % 2 == 0 and t is not None and o is not None and all(
+                plan.get(path, COND) == slice(r.start + half, r.stop + half) for path, r in ((TARGET, t), (LAYOUT, o)))
+            plan.derived["halves_rows"] = (half, t, o) if same else None
+        if plan.derived["halves_rows"] is None:
             return None
-        half, t, o = rows
+        half, t, o = plan.derived["halves_rows"]
         pair = out.view(2, half, *out.shape[1:])
         return pair[:, t], pair[:, o]
 
