@@ -63,7 +63,7 @@ def test_axes_write_overrides_that_are_validated_like_api_values():
     with pytest.raises(KeyError):
         axes.set_override(p, "lambda9", 1)
     assert {a.field for a in axes.AXES} == {"enabled", "lambda1", "lambda2", "mask_start", "ca_threshold",
-                                            "vanilla_checkpoint", "sam_model"}
+                                            "vanilla_checkpoint", "sam_model", "layer_preset"}
 
 
 def chunk(tokens, fixes=()):
