@@ -333,9 +333,7 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
     job = run.job
     job_for_batch = job
     if p.prompts and _EXTRA_NETWORK.sub("", p.prompts[0]) != job.prompt:
-        job_for_batch = lr_job.RetouchJob(job.params, prompt=p.prompts[0], negative_prompt=p.negative_prompts[0],
-                                          steps=job.steps, width=job.width, height=job.height,
-                                          guidance_scale=job.guidance_scale, notes=job.notes)
+        job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
     model = LdmModel(p.sd_model, autocast=devices.autocast)
     clip = p.sd_model.cond_stage_model
     if hasattr(clip, "tokenize_line"):
@@ -399,8 +397,7 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         log(f"interrupted: {e}")
         return samples
     job.mask_kind = result.mask_kind
-    for note in job_for_batch.notes:
-        job.add_note(note)
+    job.merge_notes(job_for_batch)
     log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls "
         f"({result.unet_rows} rows), "
         f"reference {'cached' if result.reference_cached else 'inverted'}, mask {result.mask_kind}")

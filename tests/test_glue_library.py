@@ -166,3 +166,17 @@ def test_model_kinds_that_are_not_supported_are_refused(tiny_ldm):
             check_model_supported(tiny_ldm)
     finally:
         tiny_ldm.parameterization = "eps"
+
+
+def test_a_batch_with_another_prompt_writes_each_note_once():
+    """The glue's per-batch job (a style changed the prompt) must not share the request's notes:
+    the reference's notes ("... resized/cropped ...") would be written twice into LR notes."""
+    job = make_job()
+    assert job.notes, "the 64x64 job resizes the dog photo, which is noted"
+    batch = job.for_batch("a sks dog on the beach, oil painting", "")
+    assert batch.prompts.personalized.endswith("oil painting") and batch.notes is not job.notes
+    batch.add_note("only in the batch")
+    job.merge_notes(batch)
+    notes = job.infotext()["LR notes"].split("; ")
+    assert len(notes) == len(set(notes)), notes
+    assert "only in the batch" in notes and all(n in notes for n in batch.notes)
