@@ -491,6 +491,7 @@ def test_cli_run_then_score_writes_the_tables_and_heat_maps(vico, concepts, tmp_
     assert "| method | I_DINO | I_CLIP | T_CLIP | ImageReward | IS | σ²_avg |" in md
     assert "| Layout-and-Retouch (on) |" in md and "n/a" in md and "RANDOM WEIGHTS" in md
     assert "ImageReward n/a: skipped (--imagereward none)" in md
+    assert "CLIP input resize (dreammatcher): bicubic without antialiasing" in md
     per_prompt = list(csv.DictReader(open(out / "results_per_prompt.csv")))
     assert len(per_prompt) == 8 and {r["template"] for r in per_prompt} >= {"a {} in the jungle", "a {} on a table"}
 
@@ -498,6 +499,7 @@ def test_cli_run_then_score_writes_the_tables_and_heat_maps(vico, concepts, tmp_
     assert cli_main(["score", "--out", str(out), "--random-models", "--imagereward", "none", "--no-progress",
                      "--tclip-mode", "keep", "--inception", "none", "--clip", "none"]) == 0
     rows2 = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert "CLIP input resize" not in (out / "results.md").read_text()  # no CLIP, nothing to say
     assert rows2["on"]["T_CLIP"] == rows2["on"]["T_CLIP_keep"] == ""  # --clip none -> n/a
     assert float(rows2["on"]["I_DINO"]) == pytest.approx(float(rows["on"]["I_DINO"]), abs=1e-6)
     assert rows2["on"]["IS"] == "" and "I_CLIP/T_CLIP n/a: skipped (--clip none)" in (out / "results.md").read_text()

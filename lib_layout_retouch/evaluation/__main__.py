@@ -29,6 +29,9 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                         "the prompt-list line verbatim as DreamMatcher's code does. Both are in results.csv")
     g.add_argument("--dino-preprocess", default="dreammatcher", choices=["dreammatcher", "imagenet"],
                    help="DINO input: DreamMatcher's [-1,1] 256x256 (default) or the ImageNet-normalised 224 crop")
+    g.add_argument("--clip-resize", default="dreammatcher", choices=["dreammatcher", "antialias"],
+                   help="CLIP input resize: DreamMatcher's (bicubic, no antialiasing: the published numbers' "
+                        "arithmetic; default) or antialiased bicubic. results.md says which was used")
     g.add_argument("--centre", default="bbox", choices=["bbox", "centroid"],
                    help="subject centre: mask bounding-box centre (paper, default) or mask centroid")
     g.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (clamped to n/2 per concept)")
@@ -92,7 +95,8 @@ def _score(args, out_dir: str) -> int:
     collect_records(out_dir, getattr(args, "vico_override", None))  # a wrong --out fails before models load
     scorers = build_scorers(dino=args.dino, clip=args.clip, inception=args.inception, imagereward=args.imagereward,
                             sam=args.sam, sam_type=args.sam_type, device=args.device,
-                            dino_preprocess=args.dino_preprocess, random_models=args.random_models)
+                            dino_preprocess=args.dino_preprocess, clip_resize=args.clip_resize,
+                            random_models=args.random_models)
     options = ScoreOptions(tclip_mode=args.tclip_mode, centre_mode=args.centre, is_splits=args.is_splits,
                            heatmap_sigma=args.heatmap_sigma, paired=not args.unpaired)
     report = score_run(out_dir, scorers, options, vico_dir=getattr(args, "vico_override", None),
