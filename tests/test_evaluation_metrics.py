@@ -270,7 +270,7 @@ def test_image_reward_is_optional():
         with pytest.raises(LayoutRetouchError, match="image-reward"):
             models.load_image_reward(required=True)
     else:  # installed: loading may still fail offline, but never silently
-        assert scorer is not None or reason
+        assert (scorer is None) == bool(reason), (scorer, reason)  # a scorer, or else a reason
 
 
 def test_fmt_and_nanmean():

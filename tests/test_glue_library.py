@@ -51,7 +51,7 @@ def test_hints_file_is_generated_from_the_fields():
 def test_axes_write_overrides_that_are_validated_like_api_values():
     p = SimpleNamespace()
     by_label = {a.label: a for a in axes.AXES}
-    by_label["[L&R] Lambda1"].field == "lambda1"
+    assert by_label["[L&R] Lambda1"].field == "lambda1"
     axes.axis_apply("lambda1")(p, 3, [3, 5])
     axes.axis_apply("enabled")(p, "True", ["True", "False"])
     params = axes.apply_overrides(LayoutRetouchParams(lambda1=5), getattr(p, axes.OVERRIDES_ATTR))
