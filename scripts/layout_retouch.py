@@ -28,7 +28,7 @@ if _EXT_ROOT not in sys.path:
 from modules import devices, scripts, script_callbacks, sd_models, shared  # noqa: E402
 from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
 
-from lib_layout_retouch import axes, job as lr_job, pipeline  # noqa: E402
+from lib_layout_retouch import axes, job as lr_job, logs, pipeline  # noqa: E402
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
 from lib_layout_retouch.model import LdmModel, check_model_supported  # noqa: E402
 from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, NO_SAM, LayoutRetouchParams  # noqa: E402
@@ -36,13 +36,16 @@ from lib_layout_retouch.prompts import guess_concept, subject_positions_in_chunk
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter  # noqa: E402
 
 TITLE = "Layout-and-Retouch"
-LOG = "[Layout-and-Retouch]"
+LOG = logs.LOG_PREFIX
 RUN_ATTR = "layout_retouch_run"
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
 
 
+logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
+
+
 def log(msg: str) -> None:
-    print(f"{LOG} {msg}", flush=True)
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------

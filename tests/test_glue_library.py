@@ -180,3 +180,25 @@ def test_a_batch_with_another_prompt_writes_each_note_once():
     notes = job.infotext()["LR notes"].split("; ")
     assert len(notes) == len(set(notes)), notes
     assert "only in the batch" in notes and all(n in notes for n in batch.notes)
+
+
+def test_log_lines_keep_their_prefix_through_logging_and_are_not_doubled():
+    """The glue logs through `logging`; the host tests grep the WebUI's stdout for these exact lines."""
+    import io
+    import logging
+
+    from lib_layout_retouch import logs
+
+    stream, other = io.StringIO(), io.StringIO()
+    logger = logs.attach_console(other)
+    logs.attach_console(stream)  # a "Reload UI" re-import attaches again: one handler, not two
+    root = io.StringIO()
+    root_handler = logging.StreamHandler(root)
+    logging.getLogger().addHandler(root_handler)  # a WebUI that configured logging itself
+    try:
+        logger.info("stage 1: switched to personalized UNet at step 4")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+        logs.attach_console()
+    assert stream.getvalue() == "[Layout-and-Retouch] stage 1: switched to personalized UNet at step 4\n"
+    assert other.getvalue() == "" and root.getvalue() == ""  # no second copy anywhere
