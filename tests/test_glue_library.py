@@ -48,6 +48,54 @@ def test_hints_file_is_generated_from_the_fields():
         assert field.hint in gen.render()
 
 
+def test_readme_parameter_table_is_generated_from_the_fields():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_hints", os.path.join(ROOT, "tools", "gen_hints.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    with open(gen.README_PATH, encoding="utf-8") as f:
+        readme = f.read()
+    assert readme == gen.render_readme(readme), "the README's parameter table is stale: run tools/gen_hints.py"
+    table = gen.render_readme_table()
+    for field in FIELDS:
+        assert f"| `{field.name}` |" in table and field.hint in table
+    assert "Strictly between 0 and 1 (slider 0.01–0.99)." in table  # ca_threshold, from its one range
+
+
+def test_one_range_for_the_ca_threshold_everywhere():
+    """Validation, the mask code, the slider and the README say the same: strictly inside (0, 1)."""
+    from lib_layout_retouch.masks import cross_attention_mask
+    from lib_layout_retouch.params import FIELD_BY_NAME
+
+    f = FIELD_BY_NAME["ca_threshold"]
+    assert f.slider_range() == (0.01, 0.99)
+    for bad in (0.0, 1.0):
+        with pytest.raises(LayoutRetouchError, match="between 0 and 1 \\(exclusive\\)"):
+            LayoutRetouchParams(ca_threshold=bad).validate()
+        with pytest.raises(LayoutRetouchError, match="between 0 and 1 \\(exclusive\\)"):
+            cross_attention_mask(torch.rand(4, 4), bad)
+    LayoutRetouchParams(ca_threshold=0.999).validate()
+    cross_attention_mask(torch.rand(4, 4), 0.999)
+
+
+def test_axes_and_messages_come_from_the_parameter_table():
+    from lib_layout_retouch.schedule import Schedule
+
+    assert [a.field for a in axes.AXES] == [f.name for f in FIELDS if f.axis]
+    for a in axes.AXES:
+        assert a.label == "[L&R] " + next(f.axis for f in FIELDS if f.name == a.field)
+    with pytest.raises(LayoutRetouchError) as err:
+        Schedule(10, 10, 2, 5)
+    assert FIELD_BY_NAME_words("lambda1") in str(err.value)
+
+
+def FIELD_BY_NAME_words(name):
+    from lib_layout_retouch.params import FIELD_BY_NAME
+
+    return FIELD_BY_NAME[name].words()
+
+
 def test_axes_write_overrides_that_are_validated_like_api_values():
     p = SimpleNamespace()
     by_label = {a.label: a for a in axes.AXES}
