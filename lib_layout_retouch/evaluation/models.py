@@ -131,17 +131,24 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def _check_choice(value: str, allowed: Sequence[str], what: str, parameter: str) -> None:
+    if value not in allowed:
+        raise LayoutRetouchError(f"Unknown {what} '{value}'; use one of {tuple(allowed)}.", parameter=parameter)
+
+
+def _place(model, device) -> tuple[torch.device, object]:
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    return device, model.eval().to(device)
+
+
 # -------------------------------------------------------------------------------------- embedders
 class ClipEmbedder:
     """CLIP image and text embeddings, L2-normalised (DreamMatcher's CLIPEvaluator arithmetic)."""
 
     def __init__(self, model, tokenizer, device: str | torch.device | None = "cpu", batch_size: int = 16,
                  resize: str = DEFAULT_CLIP_RESIZE):
-        if resize not in CLIP_RESIZES:
-            raise LayoutRetouchError(f"Unknown CLIP resize '{resize}'; use one of {CLIP_RESIZES}.",
-                                     parameter="clip_resize")
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.model = model.eval().to(self.device)
+        _check_choice(resize, CLIP_RESIZES, "CLIP resize", "clip_resize")
+        self.device, self.model = _place(model, device)
         self.tokenizer = tokenizer
         self.resize = resize
         self.batch_size = batch_size
@@ -187,11 +194,8 @@ class DinoEmbedder:
 
     def __init__(self, model, device: str | torch.device | None = "cpu", preprocess: str = "dreammatcher",
                  batch_size: int = 16):
-        if preprocess not in self.PREPROCESS:
-            raise LayoutRetouchError(f"Unknown DINO preprocessing '{preprocess}'; use one of {self.PREPROCESS}.",
-                                     parameter="dino_preprocess")
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.model = model.eval().to(self.device)
+        _check_choice(preprocess, self.PREPROCESS, "DINO preprocessing", "dino_preprocess")
+        self.device, self.model = _place(model, device)
         self.preprocess_mode = preprocess
         self.batch_size = batch_size
         self.image_size = int(model.config.image_size)
