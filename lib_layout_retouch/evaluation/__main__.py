@@ -51,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate the sweep through the WebUI API (resumable), then score it")
     run.add_argument("--vico", required=True, help="ViCo folder: concept folders, imgs_source.txt, prompt lists")
     run.add_argument("--concepts", required=True, help="concept file (JSON): concept -> token, class, ...")
-    run.add_argument("--url", default="http://127.0.0.1:7860", help="WebUI started with --api")
+    run.add_argument("--url", action="append", default=None,
+                     help="WebUI started with --api (default http://127.0.0.1:7860); repeat it to spread the sweep "
+                          "over several WebUIs (each concept's checkpoint stays where it is loaded; a WebUI that "
+                          "stops answering hands its requests to the others)")
+    run.add_argument("--per-server", type=int, default=1,
+                     help="requests in flight on each WebUI at once (default 1)")
     run.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     run.add_argument("--n", type=int, default=8, help="images per (concept, prompt) and method (paper: 8)")
     run.add_argument("--prompts", type=int, default=None, help="use only the first K prompts of each list")
@@ -123,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                 lambda1=args.lambda1, lambda2=args.lambda2, mask_start=args.mask_start,
                 ca_threshold=args.ca_threshold, sam_model=args.sam_model, vanilla_checkpoint=args.vanilla_checkpoint,
                 on_marker=args.on_marker, keep_masks=not args.no_masks)
-            client = WebUIClient(args.url, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                                 auth=args.api_auth)
-            summary = run_protocol(args.vico, args.concepts, args.url, args.out, settings, client=client,
-                                   progress=not args.no_progress)
+            urls = args.url or ["http://127.0.0.1:7860"]
+            clients = [WebUIClient(u, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                                   auth=args.api_auth) for u in urls]
+            summary = run_protocol(args.vico, args.concepts, urls, args.out, settings, client=clients,
+                                   progress=not args.no_progress, per_server=args.per_server)
             print(f"{summary.generated} image(s) generated, {summary.skipped} already there, {summary.total} in all "
                   f"({summary.out_dir}).")
             if args.no_score:
