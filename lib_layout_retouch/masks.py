@@ -1,4 +1,4 @@
-"""The adaptive blend mask M of the retouch stage (ALGORITHM.md, "Adaptive mask M").
+"""The adaptive blend mask M of the retouch stage (docs/ALGORITHM.md, "The adaptive mask M").
 
     M^c  = threshold(min-max(mean cross-attention of the subject tokens))      low-res (h, w)
     M^k  = OR(Resize(M^c), M^SAM)                                              image res (H, W)

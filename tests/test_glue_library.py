@@ -250,3 +250,16 @@ def test_log_lines_keep_their_prefix_through_logging_and_are_not_doubled():
         logs.attach_console()
     assert stream.getvalue() == "[Layout-and-Retouch] stage 1: switched to personalized UNet at step 4\n"
     assert other.getvalue() == "" and root.getvalue() == ""  # no second copy anywhere
+
+
+def test_the_algorithm_the_code_cites_is_in_the_repository():
+    doc = os.path.join(ROOT, "docs", "ALGORITHM.md")
+    text = open(doc, encoding="utf-8").read()
+    for heading in ("direction of the step index", "The adaptive mask M", "Which layers", "What must hold"):
+        assert heading in text
+    for dirpath, _, files in os.walk(ROOT):
+        if any(part in dirpath for part in (".venv", ".git", "node_modules")):
+            continue
+        for name in files:
+            if name.endswith((".py", ".md")):
+                assert "shared/ALGORITHM" not in open(os.path.join(dirpath, name), encoding="utf-8").read(), name

@@ -1,4 +1,4 @@
-"""Stage 2 end to end on the tiny model: ALGORITHM.md invariants and the pipeline's promises."""
+"""Stage 2 end to end on the tiny model: docs/ALGORITHM.md "What must hold" and the pipeline's promises."""
 import numpy as np
 import pytest
 import torch
