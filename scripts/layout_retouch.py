@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 import sys
 import threading
 import time
@@ -28,22 +27,24 @@ if _EXT_ROOT not in sys.path:
 from modules import devices, scripts, script_callbacks, sd_models, shared  # noqa: E402
 from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
 
-from lib_layout_retouch import axes, job as lr_job, pipeline  # noqa: E402
+from lib_layout_retouch import axes, job as lr_job, logs, pipeline  # noqa: E402
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
 from lib_layout_retouch.model import LdmModel, check_model_supported, unet_family  # noqa: E402
 from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, NO_SAM, LayoutRetouchParams  # noqa: E402
-from lib_layout_retouch.prompts import guess_concept, subject_positions_in_chunks  # noqa: E402
+from lib_layout_retouch.prompts import guess_concept, strip_extra_networks, subject_positions_in_chunks  # noqa: E402
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter  # noqa: E402
 
 TITLE = "Layout-and-Retouch"
-LOG = "[Layout-and-Retouch]"
+LOG = logs.LOG_PREFIX
 RUN_ATTR = "layout_retouch_run"
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
 
 
 def log(msg: str) -> None:
-    print(f"{LOG} {msg}", flush=True)
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class Run:
 
     def __init__(self, p, params: LayoutRetouchParams):
         self.params = params
-        self.job = lr_job.RetouchJob(params, prompt=_EXTRA_NETWORK.sub("", p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
+        self.job = lr_job.RetouchJob(params, prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
                                      negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
                                      steps=p.steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale)
         self.vanilla_unet = None
@@ -350,10 +351,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         return samples
     job = run.job
     job_for_batch = job
-    if p.prompts and _EXTRA_NETWORK.sub("", p.prompts[0]) != job.prompt:
-        job_for_batch = lr_job.RetouchJob(job.params, prompt=p.prompts[0], negative_prompt=p.negative_prompts[0],
-                                          steps=job.steps, width=job.width, height=job.height,
-                                          guidance_scale=job.guidance_scale, notes=job.notes)
+    if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
+        job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
     model = LdmModel(p.sd_model, autocast=devices.autocast,
                      sdxl_crop=(int(opt("sdxl_crop_top", 0)), int(opt("sdxl_crop_left", 0))))
     clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
@@ -417,7 +416,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         log(f"interrupted: {e}")
         return samples
     job.mask_kind = result.mask_kind
-    for note in job_for_batch.notes + model.notes:
+    job.merge_notes(job_for_batch)
+    for note in model.notes:  # e.g. a half-precision VAE retried in float32
         job.add_note(note)
     log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls "
         f"({result.unet_rows} rows), "
@@ -502,7 +502,8 @@ class LayoutRetouchScript(scripts.Script):
                     c = gr.Dropdown(choices=choices, value=default_sam if default_sam in choices else NO_SAM,
                                     label=f.label, elem_id=eid)
                 elif f.kind in ("int", "float"):
-                    c = gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, value=f.default,
+                    low, high = f.slider_range()
+                    c = gr.Slider(minimum=low, maximum=high, step=f.step, value=f.default,
                                   label=f.label, elem_id=eid)
                 else:
                     c = gr.Textbox(value=f.default, label=f.label, elem_id=eid)
