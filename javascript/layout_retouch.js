@@ -22,11 +22,31 @@
         "Textual Inversion embedding": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
         "LoRA": "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the loaded (vanilla) model.",
         "DDIM inversion of the layout (paper)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so).",
-        "Stage-1 latents (faster)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so)."
+        "Stage-1 latents (faster)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so).",
+        "Guess": "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. It says what it could not find.",
+        "Advanced": "Segment-Anything mask, mask threshold, where the layout path comes from, the reference path reset, the reference prompt (and the attention layer preset): the paper's defaults work for most subjects.",
+        "Layout-and-Retouch": "Let the vanilla model draw the layout, then retouch the subject's identity from the reference photo."
     };
     function addHints() {
         if (typeof titles === 'object') Object.assign(titles, layoutRetouchHints);
     }
+    // The WebUI's hints.js looks at span/button/p only: block labels (the photo's) and the
+    // accordion headers get their title here.
+    function labelTitles() {
+        const root = (typeof gradioApp === 'function') ? gradioApp() : document;
+        root.querySelectorAll('#tab_txt2img label, #tab_txt2img .label-wrap, #tab_txt2img .label-wrap span, #tab_txt2img button').forEach(function (el) {
+            if (el.title) return;
+            const hint = layoutRetouchHints[(el.textContent || '').trim()];
+            if (hint) el.title = hint;
+        });
+    }
     addHints();
-    if (typeof onUiLoaded === 'function') onUiLoaded(addHints);
+    if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });
+    if (typeof onUiUpdate === 'function') {
+        let pending = null;
+        onUiUpdate(function () {
+            if (pending) return;
+            pending = setTimeout(function () { pending = null; labelTitles(); }, 500);
+        });
+    }
 })();
