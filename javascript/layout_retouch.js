@@ -34,10 +34,13 @@
     // accordion headers get their title here.
     function labelTitles() {
         const root = (typeof gradioApp === 'function') ? gradioApp() : document;
-        root.querySelectorAll('#tab_txt2img label, #tab_txt2img .label-wrap, #tab_txt2img .label-wrap span, #tab_txt2img button').forEach(function (el) {
+        root.querySelectorAll('#tab_txt2img label, #tab_txt2img [data-testid="block-label"], #tab_txt2img .label-wrap, #tab_txt2img .label-wrap span, #tab_txt2img button').forEach(function (el) {
             if (el.title) return;
             const hint = layoutRetouchHints[(el.textContent || '').trim()];
-            if (hint) el.title = hint;
+            if (!hint) return;
+            el.title = hint;
+            // an image's label floats over its drop zone: the whole block gets the hint
+            if (el.dataset.testid === 'block-label' && el.parentElement && !el.parentElement.title) el.parentElement.title = hint;
         });
     }
     addHints();
