@@ -183,3 +183,33 @@ def test_progress_is_one_bar_through_both_stages(webui, lr):
     assert all(b >= a - 1e-9 for a, b in zip(progress, progress[1:])), f"the bar went backwards: {seen}"
     totals = {s[3] for s in seen if "stage" in s[1]}
     assert len(totals) == 1 and totals.pop() > steps, f"the bar's length changed or excludes stage 2: {seen}"
+
+
+def test_live_previews_show_the_retouch(webui, lr):
+    """With the WebUI's live previews on (its default), the preview during stage 2 is the retouch's
+    current latent, not the stale stage-1 image."""
+    body = H.lr_body(lr(lambda1=4, lambda2=8, mask_start=25), steps=40, prompt=H.PROMPT + " preview")
+    seen, done = [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                j = requests.get(webui.url + "/sdapi/v1/progress?skip_current_image=false", timeout=10).json()
+            except requests.RequestException:
+                continue
+            seen.append((j.get("textinfo") or "", j.get("current_image")))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        r = H.txt2img(webui.url, body)
+    finally:
+        done.set()
+        t.join(30)
+    H.assert_retouched(r)
+    stage1 = [img for info, img in seen if "stage 1" in info and img]
+    retouch = [img for info, img in seen if "stage 2: retouch" in info and img]
+    assert retouch, f"no preview during the retouch; phases seen: {sorted({i for i, _ in seen})}"
+    last_stage1 = stage1[-1] if stage1 else None
+    assert any(img != last_stage1 for img in retouch), "the preview stayed on the stage-1 image during the retouch"
