@@ -57,6 +57,11 @@ def for_ui(message: str) -> str:
     return out
 
 
+def refusal(message: str) -> str:
+    """A refused generation as the panel shows it (under the gallery): marked, in control labels."""
+    return f"⚠ {for_ui(message)}"
+
+
 def photo_notice(fingerprint: Optional[str]) -> str:
     """Shown after Send to txt2img / paste: the photo is never stored in an image."""
     which = f" (the one used had fingerprint `{fingerprint}`)" if fingerprint else ""

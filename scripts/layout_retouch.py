@@ -237,7 +237,7 @@ def refuse(p, err: LayoutRetouchError) -> None:
     if getattr(p, "is_api", False):
         fail_generation(p, err, logged=True)
         return
-    p.comment(ui_text.for_ui(str(err)))
+    p.comment(ui_text.refusal(str(err)))
     p.n_iter = 0  # process_images' batch loop runs no batch: nothing is sampled, nothing is raised
 
 
@@ -774,7 +774,7 @@ def axis_confirm(spec):
                 raise HTTPException(status_code=422, detail=str(e)) from None
             # The UI: no exception (the WebUI would print a traceback and an argument dump): the
             # grid gets no cells, so nothing is computed, and the message is shown under the gallery.
-            p.comment(ui_text.for_ui(str(e)))
+            p.comment(ui_text.refusal(str(e)))
             xs.clear()
     return confirm
 

@@ -85,6 +85,7 @@ def test_ui_messages_use_control_labels_api_names_stay_in_the_api_message():
     assert "“DreamBooth checkpoint”" in ui  # 'dreambooth' → its radio label
     assert ui_text.for_ui("concept_token is empty") == "“Concept token” is empty"
     assert ui_text.for_ui("LR concept token: sks") == "LR concept token: sks"  # no name inside words
+    assert ui_text.refusal("concept_token is empty") == "⚠ “Concept token” is empty"
 
 
 def test_every_field_is_in_exactly_one_group_and_the_basic_group_is_the_first_time_needs():
