@@ -404,6 +404,8 @@ class LayoutRetouchParams:
             value = getattr(self, f.name)
             if f.kind == "str" and value == "":
                 continue
+            if f.name == "vanilla_checkpoint" and self.personalization != "dreambooth":
+                continue  # hidden and unused for Textual Inversion / LoRA: not part of the record
             info[f.infotext_key] = _format_infotext(f, value)
         info["LR steps used"] = self.schedule(steps).describe()
         if mask_kind:

@@ -345,6 +345,8 @@ def test_infotext_round_trip_gives_back_every_field():
     p = _ready(**NON_DEFAULT)
     back = LayoutRetouchParams.from_infotext(p.to_infotext(40, mask_kind="SAM+CA"))
     expected = {n: getattr(p, n) for n in NAMES if n not in ("reference_image", "show_intermediates")}
+    if p.personalization != "dreambooth":  # the hidden vanilla checkpoint is not recorded
+        expected["vanilla_checkpoint"] = ""
     assert back == expected
     # and the defaults, where empty text fields are not written
     q = _ready()
@@ -421,3 +423,11 @@ def test_markdown_parameter_table():
     assert "| `lambda1` | `5` | **λ1: vanilla layout steps.**" in table
     assert "One of `dreambooth`, `textual_inversion`, `lora`." in table
     assert "e.g. sks or &lt;my-vase&gt;." in table and "<my-vase>" not in table  # no stray HTML
+
+
+def test_vanilla_checkpoint_is_recorded_for_dreambooth_only():
+    for kind in ("textual_inversion", "lora"):
+        info = _ready(personalization=kind, vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
+        assert "LR vanilla checkpoint" not in info and info["LR personalization"] == kind
+    info = _ready(personalization="dreambooth", vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
+    assert info["LR vanilla checkpoint"] == "v1-5.safetensors"

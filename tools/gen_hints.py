@@ -10,7 +10,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lib_layout_retouch.params import FIELDS  # noqa: E402
+from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS  # noqa: E402
+from lib_layout_retouch.ui_text import ACCORDION_LABEL, EXTRA_HINTS  # noqa: E402
 
 JS_PATH = os.path.join(ROOT, "javascript", "layout_retouch.js")
 README_PATH = os.path.join(ROOT, "README.md")
@@ -53,6 +54,8 @@ def render() -> str:
     for f in FIELDS:
         for label in f.choice_labels:
             hints.setdefault(label, f.hint)
+    hints.update(EXTRA_HINTS)
+    hints.setdefault(ACCORDION_LABEL, FIELD_BY_NAME["enabled"].hint)  # Enable is the accordion's header
     body = json.dumps(hints, indent=4, ensure_ascii=False)
     return (
         "// Hover hints for the Layout-and-Retouch controls, through the WebUI's `titles` (hints.js).\n"
@@ -62,8 +65,28 @@ def render() -> str:
         "    function addHints() {\n"
         "        if (typeof titles === 'object') Object.assign(titles, layoutRetouchHints);\n"
         "    }\n"
+        "    // The WebUI's hints.js looks at span/button/p only: block labels (the photo's) and the\n"
+        "    // accordion headers get their title here.\n"
+        "    function labelTitles() {\n"
+        "        const root = (typeof gradioApp === 'function') ? gradioApp() : document;\n"
+        "        root.querySelectorAll('#tab_txt2img label, #tab_txt2img [data-testid=\"block-label\"], #tab_txt2img .label-wrap, #tab_txt2img .label-wrap span, #tab_txt2img button').forEach(function (el) {\n"
+        "            if (el.title) return;\n"
+        "            const hint = layoutRetouchHints[(el.textContent || '').trim()];\n"
+        "            if (!hint) return;\n"
+        "            el.title = hint;\n"
+        "            // an image's label floats over its drop zone: the whole block gets the hint\n"
+        "            if (el.dataset.testid === 'block-label' && el.parentElement && !el.parentElement.title) el.parentElement.title = hint;\n"
+        "        });\n"
+        "    }\n"
         "    addHints();\n"
-        "    if (typeof onUiLoaded === 'function') onUiLoaded(addHints);\n"
+        "    if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });\n"
+        "    if (typeof onUiUpdate === 'function') {\n"
+        "        let pending = null;\n"
+        "        onUiUpdate(function () {\n"
+        "            if (pending) return;\n"
+        "            pending = setTimeout(function () { pending = null; labelTitles(); }, 500);\n"
+        "        });\n"
+        "    }\n"
         "})();\n"
     )
 
