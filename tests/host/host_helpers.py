@@ -230,3 +230,13 @@ def xyz_args(x_index: int, x_values: str) -> list:
     sub-images included, margins 0 (so the grid is exactly n×SIZE wide)."""
     return [x_index, x_values, None, 0, "", None, 0, "", None,
             False, True, False, False, False, False, False, 0, False]
+
+
+def set_checkpoint(url: str, title: str, timeout: float = 900) -> str:
+    """Load a checkpoint as the WebUI's model (POST /sdapi/v1/options) and check that it took.
+    Returns the title the options report (with the short hash, computed at load)."""
+    r = requests.post(url + "/sdapi/v1/options", json={"sd_model_checkpoint": title}, timeout=timeout)
+    assert r.status_code == 200, f"setting sd_model_checkpoint={title!r}: HTTP {r.status_code} {r.text[:800]}"
+    got = get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
+    assert got.split(" [")[0] == title.split(" [")[0], f"sd_model_checkpoint is {got!r} after setting {title!r}"
+    return got
