@@ -75,11 +75,6 @@ def test_plain_identical_after_all_refused_input(webui, plain_before):
     assert r.infotexts[0] == plain_before.infotexts[0]
 
 
-def test_sdxl_model_not_yet_supported(webui):
-    pytest.skip("needs a tiny SDXL checkpoint (sgm DiffusionEngine with an OpenCLIP-bigG-shaped second text "
-                "encoder); not built here. The other-architecture case is covered by tiny-wide (context 48).")
-
-
 # ---------------------------------------------------------------- usable references: work, with a note
 
 def _run_ref(webui, lr, b64: str) -> H.Result:
