@@ -280,7 +280,7 @@ class BenchModel(LdmModel):
             self._conds[prompt] = c
         return c
 
-    def conditioning(self, prompts):
+    def conditioning(self, prompts, size=None, *, negative=False):
         return torch.cat([self._cond(p) for p in prompts])
 
     def tokenize(self, text: str) -> list[int]:

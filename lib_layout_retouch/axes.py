@@ -19,7 +19,7 @@ class AxisSpec:
     label: str
     field: str
     value_type: type             # what the X/Y/Z grid parses the typed values into
-    choices: Optional[str] = None  # "bool" | "checkpoints" | "sam" — the glue supplies the lists
+    choices: Optional[str] = None  # "bool" | "checkpoints" | "sam" | "layer_presets" — the glue supplies the lists
 
 
 AXES: tuple[AxisSpec, ...] = (
@@ -30,6 +30,7 @@ AXES: tuple[AxisSpec, ...] = (
     AxisSpec("[L&R] CA threshold", "ca_threshold", float),
     AxisSpec("[L&R] Vanilla checkpoint", "vanilla_checkpoint", str, "checkpoints"),
     AxisSpec("[L&R] SAM model", "sam_model", str, "sam"),
+    AxisSpec("[L&R] Layer preset", "layer_preset", str, "layer_presets"),
 )
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import LayoutRetouchError
 from .images import decode_image, image_fingerprint
+from .layers import DEFAULT_PRESET, PRESETS
 from .schedule import PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, PAPER_STEPS, Schedule
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
@@ -106,6 +107,12 @@ FIELDS: tuple[Field, ...] = (
     Field("reset_reference", True, "bool", "Reset the reference path every step",
           "Set the reference path back to its stored inversion latent at every step, so it "
           "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).", "LR reset reference"),
+    Field("layer_preset", DEFAULT_PRESET, "choice", "Attention layer preset",
+          "Which decoder self-attention layers take the reference's identity (and blend the mask): "
+          "standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 "
+          "layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: "
+          "output_blocks.3–5), for when the reference's pose or background bleeds in.", "LR layer preset",
+          choices=PRESETS, choice_labels=("Standard (paper)", "Light")),
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
@@ -229,6 +236,7 @@ class LayoutRetouchParams:
     show_intermediates: bool = False
     layout_source: str = "inversion"
     reset_reference: bool = True
+    layer_preset: str = DEFAULT_PRESET
 
     def __post_init__(self) -> None:
         # Coerce on construction, so every instance holds typed values (types only; `validate`

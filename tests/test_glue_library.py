@@ -156,10 +156,12 @@ def test_model_kinds_that_are_not_supported_are_refused(tiny_ldm):
     from lib_layout_retouch.model import check_model_supported
 
     check_model_supported(tiny_ldm)  # SD1-architecture ε-prediction: fine
-    sdxl = SimpleNamespace(is_sdxl=True, apply_model=None)  # what A1111's SDXL model says of itself
-    with pytest.raises(LayoutRetouchError, match="not yet supported") as err:
-        check_model_supported(sdxl)
+    sd3 = SimpleNamespace(is_sd3=True, model=SimpleNamespace(diffusion_model=None))  # A1111's SD3 says is_sd3
+    with pytest.raises(LayoutRetouchError, match="SD3 models are not supported") as err:
+        check_model_supported(sd3)
     assert err.value.parameter == "sd_model"
+    with pytest.raises(LayoutRetouchError, match="no UNet this extension knows"):
+        check_model_supported(SimpleNamespace())  # e.g. Forge's model object: no model.diffusion_model
     tiny_ldm.parameterization = "v"
     try:
         with pytest.raises(LayoutRetouchError, match="v-prediction"):
