@@ -353,6 +353,7 @@ def lr_defaults(webui, reference_b64) -> dict:
         "show_intermediates": False,
         "layout_source": "inversion",
         "reset_reference": True,
+        "layer_preset": "standard",
     }
 
 

@@ -56,6 +56,7 @@ def xl_defaults(webui, sdxl_model, reference_b64) -> dict:
         "show_intermediates": False,
         "layout_source": "inversion",
         "reset_reference": True,
+        "layer_preset": "standard",
     }
 
 
@@ -242,7 +243,9 @@ def test_sdxl_layer_preset_is_recorded_and_matters(webui, xl):
     assert H.assert_retouched(std).get("LR layer preset") == "standard", std.lr
     assert H.assert_retouched(light).get("LR layer preset") == "light", light.lr
     assert H.differs(std.image, light.image), "the light preset gave the standard image"
-    default = _run(webui, xl())
+    args = xl()
+    del args["layer_preset"]
+    default = _run(webui, args)
     assert np.array_equal(default.image, std.image), "the default preset is not 'standard'"
 
 
