@@ -262,7 +262,8 @@ def test_sdxl_xyz_over_lambda1_returns_a_grid(webui, xl):
     body = H.lr_body(xl(), prompt=PROMPT)
     body.update(script_name="x/y/z plot", script_args=H.xyz_args(choices.index("[L&R] Lambda1"), "1,2,4"))
     r = H.txt2img(webui.url, body)
-    assert r.ok, r.describe()
+    assert r.ok and len(r.images) == 4, r.describe()
+    assert all(isinstance(t, str) for t in r.infotexts[1:4]), f"cells without an infotext (failed cells?): {r.describe()}"
     assert r.images[0].shape[:2] == (H.SIZE, 3 * H.SIZE), "no 1×3 grid"
     cells = r.images[1:4]
     assert [im.shape[:2] for im in cells] == [(H.SIZE, H.SIZE)] * 3
