@@ -75,10 +75,6 @@ def test_plain_identical_after_all_refused_input(webui, plain_before):
     assert r.infotexts[0] == plain_before.infotexts[0]
 
 
-# (An always-skipped "SDXL not yet supported" test stood here. SDXL support is being added; its host
-# tests come with it. A vanilla checkpoint of another architecture is refused above ("vanilla-other-architecture").)
-
-
 # ---------------------------------------------------------------- usable references: work, with a note
 
 def _run_ref(webui, lr, b64: str) -> H.Result:
