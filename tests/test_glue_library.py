@@ -36,12 +36,18 @@ def test_glue_files_compile():
         py_compile.compile(os.path.join(ROOT, rel), doraise=True)
 
 
-def test_hints_file_is_generated_from_the_fields():
+def _gen_hints():
+    """tools/gen_hints.py as a module (it writes the hints file and the README's parameter table)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_hints", os.path.join(ROOT, "tools", "gen_hints.py"))
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
+    return gen
+
+
+def test_hints_file_is_generated_from_the_fields():
+    gen = _gen_hints()
     with open(gen.JS_PATH, encoding="utf-8") as f:
         assert f.read() == gen.render(), "run tools/gen_hints.py"
     for field in FIELDS:
@@ -49,11 +55,7 @@ def test_hints_file_is_generated_from_the_fields():
 
 
 def test_readme_parameter_table_is_generated_from_the_fields():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gen_hints", os.path.join(ROOT, "tools", "gen_hints.py"))
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
+    gen = _gen_hints()
     with open(gen.README_PATH, encoding="utf-8") as f:
         readme = f.read()
     assert readme == gen.render_readme(readme), "the README's parameter table is stale: run tools/gen_hints.py"
