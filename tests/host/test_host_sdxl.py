@@ -317,9 +317,30 @@ def test_sdxl_plain_identical_after_all_refused_input(webui, xl_plain_before):
     assert r.infotexts[0] == xl_plain_before.infotexts[0]
 
 
-def test_sdxl_half_precision_vae(webui):
-    pytest.skip("not exercisable here: the host WebUI runs on the CPU with --no-half (fp32 everywhere); a "
-                "half-precision VAE needs a GPU WebUI without --no-half-vae (see tests/host/README.md)")
+# (The half-precision VAE retry cannot run in this tier — the CPU WebUI runs with --no-half — so it
+# is proven in the library: tests/test_sdxl.py::test_half_precision_vae_that_overflows_is_retried_in_float32.)
+
+
+def test_sdxl_refiner_switch_is_refused_before_sampling(webui, xl):
+    """The WebUI's Refiner would swap models mid-sampling: refused with a message, nothing computed."""
+    mark = webui.log_mark()
+    r = _run(webui, xl(), refiner_checkpoint=webui.title(TC.XL_VANILLA), refiner_switch_at=0.5)
+    H.assert_error_names(r, "refiner_checkpoint", "refiner")
+    assert "Refiner" in H.error_text(r)
+    log = webui.log_since(mark)
+    assert not SWITCH_LINE.search(log) and not RETOUCH_LINE.search(log), log[-2000:]
+    assert webui.alive()
+
+
+def test_sdxl_hires_fix_retouches_the_first_pass_once(webui, xl):
+    hr = dict(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.5)
+    plain_hr = H.txt2img(webui.url, H.plain_body(PROMPT, **hr))
+    assert plain_hr.ok, plain_hr.describe()
+    mark = webui.log_mark()
+    r = _run(webui, xl(), **hr)
+    H.assert_retouched(r)
+    assert [n for n, _ in RETOUCH_LINE.findall(webui.log_since(mark))] == ["1"]
+    assert r.image.shape[:2] == (96, 96) and H.differs(r.image, plain_hr.image)
 
 
 # ---------------------------------------------------------------- memory (slow, last)
