@@ -335,7 +335,10 @@ def on_cfg_denoiser(params):
     if run.job.uses_vanilla(s):
         tc = params.text_cond
         if isinstance(tc, (torch.Tensor, dict)):  # SD1: a tensor; SDXL: {"crossattn", "vector"}
-            params.text_cond = lr_cond.expand(lr_cond.like(run.layout_cond, tc), lr_cond.batch_size(tc))
+            cond = lr_cond.expand(lr_cond.like(run.layout_cond, tc), lr_cond.batch_size(tc))
+            if isinstance(tc, dict) and type(tc) is not dict:
+                cond = type(tc)(cond)  # the WebUI's DictWithShape: it reads `.shape` right after the hook
+            params.text_cond = cond
         if run.vanilla_unet is not None:
             p.sd_model.model.diffusion_model = run.vanilla_unet
     elif run.switched_at is None:
@@ -582,7 +585,9 @@ class LayoutRetouchScript(scripts.Script):
             return gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
                             label=f.label, elem_id=eid)
         if f.name == "vanilla_checkpoint":
-            return gr.Dropdown(choices=checkpoint_choices(), value=None, label=f.label, elem_id=eid)
+            # value "" (no empty choice in the list): the API's infotext paste converts a pasted value
+            # to the type of the component's value, and a None value would drop the paste.
+            return gr.Dropdown(choices=checkpoint_choices(), value="", label=f.label, elem_id=eid)
         if f.name == "sam_model":
             choices = sam_choices()
             default_sam = opt("layout_retouch_default_sam", NO_SAM)
