@@ -25,11 +25,34 @@
         "DDIM inversion of the layout (paper)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so).",
         "Stage-1 latents (faster)": "Where the layout path's latents come from: DDIM inversion of the layout image (paper), or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the layout is inverted and the infotext says so).",
         "Standard (paper)": "Which decoder self-attention layers take the reference's identity (and blend the mask): standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: output_blocks.3–5), for when the reference's pose or background bleeds in.",
-        "Light": "Which decoder self-attention layers take the reference's identity (and blend the mask): standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: output_blocks.3–5), for when the reference's pose or background bleeds in."
+        "Light": "Which decoder self-attention layers take the reference's identity (and blend the mask): standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: output_blocks.3–5), for when the reference's pose or background bleeds in.",
+        "Guess": "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. It says what it could not find.",
+        "Advanced": "Segment-Anything mask, mask threshold, where the layout path comes from, the reference path reset, the reference prompt (and the attention layer preset): the paper's defaults work for most subjects.",
+        "Layout-and-Retouch": "Let the vanilla model draw the layout, then retouch the subject's identity from the reference photo."
     };
     function addHints() {
         if (typeof titles === 'object') Object.assign(titles, layoutRetouchHints);
     }
+    // The WebUI's hints.js looks at span/button/p only: block labels (the photo's) and the
+    // accordion headers get their title here.
+    function labelTitles() {
+        const root = (typeof gradioApp === 'function') ? gradioApp() : document;
+        root.querySelectorAll('#tab_txt2img label, #tab_txt2img [data-testid="block-label"], #tab_txt2img .label-wrap, #tab_txt2img .label-wrap span, #tab_txt2img button').forEach(function (el) {
+            if (el.title) return;
+            const hint = layoutRetouchHints[(el.textContent || '').trim()];
+            if (!hint) return;
+            el.title = hint;
+            // an image's label floats over its drop zone: the whole block gets the hint
+            if (el.dataset.testid === 'block-label' && el.parentElement && !el.parentElement.title) el.parentElement.title = hint;
+        });
+    }
     addHints();
-    if (typeof onUiLoaded === 'function') onUiLoaded(addHints);
+    if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });
+    if (typeof onUiUpdate === 'function') {
+        let pending = null;
+        onUiUpdate(function () {
+            if (pending) return;
+            pending = setTimeout(function () { pending = null; labelTitles(); }, 500);
+        });
+    }
 })();

@@ -3,13 +3,21 @@
 An axis writes its value into the generation's overrides (`p.layout_retouch_overrides`); the
 script applies the overrides to the parsed parameters before validating them, so an axis value is
 checked exactly like a UI or API value.
+
+Sweeps tell the truth: the values of the λ1 / λ2 / mask start axes are the values AT THE
+GENERATION'S STEP COUNT, used as given — a `[L&R] Lambda1` cell labelled 2 runs λ1 = 2 and its
+infotext says `LR lambda1: 2`. When the UI's "scale with steps" is on, the knobs the grid does not
+sweep keep their scaled (effective) values and the cell records `LR scale with steps: False` with
+the effective numbers, so pasting a cell reproduces it. `check_axis_values` (the grid's `confirm`
+hook) refuses a bad value before the grid starts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, MutableMapping, Optional
+from typing import Any, Callable, Iterable, MutableMapping, Optional
 
-from .params import FIELD_BY_NAME, LayoutRetouchParams
+from .errors import LayoutRetouchError
+from .params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
 
 OVERRIDES_ATTR = "layout_retouch_overrides"
 
@@ -22,15 +30,11 @@ class AxisSpec:
     choices: Optional[str] = None  # "bool" | "checkpoints" | "sam" | "layer_presets" — the glue supplies the lists
 
 
-AXES: tuple[AxisSpec, ...] = (
-    AxisSpec("[L&R] Enable", "enabled", str, "bool"),
-    AxisSpec("[L&R] Lambda1", "lambda1", int),
-    AxisSpec("[L&R] Lambda2", "lambda2", int),
-    AxisSpec("[L&R] Mask start", "mask_start", int),
-    AxisSpec("[L&R] CA threshold", "ca_threshold", float),
-    AxisSpec("[L&R] Vanilla checkpoint", "vanilla_checkpoint", str, "checkpoints"),
-    AxisSpec("[L&R] SAM model", "sam_model", str, "sam"),
-    AxisSpec("[L&R] Layer preset", "layer_preset", str, "layer_presets"),
+_AXIS_VALUE_TYPES = {"bool": str, "int": int, "float": float, "str": str, "choice": str}
+
+# Made from the parameter table: every field with an `axis` label, in the table's order.
+AXES: tuple[AxisSpec, ...] = tuple(
+    AxisSpec(f"[L&R] {f.axis}", f.name, _AXIS_VALUE_TYPES[f.kind], f.axis_choices) for f in FIELDS if f.axis
 )
 
 
@@ -45,13 +49,51 @@ def set_override(target: Any, field: str, value: Any) -> None:
     overrides[field] = value
 
 
-def apply_overrides(params: LayoutRetouchParams, overrides: Optional[MutableMapping[str, Any]]) -> LayoutRetouchParams:
-    """Parameters with the axis values applied (coerced and checked like API values)."""
+SCHEDULE_FIELDS = ("lambda1", "lambda2", "mask_start")
+
+
+def apply_overrides(params: LayoutRetouchParams, overrides: Optional[MutableMapping[str, Any]],
+                    steps: Optional[int] = None) -> LayoutRetouchParams:
+    """Parameters with the axis values applied (coerced and checked like API values).
+
+    With `steps` and an override of λ1 / λ2 / mask start, the schedule is taken literally at that
+    step count: the swept value as given, the others at their effective (scaled) values, and
+    `scale_with_steps` off — so what the grid's label says is what runs and what the infotext records.
+    """
     if not overrides:
         return params
     merged = {name: getattr(params, name) for name in FIELD_BY_NAME}
+    if steps is not None and params.scale_with_steps and any(k in SCHEDULE_FIELDS for k in overrides):
+        schedule = params.schedule(int(steps))  # the un-swept knobs' effective values (or their error)
+        merged.update(lambda1=schedule.lambda1, lambda2=schedule.lambda2, mask_start=schedule.mask_start,
+                      scale_with_steps=False)
     merged.update(overrides)
     return LayoutRetouchParams.from_dict(merged)
+
+
+def check_axis_values(base: LayoutRetouchParams, field: str, values: Iterable[Any], steps: int,
+                      label: Optional[str] = None,
+                      host_check: Optional[Callable[[LayoutRetouchParams], None]] = None) -> list[LayoutRetouchParams]:
+    """The X/Y/Z `confirm` hook's work: every value of one axis, applied to the UI/API parameters
+    of the grid, must make a generation the script accepts at `steps` steps. Raises one
+    LayoutRetouchError naming the axis, the value and the fix for the first that does not; returns
+    the parameters of each cell. `host_check` adds the checks that need the WebUI (enabled cells)."""
+    label = label or next((a.label for a in AXES if a.field == field), field)
+    cells = []
+    for value in values:
+        try:
+            params = apply_overrides(base, {field: value}, steps)
+            params.validate()
+            params.schedule(int(steps))
+            if params.enabled and host_check is not None:
+                host_check(params)
+        except LayoutRetouchError as e:
+            reason = str(e)
+            reason = reason[len("Layout-and-Retouch: "):] if reason.startswith("Layout-and-Retouch: ") else reason
+            raise LayoutRetouchError(f"X/Y/Z plot: {label} = {value}: {reason} (no image was generated)",
+                                     parameter=e.parameter or field) from None
+        cells.append(params)
+    return cells
 
 
 def axis_apply(field: str) -> Callable[[Any, Any, Any], None]:

@@ -109,6 +109,17 @@ class RetouchJob:
                 self.notes.append(note)
         return result
 
+    # -- batches -------------------------------------------------------------------------------
+    def for_batch(self, prompt: str, negative_prompt: str) -> "RetouchJob":
+        """This job for a batch whose prompt differs from the request's (a style, wildcards): its own
+        prompts and its own notes list. `merge_notes` brings its notes back, each once."""
+        return RetouchJob(self.params, prompt=prompt, negative_prompt=negative_prompt, steps=self.steps,
+                          width=self.width, height=self.height, guidance_scale=self.guidance_scale)
+
+    def merge_notes(self, other: "RetouchJob") -> None:
+        for note in other.notes:
+            self.add_note(note)
+
     # -- record --------------------------------------------------------------------------------
     def infotext(self) -> dict[str, str]:
         info = self.params.to_infotext(self.steps, mask_kind=self.mask_kind)

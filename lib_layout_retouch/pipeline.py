@@ -393,6 +393,9 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
                 trajectories[TARGET].append(z_t)
             if progress is not None:
                 progress("retouch", s, T)
+                preview = getattr(progress, "preview", None)  # optional: live previews of the target
+                if preview is not None:
+                    preview(z_t)
         if not mask_result:
             build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
 

@@ -28,22 +28,25 @@ if _EXT_ROOT not in sys.path:
 from modules import devices, scripts, script_callbacks, sd_models, shared  # noqa: E402
 from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
 
-from lib_layout_retouch import axes, job as lr_job, pipeline  # noqa: E402
+from lib_layout_retouch import axes, job as lr_job, logs, pipeline, ui_text  # noqa: E402
+from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
 from lib_layout_retouch.model import LdmModel, check_model_supported, unet_family  # noqa: E402
-from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
-from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, NO_SAM, LayoutRetouchParams  # noqa: E402
-from lib_layout_retouch.prompts import guess_concept, subject_positions_in_chunks  # noqa: E402
+from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams  # noqa: E402
+from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan  # noqa: E402
+from lib_layout_retouch.prompts import guess_concept, strip_extra_networks, subject_positions_in_chunks  # noqa: E402
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter  # noqa: E402
 
 TITLE = "Layout-and-Retouch"
-LOG = "[Layout-and-Retouch]"
+LOG = logs.LOG_PREFIX
 RUN_ATTR = "layout_retouch_run"
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
 
 
 def log(msg: str) -> None:
-    print(f"{LOG} {msg}", flush=True)
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -65,8 +68,21 @@ def sam_choices() -> list[str]:
     return [NO_SAM] + names
 
 
+def loaded_checkpoint_title() -> str | None:
+    info = getattr(getattr(shared, "sd_model", None), "sd_checkpoint_info", None)
+    return getattr(info, "title", None)
+
+
 def checkpoint_choices() -> list[str]:
-    return [""] + list(sd_models.checkpoint_tiles())
+    """Vanilla checkpoint candidates: the WebUI's list without the loaded (personalized) model."""
+    loaded = loaded_checkpoint_title()
+    return [t for t in sd_models.checkpoint_tiles() if t != loaded]
+
+
+def is_loaded_checkpoint(p, name: str) -> bool:
+    info = sd_models.get_closet_checkpoint_match(name) if name else None
+    loaded = getattr(p.sd_model, "sd_checkpoint_info", None)
+    return info is not None and loaded is not None and info.filename == getattr(loaded, "filename", None)
 
 
 def opt(name: str, default):
@@ -168,7 +184,7 @@ class Run:
 
     def __init__(self, p, params: LayoutRetouchParams):
         self.params = params
-        self.job = lr_job.RetouchJob(params, prompt=_EXTRA_NETWORK.sub("", p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
+        self.job = lr_job.RetouchJob(params, prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
                                      negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
                                      steps=p.steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale)
         self.vanilla_unet = None
@@ -180,11 +196,15 @@ class Run:
         self.intermediates: list = []
         self.retouched = False
         self.lora_saved: list = []
+        self.progress = ProgressPlan(
+            steps=p.steps, batch=p.batch_size,
+            invert_layout=not (params.layout_source == "stage1" and p.sampler_name == "DDIM"))
+        self.phase = None
 
 
 def parse_params(p, args) -> LayoutRetouchParams:
     params = LayoutRetouchParams.from_script_args(args)
-    params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None))
+    params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None), p.steps)
     # The settings' default SAM is the UI dropdown's initial value; for the API it fills an omitted name.
     if params.enabled and params.sam_model == NO_SAM and _named_without(args, "sam_model"):
         default_sam = opt("layout_retouch_default_sam", NO_SAM)
@@ -227,24 +247,77 @@ def check_host(p, params: LayoutRetouchParams) -> None:
                                      parameter="vanilla_checkpoint")
 
 
-def fail_generation(p, err: LayoutRetouchError) -> None:
+def refuse(p, err: LayoutRetouchError) -> None:
+    """A refused input is an expected event: ONE log line, no traceback, and the generation stops
+    before any compute. The API answers 422 with the message (parameter names); the UI shows it
+    under the gallery (control labels) and makes no image."""
+    log(f"refused: {err}")
+    if getattr(p, "is_api", False):
+        fail_generation(p, err, logged=True)
+        return
+    p.comment(ui_text.refusal(str(err)))
+    p.n_iter = 0  # process_images' batch loop runs no batch: nothing is sampled, nothing is raised
+
+
+def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
     """Make the generation fail with `err`: hooks' exceptions are swallowed by the WebUI, so raise
     from `p.sample` instead. The API answers 422 with the message; the UI shows it."""
-    exc = request_error(p, err)
+    exc = request_error(p, err, logged=logged)
 
     def sample(*args, **kwargs):
         raise exc
     p.sample = sample
 
 
-def request_error(p, err: LayoutRetouchError) -> Exception:
+def request_error(p, err: LayoutRetouchError, logged: bool = False) -> Exception:
     """What to raise for a user error: for the API an HTTPException, which reaches the client as a
     plain 422 {"detail": msg} without a server traceback; in the UI the error itself (a toast)."""
-    log(f"refused: {err}")
+    if not logged:
+        log(f"refused: {err}")
     if getattr(p, "is_api", False):
         from fastapi import HTTPException
         return HTTPException(status_code=422, detail=str(err))
-    return err
+    return LayoutRetouchError(ui_text.for_ui(str(err)), parameter=err.parameter)
+
+
+def own_infotext(p) -> None:
+    """Give this generation its own `extra_generation_params` without `LR ` keys.
+
+    The X/Y/Z plot (and anything else that copies a job with `copy(p)`) shares one dict between
+    the copies; writing our keys into the shared dict leaked them into cells that were not
+    retouched. A fresh dict per processed job keeps each image's infotext to its own values."""
+    p.extra_generation_params = {k: v for k, v in (p.extra_generation_params or {}).items()
+                                 if not str(k).startswith(INFOTEXT_PREFIX)}
+
+
+def host_notes(p, run) -> None:
+    """Checks that only warrant a note in the infotext (the run still does what was asked)."""
+    params = run.params
+    if params.personalization == "dreambooth" and is_loaded_checkpoint(p, params.vanilla_checkpoint):
+        run.job.add_note("the vanilla checkpoint is the loaded model itself: stage 1 only swaps the prompt; "
+                         "choose the checkpoint your DreamBooth model was trained from")
+    if params.personalization == "textual_inversion":
+        try:
+            from modules import sd_hijack
+            names = list(sd_hijack.model_hijack.embedding_db.word_embeddings)
+        except Exception:  # no embedding DB: nothing to compare with
+            names = None
+        if names is not None and params.concept_token not in names:
+            known = ", ".join(names[:8]) if names else "none is installed"
+            run.job.add_note(f"concept token '{params.concept_token}' is no installed Textual-Inversion embedding "
+                             f"({known}): the personalized steps read it as plain text")
+
+
+def check_before_sampling(p, params: LayoutRetouchParams) -> None:
+    """Problems that would otherwise only show mid-sampling: refused here, before any compute."""
+    if params.personalization == "lora" and params.schedule(p.steps).lambda1 > 0:
+        prompts = p.all_prompts or [p.prompt if isinstance(p.prompt, str) else p.prompt[0]]
+        if not any(re.search(r"<(lora|lyco):", pr or "") for pr in prompts):
+            raise LayoutRetouchError("personalization is 'lora' but the prompt has no <lora:name:1> tag: add "
+                                     "your LoRA's tag to the prompt", parameter="personalization")
+    if params.personalization == "dreambooth":
+        info = sd_models.get_closet_checkpoint_match(params.vanilla_checkpoint)
+        VANILLA_UNETS.get(info, p.sd_model.model.diffusion_model)  # loads (cached) and checks the architecture
 
 
 # --- stage 1 -----------------------------------------------------------------------------------------
@@ -269,6 +342,19 @@ def on_cfg_denoiser(params):
         run.switched_at = s
         restore_stage1(p, run)
         log(f"stage 1: switched to personalized UNet at step {s}")
+
+
+def on_progress_denoiser(params):
+    """One progress bar over both stages: during stage 1 the bar's length includes stage 2 (the
+    sampler set it to its own step count at launch), and the text names the phase. Note: while an
+    enabled run samples, `CFGDenoiserParams.total_sampling_steps` reports this length too."""
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    run = getattr(p, RUN_ATTR, None)
+    if run is None or not run.stage1_active:
+        return
+    shared.state.sampling_steps = run.progress.total
+    s = int(params.denoiser.step) + 1
+    shared.state.textinfo = ProgressPlan.text(STAGE1_VANILLA if run.job.uses_vanilla(s) else STAGE1_PERSONAL)
 
 
 def restore_stage1(p, run) -> None:
@@ -350,10 +436,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         return samples
     job = run.job
     job_for_batch = job
-    if p.prompts and _EXTRA_NETWORK.sub("", p.prompts[0]) != job.prompt:
-        job_for_batch = lr_job.RetouchJob(job.params, prompt=p.prompts[0], negative_prompt=p.negative_prompts[0],
-                                          steps=job.steps, width=job.width, height=job.height,
-                                          guidance_scale=job.guidance_scale, notes=job.notes)
+    if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
+        job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
     model = LdmModel(p.sd_model, autocast=devices.autocast,
                      sdxl_crop=(int(opt("sdxl_crop_top", 0)), int(opt("sdxl_crop_left", 0))))
     clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
@@ -395,13 +479,20 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
     model_key = "|".join([getattr(checkpoint, "filename", "?"), job.params.personalization,
                           ",".join(f"{n.name}:{n.unet_multiplier}" for n in loaded_loras())])
 
-    total = {"n": 0}
+    plan = run.progress
+    if cache.peek(pipeline.inversion_key((job_for_batch.reference_fingerprint, model_key), job.steps,
+                                         samples.shape[-2:])) is not None:
+        plan = ProgressPlan(plan.steps, plan.batch, reference_cached=True, invert_layout=plan.invert_layout)
 
-    def progress(phase, step, total_steps):
-        shared.state.textinfo = f"Layout-and-Retouch: {phase}"
-        shared.state.sampling_steps = total_steps
-        shared.state.sampling_step = step
-        total["n"] += 1
+    def progress(phase, step, total_steps):  # one bar: stage 2 continues where stage 1 ended
+        shared.state.textinfo = ProgressPlan.text(phase)
+        shared.state.sampling_steps = plan.total
+        shared.state.sampling_step = max(shared.state.sampling_step, plan.position(phase, step, total_steps))
+
+    def preview(latents):  # the WebUI's live preview, at its own setting's rate
+        shared.state.current_latent = latents
+        shared.state.set_current_image()
+    progress.preview = preview
 
     def should_stop():
         return bool(shared.state.interrupted or shared.state.skipped)
@@ -417,7 +508,8 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         log(f"interrupted: {e}")
         return samples
     job.mask_kind = result.mask_kind
-    for note in job_for_batch.notes + model.notes:
+    job.merge_notes(job_for_batch)
+    for note in model.notes:  # e.g. a half-precision VAE retried in float32
         job.add_note(note)
     log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls "
         f"({result.unet_rows} rows), "
@@ -425,12 +517,14 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
     if job.params.show_intermediates:
         size = (p.width, p.height)
         layouts = lr_job.tensor_to_images(model.decode(samples))
+        base = int(getattr(p, "iteration", 0) or 0) * p.batch_size  # index of this batch's first image
         for i, layout in enumerate(layouts):
-            run.intermediates.append(("layout", layout))
+            run.intermediates.append(("layout", base + i, layout))
             if result.masks is not None:
-                run.intermediates.append(("mask", lr_job.mask_to_image(result.masks[i], size)))
+                run.intermediates.append(("mask", base + i, lr_job.mask_to_image(result.masks[i], size)))
             if result.ca_maps is not None:
-                run.intermediates.append(("cross-attention map", lr_job.mask_to_image(result.ca_maps[i], size)))
+                run.intermediates.append(("attention map", base + i,
+                                          lr_job.mask_to_image(result.ca_maps[i], size)))
     return result.latents.to(samples.dtype)
 
 
@@ -478,44 +572,85 @@ class LayoutRetouchScript(scripts.Script):
     def show(self, is_img2img):
         return False if is_img2img else scripts.AlwaysVisible
 
+    def _control(self, f, labels):
+        eid = self.elem_id(f.name)
+        if f.kind == "bool":
+            return gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
+        if f.kind == "image":
+            return gr.Image(label=f.label, type="pil", source="upload", elem_id=eid, height=256)
+        if f.kind == "choice":
+            return gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
+                            label=f.label, elem_id=eid)
+        if f.name == "vanilla_checkpoint":
+            return gr.Dropdown(choices=checkpoint_choices(), value=None, label=f.label, elem_id=eid)
+        if f.name == "sam_model":
+            choices = sam_choices()
+            default_sam = opt("layout_retouch_default_sam", NO_SAM)
+            return gr.Dropdown(choices=choices, value=default_sam if default_sam in choices else NO_SAM,
+                               label=f.label, elem_id=eid)
+        if f.kind in ("int", "float"):
+            low, high = f.slider_range()
+            return gr.Slider(minimum=low, maximum=high, step=f.step, value=f.default,
+                             label=f.label, elem_id=eid)
+        if f.choices:  # a text field with a fixed set of values (e.g. a preset)
+            return gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
+                            label=f.label, elem_id=eid)
+        return gr.Textbox(value=f.default, label=f.label, elem_id=eid, lines=1, max_lines=1)
+
     def ui(self, is_img2img):
+        from modules.ui_common import create_refresh_button
+        from modules.ui_components import FormRow, InputAccordion, ToolButton
+
         comps = {}
         labels = {f.name: dict(zip(f.choices, f.choice_labels or f.choices)) for f in FIELDS}
-        with gr.Accordion(TITLE, open=False, elem_id=self.elem_id("accordion")):
+        made = set()
+
+        def make(name):
+            comps[name] = self._control(FIELD_BY_NAME[name], labels)
+            made.add(name)
+            return comps[name]
+
+        enabled_field = FIELD_BY_NAME["enabled"]
+        with InputAccordion(enabled_field.default, label=ui_text.ACCORDION_LABEL,
+                            elem_id=self.elem_id("enabled")) as enabled:
+            comps["enabled"] = enabled
+            made.add("enabled")
             gr.Markdown("Vanilla model draws the layout, your subject is retouched in from one photo "
                         "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
                         "the paper used **DDIM**.")
-            for f in FIELDS:
-                eid = self.elem_id(f.name)
-                if f.kind == "bool":
-                    c = gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
-                elif f.kind == "image":
-                    c = gr.Image(label=f.label, type="pil", source="upload", elem_id=eid, height=256)
-                elif f.kind == "choice":
-                    c = gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
-                                 label=f.label, elem_id=eid)
-                elif f.name == "vanilla_checkpoint":
-                    c = gr.Dropdown(choices=checkpoint_choices(), value="", label=f.label, elem_id=eid)
-                elif f.name == "sam_model":
-                    choices = sam_choices()
-                    default_sam = opt("layout_retouch_default_sam", NO_SAM)
-                    c = gr.Dropdown(choices=choices, value=default_sam if default_sam in choices else NO_SAM,
-                                    label=f.label, elem_id=eid)
-                elif f.kind in ("int", "float"):
-                    c = gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, value=f.default,
-                                  label=f.label, elem_id=eid)
-                else:
-                    c = gr.Textbox(value=f.default, label=f.label, elem_id=eid)
-                comps[f.name] = c
-                if f.name == "scale_with_steps":  # what λ1/λ2/mask start become at the current steps
-                    steps_now = getattr(getattr(self, "_txt2img_steps", None), "value", 20) or 20
-                    effective = gr.Markdown(_describe_effective(5, 10, 31, True, steps_now),
-                                            elem_id=self.elem_id("effective"))
-            guess = gr.Button("Guess token and class from the prompt", elem_id=self.elem_id("guess"))
+            photo_notice = gr.Markdown("", visible=False, elem_id=self.elem_id("photo_notice"))
+            with gr.Row():
+                with gr.Column(scale=1, min_width=200):
+                    make("reference_image")
+                with gr.Column(scale=2):
+                    make("personalization")
+                    with FormRow(elem_id=self.elem_id("vanilla_row")) as vanilla_row:
+                        make("vanilla_checkpoint")
+                        create_refresh_button(
+                            comps["vanilla_checkpoint"], sd_models.list_models,
+                            lambda: {"choices": checkpoint_choices()}, self.elem_id("vanilla_refresh"))
+                    with FormRow():
+                        make("concept_token")
+                        make("class_phrase")
+                        guess = ToolButton(ui_text.GUESS_LABEL, elem_id=self.elem_id("guess"),
+                                           tooltip=ui_text.EXTRA_HINTS[ui_text.GUESS_LABEL])
+                    guess_msg = gr.Markdown("", elem_id=self.elem_id("guess_message"))
+            for name in ("lambda1", "lambda2", "mask_start", "scale_with_steps"):
+                make(name)
+            steps_now = getattr(getattr(self, "_txt2img_steps", None), "value", 20) or 20
+            effective = gr.Markdown(_describe_effective(5, 10, 31, True, steps_now), elem_id=self.elem_id("effective"))
+            for f in ui_text.basic_fields():
+                if f.name not in made:
+                    make(f.name)
+            with gr.Accordion(ui_text.ADVANCED_LABEL, open=False, elem_id=self.elem_id("advanced")):
+                for f in ui_text.advanced_fields():
+                    make(f.name)
 
         kind = comps["personalization"]
         kind.change(lambda v: gr.update(visible=v == labels["personalization"]["dreambooth"]),
-                    inputs=[kind], outputs=[comps["vanilla_checkpoint"]], show_progress=False)
+                    inputs=[kind], outputs=[vanilla_row], show_progress=False)
+        comps["reference_image"].upload(lambda: gr.update(value="", visible=False), outputs=[photo_notice],
+                                        show_progress=False)
         prompt_box = getattr(self, "_txt2img_prompt", None)
         steps_box = getattr(self, "_txt2img_steps", None)
         knobs = [comps[n] for n in ("lambda1", "lambda2", "mask_start", "scale_with_steps")]
@@ -523,14 +658,16 @@ class LayoutRetouchScript(scripts.Script):
             for c in knobs + [steps_box]:
                 c.change(_describe_effective, inputs=knobs + [steps_box], outputs=[effective], show_progress=False)
         if prompt_box is not None:
-            guess.click(_guess, inputs=[prompt_box], outputs=[comps["concept_token"], comps["class_phrase"]])
+            guess.click(_guess, inputs=[prompt_box], outputs=[comps["concept_token"], comps["class_phrase"], guess_msg],
+                        show_progress=False)
 
-        self.infotext_fields = [(comps["enabled"], lambda d: True if any(k.startswith("LR ") for k in d) else None)]
+        self.infotext_fields = [(comps["enabled"], lambda d: True if _has_lr_keys(d) else None),
+                                (photo_notice, _paste_notice)]
         for f in FIELDS:
             if f.infotext_key and f.kind != "image":
                 self.infotext_fields.append((comps[f.name], _paste(f.name, labels.get(f.name, {}))))
         self.paste_field_names = [f.infotext_key for f in FIELDS if f.infotext_key]
-        return [comps[f.name] for f in FIELDS]
+        return [comps[f.name] for f in FIELDS]  # FIELDS order: the API's positional order
 
     def after_component(self, component, **kwargs):
         eid = kwargs.get("elem_id")
@@ -541,15 +678,18 @@ class LayoutRetouchScript(scripts.Script):
 
     def process(self, p, *args):
         setattr(p, RUN_ATTR, None)
+        own_infotext(p)  # before anything: an image that is not retouched carries no `LR ` key
         try:
             params = parse_params(p, args)
             if not params.enabled:
                 return
             params.validate()  # the user's own values first, then what depends on the WebUI
             check_host(p, params)
+            check_before_sampling(p, params)
             run = Run(p, params)
+            host_notes(p, run)
         except LayoutRetouchError as e:
-            fail_generation(p, e)
+            refuse(p, e)
             return
         install(p, run)
         p.extra_generation_params.update(run.job.infotext())
@@ -560,11 +700,38 @@ class LayoutRetouchScript(scripts.Script):
         if run is None:
             return
         if run.intermediates:
-            for _label, img in run.intermediates:
+            for label, index, img in run.intermediates:
+                text = intermediate_infotext(p, label, index)
+                img.info["parameters"] = text
                 processed.images.append(img)
-                processed.infotexts.append(processed.infotexts[0] if processed.infotexts else "")
+                processed.infotexts.append(text)
             run.intermediates = []
         setattr(p, RUN_ATTR, None)  # drop references to tensors and UNets held by the run
+
+
+def intermediate_infotext(p, label: str, index: int) -> str:
+    """An intermediate's own infotext: the generation's prompt and settings without `LR ` keys (it is
+    not a retouched image; pasting it makes a plain generation) and a label saying what it is."""
+    from modules.processing import create_infotext
+    saved = p.extra_generation_params
+    p.extra_generation_params = {k: v for k, v in saved.items() if not str(k).startswith(INFOTEXT_PREFIX)}
+    p.extra_generation_params[ui_text.INTERMEDIATE_KEY] = ui_text.intermediate_label(label, index)
+    try:
+        n = len(p.all_prompts or [])
+        i = min(index, n - 1) if n else 0
+        return create_infotext(p, p.all_prompts, p.all_seeds, p.all_subseeds, index=i)
+    finally:
+        p.extra_generation_params = saved
+
+
+def _has_lr_keys(d) -> bool:
+    return any(str(k).startswith(INFOTEXT_PREFIX) for k in d)
+
+
+def _paste_notice(d):
+    if not _has_lr_keys(d):
+        return gr.update(value="", visible=False)
+    return gr.update(value=ui_text.photo_notice(d.get(FIELD_BY_NAME["reference_image"].infotext_key)), visible=True)
 
 
 def _describe_effective(l1, l2, ms, scale, steps):
@@ -572,7 +739,7 @@ def _describe_effective(l1, l2, ms, scale, steps):
         params = LayoutRetouchParams(lambda1=l1, lambda2=l2, mask_start=ms, scale_with_steps=scale)
         return f"At {int(steps)} steps: {params.schedule(int(steps)).describe()}"
     except LayoutRetouchError as e:
-        return f"⚠ {e}"
+        return f"⚠ {ui_text.for_ui(str(e))}"
 
 
 def _guess(prompt):
@@ -582,9 +749,10 @@ def _guess(prompt):
     except Exception:  # the embedding DB is optional for a guess
         names = []
     found = guess_concept(prompt or "", names)
+    message = ui_text.guess_message(prompt, found, names)
     if not found:
-        return gr.update(), gr.update()
-    return found[0], found[1] or gr.update()
+        return gr.update(), gr.update(), message
+    return found[0], found[1] or gr.update(), message
 
 
 def _paste(name, labels):
@@ -593,6 +761,8 @@ def _paste(name, labels):
         if name not in values:
             return None
         v = values[name]
+        if name == "vanilla_checkpoint" and not v:
+            return None
         return labels.get(v, v) if labels else v
     return read
 
@@ -600,6 +770,34 @@ def _paste(name, labels):
 # ---------------------------------------------------------------------------------------------------
 # X/Y/Z plot axes (at import and on_before_ui: with --nowebui the API builds its UI first)
 # ---------------------------------------------------------------------------------------------------
+def _grid_base_params(p) -> LayoutRetouchParams:
+    """The grid's own Layout-and-Retouch parameters (what the UI/API sent with the X/Y/Z request)."""
+    runner = getattr(p, "scripts", None)
+    for script in getattr(runner, "alwayson_scripts", []) or []:
+        if isinstance(script, LayoutRetouchScript) or getattr(script, "title", lambda: None)() == TITLE:
+            return parse_params(p, list(p.script_args[script.args_from:script.args_to]))
+    return LayoutRetouchParams()
+
+
+def axis_confirm(spec):
+    """The X/Y/Z `confirm(p, xs)` hook: validate every value before the grid starts."""
+    def confirm(p, xs):
+        try:
+            base = _grid_base_params(p)
+            axes.check_axis_values(base, spec.field, xs, p.steps, label=spec.label,
+                                   host_check=lambda params: check_host(p, params))
+        except LayoutRetouchError as e:
+            log(f"refused: {e}")
+            if getattr(p, "is_api", False):
+                from fastapi import HTTPException
+                raise HTTPException(status_code=422, detail=str(e)) from None
+            # The UI: no exception (the WebUI would print a traceback and an argument dump): the
+            # grid gets no cells, so nothing is computed, and the message is shown under the gallery.
+            p.comment(ui_text.refusal(str(e)))
+            xs.clear()
+    return confirm
+
+
 def register_axes() -> None:
     xyz = None
     for data in scripts.scripts_data:
@@ -615,7 +813,7 @@ def register_axes() -> None:
         if spec.label in existing:
             continue
         xyz.axis_options.append(xyz.AxisOption(spec.label, spec.value_type, axes.axis_apply(spec.field),
-                                               choices=choices.get(spec.choices)))
+                                               confirm=axis_confirm(spec), choices=choices.get(spec.choices)))
 
 
 try:
@@ -624,3 +822,4 @@ except Exception as e:  # the grid script may not be loaded yet; on_before_ui tr
     log(f"X/Y/Z axes not registered yet: {e}")
 script_callbacks.on_before_ui(register_axes)
 script_callbacks.on_cfg_denoiser(on_cfg_denoiser)
+script_callbacks.on_cfg_denoiser(on_progress_denoiser)

@@ -71,6 +71,7 @@ NON_DEFAULT = dict(
     show_intermediates=True,
     layout_source="stage1",
     reset_reference=False,
+    layer_preset="light",
 )
 
 
@@ -80,7 +81,7 @@ def test_fields_are_the_dataclass_in_order_with_matching_defaults():
     assert NAMES == [
         "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token",
         "class_phrase", "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps",
-        "sam_model", "ca_threshold", "show_intermediates", "layout_source", "reset_reference",
+        "sam_model", "ca_threshold", "show_intermediates", "layout_source", "reset_reference", "layer_preset",
     ]
     defaults = LayoutRetouchParams()
     for f in FIELDS:
@@ -135,7 +136,7 @@ def test_shorter_positional_lists_and_nones_take_defaults():
 def test_too_many_positional_args():
     with pytest.raises(LayoutRetouchError) as e:
         LayoutRetouchParams.from_script_args([False] * (len(FIELDS) + 1))
-    assert "got 17 positional arguments but Layout-and-Retouch takes at most 16" in str(e.value)
+    assert "got 18 positional arguments but Layout-and-Retouch takes at most 17" in str(e.value)
     assert "enabled, reference_image, personalization" in str(e.value)
 
 
@@ -328,6 +329,7 @@ def test_infotext_exact():
         "LR CA threshold": "0.1",
         "LR layout source": "inversion",
         "LR reset reference": "True",
+        "LR layer preset": "standard",
         "LR steps used": "λ1=2, λ2=4, mask from step 13 of 20",
         "LR mask": "CA only",
         "LR reference": image_fingerprint(_photo()),
@@ -343,6 +345,8 @@ def test_infotext_round_trip_gives_back_every_field():
     p = _ready(**NON_DEFAULT)
     back = LayoutRetouchParams.from_infotext(p.to_infotext(40, mask_kind="SAM+CA"))
     expected = {n: getattr(p, n) for n in NAMES if n not in ("reference_image", "show_intermediates")}
+    if p.personalization != "dreambooth":  # the hidden vanilla checkpoint is not recorded
+        expected["vanilla_checkpoint"] = ""
     assert back == expected
     # and the defaults, where empty text fields are not written
     q = _ready()
@@ -419,3 +423,11 @@ def test_markdown_parameter_table():
     assert "| `lambda1` | `5` | **λ1: vanilla layout steps.**" in table
     assert "One of `dreambooth`, `textual_inversion`, `lora`." in table
     assert "e.g. sks or &lt;my-vase&gt;." in table and "<my-vase>" not in table  # no stray HTML
+
+
+def test_vanilla_checkpoint_is_recorded_for_dreambooth_only():
+    for kind in ("textual_inversion", "lora"):
+        info = _ready(personalization=kind, vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
+        assert "LR vanilla checkpoint" not in info and info["LR personalization"] == kind
+    info = _ready(personalization="dreambooth", vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
+    assert info["LR vanilla checkpoint"] == "v1-5.safetensors"

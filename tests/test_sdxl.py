@@ -21,7 +21,7 @@ from tests import tiny_sdxl as TS
 from tests.test_ddim import photo_tensor
 
 SGM_OK, SGM_WHY = TS.sgm_status()
-T = 6
+T = 4
 
 
 def _param(kind):
@@ -201,7 +201,7 @@ def xl_setup(xl):
 
 def _run(xl_setup, **kw):
     adapter, conds, subject, ref, layouts = xl_setup
-    sched = kw.pop("schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=4, scale=False))
+    sched = kw.pop("schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=3, scale=False))
     fields = pl.RetouchSettings.__dataclass_fields__
     settings = pl.RetouchSettings(schedule=sched, **{k: kw.pop(k) for k in list(kw) if k in fields})
     return pl.retouch(adapter, reference_latent=ref, layout_latents=layouts, conds=conds,
@@ -288,7 +288,7 @@ def test_generate_both_stages_with_a_vanilla_unet(xl, tmp_path_factory):
     vanilla = TS.build(kind, str(tmp_path_factory.mktemp("xl-vanilla")), seed=1).model.diffusion_model
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    settings = pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=2, lambda2=2, mask_start=4, scale=False))
+    settings = pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=2, lambda2=2, mask_start=3, scale=False))
     out = pl.generate(adapter, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings,
                       vanilla_unet=vanilla)
     same = pl.generate(adapter, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import sys
 
+from typing import Optional
+
 import torch
 
 from tests.tiny_models import make_tiny_clip_folder, reinit_zero_weights, tame_output
@@ -117,13 +119,14 @@ class _UNetWrapper(torch.nn.Module):
     """sgm's OpenAIWrapper: (x, t, {"crossattn", "vector"}) → the UNet. (This ldm's SpatialTransformer
     indexes its context per transformer block, so it gets the same context once per block.)"""
 
-    def __init__(self, unet, depth: int = 2):
+    def __init__(self, unet, depth: Optional[int] = 2):
         super().__init__()
         self.diffusion_model = unet
         self.depth = depth
 
     def forward(self, x, t, c):
-        return self.diffusion_model(x, timesteps=t, context=[c["crossattn"]] * self.depth, y=c["vector"])
+        context = c["crossattn"] if self.depth is None else [c["crossattn"]] * self.depth
+        return self.diffusion_model(x, timesteps=t, context=context, y=c["vector"])
 
 
 class TinySdxlLike(torch.nn.Module):

@@ -221,7 +221,7 @@ def _link_or_copy(src: str, dst: str) -> str:
     return dst
 
 
-def _start(webui_dir: str, python: str, tmp: str) -> WebUI:
+def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
     built = _build_models(webui_dir, python)
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
@@ -237,13 +237,15 @@ def _start(webui_dir: str, python: str, tmp: str) -> WebUI:
     with open(os.path.join(sam_dir, SAM_MISSING), "wb") as f:
         f.write(b"deleted by the test before it is used")
     # No cond cache across requests: a bit-identity test must see a text encoder left patched.
-    # No live previews: with an SDXL model "Approx NN" downloads vaeapprox-sdxl.pt (fails offline).
+    # Live previews stay on (a test checks the retouch's preview) but with "Approx cheap": with an
+    # SDXL model the default "Approx NN" downloads vaeapprox-sdxl.pt (fails offline); cheap needs no file.
     with open(os.path.join(data_dir, "config.json"), "w", encoding="utf-8") as f:
-        f.write('{"persistent_cond_cache": false, "live_previews_enable": false}')
+        f.write('{"persistent_cond_cache": false, "show_progress_type": "Approx cheap"}')
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data_dir, "webui.log")
-    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api", "--nowebui", "--use-cpu", "all",
+    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api"] + ([] if ui else ["--nowebui"]) + [
+            "--use-cpu", "all",
             "--no-half", "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
             "--do-not-download-clip", "--disable-console-progressbars", "--server-name", "127.0.0.1",
             "--port", str(port), "--data-dir", data_dir, "--ckpt-dir", ckpt_dir,
@@ -310,6 +312,57 @@ def webui():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp:
             print(f"\nhost WebUI folder kept: {tmp}")
+
+
+def browser_missing() -> str | None:
+    """Why the browser tier cannot run here (None: it can)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "no Playwright: pip install playwright (into the Python that runs pytest)"
+    exe = os.environ.get("LR_CHROMIUM", "/usr/bin/chromium")
+    if not os.path.exists(exe):
+        return f"no Chromium at {exe}: apt-get install -y chromium (or set LR_CHROMIUM)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def webui_ui():
+    """A second WebUI WITH its browser UI (no --nowebui), for the browser tier: started only when a
+    browser test runs. LR_WEBUI_UI_URL attaches to a running one instead."""
+    why = browser_missing()
+    if why:
+        pytest.skip(why)
+    url = os.environ.get("LR_WEBUI_UI_URL")
+    if url:
+        w = WebUI(url.rstrip("/"), log_path=os.environ.get("LR_WEBUI_UI_LOG") or None)
+        for m in H.get(w.url, "/sdapi/v1/sd-models"):
+            w.titles[m["model_name"]] = m["title"]
+        yield w
+        return
+    src = _webui_source()
+    if src[0] != "dir":
+        pytest.skip(src[1] if src[0] is None else "the browser tier starts its own WebUI: set LR_WEBUI_DIR "
+                    "(or LR_WEBUI_UI_URL for one started without --nowebui)")
+    tmp = tempfile.mkdtemp(prefix="lr-host-ui-")
+    try:
+        w = _start(src[1], src[2], tmp, ui=True)
+    except BaseException:
+        if not os.environ.get("LR_WEBUI_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        for m in H.get(w.url, "/sdapi/v1/sd-models"):
+            w.titles[m["model_name"]] = m["title"]
+        H.txt2img(w.url, H.plain_body("warm up", steps=2,
+                                      override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}))
+        yield w
+    finally:
+        _stop(w)
+        if not os.environ.get("LR_WEBUI_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"\nhost WebUI (UI) folder kept: {tmp}")
 
 
 @pytest.fixture(scope="session")

@@ -232,6 +232,21 @@ def xyz_args(x_index: int, x_values: str) -> list:
             False, True, False, False, False, False, False, 0, False]
 
 
+def xyz_args_dropdown(x_index: int, x_values: list) -> list:
+    """X/Y/Z args for an axis whose values come from a list (the API reads `x_values_dropdown`)."""
+    args = xyz_args(x_index, ",".join(map(str, x_values)))
+    args[2] = list(map(str, x_values))
+    return args
+
+
+def log_refusal_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith(LOG_PREFIX + " refused:")]
+
+
+TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Error completing request", "Arguments: (",
+                     "API error:")
+
+
 def set_checkpoint(url: str, title: str, timeout: float = 900) -> str:
     """Load a checkpoint as the WebUI's model (POST /sdapi/v1/options) and check that it took.
     Returns the title the options report (with the short hash, computed at load)."""

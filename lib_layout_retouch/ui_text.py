@@ -1,0 +1,100 @@
+"""What the WebUI panel says to a person: grouping, extra hover hints, messages with control labels.
+
+Host-agnostic (no WebUI imports) so it is tested with the library. The API keeps the parameter
+names of `params.FIELDS`; the panel speaks in its controls' labels.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+from .params import FIELDS, FIELD_BY_NAME
+
+# Folded into the "Advanced" accordion; everything else is what a first-time user needs.
+# (`layer_preset` belongs here when that field exists.)
+ADVANCED = ("reference_prompt", "sam_model", "ca_threshold", "layout_source", "reset_reference", "layer_preset")
+
+ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enable checkbox in it
+ADVANCED_LABEL = "Advanced"
+GUESS_LABEL = "Guess"
+# Hover hints of controls that are no parameter (by their visible text).
+EXTRA_HINTS = {
+    GUESS_LABEL: "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding "
+                 "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
+                 "It says what it could not find.",
+    ADVANCED_LABEL: "Segment-Anything mask, mask threshold, where the layout path comes from, the reference "
+                "path reset, the reference prompt (and the attention layer preset): the paper's defaults "
+                "work for most subjects.",
+}
+
+
+def is_advanced(name: str) -> bool:
+    return name in ADVANCED
+
+
+def basic_fields():
+    return [f for f in FIELDS if not is_advanced(f.name)]
+
+
+def advanced_fields():
+    return [f for f in FIELDS if is_advanced(f.name)]
+
+
+def _label(name: str) -> str:
+    return FIELD_BY_NAME[name].label
+
+
+def for_ui(message: str) -> str:
+    """An error message for the panel: parameter names → “control label”, choice values →
+    “choice label”. (The API keeps the names.)"""
+    out = message
+    for f in FIELDS:
+        if f.name == "enabled":
+            continue
+        out = re.sub(rf"(?<![\w.]){re.escape(f.name)}(?![\w])", f"“{f.label}”", out)
+        for value, label in zip(f.choices, f.choice_labels):
+            out = out.replace(f"'{value}'", f"“{label}”")
+    return out
+
+
+def refusal(message: str) -> str:
+    """A refused generation as the panel shows it (under the gallery): marked, in control labels."""
+    return f"⚠ {for_ui(message)}"
+
+
+def photo_notice(fingerprint: Optional[str]) -> str:
+    """Shown after Send to txt2img / paste: the photo is never stored in an image."""
+    which = f" (the one used had fingerprint `{fingerprint}`)" if fingerprint else ""
+    return (f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
+            "Layout-and-Retouch on and restore every control except the photo, which no image stores.")
+
+
+def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
+    """What the Guess button says about its result."""
+    if not (prompt or "").strip():
+        return "⚠ Guess: the prompt is empty; write a prompt with your concept token first."
+    if not found:
+        names = list(embeddings)
+        tried = "no Textual-Inversion embedding name" + (f" ({', '.join(names[:5])}{'…' if len(names) > 5 else ''})"
+                                                          if names else "")
+        return (f"⚠ Guess found no concept token in the prompt ({tried}, no rare identifier such as "
+                "sks / ohwx / zwx, no <lora:…> tag): type the token and the class phrase yourself.")
+    token, cls = found
+    if not cls:
+        return (f"Guess: concept token `{token}`; no class phrase found after it — type what a normal "
+                "model calls your subject (e.g. dog).")
+    return f"Guess: concept token `{token}`, class phrase `{cls}`."
+
+
+# The key that labels an intermediate image's infotext (no `LR ` prefix: it is not a retouched image).
+INTERMEDIATE_KEY = "Layout-and-Retouch intermediate"
+INTERMEDIATE_WHAT = {
+    "layout": "stage-1 layout",
+    "mask": "blend mask",
+    "attention map": "subject cross-attention map",
+}
+
+
+def intermediate_label(kind: str, index: int) -> str:
+    """`layout of image 1` etc. (`index` 0-based)."""
+    return f"{INTERMEDIATE_WHAT.get(kind, kind)} of image {index + 1}"

@@ -1,0 +1,292 @@
+"""The browser tier (issue 10): the extension as a person meets it, in headless Chromium (Debian's
+package, driven by Playwright) against a real WebUI started WITH its UI (`webui_ui` in conftest).
+
+Skipped with the reason when Playwright or Chromium is missing. Every check is on what the page
+shows after a real generation: header checkbox state, gallery images, the infotext panel under the
+gallery, the message area, the progress bar's text while it runs."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+
+import pytest
+from PIL import Image
+
+import host_helpers as H
+import tiny_checkpoints as TC
+
+ACC = "#script_layoutandretouch_enabled"
+SID = "script_layoutandretouch_"
+XYZ = "script_txt2img_xyz_plot_"
+CHROMIUM = os.environ.get("LR_CHROMIUM", "/usr/bin/chromium")
+TIMEOUT = 180_000  # ms; a loaded 2-core machine is slow
+
+
+@pytest.fixture(scope="module")
+def browser(webui_ui):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, webui_ui, tmp_path):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT)
+    pg.goto(webui_ui.url)
+    pg.wait_for_selector("#txt2img_prompt textarea")
+    pg.wait_for_function("() => document.querySelector('%s .input-accordion-checkbox') !== null" % ACC)
+    yield pg
+    ctx.close()
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("photo") / "subject.png"
+    H.reference_rgb().save(p)
+    return str(p)
+
+
+# ---------------------------------------------------------------- page helpers
+def set_number(pg, elem_id, value):
+    box = pg.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def set_text(pg, selector, value):
+    box = pg.locator(selector)
+    box.fill(value)
+    box.press("Tab")
+
+
+def header_checkbox(pg):
+    return pg.locator(f"{ACC} .input-accordion-checkbox")
+
+
+def enable(pg):
+    if not header_checkbox(pg).is_checked():
+        pg.locator(f"{ACC} .label-wrap").first.click()  # opening the accordion enables it (WebUI convention)
+    pg.wait_for_function("() => document.querySelector('#%senabled-checkbox input').checked" % SID)
+
+
+def choose(pg, elem_id, option):
+    """Pick `option` in a gradio 3 dropdown."""
+    pg.locator(f"#{elem_id} input").click()
+    pg.locator(f"#{elem_id} ul.options li", has_text=option).first.click()
+
+
+def setup_small(pg, prompt, steps=8):
+    set_text(pg, "#txt2img_prompt textarea", prompt)
+    set_number(pg, "txt2img_width", 64)
+    set_number(pg, "txt2img_height", 64)
+    set_number(pg, "txt2img_steps", steps)
+    choose(pg, "txt2img_sampling", "DDIM")
+
+
+def setup_lr(pg, photo, vanilla_title, guess=True):
+    enable(pg)
+    pg.locator(f"#{SID}reference_image input[type=file]").set_input_files(photo)
+    pg.wait_for_selector(f"#{SID}reference_image img")
+    choose(pg, f"{SID}vanilla_checkpoint", vanilla_title)
+    if guess:
+        pg.locator(f"#{SID}guess").click()
+        pg.wait_for_function("() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
+                             % (SID, SID))
+
+
+LOG_JS = "() => [...document.querySelectorAll('#html_log_txt2img')].map(e => e.innerText).join('\\n')"
+
+
+def start_generation(pg) -> str:
+    """Click Generate; returns the message area's text before, so `finished` sees this run's end
+    (the area under the gallery shows "Time taken" when a generation ends, refused or not)."""
+    before = pg.evaluate(LOG_JS)
+    pg.locator("#txt2img_generate").click()
+    return before
+
+
+def finished(pg, before) -> bool:
+    now = pg.evaluate(LOG_JS)
+    return now != before and "Time taken" in now
+
+
+def generate(pg):
+    before = start_generation(pg)
+    t0 = time.monotonic()
+    while not finished(pg, before):
+        assert time.monotonic() - t0 < TIMEOUT / 1000, "the generation did not end"
+        time.sleep(0.1)
+
+
+def gallery_count(pg):
+    return pg.locator("#txt2img_gallery .thumbnails .thumbnail-item").count()
+
+
+def info_text(pg):
+    return pg.locator("#html_info_txt2img").first.inner_text()
+
+
+def select_image(pg, index):
+    pg.locator("#txt2img_gallery .thumbnails .thumbnail-item").nth(index).click()
+    time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- tests
+def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
+    cb = header_checkbox(page)
+    assert cb.count() == 1 and not cb.is_checked(), "no Enable checkbox in the accordion's header"
+    cb.click()  # ticking it switches the extension on
+    page.wait_for_function("() => document.querySelector('#%senabled-checkbox input').checked" % SID)
+    page.locator(f"{ACC} .label-wrap").first.click() if not page.locator(f"#{SID}concept_token").is_visible() else None
+    # what a first-time user needs is visible; the rest is folded into "Advanced"
+    for name in ("reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
+                 "lambda1", "lambda2", "mask_start", "guess", "vanilla_refresh"):
+        assert page.locator(f"#{SID}{name}").is_visible(), f"{name} is not in the basic group"
+    adv = page.locator(f"#{SID}advanced")
+    assert adv.locator(f"#{SID}sam_model").count() == 1 and not page.locator(f"#{SID}sam_model").is_visible()
+    # single-line text fields
+    for name in ("concept_token", "class_phrase"):
+        box = page.locator(f"#{SID}{name} textarea, #{SID}{name} input[type=text]").first
+        assert box.get_attribute("rows") in (None, "1"), f"{name} is not single-line"
+    # the vanilla dropdown: no loaded model, no empty "✓" option
+    page.locator(f"#{SID}vanilla_checkpoint input").click()
+    options = [t.strip() for t in page.locator(f"#{SID}vanilla_checkpoint ul.options li").all_inner_texts()]
+    page.keyboard.press("Escape")
+    assert options and all(o and o != "✓" for o in options), options
+    assert not any(TC.PERSONAL in o for o in options), f"the loaded model is offered as vanilla: {options}"
+    assert any(TC.VANILLA in o for o in options), options
+    # hover hints on every control, the photo and Guess included
+    time.sleep(1.5)
+    titles = page.evaluate("""(sid) => {
+        const out = {};
+        const photo = document.querySelector('#' + sid + 'reference_image [data-testid=block-label]');
+        out.photo = photo ? photo.title : null;
+        out.photo_block = document.querySelector('#' + sid + 'reference_image').title;
+        out.guess = document.querySelector('#' + sid + 'guess').title;
+        out.header = document.querySelector('#' + sid + 'enabled .label-wrap span').title
+                     || document.querySelector('#' + sid + 'enabled .label-wrap').title;
+        out.token = [...document.querySelectorAll('#' + sid + 'concept_token span')].map(s => s.title).join('');
+        return out; }""", SID)
+    assert all(titles.values()), f"controls without a hover hint: {titles}"
+
+
+def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_intermediates_are_labelled(
+        page, webui_ui, photo_path):
+    setup_small(page, "a photo of sks dog in the snow", steps=60)
+    setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
+    page.locator(f"#{SID}show_intermediates input").check()
+    before = start_generation(page)
+    texts = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < TIMEOUT / 1000 and not finished(page, before):
+        t = page.evaluate("() => { const d = document.querySelector('#txt2img_results .progressDiv .progress');"
+                          " return d ? d.textContent : null; }")
+        if t and (not texts or texts[-1] != t):
+            texts.append(t)
+        time.sleep(0.05)
+    assert finished(page, before), f"no end of the generation within {TIMEOUT // 1000}s; progress seen: {texts}"
+    percents = [int(m.group(1)) for m in (re.search(r"(\d+)%", x) for x in texts) if m]
+    assert any("stage 2" in x for x in texts), f"the progress text never named stage 2: {sorted(set(texts))}"
+    assert percents == sorted(percents), f"the progress went backwards: {texts}"
+    assert not any(re.search(r"ETA: \d{2}:\d{2}:\d{2}", x) and "retouch" in x for x in texts), texts  # no hours
+    assert gallery_count(page) == 4, "result + layout, mask, attention map expected"
+    select_image(page, 0)
+    assert "LR lambda1" in info_text(page)
+    for i, what in ((1, "stage-1 layout of image 1"), (2, "blend mask of image 1"),
+                    (3, "subject cross-attention map of image 1")):
+        select_image(page, i)
+        text = info_text(page)
+        assert f"Layout-and-Retouch intermediate: {what}" in text, text
+        assert "LR " not in text, text
+
+
+def test_an_error_in_the_ui_uses_the_control_label_and_no_traceback(page, webui_ui, photo_path):
+    setup_small(page, "a photo of sks dog on a beach")
+    setup_lr(page, photo_path, webui_ui.title(TC.VANILLA), guess=False)  # no concept token
+    mark = webui_ui.log_mark()
+    generate(page)
+    page.wait_for_function("() => document.querySelector('#html_log_txt2img').innerText.includes('Concept token')")
+    msg = page.locator("#html_log_txt2img").first.inner_text()
+    assert "“Concept token” is empty" in msg and "concept_token" not in msg, msg
+    assert gallery_count(page) == 0, "a refused generation made an image"
+    log = webui_ui.log_since(mark, settle=1.0)
+    assert len(H.log_refusal_lines(log)) == 1, log
+    assert not any(m in log for m in H.TRACEBACK_MARKERS), f"the refusal printed a traceback:\n{log}"
+
+
+def _xyz(page, axis, values):
+    page.locator("#txt2img_script_container #script_list input").click()
+    page.locator("#txt2img_script_container #script_list ul.options li", has_text="X/Y/Z plot").first.click()
+    page.wait_for_selector(f"#{XYZ}x_type", state="visible")
+    choose(page, f"{XYZ}x_type", axis)
+    page.locator(f"#{XYZ}csv_mode input").check()
+    set_text(page, f"#{XYZ}x_values textarea, #{XYZ}x_values input", values)
+    page.locator(f"#{XYZ}include_lone_images input").check()
+
+
+def test_xyz_enable_true_false_the_false_image_has_no_lr_keys(page, webui_ui, photo_path):
+    setup_small(page, "a photo of sks dog jumping")
+    setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
+    _xyz(page, "[L&R] Enable", "True, False")
+    generate(page)
+    page.wait_for_function("() => document.querySelectorAll('#txt2img_gallery .thumbnails .thumbnail-item').length >= 3")
+    select_image(page, 1)
+    assert "LR lambda1" in info_text(page)
+    select_image(page, 2)
+    text = info_text(page)
+    assert "LR " not in text, f"the un-retouched cell carries LR keys: {text}"
+
+
+def test_a_bad_xyz_value_gives_a_message_and_no_grid(page, webui_ui, photo_path):
+    setup_small(page, "a photo of sks dog in a box", steps=10)
+    setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
+    _xyz(page, "[L&R] Mask start", "6, 60")
+    mark = webui_ui.log_mark()
+    generate(page)
+    page.wait_for_function("() => document.querySelector('#html_log_txt2img').innerText.includes('Mask start = 60')")
+    assert gallery_count(page) == 0, "a grid was made despite the bad value"
+    log = webui_ui.log_since(mark, settle=1.0)
+    assert "retouch of" not in log and not any(m in log for m in H.TRACEBACK_MARKERS), log
+
+
+def test_paste_switches_on_and_asks_for_the_photo_again(page, webui_ui):
+    r = H.txt2img(webui_ui.url, H.lr_body({"enabled": True, "reference_image": H.png_b64(H.reference_rgb()),
+                                           "vanilla_checkpoint": webui_ui.title(TC.VANILLA), "concept_token": "sks",
+                                           "class_phrase": "dog", "lambda1": 2, "lambda2": 3, "mask_start": 6,
+                                           "scale_with_steps": False}))
+    lr = H.assert_retouched(r)
+    set_text(page, "#txt2img_prompt textarea", r.infotexts[0])
+    page.locator("#txt2img_tools #paste").click()
+    notice = page.locator(f"#{SID}photo_notice").first
+    notice.wait_for(state="visible")
+    assert "Upload the reference photo again" in notice.inner_text()
+    assert lr["LR reference"] in notice.inner_text(), (notice.inner_text(), lr["LR reference"])
+    assert header_checkbox(page).is_checked(), "pasting LR parameters did not switch the extension on"
+    assert page.locator(f"#{SID}concept_token input, #{SID}concept_token textarea").first.input_value() == "sks"
+
+
+def test_send_to_txt2img_from_png_info_asks_for_the_photo_again(page, webui_ui, tmp_path):
+    r = H.txt2img(webui_ui.url, H.lr_body({"enabled": True, "reference_image": H.png_b64(H.reference_rgb()),
+                                           "vanilla_checkpoint": webui_ui.title(TC.VANILLA), "concept_token": "sks",
+                                           "class_phrase": "dog", "lambda1": 2, "lambda2": 3, "mask_start": 6,
+                                           "scale_with_steps": False}))
+    H.assert_retouched(r)
+    from PIL import PngImagePlugin
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", r.infotexts[0])
+    png = tmp_path / "result.png"
+    Image.fromarray(r.image).save(png, pnginfo=meta)
+    page.locator("#tabs button", has_text="PNG Info").first.click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(str(png))
+    page.wait_for_function("() => document.querySelector('#html_info_x_pnginfo, #tab_pnginfo').innerText.includes('LR lambda1')")
+    page.locator("#tab_pnginfo button", has_text="Send to txt2img").first.click()
+    notice = page.locator(f"#{SID}photo_notice").first
+    notice.wait_for(state="visible")
+    assert "Upload the reference photo again" in notice.inner_text()
+    assert header_checkbox(page).is_checked()
