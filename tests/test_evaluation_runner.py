@@ -69,7 +69,7 @@ class StandIn:
         self.delay = 0.0  # seconds per txt2img (lets requests overlap)
         self.served_keys: list[tuple] = []  # (prompt, seed, on) of every image sent
         self.active = self.max_active = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entered: _post answers (and stops counting) under it
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,6 +77,7 @@ class StandIn:
                 pass
 
             def _send(self, code, obj):
+                self._done()  # before the answer leaves: the client may send its next request at once
                 body = json.dumps(obj).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -95,10 +96,19 @@ class StandIn:
                 with standin.lock:
                     standin.active += 1
                     standin.max_active = max(standin.max_active, standin.active)
+                self._counted = True
                 try:
                     time.sleep(standin.delay)
                     self._post(payload)
                 finally:
+                    self._done()
+
+            def _done(self):
+                # A request stops counting as in flight when its answer is sent (or it is dropped),
+                # not when this handler thread gets round to finishing: under load that came after
+                # the client's next request had arrived, and one-in-flight looked like two.
+                if getattr(self, "_counted", False):
+                    self._counted = False
                     with standin.lock:
                         standin.active -= 1
 
