@@ -564,7 +564,9 @@ class LayoutRetouchScript(scripts.Script):
             return gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
                             label=f.label, elem_id=eid)
         if f.name == "vanilla_checkpoint":
-            return gr.Dropdown(choices=checkpoint_choices(), value=None, label=f.label, elem_id=eid)
+            # value "" (not None: the API's infotext paste converts to the component's value type), and
+            # not among the choices, so the list shows no empty "✓" entry
+            return gr.Dropdown(choices=checkpoint_choices(), value="", label=f.label, elem_id=eid)
         if f.name == "sam_model":
             choices = sam_choices()
             default_sam = opt("layout_retouch_default_sam", NO_SAM)
