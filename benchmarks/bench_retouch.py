@@ -1,6 +1,7 @@
 """Speed and memory of Layout-and-Retouch against a plain generation, on one device, in one run.
 
     python benchmarks/bench_retouch.py --config sd15 --device cuda --dtype fp16      # GPU (issue 4)
+    python benchmarks/bench_retouch.py --config sdxl --device cuda --dtype fp16      # GPU, SDXL 1024² (needs sgm)
     python benchmarks/bench_retouch.py --config tiny --device cpu --dtype fp32 --steps 8   # CPU / CI
 
 Models are built from ldm configs with random weights (nothing is downloaded): the SD1.5
@@ -57,6 +58,7 @@ from lib_layout_retouch import pipeline as pl  # noqa: E402
 from lib_layout_retouch import stage1  # noqa: E402
 from lib_layout_retouch.attention import LAYOUT, REFERENCE, TARGET, RetouchAttention, RowPlan, patched_attention  # noqa: E402
 from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
+from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch.layers import layer_table_for  # noqa: E402
 from tests.tiny_models import reinit_zero_weights, tame_output  # noqa: E402  (ldm zero-inits; random ε is rough)
 from lib_layout_retouch.model import LdmModel  # noqa: E402
@@ -66,6 +68,11 @@ from lib_layout_retouch.schedule import Schedule  # noqa: E402
 GIB = float(1 << 30)
 # The issue's goals (same run, same card, SD1.5, 512², T=50, cached reference).
 GOALS = {"ratio_fast": 2.5, "ratio_paper": 3.5, "lr_extra_peak_gib": 2.5, "hook_overhead": 1.05}
+
+
+def sdxl_goals(second_unet_gib: float) -> dict:
+    """SDXL's goals (issue 9): fast ≤ 2.5× plain; extra peak ≤ DreamBooth's second UNet + 1 GiB."""
+    return {"ratio_fast": 2.5, "lr_extra_peak_gib": round(second_unet_gib + 1.0, 3), "hook_overhead": 1.05}
 REQUIRED_KEYS = ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "plain_peak_gib",
                  "lr_peak_gib", "hook_overhead", "unet_calls")
 
@@ -119,16 +126,90 @@ def tiny_config() -> dict:
     return _ldm_config(unet, ddconfig, 64)
 
 
-CONFIGS: dict[str, Callable[[], dict]] = {"sd15": sd15_config, "tiny": tiny_config}
+def _sdxl_vae_ddconfig(ch: int) -> dict:
+    """SDXL's VAE has SD's architecture (only its weights differ): ldm's AutoencoderKL serves."""
+    return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": ch,
+            "ch_mult": [1, 2, 4, 4] if ch == 128 else [1, 1, 1, 1], "num_res_blocks": 2 if ch == 128 else 1,
+            "attn_resolutions": [], "dropout": 0.0}
+
+
+def sdxl_config() -> dict:
+    """sd_xl_base.yaml's UNet (sgm's UNetModel: depth 0/2/10, 2048-wide context, 2816-wide vector)
+    at 1024². sgm is not on PyPI: set LR_SGM_DIR to a generative-models checkout."""
+    return {"family": "sdxl", "image_size": 1024, "context_dim": 2048, "adm": 2816, "unet": "sgm-base",
+            "ddconfig": _sdxl_vae_ddconfig(128)}
+
+
+def tiny_sdxl_config() -> dict:
+    """tests/tiny_sdxl.py's "ldm" build: ldm's UNet in SDXL configuration (label_emb, depth 2), 64²."""
+    from tests.tiny_sdxl import LDM_ADM, LDM_CONTEXT
+
+    return {"family": "sdxl", "image_size": 64, "context_dim": LDM_CONTEXT, "adm": LDM_ADM, "unet": "ldm-tiny",
+            "ddconfig": _sdxl_vae_ddconfig(32)}
+
+
+CONFIGS: dict[str, Callable[[], dict]] = {"sd15": sd15_config, "tiny": tiny_config, "sdxl": sdxl_config,
+                                          "tiny-sdxl": tiny_sdxl_config}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def image_size_of(cfg: dict) -> int:
-    return int(cfg["params"]["image_size"]) * 8
+    return int(cfg["image_size"]) if cfg.get("family") == "sdxl" else int(cfg["params"]["image_size"]) * 8
 
 
 def context_dim_of(cfg: dict) -> int:
-    return int(cfg["params"]["unet_config"]["params"]["context_dim"])
+    return int(cfg["context_dim"]) if cfg.get("family") == "sdxl" else int(cfg["params"]["unet_config"]["params"]["context_dim"])
+
+
+def _sdxl_unet(cfg: dict) -> torch.nn.Module:
+    if cfg["unet"] == "sgm-base":
+        from tests.tiny_sdxl import sgm_status
+
+        ok, why = sgm_status()
+        if not ok:
+            raise SystemExit(f"--config sdxl needs sgm: {why}")
+        from sgm.modules.diffusionmodules.openaimodel import UNetModel
+
+        return UNetModel(adm_in_channels=2816, num_classes="sequential", use_checkpoint=False, in_channels=4,
+                         out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
+                         channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
+                         use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
+                         spatial_transformer_attn_type="softmax", legacy=False)
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from tests.tiny_sdxl import sdxl_like_unet_config
+
+    config, adm = sdxl_like_unet_config()
+    unet = UNetModel(**config)
+    ted = unet.model_channels * 4
+    unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
+        torch.nn.Linear(adm, ted), torch.nn.SiLU(), torch.nn.Linear(ted, ted)))
+    unet.num_classes = "sequential"
+    return unet
+
+
+def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
+    """An SDXL-family model object as the library sees A1111's (no text encoders: BenchModel gives
+    the conditioning), and a second UNet for DreamBooth mode."""
+    from ldm.models.autoencoder import AutoencoderKL
+    from tests.tiny_sdxl import TinySdxlLike
+
+    torch.manual_seed(seed)
+    unet = _sdxl_unet(cfg)
+    vae = AutoencoderKL(ddconfig=cfg["ddconfig"], lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
+    model = TinySdxlLike(unet, vae, conditioner=torch.nn.Module())
+    if cfg["unet"] == "sgm-base":
+        model.model.depth = None  # sgm's SpatialTransformer takes one context tensor
+    reinit_zero_weights(model, torch.Generator().manual_seed(seed))
+    tame_output(model.model.diffusion_model)
+    model.eval().requires_grad_(False)
+    vanilla_unet = None
+    if vanilla:
+        torch.manual_seed(seed + 1)
+        vanilla_unet = _sdxl_unet(cfg)
+        reinit_zero_weights(vanilla_unet, torch.Generator().manual_seed(seed + 1))
+        tame_output(vanilla_unet)
+        vanilla_unet.eval().requires_grad_(False)
+    return model, vanilla_unet
 
 
 def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool = True):
@@ -138,6 +219,9 @@ def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool =
 
     cfg = CONFIGS[config]()
     sink = io.StringIO()
+    if cfg.get("family") == "sdxl":
+        with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+            return _build_sdxl(cfg, seed, vanilla)
     with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
         torch.manual_seed(seed)
         ldm = instantiate_from_config(OmegaConf.create(cfg))
@@ -265,9 +349,11 @@ class BenchModel(LdmModel):
     so the benchmark does not time a text encoder; A1111's CLIP costs ~5 ms per call), and a
     whitespace tokenizer for the subject token rows. VAE calls are timed as their own phase."""
 
-    def __init__(self, ldm, autocast, context_dim: int, tokens: int = 77, clock: Optional[PhaseClock] = None):
+    def __init__(self, ldm, autocast, context_dim: int, tokens: int = 77, clock: Optional[PhaseClock] = None,
+                 vector_dim: Optional[int] = None):
         super().__init__(ldm, autocast)
         self.context_dim = context_dim
+        self.vector_dim = vector_dim  # SDXL: the pooled-text/size vector's width
         self.tokens = tokens
         self.clock = clock
         self._conds: dict[str, torch.Tensor] = {}
@@ -280,8 +366,12 @@ class BenchModel(LdmModel):
             self._conds[prompt] = c
         return c
 
-    def conditioning(self, prompts):
-        return torch.cat([self._cond(p) for p in prompts])
+    def conditioning(self, prompts, size=None, *, negative=False):
+        tokens = torch.cat([self._cond(p) for p in prompts])
+        if not self.vector_dim:
+            return tokens
+        g = torch.Generator().manual_seed(zlib.crc32(repr((list(prompts), size)).encode("utf-8")))
+        return {"crossattn": tokens, "vector": torch.randn(len(prompts), self.vector_dim, generator=g).to(self.device)}
 
     def tokenize(self, text: str) -> list[int]:
         return [zlib.crc32(w.encode("utf-8")) % 49406 for w in text.split()]
@@ -331,7 +421,8 @@ def plain_generate(model: BenchModel, noise: torch.Tensor, steps: int, guidance:
     ddim_schedule = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps)
     c = model.conditioning([PROMPT, NEGATIVE])
     den = model.denoiser()
-    traj = stage1.sample_step_blended(den, den, schedule, ddim_schedule, c[0:1], c[0:1], c[1:2], noise,
+    cond, uncond = lr_cond.rows(c, slice(0, 1)), lr_cond.rows(c, slice(1, 2))
+    traj = stage1.sample_step_blended(den, den, schedule, ddim_schedule, cond, cond, uncond, noise,
                                       guidance, progress=progress)
     return model.decode(traj[-1])
 
@@ -377,6 +468,8 @@ def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: 
     rows = plan.batch
     x = torch.randn(rows, 4, *latent_hw, generator=g).to(device)
     c = torch.randn(rows, 77, model.context_dim, generator=g).to(device)
+    if model.vector_dim:
+        c = {"crossattn": c, "vector": torch.randn(rows, model.vector_dim, generator=g).to(device)}
     t = torch.full((rows,), 501, device=device, dtype=torch.long)
     table = layer_table_for(model.unet)
     editor = RetouchAttention(table, subject_tokens=[2, 3], latent_hw=latent_hw)
@@ -537,7 +630,7 @@ def format_table(res: dict) -> str:
     lines = [head, f"{'figure':<{w0}}" + "".join(f"{b:>{w}}" for b, _ in batches) + f"{'goal':>{w}}"]
     for label, key, spec, goal in rows:
         cells = "".join(f"{_fmt(d.get(key), spec):>{w}}" for _, d in batches)
-        gtxt = f"≤ {GOALS[goal]}" if goal else ""
+        gtxt = f"≤ {GOALS[goal]}" if goal in GOALS else ""
         lines.append(f"{label:<{w0}}{cells}{gtxt:>{w}}")
     for label, key in kernel_rows:
         cells = "".join(f"{str(d['hook'][key].get('plain_kernels')) + '/' + str(d['hook'][key].get('hooked_kernels')):>{w}}"
@@ -647,7 +740,12 @@ def run(args: argparse.Namespace) -> dict:
                     mod.float()
     build_s = time.perf_counter() - t0
     say(f"built the {args.config} models ({build_s:.1f} s)")
-    model = BenchModel(ldm, _autocast_for(device, dtype), context_dim_of(cfg), clock=clock)
+    model = BenchModel(ldm, _autocast_for(device, dtype), context_dim_of(cfg), clock=clock,
+                       vector_dim=cfg.get("adm"))
+    if cfg.get("family") == "sdxl":  # the goals of this run's model family
+        global GOALS
+        unet_gib = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / GIB
+        GOALS = sdxl_goals(unet_gib)
     unet_params = sum(p.numel() for p in model.unet.parameters())
     vae_params = sum(p.numel() for p in ldm.first_stage_model.parameters())
     mem = (lambda: torch.cuda.memory_allocated() / GIB) if cuda else (lambda: None)

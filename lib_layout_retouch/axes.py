@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, MutableMapping, Optional
 
 from .errors import LayoutRetouchError
-from .params import FIELD_BY_NAME, LayoutRetouchParams
+from .params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
 
 OVERRIDES_ATTR = "layout_retouch_overrides"
 
@@ -27,17 +27,14 @@ class AxisSpec:
     label: str
     field: str
     value_type: type             # what the X/Y/Z grid parses the typed values into
-    choices: Optional[str] = None  # "bool" | "checkpoints" | "sam" — the glue supplies the lists
+    choices: Optional[str] = None  # "bool" | "checkpoints" | "sam" | "layer_presets" — the glue supplies the lists
 
 
-AXES: tuple[AxisSpec, ...] = (
-    AxisSpec("[L&R] Enable", "enabled", str, "bool"),
-    AxisSpec("[L&R] Lambda1", "lambda1", int),
-    AxisSpec("[L&R] Lambda2", "lambda2", int),
-    AxisSpec("[L&R] Mask start", "mask_start", int),
-    AxisSpec("[L&R] CA threshold", "ca_threshold", float),
-    AxisSpec("[L&R] Vanilla checkpoint", "vanilla_checkpoint", str, "checkpoints"),
-    AxisSpec("[L&R] SAM model", "sam_model", str, "sam"),
+_AXIS_VALUE_TYPES = {"bool": str, "int": int, "float": float, "str": str, "choice": str}
+
+# Made from the parameter table: every field with an `axis` label, in the table's order.
+AXES: tuple[AxisSpec, ...] = tuple(
+    AxisSpec(f"[L&R] {f.axis}", f.name, _AXIS_VALUE_TYPES[f.kind], f.axis_choices) for f in FIELDS if f.axis
 )
 
 

@@ -1,6 +1,6 @@
 """DDIM sampling and DDIM inversion over a model's `alphas_cumprod` (Song et al.; Mokady et al.).
 
-Steps are counted in denoising order, s = 1 … T (ALGORITHM.md). Latent levels are counted the
+Steps are counted in denoising order, s = 1 … T (docs/ALGORITHM.md). Latent levels are counted the
 other way: level 0 is the clean latent, level T the noisiest, so denoising step s goes from level
 T−s+1 to level T−s, and inversion fills levels 1 … T from level 0.
 

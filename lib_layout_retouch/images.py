@@ -189,6 +189,24 @@ def _reduction(w: int, h: int, tw: int, th: int) -> int:
     return max(1, min((r - l) // (2 * tw), (b - t) // (2 * th)))
 
 
+def reference_size_terms(img: Any, size: tuple[int, int]):
+    """SDXL's size terms of the reference *as it is fed* (conditioning.SizeTerms): its upright
+    original size, the top-left of the centre crop in the resized photo, and `size` = (w, h)
+    it is resized to — the same geometry `prepare_reference` applies."""
+    from .conditioning import SizeTerms
+
+    tw, th = size
+    if not isinstance(img, Image.Image):
+        img = decode_image(img)
+    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
+    w0, h0 = img.size
+    if orientation in (5, 6, 7, 8):
+        w0, h0 = h0, w0
+    left, top, right, bottom = _crop_box(w0, h0, tw, th)
+    scale = tw / max(1, right - left)  # original pixels → fed pixels
+    return SizeTerms((h0, w0), (int(round(top * scale)), int(round(left * scale))), (th, tw))
+
+
 def prepare_reference(img: Any, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
     """An RGB image of exactly `size` = (width, height), and notes on what was fixed.
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from . import pipeline
 from .errors import LayoutRetouchError
-from .images import image_fingerprint, prepare_reference
+from .images import image_fingerprint, prepare_reference, reference_size_terms
 from .model import LdmModel
 from .params import NO_SAM, LayoutRetouchParams
 from .prompts import RetouchPrompts, derive_prompts
@@ -67,6 +67,7 @@ class RetouchJob:
         self.reference, ref_notes = prepare_reference(self.params.reference_image, (self.width, self.height))
         self.notes.extend(ref_notes)
         self.reference_fingerprint = image_fingerprint(self.reference)
+        self.reference_size = reference_size_terms(self.params.reference_image, (self.width, self.height))
         self.mask_kind: Optional[str] = None
 
     # -- stage 1 ---------------------------------------------------------------------------------
@@ -78,7 +79,8 @@ class RetouchJob:
     def settings(self, **overrides) -> pipeline.RetouchSettings:
         return pipeline.RetouchSettings(schedule=self.schedule, guidance_scale=self.guidance_scale,
                                         ca_threshold=self.params.ca_threshold,
-                                        reset_reference=self.params.reset_reference, **overrides)
+                                        reset_reference=self.params.reset_reference,
+                                        layer_preset=self.params.layer_preset, **overrides)
 
     def retouch(self, model: LdmModel, layout_latents: torch.Tensor, *, subject_tokens: Sequence[int],
                 model_key: str, layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
@@ -92,7 +94,9 @@ class RetouchJob:
         cached = cache.peek(pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:])) if cache is not None else None
         reference_latent = cached[0] if cached is not None else \
             model.encode(image_to_tensor(self.reference).to(device)).to(layout_latents.dtype)
-        conds = pipeline.encode_prompts(model, self.prompts, self.negative_prompt)
+        conds = pipeline.encode_prompts(model, self.prompts, self.negative_prompt,
+                                        generation_size=model.generation_size(self.width, self.height),
+                                        reference_size=self.reference_size)
         result = pipeline.retouch(
             model, reference_latent=reference_latent, layout_latents=layout_latents, conds=conds,
             subject_tokens=subject_tokens, settings=self.settings(), layout_trajectory=layout_trajectory,
@@ -104,6 +108,17 @@ class RetouchJob:
             if note not in self.notes:
                 self.notes.append(note)
         return result
+
+    # -- batches -------------------------------------------------------------------------------
+    def for_batch(self, prompt: str, negative_prompt: str) -> "RetouchJob":
+        """This job for a batch whose prompt differs from the request's (a style, wildcards): its own
+        prompts and its own notes list. `merge_notes` brings its notes back, each once."""
+        return RetouchJob(self.params, prompt=prompt, negative_prompt=negative_prompt, steps=self.steps,
+                          width=self.width, height=self.height, guidance_scale=self.guidance_scale)
+
+    def merge_notes(self, other: "RetouchJob") -> None:
+        for note in other.notes:
+            self.add_note(note)
 
     # -- record --------------------------------------------------------------------------------
     def infotext(self) -> dict[str, str]:

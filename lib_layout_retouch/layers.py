@@ -1,4 +1,4 @@
-"""Which attention layers do what: data, not code, so another UNet (SDXL) is a new table.
+"""Which attention layers do what: data, not code, so each UNet (SD1, SDXL) is a table.
 
 Names are module paths inside the UNet (`model.model.diffusion_model` in ldm/A1111), e.g.
 `output_blocks.6.1.transformer_blocks.0.attn1`. `attn1` is self-attention, `attn2` cross-attention.
@@ -52,20 +52,54 @@ class LayerTable:
                 raise ValueError(f"layer table {self.name!r}: {group} not in this UNet: {missing[:3]}")
 
 
-def _sd1_names(blocks: str, indices, attn: str) -> tuple[str, ...]:
-    return tuple(f"{blocks}.{i}.1.transformer_blocks.0.{attn}" for i in indices)
+def _names(blocks: str, indices, attn: str, depth: int = 1) -> tuple[str, ...]:
+    return tuple(f"{blocks}.{i}.1.transformer_blocks.{d}.{attn}" for i in indices for d in range(depth))
 
+
+_sd1_names = _names
+
+# Presets: how much of the decoder receives the reference identity. "standard" is the paper's
+# (MasaCtrl's) choice; "light" keeps only the finer of its levels — less of the reference's
+# structure, fewer layers edited — for subjects whose reference pose or background bleeds in.
+PRESETS = ("standard", "light")
+DEFAULT_PRESET = "standard"
 
 # SD1.x (and SD2.x, same block layout). Reference layers: decoder transformer blocks 10–15 of 16
-# (MasaCtrl start_layer=10, DreamMatcher initial_layer=10). Mask: the 16×16 cross-attentions.
-# We blend in the same layers that receive the reference (ALGORITHM.md leaves the blend layers
-# open; the blend exists to protect the layout where the reference K/V would repaint it).
+# (MasaCtrl start_layer=10, DreamMatcher initial_layer=10) = output_blocks.6–11, the 32×32 and
+# 64×64 levels at 512². Mask: the 16×16 cross-attentions (latent/4). We blend in the same layers
+# that receive the reference (ALGORITHM.md leaves the blend layers open; the blend exists to
+# protect the layout where the reference K/V would repaint it). Light: the 64×64 level only.
 SD1 = LayerTable(
     name="sd1",
-    reference_layers=_sd1_names("output_blocks", range(6, 12), "attn1"),
-    mask_layers=_sd1_names("input_blocks", (7, 8), "attn2") + _sd1_names("output_blocks", (3, 4, 5), "attn2"),
-    blend_layers=_sd1_names("output_blocks", range(6, 12), "attn1"),
+    reference_layers=_names("output_blocks", range(6, 12), "attn1"),
+    mask_layers=_names("input_blocks", (7, 8), "attn2") + _names("output_blocks", (3, 4, 5), "attn2"),
+    blend_layers=_names("output_blocks", range(6, 12), "attn1"),
 )
+SD1_LIGHT = LayerTable("sd1-light", _names("output_blocks", range(9, 12), "attn1"), SD1.mask_layers,
+                       _names("output_blocks", range(9, 12), "attn1"))
+
+# SDXL base (sgm UNetModel: transformer depth 0/2/10 at latent/1, /2, /4; 70 self-attentions).
+# Its attention lives at the two coarsest levels only, so the SD1 rule ("decoder levels finer than
+# the mask level") would leave just output_blocks.3–5. We take what reference-attention methods
+# use on SDXL: the decoder self-attention from output_blocks.1 on — the latent/4 level minus its
+# first block (output_blocks.1–2, 10 blocks each) and the latent/2 level (output_blocks.3–5, 2
+# each): 26 of 70 layers, i.e. MasaCtrl's start_layer=44 of 70. The first decoder block at
+# latent/4 stays untouched: it still sees the encoder's features of the target and settles the
+# coarse layout the copy phase gave it. Light: output_blocks.3–5 only (6 layers).
+# Mask: cross-attention at the same *relative* level as SD1's 16×16 maps (latent/4: 32×32 at
+# 1024², 38×26 at 832×1216), every transformer block of input_blocks.7–8 and output_blocks.0–2.
+_SDXL_REFERENCE = _names("output_blocks", (1, 2), "attn1", 10) + _names("output_blocks", (3, 4, 5), "attn1", 2)
+SDXL = LayerTable(
+    name="sdxl",
+    reference_layers=_SDXL_REFERENCE,
+    mask_layers=_names("input_blocks", (7, 8), "attn2", 10) + _names("output_blocks", (0, 1, 2), "attn2", 10),
+    blend_layers=_SDXL_REFERENCE,
+)
+SDXL_LIGHT = LayerTable("sdxl-light", _names("output_blocks", (3, 4, 5), "attn1", 2), SDXL.mask_layers,
+                        _names("output_blocks", (3, 4, 5), "attn1", 2))
+
+_TABLES = {("sd1", "standard"): SD1, ("sd1", "light"): SD1_LIGHT,
+           ("sdxl", "standard"): SDXL, ("sdxl", "light"): SDXL_LIGHT}
 
 
 def _block_levels(blocks: torch.nn.ModuleList, step_class: str, start: int, delta: int) -> list[int]:
@@ -78,42 +112,66 @@ def _block_levels(blocks: torch.nn.ModuleList, step_class: str, start: int, delt
     return levels
 
 
-def infer_layer_table(unet: torch.nn.Module) -> LayerTable:
-    """The same rule the SD1 table follows, derived from the UNet's structure, for UNets we have no
-    table for (and the tiny test models): mask = cross-attention at the coarsest input level that
-    has attention (16×16 in SD1) and its decoder twin; reference/blend = decoder self-attention at
-    the finer levels. For SD1 this gives exactly `SD1` (a test checks it)."""
+def is_sdxl_unet(unet: torch.nn.Module) -> bool:
+    """SDXL-family UNets take the pooled-text/size vector through `label_emb`."""
+    return hasattr(unet, "label_emb")
+
+
+def infer_layer_table(unet: torch.nn.Module, preset: str = DEFAULT_PRESET, sdxl: Optional[bool] = None) -> LayerTable:
+    """The rules the SD1 and SDXL tables follow, derived from the UNet's structure, for UNets of
+    other sizes (the tiny test models, SSD-1B …). With L = the coarsest input level that has
+    attention: mask = cross-attention at level L (encoder and decoder);
+    SD1 rule: reference/blend = decoder self-attention at the levels finer than L (light: the finest);
+    SDXL rule: decoder self-attention at level L minus its first block, and at level L−1 (light: L−1).
+    For the real SD1 and SDXL UNets this gives exactly `SD1`/`SDXL` (tests check it)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown layer preset {preset!r}; one of {', '.join(PRESETS)}")
     if not all(hasattr(unet, a) for a in ("input_blocks", "output_blocks")):
-        raise ValueError("not an ldm UNetModel (no input_blocks/output_blocks); SDXL/other UNets need a layer table")
+        raise ValueError("not an ldm/sgm UNetModel (no input_blocks/output_blocks): no layer table for it")
+    sdxl = is_sdxl_unet(unet) if sdxl is None else sdxl
     in_levels = _block_levels(unet.input_blocks, "Downsample", 0, +1)
     n_levels = in_levels[-1] + 1
     out_levels = _block_levels(unet.output_blocks, "Upsample", n_levels - 1, -1)
     mods = attention_modules(unet)
 
-    def level_of(name: str) -> Optional[tuple[str, int]]:
+    def level_of(name: str) -> Optional[tuple[str, int, int]]:
         part, idx = name.split(".")[:2]
         if part == "input_blocks":
-            return part, in_levels[int(idx)]
+            return part, in_levels[int(idx)], int(idx)
         if part == "output_blocks":
-            return part, out_levels[int(idx)]
+            return part, out_levels[int(idx)], int(idx)
         return None
 
     located = {n: level_of(n) for n in mods}
-    attn_in_levels = [lv for n, loc in located.items() if loc and loc[0] == "input_blocks" for lv in [loc[1]]]
+    attn_in_levels = [loc[1] for loc in located.values() if loc and loc[0] == "input_blocks"]
     if not attn_in_levels:
         raise ValueError("UNet has no attention in its input blocks")
-    mask_level = max(attn_in_levels)
-    mask = tuple(n for n, loc in located.items() if loc and loc[1] == mask_level and is_cross_attention(n))
-    reference = tuple(n for n, loc in located.items()
-                      if loc and loc[0] == "output_blocks" and loc[1] < mask_level and is_self_attention(n))
+    top = max(attn_in_levels)
+    mask = tuple(n for n, loc in located.items() if loc and loc[1] == top and is_cross_attention(n))
+    decoder_self = {n: loc for n, loc in located.items() if loc and loc[0] == "output_blocks" and is_self_attention(n)}
+    if sdxl:
+        first_top = min((loc[2] for loc in decoder_self.values() if loc[1] == top), default=None)
+        levels = {top - 1} if preset == "light" else {top, top - 1}
+        reference = tuple(n for n, loc in decoder_self.items()
+                          if loc[1] in levels and not (loc[1] == top and loc[2] == first_top))
+    else:
+        finer = sorted({loc[1] for loc in decoder_self.values() if loc[1] < top})
+        levels = set(finer[:1]) if preset == "light" else set(finer)
+        reference = tuple(n for n, loc in decoder_self.items() if loc[1] in levels)
     if not reference:  # a one-level UNet: use every decoder self-attention
-        reference = tuple(n for n, loc in located.items() if loc and loc[0] == "output_blocks" and is_self_attention(n))
-    return LayerTable("inferred", reference, mask, reference)
+        reference = tuple(decoder_self)
+    name = ("inferred-sdxl" if sdxl else "inferred") + ("-light" if preset == "light" else "")
+    return LayerTable(name, reference, mask, reference)
 
 
-def layer_table_for(unet: torch.nn.Module) -> LayerTable:
-    """SD1 table when the UNet has SD1's layout, else the inferred one."""
+def layer_table_for(unet: torch.nn.Module, preset: str = DEFAULT_PRESET) -> LayerTable:
+    """The written table when the UNet has SD1's or SDXL base's layout, else the inferred one."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown layer preset {preset!r}; one of {', '.join(PRESETS)}")
     names = set(attention_modules(unet))
-    if all(n in names for n in SD1.reference_layers + SD1.mask_layers) and len(names) == 32:
-        return SD1
-    return infer_layer_table(unet)
+    family = "sdxl" if is_sdxl_unet(unet) else "sd1"
+    table = _TABLES[(family, preset)]
+    count = 140 if family == "sdxl" else 32
+    if len(names) == count and all(n in names for n in table.reference_layers + table.mask_layers):
+        return table
+    return infer_layer_table(unet, preset)

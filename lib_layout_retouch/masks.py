@@ -1,4 +1,4 @@
-"""The adaptive blend mask M of the retouch stage (ALGORITHM.md, "Adaptive mask M").
+"""The adaptive blend mask M of the retouch stage (docs/ALGORITHM.md, "The adaptive mask M").
 
     M^c  = threshold(min-max(mean cross-attention of the subject tokens))      low-res (h, w)
     M^k  = OR(Resize(M^c), M^SAM)                                              image res (H, W)
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .errors import LayoutRetouchError
+from .params import CA_THRESHOLD_FIX, FIELD_BY_NAME
 
-DEFAULT_CA_THRESHOLD = 0.1
+DEFAULT_CA_THRESHOLD = FIELD_BY_NAME["ca_threshold"].default
 # Components of M^c smaller than 2% of the map are dropped by C(.). The paper only says "a volume
 # threshold"; 2% of a 16x16 map is ~5 cells, i.e. larger than single-cell attention specks.
 DEFAULT_MIN_COMPONENT_FRACTION = 0.02
@@ -55,21 +56,16 @@ def normalize_cross_attention(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _check_threshold(threshold: float) -> float:
-    t = float(threshold)
-    if not (0.0 < t <= 1.0) or math.isnan(t):
-        raise LayoutRetouchError(
-            f"cross-attention threshold {threshold!r} is outside (0, 1]; the maps are min-max "
-            f"normalised, so pick a value like {DEFAULT_CA_THRESHOLD} (MasaCtrl) or 0.05 (DreamMatcher).",
-            parameter="ca_threshold",
-        )
-    return t
+    """The parameter table's rule for ca_threshold (params.FIELDS): strictly between 0 and 1."""
+    return FIELD_BY_NAME["ca_threshold"].check_range(float(threshold), CA_THRESHOLD_FIX)
 
 
 def cross_attention_mask(maps: torch.Tensor, threshold: float = DEFAULT_CA_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
     """(normalised map float32 (h, w), M^c bool (h, w)).
 
     M^c = normalised >= threshold (inclusive: a cell exactly at the threshold is subject). The
-    threshold must be in (0, 1], so a constant map (normalised to zeros) gives an empty M^c.
+    threshold must be in (0, 1) (the parameter table's rule), so a constant map (normalised to zeros)
+    gives an empty M^c.
     """
     t = _check_threshold(threshold)
     norm = normalize_cross_attention(maps).cpu().numpy().astype(np.float32, copy=False)

@@ -22,6 +22,7 @@ from PIL import Image
 
 from .errors import LayoutRetouchError
 from .images import decode_image, image_fingerprint
+from .layers import DEFAULT_PRESET, PRESETS
 from .schedule import PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, PAPER_STEPS, Schedule
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
@@ -41,20 +42,69 @@ class Field:
     label: str  # UI label
     hint: str  # UI tooltip and README meaning
     infotext_key: str | None  # None = not written to the infotext
-    minimum: float | None = None  # UI slider range; `validate` enforces the real rules
+    # Range. For "float" fields with exclusive=True the value must lie strictly inside
+    # (minimum, maximum) and the slider runs from minimum+step to maximum-step. For the step counts
+    # ("int") minimum is the smallest value `validate` accepts and maximum the slider's end at
+    # PAPER_STEPS; their step-count-dependent rules are `Schedule`'s.
+    minimum: float | None = None
     maximum: float | None = None
     choices: tuple[str, ...] = ()  # values, for kind "choice"
     choice_labels: tuple[str, ...] = ()  # UI labels, same order; accepted as input too
     step: float | None = None  # UI slider step
+    exclusive: bool = False
+    symbol: str = ""  # how messages name it ("λ1")
+    meaning: str = ""  # what it is, for messages: "the number of first steps drawn by the vanilla model"
+    axis: str = ""  # X/Y/Z axis label (after "[L&R] "); "" = no axis
+    axis_choices: str | None = None  # "bool" | "checkpoints" | "sam" | "layer_presets": the glue supplies the lists
+    doc: str = ""  # README-only addition to the hint (API details)
+
+    def slider_range(self) -> tuple[float, float]:
+        """The UI slider's (minimum, maximum): the valid range, ends left out when they are excluded."""
+        if self.exclusive:
+            return self.minimum + self.step, self.maximum - self.step
+        return self.minimum, self.maximum
+
+    def range_text(self) -> str:
+        """The valid range in words (README), or "" for fields without one."""
+        if self.minimum is None:
+            return ""
+        low, high = self.slider_range()
+        if self.kind == "int":
+            return f"At least {self.minimum:g} (slider {low:g}–{high:g} at {PAPER_STEPS} steps)."
+        if self.exclusive:
+            return f"Strictly between {self.minimum:g} and {self.maximum:g} (slider {low:g}–{high:g})."
+        return f"From {self.minimum:g} to {self.maximum:g}."
+
+    def words(self) -> str:
+        """'λ1 (the number of first steps drawn by the vanilla model)' — for messages."""
+        return f"{self.symbol} ({self.meaning})" if self.symbol else self.meaning
+
+    def check_range(self, value: float, fix: str = "") -> float:
+        """`value`, or a LayoutRetouchError naming the field, its meaning and its range."""
+        low, high = self.minimum, self.maximum
+        ok = not math.isnan(value) and (low is None or (value > low if self.exclusive else value >= low)) and \
+            (high is None or self.kind == "int" or (value < high if self.exclusive else value <= high))
+        if not ok:
+            if self.kind == "int" or high is None:
+                rule = f"{low:g} or more"
+            else:
+                rule = f"between {low:g} and {high:g}" + (" (exclusive)" if self.exclusive else "")
+            symbol = self.symbol if self.symbol and self.symbol != self.name.replace("_", " ") else ""
+            raise LayoutRetouchError(f"{self.name} ({symbol + ', ' if symbol else ''}{self.meaning}) is {value} "
+                                     f"but must be {rule}"
+                                     + (f": {fix}" if fix else ""), parameter=self.name)
+        return value
 
 
 FIELDS: tuple[Field, ...] = (
     Field("enabled", False, "bool", "Enable Layout-and-Retouch",
           "Let the vanilla model draw the layout, then retouch the subject's identity from the "
-          "reference photo.", None),
+          "reference photo.", None,
+          axis="Enable", axis_choices="bool"),
     Field("reference_image", None, "image", "Reference photo of the subject",
           "One photo of your subject (I_r). It is centre-cropped to the image's aspect ratio; the "
-          "infotext records its fingerprint.", "LR reference"),
+          "infotext records its fingerprint.", "LR reference",
+          doc="In the API: base64 (with or without a `data:image/...;base64,` prefix)."),
     Field("personalization", "dreambooth", "choice", "Personalized model type",
           "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the "
           "vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the "
@@ -63,7 +113,9 @@ FIELDS: tuple[Field, ...] = (
           choice_labels=("DreamBooth checkpoint", "Textual Inversion embedding", "LoRA")),
     Field("vanilla_checkpoint", "", "str", "Vanilla checkpoint",
           "The original checkpoint your DreamBooth model was fine-tuned from; it draws the layout. "
-          "Not needed for Textual Inversion or LoRA.", "LR vanilla checkpoint"),
+          "Not needed for Textual Inversion or LoRA.", "LR vanilla checkpoint",
+          axis="Vanilla checkpoint", axis_choices="checkpoints",
+          doc="In the API: a title or name from the WebUI's checkpoint list."),
     Field("concept_token", "", "str", "Concept token",
           "The word in your prompt that stands for the subject, e.g. sks or <my-vase>.",
           "LR concept token"),
@@ -76,24 +128,29 @@ FIELDS: tuple[Field, ...] = (
     Field("lambda1", PAPER_LAMBDA1, "int", "λ1: vanilla layout steps",
           "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger "
           "follows the prompt better but weakens the identity.", "LR lambda1",
-          minimum=0, maximum=PAPER_STEPS, step=1),
+          minimum=0, maximum=PAPER_STEPS, step=1, symbol="λ1",
+          meaning="the number of first steps drawn by the vanilla model", axis="Lambda1"),
     Field("lambda2", PAPER_LAMBDA2, "int", "λ2: layout-copy steps",
           "How many first retouch steps copy the layout's attention (paper: 10).", "LR lambda2",
-          minimum=0, maximum=PAPER_STEPS, step=1),
+          minimum=0, maximum=PAPER_STEPS, step=1, symbol="λ2",
+          meaning="the number of first retouch steps that copy the layout", axis="Lambda2"),
     Field("mask_start", PAPER_MASK_START, "int", "Mask blending from step",
           f"First retouch step that blends the subject mask (paper: 31 of 50); {PAPER_STEPS + 1} "
           "turns blending off.", "LR mask start",
-          minimum=2, maximum=PAPER_STEPS + 1, step=1),
+          minimum=2, maximum=PAPER_STEPS + 1, step=1, symbol="mask start",
+          meaning="the first retouch step that blends the subject mask", axis="Mask start"),
     Field("scale_with_steps", True, "bool", "Scale λ1, λ2 and mask start with the step count",
           f"On: the three values are for {PAPER_STEPS} steps and are scaled to your step count. "
           "Off: they are used as they are.", "LR scale with steps"),
     Field("sam_model", NO_SAM, "str", "Segment-Anything model",
           f"SAM checkpoint that sharpens the subject mask; '{NO_SAM}' uses the cross-attention "
-          "mask only.", "LR SAM model"),
+          "mask only.", "LR SAM model", axis="SAM model", axis_choices="sam",
+          doc="In the API: a file name from the list (`models/sam`)."),
     Field("ca_threshold", 0.1, "float", "Cross-attention mask threshold",
           "Threshold on the min-max normalised cross-attention map of the subject tokens "
           "(MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.", "LR CA threshold",
-          minimum=0.01, maximum=0.99, step=0.01),
+          minimum=0.0, maximum=1.0, step=0.01, exclusive=True,
+          meaning="the threshold of the cross-attention mask", axis="CA threshold"),
     Field("show_intermediates", False, "bool", "Show layout, mask and attention map",
           "Add each image's stage-1 layout, its blend mask and its subject cross-attention map to "
           "the gallery after the results (a viewing option: not written to the infotext).", None),
@@ -106,17 +163,18 @@ FIELDS: tuple[Field, ...] = (
     Field("reset_reference", True, "bool", "Reset the reference path every step",
           "Set the reference path back to its stored inversion latent at every step, so it "
           "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).", "LR reset reference"),
+    Field("layer_preset", DEFAULT_PRESET, "choice", "Attention layer preset",
+          "Which decoder self-attention layers take the reference's identity (and blend the mask): "
+          "standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 "
+          "layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: "
+          "output_blocks.3–5), for when the reference's pose or background bleeds in.", "LR layer preset",
+          choices=PRESETS, choice_labels=("Standard (paper)", "Light"),
+          axis="Layer preset", axis_choices="layer_presets"),
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
+CA_THRESHOLD_FIX = "try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)"
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 
-# What the range rules mean, for messages.
-_MEANING = {
-    "lambda1": "λ1, the number of first steps drawn by the vanilla model",
-    "lambda2": "λ2, the number of first retouch steps that copy the layout",
-    "mask_start": "the first retouch step that blends the subject mask",
-    "ca_threshold": "the threshold of the cross-attention mask",
-}
 
 
 def _norm_choice(text: str) -> str:
@@ -229,6 +287,7 @@ class LayoutRetouchParams:
     show_intermediates: bool = False
     layout_source: str = "inversion"
     reset_reference: bool = True
+    layer_preset: str = DEFAULT_PRESET
 
     def __post_init__(self) -> None:
         # Coerce on construction, so every instance holds typed values (types only; `validate`
@@ -290,21 +349,12 @@ class LayoutRetouchParams:
         """
         for f in FIELDS:  # re-coerce: attributes may have been assigned after construction
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
-        for name, low in (("lambda1", 0), ("lambda2", 0), ("mask_start", 2)):
-            value = getattr(self, name)
-            if value < low:
-                raise LayoutRetouchError(
-                    f"{name} ({_MEANING[name]}) is {value} but must be {low} or more: "
-                    f"set it to {low} or more (paper: {FIELD_BY_NAME[name].default} at "
-                    f"{PAPER_STEPS} steps)",
-                    parameter=name,
-                )
-        if not 0 < self.ca_threshold < 1:
-            raise LayoutRetouchError(
-                f"ca_threshold ({_MEANING['ca_threshold']}) is {self.ca_threshold} but must be "
-                "between 0 and 1 (exclusive): try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)",
-                parameter="ca_threshold",
-            )
+        for f in FIELDS:  # the table's ranges (step-count rules: `schedule(steps)`)
+            if f.kind == "int" and f.minimum is not None:
+                f.check_range(getattr(self, f.name), f"set it to {f.minimum:g} or more (paper: {f.default} at "
+                                                     f"{PAPER_STEPS} steps)")
+            elif f.kind == "float" and f.minimum is not None:
+                f.check_range(getattr(self, f.name), CA_THRESHOLD_FIX if f.name == "ca_threshold" else "")
         if not self.enabled:
             return
         if self.reference_image is None:

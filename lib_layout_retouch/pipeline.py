@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import conditioning as C
 from . import ddim, masks
 from .attention import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RetouchAttention, RowPlan, patched_attention
 from .errors import Interrupted, LayoutRetouchError
@@ -40,7 +41,8 @@ class RetouchSettings:
     guidance_scale: float = 7.5
     ca_threshold: float = masks.DEFAULT_CA_THRESHOLD
     reset_reference: bool = True            # re-set the reference path to its inversion latents each step
-    layers: Optional[LayerTable] = None     # None: the table for this UNet (SD1 or inferred)
+    layers: Optional[LayerTable] = None     # None: the table for this UNet and `layer_preset`
+    layer_preset: str = "standard"          # layers.PRESETS: which decoder layers take the reference
     skip_equal_target: bool = True          # fast path above; False computes the target anyway
     sequential: bool = False                # one UNet call per path (slow; checks the batched call)
     keep_trajectories: bool = False         # keep every step's layout/target latents (tests, previews)
@@ -48,11 +50,28 @@ class RetouchSettings:
 
 @dataclass
 class RetouchConds:
-    """Conditionings (1, tokens, dim): y_r for reference/target, y_p for layout, the negative prompt."""
+    """One-row conditionings (conditioning.Cond: a tensor for SD1, a dict for SDXL): y_r for the
+    reference and target paths, y_p for the layout path, the negative prompt for every uncond half.
 
-    reference: torch.Tensor
-    layout: torch.Tensor
-    uncond: torch.Tensor
+    SDXL's conditioning carries size terms, which differ between the reference photo and the
+    generated image: `reference`/`reference_uncond`/`reference_empty` carry the reference's,
+    everything else the generation's. For SD1 the optional ones are the same tensors (None)."""
+
+    reference: C.Cond
+    layout: C.Cond
+    uncond: C.Cond
+    target: Optional[C.Cond] = None            # y_r's tokens with the layout's vector (default: reference)
+    reference_uncond: Optional[C.Cond] = None  # negative prompt with the reference's size terms (default: uncond)
+    reference_empty: Optional[C.Cond] = None   # "" for the reference inversion (default: model.conditioning([""]))
+    layout_empty: Optional[C.Cond] = None      # "" for the layout inversion (default: likewise)
+
+    def cond_of(self, path: str) -> C.Cond:
+        if path == TARGET and self.target is not None:
+            return self.target
+        return self.layout if path == LAYOUT else self.reference
+
+    def uncond_of(self, path: str) -> C.Cond:
+        return self.reference_uncond if (path == REFERENCE and self.reference_uncond is not None) else self.uncond
 
 
 @dataclass
@@ -156,12 +175,13 @@ class ReferenceAttentionCache:
         return len(self._items)
 
 
-def _digest(*tensors: torch.Tensor) -> str:
+def _digest(*conds: C.Cond) -> str:
     import hashlib
 
     h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().float().cpu().numpy().tobytes())
+    for c in conds:
+        for t in (c[k] for k in sorted(c)) if C.is_dict(c) else (c,):
+            h.update(t.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -169,19 +189,42 @@ def inversion_key(reference_key: tuple, steps: int, latent_hw) -> tuple:
     return (*reference_key, steps, tuple(latent_hw))
 
 
-def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "") -> RetouchConds:
-    c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
-    return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
+def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "", *,
+                   generation_size: Optional[C.SizeTerms] = None,
+                   reference_size: Optional[C.SizeTerms] = None) -> RetouchConds:
+    """y_r, y_p and the negative prompt. SDXL: each path with its own image's size terms
+    (`generation_size` for the layout/target paths, `reference_size` for the reference path)."""
+    if not model.is_sdxl:
+        c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
+        return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
+    gen = generation_size or model.generation_size(1024, 1024)
+    ref = reference_size or gen
+    at_gen = model.conditioning([prompts.reference, prompts.personalized], gen)
+
+    def negative(text, size):  # one call each: an empty negative prompt is zeroed only on its own
+        return model.conditioning([text], size, negative=True)
+    layout = C.rows(at_gen, slice(1, 2))
+    # The target path attends with y_r's tokens but takes the layout path's `vector` (pooled y_p and
+    # the generation's size terms). The vector is no attention: it reaches every ResBlock through
+    # the time embedding, and the retouch edits attention only — with y_r's vector the target would
+    # leave the layout even while every attention layer copies it (ALGORITHM.md: z_t = z_o for s ≤ λ2).
+    target = C.with_tokens_of(layout, C.rows(at_gen, slice(0, 1)))
+    return RetouchConds(reference=model.conditioning([prompts.reference], ref), layout=layout,
+                        uncond=negative(negative_prompt, gen), target=target,
+                        reference_uncond=negative(negative_prompt, ref),
+                        reference_empty=negative("", ref), layout_empty=negative("", gen))
 
 
 @torch.no_grad()
 def invert_latents(model: LdmModel, z0: torch.Tensor, ddim_schedule: ddim.DDIMSchedule,
                    progress: Optional[ProgressFn] = None, phase: str = "inversion",
                    should_stop: Optional[Callable[[], bool]] = None,
-                   counter: Optional[list] = None) -> list[torch.Tensor]:
+                   counter: Optional[list] = None, empty: Optional[C.Cond] = None) -> list[torch.Tensor]:
     """DDIM inversion with the empty prompt and no CFG (ALGORITHM.md). `counter` ([calls, rows])
-    is incremented per UNet call."""
-    empty = model.conditioning([""])
+    is incremented per UNet call. `empty`: the empty prompt's conditioning (SDXL: with the image's
+    size terms); default `model.conditioning([""])`."""
+    if empty is None:
+        empty = model.conditioning([""])
 
     def eps(x, t):
         if should_stop is not None and should_stop():
@@ -190,22 +233,10 @@ def invert_latents(model: LdmModel, z0: torch.Tensor, ddim_schedule: ddim.DDIMSc
             counter[0] += 1
             counter[1] += x.shape[0]
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return model.eps(x, tt, empty.expand(x.shape[0], -1, -1))
+        return model.eps(x, tt, C.expand(empty, x.shape[0]))
 
     cb = (lambda s, total: progress(phase, s, total)) if progress else None
     return ddim.invert(eps, z0, ddim_schedule, callback=cb)
-
-
-def _pad_tokens(conds: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Conditionings of different lengths (A1111 prompts over 75 tokens come in 77-token chunks) are
-    padded to the longest by repeating their last chunk, so one batch can carry them."""
-    longest = max(c.shape[1] for c in conds)
-    out = []
-    for c in conds:
-        while c.shape[1] < longest:
-            c = torch.cat([c, c[:, -77:]], dim=1)
-        out.append(c[:, :longest])
-    return out
 
 
 @torch.no_grad()
@@ -228,7 +259,7 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
     n = layout_latents.shape[0]
     device = layout_latents.device
     ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, T)
-    layers = settings.layers or layer_table_for(model.unet)
+    layers = settings.layers or layer_table_for(model.unet, settings.layer_preset)
     latent_hw = tuple(layout_latents.shape[-2:])
     notes: list[str] = []
     result_calls = [0, 0]
@@ -243,7 +274,7 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
     reference_cached = z_r is not None
     if z_r is None:
         z_r = invert_latents(model, reference_latent, ddim_schedule, progress, "reference inversion", should_stop,
-                             result_calls)
+                             result_calls, empty=conds.reference_empty)
         if cache is not None and key is not None:
             cache.put(key, z_r)
 
@@ -254,7 +285,7 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
         z_l = layout_trajectory[0].clone()
     else:
         z_l = invert_latents(model, layout_latents, ddim_schedule, progress, "layout inversion", should_stop,
-                             result_calls)[-1].clone()
+                             result_calls, empty=conds.layout_empty)[-1].clone()
     z_t = z_l.clone()
     z_ref = z_r[T].clone()
 
@@ -284,8 +315,11 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
     if segmenter is not None and layout_images is None:
         notes.append("SAM skipped: no layout image given; cross-attention mask only")
 
-    c_ref, c_lay, c_un = _pad_tokens([conds.reference, conds.layout, conds.uncond])
-    cond_of = {REFERENCE: c_ref, LAYOUT: c_lay, TARGET: c_ref}
+    paths_all = (REFERENCE, LAYOUT, TARGET)
+    padded = C.pad_tokens([conds.cond_of(p) for p in paths_all] + [conds.uncond_of(p) for p in paths_all])
+    cond_of = dict(zip(paths_all, padded[:3]))
+    uncond_of = dict(zip(paths_all, padded[3:]))
+    c_ref, c_un = cond_of[REFERENCE], uncond_of[REFERENCE]
     # The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the negative prompt.
     kv_key = None
     if kv_cache is not None and kv_cache.max_bytes > 0 and key is not None and settings.reset_reference \
@@ -300,8 +334,8 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
         if plan is None:
             plan = plans[tuple(paths)] = RowPlan.build(paths)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
-        cond = torch.cat([(c_un if h == UNCOND else cond_of[p]).expand(c, -1, -1)
-                          for h in plan.halves() for p, c in paths if c])
+        cond = C.cat([C.expand(uncond_of[p] if h == UNCOND else cond_of[p], c)
+                      for h in plan.halves() for p, c in paths if c])
         editor.begin_step(plan, keep_store=keep_store, sources=sources, **phase)
         tt = torch.full((plan.batch,), t, device=device, dtype=torch.long)
         eps = model.eps(x.to(device), tt, cond)
@@ -394,22 +428,26 @@ def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: 
              segmenter=None, cache: Optional[InversionCache] = None, reference_key: Optional[tuple] = None,
              kv_cache: Optional[ReferenceAttentionCache] = None,
              progress: Optional[ProgressFn] = None,
-             should_stop: Optional[Callable[[], bool]] = None) -> GenerationResult:
+             should_stop: Optional[Callable[[], bool]] = None,
+             reference_size: Optional[C.SizeTerms] = None) -> GenerationResult:
     """Both stages with the library's DDIM: stage 1 (step-blended layout) then the retouch.
 
     reference_image: (1, 3, H, W) in [-1, 1] at the generation size; noise: (N, C, h, w) z_T.
     vanilla_unet: DreamBooth's vanilla UNet (None: the same UNet, i.e. Textual Inversion).
+    reference_size: SDXL size terms of the reference photo as fed (default: the generation's).
     """
     from . import stage1
     from .prompts import subject_token_positions
 
     schedule = settings.schedule
     ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
-    c = model.conditioning([prompts.layout, prompts.personalized, negative_prompt, prompts.reference])
-    cond_layout, cond_personal, uncond, cond_ref = (c[i:i + 1] for i in range(4))
+    height, width = (8 * d for d in noise.shape[-2:])
+    gen_size = model.generation_size(width, height)
+    conds = encode_prompts(model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size)
+    cond_layout = model.conditioning([prompts.layout], gen_size)
     trajectory = stage1.sample_step_blended(
-        model.denoiser(vanilla_unet), model.denoiser(), schedule, ddim_schedule, cond_layout, cond_personal,
-        uncond, noise, settings.guidance_scale, progress=progress, should_stop=should_stop)
+        model.denoiser(vanilla_unet), model.denoiser(), schedule, ddim_schedule, cond_layout, conds.layout,
+        conds.uncond, noise, settings.guidance_scale, progress=progress, should_stop=should_stop)
     layout_latents = trajectory[-1]
     layout_images = model.decode(layout_latents)
     subject = subject_token_positions(model.tokenize, prompts.personalized,
@@ -419,7 +457,7 @@ def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: 
               if cache is not None and reference_key is not None else None)
     reference_latent = cached[0] if cached is not None else model.encode(reference_image)
     result = retouch(model, reference_latent=reference_latent, layout_latents=layout_latents,
-                     conds=RetouchConds(reference=cond_ref, layout=cond_personal, uncond=uncond),
+                     conds=conds,
                      subject_tokens=subject, settings=settings,
                      layout_trajectory=trajectory if layout_source == "stage1" else None,
                      layout_images=to_uint8(layout_images) if segmenter is not None else None,

@@ -26,8 +26,15 @@ _NOT_A_CLASS = frozenset(
 )
 
 # A1111 extra-network tags: <lora:NAME:0.8>, <lyco:...>, <hypernet:...>. Their text is not prompt
-# text, so a concept token inside one is not an occurrence (and must never be rewritten).
-_EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^<>:]+)(?::[^<>]*)?>")
+# text, so a concept token inside one is not an occurrence (and must never be rewritten). The one
+# rule for them, the WebUI's own (modules/extra_networks.py re_extra_net): the glue strips with it too.
+EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
+_EXTRA_NETWORK_TAG = EXTRA_NETWORK_TAG
+
+
+def strip_extra_networks(prompt: str) -> str:
+    """The prompt without its extra-network tags, as the WebUI removes them before encoding."""
+    return EXTRA_NETWORK_TAG.sub("", prompt)
 
 
 @dataclass(frozen=True)
@@ -211,7 +218,7 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
 
     for m in _EXTRA_NETWORK_TAG.finditer(prompt):
         if m.group(1).lower() in ("lora", "lyco"):
-            return m.group(2).strip(), ""
+            return m.group(2).split(":")[0].strip(), ""  # <lora:NAME:0.8> -> NAME
     return None
 
 

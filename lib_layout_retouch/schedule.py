@@ -17,13 +17,13 @@ PAPER_LAMBDA1 = 5
 PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
 
-# What each knob means, in words a user understands (used in error messages).
-KNOB_WORDS = {
-    "steps": "the number of sampling steps",
-    "lambda1": "λ1 (the number of first steps drawn by the vanilla model)",
-    "lambda2": "λ2 (the number of first retouch steps that copy the layout)",
-    "mask_start": "mask start (the first step that blends the subject mask)",
-}
+def knob_words(name: str) -> str:
+    """What a knob means, in words a user understands (error messages): the parameter table's words."""
+    if name == "steps":
+        return "the number of sampling steps"
+    from .params import FIELD_BY_NAME  # late: params imports this module
+
+    return FIELD_BY_NAME[name].words()
 
 
 def _is_int(v: object) -> bool:
@@ -77,7 +77,7 @@ class Schedule:
         for name, v in (("lambda1", lambda1), ("lambda2", lambda2), ("mask_start", mask_start)):
             if not _is_int(v):
                 raise LayoutRetouchError(
-                    f"{KNOB_WORDS[name]} must be a whole number, got {v!r}", parameter=name
+                    f"{knob_words(name)} must be a whole number, got {v!r}", parameter=name
                 )
         if not scale:
             return cls(steps, lambda1, lambda2, mask_start)
@@ -88,7 +88,7 @@ class Schedule:
             # Outside this range no step count can fit (and scaling would clamp a too-small value
             # to 2, hiding the mistake): report the value the user gave.
             raise LayoutRetouchError(
-                f"{KNOB_WORDS['mask_start']} is {mask_start}, but with scaling on it is given for "
+                f"{knob_words('mask_start')} is {mask_start}, but with scaling on it is given for "
                 f"{reference_steps} steps and must be between 2 and {reference_steps + 1} "
                 f"({reference_steps + 1} turns blending off): choose a value in that range",
                 parameter="mask_start",
@@ -113,7 +113,7 @@ class Schedule:
     def _check_range(self, name: str, value: int, lo: int, hi: int, why: str | None) -> None:
         if not _is_int(value):
             raise LayoutRetouchError(
-                f"{KNOB_WORDS[name]} must be a whole number, got {value!r}", parameter=name
+                f"{knob_words(name)} must be a whole number, got {value!r}", parameter=name
             )
         if lo <= value <= hi:
             return
@@ -128,12 +128,12 @@ class Schedule:
             else:
                 fix = "choose a smaller value or use more sampling steps"
             message = (
-                f"{KNOB_WORDS[name]} is {value} at {self.steps} sampling steps (scaled from the "
+                f"{knob_words(name)} is {value} at {self.steps} sampling steps (scaled from the "
                 f"{given} you set for {ref} steps), but it must be between {lo} and {hi}{note}: {fix}"
             )
         else:
             message = (
-                f"{KNOB_WORDS[name]} is {value}, but at {self.steps} sampling steps it must be "
+                f"{knob_words(name)} is {value}, but at {self.steps} sampling steps it must be "
                 f"between {lo} and {hi}{note}: choose a value in that range"
             )
         raise LayoutRetouchError(
@@ -184,7 +184,7 @@ class Schedule:
 def _check_steps(steps: object) -> None:
     if not _is_int(steps) or steps < 2:
         raise LayoutRetouchError(
-            f"{KNOB_WORDS['steps']} is {steps!r}, but Layout-and-Retouch needs at least 2 "
+            f"{knob_words('steps')} is {steps!r}, but Layout-and-Retouch needs at least 2 "
             "(one for the vanilla layout, one for the personalized model): raise sampling steps "
             f"(the paper uses {PAPER_STEPS})",
             parameter="steps",

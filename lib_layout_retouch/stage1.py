@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
+from . import conditioning as C
 from . import ddim
 from .errors import Interrupted
 from .model import Denoiser
@@ -22,20 +23,16 @@ ProgressFn = Callable[[str, int, int], None]
 
 @torch.no_grad()
 def sample_step_blended(vanilla: Denoiser, personalized: Denoiser, schedule, ddim_schedule: ddim.DDIMSchedule,
-                        cond_layout: torch.Tensor, cond_personalized: torch.Tensor, uncond: torch.Tensor,
+                        cond_layout: C.Cond, cond_personalized: C.Cond, uncond: C.Cond,
                         noise: torch.Tensor, guidance_scale: float,
                         progress: Optional[ProgressFn] = None,
                         should_stop: Optional[Callable[[], bool]] = None) -> list[torch.Tensor]:
-    """DDIM from `noise` (B, C, h, w) with the stage-1 switch. Conditionings are (1, tokens, dim)
-    or (B, tokens, dim). Returns the trajectory [z_T, …, z_0] (denoising order)."""
+    """DDIM from `noise` (B, C, h, w) with the stage-1 switch. Conditionings (conditioning.Cond)
+    have 1 or B rows. Returns the trajectory [z_T, …, z_0] (denoising order)."""
     b = noise.shape[0]
-
-    def per_batch(c: torch.Tensor) -> torch.Tensor:
-        return c.expand(b, -1, -1) if c.shape[0] == 1 else c
-
     conds = {
-        "layout": torch.cat([per_batch(uncond), per_batch(cond_layout)]),
-        "personalized": torch.cat([per_batch(uncond), per_batch(cond_personalized)]),
+        "layout": C.cat([C.expand(uncond, b), C.expand(cond_layout, b)]),
+        "personalized": C.cat([C.expand(uncond, b), C.expand(cond_personalized, b)]),
     }
     denoisers = {"vanilla": vanilla, "personalized": personalized}
 

@@ -28,22 +28,25 @@ if _EXT_ROOT not in sys.path:
 from modules import devices, scripts, script_callbacks, sd_models, shared  # noqa: E402
 from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
 
-from lib_layout_retouch import axes, job as lr_job, pipeline, ui_text  # noqa: E402
+from lib_layout_retouch import axes, job as lr_job, logs, pipeline, ui_text  # noqa: E402
+from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
-from lib_layout_retouch.model import LdmModel, check_model_supported  # noqa: E402
+from lib_layout_retouch.model import LdmModel, check_model_supported, unet_family  # noqa: E402
 from lib_layout_retouch.params import FIELDS, FIELD_BY_NAME, INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams  # noqa: E402
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan  # noqa: E402
-from lib_layout_retouch.prompts import guess_concept, subject_positions_in_chunks  # noqa: E402
+from lib_layout_retouch.prompts import guess_concept, strip_extra_networks, subject_positions_in_chunks  # noqa: E402
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter  # noqa: E402
 
 TITLE = "Layout-and-Retouch"
-LOG = "[Layout-and-Retouch]"
+LOG = logs.LOG_PREFIX
 RUN_ATTR = "layout_retouch_run"
-_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
 
 
 def log(msg: str) -> None:
-    print(f"{LOG} {msg}", flush=True)
+    logger.info(msg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -141,15 +144,23 @@ class VanillaUNets:
         unet_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         del state
         own = personal_unet.state_dict()
+        loaded_family = unet_family(own)
         if not unet_state:
             raise LayoutRetouchError(f"vanilla checkpoint '{info.title}' has no SD UNet weights "
-                                     "(model.diffusion_model.*): choose an SD1.x checkpoint", parameter="vanilla_checkpoint")
+                                     f"(model.diffusion_model.*): choose an {loaded_family} checkpoint",
+                                     parameter="vanilla_checkpoint")
+        family = unet_family(unet_state)
+        if family != loaded_family:
+            raise LayoutRetouchError(
+                f"vanilla checkpoint '{info.title}' is an {family} model but the loaded model is {loaded_family}; "
+                f"choose the {loaded_family} checkpoint your DreamBooth model was trained from",
+                parameter="vanilla_checkpoint")
         mismatch = [k for k in own if k not in unet_state or unet_state[k].shape != own[k].shape]
         if mismatch or len(unet_state) != len(own):
             raise LayoutRetouchError(
-                f"vanilla checkpoint '{info.title}' is of another architecture than the loaded model "
-                f"(e.g. SDXL vs SD1: {len(mismatch)} UNet weights differ); choose the checkpoint your "
-                "DreamBooth model was trained from", parameter="vanilla_checkpoint")
+                f"vanilla checkpoint '{info.title}' is an {family} model of another size than the loaded one "
+                f"({len(mismatch)} UNet weights differ); choose the checkpoint your DreamBooth model was "
+                "trained from", parameter="vanilla_checkpoint")
         unet = copy.deepcopy(personal_unet)
         for m in unet.modules():  # a patched instance forward must not be copied along
             m.__dict__.pop("forward", None)
@@ -173,7 +184,7 @@ class Run:
 
     def __init__(self, p, params: LayoutRetouchParams):
         self.params = params
-        self.job = lr_job.RetouchJob(params, prompt=_EXTRA_NETWORK.sub("", p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
+        self.job = lr_job.RetouchJob(params, prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
                                      negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
                                      steps=p.steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale)
         self.vanilla_unet = None
@@ -212,6 +223,13 @@ def check_host(p, params: LayoutRetouchParams) -> None:
         raise LayoutRetouchError("Layout-and-Retouch works in txt2img only")
     model = p.sd_model
     check_model_supported(model)
+    refiner = getattr(p, "refiner_checkpoint", None)
+    if refiner not in (None, "", "None") and 0 < float(getattr(p, "refiner_switch_at", 1.0) or 0) < 1:
+        # The WebUI would load another model in the middle of sampling: stage 1's switch and the
+        # retouch would then run on the refiner (not a personalized model).
+        raise LayoutRetouchError(f"the WebUI's Refiner ('{refiner}') switches models during sampling, which "
+                                 "Layout-and-Retouch cannot follow; turn Refiner off for retouched images",
+                                 parameter="refiner_checkpoint")
     name = params.sam_model
     if name != NO_SAM and (os.path.basename(name) != name or name in (".", "..") or "\\" in name):
         # A name from the list, never a path: API input must not open arbitrary files.
@@ -315,10 +333,12 @@ def on_cfg_denoiser(params):
         # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.
         run.trajectory.append(params.x[-p.batch_size:].detach().clone())
     if run.job.uses_vanilla(s):
-        cond = run.layout_cond
         tc = params.text_cond
-        if isinstance(tc, torch.Tensor):
-            params.text_cond = cond.to(tc.device, tc.dtype).expand(tc.shape[0], -1, -1)
+        if isinstance(tc, (torch.Tensor, dict)):  # SD1: a tensor; SDXL: {"crossattn", "vector"}
+            cond = lr_cond.expand(lr_cond.like(run.layout_cond, tc), lr_cond.batch_size(tc))
+            if isinstance(tc, dict) and type(tc) is not dict:
+                cond = type(tc)(cond)  # the WebUI's DictWithShape: it reads `.shape` right after the hook
+            params.text_cond = cond
         if run.vanilla_unet is not None:
             p.sd_model.model.diffusion_model = run.vanilla_unet
     elif run.switched_at is None:
@@ -377,8 +397,11 @@ def begin_stage1(p, run) -> None:
     try:
         for n in nets:
             n.te_multiplier = 0
-        with devices.autocast():
-            run.layout_cond = model.get_learned_conditioning([run.job.prompts.layout])
+        from modules.prompt_parser import SdConditioning
+
+        with devices.autocast():  # SdConditioning: SDXL's size terms are the generation's, as the WebUI's own
+            run.layout_cond = model.get_learned_conditioning(
+                SdConditioning([run.job.prompts.layout], width=p.width, height=p.height))
     finally:
         for n, m in saved_te:
             n.te_multiplier = m
@@ -416,12 +439,11 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         return samples
     job = run.job
     job_for_batch = job
-    if p.prompts and _EXTRA_NETWORK.sub("", p.prompts[0]) != job.prompt:
-        job_for_batch = lr_job.RetouchJob(job.params, prompt=p.prompts[0], negative_prompt=p.negative_prompts[0],
-                                          steps=job.steps, width=job.width, height=job.height,
-                                          guidance_scale=job.guidance_scale, notes=job.notes)
-    model = LdmModel(p.sd_model, autocast=devices.autocast)
-    clip = p.sd_model.cond_stage_model
+    if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
+        job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
+    model = LdmModel(p.sd_model, autocast=devices.autocast,
+                     sdxl_crop=(int(opt("sdxl_crop_top", 0)), int(opt("sdxl_crop_left", 0))))
+    clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
     if hasattr(clip, "tokenize_line"):
         chunks, _ = clip.tokenize_line(job_for_batch.prompts.personalized)
         subject = subject_positions_in_chunks(chunks, lambda t: clip.tokenize([t])[0],
@@ -442,8 +464,7 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
             log(f"SAM fallback: {e}")
     layout_images = None
     if segmenter is not None:
-        with devices.autocast():
-            layout_images = pipeline.to_uint8(model.decode(samples.to(devices.dtype_vae)))
+        layout_images = pipeline.to_uint8(model.decode(samples))
     trajectory = None
     if job.params.layout_source == "stage1":
         if p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
@@ -490,15 +511,15 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         log(f"interrupted: {e}")
         return samples
     job.mask_kind = result.mask_kind
-    for note in job_for_batch.notes:
+    job.merge_notes(job_for_batch)
+    for note in model.notes:  # e.g. a half-precision VAE retried in float32
         job.add_note(note)
     log(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} UNet calls "
         f"({result.unet_rows} rows), "
         f"reference {'cached' if result.reference_cached else 'inverted'}, mask {result.mask_kind}")
     if job.params.show_intermediates:
         size = (p.width, p.height)
-        with devices.autocast():
-            layouts = lr_job.tensor_to_images(model.decode(samples.to(devices.dtype_vae)))
+        layouts = lr_job.tensor_to_images(model.decode(samples))
         base = int(getattr(p, "iteration", 0) or 0) * p.batch_size  # index of this batch's first image
         for i, layout in enumerate(layouts):
             run.intermediates.append(("layout", base + i, layout))
@@ -564,8 +585,8 @@ class LayoutRetouchScript(scripts.Script):
             return gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
                             label=f.label, elem_id=eid)
         if f.name == "vanilla_checkpoint":
-            # value "" (not None: the API's infotext paste converts to the component's value type), and
-            # not among the choices, so the list shows no empty "✓" entry
+            # value "" (no empty choice in the list): the API's infotext paste converts a pasted value
+            # to the type of the component's value, and a None value would drop the paste.
             return gr.Dropdown(choices=checkpoint_choices(), value="", label=f.label, elem_id=eid)
         if f.name == "sam_model":
             choices = sam_choices()
@@ -573,7 +594,8 @@ class LayoutRetouchScript(scripts.Script):
             return gr.Dropdown(choices=choices, value=default_sam if default_sam in choices else NO_SAM,
                                label=f.label, elem_id=eid)
         if f.kind in ("int", "float"):
-            return gr.Slider(minimum=f.minimum, maximum=f.maximum, step=f.step, value=f.default,
+            low, high = f.slider_range()
+            return gr.Slider(minimum=low, maximum=high, step=f.step, value=f.default,
                              label=f.label, elem_id=eid)
         if f.choices:  # a text field with a fixed set of values (e.g. a preset)
             return gr.Radio(choices=list(labels[f.name].values()), value=labels[f.name][f.default],
@@ -791,7 +813,7 @@ def register_axes() -> None:
         return
     existing = {getattr(o, "label", None) for o in xyz.axis_options}
     choices = {"bool": lambda: ["True", "False"], "checkpoints": lambda: list(sd_models.checkpoint_tiles()),
-               "sam": sam_choices}
+               "sam": sam_choices, "layer_presets": lambda: list(FIELD_BY_NAME["layer_preset"].choices)}
     for spec in axes.AXES:
         if spec.label in existing:
             continue

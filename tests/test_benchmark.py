@@ -121,3 +121,23 @@ def test_what_the_hooks_add_is_one_gather_per_reference_layer_and_one_blend_per_
         assert blend["extra_kernels"] == {"index_select": n_ref, "lerp_": n_blend}
         assert ident["hooked_kernels"] - ident["plain_kernels"] == n_ref
         assert ident["plain_kernels"] > 100
+
+
+def test_tiny_sdxl_config_runs_with_dict_conditioning(tmp_path):
+    """--config tiny-sdxl: the SDXL path (dict conditioning, the SDXL layer rule) end to end; the
+    kernels the hooks add are one index_select per reference layer (10 in the tiny SDXL table)."""
+    out = tmp_path / "tiny-sdxl.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--config", "tiny-sdxl", "--device", "cpu", "--dtype", "fp32", "--steps", "4",
+         "--warmup", "0", "--repeats", "1", "--hook-repeats", "1", "--threads", "1", "--batches", "1",
+         "--kv-cache-gib", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["config"] == "tiny-sdxl" and res["images_finite"]
+    hook = res["hook"]["identity_blend"]
+    assert hook["layer_table"] == "inferred-sdxl" and hook["reference_layers"] == 10
+    assert hook["extra_kernels"] == {"index_select": 10, "lerp_": 10}
+    assert set(res["goals"]) == {"ratio_fast", "lr_extra_peak_gib", "hook_overhead"}
+    assert res["unet_calls"] == {"plain": 4, "lr_paper": 16, "lr_fast": 8}

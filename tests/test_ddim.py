@@ -1,4 +1,4 @@
-"""DDIM and DDIM inversion on a tiny real-architecture model (ALGORITHM.md invariant 2)."""
+"""DDIM and DDIM inversion on a tiny real-architecture model (docs/ALGORITHM.md, "What must hold")."""
 import numpy as np
 import pytest
 import torch

@@ -148,7 +148,8 @@ def test_real_sam_architecture_tiny_random_gives_an_image_sized_mask_or_none():
     masker = diversity.SamSubjectMasker(generator, min_area=0.0, max_area=1.0)
     img = Image.fromarray((np.random.RandomState(1).rand(48, 80, 3) * 255).astype(np.uint8))
     mask = masker(img, "dog")
-    assert mask is None or (mask.shape == (48, 80) and mask.dtype == bool)
+    assert mask is not None, "this seed's random SAM proposes regions: the masker must pick one"
+    assert mask.shape == (48, 80) and mask.dtype == bool and 0 < mask.sum() < 48 * 80
     raw = generator.generate(np.asarray(img))
     assert raw and raw[0]["segmentation"].shape == (48, 80)  # the plumbing really ran
 

@@ -84,6 +84,21 @@ def test_inception_score_of_soft_predictions_matches_the_formula():
     assert metrics.inception_score(p, splits=2) == pytest.approx((np.mean(two), np.std(two)))
 
 
+def test_inception_score_splits_follow_openai_when_n_is_not_a_multiple():
+    """n=10 in 3 splits: OpenAI's inception_score.py cuts at i*n//3 -> rows [0,3), [3,6), [6,10).
+    One-hot predictions, classes 0,0,1 | 1,2,3 | 4,5,6,7. A split of one-hot rows scores
+    exp(mean_x -log p(y_x)): (0,0,1) -> p(y) = (2/3, 1/3) -> exp((2 log 1.5 + log 3)/3) = 6.75^(1/3);
+    three distinct classes -> 3; four -> 4. (np.array_split's 4,3,3 would give 2, 3, 3; torch.chunk's
+    4,4,2 would give 2, 4, 2.)"""
+    probs = np.zeros((10, 8))
+    probs[np.arange(10), [0, 0, 1, 1, 2, 3, 4, 5, 6, 7]] = 1.0
+    per_split = [6.75 ** (1 / 3), 3.0, 4.0]
+    mean = (6.75 ** (1 / 3) + 3.0 + 4.0) / 3  # 2.963293858...
+    std = math.sqrt(sum((v - mean) ** 2 for v in per_split) / 3)  # ddof=0, as np.std there: 0.86184...
+    assert metrics.inception_score(probs, splits=3) == pytest.approx((mean, std), abs=1e-12)
+    assert (round(mean, 6), round(std, 6)) == (2.963294, 0.861843)
+
+
 def test_inception_score_split_count_is_clamped_for_small_sets():
     assert metrics.effective_splits(400, 10) == 10
     assert metrics.effective_splits(8, 10) == 4
@@ -171,6 +186,42 @@ def test_clip_preprocessing_normalises_with_clip_statistics(clip):
     assert torch.allclose(x[0, :, 5, 5], -torch.tensor(models.CLIP_MEAN) / torch.tensor(models.CLIP_STD), atol=1e-4)
 
 
+def _columns_image(white_columns) -> Image.Image:
+    """256x256 (the eval size: no PIL resize happens), black with white columns."""
+    arr = np.zeros((256, 256, 3), dtype=np.uint8)
+    arr[:, list(white_columns)] = 255
+    return Image.fromarray(arr, "RGB")
+
+
+def test_clip_resize_defaults_to_dreammatchers_bicubic_without_antialiasing(clip):
+    """256 -> 32 (the tiny CLIP's input) without antialiasing, as torchvision 0.14's tensor Resize: output
+    column j samples x = 8j + 3.5 from source columns 8j+2..8j+5 with the cubic kernel (a = -0.75) at
+    distances 1.5, 0.5, 0.5, 1.5: weights -0.09375, 0.59375, 0.59375, -0.09375. A white column 3 gives
+    0.59375 at output column 0; a white column 13 (distance 1.5 from 11.5) gives -0.09375 at column 1,
+    not clamped; column 2 sees neither."""
+    assert clip.resize == "dreammatcher" == models.DEFAULT_CLIP_RESIZE
+    x = clip.preprocess([_columns_image([3, 13])])
+    mean, std = torch.tensor(models.CLIP_MEAN).view(3, 1), torch.tensor(models.CLIP_STD).view(3, 1)
+    unit = x[0] * std.view(3, 1, 1) + mean.view(3, 1, 1)  # back to [0, 1]
+    assert unit.shape == (3, 32, 32)
+    assert torch.allclose(unit[:, :, 0], torch.full((3, 32), 0.59375), atol=1e-6)
+    assert torch.allclose(unit[:, :, 1], torch.full((3, 32), -0.09375), atol=1e-6)
+    assert torch.allclose(unit[:, :, 2:], torch.zeros(3, 32, 30), atol=1e-6)
+
+
+def test_clip_resize_antialias_is_the_option_and_matches_pils_bicubic(clip, tmp_path):
+    aa = models.ClipEmbedder(clip.model, clip.tokenizer, resize="antialias")
+    img = _columns_image([3, 13])
+    x = aa.preprocess([img])[0, 0] * models.CLIP_STD[0] + models.CLIP_MEAN[0]
+    # PIL's bicubic (a = -0.5, support widened by the scale) on the same [0, 1] plane: the antialiased arithmetic
+    plane = Image.fromarray(np.asarray(img, dtype=np.float32)[:, :, 0] / 255.0, "F").resize((32, 32), Image.BICUBIC)
+    assert torch.allclose(x, torch.from_numpy(np.asarray(plane)), atol=1e-5)
+    assert abs(float(x[0, 0]) - 0.59375) > 0.3  # the two resizes really differ
+    with pytest.raises(LayoutRetouchError) as err:
+        models.ClipEmbedder(clip.model, clip.tokenizer, resize="bilinear")
+    assert err.value.parameter == "clip_resize"
+
+
 def test_load_image_handles_odd_modes_and_reports_broken_files(tmp_path):
     arr16 = (np.arange(12 * 7, dtype=np.uint16).reshape(7, 12) * 700)
     Image.fromarray(arr16).save(tmp_path / "deep.png")
@@ -219,7 +270,7 @@ def test_image_reward_is_optional():
         with pytest.raises(LayoutRetouchError, match="image-reward"):
             models.load_image_reward(required=True)
     else:  # installed: loading may still fail offline, but never silently
-        assert scorer is not None or reason
+        assert (scorer is None) == bool(reason), (scorer, reason)  # a scorer, or else a reason
 
 
 def test_fmt_and_nanmean():

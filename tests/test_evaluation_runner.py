@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -64,6 +65,10 @@ class StandIn:
         self.garbage = False
         self.script_runs = True  # False: like a WebUI whose script raised (a plain image, no LR keys)
         self.scripts = ["layout-and-retouch", "extra options"]
+        self.die_after: int | None = None  # after this many images: drop the request in hand and stop listening
+        self.delay = 0.0  # seconds per txt2img (lets requests overlap)
+        self.served_keys: list[tuple] = []  # (prompt, seed, on) of every image sent
+        self.active = self.max_active = 0
         self.lock = threading.Lock()
         standin = self
 
@@ -88,6 +93,23 @@ class StandIn:
             def do_POST(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with standin.lock:
+                    standin.active += 1
+                    standin.max_active = max(standin.max_active, standin.active)
+                try:
+                    time.sleep(standin.delay)
+                    self._post(payload)
+                finally:
+                    with standin.lock:
+                        standin.active -= 1
+
+            def _post(self, payload):
+                with standin.lock:
+                    if standin.die_after is not None and standin.served >= standin.die_after:
+                        self.close_connection = True  # no answer to this one, and no more listening
+                        if not standin.dead:
+                            standin.dead = True
+                            threading.Thread(target=standin.close, daemon=True).start()
+                        return
                     standin.posts.append(payload)
                     if self.path != "/sdapi/v1/txt2img" or standin.status == 404:
                         return self._send(404, {"detail": "Not Found"})
@@ -110,6 +132,7 @@ class StandIn:
                     if standin.garbage:
                         return self._send(200, {"images": ["bm90IGFuIGltYWdl"], "parameters": {}, "info": "{}"})
                     standin.served += 1
+                    standin.served_keys.append((payload["prompt"], payload["seed"], script_enabled(payload)))
                 buf = io.BytesIO()
                 standin_image(payload).save(buf, format="PNG")
                 on = script_enabled(payload)
@@ -124,7 +147,12 @@ class StandIn:
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 
+    dead = False
+
     def close(self):
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.server.shutdown()
         self.server.server_close()
 
@@ -491,6 +519,7 @@ def test_cli_run_then_score_writes_the_tables_and_heat_maps(vico, concepts, tmp_
     assert "| method | I_DINO | I_CLIP | T_CLIP | ImageReward | IS | σ²_avg |" in md
     assert "| Layout-and-Retouch (on) |" in md and "n/a" in md and "RANDOM WEIGHTS" in md
     assert "ImageReward n/a: skipped (--imagereward none)" in md
+    assert "CLIP input resize (dreammatcher): bicubic without antialiasing" in md
     per_prompt = list(csv.DictReader(open(out / "results_per_prompt.csv")))
     assert len(per_prompt) == 8 and {r["template"] for r in per_prompt} >= {"a {} in the jungle", "a {} on a table"}
 
@@ -498,6 +527,7 @@ def test_cli_run_then_score_writes_the_tables_and_heat_maps(vico, concepts, tmp_
     assert cli_main(["score", "--out", str(out), "--random-models", "--imagereward", "none", "--no-progress",
                      "--tclip-mode", "keep", "--inception", "none", "--clip", "none"]) == 0
     rows2 = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert "CLIP input resize" not in (out / "results.md").read_text()  # no CLIP, nothing to say
     assert rows2["on"]["T_CLIP"] == rows2["on"]["T_CLIP_keep"] == ""  # --clip none -> n/a
     assert float(rows2["on"]["I_DINO"]) == pytest.approx(float(rows["on"]["I_DINO"]), abs=1e-6)
     assert rows2["on"]["IS"] == "" and "I_CLIP/T_CLIP n/a: skipped (--clip none)" in (out / "results.md").read_text()
@@ -600,3 +630,95 @@ def test_pipeline_mask_is_the_third_image_of_an_on_reply(vico, concepts):
     quiet = runner.build_payload(specs["brown_dog"], "a {}", 1, "on", small_settings(keep_masks=False), "")
     assert quiet["alwayson_scripts"]["Layout-and-Retouch"]["args"][0]["show_intermediates"] is False
     assert runner.pipeline_mask(reply, quiet) is None
+
+
+# ------------------------------------------------------------------------------- several WebUIs
+@pytest.fixture
+def three_standins():
+    servers = [StandIn() for _ in range(3)]
+    yield servers
+    for s in servers:
+        s.close()
+
+
+def two_checkpoint_concepts(tmp_path) -> str:
+    path = tmp_path / "concepts2.json"
+    path.write_text(json.dumps({"concepts": {
+        "brown_dog": {"token": "sks", "class": "dog", "checkpoint": "dog.safetensors", "vanilla_checkpoint": "v"},
+        "cat_statue": {"folder": "cat-toy", "token": "sks", "class": "cat statue", "checkpoint": "cat.safetensors",
+                       "vanilla_checkpoint": "v"}}}))
+    return str(path)
+
+
+def test_a_sweep_over_three_webuis_one_dying_makes_every_image_exactly_once(vico, tmp_path, three_standins, capsys):
+    a, b, c = three_standins
+    b.die_after = 3  # serves three images, then drops a request and stops listening
+    for s in three_standins:
+        s.delay = 0.02
+    out = tmp_path / "out"
+    settings = small_settings(n=3, n_prompts=2)  # 2 concepts x 2 prompts x 3 seeds x on/off = 24 images
+    summary = runner.run_protocol(str(vico), two_checkpoint_concepts(tmp_path), [s.url for s in three_standins],
+                                  str(out), settings, client=[fast_client(s.url, retries=1) for s in three_standins],
+                                  progress=True)
+    assert (summary.total, summary.generated, summary.skipped) == (24, 24, 0)
+    served = a.served_keys + b.served_keys + c.served_keys
+    assert len(served) == len(set(served)) == 24  # every image made exactly once, none twice
+    assert len(b.served_keys) == 3 and b.dead and a.served_keys and c.served_keys
+    assert len(pngs(out)) == 24
+    metas = [json.load(open(p[:-4] + ".json")) for p in pngs(out)]
+    assert {m["webui"] for m in metas} == {a.url, b.url, c.url}
+    for s in three_standins:
+        assert s.max_active == 1  # one request in flight per server by default
+    cap = capsys.readouterr()
+    err = cap.out + cap.err  # tqdm.write's note on stdout, the bar on stderr
+    assert f"{b.url} stopped answering" in err and "its requests go to the other 2 WebUI(s)" in err
+    assert "24/24" in err and "<" in err  # the progress bar, with its ETA
+
+    # resumable: nothing left, nothing asked
+    before = [len(s.posts) for s in (a, c)]
+    again = runner.run_protocol(str(vico), two_checkpoint_concepts(tmp_path), [a.url, c.url], str(out), settings,
+                                client=[fast_client(s.url) for s in (a, c)], progress=False)
+    assert again.generated == 0 and again.skipped == 24 and [len(s.posts) for s in (a, c)] == before
+
+
+def test_each_checkpoint_stays_on_the_webui_that_has_it_loaded(vico, tmp_path, three_standins):
+    a, b, c = three_standins
+    for s in (a, b):
+        s.delay = 0.02
+    runner.run_protocol(str(vico), two_checkpoint_concepts(tmp_path), [a.url, b.url], str(tmp_path / "o"),
+                        small_settings(n=4, n_prompts=2), client=[fast_client(s.url) for s in (a, b)],
+                        progress=False)
+    runs = []
+    for s in (a, b):
+        ckpts = [p["override_settings"]["sd_model_checkpoint"] for p in s.posts]
+        switches = sum(x != y for x, y in zip(ckpts, ckpts[1:]))
+        assert switches <= 1, ckpts  # its own concept first; at most one switch to help at the end
+        runs.append(ckpts[0])
+    assert sorted(runs) == ["cat.safetensors", "dog.safetensors"]  # one concept per WebUI to begin with
+
+    # --per-server 2: two requests in flight on a WebUI, never more
+    c.delay = 0.1
+    runner.run_protocol(str(vico), two_checkpoint_concepts(tmp_path), [c.url], str(tmp_path / "o2"),
+                        small_settings(n=2, n_prompts=1), client=[fast_client(c.url)], progress=False, per_server=2)
+    assert c.max_active == 2 and len(c.served_keys) == 8
+
+
+def test_when_every_webui_stops_the_run_stops_cleanly_and_resumes(vico, concepts, tmp_path, three_standins):
+    a, b, c = three_standins
+    for s, k in ((a, 2), (b, 3), (c, 1)):
+        s.die_after = k
+    out = tmp_path / "out"
+    with pytest.raises(LayoutRetouchError) as err:
+        runner.run_protocol(str(vico), str(concepts), [s.url for s in three_standins], str(out), small_settings(),
+                            client=[fast_client(s.url, retries=1) for s in three_standins], progress=False)
+    msg = str(err.value)
+    assert "All 3 WebUIs stopped answering" in msg and "6 of 16 images are saved" in msg
+    assert "run the same command again to resume" in msg
+    assert len(pngs(out)) == 6 and not [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
+    fresh = StandIn()
+    try:
+        s = runner.run_protocol(str(vico), str(concepts), [fresh.url], str(out), small_settings(),
+                                client=[fast_client(fresh.url)], progress=False)
+    finally:
+        fresh.close()
+    assert (s.generated, s.skipped) == (10, 6) and len(fresh.served_keys) == 10

@@ -36,22 +36,72 @@ def test_glue_files_compile():
         py_compile.compile(os.path.join(ROOT, rel), doraise=True)
 
 
-def test_hints_file_is_generated_from_the_fields():
+def _gen_hints():
+    """tools/gen_hints.py as a module (it writes the hints file and the README's parameter table)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("gen_hints", os.path.join(ROOT, "tools", "gen_hints.py"))
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
+    return gen
+
+
+def test_hints_file_is_generated_from_the_fields():
+    gen = _gen_hints()
     with open(gen.JS_PATH, encoding="utf-8") as f:
         assert f.read() == gen.render(), "run tools/gen_hints.py"
     for field in FIELDS:
         assert field.hint in gen.render()
 
 
+def test_readme_parameter_table_is_generated_from_the_fields():
+    gen = _gen_hints()
+    with open(gen.README_PATH, encoding="utf-8") as f:
+        readme = f.read()
+    assert readme == gen.render_readme(readme), "the README's parameter table is stale: run tools/gen_hints.py"
+    table = gen.render_readme_table()
+    for field in FIELDS:
+        assert f"| `{field.name}` |" in table and field.hint in table
+    assert "Strictly between 0 and 1 (slider 0.01–0.99)." in table  # ca_threshold, from its one range
+
+
+def test_one_range_for_the_ca_threshold_everywhere():
+    """Validation, the mask code, the slider and the README say the same: strictly inside (0, 1)."""
+    from lib_layout_retouch.masks import cross_attention_mask
+    from lib_layout_retouch.params import FIELD_BY_NAME
+
+    f = FIELD_BY_NAME["ca_threshold"]
+    assert f.slider_range() == (0.01, 0.99)
+    for bad in (0.0, 1.0):
+        with pytest.raises(LayoutRetouchError, match="between 0 and 1 \\(exclusive\\)"):
+            LayoutRetouchParams(ca_threshold=bad).validate()
+        with pytest.raises(LayoutRetouchError, match="between 0 and 1 \\(exclusive\\)"):
+            cross_attention_mask(torch.rand(4, 4), bad)
+    LayoutRetouchParams(ca_threshold=0.999).validate()
+    cross_attention_mask(torch.rand(4, 4), 0.999)
+
+
+def test_axes_and_messages_come_from_the_parameter_table():
+    from lib_layout_retouch.schedule import Schedule
+
+    assert [a.field for a in axes.AXES] == [f.name for f in FIELDS if f.axis]
+    for a in axes.AXES:
+        assert a.label == "[L&R] " + next(f.axis for f in FIELDS if f.name == a.field)
+    with pytest.raises(LayoutRetouchError) as err:
+        Schedule(10, 10, 2, 5)
+    assert FIELD_BY_NAME_words("lambda1") in str(err.value)
+
+
+def FIELD_BY_NAME_words(name):
+    from lib_layout_retouch.params import FIELD_BY_NAME
+
+    return FIELD_BY_NAME[name].words()
+
+
 def test_axes_write_overrides_that_are_validated_like_api_values():
     p = SimpleNamespace()
     by_label = {a.label: a for a in axes.AXES}
-    by_label["[L&R] Lambda1"].field == "lambda1"
+    assert by_label["[L&R] Lambda1"].field == "lambda1"
     axes.axis_apply("lambda1")(p, 3, [3, 5])
     axes.axis_apply("enabled")(p, "True", ["True", "False"])
     params = axes.apply_overrides(LayoutRetouchParams(lambda1=5), getattr(p, axes.OVERRIDES_ATTR))
@@ -63,7 +113,7 @@ def test_axes_write_overrides_that_are_validated_like_api_values():
     with pytest.raises(KeyError):
         axes.set_override(p, "lambda9", 1)
     assert {a.field for a in axes.AXES} == {"enabled", "lambda1", "lambda2", "mask_start", "ca_threshold",
-                                            "vanilla_checkpoint", "sam_model"}
+                                            "vanilla_checkpoint", "sam_model", "layer_preset"}
 
 
 def chunk(tokens, fixes=()):
@@ -156,13 +206,65 @@ def test_model_kinds_that_are_not_supported_are_refused(tiny_ldm):
     from lib_layout_retouch.model import check_model_supported
 
     check_model_supported(tiny_ldm)  # SD1-architecture ε-prediction: fine
-    sdxl = SimpleNamespace(is_sdxl=True, apply_model=None)  # what A1111's SDXL model says of itself
-    with pytest.raises(LayoutRetouchError, match="not yet supported") as err:
-        check_model_supported(sdxl)
+    sd3 = SimpleNamespace(is_sd3=True, model=SimpleNamespace(diffusion_model=None))  # A1111's SD3 says is_sd3
+    with pytest.raises(LayoutRetouchError, match="SD3 models are not supported") as err:
+        check_model_supported(sd3)
     assert err.value.parameter == "sd_model"
+    with pytest.raises(LayoutRetouchError, match="no UNet this extension knows"):
+        check_model_supported(SimpleNamespace())  # e.g. Forge's model object: no model.diffusion_model
     tiny_ldm.parameterization = "v"
     try:
         with pytest.raises(LayoutRetouchError, match="v-prediction"):
             check_model_supported(tiny_ldm)
     finally:
         tiny_ldm.parameterization = "eps"
+
+
+def test_a_batch_with_another_prompt_writes_each_note_once():
+    """The glue's per-batch job (a style changed the prompt) must not share the request's notes:
+    the reference's notes ("... resized/cropped ...") would be written twice into LR notes."""
+    job = make_job()
+    assert job.notes, "the 64x64 job resizes the dog photo, which is noted"
+    batch = job.for_batch("a sks dog on the beach, oil painting", "")
+    assert batch.prompts.personalized.endswith("oil painting") and batch.notes is not job.notes
+    batch.add_note("only in the batch")
+    job.merge_notes(batch)
+    notes = job.infotext()["LR notes"].split("; ")
+    assert len(notes) == len(set(notes)), notes
+    assert "only in the batch" in notes and all(n in notes for n in batch.notes)
+
+
+def test_log_lines_keep_their_prefix_through_logging_and_are_not_doubled():
+    """The glue logs through `logging`; the host tests grep the WebUI's stdout for these exact lines."""
+    import io
+    import logging
+
+    from lib_layout_retouch import logs
+
+    stream, other = io.StringIO(), io.StringIO()
+    logger = logs.attach_console(other)
+    logs.attach_console(stream)  # a "Reload UI" re-import attaches again: one handler, not two
+    root = io.StringIO()
+    root_handler = logging.StreamHandler(root)
+    logging.getLogger().addHandler(root_handler)  # a WebUI that configured logging itself
+    try:
+        logger.info("stage 1: switched to personalized UNet at step 4")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+        logs.attach_console()
+    assert stream.getvalue() == "[Layout-and-Retouch] stage 1: switched to personalized UNet at step 4\n"
+    assert other.getvalue() == "" and root.getvalue() == ""  # no second copy anywhere
+
+
+def test_the_algorithm_the_code_cites_is_in_the_repository():
+    doc = os.path.join(ROOT, "docs", "ALGORITHM.md")
+    text = open(doc, encoding="utf-8").read()
+    for heading in ("direction of the step index", "The adaptive mask M", "Which layers", "What must hold"):
+        assert heading in text
+    for dirpath, _, files in os.walk(ROOT):
+        if any(part in dirpath for part in (".venv", ".git", "node_modules")):
+            continue
+        for name in files:
+            if name.endswith((".py", ".md")):
+                outside = "shared/" + "ALGORITHM"  # (spelled in two parts so this file does not match itself)
+                assert outside not in open(os.path.join(dirpath, name), encoding="utf-8").read(), name

@@ -71,6 +71,7 @@ NON_DEFAULT = dict(
     show_intermediates=True,
     layout_source="stage1",
     reset_reference=False,
+    layer_preset="light",
 )
 
 
@@ -80,7 +81,7 @@ def test_fields_are_the_dataclass_in_order_with_matching_defaults():
     assert NAMES == [
         "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token",
         "class_phrase", "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps",
-        "sam_model", "ca_threshold", "show_intermediates", "layout_source", "reset_reference",
+        "sam_model", "ca_threshold", "show_intermediates", "layout_source", "reset_reference", "layer_preset",
     ]
     defaults = LayoutRetouchParams()
     for f in FIELDS:
@@ -135,7 +136,7 @@ def test_shorter_positional_lists_and_nones_take_defaults():
 def test_too_many_positional_args():
     with pytest.raises(LayoutRetouchError) as e:
         LayoutRetouchParams.from_script_args([False] * (len(FIELDS) + 1))
-    assert "got 17 positional arguments but Layout-and-Retouch takes at most 16" in str(e.value)
+    assert "got 18 positional arguments but Layout-and-Retouch takes at most 17" in str(e.value)
     assert "enabled, reference_image, personalization" in str(e.value)
 
 
@@ -328,6 +329,7 @@ def test_infotext_exact():
         "LR CA threshold": "0.1",
         "LR layout source": "inversion",
         "LR reset reference": "True",
+        "LR layer preset": "standard",
         "LR steps used": "λ1=2, λ2=4, mask from step 13 of 20",
         "LR mask": "CA only",
         "LR reference": image_fingerprint(_photo()),

@@ -1,4 +1,4 @@
-"""Stage 2 end to end on the tiny model: ALGORITHM.md invariants and the pipeline's promises."""
+"""Stage 2 end to end on the tiny model: docs/ALGORITHM.md "What must hold" and the pipeline's promises."""
 import numpy as np
 import pytest
 import torch
@@ -101,11 +101,20 @@ def test_mask_is_built_from_layout_cross_attention(setup):
     assert np.isclose(res.ca_maps.numpy().max(axis=(1, 2)), 1).all()
 
 
+class WholeImageSegmenter:  # stands in for SAM: the whole image is the subject, so M = 1 everywhere
+    def segment(self, image, norm_map, ca_mask):
+        return np.ones(image.shape[:2], bool)
+
+
 def test_blending_changes_the_result_and_mask_one_is_no_blend(setup):
     never = Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=T + 1, scale=False)
     no_blend = run(setup, schedule=never)
     blended = run(setup)
     assert not torch.allclose(no_blend.latents, blended.latents, atol=1e-5)
+    # M = 1: z_t <- M*z_t + (1-M)*z_l keeps the target as it is, i.e. the same as never blending
+    ones = run(setup, segmenter=WholeImageSegmenter(), layout_images=np.zeros((2, 64, 64, 3), np.uint8))
+    assert ones.mask_kind == pl.MASK_SAM and bool((ones.masks == 1).all())
+    assert torch.allclose(ones.latents, no_blend.latents, atol=1e-6)
 
 
 def test_sam_mask_joins_the_mask(setup):
@@ -121,12 +130,28 @@ def test_sam_mask_joins_the_mask(setup):
     assert (res.masks[:, :, :32] >= 0.5).all()
 
 
-def test_layout_from_stage1_trajectory(setup):
+def test_layout_from_stage1_trajectory(setup, monkeypatch):
     model, conds, subject, ref, layouts = setup
     traj = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(T + 1)]
+    stepped = []  # (s, latent) of every DDIM step; the layout path's comes first in each retouch step
+    real_step = pl.ddim.denoise_step
+
+    def spy(schedule, x, eps, s):
+        stepped.append((s, x.clone()))
+        return real_step(schedule, x, eps, s)
+
+    monkeypatch.setattr(pl.ddim, "denoise_step", spy)
     res = run(setup, layout_trajectory=traj, keep_trajectories=True)
     assert res.unet_calls == 2 * T  # no layout inversion
-    # the layout path is re-set to the trajectory at every step
+    # the layout path is re-set to the trajectory at every step: step s starts from z_(s-1) of stage 1,
+    # never from the retouch's own previous layout latent
+    first = {}
+    for s, x in stepped:
+        first.setdefault(s, x)
+    assert sorted(first) == list(range(1, T + 1))
+    for s in range(1, T + 1):
+        assert torch.equal(first[s], traj[s - 1]), s
+    assert not torch.equal(res.trajectories[LAYOUT][0], traj[1])  # (the spy is needed: outputs are not inputs)
     with pytest.raises(ValueError):
         run(setup, layout_trajectory=traj[:-1])
 
@@ -196,7 +221,7 @@ def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result
     # bounded: a cache smaller than one step keeps nothing, and the run is still right
     tiny = pl.ReferenceAttentionCache(max_bytes=1000)
     again = run(setup, cache=inv, kv_cache=tiny, reference_key=("ref", "model"))
-    assert len(tiny) == 0 or tiny.nbytes() <= 1000
+    assert len(tiny) == 0 and tiny.nbytes() == 0
     assert torch.allclose(again.latents, first.latents, atol=1e-5)
     # room for about half the steps: those are reused, the others recomputed, same result
     half = pl.ReferenceAttentionCache(max_bytes=one_reference // 2)

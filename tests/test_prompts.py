@@ -162,3 +162,16 @@ def test_subject_positions_with_a_real_clip_tokenizer(tiny_clip_dir):
 )
 def test_guess_concept(prompt, known, expected):
     assert guess_concept(prompt, known) == expected
+
+
+def test_one_extra_network_rule_the_webuis():
+    """The glue strips tags with the library's rule, which is A1111's `<(\\w+):([^>]+)>`."""
+    import os
+
+    from lib_layout_retouch.prompts import EXTRA_NETWORK_TAG, strip_extra_networks
+
+    assert EXTRA_NETWORK_TAG.pattern == r"<(\w+):([^>]+)>"
+    assert strip_extra_networks("a sks dog <lora:dog:0.8> <hypernet:x:1>, <my-vase>") == "a sks dog  , <my-vase>"
+    glue = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "layout_retouch.py"),
+                encoding="utf-8").read()
+    assert "re.compile" not in glue and "strip_extra_networks(" in glue

@@ -96,7 +96,7 @@ def test_bounds_are_inclusive_where_allowed():
         ((10, -1, 2, 5), "lambda1", ["is -1", "between 0 and 9"]),
         ((10, 1, 11, 5), "lambda2", ["λ2 (the number of first retouch steps that copy the layout) is 11",
                                     "between 0 and 10"]),
-        ((10, 1, 2, 1), "mask_start", ["mask start (the first step that blends the subject mask) is 1",
+        ((10, 1, 2, 1), "mask_start", ["mask start (the first retouch step that blends the subject mask) is 1",
                                       "between 2 and 11", "11 turns blending off"]),
         ((10, 1, 2, 12), "mask_start", ["is 12", "between 2 and 11"]),
         ((1, 0, 0, 2), "steps", ["the number of sampling steps is 1", "at least 2"]),

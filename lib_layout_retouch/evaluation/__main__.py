@@ -29,6 +29,9 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
                         "the prompt-list line verbatim as DreamMatcher's code does. Both are in results.csv")
     g.add_argument("--dino-preprocess", default="dreammatcher", choices=["dreammatcher", "imagenet"],
                    help="DINO input: DreamMatcher's [-1,1] 256x256 (default) or the ImageNet-normalised 224 crop")
+    g.add_argument("--clip-resize", default="dreammatcher", choices=["dreammatcher", "antialias"],
+                   help="CLIP input resize: DreamMatcher's (bicubic, no antialiasing: the published numbers' "
+                        "arithmetic; default) or antialiased bicubic. results.md says which was used")
     g.add_argument("--centre", default="bbox", choices=["bbox", "centroid"],
                    help="subject centre: mask bounding-box centre (paper, default) or mask centroid")
     g.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (clamped to n/2 per concept)")
@@ -48,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="generate the sweep through the WebUI API (resumable), then score it")
     run.add_argument("--vico", required=True, help="ViCo folder: concept folders, imgs_source.txt, prompt lists")
     run.add_argument("--concepts", required=True, help="concept file (JSON): concept -> token, class, ...")
-    run.add_argument("--url", default="http://127.0.0.1:7860", help="WebUI started with --api")
+    run.add_argument("--url", action="append", default=None,
+                     help="WebUI started with --api (default http://127.0.0.1:7860); repeat it to spread the sweep "
+                          "over several WebUIs (each concept's checkpoint stays where it is loaded; a WebUI that "
+                          "stops answering hands its requests to the others)")
+    run.add_argument("--per-server", type=int, default=1,
+                     help="requests in flight on each WebUI at once (default 1)")
     run.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     run.add_argument("--n", type=int, default=8, help="images per (concept, prompt) and method (paper: 8)")
     run.add_argument("--prompts", type=int, default=None, help="use only the first K prompts of each list")
@@ -92,7 +100,8 @@ def _score(args, out_dir: str) -> int:
     collect_records(out_dir, getattr(args, "vico_override", None))  # a wrong --out fails before models load
     scorers = build_scorers(dino=args.dino, clip=args.clip, inception=args.inception, imagereward=args.imagereward,
                             sam=args.sam, sam_type=args.sam_type, device=args.device,
-                            dino_preprocess=args.dino_preprocess, random_models=args.random_models)
+                            dino_preprocess=args.dino_preprocess, clip_resize=args.clip_resize,
+                            random_models=args.random_models)
     options = ScoreOptions(tclip_mode=args.tclip_mode, centre_mode=args.centre, is_splits=args.is_splits,
                            heatmap_sigma=args.heatmap_sigma, paired=not args.unpaired)
     report = score_run(out_dir, scorers, options, vico_dir=getattr(args, "vico_override", None),
@@ -119,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                 lambda1=args.lambda1, lambda2=args.lambda2, mask_start=args.mask_start,
                 ca_threshold=args.ca_threshold, sam_model=args.sam_model, vanilla_checkpoint=args.vanilla_checkpoint,
                 on_marker=args.on_marker, keep_masks=not args.no_masks)
-            client = WebUIClient(args.url, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                                 auth=args.api_auth)
-            summary = run_protocol(args.vico, args.concepts, args.url, args.out, settings, client=client,
-                                   progress=not args.no_progress)
+            urls = args.url or ["http://127.0.0.1:7860"]
+            clients = [WebUIClient(u, timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                                   auth=args.api_auth) for u in urls]
+            summary = run_protocol(args.vico, args.concepts, urls, args.out, settings, client=clients,
+                                   progress=not args.no_progress, per_server=args.per_server)
             print(f"{summary.generated} image(s) generated, {summary.skipped} already there, {summary.total} in all "
                   f"({summary.out_dir}).")
             if args.no_score:

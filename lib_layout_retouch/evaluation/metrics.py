@@ -14,7 +14,11 @@ Prompt fidelity:
 ImageReward (paper App. B.3): mean score per (concept, prompt), same averaging; text as for T_CLIP.
 Inception Score (Salimans et al. 2016; paper Sec. 4.3):
     IS = exp( E_x KL( p(y|x) || p(y) ) ), p(y) the mean of p(y|x) over the set, computed per split and
-    averaged over splits (mean, std). Uniform p(y|x) -> IS = 1; one-hot predictions spread evenly
+    averaged over splits (mean, std). Split k of K covers images [k*N//K, (k+1)*N//K): OpenAI's
+    inception_score.py (Salimans et al.'s code), std over splits with ddof=0 as there. When N is not a
+    multiple of K the last splits are the larger ones (N=10, K=3: 3, 3, 4 images). torchmetrics
+    differs (torch.chunk: 4, 4, 2, a random shuffle, and the unbiased std), so the original code is
+    the reference here. Uniform p(y|x) -> IS = 1; one-hot predictions spread evenly
     over k classes -> IS = k.
 """
 from __future__ import annotations
@@ -74,7 +78,8 @@ def inception_score(probs, splits: int = DEFAULT_IS_SPLITS) -> tuple[float, floa
     """(mean, std) over splits of exp(mean_x KL(p(y|x) || p(y))).
 
     `probs` is (N, C), rows summing to 1. Splits are consecutive chunks in the given order (no
-    shuffling: the result is deterministic); `splits` is clamped by `effective_splits`.
+    shuffling: the result is deterministic), split k = rows [k*N//K, (k+1)*N//K) as in OpenAI's code;
+    `splits` is clamped by `effective_splits`.
     """
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[0] == 0:
@@ -83,7 +88,9 @@ def inception_score(probs, splits: int = DEFAULT_IS_SPLITS) -> tuple[float, floa
         raise ValueError("inception_score expects class probabilities (non-negative rows summing to 1)")
     k = effective_splits(p.shape[0], splits)
     scores = []
-    for part in np.array_split(p, k):
+    n = p.shape[0]
+    for i in range(k):
+        part = p[i * n // k:(i + 1) * n // k]
         py = part.mean(axis=0, keepdims=True)
         kl = (xlogy(part, part) - xlogy(part, np.broadcast_to(py, part.shape))).sum(axis=1)
         scores.append(math.exp(kl.mean()))

@@ -13,7 +13,11 @@ Image preprocessing follows DreamMatcher's released evaluation code (cvlab-kaist
 `evaluate.py`, `evaluation/{personalized,clip_eval,dino_eval}.py`), which the paper's protocol
 follows: every image (reference or generated) is squashed to 256x256 with bicubic resampling and
 scaled to [-1, 1]; CLIP then un-normalises to [0, 1], resizes to its input size (224) and applies
-CLIP's mean/std; DINO receives the [-1, 1] 256x256 tensor *as is* (torch.hub DINO, no ImageNet
+CLIP's mean/std. That resize is torchvision's `Resize` applied to a *tensor*; DreamMatcher pins
+torchvision 0.14.1, whose tensor resize does not antialias (plain bicubic interpolation, a = -0.75,
+align_corners=False, no clamping of float values). `ClipEmbedder(resize="dreammatcher")` (the
+default) does the same arithmetic; `resize="antialias"` is the antialiased bicubic resize of newer
+torchvision/PIL, which moves I_CLIP/T_CLIP by ~1e-2 per prompt on real images; DINO receives the [-1, 1] 256x256 tensor *as is* (torch.hub DINO, no ImageNet
 normalisation, position embeddings interpolated to 16x16 patches). That last point is unusual, so
 `DinoEmbedder(preprocess="imagenet")` offers the textbook DINO input as well (224 centre crop,
 ImageNet mean/std).
@@ -36,6 +40,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The CLIP input resize: "dreammatcher" = torchvision 0.14's tensor Resize (no antialiasing, what the
+# published numbers were made with), "antialias" = antialiased bicubic (newer torchvision, PIL).
+CLIP_RESIZES = ("dreammatcher", "antialias")
+DEFAULT_CLIP_RESIZE = "dreammatcher"
+CLIP_RESIZE_DESCRIPTIONS = {
+    "dreammatcher": "bicubic without antialiasing (DreamMatcher's evaluation: torchvision 0.14 tensor Resize)",
+    "antialias": "antialiased bicubic (newer torchvision / PIL; not the published protocol)",
+}
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -119,14 +131,26 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+def _check_choice(value: str, allowed: Sequence[str], what: str, parameter: str) -> None:
+    if value not in allowed:
+        raise LayoutRetouchError(f"Unknown {what} '{value}'; use one of {tuple(allowed)}.", parameter=parameter)
+
+
+def _place(model, device) -> tuple[torch.device, object]:
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    return device, model.eval().to(device)
+
+
 # -------------------------------------------------------------------------------------- embedders
 class ClipEmbedder:
     """CLIP image and text embeddings, L2-normalised (DreamMatcher's CLIPEvaluator arithmetic)."""
 
-    def __init__(self, model, tokenizer, device: str | torch.device | None = "cpu", batch_size: int = 16):
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.model = model.eval().to(self.device)
+    def __init__(self, model, tokenizer, device: str | torch.device | None = "cpu", batch_size: int = 16,
+                 resize: str = DEFAULT_CLIP_RESIZE):
+        _check_choice(resize, CLIP_RESIZES, "CLIP resize", "clip_resize")
+        self.device, self.model = _place(model, device)
         self.tokenizer = tokenizer
+        self.resize = resize
         self.batch_size = batch_size
         self.image_size = int(model.config.vision_config.image_size)
         self.max_length = int(getattr(model.config.text_config, "max_position_embeddings", 77))
@@ -135,7 +159,7 @@ class ClipEmbedder:
         x = (to_eval_tensor(images) + 1.0) / 2.0  # DreamMatcher: Normalize(mean=-1, std=2)
         # clip_preprocess.transforms[:2] = Resize(224, bicubic) + CenterCrop(224), then [4:] = Normalize
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                          antialias=True)
+                          antialias=self.resize == "antialias")
         return _normalize(_centre_crop(x, self.image_size), CLIP_MEAN, CLIP_STD)
 
     @torch.no_grad()
@@ -170,11 +194,8 @@ class DinoEmbedder:
 
     def __init__(self, model, device: str | torch.device | None = "cpu", preprocess: str = "dreammatcher",
                  batch_size: int = 16):
-        if preprocess not in self.PREPROCESS:
-            raise LayoutRetouchError(f"Unknown DINO preprocessing '{preprocess}'; use one of {self.PREPROCESS}.",
-                                     parameter="dino_preprocess")
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.model = model.eval().to(self.device)
+        _check_choice(preprocess, self.PREPROCESS, "DINO preprocessing", "dino_preprocess")
+        self.device, self.model = _place(model, device)
         self.preprocess_mode = preprocess
         self.batch_size = batch_size
         self.image_size = int(model.config.image_size)
@@ -232,7 +253,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source or os.path.exists(source)
 
 
-def load_clip(source: str = DEFAULT_CLIP, device: str | None = None) -> ClipEmbedder:
+def load_clip(source: str = DEFAULT_CLIP, device: str | None = None, resize: str = DEFAULT_CLIP_RESIZE) -> ClipEmbedder:
     """CLIP ViT-B/32 from a saved folder (`save_pretrained` of openai/clip-vit-base-patch32) or the HF cache."""
     source = os.path.expanduser(source)
     from transformers import CLIPModel, CLIPTokenizer
@@ -248,7 +269,7 @@ def load_clip(source: str = DEFAULT_CLIP, device: str | None = None) -> ClipEmbe
             "Pass --clip with a local folder holding openai/clip-vit-base-patch32 (config.json, weights, "
             "vocab.json, merges.txt), or fetch it once into the Hugging Face cache on a machine with internet.",
         ) from None
-    return ClipEmbedder(model, tokenizer, device=device)
+    return ClipEmbedder(model, tokenizer, device=device, resize=resize)
 
 
 def load_dino(source: str = DEFAULT_DINO, device: str | None = None, preprocess: str = "dreammatcher") -> DinoEmbedder:
@@ -378,7 +399,7 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike):
 
 
 def build_random_clip(tokenizer_folder: str | os.PathLike, seed: int = 0, image_size: int = 32,
-                      device: str = "cpu") -> ClipEmbedder:
+                      device: str = "cpu", resize: str = DEFAULT_CLIP_RESIZE) -> ClipEmbedder:
     """CLIP with the real architecture, tiny and random (hidden 32, 2 layers, patch 8)."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -392,7 +413,7 @@ def build_random_clip(tokenizer_folder: str | os.PathLike, seed: int = 0, image_
                            image_size=image_size, patch_size=8),
         projection_dim=16,
     )
-    return ClipEmbedder(CLIPModel(config), tokenizer, device=device)
+    return ClipEmbedder(CLIPModel(config), tokenizer, device=device, resize=resize)
 
 
 def build_random_dino(seed: int = 0, preprocess: str = "dreammatcher", device: str = "cpu") -> DinoEmbedder:

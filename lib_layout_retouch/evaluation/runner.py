@@ -35,6 +35,7 @@ import io
 import json
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -476,7 +477,7 @@ def _parse_info(reply: dict) -> dict:
 
 
 def _check_run_file(out_dir: str, settings: RunSettings, concepts: Sequence[ConceptSpec], vico_dir: str,
-                    url: str) -> None:
+                    urls: Sequence[str]) -> None:
     """Write run.json; refuse to mix images made with other generation settings into one folder."""
     path = os.path.join(out_dir, "run.json")
     current = settings.generation_key()
@@ -495,23 +496,117 @@ def _check_run_file(out_dir: str, settings: RunSettings, concepts: Sequence[Conc
                                      f"settings to resume, or another --out.", parameter="out")
         old_concepts = old.get("concepts", {})
     record = {
-        "vico": vico_dir, "url": url, "generation": current,
+        "vico": vico_dir, "url": urls[0], "urls": list(urls), "generation": current,
         "n": settings.n, "n_prompts": settings.n_prompts, "seed": settings.seed, "methods": list(settings.methods),
         "concepts": {**old_concepts, **{c.name: c.to_json() for c in concepts}},
     }
     _atomic_write(path, json.dumps(record, indent=2).encode("utf-8"))
 
 
-def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, settings: RunSettings | None = None,
-                 client: WebUIClient | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> RunSummary:
-    """Generate every missing image of the sweep. Raises LayoutRetouchError when the WebUI gives up,
-    after saving everything made so far (the message says how many, and that rerunning resumes)."""
+@dataclass
+class _Job:
+    index: int  # place in the sweep's order
+    spec: ConceptSpec
+    prompt_index: int
+    template: str
+    seed: int
+    method: str
+
+    def describe(self) -> str:
+        return f"{self.spec.name} / prompt {self.prompt_index} / seed {self.seed} / {self.method}"
+
+
+@dataclass
+class _Server:
+    client: WebUIClient
+    has_script: bool = True
+    loaded: str | None = None  # the checkpoint this run last sent it (None: not known)
+    alive: bool = True
+    served: int = 0
+    error: str = ""
+
+
+class Dispatcher:
+    """Hands the sweep's requests to the WebUIs, each concept's checkpoint kept where it is loaded.
+
+    A server first gets more of the checkpoint it was last sent; otherwise the earliest request whose
+    checkpoint no other live server holds (no two servers load the same weights while others wait);
+    only when every checkpoint left is held elsewhere does it help with one of those. Requests
+    without a checkpoint (Textual Inversion, LoRA) run on whatever is loaded. A request given back
+    (its server stopped answering) goes to the front of its queue. `take` waits while requests are in
+    flight elsewhere (one may come back) and returns None when nothing is left or the run stops.
+    """
+
+    def __init__(self, jobs: Sequence[_Job], servers: Sequence[_Server]):
+        self.queues: dict[str, list[_Job]] = {}
+        for job in jobs:
+            self.queues.setdefault(job.spec.checkpoint, []).append(job)
+        self.servers = list(servers)
+        self.in_flight = 0
+        self.stopped = False
+        self.cond = threading.Condition()
+
+    def pending(self) -> int:
+        with self.cond:
+            return sum(len(q) for q in self.queues.values())
+
+    def _pick(self, server: _Server) -> str | None:
+        ready = [k for k, q in self.queues.items() if q]
+        if not ready:
+            return None
+        if server.loaded is not None and server.loaded in ready:
+            return server.loaded
+        held = {s.loaded for s in self.servers if s is not server and s.alive and s.loaded}
+        free = [k for k in ready if k == "" or k not in held]
+        return min(free or ready, key=lambda k: self.queues[k][0].index)
+
+    def take(self, server: _Server, poll: float = 0.5) -> _Job | None:
+        with self.cond:
+            while not self.stopped and server.alive:
+                key = self._pick(server)
+                if key is not None:
+                    job = self.queues[key].pop(0)
+                    if key:
+                        server.loaded = key
+                    self.in_flight += 1
+                    return job
+                if self.in_flight == 0:
+                    return None
+                self.cond.wait(poll)
+            return None
+
+    def finish(self, job: _Job, done: bool) -> None:
+        with self.cond:
+            self.in_flight -= 1
+            if not done:
+                queue = self.queues.setdefault(job.spec.checkpoint, [])
+                queue.insert(0, job)
+                queue.sort(key=lambda j: j.index)
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
+def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], out_dir: str,
+                 settings: RunSettings | None = None, client: WebUIClient | Sequence[WebUIClient] | None = None,
+                 progress: bool = True, log: Callable[[str], None] | None = None, per_server: int = 1) -> RunSummary:
+    """Generate every missing image of the sweep on one or several WebUIs.
+
+    `url` (and `client`) may name several WebUIs: the requests are spread over them, `per_server` in
+    flight on each, each concept's checkpoint kept on the server that has it loaded (`Dispatcher`). A
+    server that stops answering (its retries spent) is dropped and its requests go to the others.
+    Raises LayoutRetouchError when no server is left or a reply shows a wrong setup, after saving
+    everything made so far (the message says how many, and that rerunning resumes)."""
     from tqdm import tqdm
 
     settings = settings or RunSettings()
     if settings.n < 1:
         raise LayoutRetouchError("--n must be at least 1.", parameter="n")
+    if per_server < 1:
+        raise LayoutRetouchError("--per-server must be at least 1.", parameter="per_server")
     for name in ("width", "height"):
         v = getattr(settings, name)
         if v < 8 or v % 8:
@@ -521,6 +616,12 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
     if bad or not settings.methods:
         raise LayoutRetouchError(f"Unknown method(s) {bad} in --methods; use some of {','.join(METHODS)}.",
                                  parameter="methods")
+    urls = [url] if isinstance(url, str) else list(url)
+    clients = [client] if isinstance(client, WebUIClient) else list(client or [])
+    if not clients:
+        clients = [WebUIClient(u) for u in urls]
+    if not clients or len({c.url for c in clients}) != len(clients):
+        raise LayoutRetouchError("Give each WebUI once (--url).", parameter="url")
     concepts = load_concepts(concepts_path, vico_dir)
     vico_dir = os.path.abspath(vico_dir)
     out_dir = os.path.abspath(out_dir)
@@ -528,9 +629,8 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise LayoutRetouchError(f"Cannot create output folder {out_dir} ({e}).", parameter="out") from None
-    client = client or WebUIClient(url)
 
-    jobs = []  # (spec, prompt index, template, seed, method): pairs of methods stay together
+    jobs: list[_Job] = []  # pairs of methods stay together
     for spec in concepts:
         prompts = read_prompts(vico_dir, spec.live, settings.prompt_set)
         if settings.n_prompts is not None:
@@ -538,72 +638,149 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str, out_dir: str, sett
         for pi, template in enumerate(prompts):
             for k in range(settings.n):
                 for method in settings.methods:
-                    jobs.append((spec, pi, template, settings.seed + k, method))
-    todo = [j for j in jobs if not image_done(image_path(out_dir, j[4], j[0].name, j[1], j[3]))]
+                    jobs.append(_Job(len(jobs), spec, pi, template, settings.seed + k, method))
+    todo = [j for j in jobs if not image_done(image_path(out_dir, j.method, j.spec.name, j.prompt_index, j.seed))]
     summary = RunSummary(out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo))
-    _check_run_file(out_dir, settings, concepts, vico_dir, url)
+    _check_run_file(out_dir, settings, concepts, vico_dir, [c.url for c in clients])
     say = log or (lambda msg: tqdm.write(msg))
     if not todo:
         return summary
     refs: dict[str, str] = {}  # every reference photo is checked before the first request
-    for spec in {j[0].name: j[0] for j in todo if j[4] == "on"}.values():
+    for spec in {j.spec.name: j.spec for j in todo if j.method == "on"}.values():
         refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
 
-    try:
-        titles = client.txt2img_scripts()
-    except WebUIError as e:
-        raise WebUIError(f"{e.args[0]}. Start the WebUI with --api, check --url, then run again. "
-                         f"{summary.skipped} of {summary.total} images already on disk.", transient=False) from None
-    has_script = titles is None or SCRIPT_TITLE.lower() in titles  # None: an old WebUI without /scripts
-    if not has_script:
-        if any(j[4] == "on" for j in todo):
-            raise LayoutRetouchError(f"The WebUI at {client.url} has no '{SCRIPT_TITLE}' txt2img script: install and "
-                                     f"enable the extension, restart the WebUI, run again.", parameter="url")
-        msg = f"note: the WebUI has no '{SCRIPT_TITLE}' script; 'off' requests are sent without it."
-        summary.warnings.append(msg)
-        say(msg)
+    servers = []
+    for c in clients:
+        try:
+            titles = c.txt2img_scripts()
+        except WebUIError as e:
+            if len(clients) == 1:
+                raise WebUIError(f"{e.args[0]}. Start the WebUI with --api, check --url, then run again. "
+                                 f"{summary.skipped} of {summary.total} images already on disk.",
+                                 transient=False) from None
+            say(f"note: {c.url} left out: {e.args[0]}")
+            summary.warnings.append(f"{c.url} left out: {e.args[0]}")
+            continue
+        has_script = titles is None or SCRIPT_TITLE.lower() in titles  # None: an old WebUI without /scripts
+        if not has_script:
+            if any(j.method == "on" for j in todo):
+                raise LayoutRetouchError(f"The WebUI at {c.url} has no '{SCRIPT_TITLE}' txt2img script: install and "
+                                         f"enable the extension, restart the WebUI, run again.", parameter="url")
+            msg = f"note: the WebUI at {c.url} has no '{SCRIPT_TITLE}' script; 'off' requests are sent without it."
+            summary.warnings.append(msg)
+            say(msg)
+        servers.append(_Server(c, has_script=has_script))
+    if not servers:
+        raise LayoutRetouchError(f"None of the WebUIs answered ({', '.join(c.url for c in clients)}): start them with "
+                                 f"--api, check --url, then run again.", parameter="url")
 
-    bar = tqdm(total=len(jobs), initial=summary.skipped, desc="txt2img", unit="img", disable=not progress)
-    try:
-        for spec, pi, template, seed, method in todo:
-            payload = build_payload(spec, template, seed, method, settings, refs.get(spec.name, ""),
-                                    include_script=has_script)
-            try:
-                reply = client.txt2img(payload)
-            except WebUIError as e:
+    dispatcher = Dispatcher(todo, servers)
+    lock = threading.Lock()  # summary, bar, `fatal`
+    fatal: list[Exception] = []
+    bar = tqdm(total=len(jobs), initial=summary.skipped, desc="txt2img", unit="img", disable=not progress,
+               dynamic_ncols=True)
+    bar.set_postfix_str(f"{len(servers)} WebUI(s)")
+
+    def saved() -> str:
+        return (f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the same "
+                f"command again to resume (or `score` to score what is there)")
+
+    def webui(server: _Server) -> str:
+        return "The WebUI" + (f" at {server.client.url}" if len(servers) > 1 else "")
+
+    def one(server: _Server, job: _Job) -> None:
+        spec = job.spec
+        payload = build_payload(spec, job.template, job.seed, job.method, settings, refs.get(spec.name, ""),
+                                include_script=server.has_script)
+        reply = server.client.txt2img(payload)
+        data = _decode_image(reply["images"][0])
+        info = _parse_info(reply)
+        infotexts = info.get("infotexts") or []
+        infotext = infotexts[0] if infotexts else str(info.get("raw", ""))
+        script_ran = None
+        if job.method == "on" and settings.on_marker:
+            script_ran = settings.on_marker.lower() in infotext.lower()
+            if not script_ran:
                 raise LayoutRetouchError(
-                    f"The WebUI failed on {spec.name} / prompt {pi} / seed {seed} / {method}: {e.args[0]}. "
-                    f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the "
-                    f"same command again to resume (or `score` to score what is there).", parameter="url") from None
-            data = _decode_image(reply["images"][0])
-            info = _parse_info(reply)
-            infotexts = info.get("infotexts") or []
-            infotext = infotexts[0] if infotexts else str(info.get("raw", ""))
-            script_ran = None
-            if method == "on" and settings.on_marker:
-                script_ran = settings.on_marker.lower() in infotext.lower()
-                if not script_ran:
-                    raise LayoutRetouchError(
-                        f"The WebUI answered {spec.name} / prompt {pi} / seed {seed} / on with an image whose infotext "
-                        f"has no '{settings.on_marker}': Layout-and-Retouch did not run (the WebUI hides script "
-                        f"errors; its console says why, e.g. a wrong vanilla_checkpoint). That image was not saved; "
-                        f"{summary.skipped + summary.generated} of {summary.total} are in {out_dir}. Fix the concept "
-                        f"file and run again (--on-marker '' turns this check off).", parameter="concepts")
-            path = image_path(out_dir, method, spec.name, pi, seed)
-            sidecar = {
-                "concept": spec.name, "method": method, "prompt_index": pi, "template": template,
-                "prompt": payload["prompt"], "seed": seed, "class": spec.class_phrase, "token": spec.token,
-                "subject": spec.subject, "folder": spec.folder, "info_seed": info.get("seed"),
-                "infotext": infotext, "script_ran": script_ran, "extra_images": max(0, len(reply["images"]) - 1),
-                "size": list(Image.open(io.BytesIO(data)).size),
-            }
-            _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8"))
-            mask = pipeline_mask(reply, payload)
-            if mask is not None:
-                _atomic_write(mask_path_for(path), mask)
-            _atomic_write(path, data)  # last: the image's presence is what "done" means
-            summary.generated += 1
-            bar.update(1)
+                    f"{webui(server)} answered {spec.name} / prompt {job.prompt_index} / seed {job.seed} / on with an "
+                    f"image whose infotext has no '{settings.on_marker}': Layout-and-Retouch did not run (the WebUI "
+                    f"hides script errors; its console says why, e.g. a wrong vanilla_checkpoint). That image was not "
+                    f"saved; {summary.skipped + summary.generated} of {summary.total} are in {out_dir}. Fix the concept "
+                    f"file and run again (--on-marker '' turns this check off).", parameter="concepts")
+        path = image_path(out_dir, job.method, spec.name, job.prompt_index, job.seed)
+        sidecar = {
+            "concept": spec.name, "method": job.method, "prompt_index": job.prompt_index, "template": job.template,
+            "prompt": payload["prompt"], "seed": job.seed, "class": spec.class_phrase, "token": spec.token,
+            "subject": spec.subject, "folder": spec.folder, "info_seed": info.get("seed"),
+            "infotext": infotext, "script_ran": script_ran, "extra_images": max(0, len(reply["images"]) - 1),
+            "size": list(Image.open(io.BytesIO(data)).size), "webui": server.client.url,
+        }
+        _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8"))
+        mask = pipeline_mask(reply, payload)
+        if mask is not None:
+            _atomic_write(mask_path_for(path), mask)
+        _atomic_write(path, data)  # last: the image's presence is what "done" means
+
+    def work(server: _Server) -> None:
+        while True:
+            job = dispatcher.take(server)
+            if job is None:
+                return
+            try:
+                one(server, job)
+            except WebUIError as e:
+                dispatcher.finish(job, done=False)
+                with lock:
+                    if not e.transient:  # a wrong request (4xx): every server would say the same
+                        fatal.append(LayoutRetouchError(
+                            f"{webui(server)} failed on {job.describe()}: {e.args[0]}. {saved()}.",
+                            parameter="url"))
+                        dispatcher.stop()
+                        return
+                    if server.alive:
+                        server.alive = False
+                        server.error = f"{server.client.url} failed on {job.describe()}: {e.args[0]}"
+                        left = sum(s.alive for s in servers)
+                        bar.set_postfix_str(f"{left} WebUI(s)")
+                        if left:
+                            say(f"{server.client.url} stopped answering ({e.args[0]}); its requests go to the other "
+                                f"{left} WebUI(s).")
+                with dispatcher.cond:
+                    dispatcher.cond.notify_all()
+                return
+            except BaseException as e:  # a wrong setup (no LR marker) or a bug: stop everything
+                dispatcher.finish(job, done=False)
+                with lock:
+                    fatal.append(e)
+                dispatcher.stop()
+                return
+            dispatcher.finish(job, done=True)
+            with lock:
+                server.served += 1
+                summary.generated += 1
+                bar.update(1)
+
+    threads = [threading.Thread(target=work, args=(srv,), name=f"txt2img {srv.client.url} #{i}", daemon=True)
+               for srv in servers for i in range(per_server)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        dispatcher.stop()  # requests in flight finish (or not); every file written is whole
+        raise
     finally:
         bar.close()
+    if fatal:
+        raise fatal[0]
+    left = dispatcher.pending()
+    if left:
+        errors = [s.error for s in servers if s.error]
+        if len(servers) == 1:
+            what = f"The WebUI failed on {errors[0].split(' failed on ', 1)[1]}" if errors else "The WebUI stopped"
+        else:
+            what = f"All {len(servers)} WebUIs stopped answering ({'; '.join(errors)})"
+        raise LayoutRetouchError(f"{what}. {saved()}.", parameter="url")
     return summary

@@ -337,11 +337,17 @@ def describe(report: ScoreReport, scorers: Scorers) -> list[str]:
     lines.append("I_DINO / I_CLIP: mean cosine over all (reference photo, generated image) pairs per prompt, averaged "
                  "over prompts, then concepts (DreamMatcher's evaluate.py); images squashed to 256x256 first"
                  + (f"; DINO input: {scorers.dino.preprocess_mode}" if scorers.dino is not None else "") + ".")
+    if scorers.clip is not None:
+        from .models import CLIP_RESIZE_DESCRIPTIONS
+
+        resize = getattr(scorers.clip, "resize", None)
+        lines.append(f"CLIP input resize ({resize}): {CLIP_RESIZE_DESCRIPTIONS.get(resize, 'custom embedder')}"
+                     f" (--clip-resize).")
     if scorers.image_reward is not None:
         lines.append("ImageReward: mean score per prompt (text as T_CLIP), same averaging.")
     if scorers.inception is not None:
         lines.append(f"IS: torchvision Inception-v3 softmax, per concept over all its images, mean over min({o.is_splits}"
-                     f", n/2) splits (fewest used: {min((r['IS_splits'] for r in rows), default=0)}), averaged over "
+                     f", n/2) consecutive splits, split k = images [k·n/K, (k+1)·n/K) as OpenAI's inception_score.py (fewest used: {min((r['IS_splits'] for r in rows), default=0)}), averaged over "
                      f"concepts.")
     lines.append(f"σ²_avg: (Var x + Var y)/2 of subject centre points ({'bounding-box centre' if o.centre_mode == 'bbox' else 'mask centroid'}, "
                  f"normalised to [0,1]²) per concept, averaged over concepts; heat maps in heatmaps/ "
@@ -377,7 +383,7 @@ def write_reports(report: ScoreReport, out_dir: str, scorers: Scorers) -> dict:
 
 def build_scorers(dino: str = "default", clip: str = "default", inception: str = "default",
                   imagereward: str = "auto", sam: str = "", sam_type: str | None = None, device: str | None = None,
-                  dino_preprocess: str = "dreammatcher", random_models: bool = False,
+                  dino_preprocess: str = "dreammatcher", clip_resize: str = "dreammatcher", random_models: bool = False,
                   scratch_dir: str | None = None) -> Scorers:
     """Load what the options name. "none" skips a metric (n/a); "default" uses the library cache;
     `random_models` builds tiny random networks instead (plumbing checks only)."""
@@ -389,14 +395,15 @@ def build_scorers(dino: str = "default", clip: str = "default", inception: str =
 
         tok_dir = os.path.join(scratch_dir or tempfile.mkdtemp(prefix="lr_eval_"), "tiny_clip_tokenizer")
         if clip != "none":
-            s.clip = models.build_random_clip(tok_dir, device=device or "cpu")
+            s.clip = models.build_random_clip(tok_dir, device=device or "cpu", resize=clip_resize)
         if dino != "none":
             s.dino = models.build_random_dino(preprocess=dino_preprocess, device=device or "cpu")
         if inception != "none":
             s.inception = models.build_random_inception(device=device or "cpu")
     else:
         if clip != "none":
-            s.clip = models.load_clip(models.DEFAULT_CLIP if clip == "default" else clip, device=device)
+            s.clip = models.load_clip(models.DEFAULT_CLIP if clip == "default" else clip, device=device,
+                                      resize=clip_resize)
         if dino != "none":
             s.dino = models.load_dino(models.DEFAULT_DINO if dino == "default" else dino, device=device,
                                       preprocess=dino_preprocess)

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 import requests
 
@@ -149,8 +150,10 @@ def _build_models(webui_dir: str, python: str) -> dict:
     """Build (or reuse) the tiny models with the WebUI's own Python and ldm, so the keys match."""
     cache = _models_cache_dir()
     if not os.path.exists(os.path.join(cache, TC.MARKER)):
+        repos = os.path.join(webui_dir, "repositories")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   PYTHONPATH=os.path.join(webui_dir, "repositories", "stable-diffusion-stability-ai"))
+                   PYTHONPATH=os.pathsep.join([os.path.join(repos, "stable-diffusion-stability-ai"),
+                                               os.path.join(repos, "generative-models")]))
         tmp = cache + ".tmp-%d" % os.getpid()
         shutil.rmtree(tmp, ignore_errors=True)
         r = subprocess.run([python, os.path.join(HERE, "tiny_checkpoints.py"), tmp], env=env,
@@ -210,14 +213,23 @@ def _die_with_parent() -> None:
         pass
 
 
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
     built = _build_models(webui_dir, python)
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
     os.symlink(REPO_ROOT, os.path.join(data_dir, "extensions", EXTENSION_NAME))
-    # Checkpoints are copied per session (a test moves one away and back); CLIP folders stay cached.
+    # Checkpoints are copied per session (a test moves one away and overwrites its name, then puts it
+    # back: a hard link is enough, the cached file is never written); CLIP folders stay cached.
     ckpt_dir = os.path.join(tmp, "Stable-diffusion")
-    shutil.copytree(built["ckpt_dir"], ckpt_dir)
+    shutil.copytree(built["ckpt_dir"], ckpt_dir, copy_function=_link_or_copy)
     sam_dir = os.path.join(data_dir, "models", "sam")
     os.makedirs(sam_dir)
     with open(os.path.join(sam_dir, SAM_CORRUPT), "wb") as f:
@@ -225,8 +237,10 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
     with open(os.path.join(sam_dir, SAM_MISSING), "wb") as f:
         f.write(b"deleted by the test before it is used")
     # No cond cache across requests: a bit-identity test must see a text encoder left patched.
+    # Live previews stay on (a test checks the retouch's preview) but with "Approx cheap": with an
+    # SDXL model the default "Approx NN" downloads vaeapprox-sdxl.pt (fails offline); cheap needs no file.
     with open(os.path.join(data_dir, "config.json"), "w", encoding="utf-8") as f:
-        f.write('{"persistent_cond_cache": false}')
+        f.write('{"persistent_cond_cache": false, "show_progress_type": "Approx cheap"}')
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data_dir, "webui.log")
@@ -392,6 +406,7 @@ def lr_defaults(webui, reference_b64) -> dict:
         "show_intermediates": False,
         "layout_source": "inversion",
         "reset_reference": True,
+        "layer_preset": "standard",
     }
 
 
@@ -405,7 +420,34 @@ def lr(lr_defaults):
     return make
 
 
+@pytest.fixture(scope="module")
+def sdxl_model(webui, plain_before):
+    """The tiny SDXL model loaded for one test module, the SD1 tiny-personal again afterwards.
+
+    Checks that the switch really happened: the options report the SDXL title, a plain generation
+    says `Model: tiny-xl-personal`, and the SDXL embedding (`clip_l` 32 + `clip_g` 256 = 288 wide) is
+    loaded while the SD1 one (32 wide) is skipped — only an SDXL conditioner expects 288. Afterwards:
+    the SD1 model is back and a plain generation is bit-identical to the session's SD1 baseline."""
+    title = H.set_checkpoint(webui.url, webui.title(TC.XL_PERSONAL))
+    try:
+        r = H.txt2img(webui.url, H.plain_body("sdxl switch check", steps=2))
+        assert r.ok and H.parse_infotext(r.infotexts[0]).get("Model") == TC.XL_PERSONAL, r.describe()
+        emb = H.get(webui.url, "/sdapi/v1/embeddings")
+        assert emb["loaded"].get(TC.XL_EMBEDDING, {}).get("shape") == 32 + 256, \
+            f"the SDXL embedding is not loaded at width 288: the model is not SDXL? {emb}"
+        assert TC.EMBEDDING in emb["skipped"], emb
+        yield title
+    finally:
+        H.set_checkpoint(webui.url, webui.title(TC.PERSONAL))
+        back = H.txt2img(webui.url, H.plain_body())
+        assert H.parse_infotext(back.infotexts[0]).get("Model") == TC.PERSONAL, back.describe()
+        assert np.array_equal(back.image, plain_before.image), \
+            "after the SDXL module, the SD1 plain image differs from the session's baseline"
+        assert back.infotexts[0] == plain_before.infotexts[0]
+
+
 def pytest_collection_modifyitems(config, items):
-    # Run the plain-WebUI checks first (they take the baseline), the memory soak last.
-    order = {"test_host_webui.py": 0, "test_host_memory.py": 9}
+    # Run the plain-WebUI checks first (they take the baseline), the SDXL module after the SD1 ones
+    # (one model switch there and back), the memory soak last.
+    order = {"test_host_webui.py": 0, "test_host_sdxl.py": 7, "test_host_memory.py": 9}
     items.sort(key=lambda it: order.get(os.path.basename(str(it.fspath)), 5))

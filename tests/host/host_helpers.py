@@ -21,7 +21,7 @@ LOG_PREFIX = "[Layout-and-Retouch]"
 ARG_ORDER = (
     "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
     "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps", "sam_model", "ca_threshold",
-    "show_intermediates", "layout_source", "reset_reference",
+    "show_intermediates", "layout_source", "reset_reference", "layer_preset",
 )
 SIZE = 64
 STEPS = 8
@@ -245,3 +245,13 @@ def log_refusal_lines(text: str) -> list[str]:
 
 TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Error completing request", "Arguments: (",
                      "API error:")
+
+
+def set_checkpoint(url: str, title: str, timeout: float = 900) -> str:
+    """Load a checkpoint as the WebUI's model (POST /sdapi/v1/options) and check that it took.
+    Returns the title the options report (with the short hash, computed at load)."""
+    r = requests.post(url + "/sdapi/v1/options", json={"sd_model_checkpoint": title}, timeout=timeout)
+    assert r.status_code == 200, f"setting sd_model_checkpoint={title!r}: HTTP {r.status_code} {r.text[:800]}"
+    got = get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
+    assert got.split(" [")[0] == title.split(" [")[0], f"sd_model_checkpoint is {got!r} after setting {title!r}"
+    return got
