@@ -1,5 +1,5 @@
 """The attention engine: per-instance wrappers on the UNet's attention modules, and the retouch
-editor that runs the multi-source attention swap and the mask blend (paper §3.3, ALGORITHM.md).
+editor that runs the multi-source attention swap and the mask blend (paper §3.3, docs/ALGORITHM.md).
 
 Design (after MasaCtrl's AttentionBase and diffusers' attention processors): one callable, the
 *editor*, is called by every wrapped module with the module's name; the editor decides per step and

@@ -27,7 +27,7 @@ def attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 @dataclass(frozen=True)
 class LayerTable:
-    """The layer sets of ALGORITHM.md for one UNet architecture."""
+    """The layer sets of docs/ALGORITHM.md for one UNet architecture."""
 
     name: str
     reference_layers: tuple[str, ...]   # attn1 that take the reference path's K, V when s > λ2
@@ -67,7 +67,7 @@ DEFAULT_PRESET = "standard"
 # SD1.x (and SD2.x, same block layout). Reference layers: decoder transformer blocks 10–15 of 16
 # (MasaCtrl start_layer=10, DreamMatcher initial_layer=10) = output_blocks.6–11, the 32×32 and
 # 64×64 levels at 512². Mask: the 16×16 cross-attentions (latent/4). We blend in the same layers
-# that receive the reference (ALGORITHM.md leaves the blend layers open; the blend exists to
+# that receive the reference (docs/ALGORITHM.md leaves the blend layers open; the blend exists to
 # protect the layout where the reference K/V would repaint it). Light: the 64×64 level only.
 SD1 = LayerTable(
     name="sd1",

@@ -9,7 +9,7 @@
     I_t ← Decode(z_t)
 
 Fast paths that change no result: while s ≤ λ2 and the layout is copied into every layer the target
-equals the layout path exactly (ALGORITHM.md invariant), so the target rows are not computed and
+equals the layout path exactly (docs/ALGORITHM.md invariant), so the target rows are not computed and
 z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
 """
 from __future__ import annotations
@@ -207,7 +207,7 @@ def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "", *,
     # The target path attends with y_r's tokens but takes the layout path's `vector` (pooled y_p and
     # the generation's size terms). The vector is no attention: it reaches every ResBlock through
     # the time embedding, and the retouch edits attention only — with y_r's vector the target would
-    # leave the layout even while every attention layer copies it (ALGORITHM.md: z_t = z_o for s ≤ λ2).
+    # leave the layout even while every attention layer copies it (docs/ALGORITHM.md: z_t = z_o for s ≤ λ2).
     target = C.with_tokens_of(layout, C.rows(at_gen, slice(0, 1)))
     return RetouchConds(reference=model.conditioning([prompts.reference], ref), layout=layout,
                         uncond=negative(negative_prompt, gen), target=target,
@@ -220,7 +220,7 @@ def invert_latents(model: LdmModel, z0: torch.Tensor, ddim_schedule: ddim.DDIMSc
                    progress: Optional[ProgressFn] = None, phase: str = "inversion",
                    should_stop: Optional[Callable[[], bool]] = None,
                    counter: Optional[list] = None, empty: Optional[C.Cond] = None) -> list[torch.Tensor]:
-    """DDIM inversion with the empty prompt and no CFG (ALGORITHM.md). `counter` ([calls, rows])
+    """DDIM inversion with the empty prompt and no CFG (docs/ALGORITHM.md). `counter` ([calls, rows])
     is incremented per UNet call. `empty`: the empty prompt's conditioning (SDXL: with the image's
     size terms); default `model.conditioning([""])`."""
     if empty is None:

@@ -1,4 +1,4 @@
-"""Stage 1 — layout generation by step-blended denoising (paper §3.2, ALGORITHM.md).
+"""Stage 1 — layout generation by step-blended denoising (paper §3.2, docs/ALGORITHM.md).
 
 The first λ1 steps use the vanilla denoiser ε with y_p⁻ so the vanilla model places the subject
 freely; the remaining steps use the personalized ε* with y_p so the subject already looks like
