@@ -175,16 +175,9 @@ def _sdxl_unet(cfg: dict) -> torch.nn.Module:
                          channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
                          use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
                          spatial_transformer_attn_type="softmax", legacy=False)
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from tests.tiny_sdxl import sdxl_like_unet_config
+    from tests.tiny_sdxl import ldm_sdxl_unet
 
-    config, adm = sdxl_like_unet_config()
-    unet = UNetModel(**config)
-    ted = unet.model_channels * 4
-    unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
-        torch.nn.Linear(adm, ted), torch.nn.SiLU(), torch.nn.Linear(ted, ted)))
-    unet.num_classes = "sequential"
-    return unet
+    return ldm_sdxl_unet()
 
 
 def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
@@ -199,17 +192,20 @@ def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
     model = TinySdxlLike(unet, vae, conditioner=torch.nn.Module())
     if cfg["unet"] == "sgm-base":
         model.model.depth = None  # sgm's SpatialTransformer takes one context tensor
-    reinit_zero_weights(model, torch.Generator().manual_seed(seed))
-    tame_output(model.model.diffusion_model)
-    model.eval().requires_grad_(False)
+    _randomized(model, model.model.diffusion_model, seed)
     vanilla_unet = None
     if vanilla:
         torch.manual_seed(seed + 1)
         vanilla_unet = _sdxl_unet(cfg)
-        reinit_zero_weights(vanilla_unet, torch.Generator().manual_seed(seed + 1))
-        tame_output(vanilla_unet)
-        vanilla_unet.eval().requires_grad_(False)
+        _randomized(vanilla_unet, vanilla_unet, seed + 1)
     return model, vanilla_unet
+
+
+def _randomized(module: torch.nn.Module, unet: torch.nn.Module, seed: int) -> None:
+    """Re-draw ldm's zero-initialised weights, tame the UNet's output conv, eval mode, no grad."""
+    reinit_zero_weights(module, torch.Generator().manual_seed(seed))
+    tame_output(unet)
+    module.eval().requires_grad_(False)
 
 
 def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool = True):
@@ -225,16 +221,12 @@ def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool =
     with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
         torch.manual_seed(seed)
         ldm = instantiate_from_config(OmegaConf.create(cfg))
-        reinit_zero_weights(ldm, torch.Generator().manual_seed(seed))
-        tame_output(ldm.model.diffusion_model)
-        ldm.eval().requires_grad_(False)
+        _randomized(ldm, ldm.model.diffusion_model, seed)
         vanilla_unet = None
         if vanilla:
             torch.manual_seed(seed + 1)
             vanilla_unet = instantiate_from_config(OmegaConf.create(cfg["params"]["unet_config"]))
-            reinit_zero_weights(vanilla_unet, torch.Generator().manual_seed(seed + 1))
-            tame_output(vanilla_unet)
-            vanilla_unet.eval().requires_grad_(False)
+            _randomized(vanilla_unet, vanilla_unet, seed + 1)
     return ldm, vanilla_unet
 
 

@@ -153,19 +153,26 @@ def _legacy_alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
-def build_ldm_sdxl(clip_root: str, seed: int = 0, unet_config: tuple | None = None) -> TinySdxlLike:
-    from ldm.models.autoencoder import AutoencoderKL
+def ldm_sdxl_unet() -> torch.nn.Module:
+    """ldm's UNetModel in SDXL configuration, with sgm's `label_emb` (the vector's input)."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    clip_l = make_tiny_clip_folder(os.path.join(clip_root, "clip-l"), hidden=CLIP_L_WIDTH, seed=11)
-    clip_g = make_tiny_clip_folder(os.path.join(clip_root, "clip-g"), hidden=CLIP_G_WIDTH, seed=12)
-    torch.manual_seed(seed)
-    config, adm = unet_config or sdxl_like_unet_config()
+    config, adm = sdxl_like_unet_config()
     unet = UNetModel(**config)
     ted = unet.model_channels * 4
     unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
         torch.nn.Linear(adm, ted), torch.nn.SiLU(), torch.nn.Linear(ted, ted)))
     unet.num_classes = "sequential"
+    return unet
+
+
+def build_ldm_sdxl(clip_root: str, seed: int = 0) -> TinySdxlLike:
+    from ldm.models.autoencoder import AutoencoderKL
+
+    clip_l = make_tiny_clip_folder(os.path.join(clip_root, "clip-l"), hidden=CLIP_L_WIDTH, seed=11)
+    clip_g = make_tiny_clip_folder(os.path.join(clip_root, "clip-g"), hidden=CLIP_G_WIDTH, seed=12)
+    torch.manual_seed(seed)
+    unet = ldm_sdxl_unet()
     vae = AutoencoderKL(ddconfig=dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
                                       ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
                         lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
