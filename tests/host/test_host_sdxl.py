@@ -38,26 +38,9 @@ def xl_plain_before(webui, sdxl_model):
 
 
 @pytest.fixture(scope="module")
-def xl_defaults(webui, sdxl_model, reference_b64) -> dict:
-    return {
-        "enabled": True,
-        "reference_image": reference_b64,
-        "personalization": "dreambooth",
-        "vanilla_checkpoint": webui.title(TC.XL_VANILLA),
-        "concept_token": "sks",
-        "class_phrase": "dog",
-        "reference_prompt": "a photo of sks dog",
-        "lambda1": 2,
-        "lambda2": 3,
-        "mask_start": 6,
-        "scale_with_steps": False,
-        "sam_model": "none",
-        "ca_threshold": 0.1,
-        "show_intermediates": False,
-        "layout_source": "inversion",
-        "reset_reference": True,
-        "layer_preset": "standard",
-    }
+def xl_defaults(webui, sdxl_model, lr_defaults) -> dict:
+    """The SD1 defaults (conftest `lr_defaults`) with the SDXL vanilla checkpoint."""
+    return dict(lr_defaults, vanilla_checkpoint=webui.title(TC.XL_VANILLA))
 
 
 @pytest.fixture
