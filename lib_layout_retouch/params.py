@@ -27,6 +27,7 @@ from .schedule import PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, PAPER_STEP
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
 LAYOUT_SOURCES = ("inversion", "stage1")
+STAGE1_TEXT_ENCODERS = ("vanilla", "loaded")
 NO_SAM = "none"
 INFOTEXT_PREFIX = "LR "
 
@@ -170,6 +171,11 @@ FIELDS: tuple[Field, ...] = (
           "output_blocks.3–5), for when the reference's pose or background bleeds in.", "LR layer preset",
           choices=PRESETS, choice_labels=("Standard (paper)", "Light"),
           axis="Layer preset", axis_choices="layer_presets"),
+    Field("stage1_text_encoder", "vanilla", "choice", "Stage-1 text encoder (DreamBooth)",
+          "Which text encoder reads the vanilla steps' prompt y_p⁻ in DreamBooth mode: the vanilla "
+          "checkpoint's own (what the vanilla UNet understands; DreamBooth often fine-tunes the text "
+          "encoder too), or the loaded personalized model's.", "LR stage-1 text encoder",
+          choices=STAGE1_TEXT_ENCODERS, choice_labels=("Vanilla checkpoint's", "Loaded model's")),
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 CA_THRESHOLD_FIX = "try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)"
@@ -288,6 +294,7 @@ class LayoutRetouchParams:
     layout_source: str = "inversion"
     reset_reference: bool = True
     layer_preset: str = DEFAULT_PRESET
+    stage1_text_encoder: str = "vanilla"
 
     def __post_init__(self) -> None:
         # Coerce on construction, so every instance holds typed values (types only; `validate`
@@ -404,8 +411,8 @@ class LayoutRetouchParams:
             value = getattr(self, f.name)
             if f.kind == "str" and value == "":
                 continue
-            if f.name == "vanilla_checkpoint" and self.personalization != "dreambooth":
-                continue  # hidden and unused for Textual Inversion / LoRA: not part of the record
+            if f.name in ("vanilla_checkpoint", "stage1_text_encoder") and self.personalization != "dreambooth":
+                continue  # DreamBooth-only and unused for Textual Inversion / LoRA: not part of the record
             info[f.infotext_key] = _format_infotext(f, value)
         info["LR steps used"] = self.schedule(steps).describe()
         if mask_kind:

@@ -11,8 +11,8 @@ from typing import Iterable, Optional
 from .params import FIELDS, FIELD_BY_NAME
 
 # Folded into the "Advanced" accordion; everything else is what a first-time user needs.
-# (`layer_preset` belongs here when that field exists.)
-ADVANCED = ("reference_prompt", "sam_model", "ca_threshold", "layout_source", "reset_reference", "layer_preset")
+ADVANCED = ("reference_prompt", "sam_model", "ca_threshold", "layout_source", "reset_reference", "layer_preset",
+            "stage1_text_encoder")
 
 ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"

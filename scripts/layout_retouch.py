@@ -28,7 +28,7 @@ if _EXT_ROOT not in sys.path:
 from modules import devices, scripts, script_callbacks, sd_models, shared  # noqa: E402
 from modules.processing import StableDiffusionProcessingTxt2Img  # noqa: E402
 
-from lib_layout_retouch import axes, job as lr_job, logs, pipeline, ui_text  # noqa: E402
+from lib_layout_retouch import axes, job as lr_job, logs, pipeline, text_encoders, ui_text  # noqa: E402
 from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError  # noqa: E402
 from lib_layout_retouch.model import LdmModel, check_model_supported, unet_family  # noqa: E402
@@ -123,8 +123,12 @@ class VanillaUNets:
         self._lock = threading.Lock()
         self.loads = 0
 
+    @staticmethod
+    def _dtype(like) -> torch.dtype:
+        return next(like.parameters()).dtype
+
     def get(self, info, personal_unet: torch.nn.Module) -> torch.nn.Module:
-        key = (info.filename, os.path.getmtime(info.filename), next(personal_unet.parameters()).dtype)
+        key = (info.filename, os.path.getmtime(info.filename), self._dtype(personal_unet))
         with self._lock:
             unet = self._items.get(key)
             if unet is None:
@@ -174,6 +178,41 @@ class VanillaUNets:
 
 
 VANILLA_UNETS = VanillaUNets()
+
+
+def text_encoder_slots(sd_model) -> list:
+    """Where the loaded model keeps its text transformers, and where a checkpoint keeps their weights:
+    (holder, attribute, key prefix). The WebUI's encoder objects wrap the original (`.wrapped`)."""
+    def inner(e):
+        return getattr(e, "wrapped", e)
+    if getattr(sd_model, "is_sdxl", False):
+        embedders = list(sd_model.conditioner.embedders)
+        slots = [(inner(embedders[0]), "transformer", "conditioner.embedders.0.transformer."),
+                 (inner(embedders[1]), "model", "conditioner.embedders.1.model.")]
+    else:
+        encoder = inner(sd_model.cond_stage_model)
+        attr = "transformer" if hasattr(encoder, "transformer") else "model"  # SD1 CLIP / SD2 OpenCLIP
+        slots = [(encoder, attr, f"cond_stage_model.{attr}.")]
+    return [s for s in slots if isinstance(getattr(s[0], s[1], None), torch.nn.Module)]
+
+
+class VanillaTextEncoders(VanillaUNets):
+    """Bounded cache of the vanilla checkpoints' text transformers (copies of the loaded model's
+    with the vanilla weights), for stage 1's y_p⁻ in DreamBooth mode."""
+
+    @staticmethod
+    def _dtype(slots) -> torch.dtype:
+        holder, attr, _ = slots[0]
+        return next(getattr(holder, attr).parameters()).dtype
+
+    @staticmethod
+    def _load(info, slots):
+        log(f"loading the vanilla text encoder from {os.path.basename(info.filename)}")
+        state = sd_models.read_state_dict(info.filename, map_location="cpu")
+        return [text_encoders.copy_with_weights(getattr(h, a), state, prefix, info.title) for h, a, prefix in slots]
+
+
+VANILLA_TEXT_ENCODERS = VanillaTextEncoders()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,19 +431,37 @@ def begin_stage1(p, run) -> None:
     if lora_off and not nets:
         raise LayoutRetouchError("personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
                                  "to the prompt", parameter="personalization")
-    # y_p⁻ for the vanilla steps (text encoder without the LoRA).
+    # y_p⁻ for the vanilla steps: DreamBooth through the vanilla checkpoint's text encoder (unless asked
+    # otherwise), LoRA with the network off in the text encoder.
+    slots, vanilla_te = [], []
+    if kind == "dreambooth" and run.params.stage1_text_encoder == "vanilla":
+        slots = text_encoder_slots(model)
+        if slots:
+            vanilla_te = VANILLA_TEXT_ENCODERS.get(info, slots)
+        else:
+            run.job.add_note("no vanilla text encoder for this model kind: stage 1 used the loaded model's")
     saved_te = [(n, n.te_multiplier) for n in nets]
+    lowvram = getattr(model, "lowvram", False)
     try:
         for n in nets:
             n.te_multiplier = 0
         from modules.prompt_parser import SdConditioning
 
-        with devices.autocast():  # SdConditioning: SDXL's size terms are the generation's, as the WebUI's own
+        if lowvram:  # the WebUI's hooks move only its own modules
+            for m in vanilla_te:
+                m.to(devices.device)
+        with text_encoders.swapped(slots, vanilla_te), devices.autocast():
+            # SdConditioning: SDXL's size terms are the generation's, as the WebUI's own
             run.layout_cond = model.get_learned_conditioning(
                 SdConditioning([run.job.prompts.layout], width=p.width, height=p.height))
+        if vanilla_te:
+            log("stage 1: y_p⁻ encoded with the vanilla checkpoint's text encoder")
     finally:
         for n, m in saved_te:
             n.te_multiplier = m
+        if lowvram:
+            for m in vanilla_te:
+                m.to(devices.cpu)
     if lora_off:
         run.lora_saved = [(n, n.unet_multiplier) for n in nets]
         for n in nets:

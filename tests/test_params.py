@@ -72,6 +72,7 @@ NON_DEFAULT = dict(
     layout_source="stage1",
     reset_reference=False,
     layer_preset="light",
+    stage1_text_encoder="loaded",
 )
 
 
@@ -82,6 +83,7 @@ def test_fields_are_the_dataclass_in_order_with_matching_defaults():
         "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token",
         "class_phrase", "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps",
         "sam_model", "ca_threshold", "show_intermediates", "layout_source", "reset_reference", "layer_preset",
+        "stage1_text_encoder",
     ]
     defaults = LayoutRetouchParams()
     for f in FIELDS:
@@ -136,7 +138,7 @@ def test_shorter_positional_lists_and_nones_take_defaults():
 def test_too_many_positional_args():
     with pytest.raises(LayoutRetouchError) as e:
         LayoutRetouchParams.from_script_args([False] * (len(FIELDS) + 1))
-    assert "got 18 positional arguments but Layout-and-Retouch takes at most 17" in str(e.value)
+    assert "got 19 positional arguments but Layout-and-Retouch takes at most 18" in str(e.value)
     assert "enabled, reference_image, personalization" in str(e.value)
 
 
@@ -330,6 +332,7 @@ def test_infotext_exact():
         "LR layout source": "inversion",
         "LR reset reference": "True",
         "LR layer preset": "standard",
+        "LR stage-1 text encoder": "vanilla",
         "LR steps used": "λ1=2, λ2=4, mask from step 13 of 20",
         "LR mask": "CA only",
         "LR reference": image_fingerprint(_photo()),
@@ -345,8 +348,9 @@ def test_infotext_round_trip_gives_back_every_field():
     p = _ready(**NON_DEFAULT)
     back = LayoutRetouchParams.from_infotext(p.to_infotext(40, mask_kind="SAM+CA"))
     expected = {n: getattr(p, n) for n in NAMES if n not in ("reference_image", "show_intermediates")}
-    if p.personalization != "dreambooth":  # the hidden vanilla checkpoint is not recorded
+    if p.personalization != "dreambooth":  # the hidden DreamBooth-only fields are not recorded
         expected["vanilla_checkpoint"] = ""
+        expected["stage1_text_encoder"] = "vanilla"  # (read back as the default)
     assert back == expected
     # and the defaults, where empty text fields are not written
     q = _ready()

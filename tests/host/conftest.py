@@ -407,6 +407,7 @@ def lr_defaults(webui, reference_b64) -> dict:
         "layout_source": "inversion",
         "reset_reference": True,
         "layer_preset": "standard",
+        "stage1_text_encoder": "vanilla",
     }
 
 

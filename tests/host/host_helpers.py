@@ -21,7 +21,7 @@ LOG_PREFIX = "[Layout-and-Retouch]"
 ARG_ORDER = (
     "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
     "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps", "sam_model", "ca_threshold",
-    "show_intermediates", "layout_source", "reset_reference", "layer_preset",
+    "show_intermediates", "layout_source", "reset_reference", "layer_preset", "stage1_text_encoder",
 )
 SIZE = 64
 STEPS = 8

@@ -317,3 +317,18 @@ def test_reference_attention_cache_setting_skips_the_reference_rows(webui, lr):
     H.assert_retouched(second)
     assert len(rows) == 2 and rows[1] < rows[0], rows
     assert np.abs(first.image.astype(int) - second.image.astype(int)).max() <= 1
+
+
+def test_stage1_reads_y_p_minus_with_the_vanilla_text_encoder(webui, lr, plain_before):
+    """DreamBooth: y_p⁻ goes through tiny-vanilla's own text encoder (which differs from the loaded
+    tiny-personal's), unless `stage1_text_encoder` says 'loaded'; nothing stays swapped afterwards."""
+    mark = webui.log_mark()
+    vanilla = H.txt2img(webui.url, H.lr_body(lr(stage1_text_encoder="vanilla"), prompt=H.PROMPT + " te"))
+    loaded = H.txt2img(webui.url, H.lr_body(lr(stage1_text_encoder="loaded"), prompt=H.PROMPT + " te"))
+    assert H.assert_retouched(vanilla).get("LR stage-1 text encoder") == "vanilla"
+    assert H.assert_retouched(loaded).get("LR stage-1 text encoder") == "loaded"
+    assert H.differs(vanilla.image, loaded.image), "the stage-1 text encoder made no difference"
+    log = webui.log_since(mark)
+    assert log.count("stage 1: y_p⁻ encoded with the vanilla checkpoint's text encoder") == 1, log[-2000:]
+    plain = H.txt2img(webui.url, H.plain_body())
+    assert np.array_equal(plain.image, plain_before.image), "a text encoder stayed swapped"

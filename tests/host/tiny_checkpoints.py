@@ -107,6 +107,13 @@ def write_checkpoint(ckpt_dir: str, name: str, clip_folder: str, seed: int, cont
     OmegaConf.save(OmegaConf.create(config), yaml_path)
     model = _build(clip_folder, seed, context_dim)
     sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if name == VANILLA:
+        # The personalized model's text encoder is "fine-tuned" away from the vanilla one's (as
+        # DreamBooth often does), so stage 1's choice of text encoder shows in the image.
+        g = torch.Generator().manual_seed(seed)
+        for k, v in sd.items():
+            if k.startswith("cond_stage_model.transformer.") and v.is_floating_point() and "position" not in k:
+                sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
     save_file(sd, path)
     # The WebUI loads with strict=False, which would hide a key mismatch: check strictly here.
     fresh = instantiate_from_config(OmegaConf.load(yaml_path).model)
