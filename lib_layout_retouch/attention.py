@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .layers import LayerTable, attention_modules, is_cross_attention, is_self_attention
+from .layers import LayerTable, attention_modules, is_self_attention
 from .masks import _layer_hw as layer_hw
 
 REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
@@ -92,6 +92,18 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     (the layout path's 16×16 cross-attention); everything else goes through SDPA."""
     scale = q.shape[-1] ** -0.5
     return (torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale).softmax(dim=-1)
+
+
+class _LayerStep(NamedTuple):
+    """What the editor does at one layer in the current step."""
+
+    target_rows: list            # [(half, rows)] of the target path in this call
+    copy_layout: bool            # s ≤ λ2 at a layout layer
+    reference: bool              # s > λ2 at a reference layer
+    blend: bool                  # s ≥ mask start at a blend layer, M built
+    record_maps: bool            # the layout's subject cross-attention maps are recorded here
+    stores: bool                 # keep this call's sources for a later call (sequential / cached paths)
+    acts: bool                   # anything to do at all (else the module runs unchanged)
 
 
 @dataclass
@@ -174,9 +186,30 @@ class RetouchAttention:
 
     # -- called by every attention module ------------------------------------------------------
     def __call__(self, name, module, x, context, mask, original):
+        """One attention module's forward in the retouch step (Algorithm 1, lines 6–14)."""
         plan = self.plan
         if plan is None or mask is not None:
             return original(x, context=context, mask=mask)
+        at = self._at_layer(name, plan)
+        if not at.acts:
+            return original(x, context=context, mask=mask)
+        q, k, v, gathered = self._project(module, x, context, at)
+        if at.copy_layout:
+            self._copy_layout(name, at, q, k, v)                    # s ≤ λ2: target Q, K, V ← layout's
+        elif at.reference:
+            self._take_reference(name, at, q, k, v, gathered)       # s > λ2: target K, V ← reference's
+        if at.record_maps:
+            self._record_maps(q, k, plan.get(LAYOUT, COND))         # the layout's subject maps → M^c
+        out = F.scaled_dot_product_attention(q, k, v)
+        if at.blend:
+            self._blend_with_layout(name, at, q, k, v, out)         # s ≥ mask start: φ* = M⊙φ_t + (1−M)⊙φ_o
+        if at.stores:
+            self._keep_sources(name, q, k, v, out)
+        return module.to_out(merge_heads(out))
+
+    # -- the steps of __call__ ------------------------------------------------------------------
+    def _at_layer(self, name: str, plan: RowPlan) -> "_LayerStep":
+        """What this step does at this layer (set once per step by `begin_step`, read per layer)."""
         self_attn = is_self_attention(name)
         target_rows = [(h, plan.get(TARGET, h)) for h in plan.halves() if plan.get(TARGET, h) is not None]
         copy_here = self.copy_layout and self.layers.copies_layout_at(name)
@@ -184,61 +217,49 @@ class RetouchAttention:
         blend_here = self.blend and self_attn and name in self._blend and self.masks is not None
         maps_here = self.record_maps and not self_attn and name in self._mask and plan.get(LAYOUT, COND) is not None
         needs_sources = copy_here or ref_here or blend_here
-        edits_target = bool(target_rows) and needs_sources
         stores = self.store_sources and needs_sources and any(p != TARGET for p, _ in plan.slices)
-        if not (edits_target or maps_here or stores):
-            return original(x, context=context, mask=mask)
+        return _LayerStep(target_rows, copy_here, ref_here, blend_here, maps_here, stores,
+                          acts=(bool(target_rows) and needs_sources) or maps_here or stores)
 
+    def _project(self, module, x, context, at: "_LayerStep"):
+        """Q, K, V (split into heads). When the reference rows are in this call, the target rows are fed
+        the reference's hidden states before to_k/to_v (one gather kernel), so their K, V *are* the
+        reference's — instead of four row copies into K and V after the projections."""
         heads = module.heads
-        ctx = x if context is None else context
         q = split_heads(module.to_q(x), heads)
-        gather = self._reference_gather(x.device) if ref_here and not copy_here else None
-        if gather is not None:
-            # The reference rows are in this call: feed the target rows the reference's hidden
-            # states before to_k/to_v (one gather kernel), so the target rows' K, V *are* the
-            # reference's — instead of four row copies into K and V after the projections.
-            x_kv = x.index_select(0, gather)
-            k = split_heads(module.to_k(x_kv), heads)
-            v = split_heads(module.to_v(x_kv), heads)
-        else:
-            k = split_heads(module.to_k(ctx), heads)
-            v = split_heads(module.to_v(ctx), heads)
+        gather = self._reference_gather(x.device) if at.reference and not at.copy_layout else None
+        kv_in = x.index_select(0, gather) if gather is not None else (x if context is None else context)
+        k = split_heads(module.to_k(kv_in), heads)
+        v = split_heads(module.to_v(kv_in), heads)
+        return q, k, v, gather is not None
 
-        if copy_here or ref_here:
-            for half, rows in target_rows:
-                if copy_here:
-                    src = self._source(name, LAYOUT, half, q, k, v)
-                    q[rows], k[rows], v[rows] = src[0], src[1], src[2]
-                else:
-                    ref_rows = plan.get(REFERENCE, half)
-                    if self.capture_reference is not None and ref_rows is not None:
-                        self.capture_reference[(name, REFERENCE, half)] = (None, k[ref_rows].clone(), v[ref_rows].clone(), None)
-                    if gather is None:
-                        src = self._source(name, REFERENCE, half, q, k, v)
-                        n = rows.stop - rows.start
-                        k[rows] = src[1].expand(n, -1, -1, -1)
-                        v[rows] = src[2].expand(n, -1, -1, -1)
+    def _copy_layout(self, name, at: "_LayerStep", q, k, v) -> None:
+        for half, rows in at.target_rows:
+            src = self._source(name, LAYOUT, half, q, k, v)
+            q[rows], k[rows], v[rows] = src[0], src[1], src[2]
 
-        if maps_here:
-            self._record_maps(q, k, plan.get(LAYOUT, COND))
+    def _take_reference(self, name, at: "_LayerStep", q, k, v, gathered: bool) -> None:
+        for half, rows in at.target_rows:
+            ref_rows = self.plan.get(REFERENCE, half)
+            if self.capture_reference is not None and ref_rows is not None:
+                self.capture_reference[(name, REFERENCE, half)] = (None, k[ref_rows].clone(), v[ref_rows].clone(), None)
+            if not gathered:  # the reference comes from `store` (a cached reference / sequential mode)
+                src = self._source(name, REFERENCE, half, q, k, v)
+                n = rows.stop - rows.start
+                k[rows] = src[1].expand(n, -1, -1, -1)
+                v[rows] = src[2].expand(n, -1, -1, -1)
 
-        out = F.scaled_dot_product_attention(q, k, v)
-
-        if blend_here:
-            w = self.masks.for_tokens(out.shape[2], out.dtype, complement=True).unsqueeze(1)  # (N, 1, n, 1), cached
-            both = self._halves_view(out)
-            if both is not None:
-                # φ* = M⊙φ_t + (1−M)⊙φ_o = φ_t.lerp_(φ_o, 1 − M): one in-place kernel for both CFG halves
-                targets, layouts = both
-                targets.lerp_(layouts, w)
-            else:
-                for half, rows in target_rows:
-                    phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
-                    out[rows].lerp_(phi_o, w)
-
-        if stores:
-            self._keep_sources(name, q, k, v, out)
-        return module.to_out(merge_heads(out))
+    def _blend_with_layout(self, name, at: "_LayerStep", q, k, v, out) -> None:
+        w = self.masks.for_tokens(out.shape[2], out.dtype, complement=True).unsqueeze(1)  # (N, 1, n, 1), cached
+        both = self._halves_view(out)
+        if both is not None:
+            # φ* = M⊙φ_t + (1−M)⊙φ_o = φ_t.lerp_(φ_o, 1 − M): one in-place kernel for both CFG halves
+            targets, layouts = both
+            targets.lerp_(layouts, w)
+            return
+        for half, rows in at.target_rows:
+            phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3]
+            out[rows].lerp_(phi_o, w)
 
     # -- helpers --------------------------------------------------------------------------------
     def _reference_gather(self, device: torch.device) -> Optional[torch.Tensor]:
