@@ -254,157 +254,179 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
     timesteps — then the layout path follows it instead of a fresh inversion (50 fewer UNet calls).
     layout_images: (N, H, W, 3) uint8 of the layouts, needed only for SAM.
     """
-    schedule = settings.schedule
-    T = schedule.steps
-    n = layout_latents.shape[0]
-    device = layout_latents.device
-    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, T)
-    layers = settings.layers or layer_table_for(model.unet, settings.layer_preset)
-    latent_hw = tuple(layout_latents.shape[-2:])
-    notes: list[str] = []
-    result_calls = [0, 0]
-
     if reference_latent.shape[-2:] != layout_latents.shape[-2:]:
         raise LayoutRetouchError("the reference latent and the layout latents differ in size; "
                                  "prepare the reference at the generation size", parameter="reference_image")
+    return _Retouch(model, conds, subject_tokens, settings, layout_latents, layout_trajectory, layout_images,
+                    segmenter, kv_cache, progress, should_stop).run(reference_latent, reference_key, cache)
 
-    # Reference inversion, once per (reference, model, T).
-    key = None if reference_key is None else inversion_key(reference_key, T, latent_hw)
-    z_r = cache.get(key) if (cache is not None and key is not None) else None
-    reference_cached = z_r is not None
-    if z_r is None:
-        z_r = invert_latents(model, reference_latent, ddim_schedule, progress, "reference inversion", should_stop,
-                             result_calls, empty=conds.reference_empty)
+
+class _Retouch:
+    """One retouch, as Algorithm 1 reads: invert the reference (cached), start the layout path, then
+    per step s one batched UNet call for the reference, layout and target paths (the editor copies,
+    paints and blends), a DDIM step for each path; M is built at mask start."""
+
+    def __init__(self, model: LdmModel, conds: RetouchConds, subject_tokens, settings: RetouchSettings,
+                 layout_latents, layout_trajectory, layout_images, segmenter, kv_cache, progress, should_stop):
+        self.model, self.settings, self.schedule = model, settings, settings.schedule
+        self.T = self.schedule.steps
+        self.n = layout_latents.shape[0]
+        self.device = layout_latents.device
+        self.layout_latents, self.layout_trajectory = layout_latents, layout_trajectory
+        self.layout_images, self.segmenter = layout_images, segmenter
+        self.kv_cache, self.progress, self.should_stop = kv_cache, progress, should_stop
+        self.conds = conds
+        self.ddim = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, self.T)
+        self.layers = settings.layers or layer_table_for(model.unet, settings.layer_preset)
+        self.latent_hw = tuple(layout_latents.shape[-2:])
+        self.notes: list[str] = []
+        self.calls = [0, 0]  # UNet calls, rows
+        self.editor = RetouchAttention(self.layers, subject_tokens, self.latent_hw)
+        self.mask: dict = {}
+        self.plans: dict[tuple, RowPlan] = {}  # one plan per row layout, kept: the editor keeps device indices on it
+        paths = (REFERENCE, LAYOUT, TARGET)
+        padded = C.pad_tokens([conds.cond_of(p) for p in paths] + [conds.uncond_of(p) for p in paths])
+        self.cond_of, self.uncond_of = dict(zip(paths, padded[:3])), dict(zip(paths, padded[3:]))
+        self.trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
+        if segmenter is not None and layout_images is None:
+            self.notes.append("SAM skipped: no layout image given; cross-attention mask only")
+
+    # -- Algorithm 1 ------------------------------------------------------------------------------
+    def run(self, reference_latent, reference_key, cache) -> RetouchResult:
+        key = None if reference_key is None else inversion_key(reference_key, self.T, self.latent_hw)
+        z_r, cached = self.invert_reference(reference_latent, key, cache)      # z_r[0…T], cached
+        self.z_l = self.layout_start()                                           # z_o[T]
+        self.z_t = self.z_l.clone()                                              # z_t ← z_o[T]
+        self.z_ref = z_r[self.T].clone()
+        kv_key = self.reference_kv_key(key)
+        with patched_attention(self.model.unet, self.editor):
+            for s in range(1, self.T + 1):
+                if self.should_stop is not None and self.should_stop():
+                    raise Interrupted(f"stopped at retouch step {s} of {self.T}")
+                self.step(s, z_r, kv_key)
+            if not self.mask:
+                self.build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
+        if self.mask.get("kind") is None:
+            self.notes.append("no cross-attention maps were recorded; no mask")
+        return RetouchResult(latents=self.z_t, masks=self.mask.get("masks"), ca_maps=self.mask.get("ca_maps"),
+                             mask_kind=self.mask.get("kind", MASK_CA_ONLY), notes=self.notes,
+                             unet_calls=self.calls[0], unet_rows=self.calls[1], reference_cached=cached,
+                             trajectories=self.trajectories)
+
+    def invert_reference(self, reference_latent, key, cache) -> tuple[list[torch.Tensor], bool]:
+        """DDIM inversion of the reference, once per (reference, model, T)."""
+        z_r = cache.get(key) if (cache is not None and key is not None) else None
+        if z_r is not None:
+            return z_r, True
+        z_r = invert_latents(self.model, reference_latent, self.ddim, self.progress, "reference inversion",
+                             self.should_stop, self.calls, empty=self.conds.reference_empty)
         if cache is not None and key is not None:
             cache.put(key, z_r)
+        return z_r, False
 
-    # Layout path: its own inversion (paper) or the stage-1 trajectory.
-    if layout_trajectory is not None:
-        if len(layout_trajectory) != T + 1:
-            raise ValueError(f"layout_trajectory has {len(layout_trajectory)} latents, expected {T + 1}")
-        z_l = layout_trajectory[0].clone()
-    else:
-        z_l = invert_latents(model, layout_latents, ddim_schedule, progress, "layout inversion", should_stop,
-                             result_calls, empty=conds.layout_empty)[-1].clone()
-    z_t = z_l.clone()
-    z_ref = z_r[T].clone()
+    def layout_start(self) -> torch.Tensor:
+        """The layout path's z_T: its own inversion (paper) or the stage-1 trajectory's start."""
+        if self.layout_trajectory is not None:
+            if len(self.layout_trajectory) != self.T + 1:
+                raise ValueError(f"layout_trajectory has {len(self.layout_trajectory)} latents, expected {self.T + 1}")
+            return self.layout_trajectory[0].clone()
+        return invert_latents(self.model, self.layout_latents, self.ddim, self.progress, "layout inversion",
+                              self.should_stop, self.calls, empty=self.conds.layout_empty)[-1].clone()
 
-    editor = RetouchAttention(layers, subject_tokens, latent_hw)
-    trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
-    mask_result: dict = {}
+    def reference_kv_key(self, key) -> Optional[tuple]:
+        """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the negative prompt."""
+        st = self.settings
+        if self.kv_cache is None or self.kv_cache.max_bytes <= 0 or key is None or not st.reset_reference \
+                or st.sequential:
+            return None
+        return (*key, _digest(self.cond_of[REFERENCE], self.uncond_of[REFERENCE]), self.layers.name,
+                tuple(self.layers.reference_layers))
 
-    def build_mask() -> None:
-        maps = editor.subject_maps()
+    def step(self, s: int, z_r, kv_key) -> None:
+        """Retouch step s: what the paths are, one UNet call (or one per path), a DDIM step each."""
+        st, schedule, editor = self.settings, self.schedule, self.editor
+        t = self.ddim.timestep_of_step(s)
+        if st.reset_reference:
+            self.z_ref = z_r[self.ddim.level_before_step(s)]
+        if self.layout_trajectory is not None:
+            self.z_l = self.layout_trajectory[s - 1]
+        if s == schedule.mask_start:
+            self.build_mask()
+        copy = schedule.copies_layout(s)
+        phase = dict(copy_layout=copy, paint_identity=not copy,
+                     blend=schedule.blends_mask(s) and editor.masks is not None,
+                     record_maps=not self.mask)  # maps are recorded until M is built
+        # while the layout is copied into every layer the target equals the layout path: not computed
+        skip_target = copy and st.skip_equal_target and self.layers.swaps_every_layer()
+        need_ref = (not copy and bool(self.layers.reference_layers)) or not st.reset_reference
+        paths = [(REFERENCE, 1 if need_ref else 0), (LAYOUT, self.n), (TARGET, 0 if skip_target else self.n)]
+        latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
+        if st.sequential:
+            eps = {}
+            editor.store_sources = True
+            for p, c in paths:
+                if c:  # the first call of the step clears last step's sources
+                    eps.update(self.unet_call([(p, c)], latents, t, keep_store=bool(eps), **phase))
+            editor.store_sources = False
+        else:
+            cached_kv = self.kv_cache.get(kv_key, s) if (kv_key is not None and need_ref) else None
+            if cached_kv is not None:  # the reference's K/V from an earlier generation: no reference rows
+                paths[0] = (REFERENCE, 0)
+            editor.capture_reference = {} if (kv_key is not None and need_ref and cached_kv is None) else None
+            eps = self.unet_call(paths, latents, t, sources=cached_kv, **phase)
+            if editor.capture_reference:
+                self.kv_cache.put(kv_key, s, editor.capture_reference)
+            editor.capture_reference = None
+        z_l_next = ddim.denoise_step(self.ddim, self.z_l, eps[LAYOUT], s)
+        self.z_t = z_l_next.clone() if skip_target else ddim.denoise_step(self.ddim, self.z_t, eps[TARGET], s)
+        if not st.reset_reference and REFERENCE in eps:
+            self.z_ref = ddim.denoise_step(self.ddim, self.z_ref, eps[REFERENCE], s)
+        self.z_l = z_l_next
+        if self.trajectories is not None:
+            self.trajectories[LAYOUT].append(self.z_l)
+            self.trajectories[TARGET].append(self.z_t)
+        if self.progress is not None:
+            self.progress("retouch", s, self.T)
+            preview = getattr(self.progress, "preview", None)  # optional: live previews of the target
+            if preview is not None:
+                preview(self.z_t)
+
+    def unet_call(self, paths: list[tuple[str, int]], latents: dict[str, torch.Tensor], t: int, *,
+                  keep_store=False, sources=None, **phase) -> dict[str, torch.Tensor]:
+        """One batched UNet call over `paths` × both CFG halves; the guided ε of each path."""
+        plan = self.plans.get(tuple(paths))
+        if plan is None:
+            plan = self.plans[tuple(paths)] = RowPlan.build(paths)
+        x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
+        cond = C.cat([C.expand(self.uncond_of[p] if h == UNCOND else self.cond_of[p], c)
+                      for h in plan.halves() for p, c in paths if c])
+        self.editor.begin_step(plan, keep_store=keep_store, sources=sources, **phase)
+        tt = torch.full((plan.batch,), t, device=self.device, dtype=torch.long)
+        eps = self.model.eps(x.to(self.device), tt, cond)
+        self.calls[0] += 1
+        self.calls[1] += plan.batch
+        return {p: ddim.cfg_combine(eps[plan.get(p, UNCOND)], eps[plan.get(p, COND)], self.settings.guidance_scale)
+                for p, c in paths if c}
+
+    def build_mask(self) -> None:
+        """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3)."""
+        maps = self.editor.subject_maps()
         if maps is None:
             return
         norm_maps, full_masks = [], []
         kind = MASK_CA_ONLY
-        for i in range(n):
-            norm, mc = masks.cross_attention_mask(maps[i], settings.ca_threshold)
+        for i in range(self.n):
+            norm, mc = masks.cross_attention_mask(maps[i], self.settings.ca_threshold)
             sam = None
-            if segmenter is not None and layout_images is not None:
-                sam = segmenter.segment(layout_images[i], norm, mc)
+            if self.segmenter is not None and self.layout_images is not None:
+                sam = self.segmenter.segment(self.layout_images[i], norm, mc)
                 kind = MASK_SAM
-            full_masks.append(masks.adaptive_mask(mc, sam, size=None if sam is not None else latent_hw))
+            full_masks.append(masks.adaptive_mask(mc, sam, size=None if sam is not None else self.latent_hw))
             norm_maps.append(norm)
-        m = torch.from_numpy(np.stack(full_masks)).to(device)
-        editor.masks = masks.LayerMasks(m, latent_hw)
-        editor.record_maps = False
-        mask_result.update(masks=m, ca_maps=torch.from_numpy(np.stack(norm_maps)), kind=kind)
-
-    if segmenter is not None and layout_images is None:
-        notes.append("SAM skipped: no layout image given; cross-attention mask only")
-
-    paths_all = (REFERENCE, LAYOUT, TARGET)
-    padded = C.pad_tokens([conds.cond_of(p) for p in paths_all] + [conds.uncond_of(p) for p in paths_all])
-    cond_of = dict(zip(paths_all, padded[:3]))
-    uncond_of = dict(zip(paths_all, padded[3:]))
-    c_ref, c_un = cond_of[REFERENCE], uncond_of[REFERENCE]
-    # The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the negative prompt.
-    kv_key = None
-    if kv_cache is not None and kv_cache.max_bytes > 0 and key is not None and settings.reset_reference \
-            and not settings.sequential:
-        kv_key = (*key, _digest(c_ref, c_un), layers.name, tuple(layers.reference_layers))
-
-    plans: dict[tuple, RowPlan] = {}  # one plan per row layout, kept: the editor keeps device indices on it
-
-    def run(paths: list[tuple[str, int]], latents: dict[str, torch.Tensor], t: int, *, keep_store=False,
-            sources=None, **phase):
-        plan = plans.get(tuple(paths))
-        if plan is None:
-            plan = plans[tuple(paths)] = RowPlan.build(paths)
-        x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
-        cond = C.cat([C.expand(uncond_of[p] if h == UNCOND else cond_of[p], c)
-                      for h in plan.halves() for p, c in paths if c])
-        editor.begin_step(plan, keep_store=keep_store, sources=sources, **phase)
-        tt = torch.full((plan.batch,), t, device=device, dtype=torch.long)
-        eps = model.eps(x.to(device), tt, cond)
-        result_calls[0] += 1
-        result_calls[1] += plan.batch
-        out = {}
-        for p, c in paths:
-            if c:
-                out[p] = ddim.cfg_combine(eps[plan.get(p, UNCOND)], eps[plan.get(p, COND)], settings.guidance_scale)
-        return out
-
-    with patched_attention(model.unet, editor):
-        for s in range(1, T + 1):
-            if should_stop is not None and should_stop():
-                raise Interrupted(f"stopped at retouch step {s} of {T}")
-            lv = ddim_schedule.level_before_step(s)
-            t = ddim_schedule.timestep_of_step(s)
-            if settings.reset_reference:
-                z_ref = z_r[lv]
-            if layout_trajectory is not None:
-                z_l = layout_trajectory[s - 1]
-            if s == schedule.mask_start:
-                build_mask()
-            copy = schedule.copies_layout(s)
-            phase = dict(copy_layout=copy, paint_identity=not copy,
-                         blend=schedule.blends_mask(s) and editor.masks is not None,
-                         record_maps=not mask_result)  # maps are recorded until M is built
-            skip_target = copy and settings.skip_equal_target and layers.swaps_every_layer()
-            need_ref = (not copy and bool(layers.reference_layers)) or not settings.reset_reference
-            paths = [(REFERENCE, 1 if need_ref else 0), (LAYOUT, n), (TARGET, 0 if skip_target else n)]
-            latents = {REFERENCE: z_ref, LAYOUT: z_l, TARGET: z_t}
-            if settings.sequential:
-                eps = {}
-                editor.store_sources = True
-                for p, c in paths:
-                    if c:  # the first call of the step clears last step's sources
-                        eps.update(run([(p, c)], latents, t, keep_store=bool(eps), **phase))
-                editor.store_sources = False
-            else:
-                cached_kv = kv_cache.get(kv_key, s) if (kv_key is not None and need_ref) else None
-                if cached_kv is not None:  # the reference's K/V from an earlier generation: no reference rows
-                    paths[0] = (REFERENCE, 0)
-                editor.capture_reference = {} if (kv_key is not None and need_ref and cached_kv is None) else None
-                eps = run(paths, latents, t, sources=cached_kv, **phase)
-                if editor.capture_reference:
-                    kv_cache.put(kv_key, s, editor.capture_reference)
-                editor.capture_reference = None
-            z_l_next = ddim.denoise_step(ddim_schedule, z_l, eps[LAYOUT], s)
-            z_t = z_l_next.clone() if skip_target else ddim.denoise_step(ddim_schedule, z_t, eps[TARGET], s)
-            if not settings.reset_reference and REFERENCE in eps:
-                z_ref = ddim.denoise_step(ddim_schedule, z_ref, eps[REFERENCE], s)
-            z_l = z_l_next
-            if trajectories is not None:
-                trajectories[LAYOUT].append(z_l)
-                trajectories[TARGET].append(z_t)
-            if progress is not None:
-                progress("retouch", s, T)
-                preview = getattr(progress, "preview", None)  # optional: live previews of the target
-                if preview is not None:
-                    preview(z_t)
-        if not mask_result:
-            build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
-
-    if mask_result.get("kind") is None:
-        notes.append("no cross-attention maps were recorded; no mask")
-    return RetouchResult(latents=z_t, masks=mask_result.get("masks"), ca_maps=mask_result.get("ca_maps"),
-                         mask_kind=mask_result.get("kind", MASK_CA_ONLY), notes=notes,
-                         unet_calls=result_calls[0], unet_rows=result_calls[1], reference_cached=reference_cached,
-                         trajectories=trajectories)
+        m = torch.from_numpy(np.stack(full_masks)).to(self.device)
+        self.editor.masks = masks.LayerMasks(m, self.latent_hw)
+        self.editor.record_maps = False
+        self.mask.update(masks=m, ca_maps=torch.from_numpy(np.stack(norm_maps)), kind=kind)
 
 
 @dataclass
