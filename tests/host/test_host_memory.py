@@ -29,19 +29,24 @@ def _references() -> list[str]:
     return out
 
 
-@pytest.mark.slow
-def test_50_enabled_generations_keep_memory_flat(webui, lr):
+def assert_memory_flat(webui, generate, label: str = "") -> None:
+    """RUNS enabled generations (`generate(i)` makes the i-th and returns its Result); the server's
+    RSS may grow at most RSS_BOUND_MIB after the WARMUP first ones."""
     webui.rss_mib()  # skips when the PID is unknown
     rss = []
-    refs = _references()
     for i in range(RUNS):
-        # Own seed and prompt each time (as users do); references in rotation (the cache evicts).
-        r = H.txt2img(webui.url, H.lr_body(lr(reference_image=refs[i % REFERENCES]),
-                                           prompt=f"a photo of sks dog number {i}", seed=1000 + i))
-        H.assert_retouched(r)
+        H.assert_retouched(generate(i))
         rss.append(webui.rss_mib())
     base = rss[WARMUP - 1]
     growth = max(rss[WARMUP:]) - base
     summary = ", ".join(f"{v:.0f}" for v in rss)
-    print(f"\nRSS MiB per generation: {summary}\ngrowth after warm-up: {growth:.1f} MiB (bound {RSS_BOUND_MIB})")
+    print(f"\n{label}RSS MiB per generation: {summary}\ngrowth after warm-up: {growth:.1f} MiB (bound {RSS_BOUND_MIB})")
     assert growth <= RSS_BOUND_MIB, f"RSS grew {growth:.1f} MiB after warm-up (bound {RSS_BOUND_MIB}): {summary}"
+
+
+@pytest.mark.slow
+def test_50_enabled_generations_keep_memory_flat(webui, lr):
+    refs = _references()
+    # Own seed and prompt each time (as users do); references in rotation (the cache evicts).
+    assert_memory_flat(webui, lambda i: H.txt2img(webui.url, H.lr_body(
+        lr(reference_image=refs[i % REFERENCES]), prompt=f"a photo of sks dog number {i}", seed=1000 + i)))

@@ -330,18 +330,8 @@ def test_sdxl_hires_fix_retouches_the_first_pass_once(webui, xl):
 
 @pytest.mark.slow
 def test_sdxl_50_enabled_generations_keep_memory_flat(webui, xl):
-    from test_host_memory import REFERENCES, RSS_BOUND_MIB, RUNS, WARMUP, _references
+    from test_host_memory import REFERENCES, _references, assert_memory_flat
 
-    webui.rss_mib()
-    rss = []
     refs = _references()
-    for i in range(RUNS):
-        r = _run(webui, xl(reference_image=refs[i % REFERENCES]), prompt=f"a photo of sks dog number {i}",
-                 seed=1000 + i)
-        H.assert_retouched(r)
-        rss.append(webui.rss_mib())
-    base = rss[WARMUP - 1]
-    growth = max(rss[WARMUP:]) - base
-    summary = ", ".join(f"{v:.0f}" for v in rss)
-    print(f"\nSDXL RSS MiB per generation: {summary}\ngrowth after warm-up: {growth:.1f} MiB (bound {RSS_BOUND_MIB})")
-    assert growth <= RSS_BOUND_MIB, f"RSS grew {growth:.1f} MiB after warm-up (bound {RSS_BOUND_MIB}): {summary}"
+    assert_memory_flat(webui, lambda i: _run(webui, xl(reference_image=refs[i % REFERENCES]),
+                                             prompt=f"a photo of sks dog number {i}", seed=1000 + i), "SDXL ")
