@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -255,3 +256,29 @@ def set_checkpoint(url: str, title: str, timeout: float = 900) -> str:
     got = get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
     assert got.split(" [")[0] == title.split(" [")[0], f"sd_model_checkpoint is {got!r} after setting {title!r}"
     return got
+
+
+def txt2img_while_polling(url: str, body: dict, poll, interval: float = 0.01,
+                          current_image: bool = False) -> "Result":
+    """Send a txt2img request while a thread reads /sdapi/v1/progress and hands each answer (a dict)
+    to `poll`; polling stops when `poll` returns True or the request has returned."""
+    done = threading.Event()
+    query = "skip_current_image=" + ("false" if current_image else "true")
+
+    def watch():
+        while not done.is_set():
+            try:
+                j = requests.get(f"{url}/sdapi/v1/progress?{query}", timeout=10).json()
+            except requests.RequestException:
+                continue
+            if poll(j):
+                return
+            time.sleep(interval)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        return txt2img(url, body)
+    finally:
+        done.set()
+        t.join(30)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -205,32 +203,21 @@ def test_interrupt_mid_retouch_leaves_nothing_patched(webui, lr, plain_before):
     full = H.txt2img(webui.url, body)
     H.assert_retouched(full)
 
-    hit, seen, done = [], set(), threading.Event()
+    hit, seen = [], set()
 
-    def watch():
-        while not done.is_set():
-            try:
-                j = requests.get(webui.url + "/sdapi/v1/progress?skip_current_image=true", timeout=10).json()
-            except requests.RequestException:
-                continue
-            info, st = (j.get("textinfo") or ""), j.get("state") or {}
-            seen.add(info)
-            n, total = st.get("sampling_step") or 0, st.get("sampling_steps") or 0
-            # One bar over both stages: the retouch runs from ~40% to 100% of it here (stage 1 40 steps,
-            # inversions 20 + 20, retouch 120 stage-1-step equivalents); 60% is a third into the retouch.
-            if "retouch" in info.lower() and total and n >= 0.6 * total:
-                requests.post(webui.url + "/sdapi/v1/interrupt", timeout=30)
-                hit.append((info, n, total))
-                return
-            time.sleep(0.005)
+    def poll(j):
+        info, st = (j.get("textinfo") or ""), j.get("state") or {}
+        seen.add(info)
+        n, total = st.get("sampling_step") or 0, st.get("sampling_steps") or 0
+        # One bar over both stages: the retouch runs from ~40% to 100% of it here (stage 1 40 steps,
+        # inversions 20 + 20, retouch 120 stage-1-step equivalents); 60% is a third into the retouch.
+        if "retouch" in info.lower() and total and n >= 0.6 * total:
+            requests.post(webui.url + "/sdapi/v1/interrupt", timeout=30)
+            hit.append((info, n, total))
+            return True
+        return False
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        r = H.txt2img(webui.url, body)
-    finally:
-        done.set()
-        t.join(30)
+    r = H.txt2img_while_polling(webui.url, body, poll, interval=0.005)
     assert hit, f"the progress never showed the retouch phase past a third; textinfo seen: {sorted(seen)}"
     assert webui.alive()
     # The glue catches the interrupt and returns the layout (a 200, as the WebUI does for an interrupted

@@ -5,12 +5,9 @@ As everywhere in this tier: assertions are on what only a working run produces (
 that differ, log lines), never on HTTP 200 alone."""
 from __future__ import annotations
 
-import threading
-import time
 
 import numpy as np
 import pytest
-import requests
 
 import host_helpers as H
 import tiny_checkpoints as TC
@@ -154,27 +151,16 @@ def test_progress_is_one_bar_through_both_stages(webui, lr):
     steps = 40
     body = H.lr_body(lr(lambda1=4, lambda2=8, mask_start=25, reference_image=H.png_b64(H.reference_rgb(48, 48))),
                      steps=steps)
-    seen, done = [], threading.Event()
+    seen = []
 
-    def watch():
-        while not done.is_set():
-            try:
-                j = requests.get(webui.url + "/sdapi/v1/progress?skip_current_image=true", timeout=10).json()
-            except requests.RequestException:
-                continue
-            st = j.get("state") or {}
-            if st.get("job_count"):
-                seen.append((j.get("progress") or 0, j.get("textinfo") or "", st.get("sampling_step"),
-                             st.get("sampling_steps")))
-            time.sleep(0.01)
+    def poll(j):
+        st = j.get("state") or {}
+        if st.get("job_count"):
+            seen.append((j.get("progress") or 0, j.get("textinfo") or "", st.get("sampling_step"),
+                         st.get("sampling_steps")))
+        return False
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        r = H.txt2img(webui.url, body)
-    finally:
-        done.set()
-        t.join(30)
+    r = H.txt2img_while_polling(webui.url, body, poll)
     H.assert_retouched(r)
     texts = [s[1] for s in seen]
     assert any("stage 2: retouch" in x for x in texts), f"no retouch phase in the progress: {set(texts)}"
@@ -189,24 +175,13 @@ def test_live_previews_show_the_retouch(webui, lr):
     """With the WebUI's live previews on (its default), the preview during stage 2 is the retouch's
     current latent, not the stale stage-1 image."""
     body = H.lr_body(lr(lambda1=4, lambda2=8, mask_start=25), steps=40, prompt=H.PROMPT + " preview")
-    seen, done = [], threading.Event()
+    seen = []
 
-    def watch():
-        while not done.is_set():
-            try:
-                j = requests.get(webui.url + "/sdapi/v1/progress?skip_current_image=false", timeout=10).json()
-            except requests.RequestException:
-                continue
-            seen.append((j.get("textinfo") or "", j.get("current_image")))
-            time.sleep(0.02)
+    def poll(j):
+        seen.append((j.get("textinfo") or "", j.get("current_image")))
+        return False
 
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        r = H.txt2img(webui.url, body)
-    finally:
-        done.set()
-        t.join(30)
+    r = H.txt2img_while_polling(webui.url, body, poll, interval=0.02, current_image=True)
     H.assert_retouched(r)
     stage1 = [img for info, img in seen if "stage 1" in info and img]
     retouch = [img for info, img in seen if "stage 2: retouch" in info and img]
