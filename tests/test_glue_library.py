@@ -31,9 +31,29 @@ def test_library_never_imports_the_webui():
                     assert not any(m == "modules" or m.startswith("modules.") for m in mods), (name, mods)
 
 
+def glue_files() -> list[str]:
+    """The WebUI glue: the script file and the `layout_retouch_webui` package."""
+    pkg = os.path.join(ROOT, "layout_retouch_webui")
+    files = [os.path.join(ROOT, "scripts", "layout_retouch.py")]
+    for dirpath, _, names in os.walk(pkg):
+        files += [os.path.join(dirpath, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
 def test_glue_files_compile():
-    for rel in ("scripts/layout_retouch.py", "install.py"):
-        py_compile.compile(os.path.join(ROOT, rel), doraise=True)
+    files = glue_files() + [os.path.join(ROOT, "install.py")]
+    assert len(files) > 10, files  # the package is there
+    for path in files:
+        py_compile.compile(path, doraise=True)
+
+
+def test_the_script_file_is_only_the_script_and_its_callbacks():
+    """Each concern of the glue lives in its own module of `layout_retouch_webui`; the script file
+    that the WebUI loads stays the Script class plus callback registration."""
+    tree = ast.parse(open(glue_files()[0], encoding="utf-8").read())
+    classes = [n.name for n in tree.body if isinstance(n, ast.ClassDef)]
+    functions = [n.name for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert classes == ["LayoutRetouchScript"] and functions == []
 
 
 def _gen_hints():

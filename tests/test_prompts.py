@@ -172,6 +172,7 @@ def test_one_extra_network_rule_the_webuis():
 
     assert EXTRA_NETWORK_TAG.pattern == r"<(\w+):([^>]+)>"
     assert strip_extra_networks("a sks dog <lora:dog:0.8> <hypernet:x:1>, <my-vase>") == "a sks dog  , <my-vase>"
-    glue = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "layout_retouch.py"),
-                encoding="utf-8").read()
+    from tests.test_glue_library import glue_files
+
+    glue = "".join(open(f, encoding="utf-8").read() for f in glue_files())
     assert "re.compile" not in glue and "strip_extra_networks(" in glue

@@ -1,0 +1,103 @@
+"""The interface every host adapter answers (see `hosts/__init__.py`)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Optional
+
+import torch
+
+from lib_layout_retouch.model import LdmModel
+
+
+class Host:
+    """One WebUI as the glue sees it. Methods take the generation's `p` where the answer depends on
+    the loaded model; nothing is kept on the adapter between generations."""
+
+    name = "?"
+
+    # -- the model ----------------------------------------------------------------------------------
+    def check_model(self, p) -> None:
+        """Refuse (LayoutRetouchError naming the model kind) what the retouch cannot run on."""
+        raise NotImplementedError
+
+    def unet(self, p) -> torch.nn.Module:
+        """The UNet module (ldm's `diffusion_model` names) that sampling runs now."""
+        raise NotImplementedError
+
+    def set_unet(self, p, unet: torch.nn.Module) -> None:
+        """Put `unet` in its place (by reference) for the next model calls."""
+        raise NotImplementedError
+
+    def library_model(self, p) -> LdmModel:
+        """The model as `lib_layout_retouch` drives it: ε(x, t, cond), ᾱ, conditioning, VAE."""
+        raise NotImplementedError
+
+    def model_key(self, p, personalization: str) -> str:
+        """What identifies the weights the reference is inverted with (for the inversion cache)."""
+        raise NotImplementedError
+
+    def decode_for_hires(self, p, latents: torch.Tensor) -> torch.Tensor:
+        """Latents → images as the host's hires pass expects its `decoded_samples`."""
+        raise NotImplementedError
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def place_vanilla_unet(self, p, unet: torch.nn.Module) -> None:
+        """Before stage 1: put the vanilla UNet where it will run."""
+
+    def release_vanilla_unet(self, p, unet: torch.nn.Module, keep_on_cpu: bool) -> None:
+        """After stage 1: give back what the vanilla UNet holds, if the host or the user asks."""
+
+    # -- text ---------------------------------------------------------------------------------------
+    def encode_prompt(self, p, prompt: str):
+        """The host's own conditioning of `prompt` at the generation's size (SDXL size terms)."""
+        raise NotImplementedError
+
+    def text_encoder_slots(self, p) -> list:
+        """(holder, attribute, checkpoint key prefix) of each text transformer of the loaded model."""
+        return []
+
+    def text_encoders_to(self, p, modules: list, where: str) -> None:
+        """Move copies of the text encoders where the host's encoding runs ('device' | 'cpu')."""
+
+    def embedding_names(self) -> Optional[list[str]]:
+        """Installed Textual-Inversion embeddings, or None when the host cannot say."""
+        return None
+
+    # -- LoRA ---------------------------------------------------------------------------------------
+    def active_loras(self, p) -> list:
+        """The LoRA networks active in this generation (opaque to the glue)."""
+        return []
+
+    def loras_off_in_text_encoder(self, p, loras: list) -> ContextManager:
+        """A block in which the networks do not act on the text encoder."""
+        return contextlib.nullcontext()
+
+    def loras_off_in_unet(self, p, loras: list) -> Callable[[], None]:
+        """Switch the networks off in the UNet; returns what switches them back on."""
+        return lambda: None
+
+    def lora_key(self, p) -> str:
+        return ""
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def checkpoint(self, name: str):
+        """The checkpoint of the WebUI's list named `name` (an object with `.filename`, `.title`)."""
+        raise NotImplementedError
+
+    def checkpoint_titles(self) -> list[str]:
+        raise NotImplementedError
+
+    def refresh_checkpoints(self) -> None:
+        raise NotImplementedError
+
+    def loaded_checkpoint(self, p=None):
+        raise NotImplementedError
+
+    def read_state_dict(self, filename: str) -> dict:
+        raise NotImplementedError

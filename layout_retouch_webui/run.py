@@ -1,0 +1,86 @@
+"""One enabled generation: its state (kept on `p`, never global) and the wrapper of its sampling.
+
+`install` wraps THIS generation's `p.sample` / `p.sample_hr_pass` (instance attributes of `p`, gone
+with it): stage 1 runs inside the host's own sampling, switched per step by `stage1`; stage 2 runs on
+its latents before the hires pass (`stage2`), so its errors reach the API as HTTP errors instead of
+being swallowed by the WebUI's hook runner. Whatever happens, nothing stays switched.
+"""
+from __future__ import annotations
+
+import torch
+
+from lib_layout_retouch import job as lr_job
+from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.params import LayoutRetouchParams
+from lib_layout_retouch.progress import ProgressPlan
+from lib_layout_retouch.prompts import strip_extra_networks
+
+from . import api, hosts, stage1, stage2
+
+RUN_ATTR = "layout_retouch_run"
+
+
+class Run:
+    """State of one enabled generation, kept on `p` (never global)."""
+
+    def __init__(self, p, params: LayoutRetouchParams):
+        self.params = params
+        self.host = hosts.current()
+        self.job = lr_job.RetouchJob(params, prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
+                                     negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
+                                     steps=p.steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale)
+        self.vanilla_unet = None
+        self.personal_unet = None
+        self.layout_cond = None
+        self.stage1_active = False
+        self.switched_at = None
+        self.trajectory: list[torch.Tensor] = []
+        self.intermediates: list = []
+        self.retouched = False
+        self.lora_restore = None
+        self.progress = ProgressPlan(
+            steps=p.steps, batch=p.batch_size,
+            invert_layout=not (params.layout_source == "stage1" and p.sampler_name == "DDIM"))
+        self.phase = None
+
+
+def of(p):
+    """The live run of generation `p`, or None."""
+    return getattr(p, RUN_ATTR, None)
+
+
+def clear(p) -> None:
+    setattr(p, RUN_ATTR, None)  # drop references to tensors and UNets held by the run
+
+
+def install(p, run: Run) -> None:
+    """Wrap this generation's sampling (instance attributes on p only)."""
+    original_sample = p.sample
+    original_hr = getattr(p, "sample_hr_pass", None)
+
+    def sample(*args, **kwargs):
+        run.retouched = False
+        try:
+            try:
+                stage1.begin(p, run)
+                samples = original_sample(*args, **kwargs)
+            finally:
+                stage1.end(p, run)  # nothing stays switched, whatever happened
+            if not run.retouched:
+                samples = stage2.retouch_samples(p, run, samples)
+        except LayoutRetouchError as e:
+            raise api.request_error(p, e) from None
+        p.extra_generation_params.update(run.job.infotext())
+        return samples
+
+    def sample_hr_pass(samples, decoded_samples, *args, **kwargs):
+        stage1.end(p, run)
+        retouched = stage2.retouch_samples(p, run, samples)  # its errors pass through sample() above
+        if decoded_samples is not None and retouched is not samples:
+            decoded_samples = run.host.decode_for_hires(p, retouched)
+        return original_hr(retouched, decoded_samples, *args, **kwargs)
+
+    p.sample = sample
+    if original_hr is not None:
+        p.sample_hr_pass = sample_hr_pass
+    setattr(p, RUN_ATTR, run)

@@ -1,0 +1,62 @@
+"""The extension's section in the WebUI settings, and the lists the UI offers (SAM files, checkpoints)."""
+from __future__ import annotations
+
+import os
+
+import gradio as gr
+
+from modules import shared
+
+from lib_layout_retouch.params import NO_SAM
+from lib_layout_retouch.segmentation import find_sam_checkpoints
+
+from . import hosts
+
+TITLE = "Layout-and-Retouch"
+EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def opt(name: str, default):
+    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
+
+
+def sam_folders() -> list[str]:
+    models = getattr(shared, "models_path", os.path.join(EXT_ROOT, "models"))
+    return [os.path.join(models, "sam"),
+            # where the popular sd-webui-segment-anything extension keeps its checkpoints
+            os.path.join(os.path.dirname(EXT_ROOT), "sd-webui-segment-anything", "models", "sam")]
+
+
+SAM_SEEN: set[str] = set()  # names ever listed: one that vanished later is "missing", not "unknown"
+
+
+def sam_choices() -> list[str]:
+    names = list(find_sam_checkpoints(sam_folders()))
+    SAM_SEEN.update(names)
+    return [NO_SAM] + names
+
+
+def checkpoint_choices() -> list[str]:
+    """Vanilla checkpoint candidates: the WebUI's list without the loaded (personalized) model."""
+    host = hosts.current()
+    loaded = getattr(host.loaded_checkpoint(), "title", None)
+    return [t for t in host.checkpoint_titles() if t != loaded]
+
+
+def on_ui_settings():
+    section = ("layout_retouch", TITLE)
+    shared.opts.add_option("layout_retouch_default_sam", shared.OptionInfo(
+        NO_SAM, "Default Segment-Anything model", gr.Dropdown, lambda: {"choices": sam_choices()}, section=section))
+    shared.opts.add_option("layout_retouch_reference_cache", shared.OptionInfo(
+        4, "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)", gr.Slider,
+        {"minimum": 0, "maximum": 32, "step": 1}, section=section))
+    shared.opts.add_option("layout_retouch_kv_cache_mb", shared.OptionInfo(
+        0, "Reference attention cache, MB of VRAM (0 = off; one SD1 512² 50-step reference ≈ 1900 MB): "
+           "repeat generations with the same reference skip the reference path", gr.Slider,
+        {"minimum": 0, "maximum": 16384, "step": 64}, section=section))
+    shared.opts.add_option("layout_retouch_vanilla_cache", shared.OptionInfo(
+        1, "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)", gr.Slider,
+        {"minimum": 0, "maximum": 4, "step": 1}, section=section))
+    shared.opts.add_option("layout_retouch_vanilla_on_cpu", shared.OptionInfo(
+        False, "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
+        section=section))

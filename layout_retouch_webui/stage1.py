@@ -1,0 +1,116 @@
+"""Stage 1: the host samples the layout; we switch prompt, UNet and LoRA per step.
+
+For steps s ≤ λ1 the vanilla denoiser ε with the prompt y_p⁻ (no concept token), then the
+personalized ε* with y_p. The switch happens in the CFG-denoiser callback, which the host calls
+before every model call with the conditioning it is about to use; it acts only for a `p` that
+carries a live run (`run.of(p)`), and `end` undoes everything in the sampling wrapper's `finally`.
+"""
+from __future__ import annotations
+
+import torch
+
+from modules import shared
+
+from lib_layout_retouch import conditioning as lr_cond, logs
+from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
+
+from . import run as lr_run
+from .settings import opt
+from .vanilla import VANILLA_TEXT_ENCODERS, VANILLA_UNETS
+
+logger = logs.attach_console()
+
+
+def on_cfg_denoiser(params):
+    """Stage 1: (ε, y_p⁻) for s ≤ λ1, then (ε*, y_p)."""
+    denoiser = getattr(params, "denoiser", None)
+    p = getattr(denoiser, "p", None)
+    run = lr_run.of(p)
+    if run is None or not run.stage1_active:
+        return
+    s = int(denoiser.step) + 1  # the model call about to run, 1-based (exact, unlike sampling_step)
+    if run.params.layout_source == "stage1" and len(run.trajectory) < s:
+        # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.
+        run.trajectory.append(params.x[-p.batch_size:].detach().clone())
+    if run.job.uses_vanilla(s):
+        tc = params.text_cond
+        if isinstance(tc, (torch.Tensor, dict)):  # SD1: a tensor; SDXL: {"crossattn", "vector"}
+            cond = lr_cond.expand(lr_cond.like(run.layout_cond, tc), lr_cond.batch_size(tc))
+            if isinstance(tc, dict) and type(tc) is not dict:
+                cond = type(tc)(cond)  # the WebUI's DictWithShape: it reads `.shape` right after the hook
+            params.text_cond = cond
+        if run.vanilla_unet is not None:
+            run.host.set_unet(p, run.vanilla_unet)
+    elif run.switched_at is None:
+        run.switched_at = s
+        restore(p, run)
+        logger.info(f"stage 1: switched to personalized UNet at step {s}")
+
+
+def on_progress_denoiser(params):
+    """One progress bar over both stages: during stage 1 the bar's length includes stage 2 (the
+    sampler set it to its own step count at launch), and the text names the phase. Note: while an
+    enabled run samples, `CFGDenoiserParams.total_sampling_steps` reports this length too."""
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    run = lr_run.of(p)
+    if run is None or not run.stage1_active:
+        return
+    shared.state.sampling_steps = run.progress.total
+    s = int(params.denoiser.step) + 1
+    shared.state.textinfo = ProgressPlan.text(STAGE1_VANILLA if run.job.uses_vanilla(s) else STAGE1_PERSONAL)
+
+
+def restore(p, run) -> None:
+    """The personalized UNet and the LoRA back in place."""
+    if run.personal_unet is not None:
+        run.host.set_unet(p, run.personal_unet)
+    if run.lora_restore is not None:
+        restore_loras, run.lora_restore = run.lora_restore, None
+        restore_loras()
+
+
+def begin(p, run) -> None:
+    host = run.host
+    run.personal_unet = host.unet(p)
+    kind = run.params.personalization
+    info = None
+    if kind == "dreambooth":
+        info = host.checkpoint(run.params.vanilla_checkpoint)
+        run.vanilla_unet = VANILLA_UNETS.get(info, run.personal_unet)
+        host.place_vanilla_unet(p, run.vanilla_unet)
+    lora_off = kind == "lora" and run.job.schedule.lambda1 > 0
+    nets = host.active_loras(p) if lora_off else []
+    if lora_off and not nets:
+        raise LayoutRetouchError("personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
+                                 "to the prompt", parameter="personalization")
+    # y_p⁻ for the vanilla steps: DreamBooth through the vanilla checkpoint's text encoder (unless asked
+    # otherwise), LoRA with the network off in the text encoder.
+    slots, vanilla_te = [], []
+    if kind == "dreambooth" and run.params.stage1_text_encoder == "vanilla":
+        slots = host.text_encoder_slots(p)
+        if slots:
+            vanilla_te = VANILLA_TEXT_ENCODERS.get(info, slots)
+        else:
+            run.job.add_note("no vanilla text encoder for this model kind: stage 1 used the loaded model's")
+    from lib_layout_retouch import text_encoders
+    host.text_encoders_to(p, vanilla_te, "device")
+    try:
+        with host.loras_off_in_text_encoder(p, nets), text_encoders.swapped(slots, vanilla_te):
+            run.layout_cond = host.encode_prompt(p, run.job.prompts.layout)
+        if vanilla_te:
+            logger.info("stage 1: y_p⁻ encoded with the vanilla checkpoint's text encoder")
+    finally:
+        host.text_encoders_to(p, vanilla_te, "cpu")
+    if lora_off:
+        run.lora_restore = host.loras_off_in_unet(p, nets)
+    run.stage1_active = True
+    run.switched_at = None
+    run.trajectory = []
+
+
+def end(p, run) -> None:
+    run.stage1_active = False
+    restore(p, run)
+    if run.vanilla_unet is not None:
+        run.host.release_vanilla_unet(p, run.vanilla_unet, keep_on_cpu=bool(opt("layout_retouch_vanilla_on_cpu", False)))

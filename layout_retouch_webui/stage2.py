@@ -1,0 +1,131 @@
+"""Stage 2: the retouch of a batch of stage-1 latents (Algorithm 1 in `lib_layout_retouch`), with
+the host's progress bar, live preview, Interrupt/Skip buttons and the intermediates gallery."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from modules import shared
+
+from lib_layout_retouch import job as lr_job, logs, pipeline
+from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
+from lib_layout_retouch.params import NO_SAM
+from lib_layout_retouch.progress import ProgressPlan
+from lib_layout_retouch.prompts import strip_extra_networks, subject_positions_in_chunks, subject_token_positions
+from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
+
+from .settings import opt, sam_folders
+
+logger = logs.attach_console()
+
+
+def subject_tokens(model, job, prompt: str) -> list[int]:
+    """Positions of the concept token and class phrase in the personalized prompt, as the host's
+    tokenizer splits it into 75-token chunks."""
+    clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
+    if hasattr(clip, "tokenize_line"):
+        chunks, _ = clip.tokenize_line(prompt)
+        return subject_positions_in_chunks(chunks, lambda t: clip.tokenize([t])[0],
+                                           job.params.concept_token, job.params.class_phrase)
+    return subject_token_positions(model.tokenize, prompt, [job.params.concept_token, job.params.class_phrase])
+
+
+def segmenter_for(job, device):
+    """The SAM model, or None with a note (the cross-attention mask still works)."""
+    if job.params.sam_model == NO_SAM:
+        return None
+    path = find_sam_checkpoints(sam_folders()).get(job.params.sam_model)
+    try:
+        if path is None:  # listed once, gone now (or never there)
+            raise LayoutRetouchError(f"SAM file '{job.params.sam_model}' is not in models/sam", parameter="sam_model")
+        return load_segmenter(path, device=device)
+    except LayoutRetouchError as e:
+        job.add_note(f"SAM not used ({e}); cross-attention mask only")
+        logger.info(f"SAM fallback: {e}")
+        return None
+
+
+def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
+    """Stage 2 on a batch of stage-1 latents; returns the retouched latents."""
+    if run.retouched or samples is None:
+        return samples
+    run.retouched = True
+    if shared.state.interrupted or shared.state.skipped:
+        run.job.add_note("interrupted before the retouch: layout returned")
+        return samples
+    host = run.host
+    job = run.job
+    job_for_batch = job
+    if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
+        job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
+    model = host.library_model(p)
+    subject = subject_tokens(model, job, job_for_batch.prompts.personalized)
+    segmenter = segmenter_for(job, host.device)
+    layout_images = pipeline.to_uint8(model.decode(samples)) if segmenter is not None else None
+    trajectory = None
+    if job.params.layout_source == "stage1":
+        if p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
+            # A1111's DDIM stops at t=1 after N−1 calls: its latents are our levels T…1.
+            trajectory = run.trajectory + [samples, samples]
+        else:
+            job.add_note("layout source 'stage1' needs the DDIM sampler; the layout was inverted instead")
+    cache = lr_job.SHARED_INVERSION_CACHE
+    cache.max_entries = int(opt("layout_retouch_reference_cache", 4))
+    kv_cache = lr_job.SHARED_REFERENCE_ATTENTION_CACHE
+    kv_cache.max_bytes = int(opt("layout_retouch_kv_cache_mb", 0)) * 2 ** 20
+    if kv_cache.max_bytes == 0:
+        kv_cache.clear()
+    model_key = host.model_key(p, job.params.personalization)
+
+    plan = run.progress
+    if cache.peek(pipeline.inversion_key((job_for_batch.reference_fingerprint, model_key), job.steps,
+                                         samples.shape[-2:])) is not None:
+        plan = ProgressPlan(plan.steps, plan.batch, reference_cached=True, invert_layout=plan.invert_layout)
+
+    def progress(phase, step, total_steps):  # one bar: stage 2 continues where stage 1 ended
+        shared.state.textinfo = ProgressPlan.text(phase)
+        shared.state.sampling_steps = plan.total
+        shared.state.sampling_step = max(shared.state.sampling_step, plan.position(phase, step, total_steps))
+
+    def preview(latents):  # the WebUI's live preview, at its own setting's rate
+        shared.state.current_latent = latents
+        shared.state.set_current_image()
+    progress.preview = preview
+
+    def should_stop():
+        return bool(shared.state.interrupted or shared.state.skipped)
+
+    started = time.perf_counter()
+    try:
+        result = job_for_batch.retouch(model, samples, subject_tokens=subject, model_key=model_key,
+                                       layout_trajectory=trajectory, layout_images=layout_images,
+                                       segmenter=segmenter, cache=cache, kv_cache=kv_cache, progress=progress,
+                                       should_stop=should_stop)
+    except Interrupted as e:
+        job.add_note(f"retouch interrupted ({e}); layout returned")
+        logger.info(f"interrupted: {e}")
+        return samples
+    job.mask_kind = result.mask_kind
+    job.merge_notes(job_for_batch)
+    for note in model.notes:  # e.g. a half-precision VAE retried in float32
+        job.add_note(note)
+    logger.info(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} "
+                f"UNet calls ({result.unet_rows} rows), reference {'cached' if result.reference_cached else 'inverted'}, "
+                f"mask {result.mask_kind}")
+    if job.params.show_intermediates:
+        keep_intermediates(p, run, model, samples, result)
+    return result.latents.to(samples.dtype)
+
+
+def keep_intermediates(p, run, model, samples, result) -> None:
+    """Layout, mask and attention map of each image, for the gallery after the results."""
+    size = (p.width, p.height)
+    layouts = lr_job.tensor_to_images(model.decode(samples))
+    base = int(getattr(p, "iteration", 0) or 0) * p.batch_size  # index of this batch's first image
+    for i, layout in enumerate(layouts):
+        run.intermediates.append(("layout", base + i, layout))
+        if result.masks is not None:
+            run.intermediates.append(("mask", base + i, lr_job.mask_to_image(result.masks[i], size)))
+        if result.ca_maps is not None:
+            run.intermediates.append(("attention map", base + i, lr_job.mask_to_image(result.ca_maps[i], size)))
