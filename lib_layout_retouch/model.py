@@ -79,13 +79,37 @@ def unet_family(state: dict) -> str:
     return SD1
 
 
+# --- k-diffusion hosts (Forge): a denoiser D(x; σ) instead of ε(z_t, t) -----------------------------
+# DDIM's latent at timestep t is z_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε. A k-diffusion denoiser sees the same point
+# on the σ scale, x = z_t/√ᾱ_t = x₀ + σ_t·ε with σ_t = √((1−ᾱ_t)/ᾱ_t), and returns D ≈ x₀; so
+# ε = (x − D)/σ_t. (Forge's own DDIM, `modules/sd_samplers_timesteps.py`, converts the same way.)
+def sigma_of_alpha_cumprod(alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    return ((1 - alpha_cumprod) / alpha_cumprod).sqrt()
+
+
+def alpha_cumprod_of_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + sigma * sigma)
+
+
+def sigma_scale_input(z_t: torch.Tensor, alpha_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """DDIM latent z_t → the k-diffusion input x = z_t/√ᾱ_t (per batch row)."""
+    return z_t / alpha_cumprod_t.sqrt().view(-1, *([1] * (z_t.ndim - 1)))
+
+
+def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """ε from a k-diffusion denoiser's output D at input x and noise level σ (per batch row)."""
+    return (x - denoised) / sigma.view(-1, *([1] * (x.ndim - 1)))
+
+
 @contextlib.contextmanager
-def unet_swapped(ldm, unet: Optional[torch.nn.Module]) -> Iterator[None]:
-    """Put `unet` in the model's place for the block (by reference; restored on any exit)."""
+def unet_swapped(holder, unet: Optional[torch.nn.Module]) -> Iterator[None]:
+    """Put `unet` in place of `holder.diffusion_model` for the block (by reference; restored on any
+    exit). `holder` is the model wrapper that calls its `diffusion_model` (ldm's `DiffusionWrapper`
+    under `LatentDiffusion.model`, Forge's `KModel`), or a model that has one under `.model`."""
     if unet is None:
         yield
         return
-    wrapper = ldm.model
+    wrapper = holder if hasattr(holder, "diffusion_model") else holder.model
     previous = wrapper.diffusion_model
     wrapper.diffusion_model = unet
     try:
@@ -116,8 +140,13 @@ class LdmModel:
         return self.family == SDXL
 
     @property
+    def unet_holder(self):
+        """The wrapper whose `diffusion_model` is called (swapped for DreamBooth's vanilla UNet)."""
+        return self.ldm.model
+
+    @property
     def unet(self) -> torch.nn.Module:
-        return self.ldm.model.diffusion_model
+        return self.unet_holder.diffusion_model
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +166,7 @@ class LdmModel:
     def denoiser(self, unet: Optional[torch.nn.Module] = None) -> Denoiser:
         """ε of this model, or of the same model with another UNet (DreamBooth's vanilla) swapped in."""
         def eps(x, t, cond):
-            with unet_swapped(self.ldm, unet), self.autocast():
+            with unet_swapped(self.unet_holder, unet), self.autocast():
                 return self._apply(x, t, cond)
         return eps
 
@@ -225,3 +254,18 @@ class LdmModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1]."""
         return self._vae(self.ldm.decode_first_stage, latents, "decode")
+
+
+class KDiffusionModel(LdmModel):
+    """A model whose network the host calls as a k-diffusion denoiser D(x; σ, cond) — Forge's
+    `KModel.apply_model` — driven as ε(z_t, t) for DDIM and the retouch. The host adapter gives
+    `denoise` (and anything else that differs: text, VAE); the conversion is here, host-free."""
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _apply(self, x, t, cond):
+        ac = self.alphas_cumprod.to(x.device, torch.float32)[t.long().to(x.device)]
+        sigma = sigma_of_alpha_cumprod(ac)
+        x_sigma = sigma_scale_input(x.float(), ac)
+        return eps_from_denoised(x_sigma, self.denoise(x_sigma, sigma, cond).float(), sigma).to(x.dtype)

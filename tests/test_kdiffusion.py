@@ -1,0 +1,53 @@
+"""The host-independent half of a k-diffusion host adapter (Forge): σ ↔ ᾱ, the σ-scaled input, and ε
+from a denoiser's output — exact values, and ε through a denoiser built from a real (tiny) ldm UNet
+equal to the UNet's own ε."""
+import math
+
+import torch
+
+from lib_layout_retouch.model import (KDiffusionModel, LdmModel, alpha_cumprod_of_sigma, eps_from_denoised,
+                                      sigma_of_alpha_cumprod, sigma_scale_input)
+
+
+def test_sigma_and_alpha_cumprod_are_inverse_with_exact_values():
+    ac = torch.tensor([0.25, 0.5, 0.8], dtype=torch.float64)
+    sigma = sigma_of_alpha_cumprod(ac)
+    assert torch.allclose(sigma, torch.tensor([math.sqrt(3), 1.0, 0.5], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.allclose(alpha_cumprod_of_sigma(sigma), ac, rtol=0, atol=1e-15)
+
+
+def test_eps_from_denoised_recovers_the_noise_row_by_row():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    ac = torch.tensor([0.9, 0.3, 0.05], dtype=torch.float64)
+    z_t = ac.sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac).sqrt().view(-1, 1, 1, 1) * eps  # DDIM's latent
+    x = sigma_scale_input(z_t, ac)
+    sigma = sigma_of_alpha_cumprod(ac)
+    assert torch.allclose(x, x0 + sigma.view(-1, 1, 1, 1) * eps, atol=1e-12)  # x = x₀ + σε
+    assert torch.allclose(eps_from_denoised(x, x0, sigma), eps, atol=1e-12)
+    # a wrong σ per row gives a wrong ε: the rows are not mixed up
+    assert not torch.allclose(eps_from_denoised(x, x0, sigma.flip(0)), eps, atol=1e-3)
+
+
+class _DenoiserOverLdm(KDiffusionModel):
+    """A k-diffusion denoiser made from an ε-UNet the way Forge's KModel does it:
+    D(x; σ) = x − σ·ε_θ(x/√(σ²+1), t(σ))."""
+
+    def denoise(self, x, sigma, cond):
+        t = torch.stack([torch.argmin((sigma_of_alpha_cumprod(self.ldm.alphas_cumprod.float()) - s).abs())
+                         for s in sigma])
+        inner = x / (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)
+        return x - sigma.view(-1, 1, 1, 1) * self.ldm.apply_model(inner, t, cond)
+
+
+@torch.no_grad()
+def test_eps_through_a_sigma_denoiser_equals_the_unets_eps(tiny_ldm):
+    torch.manual_seed(1)
+    z = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([981, 41])
+    cond = tiny_ldm.get_learned_conditioning(["a photo of a dog", ""])
+    eps = LdmModel(tiny_ldm).eps(z, t, cond)
+    k_eps = _DenoiserOverLdm(tiny_ldm).eps(z, t, cond)
+    assert eps.abs().mean() > 0.01  # a real prediction, not zeros
+    assert torch.allclose(k_eps, eps, atol=2e-5), (k_eps - eps).abs().max()
