@@ -37,6 +37,7 @@ class Run:
         self.trajectory: list[torch.Tensor] = []
         self.intermediates: list = []
         self.retouched = False
+        self.lora_nets: list = []
         self.lora_restore = None
         self.progress = ProgressPlan(
             steps=p.steps, batch=p.batch_size,

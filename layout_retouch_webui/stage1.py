@@ -31,8 +31,7 @@ def on_cfg_denoiser(params):
         return
     s = int(denoiser.step) + 1  # the model call about to run, 1-based (exact, unlike sampling_step)
     if run.params.layout_source == "stage1" and len(run.trajectory) < s:
-        # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.
-        run.trajectory.append(params.x[-p.batch_size:].detach().clone())
+        run.trajectory.append(run.host.stage1_latent(p, params).detach().clone())
     if run.job.uses_vanilla(s):
         tc = params.text_cond
         if isinstance(tc, (torch.Tensor, dict)):  # SD1: a tensor; SDXL: {"crossattn", "vector"}
@@ -42,6 +41,9 @@ def on_cfg_denoiser(params):
             params.text_cond = cond
         if run.vanilla_unet is not None:
             run.host.set_unet(p, run.vanilla_unet)
+        if run.lora_nets and run.lora_restore is None:
+            # Here, not in `begin`: a host may (re)merge LoRA weights when sampling loads the model.
+            run.lora_restore = run.host.loras_off_in_unet(p, run.lora_nets)
     elif run.switched_at is None:
         run.switched_at = s
         restore(p, run)
@@ -102,8 +104,7 @@ def begin(p, run) -> None:
             logger.info("stage 1: y_p⁻ encoded with the vanilla checkpoint's text encoder")
     finally:
         host.text_encoders_to(p, vanilla_te, "cpu")
-    if lora_off:
-        run.lora_restore = host.loras_off_in_unet(p, nets)
+    run.lora_nets = nets  # switched off in the UNet at the first vanilla step
     run.stage1_active = True
     run.switched_at = None
     run.trajectory = []
@@ -111,6 +112,7 @@ def begin(p, run) -> None:
 
 def end(p, run) -> None:
     run.stage1_active = False
+    run.lora_nets = []
     restore(p, run)
     if run.vanilla_unet is not None:
         run.host.release_vanilla_unet(p, run.vanilla_unet, keep_on_cpu=bool(opt("layout_retouch_vanilla_on_cpu", False)))

@@ -55,6 +55,13 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
         run.job.add_note("interrupted before the retouch: layout returned")
         return samples
     host = run.host
+    host.check_attention_free(p)
+    with host.inference_context():
+        return _retouch(p, run, samples)
+
+
+def _retouch(p, run, samples):
+    host = run.host
     job = run.job
     job_for_batch = job
     if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:

@@ -50,6 +50,10 @@ class A1111Host(Host):
     def autocast(self):
         return devices.autocast()
 
+    def stage1_latent(self, p, params):
+        # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.
+        return params.x[-p.batch_size:]
+
     @property
     def device(self):
         return devices.device

@@ -40,6 +40,17 @@ class Host:
         """Latents → images as the host's hires pass expects its `decoded_samples`."""
         raise NotImplementedError
 
+    def check_attention_free(self, p) -> None:
+        """Refuse when something else replaces the attention modules the retouch edits."""
+
+    def inference_context(self) -> ContextManager:
+        """Where the retouch runs: the host's grad-free mode (its tensors must be usable there)."""
+        return torch.no_grad()
+
+    def stage1_latent(self, p, params) -> torch.Tensor:
+        """This step's latents z_t of the batch, from the CFG-denoiser callback's params."""
+        raise NotImplementedError
+
     def autocast(self) -> ContextManager:
         return contextlib.nullcontext()
 

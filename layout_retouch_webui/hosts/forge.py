@@ -1,0 +1,265 @@
+"""stable-diffusion-webui-forge (checked against commit dfdcbab6, 2025-06-26).
+
+What differs from AUTOMATIC1111, and how this adapter answers it:
+- The UNet is `sd_model.forge_objects.unet` (a `UnetPatcher`, re-read on every step); its `model` is a
+  `KModel` whose `diffusion_model` keeps ldm's module names, so stage 1 swaps
+  `forge_objects.unet.model.diffusion_model` and the retouch's per-instance attention wrappers address
+  the same layers (`backend/nn/unet.py` calls `self.attn1(...)` unless a `patches_replace` entry
+  replaces it — `check_attention_free` refuses that conflict by name).
+- `KModel.apply_model(x, σ)` returns the denoised image on the k-diffusion σ scale (`backend/modules/
+  k_model.py`): `ForgeModel` drives it as ε(z_t, t) through `lib_layout_retouch.model.KDiffusionModel`;
+  ᾱ is the predictor's `alphas_cumprod`.
+- `modules.sd_models.read_state_dict` is a stub: checkpoints are read with `backend.utils.load_torch_file`.
+- LoRA is merged into the module weights by the patcher's `LoraLoader` (`backend/patcher/lora.py`), with
+  a backup of the originals: "off" is `lora_loader.refresh({})` (the originals back), "on" is the
+  patcher's own `refresh_loras()`; A1111's `unet_multiplier` does not exist here.
+- Text encoding and the VAE run in `torch.inference_mode()` and load their models through
+  `backend.memory_management`; the retouch runs in inference mode too (`inference_context`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from modules import shared
+
+from lib_layout_retouch.conditioning import SizeTerms
+from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.model import SD1, SDXL, KDiffusionModel
+
+from .a1111 import A1111Host
+
+# Forge's model kinds by engine class (backend/diffusion_engine/*.py) that the retouch cannot run on.
+UNSUPPORTED_ENGINES = {
+    "Flux": "Flux (a flow-matching transformer, no UNet self-attention to retouch)",
+    "Chroma": "Chroma (a Flux-family transformer, no UNet self-attention to retouch)",
+    "StableDiffusion3": "SD3 (the MMDiT, no UNet self-attention to retouch)",
+    "StableDiffusionXLRefiner": "the SDXL refiner (not a personalized model; it cannot draw a layout)",
+}
+
+
+def _opt(name, default):
+    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
+
+
+class ForgeModel(KDiffusionModel):
+    """Forge's diffusion engine as the library drives it: ε through the KModel's denoiser, the
+    engine's text processing with explicit SDXL size terms, and a deterministic VAE encode."""
+
+    def __init__(self, engine, sdxl_crop=(0, 0)):
+        super().__init__(engine, sdxl_crop=sdxl_crop)
+        self.family = SDXL if getattr(engine, "is_sdxl", False) else SD1
+
+    @property
+    def unet_patcher(self):
+        return self.ldm.forge_objects.unet
+
+    @property
+    def unet_holder(self):
+        return self.unet_patcher.model  # KModel: calls its `diffusion_model`
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.unet_holder.predictor.alphas_cumprod
+
+    def denoise(self, x, sigma, cond):
+        kmodel = self.unet_holder
+        device = self.device
+        if isinstance(cond, dict):
+            extra = dict(c_crossattn=cond["crossattn"].to(device), y=cond["vector"].to(device))
+        else:
+            extra = dict(c_crossattn=cond.to(device))
+        return kmodel.apply_model(x.to(device), sigma.to(device), transformer_options={}, **extra)
+
+    # -- text -------------------------------------------------------------------------------------
+    def text_encoder(self):
+        """The CLIP-L text processing engine: `tokenize_line` / `tokenize` like A1111's."""
+        return self.ldm.text_processing_engine_l if self.is_sdxl else self.ldm.text_processing_engine
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.text_encoder().tokenize([text])[0])
+
+    @torch.no_grad()
+    def conditioning(self, prompts, size=None, *, negative: bool = False):
+        from modules.prompt_parser import SdConditioning
+        engine = self.ldm
+        if not self.is_sdxl:
+            return engine.get_learned_conditioning(SdConditioning(list(prompts), is_negative_prompt=negative))
+        size = size or SizeTerms.of_generation(1024, 1024, self.sdxl_crop)
+        (h, w), (top, left), (th, tw) = size.original_hw, size.crop_top_left, size.target_hw
+        cond = engine.get_learned_conditioning(SdConditioning(list(prompts), is_negative_prompt=negative,
+                                                              width=w, height=h))
+        # The engine fills crop from the settings and target = original; the reference path's size
+        # terms differ (original photo size, crop, fed size), so the size part is rebuilt here, in
+        # the engine's own order and embedding (sgm's): original, crop (top, left), target.
+        terms = [engine.embedder(torch.Tensor([v])) for v in (h, w, top, left, th, tw)]
+        vector = cond["vector"]
+        flat = torch.flatten(torch.cat(terms)).unsqueeze(0).repeat(vector.shape[0], 1).to(vector)
+        pooled = vector[:, : vector.shape[1] - flat.shape[1]]
+        return {"crossattn": cond["crossattn"], "vector": torch.cat([pooled, flat], dim=1)}
+
+    # -- VAE --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The posterior's mode (Forge's VAE samples by default): the inversion must be
+        deterministic for the reference cache to mean anything."""
+        from backend import memory_management
+        vae = self.ldm.forge_objects.vae
+        memory_management.load_model_gpu(vae.patcher)
+        x = images.to(vae.device, vae.vae_dtype)
+        z = vae.first_stage_model.encode(x, regulation=lambda posterior: posterior.mode())
+        return vae.first_stage_model.process_in(z.float()).to(images.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.ldm.decode_first_stage(latents).float()
+
+
+class ForgeHost(A1111Host):
+    """Forge keeps A1111's Script API, `p.sample`, the CFG-denoiser callback and the checkpoint list;
+    what it does differently is overridden here."""
+
+    name = "Forge"
+
+    # -- the model ----------------------------------------------------------------------------------
+    def check_model(self, p) -> None:
+        engine = p.sd_model
+        kind = type(engine).__name__
+        if kind in UNSUPPORTED_ENGINES:
+            raise LayoutRetouchError(f"{UNSUPPORTED_ENGINES[kind]} is not supported in Forge; load an SD1.x "
+                                     "or SDXL checkpoint", parameter="sd_model")
+        objects = getattr(engine, "forge_objects", None)
+        unet = getattr(getattr(getattr(objects, "unet", None), "model", None), "diffusion_model", None)
+        if unet is None or not (getattr(engine, "is_sd1", False) or getattr(engine, "is_sdxl", False)):
+            raise LayoutRetouchError(f"the loaded model ({kind}) is neither SD1.x nor SDXL; load an SD1.x or SDXL "
+                                     "checkpoint", parameter="sd_model")
+        if getattr(engine, "is_inpaint", False):
+            raise LayoutRetouchError("inpainting models (9 input channels) are not supported; load a txt2img "
+                                     "SD1.x or SDXL checkpoint", parameter="sd_model")
+        prediction = getattr(objects.unet.model.predictor, "prediction_type", "epsilon")
+        if prediction not in ("epsilon", "eps"):
+            raise LayoutRetouchError(f"{prediction} models (e.g. v-prediction) are not supported: the DDIM "
+                                     "inversion assumes ε-prediction; load an ε-prediction checkpoint",
+                                     parameter="sd_model")
+
+    def check_attention_free(self, p) -> None:
+        """Another extension's attention replacement (`set_model_attn1_replace`, ...) bypasses the
+        modules the retouch edits: refuse, naming it, instead of retouching nothing."""
+        options = p.sd_model.forge_objects.unet.model_options
+        replaced = (options.get("transformer_options") or {}).get("patches_replace") or {}
+        kinds = sorted(k for k, v in replaced.items() if v and k in ("attn1", "attn2"))
+        if kinds:
+            raise LayoutRetouchError(
+                f"another extension replaces the UNet's attention ({', '.join(kinds)} via Forge's "
+                "set_model_attn*_replace), which the retouch must edit; turn that extension off for "
+                "retouched images", parameter="enabled")
+
+    def unet(self, p):
+        return p.sd_model.forge_objects.unet.model.diffusion_model
+
+    def set_unet(self, p, unet) -> None:
+        p.sd_model.forge_objects.unet.model.diffusion_model = unet
+
+    def library_model(self, p) -> ForgeModel:
+        from backend import memory_management
+        memory_management.load_model_gpu(p.sd_model.forge_objects.unet)  # on the device, LoRA merged
+        return ForgeModel(p.sd_model, sdxl_crop=(int(_opt("sdxl_crop_top", 0)), int(_opt("sdxl_crop_left", 0))))
+
+    def inference_context(self):
+        return torch.inference_mode()
+
+    def decode_for_hires(self, p, latents):
+        return p.sd_model.decode_first_stage(latents).float().cpu()
+
+    def autocast(self):
+        return contextlib.nullcontext()  # Forge's modules cast to their computation dtype themselves
+
+    @property
+    def device(self):
+        from backend import memory_management
+        return memory_management.get_torch_device()
+
+    def place_vanilla_unet(self, p, unet) -> None:
+        patcher = p.sd_model.forge_objects.unet
+        device = getattr(patcher, "load_device", None) or self.device
+        if next(unet.parameters()).device != torch.device(device):
+            unet.to(device)
+
+    def release_vanilla_unet(self, p, unet, keep_on_cpu: bool) -> None:
+        if keep_on_cpu:
+            unet.to("cpu")
+
+    def stage1_latent(self, p, params) -> torch.Tensor:
+        """Forge's CFG denoiser gets x once per image (it batches cond/uncond itself), and its DDIM
+        hands it on the σ scale: z_t = x/√(σ²+1)."""
+        x = params.x[-p.batch_size:]
+        sigma = params.sigma[-p.batch_size:].to(x.dtype).view(-1, 1, 1, 1)
+        return x / (sigma * sigma + 1).sqrt()
+
+    # -- text ---------------------------------------------------------------------------------------
+    def encode_prompt(self, p, prompt: str):
+        from modules.prompt_parser import SdConditioning
+        return p.sd_model.get_learned_conditioning(SdConditioning([prompt], width=p.width, height=p.height))
+
+    def text_encoder_slots(self, p) -> list:
+        """CLIP-L (SD1's only encoder, SDXL's first): the transformers inside Forge's IntegratedCLIP,
+        keyed as in the checkpoint. SDXL's OpenCLIP-G is stored in another layout than Forge's
+        converted module: not swapped (a note says so)."""
+        engine = p.sd_model
+        if getattr(engine, "is_sdxl", False):
+            clip = engine.text_processing_engine_l.text_encoder
+            prefix = "conditioner.embedders.0.transformer."
+        else:
+            clip = engine.text_processing_engine.text_encoder
+            prefix = "cond_stage_model.transformer."
+        return [(clip, "transformer", prefix)] if isinstance(getattr(clip, "transformer", None), torch.nn.Module) else []
+
+    def text_encoders_to(self, p, modules, where: str) -> None:
+        from backend import memory_management
+        device = memory_management.text_encoder_device() if where == "device" else torch.device("cpu")
+        for m in modules:
+            m.to(device)
+
+    def embedding_names(self):
+        engine = getattr(shared, "sd_model", None)
+        tpe = getattr(engine, "text_processing_engine_l", None) or getattr(engine, "text_processing_engine", None)
+        db = getattr(tpe, "embeddings", None)
+        return list(getattr(db, "word_embeddings", {}) or {}) if db is not None else None
+
+    # -- LoRA ---------------------------------------------------------------------------------------
+    def active_loras(self, p) -> list:
+        """The LoRA files merged into this generation's UNet patcher (`sd_forge_lora`)."""
+        patcher = p.sd_model.forge_objects.unet
+        return [key[0] for key in (getattr(patcher, "lora_patches", None) or {})]
+
+    @contextlib.contextmanager
+    def loras_off_in_text_encoder(self, p, loras):
+        if not loras:
+            yield
+            return
+        from backend import memory_management
+        patcher = p.sd_model.forge_objects.clip.patcher
+        memory_management.load_model_gpu(patcher)  # loaded (LoRA merged) now, so encoding loads nothing more
+        patcher.lora_loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
+        try:
+            yield
+        finally:
+            patcher.refresh_loras()
+
+    def loras_off_in_unet(self, p, loras):
+        if not loras:
+            return lambda: None
+        patcher = p.sd_model.forge_objects.unet
+        patcher.lora_loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
+        return patcher.refresh_loras
+
+    def lora_key(self, p) -> str:
+        patcher = p.sd_model.forge_objects.unet
+        return str(list((getattr(patcher, "lora_patches", None) or {}).keys()))
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def read_state_dict(self, filename):
+        from backend.utils import load_torch_file
+        return load_torch_file(filename, safe_load=True)
