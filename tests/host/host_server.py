@@ -1,0 +1,150 @@
+"""Server plumbing for the host tiers: start a WebUI-like server as a child process, wait for its
+API, read its log and memory, stop it by its PID.
+
+Host-independent (AUTOMATIC1111 or Forge): what to start is the caller's. Used by the Forge tier
+(tests/host/forge/conftest.py); tests/host/conftest.py has its own copy of the same functions (it
+predates this module) and can switch to these.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import requests
+
+import host_helpers as H
+
+
+class Server:
+    """What the tests know about a live server (the same attributes as conftest.WebUI)."""
+
+    def __init__(self, url, pid=None, log_path=None, data_dir=None, models=None, proc=None, what="WebUI"):
+        self.url = url
+        self.pid = pid
+        self.log_path = log_path
+        self.data_dir = data_dir
+        self.models = models or {}
+        self.proc = proc
+        self.what = what
+        self.titles = {}  # stem -> checkpoint title
+        self.started_s = None  # seconds from start to a ready API (started mode only)
+
+    def log_mark(self) -> int:
+        return os.path.getsize(self.log_path) if self.log_path and os.path.exists(self.log_path) else 0
+
+    def log_since(self, mark: int, settle: float = 0.3) -> str:
+        if not self.log_path:
+            pytest.skip(f"the {self.what}'s stdout is not available (attached without its log)")
+        time.sleep(settle)  # let the server flush what it printed for the request
+        with open(self.log_path, "rb") as f:
+            f.seek(mark)
+            return f.read().decode("utf-8", "replace")
+
+    def rss_mib(self, peak: bool = False) -> float:
+        """VmRSS (or VmHWM, the peak, with peak=True) of the server process, in MiB."""
+        if not self.pid:
+            pytest.skip(f"the {self.what}'s PID is not known (attached without it)")
+        key = "VmHWM:" if peak else "VmRSS:"
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) / 1024.0
+        raise RuntimeError(f"no {key}")
+
+    def alive(self) -> bool:
+        try:
+            return requests.get(self.url + "/sdapi/v1/sd-models", timeout=30).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def read_titles(self) -> None:
+        for m in H.get(self.url, "/sdapi/v1/sd-models"):
+            self.titles[m["model_name"]] = m["title"]
+
+    def title(self, stem: str) -> str:
+        if stem not in self.titles:
+            pytest.skip(f"checkpoint {stem} is not in this {self.what}'s list")
+        return self.titles[stem]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path, n=4000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - n))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def wait_ready(server: Server, timeout: float) -> None:
+    t0 = time.monotonic()
+    proc = server.proc
+    while time.monotonic() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the {server.what} exited with {proc.returncode}:\n{tail(server.log_path)}")
+        try:
+            if requests.get(server.url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the {server.what} did not answer /sdapi/v1/sd-models within {timeout:.0f}s:\n"
+                       f"{tail(server.log_path)}")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when pytest dies, even by SIGKILL (Linux), so no server is orphaned."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def start(args: list, cwd: str, env: dict, url: str, log_path: str, timeout: float, what: str,
+          **server_kw) -> Server:
+    """Popen `args` (stdout+stderr to log_path) and wait until its API answers; stopped again on failure."""
+    t0 = time.monotonic()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    log.close()
+    s = Server(url, pid=proc.pid, log_path=log_path, proc=proc, what=what, **server_kw)
+    try:
+        wait_ready(s, timeout)
+    except BaseException:
+        stop(s)
+        raise
+    s.started_s = time.monotonic() - t0
+    return s
+
+
+def stop(s: Server) -> None:
+    proc = s.proc
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(30)
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
