@@ -256,6 +256,46 @@ class LdmModel:
         return self._vae(self.ldm.decode_first_stage, latents, "decode")
 
 
+# Forge's model kinds by engine class (`backend/diffusion_engine/*.py`) that the retouch cannot run on.
+UNSUPPORTED_FORGE_ENGINES = {
+    "Flux": "Flux (a flow-matching transformer, no UNet self-attention to retouch)",
+    "Chroma": "Chroma (a Flux-family transformer, no UNet self-attention to retouch)",
+    "StableDiffusion3": "SD3 (the MMDiT, no UNet self-attention to retouch)",
+    "StableDiffusionXLRefiner": "the SDXL refiner (not a personalized model; it cannot draw a layout)",
+}
+
+
+def check_forge_engine_supported(engine) -> None:
+    """`check_model_supported` for a Forge `ForgeDiffusionEngine`: refused by engine class (the
+    refiner also says `is_sdxl`), then by what the UNet patcher says (inpaint, prediction type)."""
+    kind = type(engine).__name__
+    if kind in UNSUPPORTED_FORGE_ENGINES:
+        raise LayoutRetouchError(f"{UNSUPPORTED_FORGE_ENGINES[kind]} is not supported; load an SD1.x or SDXL "
+                                 "checkpoint", parameter="sd_model")
+    objects = getattr(engine, "forge_objects", None)
+    kmodel = getattr(getattr(objects, "unet", None), "model", None)
+    if getattr(kmodel, "diffusion_model", None) is None or not (getattr(engine, "is_sd1", False)
+                                                                 or getattr(engine, "is_sdxl", False)):
+        raise LayoutRetouchError(f"the loaded model ({kind}) is neither SD1.x nor SDXL; load an SD1.x or SDXL "
+                                 "checkpoint", parameter="sd_model")
+    if getattr(engine, "is_inpaint", False):
+        raise LayoutRetouchError("inpainting models (9 input channels) are not supported; load a txt2img "
+                                 "SD1.x or SDXL checkpoint", parameter="sd_model")
+    prediction = getattr(getattr(kmodel, "predictor", None), "prediction_type", "epsilon")
+    if prediction not in ("epsilon", "eps"):
+        raise LayoutRetouchError(f"{prediction} models (e.g. v-prediction) are not supported: the DDIM "
+                                 "inversion assumes ε-prediction; load an ε-prediction checkpoint",
+                                 parameter="sd_model")
+
+
+def attention_replacements(model_options: dict) -> list[str]:
+    """Which attention kinds ('attn1', 'attn2') another extension replaced through Forge's
+    `set_model_attn*_replace` / `set_model_replace_all`: the UNet block then calls that patch instead
+    of the module, so the retouch's per-module editors would never run."""
+    replaced = ((model_options or {}).get("transformer_options") or {}).get("patches_replace") or {}
+    return sorted(k for k, v in replaced.items() if v and k in ("attn1", "attn2"))
+
+
 class KDiffusionModel(LdmModel):
     """A model whose network the host calls as a k-diffusion denoiser D(x; σ, cond) — Forge's
     `KModel.apply_model` — driven as ε(z_t, t) for DDIM and the retouch. The host adapter gives

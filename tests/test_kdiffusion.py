@@ -51,3 +51,50 @@ def test_eps_through_a_sigma_denoiser_equals_the_unets_eps(tiny_ldm):
     k_eps = _DenoiserOverLdm(tiny_ldm).eps(z, t, cond)
     assert eps.abs().mean() > 0.01  # a real prediction, not zeros
     assert torch.allclose(k_eps, eps, atol=2e-5), (k_eps - eps).abs().max()
+
+
+# --- Forge's model kinds and attention conflicts (host objects faked by their shape) ---------------
+import pytest  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
+from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported  # noqa: E402
+
+
+def _engine(kind, prediction="epsilon", **flags):
+    kmodel = SimpleNamespace(diffusion_model=object(), predictor=SimpleNamespace(prediction_type=prediction))
+    cls = type(kind, (), {})
+    engine = cls()
+    engine.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=kmodel))
+    for k, v in flags.items():
+        setattr(engine, k, v)
+    return engine
+
+
+@pytest.mark.parametrize("kind,words", [("Flux", "Flux"), ("Chroma", "Chroma"), ("StableDiffusion3", "SD3"),
+                                        ("StableDiffusionXLRefiner", "refiner")])
+def test_forge_engines_without_a_retouchable_unet_are_refused_by_name(kind, words):
+    with pytest.raises(LayoutRetouchError, match=words) as e:
+        check_forge_engine_supported(_engine(kind, is_sdxl=kind.endswith("Refiner")))
+    assert e.value.parameter == "sd_model"
+
+
+def test_forge_sd1_and_sdxl_pass_and_inpaint_vpred_and_unknown_kinds_do_not():
+    check_forge_engine_supported(_engine("StableDiffusion", is_sd1=True))
+    check_forge_engine_supported(_engine("StableDiffusionXL", is_sdxl=True))
+    with pytest.raises(LayoutRetouchError, match="inpainting"):
+        check_forge_engine_supported(_engine("StableDiffusion", is_sd1=True, is_inpaint=True))
+    with pytest.raises(LayoutRetouchError, match="v_prediction"):
+        check_forge_engine_supported(_engine("StableDiffusionXL", prediction="v_prediction", is_sdxl=True))
+    with pytest.raises(LayoutRetouchError, match="StableDiffusion2.*neither"):
+        check_forge_engine_supported(_engine("StableDiffusion2", is_sd2=True))
+
+
+def test_attention_replacements_name_what_another_extension_replaced():
+    assert attention_replacements({}) == []
+    assert attention_replacements({"transformer_options": {"patches": {"attn1_patch": [print]}}}) == []
+    opts = {"transformer_options": {"patches_replace": {"attn2": {("output", 3): print}, "attn1": {},
+                                                        "dit": {"x": print}}}}
+    assert attention_replacements(opts) == ["attn2"]
+    opts["transformer_options"]["patches_replace"]["attn1"] = {("input", 1, 0): print}
+    assert attention_replacements(opts) == ["attn1", "attn2"]

@@ -27,18 +27,10 @@ from modules import shared
 
 from lib_layout_retouch.conditioning import SizeTerms
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.model import SD1, SDXL, KDiffusionModel
+from lib_layout_retouch.model import (SD1, SDXL, KDiffusionModel, attention_replacements,
+                                      check_forge_engine_supported)
 
 from .a1111 import A1111Host
-
-# Forge's model kinds by engine class (backend/diffusion_engine/*.py) that the retouch cannot run on.
-UNSUPPORTED_ENGINES = {
-    "Flux": "Flux (a flow-matching transformer, no UNet self-attention to retouch)",
-    "Chroma": "Chroma (a Flux-family transformer, no UNet self-attention to retouch)",
-    "StableDiffusion3": "SD3 (the MMDiT, no UNet self-attention to retouch)",
-    "StableDiffusionXLRefiner": "the SDXL refiner (not a personalized model; it cannot draw a layout)",
-}
-
 
 def _opt(name, default):
     return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
@@ -125,31 +117,12 @@ class ForgeHost(A1111Host):
 
     # -- the model ----------------------------------------------------------------------------------
     def check_model(self, p) -> None:
-        engine = p.sd_model
-        kind = type(engine).__name__
-        if kind in UNSUPPORTED_ENGINES:
-            raise LayoutRetouchError(f"{UNSUPPORTED_ENGINES[kind]} is not supported in Forge; load an SD1.x "
-                                     "or SDXL checkpoint", parameter="sd_model")
-        objects = getattr(engine, "forge_objects", None)
-        unet = getattr(getattr(getattr(objects, "unet", None), "model", None), "diffusion_model", None)
-        if unet is None or not (getattr(engine, "is_sd1", False) or getattr(engine, "is_sdxl", False)):
-            raise LayoutRetouchError(f"the loaded model ({kind}) is neither SD1.x nor SDXL; load an SD1.x or SDXL "
-                                     "checkpoint", parameter="sd_model")
-        if getattr(engine, "is_inpaint", False):
-            raise LayoutRetouchError("inpainting models (9 input channels) are not supported; load a txt2img "
-                                     "SD1.x or SDXL checkpoint", parameter="sd_model")
-        prediction = getattr(objects.unet.model.predictor, "prediction_type", "epsilon")
-        if prediction not in ("epsilon", "eps"):
-            raise LayoutRetouchError(f"{prediction} models (e.g. v-prediction) are not supported: the DDIM "
-                                     "inversion assumes ε-prediction; load an ε-prediction checkpoint",
-                                     parameter="sd_model")
+        check_forge_engine_supported(p.sd_model)
 
     def check_attention_free(self, p) -> None:
         """Another extension's attention replacement (`set_model_attn1_replace`, ...) bypasses the
         modules the retouch edits: refuse, naming it, instead of retouching nothing."""
-        options = p.sd_model.forge_objects.unet.model_options
-        replaced = (options.get("transformer_options") or {}).get("patches_replace") or {}
-        kinds = sorted(k for k, v in replaced.items() if v and k in ("attn1", "attn2"))
+        kinds = attention_replacements(p.sd_model.forge_objects.unet.model_options)
         if kinds:
             raise LayoutRetouchError(
                 f"another extension replaces the UNet's attention ({', '.join(kinds)} via Forge's "

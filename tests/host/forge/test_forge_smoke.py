@@ -58,7 +58,6 @@ def test_forge_lora_changes_the_image_and_is_not_left_applied(webui, plain_befor
     assert np.array_equal(back.image, plain_before.image), "the LoRA stayed applied"
 
 
-@pytest.mark.xfail(reason="issue 13: the extension's Forge adapter is not written yet", strict=False)
 def test_forge_enabled_dreambooth_run_retouches(webui, plain_before, lr):
     r = H.txt2img(webui.url, H.lr_body(lr()))
     assert r.ok, r.describe()
