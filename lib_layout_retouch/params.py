@@ -26,7 +26,13 @@ from .layers import DEFAULT_PRESET, PRESETS
 from .schedule import PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, PAPER_STEPS, Schedule
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
-LAYOUT_SOURCES = ("inversion", "stage1")
+LAYOUT_SOURCES = ("inversion", "stage1", "input")
+# Reference photos the target attends to at once. Each adds one row per CFG half to every retouch
+# step and n tokens to the reference layers' keys/values (and one inversion, cached per photo).
+MAX_REFERENCES = 4
+# Several fingerprints in "LR reference" are joined with this (one photo: the fingerprint alone,
+# as before, so old infotexts paste the same).
+FINGERPRINT_SEPARATOR = ", "
 STAGE1_TEXT_ENCODERS = ("vanilla", "loaded")
 NO_SAM = "none"
 INFOTEXT_PREFIX = "LR "
@@ -103,9 +109,11 @@ FIELDS: tuple[Field, ...] = (
           "reference photo.", None,
           axis="Enable", axis_choices="bool"),
     Field("reference_image", None, "image", "Reference photo of the subject",
-          "One photo of your subject (I_r). It is centre-cropped to the image's aspect ratio; the "
-          "infotext records its fingerprint.", "LR reference",
-          doc="In the API: base64 (with or without a `data:image/...;base64,` prefix)."),
+          f"One photo of your subject (I_r), or up to {MAX_REFERENCES}: the subject's identity is taken "
+          "from all of them together. Each is centre-cropped to the image's aspect ratio; the "
+          "infotext records their fingerprints.", "LR reference",
+          doc="In the API: base64 (with or without a `data:image/...;base64,` prefix), or a list of "
+              f"up to {MAX_REFERENCES} such strings."),
     Field("personalization", "dreambooth", "choice", "Personalized model type",
           "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the "
           "vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the "
@@ -158,9 +166,12 @@ FIELDS: tuple[Field, ...] = (
     Field("layout_source", "inversion", "choice", "Layout path latents",
           "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
           "or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the "
-          "layout is inverted and the infotext says so).", "LR layout source",
+          "layout is inverted and the infotext says so), or — img2img only — the input image itself "
+          "(no stage 1: the input is inverted and retouched, putting your subject into that picture).",
+          "LR layout source",
           choices=LAYOUT_SOURCES,
-          choice_labels=("DDIM inversion of the layout (paper)", "Stage-1 latents (faster)")),
+          choice_labels=("DDIM inversion of the layout (paper)", "Stage-1 latents (faster)",
+                         "The input image itself (img2img)")),
     Field("reset_reference", True, "bool", "Reset the reference path every step",
           "Set the reference path back to its stored inversion latent at every step, so it "
           "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).", "LR reset reference"),
@@ -196,8 +207,10 @@ def _type_error(f: Field, value: Any, wanted: str) -> LayoutRetouchError:
 def _coerce(f: Field, value: Any) -> Any:
     """One UI/API value → the field's type, or a LayoutRetouchError naming the field."""
     if f.kind == "image":
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if _no_image(value):
             return None
+        if isinstance(value, (list, tuple)):
+            return _coerce_references(f, value)
         return decode_image(value)
     if value is None:  # Gradio sends None for untouched components; the API may send null
         return f.default
@@ -261,6 +274,47 @@ def _coerce(f: Field, value: Any) -> Any:
     raise AssertionError(f"unknown field kind {f.kind!r}")  # a bug in FIELDS
 
 
+def _no_image(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _coerce_references(f: Field, values: Sequence[Any]) -> list[Image.Image] | None:
+    """Several reference photos (API list, UI gallery) → a list of PIL images, or None when every
+    entry is empty. Messages number the photos as sent: "reference photo 2 of 3: …"."""
+    given = [(i, v) for i, v in enumerate(values) if not _no_image(v)]
+    if not given:
+        return None
+    if len(given) > MAX_REFERENCES:
+        raise LayoutRetouchError(
+            f"{f.name} has {len(given)} photos but at most {MAX_REFERENCES} are used: remove "
+            f"{len(given) - MAX_REFERENCES} of them (keep the ones that show the subject best)", parameter=f.name)
+    images = []
+    for i, value in given:
+        try:
+            images.append(decode_image(value))
+        except LayoutRetouchError as e:
+            raise reference_error(e, i, len(values)) from e
+    return images
+
+
+def reference_error(error: LayoutRetouchError, index: int, count: int) -> LayoutRetouchError:
+    """`error` about one of several photos, prefixed with which: "reference photo 2 of 3: …"
+    (`index` 0-based). With one photo the message is unchanged."""
+    if count <= 1:
+        return error
+    message = str(error.args[0]) if error.args else str(error)
+    return LayoutRetouchError(f"reference photo {index + 1} of {count}: {message}",
+                              parameter=error.parameter or "reference_image")
+
+
+def fingerprints_from_infotext(info: Mapping[str, Any]) -> list[str]:
+    """The reference fingerprints a pasted infotext records ("LR reference"), in order; [] if none."""
+    value = info.get(FIELD_BY_NAME["reference_image"].infotext_key)
+    if not isinstance(value, str):
+        return []
+    return re.findall(r"[0-9a-f]{16}", value.lower())
+
+
 def _format_infotext(f: Field, value: Any) -> str:
     if f.kind == "float":
         return repr(float(value))
@@ -278,7 +332,8 @@ def _encode_png(img: Image.Image) -> str:
 @dataclass
 class LayoutRetouchParams:
     enabled: bool = False
-    reference_image: Image.Image | None = None
+    # One image, or a list of 1…MAX_REFERENCES (`references` gives the list either way).
+    reference_image: Image.Image | list[Image.Image] | None = None
     personalization: str = "dreambooth"
     vanilla_checkpoint: str = ""
     concept_token: str = ""
@@ -301,6 +356,17 @@ class LayoutRetouchParams:
         # checks the rules, because a disabled unit may be incomplete).
         for f in FIELDS:
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+
+    @property
+    def references(self) -> list[Image.Image]:
+        """The reference photos as a list: [] (none), [one], or several."""
+        value = self.reference_image
+        if value is None:
+            return []
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    def reference_fingerprints(self) -> list[str]:
+        return [image_fingerprint(img) for img in self.references]
 
     # ---- construction from the UI / API -------------------------------------------------------
     @classmethod
@@ -417,8 +483,9 @@ class LayoutRetouchParams:
         info["LR steps used"] = self.schedule(steps).describe()
         if mask_kind:
             info["LR mask"] = mask_kind
-        if self.reference_image is not None:
-            info[FIELD_BY_NAME["reference_image"].infotext_key] = image_fingerprint(self.reference_image)
+        if self.references:
+            info[FIELD_BY_NAME["reference_image"].infotext_key] = FINGERPRINT_SEPARATOR.join(
+                self.reference_fingerprints())
         return info
 
     @classmethod
@@ -452,7 +519,10 @@ class LayoutRetouchParams:
         for f in FIELDS:
             value = getattr(self, f.name)
             if f.kind == "image":
-                value = None if value is None else _encode_png(value)
+                if isinstance(value, (list, tuple)):
+                    value = [_encode_png(img) for img in value]
+                else:
+                    value = None if value is None else _encode_png(value)
             out[f.name] = value
         return out
 

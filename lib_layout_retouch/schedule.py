@@ -189,3 +189,34 @@ def _check_steps(steps: object) -> None:
             f"(the paper uses {PAPER_STEPS})",
             parameter="steps",
         )
+
+
+def img2img_steps(steps: int, denoising_strength: float, fix_steps: bool = False) -> int:
+    """How many sampling steps the WebUI's img2img sampler actually runs for `steps` and
+    `denoising_strength` — the step count stage 1 and the retouch are scheduled over in img2img.
+
+    A1111 v1.10 `modules/sd_samplers_common.py::setup_img2img_steps`:
+
+        if opts.img2img_fix_steps or steps is not None:
+            requested_steps = (steps or p.steps)
+            steps = int(requested_steps / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+            t_enc = requested_steps - 1
+        else:
+            steps = p.steps
+            t_enc = int(min(p.denoising_strength, 0.999) * steps)
+
+    and both sampler families then run `t_enc + 1` steps: `sd_samplers_kdiffusion.py` takes
+    `sigmas[steps - t_enc - 1:]` (t_enc + 2 sigmas, t_enc + 1 intervals) and
+    `launch_sampling(t_enc + 1, …)`; `sd_samplers_timesteps.py` (DDIM, PLMS, UniPC) also reports
+    `launch_sampling(t_enc + 1, …)`. So: `fix_steps` (the setting "With img2img, do exactly the
+    amount of steps the slider specifies") → `steps`; else `int(min(strength, 0.999) · steps) + 1`.
+    """
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    strength = float(denoising_strength)
+    if not 0.0 <= strength <= 1.0:
+        raise LayoutRetouchError(f"denoising strength is {denoising_strength!r} but must be between 0 and 1",
+                                 parameter="denoising_strength")
+    if fix_steps:
+        return steps  # t_enc = steps − 1
+    return int(min(strength, 0.999) * steps) + 1

@@ -63,7 +63,14 @@ def refusal(message: str) -> str:
 
 
 def photo_notice(fingerprint: Optional[str]) -> str:
-    """Shown after Send to txt2img / paste: the photo is never stored in an image."""
+    """Shown after Send to txt2img / paste: the photo is never stored in an image. `fingerprint`:
+    the infotext's "LR reference" value (one fingerprint, or several joined by ", ")."""
+    prints = re.findall(r"[0-9A-Za-z]+", fingerprint or "")
+    if len(prints) > 1:
+        listed = ", ".join(f"`{p}`" for p in prints)
+        return (f"⚠ **Upload the {len(prints)} reference photos again** (the ones used had fingerprints "
+                f"{listed}): pasted parameters switch Layout-and-Retouch on and restore every control "
+                "except the photos, which no image stores.")
     which = f" (the one used had fingerprint `{fingerprint}`)" if fingerprint else ""
     return (f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
             "Layout-and-Retouch on and restore every control except the photo, which no image stores.")

@@ -18,9 +18,11 @@ from lib_layout_retouch.params import (
     FIELD_BY_NAME,
     FIELDS,
     LAYOUT_SOURCES,
+    MAX_REFERENCES,
     NO_SAM,
     PERSONALIZATION_KINDS,
     LayoutRetouchParams,
+    fingerprints_from_infotext,
     markdown_parameter_table,
 )
 from lib_layout_retouch.schedule import Schedule
@@ -96,7 +98,8 @@ def test_fields_are_the_dataclass_in_order_with_matching_defaults():
 def test_field_metadata():
     assert FIELD_BY_NAME["personalization"].choices == PERSONALIZATION_KINDS == (
         "dreambooth", "textual_inversion", "lora")
-    assert FIELD_BY_NAME["layout_source"].choices == LAYOUT_SOURCES == ("inversion", "stage1")
+    # issue 12 added `input` (img2img: retouch the input image itself)
+    assert FIELD_BY_NAME["layout_source"].choices == LAYOUT_SOURCES == ("inversion", "stage1", "input")
     assert FIELD_BY_NAME["sam_model"].default == NO_SAM == "none"
     keys = [f.infotext_key for f in FIELDS if f.infotext_key]
     assert len(keys) == len(set(keys)) and all(k.startswith("LR ") for k in keys)
@@ -435,3 +438,89 @@ def test_vanilla_checkpoint_is_recorded_for_dreambooth_only():
         assert "LR vanilla checkpoint" not in info and info["LR personalization"] == kind
     info = _ready(personalization="dreambooth", vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
     assert info["LR vanilla checkpoint"] == "v1-5.safetensors"
+
+
+# ---- several reference photos (issue 12) -------------------------------------------------------
+def _photos(n):
+    base = np.asarray(_photo().convert("RGB"))
+    return [Image.fromarray(np.roll(base, 7 * i, axis=1)) for i in range(n)]
+
+
+def test_max_references_is_four():
+    assert MAX_REFERENCES == 4
+
+
+def test_one_string_still_gives_one_image_and_the_same_infotext():
+    photo = _photo()
+    p = _ready(reference_image=_b64png(photo))
+    assert isinstance(p.reference_image, Image.Image) and len(p.references) == 1
+    assert p.to_infotext(20)["LR reference"] == image_fingerprint(photo)  # as before: the fingerprint alone
+    assert LayoutRetouchParams().references == []
+
+
+def test_a_list_of_references_parses_validates_and_records_every_fingerprint():
+    photos = _photos(3)
+    p = _ready(reference_image=[_b64png(x) for x in photos])
+    p.validate()
+    assert [image_fingerprint(x) for x in p.references] == [image_fingerprint(x) for x in photos]
+    prints = [image_fingerprint(x) for x in photos]
+    assert len(set(prints)) == 3
+    assert p.to_infotext(20)["LR reference"] == ", ".join(prints)
+    assert p.reference_fingerprints() == prints
+    # a list of one is one reference; empty entries (an empty UI slot) are skipped
+    assert len(_ready(reference_image=[None, _b64png(photos[0]), ""]).references) == 1
+    assert LayoutRetouchParams(reference_image=[None, ""]).reference_image is None
+
+
+def test_several_references_api_round_trip():
+    photos = _photos(2)
+    p = _ready(reference_image=photos)
+    d = p.to_api_dict()
+    assert isinstance(d["reference_image"], list) and len(d["reference_image"]) == 2
+    json.dumps(d)
+    q = LayoutRetouchParams.from_dict(d)
+    assert q.reference_fingerprints() == p.reference_fingerprints()
+    assert [image_fingerprint(x) for x in q.references] == [image_fingerprint(x) for x in photos]
+
+
+def test_too_many_references_names_the_limit():
+    with pytest.raises(LayoutRetouchError) as e:
+        _ready(reference_image=[_b64png(x) for x in _photos(5)])
+    assert e.value.parameter == "reference_image"
+    assert "has 5 photos but at most 4 are used: remove 1 of them" in str(e.value)
+
+
+def test_a_bad_photo_among_several_is_named_by_its_index():
+    good = _b64png(_photo())
+    with pytest.raises(LayoutRetouchError) as e:
+        LayoutRetouchParams.from_dict({"reference_image": [good, "not base64 !!", good]})
+    assert e.value.parameter == "reference_image"
+    message = str(e.value)
+    assert "reference photo 2 of 3: reference_image is not valid base64 image data" in message
+    assert "send the image file's bytes base64-encoded" in message  # the fix
+    # one bad photo alone: the message as before, no index
+    with pytest.raises(LayoutRetouchError) as e:
+        LayoutRetouchParams.from_dict({"reference_image": "not base64 !!"})
+    assert "reference photo" not in str(e.value)
+
+
+def test_infotext_paste_of_several_fingerprints():
+    photos = _photos(3)
+    p = _ready(reference_image=photos)
+    info = {"Steps": "20", **p.to_infotext(20)}
+    line = ", ".join(f"{k}: {_a1111_quote(v)}" for k, v in info.items())
+    parsed = _a1111_parse(line)
+    assert parsed["LR reference"] == ", ".join(image_fingerprint(x) for x in photos)
+    assert fingerprints_from_infotext(parsed) == [image_fingerprint(x) for x in photos]
+    back = LayoutRetouchParams.from_infotext(parsed)
+    assert back["concept_token"] == "sks" and "reference_image" not in back
+    one = _ready().to_infotext(20)
+    assert fingerprints_from_infotext(one) == [image_fingerprint(_photo())]
+    assert fingerprints_from_infotext({"Steps": "20"}) == []
+
+
+def test_layout_source_input_parses_by_value_and_label():
+    assert LayoutRetouchParams(layout_source="input").layout_source == "input"
+    assert LayoutRetouchParams(layout_source="The input image itself (img2img)").layout_source == "input"
+    back = LayoutRetouchParams.from_infotext(_ready(layout_source="input").to_infotext(20))
+    assert back["layout_source"] == "input"

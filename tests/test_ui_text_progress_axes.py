@@ -109,6 +109,8 @@ def test_guess_message_says_what_it_could_not_find():
 
 def test_photo_notice_shows_the_fingerprint():
     assert "abc123" in ui_text.photo_notice("abc123") and "Upload the reference photo again" in ui_text.photo_notice(None)
+    several = ui_text.photo_notice("0123456789abcdef, fedcba9876543210")
+    assert "Upload the 2 reference photos again" in several and "`fedcba9876543210`" in several
 
 
 def test_intermediate_labels():
