@@ -144,8 +144,12 @@ class RetouchAttention:
     `record_maps` is on (the pipeline turns it off once M is built).
     """
 
-    def __init__(self, layers: LayerTable, subject_tokens: Sequence[int], latent_hw: tuple[int, int]):
+    def __init__(self, layers: LayerTable, subject_tokens: Sequence[int], latent_hw: tuple[int, int],
+                 n_references: int = 1):
         self.layers = layers
+        # Reference rows per CFG half. With several, the target's K/V at a reference layer are all
+        # references' K/V side by side along the tokens (issue 12); one keeps the gather fast path.
+        self.n_references = int(n_references)
         self.subject_tokens = list(subject_tokens)
         self.latent_hw = latent_hw
         self.plan: Optional[RowPlan] = None
@@ -201,6 +205,8 @@ class RetouchAttention:
         if at.record_maps:
             self._record_maps(q, k, plan.get(LAYOUT, COND))         # the layout's subject maps → M^c
         out = F.scaled_dot_product_attention(q, k, v)
+        if at.reference and self.n_references > 1:
+            self._attend_references(name, at, q, k, v, out)         # target: Attention(Q_t, [K_r1…], [V_r1…])
         if at.blend:
             self._blend_with_layout(name, at, q, k, v, out)         # s ≥ mask start: φ* = M⊙φ_t + (1−M)⊙φ_o
         if at.stores:
@@ -227,7 +233,8 @@ class RetouchAttention:
         reference's — instead of four row copies into K and V after the projections."""
         heads = module.heads
         q = split_heads(module.to_q(x), heads)
-        gather = self._reference_gather(x.device) if at.reference and not at.copy_layout else None
+        gather = self._reference_gather(x.device) if (at.reference and not at.copy_layout
+                                                       and self.n_references == 1) else None
         kv_in = x.index_select(0, gather) if gather is not None else (x if context is None else context)
         k = split_heads(module.to_k(kv_in), heads)
         v = split_heads(module.to_v(kv_in), heads)
@@ -243,11 +250,25 @@ class RetouchAttention:
             ref_rows = self.plan.get(REFERENCE, half)
             if self.capture_reference is not None and ref_rows is not None:
                 self.capture_reference[(name, REFERENCE, half)] = (None, k[ref_rows].clone(), v[ref_rows].clone(), None)
+            if self.n_references > 1:  # `_attend_references` reads them after the call's own attention
+                continue
             if not gathered:  # the reference comes from `store` (a cached reference / sequential mode)
                 src = self._source(name, REFERENCE, half, q, k, v)
                 n = rows.stop - rows.start
                 k[rows] = src[1].expand(n, -1, -1, -1)
                 v[rows] = src[2].expand(n, -1, -1, -1)
+
+    def _attend_references(self, name, at: "_LayerStep", q, k, v, out) -> None:
+        """Several references: the target rows attend to the keys/values of all of them at once,
+        concatenated along the token axis — (R, heads, n, d) → (1, heads, R·n, d). The target rows'
+        own output from the batched SDPA above is overwritten (one extra SDPA per CFG half)."""
+        for half, rows in at.target_rows:
+            _, kr, vr, _ = self._source(name, REFERENCE, half, q, k, v)
+            heads, d = kr.shape[1], kr.shape[3]
+            n = rows.stop - rows.start
+            kc = kr.transpose(0, 1).reshape(1, heads, -1, d).expand(n, -1, -1, -1)
+            vc = vr.transpose(0, 1).reshape(1, heads, -1, d).expand(n, -1, -1, -1)
+            out[rows] = F.scaled_dot_product_attention(q[rows], kc, vc)
 
     def _blend_with_layout(self, name, at: "_LayerStep", q, k, v, out) -> None:
         w = self.masks.for_tokens(out.shape[2], out.dtype, complement=True).unsqueeze(1)  # (N, 1, n, 1), cached

@@ -33,6 +33,10 @@ ProgressFn = Callable[[str, int, int], None]   # (phase, step, total)
 
 MASK_CA_ONLY = "CA only"
 MASK_SAM = "SAM+CA"
+# Inpaint (issue 12): M bounded by the user's mask U ("CA only in user mask"), or — where M·U is
+# empty for every image — U softened like M ("user mask").
+MASK_USER = "user mask"
+IN_USER_MASK = " in user mask"
 
 
 @dataclass
@@ -191,9 +195,22 @@ def inversion_key(reference_key: tuple, steps: int, latent_hw) -> tuple:
 
 def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "", *,
                    generation_size: Optional[C.SizeTerms] = None,
-                   reference_size: Optional[C.SizeTerms] = None) -> RetouchConds:
+                   reference_size=None) -> RetouchConds:
     """y_r, y_p and the negative prompt. SDXL: each path with its own image's size terms
-    (`generation_size` for the layout/target paths, `reference_size` for the reference path)."""
+    (`generation_size` for the layout/target paths, `reference_size` for the reference path).
+    `reference_size` may be a list, one SizeTerms per reference photo: the reference conditionings
+    then have one row per photo (SDXL; SD1 has no size terms and keeps one row for all)."""
+    if isinstance(reference_size, (list, tuple)):
+        if len(reference_size) == 1 or not model.is_sdxl:
+            return encode_prompts(model, prompts, negative_prompt, generation_size=generation_size,
+                                  reference_size=reference_size[0] if reference_size else None)
+        each = [encode_prompts(model, prompts, negative_prompt, generation_size=generation_size, reference_size=r)
+                for r in reference_size]
+        return RetouchConds(reference=C.cat([c.reference for c in each]), layout=each[0].layout,
+                            uncond=each[0].uncond, target=each[0].target,
+                            reference_uncond=C.cat([c.reference_uncond for c in each]),
+                            reference_empty=C.cat([c.reference_empty for c in each]),
+                            layout_empty=each[0].layout_empty)
     if not model.is_sdxl:
         c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
         return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
@@ -247,18 +264,47 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
             reference_key: Optional[tuple] = None, cache: Optional[InversionCache] = None,
             kv_cache: Optional[ReferenceAttentionCache] = None,
             progress: Optional[ProgressFn] = None,
-            should_stop: Optional[Callable[[], bool]] = None) -> RetouchResult:
-    """Retouch N layout latents (N, C, h, w) with one reference latent (1, C, h, w).
+            should_stop: Optional[Callable[[], bool]] = None,
+            reference_keys: Optional[Sequence[Optional[tuple]]] = None,
+            user_mask: Optional[torch.Tensor] = None) -> RetouchResult:
+    """Retouch N layout latents (N, C, h, w) with R reference latents (R, C, h, w), R ≥ 1.
 
     layout_trajectory: the stage-1 DDIM trajectory [z_T … z_0] (each (N, C, h, w)) on the same
     timesteps — then the layout path follows it instead of a fresh inversion (50 fewer UNet calls).
     layout_images: (N, H, W, 3) uint8 of the layouts, needed only for SAM.
+    reference_key: the cache key of ONE reference; reference_keys: one per reference (R ≥ 1), each
+    inverted and cached on its own. With several references the target attends to all of their
+    K/V at once (concatenated along the tokens).
+    user_mask: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution, 1 = retouch here.
+    The result equals `layout_latents` exactly where it is 0; M is bounded by it (docs/ALGORITHM.md).
     """
     if reference_latent.shape[-2:] != layout_latents.shape[-2:]:
         raise LayoutRetouchError("the reference latent and the layout latents differ in size; "
                                  "prepare the reference at the generation size", parameter="reference_image")
+    r = reference_latent.shape[0]
+    if reference_keys is None:
+        reference_keys = [reference_key] if r == 1 else [None] * r
+    if len(reference_keys) != r:
+        raise ValueError(f"{len(reference_keys)} reference keys for {r} reference latents")
     return _Retouch(model, conds, subject_tokens, settings, layout_latents, layout_trajectory, layout_images,
-                    segmenter, kv_cache, progress, should_stop).run(reference_latent, reference_key, cache)
+                    segmenter, kv_cache, progress, should_stop, r,
+                    _user_mask(user_mask, layout_latents)).run(reference_latent, list(reference_keys), cache)
+
+
+def _user_mask(user_mask: Optional[torch.Tensor], layout_latents: torch.Tensor) -> Optional[torch.Tensor]:
+    """The inpaint mask as (N, 1, h, w) in the latents' dtype and device, or None."""
+    if user_mask is None:
+        return None
+    u = torch.as_tensor(user_mask)
+    if u.ndim == 3:
+        u = u[:, None]
+    n, _, h, w = layout_latents.shape
+    if u.ndim != 4 or u.shape[1] != 1 or tuple(u.shape[-2:]) != (h, w) or u.shape[0] not in (1, n):
+        raise ValueError(f"user_mask must be (N or 1, 1, {h}, {w}) at latent resolution, got {tuple(u.shape)}")
+    u = u.to(layout_latents.device, layout_latents.dtype).expand(n, -1, -1, -1)
+    if not bool(torch.isfinite(u).all()) or float(u.min()) < 0 or float(u.max()) > 1:
+        raise ValueError("user_mask values must lie in [0, 1]")
+    return u
 
 
 class _Retouch:
@@ -267,7 +313,8 @@ class _Retouch:
     paints and blends), a DDIM step for each path; M is built at mask start."""
 
     def __init__(self, model: LdmModel, conds: RetouchConds, subject_tokens, settings: RetouchSettings,
-                 layout_latents, layout_trajectory, layout_images, segmenter, kv_cache, progress, should_stop):
+                 layout_latents, layout_trajectory, layout_images, segmenter, kv_cache, progress, should_stop,
+                 n_references: int = 1, user_mask: Optional[torch.Tensor] = None):
         self.model, self.settings, self.schedule = model, settings, settings.schedule
         self.T = self.schedule.steps
         self.n = layout_latents.shape[0]
@@ -281,7 +328,9 @@ class _Retouch:
         self.latent_hw = tuple(layout_latents.shape[-2:])
         self.notes: list[str] = []
         self.calls = [0, 0]  # UNet calls, rows
-        self.editor = RetouchAttention(self.layers, subject_tokens, self.latent_hw)
+        self.r = n_references
+        self.user_mask = user_mask  # (N, 1, h, w) or None
+        self.editor = RetouchAttention(self.layers, subject_tokens, self.latent_hw, n_references=n_references)
         self.mask: dict = {}
         self.plans: dict[tuple, RowPlan] = {}  # one plan per row layout, kept: the editor keeps device indices on it
         paths = (REFERENCE, LAYOUT, TARGET)
@@ -292,9 +341,10 @@ class _Retouch:
             self.notes.append("SAM skipped: no layout image given; cross-attention mask only")
 
     # -- Algorithm 1 ------------------------------------------------------------------------------
-    def run(self, reference_latent, reference_key, cache) -> RetouchResult:
-        key = None if reference_key is None else inversion_key(reference_key, self.T, self.latent_hw)
-        z_r, cached = self.invert_reference(reference_latent, key, cache)      # z_r[0…T], cached
+    def run(self, reference_latent, reference_keys, cache) -> RetouchResult:
+        keys = [None if k is None else inversion_key(k, self.T, self.latent_hw) for k in reference_keys]
+        z_r, cached = self.invert_references(reference_latent, keys, cache)    # z_r[0…T] (R rows), cached
+        key = keys[0] if self.r == 1 else (None if None in keys else tuple(keys))
         self.z_l = self.layout_start()                                           # z_o[T]
         self.z_t = self.z_l.clone()                                              # z_t ← z_o[T]
         self.z_ref = z_r[self.T].clone()
@@ -308,18 +358,43 @@ class _Retouch:
                 self.build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
         if self.mask.get("kind") is None:
             self.notes.append("no cross-attention maps were recorded; no mask")
+        if self.user_mask is not None:
+            # Outside the user's mask the input's latents, bit for bit: `where` (not only lerp) so
+            # that U == 0 gives exactly those bits whatever the target holds there.
+            u = self.user_mask
+            self.z_t = torch.where(u == 0, self.layout_latents, torch.lerp(self.layout_latents, self.z_t, u))
         return RetouchResult(latents=self.z_t, masks=self.mask.get("masks"), ca_maps=self.mask.get("ca_maps"),
                              mask_kind=self.mask.get("kind", MASK_CA_ONLY), notes=self.notes,
                              unet_calls=self.calls[0], unet_rows=self.calls[1], reference_cached=cached,
                              trajectories=self.trajectories)
 
-    def invert_reference(self, reference_latent, key, cache) -> tuple[list[torch.Tensor], bool]:
-        """DDIM inversion of the reference, once per (reference, model, T)."""
+    def invert_references(self, reference_latent, keys, cache) -> tuple[list[torch.Tensor], bool]:
+        """Each reference's DDIM inversion, once per (reference, model, T), cached on its own (so a
+        photo reused in another set is not inverted again); levels stacked to (R, C, h, w)."""
+        if self.r == 1:
+            return self.invert_reference(reference_latent, keys[0], cache, self.conds.reference_empty)
+        empty = self.conds.reference_empty
+        to_invert = sum(1 for k in keys if k is None or cache is None or cache.peek(k) is None)
+        per_ref, all_cached, done = [], True, 0
+        for i in range(self.r):
+            empty_i = C.rows(empty, slice(i, i + 1)) if (empty is not None and C.batch_size(empty) == self.r) else empty
+            progress = None
+            if self.progress is not None:  # one "reference inversion" phase over all photos inverted
+                progress = (lambda offset: lambda phase, s, total: self.progress(phase, offset + s, to_invert * total))(
+                    done * self.T)
+            z, cached = self.invert_reference(reference_latent[i:i + 1], keys[i], cache, empty_i, progress)
+            per_ref.append(z)
+            all_cached = all_cached and cached
+            done += 0 if cached else 1
+        return [torch.cat(level) for level in zip(*per_ref)], all_cached
+
+    def invert_reference(self, reference_latent, key, cache, empty, progress=None) -> tuple[list[torch.Tensor], bool]:
+        """DDIM inversion of one reference, once per (reference, model, T)."""
         z_r = cache.get(key) if (cache is not None and key is not None) else None
         if z_r is not None:
             return z_r, True
-        z_r = invert_latents(self.model, reference_latent, self.ddim, self.progress, "reference inversion",
-                             self.should_stop, self.calls, empty=self.conds.reference_empty)
+        z_r = invert_latents(self.model, reference_latent, self.ddim, progress or self.progress, "reference inversion",
+                             self.should_stop, self.calls, empty=empty)
         if cache is not None and key is not None:
             cache.put(key, z_r)
         return z_r, False
@@ -359,7 +434,7 @@ class _Retouch:
         # while the layout is copied into every layer the target equals the layout path: not computed
         skip_target = copy and st.skip_equal_target and self.layers.swaps_every_layer()
         need_ref = (not copy and bool(self.layers.reference_layers)) or not st.reset_reference
-        paths = [(REFERENCE, 1 if need_ref else 0), (LAYOUT, self.n), (TARGET, 0 if skip_target else self.n)]
+        paths = [(REFERENCE, self.r if need_ref else 0), (LAYOUT, self.n), (TARGET, 0 if skip_target else self.n)]
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
         if st.sequential:
             eps = {}
@@ -379,6 +454,10 @@ class _Retouch:
             editor.capture_reference = None
         z_l_next = ddim.denoise_step(self.ddim, self.z_l, eps[LAYOUT], s)
         self.z_t = z_l_next.clone() if skip_target else ddim.denoise_step(self.ddim, self.z_t, eps[TARGET], s)
+        if self.user_mask is not None and not skip_target:
+            # Inpaint: outside the user's mask the target follows the layout path at every step (as
+            # the WebUI's inpaint blends its latents), so the UNet sees the input's context there.
+            self.z_t = torch.lerp(z_l_next, self.z_t, self.user_mask)
         if not st.reset_reference and REFERENCE in eps:
             self.z_ref = ddim.denoise_step(self.ddim, self.z_ref, eps[REFERENCE], s)
         self.z_l = z_l_next
@@ -409,9 +488,13 @@ class _Retouch:
                 for p, c in paths if c}
 
     def build_mask(self) -> None:
-        """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3)."""
+        """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3); bounded
+        by the user's mask when there is one."""
         maps = self.editor.subject_maps()
         if maps is None:
+            if self.user_mask is not None:  # nothing recorded: U softened like M is the mask
+                m = torch.from_numpy(np.stack([_softened(self.user_mask[i, 0]) for i in range(self.n)]))
+                self._set_mask(m.to(self.device), None, MASK_USER)
             return
         norm_maps, full_masks = [], []
         kind = MASK_CA_ONLY
@@ -423,10 +506,42 @@ class _Retouch:
                 kind = MASK_SAM
             full_masks.append(masks.adaptive_mask(mc, sam, size=None if sam is not None else self.latent_hw))
             norm_maps.append(norm)
+        if self.user_mask is not None:
+            full_masks, fallback = self.bound_by_user_mask(full_masks)
+            if len(fallback) == self.n:
+                kind = MASK_USER
+            else:
+                kind += IN_USER_MASK
+                if fallback:
+                    kind += f"; user mask alone for image {', '.join(str(i + 1) for i in fallback)}"
         m = torch.from_numpy(np.stack(full_masks)).to(self.device)
+        self._set_mask(m, torch.from_numpy(np.stack(norm_maps)), kind)
+
+    def _set_mask(self, m, ca_maps, kind) -> None:
         self.editor.masks = masks.LayerMasks(m, self.latent_hw)
         self.editor.record_maps = False
-        self.mask.update(masks=m, ca_maps=torch.from_numpy(np.stack(norm_maps)), kind=kind)
+        self.mask.update(masks=m, ca_maps=ca_maps, kind=kind)
+
+    def bound_by_user_mask(self, full_masks) -> tuple[list[np.ndarray], list[int]]:
+        """M·U per image; where that is empty, U softened like M (which images: the second list)."""
+        out, fallback = [], []
+        for i, m in enumerate(full_masks):
+            u = masks.resize_nearest(self.user_mask[i, 0].float().cpu().numpy(), m.shape)
+            bounded = (m * u).astype(np.float32)
+            if not (bounded > 0).any():
+                bounded = _softened(self.user_mask[i, 0], m.shape)
+                fallback.append(i)
+            out.append(bounded)
+        return out, fallback
+
+
+def _softened(u: torch.Tensor, size=None) -> np.ndarray:
+    """The user's mask U (h, w) softened like M: U's support in the role of M^k with no M^c —
+    Normalize(EDT(U > 0)) (rim 0.5, core 1) — times U, so it never leaves U."""
+    u = u.float().cpu().numpy()
+    size = size or u.shape
+    soft = masks.adaptive_mask(np.zeros(u.shape, bool), u > 0, size=size)
+    return (soft * masks.resize_nearest(u, size)).astype(np.float32)
 
 
 @dataclass

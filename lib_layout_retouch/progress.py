@@ -8,7 +8,10 @@ UNet call by the rows it runs (the work), so the bar never restarts and the ETA 
 - a stage-1 step runs 2·B rows (cond + uncond) — one unit;
 - a reference-inversion step runs 1 row (skipped when the inversion is cached);
 - a layout-inversion step runs B rows (none with layout source `stage1` on DDIM);
-- a retouch step runs 2·(1 + 2·B) rows (reference, layout, target, both CFG halves).
+- a retouch step runs 2·(R + 2·B) rows (R reference photos, layout, target, both CFG halves).
+
+With R reference photos each uncached one is inverted on its own (T steps of 1 row each). With
+layout source `input` (img2img) there is no stage 1: `stage1_steps=0`.
 """
 from __future__ import annotations
 
@@ -25,28 +28,38 @@ class ProgressPlan:
     batch: int = 1
     reference_cached: bool = False
     invert_layout: bool = True
+    references: int = 1                          # R: reference rows in each retouch step
+    references_to_invert: int | None = None      # None: R, or 0 when `reference_cached`
+    stage1_steps: int | None = None              # None: `steps`; 0 for layout source `input`
     units: dict = field(init=False)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"steps and batch must be positive, got {self.steps}, {self.batch}")
         unit = 2.0 * self.batch
+        to_invert = self.references_to_invert
+        if to_invert is None:
+            to_invert = 0 if self.reference_cached else self.references
         self.units = {
-            "reference inversion": 0.0 if self.reference_cached else self.steps * 1 / unit,
+            "reference inversion": self.steps * to_invert / unit,
             "layout inversion": self.steps * self.batch / unit if self.invert_layout else 0.0,
-            "retouch": self.steps * 2 * (1 + 2 * self.batch) / unit,
+            "retouch": self.steps * 2 * (self.references + 2 * self.batch) / unit,
         }
+
+    @property
+    def _stage1(self) -> int:
+        return self.steps if self.stage1_steps is None else self.stage1_steps
 
     @property
     def total(self) -> float:
         """The bar's length in stage-1 steps."""
-        return self.steps + sum(self.units.values())
+        return self._stage1 + sum(self.units.values())
 
     def position(self, phase: str, step: int, phase_steps: int) -> float:
         """Where the bar is after `step` of `phase_steps` steps of a stage-2 phase."""
         if phase not in self.units:
             raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
-        before = self.steps + sum(self.units[p] for p in PHASES[:PHASES.index(phase)])
+        before = self._stage1 + sum(self.units[p] for p in PHASES[:PHASES.index(phase)])
         frac = min(max(step / max(phase_steps, 1), 0.0), 1.0)
         return before + self.units[phase] * frac
 

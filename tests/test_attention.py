@@ -261,3 +261,45 @@ def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
         k = attn.split_heads(module.to_k(ctx[2:]), module.heads)
         expected = attn.attention_probabilities(q, k)[..., [4, 5]].mean(dim=(1, 3)).reshape(2, 4, 4)
     assert torch.allclose(editor.subject_maps(), expected, atol=1e-6)  # the COND half only
+
+
+def _multi_reference_out(module, name, x_refs, x_t, n_references, sources=None):
+    table = LayerTable("t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=())
+    editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8), n_references=n_references)
+    if sources is None:
+        plan = RowPlan.build([("reference", x_refs.shape[0]), (LAYOUT, 1), (TARGET, x_t.shape[0])], halves=(COND,))
+        batch = torch.cat([x_refs, x_t[:1], x_t])
+    else:
+        plan = RowPlan.build([(LAYOUT, 1), (TARGET, x_t.shape[0])], halves=(COND,))
+        batch = torch.cat([x_t[:1], x_t])
+    editor.capture_reference = {} if sources is None else None
+    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False, sources=sources)
+    with torch.no_grad():
+        out = editor(name, module, batch, None, None, None)
+    return out[plan.get(TARGET, COND)], editor.capture_reference
+
+
+def test_the_same_reference_twice_attends_like_it_once(tiny_ldm):
+    """K/V of [ref, ref] concatenated along the tokens: every softmax weight halves and every value
+    appears twice, so the output is the same as with [ref] (up to float rounding)."""
+    name, module = _self_attention_module(tiny_ldm)
+    g = torch.Generator().manual_seed(11)
+    x_ref, x_other = torch.randn(1, 64, 32, generator=g), torch.randn(1, 64, 32, generator=g)
+    x_t = torch.randn(2, 64, 32, generator=g)
+    once, _ = _multi_reference_out(module, name, x_ref, x_t, 1)
+    twice, captured = _multi_reference_out(module, name, torch.cat([x_ref, x_ref]), x_t, 2)
+    assert torch.allclose(twice, once, atol=1e-6, rtol=1e-5)
+    # against the formula: Attention(Q_t, [K_1; K_2], [V_1; V_2]) with two different references
+    both, _ = _multi_reference_out(module, name, torch.cat([x_ref, x_other]), x_t, 2)
+    h = module.heads
+    q = attn.split_heads(module.to_q(x_t), h)
+    k = attn.split_heads(module.to_k(torch.cat([x_ref, x_other], dim=1)), h)   # tokens side by side
+    v = attn.split_heads(module.to_v(torch.cat([x_ref, x_other], dim=1)), h)
+    with torch.no_grad():
+        expected = module.to_out(attn.merge_heads(torch.matmul(attn.attention_probabilities(q, k.expand(2, -1, -1, -1)),
+                                                               v.expand(2, -1, -1, -1))))
+    assert torch.allclose(both, expected, atol=1e-5)
+    assert not torch.allclose(both, once, atol=1e-3)  # the second reference does count
+    # from a cached reference (the captured K/V of both rows) the result is the same
+    cached, _ = _multi_reference_out(module, name, None, x_t, 2, sources=captured)
+    assert torch.allclose(cached, twice, atol=1e-6)

@@ -318,3 +318,26 @@ def test_refiner_inpaint_and_vpred_refused_by_name(xl):
             check_model_supported(model)
     finally:
         model.parameterization = "eps"
+
+
+def test_several_references_each_with_its_own_size_terms(xl, xl_setup):
+    """Issue 12 on SDXL: one reference row per photo, each with its photo's size terms; the same
+    photo twice gives the result of once (K/V concatenated with a copy of themselves)."""
+    kind, _, adapter = xl
+    _, conds1, subject, ref, layouts = xl_setup
+    prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
+    sizes = [C.SizeTerms((96, 64), (16, 0), (64, 64)), C.SizeTerms((480, 640), (0, 10), (64, 64))]
+    conds = pl.encode_prompts(adapter, prompts, "", generation_size=adapter.generation_size(64, 64),
+                              reference_size=sizes)
+    assert C.batch_size(conds.reference) == C.batch_size(conds.reference_uncond) == C.batch_size(conds.reference_empty) == 2
+    assert torch.equal(conds.reference["vector"][:1], conds1.reference["vector"])  # photo 1: its own terms
+    assert not torch.equal(_size_part(conds.reference["vector"][1:], kind), _size_part(conds1.reference["vector"], kind))
+    assert torch.equal(conds.layout["vector"], conds1.layout["vector"])  # the generation's untouched
+    twice = pl.encode_prompts(adapter, prompts, "", generation_size=adapter.generation_size(64, 64),
+                              reference_size=[sizes[0], sizes[0]])
+    once = _run(xl_setup)
+    res = pl.retouch(adapter, reference_latent=torch.cat([ref, ref]), layout_latents=layouts, conds=twice,
+                     subject_tokens=subject,
+                     settings=pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=3,
+                                                                             scale=False)))
+    assert torch.allclose(res.latents, once.latents, atol=1e-5, rtol=1e-5)

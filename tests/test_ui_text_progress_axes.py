@@ -150,3 +150,14 @@ def test_progress_plan_without_reference_or_layout_inversion():
     assert ProgressPlan.text("retouch") == "Layout-and-Retouch: stage 2: retouch"
     with pytest.raises(ValueError):
         plan.position("painting", 1, 10)
+
+
+def test_progress_plan_for_several_references_and_no_stage1():
+    one = ProgressPlan(steps=10, batch=1)
+    three = ProgressPlan(steps=10, batch=1, references=3, references_to_invert=2)
+    assert three.units["reference inversion"] == pytest.approx(2 * one.units["reference inversion"])
+    assert three.units["retouch"] == pytest.approx(10 * 2 * (3 + 2) / 2)
+    assert ProgressPlan(steps=10, batch=1, references=3, reference_cached=True).units["reference inversion"] == 0
+    no_stage1 = ProgressPlan(steps=10, batch=1, stage1_steps=0)
+    assert no_stage1.total == pytest.approx(one.total - 10)
+    assert no_stage1.position("reference inversion", 0, 10) == 0
