@@ -219,3 +219,13 @@ def test_infotext_paste_in_img2img(url, lr, reference_b64):
     got = H.assert_retouched(pasted)
     assert got["LR lambda1"] == "1" and got["LR CA threshold"] == "0.2", got
     assert np.array_equal(pasted.image, r.image)
+
+
+@pytest.mark.parametrize("fill", [0, 2, 3])
+def test_inpaint_masked_content_choices(url, lr, fill):
+    """'fill', 'latent noise', 'latent nothing' (stage 1 draws inside the mask): retouched, outside kept."""
+    init = H.input_rgb()
+    r = H.img2img(url, H.lr_img2img_body(lr(), init=init, mask=H.box_mask(box=MASK_BOX), inpainting_fill=fill))
+    H.assert_retouched(r)
+    keep = outside(MASK_BOX)
+    assert np.array_equal(r.image[keep], np.asarray(init)[keep])
