@@ -41,7 +41,9 @@
     // accordion headers get their title here.
     function labelTitles() {
         const root = (typeof gradioApp === 'function') ? gradioApp() : document;
-        root.querySelectorAll('#tab_txt2img label, #tab_txt2img [data-testid="block-label"], #tab_txt2img .label-wrap, #tab_txt2img .label-wrap span, #tab_txt2img button').forEach(function (el) {
+        const sel = ['label', '[data-testid="block-label"]', '.label-wrap', '.label-wrap span', 'button'];
+        const tabs = ['#tab_txt2img', '#tab_img2img'];
+        root.querySelectorAll(tabs.map(function (t) { return sel.map(function (s) { return t + ' ' + s; }).join(', '); }).join(', ')).forEach(function (el) {
             if (el.title) return;
             const hint = layoutRetouchHints[(el.textContent || '').trim()];
             if (!hint) return;

@@ -17,14 +17,71 @@ logger = logs.attach_console()
 
 
 def parse_params(p, args) -> LayoutRetouchParams:
+    args, more = split_args(args)
     params = LayoutRetouchParams.from_script_args(args)
-    params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None), p.steps)
+    if more:
+        params = with_more_photos(p, params, more)
+    from .img2img import steps_run  # late: img2img imports the WebUI's processing lazily too
+    params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None), steps_run(p, params.layout_source))
     # The settings' default SAM is the UI dropdown's initial value; for the API it fills an omitted name.
     if params.enabled and params.sam_model == NO_SAM and _named_without(args, "sam_model"):
         default_sam = opt("layout_retouch_default_sam", NO_SAM)
         if default_sam and default_sam != NO_SAM:
             params = axes.apply_overrides(params, {"sam_model": default_sam})
     return params
+
+
+# --- several reference photos -------------------------------------------------------------------------
+# The UI's components are the API's positional args in `FIELDS` order; the "More photos" upload (the
+# 2nd…4th reference photo) is one extra component AFTER them (`EXTRA_ARGS`), so old positional clients
+# are unchanged. API clients send several photos as `reference_image: [b64, …]` instead.
+EXTRA_ARGS = ("more_reference_images",)
+
+
+def split_args(args):
+    """Script args → (the `FIELDS` args, the "More photos" value or None)."""
+    from lib_layout_retouch.params import FIELDS
+    if not isinstance(args, (list, tuple)):
+        return args, None
+    args = list(args)
+    n = len(FIELDS)
+    if len(args) > n + len(EXTRA_ARGS):
+        raise LayoutRetouchError(f"got {len(args)} positional arguments but Layout-and-Retouch takes at most "
+                                 f"{n} (its parameters) + {len(EXTRA_ARGS)} (the UI's 'More photos'); send one "
+                                 "dict of named parameters instead, with several photos as a list in reference_image")
+    more = args[n] if len(args) > n else None
+    return args[:n], more
+
+
+def _upload_path(item):
+    """A file of gradio's upload: gradio 3 gives tempfile wrappers (`.name`), gradio 4 paths or dicts."""
+    if isinstance(item, dict):
+        return item.get("path") or item.get("name")
+    return getattr(item, "name", item)
+
+
+def with_more_photos(p, params: LayoutRetouchParams, more) -> LayoutRetouchParams:
+    """The UI's 'More photos' added after the main photo (together at most MAX_REFERENCES)."""
+    from PIL import Image
+    items = [m for m in (more if isinstance(more, (list, tuple)) else [more]) if m not in (None, "")]
+    if not items:
+        return params
+    if getattr(p, "is_api", False):
+        # Only the UI's own uploads are files; an API value here would be a path on the server.
+        raise LayoutRetouchError("the 'More photos' argument is for the UI's uploads; in the API send several "
+                                 "photos as a list of base64 strings in reference_image", parameter="reference_image")
+    photos = []
+    for i, item in enumerate(items):
+        try:
+            with Image.open(_upload_path(item)) as img:
+                img.load()
+                photos.append(img.copy())
+        except Exception as e:  # not an image, or gone
+            raise LayoutRetouchError(f"more photos: file {i + 1} of {len(items)} is not an image ({e})",
+                                     parameter="reference_image") from None
+    values = params.references + photos
+    # Re-coerced: the limit and each photo's checks, with messages naming photo k of n.
+    return axes.apply_overrides(params, {"reference_image": values})
 
 
 def _named_without(args, name) -> bool:

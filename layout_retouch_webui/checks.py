@@ -8,7 +8,7 @@ import re
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import NO_SAM, LayoutRetouchParams
 
-from . import hosts
+from . import hosts, img2img
 from .settings import SAM_SEEN, sam_choices
 from .vanilla import VANILLA_UNETS
 
@@ -17,9 +17,10 @@ def check_host(p, params: LayoutRetouchParams) -> None:
     """The checks that need the WebUI: model kind, lists of checkpoints/files."""
     from modules.processing import StableDiffusionProcessingTxt2Img
     host = hosts.current()
-    if not isinstance(p, StableDiffusionProcessingTxt2Img):
-        raise LayoutRetouchError("Layout-and-Retouch works in txt2img only")
+    if not isinstance(p, StableDiffusionProcessingTxt2Img) and not img2img.is_img2img(p):
+        raise LayoutRetouchError(f"Layout-and-Retouch works in txt2img and img2img, not in {type(p).__name__}")
     host.check_model(p)
+    img2img.check(p, params)
     refiner = getattr(p, "refiner_checkpoint", None)
     if refiner not in (None, "", "None") and 0 < float(getattr(p, "refiner_switch_at", 1.0) or 0) < 1:
         # The WebUI would load another model in the middle of sampling: stage 1's switch and the
@@ -47,12 +48,14 @@ def check_host(p, params: LayoutRetouchParams) -> None:
 def check_before_sampling(p, params: LayoutRetouchParams) -> None:
     """Problems that would otherwise only show mid-sampling: refused here, before any compute."""
     host = hosts.current()
-    if params.personalization == "lora" and params.schedule(p.steps).lambda1 > 0:
+    steps = img2img.steps_run(p, params.layout_source)
+    stage1 = params.layout_source != "input"  # img2img's 'input': no stage 1, no vanilla model
+    if params.personalization == "lora" and stage1 and params.schedule(steps).lambda1 > 0:
         prompts = p.all_prompts or [p.prompt if isinstance(p.prompt, str) else p.prompt[0]]
         if not any(re.search(r"<(lora|lyco):", pr or "") for pr in prompts):
             raise LayoutRetouchError("personalization is 'lora' but the prompt has no <lora:name:1> tag: add "
                                      "your LoRA's tag to the prompt", parameter="personalization")
-    if params.personalization == "dreambooth":
+    if params.personalization == "dreambooth" and stage1:
         info = host.checkpoint(params.vanilla_checkpoint)
         VANILLA_UNETS.get(info, host.unet(p))  # loads (cached) and checks the architecture
 
@@ -67,7 +70,8 @@ def is_loaded_checkpoint(p, name: str) -> bool:
 def host_notes(p, run) -> None:
     """Checks that only warrant a note in the infotext (the run still does what was asked)."""
     params = run.params
-    if params.personalization == "dreambooth" and is_loaded_checkpoint(p, params.vanilla_checkpoint):
+    img2img.notes(p, run)
+    if params.personalization == "dreambooth" and params.layout_source != "input" and is_loaded_checkpoint(p, params.vanilla_checkpoint):
         run.job.add_note("the vanilla checkpoint is the loaded model itself: stage 1 only swaps the prompt; "
                          "choose the checkpoint your DreamBooth model was trained from")
     if params.personalization == "textual_inversion":

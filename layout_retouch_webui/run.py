@@ -15,7 +15,7 @@ from lib_layout_retouch.params import LayoutRetouchParams
 from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import strip_extra_networks
 
-from . import api, hosts, stage1, stage2
+from . import api, hosts, img2img, stage1, stage2
 
 RUN_ATTR = "layout_retouch_run"
 
@@ -26,9 +26,14 @@ class Run:
     def __init__(self, p, params: LayoutRetouchParams):
         self.params = params
         self.host = hosts.current()
+        self.img2img = img2img.is_img2img(p)
+        # img2img: the steps its sampler actually runs (λ1/λ2/mask start are scaled to them); with
+        # layout source 'input' (no stage 1) the slider's steps.
+        steps = img2img.steps_run(p, params.layout_source)
         self.job = lr_job.RetouchJob(params, prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
                                      negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
-                                     steps=p.steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale)
+                                     steps=steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale,
+                                     img2img=self.img2img, requested_steps=p.steps)
         self.vanilla_unet = None
         self.personal_unet = None
         self.layout_cond = None
@@ -40,9 +45,15 @@ class Run:
         self.lora_nets: list = []
         self.lora_restore = None
         self.progress = ProgressPlan(
-            steps=p.steps, batch=p.batch_size,
-            invert_layout=not (params.layout_source == "stage1" and p.sampler_name == "DDIM"))
+            steps=steps, batch=p.batch_size,
+            invert_layout=not (params.layout_source == "stage1" and p.sampler_name == "DDIM" and not self.img2img),
+            references=len(params.references), stage1_steps=0 if self.stage1_skipped else None)
         self.phase = None
+
+    @property
+    def stage1_skipped(self) -> bool:
+        """img2img's layout source 'input': the input is the layout; the host samples nothing."""
+        return self.params.layout_source == "input"
 
 
 def of(p):
@@ -62,11 +73,22 @@ def install(p, run: Run) -> None:
     def sample(*args, **kwargs):
         run.retouched = False
         try:
-            try:
-                stage1.begin(p, run)
-                samples = original_sample(*args, **kwargs)
-            finally:
-                stage1.end(p, run)  # nothing stays switched, whatever happened
+            if run.stage1_skipped:
+                # img2img, layout source 'input': no sampling at all; the input's latents (one row per
+                # image of the batch) are the layout. The noise the host's sample() would draw is drawn
+                # and dropped: the WebUI encodes the next img2img input with the global torch RNG
+                # (the VAE posterior's sample), which that draw leaves seeded — skipping it would
+                # change the next plain img2img.
+                rng = getattr(p, "rng", None)
+                if rng is not None:
+                    rng.next()
+                samples = p.init_latent
+            else:
+                try:
+                    stage1.begin(p, run)
+                    samples = original_sample(*args, **kwargs)
+                finally:
+                    stage1.end(p, run)  # nothing stays switched, whatever happened
             if not run.retouched:
                 samples = stage2.retouch_samples(p, run, samples)
         except LayoutRetouchError as e:

@@ -2,6 +2,7 @@
 the host's progress bar, live preview, Interrupt/Skip buttons and the intermediates gallery."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -15,6 +16,7 @@ from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import strip_extra_networks, subject_positions_in_chunks, subject_token_positions
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 
+from . import img2img
 from .settings import opt, sam_folders
 
 logger = logs.attach_console()
@@ -72,7 +74,10 @@ def _retouch(p, run, samples):
     layout_images = pipeline.to_uint8(model.decode(samples)) if segmenter is not None else None
     trajectory = None
     if job.params.layout_source == "stage1":
-        if p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
+        if run.img2img:
+            job.add_note("layout source 'stage1' follows txt2img's DDIM trajectory from pure noise; img2img's "
+                         "starts part-way: the layout was inverted instead")
+        elif p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
             # A1111's DDIM stops at t=1 after N−1 calls: its latents are our levels T…1.
             trajectory = run.trajectory + [samples, samples]
         else:
@@ -86,9 +91,12 @@ def _retouch(p, run, samples):
     model_key = host.model_key(p, job.params.personalization)
 
     plan = run.progress
-    if cache.peek(pipeline.inversion_key((job_for_batch.reference_fingerprint, model_key), job.steps,
-                                         samples.shape[-2:])) is not None:
-        plan = ProgressPlan(plan.steps, plan.batch, reference_cached=True, invert_layout=plan.invert_layout)
+    cached = job_for_batch.references_cached(cache, model_key, samples.shape[-2:])
+    if cached:
+        plan = dataclasses.replace(plan, references_to_invert=plan.references - cached)
+    user_mask = img2img.user_mask(p)  # inpaint: 1 where the user painted; None otherwise
+    if user_mask is not None:
+        user_mask = user_mask.to(samples.device)
 
     def progress(phase, step, total_steps):  # one bar: stage 2 continues where stage 1 ended
         shared.state.textinfo = ProgressPlan.text(phase)
@@ -108,7 +116,7 @@ def _retouch(p, run, samples):
         result = job_for_batch.retouch(model, samples, subject_tokens=subject, model_key=model_key,
                                        layout_trajectory=trajectory, layout_images=layout_images,
                                        segmenter=segmenter, cache=cache, kv_cache=kv_cache, progress=progress,
-                                       should_stop=should_stop)
+                                       should_stop=should_stop, user_mask=user_mask)
     except Interrupted as e:
         job.add_note(f"retouch interrupted ({e}); layout returned")
         logger.info(f"interrupted: {e}")

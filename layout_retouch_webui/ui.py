@@ -6,12 +6,15 @@ import gradio as gr
 
 from lib_layout_retouch import ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
+from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES, NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.prompts import guess_concept
+from lib_layout_retouch.schedule import img2img_steps
 
 from . import hosts
 from .api import has_lr_keys
 from .settings import checkpoint_choices, opt, sam_choices
+
+MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCES - 1})"
 
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
@@ -77,6 +80,9 @@ def build(script, is_img2img: bool) -> list:
         with gr.Row():
             with gr.Column(scale=1, min_width=200):
                 make("reference_image")
+                # Photos 2…MAX_REFERENCES: one extra component after the FIELDS ones (api.EXTRA_ARGS).
+                more_photos = gr.File(label=MORE_PHOTOS_LABEL, file_count="multiple", file_types=["image"],
+                                      elem_id=script.elem_id("more_photos"))
             with gr.Column(scale=2):
                 make("personalization")
                 with FormRow(elem_id=script.elem_id("vanilla_row")) as vanilla_row:
@@ -93,7 +99,10 @@ def build(script, is_img2img: bool) -> list:
         for name in ("lambda1", "lambda2", "mask_start", "scale_with_steps"):
             make(name)
         steps_now = getattr(script.host_components.get("steps"), "value", 20) or 20
-        effective = gr.Markdown(describe_effective(5, 10, 31, True, steps_now), elem_id=script.elem_id("effective"))
+        strength_box = script.host_components.get("denoising_strength") if is_img2img else None
+        strength_now = getattr(strength_box, "value", 0.75) if is_img2img else None
+        effective = gr.Markdown(describe_effective(5, 10, 31, True, steps_now, strength_now),
+                                elem_id=script.elem_id("effective"))
         for f in ui_text.basic_fields():
             if f.name not in made:
                 make(f.name)
@@ -104,14 +113,22 @@ def build(script, is_img2img: bool) -> list:
     kind = comps["personalization"]
     kind.change(lambda v: gr.update(visible=v == labels["personalization"]["dreambooth"]),
                 inputs=[kind], outputs=[vanilla_row], show_progress=False)
-    comps["reference_image"].upload(lambda: gr.update(value="", visible=False), outputs=[photo_notice],
-                                    show_progress=False)
+    for photo in (comps["reference_image"], more_photos):
+        photo.upload(lambda: gr.update(value="", visible=False), outputs=[photo_notice], show_progress=False)
     prompt_box = script.host_components.get("prompt")
     steps_box = script.host_components.get("steps")
     knobs = [comps[n] for n in ("lambda1", "lambda2", "mask_start", "scale_with_steps")]
     if steps_box is not None:
-        for c in knobs + [steps_box]:
-            c.change(describe_effective, inputs=knobs + [steps_box], outputs=[effective], show_progress=False)
+        inputs = knobs + [steps_box]
+        update = describe_effective
+        if is_img2img and strength_box is not None:
+            source_labels = {v: k for k, v in labels["layout_source"].items()}
+            inputs = inputs + [strength_box, comps["layout_source"]]
+
+            def update(l1, l2, ms, scale, steps, strength, source):
+                return describe_effective(l1, l2, ms, scale, steps, strength, source_labels.get(source, source))
+        for c in inputs:
+            c.change(update, inputs=inputs, outputs=[effective], show_progress=False)
     if prompt_box is not None:
         guess.click(guess_concept_ui, inputs=[prompt_box], outputs=[comps["concept_token"], comps["class_phrase"], guess_msg],
                     show_progress=False)
@@ -122,7 +139,7 @@ def build(script, is_img2img: bool) -> list:
         if f.infotext_key and f.kind != "image":
             script.infotext_fields.append((comps[f.name], paste_reader(f.name, labels.get(f.name, {}))))
     script.paste_field_names = [f.infotext_key for f in FIELDS if f.infotext_key]
-    return [comps[f.name] for f in FIELDS]
+    return [comps[f.name] for f in FIELDS] + [more_photos]  # api.EXTRA_ARGS after the parameters
 
 
 def paste_notice(d):
@@ -131,10 +148,20 @@ def paste_notice(d):
     return gr.update(value=ui_text.photo_notice(d.get(FIELD_BY_NAME["reference_image"].infotext_key)), visible=True)
 
 
-def describe_effective(l1, l2, ms, scale, steps):
+def describe_effective(l1, l2, ms, scale, steps, strength=None, source=None):
+    """The "At N steps" line. img2img (`strength` given): at the steps its sampler runs
+    (steps × denoising strength), or — layout source 'input' — all the steps, strength unused."""
     try:
         params = LayoutRetouchParams(lambda1=l1, lambda2=l2, mask_start=ms, scale_with_steps=scale)
-        return f"At {int(steps)} steps: {params.schedule(int(steps)).describe()}"
+        steps = int(steps)
+        if strength is None:
+            return f"At {steps} steps: {params.schedule(steps).describe()}"
+        if source == "input":
+            return (f"At {steps} steps (the input image retouched over all of them; denoising strength not "
+                    f"used): {params.schedule(steps).describe()}")
+        run = img2img_steps(steps, float(strength), bool(opt("img2img_fix_steps", False)))
+        return (f"At {run} steps (img2img runs {run} of {steps} at denoising strength {float(strength):g}): "
+                f"{params.schedule(run).describe()}")
     except LayoutRetouchError as e:
         return f"⚠ {ui_text.for_ui(str(e))}"
 

@@ -11,7 +11,7 @@ from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, LayoutRetouchParams
 
-from . import api, hosts
+from . import api, hosts, img2img
 from .checks import check_host
 from .settings import TITLE, sam_choices
 
@@ -32,7 +32,8 @@ def axis_confirm(spec):
     def confirm(p, xs):
         try:
             base = grid_base_params(p)
-            axes.check_axis_values(base, spec.field, xs, p.steps, label=spec.label,
+            steps = img2img.steps_run(p, base.layout_source)
+            axes.check_axis_values(base, spec.field, xs, steps, label=spec.label,
                                    host_check=lambda params: check_host(p, params))
         except LayoutRetouchError as e:
             logger.info(f"refused: {e}")

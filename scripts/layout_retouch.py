@@ -22,8 +22,11 @@ from layout_retouch_webui import api, checks, run as lr_run, settings, stage1, u
 
 logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
 
-# The host's prompt and steps boxes, by tab, for the accordion's live hints.
-_HOST_BOXES = {"txt2img_prompt": ("txt2img", "prompt"), "txt2img_steps": ("txt2img", "steps")}
+# The host's prompt, steps (and img2img's denoising strength) boxes, by tab, for the accordion's live
+# hints. Each tab has its own script instance, so each instance keeps its own tab's boxes.
+_HOST_BOXES = {"txt2img_prompt": ("txt2img", "prompt"), "txt2img_steps": ("txt2img", "steps"),
+               "img2img_prompt": ("img2img", "prompt"), "img2img_steps": ("img2img", "steps"),
+               "img2img_denoising_strength": ("img2img", "denoising_strength")}
 
 
 class LayoutRetouchScript(scripts.Script):
@@ -35,14 +38,19 @@ class LayoutRetouchScript(scripts.Script):
         return settings.TITLE
 
     def show(self, is_img2img):
-        return False if is_img2img else scripts.AlwaysVisible
+        return scripts.AlwaysVisible  # txt2img and img2img (incl. inpaint)
+
+    def elem_id(self, item_id):
+        """txt2img keeps the ids it had when the script showed in txt2img only (CSS, tests, user
+        scripts); img2img's are prefixed with the tab, so every id is unique on the page."""
+        return f"script_{'img2img_' if self.is_img2img else ''}layoutandretouch_{item_id}"
 
     def ui(self, is_img2img):
         return ui.build(self, is_img2img)
 
     def after_component(self, component, **kwargs):
         where = _HOST_BOXES.get(kwargs.get("elem_id"))
-        if where is not None:
+        if where is not None and (where[0] == "img2img") == bool(self.is_img2img):
             self.host_components[where[1]] = component
 
     def process(self, p, *args):

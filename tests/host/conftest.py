@@ -450,5 +450,5 @@ def sdxl_model(webui, plain_before):
 def pytest_collection_modifyitems(config, items):
     # Run the plain-WebUI checks first (they take the baseline), the SDXL module after the SD1 ones
     # (one model switch there and back), the memory soak last.
-    order = {"test_host_webui.py": 0, "test_host_sdxl.py": 7, "test_host_memory.py": 9}
+    order = {"test_host_webui.py": 0, "test_host_sdxl.py": 7, "test_host_img2img_sdxl.py": 7, "test_host_memory.py": 9}
     items.sort(key=lambda it: order.get(os.path.basename(str(it.fspath)), 5))

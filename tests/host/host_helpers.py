@@ -282,3 +282,65 @@ def txt2img_while_polling(url: str, body: dict, poll, interval: float = 0.01,
     finally:
         done.set()
         t.join(30)
+
+
+# ---------------------------------------------------------------- img2img / inpaint (issue 12)
+
+def img2img(url: str, body: dict, timeout: float = 600) -> Result:
+    """POST /sdapi/v1/img2img; never raises on an HTTP error status (tests assert on it)."""
+    t0 = time.monotonic()
+    r = requests.post(url + "/sdapi/v1/img2img", json=body, timeout=timeout)
+    res = Result(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
+    if r.status_code == 200:
+        j = r.json()
+        res.images = [decode_image(i) for i in j.get("images") or []]
+        try:
+            res.info = json.loads(j.get("info") or "{}")
+        except ValueError:
+            res.info = {}
+        res.infotexts = list(res.info.get("infotexts") or [])
+    return res
+
+
+def input_rgb(w: int = SIZE, h: int = SIZE) -> Image.Image:
+    """The img2img input: a scene unlike the reference (a dark disc on a blue-to-white sky)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    img[..., 0] = 90 + 150 * yy / max(h - 1, 1)
+    img[..., 1] = 120 + 120 * yy / max(h - 1, 1)
+    img[..., 2] = 250 - 40 * xx / max(w - 1, 1)
+    disc = ((xx - 0.5 * w) ** 2 + (yy - 0.6 * h) ** 2) <= (0.25 * min(w, h)) ** 2
+    img[disc] = (60, 50, 40)
+    return Image.fromarray(img.clip(0, 255).astype(np.uint8))
+
+
+def box_mask(w: int = SIZE, h: int = SIZE, box=(16, 16, 48, 48)) -> Image.Image:
+    """A binary inpaint mask: white (inpaint) inside `box` = (x0, y0, x1, y1), black elsewhere."""
+    m = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    m[y0:y1, x0:x1] = 255
+    return Image.fromarray(m, mode="L")
+
+
+def img2img_body(prompt: str = PROMPT, init: Image.Image | None = None, mask: Image.Image | None = None,
+                 **kw) -> dict:
+    """A plain tiny img2img request (DDIM, 64×64, fixed seed); with `mask` an inpaint request (mask
+    blur 0, whole picture, masked content 'original', unless `kw` says otherwise)."""
+    body = plain_body(prompt, init_images=[png_b64(init or input_rgb())], denoising_strength=0.75)
+    if mask is not None:
+        body.update(mask=png_b64(mask), mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
+                    inpaint_full_res_padding=0, inpainting_mask_invert=0)
+    body.update(kw)
+    return body
+
+
+def lr_img2img_body(lr: dict | list, prompt: str = PROMPT, **kw) -> dict:
+    body = img2img_body(prompt, **kw)
+    body["alwayson_scripts"] = {SCRIPT: {"args": [lr] if isinstance(lr, dict) else list(lr)}}
+    return body
+
+
+def xyz_axis_choices_img2img(url: str) -> list[str]:
+    s = script_info(url, "x/y/z plot", img2img=True)
+    assert s is not None, "x/y/z plot script (img2img) missing from /sdapi/v1/script-info"
+    return list(s["args"][0]["choices"])

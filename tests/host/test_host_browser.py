@@ -290,3 +290,62 @@ def test_send_to_txt2img_from_png_info_asks_for_the_photo_again(page, webui_ui, 
     notice.wait_for(state="visible")
     assert "Upload the reference photo again" in notice.inner_text()
     assert header_checkbox(page).is_checked()
+
+
+# ---------------------------------------------------------------- img2img (issue 12)
+ISID = "script_img2img_layoutandretouch_"
+
+
+def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_path, tmp_path):
+    """The accordion in img2img (its own ids), with "More photos" and the "At N steps" line at the
+    steps img2img runs; an inpaint-upload generation through the page is retouched and keeps the
+    input outside the mask. With LR_SCREENSHOTS=<dir> it saves <dir>/ui-img2img.png (README)."""
+    init_path, mask_path = tmp_path / "input.png", tmp_path / "mask.png"
+    H.input_rgb().save(init_path)
+    H.box_mask(box=(16, 16, 48, 48)).convert("RGBA").save(mask_path)
+    page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+    page.locator("#img2img_inpaint_upload_tab").wait_for(state="attached")
+    page.locator("#mode_img2img .tab-nav button", has_text="Inpaint upload").first.click()
+    page.locator("#img_inpaint_base input[type=file]").set_input_files(str(init_path))
+    page.locator("#img_inpaint_mask input[type=file]").set_input_files(str(mask_path))
+    page.wait_for_selector("#img_inpaint_mask img")
+    set_text(page, "#img2img_prompt textarea", "a photo of sks dog in a garden, img2img browser")
+    set_number(page, "img2img_width", 64)
+    set_number(page, "img2img_height", 64)
+    set_number(page, "img2img_steps", 8)
+    set_number(page, "img2img_mask_blur", 0)
+    choose(page, "img2img_sampling", "DDIM")
+    acc = page.locator(f"#{ISID}enabled")
+    assert acc.count() == 1 and page.locator(ACC).count() == 1, "the accordion is not in each tab once"
+    if not acc.locator(".input-accordion-checkbox").is_checked():
+        acc.locator(".label-wrap").first.click()
+    page.wait_for_function("() => document.querySelector('#%senabled-checkbox input').checked" % ISID)
+    page.locator(f"#{ISID}reference_image input[type=file]").set_input_files(photo_path)
+    page.wait_for_selector(f"#{ISID}reference_image img")
+    second = tmp_path / "second.png"
+    H.reference_rgb().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
+    page.locator(f"#{ISID}more_photos input[type=file]").set_input_files([str(second)])
+    page.wait_for_function("() => document.querySelector('#%smore_photos').innerText.includes('second.png')" % ISID)
+    choose(page, f"{ISID}vanilla_checkpoint", webui_ui.title(TC.VANILLA))
+    page.locator(f"#{ISID}guess").click()
+    page.wait_for_function("() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
+                           % (ISID, ISID))
+    set_number(page, f"{ISID}lambda1", 5)  # nudge the "At N steps" line
+    page.wait_for_function("() => document.querySelector('#%seffective').innerText.includes('img2img runs')" % ISID)
+    effective = page.locator(f"#{ISID}effective").first.inner_text()
+    assert "img2img runs 7 of 8" in effective, effective
+    shots = os.environ.get("LR_SCREENSHOTS")
+    if shots:
+        page.locator(f"#{ISID}enabled").scroll_into_view_if_needed()
+        page.screenshot(path=os.path.join(shots, "ui-img2img.png"), full_page=True)
+    log_js = "() => [...document.querySelectorAll('#html_log_img2img')].map(e => e.innerText).join('\\n')"
+    before = page.evaluate(log_js)
+    page.locator("#img2img_generate").click()
+    t0 = time.monotonic()
+    while not (page.evaluate(log_js) != before and "Time taken" in page.evaluate(log_js)):
+        assert time.monotonic() - t0 < TIMEOUT / 1000, "the generation did not end"
+        time.sleep(0.2)
+    info = page.locator("#html_info_img2img").first.inner_text()
+    assert "LR lambda1" in info and "img2img ran 7 of 8 steps" in info, info
+    prints = re.search(r"LR reference: \"?([0-9a-f, ]+)", info)
+    assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, info  # the main photo + "More photos"
