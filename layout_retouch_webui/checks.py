@@ -37,7 +37,7 @@ def check_host(p, params: LayoutRetouchParams) -> None:
         raise LayoutRetouchError(f"SAM model '{name}' is not in the list of SAM checkpoints "
                                  f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
                                  parameter="sam_model")
-    if params.personalization == "dreambooth":
+    if params.personalization == "dreambooth" and params.layout_source != "input":  # no stage 1 there
         info = host.checkpoint(params.vanilla_checkpoint)
         if info is None or not os.path.isfile(info.filename):
             raise LayoutRetouchError(f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "

@@ -6,7 +6,7 @@ import gradio as gr
 
 from lib_layout_retouch import ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES, NO_SAM, LayoutRetouchParams
+from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.prompts import guess_concept
 from lib_layout_retouch.schedule import img2img_steps
 
@@ -14,7 +14,6 @@ from . import hosts
 from .api import has_lr_keys
 from .settings import checkpoint_choices, opt, sam_choices
 
-MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCES - 1})"
 
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
@@ -81,7 +80,7 @@ def build(script, is_img2img: bool) -> list:
             with gr.Column(scale=1, min_width=200):
                 make("reference_image")
                 # Photos 2…MAX_REFERENCES: one extra component after the FIELDS ones (api.EXTRA_ARGS).
-                more_photos = gr.File(label=MORE_PHOTOS_LABEL, file_count="multiple", file_types=["image"],
+                more_photos = gr.File(label=ui_text.MORE_PHOTOS_LABEL, file_count="multiple", file_types=["image"],
                                       elem_id=script.elem_id("more_photos"))
             with gr.Column(scale=2):
                 make("personalization")

@@ -446,7 +446,8 @@ class LayoutRetouchParams:
                 "red vase",
                 parameter="class_phrase",
             )
-        if self.personalization == "dreambooth" and not self.vanilla_checkpoint:
+        # layout source 'input' has no stage 1, so no vanilla model runs
+        if self.personalization == "dreambooth" and self.layout_source != "input" and not self.vanilla_checkpoint:
             raise LayoutRetouchError(
                 "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose "
                 "the original checkpoint your DreamBooth model was fine-tuned from (e.g. "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
-from .params import FIELDS, FIELD_BY_NAME
+from .params import FIELDS, FIELD_BY_NAME, MAX_REFERENCES
 
 # Folded into the "Advanced" accordion; everything else is what a first-time user needs.
 ADVANCED = ("reference_prompt", "sam_model", "ca_threshold", "layout_source", "reset_reference", "layer_preset",
@@ -18,7 +18,12 @@ ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enabl
 ADVANCED_LABEL = "Advanced"
 GUESS_LABEL = "Guess"
 # Hover hints of controls that are no parameter (by their visible text).
+MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCES - 1})"
+
 EXTRA_HINTS = {
+    MORE_PHOTOS_LABEL: "Other photos of the same subject (other angles, other light): the retouch attends to all "
+                       "of them together. Each is inverted once and cached. The API sends them in "
+                       "reference_image as a list.",
     GUESS_LABEL: "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding "
                  "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
                  "It says what it could not find.",

@@ -524,3 +524,14 @@ def test_layout_source_input_parses_by_value_and_label():
     assert LayoutRetouchParams(layout_source="The input image itself (img2img)").layout_source == "input"
     back = LayoutRetouchParams.from_infotext(_ready(layout_source="input").to_infotext(20))
     assert back["layout_source"] == "input"
+
+
+def test_layout_source_input_needs_no_vanilla_checkpoint_in_dreambooth_mode():
+    """'input' retouches the img2img input itself: no stage 1, so no vanilla model is ever loaded."""
+    from tests.paths import DOG_PHOTO
+    photo = Image.open(DOG_PHOTO)
+    base = dict(enabled=True, reference_image=photo, personalization="dreambooth", concept_token="sks",
+                class_phrase="dog", vanilla_checkpoint="")
+    LayoutRetouchParams(layout_source="input", **base).validate()
+    with pytest.raises(LayoutRetouchError, match="vanilla_checkpoint is empty"):
+        LayoutRetouchParams(layout_source="inversion", **base).validate()
