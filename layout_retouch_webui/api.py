@@ -111,6 +111,22 @@ def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
     p.sample = sample
 
 
+def fail_internal(p, exc: Exception) -> None:
+    """An unexpected error while preparing an enabled run. The WebUI would print it and then sample
+    a plain image as if nothing had been asked — a silent no-op. Instead: the traceback in the log,
+    and the generation fails with a message (API: HTTP 500)."""
+    logger.exception(f"internal error, the generation is stopped: {exc}")
+    message = (f"Layout-and-Retouch could not prepare the run ({type(exc).__name__}: {exc}); no image was made. "
+               "This is a bug or an unsupported host: please report it with the console log")
+
+    def sample(*args, **kwargs):
+        if getattr(p, "is_api", False):
+            from fastapi import HTTPException
+            raise HTTPException(status_code=500, detail=message)
+        raise RuntimeError(message)
+    p.sample = sample
+
+
 def request_error(p, err: LayoutRetouchError, logged: bool = False) -> Exception:
     """What to raise for a user error: for the API an HTTPException, which reaches the client as a
     plain 422 {"detail": msg} without a server traceback; in the UI the error itself (a toast)."""

@@ -72,7 +72,7 @@ def build(script, is_img2img: bool) -> list:
                         elem_id=script.elem_id("enabled")) as enabled:
         comps["enabled"] = enabled
         made.add("enabled")
-        gr.Markdown("Vanilla model draws the layout, your subject is retouched in from one photo "
+        gr.Markdown("Vanilla model draws the layout, your subject is retouched in from its photo (up to 4) "
                     "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
                     "the paper used **DDIM**.")
         photo_notice = gr.Markdown("", visible=False, elem_id=script.elem_id("photo_notice"))

@@ -5,6 +5,8 @@ they share nothing with the loaded model but the class (VAE stays the loaded mod
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import os
 import threading
 from collections import OrderedDict
@@ -20,6 +22,17 @@ from .settings import opt
 
 logger = logs.attach_console()
 UNET_PREFIX = "model.diffusion_model."
+
+
+def release_freed_memory() -> None:
+    """Give the checkpoint tensors just freed back to the OS: glibc keeps large freed blocks in the
+    process otherwise, and a CPU host (or the CPU copy of a --medvram model) would look gigabytes
+    bigger after every vanilla load."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (Windows, macOS, musl): nothing to do
+        pass
 
 
 class VanillaUNets:
@@ -50,7 +63,7 @@ class VanillaUNets:
     @staticmethod
     def _load(info, personal_unet):
         logger.info(f"loading vanilla UNet from {os.path.basename(info.filename)}")
-        state = hosts.current().read_state_dict(info.filename)
+        state = hosts.current().read_weights(info.filename, [UNET_PREFIX])
         unet_state = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
         del state
         own = personal_unet.state_dict()
@@ -76,6 +89,8 @@ class VanillaUNets:
             m.__dict__.pop("forward", None)
         unet.load_state_dict(unet_state)
         unet.eval().requires_grad_(False)
+        del unet_state
+        release_freed_memory()
         return unet
 
     def clear(self):
@@ -95,8 +110,11 @@ class VanillaTextEncoders(VanillaUNets):
     @staticmethod
     def _load(info, slots):
         logger.info(f"loading the vanilla text encoder from {os.path.basename(info.filename)}")
-        state = hosts.current().read_state_dict(info.filename)
-        return [text_encoders.copy_with_weights(getattr(h, a), state, prefix, info.title) for h, a, prefix in slots]
+        state = hosts.current().read_weights(info.filename, [prefix for _, _, prefix in slots])
+        copies = [text_encoders.copy_with_weights(getattr(h, a), state, prefix, info.title) for h, a, prefix in slots]
+        del state
+        release_freed_memory()
+        return copies
 
 
 VANILLA_UNETS = VanillaUNets()

@@ -56,6 +56,7 @@ class LayoutRetouchScript(scripts.Script):
     def process(self, p, *args):
         lr_run.clear(p)
         api.own_infotext(p)  # before anything: an image that is not retouched carries no `LR ` key
+        params = None
         try:
             params = api.parse_params(p, args)
             if not params.enabled:
@@ -67,6 +68,12 @@ class LayoutRetouchScript(scripts.Script):
             checks.host_notes(p, run)
         except LayoutRetouchError as e:
             api.refuse(p, e)
+            return
+        except Exception as e:  # a bug of ours or a host we do not know: never a silent plain image
+            if params is None or not params.enabled:
+                logger.exception("could not read the parameters of a run that may be disabled")
+                return
+            api.fail_internal(p, e)
             return
         lr_run.install(p, run)
         p.extra_generation_params.update(run.job.infotext())

@@ -160,3 +160,6 @@ class A1111Host(Host):
 
     def read_state_dict(self, filename):
         return sd_models.read_state_dict(filename, map_location="cpu")
+
+    def fix_checkpoint_keys(self, state):
+        return sd_models.get_state_dict_from_checkpoint(state)

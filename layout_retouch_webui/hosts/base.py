@@ -112,3 +112,20 @@ class Host:
 
     def read_state_dict(self, filename: str) -> dict:
         raise NotImplementedError
+
+    def fix_checkpoint_keys(self, state: dict) -> dict:
+        """The host's renaming of old checkpoint keys (A1111: `get_state_dict_from_checkpoint`)."""
+        return state
+
+    def read_weights(self, filename: str, prefixes) -> dict:
+        """The tensors of checkpoint `filename` whose keys start with one of `prefixes`. From a
+        .safetensors file only those are read (a vanilla UNet from a 7 GB SDXL file reads its 5 GB,
+        not all of it, and never holds the rest in memory); other formats go through the host."""
+        prefixes = tuple(prefixes)
+        if filename.lower().endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(filename, framework="pt", device="cpu") as f:
+                state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+            return self.fix_checkpoint_keys(state)
+        state = self.read_state_dict(filename)
+        return {k: v for k, v in state.items() if k.startswith(prefixes)}

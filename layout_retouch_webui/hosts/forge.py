@@ -236,3 +236,6 @@ class ForgeHost(A1111Host):
     def read_state_dict(self, filename):
         from backend.utils import load_torch_file
         return load_torch_file(filename, safe_load=True)
+
+    def fix_checkpoint_keys(self, state):
+        return state  # Forge's `get_state_dict_from_checkpoint` is a stub; its loader keeps the file's keys
