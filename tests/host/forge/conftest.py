@@ -144,6 +144,8 @@ def start_forge(forge_dir: str, python: str, tmp: str) -> S.Server:
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
     os.symlink(REPO_ROOT, os.path.join(data_dir, "extensions", EXTENSION_NAME))
+    # a test-only extension that replaces one attention layer when the prompt says `attnreplace`
+    os.symlink(os.path.join(HERE, "attn_replace_extension"), os.path.join(data_dir, "extensions", "lr-test-attn-replace"))
     ckpt_dir = os.path.join(tmp, "Stable-diffusion")
     shutil.copytree(built["ckpt_dir"], ckpt_dir, copy_function=S.link_or_copy)
     # Live previews off ("Approx NN" would download preview weights); no cond cache across requests

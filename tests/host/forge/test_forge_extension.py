@@ -118,7 +118,7 @@ def test_forge_xyz_sweep_over_lambda1(webui, lr):
 def test_forge_bad_inputs_are_refused_by_name_and_forge_keeps_serving(webui, lr, plain_before):
     cases = [
         (lr(reference_image=None), ("reference_image",)),
-        (lr(lambda1=9), ("lambda1",)),
+        (lr(lambda1=9), ("lambda1", "λ1")),
         (lr(vanilla_checkpoint="no-such-model.safetensors"), ("vanilla_checkpoint",)),
         (lr(sam_model="../../etc/passwd"), ("sam_model", "path")),
         (lr(reference_image="not base64 at all"), ("reference_image",)),
@@ -162,3 +162,38 @@ def test_forge_interrupt_mid_retouch_leaves_nothing_patched(webui, lr, plain_bef
     assert "interrupted" in " ".join(H.lr_notes(r).values()), r.lr
     after = H.txt2img(webui.url, H.plain_body())
     assert np.array_equal(after.image, plain_before.image), "something stayed patched after an interrupt"
+
+
+def test_forge_img2img_and_inpaint_retouch_and_keep_the_outside(webui, lr):
+    """img2img (issue 12) in Forge: retouched over the steps run; inpaint keeps the input's pixels
+    outside the mask (Forge's own overlay after our latents keep the input there)."""
+    plain = H.img2img(webui.url, H.img2img_body())
+    assert plain.ok, plain.describe()
+    on = H.img2img(webui.url, H.lr_img2img_body(lr()))
+    got = H.assert_retouched(on)
+    assert "img2img ran 7 of 8 steps" in got["LR steps used"], got
+    assert H.differs(on.image, plain.image)
+    box = (16, 16, 48, 48)
+    painted = H.img2img(webui.url, H.lr_img2img_body(lr(), mask=H.box_mask(box=box)))
+    H.assert_retouched(painted)
+    keep = np.ones((H.SIZE, H.SIZE), bool)
+    keep[box[1]:box[3], box[0]:box[2]] = False
+    source = np.asarray(H.input_rgb())
+    assert np.array_equal(painted.image[keep], source[keep]), "pixels outside the inpaint mask changed"
+    assert H.differs(painted.image[~keep], source[~keep])
+    again = H.img2img(webui.url, H.img2img_body())
+    assert np.array_equal(again.image, plain.image), "plain img2img changed after enabled runs"
+
+
+def test_forge_another_extensions_attention_replacement_is_refused_by_name(webui, lr):
+    """An extension that replaces attention through Forge's `set_model_attn1_replace` (here the
+    test-only `attn_replace_extension`, triggered by `attnreplace` in the prompt) bypasses the modules
+    the retouch edits: the run is refused naming the conflict, and the same prompt runs plain."""
+    prompt = H.PROMPT + " attnreplace"
+    plain = H.txt2img(webui.url, H.plain_body(prompt))
+    assert plain.ok, plain.describe()
+    r = H.txt2img(webui.url, H.lr_body(lr(), prompt=prompt))
+    H.assert_error_names(r, "set_model_attn", "replaces the UNet's attention")
+    assert "attn1" in H.error_text(r), H.error_text(r)
+    again = H.txt2img(webui.url, H.plain_body(prompt))
+    assert np.array_equal(again.image, plain.image)
