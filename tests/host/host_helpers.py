@@ -284,6 +284,26 @@ def txt2img_while_polling(url: str, body: dict, poll, interval: float = 0.01,
         t.join(30)
 
 
+def interrupt_during_retouch(url: str, body: dict, at: float = 0.6, interval: float = 0.01):
+    """txt2img `body` and POST /sdapi/v1/interrupt once the progress is in the retouch phase (`textinfo`
+    names "retouch") with `sampling_step` at `at` or more of `sampling_steps` (the glue advances the
+    WebUI's progress through stage 2). Returns (result, hit, seen): `hit` the (textinfo, step, steps)
+    the interrupt was sent at (empty: the phase was never seen), `seen` every textinfo polled."""
+    hit, seen = [], set()
+
+    def poll(j):
+        info, st = (j.get("textinfo") or ""), j.get("state") or {}
+        seen.add(info)
+        n, total = st.get("sampling_step") or 0, st.get("sampling_steps") or 0
+        if "retouch" in info.lower() and total and n >= at * total:
+            requests.post(url + "/sdapi/v1/interrupt", timeout=30)
+            hit.append((info, n, total))
+            return True
+        return False
+
+    return txt2img_while_polling(url, body, poll, interval=interval), hit, seen
+
+
 # ---------------------------------------------------------------- img2img / inpaint (issue 12)
 
 def img2img(url: str, body: dict, timeout: float = 600) -> Result:
