@@ -98,6 +98,31 @@ def lr_body(lr: dict | list, prompt: str = PROMPT, **kw) -> dict:
     return body
 
 
+def default_lr(reference_b64: str, vanilla_title: str) -> dict:
+    """Both tiers' default named args (conftest `lr_defaults`): DreamBooth mode against `vanilla_title`,
+    λ1=2, λ2=3, mask start 6 taken literally (scale_with_steps off), no SAM."""
+    return {
+        "enabled": True,
+        "reference_image": reference_b64,
+        "personalization": "dreambooth",
+        "vanilla_checkpoint": vanilla_title,
+        "concept_token": "sks",
+        "class_phrase": "dog",
+        "reference_prompt": "a photo of sks dog",
+        "lambda1": 2,
+        "lambda2": 3,
+        "mask_start": 6,
+        "scale_with_steps": False,
+        "sam_model": "none",
+        "ca_threshold": 0.1,
+        "show_intermediates": False,
+        "layout_source": "inversion",
+        "reset_reference": True,
+        "layer_preset": "standard",
+        "stage1_text_encoder": "vanilla",
+    }
+
+
 def positional(named: dict) -> list:
     """The positional form of a full named dict (contract order)."""
     missing = [k for k in ARG_ORDER if k not in named]

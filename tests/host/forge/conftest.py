@@ -208,23 +208,4 @@ def plain_before(webui):
 def lr_defaults(webui, reference_b64) -> dict:
     """The A1111 tier's defaults with the Forge models: DreamBooth, forge-personal (loaded) vs
     forge-vanilla, 8 steps, λ1=2, λ2=3, mask start 6 taken literally, no SAM."""
-    return {
-        "enabled": True,
-        "reference_image": reference_b64,
-        "personalization": "dreambooth",
-        "vanilla_checkpoint": webui.title(FC.VANILLA),
-        "concept_token": "sks",
-        "class_phrase": "dog",
-        "reference_prompt": "a photo of sks dog",
-        "lambda1": 2,
-        "lambda2": 3,
-        "mask_start": 6,
-        "scale_with_steps": False,
-        "sam_model": "none",
-        "ca_threshold": 0.1,
-        "show_intermediates": False,
-        "layout_source": "inversion",
-        "reset_reference": True,
-        "layer_preset": "standard",
-        "stage1_text_encoder": "vanilla",
-    }
+    return H.default_lr(reference_b64, webui.title(FC.VANILLA))
