@@ -67,10 +67,14 @@ def decode_image(b64: str) -> np.ndarray:
 
 def txt2img(url: str, body: dict, timeout: float = 600) -> Result:
     """POST /sdapi/v1/txt2img; never raises on an HTTP error status (tests assert on it)."""
+    return _generate(url, "txt2img", body, timeout)
+
+
+def _generate(url: str, mode: str, body: dict, timeout: float) -> Result:
+    """POST /sdapi/v1/<mode> (txt2img, img2img) and decode the answer's images and infotexts."""
     t0 = time.monotonic()
-    r = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=timeout)
-    dt = time.monotonic() - t0
-    res = Result(status=r.status_code, text=r.text, seconds=dt)
+    r = requests.post(f"{url}/sdapi/v1/{mode}", json=body, timeout=timeout)
+    res = Result(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
     if r.status_code == 200:
         j = r.json()
         res.images = [decode_image(i) for i in j.get("images") or []]
@@ -333,18 +337,7 @@ def interrupt_during_retouch(url: str, body: dict, at: float = 0.6, interval: fl
 
 def img2img(url: str, body: dict, timeout: float = 600) -> Result:
     """POST /sdapi/v1/img2img; never raises on an HTTP error status (tests assert on it)."""
-    t0 = time.monotonic()
-    r = requests.post(url + "/sdapi/v1/img2img", json=body, timeout=timeout)
-    res = Result(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
-    if r.status_code == 200:
-        j = r.json()
-        res.images = [decode_image(i) for i in j.get("images") or []]
-        try:
-            res.info = json.loads(j.get("info") or "{}")
-        except ValueError:
-            res.info = {}
-        res.infotexts = list(res.info.get("infotexts") or [])
-    return res
+    return _generate(url, "img2img", body, timeout)
 
 
 def input_rgb(w: int = SIZE, h: int = SIZE) -> Image.Image:
