@@ -21,16 +21,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import pytest
-import requests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -38,6 +34,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import host_helpers as H  # noqa: E402
+import host_server as S  # noqa: E402
 import tiny_checkpoints as TC  # noqa: E402
 
 NO_WEBUI = "no WebUI: set LR_WEBUI_DIR or LR_WEBUI_URL; see tests/host/README.md"
@@ -51,22 +48,7 @@ START_TIMEOUT = float(os.environ.get("LR_WEBUI_START_TIMEOUT", "300"))
 
 def _webui_source():
     """('url', url) | ('dir', webui_dir, python) | (None, reason)."""
-    url = os.environ.get("LR_WEBUI_URL")
-    if url:
-        return ("url", url.rstrip("/"))
-    d = os.environ.get("LR_WEBUI_DIR")
-    if d is not None and d.strip().lower() in ("", "none", "0"):
-        return (None, NO_WEBUI)  # explicitly off (also hides the default folder)
-    if d is None and os.path.isfile(os.path.join(DEFAULT_DIR, "launch.py")):
-        d = DEFAULT_DIR
-    if not d:
-        return (None, NO_WEBUI)
-    py = os.environ.get("LR_WEBUI_PYTHON", DEFAULT_PYTHON)
-    if not os.path.isfile(os.path.join(d, "launch.py")):
-        return (None, f"LR_WEBUI_DIR={d} has no launch.py; {NO_WEBUI}")
-    if not os.path.exists(py):
-        return (None, f"LR_WEBUI_PYTHON={py} does not exist; {NO_WEBUI}")
-    return ("dir", d, py)
+    return S.find_source("LR_WEBUI", DEFAULT_DIR, DEFAULT_PYTHON, NO_WEBUI)
 
 
 def pytest_configure(config):
@@ -80,58 +62,6 @@ def pytest_report_header(config):
     if src[0] == "dir":
         return f"host WebUI: start {src[1]} with {src[2]}"
     return f"host WebUI: {src[1]} -> every host test is skipped"
-
-
-class WebUI:
-    """What the tests know about the live WebUI."""
-
-    def __init__(self, url, pid=None, log_path=None, data_dir=None, models=None, proc=None):
-        self.url = url
-        self.pid = pid
-        self.log_path = log_path
-        self.data_dir = data_dir
-        self.models = models or {}  # tiny_checkpoints paths (started mode only)
-        self.proc = proc
-        self.titles = {}  # stem -> checkpoint title
-
-    # -- log
-    def log_mark(self) -> int:
-        return os.path.getsize(self.log_path) if self.log_path and os.path.exists(self.log_path) else 0
-
-    def log_since(self, mark: int, settle: float = 0.3) -> str:
-        if not self.log_path:
-            pytest.skip("the WebUI's stdout is not available (attached without LR_WEBUI_LOG)")
-        time.sleep(settle)  # let the server flush what it printed for the request
-        with open(self.log_path, "rb") as f:
-            f.seek(mark)
-            return f.read().decode("utf-8", "replace")
-
-    # -- memory
-    def rss_mib(self) -> float:
-        if not self.pid:
-            pytest.skip("the WebUI's PID is not known (attached without LR_WEBUI_PID)")
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-        raise RuntimeError("no VmRSS")
-
-    def alive(self) -> bool:
-        try:
-            return requests.get(self.url + "/sdapi/v1/sd-models", timeout=30).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def title(self, stem: str) -> str:
-        if stem not in self.titles:
-            pytest.skip(f"checkpoint {stem} is not in this WebUI's list")
-        return self.titles[stem]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _models_cache_dir() -> str:
@@ -181,47 +111,7 @@ def _paths(root: str) -> dict:
     }
 
 
-def _wait_ready(url: str, proc, log_path: str, timeout: float) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the WebUI exited with {proc.returncode}:\n{_tail(log_path)}")
-        try:
-            if requests.get(url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the WebUI did not answer /sdapi/v1/sd-models within {timeout:.0f}s:\n{_tail(log_path)}")
-
-
-def _tail(path, n=4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - n))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return "(no log)"
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when pytest dies, even by SIGKILL (Linux), so no server is orphaned."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
+def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> S.Server:
     built = _build_models(webui_dir, python)
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
@@ -229,7 +119,7 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
     # Checkpoints are copied per session (a test moves one away and overwrites its name, then puts it
     # back: a hard link is enough, the cached file is never written); CLIP folders stay cached.
     ckpt_dir = os.path.join(tmp, "Stable-diffusion")
-    shutil.copytree(built["ckpt_dir"], ckpt_dir, copy_function=_link_or_copy)
+    shutil.copytree(built["ckpt_dir"], ckpt_dir, copy_function=S.link_or_copy)
     sam_dir = os.path.join(data_dir, "models", "sam")
     os.makedirs(sam_dir)
     with open(os.path.join(sam_dir, SAM_CORRUPT), "wb") as f:
@@ -241,7 +131,7 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
     # SDXL model the default "Approx NN" downloads vaeapprox-sdxl.pt (fails offline); cheap needs no file.
     with open(os.path.join(data_dir, "config.json"), "w", encoding="utf-8") as f:
         f.write('{"persistent_cond_cache": false, "show_progress_type": "Approx cheap"}')
-    port = _free_port()
+    port = S.free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data_dir, "webui.log")
     args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api"] + ([] if ui else ["--nowebui"]) + [
@@ -254,30 +144,8 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> WebUI:
     args += os.environ.get("LR_WEBUI_ARGS", "").split()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
-    log = open(log_path, "wb")
-    proc = subprocess.Popen(args, cwd=webui_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    log.close()
-    w = WebUI(url, pid=proc.pid, log_path=log_path, data_dir=data_dir,
-              models=dict(built, ckpt_dir=ckpt_dir, sam_dir=sam_dir), proc=proc)
-    try:
-        _wait_ready(url, proc, log_path, START_TIMEOUT)
-    except Exception:
-        _stop(w)
-        raise
-    return w
-
-
-def _stop(w: WebUI) -> None:
-    proc = w.proc
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
+    return S.start(args, webui_dir, env, url, log_path, START_TIMEOUT, "WebUI", data_dir=data_dir,
+                   models=dict(built, ckpt_dir=ckpt_dir, sam_dir=sam_dir))
 
 
 @pytest.fixture(scope="session")
@@ -287,8 +155,8 @@ def webui():
         pytest.skip(src[1])
     tmp = None
     if src[0] == "url":
-        w = WebUI(src[1], pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
-                  log_path=os.environ.get("LR_WEBUI_LOG") or None)
+        w = S.Server(src[1], pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
+                     log_path=os.environ.get("LR_WEBUI_LOG") or None)
         if not w.alive():
             raise RuntimeError(f"LR_WEBUI_URL={src[1]} does not answer /sdapi/v1/sd-models")
     else:
@@ -300,14 +168,13 @@ def webui():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
     try:
-        for m in H.get(w.url, "/sdapi/v1/sd-models"):
-            w.titles[m["model_name"]] = m["title"]
+        w.read_titles()
         # Warm-up: the model loads on the first generation; make sure it is the personalized one.
         H.txt2img(w.url, H.plain_body("warm up", steps=2,
                                       override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}))
         yield w
     finally:
-        _stop(w)
+        S.stop(w)
         if tmp and not os.environ.get("LR_WEBUI_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp:
@@ -335,9 +202,9 @@ def webui_ui():
         pytest.skip(why)
     url = os.environ.get("LR_WEBUI_UI_URL")
     if url:
-        w = WebUI(url.rstrip("/"), log_path=os.environ.get("LR_WEBUI_UI_LOG") or None)
-        for m in H.get(w.url, "/sdapi/v1/sd-models"):
-            w.titles[m["model_name"]] = m["title"]
+        w = S.Server(url.rstrip("/"), log_path=os.environ.get("LR_WEBUI_UI_LOG") or None,
+                     env_prefix="LR_WEBUI_UI")
+        w.read_titles()
         yield w
         return
     src = _webui_source()
@@ -352,13 +219,12 @@ def webui_ui():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     try:
-        for m in H.get(w.url, "/sdapi/v1/sd-models"):
-            w.titles[m["model_name"]] = m["title"]
+        w.read_titles()
         H.txt2img(w.url, H.plain_body("warm up", steps=2,
                                       override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}))
         yield w
     finally:
-        _stop(w)
+        S.stop(w)
         if not os.environ.get("LR_WEBUI_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -389,26 +255,7 @@ def plain_before(webui):
 def lr_defaults(webui, reference_b64) -> dict:
     """A full named-args dict: DreamBooth mode, tiny-personal (loaded) vs tiny-vanilla, 8 steps,
     λ1=2, λ2=3, mask start 6 taken literally (scale_with_steps off), no SAM."""
-    return {
-        "enabled": True,
-        "reference_image": reference_b64,
-        "personalization": "dreambooth",
-        "vanilla_checkpoint": webui.title(TC.VANILLA),
-        "concept_token": "sks",
-        "class_phrase": "dog",
-        "reference_prompt": "a photo of sks dog",
-        "lambda1": 2,
-        "lambda2": 3,
-        "mask_start": 6,
-        "scale_with_steps": False,
-        "sam_model": "none",
-        "ca_threshold": 0.1,
-        "show_intermediates": False,
-        "layout_source": "inversion",
-        "reset_reference": True,
-        "layer_preset": "standard",
-        "stage1_text_encoder": "vanilla",
-    }
+    return H.default_lr(reference_b64, webui.title(TC.VANILLA))
 
 
 @pytest.fixture

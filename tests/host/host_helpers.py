@@ -67,10 +67,14 @@ def decode_image(b64: str) -> np.ndarray:
 
 def txt2img(url: str, body: dict, timeout: float = 600) -> Result:
     """POST /sdapi/v1/txt2img; never raises on an HTTP error status (tests assert on it)."""
+    return _generate(url, "txt2img", body, timeout)
+
+
+def _generate(url: str, mode: str, body: dict, timeout: float) -> Result:
+    """POST /sdapi/v1/<mode> (txt2img, img2img) and decode the answer's images and infotexts."""
     t0 = time.monotonic()
-    r = requests.post(url + "/sdapi/v1/txt2img", json=body, timeout=timeout)
-    dt = time.monotonic() - t0
-    res = Result(status=r.status_code, text=r.text, seconds=dt)
+    r = requests.post(f"{url}/sdapi/v1/{mode}", json=body, timeout=timeout)
+    res = Result(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
     if r.status_code == 200:
         j = r.json()
         res.images = [decode_image(i) for i in j.get("images") or []]
@@ -96,6 +100,31 @@ def lr_body(lr: dict | list, prompt: str = PROMPT, **kw) -> dict:
     args = [lr] if isinstance(lr, dict) else list(lr)
     body["alwayson_scripts"] = {SCRIPT: {"args": args}}
     return body
+
+
+def default_lr(reference_b64: str, vanilla_title: str) -> dict:
+    """Both tiers' default named args (conftest `lr_defaults`): DreamBooth mode against `vanilla_title`,
+    λ1=2, λ2=3, mask start 6 taken literally (scale_with_steps off), no SAM."""
+    return {
+        "enabled": True,
+        "reference_image": reference_b64,
+        "personalization": "dreambooth",
+        "vanilla_checkpoint": vanilla_title,
+        "concept_token": "sks",
+        "class_phrase": "dog",
+        "reference_prompt": "a photo of sks dog",
+        "lambda1": 2,
+        "lambda2": 3,
+        "mask_start": 6,
+        "scale_with_steps": False,
+        "sam_model": "none",
+        "ca_threshold": 0.1,
+        "show_intermediates": False,
+        "layout_source": "inversion",
+        "reset_reference": True,
+        "layer_preset": "standard",
+        "stage1_text_encoder": "vanilla",
+    }
 
 
 def positional(named: dict) -> list:
@@ -284,22 +313,31 @@ def txt2img_while_polling(url: str, body: dict, poll, interval: float = 0.01,
         t.join(30)
 
 
+def interrupt_during_retouch(url: str, body: dict, at: float = 0.6, interval: float = 0.01):
+    """txt2img `body` and POST /sdapi/v1/interrupt once the progress is in the retouch phase (`textinfo`
+    names "retouch") with `sampling_step` at `at` or more of `sampling_steps` (the glue advances the
+    WebUI's progress through stage 2). Returns (result, hit, seen): `hit` the (textinfo, step, steps)
+    the interrupt was sent at (empty: the phase was never seen), `seen` every textinfo polled."""
+    hit, seen = [], set()
+
+    def poll(j):
+        info, st = (j.get("textinfo") or ""), j.get("state") or {}
+        seen.add(info)
+        n, total = st.get("sampling_step") or 0, st.get("sampling_steps") or 0
+        if "retouch" in info.lower() and total and n >= at * total:
+            requests.post(url + "/sdapi/v1/interrupt", timeout=30)
+            hit.append((info, n, total))
+            return True
+        return False
+
+    return txt2img_while_polling(url, body, poll, interval=interval), hit, seen
+
+
 # ---------------------------------------------------------------- img2img / inpaint (issue 12)
 
 def img2img(url: str, body: dict, timeout: float = 600) -> Result:
     """POST /sdapi/v1/img2img; never raises on an HTTP error status (tests assert on it)."""
-    t0 = time.monotonic()
-    r = requests.post(url + "/sdapi/v1/img2img", json=body, timeout=timeout)
-    res = Result(status=r.status_code, text=r.text, seconds=time.monotonic() - t0)
-    if r.status_code == 200:
-        j = r.json()
-        res.images = [decode_image(i) for i in j.get("images") or []]
-        try:
-            res.info = json.loads(j.get("info") or "{}")
-        except ValueError:
-            res.info = {}
-        res.infotexts = list(res.info.get("infotexts") or [])
-    return res
+    return _generate(url, "img2img", body, timeout)
 
 
 def input_rgb(w: int = SIZE, h: int = SIZE) -> Image.Image:

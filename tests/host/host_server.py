@@ -1,9 +1,8 @@
 """Server plumbing for the host tiers: start a WebUI-like server as a child process, wait for its
 API, read its log and memory, stop it by its PID.
 
-Host-independent (AUTOMATIC1111 or Forge): what to start is the caller's. Used by the Forge tier
-(tests/host/forge/conftest.py); tests/host/conftest.py has its own copy of the same functions (it
-predates this module) and can switch to these.
+Host-independent (AUTOMATIC1111 or Forge): what to start is the caller's. Used by both tiers:
+tests/host/conftest.py (A1111) and tests/host/forge/conftest.py (Forge).
 """
 from __future__ import annotations
 
@@ -21,9 +20,11 @@ import host_helpers as H
 
 
 class Server:
-    """What the tests know about a live server (the same attributes as conftest.WebUI)."""
+    """What the tests know about a live server. `env_prefix`: the prefix of the tier's variables
+    (LR_WEBUI, LR_FORGE), named when an attached server lacks its <prefix>_LOG or <prefix>_PID."""
 
-    def __init__(self, url, pid=None, log_path=None, data_dir=None, models=None, proc=None, what="WebUI"):
+    def __init__(self, url, pid=None, log_path=None, data_dir=None, models=None, proc=None, what="WebUI",
+                 env_prefix="LR_WEBUI"):
         self.url = url
         self.pid = pid
         self.log_path = log_path
@@ -31,6 +32,7 @@ class Server:
         self.models = models or {}
         self.proc = proc
         self.what = what
+        self.env_prefix = env_prefix
         self.titles = {}  # stem -> checkpoint title
         self.started_s = None  # seconds from start to a ready API (started mode only)
 
@@ -39,7 +41,7 @@ class Server:
 
     def log_since(self, mark: int, settle: float = 0.3) -> str:
         if not self.log_path:
-            pytest.skip(f"the {self.what}'s stdout is not available (attached without its log)")
+            pytest.skip(f"the {self.what}'s stdout is not available (attached without {self.env_prefix}_LOG)")
         time.sleep(settle)  # let the server flush what it printed for the request
         with open(self.log_path, "rb") as f:
             f.seek(mark)
@@ -48,7 +50,7 @@ class Server:
     def rss_mib(self, peak: bool = False) -> float:
         """VmRSS (or VmHWM, the peak, with peak=True) of the server process, in MiB."""
         if not self.pid:
-            pytest.skip(f"the {self.what}'s PID is not known (attached without it)")
+            pytest.skip(f"the {self.what}'s PID is not known (attached without {self.env_prefix}_PID)")
         key = "VmHWM:" if peak else "VmRSS:"
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -70,6 +72,34 @@ class Server:
         if stem not in self.titles:
             pytest.skip(f"checkpoint {stem} is not in this {self.what}'s list")
         return self.titles[stem]
+
+
+def find_source(prefix: str, default_dir: str, default_python: str, none: str, check=None):
+    """Where the tier's server comes from: ('url', url) | ('dir', host_dir, python) | (None, reason).
+
+    <prefix>_URL attaches; else <prefix>_DIR (default `default_dir` when it has a launch.py; "none", "0" or
+    empty turn the default off) is started with <prefix>_PYTHON (default `default_python`). `none`: the
+    reason when there is nothing; `check(dir)`: why a folder with a launch.py is still the wrong host
+    (None: it is right)."""
+    url = os.environ.get(prefix + "_URL")
+    if url:
+        return ("url", url.rstrip("/"))
+    d = os.environ.get(prefix + "_DIR")
+    if d is not None and d.strip().lower() in ("", "none", "0"):
+        return (None, none)  # explicitly off (also hides the default folder)
+    if d is None and os.path.isfile(os.path.join(default_dir, "launch.py")):
+        d = default_dir
+    if not d:
+        return (None, none)
+    py = os.environ.get(prefix + "_PYTHON", default_python)
+    if not os.path.isfile(os.path.join(d, "launch.py")):
+        return (None, f"{prefix}_DIR={d} has no launch.py; {none}")
+    wrong = check(d) if check else None
+    if wrong:
+        return (None, f"{prefix}_DIR={d} {wrong}; {none}")
+    if not os.path.exists(py):
+        return (None, f"{prefix}_PYTHON={py} does not exist; {none}")
+    return ("dir", d, py)
 
 
 def free_port() -> int:

@@ -35,6 +35,7 @@ if [ -z "${PYTHON:-}" ]; then
   if command -v python3.11 >/dev/null; then PYTHON=python3.11; else PYTHON=python3; fi
 fi
 REPO_ROOT=${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+source "$(dirname "${BASH_SOURCE[0]}")/setup_common.sh"
 
 # folder | git dir | commit   (from modules/launch_utils.py of Forge dfdcbab6)
 REPOS=(
@@ -83,34 +84,10 @@ for entry in "${REPOS[@]}"; do
   clone_at "$src" "$FORGE_DIR/repositories/$name" "$commit" "${SKIP[$name]:-}"
 done
 
-# 2. Python environment
-if [ ! -x "$VENV_DIR/bin/python" ]; then
-  echo "venv $VENV_DIR ($($PYTHON --version))"
-  "$PYTHON" -m venv "$VENV_DIR"
-fi
-PIP=("$VENV_DIR/bin/python" -m pip install -q)
-stamp="$VENV_DIR/.lr_forge_setup_done"
-want_stamp="$FORGE_COMMIT $(sha1sum "$REPO_ROOT/requirements.txt" | cut -c1-12)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want_stamp" ]; then
-  echo "ok   venv already provisioned ($stamp)"
-else
-  # torch/torchvision: the builds this machine serves from disk. They also constrain the rest.
-  "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-  cons=$(mktemp); reqs=$(mktemp)
-  printf 'torch==2.14.1\ntorchvision==0.29.1\n' >"$cons"
-  # Forge's pinned requirements minus torch (pinned above) and setuptools (its ==69.5.1 pin
-  # conflicts with that torch; installed below).
-  grep -v -E '^(torch|setuptools)([=<> #]|$)' "$FORGE_DIR/requirements_versions.txt" >"$reqs"
-  "${PIP[@]}" -r "$reqs" -c "$cons"
-  # pkg_resources; joblib (missing from Forge's requirements; its built-in soft-inpainting script
-  # imports it); `clip` (normally a GitHub zip, launch_utils installs it unless skipped).
-  "${PIP[@]}" "setuptools>=77.0.3,<81" joblib clip-anytorch -c "$cons"
-  # What the extension needs (its install.py does not run with --skip-prepare-environment).
-  "${PIP[@]}" -r "$REPO_ROOT/requirements.txt" -c "$cons"
-  "${PIP[@]}" pytest -c "$cons"
-  rm -f "$cons" "$reqs"
-  echo "$want_stamp" >"$stamp"
-fi
+# 2. Python environment (joblib: missing from Forge's requirements; its built-in soft-inpainting
+# script imports it)
+provision_venv "$VENV_DIR" "$FORGE_DIR/requirements_versions.txt" "$VENV_DIR/.lr_forge_setup_done" \
+  "$FORGE_COMMIT $(sha1sum "$REPO_ROOT/requirements.txt" | cut -c1-12)" joblib
 
 "$VENV_DIR/bin/python" -W ignore - <<'EOF'
 import torch, torchvision, gradio, fastapi, transformers, scipy, segment_anything, pkg_resources, joblib, safetensors

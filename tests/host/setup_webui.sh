@@ -29,6 +29,7 @@ WEBUI_DIR=${WEBUI_DIR:-/work/host/webui}
 VENV_DIR=${VENV_DIR:-/work/host/venv}
 PYTHON=${PYTHON:-python3}
 REPO_ROOT=${REPO_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
+source "$(dirname "${BASH_SOURCE[0]}")/setup_common.sh"
 
 WEBUI_COMMIT=82a973c04367123ae98bd9abdf80d9eda9b910e2
 # folder | git dir | commit   (from modules/launch_utils.py of v1.10.1)
@@ -64,34 +65,8 @@ for entry in "${REPOS[@]}"; do
 done
 
 # 2. Python environment
-if [ ! -x "$VENV_DIR/bin/python" ]; then
-  echo "venv $VENV_DIR ($($PYTHON --version))"
-  "$PYTHON" -m venv "$VENV_DIR"
-fi
-PIP=("$VENV_DIR/bin/python" -m pip install -q)
-stamp="$VENV_DIR/.lr_host_setup_done"
-want_stamp="$WEBUI_COMMIT $(sha1sum "$REPO_ROOT/requirements.txt" | cut -c1-12)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want_stamp" ]; then
-  echo "ok   venv already provisioned ($stamp)"
-else
-  # torch/torchvision: the builds this machine serves from disk (PyPI's newer torchvision wheels do
-  # not import beside them). They also serve as constraints for the WebUI's requirements.
-  "${PIP[@]}" torch==2.14.1 torchvision==0.29.1
-  cons=$(mktemp); reqs=$(mktemp)
-  printf 'torch==2.14.1\ntorchvision==0.29.1\n' >"$cons"
-  # The WebUI's pinned requirements minus torch (pinned above) and setuptools (its pin has no
-  # pkg_resources on 3.11's newer pip; installed below).
-  grep -v -E '^(torch|setuptools)([=<> ]|$)' "$WEBUI_DIR/requirements_versions.txt" >"$reqs"
-  "${PIP[@]}" -r "$reqs" -c "$cons"
-  # pkg_resources (lightning_fabric needs it); `clip` normally comes from a GitHub zip.
-  "${PIP[@]}" "setuptools>=77.0.3,<81" clip-anytorch -c "$cons"
-  # What the extension needs (its install.py does not run with --skip-prepare-environment).
-  "${PIP[@]}" -r "$REPO_ROOT/requirements.txt" -c "$cons"
-  # The host tests' own client (requests comes with the WebUI's requirements) and runner.
-  "${PIP[@]}" pytest -c "$cons"
-  rm -f "$cons" "$reqs"
-  echo "$want_stamp" >"$stamp"
-fi
+provision_venv "$VENV_DIR" "$WEBUI_DIR/requirements_versions.txt" "$VENV_DIR/.lr_host_setup_done" \
+  "$WEBUI_COMMIT $(sha1sum "$REPO_ROOT/requirements.txt" | cut -c1-12)"
 
 "$VENV_DIR/bin/python" - <<'EOF'
 import torch, torchvision, gradio, fastapi, transformers, scipy, segment_anything, pkg_resources, clip

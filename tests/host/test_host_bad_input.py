@@ -13,7 +13,6 @@ import os
 
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
 import host_helpers as H
@@ -203,21 +202,9 @@ def test_interrupt_mid_retouch_leaves_nothing_patched(webui, lr, plain_before):
     full = H.txt2img(webui.url, body)
     H.assert_retouched(full)
 
-    hit, seen = [], set()
-
-    def poll(j):
-        info, st = (j.get("textinfo") or ""), j.get("state") or {}
-        seen.add(info)
-        n, total = st.get("sampling_step") or 0, st.get("sampling_steps") or 0
-        # One bar over both stages: the retouch runs from ~40% to 100% of it here (stage 1 40 steps,
-        # inversions 20 + 20, retouch 120 stage-1-step equivalents); 60% is a third into the retouch.
-        if "retouch" in info.lower() and total and n >= 0.6 * total:
-            requests.post(webui.url + "/sdapi/v1/interrupt", timeout=30)
-            hit.append((info, n, total))
-            return True
-        return False
-
-    r = H.txt2img_while_polling(webui.url, body, poll, interval=0.005)
+    # One bar over both stages: the retouch runs from ~40% to 100% of it here (stage 1 40 steps,
+    # inversions 20 + 20, retouch 120 stage-1-step equivalents); 60% is a third into the retouch.
+    r, hit, seen = H.interrupt_during_retouch(webui.url, body, at=0.6, interval=0.005)
     assert hit, f"the progress never showed the retouch phase past a third; textinfo seen: {sorted(seen)}"
     assert webui.alive()
     # The glue catches the interrupt and returns the layout (a 200, as the WebUI does for an interrupted

@@ -54,26 +54,13 @@ EXTENSION_NAME = "sd-webui-layout-retouch"
 START_TIMEOUT = float(os.environ.get("LR_FORGE_START_TIMEOUT", "600"))
 
 
+def _not_forge(d: str) -> str | None:
+    return None if os.path.isdir(os.path.join(d, "backend")) else "is no Forge (no backend/)"
+
+
 def forge_source():
     """('url', url) | ('dir', forge_dir, python) | (None, reason)."""
-    url = os.environ.get("LR_FORGE_URL")
-    if url:
-        return ("url", url.rstrip("/"))
-    d = os.environ.get("LR_FORGE_DIR")
-    if d is not None and d.strip().lower() in ("", "none", "0"):
-        return (None, NO_FORGE)
-    if d is None and os.path.isfile(os.path.join(DEFAULT_DIR, "launch.py")):
-        d = DEFAULT_DIR
-    if not d:
-        return (None, NO_FORGE)
-    py = os.environ.get("LR_FORGE_PYTHON", DEFAULT_PYTHON)
-    if not os.path.isfile(os.path.join(d, "launch.py")):
-        return (None, f"LR_FORGE_DIR={d} has no launch.py; {NO_FORGE}")
-    if not os.path.isdir(os.path.join(d, "backend")):
-        return (None, f"LR_FORGE_DIR={d} is no Forge (no backend/); {NO_FORGE}")
-    if not os.path.exists(py):
-        return (None, f"LR_FORGE_PYTHON={py} does not exist; {NO_FORGE}")
-    return ("dir", d, py)
+    return S.find_source("LR_FORGE", DEFAULT_DIR, DEFAULT_PYTHON, NO_FORGE, check=_not_forge)
 
 
 def pytest_report_header(config):
@@ -165,7 +152,7 @@ def start_forge(forge_dir: str, python: str, tmp: str) -> S.Server:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
     return S.start(args, forge_dir, env, url, log_path, START_TIMEOUT, "Forge", data_dir=data_dir,
-                   models=dict(built, ckpt_dir=ckpt_dir))
+                   models=dict(built, ckpt_dir=ckpt_dir), env_prefix="LR_FORGE")
 
 
 @pytest.fixture(scope="session")
@@ -179,7 +166,7 @@ def webui():
     tmp = None
     if src[0] == "url":
         w = S.Server(src[1], pid=int(os.environ["LR_FORGE_PID"]) if os.environ.get("LR_FORGE_PID") else None,
-                     log_path=os.environ.get("LR_FORGE_LOG") or None, what="Forge")
+                     log_path=os.environ.get("LR_FORGE_LOG") or None, what="Forge", env_prefix="LR_FORGE")
         if not w.alive():
             raise RuntimeError(f"LR_FORGE_URL={src[1]} does not answer /sdapi/v1/sd-models")
     else:
@@ -223,23 +210,4 @@ def plain_before(webui):
 def lr_defaults(webui, reference_b64) -> dict:
     """The A1111 tier's defaults with the Forge models: DreamBooth, forge-personal (loaded) vs
     forge-vanilla, 8 steps, λ1=2, λ2=3, mask start 6 taken literally, no SAM."""
-    return {
-        "enabled": True,
-        "reference_image": reference_b64,
-        "personalization": "dreambooth",
-        "vanilla_checkpoint": webui.title(FC.VANILLA),
-        "concept_token": "sks",
-        "class_phrase": "dog",
-        "reference_prompt": "a photo of sks dog",
-        "lambda1": 2,
-        "lambda2": 3,
-        "mask_start": 6,
-        "scale_with_steps": False,
-        "sam_model": "none",
-        "ca_threshold": 0.1,
-        "show_intermediates": False,
-        "layout_source": "inversion",
-        "reset_reference": True,
-        "layer_preset": "standard",
-        "stage1_text_encoder": "vanilla",
-    }
+    return H.default_lr(reference_b64, webui.title(FC.VANILLA))

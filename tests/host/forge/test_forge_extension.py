@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import requests
 
 import forge_checkpoints as FC
 import host_helpers as H
@@ -144,19 +143,7 @@ def test_forge_layout_source_stage1_reads_the_ddim_trajectory(webui, lr):
 
 def test_forge_interrupt_mid_retouch_leaves_nothing_patched(webui, lr, plain_before):
     body = H.lr_body(lr())
-    hit, seen = [], set()
-
-    def poll(j):
-        info, st = (j.get("textinfo") or ""), j.get("state") or {}
-        seen.add(info)
-        n, total = st.get("sampling_step") or 0, st.get("sampling_steps") or 0
-        if "retouch" in info.lower() and total and n >= 0.6 * total:
-            requests.post(webui.url + "/sdapi/v1/interrupt", timeout=30)
-            hit.append((info, n, total))
-            return True
-        return False
-
-    r = H.txt2img_while_polling(webui.url, body, poll, interval=0.05)
+    r, hit, seen = H.interrupt_during_retouch(webui.url, body, at=0.6, interval=0.05)
     assert hit, f"the progress never showed the retouch phase; textinfo seen: {sorted(seen)}"
     assert r.ok and r.images and r.lr, r.describe()
     assert "interrupted" in " ".join(H.lr_notes(r).values()), r.lr
