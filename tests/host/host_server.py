@@ -117,12 +117,30 @@ def tail(path, n=4000) -> str:
         return "(no log)"
 
 
+STARTED_LINE = "Startup time:"  # printed by webui.py (A1111 and Forge) once the app is complete
+
+
+def _log_says_started(server: Server) -> bool:
+    try:
+        with open(server.log_path, "rb") as f:
+            return STARTED_LINE.encode() in f.read()
+    except OSError:
+        return False
+
+
 def wait_ready(server: Server, timeout: float) -> None:
+    """Wait until the server answers /sdapi/v1/sd-models. A server we started is not touched before
+    its log says "Startup time:": with its UI, webui.py opens the port *before* it adds its middleware
+    and API, and a request in that window makes Starlette build the app early — the WebUI then dies
+    with "Cannot add middleware after an application has started"."""
     t0 = time.monotonic()
     proc = server.proc
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the {server.what} exited with {proc.returncode}:\n{tail(server.log_path)}")
+        if proc is not None and server.log_path and not _log_says_started(server):
+            time.sleep(1)
+            continue
         try:
             if requests.get(server.url + "/sdapi/v1/sd-models", timeout=5).status_code == 200:
                 return
