@@ -126,7 +126,7 @@ def build_models(forge_dir: str, python: str) -> dict:
     return FC.paths(cache)
 
 
-def start_forge(forge_dir: str, python: str, tmp: str) -> S.Server:
+def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Server:
     built = build_models(forge_dir, python)
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
@@ -142,24 +142,41 @@ def start_forge(forge_dir: str, python: str, tmp: str) -> S.Server:
     port = S.free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data_dir, "forge.log")
-    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api", "--nowebui", "--always-cpu",
-            "--skip-torch-cuda-test", "--skip-version-check", "--skip-python-version-check",
+    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api"] + ([] if ui else ["--nowebui"]) + [
+            "--always-cpu", "--skip-torch-cuda-test", "--skip-version-check", "--skip-python-version-check",
             "--no-download-sd-model", "--disable-console-progressbars", "--server-name", "127.0.0.1",
             "--port", str(port), "--data-dir", data_dir, "--ckpt-dir", ckpt_dir,
             "--ckpt", os.path.join(ckpt_dir, FC.PERSONAL + ".safetensors"),
             "--embeddings-dir", built["embeddings_dir"], "--lora-dir", built["lora_dir"]]
+    if ui:
+        # gradio 4 serves /file= only from its allowed paths, which are the --data-dir by default: with a
+        # data dir outside the Forge folder, Forge's own javascript/ (script.js, inputAccordion.js,
+        # hints.js, ...) would be answered 403 and the page would run without it.
+        args += ["--gradio-allowed-path", forge_dir]
     args += os.environ.get("LR_FORGE_ARGS", "").split()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
-    return S.start(args, forge_dir, env, url, log_path, START_TIMEOUT, "Forge", data_dir=data_dir,
-                   models=dict(built, ckpt_dir=ckpt_dir), env_prefix="LR_FORGE")
+    w = S.start(args, forge_dir, env, url, log_path, START_TIMEOUT, "Forge", data_dir=data_dir,
+                models=dict(built, ckpt_dir=ckpt_dir), env_prefix="LR_FORGE")
+    w.ui = ui
+    return w
+
+
+BROWSER_MODULE = "test_forge_browser.py"
+
+
+def wants_ui(session) -> bool:
+    """Start Forge WITH its UI (no --nowebui) when the browser check is among the selected tests:
+    one Forge per session serves both (the API works the same with --api); API-only runs keep
+    --nowebui (faster start, no gradio UI)."""
+    return any(os.path.basename(str(it.fspath)) == BROWSER_MODULE for it in session.items)
 
 
 @pytest.fixture(scope="session")
-def webui():
+def webui(request):
     """The live Forge (a host_server.Server; the name is the A1111 tier's, see the module docstring).
     Extra attributes: `started_s` (launch to a ready API), `warmup_s` (first generation, incl. the
-    model load)."""
+    model load), `ui` (started with its UI)."""
     src = forge_source()
     if src[0] is None:
         pytest.skip(src[1])
@@ -172,7 +189,7 @@ def webui():
     else:
         tmp = tempfile.mkdtemp(prefix="lr-forge-")
         try:
-            w = start_forge(src[1], src[2], tmp)
+            w = start_forge(src[1], src[2], tmp, ui=wants_ui(request.session))
         except BaseException:
             if not os.environ.get("LR_FORGE_KEEP"):
                 shutil.rmtree(tmp, ignore_errors=True)
