@@ -11,7 +11,6 @@ from lib_layout_retouch import pipeline as pl
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.model import LdmModel
 from lib_layout_retouch.params import LayoutRetouchParams
-from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
 from lib_layout_retouch.schedule import Schedule
 from tests.paths import DOG_PHOTO as PHOTO
 from tests.test_ddim import photo_tensor
@@ -19,15 +18,7 @@ from tests.test_ddim import photo_tensor
 T = 8
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_ldm):
-    model = LdmModel(tiny_ldm)
-    prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
-    conds = pl.encode_prompts(model, prompts, "")
-    subject = subject_token_positions(model.tokenize, prompts.personalized, ["sks", "dog"])
-    ref = model.encode(photo_tensor())
-    layouts = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
-    return model, conds, subject, ref, layouts
+from tests.test_pipeline import setup  # noqa: E402,F401 - the same tiny model, prompts, photo and layouts
 
 
 def run(setup, reference=None, **kw):

@@ -299,3 +299,11 @@ def pytest_collection_modifyitems(config, items):
     # (one model switch there and back), the memory soak last.
     order = {"test_host_webui.py": 0, "test_host_sdxl.py": 7, "test_host_img2img_sdxl.py": 7, "test_host_memory.py": 9}
     items.sort(key=lambda it: order.get(os.path.basename(str(it.fspath)), 5))
+
+
+@pytest.fixture(scope="session")
+def photo_path(tmp_path_factory):
+    """The reference photo as a file, for the browser tiers' uploads (A1111 and Forge)."""
+    p = tmp_path_factory.mktemp("photo") / "subject.png"
+    H.reference_rgb().save(p)
+    return str(p)

@@ -45,11 +45,6 @@ def page(browser, webui_ui, tmp_path):
     ctx.close()
 
 
-@pytest.fixture(scope="module")
-def photo_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("photo") / "subject.png"
-    H.reference_rgb().save(p)
-    return str(p)
 
 
 # ---------------------------------------------------------------- page helpers

@@ -105,11 +105,6 @@ def page(browser, forge_ui):
     ctx.close()
 
 
-@pytest.fixture(scope="module")
-def photo_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("photo") / "subject.png"
-    H.reference_rgb().save(p)
-    return str(p)
 
 
 # ---------------------------------------------------------------- page helpers
