@@ -7,8 +7,8 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
   the same layers (`backend/nn/unet.py` calls `self.attn1(...)` unless a `patches_replace` entry
   replaces it — `check_attention_free` refuses that conflict by name).
 - `KModel.apply_model(x, σ)` returns the denoised image on the k-diffusion σ scale (`backend/modules/
-  k_model.py`): `ForgeModel` drives it as ε(z_t, t) through `lib_layout_retouch.model.KDiffusionModel`;
-  ᾱ is the predictor's `alphas_cumprod`.
+  k_model.py`): `lib_layout_retouch.forge_model.ForgeModel` drives it as ε(z_t, t); ᾱ is the
+  predictor's `alphas_cumprod`.
 - `modules.sd_models.read_state_dict` is a stub: checkpoints are read with `backend.utils.load_torch_file`.
 - LoRA is merged into the module weights by the patcher's `LoraLoader` (`backend/patcher/lora.py`), with
   a backup of the originals: "off" is `lora_loader.refresh({})` (the originals back), "on" is the
@@ -25,88 +25,14 @@ import torch
 
 from modules import shared
 
-from lib_layout_retouch.conditioning import SizeTerms
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.model import (SD1, SDXL, KDiffusionModel, attention_replacements,
-                                      check_forge_engine_supported)
+from lib_layout_retouch.forge_model import ForgeModel
+from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported
 
 from .a1111 import A1111Host
 
 def _opt(name, default):
     return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
-
-
-class ForgeModel(KDiffusionModel):
-    """Forge's diffusion engine as the library drives it: ε through the KModel's denoiser, the
-    engine's text processing with explicit SDXL size terms, and a deterministic VAE encode."""
-
-    def __init__(self, engine, sdxl_crop=(0, 0)):
-        super().__init__(engine, sdxl_crop=sdxl_crop)
-        self.family = SDXL if getattr(engine, "is_sdxl", False) else SD1
-
-    @property
-    def unet_patcher(self):
-        return self.ldm.forge_objects.unet
-
-    @property
-    def unet_holder(self):
-        return self.unet_patcher.model  # KModel: calls its `diffusion_model`
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.unet_holder.predictor.alphas_cumprod
-
-    def denoise(self, x, sigma, cond):
-        kmodel = self.unet_holder
-        device = self.device
-        if isinstance(cond, dict):
-            extra = dict(c_crossattn=cond["crossattn"].to(device), y=cond["vector"].to(device))
-        else:
-            extra = dict(c_crossattn=cond.to(device))
-        return kmodel.apply_model(x.to(device), sigma.to(device), transformer_options={}, **extra)
-
-    # -- text -------------------------------------------------------------------------------------
-    def text_encoder(self):
-        """The CLIP-L text processing engine: `tokenize_line` / `tokenize` like A1111's."""
-        return self.ldm.text_processing_engine_l if self.is_sdxl else self.ldm.text_processing_engine
-
-    def tokenize(self, text: str) -> list[int]:
-        return list(self.text_encoder().tokenize([text])[0])
-
-    @torch.no_grad()
-    def conditioning(self, prompts, size=None, *, negative: bool = False):
-        from modules.prompt_parser import SdConditioning
-        engine = self.ldm
-        if not self.is_sdxl:
-            return engine.get_learned_conditioning(SdConditioning(list(prompts), is_negative_prompt=negative))
-        size = size or SizeTerms.of_generation(1024, 1024, self.sdxl_crop)
-        (h, w), (top, left), (th, tw) = size.original_hw, size.crop_top_left, size.target_hw
-        cond = engine.get_learned_conditioning(SdConditioning(list(prompts), is_negative_prompt=negative,
-                                                              width=w, height=h))
-        # The engine fills crop from the settings and target = original; the reference path's size
-        # terms differ (original photo size, crop, fed size), so the size part is rebuilt here, in
-        # the engine's own order and embedding (sgm's): original, crop (top, left), target.
-        terms = [engine.embedder(torch.Tensor([v])) for v in (h, w, top, left, th, tw)]
-        vector = cond["vector"]
-        flat = torch.flatten(torch.cat(terms)).unsqueeze(0).repeat(vector.shape[0], 1).to(vector)
-        pooled = vector[:, : vector.shape[1] - flat.shape[1]]
-        return {"crossattn": cond["crossattn"], "vector": torch.cat([pooled, flat], dim=1)}
-
-    # -- VAE --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """The posterior's mode (Forge's VAE samples by default): the inversion must be
-        deterministic for the reference cache to mean anything."""
-        from backend import memory_management
-        vae = self.ldm.forge_objects.vae
-        memory_management.load_model_gpu(vae.patcher)
-        x = images.to(vae.device, vae.vae_dtype)
-        z = vae.first_stage_model.encode(x, regulation=lambda posterior: posterior.mode())
-        return vae.first_stage_model.process_in(z.float()).to(images.device)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.ldm.decode_first_stage(latents).float()
 
 
 class ForgeHost(A1111Host):
@@ -138,7 +64,8 @@ class ForgeHost(A1111Host):
     def library_model(self, p) -> ForgeModel:
         from backend import memory_management
         memory_management.load_model_gpu(p.sd_model.forge_objects.unet)  # on the device, LoRA merged
-        return ForgeModel(p.sd_model, sdxl_crop=(int(_opt("sdxl_crop_top", 0)), int(_opt("sdxl_crop_left", 0))))
+        return ForgeModel(p.sd_model, sdxl_crop=(int(_opt("sdxl_crop_top", 0)), int(_opt("sdxl_crop_left", 0))),
+                          load_model=memory_management.load_model_gpu)
 
     def inference_context(self):
         return torch.inference_mode()
