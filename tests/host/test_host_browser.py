@@ -326,7 +326,9 @@ def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_p
     second = tmp_path / "second.png"
     H.reference_rgb().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
     page.locator(f"#{ISID}more_photos input[type=file]").set_input_files([str(second)])
-    page.wait_for_function("() => document.querySelector('#%smore_photos').innerText.includes('second.png')" % ISID)
+    # listed at once, but the file is uploaded to the server afterwards: its size shows when it is there
+    page.wait_for_function("() => /second\\.png[\\s\\S]*\\d+(\\.\\d+)?\\s*[kKM]?B/.test("
+                           "document.querySelector('#%smore_photos').innerText)" % ISID)
     choose(page, f"{ISID}vanilla_checkpoint", webui_ui.title(TC.VANILLA))
     page.locator(f"#{ISID}guess").click()
     page.wait_for_function("() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
@@ -347,6 +349,6 @@ def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_p
         assert time.monotonic() - t0 < TIMEOUT / 1000, "the generation did not end"
         time.sleep(0.2)
     info = page.locator("#html_info_img2img").first.inner_text()
-    assert "LR lambda1" in info and "img2img ran 7 of 8 steps" in info, info
+    assert "LR lambda1" in info and "img2img ran 7 of 8 steps" in info, (info, page.evaluate(log_js))
     prints = re.search(r"LR reference: \"?([0-9a-f, ]+)", info)
     assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, info  # the main photo + "More photos"
