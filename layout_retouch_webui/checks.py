@@ -37,7 +37,7 @@ def check_host(p, params: LayoutRetouchParams) -> None:
         raise LayoutRetouchError(f"SAM model '{name}' is not in the list of SAM checkpoints "
                                  f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
                                  parameter="sam_model")
-    if params.personalization == "dreambooth" and params.layout_source != "input":  # no stage 1 there
+    if params.needs_vanilla_checkpoint:
         info = host.checkpoint(params.vanilla_checkpoint)
         if info is None or not os.path.isfile(info.filename):
             raise LayoutRetouchError(f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
@@ -49,13 +49,12 @@ def check_before_sampling(p, params: LayoutRetouchParams) -> None:
     """Problems that would otherwise only show mid-sampling: refused here, before any compute."""
     host = hosts.current()
     steps = img2img.steps_run(p, params.layout_source)
-    stage1 = params.layout_source != "input"  # img2img's 'input': no stage 1, no vanilla model
-    if params.personalization == "lora" and stage1 and params.schedule(steps).lambda1 > 0:
+    if params.personalization == "lora" and params.runs_stage1 and params.schedule(steps).lambda1 > 0:
         prompts = p.all_prompts or [p.prompt if isinstance(p.prompt, str) else p.prompt[0]]
         if not any(re.search(r"<(lora|lyco):", pr or "") for pr in prompts):
             raise LayoutRetouchError("personalization is 'lora' but the prompt has no <lora:name:1> tag: add "
                                      "your LoRA's tag to the prompt", parameter="personalization")
-    if params.personalization == "dreambooth" and stage1:
+    if params.needs_vanilla_checkpoint:
         info = host.checkpoint(params.vanilla_checkpoint)
         VANILLA_UNETS.get(info, host.unet(p))  # loads (cached) and checks the architecture
 
@@ -71,7 +70,7 @@ def host_notes(p, run) -> None:
     """Checks that only warrant a note in the infotext (the run still does what was asked)."""
     params = run.params
     img2img.notes(p, run)
-    if params.personalization == "dreambooth" and params.layout_source != "input" and is_loaded_checkpoint(p, params.vanilla_checkpoint):
+    if params.needs_vanilla_checkpoint and is_loaded_checkpoint(p, params.vanilla_checkpoint):
         run.job.add_note("the vanilla checkpoint is the loaded model itself: stage 1 only swaps the prompt; "
                          "choose the checkpoint your DreamBooth model was trained from")
     if params.personalization == "textual_inversion":

@@ -45,7 +45,7 @@ def fix_steps() -> bool:
 def steps_run(p, layout_source: str) -> int:
     """The steps both stages are scheduled over: txt2img's steps; img2img's steps actually run; with
     layout source `input` the slider's steps (the whole input is inverted and retouched)."""
-    if not is_img2img(p) or layout_source == "input":
+    if not is_img2img(p) or layout_source == "input":  # 'input': no stage 1 (params.runs_stage1)
         return int(p.steps)
     return img2img_steps(int(p.steps), float(p.denoising_strength), fix_steps())
 

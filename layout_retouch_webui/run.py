@@ -53,7 +53,7 @@ class Run:
     @property
     def stage1_skipped(self) -> bool:
         """img2img's layout source 'input': the input is the layout; the host samples nothing."""
-        return self.params.layout_source == "input"
+        return not self.params.runs_stage1
 
 
 def of(p):

@@ -446,8 +446,7 @@ class LayoutRetouchParams:
                 "red vase",
                 parameter="class_phrase",
             )
-        # layout source 'input' has no stage 1, so no vanilla model runs
-        if self.personalization == "dreambooth" and self.layout_source != "input" and not self.vanilla_checkpoint:
+        if self.needs_vanilla_checkpoint and not self.vanilla_checkpoint:
             raise LayoutRetouchError(
                 "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose "
                 "the original checkpoint your DreamBooth model was fine-tuned from (e.g. "
@@ -455,6 +454,17 @@ class LayoutRetouchParams:
                 "or 'lora' if your subject is an embedding or a LoRA",
                 parameter="vanilla_checkpoint",
             )
+
+    @property
+    def runs_stage1(self) -> bool:
+        """Whether the host samples a layout (stage 1). Not with layout source 'input' (img2img): the
+        input image is the layout, so no vanilla model runs either."""
+        return self.layout_source != "input"
+
+    @property
+    def needs_vanilla_checkpoint(self) -> bool:
+        """DreamBooth's stage 1 runs the vanilla checkpoint's UNet (and text encoder)."""
+        return self.personalization == "dreambooth" and self.runs_stage1
 
     def schedule(self, steps: int) -> Schedule:
         """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`)."""

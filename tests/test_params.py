@@ -533,5 +533,9 @@ def test_layout_source_input_needs_no_vanilla_checkpoint_in_dreambooth_mode():
     base = dict(enabled=True, reference_image=photo, personalization="dreambooth", concept_token="sks",
                 class_phrase="dog", vanilla_checkpoint="")
     LayoutRetouchParams(layout_source="input", **base).validate()
+    assert not LayoutRetouchParams(layout_source="input", **base).needs_vanilla_checkpoint
+    assert LayoutRetouchParams(layout_source="stage1", **base).needs_vanilla_checkpoint
+    assert not LayoutRetouchParams(layout_source="stage1", **dict(base, personalization="lora")).needs_vanilla_checkpoint
+    assert [LayoutRetouchParams(layout_source=s).runs_stage1 for s in ("inversion", "stage1", "input")] == [True, True, False]
     with pytest.raises(LayoutRetouchError, match="vanilla_checkpoint is empty"):
         LayoutRetouchParams(layout_source="inversion", **base).validate()
