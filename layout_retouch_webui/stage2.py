@@ -71,7 +71,9 @@ def _retouch(p, run, samples):
     model = host.library_model(p)
     subject = subject_tokens(model, job, job_for_batch.prompts.personalized)
     segmenter = segmenter_for(job, host.device)
-    layout_images = pipeline.to_uint8(model.decode(samples)) if segmenter is not None else None
+    # the layout as pixels, decoded once: SAM segments it, the intermediates show it
+    decoded = model.decode(samples) if segmenter is not None or job.params.show_intermediates else None
+    layout_images = pipeline.to_uint8(decoded) if segmenter is not None else None
     trajectory = None
     if job.params.layout_source == "stage1":
         if run.img2img:
@@ -129,14 +131,14 @@ def _retouch(p, run, samples):
                 f"UNet calls ({result.unet_rows} rows), reference {'cached' if result.reference_cached else 'inverted'}, "
                 f"mask {result.mask_kind}")
     if job.params.show_intermediates:
-        keep_intermediates(p, run, model, samples, result)
+        keep_intermediates(p, run, decoded, result)
     return result.latents.to(samples.dtype)
 
 
-def keep_intermediates(p, run, model, samples, result) -> None:
+def keep_intermediates(p, run, decoded_layouts, result) -> None:
     """Layout, mask and attention map of each image, for the gallery after the results."""
     size = (p.width, p.height)
-    layouts = lr_job.tensor_to_images(model.decode(samples))
+    layouts = lr_job.tensor_to_images(decoded_layouts)
     base = int(getattr(p, "iteration", 0) or 0) * p.batch_size  # index of this batch's first image
     for i, layout in enumerate(layouts):
         run.intermediates.append(("layout", base + i, layout))
