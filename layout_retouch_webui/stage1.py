@@ -11,7 +11,7 @@ import torch
 
 from modules import shared
 
-from lib_layout_retouch import conditioning as lr_cond, logs
+from lib_layout_retouch import conditioning as lr_cond, logs, text_encoders
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
 
@@ -95,7 +95,6 @@ def begin(p, run) -> None:
             vanilla_te = VANILLA_TEXT_ENCODERS.get(info, slots)
         else:
             run.job.add_note("no vanilla text encoder for this model kind: stage 1 used the loaded model's")
-    from lib_layout_retouch import text_encoders
     host.text_encoders_to(p, vanilla_te, "device")
     try:
         with host.loras_off_in_text_encoder(p, nets), text_encoders.swapped(slots, vanilla_te):

@@ -15,11 +15,8 @@ from modules import devices, sd_models, shared
 
 from lib_layout_retouch.model import LdmModel, check_model_supported
 
+from ..settings import opt
 from .base import Host
-
-
-def _opt(name, default):
-    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
 
 
 class A1111Host(Host):
@@ -36,8 +33,12 @@ class A1111Host(Host):
         p.sd_model.model.diffusion_model = unet
 
     def library_model(self, p) -> LdmModel:
-        return LdmModel(p.sd_model, autocast=devices.autocast,
-                        sdxl_crop=(int(_opt("sdxl_crop_top", 0)), int(_opt("sdxl_crop_left", 0))))
+        return LdmModel(p.sd_model, autocast=devices.autocast, sdxl_crop=self.sdxl_crop())
+
+    @staticmethod
+    def sdxl_crop() -> tuple[int, int]:
+        """The WebUI's SDXL crop settings (top, left), for the generated image's size terms."""
+        return int(opt("sdxl_crop_top", 0)), int(opt("sdxl_crop_left", 0))
 
     def model_key(self, p, personalization: str) -> str:
         checkpoint = getattr(p.sd_model, "sd_checkpoint_info", None)
@@ -46,9 +47,6 @@ class A1111Host(Host):
     def decode_for_hires(self, p, latents):
         with devices.autocast():
             return p.sd_model.decode_first_stage(latents.to(devices.dtype_vae)).float().cpu()
-
-    def autocast(self):
-        return devices.autocast()
 
     def stage1_latent(self, p, params):
         # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.

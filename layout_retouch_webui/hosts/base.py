@@ -51,9 +51,6 @@ class Host:
         """This step's latents z_t of the batch, from the CFG-denoiser callback's params."""
         raise NotImplementedError
 
-    def autocast(self) -> ContextManager:
-        return contextlib.nullcontext()
-
     @property
     def device(self) -> torch.device:
         raise NotImplementedError

@@ -19,7 +19,6 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -30,9 +29,6 @@ from lib_layout_retouch.forge_model import ForgeModel
 from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported
 
 from .a1111 import A1111Host
-
-def _opt(name, default):
-    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
 
 
 class ForgeHost(A1111Host):
@@ -64,17 +60,13 @@ class ForgeHost(A1111Host):
     def library_model(self, p) -> ForgeModel:
         from backend import memory_management
         memory_management.load_model_gpu(p.sd_model.forge_objects.unet)  # on the device, LoRA merged
-        return ForgeModel(p.sd_model, sdxl_crop=(int(_opt("sdxl_crop_top", 0)), int(_opt("sdxl_crop_left", 0))),
-                          load_model=memory_management.load_model_gpu)
+        return ForgeModel(p.sd_model, sdxl_crop=self.sdxl_crop(), load_model=memory_management.load_model_gpu)
 
     def inference_context(self):
         return torch.inference_mode()
 
     def decode_for_hires(self, p, latents):
         return p.sd_model.decode_first_stage(latents).float().cpu()
-
-    def autocast(self):
-        return contextlib.nullcontext()  # Forge's modules cast to their computation dtype themselves
 
     @property
     def device(self):
