@@ -181,23 +181,11 @@ def webui():
             print(f"\nhost WebUI folder kept: {tmp}")
 
 
-def browser_missing() -> str | None:
-    """Why the browser tier cannot run here (None: it can)."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "no Playwright: pip install playwright (into the Python that runs pytest)"
-    exe = os.environ.get("LR_CHROMIUM", "/usr/bin/chromium")
-    if not os.path.exists(exe):
-        return f"no Chromium at {exe}: apt-get install -y chromium (or set LR_CHROMIUM)"
-    return None
-
-
 @pytest.fixture(scope="session")
 def webui_ui():
     """A second WebUI WITH its browser UI (no --nowebui), for the browser tier: started only when a
     browser test runs. LR_WEBUI_UI_URL attaches to a running one instead."""
-    why = browser_missing()
+    why = S.browser_missing()
     if why:
         pytest.skip(why)
     url = os.environ.get("LR_WEBUI_UI_URL")

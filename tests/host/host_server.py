@@ -196,3 +196,27 @@ def link_or_copy(src: str, dst: str) -> str:
     except OSError:
         shutil.copy2(src, dst)
     return dst
+
+
+# --- the browser tiers (A1111 and Forge): Debian's Chromium driven by Playwright -------------------
+CHROMIUM = os.environ.get("LR_CHROMIUM", "/usr/bin/chromium")
+
+
+def browser_missing() -> str | None:
+    """Why a browser tier cannot run here (None: it can)."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "no Playwright: pip install playwright (into the Python that runs pytest)"
+    if not os.path.exists(CHROMIUM):
+        return f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set LR_CHROMIUM)"
+    return None
+
+
+def chromium():
+    """A headless Chromium for one test module (a generator for a pytest fixture)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()

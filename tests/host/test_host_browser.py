@@ -6,7 +6,6 @@ shows after a real generation: header checkbox state, gallery images, the infote
 gallery, the message area, the progress bar's text while it runs."""
 from __future__ import annotations
 
-import io
 import os
 import re
 import time
@@ -15,22 +14,18 @@ import pytest
 from PIL import Image
 
 import host_helpers as H
+import host_server as S
 import tiny_checkpoints as TC
 
 ACC = "#script_layoutandretouch_enabled"
 SID = "script_layoutandretouch_"
 XYZ = "script_txt2img_xyz_plot_"
-CHROMIUM = os.environ.get("LR_CHROMIUM", "/usr/bin/chromium")
 TIMEOUT = 180_000  # ms; a loaded 2-core machine is slow
 
 
 @pytest.fixture(scope="module")
 def browser(webui_ui):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
+    yield from S.chromium()
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ selected. Skipped with the reason when Playwright or Chromium is missing, or whe
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -21,34 +20,22 @@ import pytest
 import requests
 
 import forge_checkpoints as FC
-import host_helpers as H
+import host_server as S
 
 SID = "script_layoutandretouch_"          # txt2img: script_layoutandretouch_<name>
 ISID = "script_img2img_layoutandretouch_"  # img2img
 ACC = f"#{SID}enabled"
-CHROMIUM = os.environ.get("LR_CHROMIUM", "/usr/bin/chromium")
 TIMEOUT = 90_000  # ms; a loaded 2-core machine is slow, Forge's gradio 4 page is heavy
 GEN_TIMEOUT = 600  # s; one enabled Forge generation takes ~40-60 s here, more under load
 # What our code is called in the page: a console message or page error naming one of these is ours.
 OURS = re.compile(r"layout[_-]?retouch|layoutandretouch|Layout-and-Retouch", re.I)
 
 
-def browser_missing() -> str | None:
-    """Why the browser check cannot run here (None: it can); tests/host/conftest.py's, for this tier."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "no Playwright: pip install playwright (into the Python that runs pytest)"
-    if not os.path.exists(CHROMIUM):
-        return f"no Chromium at {CHROMIUM}: apt-get install -y chromium (or set LR_CHROMIUM)"
-    return None
-
-
 @pytest.fixture(scope="module")
 def forge_ui(request):
     """The tier's Forge, checked to serve its UI. Asks for `plain_before` first, so the session's
     plain baseline is taken before any generation from the page."""
-    why = browser_missing()
+    why = S.browser_missing()
     if why:
         pytest.skip(why)
     w = request.getfixturevalue("webui")
@@ -66,11 +53,7 @@ def forge_ui(request):
 
 @pytest.fixture(scope="module")
 def browser(forge_ui):
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield b
-        b.close()
+    yield from S.chromium()
 
 
 class Page:

@@ -7,7 +7,6 @@ alone. A 64×64, 8-step DDIM image takes seconds here (full-size SD1.5 weights, 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 import forge_checkpoints as FC
 import host_helpers as H
