@@ -1,4 +1,5 @@
 """The paper's metric arithmetic on constructed cases, and the real architectures with tiny random weights."""
+
 from __future__ import annotations
 
 import math
@@ -48,7 +49,9 @@ def test_mean_cosine_averages_the_full_reference_by_generated_matrix():
 
 def test_tclip_text_modes():
     assert metrics.tclip_text("a {} in the jungle", "dog", "class") == "a dog in the jungle"
-    assert metrics.tclip_text("a {} in the jungle", "red vase", "class") == "a red vase in the jungle"
+    assert (
+        metrics.tclip_text("a {} in the jungle", "red vase", "class") == "a red vase in the jungle"
+    )
     # DreamMatcher's evaluate.py hands CLIP the prompt-list line itself: the placeholder stays.
     assert metrics.tclip_text("a {} in the jungle", "dog", "keep") == "a {} in the jungle"
     with pytest.raises(LayoutRetouchError):
@@ -80,7 +83,10 @@ def test_inception_score_of_soft_predictions_matches_the_formula():
     py = p.mean(0)
     expected = math.exp(np.mean(np.sum(p * (np.log(p) - np.log(py)), axis=1)))
     assert metrics.inception_score(p, splits=1)[0] == pytest.approx(expected)
-    two = [math.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), axis=1))) for q in (p[:6], p[6:])]
+    two = [
+        math.exp(np.mean(np.sum(q * (np.log(q) - np.log(q.mean(0))), axis=1)))
+        for q in (p[:6], p[6:])
+    ]
     assert metrics.inception_score(p, splits=2) == pytest.approx((np.mean(two), np.std(two)))
 
 
@@ -94,7 +100,9 @@ def test_inception_score_splits_follow_openai_when_n_is_not_a_multiple():
     probs[np.arange(10), [0, 0, 1, 1, 2, 3, 4, 5, 6, 7]] = 1.0
     per_split = [6.75 ** (1 / 3), 3.0, 4.0]
     mean = (6.75 ** (1 / 3) + 3.0 + 4.0) / 3  # 2.963293858...
-    std = math.sqrt(sum((v - mean) ** 2 for v in per_split) / 3)  # ddof=0, as np.std there: 0.86184...
+    std = math.sqrt(
+        sum((v - mean) ** 2 for v in per_split) / 3
+    )  # ddof=0, as np.std there: 0.86184...
     assert metrics.inception_score(probs, splits=3) == pytest.approx((mean, std), abs=1e-12)
     assert (round(mean, 6), round(std, 6)) == (2.963294, 0.861843)
 
@@ -106,7 +114,9 @@ def test_inception_score_split_count_is_clamped_for_small_sets():
     assert metrics.effective_splits(0, 10) == 0
     # One image per split would score exactly 1 whatever the images: never do that.
     probs = np.eye(4)
-    assert metrics.inception_score(probs, splits=10)[0] == pytest.approx(2.0)  # 2 splits of 2 distinct classes
+    assert metrics.inception_score(probs, splits=10)[0] == pytest.approx(
+        2.0
+    )  # 2 splits of 2 distinct classes
     with pytest.raises(ValueError):
         metrics.inception_score(np.ones((2, 3)), splits=1)  # rows do not sum to 1
 
@@ -118,7 +128,9 @@ def test_random_inception_gives_probabilities_and_a_score_in_range():
     assert p.shape == (4, 1000)
     assert np.allclose(p.sum(1), 1.0)
     is_mean, _ = metrics.inception_score(p, splits=1)
-    assert 1.0 <= is_mean <= 4.0 + 1e-9  # bounded by the number of images
+    # exp(mean KL) lies in [1, number of images]; the bounds get float64 rounding room (one
+    # image set gave 1 - 1.1e-16 on one CPU)
+    assert 1.0 - 1e-9 <= is_mean <= 4.0 + 1e-9
     assert np.allclose(inc.probs(imgs[:1]), p[:1], atol=1e-6)  # deterministic in eval mode
 
 
@@ -133,8 +145,12 @@ def test_clip_identical_images_score_one_different_images_less(clip):
 
 def test_clip_image_embedding_ignores_mode_but_not_content(clip):
     a = _noise_image(3)
-    same = clip.embed_images([a, a.convert("RGBA"), a.convert("P", palette=Image.ADAPTIVE, colors=256)])
-    assert metrics.mean_cosine(same[:1], same[1:2]) == pytest.approx(1.0, abs=1e-6)  # RGBA -> RGB is lossless
+    same = clip.embed_images(
+        [a, a.convert("RGBA"), a.convert("P", palette=Image.ADAPTIVE, colors=256)]
+    )
+    assert metrics.mean_cosine(same[:1], same[1:2]) == pytest.approx(
+        1.0, abs=1e-6
+    )  # RGBA -> RGB is lossless
     assert same.shape == (3, 16)
 
 
@@ -154,7 +170,9 @@ def test_tiny_tokenizer_round_trips_and_ends_with_endoftext(clip):
     tok = clip.tokenizer
     ids = tok("a {} in the jungle")["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids("<|startoftext|>")
-    assert ids[-1] == tok.convert_tokens_to_ids("<|endoftext|>") == len(tok) - 1  # argmax pooling finds it
+    assert (
+        ids[-1] == tok.convert_tokens_to_ids("<|endoftext|>") == len(tok) - 1
+    )  # argmax pooling finds it
     assert tok.decode(ids, skip_special_tokens=True).replace(" ", "") == "a{}inthejungle"
 
 
@@ -171,8 +189,15 @@ def test_dino_identical_images_score_one_and_any_size_works(preprocess):
 def test_dino_preprocessing_follows_dreammatcher(dino):
     img = Image.new("RGB", (100, 60), (255, 0, 128))
     x = dino.preprocess([img])
-    assert x.shape == (1, 3, 256, 256)  # squashed to 256x256, then fed at 256 with interpolated positions
-    assert torch.allclose(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1.0]), atol=1e-6)  # [-1, 1], no ImageNet norm
+    assert x.shape == (
+        1,
+        3,
+        256,
+        256,
+    )  # squashed to 256x256, then fed at 256 with interpolated positions
+    assert torch.allclose(
+        x[0, :, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1.0]), atol=1e-6
+    )  # [-1, 1], no ImageNet norm
     imagenet = models.build_random_dino(preprocess="imagenet").preprocess([img])
     assert imagenet.shape == (1, 3, 32, 32)  # tiny model: crop to its own input size
     assert imagenet[0, 0, 0, 0].item() == pytest.approx((1.0 - 0.485) / 0.229, abs=1e-5)
@@ -183,7 +208,9 @@ def test_dino_preprocessing_follows_dreammatcher(dino):
 def test_clip_preprocessing_normalises_with_clip_statistics(clip):
     x = clip.preprocess([Image.new("RGB", (70, 30), (0, 0, 0))])
     assert x.shape == (1, 3, 32, 32)
-    assert torch.allclose(x[0, :, 5, 5], -torch.tensor(models.CLIP_MEAN) / torch.tensor(models.CLIP_STD), atol=1e-4)
+    assert torch.allclose(
+        x[0, :, 5, 5], -torch.tensor(models.CLIP_MEAN) / torch.tensor(models.CLIP_STD), atol=1e-4
+    )
 
 
 def _columns_image(white_columns) -> Image.Image:
@@ -214,7 +241,9 @@ def test_clip_resize_antialias_is_the_option_and_matches_pils_bicubic(clip, tmp_
     img = _columns_image([3, 13])
     x = aa.preprocess([img])[0, 0] * models.CLIP_STD[0] + models.CLIP_MEAN[0]
     # PIL's bicubic (a = -0.5, support widened by the scale) on the same [0, 1] plane: the antialiased arithmetic
-    plane = Image.fromarray(np.asarray(img, dtype=np.float32)[:, :, 0] / 255.0, "F").resize((32, 32), Image.BICUBIC)
+    plane = Image.fromarray(np.asarray(img, dtype=np.float32)[:, :, 0] / 255.0, "F").resize(
+        (32, 32), Image.BICUBIC
+    )
     assert torch.allclose(x, torch.from_numpy(np.asarray(plane)), atol=1e-5)
     assert abs(float(x[0, 0]) - 0.59375) > 0.3  # the two resizes really differ
     with pytest.raises(LayoutRetouchError) as err:
@@ -223,7 +252,7 @@ def test_clip_resize_antialias_is_the_option_and_matches_pils_bicubic(clip, tmp_
 
 
 def test_load_image_handles_odd_modes_and_reports_broken_files(tmp_path):
-    arr16 = (np.arange(12 * 7, dtype=np.uint16).reshape(7, 12) * 700)
+    arr16 = np.arange(12 * 7, dtype=np.uint16).reshape(7, 12) * 700
     Image.fromarray(arr16).save(tmp_path / "deep.png")
     img = models.load_image(tmp_path / "deep.png")
     assert img.mode == "RGB" and img.size == (12, 7)
@@ -256,7 +285,9 @@ def test_saved_random_models_load_back_from_a_local_folder(tmp_path, clip, dino)
     loaded_clip = models.load_clip(str(tmp_path / "clip"), device="cpu")
     loaded_dino = models.load_dino(str(tmp_path / "dino"), device="cpu")
     assert torch.allclose(loaded_clip.embed_images([img]), clip.embed_images([img]), atol=1e-5)
-    assert torch.allclose(loaded_clip.embed_texts(["a dog"]), clip.embed_texts(["a dog"]), atol=1e-5)
+    assert torch.allclose(
+        loaded_clip.embed_texts(["a dog"]), clip.embed_texts(["a dog"]), atol=1e-5
+    )
     assert torch.allclose(loaded_dino.embed_images([img]), dino.embed_images([img]), atol=1e-5)
 
 
