@@ -1,6 +1,7 @@
 """Run by the WebUI at start-up (not with --skip-prepare-environment): installs what the extension
 needs into the WebUI's venv, and nothing else. No model is downloaded: put SAM checkpoints
 (sam_vit_b_01ec64.pth, …) into models/sam yourself if you want the SAM mask."""
+
 import launch
 
 NEEDS = {

@@ -26,6 +26,7 @@ the lines that make the host wait for the GPU (`sync_points`); --profile adds a 
 A table goes to stdout; JSON to benchmarks/results/<card-slug>-<config>.json (CPU runs:
 <...>.tmp.json, git-ignored) or --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch import masks as lr_masks  # noqa: E402
 from lib_layout_retouch import pipeline as pl  # noqa: E402
 from lib_layout_retouch import stage1  # noqa: E402
-from lib_layout_retouch.attention import LAYOUT, REFERENCE, TARGET, RetouchAttention, RowPlan, patched_attention  # noqa: E402
+from lib_layout_retouch.attention import (  # noqa: E402
+    LAYOUT,
+    REFERENCE,
+    TARGET,
+    RetouchAttention,
+    RowPlan,
+    patched_attention,
+)
 from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
-from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch.layers import layer_table_for  # noqa: E402
-from tests.tiny_models import reinit_zero_weights, tame_output  # noqa: E402  (ldm zero-inits; random ε is rough)
 from lib_layout_retouch.model import LdmModel  # noqa: E402
 from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
 from lib_layout_retouch.schedule import Schedule  # noqa: E402
+from tests.tiny_models import reinit_zero_weights, tame_output  # noqa: E402  (ldm zero-inits; random ε is rough)
 
 GIB = float(1 << 30)
 # The issue's goals (same run, same card, SD1.5, 512², T=50, cached reference).
@@ -72,9 +80,24 @@ GOALS = {"ratio_fast": 2.5, "ratio_paper": 3.5, "lr_extra_peak_gib": 2.5, "hook_
 
 def sdxl_goals(second_unet_gib: float) -> dict:
     """SDXL's goals (issue 9): fast ≤ 2.5× plain; extra peak ≤ DreamBooth's second UNet + 1 GiB."""
-    return {"ratio_fast": 2.5, "lr_extra_peak_gib": round(second_unet_gib + 1.0, 3), "hook_overhead": 1.05}
-REQUIRED_KEYS = ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "plain_peak_gib",
-                 "lr_peak_gib", "hook_overhead", "unet_calls")
+    return {
+        "ratio_fast": 2.5,
+        "lr_extra_peak_gib": round(second_unet_gib + 1.0, 3),
+        "hook_overhead": 1.05,
+    }
+
+
+REQUIRED_KEYS = (
+    "plain_s",
+    "lr_paper_s",
+    "lr_fast_s",
+    "ratio_paper",
+    "ratio_fast",
+    "plain_peak_gib",
+    "lr_peak_gib",
+    "hook_overhead",
+    "unet_calls",
+)
 
 PROMPT, CONCEPT, CLASS = "a photo of sks dog jumping over the fence", "sks", "dog"
 NEGATIVE = ""
@@ -87,18 +110,36 @@ def _ldm_config(unet: dict, ddconfig: dict, image_size: int) -> dict:
     return {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
-            "linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
-            "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": image_size // 8,
-            "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
-            "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
+            "linear_start": 0.00085,
+            "linear_end": 0.0120,
+            "num_timesteps_cond": 1,
+            "log_every_t": 200,
+            "timesteps": 1000,
+            "first_stage_key": "jpg",
+            "cond_stage_key": "txt",
+            "image_size": image_size // 8,
+            "channels": 4,
+            "cond_stage_trainable": False,
+            "conditioning_key": "crossattn",
+            "monitor": "val/loss_simple_ema",
+            "scale_factor": 0.18215,
+            "use_ema": False,
             # No CLIP (no weights, no tokenizer): ldm sets cond_stage_model = None for this value, and
             # force_null_conditioning keeps conditioning_key "crossattn" so apply_model passes context.
-            "cond_stage_config": "__is_unconditional__", "force_null_conditioning": True,
-            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            "cond_stage_config": "__is_unconditional__",
+            "force_null_conditioning": True,
+            "unet_config": {
+                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+                "params": unet,
+            },
             "first_stage_config": {
                 "target": "ldm.models.autoencoder.AutoencoderKL",
-                "params": {"embed_dim": 4, "monitor": "val/rec_loss", "ddconfig": ddconfig,
-                           "lossconfig": {"target": "torch.nn.Identity"}},
+                "params": {
+                    "embed_dim": 4,
+                    "monitor": "val/rec_loss",
+                    "ddconfig": ddconfig,
+                    "lossconfig": {"target": "torch.nn.Identity"},
+                },
             },
         },
     }
@@ -106,59 +147,134 @@ def _ldm_config(unet: dict, ddconfig: dict, image_size: int) -> dict:
 
 def sd15_config() -> dict:
     """configs/stable-diffusion/v1-inference.yaml (SD1.4/1.5), use_checkpoint off (inference)."""
-    unet = {"image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-            "attention_resolutions": [4, 2, 1], "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4],
-            "num_heads": 8, "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 768,
-            "use_checkpoint": False, "legacy": False}
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
-                "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    unet = {
+        "image_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 320,
+        "attention_resolutions": [4, 2, 1],
+        "num_res_blocks": 2,
+        "channel_mult": [1, 2, 4, 4],
+        "num_heads": 8,
+        "use_spatial_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": 768,
+        "use_checkpoint": False,
+        "legacy": False,
+    }
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     return _ldm_config(unet, ddconfig, 512)
 
 
 def tiny_config() -> dict:
     """tests/tiny_models.py's narrow SD1-architecture model (two UNet levels, 2 heads, 64²)."""
-    unet = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-            "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2,
-            "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 32,
-            "use_checkpoint": False, "legacy": False}
-    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
-                "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
+    unet = {
+        "image_size": 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "attention_resolutions": [1, 2],
+        "num_res_blocks": 1,
+        "channel_mult": [1, 2],
+        "num_heads": 2,
+        "use_spatial_transformer": True,
+        "transformer_depth": 1,
+        "context_dim": 32,
+        "use_checkpoint": False,
+        "legacy": False,
+    }
+    ddconfig = {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 64,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
     return _ldm_config(unet, ddconfig, 64)
 
 
 def _sdxl_vae_ddconfig(ch: int) -> dict:
     """SDXL's VAE has SD's architecture (only its weights differ): ldm's AutoencoderKL serves."""
-    return {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": ch,
-            "ch_mult": [1, 2, 4, 4] if ch == 128 else [1, 1, 1, 1], "num_res_blocks": 2 if ch == 128 else 1,
-            "attn_resolutions": [], "dropout": 0.0}
+    return {
+        "double_z": True,
+        "z_channels": 4,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": ch,
+        "ch_mult": [1, 2, 4, 4] if ch == 128 else [1, 1, 1, 1],
+        "num_res_blocks": 2 if ch == 128 else 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
 
 
 def sdxl_config() -> dict:
     """sd_xl_base.yaml's UNet (sgm's UNetModel: depth 0/2/10, 2048-wide context, 2816-wide vector)
     at 1024². sgm is not on PyPI: set LR_SGM_DIR to a generative-models checkout."""
-    return {"family": "sdxl", "image_size": 1024, "context_dim": 2048, "adm": 2816, "unet": "sgm-base",
-            "ddconfig": _sdxl_vae_ddconfig(128)}
+    return {
+        "family": "sdxl",
+        "image_size": 1024,
+        "context_dim": 2048,
+        "adm": 2816,
+        "unet": "sgm-base",
+        "ddconfig": _sdxl_vae_ddconfig(128),
+    }
 
 
 def tiny_sdxl_config() -> dict:
     """tests/tiny_sdxl.py's "ldm" build: ldm's UNet in SDXL configuration (label_emb, depth 2), 64²."""
     from tests.tiny_sdxl import LDM_ADM, LDM_CONTEXT
 
-    return {"family": "sdxl", "image_size": 64, "context_dim": LDM_CONTEXT, "adm": LDM_ADM, "unet": "ldm-tiny",
-            "ddconfig": _sdxl_vae_ddconfig(32)}
+    return {
+        "family": "sdxl",
+        "image_size": 64,
+        "context_dim": LDM_CONTEXT,
+        "adm": LDM_ADM,
+        "unet": "ldm-tiny",
+        "ddconfig": _sdxl_vae_ddconfig(32),
+    }
 
 
-CONFIGS: dict[str, Callable[[], dict]] = {"sd15": sd15_config, "tiny": tiny_config, "sdxl": sdxl_config,
-                                          "tiny-sdxl": tiny_sdxl_config}
+CONFIGS: dict[str, Callable[[], dict]] = {
+    "sd15": sd15_config,
+    "tiny": tiny_config,
+    "sdxl": sdxl_config,
+    "tiny-sdxl": tiny_sdxl_config,
+}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def image_size_of(cfg: dict) -> int:
-    return int(cfg["image_size"]) if cfg.get("family") == "sdxl" else int(cfg["params"]["image_size"]) * 8
+    return (
+        int(cfg["image_size"])
+        if cfg.get("family") == "sdxl"
+        else int(cfg["params"]["image_size"]) * 8
+    )
 
 
 def context_dim_of(cfg: dict) -> int:
-    return int(cfg["context_dim"]) if cfg.get("family") == "sdxl" else int(cfg["params"]["unet_config"]["params"]["context_dim"])
+    return (
+        int(cfg["context_dim"])
+        if cfg.get("family") == "sdxl"
+        else int(cfg["params"]["unet_config"]["params"]["context_dim"])
+    )
 
 
 def _sdxl_unet(cfg: dict) -> torch.nn.Module:
@@ -170,11 +286,24 @@ def _sdxl_unet(cfg: dict) -> torch.nn.Module:
             raise SystemExit(f"--config sdxl needs sgm: {why}")
         from sgm.modules.diffusionmodules.openaimodel import UNetModel
 
-        return UNetModel(adm_in_channels=2816, num_classes="sequential", use_checkpoint=False, in_channels=4,
-                         out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
-                         channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
-                         use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
-                         spatial_transformer_attn_type="softmax", legacy=False)
+        return UNetModel(
+            adm_in_channels=2816,
+            num_classes="sequential",
+            use_checkpoint=False,
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            attention_resolutions=[4, 2],
+            num_res_blocks=2,
+            channel_mult=[1, 2, 4],
+            num_head_channels=64,
+            use_spatial_transformer=True,
+            use_linear_in_transformer=True,
+            transformer_depth=[1, 2, 10],
+            context_dim=2048,
+            spatial_transformer_attn_type="softmax",
+            legacy=False,
+        )
     from tests.tiny_sdxl import ldm_sdxl_unet
 
     return ldm_sdxl_unet()
@@ -184,11 +313,14 @@ def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
     """An SDXL-family model object as the library sees A1111's (no text encoders: BenchModel gives
     the conditioning), and a second UNet for DreamBooth mode."""
     from ldm.models.autoencoder import AutoencoderKL
+
     from tests.tiny_sdxl import TinySdxlLike
 
     torch.manual_seed(seed)
     unet = _sdxl_unet(cfg)
-    vae = AutoencoderKL(ddconfig=cfg["ddconfig"], lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
+    vae = AutoencoderKL(
+        ddconfig=cfg["ddconfig"], lossconfig={"target": "torch.nn.Identity"}, embed_dim=4
+    )
     model = TinySdxlLike(unet, vae, conditioner=torch.nn.Module())
     if cfg["unet"] == "sgm-base":
         model.model.depth = None  # sgm's SpatialTransformer takes one context tensor
@@ -216,9 +348,9 @@ def build_models(config: str, seed: int = 0, vanilla: bool = True, quiet: bool =
     cfg = CONFIGS[config]()
     sink = io.StringIO()
     if cfg.get("family") == "sdxl":
-        with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+        with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
             return _build_sdxl(cfg, seed, vanilla)
-    with (contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext()):
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
         torch.manual_seed(seed)
         ldm = instantiate_from_config(OmegaConf.create(cfg))
         _randomized(ldm, ldm.model.diffusion_model, seed)
@@ -281,10 +413,12 @@ def attention_mode(mode: str):
     from ldm.modules.diffusionmodules import model as lm
 
     saved = []
-    for cls, fwd in ((getattr(la, "CrossAttention", None), _sdpa_cross_attention_forward),
-                     (getattr(la, "MemoryEfficientCrossAttention", None), _sdpa_cross_attention_forward),
-                     (getattr(lm, "AttnBlock", None), _sdpa_attnblock_forward),
-                     (getattr(lm, "MemoryEfficientAttnBlock", None), _sdpa_attnblock_forward)):
+    for cls, fwd in (
+        (getattr(la, "CrossAttention", None), _sdpa_cross_attention_forward),
+        (getattr(la, "MemoryEfficientCrossAttention", None), _sdpa_cross_attention_forward),
+        (getattr(lm, "AttnBlock", None), _sdpa_attnblock_forward),
+        (getattr(lm, "MemoryEfficientAttnBlock", None), _sdpa_attnblock_forward),
+    ):
         if cls is not None:
             saved.append((cls, cls.__dict__["forward"]))
             cls.forward = fwd
@@ -331,8 +465,12 @@ class PhaseClock:
             self.close(PHASE_NAMES.get(phase, phase))
 
 
-PHASE_NAMES = {"layout": "stage1", "reference inversion": "reference_inversion",
-               "layout inversion": "layout_inversion", "retouch": "retouch"}
+PHASE_NAMES = {
+    "layout": "stage1",
+    "reference inversion": "reference_inversion",
+    "layout inversion": "layout_inversion",
+    "retouch": "retouch",
+}
 PHASE_ORDER = ("stage1", "reference_inversion", "layout_inversion", "retouch", "vae", "other")
 
 
@@ -341,8 +479,15 @@ class BenchModel(LdmModel):
     so the benchmark does not time a text encoder; A1111's CLIP costs ~5 ms per call), and a
     whitespace tokenizer for the subject token rows. VAE calls are timed as their own phase."""
 
-    def __init__(self, ldm, autocast, context_dim: int, tokens: int = 77, clock: Optional[PhaseClock] = None,
-                 vector_dim: Optional[int] = None):
+    def __init__(
+        self,
+        ldm,
+        autocast,
+        context_dim: int,
+        tokens: int = 77,
+        clock: Optional[PhaseClock] = None,
+        vector_dim: Optional[int] = None,
+    ):
         super().__init__(ldm, autocast)
         self.context_dim = context_dim
         self.vector_dim = vector_dim  # SDXL: the pooled-text/size vector's width
@@ -363,7 +508,10 @@ class BenchModel(LdmModel):
         if not self.vector_dim:
             return tokens
         g = torch.Generator().manual_seed(zlib.crc32(repr((list(prompts), size)).encode("utf-8")))
-        return {"crossattn": tokens, "vector": torch.randn(len(prompts), self.vector_dim, generator=g).to(self.device)}
+        return {
+            "crossattn": tokens,
+            "vector": torch.randn(len(prompts), self.vector_dim, generator=g).to(self.device),
+        }
 
     def tokenize(self, text: str) -> list[int]:
         return [zlib.crc32(w.encode("utf-8")) % 49406 for w in text.split()]
@@ -407,19 +555,24 @@ class UNetCounter:
 # The measured runs
 
 
-def plain_generate(model: BenchModel, noise: torch.Tensor, steps: int, guidance: float, progress) -> torch.Tensor:
+def plain_generate(
+    model: BenchModel, noise: torch.Tensor, steps: int, guidance: float, progress
+) -> torch.Tensor:
     """A plain T-step DDIM CFG image: the stage-1 code with λ1 = 0 (personalized model throughout)."""
     schedule = Schedule.for_steps(steps, lambda1=0, lambda2=0, mask_start=steps + 1, scale=False)
     ddim_schedule = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps)
     c = model.conditioning([PROMPT, NEGATIVE])
     den = model.denoiser()
     cond, uncond = lr_cond.rows(c, slice(0, 1)), lr_cond.rows(c, slice(1, 2))
-    traj = stage1.sample_step_blended(den, den, schedule, ddim_schedule, cond, cond, uncond, noise,
-                                      guidance, progress=progress)
+    traj = stage1.sample_step_blended(
+        den, den, schedule, ddim_schedule, cond, cond, uncond, noise, guidance, progress=progress
+    )
     return model.decode(traj[-1])
 
 
-def measure(fn: Callable[[], object], clock: PhaseClock, counter: UNetCounter, warmup: int, repeats: int) -> dict:
+def measure(
+    fn: Callable[[], object], clock: PhaseClock, counter: UNetCounter, warmup: int, repeats: int
+) -> dict:
     """Warm-up runs, then timed runs: median seconds, peak memory over the timed runs, the phases
     of the median run, UNet calls/rows of one run, and what the last run returned."""
     cuda = clock.cuda
@@ -444,13 +597,26 @@ def measure(fn: Callable[[], object], clock: PhaseClock, counter: UNetCounter, w
             peaks.append(torch.cuda.max_memory_allocated() / GIB)
     order = sorted(range(len(runs)), key=runs.__getitem__)
     mid = order[(len(order) - 1) // 2]
-    return {"s": statistics.median(runs), "runs_s": runs,
-            "phases_s": {k: phases[mid].get(k, 0.0) for k in PHASE_ORDER if k in phases[mid]},
-            "peak_gib": max(peaks) if peaks else None, "unet_calls": calls, "unet_rows": rows, "out": out}
+    return {
+        "s": statistics.median(runs),
+        "runs_s": runs,
+        "phases_s": {k: phases[mid].get(k, 0.0) for k in PHASE_ORDER if k in phases[mid]},
+        "peak_gib": max(peaks) if peaks else None,
+        "unet_calls": calls,
+        "unet_rows": rows,
+        "out": out,
+    }
 
 
-def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: PhaseClock,
-                  repeats: int, blend: bool, seed: int = 0) -> dict:
+def hook_overhead(
+    model: BenchModel,
+    n: int,
+    latent_hw: tuple[int, int],
+    clock: PhaseClock,
+    repeats: int,
+    blend: bool,
+    seed: int = 0,
+) -> dict:
     """One UNet forward at the three-path batch 2·(1+2n), hooked (retouch editor, identity phase,
     reference layers active; with `blend`, also the mask blend of steps ≥ mask start) vs plain.
     Interleaved, median of `repeats` each after 3 warm-ups."""
@@ -494,11 +660,22 @@ def hook_overhead(model: BenchModel, n: int, latent_hw: tuple[int, int], clock: 
     plain_k = count_kernels(forward)
     with patched_attention(model.unet, editor):
         hooked_k = count_kernels(forward)
-    return {"rows": rows, "plain_s": p, "hooked_s": h, "ratio": h / p, "layer_table": table.name,
-            "reference_layers": len(table.reference_layers), "blend_layers": len(table.blend_layers),
-            "plain_kernels": sum(plain_k.values()), "hooked_kernels": sum(hooked_k.values()),
-            "extra_kernels": {k: hooked_k[k] - plain_k.get(k, 0) for k in sorted(hooked_k)
-                              if hooked_k[k] != plain_k.get(k, 0)}}
+    return {
+        "rows": rows,
+        "plain_s": p,
+        "hooked_s": h,
+        "ratio": h / p,
+        "layer_table": table.name,
+        "reference_layers": len(table.reference_layers),
+        "blend_layers": len(table.blend_layers),
+        "plain_kernels": sum(plain_k.values()),
+        "hooked_kernels": sum(hooked_k.values()),
+        "extra_kernels": {
+            k: hooked_k[k] - plain_k.get(k, 0)
+            for k in sorted(hooked_k)
+            if hooked_k[k] != plain_k.get(k, 0)
+        },
+    }
 
 
 def count_kernels(fn) -> dict:
@@ -563,11 +740,19 @@ def summarize(per: dict) -> dict:
     plain, paper, fast = per["plain"], per["lr_paper"], per["lr_fast"]
     d = {
         "batch": per["batch"],
-        "plain_s": plain["s"], "lr_paper_s": paper["s"], "lr_fast_s": fast["s"],
-        "ratio_paper": _ratio(paper["s"], plain["s"]), "ratio_fast": _ratio(fast["s"], plain["s"]),
-        "plain_peak_gib": plain["peak_gib"], "lr_peak_gib": paper["peak_gib"], "lr_fast_peak_gib": fast["peak_gib"],
-        "lr_extra_peak_gib": (None if paper["peak_gib"] is None else paper["peak_gib"] - plain["peak_gib"]),
-        "hook_overhead": per["hook"]["ratio"], "hook_overhead_blend": per["hook_blend"]["ratio"],
+        "plain_s": plain["s"],
+        "lr_paper_s": paper["s"],
+        "lr_fast_s": fast["s"],
+        "ratio_paper": _ratio(paper["s"], plain["s"]),
+        "ratio_fast": _ratio(fast["s"], plain["s"]),
+        "plain_peak_gib": plain["peak_gib"],
+        "lr_peak_gib": paper["peak_gib"],
+        "lr_fast_peak_gib": fast["peak_gib"],
+        "lr_extra_peak_gib": (
+            None if paper["peak_gib"] is None else paper["peak_gib"] - plain["peak_gib"]
+        ),
+        "hook_overhead": per["hook"]["ratio"],
+        "hook_overhead_blend": per["hook_blend"]["ratio"],
         "hook": {"identity": per["hook"], "identity_blend": per["hook_blend"]},
         "unet_calls": {k: per[k]["unet_calls"] for k in ("plain", "lr_paper", "lr_fast")},
         "unet_rows": {k: per[k]["unet_rows"] for k in ("plain", "lr_paper", "lr_fast")},
@@ -581,10 +766,16 @@ def summarize(per: dict) -> dict:
     }
     if "lr_fast_kv" in per:  # optional: the reference attention cache on top of the fast options
         kv = per["lr_fast_kv"]
-        d.update(lr_fast_kv_s=kv["s"], ratio_fast_kv=_ratio(kv["s"], plain["s"]), lr_fast_kv_peak_gib=kv["peak_gib"],
-                 lr_fast_kv_unet_rows=kv["unet_rows"])
-    d["goals"] = {k: {"goal": g, "value": d[k], "met": None if d[k] is None else bool(d[k] <= g)}
-                  for k, g in GOALS.items()}
+        d.update(
+            lr_fast_kv_s=kv["s"],
+            ratio_fast_kv=_ratio(kv["s"], plain["s"]),
+            lr_fast_kv_peak_gib=kv["peak_gib"],
+            lr_fast_kv_unet_rows=kv["unet_rows"],
+        )
+    d["goals"] = {
+        k: {"goal": g, "value": d[k], "met": None if d[k] is None else bool(d[k] <= g)}
+        for k, g in GOALS.items()
+    }
     return d
 
 
@@ -599,8 +790,10 @@ def _fmt(v, spec: str = ".3f") -> str:
 def format_table(res: dict) -> str:
     """The human-readable table (also what the CI test looks for)."""
     batches = [("batch 1", res)] + ([("batch 4", res["batch4"])] if "batch4" in res else [])
-    head = (f"Layout-and-Retouch benchmark — {res['card']} · {res['config']} {res['dtype']} "
-            f"{res['image_size']}² · T={res['steps']} · attention {res['attention']} · torch {res['torch']}")
+    head = (
+        f"Layout-and-Retouch benchmark — {res['card']} · {res['config']} {res['dtype']} "
+        f"{res['image_size']}² · T={res['steps']} · attention {res['attention']} · torch {res['torch']}"
+    )
     rows = [
         ("plain (s)", "plain_s", ".3f", None),
         ("L&R paper (s)", "lr_paper_s", ".3f", None),
@@ -617,34 +810,50 @@ def format_table(res: dict) -> str:
         ("hooked/plain UNet fwd", "hook_overhead", ".3f", "hook_overhead"),
         ("  … with mask blend", "hook_overhead_blend", ".3f", None),
     ]
-    kernel_rows = [("kernels plain/hooked fwd", "identity"), ("  … with mask blend", "identity_blend")]
+    kernel_rows = [
+        ("kernels plain/hooked fwd", "identity"),
+        ("  … with mask blend", "identity_blend"),
+    ]
     w0, w = 26, 14
-    lines = [head, f"{'figure':<{w0}}" + "".join(f"{b:>{w}}" for b, _ in batches) + f"{'goal':>{w}}"]
+    lines = [
+        head,
+        f"{'figure':<{w0}}" + "".join(f"{b:>{w}}" for b, _ in batches) + f"{'goal':>{w}}",
+    ]
     for label, key, spec, goal in rows:
         cells = "".join(f"{_fmt(d.get(key), spec):>{w}}" for _, d in batches)
         gtxt = f"≤ {GOALS[goal]}" if goal in GOALS else ""
         lines.append(f"{label:<{w0}}{cells}{gtxt:>{w}}")
     for label, key in kernel_rows:
-        cells = "".join(f"{str(d['hook'][key].get('plain_kernels')) + '/' + str(d['hook'][key].get('hooked_kernels')):>{w}}"
-                        for _, d in batches)
+        cells = "".join(
+            f"{str(d['hook'][key].get('plain_kernels')) + '/' + str(d['hook'][key].get('hooked_kernels')):>{w}}"
+            for _, d in batches
+        )
         lines.append(f"{label:<{w0}}{cells}")
     for what in ("unet_calls", "unet_rows"):
-        cells = "".join(f"{'/'.join(str(d[what][k]) for k in ('plain', 'lr_paper', 'lr_fast')):>{w}}"
-                        for _, d in batches)
+        cells = "".join(
+            f"{'/'.join(str(d[what][k]) for k in ('plain', 'lr_paper', 'lr_fast')):>{w}}"
+            for _, d in batches
+        )
         lines.append(f"{what.replace('_', ' ') + ' plain/paper/fast':<{w0}}{cells}")
     lines.append("")
     lines.append("where the time goes (s, median run): " + ", ".join(PHASE_ORDER))
     for bname, d in batches:
         for k in ("plain", "lr_paper", "lr_fast"):
             ph = d["phases_s"][k]
-            lines.append(f"  {bname} {k:<9}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER))
+            lines.append(
+                f"  {bname} {k:<9}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER)
+            )
     for what, pts in (res.get("sync_points") or {}).items():
         total = sum(p["count"] for p in pts)
-        lines.append(f"implicit host-device syncs in one {what} batch-1 run: {total}"
-                     + "".join(f"\n    {p['count']:>5} × {p['where']}" for p in pts[:6]))
+        lines.append(
+            f"implicit host-device syncs in one {what} batch-1 run: {total}"
+            + "".join(f"\n    {p['count']:>5} × {p['where']}" for p in pts[:6])
+        )
     if res["device"] != "cuda":
-        lines.append("(CPU run: the goals are for a GPU, where a UNet call is launch-bound; on a CPU rows cost"
-                     " time in proportion, so the ratios here say nothing about the goals)")
+        lines.append(
+            "(CPU run: the goals are for a GPU, where a UNet call is launch-bound; on a CPU rows cost"
+            " time in proportion, so the ratios here say nothing about the goals)"
+        )
     return "\n".join(lines)
 
 
@@ -652,34 +861,75 @@ def format_table(res: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", choices=sorted(CONFIGS), default="sd15")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp16 on CUDA, fp32 on the CPU by default")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="fp16 on CUDA, fp32 on the CPU by default",
+    )
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="pixels per side (default: 512 for sd15, 64 for tiny); smaller for a quick CPU smoke run")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="batch sizes; 1 (top level) and 4 (batch4)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="pixels per side (default: 512 for sd15, 64 for tiny); smaller for a quick CPU smoke run",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="batch sizes; 1 (top level) and 4 (batch4)",
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per figure (median)")
-    p.add_argument("--hook-repeats", type=int, default=10, help="timed forwards per hook figure (median)")
+    p.add_argument(
+        "--hook-repeats", type=int, default=10, help="timed forwards per hook figure (median)"
+    )
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--attention", choices=("sdpa", "ldm"), default="sdpa",
-                   help="attention of the unhooked layers (see attention_mode)")
+    p.add_argument(
+        "--attention",
+        choices=("sdpa", "ldm"),
+        default="sdpa",
+        help="attention of the unhooked layers (see attention_mode)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-cache-gib", type=float, default=4.0,
-                   help="also time the fast options with the opt-in reference attention cache of this size "
-                        "(0: skip that figure)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<card>-<config>.json)")
-    p.add_argument("--profile", action="store_true",
-                   help="also run one L&R paper batch-1 generation under torch.profiler; top ops → JSON + .txt")
-    p.add_argument("--no-sync-check", action="store_true",
-                   help="skip the pass that lists implicit host-device syncs (CUDA only)")
-    p.add_argument("--forward-only", action="store_true",
-                   help="sanity check: build the model and time one UNet forward at CFG batch 2, nothing else")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 avoids OpenMP spin-waits on a busy shared CPU; CI uses it)")
+    p.add_argument(
+        "--kv-cache-gib",
+        type=float,
+        default=4.0,
+        help="also time the fast options with the opt-in reference attention cache of this size "
+        "(0: skip that figure)",
+    )
+    p.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/<card>-<config>.json)"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also run one L&R paper batch-1 generation under torch.profiler; top ops → JSON + .txt",
+    )
+    p.add_argument(
+        "--no-sync-check",
+        action="store_true",
+        help="skip the pass that lists implicit host-device syncs (CUDA only)",
+    )
+    p.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="sanity check: build the model and time one UNet forward at CFG batch 2, nothing else",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (1 avoids OpenMP spin-waits on a busy shared CPU; CI uses it)",
+    )
     p.add_argument("--verbose", action="store_true", help="show ldm's prints while building")
     args = p.parse_args(argv)
     if args.dtype is None:
@@ -711,11 +961,15 @@ def run(args: argparse.Namespace) -> dict:
     cuda = device.type == "cuda"
     started = time.perf_counter()
 
-    def say(msg: str) -> None:  # progress on stderr: the run takes minutes on a GPU, longer on a CPU
+    def say(
+        msg: str,
+    ) -> None:  # progress on stderr: the run takes minutes on a GPU, longer on a CPU
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    ldm, vanilla = build_models(args.config, args.seed, vanilla=not args.forward_only, quiet=not args.verbose)
+    ldm, vanilla = build_models(
+        args.config, args.seed, vanilla=not args.forward_only, quiet=not args.verbose
+    )
     # Weights in the run's dtype (A1111: model.half()), ldm's schedule buffers (ᾱ) stay float32.
     ldm.model.to(device, dtype)
     ldm.first_stage_model.to(device, dtype)
@@ -732,8 +986,13 @@ def run(args: argparse.Namespace) -> dict:
                     mod.float()
     build_s = time.perf_counter() - t0
     say(f"built the {args.config} models ({build_s:.1f} s)")
-    model = BenchModel(ldm, _autocast_for(device, dtype), context_dim_of(cfg), clock=clock,
-                       vector_dim=cfg.get("adm"))
+    model = BenchModel(
+        ldm,
+        _autocast_for(device, dtype),
+        context_dim_of(cfg),
+        clock=clock,
+        vector_dim=cfg.get("adm"),
+    )
     if cfg.get("family") == "sdxl":  # the goals of this run's model family
         global GOALS
         unet_gib = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / GIB
@@ -743,20 +1002,37 @@ def run(args: argparse.Namespace) -> dict:
     mem = (lambda: torch.cuda.memory_allocated() / GIB) if cuda else (lambda: None)
 
     res: dict = {
-        "card": card_name(device), "config": args.config, "dtype": args.dtype, "steps": args.steps,
-        "device": device.type, "image_size": size, "attention": args.attention,
-        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+        "card": card_name(device),
+        "config": args.config,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "device": device.type,
+        "image_size": size,
+        "attention": args.attention,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "grad_mode": "inference_mode",
-        "device_props": ({"total_memory_gib": torch.cuda.get_device_properties(device).total_memory / GIB,
-                          "multiprocessors": torch.cuda.get_device_properties(device).multi_processor_count}
-                         if cuda else {"threads": torch.get_num_threads()}),
-        "backends": {"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                     "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                     "cudnn_benchmark": torch.backends.cudnn.benchmark},
-        "unet_params_m": round(unet_params / 1e6, 2), "vae_params_m": round(vae_params / 1e6, 2),
-        "build_s": build_s, "warmup": args.warmup, "repeats": args.repeats, "hook_repeats": args.hook_repeats,
+        "device_props": (
+            {
+                "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / GIB,
+                "multiprocessors": torch.cuda.get_device_properties(device).multi_processor_count,
+            }
+            if cuda
+            else {"threads": torch.get_num_threads()}
+        ),
+        "backends": {
+            "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        },
+        "unet_params_m": round(unet_params / 1e6, 2),
+        "vae_params_m": round(vae_params / 1e6, 2),
+        "build_s": build_s,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "hook_repeats": args.hook_repeats,
         "guidance": args.guidance,
     }
 
@@ -776,8 +1052,12 @@ def run(args: argparse.Namespace) -> dict:
             return res
 
         schedule = Schedule.for_steps(args.steps)  # the paper's λ1, λ2, mask start (scaled to T)
-        res["schedule"] = {"lambda1": schedule.lambda1, "lambda2": schedule.lambda2,
-                           "mask_start": schedule.mask_start, "describe": schedule.describe()}
+        res["schedule"] = {
+            "lambda1": schedule.lambda1,
+            "lambda2": schedule.lambda2,
+            "mask_start": schedule.mask_start,
+            "describe": schedule.describe(),
+        }
         settings = pl.RetouchSettings(schedule=schedule, guidance_scale=args.guidance)
         prompts = derive_prompts(PROMPT, CONCEPT, CLASS)
         ref_img = reference_image(size)
@@ -793,9 +1073,18 @@ def run(args: argparse.Namespace) -> dict:
         # 1. plain, with only the personalized model on the device
         for b in args.batches:
             noise = noise_for(b)
-            per_batch[b] = {"batch": b, "plain": measure(
-                lambda: plain_generate(model, noise, args.steps, args.guidance, clock.progress),
-                clock, counter, args.warmup, args.repeats)}
+            per_batch[b] = {
+                "batch": b,
+                "plain": measure(
+                    lambda noise=noise: plain_generate(
+                        model, noise, args.steps, args.guidance, clock.progress
+                    ),
+                    clock,
+                    counter,
+                    args.warmup,
+                    args.repeats,
+                ),
+            }
             per_batch[b]["plain"].pop("out")
             say(f"batch {b}: plain {per_batch[b]['plain']['s']:.3f} s")
 
@@ -805,13 +1094,23 @@ def run(args: argparse.Namespace) -> dict:
         res["vanilla_unet_gib"] = None if not cuda else mem() - res["weights_gib"]
 
         # The opt-in reference attention cache (WebUI setting, off by default): warm after the warm-up run.
-        kv_cache = pl.ReferenceAttentionCache(max_bytes=int(args.kv_cache_gib * 2 ** 30))
+        kv_cache = pl.ReferenceAttentionCache(max_bytes=int(args.kv_cache_gib * 2**30))
 
         def lr(noise, layout_source, progress=clock.progress, kv=None):
-            return pl.generate(model, prompts=prompts, reference_image=ref_img, noise=noise, settings=settings,
-                               negative_prompt=NEGATIVE, vanilla_unet=vanilla, layout_source=layout_source,
-                               cache=cache, reference_key=("bench-reference", args.config, args.seed),
-                               kv_cache=kv, progress=progress)
+            return pl.generate(
+                model,
+                prompts=prompts,
+                reference_image=ref_img,
+                noise=noise,
+                settings=settings,
+                negative_prompt=NEGATIVE,
+                vanilla_unet=vanilla,
+                layout_source=layout_source,
+                cache=cache,
+                reference_key=("bench-reference", args.config, args.seed),
+                kv_cache=kv,
+                progress=progress,
+            )
 
         for b in args.batches:
             noise = noise_for(b)
@@ -819,15 +1118,28 @@ def run(args: argparse.Namespace) -> dict:
             if args.kv_cache_gib > 0:
                 runs.append(("lr_fast_kv", "stage1", kv_cache))
             for key, source, kv in runs:
-                m = measure(lambda: lr(noise, source, kv=kv), clock, counter, args.warmup, args.repeats)
+                m = measure(
+                    lambda noise=noise, source=source, kv=kv: lr(noise, source, kv=kv),
+                    clock,
+                    counter,
+                    args.warmup,
+                    args.repeats,
+                )
                 out = m.pop("out")
                 r = out.retouch
-                m.update(retouch_calls=r.unet_calls, retouch_rows=r.unet_rows, reference_cached=r.reference_cached,
-                         mask_kind=r.mask_kind, images_finite=bool(torch.isfinite(out.images).all()))
+                m.update(
+                    retouch_calls=r.unet_calls,
+                    retouch_rows=r.unet_rows,
+                    reference_cached=r.reference_cached,
+                    mask_kind=r.mask_kind,
+                    images_finite=bool(torch.isfinite(out.images).all()),
+                )
                 per_batch[b][key] = m
                 say(f"batch {b}: {key} {m['s']:.3f} s")
             for key, blend in (("hook", False), ("hook_blend", True)):
-                per_batch[b][key] = hook_overhead(model, b, latent_hw, clock, args.hook_repeats, blend, args.seed)
+                per_batch[b][key] = hook_overhead(
+                    model, b, latent_hw, clock, args.hook_repeats, blend, args.seed
+                )
                 say(f"batch {b}: {key} forward ×{per_batch[b][key]['ratio']:.3f}")
 
         if cuda and not args.no_sync_check:
@@ -835,7 +1147,9 @@ def run(args: argparse.Namespace) -> dict:
             n1 = noise_for(1)
             try:
                 res["sync_points"] = {
-                    "plain": sync_points(lambda: plain_generate(model, n1, args.steps, args.guidance, None)),
+                    "plain": sync_points(
+                        lambda: plain_generate(model, n1, args.steps, args.guidance, None)
+                    ),
                     "lr_paper": sync_points(lambda: lr(n1, "inversion", None)),
                 }
             except Exception as e:  # a diagnostic: never lose the figures above to it
@@ -850,8 +1164,12 @@ def run(args: argparse.Namespace) -> dict:
     res.update(summarize(per_batch[first]))
     for b in args.batches[1:]:
         res[f"batch{b}"] = summarize(per_batch[b])
-    res["cache"] = {"entries": len(cache), "max_entries": cache.max_entries, "hits": cache.hits,
-                    "misses": cache.misses}
+    res["cache"] = {
+        "entries": len(cache),
+        "max_entries": cache.max_entries,
+        "hits": cache.hits,
+        "misses": cache.misses,
+    }
     res["total_s"] = time.perf_counter() - started
     return res
 
@@ -892,12 +1210,22 @@ def profile_once(fn, device: torch.device, top: int = 25) -> dict:
         avgs = prof.key_averages()
     except Exception as e:  # the figures above must survive a profiler that fails on some machine
         return {"error": f"{type(e).__name__}: {e}", "table": ""}
-    dev = "self_device_time_total" if hasattr(avgs[0], "self_device_time_total") else "self_cuda_time_total"
+    dev = (
+        "self_device_time_total"
+        if hasattr(avgs[0], "self_device_time_total")
+        else "self_cuda_time_total"
+    )
     sort = dev if device.type == "cuda" else "self_cpu_time_total"
     table = avgs.table(sort_by=sort, row_limit=top)
-    rows = [{"op": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-             "self_device_ms": getattr(e, dev, 0) / 1e3}
-            for e in sorted(avgs, key=lambda e: getattr(e, sort, 0), reverse=True)[:top]]
+    rows = [
+        {
+            "op": e.key,
+            "count": e.count,
+            "self_cpu_ms": e.self_cpu_time_total / 1e3,
+            "self_device_ms": getattr(e, dev, 0) / 1e3,
+        }
+        for e in sorted(avgs, key=lambda e: getattr(e, sort, 0), reverse=True)[:top]
+    ]
     return {"sort": sort, "top": rows, "table": table}
 
 
@@ -905,9 +1233,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     res = run(args)
     if args.forward_only:
-        print(f"{res['config']} UNet ({res['unet_params_m']} M params) + VAE ({res['vae_params_m']} M) built in "
-              f"{res['build_s']:.1f} s; one UNet forward at batch 2 on {res['card']} ({res['dtype']}): "
-              f"{res['forward_s']:.3f} s; finite={res['forward_finite']} |eps|max={res['forward_abs_max']:.3g}")
+        print(
+            f"{res['config']} UNet ({res['unet_params_m']} M params) + VAE ({res['vae_params_m']} M) built in "
+            f"{res['build_s']:.1f} s; one UNet forward at batch 2 on {res['card']} ({res['dtype']}): "
+            f"{res['forward_s']:.3f} s; finite={res['forward_finite']} |eps|max={res['forward_abs_max']:.3g}"
+        )
         return res
     print(format_table(res))
     out = args.out or default_out(res["card"], res["config"], torch.device(args.device))

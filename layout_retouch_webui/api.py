@@ -5,6 +5,7 @@ in `FIELDS` order); `LayoutRetouchParams` owns their validation and (de)serialis
 never becomes a traceback: the API answers HTTP 422 with the message, the UI shows it under the
 gallery, and the generation computes nothing.
 """
+
 from __future__ import annotations
 
 from lib_layout_retouch import axes, logs, ui_text
@@ -22,7 +23,10 @@ def parse_params(p, args) -> LayoutRetouchParams:
     if more:
         params = with_more_photos(p, params, more)
     from .img2img import steps_run  # late: img2img imports the WebUI's processing lazily too
-    params = axes.apply_overrides(params, getattr(p, axes.OVERRIDES_ATTR, None), steps_run(p, params.layout_source))
+
+    params = axes.apply_overrides(
+        params, getattr(p, axes.OVERRIDES_ATTR, None), steps_run(p, params.layout_source)
+    )
     # The settings' default SAM is the UI dropdown's initial value; for the API it fills an omitted name.
     if params.enabled and params.sam_model == NO_SAM and _named_without(args, "sam_model"):
         default_sam = opt("layout_retouch_default_sam", NO_SAM)
@@ -41,14 +45,17 @@ EXTRA_ARGS = ("more_reference_images",)
 def split_args(args):
     """Script args → (the `FIELDS` args, the "More photos" value or None)."""
     from lib_layout_retouch.params import FIELDS
+
     if not isinstance(args, (list, tuple)):
         return args, None
     args = list(args)
     n = len(FIELDS)
     if len(args) > n + len(EXTRA_ARGS):
-        raise LayoutRetouchError(f"got {len(args)} positional arguments but Layout-and-Retouch takes at most "
-                                 f"{n} (its parameters) + {len(EXTRA_ARGS)} (the UI's 'More photos'); send one "
-                                 "dict of named parameters instead, with several photos as a list in reference_image")
+        raise LayoutRetouchError(
+            f"got {len(args)} positional arguments but Layout-and-Retouch takes at most "
+            f"{n} (its parameters) + {len(EXTRA_ARGS)} (the UI's 'More photos'); send one "
+            "dict of named parameters instead, with several photos as a list in reference_image"
+        )
     more = args[n] if len(args) > n else None
     return args[:n], more
 
@@ -63,13 +70,19 @@ def _upload_path(item):
 def with_more_photos(p, params: LayoutRetouchParams, more) -> LayoutRetouchParams:
     """The UI's 'More photos' added after the main photo (together at most MAX_REFERENCES)."""
     from PIL import Image
-    items = [m for m in (more if isinstance(more, (list, tuple)) else [more]) if m not in (None, "")]
+
+    items = [
+        m for m in (more if isinstance(more, (list, tuple)) else [more]) if m not in (None, "")
+    ]
     if not items:
         return params
     if getattr(p, "is_api", False):
         # Only the UI's own uploads are files; an API value here would be a path on the server.
-        raise LayoutRetouchError("the 'More photos' argument is for the UI's uploads; in the API send several "
-                                 "photos as a list of base64 strings in reference_image", parameter="reference_image")
+        raise LayoutRetouchError(
+            "the 'More photos' argument is for the UI's uploads; in the API send several "
+            "photos as a list of base64 strings in reference_image",
+            parameter="reference_image",
+        )
     photos = []
     for i, item in enumerate(items):
         try:
@@ -77,8 +90,10 @@ def with_more_photos(p, params: LayoutRetouchParams, more) -> LayoutRetouchParam
                 img.load()
                 photos.append(img.copy())
         except Exception as e:  # not an image, or gone
-            raise LayoutRetouchError(f"more photos: file {i + 1} of {len(items)} is not an image ({e})",
-                                     parameter="reference_image") from None
+            raise LayoutRetouchError(
+                f"more photos: file {i + 1} of {len(items)} is not an image ({e})",
+                parameter="reference_image",
+            ) from None
     values = params.references + photos
     # Re-coerced: the limit and each photo's checks, with messages naming photo k of n.
     return axes.apply_overrides(params, {"reference_image": values})
@@ -108,6 +123,7 @@ def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
 
     def sample(*args, **kwargs):
         raise exc
+
     p.sample = sample
 
 
@@ -116,14 +132,18 @@ def fail_internal(p, exc: Exception) -> None:
     a plain image as if nothing had been asked — a silent no-op. Instead: the traceback in the log,
     and the generation fails with a message (API: HTTP 500)."""
     logger.exception(f"internal error, the generation is stopped: {exc}")
-    message = (f"Layout-and-Retouch could not prepare the run ({type(exc).__name__}: {exc}); no image was made. "
-               "This is a bug or an unsupported host: please report it with the console log")
+    message = (
+        f"Layout-and-Retouch could not prepare the run ({type(exc).__name__}: {exc}); no image was made. "
+        "This is a bug or an unsupported host: please report it with the console log"
+    )
 
     def sample(*args, **kwargs):
         if getattr(p, "is_api", False):
             from fastapi import HTTPException
+
             raise HTTPException(status_code=500, detail=message)
         raise RuntimeError(message)
+
     p.sample = sample
 
 
@@ -134,12 +154,14 @@ def request_error(p, err: LayoutRetouchError, logged: bool = False) -> Exception
         logger.info(f"refused: {err}")
     if getattr(p, "is_api", False):
         from fastapi import HTTPException
+
         return HTTPException(status_code=422, detail=str(err))
     return LayoutRetouchError(ui_text.for_ui(str(err)), parameter=err.parameter)
 
 
 def http_422(err: LayoutRetouchError) -> Exception:
     from fastapi import HTTPException
+
     return HTTPException(status_code=422, detail=str(err))
 
 
@@ -150,16 +172,22 @@ def own_infotext(p) -> None:
     The X/Y/Z plot (and anything else that copies a job with `copy(p)`) shares one dict between
     the copies; writing our keys into the shared dict leaked them into cells that were not
     retouched. A fresh dict per processed job keeps each image's infotext to its own values."""
-    p.extra_generation_params = {k: v for k, v in (p.extra_generation_params or {}).items()
-                                 if not str(k).startswith(INFOTEXT_PREFIX)}
+    p.extra_generation_params = {
+        k: v
+        for k, v in (p.extra_generation_params or {}).items()
+        if not str(k).startswith(INFOTEXT_PREFIX)
+    }
 
 
 def intermediate_infotext(p, label: str, index: int) -> str:
     """An intermediate's own infotext: the generation's prompt and settings without `LR ` keys (it is
     not a retouched image; pasting it makes a plain generation) and a label saying what it is."""
     from modules.processing import create_infotext
+
     saved = p.extra_generation_params
-    p.extra_generation_params = {k: v for k, v in saved.items() if not str(k).startswith(INFOTEXT_PREFIX)}
+    p.extra_generation_params = {
+        k: v for k, v in saved.items() if not str(k).startswith(INFOTEXT_PREFIX)
+    }
     p.extra_generation_params[ui_text.INTERMEDIATE_KEY] = ui_text.intermediate_label(label, index)
     try:
         n = len(p.all_prompts or [])

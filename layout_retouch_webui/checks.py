@@ -1,5 +1,6 @@
 """What is refused, or noted, before any compute: the checks that need the WebUI (the parameters'
 own checks are `LayoutRetouchParams.validate`)."""
+
 from __future__ import annotations
 
 import os
@@ -16,44 +17,66 @@ from .vanilla import VANILLA_UNETS
 def check_host(p, params: LayoutRetouchParams) -> None:
     """The checks that need the WebUI: model kind, lists of checkpoints/files."""
     from modules.processing import StableDiffusionProcessingTxt2Img
+
     host = hosts.current()
     if not isinstance(p, StableDiffusionProcessingTxt2Img) and not img2img.is_img2img(p):
-        raise LayoutRetouchError(f"Layout-and-Retouch works in txt2img and img2img, not in {type(p).__name__}")
+        raise LayoutRetouchError(
+            f"Layout-and-Retouch works in txt2img and img2img, not in {type(p).__name__}"
+        )
     host.check_model(p)
     img2img.check(p, params)
     refiner = getattr(p, "refiner_checkpoint", None)
-    if refiner not in (None, "", "None") and 0 < float(getattr(p, "refiner_switch_at", 1.0) or 0) < 1:
+    if (
+        refiner not in (None, "", "None")
+        and 0 < float(getattr(p, "refiner_switch_at", 1.0) or 0) < 1
+    ):
         # The WebUI would load another model in the middle of sampling: stage 1's switch and the
         # retouch would then run on the refiner (not a personalized model).
-        raise LayoutRetouchError(f"the WebUI's Refiner ('{refiner}') switches models during sampling, which "
-                                 "Layout-and-Retouch cannot follow; turn Refiner off for retouched images",
-                                 parameter="refiner_checkpoint")
+        raise LayoutRetouchError(
+            f"the WebUI's Refiner ('{refiner}') switches models during sampling, which "
+            "Layout-and-Retouch cannot follow; turn Refiner off for retouched images",
+            parameter="refiner_checkpoint",
+        )
     name = params.sam_model
     if name != NO_SAM and (os.path.basename(name) != name or name in (".", "..") or "\\" in name):
         # A name from the list, never a path: API input must not open arbitrary files.
-        raise LayoutRetouchError(f"SAM model '{name}' is a path; give a file name from the list of SAM "
-                                 f"checkpoints ({', '.join(sam_choices())}) or 'none'", parameter="sam_model")
+        raise LayoutRetouchError(
+            f"SAM model '{name}' is a path; give a file name from the list of SAM "
+            f"checkpoints ({', '.join(sam_choices())}) or 'none'",
+            parameter="sam_model",
+        )
     if name != NO_SAM and name not in sam_choices()[1:] and name not in SAM_SEEN:
-        raise LayoutRetouchError(f"SAM model '{name}' is not in the list of SAM checkpoints "
-                                 f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
-                                 parameter="sam_model")
+        raise LayoutRetouchError(
+            f"SAM model '{name}' is not in the list of SAM checkpoints "
+            f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
+            parameter="sam_model",
+        )
     if params.needs_vanilla_checkpoint:
         info = host.checkpoint(params.vanilla_checkpoint)
         if info is None or not os.path.isfile(info.filename):
-            raise LayoutRetouchError(f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
-                                     "checkpoint list; choose one from the list (refresh it after adding files)",
-                                     parameter="vanilla_checkpoint")
+            raise LayoutRetouchError(
+                f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
+                "checkpoint list; choose one from the list (refresh it after adding files)",
+                parameter="vanilla_checkpoint",
+            )
 
 
 def check_before_sampling(p, params: LayoutRetouchParams) -> None:
     """Problems that would otherwise only show mid-sampling: refused here, before any compute."""
     host = hosts.current()
     steps = img2img.steps_run(p, params.layout_source)
-    if params.personalization == "lora" and params.runs_stage1 and params.schedule(steps).lambda1 > 0:
+    if (
+        params.personalization == "lora"
+        and params.runs_stage1
+        and params.schedule(steps).lambda1 > 0
+    ):
         prompts = p.all_prompts or [p.prompt if isinstance(p.prompt, str) else p.prompt[0]]
         if not any(re.search(r"<(lora|lyco):", pr or "") for pr in prompts):
-            raise LayoutRetouchError("personalization is 'lora' but the prompt has no <lora:name:1> tag: add "
-                                     "your LoRA's tag to the prompt", parameter="personalization")
+            raise LayoutRetouchError(
+                "personalization is 'lora' but the prompt has no <lora:name:1> tag: add "
+                "your LoRA's tag to the prompt",
+                parameter="personalization",
+            )
     if params.needs_vanilla_checkpoint:
         info = host.checkpoint(params.vanilla_checkpoint)
         VANILLA_UNETS.get(info, host.unet(p))  # loads (cached) and checks the architecture
@@ -63,7 +86,11 @@ def is_loaded_checkpoint(p, name: str) -> bool:
     host = hosts.current()
     info = host.checkpoint(name)
     loaded = host.loaded_checkpoint(p)
-    return info is not None and loaded is not None and info.filename == getattr(loaded, "filename", None)
+    return (
+        info is not None
+        and loaded is not None
+        and info.filename == getattr(loaded, "filename", None)
+    )
 
 
 def host_notes(p, run) -> None:
@@ -71,11 +98,15 @@ def host_notes(p, run) -> None:
     params = run.params
     img2img.notes(p, run)
     if params.needs_vanilla_checkpoint and is_loaded_checkpoint(p, params.vanilla_checkpoint):
-        run.job.add_note("the vanilla checkpoint is the loaded model itself: stage 1 only swaps the prompt; "
-                         "choose the checkpoint your DreamBooth model was trained from")
+        run.job.add_note(
+            "the vanilla checkpoint is the loaded model itself: stage 1 only swaps the prompt; "
+            "choose the checkpoint your DreamBooth model was trained from"
+        )
     if params.personalization == "textual_inversion":
         names = hosts.current().embedding_names()
         if names is not None and params.concept_token not in names:
             known = ", ".join(names[:8]) if names else "none is installed"
-            run.job.add_note(f"concept token '{params.concept_token}' is no installed Textual-Inversion embedding "
-                             f"({known}): the personalized steps read it as plain text")
+            run.job.add_note(
+                f"concept token '{params.concept_token}' is no installed Textual-Inversion embedding "
+                f"({known}): the personalized steps read it as plain text"
+            )

@@ -15,6 +15,7 @@
   mask, Soft inpainting (it replaces the WebUI's mask blend and overlay), and `input` with the masked
   content "latent noise"/"latent nothing" (there is no input left inside the mask to retouch).
 """
+
 from __future__ import annotations
 
 from lib_layout_retouch.errors import LayoutRetouchError
@@ -68,12 +69,21 @@ def check(p, params) -> None:
     try:
         params.schedule(steps_run(p, source))
     except LayoutRetouchError as e:
-        fix = "" if source == "input" else ": raise the denoising strength or the steps, or lower the value"
-        raise LayoutRetouchError(f"{e} — {steps_words(p, source)}{fix}", parameter=e.parameter) from None
+        fix = (
+            ""
+            if source == "input"
+            else ": raise the denoising strength or the steps, or lower the value"
+        )
+        raise LayoutRetouchError(
+            f"{e} — {steps_words(p, source)}{fix}", parameter=e.parameter
+        ) from None
     if soft_inpainting_on(p):
-        raise LayoutRetouchError("Soft inpainting replaces the WebUI's mask blend and overlay, which the retouch "
-                                 "relies on to keep the input outside the mask: turn Soft inpainting off for "
-                                 "retouched images", parameter="soft_inpainting")
+        raise LayoutRetouchError(
+            "Soft inpainting replaces the WebUI's mask blend and overlay, which the retouch "
+            "relies on to keep the input outside the mask: turn Soft inpainting off for "
+            "retouched images",
+            parameter="soft_inpainting",
+        )
     if getattr(p, "image_mask", None) is not None:
         check_mask(p)
         fill = int(getattr(p, "inpainting_fill", 1) or 0)
@@ -81,13 +91,16 @@ def check(p, params) -> None:
             raise LayoutRetouchError(
                 f"layout source 'input' retouches the input image, but Masked content '{MASKED_CONTENT[fill]}' "
                 "replaces it inside the mask before anything runs: set Masked content to 'original' (or "
-                "choose another layout source)", parameter="inpainting_fill")
+                "choose another layout source)",
+                parameter="inpainting_fill",
+            )
 
 
 def check_mask(p) -> None:
     """The user's mask must be the input's size (the WebUI would stretch it over another picture)
     and mark something (an empty mask retouches nothing)."""
     from modules.processing import create_binary_mask
+
     mask = p.image_mask
     images = list(getattr(p, "init_images", None) or [])
     for i, img in enumerate(images):
@@ -95,17 +108,25 @@ def check_mask(p) -> None:
             which = "the input image" if len(images) == 1 else f"input image {i + 1}"
             raise LayoutRetouchError(
                 f"the inpaint mask is {mask.size[0]}×{mask.size[1]} but {which} is {img.size[0]}×{img.size[1]}: "
-                "give a mask of the input's size", parameter="mask")
+                "give a mask of the input's size",
+                parameter="mask",
+            )
     binary = create_binary_mask(mask, round=bool(getattr(p, "mask_round", True)))
     lo, hi = binary.getextrema()
     # The WebUI rounds the latent mask (`mask_round`): a pixel counts from 128 on.
     cut = 128 if getattr(p, "mask_round", True) else 1
     painted = hi >= cut if not getattr(p, "inpainting_mask_invert", 0) else lo <= 255 - cut
     if not painted:
-        where = "everything is masked and Mask mode is 'Inpaint not masked'" if getattr(p, "inpainting_mask_invert", 0) \
+        where = (
+            "everything is masked and Mask mode is 'Inpaint not masked'"
+            if getattr(p, "inpainting_mask_invert", 0)
             else "nothing is painted"
-        raise LayoutRetouchError(f"the inpaint mask is empty ({where}): paint where the subject is, or use "
-                                 "img2img without a mask", parameter="mask")
+        )
+        raise LayoutRetouchError(
+            f"the inpaint mask is empty ({where}): paint where the subject is, or use "
+            "img2img without a mask",
+            parameter="mask",
+        )
 
 
 def soft_inpainting_on(p) -> bool:
@@ -119,7 +140,7 @@ def soft_inpainting_on(p) -> bool:
         except Exception:
             continue
         if title == SOFT_INPAINTING_TITLE:
-            args = list(getattr(p, "script_args", None) or [])[script.args_from:script.args_to]
+            args = list(getattr(p, "script_args", None) or [])[script.args_from : script.args_to]
             return bool(args and args[0])
     return False
 
@@ -140,7 +161,11 @@ def notes(p, run) -> None:
     params = run.params
     fill = int(getattr(p, "inpainting_fill", 1) or 0)
     if params.layout_source == "input":
-        run.job.add_note(f"layout source 'input': the input image was retouched over {p.steps} steps; "
-                         "denoising strength not used")
+        run.job.add_note(
+            f"layout source 'input': the input image was retouched over {p.steps} steps; "
+            "denoising strength not used"
+        )
         if getattr(p, "image_mask", None) is not None and fill == 0:
-            run.job.add_note("Masked content 'fill' replaced the input inside the mask before the retouch")
+            run.job.add_note(
+                "Masked content 'fill' replaced the input inside the mask before the retouch"
+            )

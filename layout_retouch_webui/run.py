@@ -5,6 +5,7 @@ with it): stage 1 runs inside the host's own sampling, switched per step by `sta
 its latents before the hires pass (`stage2`), so its errors reach the API as HTTP errors instead of
 being swallowed by the WebUI's hook runner. Whatever happens, nothing stays switched.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,10 +31,19 @@ class Run:
         # img2img: the steps its sampler actually runs (λ1/λ2/mask start are scaled to them); with
         # layout source 'input' (no stage 1) the slider's steps.
         steps = img2img.steps_run(p, params.layout_source)
-        self.job = lr_job.RetouchJob(params, prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
-                                     negative_prompt=p.negative_prompt if isinstance(p.negative_prompt, str) else p.negative_prompt[0],
-                                     steps=steps, width=p.width, height=p.height, guidance_scale=p.cfg_scale,
-                                     img2img=self.img2img, requested_steps=p.steps)
+        self.job = lr_job.RetouchJob(
+            params,
+            prompt=strip_extra_networks(p.prompt if isinstance(p.prompt, str) else p.prompt[0]),
+            negative_prompt=p.negative_prompt
+            if isinstance(p.negative_prompt, str)
+            else p.negative_prompt[0],
+            steps=steps,
+            width=p.width,
+            height=p.height,
+            guidance_scale=p.cfg_scale,
+            img2img=self.img2img,
+            requested_steps=p.steps,
+        )
         self.vanilla_unet = None
         self.personal_unet = None
         self.layout_cond = None
@@ -45,9 +55,14 @@ class Run:
         self.lora_nets: list = []
         self.lora_restore = None
         self.progress = ProgressPlan(
-            steps=steps, batch=p.batch_size,
-            invert_layout=not (params.layout_source == "stage1" and p.sampler_name == "DDIM" and not self.img2img),
-            references=len(params.references), stage1_steps=0 if self.stage1_skipped else None)
+            steps=steps,
+            batch=p.batch_size,
+            invert_layout=not (
+                params.layout_source == "stage1" and p.sampler_name == "DDIM" and not self.img2img
+            ),
+            references=len(params.references),
+            stage1_steps=0 if self.stage1_skipped else None,
+        )
         self.phase = None
 
     @property
@@ -98,7 +113,9 @@ def install(p, run: Run) -> None:
 
     def sample_hr_pass(samples, decoded_samples, *args, **kwargs):
         stage1.end(p, run)
-        retouched = stage2.retouch_samples(p, run, samples)  # its errors pass through sample() above
+        retouched = stage2.retouch_samples(
+            p, run, samples
+        )  # its errors pass through sample() above
         if decoded_samples is not None and retouched is not samples:
             decoded_samples = run.host.decode_for_hires(p, retouched)
         return original_hr(retouched, decoded_samples, *args, **kwargs)

@@ -1,10 +1,10 @@
 """The extension's section in the WebUI settings, and the lists the UI offers (SAM files, checkpoints)."""
+
 from __future__ import annotations
 
 import os
 
 import gradio as gr
-
 from modules import shared
 
 from lib_layout_retouch.params import NO_SAM
@@ -22,9 +22,11 @@ def opt(name: str, default):
 
 def sam_folders() -> list[str]:
     models = getattr(shared, "models_path", os.path.join(EXT_ROOT, "models"))
-    return [os.path.join(models, "sam"),
-            # where the popular sd-webui-segment-anything extension keeps its checkpoints
-            os.path.join(os.path.dirname(EXT_ROOT), "sd-webui-segment-anything", "models", "sam")]
+    return [
+        os.path.join(models, "sam"),
+        # where the popular sd-webui-segment-anything extension keeps its checkpoints
+        os.path.join(os.path.dirname(EXT_ROOT), "sd-webui-segment-anything", "models", "sam"),
+    ]
 
 
 SAM_SEEN: set[str] = set()  # names ever listed: one that vanished later is "missing", not "unknown"
@@ -45,18 +47,52 @@ def checkpoint_choices() -> list[str]:
 
 def on_ui_settings():
     section = ("layout_retouch", TITLE)
-    shared.opts.add_option("layout_retouch_default_sam", shared.OptionInfo(
-        NO_SAM, "Default Segment-Anything model", gr.Dropdown, lambda: {"choices": sam_choices()}, section=section))
-    shared.opts.add_option("layout_retouch_reference_cache", shared.OptionInfo(
-        4, "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)", gr.Slider,
-        {"minimum": 0, "maximum": 32, "step": 1}, section=section))
-    shared.opts.add_option("layout_retouch_kv_cache_mb", shared.OptionInfo(
-        0, "Reference attention cache, MB of VRAM (0 = off; one SD1 512² 50-step reference ≈ 1900 MB): "
-           "repeat generations with the same reference skip the reference path", gr.Slider,
-        {"minimum": 0, "maximum": 16384, "step": 64}, section=section))
-    shared.opts.add_option("layout_retouch_vanilla_cache", shared.OptionInfo(
-        1, "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)", gr.Slider,
-        {"minimum": 0, "maximum": 4, "step": 1}, section=section))
-    shared.opts.add_option("layout_retouch_vanilla_on_cpu", shared.OptionInfo(
-        False, "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
-        section=section))
+    shared.opts.add_option(
+        "layout_retouch_default_sam",
+        shared.OptionInfo(
+            NO_SAM,
+            "Default Segment-Anything model",
+            gr.Dropdown,
+            lambda: {"choices": sam_choices()},
+            section=section,
+        ),
+    )
+    shared.opts.add_option(
+        "layout_retouch_reference_cache",
+        shared.OptionInfo(
+            4,
+            "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)",
+            gr.Slider,
+            {"minimum": 0, "maximum": 32, "step": 1},
+            section=section,
+        ),
+    )
+    shared.opts.add_option(
+        "layout_retouch_kv_cache_mb",
+        shared.OptionInfo(
+            0,
+            "Reference attention cache, MB of VRAM (0 = off; one SD1 512² 50-step reference ≈ 1900 MB): "
+            "repeat generations with the same reference skip the reference path",
+            gr.Slider,
+            {"minimum": 0, "maximum": 16384, "step": 64},
+            section=section,
+        ),
+    )
+    shared.opts.add_option(
+        "layout_retouch_vanilla_cache",
+        shared.OptionInfo(
+            1,
+            "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)",
+            gr.Slider,
+            {"minimum": 0, "maximum": 4, "step": 1},
+            section=section,
+        ),
+    )
+    shared.opts.add_option(
+        "layout_retouch_vanilla_on_cpu",
+        shared.OptionInfo(
+            False,
+            "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
+            section=section,
+        ),
+    )

@@ -5,13 +5,14 @@ personalized ε* with y_p. The switch happens in the CFG-denoiser callback, whic
 before every model call with the conditioning it is about to use; it acts only for a `p` that
 carries a live run (`run.of(p)`), and `end` undoes everything in the sampling wrapper's `finally`.
 """
+
 from __future__ import annotations
 
 import torch
-
 from modules import shared
 
-from lib_layout_retouch import conditioning as lr_cond, logs, text_encoders
+from lib_layout_retouch import conditioning as lr_cond
+from lib_layout_retouch import logs, text_encoders
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
 
@@ -37,7 +38,9 @@ def on_cfg_denoiser(params):
         if isinstance(tc, (torch.Tensor, dict)):  # SD1: a tensor; SDXL: {"crossattn", "vector"}
             cond = lr_cond.expand(lr_cond.like(run.layout_cond, tc), lr_cond.batch_size(tc))
             if isinstance(tc, dict) and type(tc) is not dict:
-                cond = type(tc)(cond)  # the WebUI's DictWithShape: it reads `.shape` right after the hook
+                cond = type(tc)(
+                    cond
+                )  # the WebUI's DictWithShape: it reads `.shape` right after the hook
             params.text_cond = cond
         if run.vanilla_unet is not None:
             run.host.set_unet(p, run.vanilla_unet)
@@ -60,7 +63,9 @@ def on_progress_denoiser(params):
         return
     shared.state.sampling_steps = run.progress.total
     s = int(params.denoiser.step) + 1
-    shared.state.textinfo = ProgressPlan.text(STAGE1_VANILLA if run.job.uses_vanilla(s) else STAGE1_PERSONAL)
+    shared.state.textinfo = ProgressPlan.text(
+        STAGE1_VANILLA if run.job.uses_vanilla(s) else STAGE1_PERSONAL
+    )
 
 
 def restore(p, run) -> None:
@@ -84,8 +89,11 @@ def begin(p, run) -> None:
     lora_off = kind == "lora" and run.job.schedule.lambda1 > 0
     nets = host.active_loras(p) if lora_off else []
     if lora_off and not nets:
-        raise LayoutRetouchError("personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
-                                 "to the prompt", parameter="personalization")
+        raise LayoutRetouchError(
+            "personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
+            "to the prompt",
+            parameter="personalization",
+        )
     # y_p⁻ for the vanilla steps: DreamBooth through the vanilla checkpoint's text encoder (unless asked
     # otherwise), LoRA with the network off in the text encoder.
     slots, vanilla_te = [], []
@@ -94,7 +102,9 @@ def begin(p, run) -> None:
         if slots:
             vanilla_te = VANILLA_TEXT_ENCODERS.get(info, slots)
         else:
-            run.job.add_note("no vanilla text encoder for this model kind: stage 1 used the loaded model's")
+            run.job.add_note(
+                "no vanilla text encoder for this model kind: stage 1 used the loaded model's"
+            )
     host.text_encoders_to(p, vanilla_te, "device")
     try:
         with host.loras_off_in_text_encoder(p, nets), text_encoders.swapped(slots, vanilla_te):
@@ -114,4 +124,6 @@ def end(p, run) -> None:
     run.lora_nets = []
     restore(p, run)
     if run.vanilla_unet is not None:
-        run.host.release_vanilla_unet(p, run.vanilla_unet, keep_on_cpu=bool(opt("layout_retouch_vanilla_on_cpu", False)))
+        run.host.release_vanilla_unet(
+            p, run.vanilla_unet, keep_on_cpu=bool(opt("layout_retouch_vanilla_on_cpu", False))
+        )

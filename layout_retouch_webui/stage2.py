@@ -1,19 +1,24 @@
 """Stage 2: the retouch of a batch of stage-1 latents (Algorithm 1 in `lib_layout_retouch`), with
 the host's progress bar, live preview, Interrupt/Skip buttons and the intermediates gallery."""
+
 from __future__ import annotations
 
 import dataclasses
 import time
 
 import torch
-
 from modules import shared
 
-from lib_layout_retouch import job as lr_job, logs, pipeline
+from lib_layout_retouch import job as lr_job
+from lib_layout_retouch import logs, pipeline
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.params import NO_SAM
 from lib_layout_retouch.progress import ProgressPlan
-from lib_layout_retouch.prompts import strip_extra_networks, subject_positions_in_chunks, subject_token_positions
+from lib_layout_retouch.prompts import (
+    strip_extra_networks,
+    subject_positions_in_chunks,
+    subject_token_positions,
+)
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 
 from . import img2img
@@ -28,9 +33,15 @@ def subject_tokens(model, job, prompt: str) -> list[int]:
     clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
     if hasattr(clip, "tokenize_line"):
         chunks, _ = clip.tokenize_line(prompt)
-        return subject_positions_in_chunks(chunks, lambda t: clip.tokenize([t])[0],
-                                           job.params.concept_token, job.params.class_phrase)
-    return subject_token_positions(model.tokenize, prompt, [job.params.concept_token, job.params.class_phrase])
+        return subject_positions_in_chunks(
+            chunks,
+            lambda t: clip.tokenize([t])[0],
+            job.params.concept_token,
+            job.params.class_phrase,
+        )
+    return subject_token_positions(
+        model.tokenize, prompt, [job.params.concept_token, job.params.class_phrase]
+    )
 
 
 def segmenter_for(job, device):
@@ -40,7 +51,9 @@ def segmenter_for(job, device):
     path = find_sam_checkpoints(sam_folders()).get(job.params.sam_model)
     try:
         if path is None:  # listed once, gone now (or never there)
-            raise LayoutRetouchError(f"SAM file '{job.params.sam_model}' is not in models/sam", parameter="sam_model")
+            raise LayoutRetouchError(
+                f"SAM file '{job.params.sam_model}' is not in models/sam", parameter="sam_model"
+            )
         return load_segmenter(path, device=device)
     except LayoutRetouchError as e:
         job.add_note(f"SAM not used ({e}); cross-attention mask only")
@@ -72,22 +85,28 @@ def _retouch(p, run, samples):
     subject = subject_tokens(model, job, job_for_batch.prompts.personalized)
     segmenter = segmenter_for(job, host.device)
     # the layout as pixels, decoded once: SAM segments it, the intermediates show it
-    decoded = model.decode(samples) if segmenter is not None or job.params.show_intermediates else None
+    decoded = (
+        model.decode(samples) if segmenter is not None or job.params.show_intermediates else None
+    )
     layout_images = pipeline.to_uint8(decoded) if segmenter is not None else None
     trajectory = None
     if job.params.layout_source == "stage1":
         if run.img2img:
-            job.add_note("layout source 'stage1' follows txt2img's DDIM trajectory from pure noise; img2img's "
-                         "starts part-way: the layout was inverted instead")
+            job.add_note(
+                "layout source 'stage1' follows txt2img's DDIM trajectory from pure noise; img2img's "
+                "starts part-way: the layout was inverted instead"
+            )
         elif p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
             # A1111's DDIM stops at t=1 after N−1 calls: its latents are our levels T…1.
             trajectory = run.trajectory + [samples, samples]
         else:
-            job.add_note("layout source 'stage1' needs the DDIM sampler; the layout was inverted instead")
+            job.add_note(
+                "layout source 'stage1' needs the DDIM sampler; the layout was inverted instead"
+            )
     cache = lr_job.SHARED_INVERSION_CACHE
     cache.max_entries = int(opt("layout_retouch_reference_cache", 4))
     kv_cache = lr_job.SHARED_REFERENCE_ATTENTION_CACHE
-    kv_cache.max_bytes = int(opt("layout_retouch_kv_cache_mb", 0)) * 2 ** 20
+    kv_cache.max_bytes = int(opt("layout_retouch_kv_cache_mb", 0)) * 2**20
     if kv_cache.max_bytes == 0:
         kv_cache.clear()
     model_key = host.model_key(p, job.params.personalization)
@@ -103,11 +122,14 @@ def _retouch(p, run, samples):
     def progress(phase, step, total_steps):  # one bar: stage 2 continues where stage 1 ended
         shared.state.textinfo = ProgressPlan.text(phase)
         shared.state.sampling_steps = plan.total
-        shared.state.sampling_step = max(shared.state.sampling_step, plan.position(phase, step, total_steps))
+        shared.state.sampling_step = max(
+            shared.state.sampling_step, plan.position(phase, step, total_steps)
+        )
 
     def preview(latents):  # the WebUI's live preview, at its own setting's rate
         shared.state.current_latent = latents
         shared.state.set_current_image()
+
     progress.preview = preview
 
     def should_stop():
@@ -115,10 +137,20 @@ def _retouch(p, run, samples):
 
     started = time.perf_counter()
     try:
-        result = job_for_batch.retouch(model, samples, subject_tokens=subject, model_key=model_key,
-                                       layout_trajectory=trajectory, layout_images=layout_images,
-                                       segmenter=segmenter, cache=cache, kv_cache=kv_cache, progress=progress,
-                                       should_stop=should_stop, user_mask=user_mask)
+        result = job_for_batch.retouch(
+            model,
+            samples,
+            subject_tokens=subject,
+            model_key=model_key,
+            layout_trajectory=trajectory,
+            layout_images=layout_images,
+            segmenter=segmenter,
+            cache=cache,
+            kv_cache=kv_cache,
+            progress=progress,
+            should_stop=should_stop,
+            user_mask=user_mask,
+        )
     except Interrupted as e:
         job.add_note(f"retouch interrupted ({e}); layout returned")
         logger.info(f"interrupted: {e}")
@@ -127,9 +159,11 @@ def _retouch(p, run, samples):
     job.merge_notes(job_for_batch)
     for note in model.notes:  # e.g. a half-precision VAE retried in float32
         job.add_note(note)
-    logger.info(f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} "
-                f"UNet calls ({result.unet_rows} rows), reference {'cached' if result.reference_cached else 'inverted'}, "
-                f"mask {result.mask_kind}")
+    logger.info(
+        f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} "
+        f"UNet calls ({result.unet_rows} rows), reference {'cached' if result.reference_cached else 'inverted'}, "
+        f"mask {result.mask_kind}"
+    )
     if job.params.show_intermediates:
         keep_intermediates(p, run, decoded, result)
     return result.latents.to(samples.dtype)
@@ -143,6 +177,10 @@ def keep_intermediates(p, run, decoded_layouts, result) -> None:
     for i, layout in enumerate(layouts):
         run.intermediates.append(("layout", base + i, layout))
         if result.masks is not None:
-            run.intermediates.append(("mask", base + i, lr_job.mask_to_image(result.masks[i], size)))
+            run.intermediates.append(
+                ("mask", base + i, lr_job.mask_to_image(result.masks[i], size))
+            )
         if result.ca_maps is not None:
-            run.intermediates.append(("attention map", base + i, lr_job.mask_to_image(result.ca_maps[i], size)))
+            run.intermediates.append(
+                ("attention map", base + i, lr_job.mask_to_image(result.ca_maps[i], size))
+            )

@@ -2,6 +2,7 @@
 
 Built from a checkpoint file as copies of the loaded model's modules with the vanilla weights, so
 they share nothing with the loaded model but the class (VAE stays the loaded model's)."""
+
 from __future__ import annotations
 
 import copy
@@ -64,26 +65,33 @@ class VanillaUNets:
     def _load(info, personal_unet):
         logger.info(f"loading vanilla UNet from {os.path.basename(info.filename)}")
         state = hosts.current().read_weights(info.filename, [UNET_PREFIX])
-        unet_state = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+        unet_state = {
+            k[len(UNET_PREFIX) :]: v for k, v in state.items() if k.startswith(UNET_PREFIX)
+        }
         del state
         own = personal_unet.state_dict()
         loaded_family = unet_family(own)
         if not unet_state:
-            raise LayoutRetouchError(f"vanilla checkpoint '{info.title}' has no SD UNet weights "
-                                     f"(model.diffusion_model.*): choose an {loaded_family} checkpoint",
-                                     parameter="vanilla_checkpoint")
+            raise LayoutRetouchError(
+                f"vanilla checkpoint '{info.title}' has no SD UNet weights "
+                f"(model.diffusion_model.*): choose an {loaded_family} checkpoint",
+                parameter="vanilla_checkpoint",
+            )
         family = unet_family(unet_state)
         if family != loaded_family:
             raise LayoutRetouchError(
                 f"vanilla checkpoint '{info.title}' is an {family} model but the loaded model is {loaded_family}; "
                 f"choose the {loaded_family} checkpoint your DreamBooth model was trained from",
-                parameter="vanilla_checkpoint")
+                parameter="vanilla_checkpoint",
+            )
         mismatch = [k for k in own if k not in unet_state or unet_state[k].shape != own[k].shape]
         if mismatch or len(unet_state) != len(own):
             raise LayoutRetouchError(
                 f"vanilla checkpoint '{info.title}' is an {family} model of another size than the loaded one "
                 f"({len(mismatch)} UNet weights differ); choose the checkpoint your DreamBooth model was "
-                "trained from", parameter="vanilla_checkpoint")
+                "trained from",
+                parameter="vanilla_checkpoint",
+            )
         unet = copy.deepcopy(personal_unet)
         for m in unet.modules():  # a patched instance forward must not be copied along
             m.__dict__.pop("forward", None)
@@ -111,7 +119,10 @@ class VanillaTextEncoders(VanillaUNets):
     def _load(info, slots):
         logger.info(f"loading the vanilla text encoder from {os.path.basename(info.filename)}")
         state = hosts.current().read_weights(info.filename, [prefix for _, _, prefix in slots])
-        copies = [text_encoders.copy_with_weights(getattr(h, a), state, prefix, info.title) for h, a, prefix in slots]
+        copies = [
+            text_encoders.copy_with_weights(getattr(h, a), state, prefix, info.title)
+            for h, a, prefix in slots
+        ]
         del state
         release_freed_memory()
         return copies

@@ -1,6 +1,7 @@
 """X/Y/Z plot axes (registered at import and on_before_ui: with --nowebui the API builds its UI
 first). The axes themselves are data (`lib_layout_retouch.axes`); a cell's value is checked like a
 UI or API value, and every value of an axis before the grid starts (`confirm`)."""
+
 from __future__ import annotations
 
 import os
@@ -23,18 +24,25 @@ def grid_base_params(p) -> LayoutRetouchParams:
     runner = getattr(p, "scripts", None)
     for script in getattr(runner, "alwayson_scripts", []) or []:
         if getattr(script, "title", lambda: None)() == TITLE:
-            return api.parse_params(p, list(p.script_args[script.args_from:script.args_to]))
+            return api.parse_params(p, list(p.script_args[script.args_from : script.args_to]))
     return LayoutRetouchParams()
 
 
 def axis_confirm(spec):
     """The X/Y/Z `confirm(p, xs)` hook: validate every value before the grid starts."""
+
     def confirm(p, xs):
         try:
             base = grid_base_params(p)
             steps = img2img.steps_run(p, base.layout_source)
-            axes.check_axis_values(base, spec.field, xs, steps, label=spec.label,
-                                   host_check=lambda params: check_host(p, params))
+            axes.check_axis_values(
+                base,
+                spec.field,
+                xs,
+                steps,
+                label=spec.label,
+                host_check=lambda params: check_host(p, params),
+            )
         except LayoutRetouchError as e:
             logger.info(f"refused: {e}")
             if getattr(p, "is_api", False):
@@ -43,22 +51,37 @@ def axis_confirm(spec):
             # grid gets no cells, so nothing is computed, and the message is shown under the gallery.
             p.comment(ui_text.refusal(str(e)))
             xs.clear()
+
     return confirm
 
 
 def register_axes() -> None:
     xyz = None
     for data in scripts.scripts_data:
-        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") or os.path.basename(data.path) == "xyz_grid.py":
+        if (
+            data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid")
+            or os.path.basename(data.path) == "xyz_grid.py"
+        ):
             xyz = data.module
             break
     if xyz is None:
         return
     existing = {getattr(o, "label", None) for o in xyz.axis_options}
-    choices = {"bool": lambda: ["True", "False"], "checkpoints": lambda: hosts.current().checkpoint_titles(),
-               "sam": sam_choices, "layer_presets": lambda: list(FIELD_BY_NAME["layer_preset"].choices)}
+    choices = {
+        "bool": lambda: ["True", "False"],
+        "checkpoints": lambda: hosts.current().checkpoint_titles(),
+        "sam": sam_choices,
+        "layer_presets": lambda: list(FIELD_BY_NAME["layer_preset"].choices),
+    }
     for spec in axes.AXES:
         if spec.label in existing:
             continue
-        xyz.axis_options.append(xyz.AxisOption(spec.label, spec.value_type, axes.axis_apply(spec.field),
-                                               confirm=axis_confirm(spec), choices=choices.get(spec.choices)))
+        xyz.axis_options.append(
+            xyz.AxisOption(
+                spec.label,
+                spec.value_type,
+                axes.axis_apply(spec.field),
+                confirm=axis_confirm(spec),
+                choices=choices.get(spec.choices),
+            )
+        )

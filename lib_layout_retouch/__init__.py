@@ -15,4 +15,5 @@ One module per concept of the paper:
   evaluation    the paper's metrics and protocol runner
 Nothing here imports the WebUI (`modules.*`).
 """
+
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ rows (N). The editor rebuilds the target rows' Q/K/V from the layout/reference r
 call, so the three paths cost one batched call (`sequential=True` runs them one call each, for
 checking the batched result).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,10 @@ REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
 UNCOND, COND = "uncond", "cond"
 
 # editor(name, module, x, context, mask, original_forward) -> output
-Editor = Callable[[str, torch.nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Callable], torch.Tensor]
+Editor = Callable[
+    [str, torch.nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], Callable],
+    torch.Tensor,
+]
 
 
 class AttentionAlreadyPatched(RuntimeError):
@@ -37,7 +41,9 @@ class AttentionAlreadyPatched(RuntimeError):
 
 
 @contextlib.contextmanager
-def patched_attention(unet: torch.nn.Module, editor: Editor, names: Optional[Sequence[str]] = None) -> Iterator[None]:
+def patched_attention(
+    unet: torch.nn.Module, editor: Editor, names: Optional[Sequence[str]] = None
+) -> Iterator[None]:
     """Route every (or the named) attention module of `unet` through `editor` while the block runs.
 
     On exit — normal, exception or KeyboardInterrupt — each module gets back exactly its previous
@@ -97,13 +103,13 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 class _LayerStep(NamedTuple):
     """What the editor does at one layer in the current step."""
 
-    target_rows: list            # [(half, rows)] of the target path in this call
-    copy_layout: bool            # s ≤ λ2 at a layout layer
-    reference: bool              # s > λ2 at a reference layer
-    blend: bool                  # s ≥ mask start at a blend layer, M built
-    record_maps: bool            # the layout's subject cross-attention maps are recorded here
-    stores: bool                 # keep this call's sources for a later call (sequential / cached paths)
-    acts: bool                   # anything to do at all (else the module runs unchanged)
+    target_rows: list  # [(half, rows)] of the target path in this call
+    copy_layout: bool  # s ≤ λ2 at a layout layer
+    reference: bool  # s > λ2 at a reference layer
+    blend: bool  # s ≥ mask start at a blend layer, M built
+    record_maps: bool  # the layout's subject cross-attention maps are recorded here
+    stores: bool  # keep this call's sources for a later call (sequential / cached paths)
+    acts: bool  # anything to do at all (else the module runs unchanged)
 
 
 @dataclass
@@ -116,7 +122,9 @@ class RowPlan:
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def build(cls, paths: Sequence[tuple[str, int]], halves: Sequence[str] = (UNCOND, COND)) -> "RowPlan":
+    def build(
+        cls, paths: Sequence[tuple[str, int]], halves: Sequence[str] = (UNCOND, COND)
+    ) -> "RowPlan":
         plan, start = cls(), 0
         for half in halves:
             for path, count in paths:
@@ -144,8 +152,13 @@ class RetouchAttention:
     `record_maps` is on (the pipeline turns it off once M is built).
     """
 
-    def __init__(self, layers: LayerTable, subject_tokens: Sequence[int], latent_hw: tuple[int, int],
-                 n_references: int = 1):
+    def __init__(
+        self,
+        layers: LayerTable,
+        subject_tokens: Sequence[int],
+        latent_hw: tuple[int, int],
+        n_references: int = 1,
+    ):
         self.layers = layers
         # Reference rows per CFG half. With several, the target's K/V at a reference layer are all
         # references' K/V side by side along the tokens (issue 12); one keeps the gather fast path.
@@ -158,7 +171,7 @@ class RetouchAttention:
         self.blend = False
         self.record_maps = False
         self.masks = None  # masks.LayerMasks, set by the pipeline at mask_start
-        self.map_sum: Optional[torch.Tensor] = None   # (N, h, w) sum of subject maps
+        self.map_sum: Optional[torch.Tensor] = None  # (N, h, w) sum of subject maps
         self.map_count = 0
         # Sources kept between calls when the paths run one call each (sequential mode / cached reference).
         self.store: dict[tuple[str, str, str], tuple[torch.Tensor, ...]] = {}
@@ -172,11 +185,25 @@ class RetouchAttention:
         self._blend = set(layers.blend_layers)
 
     # -- driven by the pipeline ------------------------------------------------------------
-    def begin_step(self, plan: RowPlan, *, copy_layout: bool, paint_identity: bool, blend: bool, record_maps: bool,
-                   keep_store: bool = False, sources: Optional[dict] = None) -> None:
+    def begin_step(
+        self,
+        plan: RowPlan,
+        *,
+        copy_layout: bool,
+        paint_identity: bool,
+        blend: bool,
+        record_maps: bool,
+        keep_store: bool = False,
+        sources: Optional[dict] = None,
+    ) -> None:
         """`sources`: (name, path, half) → (q, k, v, out) of paths not in this call (a cached reference)."""
         self.plan = plan
-        self.copy_layout, self.paint_identity, self.blend, self.record_maps = copy_layout, paint_identity, blend, record_maps
+        self.copy_layout, self.paint_identity, self.blend, self.record_maps = (
+            copy_layout,
+            paint_identity,
+            blend,
+            record_maps,
+        )
         if not keep_store:
             self.store.clear()
         if sources:
@@ -199,16 +226,20 @@ class RetouchAttention:
             return original(x, context=context, mask=mask)
         q, k, v, gathered = self._project(module, x, context, at)
         if at.copy_layout:
-            self._copy_layout(name, at, q, k, v)                    # s ≤ λ2: target Q, K, V ← layout's
+            self._copy_layout(name, at, q, k, v)  # s ≤ λ2: target Q, K, V ← layout's
         elif at.reference:
-            self._take_reference(name, at, q, k, v, gathered)       # s > λ2: target K, V ← reference's
+            self._take_reference(name, at, q, k, v, gathered)  # s > λ2: target K, V ← reference's
         if at.record_maps:
-            self._record_maps(q, k, plan.get(LAYOUT, COND))         # the layout's subject maps → M^c
+            self._record_maps(q, k, plan.get(LAYOUT, COND))  # the layout's subject maps → M^c
         out = F.scaled_dot_product_attention(q, k, v)
         if at.reference and self.n_references > 1:
-            self._attend_references(name, at, q, k, v, out)         # target: Attention(Q_t, [K_r1…], [V_r1…])
+            self._attend_references(
+                name, at, q, k, v, out
+            )  # target: Attention(Q_t, [K_r1…], [V_r1…])
         if at.blend:
-            self._blend_with_layout(name, at, q, k, v, out)         # s ≥ mask start: φ* = M⊙φ_t + (1−M)⊙φ_o
+            self._blend_with_layout(
+                name, at, q, k, v, out
+            )  # s ≥ mask start: φ* = M⊙φ_t + (1−M)⊙φ_o
         if at.stores:
             self._keep_sources(name, q, k, v, out)
         return module.to_out(merge_heads(out))
@@ -217,15 +248,29 @@ class RetouchAttention:
     def _at_layer(self, name: str, plan: RowPlan) -> "_LayerStep":
         """What this step does at this layer (set once per step by `begin_step`, read per layer)."""
         self_attn = is_self_attention(name)
-        target_rows = [(h, plan.get(TARGET, h)) for h in plan.halves() if plan.get(TARGET, h) is not None]
+        target_rows = [
+            (h, plan.get(TARGET, h)) for h in plan.halves() if plan.get(TARGET, h) is not None
+        ]
         copy_here = self.copy_layout and self.layers.copies_layout_at(name)
         ref_here = self.paint_identity and self_attn and name in self._reference
         blend_here = self.blend and self_attn and name in self._blend and self.masks is not None
-        maps_here = self.record_maps and not self_attn and name in self._mask and plan.get(LAYOUT, COND) is not None
+        maps_here = (
+            self.record_maps
+            and not self_attn
+            and name in self._mask
+            and plan.get(LAYOUT, COND) is not None
+        )
         needs_sources = copy_here or ref_here or blend_here
         stores = self.store_sources and needs_sources and any(p != TARGET for p, _ in plan.slices)
-        return _LayerStep(target_rows, copy_here, ref_here, blend_here, maps_here, stores,
-                          acts=(bool(target_rows) and needs_sources) or maps_here or stores)
+        return _LayerStep(
+            target_rows,
+            copy_here,
+            ref_here,
+            blend_here,
+            maps_here,
+            stores,
+            acts=(bool(target_rows) and needs_sources) or maps_here or stores,
+        )
 
     def _project(self, module, x, context, at: "_LayerStep"):
         """Q, K, V (split into heads). When the reference rows are in this call, the target rows are fed
@@ -233,9 +278,14 @@ class RetouchAttention:
         reference's — instead of four row copies into K and V after the projections."""
         heads = module.heads
         q = split_heads(module.to_q(x), heads)
-        gather = self._reference_gather(x.device) if (at.reference and not at.copy_layout
-                                                       and self.n_references == 1) else None
-        kv_in = x.index_select(0, gather) if gather is not None else (x if context is None else context)
+        gather = (
+            self._reference_gather(x.device)
+            if (at.reference and not at.copy_layout and self.n_references == 1)
+            else None
+        )
+        kv_in = (
+            x.index_select(0, gather) if gather is not None else (x if context is None else context)
+        )
         k = split_heads(module.to_k(kv_in), heads)
         v = split_heads(module.to_v(kv_in), heads)
         return q, k, v, gather is not None
@@ -249,10 +299,19 @@ class RetouchAttention:
         for half, rows in at.target_rows:
             ref_rows = self.plan.get(REFERENCE, half)
             if self.capture_reference is not None and ref_rows is not None:
-                self.capture_reference[(name, REFERENCE, half)] = (None, k[ref_rows].clone(), v[ref_rows].clone(), None)
-            if self.n_references > 1:  # `_attend_references` reads them after the call's own attention
+                self.capture_reference[(name, REFERENCE, half)] = (
+                    None,
+                    k[ref_rows].clone(),
+                    v[ref_rows].clone(),
+                    None,
+                )
+            if (
+                self.n_references > 1
+            ):  # `_attend_references` reads them after the call's own attention
                 continue
-            if not gathered:  # the reference comes from `store` (a cached reference / sequential mode)
+            if (
+                not gathered
+            ):  # the reference comes from `store` (a cached reference / sequential mode)
                 src = self._source(name, REFERENCE, half, q, k, v)
                 n = rows.stop - rows.start
                 k[rows] = src[1].expand(n, -1, -1, -1)
@@ -271,7 +330,9 @@ class RetouchAttention:
             out[rows] = F.scaled_dot_product_attention(q[rows], kc, vc)
 
     def _blend_with_layout(self, name, at: "_LayerStep", q, k, v, out) -> None:
-        w = self.masks.for_tokens(out.shape[2], out.dtype, complement=True).unsqueeze(1)  # (N, 1, n, 1), cached
+        w = self.masks.for_tokens(out.shape[2], out.dtype, complement=True).unsqueeze(
+            1
+        )  # (N, 1, n, 1), cached
         both = self._halves_view(out)
         if both is not None:
             # φ* = M⊙φ_t + (1−M)⊙φ_o = φ_t.lerp_(φ_o, 1 − M): one in-place kernel for both CFG halves
@@ -291,7 +352,9 @@ class RetouchAttention:
         if key in self.plan.derived:
             return self.plan.derived[key]
         # arange + slice fills: made on the device, no host→device copy (which would sync the host)
-        gather: Optional[torch.Tensor] = torch.arange(self.plan.batch, dtype=torch.long, device=device)
+        gather: Optional[torch.Tensor] = torch.arange(
+            self.plan.batch, dtype=torch.long, device=device
+        )
         for half in self.plan.halves():
             rows, ref = self.plan.get(TARGET, half), self.plan.get(REFERENCE, half)
             if rows is None:
@@ -310,8 +373,15 @@ class RetouchAttention:
         if "halves_rows" not in plan.derived:
             half = plan.batch // 2
             t, o = plan.get(TARGET, UNCOND), plan.get(LAYOUT, UNCOND)
-            same = plan.batch % 2 == 0 and t is not None and o is not None and all(
-                plan.get(path, COND) == slice(r.start + half, r.stop + half) for path, r in ((TARGET, t), (LAYOUT, o)))
+            same = (
+                plan.batch % 2 == 0
+                and t is not None
+                and o is not None
+                and all(
+                    plan.get(path, COND) == slice(r.start + half, r.stop + half)
+                    for path, r in ((TARGET, t), (LAYOUT, o))
+                )
+            )
             plan.derived["halves_rows"] = (half, t, o) if same else None
         if plan.derived["halves_rows"] is None:
             return None
@@ -334,10 +404,12 @@ class RetouchAttention:
                 self.store[(name, path, half)] = (q[rows], k[rows], v[rows], out[rows])
 
     def _record_maps(self, q, k, rows: slice) -> None:
-        probs = attention_probabilities(q[rows], k[rows])            # (N, heads, n, tokens)
+        probs = attention_probabilities(q[rows], k[rows])  # (N, heads, n, tokens)
         if self._token_index is None or self._token_index.device != probs.device:
             # built once on the device: indexing with a Python list would copy it host→device per call
-            self._token_index = torch.tensor(self.subject_tokens, dtype=torch.long, device=probs.device)
+            self._token_index = torch.tensor(
+                self.subject_tokens, dtype=torch.long, device=probs.device
+            )
         maps = probs.index_select(-1, self._token_index).mean(dim=(1, 3))  # (N, n)
         maps = maps.reshape(-1, *layer_hw(self.latent_hw, maps.shape[1]))
         if self.map_sum is None or self.map_sum.shape != maps.shape:

@@ -11,6 +11,7 @@ sweep keep their scaled (effective) values and the cell records `LR scale with s
 the effective numbers, so pasting a cell reproduces it. `check_axis_values` (the grid's `confirm`
 hook) refuses a bad value before the grid starts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,15 +27,19 @@ OVERRIDES_ATTR = "layout_retouch_overrides"
 class AxisSpec:
     label: str
     field: str
-    value_type: type             # what the X/Y/Z grid parses the typed values into
-    choices: Optional[str] = None  # "bool" | "checkpoints" | "sam" | "layer_presets" — the glue supplies the lists
+    value_type: type  # what the X/Y/Z grid parses the typed values into
+    choices: Optional[str] = (
+        None  # "bool" | "checkpoints" | "sam" | "layer_presets" — the glue supplies the lists
+    )
 
 
 _AXIS_VALUE_TYPES = {"bool": str, "int": int, "float": float, "str": str, "choice": str}
 
 # Made from the parameter table: every field with an `axis` label, in the table's order.
 AXES: tuple[AxisSpec, ...] = tuple(
-    AxisSpec(f"[L&R] {f.axis}", f.name, _AXIS_VALUE_TYPES[f.kind], f.axis_choices) for f in FIELDS if f.axis
+    AxisSpec(f"[L&R] {f.axis}", f.name, _AXIS_VALUE_TYPES[f.kind], f.axis_choices)
+    for f in FIELDS
+    if f.axis
 )
 
 
@@ -52,8 +57,11 @@ def set_override(target: Any, field: str, value: Any) -> None:
 SCHEDULE_FIELDS = ("lambda1", "lambda2", "mask_start")
 
 
-def apply_overrides(params: LayoutRetouchParams, overrides: Optional[MutableMapping[str, Any]],
-                    steps: Optional[int] = None) -> LayoutRetouchParams:
+def apply_overrides(
+    params: LayoutRetouchParams,
+    overrides: Optional[MutableMapping[str, Any]],
+    steps: Optional[int] = None,
+) -> LayoutRetouchParams:
     """Parameters with the axis values applied (coerced and checked like API values).
 
     With `steps` and an override of λ1 / λ2 / mask start, the schedule is taken literally at that
@@ -63,17 +71,32 @@ def apply_overrides(params: LayoutRetouchParams, overrides: Optional[MutableMapp
     if not overrides:
         return params
     merged = {name: getattr(params, name) for name in FIELD_BY_NAME}
-    if steps is not None and params.scale_with_steps and any(k in SCHEDULE_FIELDS for k in overrides):
-        schedule = params.schedule(int(steps))  # the un-swept knobs' effective values (or their error)
-        merged.update(lambda1=schedule.lambda1, lambda2=schedule.lambda2, mask_start=schedule.mask_start,
-                      scale_with_steps=False)
+    if (
+        steps is not None
+        and params.scale_with_steps
+        and any(k in SCHEDULE_FIELDS for k in overrides)
+    ):
+        schedule = params.schedule(
+            int(steps)
+        )  # the un-swept knobs' effective values (or their error)
+        merged.update(
+            lambda1=schedule.lambda1,
+            lambda2=schedule.lambda2,
+            mask_start=schedule.mask_start,
+            scale_with_steps=False,
+        )
     merged.update(overrides)
     return LayoutRetouchParams.from_dict(merged)
 
 
-def check_axis_values(base: LayoutRetouchParams, field: str, values: Iterable[Any], steps: int,
-                      label: Optional[str] = None,
-                      host_check: Optional[Callable[[LayoutRetouchParams], None]] = None) -> list[LayoutRetouchParams]:
+def check_axis_values(
+    base: LayoutRetouchParams,
+    field: str,
+    values: Iterable[Any],
+    steps: int,
+    label: Optional[str] = None,
+    host_check: Optional[Callable[[LayoutRetouchParams], None]] = None,
+) -> list[LayoutRetouchParams]:
     """The X/Y/Z `confirm` hook's work: every value of one axis, applied to the UI/API parameters
     of the grid, must make a generation the script accepts at `steps` steps. Raises one
     LayoutRetouchError naming the axis, the value and the fix for the first that does not; returns
@@ -89,15 +112,23 @@ def check_axis_values(base: LayoutRetouchParams, field: str, values: Iterable[An
                 host_check(params)
         except LayoutRetouchError as e:
             reason = str(e)
-            reason = reason[len("Layout-and-Retouch: "):] if reason.startswith("Layout-and-Retouch: ") else reason
-            raise LayoutRetouchError(f"X/Y/Z plot: {label} = {value}: {reason} (no image was generated)",
-                                     parameter=e.parameter or field) from None
+            reason = (
+                reason[len("Layout-and-Retouch: ") :]
+                if reason.startswith("Layout-and-Retouch: ")
+                else reason
+            )
+            raise LayoutRetouchError(
+                f"X/Y/Z plot: {label} = {value}: {reason} (no image was generated)",
+                parameter=e.parameter or field,
+            ) from None
         cells.append(params)
     return cells
 
 
 def axis_apply(field: str) -> Callable[[Any, Any, Any], None]:
     """The `apply(p, x, xs)` callable of an X/Y/Z AxisOption."""
+
     def apply(p, x, xs):
         set_override(p, field, x)
+
     return apply

@@ -8,6 +8,7 @@ SDXL:  a dict {"crossattn": (B, tokens, 2048), "vector": (B, 2816)} — `crossat
 Every function here takes either form, so the pipeline batches its three paths (reference,
 layout, target × both CFG halves) without caring which model it drives.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,10 @@ def expand(c: Cond, n: int) -> Cond:
 
 def to(c: Cond, device=None, dtype=None) -> Cond:
     def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        return t.to(
+            device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None
+        )
+
     return _map(c, move)
 
 
@@ -110,13 +114,26 @@ class SizeTerms:
     target_hw: tuple[int, int]
 
     @classmethod
-    def of_generation(cls, width: int, height: int, crop_top_left: tuple[int, int] = (0, 0)) -> "SizeTerms":
-        return cls((int(height), int(width)), (int(crop_top_left[0]), int(crop_top_left[1])), (int(height), int(width)))
+    def of_generation(
+        cls, width: int, height: int, crop_top_left: tuple[int, int] = (0, 0)
+    ) -> "SizeTerms":
+        return cls(
+            (int(height), int(width)),
+            (int(crop_top_left[0]), int(crop_top_left[1])),
+            (int(height), int(width)),
+        )
 
 
-def sdxl_conditioning(conditioner: torch.nn.Module, prompts: Sequence[str], size: SizeTerms, *,
-                      negative: bool = False, aesthetic_score: Optional[float] = None,
-                      device=None, dtype=None) -> dict:
+def sdxl_conditioning(
+    conditioner: torch.nn.Module,
+    prompts: Sequence[str],
+    size: SizeTerms,
+    *,
+    negative: bool = False,
+    aesthetic_score: Optional[float] = None,
+    device=None,
+    dtype=None,
+) -> dict:
     """{"crossattn", "vector"} for `prompts` through sgm's `GeneralConditioner`, as the WebUI's own
     `get_learned_conditioning` builds them, but with explicit size terms. An all-empty *negative*
     prompt gives zero text embeddings (SDXL's unconditional, and what the WebUI sends)."""
@@ -133,7 +150,9 @@ def sdxl_conditioning(conditioner: torch.nn.Module, prompts: Sequence[str], size
         "original_size_as_tuple": torch.tensor([list(size.original_hw)], **args).repeat(n, 1),
         "crop_coords_top_left": torch.tensor([list(size.crop_top_left)], **args).repeat(n, 1),
         "target_size_as_tuple": torch.tensor([list(size.target_hw)], **args).repeat(n, 1),
-        "aesthetic_score": torch.tensor([[score]], **args).repeat(n, 1),  # read by refiner-type models only
+        "aesthetic_score": torch.tensor([[score]], **args).repeat(
+            n, 1
+        ),  # read by refiner-type models only
     }
     zero = ["txt"] if negative and all(p == "" for p in prompts) else []
     out = conditioner(batch, force_zero_embeddings=zero)

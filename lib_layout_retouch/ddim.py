@@ -7,6 +7,7 @@ T−s+1 to level T−s, and inversion fills levels 1 … T from level 0.
 Timesteps follow ldm's / A1111's "uniform" DDIM discretisation, `range(0, 1000, 1000 // T) + 1`,
 so a trajectory recorded by a WebUI DDIM run lines up with ours step for step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ StepCallback = Callable[[int, int], None]  # (step, total)
 class DDIMSchedule:
     """The T timesteps and the ᾱ each latent level sits at."""
 
-    timesteps: tuple[int, ...]        # ascending, length T: timestep of level 1 … T
-    alphas: torch.Tensor              # float64, length T+1: ᾱ of level 0 … T
+    timesteps: tuple[int, ...]  # ascending, length T: timestep of level 1 … T
+    alphas: torch.Tensor  # float64, length T+1: ᾱ of level 0 … T
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor, steps: int) -> "DDIMSchedule":
@@ -50,7 +51,9 @@ class DDIMSchedule:
         return self.steps - s + 1
 
 
-def ddim_move(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float) -> torch.Tensor:
+def ddim_move(
+    x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: float
+) -> torch.Tensor:
     """Deterministic DDIM (η = 0) between two noise levels, either direction.
 
     x0 = (x − √(1−ᾱ_from)·ε)/√ᾱ_from;  x' = √ᾱ_to·x0 + √(1−ᾱ_to)·ε
@@ -62,19 +65,24 @@ def ddim_move(x: torch.Tensor, eps: torch.Tensor, alpha_from: float, alpha_to: f
     a_from = torch.tensor(alpha_from, dtype=torch.float64)
     a_to = torch.tensor(alpha_to, dtype=torch.float64)
     c_x = float(torch.sqrt(a_to / a_from))
-    c_e = float(torch.sqrt(1 - a_to) - torch.sqrt(a_to) * torch.sqrt(1 - a_from) / torch.sqrt(a_from))
+    c_e = float(
+        torch.sqrt(1 - a_to) - torch.sqrt(a_to) * torch.sqrt(1 - a_from) / torch.sqrt(a_from)
+    )
     return (c_x * xf + c_e * ef).to(dtype)
 
 
-def denoise_step(schedule: DDIMSchedule, x: torch.Tensor, eps: torch.Tensor, s: int) -> torch.Tensor:
+def denoise_step(
+    schedule: DDIMSchedule, x: torch.Tensor, eps: torch.Tensor, s: int
+) -> torch.Tensor:
     """One sampling step s: level T−s+1 → T−s."""
     lv = schedule.level_before_step(s)
     return ddim_move(x, eps, float(schedule.alphas[lv]), float(schedule.alphas[lv - 1]))
 
 
 @torch.no_grad()
-def invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: DDIMSchedule,
-           callback: Optional[StepCallback] = None) -> list[torch.Tensor]:
+def invert(
+    eps_fn: EpsFn, z0: torch.Tensor, schedule: DDIMSchedule, callback: Optional[StepCallback] = None
+) -> list[torch.Tensor]:
     """DDIM inversion: every latent level [z_0, z_1, …, z_T] (z_0 is the input).
 
     ε is evaluated at the current latent with the NEXT level's timestep (the usual approximation
@@ -93,8 +101,12 @@ def invert(eps_fn: EpsFn, z0: torch.Tensor, schedule: DDIMSchedule,
 
 
 @torch.no_grad()
-def sample(eps_fn_for_step: Callable[[torch.Tensor, int, int], torch.Tensor], zT: torch.Tensor,
-           schedule: DDIMSchedule, callback: Optional[StepCallback] = None) -> list[torch.Tensor]:
+def sample(
+    eps_fn_for_step: Callable[[torch.Tensor, int, int], torch.Tensor],
+    zT: torch.Tensor,
+    schedule: DDIMSchedule,
+    callback: Optional[StepCallback] = None,
+) -> list[torch.Tensor]:
     """DDIM sampling from level T. `eps_fn_for_step(x, t, s)` may depend on the step s (stage 1
     switches models by step). Returns the trajectory [z_T, …, z_0] in denoising order."""
     traj = [zT]

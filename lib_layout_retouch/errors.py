@@ -4,6 +4,7 @@ Every error a person can cause (a bad prompt, a step count that does not fit, a 
 `LayoutRetouchError`: its message names the problem and the fix, and `parameter` names the
 parameter at fault so the WebUI/API can point at it. Anything else escaping the library is a bug.
 """
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ samples its posterior. This class answers `LdmModel`'s questions over those obje
 imports Forge: the objects are handed in, and what must be called inside Forge (loading a patcher's
 model onto its device) is a callable the adapter passes.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -21,8 +22,14 @@ class EnginePrompts(list):
     """A list of prompts with the attributes Forge's engines read (A1111's `SdConditioning` shape):
     `width`/`height` for SDXL's size terms, `is_negative_prompt` for its zeroed empty negative."""
 
-    def __init__(self, prompts, *, width: Optional[int] = None, height: Optional[int] = None,
-                 is_negative_prompt: bool = False):
+    def __init__(
+        self,
+        prompts,
+        *,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
+        is_negative_prompt: bool = False,
+    ):
         super().__init__(prompts)
         self.width = width
         self.height = height
@@ -58,12 +65,16 @@ class ForgeModel(KDiffusionModel):
             extra = dict(c_crossattn=cond["crossattn"].to(device), y=cond["vector"].to(device))
         else:
             extra = dict(c_crossattn=cond.to(device))
-        return self.unet_holder.apply_model(x.to(device), sigma.to(device), transformer_options={}, **extra)
+        return self.unet_holder.apply_model(
+            x.to(device), sigma.to(device), transformer_options={}, **extra
+        )
 
     # -- text -------------------------------------------------------------------------------------
     def text_encoder(self):
         """The CLIP-L text-processing engine: `tokenize_line` / `tokenize` like A1111's."""
-        return self.ldm.text_processing_engine_l if self.is_sdxl else self.ldm.text_processing_engine
+        return (
+            self.ldm.text_processing_engine_l if self.is_sdxl else self.ldm.text_processing_engine
+        )
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.text_encoder().tokenize([text])[0])
@@ -72,11 +83,14 @@ class ForgeModel(KDiffusionModel):
     def conditioning(self, prompts, size: Optional[SizeTerms] = None, *, negative: bool = False):
         engine = self.ldm
         if not self.is_sdxl:
-            return engine.get_learned_conditioning(EnginePrompts(list(prompts), is_negative_prompt=negative))
+            return engine.get_learned_conditioning(
+                EnginePrompts(list(prompts), is_negative_prompt=negative)
+            )
         size = size or SizeTerms.of_generation(1024, 1024, self.sdxl_crop)
         (h, w), (top, left), (th, tw) = size.original_hw, size.crop_top_left, size.target_hw
-        cond = engine.get_learned_conditioning(EnginePrompts(list(prompts), width=w, height=h,
-                                                             is_negative_prompt=negative))
+        cond = engine.get_learned_conditioning(
+            EnginePrompts(list(prompts), width=w, height=h, is_negative_prompt=negative)
+        )
         # The engine takes the crop from its settings and target = original; the reference path's
         # terms differ (the photo's original size, its crop, the fed size), so the size part of the
         # vector is rebuilt in the engine's own order and embedding: original, crop (top, left), target.

@@ -7,6 +7,7 @@ through the API is refused, never opened.
 `prepare_reference` turns it into an RGB image of exactly the generation size and says, in short
 notes for the user/infotext, what it had to fix (orientation, transparency, bit depth, crop).
 """
+
 from __future__ import annotations
 
 import base64
@@ -112,7 +113,8 @@ def _from_bytes(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise LayoutRetouchError(
-            f"reference_image is too large to open safely ({e}): send a smaller photo", parameter=_PARAM
+            f"reference_image is too large to open safely ({e}): send a smaller photo",
+            parameter=_PARAM,
         ) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise _bad_data(" (the data is not an image file)") from e
@@ -185,8 +187,8 @@ def _crop_box(w: int, h: int, tw: int, th: int) -> tuple[int, int, int, int]:
 
 def _reduction(w: int, h: int, tw: int, th: int) -> int:
     """Integer shrink factor that still leaves the crop at least twice the target size."""
-    l, t, r, b = _crop_box(w, h, tw, th)
-    return max(1, min((r - l) // (2 * tw), (b - t) // (2 * th)))
+    left, top, right, bottom = _crop_box(w, h, tw, th)
+    return max(1, min((right - left) // (2 * tw), (bottom - top) // (2 * th)))
 
 
 def reference_size_terms(img: Any, size: tuple[int, int]):
@@ -225,7 +227,8 @@ def prepare_reference(img: Any, size: tuple[int, int]) -> tuple[Image.Image, lis
         raise
     except Image.DecompressionBombError as e:
         raise LayoutRetouchError(
-            f"reference_image is too large to open safely ({e}): send a smaller photo", parameter=_PARAM
+            f"reference_image is too large to open safely ({e}): send a smaller photo",
+            parameter=_PARAM,
         ) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise _bad_data(f" (the image data is damaged: {e})") from e
@@ -266,7 +269,13 @@ def _prepare(img: Image.Image, tw: int, th: int, notes: list[str]) -> tuple[Imag
         else:
             img = rgba.convert("RGB")
     elif img.mode != "RGB":
-        names = {"L": "grayscale", "1": "black-and-white", "P": "palette", "CMYK": "CMYK", "YCbCr": "YCbCr"}
+        names = {
+            "L": "grayscale",
+            "1": "black-and-white",
+            "P": "palette",
+            "CMYK": "CMYK",
+            "YCbCr": "YCbCr",
+        }
         notes.append(f"reference converted from {names.get(img.mode, img.mode)} to RGB")
         img = img.convert("RGB")
 

@@ -5,6 +5,7 @@ everything both stages need — the schedule at this step count, y_p / y_p⁻ / 
 reference — and runs the retouch on a batch of stage-1 latents. The glue only wires host objects
 (the model, the progress bar, the Interrupt button) to it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -64,14 +65,22 @@ class RetouchJob:
     def __post_init__(self) -> None:
         self.params.validate()
         if self.width % 8 or self.height % 8:
-            raise LayoutRetouchError(f"image size {self.width}×{self.height} is not a multiple of 8", parameter="width")
+            raise LayoutRetouchError(
+                f"image size {self.width}×{self.height} is not a multiple of 8", parameter="width"
+            )
         if self.params.layout_source == "input" and not self.img2img:
             raise LayoutRetouchError(
                 "layout_source 'input' retouches the img2img input image itself, but this is no img2img "
-                "generation: use it in the img2img tab, or choose 'inversion'", parameter="layout_source")
+                "generation: use it in the img2img tab, or choose 'inversion'",
+                parameter="layout_source",
+            )
         self.schedule = self.params.schedule(self.steps)
-        self.prompts: RetouchPrompts = derive_prompts(self.prompt, self.params.concept_token,
-                                                      self.params.class_phrase, self.params.reference_prompt or None)
+        self.prompts: RetouchPrompts = derive_prompts(
+            self.prompt,
+            self.params.concept_token,
+            self.params.class_phrase,
+            self.params.reference_prompt or None,
+        )
         photos = self.params.references
         size = (self.width, self.height)
         # One entry per reference photo, in order (prepared image, fingerprint of it, SDXL size terms).
@@ -84,8 +93,11 @@ class RetouchJob:
             except LayoutRetouchError as e:
                 raise reference_error(e, i, len(photos)) from e
             self.references.append(prepared)
-            self.notes.extend(ref_notes if len(photos) == 1 else
-                              [f"reference photo {i + 1} of {len(photos)}: {n}" for n in ref_notes])
+            self.notes.extend(
+                ref_notes
+                if len(photos) == 1
+                else [f"reference photo {i + 1} of {len(photos)}: {n}" for n in ref_notes]
+            )
         self.reference_fingerprints = [image_fingerprint(img) for img in self.references]
         # The first (for one photo: the) reference, as before issue 12.
         self.reference = self.references[0]
@@ -100,30 +112,46 @@ class RetouchJob:
 
     # -- stage 2 ---------------------------------------------------------------------------------
     def settings(self, **overrides) -> pipeline.RetouchSettings:
-        return pipeline.RetouchSettings(schedule=self.schedule, guidance_scale=self.guidance_scale,
-                                        ca_threshold=self.params.ca_threshold,
-                                        reset_reference=self.params.reset_reference,
-                                        layer_preset=self.params.layer_preset, **overrides)
+        return pipeline.RetouchSettings(
+            schedule=self.schedule,
+            guidance_scale=self.guidance_scale,
+            ca_threshold=self.params.ca_threshold,
+            reset_reference=self.params.reset_reference,
+            layer_preset=self.params.layer_preset,
+            **overrides,
+        )
 
     def reference_keys(self, model_key: str) -> list[tuple]:
         """The inversion cache's reference keys, one per photo: (fingerprint, model_key)."""
         return [(fp, model_key) for fp in self.reference_fingerprints]
 
-    def references_cached(self, cache: Optional[pipeline.InversionCache], model_key: str, latent_hw) -> int:
+    def references_cached(
+        self, cache: Optional[pipeline.InversionCache], model_key: str, latent_hw
+    ) -> int:
         """How many of the photos' inversions `cache` already holds (for the progress plan)."""
         if cache is None:
             return 0
-        return sum(cache.peek(pipeline.inversion_key(k, self.steps, tuple(latent_hw))) is not None
-                   for k in self.reference_keys(model_key))
+        return sum(
+            cache.peek(pipeline.inversion_key(k, self.steps, tuple(latent_hw))) is not None
+            for k in self.reference_keys(model_key)
+        )
 
-    def retouch(self, model: LdmModel, layout_latents: torch.Tensor, *, subject_tokens: Sequence[int],
-                model_key: str, layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
-                layout_images: Optional[np.ndarray] = None, segmenter=None,
-                cache: Optional[pipeline.InversionCache] = SHARED_INVERSION_CACHE,
-                kv_cache: Optional[pipeline.ReferenceAttentionCache] = SHARED_REFERENCE_ATTENTION_CACHE,
-                progress: Optional[pipeline.ProgressFn] = None,
-                should_stop: Optional[Callable[[], bool]] = None,
-                user_mask: Optional[torch.Tensor] = None) -> pipeline.RetouchResult:
+    def retouch(
+        self,
+        model: LdmModel,
+        layout_latents: torch.Tensor,
+        *,
+        subject_tokens: Sequence[int],
+        model_key: str,
+        layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
+        layout_images: Optional[np.ndarray] = None,
+        segmenter=None,
+        cache: Optional[pipeline.InversionCache] = SHARED_INVERSION_CACHE,
+        kv_cache: Optional[pipeline.ReferenceAttentionCache] = SHARED_REFERENCE_ATTENTION_CACHE,
+        progress: Optional[pipeline.ProgressFn] = None,
+        should_stop: Optional[Callable[[], bool]] = None,
+        user_mask: Optional[torch.Tensor] = None,
+    ) -> pipeline.RetouchResult:
         """Stage 2 on `layout_latents` (N, C, h, w): stage 1's result, or with layout_source
         'input' the img2img input's latents (then pass no `layout_trajectory`: it is inverted).
         `user_mask`: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution (1 = retouch);
@@ -132,22 +160,45 @@ class RetouchJob:
         keys = self.reference_keys(model_key)
         latents = []
         for key, img in zip(keys, self.references):
-            cached = cache.peek(pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:])) \
-                if cache is not None else None
-            latents.append(cached[0] if cached is not None else
-                           model.encode(image_to_tensor(img).to(device)).to(layout_latents.dtype))
+            cached = (
+                cache.peek(pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:]))
+                if cache is not None
+                else None
+            )
+            latents.append(
+                cached[0]
+                if cached is not None
+                else model.encode(image_to_tensor(img).to(device)).to(layout_latents.dtype)
+            )
         reference_latent = torch.cat(latents)
-        conds = pipeline.encode_prompts(model, self.prompts, self.negative_prompt,
-                                        generation_size=model.generation_size(self.width, self.height),
-                                        reference_size=self.reference_sizes if len(keys) > 1 else self.reference_size)
+        conds = pipeline.encode_prompts(
+            model,
+            self.prompts,
+            self.negative_prompt,
+            generation_size=model.generation_size(self.width, self.height),
+            reference_size=self.reference_sizes if len(keys) > 1 else self.reference_size,
+        )
         if layout_trajectory is not None and self.params.layout_source == "input":
-            raise ValueError("layout_source 'input' inverts the input's latents: pass no layout_trajectory")
+            raise ValueError(
+                "layout_source 'input' inverts the input's latents: pass no layout_trajectory"
+            )
         result = pipeline.retouch(
-            model, reference_latent=reference_latent, layout_latents=layout_latents, conds=conds,
-            subject_tokens=subject_tokens, settings=self.settings(), layout_trajectory=layout_trajectory,
-            layout_images=layout_images, segmenter=segmenter,
-            reference_keys=keys, cache=cache, kv_cache=kv_cache,
-            progress=progress, should_stop=should_stop, user_mask=user_mask)
+            model,
+            reference_latent=reference_latent,
+            layout_latents=layout_latents,
+            conds=conds,
+            subject_tokens=subject_tokens,
+            settings=self.settings(),
+            layout_trajectory=layout_trajectory,
+            layout_images=layout_images,
+            segmenter=segmenter,
+            reference_keys=keys,
+            cache=cache,
+            kv_cache=kv_cache,
+            progress=progress,
+            should_stop=should_stop,
+            user_mask=user_mask,
+        )
         self.mask_kind = result.mask_kind
         for note in result.notes:
             if note not in self.notes:
@@ -158,9 +209,17 @@ class RetouchJob:
     def for_batch(self, prompt: str, negative_prompt: str) -> "RetouchJob":
         """This job for a batch whose prompt differs from the request's (a style, wildcards): its own
         prompts and its own notes list. `merge_notes` brings its notes back, each once."""
-        return RetouchJob(self.params, prompt=prompt, negative_prompt=negative_prompt, steps=self.steps,
-                          width=self.width, height=self.height, guidance_scale=self.guidance_scale,
-                          img2img=self.img2img, requested_steps=self.requested_steps)
+        return RetouchJob(
+            self.params,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=self.steps,
+            width=self.width,
+            height=self.height,
+            guidance_scale=self.guidance_scale,
+            img2img=self.img2img,
+            requested_steps=self.requested_steps,
+        )
 
     def merge_notes(self, other: "RetouchJob") -> None:
         for note in other.notes:

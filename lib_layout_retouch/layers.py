@@ -3,6 +3,7 @@
 Names are module paths inside the UNet (`model.model.diffusion_model` in ldm/A1111), e.g.
 `output_blocks.6.1.transformer_blocks.0.attn1`. `attn1` is self-attention, `attn2` cross-attention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,10 +31,14 @@ class LayerTable:
     """The layer sets of docs/ALGORITHM.md for one UNet architecture."""
 
     name: str
-    reference_layers: tuple[str, ...]   # attn1 that take the reference path's K, V when s > λ2
-    mask_layers: tuple[str, ...]        # attn2 whose subject-token maps make M^c (the 16×16 ones in SD1)
-    blend_layers: tuple[str, ...]       # attn1 whose output is blended with the layout's when s ≥ mask_start
-    layout_layers: Optional[tuple[str, ...]] = None  # swapped with the layout path when s ≤ λ2; None = every layer
+    reference_layers: tuple[str, ...]  # attn1 that take the reference path's K, V when s > λ2
+    mask_layers: tuple[str, ...]  # attn2 whose subject-token maps make M^c (the 16×16 ones in SD1)
+    blend_layers: tuple[
+        str, ...
+    ]  # attn1 whose output is blended with the layout's when s ≥ mask_start
+    layout_layers: Optional[tuple[str, ...]] = (
+        None  # swapped with the layout path when s ≤ λ2; None = every layer
+    )
 
     def swaps_every_layer(self) -> bool:
         return self.layout_layers is None
@@ -42,18 +47,24 @@ class LayerTable:
         return self.layout_layers is None or name in self.layout_layers
 
     def with_layout_layers(self, layers: Optional[tuple[str, ...]]) -> "LayerTable":
-        return LayerTable(self.name, self.reference_layers, self.mask_layers, self.blend_layers, layers)
+        return LayerTable(
+            self.name, self.reference_layers, self.mask_layers, self.blend_layers, layers
+        )
 
     def check_against(self, unet: torch.nn.Module) -> None:
         names = set(attention_modules(unet))
         for group in ("reference_layers", "mask_layers", "blend_layers"):
             missing = [n for n in getattr(self, group) if n not in names]
             if missing:
-                raise ValueError(f"layer table {self.name!r}: {group} not in this UNet: {missing[:3]}")
+                raise ValueError(
+                    f"layer table {self.name!r}: {group} not in this UNet: {missing[:3]}"
+                )
 
 
 def _names(blocks: str, indices, attn: str, depth: int = 1) -> tuple[str, ...]:
-    return tuple(f"{blocks}.{i}.1.transformer_blocks.{d}.{attn}" for i in indices for d in range(depth))
+    return tuple(
+        f"{blocks}.{i}.1.transformer_blocks.{d}.{attn}" for i in indices for d in range(depth)
+    )
 
 
 _sd1_names = _names
@@ -72,11 +83,16 @@ DEFAULT_PRESET = "standard"
 SD1 = LayerTable(
     name="sd1",
     reference_layers=_names("output_blocks", range(6, 12), "attn1"),
-    mask_layers=_names("input_blocks", (7, 8), "attn2") + _names("output_blocks", (3, 4, 5), "attn2"),
+    mask_layers=_names("input_blocks", (7, 8), "attn2")
+    + _names("output_blocks", (3, 4, 5), "attn2"),
     blend_layers=_names("output_blocks", range(6, 12), "attn1"),
 )
-SD1_LIGHT = LayerTable("sd1-light", _names("output_blocks", range(9, 12), "attn1"), SD1.mask_layers,
-                       _names("output_blocks", range(9, 12), "attn1"))
+SD1_LIGHT = LayerTable(
+    "sd1-light",
+    _names("output_blocks", range(9, 12), "attn1"),
+    SD1.mask_layers,
+    _names("output_blocks", range(9, 12), "attn1"),
+)
 
 # SDXL base (sgm UNetModel: transformer depth 0/2/10 at latent/1, /2, /4; 70 self-attentions).
 # Its attention lives at the two coarsest levels only, so the SD1 rule ("decoder levels finer than
@@ -88,21 +104,34 @@ SD1_LIGHT = LayerTable("sd1-light", _names("output_blocks", range(9, 12), "attn1
 # coarse layout the copy phase gave it. Light: output_blocks.3–5 only (6 layers).
 # Mask: cross-attention at the same *relative* level as SD1's 16×16 maps (latent/4: 32×32 at
 # 1024², 38×26 at 832×1216), every transformer block of input_blocks.7–8 and output_blocks.0–2.
-_SDXL_REFERENCE = _names("output_blocks", (1, 2), "attn1", 10) + _names("output_blocks", (3, 4, 5), "attn1", 2)
+_SDXL_REFERENCE = _names("output_blocks", (1, 2), "attn1", 10) + _names(
+    "output_blocks", (3, 4, 5), "attn1", 2
+)
 SDXL = LayerTable(
     name="sdxl",
     reference_layers=_SDXL_REFERENCE,
-    mask_layers=_names("input_blocks", (7, 8), "attn2", 10) + _names("output_blocks", (0, 1, 2), "attn2", 10),
+    mask_layers=_names("input_blocks", (7, 8), "attn2", 10)
+    + _names("output_blocks", (0, 1, 2), "attn2", 10),
     blend_layers=_SDXL_REFERENCE,
 )
-SDXL_LIGHT = LayerTable("sdxl-light", _names("output_blocks", (3, 4, 5), "attn1", 2), SDXL.mask_layers,
-                        _names("output_blocks", (3, 4, 5), "attn1", 2))
+SDXL_LIGHT = LayerTable(
+    "sdxl-light",
+    _names("output_blocks", (3, 4, 5), "attn1", 2),
+    SDXL.mask_layers,
+    _names("output_blocks", (3, 4, 5), "attn1", 2),
+)
 
-_TABLES = {("sd1", "standard"): SD1, ("sd1", "light"): SD1_LIGHT,
-           ("sdxl", "standard"): SDXL, ("sdxl", "light"): SDXL_LIGHT}
+_TABLES = {
+    ("sd1", "standard"): SD1,
+    ("sd1", "light"): SD1_LIGHT,
+    ("sdxl", "standard"): SDXL,
+    ("sdxl", "light"): SDXL_LIGHT,
+}
 
 
-def _block_levels(blocks: torch.nn.ModuleList, step_class: str, start: int, delta: int) -> list[int]:
+def _block_levels(
+    blocks: torch.nn.ModuleList, step_class: str, start: int, delta: int
+) -> list[int]:
     """Resolution level (0 = full latent size) of each block, walking Downsample/Upsample ops."""
     levels, level = [], start
     for block in blocks:
@@ -117,7 +146,9 @@ def is_sdxl_unet(unet: torch.nn.Module) -> bool:
     return hasattr(unet, "label_emb")
 
 
-def infer_layer_table(unet: torch.nn.Module, preset: str = DEFAULT_PRESET, sdxl: Optional[bool] = None) -> LayerTable:
+def infer_layer_table(
+    unet: torch.nn.Module, preset: str = DEFAULT_PRESET, sdxl: Optional[bool] = None
+) -> LayerTable:
     """The rules the SD1 and SDXL tables follow, derived from the UNet's structure, for UNets of
     other sizes (the tiny test models, SSD-1B …). With L = the coarsest input level that has
     attention: mask = cross-attention at level L (encoder and decoder);
@@ -127,7 +158,9 @@ def infer_layer_table(unet: torch.nn.Module, preset: str = DEFAULT_PRESET, sdxl:
     if preset not in PRESETS:
         raise ValueError(f"unknown layer preset {preset!r}; one of {', '.join(PRESETS)}")
     if not all(hasattr(unet, a) for a in ("input_blocks", "output_blocks")):
-        raise ValueError("not an ldm/sgm UNetModel (no input_blocks/output_blocks): no layer table for it")
+        raise ValueError(
+            "not an ldm/sgm UNetModel (no input_blocks/output_blocks): no layer table for it"
+        )
     sdxl = is_sdxl_unet(unet) if sdxl is None else sdxl
     in_levels = _block_levels(unet.input_blocks, "Downsample", 0, +1)
     n_levels = in_levels[-1] + 1
@@ -148,12 +181,19 @@ def infer_layer_table(unet: torch.nn.Module, preset: str = DEFAULT_PRESET, sdxl:
         raise ValueError("UNet has no attention in its input blocks")
     top = max(attn_in_levels)
     mask = tuple(n for n, loc in located.items() if loc and loc[1] == top and is_cross_attention(n))
-    decoder_self = {n: loc for n, loc in located.items() if loc and loc[0] == "output_blocks" and is_self_attention(n)}
+    decoder_self = {
+        n: loc
+        for n, loc in located.items()
+        if loc and loc[0] == "output_blocks" and is_self_attention(n)
+    }
     if sdxl:
         first_top = min((loc[2] for loc in decoder_self.values() if loc[1] == top), default=None)
         levels = {top - 1} if preset == "light" else {top, top - 1}
-        reference = tuple(n for n, loc in decoder_self.items()
-                          if loc[1] in levels and not (loc[1] == top and loc[2] == first_top))
+        reference = tuple(
+            n
+            for n, loc in decoder_self.items()
+            if loc[1] in levels and not (loc[1] == top and loc[2] == first_top)
+        )
     else:
         finer = sorted({loc[1] for loc in decoder_self.values() if loc[1] < top})
         levels = set(finer[:1]) if preset == "light" else set(finer)

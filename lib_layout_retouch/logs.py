@@ -6,6 +6,7 @@ an INFO record would be dropped. So the logger has its own console handler writi
 not propagate (no second copy when the WebUI does configure logging). `attach_console` is idempotent:
 the WebUI re-imports scripts on "Reload UI" and must not double every line.
 """
+
 from __future__ import annotations
 
 import logging

@@ -13,6 +13,7 @@ self-attention resolution for  phi* = M * phi_t + (1 - M) * phi_o.
 Everything here is plain numpy/scipy on small maps except `LayerMasks`, which stays on the
 attention's device.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,9 @@ def normalize_cross_attention(maps: torch.Tensor) -> torch.Tensor:
     if not isinstance(maps, torch.Tensor):
         maps = torch.as_tensor(np.asarray(maps))
     if maps.ndim < 2 or maps.shape[-1] == 0 or maps.shape[-2] == 0:
-        raise ValueError(f"cross-attention maps must be (..., h, w) with h, w > 0, got {tuple(maps.shape)}")
+        raise ValueError(
+            f"cross-attention maps must be (..., h, w) with h, w > 0, got {tuple(maps.shape)}"
+        )
     m = maps.detach().to(torch.float32).reshape(-1, maps.shape[-2], maps.shape[-1]).mean(dim=0)
     if not bool(torch.isfinite(m).all()):
         raise ValueError("cross-attention maps contain NaN/inf (the layout pass overflowed)")
@@ -60,7 +63,9 @@ def _check_threshold(threshold: float) -> float:
     return FIELD_BY_NAME["ca_threshold"].check_range(float(threshold), CA_THRESHOLD_FIX)
 
 
-def cross_attention_mask(maps: torch.Tensor, threshold: float = DEFAULT_CA_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+def cross_attention_mask(
+    maps: torch.Tensor, threshold: float = DEFAULT_CA_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray]:
     """(normalised map float32 (h, w), M^c bool (h, w)).
 
     M^c = normalised >= threshold (inclusive: a cell exactly at the threshold is subject). The
@@ -212,7 +217,9 @@ class LayerMasks:
     def layer_hw(self, n_tokens: int) -> tuple[int, int]:
         return _layer_hw(self.latent_hw, int(n_tokens))
 
-    def for_tokens(self, n_tokens: int, dtype: torch.dtype | None = None, complement: bool = False) -> torch.Tensor:
+    def for_tokens(
+        self, n_tokens: int, dtype: torch.dtype | None = None, complement: bool = False
+    ) -> torch.Tensor:
         """(B, n_tokens, 1) mask at the layer's resolution; bilinear, antialiased when shrinking.
         `complement=True` gives 1 − M (the weight of an in-place `φ_t.lerp_(φ_o, 1 − M)`), also cached."""
         dtype = dtype or self.mask.dtype
@@ -231,7 +238,9 @@ class LayerMasks:
             out = src
         else:
             shrink = h < H or w < W
-            out = F.interpolate(src, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+            out = F.interpolate(
+                src, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink
+            )
         out = out.clamp(0.0, 1.0).reshape(self.batch_size, h * w, 1)
         if complement:
             out = 1.0 - out  # in float64: 1 − 1 and 1 − 0 stay exact
@@ -276,7 +285,9 @@ def sam_prompts_from_ca(
     blob = _largest_component(mc)
     rows = np.flatnonzero(blob.any(axis=1))
     cols = np.flatnonzero(blob.any(axis=0))
-    box = np.array([cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy], dtype=np.float32)
+    box = np.array(
+        [cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy], dtype=np.float32
+    )
 
     inside = np.where(blob, norm, -np.inf)
     peaks = blob & (inside >= ndimage.maximum_filter(inside, size=3, mode="constant", cval=-np.inf))

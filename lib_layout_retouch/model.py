@@ -6,6 +6,7 @@
 - Textual Inversion: one UNet; only the prompt differs (y_p⁻ has no embedding name);
 - LoRA: one UNet with the network off for the vanilla steps (the host toggles it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,21 +44,35 @@ def check_model_supported(ldm) -> None:
     Supported: ε-prediction SD1.x/SD2.x-512 (ldm) and SDXL-family base models (sgm) — DDIM
     inversion here assumes ε and the layer tables cover these UNets."""
     if getattr(ldm, "is_sd3", False):
-        raise LayoutRetouchError("SD3 models are not supported (another network, the MMDiT, with no UNet "
-                                 "self-attention layers to retouch); load an SD1.x or SDXL checkpoint",
-                                 parameter="sd_model")
+        raise LayoutRetouchError(
+            "SD3 models are not supported (another network, the MMDiT, with no UNet "
+            "self-attention layers to retouch); load an SD1.x or SDXL checkpoint",
+            parameter="sd_model",
+        )
     if not hasattr(ldm, "model") or not hasattr(getattr(ldm, "model", None), "diffusion_model"):
-        raise LayoutRetouchError("the loaded model has no UNet this extension knows (model.diffusion_model); "
-                                 "load an SD1.x or SDXL checkpoint", parameter="sd_model")
+        raise LayoutRetouchError(
+            "the loaded model has no UNet this extension knows (model.diffusion_model); "
+            "load an SD1.x or SDXL checkpoint",
+            parameter="sd_model",
+        )
     if _is_sdxl_refiner(ldm):
-        raise LayoutRetouchError("the loaded model is the SDXL refiner, which is not a personalized model and "
-                                 "cannot draw a layout; load your SDXL base/DreamBooth checkpoint", parameter="sd_model")
+        raise LayoutRetouchError(
+            "the loaded model is the SDXL refiner, which is not a personalized model and "
+            "cannot draw a layout; load your SDXL base/DreamBooth checkpoint",
+            parameter="sd_model",
+        )
     if getattr(ldm, "is_sdxl_inpaint", False) or _unet_in_channels(ldm) not in (None, 4):
-        raise LayoutRetouchError("inpainting models (9 input channels) are not supported; load a txt2img "
-                                 "SD1.x or SDXL checkpoint", parameter="sd_model")
+        raise LayoutRetouchError(
+            "inpainting models (9 input channels) are not supported; load a txt2img "
+            "SD1.x or SDXL checkpoint",
+            parameter="sd_model",
+        )
     if getattr(ldm, "parameterization", "eps") != "eps":
-        raise LayoutRetouchError("v-prediction models (e.g. SD2.x 768, v-pred SDXL) are not supported: the DDIM "
-                                 "inversion assumes ε-prediction; load an ε-prediction checkpoint", parameter="sd_model")
+        raise LayoutRetouchError(
+            "v-prediction models (e.g. SD2.x 768, v-pred SDXL) are not supported: the DDIM "
+            "inversion assumes ε-prediction; load an ε-prediction checkpoint",
+            parameter="sd_model",
+        )
 
 
 def _unet_in_channels(ldm) -> Optional[int]:
@@ -127,8 +142,12 @@ class LdmModel:
     generated image's size terms.
     """
 
-    def __init__(self, ldm, autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 sdxl_crop: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        ldm,
+        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        sdxl_crop: tuple[int, int] = (0, 0),
+    ):
         self.ldm = ldm
         self.autocast = autocast
         self.family = model_family(ldm)
@@ -165,9 +184,11 @@ class LdmModel:
 
     def denoiser(self, unet: Optional[torch.nn.Module] = None) -> Denoiser:
         """ε of this model, or of the same model with another UNet (DreamBooth's vanilla) swapped in."""
+
         def eps(x, t, cond):
             with unet_swapped(self.unet_holder, unet), self.autocast():
                 return self._apply(x, t, cond)
+
         return eps
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -189,12 +210,16 @@ class LdmModel:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` without BOS/EOS, as the text encoder sees them."""
         encoder = self.text_encoder()
-        if hasattr(encoder, "tokenize"):  # A1111's FrozenCLIPEmbedderWithCustomWords (and its SDXL twin)
+        if hasattr(
+            encoder, "tokenize"
+        ):  # A1111's FrozenCLIPEmbedderWithCustomWords (and its SDXL twin)
             return list(encoder.tokenize([text])[0])
         return list(encoder.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @torch.no_grad()
-    def conditioning(self, prompts: Sequence[str], size: Optional[SizeTerms] = None, *, negative: bool = False):
+    def conditioning(
+        self, prompts: Sequence[str], size: Optional[SizeTerms] = None, *, negative: bool = False
+    ):
         """Conditioning of `prompts`: a tensor (SD1) or {"crossattn", "vector"} (SDXL) with `size`'s
         size terms (default 512² / the caller's generation size). `negative`: an all-empty
         negative prompt is SDXL's zero embedding, as the WebUI sends it."""
@@ -202,7 +227,9 @@ class LdmModel:
             if not self.is_sdxl:
                 return self.ldm.get_learned_conditioning(list(prompts))
             size = size or SizeTerms.of_generation(1024, 1024, self.sdxl_crop)
-            return sdxl_conditioning(self.ldm.conditioner, prompts, size, negative=negative, device=self.device)
+            return sdxl_conditioning(
+                self.ldm.conditioner, prompts, size, negative=negative, device=self.device
+            )
 
     def generation_size(self, width: int, height: int) -> SizeTerms:
         return SizeTerms.of_generation(width, height, self.sdxl_crop)
@@ -242,12 +269,14 @@ class LdmModel:
             def mode(x):
                 moments = vae.quant_conv(vae.encoder(x))
                 return moments.chunk(2, dim=1)[0]
+
             return self.ldm.scale_factor * self._vae(mode, images, "encode").float()
 
         def encode(x):
             posterior = self.ldm.encode_first_stage(x)
             z = posterior.mode() if hasattr(posterior, "mode") else posterior
             return self.ldm.get_first_stage_encoding(z)
+
         return self._vae(encode, images, "encode")
 
     @torch.no_grad()
@@ -270,22 +299,33 @@ def check_forge_engine_supported(engine) -> None:
     refiner also says `is_sdxl`), then by what the UNet patcher says (inpaint, prediction type)."""
     kind = type(engine).__name__
     if kind in UNSUPPORTED_FORGE_ENGINES:
-        raise LayoutRetouchError(f"{UNSUPPORTED_FORGE_ENGINES[kind]} is not supported; load an SD1.x or SDXL "
-                                 "checkpoint", parameter="sd_model")
+        raise LayoutRetouchError(
+            f"{UNSUPPORTED_FORGE_ENGINES[kind]} is not supported; load an SD1.x or SDXL checkpoint",
+            parameter="sd_model",
+        )
     objects = getattr(engine, "forge_objects", None)
     kmodel = getattr(getattr(objects, "unet", None), "model", None)
-    if getattr(kmodel, "diffusion_model", None) is None or not (getattr(engine, "is_sd1", False)
-                                                                 or getattr(engine, "is_sdxl", False)):
-        raise LayoutRetouchError(f"the loaded model ({kind}) is neither SD1.x nor SDXL; load an SD1.x or SDXL "
-                                 "checkpoint", parameter="sd_model")
+    if getattr(kmodel, "diffusion_model", None) is None or not (
+        getattr(engine, "is_sd1", False) or getattr(engine, "is_sdxl", False)
+    ):
+        raise LayoutRetouchError(
+            f"the loaded model ({kind}) is neither SD1.x nor SDXL; load an SD1.x or SDXL "
+            "checkpoint",
+            parameter="sd_model",
+        )
     if getattr(engine, "is_inpaint", False):
-        raise LayoutRetouchError("inpainting models (9 input channels) are not supported; load a txt2img "
-                                 "SD1.x or SDXL checkpoint", parameter="sd_model")
+        raise LayoutRetouchError(
+            "inpainting models (9 input channels) are not supported; load a txt2img "
+            "SD1.x or SDXL checkpoint",
+            parameter="sd_model",
+        )
     prediction = getattr(getattr(kmodel, "predictor", None), "prediction_type", "epsilon")
     if prediction not in ("epsilon", "eps"):
-        raise LayoutRetouchError(f"{prediction} models (e.g. v-prediction) are not supported: the DDIM "
-                                 "inversion assumes ε-prediction; load an ε-prediction checkpoint",
-                                 parameter="sd_model")
+        raise LayoutRetouchError(
+            f"{prediction} models (e.g. v-prediction) are not supported: the DDIM "
+            "inversion assumes ε-prediction; load an ε-prediction checkpoint",
+            parameter="sd_model",
+        )
 
 
 def attention_replacements(model_options: dict) -> list[str]:
@@ -308,4 +348,6 @@ class KDiffusionModel(LdmModel):
         ac = self.alphas_cumprod.to(x.device, torch.float32)[t.long().to(x.device)]
         sigma = sigma_of_alpha_cumprod(ac)
         x_sigma = sigma_scale_input(x.float(), ac)
-        return eps_from_denoised(x_sigma, self.denoise(x_sigma, sigma, cond).float(), sigma).to(x.dtype)
+        return eps_from_denoised(x_sigma, self.denoise(x_sigma, sigma, cond).float(), sigma).to(
+            x.dtype
+        )

@@ -6,6 +6,7 @@ infotext key. `LayoutRetouchParams` coerces what the UI/API sends, validates it 
 name the parameter and the fix, and (de)serialises to the API dict and the infotext. Modelled on
 sd-webui-controlnet's `internal_controlnet/args.py`, with dataclasses instead of pydantic.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,7 +15,8 @@ import io
 import math
 import numbers
 import re
-from dataclasses import dataclass, fields as dc_fields
+from dataclasses import dataclass
+from dataclasses import fields as dc_fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -60,9 +62,13 @@ class Field:
     step: float | None = None  # UI slider step
     exclusive: bool = False
     symbol: str = ""  # how messages name it ("λ1")
-    meaning: str = ""  # what it is, for messages: "the number of first steps drawn by the vanilla model"
+    meaning: str = (
+        ""  # what it is, for messages: "the number of first steps drawn by the vanilla model"
+    )
     axis: str = ""  # X/Y/Z axis label (after "[L&R] "); "" = no axis
-    axis_choices: str | None = None  # "bool" | "checkpoints" | "sam" | "layer_presets": the glue supplies the lists
+    axis_choices: str | None = (
+        None  # "bool" | "checkpoints" | "sam" | "layer_presets": the glue supplies the lists
+    )
     doc: str = ""  # README-only addition to the hint (API details)
 
     def slider_range(self) -> tuple[float, float]:
@@ -79,7 +85,9 @@ class Field:
         if self.kind == "int":
             return f"At least {self.minimum:g} (slider {low:g}–{high:g} at {PAPER_STEPS} steps)."
         if self.exclusive:
-            return f"Strictly between {self.minimum:g} and {self.maximum:g} (slider {low:g}–{high:g})."
+            return (
+                f"Strictly between {self.minimum:g} and {self.maximum:g} (slider {low:g}–{high:g})."
+            )
         return f"From {self.minimum:g} to {self.maximum:g}."
 
     def words(self) -> str:
@@ -89,109 +97,251 @@ class Field:
     def check_range(self, value: float, fix: str = "") -> float:
         """`value`, or a LayoutRetouchError naming the field, its meaning and its range."""
         low, high = self.minimum, self.maximum
-        ok = not math.isnan(value) and (low is None or (value > low if self.exclusive else value >= low)) and \
-            (high is None or self.kind == "int" or (value < high if self.exclusive else value <= high))
+        ok = (
+            not math.isnan(value)
+            and (low is None or (value > low if self.exclusive else value >= low))
+            and (
+                high is None
+                or self.kind == "int"
+                or (value < high if self.exclusive else value <= high)
+            )
+        )
         if not ok:
             if self.kind == "int" or high is None:
                 rule = f"{low:g} or more"
             else:
                 rule = f"between {low:g} and {high:g}" + (" (exclusive)" if self.exclusive else "")
-            symbol = self.symbol if self.symbol and self.symbol != self.name.replace("_", " ") else ""
-            raise LayoutRetouchError(f"{self.name} ({symbol + ', ' if symbol else ''}{self.meaning}) is {value} "
-                                     f"but must be {rule}"
-                                     + (f": {fix}" if fix else ""), parameter=self.name)
+            symbol = (
+                self.symbol if self.symbol and self.symbol != self.name.replace("_", " ") else ""
+            )
+            raise LayoutRetouchError(
+                f"{self.name} ({symbol + ', ' if symbol else ''}{self.meaning}) is {value} "
+                f"but must be {rule}" + (f": {fix}" if fix else ""),
+                parameter=self.name,
+            )
         return value
 
 
 FIELDS: tuple[Field, ...] = (
-    Field("enabled", False, "bool", "Enable Layout-and-Retouch",
-          "Let the vanilla model draw the layout, then retouch the subject's identity from the "
-          "reference photo.", None,
-          axis="Enable", axis_choices="bool"),
-    Field("reference_image", None, "image", "Reference photo of the subject",
-          f"One photo of your subject (I_r), or up to {MAX_REFERENCES}: the subject's identity is taken "
-          "from all of them together. Each is centre-cropped to the image's aspect ratio; the "
-          "infotext records their fingerprints.", "LR reference",
-          doc="In the API: base64 (with or without a `data:image/...;base64,` prefix), or a list of "
-              f"up to {MAX_REFERENCES} such strings."),
-    Field("personalization", "dreambooth", "choice", "Personalized model type",
-          "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the "
-          "vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the "
-          "loaded (vanilla) model.", "LR personalization",
-          choices=PERSONALIZATION_KINDS,
-          choice_labels=("DreamBooth checkpoint", "Textual Inversion embedding", "LoRA")),
-    Field("vanilla_checkpoint", "", "str", "Vanilla checkpoint",
-          "The original checkpoint your DreamBooth model was fine-tuned from; it draws the layout. "
-          "Not needed for Textual Inversion or LoRA.", "LR vanilla checkpoint",
-          axis="Vanilla checkpoint", axis_choices="checkpoints",
-          doc="In the API: a title or name from the WebUI's checkpoint list."),
-    Field("concept_token", "", "str", "Concept token",
-          "The word in your prompt that stands for the subject, e.g. sks or <my-vase>.",
-          "LR concept token"),
-    Field("class_phrase", "", "str", "Class phrase",
-          "What a normal model calls the subject, e.g. dog or red vase. Replaces the concept token "
-          "in the vanilla model's prompt and finds the subject for the mask.", "LR class phrase"),
-    Field("reference_prompt", "", "str", "Reference prompt (optional)",
-          "Neutral prompt for the reference and target paths; empty means "
-          "'a photo of <concept token> <class phrase>'.", "LR reference prompt"),
-    Field("lambda1", PAPER_LAMBDA1, "int", "λ1: vanilla layout steps",
-          "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger "
-          "follows the prompt better but weakens the identity.", "LR lambda1",
-          minimum=0, maximum=PAPER_STEPS, step=1, symbol="λ1",
-          meaning="the number of first steps drawn by the vanilla model", axis="Lambda1"),
-    Field("lambda2", PAPER_LAMBDA2, "int", "λ2: layout-copy steps",
-          "How many first retouch steps copy the layout's attention (paper: 10).", "LR lambda2",
-          minimum=0, maximum=PAPER_STEPS, step=1, symbol="λ2",
-          meaning="the number of first retouch steps that copy the layout", axis="Lambda2"),
-    Field("mask_start", PAPER_MASK_START, "int", "Mask blending from step",
-          f"First retouch step that blends the subject mask (paper: 31 of 50); {PAPER_STEPS + 1} "
-          "turns blending off.", "LR mask start",
-          minimum=2, maximum=PAPER_STEPS + 1, step=1, symbol="mask start",
-          meaning="the first retouch step that blends the subject mask", axis="Mask start"),
-    Field("scale_with_steps", True, "bool", "Scale λ1, λ2 and mask start with the step count",
-          f"On: the three values are for {PAPER_STEPS} steps and are scaled to your step count. "
-          "Off: they are used as they are.", "LR scale with steps"),
-    Field("sam_model", NO_SAM, "str", "Segment-Anything model",
-          f"SAM checkpoint that sharpens the subject mask; '{NO_SAM}' uses the cross-attention "
-          "mask only.", "LR SAM model", axis="SAM model", axis_choices="sam",
-          doc="In the API: a file name from the list (`models/sam`)."),
-    Field("ca_threshold", 0.1, "float", "Cross-attention mask threshold",
-          "Threshold on the min-max normalised cross-attention map of the subject tokens "
-          "(MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.", "LR CA threshold",
-          minimum=0.0, maximum=1.0, step=0.01, exclusive=True,
-          meaning="the threshold of the cross-attention mask", axis="CA threshold"),
-    Field("show_intermediates", False, "bool", "Show layout, mask and attention map",
-          "Add each image's stage-1 layout, its blend mask and its subject cross-attention map to "
-          "the gallery after the results (a viewing option: not written to the infotext).", None),
-    Field("layout_source", "inversion", "choice", "Layout path latents",
-          "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
-          "or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the "
-          "layout is inverted and the infotext says so), or — img2img only — the input image itself "
-          "(no stage 1: the input is inverted and retouched, putting your subject into that picture).",
-          "LR layout source",
-          choices=LAYOUT_SOURCES,
-          choice_labels=("DDIM inversion of the layout (paper)", "Stage-1 latents (faster)",
-                         "The input image itself (img2img)")),
-    Field("reset_reference", True, "bool", "Reset the reference path every step",
-          "Set the reference path back to its stored inversion latent at every step, so it "
-          "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).", "LR reset reference"),
-    Field("layer_preset", DEFAULT_PRESET, "choice", "Attention layer preset",
-          "Which decoder self-attention layers take the reference's identity (and blend the mask): "
-          "standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 "
-          "layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: "
-          "output_blocks.3–5), for when the reference's pose or background bleeds in.", "LR layer preset",
-          choices=PRESETS, choice_labels=("Standard (paper)", "Light"),
-          axis="Layer preset", axis_choices="layer_presets"),
-    Field("stage1_text_encoder", "vanilla", "choice", "Stage-1 text encoder (DreamBooth)",
-          "Which text encoder reads the vanilla steps' prompt y_p⁻ in DreamBooth mode: the vanilla "
-          "checkpoint's own (what the vanilla UNet understands; DreamBooth often fine-tunes the text "
-          "encoder too), or the loaded personalized model's.", "LR stage-1 text encoder",
-          choices=STAGE1_TEXT_ENCODERS, choice_labels=("Vanilla checkpoint's", "Loaded model's")),
+    Field(
+        "enabled",
+        False,
+        "bool",
+        "Enable Layout-and-Retouch",
+        "Let the vanilla model draw the layout, then retouch the subject's identity from the "
+        "reference photo.",
+        None,
+        axis="Enable",
+        axis_choices="bool",
+    ),
+    Field(
+        "reference_image",
+        None,
+        "image",
+        "Reference photo of the subject",
+        f"One photo of your subject (I_r), or up to {MAX_REFERENCES}: the subject's identity is taken "
+        "from all of them together. Each is centre-cropped to the image's aspect ratio; the "
+        "infotext records their fingerprints.",
+        "LR reference",
+        doc="In the API: base64 (with or without a `data:image/...;base64,` prefix), or a list of "
+        f"up to {MAX_REFERENCES} such strings.",
+    ),
+    Field(
+        "personalization",
+        "dreambooth",
+        "choice",
+        "Personalized model type",
+        "How your subject was learned: a DreamBooth checkpoint (the loaded model; choose the "
+        "vanilla checkpoint below), or a Textual-Inversion embedding / LoRA in the prompt on the "
+        "loaded (vanilla) model.",
+        "LR personalization",
+        choices=PERSONALIZATION_KINDS,
+        choice_labels=("DreamBooth checkpoint", "Textual Inversion embedding", "LoRA"),
+    ),
+    Field(
+        "vanilla_checkpoint",
+        "",
+        "str",
+        "Vanilla checkpoint",
+        "The original checkpoint your DreamBooth model was fine-tuned from; it draws the layout. "
+        "Not needed for Textual Inversion or LoRA.",
+        "LR vanilla checkpoint",
+        axis="Vanilla checkpoint",
+        axis_choices="checkpoints",
+        doc="In the API: a title or name from the WebUI's checkpoint list.",
+    ),
+    Field(
+        "concept_token",
+        "",
+        "str",
+        "Concept token",
+        "The word in your prompt that stands for the subject, e.g. sks or <my-vase>.",
+        "LR concept token",
+    ),
+    Field(
+        "class_phrase",
+        "",
+        "str",
+        "Class phrase",
+        "What a normal model calls the subject, e.g. dog or red vase. Replaces the concept token "
+        "in the vanilla model's prompt and finds the subject for the mask.",
+        "LR class phrase",
+    ),
+    Field(
+        "reference_prompt",
+        "",
+        "str",
+        "Reference prompt (optional)",
+        "Neutral prompt for the reference and target paths; empty means "
+        "'a photo of <concept token> <class phrase>'.",
+        "LR reference prompt",
+    ),
+    Field(
+        "lambda1",
+        PAPER_LAMBDA1,
+        "int",
+        "λ1: vanilla layout steps",
+        "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger "
+        "follows the prompt better but weakens the identity.",
+        "LR lambda1",
+        minimum=0,
+        maximum=PAPER_STEPS,
+        step=1,
+        symbol="λ1",
+        meaning="the number of first steps drawn by the vanilla model",
+        axis="Lambda1",
+    ),
+    Field(
+        "lambda2",
+        PAPER_LAMBDA2,
+        "int",
+        "λ2: layout-copy steps",
+        "How many first retouch steps copy the layout's attention (paper: 10).",
+        "LR lambda2",
+        minimum=0,
+        maximum=PAPER_STEPS,
+        step=1,
+        symbol="λ2",
+        meaning="the number of first retouch steps that copy the layout",
+        axis="Lambda2",
+    ),
+    Field(
+        "mask_start",
+        PAPER_MASK_START,
+        "int",
+        "Mask blending from step",
+        f"First retouch step that blends the subject mask (paper: 31 of 50); {PAPER_STEPS + 1} "
+        "turns blending off.",
+        "LR mask start",
+        minimum=2,
+        maximum=PAPER_STEPS + 1,
+        step=1,
+        symbol="mask start",
+        meaning="the first retouch step that blends the subject mask",
+        axis="Mask start",
+    ),
+    Field(
+        "scale_with_steps",
+        True,
+        "bool",
+        "Scale λ1, λ2 and mask start with the step count",
+        f"On: the three values are for {PAPER_STEPS} steps and are scaled to your step count. "
+        "Off: they are used as they are.",
+        "LR scale with steps",
+    ),
+    Field(
+        "sam_model",
+        NO_SAM,
+        "str",
+        "Segment-Anything model",
+        f"SAM checkpoint that sharpens the subject mask; '{NO_SAM}' uses the cross-attention "
+        "mask only.",
+        "LR SAM model",
+        axis="SAM model",
+        axis_choices="sam",
+        doc="In the API: a file name from the list (`models/sam`).",
+    ),
+    Field(
+        "ca_threshold",
+        0.1,
+        "float",
+        "Cross-attention mask threshold",
+        "Threshold on the min-max normalised cross-attention map of the subject tokens "
+        "(MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.",
+        "LR CA threshold",
+        minimum=0.0,
+        maximum=1.0,
+        step=0.01,
+        exclusive=True,
+        meaning="the threshold of the cross-attention mask",
+        axis="CA threshold",
+    ),
+    Field(
+        "show_intermediates",
+        False,
+        "bool",
+        "Show layout, mask and attention map",
+        "Add each image's stage-1 layout, its blend mask and its subject cross-attention map to "
+        "the gallery after the results (a viewing option: not written to the infotext).",
+        None,
+    ),
+    Field(
+        "layout_source",
+        "inversion",
+        "choice",
+        "Layout path latents",
+        "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
+        "or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the "
+        "layout is inverted and the infotext says so), or — img2img only — the input image itself "
+        "(no stage 1: the input is inverted and retouched, putting your subject into that picture).",
+        "LR layout source",
+        choices=LAYOUT_SOURCES,
+        choice_labels=(
+            "DDIM inversion of the layout (paper)",
+            "Stage-1 latents (faster)",
+            "The input image itself (img2img)",
+        ),
+    ),
+    Field(
+        "reset_reference",
+        True,
+        "bool",
+        "Reset the reference path every step",
+        "Set the reference path back to its stored inversion latent at every step, so it "
+        "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).",
+        "LR reset reference",
+    ),
+    Field(
+        "layer_preset",
+        DEFAULT_PRESET,
+        "choice",
+        "Attention layer preset",
+        "Which decoder self-attention layers take the reference's identity (and blend the mask): "
+        "standard = the paper's (SD1: decoder blocks 10–15 of 16; SDXL: output_blocks.1–5, 26 of 70 "
+        "layers); light = only the finer of those levels (SD1: output_blocks.9–11; SDXL: "
+        "output_blocks.3–5), for when the reference's pose or background bleeds in.",
+        "LR layer preset",
+        choices=PRESETS,
+        choice_labels=("Standard (paper)", "Light"),
+        axis="Layer preset",
+        axis_choices="layer_presets",
+    ),
+    Field(
+        "stage1_text_encoder",
+        "vanilla",
+        "choice",
+        "Stage-1 text encoder (DreamBooth)",
+        "Which text encoder reads the vanilla steps' prompt y_p⁻ in DreamBooth mode: the vanilla "
+        "checkpoint's own (what the vanilla UNet understands; DreamBooth often fine-tunes the text "
+        "encoder too), or the loaded personalized model's.",
+        "LR stage-1 text encoder",
+        choices=STAGE1_TEXT_ENCODERS,
+        choice_labels=("Vanilla checkpoint's", "Loaded model's"),
+    ),
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 CA_THRESHOLD_FIX = "try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)"
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
-
 
 
 def _norm_choice(text: str) -> str:
@@ -287,7 +437,9 @@ def _coerce_references(f: Field, values: Sequence[Any]) -> list[Image.Image] | N
     if len(given) > MAX_REFERENCES:
         raise LayoutRetouchError(
             f"{f.name} has {len(given)} photos but at most {MAX_REFERENCES} are used: remove "
-            f"{len(given) - MAX_REFERENCES} of them (keep the ones that show the subject best)", parameter=f.name)
+            f"{len(given) - MAX_REFERENCES} of them (keep the ones that show the subject best)",
+            parameter=f.name,
+        )
     images = []
     for i, value in given:
         try:
@@ -303,8 +455,10 @@ def reference_error(error: LayoutRetouchError, index: int, count: int) -> Layout
     if count <= 1:
         return error
     message = str(error.args[0]) if error.args else str(error)
-    return LayoutRetouchError(f"reference photo {index + 1} of {count}: {message}",
-                              parameter=error.parameter or "reference_image")
+    return LayoutRetouchError(
+        f"reference photo {index + 1} of {count}: {message}",
+        parameter=error.parameter or "reference_image",
+    )
 
 
 def fingerprints_from_infotext(info: Mapping[str, Any]) -> list[str]:
@@ -424,10 +578,14 @@ class LayoutRetouchParams:
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         for f in FIELDS:  # the table's ranges (step-count rules: `schedule(steps)`)
             if f.kind == "int" and f.minimum is not None:
-                f.check_range(getattr(self, f.name), f"set it to {f.minimum:g} or more (paper: {f.default} at "
-                                                     f"{PAPER_STEPS} steps)")
+                f.check_range(
+                    getattr(self, f.name),
+                    f"set it to {f.minimum:g} or more (paper: {f.default} at {PAPER_STEPS} steps)",
+                )
             elif f.kind == "float" and f.minimum is not None:
-                f.check_range(getattr(self, f.name), CA_THRESHOLD_FIX if f.name == "ca_threshold" else "")
+                f.check_range(
+                    getattr(self, f.name), CA_THRESHOLD_FIX if f.name == "ca_threshold" else ""
+                )
         if not self.enabled:
             return
         if self.reference_image is None:
@@ -488,7 +646,10 @@ class LayoutRetouchParams:
             value = getattr(self, f.name)
             if f.kind == "str" and value == "":
                 continue
-            if f.name in ("vanilla_checkpoint", "stage1_text_encoder") and self.personalization != "dreambooth":
+            if (
+                f.name in ("vanilla_checkpoint", "stage1_text_encoder")
+                and self.personalization != "dreambooth"
+            ):
                 continue  # DreamBooth-only and unused for Textual Inversion / LoRA: not part of the record
             info[f.infotext_key] = _format_infotext(f, value)
         info["LR steps used"] = self.schedule(steps).describe()
@@ -496,7 +657,8 @@ class LayoutRetouchParams:
             info["LR mask"] = mask_kind
         if self.references:
             info[FIELD_BY_NAME["reference_image"].infotext_key] = FINGERPRINT_SEPARATOR.join(
-                self.reference_fingerprints())
+                self.reference_fingerprints()
+            )
         return info
 
     @classmethod

@@ -12,6 +12,7 @@ Fast paths that change no result: while s ≤ λ2 and the layout is copied into 
 equals the layout path exactly (docs/ALGORITHM.md invariant), so the target rows are not computed and
 z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
 """
+
 from __future__ import annotations
 
 import collections
@@ -24,12 +25,21 @@ import torch
 
 from . import conditioning as C
 from . import ddim, masks
-from .attention import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RetouchAttention, RowPlan, patched_attention
+from .attention import (
+    COND,
+    LAYOUT,
+    REFERENCE,
+    TARGET,
+    UNCOND,
+    RetouchAttention,
+    RowPlan,
+    patched_attention,
+)
 from .errors import Interrupted, LayoutRetouchError
 from .layers import LayerTable, layer_table_for
 from .model import LdmModel
 
-ProgressFn = Callable[[str, int, int], None]   # (phase, step, total)
+ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
 MASK_CA_ONLY = "CA only"
 MASK_SAM = "SAM+CA"
@@ -41,15 +51,15 @@ IN_USER_MASK = " in user mask"
 
 @dataclass
 class RetouchSettings:
-    schedule: object                        # schedule.Schedule (steps, λ1, λ2, mask_start)
+    schedule: object  # schedule.Schedule (steps, λ1, λ2, mask_start)
     guidance_scale: float = 7.5
     ca_threshold: float = masks.DEFAULT_CA_THRESHOLD
-    reset_reference: bool = True            # re-set the reference path to its inversion latents each step
-    layers: Optional[LayerTable] = None     # None: the table for this UNet and `layer_preset`
-    layer_preset: str = "standard"          # layers.PRESETS: which decoder layers take the reference
-    skip_equal_target: bool = True          # fast path above; False computes the target anyway
-    sequential: bool = False                # one UNet call per path (slow; checks the batched call)
-    keep_trajectories: bool = False         # keep every step's layout/target latents (tests, previews)
+    reset_reference: bool = True  # re-set the reference path to its inversion latents each step
+    layers: Optional[LayerTable] = None  # None: the table for this UNet and `layer_preset`
+    layer_preset: str = "standard"  # layers.PRESETS: which decoder layers take the reference
+    skip_equal_target: bool = True  # fast path above; False computes the target anyway
+    sequential: bool = False  # one UNet call per path (slow; checks the batched call)
+    keep_trajectories: bool = False  # keep every step's layout/target latents (tests, previews)
 
 
 @dataclass
@@ -64,10 +74,14 @@ class RetouchConds:
     reference: C.Cond
     layout: C.Cond
     uncond: C.Cond
-    target: Optional[C.Cond] = None            # y_r's tokens with the layout's vector (default: reference)
-    reference_uncond: Optional[C.Cond] = None  # negative prompt with the reference's size terms (default: uncond)
-    reference_empty: Optional[C.Cond] = None   # "" for the reference inversion (default: model.conditioning([""]))
-    layout_empty: Optional[C.Cond] = None      # "" for the layout inversion (default: likewise)
+    target: Optional[C.Cond] = None  # y_r's tokens with the layout's vector (default: reference)
+    reference_uncond: Optional[C.Cond] = (
+        None  # negative prompt with the reference's size terms (default: uncond)
+    )
+    reference_empty: Optional[C.Cond] = (
+        None  # "" for the reference inversion (default: model.conditioning([""]))
+    )
+    layout_empty: Optional[C.Cond] = None  # "" for the layout inversion (default: likewise)
 
     def cond_of(self, path: str) -> C.Cond:
         if path == TARGET and self.target is not None:
@@ -75,20 +89,26 @@ class RetouchConds:
         return self.layout if path == LAYOUT else self.reference
 
     def uncond_of(self, path: str) -> C.Cond:
-        return self.reference_uncond if (path == REFERENCE and self.reference_uncond is not None) else self.uncond
+        return (
+            self.reference_uncond
+            if (path == REFERENCE and self.reference_uncond is not None)
+            else self.uncond
+        )
 
 
 @dataclass
 class RetouchResult:
-    latents: torch.Tensor                   # (N, C, h, w) target latents z_t[0]
-    masks: Optional[torch.Tensor]           # (N, H, W) adaptive mask M in [0, 1]
-    ca_maps: Optional[torch.Tensor]         # (N, h, w) normalised subject cross-attention maps
-    mask_kind: str                          # MASK_SAM or MASK_CA_ONLY
+    latents: torch.Tensor  # (N, C, h, w) target latents z_t[0]
+    masks: Optional[torch.Tensor]  # (N, H, W) adaptive mask M in [0, 1]
+    ca_maps: Optional[torch.Tensor]  # (N, h, w) normalised subject cross-attention maps
+    mask_kind: str  # MASK_SAM or MASK_CA_ONLY
     notes: list[str] = field(default_factory=list)
     unet_calls: int = 0
     unet_rows: int = 0
     reference_cached: bool = False
-    trajectories: Optional[dict[str, list[torch.Tensor]]] = None   # "layout"/"target": latents after each step
+    trajectories: Optional[dict[str, list[torch.Tensor]]] = (
+        None  # "layout"/"target": latents after each step
+    )
 
 
 class InversionCache:
@@ -98,7 +118,9 @@ class InversionCache:
 
     def __init__(self, max_entries: int = 4):
         self.max_entries = max_entries
-        self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = collections.OrderedDict()
+        self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = (
+            collections.OrderedDict()
+        )
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -146,7 +168,9 @@ class ReferenceAttentionCache:
 
     @staticmethod
     def _bytes(step_sources: dict) -> int:
-        return sum(t.numel() * t.element_size() for v in step_sources.values() for t in v if t is not None)
+        return sum(
+            t.numel() * t.element_size() for v in step_sources.values() for t in v if t is not None
+        )
 
     def nbytes(self) -> int:
         return sum(self._bytes(src) for steps in self._items.values() for src in steps.values())
@@ -168,7 +192,9 @@ class ReferenceAttentionCache:
             while self.nbytes() > self.max_bytes and len(self._items) > 1:
                 self._items.popitem(last=False)
             steps = self._items.get(key, {})
-            while self.nbytes() > self.max_bytes and steps:  # one entry alone too big: keep what fits
+            while (
+                self.nbytes() > self.max_bytes and steps
+            ):  # one entry alone too big: keep what fits
                 steps.pop(max(steps))
 
     def clear(self) -> None:
@@ -193,24 +219,42 @@ def inversion_key(reference_key: tuple, steps: int, latent_hw) -> tuple:
     return (*reference_key, steps, tuple(latent_hw))
 
 
-def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "", *,
-                   generation_size: Optional[C.SizeTerms] = None,
-                   reference_size=None) -> RetouchConds:
+def encode_prompts(
+    model: LdmModel,
+    prompts,
+    negative_prompt: str = "",
+    *,
+    generation_size: Optional[C.SizeTerms] = None,
+    reference_size=None,
+) -> RetouchConds:
     """y_r, y_p and the negative prompt. SDXL: each path with its own image's size terms
     (`generation_size` for the layout/target paths, `reference_size` for the reference path).
     `reference_size` may be a list, one SizeTerms per reference photo: the reference conditionings
     then have one row per photo (SDXL; SD1 has no size terms and keeps one row for all)."""
     if isinstance(reference_size, (list, tuple)):
         if len(reference_size) == 1 or not model.is_sdxl:
-            return encode_prompts(model, prompts, negative_prompt, generation_size=generation_size,
-                                  reference_size=reference_size[0] if reference_size else None)
-        each = [encode_prompts(model, prompts, negative_prompt, generation_size=generation_size, reference_size=r)
-                for r in reference_size]
-        return RetouchConds(reference=C.cat([c.reference for c in each]), layout=each[0].layout,
-                            uncond=each[0].uncond, target=each[0].target,
-                            reference_uncond=C.cat([c.reference_uncond for c in each]),
-                            reference_empty=C.cat([c.reference_empty for c in each]),
-                            layout_empty=each[0].layout_empty)
+            return encode_prompts(
+                model,
+                prompts,
+                negative_prompt,
+                generation_size=generation_size,
+                reference_size=reference_size[0] if reference_size else None,
+            )
+        each = [
+            encode_prompts(
+                model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
+            )
+            for r in reference_size
+        ]
+        return RetouchConds(
+            reference=C.cat([c.reference for c in each]),
+            layout=each[0].layout,
+            uncond=each[0].uncond,
+            target=each[0].target,
+            reference_uncond=C.cat([c.reference_uncond for c in each]),
+            reference_empty=C.cat([c.reference_empty for c in each]),
+            layout_empty=each[0].layout_empty,
+        )
     if not model.is_sdxl:
         c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
         return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
@@ -220,23 +264,35 @@ def encode_prompts(model: LdmModel, prompts, negative_prompt: str = "", *,
 
     def negative(text, size):  # one call each: an empty negative prompt is zeroed only on its own
         return model.conditioning([text], size, negative=True)
+
     layout = C.rows(at_gen, slice(1, 2))
     # The target path attends with y_r's tokens but takes the layout path's `vector` (pooled y_p and
     # the generation's size terms). The vector is no attention: it reaches every ResBlock through
     # the time embedding, and the retouch edits attention only — with y_r's vector the target would
     # leave the layout even while every attention layer copies it (docs/ALGORITHM.md: z_t = z_o for s ≤ λ2).
     target = C.with_tokens_of(layout, C.rows(at_gen, slice(0, 1)))
-    return RetouchConds(reference=model.conditioning([prompts.reference], ref), layout=layout,
-                        uncond=negative(negative_prompt, gen), target=target,
-                        reference_uncond=negative(negative_prompt, ref),
-                        reference_empty=negative("", ref), layout_empty=negative("", gen))
+    return RetouchConds(
+        reference=model.conditioning([prompts.reference], ref),
+        layout=layout,
+        uncond=negative(negative_prompt, gen),
+        target=target,
+        reference_uncond=negative(negative_prompt, ref),
+        reference_empty=negative("", ref),
+        layout_empty=negative("", gen),
+    )
 
 
 @torch.no_grad()
-def invert_latents(model: LdmModel, z0: torch.Tensor, ddim_schedule: ddim.DDIMSchedule,
-                   progress: Optional[ProgressFn] = None, phase: str = "inversion",
-                   should_stop: Optional[Callable[[], bool]] = None,
-                   counter: Optional[list] = None, empty: Optional[C.Cond] = None) -> list[torch.Tensor]:
+def invert_latents(
+    model: LdmModel,
+    z0: torch.Tensor,
+    ddim_schedule: ddim.DDIMSchedule,
+    progress: Optional[ProgressFn] = None,
+    phase: str = "inversion",
+    should_stop: Optional[Callable[[], bool]] = None,
+    counter: Optional[list] = None,
+    empty: Optional[C.Cond] = None,
+) -> list[torch.Tensor]:
     """DDIM inversion with the empty prompt and no CFG (docs/ALGORITHM.md). `counter` ([calls, rows])
     is incremented per UNet call. `empty`: the empty prompt's conditioning (SDXL: with the image's
     size terms); default `model.conditioning([""])`."""
@@ -257,16 +313,25 @@ def invert_latents(model: LdmModel, z0: torch.Tensor, ddim_schedule: ddim.DDIMSc
 
 
 @torch.no_grad()
-def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: torch.Tensor,
-            conds: RetouchConds, subject_tokens: Sequence[int], settings: RetouchSettings,
-            layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
-            layout_images: Optional[np.ndarray] = None, segmenter=None,
-            reference_key: Optional[tuple] = None, cache: Optional[InversionCache] = None,
-            kv_cache: Optional[ReferenceAttentionCache] = None,
-            progress: Optional[ProgressFn] = None,
-            should_stop: Optional[Callable[[], bool]] = None,
-            reference_keys: Optional[Sequence[Optional[tuple]]] = None,
-            user_mask: Optional[torch.Tensor] = None) -> RetouchResult:
+def retouch(
+    model: LdmModel,
+    *,
+    reference_latent: torch.Tensor,
+    layout_latents: torch.Tensor,
+    conds: RetouchConds,
+    subject_tokens: Sequence[int],
+    settings: RetouchSettings,
+    layout_trajectory: Optional[Sequence[torch.Tensor]] = None,
+    layout_images: Optional[np.ndarray] = None,
+    segmenter=None,
+    reference_key: Optional[tuple] = None,
+    cache: Optional[InversionCache] = None,
+    kv_cache: Optional[ReferenceAttentionCache] = None,
+    progress: Optional[ProgressFn] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    reference_keys: Optional[Sequence[Optional[tuple]]] = None,
+    user_mask: Optional[torch.Tensor] = None,
+) -> RetouchResult:
     """Retouch N layout latents (N, C, h, w) with R reference latents (R, C, h, w), R ≥ 1.
 
     layout_trajectory: the stage-1 DDIM trajectory [z_T … z_0] (each (N, C, h, w)) on the same
@@ -279,19 +344,36 @@ def retouch(model: LdmModel, *, reference_latent: torch.Tensor, layout_latents: 
     The result equals `layout_latents` exactly where it is 0; M is bounded by it (docs/ALGORITHM.md).
     """
     if reference_latent.shape[-2:] != layout_latents.shape[-2:]:
-        raise LayoutRetouchError("the reference latent and the layout latents differ in size; "
-                                 "prepare the reference at the generation size", parameter="reference_image")
+        raise LayoutRetouchError(
+            "the reference latent and the layout latents differ in size; "
+            "prepare the reference at the generation size",
+            parameter="reference_image",
+        )
     r = reference_latent.shape[0]
     if reference_keys is None:
         reference_keys = [reference_key] if r == 1 else [None] * r
     if len(reference_keys) != r:
         raise ValueError(f"{len(reference_keys)} reference keys for {r} reference latents")
-    return _Retouch(model, conds, subject_tokens, settings, layout_latents, layout_trajectory, layout_images,
-                    segmenter, kv_cache, progress, should_stop, r,
-                    _user_mask(user_mask, layout_latents)).run(reference_latent, list(reference_keys), cache)
+    return _Retouch(
+        model,
+        conds,
+        subject_tokens,
+        settings,
+        layout_latents,
+        layout_trajectory,
+        layout_images,
+        segmenter,
+        kv_cache,
+        progress,
+        should_stop,
+        r,
+        _user_mask(user_mask, layout_latents),
+    ).run(reference_latent, list(reference_keys), cache)
 
 
-def _user_mask(user_mask: Optional[torch.Tensor], layout_latents: torch.Tensor) -> Optional[torch.Tensor]:
+def _user_mask(
+    user_mask: Optional[torch.Tensor], layout_latents: torch.Tensor
+) -> Optional[torch.Tensor]:
     """The inpaint mask as (N, 1, h, w) in the latents' dtype and device, or None."""
     if user_mask is None:
         return None
@@ -300,7 +382,9 @@ def _user_mask(user_mask: Optional[torch.Tensor], layout_latents: torch.Tensor) 
         u = u[:, None]
     n, _, h, w = layout_latents.shape
     if u.ndim != 4 or u.shape[1] != 1 or tuple(u.shape[-2:]) != (h, w) or u.shape[0] not in (1, n):
-        raise ValueError(f"user_mask must be (N or 1, 1, {h}, {w}) at latent resolution, got {tuple(u.shape)}")
+        raise ValueError(
+            f"user_mask must be (N or 1, 1, {h}, {w}) at latent resolution, got {tuple(u.shape)}"
+        )
     u = u.to(layout_latents.device, layout_latents.dtype).expand(n, -1, -1, -1)
     if not bool(torch.isfinite(u).all()) or float(u.min()) < 0 or float(u.max()) > 1:
         raise ValueError("user_mask values must lie in [0, 1]")
@@ -312,9 +396,22 @@ class _Retouch:
     per step s one batched UNet call for the reference, layout and target paths (the editor copies,
     paints and blends), a DDIM step for each path; M is built at mask start."""
 
-    def __init__(self, model: LdmModel, conds: RetouchConds, subject_tokens, settings: RetouchSettings,
-                 layout_latents, layout_trajectory, layout_images, segmenter, kv_cache, progress, should_stop,
-                 n_references: int = 1, user_mask: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        model: LdmModel,
+        conds: RetouchConds,
+        subject_tokens,
+        settings: RetouchSettings,
+        layout_latents,
+        layout_trajectory,
+        layout_images,
+        segmenter,
+        kv_cache,
+        progress,
+        should_stop,
+        n_references: int = 1,
+        user_mask: Optional[torch.Tensor] = None,
+    ):
         self.model, self.settings, self.schedule = model, settings, settings.schedule
         self.T = self.schedule.steps
         self.n = layout_latents.shape[0]
@@ -330,11 +427,17 @@ class _Retouch:
         self.calls = [0, 0]  # UNet calls, rows
         self.r = n_references
         self.user_mask = user_mask  # (N, 1, h, w) or None
-        self.editor = RetouchAttention(self.layers, subject_tokens, self.latent_hw, n_references=n_references)
+        self.editor = RetouchAttention(
+            self.layers, subject_tokens, self.latent_hw, n_references=n_references
+        )
         self.mask: dict = {}
-        self.plans: dict[tuple, RowPlan] = {}  # one plan per row layout, kept: the editor keeps device indices on it
+        self.plans: dict[
+            tuple, RowPlan
+        ] = {}  # one plan per row layout, kept: the editor keeps device indices on it
         paths = (REFERENCE, LAYOUT, TARGET)
-        padded = C.pad_tokens([conds.cond_of(p) for p in paths] + [conds.uncond_of(p) for p in paths])
+        padded = C.pad_tokens(
+            [conds.cond_of(p) for p in paths] + [conds.uncond_of(p) for p in paths]
+        )
         self.cond_of, self.uncond_of = dict(zip(paths, padded[:3])), dict(zip(paths, padded[3:]))
         self.trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
         if segmenter is not None and layout_images is None:
@@ -342,11 +445,15 @@ class _Retouch:
 
     # -- Algorithm 1 ------------------------------------------------------------------------------
     def run(self, reference_latent, reference_keys, cache) -> RetouchResult:
-        keys = [None if k is None else inversion_key(k, self.T, self.latent_hw) for k in reference_keys]
-        z_r, cached = self.invert_references(reference_latent, keys, cache)    # z_r[0…T] (R rows), cached
+        keys = [
+            None if k is None else inversion_key(k, self.T, self.latent_hw) for k in reference_keys
+        ]
+        z_r, cached = self.invert_references(
+            reference_latent, keys, cache
+        )  # z_r[0…T] (R rows), cached
         key = keys[0] if self.r == 1 else (None if None in keys else tuple(keys))
-        self.z_l = self.layout_start()                                           # z_o[T]
-        self.z_t = self.z_l.clone()                                              # z_t ← z_o[T]
+        self.z_l = self.layout_start()  # z_o[T]
+        self.z_t = self.z_l.clone()  # z_t ← z_o[T]
         self.z_ref = z_r[self.T].clone()
         kv_key = self.reference_kv_key(key)
         with patched_attention(self.model.unet, self.editor):
@@ -362,39 +469,71 @@ class _Retouch:
             # Outside the user's mask the input's latents, bit for bit: `where` (not only lerp) so
             # that U == 0 gives exactly those bits whatever the target holds there.
             u = self.user_mask
-            self.z_t = torch.where(u == 0, self.layout_latents, torch.lerp(self.layout_latents, self.z_t, u))
-        return RetouchResult(latents=self.z_t, masks=self.mask.get("masks"), ca_maps=self.mask.get("ca_maps"),
-                             mask_kind=self.mask.get("kind", MASK_CA_ONLY), notes=self.notes,
-                             unet_calls=self.calls[0], unet_rows=self.calls[1], reference_cached=cached,
-                             trajectories=self.trajectories)
+            self.z_t = torch.where(
+                u == 0, self.layout_latents, torch.lerp(self.layout_latents, self.z_t, u)
+            )
+        return RetouchResult(
+            latents=self.z_t,
+            masks=self.mask.get("masks"),
+            ca_maps=self.mask.get("ca_maps"),
+            mask_kind=self.mask.get("kind", MASK_CA_ONLY),
+            notes=self.notes,
+            unet_calls=self.calls[0],
+            unet_rows=self.calls[1],
+            reference_cached=cached,
+            trajectories=self.trajectories,
+        )
 
     def invert_references(self, reference_latent, keys, cache) -> tuple[list[torch.Tensor], bool]:
         """Each reference's DDIM inversion, once per (reference, model, T), cached on its own (so a
         photo reused in another set is not inverted again); levels stacked to (R, C, h, w)."""
         if self.r == 1:
-            return self.invert_reference(reference_latent, keys[0], cache, self.conds.reference_empty)
+            return self.invert_reference(
+                reference_latent, keys[0], cache, self.conds.reference_empty
+            )
         empty = self.conds.reference_empty
         to_invert = sum(1 for k in keys if k is None or cache is None or cache.peek(k) is None)
         per_ref, all_cached, done = [], True, 0
         for i in range(self.r):
-            empty_i = C.rows(empty, slice(i, i + 1)) if (empty is not None and C.batch_size(empty) == self.r) else empty
+            empty_i = (
+                C.rows(empty, slice(i, i + 1))
+                if (empty is not None and C.batch_size(empty) == self.r)
+                else empty
+            )
             progress = None
-            if self.progress is not None:  # one "reference inversion" phase over all photos inverted
-                progress = (lambda offset: lambda phase, s, total: self.progress(phase, offset + s, to_invert * total))(
-                    done * self.T)
-            z, cached = self.invert_reference(reference_latent[i:i + 1], keys[i], cache, empty_i, progress)
+            if (
+                self.progress is not None
+            ):  # one "reference inversion" phase over all photos inverted
+                progress = (
+                    lambda offset: (
+                        lambda phase, s, total: self.progress(phase, offset + s, to_invert * total)
+                    )
+                )(done * self.T)
+            z, cached = self.invert_reference(
+                reference_latent[i : i + 1], keys[i], cache, empty_i, progress
+            )
             per_ref.append(z)
             all_cached = all_cached and cached
             done += 0 if cached else 1
         return [torch.cat(level) for level in zip(*per_ref)], all_cached
 
-    def invert_reference(self, reference_latent, key, cache, empty, progress=None) -> tuple[list[torch.Tensor], bool]:
+    def invert_reference(
+        self, reference_latent, key, cache, empty, progress=None
+    ) -> tuple[list[torch.Tensor], bool]:
         """DDIM inversion of one reference, once per (reference, model, T)."""
         z_r = cache.get(key) if (cache is not None and key is not None) else None
         if z_r is not None:
             return z_r, True
-        z_r = invert_latents(self.model, reference_latent, self.ddim, progress or self.progress, "reference inversion",
-                             self.should_stop, self.calls, empty=empty)
+        z_r = invert_latents(
+            self.model,
+            reference_latent,
+            self.ddim,
+            progress or self.progress,
+            "reference inversion",
+            self.should_stop,
+            self.calls,
+            empty=empty,
+        )
         if cache is not None and key is not None:
             cache.put(key, z_r)
         return z_r, False
@@ -403,19 +542,38 @@ class _Retouch:
         """The layout path's z_T: its own inversion (paper) or the stage-1 trajectory's start."""
         if self.layout_trajectory is not None:
             if len(self.layout_trajectory) != self.T + 1:
-                raise ValueError(f"layout_trajectory has {len(self.layout_trajectory)} latents, expected {self.T + 1}")
+                raise ValueError(
+                    f"layout_trajectory has {len(self.layout_trajectory)} latents, expected {self.T + 1}"
+                )
             return self.layout_trajectory[0].clone()
-        return invert_latents(self.model, self.layout_latents, self.ddim, self.progress, "layout inversion",
-                              self.should_stop, self.calls, empty=self.conds.layout_empty)[-1].clone()
+        return invert_latents(
+            self.model,
+            self.layout_latents,
+            self.ddim,
+            self.progress,
+            "layout inversion",
+            self.should_stop,
+            self.calls,
+            empty=self.conds.layout_empty,
+        )[-1].clone()
 
     def reference_kv_key(self, key) -> Optional[tuple]:
         """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the negative prompt."""
         st = self.settings
-        if self.kv_cache is None or self.kv_cache.max_bytes <= 0 or key is None or not st.reset_reference \
-                or st.sequential:
+        if (
+            self.kv_cache is None
+            or self.kv_cache.max_bytes <= 0
+            or key is None
+            or not st.reset_reference
+            or st.sequential
+        ):
             return None
-        return (*key, _digest(self.cond_of[REFERENCE], self.uncond_of[REFERENCE]), self.layers.name,
-                tuple(self.layers.reference_layers))
+        return (
+            *key,
+            _digest(self.cond_of[REFERENCE], self.uncond_of[REFERENCE]),
+            self.layers.name,
+            tuple(self.layers.reference_layers),
+        )
 
     def step(self, s: int, z_r, kv_key) -> None:
         """Retouch step s: what the paths are, one UNet call (or one per path), a DDIM step each."""
@@ -428,13 +586,20 @@ class _Retouch:
         if s == schedule.mask_start:
             self.build_mask()
         copy = schedule.copies_layout(s)
-        phase = dict(copy_layout=copy, paint_identity=not copy,
-                     blend=schedule.blends_mask(s) and editor.masks is not None,
-                     record_maps=not self.mask)  # maps are recorded until M is built
+        phase = dict(
+            copy_layout=copy,
+            paint_identity=not copy,
+            blend=schedule.blends_mask(s) and editor.masks is not None,
+            record_maps=not self.mask,
+        )  # maps are recorded until M is built
         # while the layout is copied into every layer the target equals the layout path: not computed
         skip_target = copy and st.skip_equal_target and self.layers.swaps_every_layer()
         need_ref = (not copy and bool(self.layers.reference_layers)) or not st.reset_reference
-        paths = [(REFERENCE, self.r if need_ref else 0), (LAYOUT, self.n), (TARGET, 0 if skip_target else self.n)]
+        paths = [
+            (REFERENCE, self.r if need_ref else 0),
+            (LAYOUT, self.n),
+            (TARGET, 0 if skip_target else self.n),
+        ]
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
         if st.sequential:
             eps = {}
@@ -445,15 +610,23 @@ class _Retouch:
             editor.store_sources = False
         else:
             cached_kv = self.kv_cache.get(kv_key, s) if (kv_key is not None and need_ref) else None
-            if cached_kv is not None:  # the reference's K/V from an earlier generation: no reference rows
+            if (
+                cached_kv is not None
+            ):  # the reference's K/V from an earlier generation: no reference rows
                 paths[0] = (REFERENCE, 0)
-            editor.capture_reference = {} if (kv_key is not None and need_ref and cached_kv is None) else None
+            editor.capture_reference = (
+                {} if (kv_key is not None and need_ref and cached_kv is None) else None
+            )
             eps = self.unet_call(paths, latents, t, sources=cached_kv, **phase)
             if editor.capture_reference:
                 self.kv_cache.put(kv_key, s, editor.capture_reference)
             editor.capture_reference = None
         z_l_next = ddim.denoise_step(self.ddim, self.z_l, eps[LAYOUT], s)
-        self.z_t = z_l_next.clone() if skip_target else ddim.denoise_step(self.ddim, self.z_t, eps[TARGET], s)
+        self.z_t = (
+            z_l_next.clone()
+            if skip_target
+            else ddim.denoise_step(self.ddim, self.z_t, eps[TARGET], s)
+        )
         if self.user_mask is not None and not skip_target:
             # Inpaint: outside the user's mask the target follows the layout path at every step (as
             # the WebUI's inpaint blends its latents), so the UNet sees the input's context there.
@@ -466,26 +639,47 @@ class _Retouch:
             self.trajectories[TARGET].append(self.z_t)
         if self.progress is not None:
             self.progress("retouch", s, self.T)
-            preview = getattr(self.progress, "preview", None)  # optional: live previews of the target
+            preview = getattr(
+                self.progress, "preview", None
+            )  # optional: live previews of the target
             if preview is not None:
                 preview(self.z_t)
 
-    def unet_call(self, paths: list[tuple[str, int]], latents: dict[str, torch.Tensor], t: int, *,
-                  keep_store=False, sources=None, **phase) -> dict[str, torch.Tensor]:
+    def unet_call(
+        self,
+        paths: list[tuple[str, int]],
+        latents: dict[str, torch.Tensor],
+        t: int,
+        *,
+        keep_store=False,
+        sources=None,
+        **phase,
+    ) -> dict[str, torch.Tensor]:
         """One batched UNet call over `paths` × both CFG halves; the guided ε of each path."""
         plan = self.plans.get(tuple(paths))
         if plan is None:
             plan = self.plans[tuple(paths)] = RowPlan.build(paths)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
-        cond = C.cat([C.expand(self.uncond_of[p] if h == UNCOND else self.cond_of[p], c)
-                      for h in plan.halves() for p, c in paths if c])
+        cond = C.cat(
+            [
+                C.expand(self.uncond_of[p] if h == UNCOND else self.cond_of[p], c)
+                for h in plan.halves()
+                for p, c in paths
+                if c
+            ]
+        )
         self.editor.begin_step(plan, keep_store=keep_store, sources=sources, **phase)
         tt = torch.full((plan.batch,), t, device=self.device, dtype=torch.long)
         eps = self.model.eps(x.to(self.device), tt, cond)
         self.calls[0] += 1
         self.calls[1] += plan.batch
-        return {p: ddim.cfg_combine(eps[plan.get(p, UNCOND)], eps[plan.get(p, COND)], self.settings.guidance_scale)
-                for p, c in paths if c}
+        return {
+            p: ddim.cfg_combine(
+                eps[plan.get(p, UNCOND)], eps[plan.get(p, COND)], self.settings.guidance_scale
+            )
+            for p, c in paths
+            if c
+        }
 
     def build_mask(self) -> None:
         """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3); bounded
@@ -493,7 +687,9 @@ class _Retouch:
         maps = self.editor.subject_maps()
         if maps is None:
             if self.user_mask is not None:  # nothing recorded: U softened like M is the mask
-                m = torch.from_numpy(np.stack([_softened(self.user_mask[i, 0]) for i in range(self.n)]))
+                m = torch.from_numpy(
+                    np.stack([_softened(self.user_mask[i, 0]) for i in range(self.n)])
+                )
                 self._set_mask(m.to(self.device), None, MASK_USER)
             return
         norm_maps, full_masks = [], []
@@ -504,7 +700,9 @@ class _Retouch:
             if self.segmenter is not None and self.layout_images is not None:
                 sam = self.segmenter.segment(self.layout_images[i], norm, mc)
                 kind = MASK_SAM
-            full_masks.append(masks.adaptive_mask(mc, sam, size=None if sam is not None else self.latent_hw))
+            full_masks.append(
+                masks.adaptive_mask(mc, sam, size=None if sam is not None else self.latent_hw)
+            )
             norm_maps.append(norm)
         if self.user_mask is not None:
             full_masks, fallback = self.bound_by_user_mask(full_masks)
@@ -546,8 +744,8 @@ def _softened(u: torch.Tensor, size=None) -> np.ndarray:
 
 @dataclass
 class GenerationResult:
-    images: torch.Tensor            # (N, 3, H, W) retouched images in [-1, 1]
-    layout_images: torch.Tensor     # (N, 3, H, W) stage-1 layouts I_o in [-1, 1]
+    images: torch.Tensor  # (N, 3, H, W) retouched images in [-1, 1]
+    layout_images: torch.Tensor  # (N, 3, H, W) stage-1 layouts I_o in [-1, 1]
     layout_latents: torch.Tensor
     retouch: RetouchResult
 
@@ -559,14 +757,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: torch.Tensor,
-             settings: RetouchSettings, negative_prompt: str = "",
-             vanilla_unet: Optional[torch.nn.Module] = None, layout_source: str = "inversion",
-             segmenter=None, cache: Optional[InversionCache] = None, reference_key: Optional[tuple] = None,
-             kv_cache: Optional[ReferenceAttentionCache] = None,
-             progress: Optional[ProgressFn] = None,
-             should_stop: Optional[Callable[[], bool]] = None,
-             reference_size: Optional[C.SizeTerms] = None) -> GenerationResult:
+def generate(
+    model: LdmModel,
+    *,
+    prompts,
+    reference_image: torch.Tensor,
+    noise: torch.Tensor,
+    settings: RetouchSettings,
+    negative_prompt: str = "",
+    vanilla_unet: Optional[torch.nn.Module] = None,
+    layout_source: str = "inversion",
+    segmenter=None,
+    cache: Optional[InversionCache] = None,
+    reference_key: Optional[tuple] = None,
+    kv_cache: Optional[ReferenceAttentionCache] = None,
+    progress: Optional[ProgressFn] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    reference_size: Optional[C.SizeTerms] = None,
+) -> GenerationResult:
     """Both stages with the library's DDIM: stage 1 (step-blended layout) then the retouch.
 
     reference_image: (1, 3, H, W) in [-1, 1] at the generation size; noise: (N, C, h, w) z_T.
@@ -580,25 +788,54 @@ def generate(model: LdmModel, *, prompts, reference_image: torch.Tensor, noise: 
     ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
     height, width = (8 * d for d in noise.shape[-2:])
     gen_size = model.generation_size(width, height)
-    conds = encode_prompts(model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size)
+    conds = encode_prompts(
+        model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size
+    )
     cond_layout = model.conditioning([prompts.layout], gen_size)
     trajectory = stage1.sample_step_blended(
-        model.denoiser(vanilla_unet), model.denoiser(), schedule, ddim_schedule, cond_layout, conds.layout,
-        conds.uncond, noise, settings.guidance_scale, progress=progress, should_stop=should_stop)
+        model.denoiser(vanilla_unet),
+        model.denoiser(),
+        schedule,
+        ddim_schedule,
+        cond_layout,
+        conds.layout,
+        conds.uncond,
+        noise,
+        settings.guidance_scale,
+        progress=progress,
+        should_stop=should_stop,
+    )
     layout_latents = trajectory[-1]
     layout_images = model.decode(layout_latents)
-    subject = subject_token_positions(model.tokenize, prompts.personalized,
-                                      [prompts.concept_token, prompts.class_phrase])
+    subject = subject_token_positions(
+        model.tokenize, prompts.personalized, [prompts.concept_token, prompts.class_phrase]
+    )
     # A cached inversion starts with the reference's latent: no VAE pass then.
-    cached = (cache.peek(inversion_key(reference_key, schedule.steps, noise.shape[-2:]))
-              if cache is not None and reference_key is not None else None)
+    cached = (
+        cache.peek(inversion_key(reference_key, schedule.steps, noise.shape[-2:]))
+        if cache is not None and reference_key is not None
+        else None
+    )
     reference_latent = cached[0] if cached is not None else model.encode(reference_image)
-    result = retouch(model, reference_latent=reference_latent, layout_latents=layout_latents,
-                     conds=conds,
-                     subject_tokens=subject, settings=settings,
-                     layout_trajectory=trajectory if layout_source == "stage1" else None,
-                     layout_images=to_uint8(layout_images) if segmenter is not None else None,
-                     segmenter=segmenter, reference_key=reference_key, cache=cache, kv_cache=kv_cache,
-                     progress=progress, should_stop=should_stop)
-    return GenerationResult(images=model.decode(result.latents), layout_images=layout_images,
-                            layout_latents=layout_latents, retouch=result)
+    result = retouch(
+        model,
+        reference_latent=reference_latent,
+        layout_latents=layout_latents,
+        conds=conds,
+        subject_tokens=subject,
+        settings=settings,
+        layout_trajectory=trajectory if layout_source == "stage1" else None,
+        layout_images=to_uint8(layout_images) if segmenter is not None else None,
+        segmenter=segmenter,
+        reference_key=reference_key,
+        cache=cache,
+        kv_cache=kv_cache,
+        progress=progress,
+        should_stop=should_stop,
+    )
+    return GenerationResult(
+        images=model.decode(result.latents),
+        layout_images=layout_images,
+        layout_latents=layout_latents,
+        retouch=result,
+    )

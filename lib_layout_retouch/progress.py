@@ -13,6 +13,7 @@ UNet call by the rows it runs (the work), so the bar never restarts and the ETA 
 With R reference photos each uncached one is inverted on its own (T steps of 1 row each). With
 layout source `input` (img2img) there is no stage 1: `stage1_steps=0`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,13 +25,13 @@ STAGE1_PERSONAL = "stage 1: personalized model"
 
 @dataclass
 class ProgressPlan:
-    steps: int                   # sampling steps of stage 1 (and of each stage-2 phase)
+    steps: int  # sampling steps of stage 1 (and of each stage-2 phase)
     batch: int = 1
     reference_cached: bool = False
     invert_layout: bool = True
-    references: int = 1                          # R: reference rows in each retouch step
-    references_to_invert: int | None = None      # None: R, or 0 when `reference_cached`
-    stage1_steps: int | None = None              # None: `steps`; 0 for layout source `input`
+    references: int = 1  # R: reference rows in each retouch step
+    references_to_invert: int | None = None  # None: R, or 0 when `reference_cached`
+    stage1_steps: int | None = None  # None: `steps`; 0 for layout source `input`
     units: dict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class ProgressPlan:
         """Where the bar is after `step` of `phase_steps` steps of a stage-2 phase."""
         if phase not in self.units:
             raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
-        before = self._stage1 + sum(self.units[p] for p in PHASES[:PHASES.index(phase)])
+        before = self._stage1 + sum(self.units[p] for p in PHASES[: PHASES.index(phase)])
         frac = min(max(step / max(phase_steps, 1), 0.0), 1.0)
         return before + self.units[phase] * frac
 

@@ -9,6 +9,7 @@
 Also: where the subject's tokens sit in the text conditioning (for the cross-attention mask), and a
 best guess at the concept token so the UI can prefill its fields.
 """
+
 from __future__ import annotations
 
 import re
@@ -209,7 +210,9 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
         return best[1], ""
 
     spans = _tag_spans(prompt)
-    rare = re.compile(r"(?<!\w)(" + "|".join(RARE_TOKENS) + r")(?!\w)(?:[\s\]\)]+([A-Za-z][\w-]*))?")
+    rare = re.compile(
+        r"(?<!\w)(" + "|".join(RARE_TOKENS) + r")(?!\w)(?:[\s\]\)]+([A-Za-z][\w-]*))?"
+    )
     for m in rare.finditer(prompt):
         if any(a <= m.start() < b for a, b in spans):
             continue
@@ -222,8 +225,9 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
     return None
 
 
-def subject_positions_in_chunks(chunks: Sequence, tokenize: Callable[[str], list[int]],
-                                concept_token: str, class_phrase: str) -> list[int]:
+def subject_positions_in_chunks(
+    chunks: Sequence, tokenize: Callable[[str], list[int]], concept_token: str, class_phrase: str
+) -> list[int]:
     """Conditioning rows of the subject in A1111's parsed prompt (`tokenize_line` chunks).
 
     Each chunk has `.tokens` (BOS + 75 + EOS ids; Textual-Inversion vectors are placeholders) and
@@ -244,7 +248,7 @@ def subject_positions_in_chunks(chunks: Sequence, tokenize: Callable[[str], list
         for ids in wanted:
             n = len(ids)
             for i in range(len(body) - n + 1) if n else ():
-                if body[i:i + n] == ids:
+                if body[i : i + n] == ids:
                     found.update(base + 1 + i + k for k in range(n))
     if not found:
         raise LayoutRetouchError(

@@ -5,6 +5,7 @@ The paper's defaults are for T = 50 DDIM steps: λ1 = 5 first steps by the vanil
 (stage 2). Other step counts scale these so the same FRACTION of the run does the same job; the
 values actually used are recorded (`describe()`).
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ PAPER_STEPS = 50
 PAPER_LAMBDA1 = 5
 PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
+
 
 def knob_words(name: str) -> str:
     """What a knob means, in words a user understands (error messages): the parameter table's words."""
@@ -105,7 +107,11 @@ class Schedule:
         _check_steps(self.steps)
         T = self.steps
         self._check_range(
-            "lambda1", self.lambda1, 0, T - 1, "at least one step is left for the personalized model"
+            "lambda1",
+            self.lambda1,
+            0,
+            T - 1,
+            "at least one step is left for the personalized model",
         )
         self._check_range("lambda2", self.lambda2, 0, T, None)
         self._check_range("mask_start", self.mask_start, 2, T + 1, f"{T + 1} turns blending off")
@@ -215,8 +221,10 @@ def img2img_steps(steps: int, denoising_strength: float, fix_steps: bool = False
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     strength = float(denoising_strength)
     if not 0.0 <= strength <= 1.0:
-        raise LayoutRetouchError(f"denoising strength is {denoising_strength!r} but must be between 0 and 1",
-                                 parameter="denoising_strength")
+        raise LayoutRetouchError(
+            f"denoising strength is {denoising_strength!r} but must be between 0 and 1",
+            parameter="denoising_strength",
+        )
     if fix_steps:
         return steps  # t_enc = steps − 1
     return int(min(strength, 0.999) * steps) + 1

@@ -5,19 +5,23 @@ A thin wrapper over the official `segment_anything` package. Checkpoints are rea
 No SAM file is a supported setup: `load_segmenter(None)` returns None and the pipeline uses M^c
 alone (and says so).
 """
+
 from __future__ import annotations
 
 import functools
 import os
 import re
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from . import masks
 from .errors import LayoutRetouchError
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 SAM_KINDS = ("vit_b", "vit_l", "vit_h")
 OFFICIAL_SAM_FILES = ("sam_vit_b_01ec64.pth", "sam_vit_l_0b3195.pth", "sam_vit_h_4b8939.pth")
@@ -31,7 +35,9 @@ def _registry_builder(kind: str):
 
 
 # kind -> builder of an untrained Sam of that architecture. Tests add tiny kinds here.
-SAM_BUILDERS: dict[str, Callable[[], "Sam"]] = {k: functools.partial(_registry_builder, k) for k in SAM_KINDS}
+SAM_BUILDERS: dict[str, Callable[[], "Sam"]] = {
+    k: functools.partial(_registry_builder, k) for k in SAM_KINDS
+}
 
 # Image-encoder width of each official kind, to tell the kind of a file that was renamed.
 _KIND_BY_EMBED_DIM = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -56,7 +62,9 @@ def _supported_files_hint() -> str:
 def _unsupported_variant(name: str) -> str | None:
     tokens = set(re.split(r"[^a-z0-9]+", name)) | {name}
     for marker, family in _UNSUPPORTED_VARIANTS:
-        if marker in tokens or (marker in ("sam2", "sam_2", "mobile", "fastsam") and marker in name):
+        if marker in tokens or (
+            marker in ("sam2", "sam_2", "mobile", "fastsam") and marker in name
+        ):
             return family
     return None
 
@@ -84,7 +92,11 @@ def sam_kind_from_filename(path: str) -> str:
 
 def _kind_from_state_dict(state_dict: dict, path: str) -> str:
     w = state_dict.get("image_encoder.patch_embed.proj.weight")
-    kind = _KIND_BY_EMBED_DIM.get(int(w.shape[0])) if isinstance(w, torch.Tensor) and w.ndim == 4 else None
+    kind = (
+        _KIND_BY_EMBED_DIM.get(int(w.shape[0]))
+        if isinstance(w, torch.Tensor) and w.ndim == 4
+        else None
+    )
     if kind is None:
         raise LayoutRetouchError(
             f"'{path}' is not a Segment Anything ViT checkpoint (no vit_b/vit_l/vit_h image encoder "
@@ -107,7 +119,11 @@ def _read_state_dict(path: str) -> dict:
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        not isinstance(obj, dict)
+        or not obj
+        or not all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
         raise LayoutRetouchError(
             f"'{path}' is not a SAM checkpoint (corrupt or not a .pth state dict); {_supported_files_hint()}.",
             parameter="sam_model",
@@ -199,7 +215,9 @@ def clear_sam_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def load_segmenter(path: str | None, device: str | torch.device = "cpu", kind: str | None = None) -> SubjectSegmenter | None:
+def load_segmenter(
+    path: str | None, device: str | torch.device = "cpu", kind: str | None = None
+) -> SubjectSegmenter | None:
     """SubjectSegmenter for the SAM file at `path`; None for no SAM (None, "" or "none").
 
     The last model stays cached (one entry, keyed by file identity and device) so that a batch or

@@ -7,6 +7,7 @@ the user's. Classifier-free guidance with the user's negative prompt throughout.
 In the WebUI the host's own sampler runs this (the glue switches denoiser and prompt per step);
 this module is the library's DDIM version, used by the benchmark, the tests and library users.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -22,11 +23,19 @@ ProgressFn = Callable[[str, int, int], None]
 
 
 @torch.no_grad()
-def sample_step_blended(vanilla: Denoiser, personalized: Denoiser, schedule, ddim_schedule: ddim.DDIMSchedule,
-                        cond_layout: C.Cond, cond_personalized: C.Cond, uncond: C.Cond,
-                        noise: torch.Tensor, guidance_scale: float,
-                        progress: Optional[ProgressFn] = None,
-                        should_stop: Optional[Callable[[], bool]] = None) -> list[torch.Tensor]:
+def sample_step_blended(
+    vanilla: Denoiser,
+    personalized: Denoiser,
+    schedule,
+    ddim_schedule: ddim.DDIMSchedule,
+    cond_layout: C.Cond,
+    cond_personalized: C.Cond,
+    uncond: C.Cond,
+    noise: torch.Tensor,
+    guidance_scale: float,
+    progress: Optional[ProgressFn] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> list[torch.Tensor]:
     """DDIM from `noise` (B, C, h, w) with the stage-1 switch. Conditionings (conditioning.Cond)
     have 1 or B rows. Returns the trajectory [z_T, …, z_0] (denoising order)."""
     b = noise.shape[0]

@@ -9,6 +9,7 @@ reference, for a copy holding the vanilla checkpoint's weights.
 Where the weights live in a checkpoint (`TEXT_ENCODER_PREFIXES`) and how the host names the slots
 is data; the swap is a context manager that always restores.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,9 @@ def checkpoint_key(own_key: str, prefix: str) -> str:
     return prefix + own_key.replace(_HOST_WRAPPER, ".")
 
 
-def copy_with_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str,
-                      checkpoint_name: str) -> torch.nn.Module:
+def copy_with_weights(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], prefix: str, checkpoint_name: str
+) -> torch.nn.Module:
     """A copy of `module` (a text transformer of the loaded model) with the weights found under
     `prefix` in `state` (another checkpoint's state dict). Every parameter must be there with its
     shape; buffers the checkpoint lacks (e.g. `position_ids`) keep the module's."""
@@ -51,7 +53,9 @@ def copy_with_weights(module: torch.nn.Module, state: Mapping[str, torch.Tensor]
         raise LayoutRetouchError(
             f"vanilla checkpoint '{checkpoint_name}' has no text encoder matching the loaded model's "
             f"({len(missing)} weights under '{prefix}' missing or of another shape); set stage1_text_encoder "
-            "to 'loaded' to use the loaded model's", parameter="stage1_text_encoder")
+            "to 'loaded' to use the loaded model's",
+            parameter="stage1_text_encoder",
+        )
     clone = copy.deepcopy(module)
     for m in clone.modules():  # a per-instance patch must not be copied along
         m.__dict__.pop("forward", None)

@@ -3,16 +3,24 @@
 Host-agnostic (no WebUI imports) so it is tested with the library. The API keeps the parameter
 names of `params.FIELDS`; the panel speaks in its controls' labels.
 """
+
 from __future__ import annotations
 
 import re
 from typing import Iterable, Optional
 
-from .params import FIELDS, FIELD_BY_NAME, MAX_REFERENCES
+from .params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES
 
 # Folded into the "Advanced" accordion; everything else is what a first-time user needs.
-ADVANCED = ("reference_prompt", "sam_model", "ca_threshold", "layout_source", "reset_reference", "layer_preset",
-            "stage1_text_encoder")
+ADVANCED = (
+    "reference_prompt",
+    "sam_model",
+    "ca_threshold",
+    "layout_source",
+    "reset_reference",
+    "layer_preset",
+    "stage1_text_encoder",
+)
 
 ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
@@ -22,14 +30,14 @@ MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCE
 
 EXTRA_HINTS = {
     MORE_PHOTOS_LABEL: "Other photos of the same subject (other angles, other light): the retouch attends to all "
-                       "of them together. Each is inverted once and cached. The API sends them in "
-                       "reference_image as a list.",
+    "of them together. Each is inverted once and cached. The API sends them in "
+    "reference_image as a list.",
     GUESS_LABEL: "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding "
-                 "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
-                 "It says what it could not find.",
+    "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
+    "It says what it could not find.",
     ADVANCED_LABEL: "Segment-Anything mask, mask threshold, where the layout path comes from, the reference "
-                "path reset, the reference prompt (and the attention layer preset): the paper's defaults "
-                "work for most subjects.",
+    "path reset, the reference prompt (and the attention layer preset): the paper's defaults "
+    "work for most subjects.",
 }
 
 
@@ -73,12 +81,16 @@ def photo_notice(fingerprint: Optional[str]) -> str:
     prints = re.findall(r"[0-9A-Za-z]+", fingerprint or "")
     if len(prints) > 1:
         listed = ", ".join(f"`{p}`" for p in prints)
-        return (f"⚠ **Upload the {len(prints)} reference photos again** (the ones used had fingerprints "
-                f"{listed}): pasted parameters switch Layout-and-Retouch on and restore every control "
-                "except the photos, which no image stores.")
+        return (
+            f"⚠ **Upload the {len(prints)} reference photos again** (the ones used had fingerprints "
+            f"{listed}): pasted parameters switch Layout-and-Retouch on and restore every control "
+            "except the photos, which no image stores."
+        )
     which = f" (the one used had fingerprint `{fingerprint}`)" if fingerprint else ""
-    return (f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
-            "Layout-and-Retouch on and restore every control except the photo, which no image stores.")
+    return (
+        f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
+        "Layout-and-Retouch on and restore every control except the photo, which no image stores."
+    )
 
 
 def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
@@ -87,14 +99,19 @@ def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
         return "⚠ Guess: the prompt is empty; write a prompt with your concept token first."
     if not found:
         names = list(embeddings)
-        tried = "no Textual-Inversion embedding name" + (f" ({', '.join(names[:5])}{'…' if len(names) > 5 else ''})"
-                                                          if names else "")
-        return (f"⚠ Guess found no concept token in the prompt ({tried}, no rare identifier such as "
-                "sks / ohwx / zwx, no <lora:…> tag): type the token and the class phrase yourself.")
+        tried = "no Textual-Inversion embedding name" + (
+            f" ({', '.join(names[:5])}{'…' if len(names) > 5 else ''})" if names else ""
+        )
+        return (
+            f"⚠ Guess found no concept token in the prompt ({tried}, no rare identifier such as "
+            "sks / ohwx / zwx, no <lora:…> tag): type the token and the class phrase yourself."
+        )
     token, cls = found
     if not cls:
-        return (f"Guess: concept token `{token}`; no class phrase found after it — type what a normal "
-                "model calls your subject (e.g. dog).")
+        return (
+            f"Guess: concept token `{token}`; no class phrase found after it — type what a normal "
+            "model calls your subject (e.g. dog)."
+        )
     return f"Guess: concept token `{token}`, class phrase `{cls}`."
 
 

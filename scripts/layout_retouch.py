@@ -5,6 +5,7 @@ infotext, checks, stage 1, stage 2, X/Y/Z. The algorithm is `lib_layout_retouch`
 registered here, in the script file, because the WebUI clears them and re-runs script files on a
 reload; the packages stay imported.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,19 +15,24 @@ _EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _EXT_ROOT not in sys.path:
     sys.path.insert(0, _EXT_ROOT)
 
-from modules import scripts, script_callbacks  # noqa: E402
+from modules import script_callbacks, scripts  # noqa: E402
 
+from layout_retouch_webui import api, checks, settings, stage1, ui, xyz  # noqa: E402
+from layout_retouch_webui import run as lr_run  # noqa: E402
 from lib_layout_retouch import logs  # noqa: E402
 from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
-from layout_retouch_webui import api, checks, run as lr_run, settings, stage1, ui, xyz  # noqa: E402
 
 logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
 
 # The host's prompt, steps (and img2img's denoising strength) boxes, by tab, for the accordion's live
 # hints. Each tab has its own script instance, so each instance keeps its own tab's boxes.
-_HOST_BOXES = {"txt2img_prompt": ("txt2img", "prompt"), "txt2img_steps": ("txt2img", "steps"),
-               "img2img_prompt": ("img2img", "prompt"), "img2img_steps": ("img2img", "steps"),
-               "img2img_denoising_strength": ("img2img", "denoising_strength")}
+_HOST_BOXES = {
+    "txt2img_prompt": ("txt2img", "prompt"),
+    "txt2img_steps": ("txt2img", "steps"),
+    "img2img_prompt": ("img2img", "prompt"),
+    "img2img_steps": ("img2img", "steps"),
+    "img2img_denoising_strength": ("img2img", "denoising_strength"),
+}
 
 
 class LayoutRetouchScript(scripts.Script):
@@ -77,7 +83,9 @@ class LayoutRetouchScript(scripts.Script):
             return
         lr_run.install(p, run)
         p.extra_generation_params.update(run.job.infotext())
-        logger.info(f"enabled: {run.job.schedule.describe()}, personalization {params.personalization}")
+        logger.info(
+            f"enabled: {run.job.schedule.describe()}, personalization {params.personalization}"
+        )
 
     def postprocess(self, p, processed, *args):
         run = lr_run.of(p)

@@ -33,3 +33,24 @@ def tiny_vanilla_unet(tiny_clip_dir):
     from tests.tiny_models import build_tiny_ldm
 
     return build_tiny_ldm(tiny_clip_dir, seed=1).model.diffusion_model
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ldm):
+    """The tiny SD1 model, its retouch conditionings for "a sks dog on the beach", the subject
+    tokens, the dog photo's latent and two random 8×8 layouts (test_pipeline, test_img2img)."""
+    import torch
+
+    from lib_layout_retouch import pipeline as pl
+    from lib_layout_retouch.model import LdmModel
+    from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
+    from tests.paths import photo_tensor
+
+    model = LdmModel(tiny_ldm)
+    prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
+    conds = pl.encode_prompts(model, prompts, "")
+    subject = subject_token_positions(model.tokenize, prompts.personalized, ["sks", "dog"])
+    ref = model.encode(photo_tensor())
+    g = torch.Generator().manual_seed(7)
+    layouts = torch.randn(2, 4, 8, 8, generator=g)
+    return model, conds, subject, ref, layouts

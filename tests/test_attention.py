@@ -1,11 +1,18 @@
 """The attention engine: wrappers installed and restored exactly; the mask blend; SDPA."""
-import copy
 
 import pytest
 import torch
 
 from lib_layout_retouch import attention as attn
-from lib_layout_retouch.attention import COND, LAYOUT, TARGET, UNCOND, RetouchAttention, RowPlan, patched_attention
+from lib_layout_retouch.attention import (
+    COND,
+    LAYOUT,
+    TARGET,
+    UNCOND,
+    RetouchAttention,
+    RowPlan,
+    patched_attention,
+)
 from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.layers import LayerTable, attention_modules, layer_table_for
 from lib_layout_retouch.masks import LayerMasks
@@ -110,7 +117,9 @@ def _self_attention_module(tiny_ldm):
 def test_mask_blend_exact_values(tiny_ldm, m_value):
     """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend."""
     name, module = _self_attention_module(tiny_ldm)
-    table = LayerTable("t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=())
+    table = LayerTable(
+        "t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=()
+    )
     g = torch.Generator().manual_seed(3)
     x_layout = torch.randn(1, 64, 32, generator=g)
     x_target = torch.randn(1, 64, 32, generator=g)
@@ -123,7 +132,9 @@ def test_mask_blend_exact_values(tiny_ldm, m_value):
     editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=True, record_maps=False)
     x = torch.cat([x_layout, x_target])
     with torch.no_grad():
-        out = editor(name, module, x, None, None, lambda *a, **k: pytest.fail("must not pass through"))
+        out = editor(
+            name, module, x, None, None, lambda *a, **k: pytest.fail("must not pass through")
+        )
     assert torch.allclose(out[0:1], own_o, atol=1e-6)  # the layout row is untouched
     expected = m_value * own_t + (1 - m_value) * own_o
     assert torch.allclose(out[1:2], expected, atol=1e-6)
@@ -136,13 +147,17 @@ def test_mask_blend_exact_values(tiny_ldm, m_value):
 def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
     """s > λ2: target uses its own Q with the reference K, V (one reference row for N targets)."""
     name, module = _self_attention_module(tiny_ldm)
-    table = LayerTable("t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=())
+    table = LayerTable(
+        "t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=()
+    )
     g = torch.Generator().manual_seed(4)
     x_ref, x_lay, x_t = (torch.randn(1, 64, 32, generator=g) for _ in range(3))
     x_t2 = torch.randn(1, 64, 32, generator=g)
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(attn.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(
+        attn.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
     plan = RowPlan.build([("reference", 1), (LAYOUT, 1), (TARGET, 2)], halves=(COND,))
     editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False)
@@ -155,7 +170,7 @@ def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
             v = attn.split_heads(module.to_v(x_ref), h)
             probs = attn.attention_probabilities(q, k)
             expected = module.to_out(attn.merge_heads(torch.matmul(probs, v)))
-            assert torch.allclose(out[2 + i:3 + i], expected, atol=1e-5)
+            assert torch.allclose(out[2 + i : 3 + i], expected, atol=1e-5)
         assert not torch.allclose(out[2:3], module(x_t), atol=1e-4)
     assert calls == [1]  # one SDPA call for the whole batch, no hand-written softmax
 
@@ -172,10 +187,15 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
     """Both CFG halves: each half's targets take that half's reference K, V — whether the reference
     rows are in the call (gathered before to_k/to_v) or come from a cached reference (`sources`)."""
     name, module = _self_attention_module(tiny_ldm)
-    table = LayerTable("t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=())
+    table = LayerTable(
+        "t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=()
+    )
     g = torch.Generator().manual_seed(5)
-    x = {(p, h): torch.randn(n, 64, 32, generator=g)
-         for h in (UNCOND, COND) for p, n in (("reference", 1), (LAYOUT, 2), (TARGET, 2))}
+    x = {
+        (p, h): torch.randn(n, 64, 32, generator=g)
+        for h in (UNCOND, COND)
+        for p, n in (("reference", 1), (LAYOUT, 2), (TARGET, 2))
+    }
     plan = RowPlan.build([("reference", 1), (LAYOUT, 2), (TARGET, 2)])
     batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in ("reference", LAYOUT, TARGET)])
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
@@ -187,31 +207,52 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
             rows = plan.get(TARGET, h)
             expected = _expected_with_reference(module, x[(TARGET, h)], x[("reference", h)])
             assert torch.allclose(out[rows], expected, atol=1e-5)
-            assert torch.allclose(out[plan.get(LAYOUT, h)], module(x[(LAYOUT, h)]), atol=1e-5)  # untouched
-            assert torch.allclose(out[plan.get("reference", h)], module(x[("reference", h)]), atol=1e-5)
+            assert torch.allclose(
+                out[plan.get(LAYOUT, h)], module(x[(LAYOUT, h)]), atol=1e-5
+            )  # untouched
+            assert torch.allclose(
+                out[plan.get("reference", h)], module(x[("reference", h)]), atol=1e-5
+            )
         # the halves differ, so a mix-up of halves could not pass
-        assert not torch.allclose(out[plan.get(TARGET, UNCOND)], _expected_with_reference(
-            module, x[(TARGET, UNCOND)], x[("reference", COND)]), atol=1e-3)
+        assert not torch.allclose(
+            out[plan.get(TARGET, UNCOND)],
+            _expected_with_reference(module, x[(TARGET, UNCOND)], x[("reference", COND)]),
+            atol=1e-3,
+        )
         captured = dict(editor.capture_reference)
         assert set(captured) == {(name, "reference", UNCOND), (name, "reference", COND)}
 
         # The same step with the reference from the capture instead of reference rows.
         cached_plan = RowPlan.build([(LAYOUT, 2), (TARGET, 2)])
         editor.capture_reference = None
-        editor.begin_step(cached_plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False,
-                          sources=captured)
+        editor.begin_step(
+            cached_plan,
+            copy_layout=False,
+            paint_identity=True,
+            blend=False,
+            record_maps=False,
+            sources=captured,
+        )
         cached_batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in (LAYOUT, TARGET)])
         cached_out = editor(name, module, cached_batch, None, None, None)
         for h in (UNCOND, COND):
-            assert torch.allclose(cached_out[cached_plan.get(TARGET, h)], out[plan.get(TARGET, h)], atol=1e-5)
+            assert torch.allclose(
+                cached_out[cached_plan.get(TARGET, h)], out[plan.get(TARGET, h)], atol=1e-5
+            )
 
 
 def test_mask_blend_both_cfg_halves_with_a_varying_mask(tiny_ldm):
     """The one in-place kernel over both CFG halves gives M⊙φ_t + (1−M)⊙φ_o per image and half."""
     name, module = _self_attention_module(tiny_ldm)
-    table = LayerTable("t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=())
+    table = LayerTable(
+        "t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=()
+    )
     g = torch.Generator().manual_seed(6)
-    x = {(p, h): torch.randn(2, 64, 32, generator=g) for h in (UNCOND, COND) for p in (LAYOUT, TARGET)}
+    x = {
+        (p, h): torch.randn(2, 64, 32, generator=g)
+        for h in (UNCOND, COND)
+        for p in (LAYOUT, TARGET)
+    }
     m = torch.rand(2, 8, 8, generator=g)
     m[0, :4] = 1.0
     m[1, :, :3] = 0.0
@@ -229,7 +270,11 @@ def test_mask_blend_both_cfg_halves_with_a_varying_mask(tiny_ldm):
             assert torch.allclose(out[plan.get(TARGET, h)], w * own_t + (1 - w) * own_o, atol=1e-5)
             # exact where M is exactly 1 or 0 (up to to_out's rounding of identical inputs)
             assert torch.allclose(out[plan.get(TARGET, h)][0, :32], own_t[0, :32], atol=1e-6)
-            assert torch.allclose(out[plan.get(TARGET, h)][1].view(8, 8, -1)[:, :3], own_o[1].view(8, 8, -1)[:, :3], atol=1e-6)
+            assert torch.allclose(
+                out[plan.get(TARGET, h)][1].view(8, 8, -1)[:, :3],
+                own_o[1].view(8, 8, -1)[:, :3],
+                atol=1e-6,
+            )
 
 
 def test_layer_masks_complement_is_exact():
@@ -238,7 +283,12 @@ def test_layer_masks_complement_is_exact():
     for dtype in (torch.float32, torch.float16):
         w = lm.for_tokens(4, dtype, complement=True)
         assert w.dtype == dtype and w.shape == (1, 4, 1)
-        assert w.flatten().tolist() == [0.0, 1.0, torch.tensor(0.75, dtype=dtype).item(), torch.tensor(0.3, dtype=dtype).item()]
+        assert w.flatten().tolist() == [
+            0.0,
+            1.0,
+            torch.tensor(0.75, dtype=dtype).item(),
+            torch.tensor(0.3, dtype=dtype).item(),
+        ]
         assert lm.for_tokens(4, dtype, complement=True) is w  # cached
     assert torch.equal(lm.for_tokens(4), m.reshape(1, 4, 1))  # the mask itself is unchanged by it
 
@@ -256,7 +306,9 @@ def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
     ctx = torch.randn(4, 77, 32, generator=g)
     with torch.no_grad():
         out = editor(name, module, x, ctx, None, None)
-        assert torch.allclose(out, module(x, ctx), atol=1e-5)  # recording does not change the output
+        assert torch.allclose(
+            out, module(x, ctx), atol=1e-5
+        )  # recording does not change the output
         q = attn.split_heads(module.to_q(x[2:]), module.heads)
         k = attn.split_heads(module.to_k(ctx[2:]), module.heads)
         expected = attn.attention_probabilities(q, k)[..., [4, 5]].mean(dim=(1, 3)).reshape(2, 4, 4)
@@ -264,16 +316,29 @@ def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
 
 
 def _multi_reference_out(module, name, x_refs, x_t, n_references, sources=None):
-    table = LayerTable("t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=())
-    editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8), n_references=n_references)
+    table = LayerTable(
+        "t", reference_layers=(name,), mask_layers=(), blend_layers=(), layout_layers=()
+    )
+    editor = RetouchAttention(
+        table, subject_tokens=[1], latent_hw=(8, 8), n_references=n_references
+    )
     if sources is None:
-        plan = RowPlan.build([("reference", x_refs.shape[0]), (LAYOUT, 1), (TARGET, x_t.shape[0])], halves=(COND,))
+        plan = RowPlan.build(
+            [("reference", x_refs.shape[0]), (LAYOUT, 1), (TARGET, x_t.shape[0])], halves=(COND,)
+        )
         batch = torch.cat([x_refs, x_t[:1], x_t])
     else:
         plan = RowPlan.build([(LAYOUT, 1), (TARGET, x_t.shape[0])], halves=(COND,))
         batch = torch.cat([x_t[:1], x_t])
     editor.capture_reference = {} if sources is None else None
-    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False, sources=sources)
+    editor.begin_step(
+        plan,
+        copy_layout=False,
+        paint_identity=True,
+        blend=False,
+        record_maps=False,
+        sources=sources,
+    )
     with torch.no_grad():
         out = editor(name, module, batch, None, None, None)
     return out[plan.get(TARGET, COND)], editor.capture_reference
@@ -293,11 +358,17 @@ def test_the_same_reference_twice_attends_like_it_once(tiny_ldm):
     both, _ = _multi_reference_out(module, name, torch.cat([x_ref, x_other]), x_t, 2)
     h = module.heads
     q = attn.split_heads(module.to_q(x_t), h)
-    k = attn.split_heads(module.to_k(torch.cat([x_ref, x_other], dim=1)), h)   # tokens side by side
+    k = attn.split_heads(module.to_k(torch.cat([x_ref, x_other], dim=1)), h)  # tokens side by side
     v = attn.split_heads(module.to_v(torch.cat([x_ref, x_other], dim=1)), h)
     with torch.no_grad():
-        expected = module.to_out(attn.merge_heads(torch.matmul(attn.attention_probabilities(q, k.expand(2, -1, -1, -1)),
-                                                               v.expand(2, -1, -1, -1))))
+        expected = module.to_out(
+            attn.merge_heads(
+                torch.matmul(
+                    attn.attention_probabilities(q, k.expand(2, -1, -1, -1)),
+                    v.expand(2, -1, -1, -1),
+                )
+            )
+        )
     assert torch.allclose(both, expected, atol=1e-5)
     assert not torch.allclose(both, once, atol=1e-3)  # the second reference does count
     # from a cached reference (the captured K/V of both rows) the result is the same

@@ -1,6 +1,7 @@
 """The benchmark (benchmarks/bench_retouch.py) runs on the CPU with the tiny config: it prints the
 table and writes JSON with every figure the issue asks for. Numbers are only checked for being
 sensible (positive, null where the CPU has no such figure), never for their size."""
+
 import json
 import math
 import os
@@ -13,20 +14,59 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_retouch.py")
 STEPS = 6
 
-FIGURES = ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "plain_peak_gib", "lr_peak_gib",
-           "hook_overhead", "unet_calls")
+FIGURES = (
+    "plain_s",
+    "lr_paper_s",
+    "lr_fast_s",
+    "ratio_paper",
+    "ratio_fast",
+    "plain_peak_gib",
+    "lr_peak_gib",
+    "hook_overhead",
+    "unet_calls",
+)
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
     # One thread: on a busy 2-core CI machine two OpenMP threads spin-wait on each other (seen: 8 s → 300 s).
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--steps", str(STEPS),
-         "--warmup", "1", "--repeats", "1", "--hook-repeats", "2", "--threads", "1",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=240, cwd=ROOT, env=env)
+        [
+            sys.executable,
+            SCRIPT,
+            "--config",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            str(STEPS),
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--hook-repeats",
+            "2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text()), out
 
@@ -38,8 +78,16 @@ def _positive(v) -> bool:
 def test_prints_the_table(bench):
     stdout, res, out = bench
     assert "Layout-and-Retouch benchmark" in stdout
-    for label in ("plain (s)", "L&R paper (s)", "L&R fast (s)", "ratio paper", "ratio fast", "hooked/plain UNet fwd",
-                  "unet calls plain/paper/fast", "where the time goes"):
+    for label in (
+        "plain (s)",
+        "L&R paper (s)",
+        "L&R fast (s)",
+        "ratio paper",
+        "ratio fast",
+        "hooked/plain UNet fwd",
+        "unet calls plain/paper/fast",
+        "where the time goes",
+    ):
         assert label in stdout, label
     header = next(line for line in stdout.splitlines() if line.startswith("figure"))
     assert "batch 1" in header and "batch 4" in header
@@ -50,14 +98,26 @@ def test_json_has_every_figure_for_batch_1_and_4(bench):
     _, res, _ = bench
     for key in ("card", "config", "dtype", "steps", "torch", "date", "batch4"):
         assert key in res, key
-    assert (res["config"], res["dtype"], res["steps"], res["device"]) == ("tiny", "fp32", STEPS, "cpu")
+    assert (res["config"], res["dtype"], res["steps"], res["device"]) == (
+        "tiny",
+        "fp32",
+        STEPS,
+        "cpu",
+    )
     assert res["card"].startswith("CPU")
     for d, batch in ((res, 1), (res["batch4"], 4)):
         assert d["batch"] == batch
         for key in FIGURES:
             assert key in d, (batch, key)
-        for key in ("plain_s", "lr_paper_s", "lr_fast_s", "ratio_paper", "ratio_fast", "hook_overhead",
-                    "hook_overhead_blend"):
+        for key in (
+            "plain_s",
+            "lr_paper_s",
+            "lr_fast_s",
+            "ratio_paper",
+            "ratio_fast",
+            "hook_overhead",
+            "hook_overhead_blend",
+        ):
             assert _positive(d[key]), (batch, key, d[key])
         assert math.isclose(d["ratio_paper"], d["lr_paper_s"] / d["plain_s"])
         assert math.isclose(d["ratio_fast"], d["lr_fast_s"] / d["plain_s"])
@@ -65,7 +125,12 @@ def test_json_has_every_figure_for_batch_1_and_4(bench):
         for key in ("plain_peak_gib", "lr_peak_gib", "lr_fast_peak_gib", "lr_extra_peak_gib"):
             assert d[key] is None, key
         assert d["reference_cached"] is True  # timed runs hit the warm reference cache
-        assert set(d["goals"]) == {"ratio_fast", "ratio_paper", "lr_extra_peak_gib", "hook_overhead"}
+        assert set(d["goals"]) == {
+            "ratio_fast",
+            "ratio_paper",
+            "lr_extra_peak_gib",
+            "hook_overhead",
+        }
         assert d["hook"]["identity"]["rows"] == 2 * (1 + 2 * batch)
 
 
@@ -80,8 +145,11 @@ def test_unet_calls_and_rows_follow_the_schedule(bench):
         retouch_rows = lam2 * 2 * n + (T - lam2) * 2 * (1 + 2 * n)
         assert d["retouch_unet_calls"] == {"lr_paper": 2 * T, "lr_fast": T}
         assert d["retouch_unet_rows"] == {"lr_paper": T * n + retouch_rows, "lr_fast": retouch_rows}
-        assert d["unet_rows"] == {"plain": T * 2 * n, "lr_paper": T * 2 * n + T * n + retouch_rows,
-                                  "lr_fast": T * 2 * n + retouch_rows}
+        assert d["unet_rows"] == {
+            "plain": T * 2 * n,
+            "lr_paper": T * 2 * n + T * n + retouch_rows,
+            "lr_fast": T * 2 * n + retouch_rows,
+        }
 
 
 def test_phases_account_for_the_run(bench):
@@ -127,12 +195,46 @@ def test_tiny_sdxl_config_runs_with_dict_conditioning(tmp_path):
     """--config tiny-sdxl: the SDXL path (dict conditioning, the SDXL layer rule) end to end; the
     kernels the hooks add are one index_select per reference layer (10 in the tiny SDXL table)."""
     out = tmp_path / "tiny-sdxl.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+    )
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--config", "tiny-sdxl", "--device", "cpu", "--dtype", "fp32", "--steps", "4",
-         "--warmup", "0", "--repeats", "1", "--hook-repeats", "1", "--threads", "1", "--batches", "1",
-         "--kv-cache-gib", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=400, cwd=ROOT, env=env)
+        [
+            sys.executable,
+            SCRIPT,
+            "--config",
+            "tiny-sdxl",
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--steps",
+            "4",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--hook-repeats",
+            "1",
+            "--threads",
+            "1",
+            "--batches",
+            "1",
+            "--kv-cache-gib",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["config"] == "tiny-sdxl" and res["images_finite"]

@@ -1,21 +1,13 @@
 """DDIM and DDIM inversion on a tiny real-architecture model (docs/ALGORITHM.md, "What must hold")."""
-import numpy as np
+
 import pytest
 import torch
-from PIL import Image
 
 from lib_layout_retouch import ddim
 from lib_layout_retouch.model import LdmModel
-
-from tests.paths import DOG_PHOTO
+from tests.paths import DOG_PHOTO, photo_tensor
 
 PHOTO = str(DOG_PHOTO)
-
-
-def photo_tensor(path=PHOTO, size=64):
-    img = Image.open(path).convert("RGB").resize((size, size), Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    return x
 
 
 def test_timesteps_match_ldm_uniform_discretisation(tiny_ldm):
@@ -33,8 +25,8 @@ def test_ddim_move_is_exactly_invertible_for_fixed_eps():
     back = ddim.ddim_move(y, eps, 0.3, 0.9)
     assert torch.allclose(back, x, atol=1e-10)
     # x0 prediction is preserved by the move
-    x0 = (x - (0.1 ** 0.5) * eps) / 0.9 ** 0.5
-    y0 = (y - (0.7 ** 0.5) * eps) / 0.3 ** 0.5
+    x0 = (x - (0.1**0.5) * eps) / 0.9**0.5
+    y0 = (y - (0.7**0.5) * eps) / 0.3**0.5
     assert torch.allclose(x0, y0, atol=1e-10)
 
 

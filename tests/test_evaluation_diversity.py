@@ -1,4 +1,5 @@
 """Layout diversity: centre points, σ²_avg (paper Fig. 1), heat maps, subject masks."""
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,9 @@ def test_bbox_centre_and_centroid_of_known_masks():
     l_shape = _box_mask(10, 10, 0, 0, 10, 1) | _box_mask(10, 10, 0, 0, 1, 10)
     assert diversity.mask_centre(l_shape, "bbox") == pytest.approx((0.5, 0.5))
     ys, xs = np.nonzero(l_shape)
-    assert diversity.mask_centre(l_shape, "centroid") == pytest.approx(((xs.mean() + .5) / 10, (ys.mean() + .5) / 10))
+    assert diversity.mask_centre(l_shape, "centroid") == pytest.approx(
+        ((xs.mean() + 0.5) / 10, (ys.mean() + 0.5) / 10)
+    )
     assert diversity.mask_centre(np.zeros((5, 5)), "bbox") is None
     with pytest.raises(LayoutRetouchError):
         diversity.mask_centre(m, "peak")
@@ -57,19 +60,25 @@ def test_heatmap_peaks_at_the_points_and_is_max_normalised():
     assert (ix, iy) in {(15, 47), (16, 48), (15, 48), (16, 47)}  # x right, y down
     assert heat[5, 60] < 1e-6  # far from the point
     two = diversity.centre_heatmap([(0.2, 0.5), (0.2, 0.5), (0.8, 0.5)], size=50, sigma=0.05)
-    assert two[25, 10] == pytest.approx(1.0, abs=0.02) and two[25, 40] == pytest.approx(0.5, abs=0.02)
+    assert two[25, 10] == pytest.approx(1.0, abs=0.02) and two[25, 40] == pytest.approx(
+        0.5, abs=0.02
+    )
     assert not diversity.centre_heatmap([], size=8).any()
 
 
 def test_heatmap_png_is_written(tmp_path):
-    path = diversity.save_heatmap_png([(0.5, 0.5), (0.5, 0.5), (0.1, 0.9)], tmp_path / "h" / "m.png", title="test", size=64)
+    path = diversity.save_heatmap_png(
+        [(0.5, 0.5), (0.5, 0.5), (0.1, 0.9)], tmp_path / "h" / "m.png", title="test", size=64
+    )
     with Image.open(path) as im:
         assert im.size == (64, 64 + 34) and im.mode == "RGB"
         px = np.asarray(im)
     assert px[:64, :64].mean() > 0  # coloured map
     lum = px[:64, :64].astype(float) @ [0.299, 0.587, 0.114]
     iy, ix = np.unravel_index(np.argmax(lum), lum.shape)
-    assert abs(ix - 31.5) <= 1 and abs(iy - 31.5) <= 1  # the brightest spot is at the (0.5, 0.5) point
+    assert (
+        abs(ix - 31.5) <= 1 and abs(iy - 31.5) <= 1
+    )  # the brightest spot is at the (0.5, 0.5) point
     top = np.asarray(diversity.colorize(np.ones((1, 1))), dtype=float)[0, 0]
     assert np.abs(px[iy, ix] - top).max() <= 25
 
@@ -111,20 +120,29 @@ class _FakeGenerator:
 
 
 def _prop(h, w, x0, y0, x1, y1, iou):
-    return {"segmentation": _box_mask(h, w, x0, y0, x1, y1), "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "predicted_iou": iou, "area": (x1 - x0) * (y1 - y0)}
+    return {
+        "segmentation": _box_mask(h, w, x0, y0, x1, y1),
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "predicted_iou": iou,
+        "area": (x1 - x0) * (y1 - y0),
+    }
 
 
 def test_sam_masker_picks_the_subject_and_ignores_specks_and_background():
     h, w = 100, 100
-    props = [_prop(h, w, 0, 0, 100, 100, 0.99),  # whole image: background, ignored
-             _prop(h, w, 0, 0, 2, 2, 0.98),  # speck, ignored
-             _prop(h, w, 10, 10, 40, 40, 0.90),
-             _prop(h, w, 50, 50, 90, 90, 0.95)]
+    props = [
+        _prop(h, w, 0, 0, 100, 100, 0.99),  # whole image: background, ignored
+        _prop(h, w, 0, 0, 2, 2, 0.98),  # speck, ignored
+        _prop(h, w, 10, 10, 40, 40, 0.90),
+        _prop(h, w, 50, 50, 90, 90, 0.95),
+    ]
     masker = diversity.SamSubjectMasker(_FakeGenerator(props))
     mask = masker(Image.new("RGB", (w, h)), "dog")
     assert diversity.mask_centre(mask) == pytest.approx((0.7, 0.7))
-    assert diversity.SamSubjectMasker(_FakeGenerator(props[:2]))(Image.new("RGB", (w, h)), "dog") is None
+    assert (
+        diversity.SamSubjectMasker(_FakeGenerator(props[:2]))(Image.new("RGB", (w, h)), "dog")
+        is None
+    )
 
 
 def test_sam_masker_with_clip_picks_the_crop_closest_to_the_class_text(tmp_path):
@@ -134,10 +152,18 @@ def test_sam_masker_with_clip_picks_the_crop_closest_to_the_class_text(tmp_path)
     h, w = 64, 64
     rng = np.random.RandomState(0)
     img = Image.fromarray((rng.rand(h, w, 3) * 255).astype(np.uint8))
-    props = [_prop(h, w, 0, 0, 30, 30, 0.5), _prop(h, w, 30, 30, 64, 64, 0.6), _prop(h, w, 0, 34, 30, 64, 0.7)]
+    props = [
+        _prop(h, w, 0, 0, 30, 30, 0.5),
+        _prop(h, w, 30, 30, 64, 64, 0.6),
+        _prop(h, w, 0, 34, 30, 64, 0.7),
+    ]
     text = clip.embed_texts(["a photo of a dog"])
-    crops = [img.crop((p["bbox"][0], p["bbox"][1], p["bbox"][0] + p["bbox"][2], p["bbox"][1] + p["bbox"][3]))
-             for p in props]
+    crops = [
+        img.crop(
+            (p["bbox"][0], p["bbox"][1], p["bbox"][0] + p["bbox"][2], p["bbox"][1] + p["bbox"][3])
+        )
+        for p in props
+    ]
     best = int(np.argmax((clip.embed_images(crops) @ text.T).squeeze(1).numpy()))
     mask = diversity.SamSubjectMasker(_FakeGenerator(props), clip=clip)(img, "dog")
     assert np.array_equal(mask, props[best]["segmentation"])

@@ -3,6 +3,7 @@ built exactly as Forge builds its objects (`backend/modules/k_model.py`, `k_pred
 `backend/diffusion_engine/sdxl.py` at dfdcbab6), around the tiny ldm UNet: ε equals the UNet's own ε,
 the vanilla UNet is swapped through the KModel, SDXL's vector keeps the pooled text and gets the size
 terms asked for, in Forge's order."""
+
 import math
 from types import SimpleNamespace
 
@@ -36,22 +37,28 @@ class FakeKModel(torch.nn.Module):
         self.diffusion_model = unet
         self.predictor = FakePredictor(alphas_cumprod)
 
-    def apply_model(self, x, t, c_crossattn=None, transformer_options={}, **kwargs):
+    def apply_model(self, x, t, c_crossattn=None, transformer_options=None, **kwargs):
         sigma = t
-        xc = x / (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)
-        eps = self.diffusion_model(xc, self.predictor.timestep(sigma), context=c_crossattn, **kwargs)
+        xc = x / (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
+        eps = self.diffusion_model(
+            xc, self.predictor.timestep(sigma), context=c_crossattn, **kwargs
+        )
         return x - eps * sigma.view(-1, 1, 1, 1)
 
 
 def sd1_engine(tiny_ldm):
     kmodel = FakeKModel(tiny_ldm.model.diffusion_model, tiny_ldm.alphas_cumprod)
-    engine = SimpleNamespace(is_sd1=True, is_sdxl=False,
-                             forge_objects=SimpleNamespace(unet=SimpleNamespace(model=kmodel)))
+    engine = SimpleNamespace(
+        is_sd1=True,
+        is_sdxl=False,
+        forge_objects=SimpleNamespace(unet=SimpleNamespace(model=kmodel)),
+    )
     engine.seen = []
 
     def get_learned_conditioning(prompts):
         engine.seen.append(prompts)
         return tiny_ldm.get_learned_conditioning(list(prompts))
+
     engine.get_learned_conditioning = get_learned_conditioning
     return engine
 
@@ -101,15 +108,22 @@ class FakeSdxlEngine:
 
     def _text(self, prompts):
         g = torch.Generator().manual_seed(sum(map(ord, "|".join(prompts))))
-        return torch.randn(len(prompts), 77, 12, generator=g), torch.randn(len(prompts), 6, generator=g)
+        return torch.randn(len(prompts), 77, 12, generator=g), torch.randn(
+            len(prompts), 6, generator=g
+        )
 
     def get_learned_conditioning(self, prompt):  # as backend/diffusion_engine/sdxl.py
         crossattn, pooled = self._text(list(prompt))
         width = getattr(prompt, "width", 1024) or 1024
         height = getattr(prompt, "height", 1024) or 1024
-        out = [self.embedder(torch.Tensor([height])), self.embedder(torch.Tensor([width])),
-               self.embedder(torch.Tensor([self.crop[0]])), self.embedder(torch.Tensor([self.crop[1]])),
-               self.embedder(torch.Tensor([height])), self.embedder(torch.Tensor([width]))]
+        out = [
+            self.embedder(torch.Tensor([height])),
+            self.embedder(torch.Tensor([width])),
+            self.embedder(torch.Tensor([self.crop[0]])),
+            self.embedder(torch.Tensor([self.crop[1]])),
+            self.embedder(torch.Tensor([height])),
+            self.embedder(torch.Tensor([width])),
+        ]
         flat = torch.flatten(torch.cat(out)).unsqueeze(dim=0).repeat(pooled.shape[0], 1).to(pooled)
         if getattr(prompt, "is_negative_prompt", False) and all(x == "" for x in prompt):
             pooled, crossattn = torch.zeros_like(pooled), torch.zeros_like(crossattn)
@@ -120,8 +134,12 @@ def test_sdxl_generation_size_terms_equal_the_engines_own():
     engine = FakeSdxlEngine()
     forge = ForgeModel(engine)
     got = forge.conditioning(["a photo of a dog", "a cat"], SizeTerms.of_generation(832, 1216))
-    own = engine.get_learned_conditioning(EnginePrompts(["a photo of a dog", "a cat"], width=832, height=1216))
-    assert torch.equal(got["crossattn"], own["crossattn"]) and torch.equal(got["vector"], own["vector"])
+    own = engine.get_learned_conditioning(
+        EnginePrompts(["a photo of a dog", "a cat"], width=832, height=1216)
+    )
+    assert torch.equal(got["crossattn"], own["crossattn"]) and torch.equal(
+        got["vector"], own["vector"]
+    )
 
 
 def test_sdxl_reference_size_terms_replace_only_the_size_part_in_forges_order():
@@ -129,11 +147,17 @@ def test_sdxl_reference_size_terms_replace_only_the_size_part_in_forges_order():
     forge = ForgeModel(engine)
     ref = SizeTerms(original_hw=(600, 400), crop_top_left=(10, 3), target_hw=(64, 48))
     got = forge.conditioning(["a photo of sks dog"], ref)
-    own = engine.get_learned_conditioning(EnginePrompts(["a photo of sks dog"], width=400, height=600))
+    own = engine.get_learned_conditioning(
+        EnginePrompts(["a photo of sks dog"], width=400, height=600)
+    )
     pooled = own["vector"][:, :6]
-    expected = torch.cat([timestep_embedding(torch.tensor([v])) for v in (600, 400, 10, 3, 64, 48)], dim=1)
+    expected = torch.cat(
+        [timestep_embedding(torch.tensor([v])) for v in (600, 400, 10, 3, 64, 48)], dim=1
+    )
     assert torch.equal(got["vector"][:, :6], pooled), "the pooled text must be kept"
-    assert torch.allclose(got["vector"][:, 6:], expected, atol=0), "size terms: original (h, w), crop (top, left), target (h, w)"
+    assert torch.allclose(got["vector"][:, 6:], expected, atol=0), (
+        "size terms: original (h, w), crop (top, left), target (h, w)"
+    )
     assert torch.equal(got["crossattn"], own["crossattn"])
 
 
@@ -154,7 +178,11 @@ def test_denoise_passes_sdxls_vector_as_y():
             seen.update(kw)
             return x
 
-    engine = SimpleNamespace(is_sdxl=True, forge_objects=SimpleNamespace(unet=SimpleNamespace(model=KModel())))
+    engine = SimpleNamespace(
+        is_sdxl=True, forge_objects=SimpleNamespace(unet=SimpleNamespace(model=KModel()))
+    )
     cond = {"crossattn": torch.ones(1, 77, 4), "vector": torch.full((1, 10), 2.0)}
     ForgeModel(engine).denoise(torch.zeros(1, 4, 2, 2), torch.ones(1), cond)
-    assert torch.equal(seen["c_crossattn"], cond["crossattn"]) and torch.equal(seen["y"], cond["vector"])
+    assert torch.equal(seen["c_crossattn"], cond["crossattn"]) and torch.equal(
+        seen["y"], cond["vector"]
+    )

@@ -1,5 +1,6 @@
 """The parts of the WebUI glue that are library code: axes, the job, subject rows in A1111's
 parsed chunks, the hints file, and the rule that the library never imports the WebUI."""
+
 import ast
 import os
 import py_compile
@@ -9,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_layout_retouch import axes, job as lr_job
+from lib_layout_retouch import axes
+from lib_layout_retouch import job as lr_job
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELDS, LayoutRetouchParams
 from lib_layout_retouch.prompts import subject_positions_in_chunks
@@ -26,9 +28,17 @@ def test_library_never_imports_the_webui():
             if name.endswith(".py"):
                 tree = ast.parse(open(os.path.join(dirpath, name), encoding="utf-8").read())
                 for node in ast.walk(tree):
-                    mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                        [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-                    assert not any(m == "modules" or m.startswith("modules.") for m in mods), (name, mods)
+                    mods = (
+                        [a.name for a in node.names]
+                        if isinstance(node, ast.Import)
+                        else [node.module or ""]
+                        if isinstance(node, ast.ImportFrom)
+                        else []
+                    )
+                    assert not any(m == "modules" or m.startswith("modules.") for m in mods), (
+                        name,
+                        mods,
+                    )
 
 
 def glue_files() -> list[str]:
@@ -60,7 +70,9 @@ def _gen_hints():
     """tools/gen_hints.py as a module (it writes the hints file and the README's parameter table)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gen_hints", os.path.join(ROOT, "tools", "gen_hints.py"))
+    spec = importlib.util.spec_from_file_location(
+        "gen_hints", os.path.join(ROOT, "tools", "gen_hints.py")
+    )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     return gen
@@ -78,11 +90,15 @@ def test_readme_parameter_table_is_generated_from_the_fields():
     gen = _gen_hints()
     with open(gen.README_PATH, encoding="utf-8") as f:
         readme = f.read()
-    assert readme == gen.render_readme(readme), "the README's parameter table is stale: run tools/gen_hints.py"
+    assert readme == gen.render_readme(readme), (
+        "the README's parameter table is stale: run tools/gen_hints.py"
+    )
     table = gen.render_readme_table()
     for field in FIELDS:
         assert f"| `{field.name}` |" in table and field.hint in table
-    assert "Strictly between 0 and 1 (slider 0.01–0.99)." in table  # ca_threshold, from its one range
+    assert (
+        "Strictly between 0 and 1 (slider 0.01–0.99)." in table
+    )  # ca_threshold, from its one range
 
 
 def test_one_range_for_the_ca_threshold_everywhere():
@@ -132,8 +148,16 @@ def test_axes_write_overrides_that_are_validated_like_api_values():
     assert err.value.parameter == "ca_threshold"
     with pytest.raises(KeyError):
         axes.set_override(p, "lambda9", 1)
-    assert {a.field for a in axes.AXES} == {"enabled", "lambda1", "lambda2", "mask_start", "ca_threshold",
-                                            "vanilla_checkpoint", "sam_model", "layer_preset"}
+    assert {a.field for a in axes.AXES} == {
+        "enabled",
+        "lambda1",
+        "lambda2",
+        "mask_start",
+        "ca_threshold",
+        "vanilla_checkpoint",
+        "sam_model",
+        "layer_preset",
+    }
 
 
 def chunk(tokens, fixes=()):
@@ -142,7 +166,18 @@ def chunk(tokens, fixes=()):
     return SimpleNamespace(tokens=[49406] + body + [49407], fixes=list(fixes))
 
 
-VOCAB = {"a": 1, "photo": 2, "of": 3, "sks": 4, "dog": 5, "red": 6, "vase": 7, "on": 8, "<v>": 9, "<my-vase>": 10}
+VOCAB = {
+    "a": 1,
+    "photo": 2,
+    "of": 3,
+    "sks": 4,
+    "dog": 5,
+    "red": 6,
+    "vase": 7,
+    "on": 8,
+    "<v>": 9,
+    "<my-vase>": 10,
+}
 
 
 def tokenize(text):
@@ -153,7 +188,9 @@ def test_subject_rows_for_tokens_and_phrases():
     c = chunk([1, 4, 5, 8, 1, 5])  # "a sks dog on a dog"
     assert subject_positions_in_chunks([c], tokenize, "sks", "dog") == [2, 3, 6]
     # second chunk rows start at 77
-    assert subject_positions_in_chunks([chunk([1]), chunk([6, 7])], tokenize, "<v>", "red vase") == [78, 79]
+    assert subject_positions_in_chunks(
+        [chunk([1]), chunk([6, 7])], tokenize, "<v>", "red vase"
+    ) == [78, 79]
 
 
 def test_subject_rows_for_a_textual_inversion_embedding():
@@ -166,15 +203,30 @@ def test_subject_rows_for_a_textual_inversion_embedding():
 
 
 def make_job(**kw):
-    params = LayoutRetouchParams(enabled=True, reference_image=PHOTO, personalization="textual_inversion",
-                                 concept_token="sks", class_phrase="dog", **kw)
-    return lr_job.RetouchJob(params, prompt="a sks dog on the beach", negative_prompt="", steps=20,
-                             width=64, height=64, guidance_scale=7.0)
+    params = LayoutRetouchParams(
+        enabled=True,
+        reference_image=PHOTO,
+        personalization="textual_inversion",
+        concept_token="sks",
+        class_phrase="dog",
+        **kw,
+    )
+    return lr_job.RetouchJob(
+        params,
+        prompt="a sks dog on the beach",
+        negative_prompt="",
+        steps=20,
+        width=64,
+        height=64,
+        guidance_scale=7.0,
+    )
 
 
 def test_job_prepares_prompts_schedule_reference_and_infotext():
     job = make_job()
-    assert job.prompts.layout == "a dog on the beach" and job.prompts.reference == "a photo of sks dog"
+    assert (
+        job.prompts.layout == "a dog on the beach" and job.prompts.reference == "a photo of sks dog"
+    )
     assert (job.schedule.lambda1, job.schedule.lambda2, job.schedule.mask_start) == (2, 4, 13)
     assert [s for s in range(1, 21) if job.uses_vanilla(s)] == [1, 2]
     assert job.reference.size == (64, 64)
@@ -186,8 +238,10 @@ def test_job_prepares_prompts_schedule_reference_and_infotext():
     assert restored["lambda1"] == 5 and restored["personalization"] == "textual_inversion"
 
 
-@pytest.mark.parametrize("kw,param", [(dict(lambda1=50, scale_with_steps=False), "lambda1"),
-                                      (dict(mask_start=1), "mask_start")])
+@pytest.mark.parametrize(
+    "kw,param",
+    [(dict(lambda1=50, scale_with_steps=False), "lambda1"), (dict(mask_start=1), "mask_start")],
+)
 def test_job_refuses_bad_values_naming_them(kw, param):
     with pytest.raises(LayoutRetouchError) as err:
         make_job(**kw)
@@ -195,17 +249,29 @@ def test_job_refuses_bad_values_naming_them(kw, param):
 
 
 def test_job_refuses_a_prompt_without_the_token():
-    params = LayoutRetouchParams(enabled=True, reference_image=PHOTO, personalization="lora",
-                                 concept_token="sks", class_phrase="dog")
+    params = LayoutRetouchParams(
+        enabled=True,
+        reference_image=PHOTO,
+        personalization="lora",
+        concept_token="sks",
+        class_phrase="dog",
+    )
     with pytest.raises(LayoutRetouchError) as err:
-        lr_job.RetouchJob(params, prompt="a dog", negative_prompt="", steps=20, width=64, height=64,
-                          guidance_scale=7.0)
+        lr_job.RetouchJob(
+            params,
+            prompt="a dog",
+            negative_prompt="",
+            steps=20,
+            width=64,
+            height=64,
+            guidance_scale=7.0,
+        )
     assert err.value.parameter == "concept_token"
 
 
 def test_job_retouch_on_the_tiny_model(tiny_ldm):
     from lib_layout_retouch.model import LdmModel
-    from lib_layout_retouch.pipeline import InversionCache, encode_prompts
+    from lib_layout_retouch.pipeline import InversionCache
 
     job = make_job(lambda1=1, lambda2=1, mask_start=3, scale_with_steps=False)
     job.steps = 4
@@ -226,12 +292,16 @@ def test_model_kinds_that_are_not_supported_are_refused(tiny_ldm):
     from lib_layout_retouch.model import check_model_supported
 
     check_model_supported(tiny_ldm)  # SD1-architecture ε-prediction: fine
-    sd3 = SimpleNamespace(is_sd3=True, model=SimpleNamespace(diffusion_model=None))  # A1111's SD3 says is_sd3
+    sd3 = SimpleNamespace(
+        is_sd3=True, model=SimpleNamespace(diffusion_model=None)
+    )  # A1111's SD3 says is_sd3
     with pytest.raises(LayoutRetouchError, match="SD3 models are not supported") as err:
         check_model_supported(sd3)
     assert err.value.parameter == "sd_model"
     with pytest.raises(LayoutRetouchError, match="no UNet this extension knows"):
-        check_model_supported(SimpleNamespace())  # e.g. Forge's model object: no model.diffusion_model
+        check_model_supported(
+            SimpleNamespace()
+        )  # e.g. Forge's model object: no model.diffusion_model
     tiny_ldm.parameterization = "v"
     try:
         with pytest.raises(LayoutRetouchError, match="v-prediction"):
@@ -272,19 +342,31 @@ def test_log_lines_keep_their_prefix_through_logging_and_are_not_doubled():
     finally:
         logging.getLogger().removeHandler(root_handler)
         logs.attach_console()
-    assert stream.getvalue() == "[Layout-and-Retouch] stage 1: switched to personalized UNet at step 4\n"
+    assert (
+        stream.getvalue()
+        == "[Layout-and-Retouch] stage 1: switched to personalized UNet at step 4\n"
+    )
     assert other.getvalue() == "" and root.getvalue() == ""  # no second copy anywhere
 
 
 def test_the_algorithm_the_code_cites_is_in_the_repository():
     doc = os.path.join(ROOT, "docs", "ALGORITHM.md")
     text = open(doc, encoding="utf-8").read()
-    for heading in ("direction of the step index", "The adaptive mask M", "Which layers", "What must hold"):
+    for heading in (
+        "direction of the step index",
+        "The adaptive mask M",
+        "Which layers",
+        "What must hold",
+    ):
         assert heading in text
     for dirpath, _, files in os.walk(ROOT):
         if any(part in dirpath for part in (".venv", ".git", "node_modules")):
             continue
         for name in files:
             if name.endswith((".py", ".md")):
-                outside = "shared/" + "ALGORITHM"  # (spelled in two parts so this file does not match itself)
-                assert outside not in open(os.path.join(dirpath, name), encoding="utf-8").read(), name
+                outside = (
+                    "shared/" + "ALGORITHM"
+                )  # (spelled in two parts so this file does not match itself)
+                assert outside not in open(os.path.join(dirpath, name), encoding="utf-8").read(), (
+                    name
+                )

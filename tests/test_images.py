@@ -1,10 +1,10 @@
 """Reference images from the UI/API: decoding, preparation for the model, fingerprints."""
+
 from __future__ import annotations
 
 import base64
 import hashlib
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +13,8 @@ from PIL import Image
 from lib_layout_retouch import images
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.images import MAX_SIDE, decode_image, image_fingerprint, prepare_reference
-
 from tests.paths import VICO
+
 DOG = VICO / "brown_dog" / "00.jpg"  # 1440×1440
 ELEPHANT = VICO / "elephant_statue" / "2.jpg"  # 1856×2475, portrait
 needs_vico = pytest.mark.skipif(not DOG.exists(), reason="ViCo photos not on this machine")
@@ -43,7 +43,9 @@ def _pattern(w: int, h: int) -> Image.Image:
 
 
 # ---- decode_image ------------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [None, "", "   ", b"", np.zeros((0, 0, 3), np.uint8), {"image": None}])
+@pytest.mark.parametrize(
+    "value", [None, "", "   ", b"", np.zeros((0, 0, 3), np.uint8), {"image": None}]
+)
 def test_no_image(value):
     with pytest.raises(LayoutRetouchError) as e:
         decode_image(value)
@@ -141,7 +143,9 @@ def test_a_path_string_is_refused_never_opened(tmp_path, monkeypatch):
     path.write_bytes(_png_bytes(_pattern(8, 8)))
     opened = []
     real_open = Image.open
-    monkeypatch.setattr(images.Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    monkeypatch.setattr(
+        images.Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k)
+    )
     for value in (str(path), str(path.with_suffix("")), "~/subject.png", "C:\\photos\\dog.jpg"):
         with pytest.raises(LayoutRetouchError) as e:
             decode_image(value)
@@ -222,7 +226,9 @@ def test_opaque_rgba_and_la():
     arr[..., :3] = 10
     img, notes = prepare_reference(Image.fromarray(arr, "RGBA"), (4, 4))
     assert notes == [] and tuple(np.asarray(img)[0, 0]) == (10, 10, 10)
-    la = Image.fromarray(np.stack([np.full((4, 4), 50, np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA")
+    la = Image.fromarray(
+        np.stack([np.full((4, 4), 50, np.uint8), np.zeros((4, 4), np.uint8)], -1), "LA"
+    )
     img, notes = prepare_reference(la, (4, 4))
     assert tuple(np.asarray(img)[0, 0]) == (255, 255, 255)
     assert notes == ["transparent parts of the reference filled with white"]
@@ -245,7 +251,11 @@ def test_palette_with_transparency_through_png_bytes():
     [
         (Image.new("P", (4, 4), 1), "reference converted from palette to RGB", (255, 0, 0)),
         (Image.new("L", (4, 4), 77), "reference converted from grayscale to RGB", (77, 77, 77)),
-        (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), "reference converted from CMYK to RGB", (255, 0, 0)),
+        (
+            Image.new("CMYK", (4, 4), (0, 255, 255, 0)),
+            "reference converted from CMYK to RGB",
+            (255, 0, 0),
+        ),
     ],
 )
 def test_modes_converted_to_rgb(img, note, pixel):
@@ -334,11 +344,18 @@ def test_huge_png_is_reduced_early(monkeypatch):
     data = _png_bytes(src, compress_level=1)
     reduced = []
     real_reduce = Image.Image.reduce
-    monkeypatch.setattr(Image.Image, "reduce", lambda self, f, *a: reduced.append((self.size, f)) or real_reduce(self, f, *a))
+    monkeypatch.setattr(
+        Image.Image,
+        "reduce",
+        lambda self, f, *a: reduced.append((self.size, f)) or real_reduce(self, f, *a),
+    )
     img, notes = prepare_reference(data, (256, 256))
     assert reduced == [((side, side), 8)]  # 4200 // 512
     assert img.size == (256, 256) and tuple(np.asarray(img)[5, 5]) == (40, 40, 40)
-    assert notes == ["reference converted from grayscale to RGB", f"reference was {side}×{side}: resized to 256×256"]
+    assert notes == [
+        "reference converted from grayscale to RGB",
+        f"reference was {side}×{side}: resized to 256×256",
+    ]
 
 
 def test_damaged_jpeg_is_a_user_error():

@@ -1,5 +1,6 @@
 """Issue 12 on the tiny model: several reference photos, the inpaint mask, layout source `input`,
 and the job's img2img record. Exact invariants (they fail if the code breaks them)."""
+
 import numpy as np
 import pytest
 import torch
@@ -13,22 +14,29 @@ from lib_layout_retouch.model import LdmModel
 from lib_layout_retouch.params import LayoutRetouchParams
 from lib_layout_retouch.schedule import Schedule
 from tests.paths import DOG_PHOTO as PHOTO
-from tests.test_ddim import photo_tensor
+from tests.paths import photo_tensor
 
 T = 8
 
 
-from tests.test_pipeline import setup  # noqa: E402,F401 - the same tiny model, prompts, photo and layouts
-
-
 def run(setup, reference=None, **kw):
     model, conds, subject, ref, layouts = setup
-    sched = kw.pop("schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False))
-    settings = pl.RetouchSettings(schedule=sched, **{k: kw.pop(k) for k in list(kw)
-                                                     if k in pl.RetouchSettings.__dataclass_fields__})
-    return pl.retouch(model, reference_latent=ref if reference is None else reference,
-                      layout_latents=kw.pop("layouts", layouts), conds=kw.pop("conds", conds),
-                      subject_tokens=subject, settings=settings, **kw)
+    sched = kw.pop(
+        "schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False)
+    )
+    settings = pl.RetouchSettings(
+        schedule=sched,
+        **{k: kw.pop(k) for k in list(kw) if k in pl.RetouchSettings.__dataclass_fields__},
+    )
+    return pl.retouch(
+        model,
+        reference_latent=ref if reference is None else reference,
+        layout_latents=kw.pop("layouts", layouts),
+        conds=kw.pop("conds", conds),
+        subject_tokens=subject,
+        settings=settings,
+        **kw,
+    )
 
 
 # -- several references -----------------------------------------------------------------------------
@@ -40,7 +48,9 @@ def test_the_same_reference_twice_gives_the_result_of_once(setup):
     once = run(setup)
     twice = run(setup, reference=torch.cat([ref, ref]))
     assert torch.allclose(twice.latents, once.latents, atol=1e-5, rtol=1e-5)
-    assert torch.equal(twice.masks, once.masks)  # the mask is the layout's, untouched by the references
+    assert torch.equal(
+        twice.masks, once.masks
+    )  # the mask is the layout's, untouched by the references
     # a second, different reference does change the result, and costs its rows
     other = torch.flip(ref, dims=(-1,))
     both = run(setup, reference=torch.cat([ref, other]))
@@ -55,10 +65,22 @@ def test_each_reference_is_inverted_once_and_cached_on_its_own(setup):
     cache = pl.InversionCache(max_entries=4)
     single = run(setup, cache=cache, reference_key=("a", "m"))
     assert not single.reference_cached
-    pair = run(setup, reference=torch.cat([ref, other]), cache=cache, reference_keys=[("a", "m"), ("b", "m")])
+    pair = run(
+        setup,
+        reference=torch.cat([ref, other]),
+        cache=cache,
+        reference_keys=[("a", "m"), ("b", "m")],
+    )
     assert not pair.reference_cached and len(cache) == 2
-    assert pair.unet_calls == single.unet_calls  # "a" came from the cache, only "b" was inverted (T calls)
-    again = run(setup, reference=torch.cat([ref, other]), cache=cache, reference_keys=[("a", "m"), ("b", "m")])
+    assert (
+        pair.unet_calls == single.unet_calls
+    )  # "a" came from the cache, only "b" was inverted (T calls)
+    again = run(
+        setup,
+        reference=torch.cat([ref, other]),
+        cache=cache,
+        reference_keys=[("a", "m"), ("b", "m")],
+    )
     assert again.reference_cached and torch.equal(again.latents, pair.latents)
     assert again.unet_calls == pair.unet_calls - T
 
@@ -69,7 +91,9 @@ def test_reference_attention_cache_with_several_references_gives_the_same_result
     keys = [("a", "m"), ("b", "m")]
     kv = pl.ReferenceAttentionCache(max_bytes=1 << 30)
     first = run(setup, reference=refs, reference_keys=keys, cache=pl.InversionCache(4), kv_cache=kv)
-    second = run(setup, reference=refs, reference_keys=keys, cache=pl.InversionCache(4), kv_cache=kv)
+    second = run(
+        setup, reference=refs, reference_keys=keys, cache=pl.InversionCache(4), kv_cache=kv
+    )
     assert len(kv) == 1 and second.unet_rows < first.unet_rows
     assert torch.allclose(second.latents, first.latents, atol=1e-6)
 
@@ -113,17 +137,17 @@ def test_outside_the_user_mask_the_input_exactly_inside_retouched(setup):
 
 
 def test_where_the_attention_finds_nothing_inside_the_user_mask_it_is_softened(setup):
-    m = run(setup).masks                         # M without a user mask
+    m = run(setup).masks  # M without a user mask
     u = torch.zeros(2, 1, 8, 8)
-    u[0, 0] = (m[0] == 0).float()                # image 1: only where M found nothing → U softened
-    u[1, 0] = (m[1] > 0).float()                 # image 2: on M → M·U
+    u[0, 0] = (m[0] == 0).float()  # image 1: only where M found nothing → U softened
+    u[1, 0] = (m[1] > 0).float()  # image 2: on M → M·U
     assert u[0].any() and u[1].any()
     res = run(setup, user_mask=u)
     assert res.mask_kind == "CA only in user mask; user mask alone for image 1"
     assert np.array_equal(res.masks[0].numpy(), pl._softened(u[0, 0]))
     assert torch.equal(res.masks[1], m[1] * u[1, 0])
     for i in range(2):
-        assert bool((res.masks[i][u[i, 0] == 0] == 0).all())   # never outside U
+        assert bool((res.masks[i][u[i, 0] == 0] == 0).all())  # never outside U
     # the softening: U's support with an EDT ramp, 0.5 at the rim and 1 at the core (like M)
     square = torch.zeros(8, 8)
     square[1:7, 1:7] = 1.0
@@ -167,8 +191,11 @@ def test_input_as_layout_with_copy_over_every_step_is_the_plain_ddim_reconstruct
         zT = ddim.invert(eps_empty, z0, sched)[-1]
         expected = ddim.sample(eps_cfg, zT, sched)[-1]
     assert torch.allclose(res.latents, expected, atol=1e-4, rtol=0)
-    assert not torch.allclose(run(setup, reference=z0, layouts=z0, schedule=never, guidance_scale=7.0).latents,
-                              expected, atol=1e-3)
+    assert not torch.allclose(
+        run(setup, reference=z0, layouts=z0, schedule=never, guidance_scale=7.0).latents,
+        expected,
+        atol=1e-3,
+    )
     # with guidance 1 and the empty prompt it is DDIM's plain round trip of the input (how close that
     # is to the input itself is DDIM's business: tests/test_ddim.py)
     plain = pl.RetouchConds(reference=empty, layout=empty, uncond=empty)
@@ -180,17 +207,37 @@ def test_input_as_layout_with_copy_over_every_step_is_the_plain_ddim_reconstruct
 
 # -- the job ------------------------------------------------------------------------------------------
 def _photos(n):
-    base = np.asarray(Image.open(PHOTO).convert("RGB").reduce(4)) if PHOTO.exists() else \
-        np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    base = (
+        np.asarray(Image.open(PHOTO).convert("RGB").reduce(4))
+        if PHOTO.exists()
+        else np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    )
     return [Image.fromarray(np.roll(base, 9 * i, axis=1)) for i in range(n)]
 
 
 def make_job(reference_image, **kw):
-    params = LayoutRetouchParams(enabled=True, reference_image=reference_image, personalization="textual_inversion",
-                                 concept_token="sks", class_phrase="dog", lambda1=1, lambda2=1, mask_start=3,
-                                 scale_with_steps=False, layout_source=kw.pop("layout_source", "inversion"))
-    return lr_job.RetouchJob(params, prompt="a sks dog on the beach", negative_prompt="", steps=kw.pop("steps", 4),
-                             width=64, height=64, guidance_scale=7.0, **kw)
+    params = LayoutRetouchParams(
+        enabled=True,
+        reference_image=reference_image,
+        personalization="textual_inversion",
+        concept_token="sks",
+        class_phrase="dog",
+        lambda1=1,
+        lambda2=1,
+        mask_start=3,
+        scale_with_steps=False,
+        layout_source=kw.pop("layout_source", "inversion"),
+    )
+    return lr_job.RetouchJob(
+        params,
+        prompt="a sks dog on the beach",
+        negative_prompt="",
+        steps=kw.pop("steps", 4),
+        width=64,
+        height=64,
+        guidance_scale=7.0,
+        **kw,
+    )
 
 
 def test_job_with_several_references_and_an_inpaint_mask(tiny_ldm):
@@ -202,13 +249,18 @@ def test_job_with_several_references_and_an_inpaint_mask(tiny_ldm):
     cache = pl.InversionCache(4)
     assert job.references_cached(cache, "tiny", (8, 8)) == 0
     u = _half_mask(1)
-    res = job.retouch(model, latents, subject_tokens=[2, 3], model_key="tiny", cache=cache, user_mask=u)
+    res = job.retouch(
+        model, latents, subject_tokens=[2, 3], model_key="tiny", cache=cache, user_mask=u
+    )
     assert job.references_cached(cache, "tiny", (8, 8)) == 2
     out = (u == 0).expand_as(latents)
     assert torch.equal(res.latents[out], latents[out])
     info = job.infotext()
     assert info["LR reference"] == ", ".join(job.params.reference_fingerprints())
-    assert info["LR mask"].startswith(pl.MASK_CA_ONLY + pl.IN_USER_MASK) or info["LR mask"] == pl.MASK_USER
+    assert (
+        info["LR mask"].startswith(pl.MASK_CA_ONLY + pl.IN_USER_MASK)
+        or info["LR mask"] == pl.MASK_USER
+    )
     # one photo: as before
     single = make_job(photos[0])
     assert single.reference_fingerprints == [single.reference_fingerprint]
@@ -227,19 +279,49 @@ def test_job_img2img_record_and_input_only_in_img2img():
     assert job.params.layout_source == "input"
     # img2img at 20 steps × 0.75: the sampler runs 16; the schedule and the infotext are at 16
     from lib_layout_retouch.schedule import img2img_steps
-    params = LayoutRetouchParams(enabled=True, reference_image=_photos(1)[0], personalization="lora",
-                                 concept_token="sks", class_phrase="dog")
-    job = lr_job.RetouchJob(params, prompt="a sks dog", negative_prompt="", steps=img2img_steps(20, 0.75),
-                            width=64, height=64, guidance_scale=7.0, img2img=True, requested_steps=20)
-    assert (job.schedule.steps, job.schedule.lambda1, job.schedule.lambda2, job.schedule.mask_start) == (16, 2, 3, 11)
-    assert job.infotext()["LR steps used"] == "λ1=2, λ2=3, mask from step 11 of 16 (img2img ran 16 of 20 steps)"
-    assert job.for_batch("a sks dog", "").infotext()["LR steps used"].endswith("(img2img ran 16 of 20 steps)")
+
+    params = LayoutRetouchParams(
+        enabled=True,
+        reference_image=_photos(1)[0],
+        personalization="lora",
+        concept_token="sks",
+        class_phrase="dog",
+    )
+    job = lr_job.RetouchJob(
+        params,
+        prompt="a sks dog",
+        negative_prompt="",
+        steps=img2img_steps(20, 0.75),
+        width=64,
+        height=64,
+        guidance_scale=7.0,
+        img2img=True,
+        requested_steps=20,
+    )
+    assert (
+        job.schedule.steps,
+        job.schedule.lambda1,
+        job.schedule.lambda2,
+        job.schedule.mask_start,
+    ) == (16, 2, 3, 11)
+    assert (
+        job.infotext()["LR steps used"]
+        == "λ1=2, λ2=3, mask from step 11 of 16 (img2img ran 16 of 20 steps)"
+    )
+    assert (
+        job.for_batch("a sks dog", "")
+        .infotext()["LR steps used"]
+        .endswith("(img2img ran 16 of 20 steps)")
+    )
 
 
 def test_progress_over_several_reference_inversions_never_goes_back(setup):
     ref = setup[3]
     seen = []
-    run(setup, reference=torch.cat([ref, torch.flip(ref, dims=(-1,))]),
-        progress=lambda phase, s, total: seen.append((phase, s, total)))
+    run(
+        setup,
+        reference=torch.cat([ref, torch.flip(ref, dims=(-1,))]),
+        progress=lambda phase, s, total: seen.append((phase, s, total)),
+    )
     inv = [(s, total) for phase, s, total in seen if phase == "reference inversion"]
     assert inv == [(s, 2 * T) for s in range(1, 2 * T + 1)]

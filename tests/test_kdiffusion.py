@@ -1,18 +1,27 @@
 """The host-independent half of a k-diffusion host adapter (Forge): σ ↔ ᾱ, the σ-scaled input, and ε
 from a denoiser's output — exact values, and ε through a denoiser built from a real (tiny) ldm UNet
 equal to the UNet's own ε."""
+
 import math
 
 import torch
 
-from lib_layout_retouch.model import (KDiffusionModel, LdmModel, alpha_cumprod_of_sigma, eps_from_denoised,
-                                      sigma_of_alpha_cumprod, sigma_scale_input)
+from lib_layout_retouch.model import (
+    KDiffusionModel,
+    LdmModel,
+    alpha_cumprod_of_sigma,
+    eps_from_denoised,
+    sigma_of_alpha_cumprod,
+    sigma_scale_input,
+)
 
 
 def test_sigma_and_alpha_cumprod_are_inverse_with_exact_values():
     ac = torch.tensor([0.25, 0.5, 0.8], dtype=torch.float64)
     sigma = sigma_of_alpha_cumprod(ac)
-    assert torch.allclose(sigma, torch.tensor([math.sqrt(3), 1.0, 0.5], dtype=torch.float64), rtol=0, atol=1e-15)
+    assert torch.allclose(
+        sigma, torch.tensor([math.sqrt(3), 1.0, 0.5], dtype=torch.float64), rtol=0, atol=1e-15
+    )
     assert torch.allclose(alpha_cumprod_of_sigma(sigma), ac, rtol=0, atol=1e-15)
 
 
@@ -21,7 +30,9 @@ def test_eps_from_denoised_recovers_the_noise_row_by_row():
     x0 = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
     eps = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
     ac = torch.tensor([0.9, 0.3, 0.05], dtype=torch.float64)
-    z_t = ac.sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac).sqrt().view(-1, 1, 1, 1) * eps  # DDIM's latent
+    z_t = (
+        ac.sqrt().view(-1, 1, 1, 1) * x0 + (1 - ac).sqrt().view(-1, 1, 1, 1) * eps
+    )  # DDIM's latent
     x = sigma_scale_input(z_t, ac)
     sigma = sigma_of_alpha_cumprod(ac)
     assert torch.allclose(x, x0 + sigma.view(-1, 1, 1, 1) * eps, atol=1e-12)  # x = x₀ + σε
@@ -35,9 +46,13 @@ class _DenoiserOverLdm(KDiffusionModel):
     D(x; σ) = x − σ·ε_θ(x/√(σ²+1), t(σ))."""
 
     def denoise(self, x, sigma, cond):
-        t = torch.stack([torch.argmin((sigma_of_alpha_cumprod(self.ldm.alphas_cumprod.float()) - s).abs())
-                         for s in sigma])
-        inner = x / (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)
+        t = torch.stack(
+            [
+                torch.argmin((sigma_of_alpha_cumprod(self.ldm.alphas_cumprod.float()) - s).abs())
+                for s in sigma
+            ]
+        )
+        inner = x / (sigma**2 + 1).sqrt().view(-1, 1, 1, 1)
         return x - sigma.view(-1, 1, 1, 1) * self.ldm.apply_model(inner, t, cond)
 
 
@@ -54,15 +69,18 @@ def test_eps_through_a_sigma_denoiser_equals_the_unets_eps(tiny_ldm):
 
 
 # --- Forge's model kinds and attention conflicts (host objects faked by their shape) ---------------
-import pytest  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
 
 from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
 from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported  # noqa: E402
 
 
 def _engine(kind, prediction="epsilon", **flags):
-    kmodel = SimpleNamespace(diffusion_model=object(), predictor=SimpleNamespace(prediction_type=prediction))
+    kmodel = SimpleNamespace(
+        diffusion_model=object(), predictor=SimpleNamespace(prediction_type=prediction)
+    )
     cls = type(kind, (), {})
     engine = cls()
     engine.forge_objects = SimpleNamespace(unet=SimpleNamespace(model=kmodel))
@@ -71,8 +89,15 @@ def _engine(kind, prediction="epsilon", **flags):
     return engine
 
 
-@pytest.mark.parametrize("kind,words", [("Flux", "Flux"), ("Chroma", "Chroma"), ("StableDiffusion3", "SD3"),
-                                        ("StableDiffusionXLRefiner", "refiner")])
+@pytest.mark.parametrize(
+    "kind,words",
+    [
+        ("Flux", "Flux"),
+        ("Chroma", "Chroma"),
+        ("StableDiffusion3", "SD3"),
+        ("StableDiffusionXLRefiner", "refiner"),
+    ],
+)
 def test_forge_engines_without_a_retouchable_unet_are_refused_by_name(kind, words):
     with pytest.raises(LayoutRetouchError, match=words) as e:
         check_forge_engine_supported(_engine(kind, is_sdxl=kind.endswith("Refiner")))
@@ -85,16 +110,23 @@ def test_forge_sd1_and_sdxl_pass_and_inpaint_vpred_and_unknown_kinds_do_not():
     with pytest.raises(LayoutRetouchError, match="inpainting"):
         check_forge_engine_supported(_engine("StableDiffusion", is_sd1=True, is_inpaint=True))
     with pytest.raises(LayoutRetouchError, match="v_prediction"):
-        check_forge_engine_supported(_engine("StableDiffusionXL", prediction="v_prediction", is_sdxl=True))
+        check_forge_engine_supported(
+            _engine("StableDiffusionXL", prediction="v_prediction", is_sdxl=True)
+        )
     with pytest.raises(LayoutRetouchError, match="StableDiffusion2.*neither"):
         check_forge_engine_supported(_engine("StableDiffusion2", is_sd2=True))
 
 
 def test_attention_replacements_name_what_another_extension_replaced():
     assert attention_replacements({}) == []
-    assert attention_replacements({"transformer_options": {"patches": {"attn1_patch": [print]}}}) == []
-    opts = {"transformer_options": {"patches_replace": {"attn2": {("output", 3): print}, "attn1": {},
-                                                        "dit": {"x": print}}}}
+    assert (
+        attention_replacements({"transformer_options": {"patches": {"attn1_patch": [print]}}}) == []
+    )
+    opts = {
+        "transformer_options": {
+            "patches_replace": {"attn2": {("output", 3): print}, "attn1": {}, "dit": {"x": print}}
+        }
+    }
     assert attention_replacements(opts) == ["attn2"]
     opts["transformer_options"]["patches_replace"]["attn1"] = {("input", 1, 0): print}
     assert attention_replacements(opts) == ["attn1", "attn2"]

@@ -1,11 +1,24 @@
 """Layer tables: SD1 data and the structural rule agree; the tiny model gets sensible sets."""
+
 import torch
 
 from lib_layout_retouch.layers import SD1, attention_modules, infer_layer_table, layer_table_for
 
-SD1_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
-                num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
-                transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False)
+SD1_UNET = dict(
+    image_size=32,
+    in_channels=4,
+    out_channels=4,
+    model_channels=320,
+    attention_resolutions=[4, 2, 1],
+    num_res_blocks=2,
+    channel_mult=[1, 2, 4, 4],
+    num_heads=8,
+    use_spatial_transformer=True,
+    transformer_depth=1,
+    context_dim=768,
+    use_checkpoint=False,
+    legacy=False,
+)
 
 
 def sd1_unet_on_meta():
@@ -33,9 +46,13 @@ def test_tiny_model_inferred_table(tiny_ldm):
     unet = tiny_ldm.model.diffusion_model
     table = layer_table_for(unet)
     assert table.name == "inferred"
-    assert table.mask_layers == ("input_blocks.3.1.transformer_blocks.0.attn2",
-                                 "output_blocks.0.1.transformer_blocks.0.attn2",
-                                 "output_blocks.1.1.transformer_blocks.0.attn2")
-    assert table.reference_layers == ("output_blocks.2.1.transformer_blocks.0.attn1",
-                                      "output_blocks.3.1.transformer_blocks.0.attn1")
+    assert table.mask_layers == (
+        "input_blocks.3.1.transformer_blocks.0.attn2",
+        "output_blocks.0.1.transformer_blocks.0.attn2",
+        "output_blocks.1.1.transformer_blocks.0.attn2",
+    )
+    assert table.reference_layers == (
+        "output_blocks.2.1.transformer_blocks.0.attn1",
+        "output_blocks.3.1.transformer_blocks.0.attn1",
+    )
     assert table.swaps_every_layer()

@@ -25,6 +25,7 @@ def square(n=11, lo=2, hi=9):
 
 # ---------------------------------------------------------------- cross-attention normalisation
 
+
 def test_normalize_averages_leading_dims_then_min_max():
     a = torch.tensor([[0.0, 2.0], [4.0, 6.0]])
     b = torch.tensor([[2.0, 2.0], [4.0, 10.0]])
@@ -67,6 +68,7 @@ def test_threshold_out_of_range_is_user_error(bad):
 
 # ---------------------------------------------------------------- C(.) and resize
 
+
 def test_remove_small_components_drops_speck_keeps_blob():
     m = np.zeros((16, 16), dtype=bool)
     m[4:10, 4:10] = True  # 36 cells = 14% of 256
@@ -96,13 +98,18 @@ def test_resize_nearest_repeats_cells_and_samples_centres():
 
 # ---------------------------------------------------------------- adaptive mask
 
+
 def test_adaptive_mask_edt_ramp_on_7x7_square():
     sam = square()  # 7x7 square in an 11x11 frame
     m = adaptive_mask(np.zeros((11, 11), bool), sam)
     assert m.dtype == np.float32 and m.shape == (11, 11)
     # EDT of a 7x7 square: rim 1, next ring 2, then 3, centre 4 -> 0.5 + 0.5 * (d - 1) / 3
     assert m[5, 5] == pytest.approx(1.0)
-    assert m[2, 2] == pytest.approx(0.5) and m[2, 5] == pytest.approx(0.5) and m[8, 5] == pytest.approx(0.5)
+    assert (
+        m[2, 2] == pytest.approx(0.5)
+        and m[2, 5] == pytest.approx(0.5)
+        and m[8, 5] == pytest.approx(0.5)
+    )
     assert m[3, 5] == pytest.approx(0.5 + 0.5 / 3)
     assert m[4, 4] == pytest.approx(0.5 + 1.0 / 3)
     assert m[3, 3] == pytest.approx(0.5 + 0.5 / 3)  # ring 2, diagonal position: still distance 2
@@ -161,6 +168,7 @@ def test_adaptive_mask_range_and_edge_cases():
 
 # ---------------------------------------------------------------- per-layer masks
 
+
 @pytest.mark.parametrize(
     "latent, n_tokens, hw",
     [
@@ -199,7 +207,9 @@ def test_layer_masks_preserve_constant_masks_exactly(value):
     lm = LayerMasks(torch.full((2, 512, 768), value), (64, 96))
     for n in (64 * 96, 32 * 48, 16 * 24, 8 * 12):
         assert torch.equal(lm.for_tokens(n), torch.full((2, n, 1), value))
-        assert torch.equal(lm.for_tokens(n, torch.float16), torch.full((2, n, 1), value, dtype=torch.float16))
+        assert torch.equal(
+            lm.for_tokens(n, torch.float16), torch.full((2, n, 1), value, dtype=torch.float16)
+        )
 
 
 def test_layer_masks_layout_and_per_image():
@@ -208,8 +218,12 @@ def test_layer_masks_layout_and_per_image():
     m[0, :, :32] = 1
     m[1, :32, :] = 1
     out = LayerMasks(m, (64, 64)).for_tokens(16 * 16).reshape(2, 16, 16)
-    assert torch.equal(out[0, :, :7], torch.ones(16, 7)) and torch.equal(out[0, :, 9:], torch.zeros(16, 7))
-    assert torch.equal(out[1, :7], torch.ones(7, 16)) and torch.equal(out[1, 9:], torch.zeros(7, 16))
+    assert torch.equal(out[0, :, :7], torch.ones(16, 7)) and torch.equal(
+        out[0, :, 9:], torch.zeros(16, 7)
+    )
+    assert torch.equal(out[1, :7], torch.ones(7, 16)) and torch.equal(
+        out[1, 9:], torch.zeros(7, 16)
+    )
     # antialiased 4x shrink = triangle filter of radius 4: the two cells at the edge see 7/8 and 1/8
     torch.testing.assert_close(out[0, :, 7:9], torch.tensor([0.875, 0.125]).expand(16, 2))
     torch.testing.assert_close(out[1, 7:9, :], torch.tensor([[0.875], [0.125]]).expand(2, 16))
@@ -220,6 +234,7 @@ def test_layer_masks_layout_and_per_image():
 
 
 # ---------------------------------------------------------------- SAM prompts
+
 
 def test_sam_prompts_from_ca_box_and_points():
     norm = np.zeros((8, 8), np.float32)
@@ -233,7 +248,9 @@ def test_sam_prompts_from_ca_box_and_points():
     norm[7, 7] = 0.9  # the speck's value is high but it is outside the blob
     box, pts = sam_prompts_from_ca(norm, mc, (80, 160))  # (H, W): sy = 10, sx = 20
     np.testing.assert_allclose(box, [1 * 20, 2 * 10, 5 * 20, 6 * 10])
-    np.testing.assert_allclose(pts, [[2.5 * 20, 3.5 * 10], [4.5 * 20, 5.5 * 10], [4.5 * 20, 2.5 * 10]])
+    np.testing.assert_allclose(
+        pts, [[2.5 * 20, 3.5 * 10], [4.5 * 20, 5.5 * 10], [4.5 * 20, 2.5 * 10]]
+    )
     _, two = sam_prompts_from_ca(norm, mc, (80, 160), n_points=2)
     assert two.shape == (2, 2)
 

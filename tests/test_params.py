@@ -1,4 +1,5 @@
 """The one parameter object: coercion, validation, schedule, infotext and API (de)serialisation."""
+
 from __future__ import annotations
 
 import base64
@@ -6,7 +7,6 @@ import dataclasses
 import io
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,8 +26,8 @@ from lib_layout_retouch.params import (
     markdown_parameter_table,
 )
 from lib_layout_retouch.schedule import Schedule
-
 from tests.paths import DOG_PHOTO as DOG
+
 NAMES = [f.name for f in FIELDS]
 
 
@@ -82,9 +82,23 @@ NON_DEFAULT = dict(
 def test_fields_are_the_dataclass_in_order_with_matching_defaults():
     assert NAMES == [f.name for f in dataclasses.fields(LayoutRetouchParams)]
     assert NAMES == [
-        "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token",
-        "class_phrase", "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps",
-        "sam_model", "ca_threshold", "show_intermediates", "layout_source", "reset_reference", "layer_preset",
+        "enabled",
+        "reference_image",
+        "personalization",
+        "vanilla_checkpoint",
+        "concept_token",
+        "class_phrase",
+        "reference_prompt",
+        "lambda1",
+        "lambda2",
+        "mask_start",
+        "scale_with_steps",
+        "sam_model",
+        "ca_threshold",
+        "show_intermediates",
+        "layout_source",
+        "reset_reference",
+        "layer_preset",
         "stage1_text_encoder",
     ]
     defaults = LayoutRetouchParams()
@@ -96,10 +110,15 @@ def test_fields_are_the_dataclass_in_order_with_matching_defaults():
 
 
 def test_field_metadata():
-    assert FIELD_BY_NAME["personalization"].choices == PERSONALIZATION_KINDS == (
-        "dreambooth", "textual_inversion", "lora")
+    assert (
+        FIELD_BY_NAME["personalization"].choices
+        == PERSONALIZATION_KINDS
+        == ("dreambooth", "textual_inversion", "lora")
+    )
     # issue 12 added `input` (img2img: retouch the input image itself)
-    assert FIELD_BY_NAME["layout_source"].choices == LAYOUT_SOURCES == ("inversion", "stage1", "input")
+    assert (
+        FIELD_BY_NAME["layout_source"].choices == LAYOUT_SOURCES == ("inversion", "stage1", "input")
+    )
     assert FIELD_BY_NAME["sam_model"].default == NO_SAM == "none"
     keys = [f.infotext_key for f in FIELDS if f.infotext_key]
     assert len(keys) == len(set(keys)) and all(k.startswith("LR ") for k in keys)
@@ -115,14 +134,41 @@ def test_field_metadata():
 # ---- positional and named forms ----------------------------------------------------------------
 def test_positional_form_in_ui_order():
     img = _photo()
-    args = [True, img, "DreamBooth checkpoint", "v1-5.safetensors", "sks", "dog", "",
-            3.0, 12, "35", False, "None", 0.05, True, "Stage-1 latents (faster)", False]
+    args = [
+        True,
+        img,
+        "DreamBooth checkpoint",
+        "v1-5.safetensors",
+        "sks",
+        "dog",
+        "",
+        3.0,
+        12,
+        "35",
+        False,
+        "None",
+        0.05,
+        True,
+        "Stage-1 latents (faster)",
+        False,
+    ]
     p = LayoutRetouchParams.from_script_args(args)
     assert p == LayoutRetouchParams(
-        enabled=True, reference_image=img, personalization="dreambooth",
-        vanilla_checkpoint="v1-5.safetensors", concept_token="sks", class_phrase="dog",
-        reference_prompt="", lambda1=3, lambda2=12, mask_start=35, scale_with_steps=False,
-        sam_model="none", ca_threshold=0.05, show_intermediates=True, layout_source="stage1",
+        enabled=True,
+        reference_image=img,
+        personalization="dreambooth",
+        vanilla_checkpoint="v1-5.safetensors",
+        concept_token="sks",
+        class_phrase="dog",
+        reference_prompt="",
+        lambda1=3,
+        lambda2=12,
+        mask_start=35,
+        scale_with_steps=False,
+        sam_model="none",
+        ca_threshold=0.05,
+        show_intermediates=True,
+        layout_source="stage1",
         reset_reference=False,
     )
     assert type(p.lambda1) is int and type(p.mask_start) is int and type(p.ca_threshold) is float
@@ -133,7 +179,12 @@ def test_shorter_positional_lists_and_nones_take_defaults():
     assert LayoutRetouchParams.from_script_args(()) == LayoutRetouchParams()
     p = LayoutRetouchParams.from_script_args([True, None, "lora"])
     assert (p.enabled, p.reference_image, p.personalization, p.lambda1, p.reset_reference) == (
-        True, None, "lora", 5, True)
+        True,
+        None,
+        "lora",
+        5,
+        True,
+    )
     p = LayoutRetouchParams.from_script_args([None] * len(FIELDS))
     assert p == LayoutRetouchParams()
 
@@ -147,7 +198,12 @@ def test_too_many_positional_args():
 
 def test_named_dict_form_from_the_api():
     ui_defaults = [LayoutRetouchParams().__dict__[n] for n in NAMES[1:]]  # A1111 fills the rest
-    d = {"enabled": True, "concept_token": "sks", "lambda1": "3", "reference_image": _b64png(_photo())}
+    d = {
+        "enabled": True,
+        "concept_token": "sks",
+        "lambda1": "3",
+        "reference_image": _b64png(_photo()),
+    }
     p = LayoutRetouchParams.from_script_args([d, *ui_defaults])
     assert (p.enabled, p.concept_token, p.lambda1) == (True, "sks", 3)
     assert image_fingerprint(p.reference_image) == image_fingerprint(_photo())
@@ -176,12 +232,23 @@ def test_unknown_key_message():
 @pytest.mark.parametrize(
     "name, given, expected",
     [
-        ("enabled", True, True), ("enabled", 1, True), ("enabled", 0, False),
-        ("enabled", "true", True), ("enabled", "FALSE", False), ("enabled", " True ", True),
+        ("enabled", True, True),
+        ("enabled", 1, True),
+        ("enabled", 0, False),
+        ("enabled", "true", True),
+        ("enabled", "FALSE", False),
+        ("enabled", " True ", True),
         ("enabled", np.bool_(True), True),
-        ("lambda1", 5, 5), ("lambda1", 5.0, 5), ("lambda1", "7", 7),
-        ("lambda1", " 7 ", 7), ("lambda1", "-1", -1), ("lambda1", "4.0", 4), ("lambda1", np.int64(6), 6),
-        ("ca_threshold", 0.2, 0.2), ("ca_threshold", "0.05", 0.05), ("ca_threshold", 1, 1.0),
+        ("lambda1", 5, 5),
+        ("lambda1", 5.0, 5),
+        ("lambda1", "7", 7),
+        ("lambda1", " 7 ", 7),
+        ("lambda1", "-1", -1),
+        ("lambda1", "4.0", 4),
+        ("lambda1", np.int64(6), 6),
+        ("ca_threshold", 0.2, 0.2),
+        ("ca_threshold", "0.05", 0.05),
+        ("ca_threshold", 1, 1.0),
         ("personalization", "DreamBooth", "dreambooth"),
         ("personalization", "DreamBooth checkpoint", "dreambooth"),
         ("personalization", "Textual Inversion", "textual_inversion"),
@@ -190,7 +257,9 @@ def test_unknown_key_message():
         ("personalization", "LoRA", "lora"),
         ("layout_source", "STAGE1", "stage1"),
         ("layout_source", "DDIM inversion of the layout (paper)", "inversion"),
-        ("sam_model", "", "none"), ("sam_model", "None", "none"), ("sam_model", "sam_vit_b.pth", "sam_vit_b.pth"),
+        ("sam_model", "", "none"),
+        ("sam_model", "None", "none"),
+        ("sam_model", "sam_vit_b.pth", "sam_vit_b.pth"),
         ("concept_token", "  sks ", "sks"),
         ("reference_image", "", None),
     ],
@@ -217,11 +286,18 @@ def test_none_takes_the_default():
         ("ca_threshold", float("nan"), "ca_threshold must be a number, got nan (float)"),
         ("ca_threshold", False, "ca_threshold must be a number, got False (bool)"),
         ("concept_token", 5, "concept_token must be text, got 5 (int)"),
-        ("personalization", "hypernetwork",
-         "personalization is 'hypernetwork', which is not one of 'dreambooth', 'textual_inversion', "
-         "'lora': choose one of those"),
+        (
+            "personalization",
+            "hypernetwork",
+            "personalization is 'hypernetwork', which is not one of 'dreambooth', 'textual_inversion', "
+            "'lora': choose one of those",
+        ),
         ("layout_source", 1, "layout_source must be text, got 1 (int)"),
-        ("reference_image", "/work/shared/data/vico/brown_dog/00.jpg", "not valid base64 image data"),
+        (
+            "reference_image",
+            "/work/shared/data/vico/brown_dog/00.jpg",
+            "not valid base64 image data",
+        ),
     ],
 )
 def test_bad_types(name, given, message):
@@ -239,10 +315,16 @@ def test_construction_coerces_too():
 def test_reference_image_forms():
     photo = _photo()
     want = image_fingerprint(photo)
-    for value in (photo, np.asarray(photo.convert("RGB")), {"image": _b64png(photo), "mask": None},
-                  "data:image/png;base64," + _b64png(photo)):
+    for value in (
+        photo,
+        np.asarray(photo.convert("RGB")),
+        {"image": _b64png(photo), "mask": None},
+        "data:image/png;base64," + _b64png(photo),
+    ):
         p = LayoutRetouchParams.from_dict({"reference_image": value})
-        assert image_fingerprint(p.reference_image.convert("RGB")) == image_fingerprint(photo.convert("RGB"))
+        assert image_fingerprint(p.reference_image.convert("RGB")) == image_fingerprint(
+            photo.convert("RGB")
+        )
     assert image_fingerprint(LayoutRetouchParams(reference_image=photo).reference_image) == want
 
 
@@ -259,27 +341,51 @@ def test_defaults_and_ready_params_validate():
 @pytest.mark.parametrize(
     "change, parameter, message",
     [
-        (dict(lambda1=-1), "lambda1",
-         "lambda1 (λ1, the number of first steps drawn by the vanilla model) is -1 but must be 0 or "
-         "more: set it to 0 or more (paper: 5 at 50 steps)"),
-        (dict(lambda2=-3), "lambda2",
-         "lambda2 (λ2, the number of first retouch steps that copy the layout) is -3 but must be 0 or more"),
-        (dict(mask_start=1), "mask_start",
-         "mask_start (the first retouch step that blends the subject mask) is 1 but must be 2 or more"),
-        (dict(ca_threshold=0.0), "ca_threshold",
-         "ca_threshold (the threshold of the cross-attention mask) is 0.0 but must be between 0 and 1 "
-         "(exclusive): try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)"),
+        (
+            dict(lambda1=-1),
+            "lambda1",
+            "lambda1 (λ1, the number of first steps drawn by the vanilla model) is -1 but must be 0 or "
+            "more: set it to 0 or more (paper: 5 at 50 steps)",
+        ),
+        (
+            dict(lambda2=-3),
+            "lambda2",
+            "lambda2 (λ2, the number of first retouch steps that copy the layout) is -3 but must be 0 or more",
+        ),
+        (
+            dict(mask_start=1),
+            "mask_start",
+            "mask_start (the first retouch step that blends the subject mask) is 1 but must be 2 or more",
+        ),
+        (
+            dict(ca_threshold=0.0),
+            "ca_threshold",
+            "ca_threshold (the threshold of the cross-attention mask) is 0.0 but must be between 0 and 1 "
+            "(exclusive): try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)",
+        ),
         (dict(ca_threshold=1), "ca_threshold", "is 1.0 but must be between 0 and 1"),
         (dict(ca_threshold=-0.5), "ca_threshold", "is -0.5 but must be between 0 and 1"),
-        (dict(reference_image=None), "reference_image",
-         "no reference image: upload one photo of your subject"),
-        (dict(concept_token=""), "concept_token",
-         "concept_token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>"),
-        (dict(class_phrase="  "), "class_phrase",
-         "class_phrase is empty: enter what a normal model calls your subject, e.g. dog or red vase"),
-        (dict(vanilla_checkpoint=""), "vanilla_checkpoint",
-         "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose the original "
-         "checkpoint your DreamBooth model was fine-tuned from"),
+        (
+            dict(reference_image=None),
+            "reference_image",
+            "no reference image: upload one photo of your subject",
+        ),
+        (
+            dict(concept_token=""),
+            "concept_token",
+            "concept_token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>",
+        ),
+        (
+            dict(class_phrase="  "),
+            "class_phrase",
+            "class_phrase is empty: enter what a normal model calls your subject, e.g. dog or red vase",
+        ),
+        (
+            dict(vanilla_checkpoint=""),
+            "vanilla_checkpoint",
+            "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose the original "
+            "checkpoint your DreamBooth model was fine-tuned from",
+        ),
     ],
 )
 def test_validation_messages(change, parameter, message):
@@ -308,7 +414,9 @@ def test_validate_catches_values_assigned_after_construction():
 def test_schedule_scaled_and_unscaled():
     assert _ready().schedule(50) == Schedule(50, 5, 10, 31)
     assert _ready().schedule(20) == Schedule(20, 2, 4, 13)
-    assert _ready(lambda1=3, mask_start=15, scale_with_steps=False).schedule(20) == Schedule(20, 3, 10, 15)
+    assert _ready(lambda1=3, mask_start=15, scale_with_steps=False).schedule(20) == Schedule(
+        20, 3, 10, 15
+    )
     with pytest.raises(LayoutRetouchError) as e:  # 31 as given does not fit 20 steps
         _ready(scale_with_steps=False).schedule(20)
     assert e.value.parameter == "mask_start" and "between 2 and 21" in str(e.value)
@@ -350,7 +458,9 @@ def test_infotext_exact():
 def test_infotext_round_trip_gives_back_every_field():
     p = _ready(**NON_DEFAULT)
     back = LayoutRetouchParams.from_infotext(p.to_infotext(40, mask_kind="SAM+CA"))
-    expected = {n: getattr(p, n) for n in NAMES if n not in ("reference_image", "show_intermediates")}
+    expected = {
+        n: getattr(p, n) for n in NAMES if n not in ("reference_image", "show_intermediates")
+    }
     if p.personalization != "dreambooth":  # the hidden DreamBooth-only fields are not recorded
         expected["vanilla_checkpoint"] = ""
         expected["stage1_text_encoder"] = "vanilla"  # (read back as the default)
@@ -358,7 +468,9 @@ def test_infotext_round_trip_gives_back_every_field():
     # and the defaults, where empty text fields are not written
     q = _ready()
     back = LayoutRetouchParams.from_infotext(q.to_infotext(50))
-    assert back == {n: getattr(q, n) for n in NAMES if n not in ("reference_image", "show_intermediates")}
+    assert back == {
+        n: getattr(q, n) for n in NAMES if n not in ("reference_image", "show_intermediates")
+    }
     assert back["reference_prompt"] == ""
 
 
@@ -411,7 +523,9 @@ def test_api_dict_round_trip():
         if n != "reference_image":
             assert getattr(q, n) == getattr(p, n), n
     assert image_fingerprint(q.reference_image) == image_fingerprint(p.reference_image)
-    assert LayoutRetouchParams.from_dict(LayoutRetouchParams().to_api_dict()) == LayoutRetouchParams()
+    assert (
+        LayoutRetouchParams.from_dict(LayoutRetouchParams().to_api_dict()) == LayoutRetouchParams()
+    )
     assert LayoutRetouchParams().to_api_dict()["reference_image"] is None
 
 
@@ -436,7 +550,9 @@ def test_vanilla_checkpoint_is_recorded_for_dreambooth_only():
     for kind in ("textual_inversion", "lora"):
         info = _ready(personalization=kind, vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
         assert "LR vanilla checkpoint" not in info and info["LR personalization"] == kind
-    info = _ready(personalization="dreambooth", vanilla_checkpoint="v1-5.safetensors").to_infotext(20)
+    info = _ready(personalization="dreambooth", vanilla_checkpoint="v1-5.safetensors").to_infotext(
+        20
+    )
     assert info["LR vanilla checkpoint"] == "v1-5.safetensors"
 
 
@@ -454,7 +570,9 @@ def test_one_string_still_gives_one_image_and_the_same_infotext():
     photo = _photo()
     p = _ready(reference_image=_b64png(photo))
     assert isinstance(p.reference_image, Image.Image) and len(p.references) == 1
-    assert p.to_infotext(20)["LR reference"] == image_fingerprint(photo)  # as before: the fingerprint alone
+    assert p.to_infotext(20)["LR reference"] == image_fingerprint(
+        photo
+    )  # as before: the fingerprint alone
     assert LayoutRetouchParams().references == []
 
 
@@ -521,7 +639,10 @@ def test_infotext_paste_of_several_fingerprints():
 
 def test_layout_source_input_parses_by_value_and_label():
     assert LayoutRetouchParams(layout_source="input").layout_source == "input"
-    assert LayoutRetouchParams(layout_source="The input image itself (img2img)").layout_source == "input"
+    assert (
+        LayoutRetouchParams(layout_source="The input image itself (img2img)").layout_source
+        == "input"
+    )
     back = LayoutRetouchParams.from_infotext(_ready(layout_source="input").to_infotext(20))
     assert back["layout_source"] == "input"
 
@@ -529,13 +650,24 @@ def test_layout_source_input_parses_by_value_and_label():
 def test_layout_source_input_needs_no_vanilla_checkpoint_in_dreambooth_mode():
     """'input' retouches the img2img input itself: no stage 1, so no vanilla model is ever loaded."""
     from tests.paths import DOG_PHOTO
+
     photo = Image.open(DOG_PHOTO)
-    base = dict(enabled=True, reference_image=photo, personalization="dreambooth", concept_token="sks",
-                class_phrase="dog", vanilla_checkpoint="")
+    base = dict(
+        enabled=True,
+        reference_image=photo,
+        personalization="dreambooth",
+        concept_token="sks",
+        class_phrase="dog",
+        vanilla_checkpoint="",
+    )
     LayoutRetouchParams(layout_source="input", **base).validate()
     assert not LayoutRetouchParams(layout_source="input", **base).needs_vanilla_checkpoint
     assert LayoutRetouchParams(layout_source="stage1", **base).needs_vanilla_checkpoint
-    assert not LayoutRetouchParams(layout_source="stage1", **dict(base, personalization="lora")).needs_vanilla_checkpoint
-    assert [LayoutRetouchParams(layout_source=s).runs_stage1 for s in ("inversion", "stage1", "input")] == [True, True, False]
+    assert not LayoutRetouchParams(
+        layout_source="stage1", **dict(base, personalization="lora")
+    ).needs_vanilla_checkpoint
+    assert [
+        LayoutRetouchParams(layout_source=s).runs_stage1 for s in ("inversion", "stage1", "input")
+    ] == [True, True, False]
     with pytest.raises(LayoutRetouchError, match="vanilla_checkpoint is empty"):
         LayoutRetouchParams(layout_source="inversion", **base).validate()

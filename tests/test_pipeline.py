@@ -1,4 +1,5 @@
 """Stage 2 end to end on the tiny model: docs/ALGORITHM.md "What must hold" and the pipeline's promises."""
+
 import numpy as np
 import pytest
 import torch
@@ -8,31 +9,35 @@ from lib_layout_retouch.attention import LAYOUT, TARGET
 from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.layers import attention_modules, layer_table_for
 from lib_layout_retouch.model import LdmModel
-from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
+from lib_layout_retouch.prompts import derive_prompts
 from lib_layout_retouch.schedule import Schedule
-from tests.test_ddim import photo_tensor
+from tests.paths import photo_tensor
 
 T = 8
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_ldm):
-    model = LdmModel(tiny_ldm)
-    prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
-    conds = pl.encode_prompts(model, prompts, "")
-    subject = subject_token_positions(model.tokenize, prompts.personalized, ["sks", "dog"])
-    ref = model.encode(photo_tensor())
-    g = torch.Generator().manual_seed(7)
-    layouts = torch.randn(2, 4, 8, 8, generator=g)
-    return model, conds, subject, ref, layouts
-
-
 def run(setup, **kw):
     model, conds, subject, ref, layouts = setup
-    sched = kw.pop("schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False))
-    settings = pl.RetouchSettings(schedule=sched, **{k: kw.pop(k) for k in list(kw) if hasattr(pl.RetouchSettings, k) or k in pl.RetouchSettings.__dataclass_fields__})
-    return pl.retouch(model, reference_latent=ref, layout_latents=kw.pop("layouts", layouts), conds=conds,
-                      subject_tokens=subject, settings=settings, **kw)
+    sched = kw.pop(
+        "schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False)
+    )
+    settings = pl.RetouchSettings(
+        schedule=sched,
+        **{
+            k: kw.pop(k)
+            for k in list(kw)
+            if hasattr(pl.RetouchSettings, k) or k in pl.RetouchSettings.__dataclass_fields__
+        },
+    )
+    return pl.retouch(
+        model,
+        reference_latent=ref,
+        layout_latents=kw.pop("layouts", layouts),
+        conds=conds,
+        subject_tokens=subject,
+        settings=settings,
+        **kw,
+    )
 
 
 def test_subject_tokens_point_at_sks_and_dog(setup):
@@ -112,7 +117,9 @@ def test_blending_changes_the_result_and_mask_one_is_no_blend(setup):
     blended = run(setup)
     assert not torch.allclose(no_blend.latents, blended.latents, atol=1e-5)
     # M = 1: z_t <- M*z_t + (1-M)*z_l keeps the target as it is, i.e. the same as never blending
-    ones = run(setup, segmenter=WholeImageSegmenter(), layout_images=np.zeros((2, 64, 64, 3), np.uint8))
+    ones = run(
+        setup, segmenter=WholeImageSegmenter(), layout_images=np.zeros((2, 64, 64, 3), np.uint8)
+    )
     assert ones.mask_kind == pl.MASK_SAM and bool((ones.masks == 1).all())
     assert torch.allclose(ones.latents, no_blend.latents, atol=1e-6)
 
@@ -132,7 +139,9 @@ def test_sam_mask_joins_the_mask(setup):
 
 def test_layout_from_stage1_trajectory(setup, monkeypatch):
     model, conds, subject, ref, layouts = setup
-    traj = [torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(T + 1)]
+    traj = [
+        torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(T + 1)
+    ]
     stepped = []  # (s, latent) of every DDIM step; the layout path's comes first in each retouch step
     real_step = pl.ddim.denoise_step
 
@@ -151,7 +160,9 @@ def test_layout_from_stage1_trajectory(setup, monkeypatch):
     assert sorted(first) == list(range(1, T + 1))
     for s in range(1, T + 1):
         assert torch.equal(first[s], traj[s - 1]), s
-    assert not torch.equal(res.trajectories[LAYOUT][0], traj[1])  # (the spy is needed: outputs are not inputs)
+    assert not torch.equal(
+        res.trajectories[LAYOUT][0], traj[1]
+    )  # (the spy is needed: outputs are not inputs)
     with pytest.raises(ValueError):
         run(setup, layout_trajectory=traj[:-1])
 
@@ -169,7 +180,11 @@ def test_interrupt_restores_every_forward_and_progress_reports(setup):
         seen.append((phase, s, total))
 
     with pytest.raises(Interrupted):
-        run(setup, progress=progress, should_stop=lambda: sum(p == "retouch" for p, _, _ in seen) >= 4)
+        run(
+            setup,
+            progress=progress,
+            should_stop=lambda: sum(p == "retouch" for p, _, _ in seen) >= 4,
+        )
     assert ("reference inversion", T, T) in seen and ("layout inversion", T, T) in seen
     assert ("retouch", 4, T) in seen and ("retouch", 5, T) not in seen
     assert all("forward" not in m.__dict__ for m in attention_modules(unet).values())
@@ -180,14 +195,29 @@ def test_interrupt_restores_every_forward_and_progress_reports(setup):
 def test_generate_both_stages_end_to_end(tiny_ldm, tiny_vanilla_unet):
     model = LdmModel(tiny_ldm)
     prompts = derive_prompts("a sks dog jumping over the fence", "sks", "dog")
-    settings = pl.RetouchSettings(schedule=Schedule.for_steps(6, lambda1=1, lambda2=1, mask_start=4, scale=False))
+    settings = pl.RetouchSettings(
+        schedule=Schedule.for_steps(6, lambda1=1, lambda2=1, mask_start=4, scale=False)
+    )
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = pl.generate(model, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings,
-                      vanilla_unet=tiny_vanilla_unet)
+    out = pl.generate(
+        model,
+        prompts=prompts,
+        reference_image=photo_tensor(),
+        noise=noise,
+        settings=settings,
+        vanilla_unet=tiny_vanilla_unet,
+    )
     assert out.images.shape == (2, 3, 64, 64) and out.layout_images.shape == (2, 3, 64, 64)
     assert not torch.allclose(out.images, out.layout_images, atol=1e-3)
-    fast = pl.generate(model, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings,
-                       vanilla_unet=tiny_vanilla_unet, layout_source="stage1")
+    fast = pl.generate(
+        model,
+        prompts=prompts,
+        reference_image=photo_tensor(),
+        noise=noise,
+        settings=settings,
+        vanilla_unet=tiny_vanilla_unet,
+        layout_source="stage1",
+    )
     assert fast.retouch.unet_calls == out.retouch.unet_calls - 6
     assert torch.equal(fast.layout_latents, out.layout_latents)
 
@@ -202,7 +232,7 @@ def test_reference_path_without_reset_steps_itself(setup):
 
 def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result(setup):
     model, conds, subject, ref, layouts = setup
-    kv = pl.ReferenceAttentionCache(max_bytes=10 ** 9)
+    kv = pl.ReferenceAttentionCache(max_bytes=10**9)
     inv = pl.InversionCache(4)
     first = run(setup, cache=inv, kv_cache=kv, reference_key=("ref", "model"))
     assert len(kv) == 1 and kv.nbytes() > 0
@@ -213,10 +243,19 @@ def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result
     assert second.unet_rows == first.unet_rows - T - 2 * (T - 2)
     # another negative prompt is another key: the reference runs again
     other = pl.RetouchConds(reference=conds.reference, layout=conds.layout, uncond=conds.reference)
-    res = pl.retouch(model, reference_latent=ref, layout_latents=layouts, conds=other, subject_tokens=subject,
-                     settings=pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5,
-                                                                             scale=False)),
-                     cache=inv, kv_cache=kv, reference_key=("ref", "model"))
+    res = pl.retouch(
+        model,
+        reference_latent=ref,
+        layout_latents=layouts,
+        conds=other,
+        subject_tokens=subject,
+        settings=pl.RetouchSettings(
+            schedule=Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False)
+        ),
+        cache=inv,
+        kv_cache=kv,
+        reference_key=("ref", "model"),
+    )
     assert res.unet_rows == first.unet_rows - T
     # bounded: a cache smaller than one step keeps nothing, and the run is still right
     tiny = pl.ReferenceAttentionCache(max_bytes=1000)

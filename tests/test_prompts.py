@@ -1,4 +1,5 @@
 """The paper's three prompts (y_p, y_p⁻, y_r), subject token positions, and the UI's guess."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,7 +24,12 @@ from lib_layout_retouch.prompts import (
         ("a <v> red  vase", "<v>", "red vase", "a red  vase"),
         ("a sks Dog", "sks", "dog", "a Dog"),  # class compared case-insensitively
         # otherwise the token is replaced by the class phrase
-        ("a photo of <my-vase> on a beach", "<my-vase>", "red vase", "a photo of red vase on a beach"),
+        (
+            "a photo of <my-vase> on a beach",
+            "<my-vase>",
+            "red vase",
+            "a photo of red vase on a beach",
+        ),
         ("a sks doghouse", "sks", "dog", "a dog doghouse"),  # dog must end at a word boundary
         ("sks", "sks", "dog", "dog"),
         # whole token, case-sensitive: 'asks' and 'SKS' are not occurrences
@@ -138,7 +144,10 @@ def test_subject_positions_with_a_real_clip_tokenizer(tiny_clip_dir):
     def tokenize(text):
         return tok(text, add_special_tokens=False).input_ids
 
-    assert subject_token_positions(tokenize, "a photo of a red vase on a beach", ["red vase"]) == [5, 6]
+    assert subject_token_positions(tokenize, "a photo of a red vase on a beach", ["red vase"]) == [
+        5,
+        6,
+    ]
     # a word outside the vocabulary is split into several BPE tokens: all of them are the subject
     assert len(tokenize("zqx")) == 3
     assert subject_token_positions(tokenize, "a zqx dog", ["zqx"]) == [2, 3, 4]
@@ -166,12 +175,14 @@ def test_guess_concept(prompt, known, expected):
 
 def test_one_extra_network_rule_the_webuis():
     """The glue strips tags with the library's rule, which is A1111's `<(\\w+):([^>]+)>`."""
-    import os
 
     from lib_layout_retouch.prompts import EXTRA_NETWORK_TAG, strip_extra_networks
 
     assert EXTRA_NETWORK_TAG.pattern == r"<(\w+):([^>]+)>"
-    assert strip_extra_networks("a sks dog <lora:dog:0.8> <hypernet:x:1>, <my-vase>") == "a sks dog  , <my-vase>"
+    assert (
+        strip_extra_networks("a sks dog <lora:dog:0.8> <hypernet:x:1>, <my-vase>")
+        == "a sks dog  , <my-vase>"
+    )
     from tests.test_glue_library import glue_files
 
     glue = "".join(open(f, encoding="utf-8").read() for f in glue_files())

@@ -1,4 +1,5 @@
 """Which model/prompt/phase runs at step s, and how λ1, λ2, mask_start scale with the step count."""
+
 from __future__ import annotations
 
 import pytest
@@ -91,13 +92,33 @@ def test_bounds_are_inclusive_where_allowed():
 @pytest.mark.parametrize(
     "args, parameter, pieces",
     [
-        ((10, 10, 2, 5), "lambda1", ["λ1 (the number of first steps drawn by the vanilla model) is 10",
-                                    "at 10 sampling steps", "between 0 and 9"]),
+        (
+            (10, 10, 2, 5),
+            "lambda1",
+            [
+                "λ1 (the number of first steps drawn by the vanilla model) is 10",
+                "at 10 sampling steps",
+                "between 0 and 9",
+            ],
+        ),
         ((10, -1, 2, 5), "lambda1", ["is -1", "between 0 and 9"]),
-        ((10, 1, 11, 5), "lambda2", ["λ2 (the number of first retouch steps that copy the layout) is 11",
-                                    "between 0 and 10"]),
-        ((10, 1, 2, 1), "mask_start", ["mask start (the first retouch step that blends the subject mask) is 1",
-                                      "between 2 and 11", "11 turns blending off"]),
+        (
+            (10, 1, 11, 5),
+            "lambda2",
+            [
+                "λ2 (the number of first retouch steps that copy the layout) is 11",
+                "between 0 and 10",
+            ],
+        ),
+        (
+            (10, 1, 2, 1),
+            "mask_start",
+            [
+                "mask start (the first retouch step that blends the subject mask) is 1",
+                "between 2 and 11",
+                "11 turns blending off",
+            ],
+        ),
         ((10, 1, 2, 12), "mask_start", ["is 12", "between 2 and 11"]),
         ((1, 0, 0, 2), "steps", ["the number of sampling steps is 1", "at least 2"]),
         ((10, 1.5, 2, 5), "lambda1", ["whole number", "1.5"]),
@@ -155,36 +176,45 @@ def test_frozen_and_equality_ignores_origin():
 
 
 # -- img2img: the steps the WebUI's img2img sampler runs (A1111 v1.10 setup_img2img_steps: t_enc + 1) --
-@pytest.mark.parametrize("steps, strength, fix, expected", [
-    (20, 0.75, False, 16),   # t_enc = int(0.75·20) = 15
-    (20, 1.0, False, 20),    # min(1.0, 0.999)·20 = 19.98 → 19
-    (50, 0.5, False, 26),
-    (30, 0.3, False, 10),    # int(0.3·30) = 9
-    (10, 0.29, False, 3),    # 0.29·10 = 2.9 → 2: truncated, as A1111 does
-    (20, 0.0, False, 1),
-    (20, 0.75, True, 20),    # img2img_fix_steps: exactly the slider's steps
-    (7, 0.1, True, 7),
-])
+@pytest.mark.parametrize(
+    "steps, strength, fix, expected",
+    [
+        (20, 0.75, False, 16),  # t_enc = int(0.75·20) = 15
+        (20, 1.0, False, 20),  # min(1.0, 0.999)·20 = 19.98 → 19
+        (50, 0.5, False, 26),
+        (30, 0.3, False, 10),  # int(0.3·30) = 9
+        (10, 0.29, False, 3),  # 0.29·10 = 2.9 → 2: truncated, as A1111 does
+        (20, 0.0, False, 1),
+        (20, 0.75, True, 20),  # img2img_fix_steps: exactly the slider's steps
+        (7, 0.1, True, 7),
+    ],
+)
 def test_img2img_steps_as_a1111_runs_them(steps, strength, fix, expected):
     from lib_layout_retouch.schedule import img2img_steps
+
     assert img2img_steps(steps, strength, fix_steps=fix) == expected
 
 
 def test_img2img_steps_refuses_a_strength_outside_0_1():
     from lib_layout_retouch.schedule import img2img_steps
+
     with pytest.raises(LayoutRetouchError, match="denoising strength"):
         img2img_steps(20, 1.5)
 
 
-@pytest.mark.parametrize("steps, strength, expected", [
-    # effective T = 16 (20 × 0.75): λ1 = round(5·16/50) = round(1.6) = 2, λ2 = round(3.2) = 3,
-    # blended = round(20·16/50) = round(6.4) = 6 → mask from 16 + 1 − 6 = 11
-    (20, 0.75, (16, 2, 3, 11, "λ1=2, λ2=3, mask from step 11 of 16")),
-    # T = 26 (50 × 0.5): λ1 = round(2.6) = 3, λ2 = round(5.2) = 5, blended = round(10.4) = 10 → 17
-    (50, 0.5, (26, 3, 5, 17, "λ1=3, λ2=5, mask from step 17 of 26")),
-])
+@pytest.mark.parametrize(
+    "steps, strength, expected",
+    [
+        # effective T = 16 (20 × 0.75): λ1 = round(5·16/50) = round(1.6) = 2, λ2 = round(3.2) = 3,
+        # blended = round(20·16/50) = round(6.4) = 6 → mask from 16 + 1 − 6 = 11
+        (20, 0.75, (16, 2, 3, 11, "λ1=2, λ2=3, mask from step 11 of 16")),
+        # T = 26 (50 × 0.5): λ1 = round(2.6) = 3, λ2 = round(5.2) = 5, blended = round(10.4) = 10 → 17
+        (50, 0.5, (26, 3, 5, 17, "λ1=3, λ2=5, mask from step 17 of 26")),
+    ],
+)
 def test_schedule_at_the_img2img_step_count(steps, strength, expected):
     from lib_layout_retouch.schedule import img2img_steps
+
     T = img2img_steps(steps, strength)
     s = Schedule.for_steps(T)
     assert (s.steps, s.lambda1, s.lambda2, s.mask_start, s.describe()) == expected

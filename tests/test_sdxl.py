@@ -4,6 +4,7 @@ Every model test runs on two builds of a tiny SDXL (tests/tiny_sdxl.py): "ldm" (
 configuration; always available) and "sgm" (the real sgm DiffusionEngine; skipped with a reason
 where sgm is not importable — it is not on PyPI).
 """
+
 import pytest
 import torch
 
@@ -11,21 +12,31 @@ from lib_layout_retouch import conditioning as C
 from lib_layout_retouch import pipeline as pl
 from lib_layout_retouch.attention import LAYOUT, TARGET, patched_attention
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
-from lib_layout_retouch.layers import (SD1, SDXL, SDXL_LIGHT, attention_modules, infer_layer_table,
-                                       is_self_attention, layer_table_for)
-from lib_layout_retouch.model import SD1 as SD1_FAMILY, SDXL as SDXL_FAMILY
+from lib_layout_retouch.layers import (
+    SD1,
+    SDXL,
+    SDXL_LIGHT,
+    attention_modules,
+    infer_layer_table,
+    is_self_attention,
+    layer_table_for,
+)
+from lib_layout_retouch.model import SD1 as SD1_FAMILY
+from lib_layout_retouch.model import SDXL as SDXL_FAMILY
 from lib_layout_retouch.model import LdmModel, check_model_supported, unet_family
 from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
 from lib_layout_retouch.schedule import Schedule
 from tests import tiny_sdxl as TS
-from tests.test_ddim import photo_tensor
+from tests.paths import photo_tensor
 
 SGM_OK, SGM_WHY = TS.sgm_status()
 T = 4
 
 
 def _param(kind):
-    return pytest.param(kind, marks=pytest.mark.skipif(kind == "sgm" and not SGM_OK, reason=SGM_WHY))
+    return pytest.param(
+        kind, marks=pytest.mark.skipif(kind == "sgm" and not SGM_OK, reason=SGM_WHY)
+    )
 
 
 @pytest.fixture(scope="module", params=[_param(k) for k in TS.BUILDS])
@@ -38,7 +49,9 @@ def xl(request, tmp_path_factory):
 def _forward(adapter, seed=0, n=2):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, 8, 8, generator=g)
-    cond = C.expand(adapter.conditioning(["a photo of sks dog"], adapter.generation_size(64, 64)), n)
+    cond = C.expand(
+        adapter.conditioning(["a photo of sks dog"], adapter.generation_size(64, 64)), n
+    )
     with torch.no_grad():
         return adapter.eps(x, torch.tensor([500] * n), cond)
 
@@ -54,16 +67,33 @@ def test_sdxl_base_table_is_the_structural_rule_on_the_real_unet():
     SDXL.check_against(unet)
     assert tuple(selfs[44:]) == SDXL.reference_layers  # MasaCtrl start_layer=44 of 70
     inferred = infer_layer_table(unet)
-    assert inferred.reference_layers == SDXL.reference_layers and set(inferred.mask_layers) == set(SDXL.mask_layers)
-    assert set(infer_layer_table(unet, "light").reference_layers) == set(SDXL_LIGHT.reference_layers)
+    assert inferred.reference_layers == SDXL.reference_layers and set(inferred.mask_layers) == set(
+        SDXL.mask_layers
+    )
+    assert set(infer_layer_table(unet, "light").reference_layers) == set(
+        SDXL_LIGHT.reference_layers
+    )
     assert len(SDXL.mask_layers) == 50 and all(n.endswith("attn2") for n in SDXL.mask_layers)
 
 
 def test_written_tables_follow_their_rules():
     assert len(SDXL.reference_layers) == 26 and SDXL.blend_layers == SDXL.reference_layers
-    assert all(n.startswith(("output_blocks.1.", "output_blocks.2.", "output_blocks.3.", "output_blocks.4.",
-                             "output_blocks.5.")) for n in SDXL.reference_layers)
-    assert set(SDXL_LIGHT.reference_layers) < set(SDXL.reference_layers) and len(SDXL_LIGHT.reference_layers) == 6
+    assert all(
+        n.startswith(
+            (
+                "output_blocks.1.",
+                "output_blocks.2.",
+                "output_blocks.3.",
+                "output_blocks.4.",
+                "output_blocks.5.",
+            )
+        )
+        for n in SDXL.reference_layers
+    )
+    assert (
+        set(SDXL_LIGHT.reference_layers) < set(SDXL.reference_layers)
+        and len(SDXL_LIGHT.reference_layers) == 6
+    )
     assert SDXL.swaps_every_layer() and SD1.swaps_every_layer()
 
 
@@ -74,15 +104,28 @@ def test_tiny_sdxl_table_by_level(xl):
     assert table.name == "inferred-sdxl"
     # mask: every cross-attention at latent/4 (input 7–8, output 0–2), no other level
     assert {n.split(".1.transformer")[0] for n in table.mask_layers} == {
-        "input_blocks.7", "input_blocks.8", "output_blocks.0", "output_blocks.1", "output_blocks.2"}
+        "input_blocks.7",
+        "input_blocks.8",
+        "output_blocks.0",
+        "output_blocks.1",
+        "output_blocks.2",
+    }
     # reference: latent/4 without its first decoder block, and latent/2
     assert {n.split(".1.transformer")[0] for n in table.reference_layers} == {
-        "output_blocks.1", "output_blocks.2", "output_blocks.3", "output_blocks.4", "output_blocks.5"}
+        "output_blocks.1",
+        "output_blocks.2",
+        "output_blocks.3",
+        "output_blocks.4",
+        "output_blocks.5",
+    }
     if depth:  # every transformer block of each, not just block 0
         assert len(table.reference_layers) == 5 * depth
     light = layer_table_for(adapter.unet, "light")
     assert {n.split(".1.transformer")[0] for n in light.reference_layers} == {
-        "output_blocks.3", "output_blocks.4", "output_blocks.5"}
+        "output_blocks.3",
+        "output_blocks.4",
+        "output_blocks.5",
+    }
     with pytest.raises(ValueError, match="unknown layer preset"):
         layer_table_for(adapter.unet, "heavy")
 
@@ -124,20 +167,34 @@ def test_empty_negative_prompt_is_sdxls_zero_embedding(xl):
 
 def _size_part(vector, kind):
     """The size terms at the end of SDXL's vector (after the pooled text embedding)."""
-    return vector[:, -(3 * 2 * (TS.SIZE_DIM if kind == "ldm" else 256)):]
+    return vector[:, -(3 * 2 * (TS.SIZE_DIM if kind == "ldm" else 256)) :]
 
 
 def test_encode_prompts_gives_each_path_its_own_size_terms(xl):
     kind, _, adapter = xl
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
-    conds = pl.encode_prompts(adapter, prompts, "", generation_size=adapter.generation_size(64, 64),
-                              reference_size=C.SizeTerms((480, 640), (0, 10), (64, 64)))
+    conds = pl.encode_prompts(
+        adapter,
+        prompts,
+        "",
+        generation_size=adapter.generation_size(64, 64),
+        reference_size=C.SizeTerms((480, 640), (0, 10), (64, 64)),
+    )
     assert torch.equal(conds.reference["crossattn"], conds.target["crossattn"])  # y_r both
     assert not torch.equal(conds.reference["vector"], conds.target["vector"])  # other size terms
-    assert torch.equal(conds.cond_of(TARGET)["vector"], conds.layout["vector"])  # the layout's global conditioning
-    assert not torch.equal(_size_part(conds.reference["vector"], kind), _size_part(conds.layout["vector"], kind))
-    assert not torch.equal(conds.uncond_of("reference")["vector"], conds.uncond_of(LAYOUT)["vector"])
-    assert conds.uncond["crossattn"].abs().max() == 0 and conds.layout_empty["crossattn"].abs().max() == 0
+    assert torch.equal(
+        conds.cond_of(TARGET)["vector"], conds.layout["vector"]
+    )  # the layout's global conditioning
+    assert not torch.equal(
+        _size_part(conds.reference["vector"], kind), _size_part(conds.layout["vector"], kind)
+    )
+    assert not torch.equal(
+        conds.uncond_of("reference")["vector"], conds.uncond_of(LAYOUT)["vector"]
+    )
+    assert (
+        conds.uncond["crossattn"].abs().max() == 0
+        and conds.layout_empty["crossattn"].abs().max() == 0
+    )
 
 
 def test_condition_helpers_on_dicts():
@@ -145,7 +202,9 @@ def test_condition_helpers_on_dicts():
     b = {"crossattn": torch.zeros(1, 154, 2), "vector": torch.zeros(1, 3)}
     both = C.cat([C.expand(a, 2), b])
     assert both["crossattn"].shape == (3, 154, 2) and both["vector"].shape == (3, 3)
-    assert torch.equal(both["crossattn"][0, 77:], a["crossattn"][0])  # padded by repeating its last chunk
+    assert torch.equal(
+        both["crossattn"][0, 77:], a["crossattn"][0]
+    )  # padded by repeating its last chunk
     assert torch.equal(C.rows(both, slice(2, 3))["vector"], b["vector"])
     with pytest.raises(ValueError):
         C.cat([a, torch.zeros(1, 77, 2)])
@@ -173,6 +232,7 @@ def test_half_precision_vae_that_overflows_is_retried_in_float32(xl):
     def overflowing(z, **kw):  # what an fp16 SDXL VAE does: inf in half precision only
         out = original(z, **kw)
         return out * torch.inf if out.dtype == torch.float16 else out
+
     vae.decoder.forward = overflowing
     try:
         vae.half()
@@ -181,7 +241,9 @@ def test_half_precision_vae_that_overflows_is_retried_in_float32(xl):
         del vae.decoder.forward
         vae.float()
     assert torch.isfinite(out).all()
-    assert next(vae.parameters()).dtype == torch.float32  # put back as it was (float32 after .float())
+    assert (
+        next(vae.parameters()).dtype == torch.float32
+    )  # put back as it was (float32 after .float())
     assert any("VAE overflowed in decode" in n for n in adapter.notes)
     assert torch.allclose(out.float(), expected, atol=5e-2)
 
@@ -191,8 +253,13 @@ def test_half_precision_vae_that_overflows_is_retried_in_float32(xl):
 def xl_setup(xl):
     kind, model, adapter = xl
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
-    conds = pl.encode_prompts(adapter, prompts, "", generation_size=adapter.generation_size(64, 64),
-                              reference_size=C.SizeTerms((96, 64), (16, 0), (64, 64)))
+    conds = pl.encode_prompts(
+        adapter,
+        prompts,
+        "",
+        generation_size=adapter.generation_size(64, 64),
+        reference_size=C.SizeTerms((96, 64), (16, 0), (64, 64)),
+    )
     subject = subject_token_positions(adapter.tokenize, prompts.personalized, ["sks", "dog"])
     ref = adapter.encode(photo_tensor())
     layouts = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -201,11 +268,20 @@ def xl_setup(xl):
 
 def _run(xl_setup, **kw):
     adapter, conds, subject, ref, layouts = xl_setup
-    sched = kw.pop("schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=3, scale=False))
+    sched = kw.pop(
+        "schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=3, scale=False)
+    )
     fields = pl.RetouchSettings.__dataclass_fields__
     settings = pl.RetouchSettings(schedule=sched, **{k: kw.pop(k) for k in list(kw) if k in fields})
-    return pl.retouch(adapter, reference_latent=ref, layout_latents=layouts, conds=conds,
-                      subject_tokens=subject, settings=settings, **kw)
+    return pl.retouch(
+        adapter,
+        reference_latent=ref,
+        layout_latents=layouts,
+        conds=conds,
+        subject_tokens=subject,
+        settings=settings,
+        **kw,
+    )
 
 
 def test_copy_phase_target_equals_layout_then_identity_is_painted(xl_setup):
@@ -234,18 +310,30 @@ def test_mask_blend_exact_on_an_sdxl_reference_layer(xl, m_value):
     from lib_layout_retouch.masks import LayerMasks
 
     _, _, adapter = xl
-    name = next(n for n in layer_table_for(adapter.unet).reference_layers if ".transformer_blocks.1." in n)
+    name = next(
+        n for n in layer_table_for(adapter.unet).reference_layers if ".transformer_blocks.1." in n
+    )
     module = attention_modules(adapter.unet)[name]
     width = module.to_q.in_features
-    table = LayerTable("t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=())
+    table = LayerTable(
+        "t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=()
+    )
     g = torch.Generator().manual_seed(3)
-    x_layout, x_target = torch.randn(1, 4, width, generator=g), torch.randn(1, 4, width, generator=g)
+    x_layout, x_target = (
+        torch.randn(1, 4, width, generator=g),
+        torch.randn(1, 4, width, generator=g),
+    )
     with torch.no_grad():
         own_t, own_o = module(x_target), module(x_layout)
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
     editor.masks = LayerMasks(torch.full((1, 8, 8), m_value), (8, 8))
-    editor.begin_step(RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,)),
-                      copy_layout=False, paint_identity=False, blend=True, record_maps=False)
+    editor.begin_step(
+        RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,)),
+        copy_layout=False,
+        paint_identity=False,
+        blend=True,
+        record_maps=False,
+    )
     with torch.no_grad():
         out = editor(name, module, torch.cat([x_layout, x_target]), None, None, None)
     assert torch.allclose(out[0:1], own_o, atol=1e-6)
@@ -285,15 +373,29 @@ def test_attention_restored_after_errors_on_the_sdxl_unet(xl, exc):
 
 def test_generate_both_stages_with_a_vanilla_unet(xl, tmp_path_factory):
     kind, _, adapter = xl
-    vanilla = TS.build(kind, str(tmp_path_factory.mktemp("xl-vanilla")), seed=1).model.diffusion_model
+    vanilla = TS.build(
+        kind, str(tmp_path_factory.mktemp("xl-vanilla")), seed=1
+    ).model.diffusion_model
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    settings = pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=2, lambda2=2, mask_start=3, scale=False))
-    out = pl.generate(adapter, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings,
-                      vanilla_unet=vanilla)
-    same = pl.generate(adapter, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings)
+    settings = pl.RetouchSettings(
+        schedule=Schedule.for_steps(T, lambda1=2, lambda2=2, mask_start=3, scale=False)
+    )
+    out = pl.generate(
+        adapter,
+        prompts=prompts,
+        reference_image=photo_tensor(),
+        noise=noise,
+        settings=settings,
+        vanilla_unet=vanilla,
+    )
+    same = pl.generate(
+        adapter, prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings
+    )
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
-    assert not torch.allclose(out.layout_latents, same.layout_latents, atol=1e-5)  # the vanilla UNet drew it
+    assert not torch.allclose(
+        out.layout_latents, same.layout_latents, atol=1e-5
+    )  # the vanilla UNet drew it
 
 
 def test_refiner_inpaint_and_vpred_refused_by_name(xl):
@@ -327,17 +429,41 @@ def test_several_references_each_with_its_own_size_terms(xl, xl_setup):
     _, conds1, subject, ref, layouts = xl_setup
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
     sizes = [C.SizeTerms((96, 64), (16, 0), (64, 64)), C.SizeTerms((480, 640), (0, 10), (64, 64))]
-    conds = pl.encode_prompts(adapter, prompts, "", generation_size=adapter.generation_size(64, 64),
-                              reference_size=sizes)
-    assert C.batch_size(conds.reference) == C.batch_size(conds.reference_uncond) == C.batch_size(conds.reference_empty) == 2
-    assert torch.equal(conds.reference["vector"][:1], conds1.reference["vector"])  # photo 1: its own terms
-    assert not torch.equal(_size_part(conds.reference["vector"][1:], kind), _size_part(conds1.reference["vector"], kind))
-    assert torch.equal(conds.layout["vector"], conds1.layout["vector"])  # the generation's untouched
-    twice = pl.encode_prompts(adapter, prompts, "", generation_size=adapter.generation_size(64, 64),
-                              reference_size=[sizes[0], sizes[0]])
+    conds = pl.encode_prompts(
+        adapter, prompts, "", generation_size=adapter.generation_size(64, 64), reference_size=sizes
+    )
+    assert (
+        C.batch_size(conds.reference)
+        == C.batch_size(conds.reference_uncond)
+        == C.batch_size(conds.reference_empty)
+        == 2
+    )
+    assert torch.equal(
+        conds.reference["vector"][:1], conds1.reference["vector"]
+    )  # photo 1: its own terms
+    assert not torch.equal(
+        _size_part(conds.reference["vector"][1:], kind),
+        _size_part(conds1.reference["vector"], kind),
+    )
+    assert torch.equal(
+        conds.layout["vector"], conds1.layout["vector"]
+    )  # the generation's untouched
+    twice = pl.encode_prompts(
+        adapter,
+        prompts,
+        "",
+        generation_size=adapter.generation_size(64, 64),
+        reference_size=[sizes[0], sizes[0]],
+    )
     once = _run(xl_setup)
-    res = pl.retouch(adapter, reference_latent=torch.cat([ref, ref]), layout_latents=layouts, conds=twice,
-                     subject_tokens=subject,
-                     settings=pl.RetouchSettings(schedule=Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=3,
-                                                                             scale=False)))
+    res = pl.retouch(
+        adapter,
+        reference_latent=torch.cat([ref, ref]),
+        layout_latents=layouts,
+        conds=twice,
+        subject_tokens=subject,
+        settings=pl.RetouchSettings(
+            schedule=Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=3, scale=False)
+        ),
+    )
     assert torch.allclose(res.latents, once.latents, atol=1e-5, rtol=1e-5)

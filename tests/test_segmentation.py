@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_layout_retouch import segmentation
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.masks import cross_attention_mask
 from lib_layout_retouch.segmentation import (
@@ -19,7 +18,6 @@ from lib_layout_retouch.segmentation import (
     load_segmenter,
     sam_kind_from_filename,
 )
-
 from tests.paths import DOG_PHOTO
 
 DOG = str(DOG_PHOTO)
@@ -28,7 +26,13 @@ IMG = 64  # tiny SAM input size (SamPredictor resizes the long side to this)
 
 def build_tiny_sam(embed_dim: int = 48, seed: int | None = None):
     """The real SAM blocks at toy size: ViT encoder 64px/patch 16 -> a 4x4 embedding."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     if seed is not None:
         torch.manual_seed(seed)
@@ -99,6 +103,7 @@ def ca_inputs():
 
 # ---------------------------------------------------------------- kinds from file names
 
+
 @pytest.mark.parametrize(
     "name, kind",
     [
@@ -135,6 +140,7 @@ def test_filename_without_kind_is_an_error():
 
 
 # ---------------------------------------------------------------- loading
+
 
 def test_load_segmenter_none_means_no_sam():
     for p in (None, "", "  ", "none", "None"):
@@ -223,6 +229,7 @@ def test_cache_keeps_one_model_until_the_file_changes(tiny_ckpt):
 
 
 # ---------------------------------------------------------------- segmentation
+
 
 def test_segment_real_photo_is_deterministic(tiny_ckpt, dog):
     seg = load_segmenter(tiny_ckpt, kind="tiny")

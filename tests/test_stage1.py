@@ -1,4 +1,5 @@
 """Stage 1: the per-step (model, prompt) trace, and the DreamBooth UNet switch by reference."""
+
 import torch
 
 from lib_layout_retouch import ddim
@@ -15,23 +16,41 @@ def test_stage1_trace_is_vanilla_layout_prompt_then_personalized(tiny_ldm, tiny_
     c = model.conditioning(["a dog on the beach", "a sks dog on the beach", ""])
     c_layout, c_personal, uncond = c[0:1], c[1:2], c[2:3]
     trace, ran = [], []
-    hooks = [u.register_forward_pre_hook(lambda m, a, label=label: ran.append(label))
-             for u, label in ((tiny_vanilla_unet, "vanilla"), (personal_unet, "personal"))]
+    hooks = [
+        u.register_forward_pre_hook(lambda m, a, label=label: ran.append(label))
+        for u, label in ((tiny_vanilla_unet, "vanilla"), (personal_unet, "personal"))
+    ]
 
     def traced(label, denoiser):
         def eps(x, t, cond):
             # which UNet actually ran, and which prompt the conditional half carried
-            prompt = "y_p-" if torch.equal(cond[1:2], c_layout) else "y_p" if torch.equal(cond[1:2], c_personal) else "?"
+            prompt = (
+                "y_p-"
+                if torch.equal(cond[1:2], c_layout)
+                else "y_p"
+                if torch.equal(cond[1:2], c_personal)
+                else "?"
+            )
             assert torch.equal(cond[0:1], uncond)
             out = denoiser(x, t, cond)
             trace.append((label, ran.pop(), prompt, int(t[0])))
             assert not ran
             return out
+
         return eps
 
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = sample_step_blended(traced("vanilla", model.denoiser(tiny_vanilla_unet)), traced("personalized", model.denoiser()),
-                               sched, ddim_s, c_layout, c_personal, uncond, noise, 7.5)
+    traj = sample_step_blended(
+        traced("vanilla", model.denoiser(tiny_vanilla_unet)),
+        traced("personalized", model.denoiser()),
+        sched,
+        ddim_s,
+        c_layout,
+        c_personal,
+        uncond,
+        noise,
+        7.5,
+    )
     for h in hooks:
         h.remove()
     assert len(traj) == 11 and torch.equal(traj[0], noise)
@@ -46,9 +65,20 @@ def test_step_blend_changes_the_layout_versus_plain_personalized(tiny_ldm, tiny_
     ddim_s = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, 8)
     c = model.conditioning(["a dog", "a sks dog", ""])
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    run = lambda l1: sample_step_blended(model.denoiser(tiny_vanilla_unet), model.denoiser(),  # noqa: E731
-                                         Schedule.for_steps(8, lambda1=l1, lambda2=1, mask_start=5, scale=False),
-                                         ddim_s, c[0:1], c[1:2], c[2:3], noise, 5.0)[-1]
+
+    def run(l1):
+        return sample_step_blended(
+            model.denoiser(tiny_vanilla_unet),
+            model.denoiser(),
+            Schedule.for_steps(8, lambda1=l1, lambda2=1, mask_start=5, scale=False),
+            ddim_s,
+            c[0:1],
+            c[1:2],
+            c[2:3],
+            noise,
+            5.0,
+        )[-1]
+
     plain, blended = run(0), run(3)
     assert not torch.allclose(plain, blended, atol=1e-4)
     assert torch.equal(run(0), plain)  # deterministic

@@ -1,5 +1,6 @@
 """Stage 1's vanilla text encoder: a copy of the loaded model's transformer with another checkpoint's
 weights, swapped in by reference and always restored."""
+
 import copy
 
 import pytest
@@ -26,8 +27,10 @@ def vanilla_state(encoder, seed=5):
     """A 'vanilla checkpoint' whose text encoder differs from the loaded one (as after DreamBooth
     fine-tuned the loaded one's)."""
     g = torch.Generator().manual_seed(seed)
-    return {PREFIX + k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-            for k, v in encoder.transformer.state_dict().items()}
+    return {
+        PREFIX + k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in encoder.transformer.state_dict().items()
+    }
 
 
 def encode(encoder, text="a photo of a dog"):
@@ -42,12 +45,14 @@ def test_the_vanilla_encoder_gives_the_vanilla_conditioning_and_the_slot_is_rest
     vanilla = copy_with_weights(encoder.transformer, state, PREFIX, "tiny-vanilla")
     # the reference: the vanilla checkpoint's own encoder, built independently
     reference = copy.deepcopy(encoder)
-    reference.transformer.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()})
+    reference.transformer.load_state_dict({k[len(PREFIX) :]: v for k, v in state.items()})
     slot = [(encoder, "transformer", PREFIX)]
     with swapped(slot, [vanilla]):
         during = encode(encoder)
     assert torch.allclose(during, encode(reference), atol=1e-6)
-    assert not torch.allclose(during, own_before, atol=1e-3)  # the two encoders differ: the test can fail
+    assert not torch.allclose(
+        during, own_before, atol=1e-3
+    )  # the two encoders differ: the test can fail
     assert encoder.transformer is not vanilla and torch.equal(encode(encoder), own_before)
     with pytest.raises(RuntimeError):
         with swapped(slot, [vanilla]):
@@ -60,11 +65,15 @@ def test_the_hosts_wrapped_token_embedding_is_mapped_to_the_checkpoints_name(tin
     state = vanilla_state(encoder)
     emb = encoder.transformer.text_model.embeddings
     emb.token_embedding = Wrapped(emb.token_embedding)
-    assert checkpoint_key("text_model.embeddings.token_embedding.wrapped.weight", PREFIX) == \
-        PREFIX + "text_model.embeddings.token_embedding.weight"
+    assert (
+        checkpoint_key("text_model.embeddings.token_embedding.wrapped.weight", PREFIX)
+        == PREFIX + "text_model.embeddings.token_embedding.weight"
+    )
     vanilla = copy_with_weights(encoder.transformer, state, PREFIX, "tiny-vanilla")
-    assert torch.equal(vanilla.text_model.embeddings.token_embedding.wrapped.weight,
-                       state[PREFIX + "text_model.embeddings.token_embedding.weight"])
+    assert torch.equal(
+        vanilla.text_model.embeddings.token_embedding.wrapped.weight,
+        state[PREFIX + "text_model.embeddings.token_embedding.weight"],
+    )
 
 
 def test_a_checkpoint_without_a_matching_text_encoder_is_refused_by_name(tiny_ldm):

@@ -1,5 +1,6 @@
 """Library side of the WebUI experience (issue 10): truthful sweeps, axis values checked before a
 grid starts, UI messages in control labels, the panel's grouping, one progress bar."""
+
 import pytest
 from PIL import Image
 
@@ -10,8 +11,13 @@ from lib_layout_retouch.progress import PHASES, ProgressPlan
 
 
 def _ready(**kw):
-    base = dict(enabled=True, reference_image=Image.new("RGB", (16, 16), (200, 10, 10)),
-                vanilla_checkpoint="v1-5.safetensors", concept_token="sks", class_phrase="dog")
+    base = dict(
+        enabled=True,
+        reference_image=Image.new("RGB", (16, 16), (200, 10, 10)),
+        vanilla_checkpoint="v1-5.safetensors",
+        concept_token="sks",
+        class_phrase="dog",
+    )
     base.update(kw)
     return LayoutRetouchParams(**base)
 
@@ -23,7 +29,10 @@ def test_swept_lambda1_runs_the_value_its_label_claims_at_the_step_count():
     assert [c.schedule(10).lambda1 for c in cells] == [1, 2, 3]  # not all 1 (scaled 1,2,3 → 0/0/1)
     for c in cells:  # the knobs not swept keep their effective values; the record is literal
         assert not c.scale_with_steps
-        assert (c.lambda2, c.mask_start) == (base.schedule(10).lambda2, base.schedule(10).mask_start)
+        assert (c.lambda2, c.mask_start) == (
+            base.schedule(10).lambda2,
+            base.schedule(10).mask_start,
+        )
         info = c.to_infotext(10)
         assert info["LR scale with steps"] == "False" and info["LR lambda1"] == str(c.lambda1)
     assert len({c.to_infotext(10)["LR steps used"] for c in cells}) == 3
@@ -63,10 +72,14 @@ def test_check_axis_values_runs_the_host_check_for_enabled_cells_only():
     def host(params):
         seen.append(params.vanilla_checkpoint)
         if params.vanilla_checkpoint == "nope":
-            raise LayoutRetouchError("vanilla checkpoint 'nope' is not in the list", parameter="vanilla_checkpoint")
+            raise LayoutRetouchError(
+                "vanilla checkpoint 'nope' is not in the list", parameter="vanilla_checkpoint"
+            )
 
     with pytest.raises(LayoutRetouchError, match="Vanilla checkpoint = nope"):
-        axes.check_axis_values(_ready(), "vanilla_checkpoint", ["a", "nope"], steps=10, host_check=host)
+        axes.check_axis_values(
+            _ready(), "vanilla_checkpoint", ["a", "nope"], steps=10, host_check=host
+        )
     assert seen == ["a", "nope"]
     seen.clear()
     axes.check_axis_values(_ready(enabled=False), "lambda1", [1], steps=10, host_check=host)
@@ -84,7 +97,9 @@ def test_ui_messages_use_control_labels_api_names_stay_in_the_api_message():
     assert "vanilla_checkpoint" not in ui and "“Vanilla checkpoint”" in ui
     assert "“DreamBooth checkpoint”" in ui  # 'dreambooth' → its radio label
     assert ui_text.for_ui("concept_token is empty") == "“Concept token” is empty"
-    assert ui_text.for_ui("LR concept token: sks") == "LR concept token: sks"  # no name inside words
+    assert (
+        ui_text.for_ui("LR concept token: sks") == "LR concept token: sks"
+    )  # no name inside words
     assert ui_text.refusal("concept_token is empty") == "⚠ “Concept token” is empty"
 
 
@@ -92,10 +107,25 @@ def test_every_field_is_in_exactly_one_group_and_the_basic_group_is_the_first_ti
     basic = [f.name for f in ui_text.basic_fields()]
     advanced = [f.name for f in ui_text.advanced_fields()]
     assert sorted(basic + advanced) == sorted(f.name for f in FIELDS)
-    for need in ("enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token",
-                 "class_phrase", "lambda1", "lambda2", "mask_start"):
+    for need in (
+        "enabled",
+        "reference_image",
+        "personalization",
+        "vanilla_checkpoint",
+        "concept_token",
+        "class_phrase",
+        "lambda1",
+        "lambda2",
+        "mask_start",
+    ):
         assert need in basic
-    for fold in ("sam_model", "ca_threshold", "layout_source", "reset_reference", "reference_prompt"):
+    for fold in (
+        "sam_model",
+        "ca_threshold",
+        "layout_source",
+        "reset_reference",
+        "reference_prompt",
+    ):
         assert fold in advanced
 
 
@@ -108,25 +138,37 @@ def test_guess_message_says_what_it_could_not_find():
 
 
 def test_photo_notice_shows_the_fingerprint():
-    assert "abc123" in ui_text.photo_notice("abc123") and "Upload the reference photo again" in ui_text.photo_notice(None)
+    assert "abc123" in ui_text.photo_notice(
+        "abc123"
+    ) and "Upload the reference photo again" in ui_text.photo_notice(None)
     several = ui_text.photo_notice("0123456789abcdef, fedcba9876543210")
     assert "Upload the 2 reference photos again" in several and "`fedcba9876543210`" in several
 
 
 def test_intermediate_labels():
     assert ui_text.intermediate_label("layout", 0) == "stage-1 layout of image 1"
-    assert ui_text.intermediate_label("attention map", 1) == "subject cross-attention map of image 2"
+    assert (
+        ui_text.intermediate_label("attention map", 1) == "subject cross-attention map of image 2"
+    )
     assert not ui_text.INTERMEDIATE_KEY.startswith("LR ")
 
 
 def test_generated_hints_cover_the_photo_guess_and_accordion_header():
     import os
     import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+    sys.path.insert(
+        0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    )
     import gen_hints
+
     js = gen_hints.render()
-    for text in (FIELD_BY_NAME["reference_image"].label, ui_text.GUESS_LABEL, ui_text.ACCORDION_LABEL,
-                 ui_text.ADVANCED_LABEL):
+    for text in (
+        FIELD_BY_NAME["reference_image"].label,
+        ui_text.GUESS_LABEL,
+        ui_text.ACCORDION_LABEL,
+        ui_text.ADVANCED_LABEL,
+    ):
         assert f'"{text}":' in js
     assert "label-wrap" in js  # block labels and accordion headers get their title
 
@@ -157,7 +199,12 @@ def test_progress_plan_for_several_references_and_no_stage1():
     three = ProgressPlan(steps=10, batch=1, references=3, references_to_invert=2)
     assert three.units["reference inversion"] == pytest.approx(2 * one.units["reference inversion"])
     assert three.units["retouch"] == pytest.approx(10 * 2 * (3 + 2) / 2)
-    assert ProgressPlan(steps=10, batch=1, references=3, reference_cached=True).units["reference inversion"] == 0
+    assert (
+        ProgressPlan(steps=10, batch=1, references=3, reference_cached=True).units[
+            "reference inversion"
+        ]
+        == 0
+    )
     no_stage1 = ProgressPlan(steps=10, batch=1, stage1_steps=0)
     assert no_stage1.total == pytest.approx(one.total - 10)
     assert no_stage1.position("reference inversion", 0, 10) == 0

@@ -5,6 +5,7 @@ No pretrained weights exist here. The architectures are the real ones, only narr
 `proj_out` of every transformer block and the UNet's output conv, which would make attention have no
 effect on the output (attention tests would pass vacuously), so every all-zero weight is re-drawn.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,26 @@ from lib_layout_retouch.evaluation.models import bytes_to_unicode  # CLIP BPE's 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to characters, as the
 # real CLIP BPE does for rare strings. Whole-word tokens keep token positions easy to read in tests.
 TINY_WORDS = (
-    "a", "photo", "of", "sks", "dog", "cat", "red", "vase", "on", "the", "beach", "jumping", "over",
-    "fence", "in", "snow", "toy", "with", "hat", "<my-vase>",
+    "a",
+    "photo",
+    "of",
+    "sks",
+    "dog",
+    "cat",
+    "red",
+    "vase",
+    "on",
+    "the",
+    "beach",
+    "jumping",
+    "over",
+    "fence",
+    "in",
+    "snow",
+    "toy",
+    "with",
+    "hat",
+    "<my-vase>",
 )
 
 
@@ -59,9 +78,17 @@ def make_tiny_clip_folder(folder: str, hidden: int = 32, seed: int = 0) -> str:
     tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"))
     tok.save_pretrained(folder)
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
     model = CLIPTextModel(cfg)
     # LayerNorm weight 1 / bias 0 make A1111's emphasis mean-restore divide 0/0; randomise them.
     with torch.no_grad():
@@ -79,27 +106,54 @@ def tiny_ldm_config(clip_folder: str, context_dim: int = 32) -> dict:
     return {
         "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
         "params": {
-            "linear_start": 0.00085, "linear_end": 0.0120, "num_timesteps_cond": 1, "log_every_t": 200,
-            "timesteps": 1000, "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 8,
-            "channels": 4, "cond_stage_trainable": False, "conditioning_key": "crossattn",
-            "monitor": "val/loss_simple_ema", "scale_factor": 0.18215, "use_ema": False,
+            "linear_start": 0.00085,
+            "linear_end": 0.0120,
+            "num_timesteps_cond": 1,
+            "log_every_t": 200,
+            "timesteps": 1000,
+            "first_stage_key": "jpg",
+            "cond_stage_key": "txt",
+            "image_size": 8,
+            "channels": 4,
+            "cond_stage_trainable": False,
+            "conditioning_key": "crossattn",
+            "monitor": "val/loss_simple_ema",
+            "scale_factor": 0.18215,
+            "use_ema": False,
             "unet_config": {
                 "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
                 "params": {
-                    "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-                    "attention_resolutions": [1, 2], "num_res_blocks": 1, "channel_mult": [1, 2],
-                    "num_heads": 2, "use_spatial_transformer": True, "transformer_depth": 1,
-                    "context_dim": context_dim, "use_checkpoint": False, "legacy": False,
+                    "image_size": 8,
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "model_channels": 32,
+                    "attention_resolutions": [1, 2],
+                    "num_res_blocks": 1,
+                    "channel_mult": [1, 2],
+                    "num_heads": 2,
+                    "use_spatial_transformer": True,
+                    "transformer_depth": 1,
+                    "context_dim": context_dim,
+                    "use_checkpoint": False,
+                    "legacy": False,
                 },
             },
             "first_stage_config": {
                 "target": "ldm.models.autoencoder.AutoencoderKL",
                 "params": {
-                    "embed_dim": 4, "monitor": "val/rec_loss",
+                    "embed_dim": 4,
+                    "monitor": "val/rec_loss",
                     "ddconfig": {
-                        "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
-                        "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
-                        "attn_resolutions": [], "dropout": 0.0,
+                        "double_z": True,
+                        "z_channels": 4,
+                        "resolution": 64,
+                        "in_channels": 3,
+                        "out_ch": 3,
+                        "ch": 32,
+                        "ch_mult": [1, 1, 1, 1],
+                        "num_res_blocks": 1,
+                        "attn_resolutions": [],
+                        "dropout": 0.0,
                     },
                     "lossconfig": {"target": "torch.nn.Identity"},
                 },
@@ -112,7 +166,9 @@ def tiny_ldm_config(clip_folder: str, context_dim: int = 32) -> dict:
     }
 
 
-def reinit_zero_weights(module: torch.nn.Module, generator: torch.Generator, std: float = 0.05) -> int:
+def reinit_zero_weights(
+    module: torch.nn.Module, generator: torch.Generator, std: float = 0.05
+) -> int:
     """Re-draw every parameter that is exactly zero everywhere (ldm's zero_module init). Returns the count."""
     n = 0
     with torch.no_grad():

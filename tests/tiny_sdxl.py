@@ -14,11 +14,11 @@
 As in tiny_models.py, every all-zero weight is re-drawn (zero-init `proj_out`/output convs would make
 attention tests pass vacuously) and the output conv is tamed for a meaningful DDIM inversion.
 """
+
 from __future__ import annotations
 
 import os
 import sys
-
 from typing import Optional
 
 import torch
@@ -26,10 +26,10 @@ import torch
 from tests.tiny_models import make_tiny_clip_folder, reinit_zero_weights, tame_output
 
 SGM_DIR_DEFAULT = "/work/host/webui/repositories/generative-models"
-CLIP_L_WIDTH, CLIP_G_WIDTH, SIZE_DIM = 32, 64, 32          # the "ldm" build
+CLIP_L_WIDTH, CLIP_G_WIDTH, SIZE_DIM = 32, 64, 32  # the "ldm" build
 LDM_CONTEXT = CLIP_L_WIDTH + CLIP_G_WIDTH
 LDM_ADM = CLIP_G_WIDTH + 3 * 2 * SIZE_DIM
-SGM_CONTEXT, SGM_ADM = 32 + 256, 256 + 3 * 2 * 256           # the "sgm" build (ViT-S-32-alt text width 256)
+SGM_CONTEXT, SGM_ADM = 32 + 256, 256 + 3 * 2 * 256  # the "sgm" build (ViT-S-32-alt text width 256)
 
 
 def sgm_status() -> tuple[bool, str]:
@@ -41,9 +41,11 @@ def sgm_status() -> tuple[bool, str]:
         import sgm.models.diffusion  # noqa: F401
         import sgm.modules.diffusionmodules.openaimodel  # noqa: F401
     except Exception as e:  # not installed, or a dependency (kornia, open_clip) missing
-        return False, (f"sgm (Stability-AI generative-models) is not importable ({type(e).__name__}: {e}); "
-                       "it is not on PyPI — set LR_SGM_DIR to a generative-models checkout "
-                       "(tests/host/setup_webui.sh makes one) to run the real-sgm variants")
+        return False, (
+            f"sgm (Stability-AI generative-models) is not importable ({type(e).__name__}: {e}); "
+            "it is not on PyPI — set LR_SGM_DIR to a generative-models checkout "
+            "(tests/host/setup_webui.sh makes one) to run the real-sgm variants"
+        )
     return True, ""
 
 
@@ -51,10 +53,22 @@ def sgm_status() -> tuple[bool, str]:
 def sdxl_like_unet_config(context_dim: int = LDM_CONTEXT, adm: int = LDM_ADM) -> tuple[dict, int]:
     """ldm UNetModel arguments and the vector width. (This ldm has no `num_classes="sequential"`:
     `label_emb` is added after construction with sgm's exact structure and names.)"""
-    return dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2, 4],
-                num_res_blocks=2, channel_mult=[1, 2, 2], num_head_channels=16, use_spatial_transformer=True,
-                use_linear_in_transformer=True, transformer_depth=2, context_dim=[context_dim] * 2,
-                use_checkpoint=False, legacy=False), adm
+    return dict(
+        image_size=8,
+        in_channels=4,
+        out_channels=4,
+        model_channels=32,
+        attention_resolutions=[1, 2, 4],
+        num_res_blocks=2,
+        channel_mult=[1, 2, 2],
+        num_head_channels=16,
+        use_spatial_transformer=True,
+        use_linear_in_transformer=True,
+        transformer_depth=2,
+        context_dim=[context_dim] * 2,
+        use_checkpoint=False,
+        legacy=False,
+    ), adm
 
 
 class _SizeEmbedder(torch.nn.Module):
@@ -84,7 +98,9 @@ class _TextEmbedder(torch.nn.Module):
         self.pooled, self.input_key, self.ucg_rate = pooled, "txt", 0.0
 
     def forward(self, texts):
-        tok = self.tokenizer(list(texts), truncation=True, max_length=77, padding="max_length", return_tensors="pt")
+        tok = self.tokenizer(
+            list(texts), truncation=True, max_length=77, padding="max_length", return_tensors="pt"
+        )
         ids = tok["input_ids"].to(self.transformer.device)
         out = self.transformer(input_ids=ids)
         if not self.pooled:
@@ -98,10 +114,15 @@ class TinyConditioner(torch.nn.Module):
 
     def __init__(self, clip_l: str, clip_g: str):
         super().__init__()
-        self.embedders = torch.nn.ModuleList([
-            _TextEmbedder(clip_l, pooled=False), _TextEmbedder(clip_g, pooled=True),
-            _SizeEmbedder("original_size_as_tuple"), _SizeEmbedder("crop_coords_top_left"),
-            _SizeEmbedder("target_size_as_tuple")])
+        self.embedders = torch.nn.ModuleList(
+            [
+                _TextEmbedder(clip_l, pooled=False),
+                _TextEmbedder(clip_g, pooled=True),
+                _SizeEmbedder("original_size_as_tuple"),
+                _SizeEmbedder("crop_coords_top_left"),
+                _SizeEmbedder("target_size_as_tuple"),
+            ]
+        )
 
     def forward(self, batch: dict, force_zero_embeddings=None) -> dict:
         out: dict = {}
@@ -149,7 +170,7 @@ class TinySdxlLike(torch.nn.Module):
 
 def _legacy_alphas_cumprod() -> torch.Tensor:
     """SD's 'scaled linear' β schedule (sgm LegacyDDPMDiscretization; what A1111 sets for SDXL)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.0120 ** 0.5, 1000, dtype=torch.float64) ** 2
+    betas = torch.linspace(0.00085**0.5, 0.0120**0.5, 1000, dtype=torch.float64) ** 2
     return torch.cumprod(1 - betas, 0).float()
 
 
@@ -160,8 +181,9 @@ def ldm_sdxl_unet() -> torch.nn.Module:
     config, adm = sdxl_like_unet_config()
     unet = UNetModel(**config)
     ted = unet.model_channels * 4
-    unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
-        torch.nn.Linear(adm, ted), torch.nn.SiLU(), torch.nn.Linear(ted, ted)))
+    unet.label_emb = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(adm, ted), torch.nn.SiLU(), torch.nn.Linear(ted, ted))
+    )
     unet.num_classes = "sequential"
     return unet
 
@@ -173,9 +195,22 @@ def build_ldm_sdxl(clip_root: str, seed: int = 0) -> TinySdxlLike:
     clip_g = make_tiny_clip_folder(os.path.join(clip_root, "clip-g"), hidden=CLIP_G_WIDTH, seed=12)
     torch.manual_seed(seed)
     unet = ldm_sdxl_unet()
-    vae = AutoencoderKL(ddconfig=dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
-                                      ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0),
-                        lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
+    vae = AutoencoderKL(
+        ddconfig=dict(
+            double_z=True,
+            z_channels=4,
+            resolution=64,
+            in_channels=3,
+            out_ch=3,
+            ch=32,
+            ch_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            dropout=0.0,
+        ),
+        lossconfig={"target": "torch.nn.Identity"},
+        embed_dim=4,
+    )
     model = TinySdxlLike(unet, vae, TinyConditioner(clip_l, clip_g))
     _finish(model, seed)
     return model
@@ -183,47 +218,108 @@ def build_ldm_sdxl(clip_root: str, seed: int = 0) -> TinySdxlLike:
 
 # -- the "sgm" build ------------------------------------------------------------------------------------
 def sgm_config(clip_l_folder: str, depth=(1, 2, 3), model_channels: int = 32) -> dict:
-    size = {"is_trainable": False, "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-            "params": {"outdim": 256}}
+    size = {
+        "is_trainable": False,
+        "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+        "params": {"outdim": 256},
+    }
     return {
         "target": "sgm.models.diffusion.DiffusionEngine",
         "params": {
-            "scale_factor": 0.13025, "disable_first_stage_autocast": True,
+            "scale_factor": 0.13025,
+            "disable_first_stage_autocast": True,
             "denoiser_config": {
                 "target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
-                "params": {"num_idx": 1000, "weighting_config": {
-                               "target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"},
-                           "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
-                           "discretization_config": {
-                               "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
+                "params": {
+                    "num_idx": 1000,
+                    "weighting_config": {
+                        "target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"
+                    },
+                    "scaling_config": {
+                        "target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"
+                    },
+                    "discretization_config": {
+                        "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"
+                    },
+                },
+            },
             "network_config": {
                 "target": "sgm.modules.diffusionmodules.openaimodel.UNetModel",
-                "params": {"adm_in_channels": SGM_ADM, "num_classes": "sequential", "use_checkpoint": False,
-                           "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
-                           "attention_resolutions": [1, 2, 4], "num_res_blocks": 2, "channel_mult": [1, 2, 2],
-                           "num_head_channels": 16, "use_spatial_transformer": True,
-                           "use_linear_in_transformer": True, "transformer_depth": list(depth),
-                           "context_dim": SGM_CONTEXT, "spatial_transformer_attn_type": "softmax", "legacy": False}},
+                "params": {
+                    "adm_in_channels": SGM_ADM,
+                    "num_classes": "sequential",
+                    "use_checkpoint": False,
+                    "in_channels": 4,
+                    "out_channels": 4,
+                    "model_channels": model_channels,
+                    "attention_resolutions": [1, 2, 4],
+                    "num_res_blocks": 2,
+                    "channel_mult": [1, 2, 2],
+                    "num_head_channels": 16,
+                    "use_spatial_transformer": True,
+                    "use_linear_in_transformer": True,
+                    "transformer_depth": list(depth),
+                    "context_dim": SGM_CONTEXT,
+                    "spatial_transformer_attn_type": "softmax",
+                    "legacy": False,
+                },
+            },
             "conditioner_config": {
                 "target": "sgm.modules.GeneralConditioner",
-                "params": {"emb_models": [
-                    {"is_trainable": False, "input_key": "txt",
-                     "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
-                     "params": {"version": clip_l_folder, "layer": "hidden", "layer_idx": 1, "device": "cpu"}},
-                    {"is_trainable": False, "input_key": "txt",
-                     "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-                     "params": {"arch": "ViT-S-32-alt", "version": None, "freeze": True, "layer": "penultimate",
-                                "always_return_pooled": True, "legacy": False, "device": "cpu"}},
-                    {**size, "input_key": "original_size_as_tuple"},
-                    {**size, "input_key": "crop_coords_top_left"},
-                    {**size, "input_key": "target_size_as_tuple"}]}},
+                "params": {
+                    "emb_models": [
+                        {
+                            "is_trainable": False,
+                            "input_key": "txt",
+                            "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+                            "params": {
+                                "version": clip_l_folder,
+                                "layer": "hidden",
+                                "layer_idx": 1,
+                                "device": "cpu",
+                            },
+                        },
+                        {
+                            "is_trainable": False,
+                            "input_key": "txt",
+                            "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+                            "params": {
+                                "arch": "ViT-S-32-alt",
+                                "version": None,
+                                "freeze": True,
+                                "layer": "penultimate",
+                                "always_return_pooled": True,
+                                "legacy": False,
+                                "device": "cpu",
+                            },
+                        },
+                        {**size, "input_key": "original_size_as_tuple"},
+                        {**size, "input_key": "crop_coords_top_left"},
+                        {**size, "input_key": "target_size_as_tuple"},
+                    ]
+                },
+            },
             "first_stage_config": {
                 "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
-                "params": {"embed_dim": 4, "monitor": "val/rec_loss",
-                           "ddconfig": {"attn_type": "vanilla", "double_z": True, "z_channels": 4, "resolution": 64,
-                                        "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1],
-                                        "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0},
-                           "lossconfig": {"target": "torch.nn.Identity"}}},
+                "params": {
+                    "embed_dim": 4,
+                    "monitor": "val/rec_loss",
+                    "ddconfig": {
+                        "attn_type": "vanilla",
+                        "double_z": True,
+                        "z_channels": 4,
+                        "resolution": 64,
+                        "in_channels": 3,
+                        "out_ch": 3,
+                        "ch": 32,
+                        "ch_mult": [1, 1, 1, 1],
+                        "num_res_blocks": 1,
+                        "attn_resolutions": [],
+                        "dropout": 0.0,
+                    },
+                    "lossconfig": {"target": "torch.nn.Identity"},
+                },
+            },
         },
     }
 
@@ -247,7 +343,9 @@ def _finish(model: torch.nn.Module, seed: int) -> None:
     reinit_zero_weights(model.model.diffusion_model, g)
     reinit_zero_weights(model.first_stage_model, g)
     tame_output(model.model.diffusion_model)
-    with torch.no_grad():  # LayerNorm at (1, 0) everywhere would hide the text encoders' differences
+    with (
+        torch.no_grad()
+    ):  # LayerNorm at (1, 0) everywhere would hide the text encoders' differences
         for m in model.conditioner.modules():
             if isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
                 m.weight.normal_(1.0, 0.2, generator=g)
@@ -260,11 +358,24 @@ def sgm_base_unet_on_meta():
     from sgm.modules.diffusionmodules.openaimodel import UNetModel
 
     with torch.device("meta"):
-        return UNetModel(adm_in_channels=2816, num_classes="sequential", use_checkpoint=False, in_channels=4,
-                         out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
-                         channel_mult=[1, 2, 4], num_head_channels=64, use_spatial_transformer=True,
-                         use_linear_in_transformer=True, transformer_depth=[1, 2, 10], context_dim=2048,
-                         spatial_transformer_attn_type="softmax", legacy=False)
+        return UNetModel(
+            adm_in_channels=2816,
+            num_classes="sequential",
+            use_checkpoint=False,
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            attention_resolutions=[4, 2],
+            num_res_blocks=2,
+            channel_mult=[1, 2, 4],
+            num_head_channels=64,
+            use_spatial_transformer=True,
+            use_linear_in_transformer=True,
+            transformer_depth=[1, 2, 10],
+            context_dim=2048,
+            spatial_transformer_attn_type="softmax",
+            legacy=False,
+        )
 
 
 BUILDS = ("ldm", "sgm")
@@ -272,6 +383,3 @@ BUILDS = ("ldm", "sgm")
 
 def build(kind: str, clip_root: str, seed: int = 0):
     return build_sgm_sdxl(clip_root, seed) if kind == "sgm" else build_ldm_sdxl(clip_root, seed)
-
-
-

@@ -7,6 +7,7 @@ in a `UnetPatcher`, predicts the denoised image on a σ scale, bakes LoRA into p
 has its adapter (`a1111.A1111Host`, `forge.ForgeHost`) with the same methods, and the rest of the glue
 never asks which host it runs in.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,13 +21,16 @@ def current() -> Host:
     `modules_forge`; AUTOMATIC1111 has neither)."""
     try:
         import modules_forge  # noqa: F401
+
         is_forge = True
     except ImportError:
         is_forge = False
     if is_forge:
         from .forge import ForgeHost
+
         return ForgeHost()
     from .a1111 import A1111Host
+
     return A1111Host()
 
 

@@ -4,13 +4,13 @@
 - LoRA (the built-in `networks` extension) is switched by the networks' `te_multiplier` /
   `unet_multiplier`, which its patched forward reads on every call.
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 
 import torch
-
 from modules import devices, sd_models, shared
 
 from lib_layout_retouch.model import LdmModel, check_model_supported
@@ -50,7 +50,7 @@ class A1111Host(Host):
 
     def stage1_latent(self, p, params):
         # x_in holds the cond rows then the uncond rows; its last B rows are the latents themselves.
-        return params.x[-p.batch_size:]
+        return params.x[-p.batch_size :]
 
     @property
     def device(self):
@@ -81,9 +81,12 @@ class A1111Host(Host):
     # -- text ---------------------------------------------------------------------------------------
     def encode_prompt(self, p, prompt: str):
         from modules.prompt_parser import SdConditioning
+
         with devices.autocast():
             # SdConditioning: SDXL's size terms are the generation's, as the WebUI's own
-            return p.sd_model.get_learned_conditioning(SdConditioning([prompt], width=p.width, height=p.height))
+            return p.sd_model.get_learned_conditioning(
+                SdConditioning([prompt], width=p.width, height=p.height)
+            )
 
     def text_encoder_slots(self, p) -> list:
         """The WebUI's encoder objects wrap the original (`.wrapped`)."""
@@ -91,13 +94,18 @@ class A1111Host(Host):
 
         def inner(e):
             return getattr(e, "wrapped", e)
+
         if getattr(sd_model, "is_sdxl", False):
             embedders = list(sd_model.conditioner.embedders)
-            slots = [(inner(embedders[0]), "transformer", "conditioner.embedders.0.transformer."),
-                     (inner(embedders[1]), "model", "conditioner.embedders.1.model.")]
+            slots = [
+                (inner(embedders[0]), "transformer", "conditioner.embedders.0.transformer."),
+                (inner(embedders[1]), "model", "conditioner.embedders.1.model."),
+            ]
         else:
             encoder = inner(sd_model.cond_stage_model)
-            attr = "transformer" if hasattr(encoder, "transformer") else "model"  # SD1 CLIP / SD2 OpenCLIP
+            attr = (
+                "transformer" if hasattr(encoder, "transformer") else "model"
+            )  # SD1 CLIP / SD2 OpenCLIP
             slots = [(encoder, attr, f"cond_stage_model.{attr}.")]
         return [s for s in slots if isinstance(getattr(s[0], s[1], None), torch.nn.Module)]
 
@@ -109,6 +117,7 @@ class A1111Host(Host):
     def embedding_names(self):
         try:
             from modules import sd_hijack
+
             return list(sd_hijack.model_hijack.embedding_db.word_embeddings)
         except Exception:  # no embedding DB: nothing to compare with
             return None
@@ -137,6 +146,7 @@ class A1111Host(Host):
         def restore():
             for n, m in saved:
                 n.unet_multiplier = m
+
         return restore
 
     def lora_key(self, p) -> str:

@@ -1,4 +1,5 @@
 """The interface every host adapter answers (see `hosts/__init__.py`)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -121,6 +122,7 @@ class Host:
         prefixes = tuple(prefixes)
         if filename.lower().endswith(".safetensors"):
             from safetensors import safe_open
+
             with safe_open(filename, framework="pt", device="cpu") as f:
                 state = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
             return self.fix_checkpoint_keys(state)

@@ -16,12 +16,12 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
 - Text encoding and the VAE run in `torch.inference_mode()` and load their models through
   `backend.memory_management`; the retouch runs in inference mode too (`inference_context`).
 """
+
 from __future__ import annotations
 
 import contextlib
 
 import torch
-
 from modules import shared
 
 from lib_layout_retouch.errors import LayoutRetouchError
@@ -49,7 +49,9 @@ class ForgeHost(A1111Host):
             raise LayoutRetouchError(
                 f"another extension replaces the UNet's attention ({', '.join(kinds)} via Forge's "
                 "set_model_attn*_replace), which the retouch must edit; turn that extension off for "
-                "retouched images", parameter="enabled")
+                "retouched images",
+                parameter="enabled",
+            )
 
     def unet(self, p):
         return p.sd_model.forge_objects.unet.model.diffusion_model
@@ -59,8 +61,13 @@ class ForgeHost(A1111Host):
 
     def library_model(self, p) -> ForgeModel:
         from backend import memory_management
-        memory_management.load_model_gpu(p.sd_model.forge_objects.unet)  # on the device, LoRA merged
-        return ForgeModel(p.sd_model, sdxl_crop=self.sdxl_crop(), load_model=memory_management.load_model_gpu)
+
+        memory_management.load_model_gpu(
+            p.sd_model.forge_objects.unet
+        )  # on the device, LoRA merged
+        return ForgeModel(
+            p.sd_model, sdxl_crop=self.sdxl_crop(), load_model=memory_management.load_model_gpu
+        )
 
     def inference_context(self):
         return torch.inference_mode()
@@ -71,6 +78,7 @@ class ForgeHost(A1111Host):
     @property
     def device(self):
         from backend import memory_management
+
         return memory_management.get_torch_device()
 
     def place_vanilla_unet(self, p, unet) -> None:
@@ -86,14 +94,17 @@ class ForgeHost(A1111Host):
     def stage1_latent(self, p, params) -> torch.Tensor:
         """Forge's CFG denoiser gets x once per image (it batches cond/uncond itself), and its DDIM
         hands it on the σ scale: z_t = x/√(σ²+1)."""
-        x = params.x[-p.batch_size:]
-        sigma = params.sigma[-p.batch_size:].to(x.dtype).view(-1, 1, 1, 1)
+        x = params.x[-p.batch_size :]
+        sigma = params.sigma[-p.batch_size :].to(x.dtype).view(-1, 1, 1, 1)
         return x / (sigma * sigma + 1).sqrt()
 
     # -- text ---------------------------------------------------------------------------------------
     def encode_prompt(self, p, prompt: str):
         from modules.prompt_parser import SdConditioning
-        return p.sd_model.get_learned_conditioning(SdConditioning([prompt], width=p.width, height=p.height))
+
+        return p.sd_model.get_learned_conditioning(
+            SdConditioning([prompt], width=p.width, height=p.height)
+        )
 
     def text_encoder_slots(self, p) -> list:
         """CLIP-L (SD1's only encoder, SDXL's first): the transformers inside Forge's IntegratedCLIP,
@@ -106,17 +117,26 @@ class ForgeHost(A1111Host):
         else:
             clip = engine.text_processing_engine.text_encoder
             prefix = "cond_stage_model.transformer."
-        return [(clip, "transformer", prefix)] if isinstance(getattr(clip, "transformer", None), torch.nn.Module) else []
+        return (
+            [(clip, "transformer", prefix)]
+            if isinstance(getattr(clip, "transformer", None), torch.nn.Module)
+            else []
+        )
 
     def text_encoders_to(self, p, modules, where: str) -> None:
         from backend import memory_management
-        device = memory_management.text_encoder_device() if where == "device" else torch.device("cpu")
+
+        device = (
+            memory_management.text_encoder_device() if where == "device" else torch.device("cpu")
+        )
         for m in modules:
             m.to(device)
 
     def embedding_names(self):
         engine = getattr(shared, "sd_model", None)
-        tpe = getattr(engine, "text_processing_engine_l", None) or getattr(engine, "text_processing_engine", None)
+        tpe = getattr(engine, "text_processing_engine_l", None) or getattr(
+            engine, "text_processing_engine", None
+        )
         db = getattr(tpe, "embeddings", None)
         return list(getattr(db, "word_embeddings", {}) or {}) if db is not None else None
 
@@ -132,8 +152,11 @@ class ForgeHost(A1111Host):
             yield
             return
         from backend import memory_management
+
         patcher = p.sd_model.forge_objects.clip.patcher
-        memory_management.load_model_gpu(patcher)  # loaded (LoRA merged) now, so encoding loads nothing more
+        memory_management.load_model_gpu(
+            patcher
+        )  # loaded (LoRA merged) now, so encoding loads nothing more
         patcher.lora_loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
         try:
             yield
@@ -154,6 +177,7 @@ class ForgeHost(A1111Host):
     # -- checkpoints --------------------------------------------------------------------------------
     def read_state_dict(self, filename):
         from backend.utils import load_torch_file
+
         return load_torch_file(filename, safe_load=True)
 
     def fix_checkpoint_keys(self, state):

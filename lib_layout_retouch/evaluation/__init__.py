@@ -5,14 +5,34 @@ library except `errors`. `models` and `scoring` (transformers, torchvision) load
     python -m lib_layout_retouch.evaluation run   --vico DIR --concepts concepts.json --url URL --out DIR
     python -m lib_layout_retouch.evaluation score --out DIR [--dino PATH --clip PATH ...]
 """
+
 from __future__ import annotations
 
 from .diversity import centre_heatmap, mask_centre, save_heatmap_png, sigma2_avg
 from .metrics import TCLIP_MODES, effective_splits, inception_score, mean_cosine, tclip_text
-from .runner import RunSettings, WebUIClient, build_payload, load_concepts, read_prompts, run_protocol
+from .runner import (
+    RunSettings,
+    WebUIClient,
+    build_payload,
+    load_concepts,
+    read_prompts,
+    run_protocol,
+)
 
 __all__ = [
-    "centre_heatmap", "mask_centre", "save_heatmap_png", "sigma2_avg",
-    "TCLIP_MODES", "effective_splits", "inception_score", "mean_cosine", "tclip_text",
-    "RunSettings", "WebUIClient", "build_payload", "load_concepts", "read_prompts", "run_protocol",
+    "centre_heatmap",
+    "mask_centre",
+    "save_heatmap_png",
+    "sigma2_avg",
+    "TCLIP_MODES",
+    "effective_splits",
+    "inception_score",
+    "mean_cosine",
+    "tclip_text",
+    "RunSettings",
+    "WebUIClient",
+    "build_payload",
+    "load_concepts",
+    "read_prompts",
+    "run_protocol",
 ]

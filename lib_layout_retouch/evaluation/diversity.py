@@ -17,6 +17,7 @@ default 0.05 of the image side) on the unit square, scaled to a maximum of 1.
 A subject mask per image comes from a mask PNG saved beside it (`<image stem>.mask.png`, e.g. the
 pipeline's own mask) or from Segment-Anything (`SamSubjectMasker`).
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,9 @@ def mask_centre(mask, mode: str = "bbox") -> tuple[float, float] | None:
     elif mode == "centroid":
         cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
     else:
-        raise LayoutRetouchError(f"Unknown centre mode '{mode}'; use one of {CENTRE_MODES}.", parameter="centre")
+        raise LayoutRetouchError(
+            f"Unknown centre mode '{mode}'; use one of {CENTRE_MODES}.", parameter="centre"
+        )
     return float(cx / w), float(cy / h)
 
 
@@ -63,23 +66,35 @@ def sigma2_avg(points: Sequence[Sequence[float]]) -> float:
     return float(p.var(axis=0, ddof=0).mean())
 
 
-def centre_heatmap(points: Sequence[Sequence[float]], size: int = 256,
-                   sigma: float = DEFAULT_HEATMAP_SIGMA) -> np.ndarray:
+def centre_heatmap(
+    points: Sequence[Sequence[float]], size: int = 256, sigma: float = DEFAULT_HEATMAP_SIGMA
+) -> np.ndarray:
     """(size, size) array in [0, 1]: sum of fixed-variance Gaussians at the points, max-normalised."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     grid = (np.arange(size) + 0.5) / size
     heat = np.zeros((size, size))
     for x, y in p:
-        gx = np.exp(-((grid - x) ** 2) / (2 * sigma ** 2))
-        gy = np.exp(-((grid - y) ** 2) / (2 * sigma ** 2))
+        gx = np.exp(-((grid - x) ** 2) / (2 * sigma**2))
+        gy = np.exp(-((grid - y) ** 2) / (2 * sigma**2))
         heat += np.outer(gy, gx)  # rows are y (down), columns x
     top = heat.max(initial=0.0)
     return heat / top if top > 0 else heat
 
 
 # A perceptual dark-to-bright colour ramp (inferno-like anchors), so no plotting library is needed.
-_RAMP = np.array([(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
-                  (250, 193, 39), (252, 255, 164)], dtype=np.float64)
+_RAMP = np.array(
+    [
+        (0, 0, 4),
+        (40, 11, 84),
+        (101, 21, 110),
+        (159, 42, 99),
+        (212, 72, 66),
+        (245, 125, 21),
+        (250, 193, 39),
+        (252, 255, 164),
+    ],
+    dtype=np.float64,
+)
 
 
 def colorize(heat: np.ndarray) -> Image.Image:
@@ -91,8 +106,13 @@ def colorize(heat: np.ndarray) -> Image.Image:
     return Image.fromarray(np.round(rgb).astype(np.uint8), "RGB")
 
 
-def save_heatmap_png(points: Sequence[Sequence[float]], path: str | os.PathLike, title: str = "",
-                     size: int = 256, sigma: float = DEFAULT_HEATMAP_SIGMA) -> str:
+def save_heatmap_png(
+    points: Sequence[Sequence[float]],
+    path: str | os.PathLike,
+    title: str = "",
+    size: int = 256,
+    sigma: float = DEFAULT_HEATMAP_SIGMA,
+) -> str:
     """Write the heat map with a caption strip (title, n, σ²_avg) below it; returns the path."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     img = colorize(centre_heatmap(pts, size=size, sigma=sigma))
@@ -126,7 +146,9 @@ def load_mask_png(path: str | os.PathLike, size: tuple[int, int] | None = None) 
             else:
                 m = im.convert("L")
     except (OSError, ValueError) as e:
-        raise LayoutRetouchError(f"Cannot read mask {path} ({e}). Replace or delete it.", parameter="mask") from None
+        raise LayoutRetouchError(
+            f"Cannot read mask {path} ({e}). Replace or delete it.", parameter="mask"
+        ) from None
     if size is not None and m.size != tuple(size):
         m = m.resize(tuple(size), Image.NEAREST)
     return np.asarray(m) > 127
@@ -148,36 +170,55 @@ class SamSubjectMasker:
         self.max_area = max_area
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, model_type: str | None = None, device: str | None = None,
-                        clip=None, points_per_side: int = 16) -> "SamSubjectMasker":
+    def from_checkpoint(
+        cls,
+        checkpoint: str,
+        model_type: str | None = None,
+        device: str | None = None,
+        clip=None,
+        points_per_side: int = 16,
+    ) -> "SamSubjectMasker":
         try:
             from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
         except ImportError:
-            raise LayoutRetouchError("segment_anything is not installed: pip install segment-anything==1.0",
-                                     parameter="sam") from None
+            raise LayoutRetouchError(
+                "segment_anything is not installed: pip install segment-anything==1.0",
+                parameter="sam",
+            ) from None
         if not os.path.isfile(checkpoint):
-            raise LayoutRetouchError(f"SAM checkpoint '{checkpoint}' does not exist.", parameter="sam")
-        model_type = model_type or next((t for t in ("vit_h", "vit_l", "vit_b") if t in os.path.basename(checkpoint)),
-                                        None)
+            raise LayoutRetouchError(
+                f"SAM checkpoint '{checkpoint}' does not exist.", parameter="sam"
+            )
+        model_type = model_type or next(
+            (t for t in ("vit_h", "vit_l", "vit_b") if t in os.path.basename(checkpoint)), None
+        )
         if model_type not in ("vit_h", "vit_l", "vit_b"):
             raise LayoutRetouchError(
                 f"Cannot tell the SAM model type of '{checkpoint}' from its name; pass --sam-type vit_h|vit_l|vit_b.",
-                parameter="sam_type")
+                parameter="sam_type",
+            )
         from .models import resolve_device
 
         try:
             sam = sam_model_registry[model_type](checkpoint=checkpoint)
         except Exception as e:
-            raise LayoutRetouchError(f"Could not load SAM {model_type} from '{checkpoint}' ({e}). Is --sam-type right?",
-                                     parameter="sam") from None
+            raise LayoutRetouchError(
+                f"Could not load SAM {model_type} from '{checkpoint}' ({e}). Is --sam-type right?",
+                parameter="sam",
+            ) from None
         sam.to(resolve_device(device))
         return cls(SamAutomaticMaskGenerator(sam, points_per_side=points_per_side), clip=clip)
 
     def __call__(self, image: Image.Image, class_phrase: str = "") -> np.ndarray | None:
         rgb = np.asarray(image.convert("RGB"))
         h, w = rgb.shape[:2]
-        props = [p for p in self.generator.generate(rgb)
-                 if self.min_area * h * w <= int(np.asarray(p["segmentation"]).sum()) <= self.max_area * h * w]
+        props = [
+            p
+            for p in self.generator.generate(rgb)
+            if self.min_area * h * w
+            <= int(np.asarray(p["segmentation"]).sum())
+            <= self.max_area * h * w
+        ]
         if not props:
             return None
         if self.clip is not None and class_phrase:
@@ -202,29 +243,57 @@ def build_random_sam(seed: int = 0, img_size: int = 64, points_per_side: int = 4
 
     import torch
     from segment_anything import SamAutomaticMaskGenerator
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
 
     torch.manual_seed(seed)
     dim, patch = 32, 16
     sam = Sam(
-        image_encoder=ImageEncoderViT(img_size=img_size, patch_size=patch, embed_dim=dim, depth=1, num_heads=2,
-                                      mlp_ratio=2, out_chans=dim, qkv_bias=True,
-                                      norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
-        prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(img_size // patch, img_size // patch),
-                                     input_image_size=(img_size, img_size), mask_in_chans=4),
-        mask_decoder=MaskDecoder(num_multimask_outputs=3,
-                                 transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
-                                 transformer_dim=dim, iou_head_depth=2, iou_head_hidden_dim=16),
+        image_encoder=ImageEncoderViT(
+            img_size=img_size,
+            patch_size=patch,
+            embed_dim=dim,
+            depth=1,
+            num_heads=2,
+            mlp_ratio=2,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(img_size // patch, img_size // patch),
+            input_image_size=(img_size, img_size),
+            mask_in_chans=4,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+            transformer_dim=dim,
+            iou_head_depth=2,
+            iou_head_hidden_dim=16,
+        ),
     ).eval()
-    return SamAutomaticMaskGenerator(sam, points_per_side=points_per_side, pred_iou_thresh=0.0,
-                                     stability_score_thresh=0.0, box_nms_thresh=1.0)
+    return SamAutomaticMaskGenerator(
+        sam,
+        points_per_side=points_per_side,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        box_nms_thresh=1.0,
+    )
 
 
 MaskFn = Callable[[str, Image.Image, str], "np.ndarray | None"]
 
 
-def subject_mask(image_path: str, image: Image.Image, class_phrase: str,
-                 sam: SamSubjectMasker | None = None) -> tuple[np.ndarray | None, str]:
+def subject_mask(
+    image_path: str, image: Image.Image, class_phrase: str, sam: SamSubjectMasker | None = None
+) -> tuple[np.ndarray | None, str]:
     """(mask, source): a saved `<stem>.mask.png` first, else SAM, else (None, "none")."""
     mp = mask_path_for(image_path)
     if os.path.isfile(mp):

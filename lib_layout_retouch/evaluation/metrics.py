@@ -21,6 +21,7 @@ Inception Score (Salimans et al. 2016; paper Sec. 4.3):
     the reference here. Uniform p(y|x) -> IS = 1; one-hot predictions spread evenly
     over k classes -> IS = k.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,9 @@ def tclip_text(template: str, class_phrase: str, mode: str = DEFAULT_TCLIP_MODE)
         return template
     if mode == "class":
         return " ".join(template.replace("{}", class_phrase).split())
-    raise LayoutRetouchError(f"Unknown T_CLIP mode '{mode}'; use one of {TCLIP_MODES}.", parameter="tclip_mode")
+    raise LayoutRetouchError(
+        f"Unknown T_CLIP mode '{mode}'; use one of {TCLIP_MODES}.", parameter="tclip_mode"
+    )
 
 
 def effective_splits(n: int, splits: int = DEFAULT_IS_SPLITS) -> int:
@@ -85,12 +88,14 @@ def inception_score(probs, splits: int = DEFAULT_IS_SPLITS) -> tuple[float, floa
     if p.ndim != 2 or p.shape[0] == 0:
         return float("nan"), float("nan")
     if np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
-        raise ValueError("inception_score expects class probabilities (non-negative rows summing to 1)")
+        raise ValueError(
+            "inception_score expects class probabilities (non-negative rows summing to 1)"
+        )
     k = effective_splits(p.shape[0], splits)
     scores = []
     n = p.shape[0]
     for i in range(k):
-        part = p[i * n // k:(i + 1) * n // k]
+        part = p[i * n // k : (i + 1) * n // k]
         py = part.mean(axis=0, keepdims=True)
         kl = (xlogy(part, part) - xlogy(part, np.broadcast_to(py, part.shape))).sum(axis=1)
         scores.append(math.exp(kl.mean()))

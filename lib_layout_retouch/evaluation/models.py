@@ -17,11 +17,13 @@ CLIP's mean/std. That resize is torchvision's `Resize` applied to a *tensor*; Dr
 torchvision 0.14.1, whose tensor resize does not antialias (plain bicubic interpolation, a = -0.75,
 align_corners=False, no clamping of float values). `ClipEmbedder(resize="dreammatcher")` (the
 default) does the same arithmetic; `resize="antialias"` is the antialiased bicubic resize of newer
-torchvision/PIL, which moves I_CLIP/T_CLIP by ~1e-2 per prompt on real images; DINO receives the [-1, 1] 256x256 tensor *as is* (torch.hub DINO, no ImageNet
-normalisation, position embeddings interpolated to 16x16 patches). That last point is unusual, so
+torchvision/PIL, which moves I_CLIP/T_CLIP by ~1e-2 per prompt on real images; DINO receives the
+[-1, 1] 256x256 tensor *as is* (torch.hub DINO, no ImageNet normalisation, position embeddings
+interpolated to 16x16 patches). That last point is unusual, so
 `DinoEmbedder(preprocess="imagenet")` offers the textbook DINO input as well (224 centre crop,
 ImageNet mean/std).
 """
+
 from __future__ import annotations
 
 import json
@@ -83,10 +85,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise LayoutRetouchError(f"Image not found: {path}.", parameter="image") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise LayoutRetouchError(
-            f"Cannot read image {path} ({e}). Replace or delete the file and run again.", parameter="image"
+            f"Cannot read image {path} ({e}). Replace or delete the file and run again.",
+            parameter="image",
         ) from None
     if img.width < 1 or img.height < 1:
-        raise LayoutRetouchError(f"Image {path} is empty ({img.width}x{img.height}).", parameter="image")
+        raise LayoutRetouchError(
+            f"Image {path} is empty ({img.width}x{img.height}).", parameter="image"
+        )
     return img
 
 
@@ -96,14 +101,20 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return sorted(
         os.path.join(folder, f)
         for f in os.listdir(folder)
-        if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))
+        if not f.startswith(".")
+        and f.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(folder, f))
     )
 
 
-def to_eval_tensor(images: Sequence[Image.Image], size: int = EVAL_SIZE,
-                   resample: int = Image.BICUBIC) -> torch.Tensor:
+def to_eval_tensor(
+    images: Sequence[Image.Image], size: int = EVAL_SIZE, resample: int = Image.BICUBIC
+) -> torch.Tensor:
     """(N, 3, size, size) float tensor in [-1, 1]: images squashed to a square, as DreamMatcher does."""
-    arrs = [np.asarray(to_rgb(im).resize((size, size), resample=resample), dtype=np.float32) for im in images]
+    arrs = [
+        np.asarray(to_rgb(im).resize((size, size), resample=resample), dtype=np.float32)
+        for im in images
+    ]
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
     return x / 127.5 - 1.0
 
@@ -117,12 +128,12 @@ def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 def _centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
     h, w = x.shape[-2:]
     top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return x[..., top:top + size, left:left + size]
+    return x[..., top : top + size, left : left + size]
 
 
 def _batches(items: Sequence, n: int) -> Iterable[Sequence]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -133,7 +144,9 @@ def resolve_device(device: str | None) -> torch.device:
 
 def _check_choice(value: str, allowed: Sequence[str], what: str, parameter: str) -> None:
     if value not in allowed:
-        raise LayoutRetouchError(f"Unknown {what} '{value}'; use one of {tuple(allowed)}.", parameter=parameter)
+        raise LayoutRetouchError(
+            f"Unknown {what} '{value}'; use one of {tuple(allowed)}.", parameter=parameter
+        )
 
 
 def _place(model, device) -> tuple[torch.device, object]:
@@ -145,8 +158,14 @@ def _place(model, device) -> tuple[torch.device, object]:
 class ClipEmbedder:
     """CLIP image and text embeddings, L2-normalised (DreamMatcher's CLIPEvaluator arithmetic)."""
 
-    def __init__(self, model, tokenizer, device: str | torch.device | None = "cpu", batch_size: int = 16,
-                 resize: str = DEFAULT_CLIP_RESIZE):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: str | torch.device | None = "cpu",
+        batch_size: int = 16,
+        resize: str = DEFAULT_CLIP_RESIZE,
+    ):
         _check_choice(resize, CLIP_RESIZES, "CLIP resize", "clip_resize")
         self.device, self.model = _place(model, device)
         self.tokenizer = tokenizer
@@ -158,15 +177,22 @@ class ClipEmbedder:
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         x = (to_eval_tensor(images) + 1.0) / 2.0  # DreamMatcher: Normalize(mean=-1, std=2)
         # clip_preprocess.transforms[:2] = Resize(224, bicubic) + CenterCrop(224), then [4:] = Normalize
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                          antialias=self.resize == "antialias")
+        x = F.interpolate(
+            x,
+            size=(self.image_size, self.image_size),
+            mode="bicubic",
+            align_corners=False,
+            antialias=self.resize == "antialias",
+        )
         return _normalize(_centre_crop(x, self.image_size), CLIP_MEAN, CLIP_STD)
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         out = []
         for chunk in _batches(list(images), self.batch_size):
-            feats = self.model.get_image_features(pixel_values=self.preprocess(chunk).to(self.device))
+            feats = self.model.get_image_features(
+                pixel_values=self.preprocess(chunk).to(self.device)
+            )
             out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
 
@@ -174,10 +200,17 @@ class ClipEmbedder:
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         out = []
         for chunk in _batches(list(texts), self.batch_size):
-            tok = self.tokenizer(list(chunk), padding="max_length", max_length=self.max_length, truncation=True,
-                                 return_tensors="pt")
-            feats = self.model.get_text_features(input_ids=tok["input_ids"].to(self.device),
-                                                 attention_mask=tok["attention_mask"].to(self.device))
+            tok = self.tokenizer(
+                list(chunk),
+                padding="max_length",
+                max_length=self.max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            feats = self.model.get_text_features(
+                input_ids=tok["input_ids"].to(self.device),
+                attention_mask=tok["attention_mask"].to(self.device),
+            )
             out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.config.projection_dim)
 
@@ -192,8 +225,13 @@ class DinoEmbedder:
 
     PREPROCESS = ("dreammatcher", "imagenet")
 
-    def __init__(self, model, device: str | torch.device | None = "cpu", preprocess: str = "dreammatcher",
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        model,
+        device: str | torch.device | None = "cpu",
+        preprocess: str = "dreammatcher",
+        batch_size: int = 16,
+    ):
         _check_choice(preprocess, self.PREPROCESS, "DINO preprocessing", "dino_preprocess")
         self.device, self.model = _place(model, device)
         self.preprocess_mode = preprocess
@@ -220,10 +258,17 @@ class DinoEmbedder:
 class InceptionClassifier:
     """p(y|x) from torchvision's Inception-v3 (softmax over its 1000 ImageNet classes)."""
 
-    def __init__(self, model, device: str | torch.device | None = "cpu", input_size: int = 299,
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        model,
+        device: str | torch.device | None = "cpu",
+        input_size: int = 299,
+        batch_size: int = 16,
+    ):
         if input_size < 75:
-            raise LayoutRetouchError("Inception-v3 needs inputs of at least 75x75 pixels.", parameter="input_size")
+            raise LayoutRetouchError(
+                "Inception-v3 needs inputs of at least 75x75 pixels.", parameter="input_size"
+            )
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.model = model.eval().to(self.device)
         self.input_size = input_size
@@ -236,61 +281,88 @@ class InceptionClassifier:
             x = (to_eval_tensor(chunk, size=self.input_size, resample=Image.BILINEAR) + 1.0) / 2.0
             # With pretrained weights torchvision sets transform_input=True, which expects this input.
             logits = self.model(_normalize(x, IMAGENET_MEAN, IMAGENET_STD).to(self.device))
-            if isinstance(logits, tuple):  # aux_logits in train mode; eval never returns it, be safe
+            if isinstance(
+                logits, tuple
+            ):  # aux_logits in train mode; eval never returns it, be safe
                 logits = logits[0]
             out.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 1000))
 
 
 # ---------------------------------------------------------------------------------------- loaders
-def _load_failure(what: str, source: str, err: Exception, parameter: str, how: str) -> LayoutRetouchError:
+def _load_failure(
+    what: str, source: str, err: Exception, parameter: str, how: str
+) -> LayoutRetouchError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return LayoutRetouchError(f"Could not load {what} from '{source}' ({first[:300]}). {how}", parameter=parameter)
+    return LayoutRetouchError(
+        f"Could not load {what} from '{source}' ({first[:300]}). {how}", parameter=parameter
+    )
 
 
 def _looks_like_path(source: str) -> bool:
     """A local path rather than a hub id like 'openai/clip-vit-base-patch32'."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or "\\" in source or os.path.exists(source)
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or "\\" in source
+        or os.path.exists(source)
+    )
 
 
-def load_clip(source: str = DEFAULT_CLIP, device: str | None = None, resize: str = DEFAULT_CLIP_RESIZE) -> ClipEmbedder:
+def load_clip(
+    source: str = DEFAULT_CLIP, device: str | None = None, resize: str = DEFAULT_CLIP_RESIZE
+) -> ClipEmbedder:
     """CLIP ViT-B/32 from a saved folder (`save_pretrained` of openai/clip-vit-base-patch32) or the HF cache."""
     source = os.path.expanduser(source)
     from transformers import CLIPModel, CLIPTokenizer
 
     if _looks_like_path(source) and not os.path.isdir(source):
-        raise LayoutRetouchError(f"CLIP folder '{source}' (--clip) does not exist.", parameter="clip")
+        raise LayoutRetouchError(
+            f"CLIP folder '{source}' (--clip) does not exist.", parameter="clip"
+        )
     try:
         model = CLIPModel.from_pretrained(source)
         tokenizer = CLIPTokenizer.from_pretrained(source)
     except (OSError, ValueError, EnvironmentError) as e:
         raise _load_failure(
-            "CLIP ViT-B/32", source, e, "clip",
+            "CLIP ViT-B/32",
+            source,
+            e,
+            "clip",
             "Pass --clip with a local folder holding openai/clip-vit-base-patch32 (config.json, weights, "
             "vocab.json, merges.txt), or fetch it once into the Hugging Face cache on a machine with internet.",
         ) from None
     return ClipEmbedder(model, tokenizer, device=device, resize=resize)
 
 
-def load_dino(source: str = DEFAULT_DINO, device: str | None = None, preprocess: str = "dreammatcher") -> DinoEmbedder:
+def load_dino(
+    source: str = DEFAULT_DINO, device: str | None = None, preprocess: str = "dreammatcher"
+) -> DinoEmbedder:
     """DINO ViT-S/16 from a saved folder (facebook/dino-vits16) or the HF cache."""
     source = os.path.expanduser(source)
     from transformers import ViTModel
 
     if _looks_like_path(source) and not os.path.isdir(source):
-        raise LayoutRetouchError(f"DINO folder '{source}' (--dino) does not exist.", parameter="dino")
+        raise LayoutRetouchError(
+            f"DINO folder '{source}' (--dino) does not exist.", parameter="dino"
+        )
     try:
         model = ViTModel.from_pretrained(source, add_pooling_layer=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise _load_failure(
-            "DINO ViT-S/16", source, e, "dino",
+            "DINO ViT-S/16",
+            source,
+            e,
+            "dino",
             "Pass --dino with a local folder holding facebook/dino-vits16 (config.json + weights), or fetch it "
             "once into the Hugging Face cache on a machine with internet.",
         ) from None
     return DinoEmbedder(model, device=device, preprocess=preprocess)
 
 
-def load_inception(source: str = DEFAULT_INCEPTION, device: str | None = None) -> InceptionClassifier:
+def load_inception(
+    source: str = DEFAULT_INCEPTION, device: str | None = None
+) -> InceptionClassifier:
     """torchvision Inception-v3: "torchvision" = IMAGENET1K_V1 from the torch hub cache, or a .pth state dict."""
     import torchvision
     from torchvision.models import Inception_V3_Weights
@@ -305,13 +377,19 @@ def load_inception(source: str = DEFAULT_INCEPTION, device: str | None = None) -
         else:
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"no such file: {source}")
-            model = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=True,
-                                                    init_weights=False)
+            model = torchvision.models.inception_v3(
+                weights=None, aux_logits=True, transform_input=True, init_weights=False
+            )
             state = torch.load(source, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            model.load_state_dict(
+                state.get("state_dict", state) if isinstance(state, dict) else state
+            )
     except (OSError, RuntimeError, ValueError) as e:
         raise _load_failure(
-            "Inception-v3", source, e, "inception",
+            "Inception-v3",
+            source,
+            e,
+            "inception",
             f"Pass --inception with torchvision's inception_v3 state dict ({os.path.basename(weights.url)}), put that "
             f"file at {cache_file}, or pass --inception none to skip the Inception Score.",
         ) from None
@@ -330,11 +408,15 @@ class ImageRewardScorer:
         return [float(s) for s in (scores if isinstance(scores, (list, tuple)) else [scores])]
 
 
-IMAGE_REWARD_INSTALL = "pip install image-reward  (then pass --imagereward ImageReward-v1.0 or a path to ImageReward.pt)"
+IMAGE_REWARD_INSTALL = (
+    "pip install image-reward  "
+    "(then pass --imagereward ImageReward-v1.0 or a path to ImageReward.pt)"
+)
 
 
-def load_image_reward(source: str = DEFAULT_IMAGE_REWARD, device: str | None = None,
-                      required: bool = False) -> tuple[Callable | None, str]:
+def load_image_reward(
+    source: str = DEFAULT_IMAGE_REWARD, device: str | None = None, required: bool = False
+) -> tuple[Callable | None, str]:
     """(scorer, "") or (None, reason). ImageReward is optional: imported lazily, never required by tests.
 
     `required=True` (the user named a model explicitly) turns a failure into a LayoutRetouchError.
@@ -354,8 +436,10 @@ def load_image_reward(source: str = DEFAULT_IMAGE_REWARD, device: str | None = N
             kwargs["download_root"] = os.path.dirname(os.path.abspath(source))
         model = RM.load(source, **kwargs)
     except Exception as e:
-        reason = (f"ImageReward model '{source}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). Pass "
-                  f"--imagereward with a local ImageReward.pt (med_config.json beside it) or run once with internet.")
+        reason = (
+            f"ImageReward model '{source}' could not be loaded ({type(e).__name__}: {str(e)[:300]}). Pass "
+            f"--imagereward with a local ImageReward.pt (med_config.json beside it) or run once with internet."
+        )
         if required:
             raise LayoutRetouchError(reason, parameter="imagereward") from None
         return None, reason
@@ -365,7 +449,11 @@ def load_image_reward(source: str = DEFAULT_IMAGE_REWARD, device: str | None = N
 # ------------------------------------------------------------------- tiny random builders (tests)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's byte -> printable unicode map (the base alphabet of CLIP's BPE vocabulary)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -394,39 +482,73 @@ def write_tiny_clip_tokenizer(folder: str | os.PathLike):
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
-    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         pad_token="<|endoftext|>")
+    return CLIPTokenizer(
+        os.path.join(folder, "vocab.json"),
+        os.path.join(folder, "merges.txt"),
+        pad_token="<|endoftext|>",
+    )
 
 
-def build_random_clip(tokenizer_folder: str | os.PathLike, seed: int = 0, image_size: int = 32,
-                      device: str = "cpu", resize: str = DEFAULT_CLIP_RESIZE) -> ClipEmbedder:
+def build_random_clip(
+    tokenizer_folder: str | os.PathLike,
+    seed: int = 0,
+    image_size: int = 32,
+    device: str = "cpu",
+    resize: str = DEFAULT_CLIP_RESIZE,
+) -> ClipEmbedder:
     """CLIP with the real architecture, tiny and random (hidden 32, 2 layers, patch 8)."""
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer = write_tiny_clip_tokenizer(tokenizer_folder)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(tokenizer) - 2,
-                         eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=image_size, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=len(tokenizer) - 2,
+            eos_token_id=len(tokenizer) - 1,
+            pad_token_id=len(tokenizer) - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     return ClipEmbedder(CLIPModel(config), tokenizer, device=device, resize=resize)
 
 
-def build_random_dino(seed: int = 0, preprocess: str = "dreammatcher", device: str = "cpu") -> DinoEmbedder:
+def build_random_dino(
+    seed: int = 0, preprocess: str = "dreammatcher", device: str = "cpu"
+) -> DinoEmbedder:
     """A ViT-S/16-shaped `ViTModel` (patch 16), tiny and random (hidden 32, 2 layers, 32x32 positions)."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    config = ViTConfig(image_size=32, patch_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2)
-    return DinoEmbedder(ViTModel(config, add_pooling_layer=False), device=device, preprocess=preprocess)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+    return DinoEmbedder(
+        ViTModel(config, add_pooling_layer=False), device=device, preprocess=preprocess
+    )
 
 
-def build_random_inception(seed: int = 0, input_size: int = 75, device: str = "cpu") -> InceptionClassifier:
+def build_random_inception(
+    seed: int = 0, input_size: int = 75, device: str = "cpu"
+) -> InceptionClassifier:
     """torchvision's Inception-v3 with random weights (the IS arithmetic needs only its softmax)."""
     import torchvision
 

@@ -26,6 +26,7 @@ live (which prompt list; default from ViCo's five animals), and the script argum
 vanilla_checkpoint, lambda1, lambda2, mask_start, sam_model, ca_threshold. "defaults" may hold any
 of these except token/class/folder/reference_image.
 """
+
 from __future__ import annotations
 
 import base64
@@ -51,11 +52,33 @@ SCRIPT_TITLE = "Layout-and-Retouch"
 METHODS = ("off", "on")
 METHOD_LABELS = {"off": "Baseline (Layout-and-Retouch off)", "on": "Layout-and-Retouch (on)"}
 PERSONALIZATIONS = ("dreambooth", "textual_inversion", "lora")
-LIVE_CONCEPTS = ("black_cat", "brown_cat", "brown_dog", "brown_dog2", "fat_dog")  # ViCo / DreamMatcher
+LIVE_CONCEPTS = (
+    "black_cat",
+    "brown_cat",
+    "brown_dog",
+    "brown_dog2",
+    "fat_dog",
+)  # ViCo / DreamMatcher
 PROMPT_SETS = ("normal", "challenging")
-SCRIPT_ARG_KEYS = ("vanilla_checkpoint", "lambda1", "lambda2", "mask_start", "sam_model", "ca_threshold")
-CONCEPT_KEYS = ("token", "class", "folder", "subject", "reference_image", "personalization", "checkpoint",
-                "prompt_extra", "live") + SCRIPT_ARG_KEYS
+SCRIPT_ARG_KEYS = (
+    "vanilla_checkpoint",
+    "lambda1",
+    "lambda2",
+    "mask_start",
+    "sam_model",
+    "ca_threshold",
+)
+CONCEPT_KEYS = (
+    "token",
+    "class",
+    "folder",
+    "subject",
+    "reference_image",
+    "personalization",
+    "checkpoint",
+    "prompt_extra",
+    "live",
+) + SCRIPT_ARG_KEYS
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
@@ -107,8 +130,21 @@ class RunSettings:
 
     def generation_key(self) -> dict:
         """The settings that change an image: a resumed run must match them."""
-        keys = ("steps", "cfg_scale", "width", "height", "sampler", "negative_prompt", "prompt_set", "lambda2",
-                "mask_start", "ca_threshold", "sam_model", "vanilla_checkpoint", "max_reference_side")
+        keys = (
+            "steps",
+            "cfg_scale",
+            "width",
+            "height",
+            "sampler",
+            "negative_prompt",
+            "prompt_set",
+            "lambda2",
+            "mask_start",
+            "ca_threshold",
+            "sam_model",
+            "vanilla_checkpoint",
+            "max_reference_side",
+        )
         d = {k: getattr(self, k) for k in keys}
         d["lambda1"] = self.effective_lambda1()
         return d
@@ -136,26 +172,37 @@ def _check_dir(path: str, what: str, parameter: str) -> str:
 
 
 def _image_files(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
-                  and os.path.isfile(os.path.join(folder, f)))
+    return sorted(
+        f
+        for f in os.listdir(folder)
+        if not f.startswith(".")
+        and f.lower().endswith(IMAGE_EXTENSIONS)
+        and os.path.isfile(os.path.join(folder, f))
+    )
 
 
 def read_prompts(vico_dir: str, live: bool, prompt_set: str = "normal") -> list[str]:
     """The ViCo prompt list for a live/non-live concept: templates with "{}" for the subject."""
     if prompt_set not in PROMPT_SETS:
-        raise LayoutRetouchError(f"Unknown prompt set '{prompt_set}'; use one of {PROMPT_SETS}.", parameter="prompt_set")
+        raise LayoutRetouchError(
+            f"Unknown prompt set '{prompt_set}'; use one of {PROMPT_SETS}.", parameter="prompt_set"
+        )
     name = f"prompts_{'live' if live else 'nonlive'}_objects{'_challenging' if prompt_set == 'challenging' else ''}.txt"
     path = os.path.join(vico_dir, name)
     if not os.path.isfile(path):
-        raise LayoutRetouchError(f"Prompt list {path} is missing: --vico must be the ViCo folder with the "
-                                 f"prompts_*_objects*.txt files.", parameter="vico")
+        raise LayoutRetouchError(
+            f"Prompt list {path} is missing: --vico must be the ViCo folder with the "
+            f"prompts_*_objects*.txt files.",
+            parameter="vico",
+        )
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     bad = [p for p in prompts if "{}" not in p]
     if bad:
-        raise LayoutRetouchError(f"{path}: every prompt needs '{{}}' where the subject goes; these do not: {bad[:3]}",
-                                 parameter="vico")
+        raise LayoutRetouchError(
+            f"{path}: every prompt needs '{{}}' where the subject goes; these do not: {bad[:3]}",
+            parameter="vico",
+        )
     if not prompts:
         raise LayoutRetouchError(f"Prompt list {path} is empty.", parameter="vico")
     return prompts
@@ -170,15 +217,25 @@ def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LayoutRetouchError(f"Concept file '{path}' is not valid JSON ({e}).", parameter="concepts") from None
+        raise LayoutRetouchError(
+            f"Concept file '{path}' is not valid JSON ({e}).", parameter="concepts"
+        ) from None
     if not isinstance(data, dict):
-        raise LayoutRetouchError(f"Concept file '{path}' must hold a JSON object.", parameter="concepts")
+        raise LayoutRetouchError(
+            f"Concept file '{path}' must hold a JSON object.", parameter="concepts"
+        )
     defaults = data.get("defaults", {})
-    concepts = data["concepts"] if "concepts" in data else {k: v for k, v in data.items() if k != "defaults"}
+    concepts = (
+        data["concepts"]
+        if "concepts" in data
+        else {k: v for k, v in data.items() if k != "defaults"}
+    )
     if not isinstance(concepts, dict) or not concepts or not isinstance(defaults, dict):
-        raise LayoutRetouchError(f"Concept file '{path}' names no concepts: expected "
-                                 '{"concepts": {"brown_dog": {"token": "sks", "class": "dog"}, ...}}.',
-                                 parameter="concepts")
+        raise LayoutRetouchError(
+            f"Concept file '{path}' names no concepts: expected "
+            '{"concepts": {"brown_dog": {"token": "sks", "class": "dog"}, ...}}.',
+            parameter="concepts",
+        )
     sources = {}
     src_file = os.path.join(vico_dir, "imgs_source.txt")
     if os.path.isfile(src_file):
@@ -191,45 +248,78 @@ def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
     specs = []
     for name, raw in concepts.items():
         if not isinstance(raw, dict):
-            raise LayoutRetouchError(f"Concept '{name}' in {path} must be an object with token and class.",
-                                     parameter="concepts")
+            raise LayoutRetouchError(
+                f"Concept '{name}' in {path} must be an object with token and class.",
+                parameter="concepts",
+            )
         unknown = sorted(set(raw) - set(CONCEPT_KEYS)) + sorted(set(defaults) - set(CONCEPT_KEYS))
         if unknown:
-            raise LayoutRetouchError(f"Unknown key(s) {unknown} for concept '{name}' in {path}; known keys: "
-                                     f"{', '.join(CONCEPT_KEYS)}.", parameter="concepts")
-        merged = {**{k: v for k, v in defaults.items() if k not in ("token", "class", "folder", "reference_image")},
-                  **raw}
+            raise LayoutRetouchError(
+                f"Unknown key(s) {unknown} for concept '{name}' in {path}; known keys: "
+                f"{', '.join(CONCEPT_KEYS)}.",
+                parameter="concepts",
+            )
+        merged = {
+            **{
+                k: v
+                for k, v in defaults.items()
+                if k not in ("token", "class", "folder", "reference_image")
+            },
+            **raw,
+        }
         for key in ("token", "class"):
             if not str(merged.get(key, "")).strip():
-                raise LayoutRetouchError(f"Concept '{name}' in {path} needs a non-empty '{key}'.", parameter="concepts")
+                raise LayoutRetouchError(
+                    f"Concept '{name}' in {path} needs a non-empty '{key}'.", parameter="concepts"
+                )
         folder_name = str(merged.get("folder", name))
         folder = os.path.join(vico_dir, folder_name)
         if not os.path.isdir(folder):
-            raise LayoutRetouchError(f"Concept '{name}': folder '{folder}' does not exist. Set \"folder\" to one of: "
-                                     f"{', '.join(available)}.", parameter="concepts")
+            raise LayoutRetouchError(
+                f"Concept '{name}': folder '{folder}' does not exist. Set \"folder\" to one of: "
+                f"{', '.join(available)}.",
+                parameter="concepts",
+            )
         images = _image_files(folder)
         if not images:
-            raise LayoutRetouchError(f"Concept '{name}': no images in '{folder}'.", parameter="concepts")
+            raise LayoutRetouchError(
+                f"Concept '{name}': no images in '{folder}'.", parameter="concepts"
+            )
         ref = merged.get("reference_image") or sources.get(folder_name) or images[0]
         ref_path = ref if os.path.isabs(ref) else os.path.join(folder, ref)
         if not os.path.isfile(ref_path):
             if merged.get("reference_image"):
-                raise LayoutRetouchError(f"Concept '{name}': reference image '{ref_path}' does not exist.",
-                                         parameter="concepts")
-            ref_path = os.path.join(folder, images[0])  # imgs_source.txt names a file this copy lacks
+                raise LayoutRetouchError(
+                    f"Concept '{name}': reference image '{ref_path}' does not exist.",
+                    parameter="concepts",
+                )
+            ref_path = os.path.join(
+                folder, images[0]
+            )  # imgs_source.txt names a file this copy lacks
         pers = str(merged.get("personalization", "dreambooth"))
         if pers not in PERSONALIZATIONS:
-            raise LayoutRetouchError(f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATIONS}.",
-                                     parameter="concepts")
+            raise LayoutRetouchError(
+                f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATIONS}.",
+                parameter="concepts",
+            )
         token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
-        specs.append(ConceptSpec(
-            name=name, folder=folder, token=token, class_phrase=cls,
-            subject=str(merged.get("subject") or f"{token} {cls}"), reference_image=os.path.abspath(ref_path),
-            personalization=pers, checkpoint=str(merged.get("checkpoint", "")),
-            prompt_extra=str(merged.get("prompt_extra", "")),
-            live=bool(merged.get("live", folder_name in LIVE_CONCEPTS or name in LIVE_CONCEPTS)),
-            script={k: merged[k] for k in SCRIPT_ARG_KEYS if k in merged},
-        ))
+        specs.append(
+            ConceptSpec(
+                name=name,
+                folder=folder,
+                token=token,
+                class_phrase=cls,
+                subject=str(merged.get("subject") or f"{token} {cls}"),
+                reference_image=os.path.abspath(ref_path),
+                personalization=pers,
+                checkpoint=str(merged.get("checkpoint", "")),
+                prompt_extra=str(merged.get("prompt_extra", "")),
+                live=bool(
+                    merged.get("live", folder_name in LIVE_CONCEPTS or name in LIVE_CONCEPTS)
+                ),
+                script={k: merged[k] for k in SCRIPT_ARG_KEYS if k in merged},
+            )
+        )
     return specs
 
 
@@ -240,7 +330,9 @@ def encode_reference(path: str, max_side: int = 1024) -> str:
     img = load_image(path)
     if max(img.size) > max_side:
         scale = max_side / max(img.size)
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.LANCZOS
+        )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -259,10 +351,19 @@ class WebUIClient:
     """A1111's HTTP API with retries: connection errors, timeouts and 5xx are retried with
     exponential backoff (backoff, 2*backoff, 4*backoff ... seconds); 4xx fail at once."""
 
-    def __init__(self, url: str, timeout: float = 600.0, retries: int = 3, backoff: float = 2.0,
-                 auth: str | None = None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 600.0,
+        retries: int = 3,
+        backoff: float = 2.0,
+        auth: str | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         if not url.startswith(("http://", "https://")):
-            raise LayoutRetouchError(f"WebUI URL '{url}' must start with http:// or https://.", parameter="url")
+            raise LayoutRetouchError(
+                f"WebUI URL '{url}' must start with http:// or https://.", parameter="url"
+            )
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.retries = max(0, int(retries))
@@ -274,32 +375,58 @@ class WebUIClient:
 
     def _once(self, method: str, path: str, payload: dict | None) -> dict:
         data = None if payload is None else json.dumps(payload).encode("utf-8")
-        req = urllib.request.Request(self.url + path, data=data, headers=self.headers, method=method)
+        req = urllib.request.Request(
+            self.url + path, data=data, headers=self.headers, method=method
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 body = resp.read()
         except urllib.error.HTTPError as e:
             detail = _error_detail(e)
             if e.code == 404:
-                raise WebUIError(f"{self.url}{path} answered 404: start the WebUI with --api (and check the URL). "
-                                 f"{detail}", transient=False) from None
+                raise WebUIError(
+                    f"{self.url}{path} answered 404: start the WebUI with --api (and check the URL). "
+                    f"{detail}",
+                    transient=False,
+                ) from None
             if e.code in (401, 403):
-                raise WebUIError(f"{self.url}{path} answered {e.code}: pass --api-auth user:password. {detail}",
-                                 transient=False) from None
+                raise WebUIError(
+                    f"{self.url}{path} answered {e.code}: pass --api-auth user:password. {detail}",
+                    transient=False,
+                ) from None
             if e.code == 422:
-                raise WebUIError(f"The WebUI rejected the request (422): {detail}", transient=False) from None
-            raise WebUIError(f"HTTP {e.code} from {self.url}{path}: {detail}", transient=e.code >= 500 or e.code == 429) \
-                from None
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError) as e:
+                raise WebUIError(
+                    f"The WebUI rejected the request (422): {detail}", transient=False
+                ) from None
+            raise WebUIError(
+                f"HTTP {e.code} from {self.url}{path}: {detail}",
+                transient=e.code >= 500 or e.code == 429,
+            ) from None
+        except (
+            urllib.error.URLError,
+            http.client.HTTPException,
+            ConnectionError,
+            socket.timeout,
+            TimeoutError,
+        ) as e:
             reason = getattr(e, "reason", e)
-            raise WebUIError(f"could not reach the WebUI at {self.url} ({type(reason).__name__}: {reason})") from None
+            raise WebUIError(
+                f"could not reach the WebUI at {self.url} ({type(reason).__name__}: {reason})"
+            ) from None
         try:
             return json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise WebUIError(f"{self.url}{path} sent a reply that is not JSON ({body[:80]!r}...)") from None
+            raise WebUIError(
+                f"{self.url}{path} sent a reply that is not JSON ({body[:80]!r}...)"
+            ) from None
 
-    def call(self, method: str, path: str, payload: dict | None = None,
-             check: Callable[[dict], None] | None = None) -> dict:
+    def call(
+        self,
+        method: str,
+        path: str,
+        payload: dict | None = None,
+        check: Callable[[dict], None] | None = None,
+    ) -> dict:
         """One API call with retries; `check(reply)` may raise WebUIError to retry a bad 200 reply too."""
         last: WebUIError | None = None
         for attempt in range(self.retries + 1):
@@ -314,19 +441,28 @@ class WebUIClient:
                 if not e.transient:
                     raise
                 last = e
-        raise WebUIError(f"{last.args[0] if last else 'no attempt'} — gave up after {self.retries + 1} attempts", transient=True)
+        raise WebUIError(
+            f"{last.args[0] if last else 'no attempt'} — gave up after {self.retries + 1} attempts",
+            transient=True,
+        )
 
     def txt2img(self, payload: dict) -> dict:
         """POST /sdapi/v1/txt2img; the reply must carry at least one decodable image."""
 
         def check(reply: dict) -> None:
-            if not isinstance(reply, dict) or not isinstance(reply.get("images"), list) or not reply["images"]:
+            if (
+                not isinstance(reply, dict)
+                or not isinstance(reply.get("images"), list)
+                or not reply["images"]
+            ):
                 keys = sorted(reply) if isinstance(reply, dict) else type(reply).__name__
                 raise WebUIError(f"the txt2img reply has no images (keys: {keys})")
             try:
                 _decode_image(reply["images"][0])
             except Exception as e:
-                raise WebUIError(f"the txt2img reply's image is unreadable ({type(e).__name__}: {e})") from None
+                raise WebUIError(
+                    f"the txt2img reply's image is unreadable ({type(e).__name__}: {e})"
+                ) from None
 
         return self.call("POST", "/sdapi/v1/txt2img", payload, check=check)
 
@@ -338,7 +474,9 @@ class WebUIClient:
             if not e.transient and "404" in str(e):
                 return None
             raise
-        return [str(s).lower() for s in reply.get("txt2img", [])] if isinstance(reply, dict) else None
+        return (
+            [str(s).lower() for s in reply.get("txt2img", [])] if isinstance(reply, dict) else None
+        )
 
 
 def _error_detail(e: urllib.error.HTTPError) -> str:
@@ -361,8 +499,10 @@ def pipeline_mask(reply: dict, payload: dict) -> bytes | None:
 
     With show_intermediates the images are [result, layout, mask, cross-attention map]; the mask's
     foreground is ≥ 0.5 (≥ 128 grey), which `diversity.load_mask_png` reads as subject."""
-    args = (payload.get("alwayson_scripts", {}).get(SCRIPT_TITLE, {}).get("args") or [{}])
-    if not (isinstance(args[0], dict) and args[0].get("enabled") and args[0].get("show_intermediates")):
+    args = payload.get("alwayson_scripts", {}).get(SCRIPT_TITLE, {}).get("args") or [{}]
+    if not (
+        isinstance(args[0], dict) and args[0].get("enabled") and args[0].get("show_intermediates")
+    ):
         return None
     images = reply.get("images") or []
     if len(images) < 4:
@@ -373,8 +513,15 @@ def pipeline_mask(reply: dict, payload: dict) -> bytes | None:
         return None
 
 
-def build_payload(spec: ConceptSpec, template: str, seed: int, method: str, settings: RunSettings,
-                  reference_b64: str, include_script: bool = True) -> dict:
+def build_payload(
+    spec: ConceptSpec,
+    template: str,
+    seed: int,
+    method: str,
+    settings: RunSettings,
+    reference_b64: str,
+    include_script: bool = True,
+) -> dict:
     """The /sdapi/v1/txt2img request for one image. "on" and "off" differ only in the script's args.
 
     "off" sends the script with enabled=False (the same code path as "on", minus the work), or no
@@ -476,8 +623,13 @@ def _parse_info(reply: dict) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def _check_run_file(out_dir: str, settings: RunSettings, concepts: Sequence[ConceptSpec], vico_dir: str,
-                    urls: Sequence[str]) -> None:
+def _check_run_file(
+    out_dir: str,
+    settings: RunSettings,
+    concepts: Sequence[ConceptSpec],
+    vico_dir: str,
+    urls: Sequence[str],
+) -> None:
     """Write run.json; refuse to mix images made with other generation settings into one folder."""
     path = os.path.join(out_dir, "run.json")
     current = settings.generation_key()
@@ -488,16 +640,28 @@ def _check_run_file(out_dir: str, settings: RunSettings, concepts: Sequence[Conc
                 old = json.load(f)
         except (json.JSONDecodeError, OSError):
             old = {}
-        diff = {k: (old.get("generation", {}).get(k), v) for k, v in current.items()
-                if k in old.get("generation", {}) and old["generation"][k] != v}
+        diff = {
+            k: (old.get("generation", {}).get(k), v)
+            for k, v in current.items()
+            if k in old.get("generation", {}) and old["generation"][k] != v
+        }
         if diff:
             pretty = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
-            raise LayoutRetouchError(f"{out_dir} holds images made with other settings ({pretty}). Use the same "
-                                     f"settings to resume, or another --out.", parameter="out")
+            raise LayoutRetouchError(
+                f"{out_dir} holds images made with other settings ({pretty}). Use the same "
+                f"settings to resume, or another --out.",
+                parameter="out",
+            )
         old_concepts = old.get("concepts", {})
     record = {
-        "vico": vico_dir, "url": urls[0], "urls": list(urls), "generation": current,
-        "n": settings.n, "n_prompts": settings.n_prompts, "seed": settings.seed, "methods": list(settings.methods),
+        "vico": vico_dir,
+        "url": urls[0],
+        "urls": list(urls),
+        "generation": current,
+        "n": settings.n,
+        "n_prompts": settings.n_prompts,
+        "seed": settings.seed,
+        "methods": list(settings.methods),
         "concepts": {**old_concepts, **{c.name: c.to_json() for c in concepts}},
     }
     _atomic_write(path, json.dumps(record, indent=2).encode("utf-8"))
@@ -590,9 +754,17 @@ class Dispatcher:
             self.cond.notify_all()
 
 
-def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], out_dir: str,
-                 settings: RunSettings | None = None, client: WebUIClient | Sequence[WebUIClient] | None = None,
-                 progress: bool = True, log: Callable[[str], None] | None = None, per_server: int = 1) -> RunSummary:
+def run_protocol(
+    vico_dir: str,
+    concepts_path: str,
+    url: str | Sequence[str],
+    out_dir: str,
+    settings: RunSettings | None = None,
+    client: WebUIClient | Sequence[WebUIClient] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    per_server: int = 1,
+) -> RunSummary:
     """Generate every missing image of the sweep on one or several WebUIs.
 
     `url` (and `client`) may name several WebUIs: the requests are spread over them, `per_server` in
@@ -610,12 +782,17 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
     for name in ("width", "height"):
         v = getattr(settings, name)
         if v < 8 or v % 8:
-            raise LayoutRetouchError(f"--{name} {v}: Stable Diffusion draws on an 8-pixel latent grid; use a positive "
-                                     f"multiple of 8 (e.g. {max(8, v // 8 * 8)}).", parameter=name)
+            raise LayoutRetouchError(
+                f"--{name} {v}: Stable Diffusion draws on an 8-pixel latent grid; use a positive "
+                f"multiple of 8 (e.g. {max(8, v // 8 * 8)}).",
+                parameter=name,
+            )
     bad = [m for m in settings.methods if m not in METHODS]
     if bad or not settings.methods:
-        raise LayoutRetouchError(f"Unknown method(s) {bad} in --methods; use some of {','.join(METHODS)}.",
-                                 parameter="methods")
+        raise LayoutRetouchError(
+            f"Unknown method(s) {bad} in --methods; use some of {','.join(METHODS)}.",
+            parameter="methods",
+        )
     urls = [url] if isinstance(url, str) else list(url)
     clients = [client] if isinstance(client, WebUIClient) else list(client or [])
     if not clients:
@@ -628,7 +805,9 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise LayoutRetouchError(f"Cannot create output folder {out_dir} ({e}).", parameter="out") from None
+        raise LayoutRetouchError(
+            f"Cannot create output folder {out_dir} ({e}).", parameter="out"
+        ) from None
 
     jobs: list[_Job] = []  # pairs of methods stay together
     for spec in concepts:
@@ -639,8 +818,14 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
             for k in range(settings.n):
                 for method in settings.methods:
                     jobs.append(_Job(len(jobs), spec, pi, template, settings.seed + k, method))
-    todo = [j for j in jobs if not image_done(image_path(out_dir, j.method, j.spec.name, j.prompt_index, j.seed))]
-    summary = RunSummary(out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo))
+    todo = [
+        j
+        for j in jobs
+        if not image_done(image_path(out_dir, j.method, j.spec.name, j.prompt_index, j.seed))
+    ]
+    summary = RunSummary(
+        out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo)
+    )
     _check_run_file(out_dir, settings, concepts, vico_dir, [c.url for c in clients])
     say = log or (lambda msg: tqdm.write(msg))
     if not todo:
@@ -655,43 +840,68 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
             titles = c.txt2img_scripts()
         except WebUIError as e:
             if len(clients) == 1:
-                raise WebUIError(f"{e.args[0]}. Start the WebUI with --api, check --url, then run again. "
-                                 f"{summary.skipped} of {summary.total} images already on disk.",
-                                 transient=False) from None
+                raise WebUIError(
+                    f"{e.args[0]}. Start the WebUI with --api, check --url, then run again. "
+                    f"{summary.skipped} of {summary.total} images already on disk.",
+                    transient=False,
+                ) from None
             say(f"note: {c.url} left out: {e.args[0]}")
             summary.warnings.append(f"{c.url} left out: {e.args[0]}")
             continue
-        has_script = titles is None or SCRIPT_TITLE.lower() in titles  # None: an old WebUI without /scripts
+        has_script = (
+            titles is None or SCRIPT_TITLE.lower() in titles
+        )  # None: an old WebUI without /scripts
         if not has_script:
             if any(j.method == "on" for j in todo):
-                raise LayoutRetouchError(f"The WebUI at {c.url} has no '{SCRIPT_TITLE}' txt2img script: install and "
-                                         f"enable the extension, restart the WebUI, run again.", parameter="url")
+                raise LayoutRetouchError(
+                    f"The WebUI at {c.url} has no '{SCRIPT_TITLE}' txt2img script: install and "
+                    f"enable the extension, restart the WebUI, run again.",
+                    parameter="url",
+                )
             msg = f"note: the WebUI at {c.url} has no '{SCRIPT_TITLE}' script; 'off' requests are sent without it."
             summary.warnings.append(msg)
             say(msg)
         servers.append(_Server(c, has_script=has_script))
     if not servers:
-        raise LayoutRetouchError(f"None of the WebUIs answered ({', '.join(c.url for c in clients)}): start them with "
-                                 f"--api, check --url, then run again.", parameter="url")
+        raise LayoutRetouchError(
+            f"None of the WebUIs answered ({', '.join(c.url for c in clients)}): start them with "
+            f"--api, check --url, then run again.",
+            parameter="url",
+        )
 
     dispatcher = Dispatcher(todo, servers)
     lock = threading.Lock()  # summary, bar, `fatal`
     fatal: list[Exception] = []
-    bar = tqdm(total=len(jobs), initial=summary.skipped, desc="txt2img", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(jobs),
+        initial=summary.skipped,
+        desc="txt2img",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     bar.set_postfix_str(f"{len(servers)} WebUI(s)")
 
     def saved() -> str:
-        return (f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the same "
-                f"command again to resume (or `score` to score what is there)")
+        return (
+            f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the same "
+            f"command again to resume (or `score` to score what is there)"
+        )
 
     def webui(server: _Server) -> str:
         return "The WebUI" + (f" at {server.client.url}" if len(servers) > 1 else "")
 
     def one(server: _Server, job: _Job) -> None:
         spec = job.spec
-        payload = build_payload(spec, job.template, job.seed, job.method, settings, refs.get(spec.name, ""),
-                                include_script=server.has_script)
+        payload = build_payload(
+            spec,
+            job.template,
+            job.seed,
+            job.method,
+            settings,
+            refs.get(spec.name, ""),
+            include_script=server.has_script,
+        )
         reply = server.client.txt2img(payload)
         data = _decode_image(reply["images"][0])
         info = _parse_info(reply)
@@ -703,19 +913,35 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
             if not script_ran:
                 raise LayoutRetouchError(
                     f"{webui(server)} answered {spec.name} / prompt {job.prompt_index} / seed {job.seed} / on with an "
-                    f"image whose infotext has no '{settings.on_marker}': Layout-and-Retouch did not run (the WebUI "
-                    f"hides script errors; its console says why, e.g. a wrong vanilla_checkpoint). That image was not "
-                    f"saved; {summary.skipped + summary.generated} of {summary.total} are in {out_dir}. Fix the concept "
-                    f"file and run again (--on-marker '' turns this check off).", parameter="concepts")
+                    f"image whose infotext has no '{settings.on_marker}': Layout-and-Retouch did not run "
+                    f"(the WebUI hides script errors; its console says why, e.g. a wrong "
+                    f"vanilla_checkpoint). That image was not saved; "
+                    f"{summary.skipped + summary.generated} of {summary.total} are in {out_dir}. "
+                    f"Fix the concept file and run again (--on-marker '' turns this check off).",
+                    parameter="concepts",
+                )
         path = image_path(out_dir, job.method, spec.name, job.prompt_index, job.seed)
         sidecar = {
-            "concept": spec.name, "method": job.method, "prompt_index": job.prompt_index, "template": job.template,
-            "prompt": payload["prompt"], "seed": job.seed, "class": spec.class_phrase, "token": spec.token,
-            "subject": spec.subject, "folder": spec.folder, "info_seed": info.get("seed"),
-            "infotext": infotext, "script_ran": script_ran, "extra_images": max(0, len(reply["images"]) - 1),
-            "size": list(Image.open(io.BytesIO(data)).size), "webui": server.client.url,
+            "concept": spec.name,
+            "method": job.method,
+            "prompt_index": job.prompt_index,
+            "template": job.template,
+            "prompt": payload["prompt"],
+            "seed": job.seed,
+            "class": spec.class_phrase,
+            "token": spec.token,
+            "subject": spec.subject,
+            "folder": spec.folder,
+            "info_seed": info.get("seed"),
+            "infotext": infotext,
+            "script_ran": script_ran,
+            "extra_images": max(0, len(reply["images"]) - 1),
+            "size": list(Image.open(io.BytesIO(data)).size),
+            "webui": server.client.url,
         }
-        _atomic_write(os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8"))
+        _atomic_write(
+            os.path.splitext(path)[0] + ".json", json.dumps(sidecar, indent=1).encode("utf-8")
+        )
         mask = pipeline_mask(reply, payload)
         if mask is not None:
             _atomic_write(mask_path_for(path), mask)
@@ -732,19 +958,26 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
                 dispatcher.finish(job, done=False)
                 with lock:
                     if not e.transient:  # a wrong request (4xx): every server would say the same
-                        fatal.append(LayoutRetouchError(
-                            f"{webui(server)} failed on {job.describe()}: {e.args[0]}. {saved()}.",
-                            parameter="url"))
+                        fatal.append(
+                            LayoutRetouchError(
+                                f"{webui(server)} failed on {job.describe()}: {e.args[0]}. {saved()}.",
+                                parameter="url",
+                            )
+                        )
                         dispatcher.stop()
                         return
                     if server.alive:
                         server.alive = False
-                        server.error = f"{server.client.url} failed on {job.describe()}: {e.args[0]}"
+                        server.error = (
+                            f"{server.client.url} failed on {job.describe()}: {e.args[0]}"
+                        )
                         left = sum(s.alive for s in servers)
                         bar.set_postfix_str(f"{left} WebUI(s)")
                         if left:
-                            say(f"{server.client.url} stopped answering ({e.args[0]}); its requests go to the other "
-                                f"{left} WebUI(s).")
+                            say(
+                                f"{server.client.url} stopped answering ({e.args[0]}); its requests go to the other "
+                                f"{left} WebUI(s)."
+                            )
                 with dispatcher.cond:
                     dispatcher.cond.notify_all()
                 return
@@ -760,8 +993,13 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
                 summary.generated += 1
                 bar.update(1)
 
-    threads = [threading.Thread(target=work, args=(srv,), name=f"txt2img {srv.client.url} #{i}", daemon=True)
-               for srv in servers for i in range(per_server)]
+    threads = [
+        threading.Thread(
+            target=work, args=(srv,), name=f"txt2img {srv.client.url} #{i}", daemon=True
+        )
+        for srv in servers
+        for i in range(per_server)
+    ]
     try:
         for t in threads:
             t.start()
@@ -779,7 +1017,11 @@ def run_protocol(vico_dir: str, concepts_path: str, url: str | Sequence[str], ou
     if left:
         errors = [s.error for s in servers if s.error]
         if len(servers) == 1:
-            what = f"The WebUI failed on {errors[0].split(' failed on ', 1)[1]}" if errors else "The WebUI stopped"
+            what = (
+                f"The WebUI failed on {errors[0].split(' failed on ', 1)[1]}"
+                if errors
+                else "The WebUI stopped"
+            )
         else:
             what = f"All {len(servers)} WebUIs stopped answering ({'; '.join(errors)})"
         raise LayoutRetouchError(f"{what}. {saved()}.", parameter="url")

@@ -14,6 +14,7 @@ Averaging (DreamMatcher's evaluate.py): per prompt, then the mean over prompts p
 mean over concepts per method. IS and σ²_avg are computed per concept over all its images and
 averaged over concepts.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,11 +25,19 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
-
 from ..errors import LayoutRetouchError
 from . import diversity
-from .metrics import DEFAULT_IS_SPLITS, DEFAULT_TCLIP_MODE, TCLIP_MODES, effective_splits, fmt, inception_score, \
-    mean_cosine, nanmean, tclip_text
+from .metrics import (
+    DEFAULT_IS_SPLITS,
+    DEFAULT_TCLIP_MODE,
+    TCLIP_MODES,
+    effective_splits,
+    fmt,
+    inception_score,
+    mean_cosine,
+    nanmean,
+    tclip_text,
+)
 from .runner import METHOD_LABELS, METHODS
 
 TABLE_COLUMNS = ("I_DINO", "I_CLIP", "T_CLIP", "ImageReward", "IS", "sigma2_avg")
@@ -81,12 +90,17 @@ class ScoreReport:
 
 
 # --------------------------------------------------------------------------------------- records
-def collect_records(out_dir: str, vico_dir: str | None = None) -> tuple[list[ImageRecord], list[str]]:
+def collect_records(
+    out_dir: str, vico_dir: str | None = None
+) -> tuple[list[ImageRecord], list[str]]:
     """Every generated image with its sidecar. Returns (records, warnings)."""
     images_dir = os.path.join(out_dir, "images")
     if not os.path.isdir(images_dir):
-        raise LayoutRetouchError(f"{images_dir} does not exist: --out must be a folder written by `run` "
-                                 f"(images/<method>/<concept>/*.png).", parameter="out")
+        raise LayoutRetouchError(
+            f"{images_dir} does not exist: --out must be a folder written by `run` "
+            f"(images/<method>/<concept>/*.png).",
+            parameter="out",
+        )
     run = {}
     run_file = os.path.join(out_dir, "run.json")
     if os.path.isfile(run_file):
@@ -104,7 +118,11 @@ def collect_records(out_dir: str, vico_dir: str | None = None) -> tuple[list[Ima
             if not os.path.isdir(cdir):
                 continue
             for name in sorted(os.listdir(cdir)):
-                if not name.endswith(".png") or name.endswith(diversity.MASK_SUFFIX) or ".extra" in name:
+                if (
+                    not name.endswith(".png")
+                    or name.endswith(diversity.MASK_SUFFIX)
+                    or ".extra" in name
+                ):
                     continue
                 path = os.path.join(cdir, name)
                 side = os.path.splitext(path)[0] + ".json"
@@ -112,7 +130,9 @@ def collect_records(out_dir: str, vico_dir: str | None = None) -> tuple[list[Ima
                     with open(side, encoding="utf-8") as f:
                         meta = json.load(f)
                 except (OSError, json.JSONDecodeError) as e:
-                    warnings.append(f"skipped {path}: no readable sidecar {os.path.basename(side)} ({e})")
+                    warnings.append(
+                        f"skipped {path}: no readable sidecar {os.path.basename(side)} ({e})"
+                    )
                     continue
                 spec = run_concepts.get(concept, {})
                 folder = spec.get("folder") or meta.get("folder")
@@ -122,10 +142,18 @@ def collect_records(out_dir: str, vico_dir: str | None = None) -> tuple[list[Ima
                 if "template" not in meta or not (meta.get("class") or spec.get("class_phrase")):
                     warnings.append(f"skipped {path}: its sidecar lacks 'template' or 'class'")
                     continue
-                records.append(ImageRecord(
-                    path=path, method=method, concept=concept, prompt_index=int(meta.get("prompt_index", -1)),
-                    template=meta["template"], class_phrase=meta.get("class") or spec.get("class_phrase"),
-                    seed=meta.get("seed"), folder=folder or ""))
+                records.append(
+                    ImageRecord(
+                        path=path,
+                        method=method,
+                        concept=concept,
+                        prompt_index=int(meta.get("prompt_index", -1)),
+                        template=meta["template"],
+                        class_phrase=meta.get("class") or spec.get("class_phrase"),
+                        seed=meta.get("seed"),
+                        folder=folder or "",
+                    )
+                )
     if not records:
         raise LayoutRetouchError(f"No scorable images under {images_dir}.", parameter="out")
     return records, warnings
@@ -151,19 +179,29 @@ def _method_order(methods) -> list[str]:
     return known + sorted(m for m in methods if m not in METHODS)
 
 
-def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = None, vico_dir: str | None = None,
-              progress: bool = True, log: Callable[[str], None] | None = None) -> ScoreReport:
+def score_run(
+    out_dir: str,
+    scorers: Scorers,
+    options: ScoreOptions | None = None,
+    vico_dir: str | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ScoreReport:
     from tqdm import tqdm
 
     from .models import list_images, load_image
 
     options = options or ScoreOptions()
     if options.tclip_mode not in TCLIP_MODES:
-        raise LayoutRetouchError(f"Unknown T_CLIP mode '{options.tclip_mode}'; use one of {TCLIP_MODES}.",
-                                 parameter="tclip_mode")
+        raise LayoutRetouchError(
+            f"Unknown T_CLIP mode '{options.tclip_mode}'; use one of {TCLIP_MODES}.",
+            parameter="tclip_mode",
+        )
     if options.centre_mode not in diversity.CENTRE_MODES:
-        raise LayoutRetouchError(f"Unknown centre mode '{options.centre_mode}'; use one of {diversity.CENTRE_MODES}.",
-                                 parameter="centre")
+        raise LayoutRetouchError(
+            f"Unknown centre mode '{options.centre_mode}'; use one of {diversity.CENTRE_MODES}.",
+            parameter="centre",
+        )
     say = log or (lambda m: tqdm.write(m))
     out_dir = os.path.abspath(out_dir)
     records, warnings = collect_records(out_dir, vico_dir)
@@ -171,8 +209,10 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
     if options.paired and len({r.method for r in records}) > 1:
         records, dropped = pair_records(records)
         if dropped:
-            notes.append(f"{dropped} image(s) without a counterpart in every method were left out (paired scoring; "
-                         f"finish the run or pass --unpaired).")
+            notes.append(
+                f"{dropped} image(s) without a counterpart in every method were left out (paired scoring; "
+                f"finish the run or pass --unpaired)."
+            )
     for w in warnings:
         say(w)
 
@@ -180,8 +220,10 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
     ref_emb: dict[str, dict[str, object]] = {}
     for folder in sorted({r.folder for r in records}):
         if not os.path.isdir(folder):
-            raise LayoutRetouchError(f"Reference folder '{folder}' does not exist: pass --vico with the ViCo folder.",
-                                     parameter="vico")
+            raise LayoutRetouchError(
+                f"Reference folder '{folder}' does not exist: pass --vico with the ViCo folder.",
+                parameter="vico",
+            )
         photos = [load_image(p) for p in list_images(folder)]
         if not photos:
             raise LayoutRetouchError(f"No reference photos in '{folder}'.", parameter="vico")
@@ -199,8 +241,12 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
     mask_sources: dict[str, int] = defaultdict(int)
     unreadable = []
     bar = tqdm(total=len(records), desc="scoring", unit="img", disable=not progress)
-    for (method, concept), recs in sorted(groups.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][1])):
-        recs = sorted(recs, key=lambda r: (r.prompt_index, r.seed if r.seed is not None else -1, r.path))
+    for (method, concept), recs in sorted(
+        groups.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][1])
+    ):
+        recs = sorted(
+            recs, key=lambda r: (r.prompt_index, r.seed if r.seed is not None else -1, r.path)
+        )
         images, kept = [], []
         for r in recs:
             try:
@@ -219,14 +265,26 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
             by_prompt[(r.prompt_index, r.template)].append(i)
         prompt_rows = []
         for (pi, template), idx in sorted(by_prompt.items()):
-            row = {"method": method, "concept": concept, "prompt_index": pi, "template": template, "images": len(idx),
-                   "I_DINO": mean_cosine(refs["dino"], dino[idx]) if dino is not None else float("nan"),
-                   "I_CLIP": mean_cosine(refs["clip"], clip[idx]) if clip is not None else float("nan")}
+            row = {
+                "method": method,
+                "concept": concept,
+                "prompt_index": pi,
+                "template": template,
+                "images": len(idx),
+                "I_DINO": mean_cosine(refs["dino"], dino[idx])
+                if dino is not None
+                else float("nan"),
+                "I_CLIP": mean_cosine(refs["clip"], clip[idx])
+                if clip is not None
+                else float("nan"),
+            }
             for mode in TCLIP_MODES:
                 text = tclip_text(template, kept[idx[0]].class_phrase, mode)
                 if clip is not None and text not in text_cache:
                     text_cache[text] = scorers.clip.embed_texts([text])
-                row[f"T_CLIP_{mode}"] = mean_cosine(text_cache[text], clip[idx]) if clip is not None else float("nan")
+                row[f"T_CLIP_{mode}"] = (
+                    mean_cosine(text_cache[text], clip[idx]) if clip is not None else float("nan")
+                )
             if scorers.image_reward is not None:
                 text = tclip_text(template, kept[idx[0]].class_phrase, options.tclip_mode)
                 row["ImageReward"] = nanmean(scorers.image_reward(text, [images[i] for i in idx]))
@@ -235,11 +293,18 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
             prompt_rows.append(row)
         per_prompt.extend(prompt_rows)
 
-        crow = {"method": method, "concept": concept, "images": len(kept), "prompts": len(prompt_rows)}
+        crow = {
+            "method": method,
+            "concept": concept,
+            "images": len(kept),
+            "prompts": len(prompt_rows),
+        }
         for col in ("I_DINO", "I_CLIP", "T_CLIP_class", "T_CLIP_keep", "ImageReward"):
             crow[col] = nanmean([p[col] for p in prompt_rows])
         if scorers.inception is not None:
-            crow["IS"], crow["IS_std"] = inception_score(scorers.inception.probs(images), options.is_splits)
+            crow["IS"], crow["IS_std"] = inception_score(
+                scorers.inception.probs(images), options.is_splits
+            )
             crow["IS_splits"] = effective_splits(len(images), options.is_splits)
         else:
             crow["IS"], crow["IS_std"], crow["IS_splits"] = float("nan"), float("nan"), 0
@@ -254,21 +319,39 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
         crow["sigma2_avg"] = diversity.sigma2_avg(centres) if len(centres) >= 2 else float("nan")
         if centres:
             centres_by_method[method].extend(centres)
-            diversity.save_heatmap_png(centres, os.path.join(out_dir, "heatmaps", f"{method}__{concept}.png"),
-                                       title=f"{METHOD_LABELS.get(method, method)} / {concept}",
-                                       sigma=options.heatmap_sigma)
+            diversity.save_heatmap_png(
+                centres,
+                os.path.join(out_dir, "heatmaps", f"{method}__{concept}.png"),
+                title=f"{METHOD_LABELS.get(method, method)} / {concept}",
+                sigma=options.heatmap_sigma,
+            )
         per_concept.append(crow)
     bar.close()
     if unreadable:
-        notes.append(f"{len(unreadable)} unreadable image(s) were skipped (delete them and rerun `run` to remake "
-                     f"them): " + "; ".join(unreadable[:3]))
+        notes.append(
+            f"{len(unreadable)} unreadable image(s) were skipped (delete them and rerun `run` to remake "
+            f"them): " + "; ".join(unreadable[:3])
+        )
 
     rows = []
     for method in _method_order({c["method"] for c in per_concept}):
         cs = [c for c in per_concept if c["method"] == method]
-        row = {"method": method, "label": METHOD_LABELS.get(method, method), "images": sum(c["images"] for c in cs),
-               "concepts": len(cs)}
-        for col in ("I_DINO", "I_CLIP", "T_CLIP_class", "T_CLIP_keep", "ImageReward", "IS", "IS_std", "sigma2_avg"):
+        row = {
+            "method": method,
+            "label": METHOD_LABELS.get(method, method),
+            "images": sum(c["images"] for c in cs),
+            "concepts": len(cs),
+        }
+        for col in (
+            "I_DINO",
+            "I_CLIP",
+            "T_CLIP_class",
+            "T_CLIP_keep",
+            "ImageReward",
+            "IS",
+            "IS_std",
+            "sigma2_avg",
+        ):
             row[col] = nanmean([c[col] for c in cs])
         row["T_CLIP"] = row[f"T_CLIP_{options.tclip_mode}"]
         row["IS_splits"] = min((c["IS_splits"] for c in cs), default=0)
@@ -278,16 +361,27 @@ def score_run(out_dir: str, scorers: Scorers, options: ScoreOptions | None = Non
     heatmaps = {}
     for method, pts in centres_by_method.items():
         heatmaps[method] = diversity.save_heatmap_png(
-            pts, os.path.join(out_dir, "heatmaps", f"{method}.png"), title=f"{METHOD_LABELS.get(method, method)}, pooled",
-            sigma=options.heatmap_sigma)
+            pts,
+            os.path.join(out_dir, "heatmaps", f"{method}.png"),
+            title=f"{METHOD_LABELS.get(method, method)}, pooled",
+            sigma=options.heatmap_sigma,
+        )
     if mask_sources.get("none") and not (mask_sources.get("png") or mask_sources.get("sam")):
-        notes.append("σ²_avg n/a: no subject masks. Pass --sam <SAM checkpoint>, or save <image>.mask.png beside "
-                     "each image.")
+        notes.append(
+            "σ²_avg n/a: no subject masks. Pass --sam <SAM checkpoint>, or save <image>.mask.png beside "
+            "each image."
+        )
     elif mask_sources.get("none"):
         notes.append(f"σ²_avg: {mask_sources['none']} image(s) had no mask and were left out.")
     notes.extend(f"{k} n/a: {v}" for k, v in scorers.reasons.items())
-    return ScoreReport(rows=rows, per_concept=per_concept, per_prompt=per_prompt, notes=notes, heatmaps=heatmaps,
-                       options=options)
+    return ScoreReport(
+        rows=rows,
+        per_concept=per_concept,
+        per_prompt=per_prompt,
+        notes=notes,
+        heatmaps=heatmaps,
+        options=options,
+    )
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -323,42 +417,78 @@ def describe(report: ScoreReport, scorers: Scorers) -> list[str]:
     rows = report.rows
     lines = []
     if scorers.random_weights:
-        lines.append("**RANDOM WEIGHTS** (--random-models): these numbers only show that the plumbing works.")
+        lines.append(
+            "**RANDOM WEIGHTS** (--random-models): these numbers only show that the plumbing works."
+        )
     if rows:
-        lines.append("Images per method: " + ", ".join(f"{r['label']} {r['images']} over {r['concepts']} concept(s)"
-                                                        for r in rows) + ".")
+        lines.append(
+            "Images per method: "
+            + ", ".join(f"{r['label']} {r['images']} over {r['concepts']} concept(s)" for r in rows)
+            + "."
+        )
     other = "keep" if o.tclip_mode == "class" else "class"
     lines.append(
-        "T_CLIP text: " + ("placeholder replaced by the class phrase (\"a {} in the jungle\" -> \"a dog in the jungle\")"
-                           if o.tclip_mode == "class" else
-                           "prompt-list line verbatim, placeholder kept (\"a {} in the jungle\"), as DreamMatcher's code")
+        "T_CLIP text: "
+        + (
+            'placeholder replaced by the class phrase ("a {} in the jungle" -> "a dog in the jungle")'
+            if o.tclip_mode == "class"
+            else 'prompt-list line verbatim, placeholder kept ("a {} in the jungle"), as DreamMatcher\'s code'
+        )
         + f". With the other mode ({other}): "
-        + ", ".join(f"{r['label']} {fmt(r['T_CLIP_' + other])}" for r in rows) + ".")
-    lines.append("I_DINO / I_CLIP: mean cosine over all (reference photo, generated image) pairs per prompt, averaged "
-                 "over prompts, then concepts (DreamMatcher's evaluate.py); images squashed to 256x256 first"
-                 + (f"; DINO input: {scorers.dino.preprocess_mode}" if scorers.dino is not None else "") + ".")
+        + ", ".join(f"{r['label']} {fmt(r['T_CLIP_' + other])}" for r in rows)
+        + "."
+    )
+    lines.append(
+        "I_DINO / I_CLIP: mean cosine over all (reference photo, generated image) pairs per prompt, averaged "
+        "over prompts, then concepts (DreamMatcher's evaluate.py); images squashed to 256x256 first"
+        + (f"; DINO input: {scorers.dino.preprocess_mode}" if scorers.dino is not None else "")
+        + "."
+    )
     if scorers.clip is not None:
         from .models import CLIP_RESIZE_DESCRIPTIONS
 
         resize = getattr(scorers.clip, "resize", None)
-        lines.append(f"CLIP input resize ({resize}): {CLIP_RESIZE_DESCRIPTIONS.get(resize, 'custom embedder')}"
-                     f" (--clip-resize).")
+        lines.append(
+            f"CLIP input resize ({resize}): {CLIP_RESIZE_DESCRIPTIONS.get(resize, 'custom embedder')}"
+            f" (--clip-resize)."
+        )
     if scorers.image_reward is not None:
         lines.append("ImageReward: mean score per prompt (text as T_CLIP), same averaging.")
     if scorers.inception is not None:
-        lines.append(f"IS: torchvision Inception-v3 softmax, per concept over all its images, mean over min({o.is_splits}"
-                     f", n/2) consecutive splits, split k = images [k·n/K, (k+1)·n/K) as OpenAI's inception_score.py (fewest used: {min((r['IS_splits'] for r in rows), default=0)}), averaged over "
-                     f"concepts.")
-    lines.append(f"σ²_avg: (Var x + Var y)/2 of subject centre points ({'bounding-box centre' if o.centre_mode == 'bbox' else 'mask centroid'}, "
-                 f"normalised to [0,1]²) per concept, averaged over concepts; heat maps in heatmaps/ "
-                 f"(Gaussians of fixed σ = {o.heatmap_sigma} at each centre, max-normalised).")
+        fewest = min((r["IS_splits"] for r in rows), default=0)
+        lines.append(
+            f"IS: torchvision Inception-v3 softmax, per concept over all its images, mean over "
+            f"min({o.is_splits}, n/2) consecutive splits, split k = images [k·n/K, (k+1)·n/K) as "
+            f"OpenAI's inception_score.py (fewest used: {fewest}), averaged over concepts."
+        )
+    centre = "bounding-box centre" if o.centre_mode == "bbox" else "mask centroid"
+    lines.append(
+        f"σ²_avg: (Var x + Var y)/2 of subject centre points ({centre}, "
+        f"normalised to [0,1]²) per concept, averaged over concepts; heat maps in heatmaps/ "
+        f"(Gaussians of fixed σ = {o.heatmap_sigma} at each centre, max-normalised)."
+    )
     lines.extend(report.notes)
     return lines
 
 
 def write_reports(report: ScoreReport, out_dir: str, scorers: Scorers) -> dict:
-    cols = ["method", "label", "images", "concepts", "I_DINO", "I_CLIP", "T_CLIP", "T_CLIP_class", "T_CLIP_keep",
-            "ImageReward", "IS", "IS_std", "IS_splits", "sigma2_avg", "centres"]
+    cols = [
+        "method",
+        "label",
+        "images",
+        "concepts",
+        "I_DINO",
+        "I_CLIP",
+        "T_CLIP",
+        "T_CLIP_class",
+        "T_CLIP_keep",
+        "ImageReward",
+        "IS",
+        "IS_std",
+        "IS_splits",
+        "sigma2_avg",
+        "centres",
+    ]
     files = {
         "csv": os.path.join(out_dir, "results.csv"),
         "per_concept": os.path.join(out_dir, "results_per_concept.csv"),
@@ -366,12 +496,42 @@ def write_reports(report: ScoreReport, out_dir: str, scorers: Scorers) -> dict:
         "md": os.path.join(out_dir, "results.md"),
     }
     _write_csv(files["csv"], report.rows, cols)
-    _write_csv(files["per_concept"], report.per_concept,
-               ["method", "concept", "images", "prompts", "I_DINO", "I_CLIP", "T_CLIP_class", "T_CLIP_keep",
-                "ImageReward", "IS", "IS_std", "IS_splits", "sigma2_avg", "centres"])
-    _write_csv(files["per_prompt"], report.per_prompt,
-               ["method", "concept", "prompt_index", "template", "images", "I_DINO", "I_CLIP", "T_CLIP_class",
-                "T_CLIP_keep", "ImageReward"])
+    _write_csv(
+        files["per_concept"],
+        report.per_concept,
+        [
+            "method",
+            "concept",
+            "images",
+            "prompts",
+            "I_DINO",
+            "I_CLIP",
+            "T_CLIP_class",
+            "T_CLIP_keep",
+            "ImageReward",
+            "IS",
+            "IS_std",
+            "IS_splits",
+            "sigma2_avg",
+            "centres",
+        ],
+    )
+    _write_csv(
+        files["per_prompt"],
+        report.per_prompt,
+        [
+            "method",
+            "concept",
+            "prompt_index",
+            "template",
+            "images",
+            "I_DINO",
+            "I_CLIP",
+            "T_CLIP_class",
+            "T_CLIP_keep",
+            "ImageReward",
+        ],
+    )
     md = ["# Layout-and-Retouch evaluation", "", markdown_table(report.rows), ""]
     md += [f"- {line}" for line in describe(report, scorers)]
     with open(files["md"] + ".tmp", "w", encoding="utf-8") as f:
@@ -381,10 +541,19 @@ def write_reports(report: ScoreReport, out_dir: str, scorers: Scorers) -> dict:
     return report.files
 
 
-def build_scorers(dino: str = "default", clip: str = "default", inception: str = "default",
-                  imagereward: str = "auto", sam: str = "", sam_type: str | None = None, device: str | None = None,
-                  dino_preprocess: str = "dreammatcher", clip_resize: str = "dreammatcher", random_models: bool = False,
-                  scratch_dir: str | None = None) -> Scorers:
+def build_scorers(
+    dino: str = "default",
+    clip: str = "default",
+    inception: str = "default",
+    imagereward: str = "auto",
+    sam: str = "",
+    sam_type: str | None = None,
+    device: str | None = None,
+    dino_preprocess: str = "dreammatcher",
+    clip_resize: str = "dreammatcher",
+    random_models: bool = False,
+    scratch_dir: str | None = None,
+) -> Scorers:
     """Load what the options name. "none" skips a metric (n/a); "default" uses the library cache;
     `random_models` builds tiny random networks instead (plumbing checks only)."""
     from . import models
@@ -393,7 +562,9 @@ def build_scorers(dino: str = "default", clip: str = "default", inception: str =
     if random_models:
         import tempfile
 
-        tok_dir = os.path.join(scratch_dir or tempfile.mkdtemp(prefix="lr_eval_"), "tiny_clip_tokenizer")
+        tok_dir = os.path.join(
+            scratch_dir or tempfile.mkdtemp(prefix="lr_eval_"), "tiny_clip_tokenizer"
+        )
         if clip != "none":
             s.clip = models.build_random_clip(tok_dir, device=device or "cpu", resize=clip_resize)
         if dino != "none":
@@ -402,26 +573,42 @@ def build_scorers(dino: str = "default", clip: str = "default", inception: str =
             s.inception = models.build_random_inception(device=device or "cpu")
     else:
         if clip != "none":
-            s.clip = models.load_clip(models.DEFAULT_CLIP if clip == "default" else clip, device=device,
-                                      resize=clip_resize)
+            s.clip = models.load_clip(
+                models.DEFAULT_CLIP if clip == "default" else clip,
+                device=device,
+                resize=clip_resize,
+            )
         if dino != "none":
-            s.dino = models.load_dino(models.DEFAULT_DINO if dino == "default" else dino, device=device,
-                                      preprocess=dino_preprocess)
+            s.dino = models.load_dino(
+                models.DEFAULT_DINO if dino == "default" else dino,
+                device=device,
+                preprocess=dino_preprocess,
+            )
         if inception != "none":
-            s.inception = models.load_inception(models.DEFAULT_INCEPTION if inception == "default" else inception,
-                                                device=device)
-    for name, val, attr in (("I_CLIP/T_CLIP", clip, "clip"), ("I_DINO", dino, "dino"), ("IS", inception, "inception")):
+            s.inception = models.load_inception(
+                models.DEFAULT_INCEPTION if inception == "default" else inception, device=device
+            )
+    for name, _choice, attr in (
+        ("I_CLIP/T_CLIP", clip, "clip"),
+        ("I_DINO", dino, "dino"),
+        ("IS", inception, "inception"),
+    ):
         if getattr(s, attr) is None:
             s.reasons[name] = f"skipped (--{attr} none)"
     if imagereward == "none":
         s.reasons["ImageReward"] = "skipped (--imagereward none)"
     else:
         explicit = imagereward != "auto"
-        scorer, reason = models.load_image_reward(models.DEFAULT_IMAGE_REWARD if not explicit else imagereward,
-                                                  device=device, required=explicit)
+        scorer, reason = models.load_image_reward(
+            models.DEFAULT_IMAGE_REWARD if not explicit else imagereward,
+            device=device,
+            required=explicit,
+        )
         s.image_reward = scorer
         if scorer is None:
             s.reasons["ImageReward"] = reason
     if sam:
-        s.sam = diversity.SamSubjectMasker.from_checkpoint(sam, sam_type, device=device, clip=s.clip)
+        s.sam = diversity.SamSubjectMasker.from_checkpoint(
+            sam, sam_type, device=device, clip=s.clip
+        )
     return s

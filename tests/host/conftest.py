@@ -16,6 +16,7 @@ this repository, the tiny checkpoints as --ckpt-dir, the TI embedding as --embed
 Extra env: LR_WEBUI_ARGS (more command-line args), LR_HOST_MODELS (cache folder of the tiny models),
 LR_WEBUI_KEEP=1 (keep the temp folder for inspection).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,7 +53,9 @@ def _webui_source():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long host test (50 generations); deselect with -m 'not slow'")
+    config.addinivalue_line(
+        "markers", "slow: long host test (50 generations); deselect with -m 'not slow'"
+    )
 
 
 def pytest_report_header(config):
@@ -69,7 +72,10 @@ def _models_cache_dir() -> str:
     if env:
         return env
     h = hashlib.sha1()
-    for p in (os.path.join(REPO_ROOT, "tests", "tiny_models.py"), os.path.join(HERE, "tiny_checkpoints.py")):
+    for p in (
+        os.path.join(REPO_ROOT, "tests", "tiny_models.py"),
+        os.path.join(HERE, "tiny_checkpoints.py"),
+    ):
         with open(p, "rb") as f:
             h.update(f.read())
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -81,15 +87,30 @@ def _build_models(webui_dir: str, python: str) -> dict:
     cache = _models_cache_dir()
     if not os.path.exists(os.path.join(cache, TC.MARKER)):
         repos = os.path.join(webui_dir, "repositories")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join([os.path.join(repos, "stable-diffusion-stability-ai"),
-                                               os.path.join(repos, "generative-models")]))
+        env = dict(
+            os.environ,
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            PYTHONPATH=os.pathsep.join(
+                [
+                    os.path.join(repos, "stable-diffusion-stability-ai"),
+                    os.path.join(repos, "generative-models"),
+                ]
+            ),
+        )
         tmp = cache + ".tmp-%d" % os.getpid()
         shutil.rmtree(tmp, ignore_errors=True)
-        r = subprocess.run([python, os.path.join(HERE, "tiny_checkpoints.py"), tmp], env=env,
-                           capture_output=True, text=True, timeout=900)
+        r = subprocess.run(
+            [python, os.path.join(HERE, "tiny_checkpoints.py"), tmp],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if r.returncode != 0:
-            raise RuntimeError(f"building the tiny models failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            raise RuntimeError(
+                f"building the tiny models failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            )
         # The yamls name the CLIP folder by absolute path: rewrite tmp -> cache before moving.
         for fn in os.listdir(os.path.join(tmp, "Stable-diffusion")):
             if fn.endswith(".yaml"):
@@ -106,8 +127,11 @@ def _build_models(webui_dir: str, python: str) -> dict:
 
 def _paths(root: str) -> dict:
     return {
-        "root": root, "clip": os.path.join(root, "clip"), "ckpt_dir": os.path.join(root, "Stable-diffusion"),
-        "embeddings_dir": os.path.join(root, "embeddings"), "lora_dir": os.path.join(root, "Lora"),
+        "root": root,
+        "clip": os.path.join(root, "clip"),
+        "ckpt_dir": os.path.join(root, "Stable-diffusion"),
+        "embeddings_dir": os.path.join(root, "embeddings"),
+        "lora_dir": os.path.join(root, "Lora"),
     }
 
 
@@ -134,18 +158,48 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> S.Server:
     port = S.free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data_dir, "webui.log")
-    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api"] + ([] if ui else ["--nowebui"]) + [
-            "--use-cpu", "all",
-            "--no-half", "--skip-torch-cuda-test", "--skip-version-check", "--no-download-sd-model",
-            "--do-not-download-clip", "--disable-console-progressbars", "--server-name", "127.0.0.1",
-            "--port", str(port), "--data-dir", data_dir, "--ckpt-dir", ckpt_dir,
-            "--ckpt", os.path.join(ckpt_dir, TC.PERSONAL + ".safetensors"),
-            "--embeddings-dir", built["embeddings_dir"], "--lora-dir", built["lora_dir"]]
+    args = (
+        [python, "-u", "launch.py", "--skip-prepare-environment", "--api"]
+        + ([] if ui else ["--nowebui"])
+        + [
+            "--use-cpu",
+            "all",
+            "--no-half",
+            "--skip-torch-cuda-test",
+            "--skip-version-check",
+            "--no-download-sd-model",
+            "--do-not-download-clip",
+            "--disable-console-progressbars",
+            "--server-name",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            data_dir,
+            "--ckpt-dir",
+            ckpt_dir,
+            "--ckpt",
+            os.path.join(ckpt_dir, TC.PERSONAL + ".safetensors"),
+            "--embeddings-dir",
+            built["embeddings_dir"],
+            "--lora-dir",
+            built["lora_dir"],
+        ]
+    )
     args += os.environ.get("LR_WEBUI_ARGS", "").split()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
-    return S.start(args, webui_dir, env, url, log_path, START_TIMEOUT, "WebUI", data_dir=data_dir,
-                   models=dict(built, ckpt_dir=ckpt_dir, sam_dir=sam_dir))
+    return S.start(
+        args,
+        webui_dir,
+        env,
+        url,
+        log_path,
+        START_TIMEOUT,
+        "WebUI",
+        data_dir=data_dir,
+        models=dict(built, ckpt_dir=ckpt_dir, sam_dir=sam_dir),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -155,8 +209,11 @@ def webui():
         pytest.skip(src[1])
     tmp = None
     if src[0] == "url":
-        w = S.Server(src[1], pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
-                     log_path=os.environ.get("LR_WEBUI_LOG") or None)
+        w = S.Server(
+            src[1],
+            pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
+            log_path=os.environ.get("LR_WEBUI_LOG") or None,
+        )
         if not w.alive():
             raise RuntimeError(f"LR_WEBUI_URL={src[1]} does not answer /sdapi/v1/sd-models")
     else:
@@ -170,8 +227,12 @@ def webui():
     try:
         w.read_titles()
         # Warm-up: the model loads on the first generation; make sure it is the personalized one.
-        H.txt2img(w.url, H.plain_body("warm up", steps=2,
-                                      override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}))
+        H.txt2img(
+            w.url,
+            H.plain_body(
+                "warm up", steps=2, override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}
+            ),
+        )
         yield w
     finally:
         S.stop(w)
@@ -190,15 +251,22 @@ def webui_ui():
         pytest.skip(why)
     url = os.environ.get("LR_WEBUI_UI_URL")
     if url:
-        w = S.Server(url.rstrip("/"), log_path=os.environ.get("LR_WEBUI_UI_LOG") or None,
-                     env_prefix="LR_WEBUI_UI")
+        w = S.Server(
+            url.rstrip("/"),
+            log_path=os.environ.get("LR_WEBUI_UI_LOG") or None,
+            env_prefix="LR_WEBUI_UI",
+        )
         w.read_titles()
         yield w
         return
     src = _webui_source()
     if src[0] != "dir":
-        pytest.skip(src[1] if src[0] is None else "the browser tier starts its own WebUI: set LR_WEBUI_DIR "
-                    "(or LR_WEBUI_UI_URL for one started without --nowebui)")
+        pytest.skip(
+            src[1]
+            if src[0] is None
+            else "the browser tier starts its own WebUI: set LR_WEBUI_DIR "
+            "(or LR_WEBUI_UI_URL for one started without --nowebui)"
+        )
     tmp = tempfile.mkdtemp(prefix="lr-host-ui-")
     try:
         w = _start(src[1], src[2], tmp, ui=True)
@@ -208,8 +276,12 @@ def webui_ui():
         raise
     try:
         w.read_titles()
-        H.txt2img(w.url, H.plain_body("warm up", steps=2,
-                                      override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}))
+        H.txt2img(
+            w.url,
+            H.plain_body(
+                "warm up", steps=2, override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}
+            ),
+        )
         yield w
     finally:
         S.stop(w)
@@ -249,10 +321,12 @@ def lr_defaults(webui, reference_b64) -> dict:
 @pytest.fixture
 def lr(lr_defaults):
     """A fresh copy of the defaults: `lr(lambda1=3)` → the dict with that changed."""
+
     def make(**kw):
         d = dict(lr_defaults)
         d.update(kw)
         return d
+
     return make
 
 
@@ -267,25 +341,34 @@ def sdxl_model(webui, plain_before):
     title = H.set_checkpoint(webui.url, webui.title(TC.XL_PERSONAL))
     try:
         r = H.txt2img(webui.url, H.plain_body("sdxl switch check", steps=2))
-        assert r.ok and H.parse_infotext(r.infotexts[0]).get("Model") == TC.XL_PERSONAL, r.describe()
+        assert r.ok and H.parse_infotext(r.infotexts[0]).get("Model") == TC.XL_PERSONAL, (
+            r.describe()
+        )
         emb = H.get(webui.url, "/sdapi/v1/embeddings")
-        assert emb["loaded"].get(TC.XL_EMBEDDING, {}).get("shape") == 32 + 256, \
+        assert emb["loaded"].get(TC.XL_EMBEDDING, {}).get("shape") == 32 + 256, (
             f"the SDXL embedding is not loaded at width 288: the model is not SDXL? {emb}"
+        )
         assert TC.EMBEDDING in emb["skipped"], emb
         yield title
     finally:
         H.set_checkpoint(webui.url, webui.title(TC.PERSONAL))
         back = H.txt2img(webui.url, H.plain_body())
         assert H.parse_infotext(back.infotexts[0]).get("Model") == TC.PERSONAL, back.describe()
-        assert np.array_equal(back.image, plain_before.image), \
+        assert np.array_equal(back.image, plain_before.image), (
             "after the SDXL module, the SD1 plain image differs from the session's baseline"
+        )
         assert back.infotexts[0] == plain_before.infotexts[0]
 
 
 def pytest_collection_modifyitems(config, items):
     # Run the plain-WebUI checks first (they take the baseline), the SDXL module after the SD1 ones
     # (one model switch there and back), the memory soak last.
-    order = {"test_host_webui.py": 0, "test_host_sdxl.py": 7, "test_host_img2img_sdxl.py": 7, "test_host_memory.py": 9}
+    order = {
+        "test_host_webui.py": 0,
+        "test_host_sdxl.py": 7,
+        "test_host_img2img_sdxl.py": 7,
+        "test_host_memory.py": 9,
+    }
     items.sort(key=lambda it: order.get(os.path.basename(str(it.fspath)), 5))
 
 

@@ -32,6 +32,7 @@ Run it with Forge's Python, so that the UNet and VAE key names come from Forge's
 Each checkpoint is re-read and checked with `huggingface_guess.guess` (must be SD15).
 Re-running is cheap: files that exist are kept (delete the root to rebuild).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,10 +52,21 @@ DEFAULT_FORGE_DIR = "/work/host/forge"
 # SD1.5's UNet in Forge's IntegratedUNet2DConditionModel terms (ldm's openaimodel arguments; what
 # huggingface_guess detects from a real SD1.5 state dict).
 UNET_CONFIG = dict(
-    in_channels=4, model_channels=320, out_channels=4, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-    use_spatial_transformer=True, transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], context_dim=768, num_heads=8,
-    num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None, use_checkpoint=False,
+    in_channels=4,
+    model_channels=320,
+    out_channels=4,
+    num_res_blocks=[2, 2, 2, 2],
+    channel_mult=[1, 2, 4, 4],
+    use_spatial_transformer=True,
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+    transformer_depth_middle=1,
+    transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    context_dim=768,
+    num_heads=8,
+    num_head_channels=-1,
+    use_linear_in_transformer=False,
+    adm_in_channels=None,
+    use_checkpoint=False,
 )
 HF_REPO = os.path.join("backend", "huggingface", "runwayml", "stable-diffusion-v1-5")
 
@@ -64,7 +76,10 @@ def _forge_modules(forge_dir: str):
     if forge_dir not in sys.path:
         sys.path.insert(0, forge_dir)
     # What Forge's modules/paths.py adds: huggingface_guess, and packages_3rdparty (its `gguf`).
-    for d in (os.path.join(forge_dir, "repositories", "huggingface_guess"), os.path.join(forge_dir, "packages_3rdparty")):
+    for d in (
+        os.path.join(forge_dir, "repositories", "huggingface_guess"),
+        os.path.join(forge_dir, "packages_3rdparty"),
+    ):
         if d not in sys.path:
             sys.path.append(d)
     argv = sys.argv
@@ -84,10 +99,10 @@ def _randomise(module, torch, gen) -> None:
             if isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
                 m.weight.copy_(1.0 + 0.2 * torch.randn(m.weight.shape, generator=gen))
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             if p.ndim >= 2 and not torch.any(p):
                 fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
 
 
 def build_state_dict(forge_dir: str, seed: int) -> dict:
@@ -112,8 +127,13 @@ def build_state_dict(forge_dir: str, seed: int) -> dict:
     cfg = CLIPTextConfig.from_pretrained(os.path.join(forge_dir, HF_REPO, "text_encoder"))
     te = CLIPTextModel(cfg)
     _randomise(te, torch, gen)
-    sd.update({"cond_stage_model.transformer." + k: v.half() for k, v in te.state_dict().items()
-               if not k.endswith("position_ids")})
+    sd.update(
+        {
+            "cond_stage_model.transformer." + k: v.half()
+            for k, v in te.state_dict().items()
+            if not k.endswith("position_ids")
+        }
+    )
     del te
     return {k: v.contiguous() for k, v in sd.items()}
 
@@ -121,6 +141,7 @@ def build_state_dict(forge_dir: str, seed: int) -> dict:
 def check_is_sd15(forge_dir: str, path: str) -> str:
     """Forge's own guess on the saved file (raises unless it is SD1.5)."""
     from safetensors.torch import load_file
+
     _forge_modules(forge_dir)
     import huggingface_guess
 
@@ -134,6 +155,7 @@ def check_is_sd15(forge_dir: str, path: str) -> str:
 
 def write_checkpoint(forge_dir: str, ckpt_dir: str, name: str, seed: int) -> str:
     from safetensors.torch import save_file
+
     os.makedirs(ckpt_dir, exist_ok=True)
     path = os.path.join(ckpt_dir, name + ".safetensors")
     if os.path.exists(path):
@@ -156,19 +178,23 @@ def lora_targets(sd: dict) -> list:
         if not k.endswith(".weight") or v.ndim != 2:
             continue
         if k.startswith("model.diffusion_model.") and (".attn1.to_" in k or ".attn2.to_" in k):
-            path = k[len("model.diffusion_model."):-len(".weight")]
+            path = k[len("model.diffusion_model.") : -len(".weight")]
             out.append(("lora_unet_" + path.replace(".", "_"), tuple(v.shape)))
         elif k.startswith("cond_stage_model.transformer.text_model.encoder.layers.") and (
-                ".self_attn." in k or ".mlp.fc" in k):
-            path = k[len("cond_stage_model.transformer."):-len(".weight")]
+            ".self_attn." in k or ".mlp.fc" in k
+        ):
+            path = k[len("cond_stage_model.transformer.") : -len(".weight")]
             out.append(("lora_te_" + path.replace(".", "_"), tuple(v.shape)))
     return sorted(out)
 
 
-def write_lora(lora_dir: str, base_ckpt: str, name: str = LORA, rank: int = 4, seed: int = 11) -> str:
+def write_lora(
+    lora_dir: str, base_ckpt: str, name: str = LORA, rank: int = 4, seed: int = 11
+) -> str:
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
+
     os.makedirs(lora_dir, exist_ok=True)
     path = os.path.join(lora_dir, name + ".safetensors")
     if os.path.exists(path):
@@ -199,6 +225,7 @@ def write_embedding(emb_dir: str, name: str = EMBEDDING, vectors: int = 2, seed:
     (vectors × 768, CLIP-L's width)."""
     import torch
     from safetensors.torch import save_file
+
     os.makedirs(emb_dir, exist_ok=True)
     path = os.path.join(emb_dir, name + ".safetensors")
     if not os.path.exists(path):
@@ -208,8 +235,12 @@ def write_embedding(emb_dir: str, name: str = EMBEDDING, vectors: int = 2, seed:
 
 
 def paths(root: str) -> dict:
-    return {"root": root, "ckpt_dir": os.path.join(root, "Stable-diffusion"),
-            "embeddings_dir": os.path.join(root, "embeddings"), "lora_dir": os.path.join(root, "Lora")}
+    return {
+        "root": root,
+        "ckpt_dir": os.path.join(root, "Stable-diffusion"),
+        "embeddings_dir": os.path.join(root, "embeddings"),
+        "lora_dir": os.path.join(root, "Lora"),
+    }
 
 
 def write_forge_models(root: str, forge_dir: str = DEFAULT_FORGE_DIR) -> dict:
@@ -221,7 +252,9 @@ def write_forge_models(root: str, forge_dir: str = DEFAULT_FORGE_DIR) -> dict:
         p[name] = write_checkpoint(forge_dir, p["ckpt_dir"], name, seed)
     p[LORA] = write_lora(p["lora_dir"], p[PERSONAL])
     p[EMBEDDING] = write_embedding(p["embeddings_dir"])
-    with open(marker, "w", encoding="utf-8") as f:  # relative paths: the root is moved after the build
+    with open(
+        marker, "w", encoding="utf-8"
+    ) as f:  # relative paths: the root is moved after the build
         json.dump({k: os.path.relpath(v, root) for k, v in p.items() if k != "root"}, f, indent=1)
     return p
 

@@ -2,6 +2,7 @@
 
 Everything here talks HTTP to the WebUI's `/sdapi/v1` API; nothing imports the WebUI.
 """
+
 from __future__ import annotations
 
 import base64
@@ -20,9 +21,24 @@ SCRIPT = "Layout-and-Retouch"
 LOG_PREFIX = "[Layout-and-Retouch]"
 # Order of the positional form = order of the named parameters in the API contract (issue 3).
 ARG_ORDER = (
-    "enabled", "reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
-    "reference_prompt", "lambda1", "lambda2", "mask_start", "scale_with_steps", "sam_model", "ca_threshold",
-    "show_intermediates", "layout_source", "reset_reference", "layer_preset", "stage1_text_encoder",
+    "enabled",
+    "reference_image",
+    "personalization",
+    "vanilla_checkpoint",
+    "concept_token",
+    "class_phrase",
+    "reference_prompt",
+    "lambda1",
+    "lambda2",
+    "mask_start",
+    "scale_with_steps",
+    "sam_model",
+    "ca_threshold",
+    "show_intermediates",
+    "layout_source",
+    "reset_reference",
+    "layer_preset",
+    "stage1_text_encoder",
 )
 SIZE = 64
 STEPS = 8
@@ -35,6 +51,7 @@ SAM_MISSING = "sam_vit_b_missing.pth"
 @dataclass
 class Result:
     """One txt2img answer. `images` are uint8 arrays; `infotexts` one per image (as the WebUI gives them)."""
+
     status: int
     text: str
     seconds: float
@@ -88,8 +105,19 @@ def _generate(url: str, mode: str, body: dict, timeout: float) -> Result:
 
 def plain_body(prompt: str = PROMPT, **kw) -> dict:
     """A plain tiny txt2img request (DDIM, 64×64, fixed seed)."""
-    body = dict(prompt=prompt, negative_prompt="", steps=STEPS, width=SIZE, height=SIZE, seed=1234,
-                sampler_name="DDIM", scheduler="Automatic", cfg_scale=5.0, batch_size=1, n_iter=1)
+    body = dict(
+        prompt=prompt,
+        negative_prompt="",
+        steps=STEPS,
+        width=SIZE,
+        height=SIZE,
+        seed=1234,
+        sampler_name="DDIM",
+        scheduler="Automatic",
+        cfg_scale=5.0,
+        batch_size=1,
+        n_iter=1,
+    )
     body.update(kw)
     return body
 
@@ -180,8 +208,9 @@ def assert_error_names(res: Result, *names: str) -> None:
     assert res.status >= 400, f"expected an HTTP error naming {names}, got {res.describe()}"
     text = error_text(res).lower()
     flat = text.replace(" ", "_")
-    assert any(n.lower() in text or n.lower().replace(" ", "_") in flat for n in names), \
+    assert any(n.lower() in text or n.lower().replace(" ", "_") in flat for n in names), (
         f"error does not name {names}: {text[:1000]}"
+    )
 
 
 def assert_retouched(res: Result) -> dict:
@@ -199,6 +228,7 @@ def differs(a: np.ndarray, b: np.ndarray) -> bool:
 
 # ---------------------------------------------------------------- reference images (deterministic)
 
+
 def reference_rgb(w: int = SIZE, h: int = SIZE) -> Image.Image:
     """A non-symmetric "subject": a red ellipse and a blue bar on a green-to-yellow gradient."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -208,7 +238,7 @@ def reference_rgb(w: int = SIZE, h: int = SIZE) -> Image.Image:
     img[..., 2] = 40
     ell = ((xx - 0.4 * w) / (0.22 * w)) ** 2 + ((yy - 0.55 * h) / (0.3 * h)) ** 2 <= 1
     img[ell] = (220, 30, 40)
-    img[int(0.1 * h):int(0.2 * h), int(0.6 * w):int(0.9 * w)] = (30, 40, 220)
+    img[int(0.1 * h) : int(0.2 * h), int(0.6 * w) : int(0.9 * w)] = (30, 40, 220)
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
@@ -236,6 +266,7 @@ def exif_rotated(img: Image.Image) -> tuple[Image.Image, bytes]:
 
 # ---------------------------------------------------------------- server state
 
+
 def get(url: str, path: str, timeout: float = 60):
     r = requests.get(url + path, timeout=timeout)
     r.raise_for_status()
@@ -258,8 +289,26 @@ def xyz_axis_choices(url: str) -> list[str]:
 def xyz_args(x_index: int, x_values: str) -> list:
     """Positional args of the WebUI's X/Y/Z script (scripts/xyz_grid.py ui() order): X only, no legend,
     sub-images included, margins 0 (so the grid is exactly n×SIZE wide)."""
-    return [x_index, x_values, None, 0, "", None, 0, "", None,
-            False, True, False, False, False, False, False, 0, False]
+    return [
+        x_index,
+        x_values,
+        None,
+        0,
+        "",
+        None,
+        0,
+        "",
+        None,
+        False,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        0,
+        False,
+    ]
 
 
 def xyz_args_dropdown(x_index: int, x_values: list) -> list:
@@ -273,22 +322,33 @@ def log_refusal_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith(LOG_PREFIX + " refused:")]
 
 
-TRACEBACK_MARKERS = ("Traceback (most recent call last)", "Error completing request", "Arguments: (",
-                     "API error:")
+TRACEBACK_MARKERS = (
+    "Traceback (most recent call last)",
+    "Error completing request",
+    "Arguments: (",
+    "API error:",
+)
 
 
 def set_checkpoint(url: str, title: str, timeout: float = 900) -> str:
     """Load a checkpoint as the WebUI's model (POST /sdapi/v1/options) and check that it took.
     Returns the title the options report (with the short hash, computed at load)."""
-    r = requests.post(url + "/sdapi/v1/options", json={"sd_model_checkpoint": title}, timeout=timeout)
-    assert r.status_code == 200, f"setting sd_model_checkpoint={title!r}: HTTP {r.status_code} {r.text[:800]}"
+    r = requests.post(
+        url + "/sdapi/v1/options", json={"sd_model_checkpoint": title}, timeout=timeout
+    )
+    assert r.status_code == 200, (
+        f"setting sd_model_checkpoint={title!r}: HTTP {r.status_code} {r.text[:800]}"
+    )
     got = get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
-    assert got.split(" [")[0] == title.split(" [")[0], f"sd_model_checkpoint is {got!r} after setting {title!r}"
+    assert got.split(" [")[0] == title.split(" [")[0], (
+        f"sd_model_checkpoint is {got!r} after setting {title!r}"
+    )
     return got
 
 
-def txt2img_while_polling(url: str, body: dict, poll, interval: float = 0.01,
-                          current_image: bool = False) -> "Result":
+def txt2img_while_polling(
+    url: str, body: dict, poll, interval: float = 0.01, current_image: bool = False
+) -> "Result":
     """Send a txt2img request while a thread reads /sdapi/v1/progress and hands each answer (a dict)
     to `poll`; polling stops when `poll` returns True or the request has returned."""
     done = threading.Event()
@@ -335,6 +395,7 @@ def interrupt_during_retouch(url: str, body: dict, at: float = 0.6, interval: fl
 
 # ---------------------------------------------------------------- img2img / inpaint (issue 12)
 
+
 def img2img(url: str, body: dict, timeout: float = 600) -> Result:
     """POST /sdapi/v1/img2img; never raises on an HTTP error status (tests assert on it)."""
     return _generate(url, "img2img", body, timeout)
@@ -360,14 +421,21 @@ def box_mask(w: int = SIZE, h: int = SIZE, box=(16, 16, 48, 48)) -> Image.Image:
     return Image.fromarray(m, mode="L")
 
 
-def img2img_body(prompt: str = PROMPT, init: Image.Image | None = None, mask: Image.Image | None = None,
-                 **kw) -> dict:
+def img2img_body(
+    prompt: str = PROMPT, init: Image.Image | None = None, mask: Image.Image | None = None, **kw
+) -> dict:
     """A plain tiny img2img request (DDIM, 64×64, fixed seed); with `mask` an inpaint request (mask
     blur 0, whole picture, masked content 'original', unless `kw` says otherwise)."""
     body = plain_body(prompt, init_images=[png_b64(init or input_rgb())], denoising_strength=0.75)
     if mask is not None:
-        body.update(mask=png_b64(mask), mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
-                    inpaint_full_res_padding=0, inpainting_mask_invert=0)
+        body.update(
+            mask=png_b64(mask),
+            mask_blur=0,
+            inpainting_fill=1,
+            inpaint_full_res=False,
+            inpaint_full_res_padding=0,
+            inpainting_mask_invert=0,
+        )
     body.update(kw)
     return body
 

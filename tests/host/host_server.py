@@ -4,6 +4,7 @@ API, read its log and memory, stop it by its PID.
 Host-independent (AUTOMATIC1111 or Forge): what to start is the caller's. Used by both tiers:
 tests/host/conftest.py (A1111) and tests/host/forge/conftest.py (Forge).
 """
+
 from __future__ import annotations
 
 import os
@@ -13,18 +14,26 @@ import socket
 import subprocess
 import time
 
+import host_helpers as H
 import pytest
 import requests
-
-import host_helpers as H
 
 
 class Server:
     """What the tests know about a live server. `env_prefix`: the prefix of the tier's variables
     (LR_WEBUI, LR_FORGE), named when an attached server lacks its <prefix>_LOG or <prefix>_PID."""
 
-    def __init__(self, url, pid=None, log_path=None, data_dir=None, models=None, proc=None, what="WebUI",
-                 env_prefix="LR_WEBUI"):
+    def __init__(
+        self,
+        url,
+        pid=None,
+        log_path=None,
+        data_dir=None,
+        models=None,
+        proc=None,
+        what="WebUI",
+        env_prefix="LR_WEBUI",
+    ):
         self.url = url
         self.pid = pid
         self.log_path = log_path
@@ -37,11 +46,15 @@ class Server:
         self.started_s = None  # seconds from start to a ready API (started mode only)
 
     def log_mark(self) -> int:
-        return os.path.getsize(self.log_path) if self.log_path and os.path.exists(self.log_path) else 0
+        return (
+            os.path.getsize(self.log_path) if self.log_path and os.path.exists(self.log_path) else 0
+        )
 
     def log_since(self, mark: int, settle: float = 0.3) -> str:
         if not self.log_path:
-            pytest.skip(f"the {self.what}'s stdout is not available (attached without {self.env_prefix}_LOG)")
+            pytest.skip(
+                f"the {self.what}'s stdout is not available (attached without {self.env_prefix}_LOG)"
+            )
         time.sleep(settle)  # let the server flush what it printed for the request
         with open(self.log_path, "rb") as f:
             f.seek(mark)
@@ -50,7 +63,9 @@ class Server:
     def rss_mib(self, peak: bool = False) -> float:
         """VmRSS (or VmHWM, the peak, with peak=True) of the server process, in MiB."""
         if not self.pid:
-            pytest.skip(f"the {self.what}'s PID is not known (attached without {self.env_prefix}_PID)")
+            pytest.skip(
+                f"the {self.what}'s PID is not known (attached without {self.env_prefix}_PID)"
+            )
         key = "VmHWM:" if peak else "VmRSS:"
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -137,7 +152,9 @@ def wait_ready(server: Server, timeout: float) -> None:
     proc = server.proc
     while time.monotonic() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the {server.what} exited with {proc.returncode}:\n{tail(server.log_path)}")
+            raise RuntimeError(
+                f"the {server.what} exited with {proc.returncode}:\n{tail(server.log_path)}"
+            )
         if proc is not None and server.log_path and not _log_says_started(server):
             time.sleep(1)
             continue
@@ -147,26 +164,37 @@ def wait_ready(server: Server, timeout: float) -> None:
         except requests.RequestException:
             pass
         time.sleep(1)
-    raise RuntimeError(f"the {server.what} did not answer /sdapi/v1/sd-models within {timeout:.0f}s:\n"
-                       f"{tail(server.log_path)}")
+    raise RuntimeError(
+        f"the {server.what} did not answer /sdapi/v1/sd-models within {timeout:.0f}s:\n"
+        f"{tail(server.log_path)}"
+    )
 
 
 def _die_with_parent() -> None:
     """In the child: get SIGTERM when pytest dies, even by SIGKILL (Linux), so no server is orphaned."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 
 
-def start(args: list, cwd: str, env: dict, url: str, log_path: str, timeout: float, what: str,
-          **server_kw) -> Server:
+def start(
+    args: list, cwd: str, env: dict, url: str, log_path: str, timeout: float, what: str, **server_kw
+) -> Server:
     """Popen `args` (stdout+stderr to log_path) and wait until its API answers; stopped again on failure."""
     t0 = time.monotonic()
     log = open(log_path, "wb")
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
     log.close()
     s = Server(url, pid=proc.pid, log_path=log_path, proc=proc, what=what, **server_kw)
     try:
@@ -216,6 +244,7 @@ def browser_missing() -> str | None:
 def chromium():
     """A headless Chromium for one test module (a generator for a pytest fixture)."""
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield b

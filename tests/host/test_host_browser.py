@@ -4,18 +4,18 @@ package, driven by Playwright) against a real WebUI started WITH its UI (`webui_
 Skipped with the reason when Playwright or Chromium is missing. Every check is on what the page
 shows after a real generation: header checkbox state, gallery images, the infotext panel under the
 gallery, the message area, the progress bar's text while it runs."""
+
 from __future__ import annotations
 
 import os
 import re
 import time
 
-import pytest
-from PIL import Image
-
 import host_helpers as H
 import host_server as S
+import pytest
 import tiny_checkpoints as TC
+from PIL import Image
 
 ACC = "#script_layoutandretouch_enabled"
 SID = "script_layoutandretouch_"
@@ -35,11 +35,11 @@ def page(browser, webui_ui, tmp_path):
     pg.set_default_timeout(TIMEOUT)
     pg.goto(webui_ui.url)
     pg.wait_for_selector("#txt2img_prompt textarea")
-    pg.wait_for_function("() => document.querySelector('%s .input-accordion-checkbox') !== null" % ACC)
+    pg.wait_for_function(
+        "() => document.querySelector('%s .input-accordion-checkbox') !== null" % ACC
+    )
     yield pg
     ctx.close()
-
-
 
 
 # ---------------------------------------------------------------- page helpers
@@ -61,7 +61,9 @@ def header_checkbox(pg):
 
 def enable(pg):
     if not header_checkbox(pg).is_checked():
-        pg.locator(f"{ACC} .label-wrap").first.click()  # opening the accordion enables it (WebUI convention)
+        pg.locator(
+            f"{ACC} .label-wrap"
+        ).first.click()  # opening the accordion enables it (WebUI convention)
     pg.wait_for_function("() => document.querySelector('#%senabled-checkbox input').checked" % SID)
 
 
@@ -86,11 +88,15 @@ def setup_lr(pg, photo, vanilla_title, guess=True):
     choose(pg, f"{SID}vanilla_checkpoint", vanilla_title)
     if guess:
         pg.locator(f"#{SID}guess").click()
-        pg.wait_for_function("() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
-                             % (SID, SID))
+        pg.wait_for_function(
+            "() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
+            % (SID, SID)
+        )
 
 
-LOG_JS = "() => [...document.querySelectorAll('#html_log_txt2img')].map(e => e.innerText).join('\\n')"
+LOG_JS = (
+    "() => [...document.querySelectorAll('#html_log_txt2img')].map(e => e.innerText).join('\\n')"
+)
 
 
 def start_generation(pg) -> str:
@@ -132,24 +138,45 @@ def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
     cb = header_checkbox(page)
     assert cb.count() == 1 and not cb.is_checked(), "no Enable checkbox in the accordion's header"
     cb.click()  # ticking it switches the extension on
-    page.wait_for_function("() => document.querySelector('#%senabled-checkbox input').checked" % SID)
-    page.locator(f"{ACC} .label-wrap").first.click() if not page.locator(f"#{SID}concept_token").is_visible() else None
+    page.wait_for_function(
+        "() => document.querySelector('#%senabled-checkbox input').checked" % SID
+    )
+    page.locator(f"{ACC} .label-wrap").first.click() if not page.locator(
+        f"#{SID}concept_token"
+    ).is_visible() else None
     # what a first-time user needs is visible; the rest is folded into "Advanced"
-    for name in ("reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
-                 "lambda1", "lambda2", "mask_start", "guess", "vanilla_refresh"):
+    for name in (
+        "reference_image",
+        "personalization",
+        "vanilla_checkpoint",
+        "concept_token",
+        "class_phrase",
+        "lambda1",
+        "lambda2",
+        "mask_start",
+        "guess",
+        "vanilla_refresh",
+    ):
         assert page.locator(f"#{SID}{name}").is_visible(), f"{name} is not in the basic group"
     adv = page.locator(f"#{SID}advanced")
-    assert adv.locator(f"#{SID}sam_model").count() == 1 and not page.locator(f"#{SID}sam_model").is_visible()
+    assert (
+        adv.locator(f"#{SID}sam_model").count() == 1
+        and not page.locator(f"#{SID}sam_model").is_visible()
+    )
     # single-line text fields
     for name in ("concept_token", "class_phrase"):
         box = page.locator(f"#{SID}{name} textarea, #{SID}{name} input[type=text]").first
         assert box.get_attribute("rows") in (None, "1"), f"{name} is not single-line"
     # the vanilla dropdown: no loaded model, no empty "✓" option
     page.locator(f"#{SID}vanilla_checkpoint input").click()
-    options = [t.strip() for t in page.locator(f"#{SID}vanilla_checkpoint ul.options li").all_inner_texts()]
+    options = [
+        t.strip() for t in page.locator(f"#{SID}vanilla_checkpoint ul.options li").all_inner_texts()
+    ]
     page.keyboard.press("Escape")
     assert options and all(o and o != "✓" for o in options), options
-    assert not any(TC.PERSONAL in o for o in options), f"the loaded model is offered as vanilla: {options}"
+    assert not any(TC.PERSONAL in o for o in options), (
+        f"the loaded model is offered as vanilla: {options}"
+    )
     assert any(TC.VANILLA in o for o in options), options
     # hover hints on every control, the photo and Guess included (the hints script runs after the
     # UI loads; under load that takes a while, so wait for it rather than a fixed time)
@@ -164,7 +191,9 @@ def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
         out.token = [...document.querySelectorAll('#' + sid + 'concept_token span')].map(s => s.title).join('');
         return out; }"""
     try:
-        page.wait_for_function(f"(sid) => Object.values(({titles_js})(sid)).every(Boolean)", arg=SID, timeout=60000)
+        page.wait_for_function(
+            f"(sid) => Object.values(({titles_js})(sid)).every(Boolean)", arg=SID, timeout=60000
+        )
     except Exception:  # noqa: BLE001 - the assertion below names what is missing
         pass
     titles = page.evaluate(titles_js, SID)
@@ -172,7 +201,8 @@ def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
 
 
 def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_intermediates_are_labelled(
-        page, webui_ui, photo_path):
+    page, webui_ui, photo_path
+):
     setup_small(page, "a photo of sks dog in the snow", steps=60)
     setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
     page.locator(f"#{SID}show_intermediates input").check()
@@ -180,21 +210,32 @@ def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_inte
     texts = []
     t0 = time.monotonic()
     while time.monotonic() - t0 < TIMEOUT / 1000 and not finished(page, before):
-        t = page.evaluate("() => { const d = document.querySelector('#txt2img_results .progressDiv .progress');"
-                          " return d ? d.textContent : null; }")
+        t = page.evaluate(
+            "() => { const d = document.querySelector('#txt2img_results .progressDiv .progress');"
+            " return d ? d.textContent : null; }"
+        )
         if t and (not texts or texts[-1] != t):
             texts.append(t)
         time.sleep(0.05)
-    assert finished(page, before), f"no end of the generation within {TIMEOUT // 1000}s; progress seen: {texts}"
+    assert finished(page, before), (
+        f"no end of the generation within {TIMEOUT // 1000}s; progress seen: {texts}"
+    )
     percents = [int(m.group(1)) for m in (re.search(r"(\d+)%", x) for x in texts) if m]
-    assert any("stage 2" in x for x in texts), f"the progress text never named stage 2: {sorted(set(texts))}"
+    assert any("stage 2" in x for x in texts), (
+        f"the progress text never named stage 2: {sorted(set(texts))}"
+    )
     assert percents == sorted(percents), f"the progress went backwards: {texts}"
-    assert not any(re.search(r"ETA: \d{2}:\d{2}:\d{2}", x) and "retouch" in x for x in texts), texts  # no hours
+    assert not any(re.search(r"ETA: \d{2}:\d{2}:\d{2}", x) and "retouch" in x for x in texts), (
+        texts
+    )  # no hours
     assert gallery_count(page) == 4, "result + layout, mask, attention map expected"
     select_image(page, 0)
     assert "LR lambda1" in info_text(page)
-    for i, what in ((1, "stage-1 layout of image 1"), (2, "blend mask of image 1"),
-                    (3, "subject cross-attention map of image 1")):
+    for i, what in (
+        (1, "stage-1 layout of image 1"),
+        (2, "blend mask of image 1"),
+        (3, "subject cross-attention map of image 1"),
+    ):
         select_image(page, i)
         text = info_text(page)
         assert f"Layout-and-Retouch intermediate: {what}" in text, text
@@ -206,18 +247,24 @@ def test_an_error_in_the_ui_uses_the_control_label_and_no_traceback(page, webui_
     setup_lr(page, photo_path, webui_ui.title(TC.VANILLA), guess=False)  # no concept token
     mark = webui_ui.log_mark()
     generate(page)
-    page.wait_for_function("() => document.querySelector('#html_log_txt2img').innerText.includes('Concept token')")
+    page.wait_for_function(
+        "() => document.querySelector('#html_log_txt2img').innerText.includes('Concept token')"
+    )
     msg = page.locator("#html_log_txt2img").first.inner_text()
     assert "“Concept token” is empty" in msg and "concept_token" not in msg, msg
     assert gallery_count(page) == 0, "a refused generation made an image"
     log = webui_ui.log_since(mark, settle=1.0)
     assert len(H.log_refusal_lines(log)) == 1, log
-    assert not any(m in log for m in H.TRACEBACK_MARKERS), f"the refusal printed a traceback:\n{log}"
+    assert not any(m in log for m in H.TRACEBACK_MARKERS), (
+        f"the refusal printed a traceback:\n{log}"
+    )
 
 
 def _xyz(page, axis, values):
     page.locator("#txt2img_script_container #script_list input").click()
-    page.locator("#txt2img_script_container #script_list ul.options li", has_text="X/Y/Z plot").first.click()
+    page.locator(
+        "#txt2img_script_container #script_list ul.options li", has_text="X/Y/Z plot"
+    ).first.click()
     page.wait_for_selector(f"#{XYZ}x_type", state="visible")
     choose(page, f"{XYZ}x_type", axis)
     page.locator(f"#{XYZ}csv_mode input").check()
@@ -230,7 +277,9 @@ def test_xyz_enable_true_false_the_false_image_has_no_lr_keys(page, webui_ui, ph
     setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
     _xyz(page, "[L&R] Enable", "True, False")
     generate(page)
-    page.wait_for_function("() => document.querySelectorAll('#txt2img_gallery .thumbnails .thumbnail-item').length >= 3")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#txt2img_gallery .thumbnails .thumbnail-item').length >= 3"
+    )
     select_image(page, 1)
     assert "LR lambda1" in info_text(page)
     select_image(page, 2)
@@ -252,10 +301,22 @@ def test_a_bad_xyz_value_gives_a_message_and_no_grid(page, webui_ui, photo_path)
 
 
 def test_paste_switches_on_and_asks_for_the_photo_again(page, webui_ui):
-    r = H.txt2img(webui_ui.url, H.lr_body({"enabled": True, "reference_image": H.png_b64(H.reference_rgb()),
-                                           "vanilla_checkpoint": webui_ui.title(TC.VANILLA), "concept_token": "sks",
-                                           "class_phrase": "dog", "lambda1": 2, "lambda2": 3, "mask_start": 6,
-                                           "scale_with_steps": False}))
+    r = H.txt2img(
+        webui_ui.url,
+        H.lr_body(
+            {
+                "enabled": True,
+                "reference_image": H.png_b64(H.reference_rgb()),
+                "vanilla_checkpoint": webui_ui.title(TC.VANILLA),
+                "concept_token": "sks",
+                "class_phrase": "dog",
+                "lambda1": 2,
+                "lambda2": 3,
+                "mask_start": 6,
+                "scale_with_steps": False,
+            }
+        ),
+    )
     lr = H.assert_retouched(r)
     set_text(page, "#txt2img_prompt textarea", r.infotexts[0])
     page.locator("#txt2img_tools #paste").click()
@@ -263,24 +324,44 @@ def test_paste_switches_on_and_asks_for_the_photo_again(page, webui_ui):
     notice.wait_for(state="visible")
     assert "Upload the reference photo again" in notice.inner_text()
     assert lr["LR reference"] in notice.inner_text(), (notice.inner_text(), lr["LR reference"])
-    assert header_checkbox(page).is_checked(), "pasting LR parameters did not switch the extension on"
-    assert page.locator(f"#{SID}concept_token input, #{SID}concept_token textarea").first.input_value() == "sks"
+    assert header_checkbox(page).is_checked(), (
+        "pasting LR parameters did not switch the extension on"
+    )
+    assert (
+        page.locator(f"#{SID}concept_token input, #{SID}concept_token textarea").first.input_value()
+        == "sks"
+    )
 
 
 def test_send_to_txt2img_from_png_info_asks_for_the_photo_again(page, webui_ui, tmp_path):
-    r = H.txt2img(webui_ui.url, H.lr_body({"enabled": True, "reference_image": H.png_b64(H.reference_rgb()),
-                                           "vanilla_checkpoint": webui_ui.title(TC.VANILLA), "concept_token": "sks",
-                                           "class_phrase": "dog", "lambda1": 2, "lambda2": 3, "mask_start": 6,
-                                           "scale_with_steps": False}))
+    r = H.txt2img(
+        webui_ui.url,
+        H.lr_body(
+            {
+                "enabled": True,
+                "reference_image": H.png_b64(H.reference_rgb()),
+                "vanilla_checkpoint": webui_ui.title(TC.VANILLA),
+                "concept_token": "sks",
+                "class_phrase": "dog",
+                "lambda1": 2,
+                "lambda2": 3,
+                "mask_start": 6,
+                "scale_with_steps": False,
+            }
+        ),
+    )
     H.assert_retouched(r)
     from PIL import PngImagePlugin
+
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", r.infotexts[0])
     png = tmp_path / "result.png"
     Image.fromarray(r.image).save(png, pnginfo=meta)
     page.locator("#tabs button", has_text="PNG Info").first.click()
     page.locator("#pnginfo_image input[type=file]").set_input_files(str(png))
-    page.wait_for_function("() => document.querySelector('#html_info_x_pnginfo, #tab_pnginfo').innerText.includes('LR lambda1')")
+    page.wait_for_function(
+        "() => document.querySelector('#html_info_x_pnginfo, #tab_pnginfo').innerText.includes('LR lambda1')"
+    )
     page.locator("#tab_pnginfo button", has_text="Send to txt2img").first.click()
     notice = page.locator(f"#{SID}photo_notice").first
     notice.wait_for(state="visible")
@@ -312,24 +393,34 @@ def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_p
     set_number(page, "img2img_mask_blur", 0)
     choose(page, "img2img_sampling", "DDIM")
     acc = page.locator(f"#{ISID}enabled")
-    assert acc.count() == 1 and page.locator(ACC).count() == 1, "the accordion is not in each tab once"
+    assert acc.count() == 1 and page.locator(ACC).count() == 1, (
+        "the accordion is not in each tab once"
+    )
     if not acc.locator(".input-accordion-checkbox").is_checked():
         acc.locator(".label-wrap").first.click()
-    page.wait_for_function("() => document.querySelector('#%senabled-checkbox input').checked" % ISID)
+    page.wait_for_function(
+        "() => document.querySelector('#%senabled-checkbox input').checked" % ISID
+    )
     page.locator(f"#{ISID}reference_image input[type=file]").set_input_files(photo_path)
     page.wait_for_selector(f"#{ISID}reference_image img")
     second = tmp_path / "second.png"
     H.reference_rgb().transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(second)
     page.locator(f"#{ISID}more_photos input[type=file]").set_input_files([str(second)])
     # listed at once, but the file is uploaded to the server afterwards: its size shows when it is there
-    page.wait_for_function("() => /second\\.png[\\s\\S]*\\d+(\\.\\d+)?\\s*[kKM]?B/.test("
-                           "document.querySelector('#%smore_photos').innerText)" % ISID)
+    page.wait_for_function(
+        "() => /second\\.png[\\s\\S]*\\d+(\\.\\d+)?\\s*[kKM]?B/.test("
+        "document.querySelector('#%smore_photos').innerText)" % ISID
+    )
     choose(page, f"{ISID}vanilla_checkpoint", webui_ui.title(TC.VANILLA))
     page.locator(f"#{ISID}guess").click()
-    page.wait_for_function("() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
-                           % (ISID, ISID))
+    page.wait_for_function(
+        "() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea').value == 'sks'"
+        % (ISID, ISID)
+    )
     set_number(page, f"{ISID}lambda1", 5)  # nudge the "At N steps" line
-    page.wait_for_function("() => document.querySelector('#%seffective').innerText.includes('img2img runs')" % ISID)
+    page.wait_for_function(
+        "() => document.querySelector('#%seffective').innerText.includes('img2img runs')" % ISID
+    )
     effective = page.locator(f"#{ISID}effective").first.inner_text()
     assert "img2img runs 7 of 8" in effective, effective
     shots = os.environ.get("LR_SCREENSHOTS")
@@ -344,6 +435,11 @@ def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_p
         assert time.monotonic() - t0 < TIMEOUT / 1000, "the generation did not end"
         time.sleep(0.2)
     info = page.locator("#html_info_img2img").first.inner_text()
-    assert "LR lambda1" in info and "img2img ran 7 of 8 steps" in info, (info, page.evaluate(log_js))
+    assert "LR lambda1" in info and "img2img ran 7 of 8 steps" in info, (
+        info,
+        page.evaluate(log_js),
+    )
     prints = re.search(r"LR reference: \"?([0-9a-f, ]+)", info)
-    assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, info  # the main photo + "More photos"
+    assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, (
+        info
+    )  # the main photo + "More photos"

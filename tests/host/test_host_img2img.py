@@ -3,12 +3,12 @@
 Defaults as the txt2img tests (DreamBooth, tiny-personal vs tiny-vanilla, λ1=2, λ2=3, mask start 6
 taken literally); the input is `H.input_rgb()`, denoising strength 0.75 (8 steps → img2img runs
 int(0.75·8)+1 = 7)."""
+
 from __future__ import annotations
 
+import host_helpers as H
 import numpy as np
 import pytest
-
-import host_helpers as H
 from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("webui")
@@ -20,7 +20,7 @@ def outside(mask_box, margin=0, size=H.SIZE) -> np.ndarray:
     """Boolean (h, w): True outside the box grown by `margin` pixels."""
     x0, y0, x1, y1 = mask_box
     keep = np.ones((size, size), bool)
-    keep[max(y0 - margin, 0):y1 + margin, max(x0 - margin, 0):x1 + margin] = False
+    keep[max(y0 - margin, 0) : y1 + margin, max(x0 - margin, 0) : x1 + margin] = False
     return keep
 
 
@@ -33,7 +33,9 @@ def plain_img2img(url):
 
 def other_reference(seed: int) -> str:
     rng = np.random.default_rng(seed)
-    img = np.asarray(H.reference_rgb()).astype(np.int16) + rng.integers(-60, 60, (H.SIZE, H.SIZE, 3))
+    img = np.asarray(H.reference_rgb()).astype(np.int16) + rng.integers(
+        -60, 60, (H.SIZE, H.SIZE, 3)
+    )
     return H.png_b64(Image.fromarray(img.clip(0, 255).astype(np.uint8)))
 
 
@@ -61,12 +63,22 @@ def test_img2img_schedule_is_scaled_to_the_steps_run(webui, url, lr):
     # 20 steps at strength 0.5: img2img runs int(0.5·20)+1 = 11; the paper's λ1=5 (at 50) scaled to
     # 11 is 1 (at 20 it would be 2): the vanilla model draws step 1, the switch is at step 2.
     mark = webui.log_mark()
-    r = H.img2img(url, H.lr_img2img_body(lr(lambda1=5, lambda2=10, mask_start=31, scale_with_steps=True),
-                                         steps=20, denoising_strength=0.5))
+    r = H.img2img(
+        url,
+        H.lr_img2img_body(
+            lr(lambda1=5, lambda2=10, mask_start=31, scale_with_steps=True),
+            steps=20,
+            denoising_strength=0.5,
+        ),
+    )
     got = H.assert_retouched(r)
-    assert "λ1=1" in got["LR steps used"] and "img2img ran 11 of 20 steps" in got["LR steps used"], got
+    assert (
+        "λ1=1" in got["LR steps used"] and "img2img ran 11 of 20 steps" in got["LR steps used"]
+    ), got
     log = webui.log_since(mark)
-    lines = [ln for ln in log.splitlines() if "stage 1: switched to personalized UNet at step" in ln]
+    lines = [
+        ln for ln in log.splitlines() if "stage 1: switched to personalized UNet at step" in ln
+    ]
     assert lines and lines[0].rstrip().endswith("at step 2"), log[-3000:]
 
 
@@ -100,7 +112,9 @@ def test_inpaint_keeps_the_input_outside_the_mask(url, lr):
     assert len(r.images) == 4, r.describe()
     assert not r.images[2][keep].any(), "the retouch's mask reaches outside the user's mask"
     assert np.array_equal(r.image[keep], np.asarray(init)[keep]), "pixels outside the mask changed"
-    assert H.differs(r.image[~keep], plain.image[~keep]), "the retouch changed nothing inside the mask"
+    assert H.differs(r.image[~keep], plain.image[~keep]), (
+        "the retouch changed nothing inside the mask"
+    )
     # input as layout, inpainted: the same guarantee
     r_in = H.img2img(url, H.lr_img2img_body(lr(layout_source="input"), init=init, mask=mask))
     H.assert_retouched(r_in)
@@ -111,8 +125,9 @@ def test_inpaint_keeps_the_input_outside_the_mask(url, lr):
 def test_inpaint_only_masked_with_mask_blur(url, lr):
     init = H.input_rgb()
     mask = H.box_mask(box=(24, 24, 40, 40))
-    body = H.lr_img2img_body(lr(), init=init, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=8,
-                             mask_blur=2)
+    body = H.lr_img2img_body(
+        lr(), init=init, mask=mask, inpaint_full_res=True, inpaint_full_res_padding=8, mask_blur=2
+    )
     r = H.img2img(url, body)
     H.assert_retouched(r)
     info = H.parse_infotext(r.infotexts[0])
@@ -126,7 +141,10 @@ def test_inpaint_only_masked_with_mask_blur(url, lr):
 def test_inpaint_not_masked_mode(url, lr):
     # "Inpaint not masked": the painted box is KEPT, the rest is retouched
     init = H.input_rgb()
-    r = H.img2img(url, H.lr_img2img_body(lr(), init=init, mask=H.box_mask(box=MASK_BOX), inpainting_mask_invert=1))
+    r = H.img2img(
+        url,
+        H.lr_img2img_body(lr(), init=init, mask=H.box_mask(box=MASK_BOX), inpainting_mask_invert=1),
+    )
     H.assert_retouched(r)
     inside = ~outside(MASK_BOX)
     assert np.array_equal(r.image[inside], np.asarray(init)[inside])
@@ -154,7 +172,10 @@ def test_too_many_references_refused(url, lr, reference_b64):
 
 
 def test_one_bad_reference_among_several_is_named(url, lr, reference_b64):
-    r = H.img2img(url, H.lr_img2img_body(lr(reference_image=[reference_b64, "bm90IGFuIGltYWdl", reference_b64])))
+    r = H.img2img(
+        url,
+        H.lr_img2img_body(lr(reference_image=[reference_b64, "bm90IGFuIGltYWdl", reference_b64])),
+    )
     H.assert_error_names(r, "reference_image")
     assert "photo 2 of 3" in H.error_text(r), H.error_text(r)
 
@@ -181,7 +202,9 @@ def test_empty_mask_refused(url, lr):
 
 
 def test_input_with_latent_noise_refused(url, lr):
-    r = H.img2img(url, H.lr_img2img_body(lr(layout_source="input"), mask=H.box_mask(), inpainting_fill=2))
+    r = H.img2img(
+        url, H.lr_img2img_body(lr(layout_source="input"), mask=H.box_mask(), inpainting_fill=2)
+    )
     H.assert_error_names(r, "inpainting_fill", "masked content")
 
 
@@ -225,7 +248,9 @@ def test_infotext_paste_in_img2img(url, lr, reference_b64):
 def test_inpaint_masked_content_choices(url, lr, fill):
     """'fill', 'latent noise', 'latent nothing' (stage 1 draws inside the mask): retouched, outside kept."""
     init = H.input_rgb()
-    r = H.img2img(url, H.lr_img2img_body(lr(), init=init, mask=H.box_mask(box=MASK_BOX), inpainting_fill=fill))
+    r = H.img2img(
+        url, H.lr_img2img_body(lr(), init=init, mask=H.box_mask(box=MASK_BOX), inpainting_fill=fill)
+    )
     H.assert_retouched(r)
     keep = outside(MASK_BOX)
     assert np.array_equal(r.image[keep], np.asarray(init)[keep])

@@ -1,12 +1,12 @@
 """img2img, inpaint and several reference photos with the tiny SDXL model (issue 12): the same
 contract as `test_host_img2img.py` on SDXL (its module fixture `sdxl_model` loads tiny-xl-personal
 and the SD1 model again afterwards)."""
+
 from __future__ import annotations
 
+import host_helpers as H
 import numpy as np
 import pytest
-
-import host_helpers as H
 import tiny_checkpoints as TC
 from test_host_img2img import MASK_BOX, other_reference, outside
 
@@ -19,12 +19,15 @@ def xl(webui, sdxl_model, lr_defaults):
         d = dict(lr_defaults, vanilla_checkpoint=webui.title(TC.XL_VANILLA))
         d.update(kw)
         return d
+
     return make
 
 
 def test_sdxl_img2img_enabled_vs_plain_and_plain_afterwards(url, xl):
     plain = H.img2img(url, H.img2img_body(PROMPT))
-    assert plain.ok and H.parse_infotext(plain.infotexts[0]).get("Model") == TC.XL_PERSONAL, plain.describe()
+    assert plain.ok and H.parse_infotext(plain.infotexts[0]).get("Model") == TC.XL_PERSONAL, (
+        plain.describe()
+    )
     r = H.img2img(url, H.lr_img2img_body(xl(), PROMPT))
     got = H.assert_retouched(r)
     assert "img2img ran 7 of 8 steps" in got["LR steps used"], got
@@ -36,13 +39,19 @@ def test_sdxl_img2img_enabled_vs_plain_and_plain_afterwards(url, xl):
 def test_sdxl_layout_source_input(url, xl):
     r = H.img2img(url, H.lr_img2img_body(xl(layout_source="input"), PROMPT))
     got = H.assert_retouched(r)
-    assert got["LR layout source"] == "input" and "denoising strength not used" in got.get("LR notes", ""), got
+    assert got["LR layout source"] == "input" and "denoising strength not used" in got.get(
+        "LR notes", ""
+    ), got
 
 
 def test_sdxl_inpaint_keeps_the_input_outside_the_mask(url, xl):
     init = H.input_rgb()
-    r = H.img2img(url, H.lr_img2img_body(xl(show_intermediates=True), PROMPT, init=init,
-                                         mask=H.box_mask(box=MASK_BOX)))
+    r = H.img2img(
+        url,
+        H.lr_img2img_body(
+            xl(show_intermediates=True), PROMPT, init=init, mask=H.box_mask(box=MASK_BOX)
+        ),
+    )
     H.assert_retouched(r)
     keep = outside(MASK_BOX)
     assert np.array_equal(r.image[keep], np.asarray(init)[keep])

@@ -8,11 +8,11 @@ a leak of about 1.5 MiB per generation fails: a UNet copy (~4 MiB for the tiny m
 reference, or accumulating hooks. Per-generation tensors of the tiny model are too small to see.
 For scale: 50 plain tiny generations grow RSS by 0 MiB after warm-up; enabled ones by ~1 MiB.
 """
+
 from __future__ import annotations
 
-import pytest
-
 import host_helpers as H
+import pytest
 
 RUNS = 50
 WARMUP = 10
@@ -40,13 +40,26 @@ def assert_memory_flat(webui, generate, label: str = "") -> None:
     base = rss[WARMUP - 1]
     growth = max(rss[WARMUP:]) - base
     summary = ", ".join(f"{v:.0f}" for v in rss)
-    print(f"\n{label}RSS MiB per generation: {summary}\ngrowth after warm-up: {growth:.1f} MiB (bound {RSS_BOUND_MIB})")
-    assert growth <= RSS_BOUND_MIB, f"RSS grew {growth:.1f} MiB after warm-up (bound {RSS_BOUND_MIB}): {summary}"
+    print(
+        f"\n{label}RSS MiB per generation: {summary}\ngrowth after warm-up: {growth:.1f} MiB (bound {RSS_BOUND_MIB})"
+    )
+    assert growth <= RSS_BOUND_MIB, (
+        f"RSS grew {growth:.1f} MiB after warm-up (bound {RSS_BOUND_MIB}): {summary}"
+    )
 
 
 @pytest.mark.slow
 def test_50_enabled_generations_keep_memory_flat(webui, lr):
     refs = _references()
     # Own seed and prompt each time (as users do); references in rotation (the cache evicts).
-    assert_memory_flat(webui, lambda i: H.txt2img(webui.url, H.lr_body(
-        lr(reference_image=refs[i % REFERENCES]), prompt=f"a photo of sks dog number {i}", seed=1000 + i)))
+    assert_memory_flat(
+        webui,
+        lambda i: H.txt2img(
+            webui.url,
+            H.lr_body(
+                lr(reference_image=refs[i % REFERENCES]),
+                prompt=f"a photo of sks dog number {i}",
+                seed=1000 + i,
+            ),
+        ),
+    )

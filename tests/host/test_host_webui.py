@@ -1,10 +1,10 @@
 """The plain host works: tiny checkpoints, embedding and LoRA load and change the image; generation is
 deterministic (the base of every bit-identity test). These pass without the extension's glue."""
+
 from __future__ import annotations
 
-import numpy as np
-
 import host_helpers as H
+import numpy as np
 import tiny_checkpoints as TC
 
 
@@ -15,7 +15,9 @@ def test_plain_txt2img_is_a_real_deterministic_image(webui, plain_before):
     it = H.parse_infotext(r.infotexts[0])
     assert it["Model"] == TC.PERSONAL and it["Steps"] == str(H.STEPS) and it["Sampler"] == "DDIM"
     again = H.txt2img(webui.url, H.plain_body())
-    assert np.array_equal(again.image, r.image), "same seed, same request: the host must be bit-identical"
+    assert np.array_equal(again.image, r.image), (
+        "same seed, same request: the host must be bit-identical"
+    )
 
 
 def test_tiny_checkpoints_are_listed_and_personal_is_loaded(webui):
@@ -27,8 +29,13 @@ def test_tiny_checkpoints_are_listed_and_personal_is_loaded(webui):
 
 
 def test_checkpoints_have_different_weights(webui, plain_before):
-    r = H.txt2img(webui.url, H.plain_body(override_settings={"sd_model_checkpoint": webui.title(TC.VANILLA)},
-                                          override_settings_restore_afterwards=True))
+    r = H.txt2img(
+        webui.url,
+        H.plain_body(
+            override_settings={"sd_model_checkpoint": webui.title(TC.VANILLA)},
+            override_settings_restore_afterwards=True,
+        ),
+    )
     assert r.ok, r.describe()
     assert H.parse_infotext(r.infotexts[0])["Model"] == TC.VANILLA
     assert H.differs(r.image, plain_before.image)
@@ -40,11 +47,15 @@ def test_checkpoints_have_different_weights(webui, plain_before):
 def test_textual_inversion_embedding_is_loaded_and_used(webui):
     emb = H.get(webui.url, "/sdapi/v1/embeddings")
     assert TC.EMBEDDING in emb["loaded"], emb
-    assert emb["loaded"][TC.EMBEDDING]["shape"] == 32 and emb["loaded"][TC.EMBEDDING]["vectors"] == 2
+    assert (
+        emb["loaded"][TC.EMBEDDING]["shape"] == 32 and emb["loaded"][TC.EMBEDDING]["vectors"] == 2
+    )
     with_emb = H.txt2img(webui.url, H.plain_body(f"a photo of {TC.EMBEDDING} dog"))
     without = H.txt2img(webui.url, H.plain_body("a photo of dog"))
     assert H.differs(with_emb.image, without.image)
-    assert TC.EMBEDDING in H.parse_infotext(with_emb.infotexts[0]).get("TI hashes", ""), with_emb.infotexts[0]
+    assert TC.EMBEDDING in H.parse_infotext(with_emb.infotexts[0]).get("TI hashes", ""), (
+        with_emb.infotexts[0]
+    )
 
 
 def test_lora_is_loaded_and_changes_the_image(webui):
@@ -59,9 +70,15 @@ def test_lora_is_loaded_and_changes_the_image(webui):
 
 def test_xyz_plot_over_steps_returns_a_grid(webui):
     choices = H.xyz_axis_choices(webui.url)
-    r = H.txt2img(webui.url, dict(H.plain_body(), script_name="x/y/z plot",
-                                  script_args=H.xyz_args(choices.index("Steps"), "3,4,5")))
+    r = H.txt2img(
+        webui.url,
+        dict(
+            H.plain_body(),
+            script_name="x/y/z plot",
+            script_args=H.xyz_args(choices.index("Steps"), "3,4,5"),
+        ),
+    )
     assert r.ok, r.describe()
     assert [im.shape[:2] for im in r.images] == [(H.SIZE, 3 * H.SIZE)] + [(H.SIZE, H.SIZE)] * 3
     for i in range(3):
-        assert np.array_equal(r.images[0][:, i * H.SIZE:(i + 1) * H.SIZE], r.images[1 + i])
+        assert np.array_equal(r.images[0][:, i * H.SIZE : (i + 1) * H.SIZE], r.images[1 + i])

@@ -38,6 +38,7 @@ Run it with the WebUI's Python, so that the state-dict keys come from the same `
 Each saved checkpoint is re-loaded into a model built from its yaml with `strict=True`.
 Re-running is cheap: files that exist are kept (delete the root to rebuild).
 """
+
 from __future__ import annotations
 
 import json
@@ -66,14 +67,23 @@ XL_WIDE = "tiny-xl-wide"
 XL_EMBEDDING = "tiny-xl-concept"
 XL_LORA = "tiny-xl-lora"
 SEEDS = {PERSONAL: 1, VANILLA: 2, WIDE: 3, XL_PERSONAL: 21, XL_VANILLA: 22, XL_WIDE: 23}
-XL_CHANNELS = {XL_PERSONAL: 32, XL_VANILLA: 32, XL_WIDE: 64}  # UNet model_channels (GroupNorm: a multiple of 32)
+XL_CHANNELS = {
+    XL_PERSONAL: 32,
+    XL_VANILLA: 32,
+    XL_WIDE: 64,
+}  # UNet model_channels (GroupNorm: a multiple of 32)
 MARKER = "tiny_models.json"  # written last: its presence means the root is complete
 
 
 def _config_yaml(clip_folder: str, context_dim: int = 32) -> dict:
     from tiny_models import tiny_ldm_config
 
-    return {"model": {"base_learning_rate": 1.0e-04, **tiny_ldm_config(clip_folder, context_dim=context_dim)}}
+    return {
+        "model": {
+            "base_learning_rate": 1.0e-04,
+            **tiny_ldm_config(clip_folder, context_dim=context_dim),
+        }
+    }
 
 
 def _build(clip_folder: str, seed: int, context_dim: int):
@@ -86,12 +96,16 @@ def _build(clip_folder: str, seed: int, context_dim: int):
     if context_dim == 32:
         return build_tiny_ldm(clip_folder, seed)
     torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.create(tiny_ldm_config(clip_folder, context_dim=context_dim)))
+    model = instantiate_from_config(
+        OmegaConf.create(tiny_ldm_config(clip_folder, context_dim=context_dim))
+    )
     reinit_zero_weights(model, torch.Generator().manual_seed(seed))
     return model.eval()
 
 
-def write_checkpoint(ckpt_dir: str, name: str, clip_folder: str, seed: int, context_dim: int = 32) -> str:
+def write_checkpoint(
+    ckpt_dir: str, name: str, clip_folder: str, seed: int, context_dim: int = 32
+) -> str:
     """Write `<name>.safetensors` + `<name>.yaml`; verify the keys load strictly. Returns the path."""
     import torch
     from ldm.util import instantiate_from_config
@@ -112,7 +126,11 @@ def write_checkpoint(ckpt_dir: str, name: str, clip_folder: str, seed: int, cont
         # DreamBooth often does), so stage 1's choice of text encoder shows in the image.
         g = torch.Generator().manual_seed(seed)
         for k, v in sd.items():
-            if k.startswith("cond_stage_model.transformer.") and v.is_floating_point() and "position" not in k:
+            if (
+                k.startswith("cond_stage_model.transformer.")
+                and v.is_floating_point()
+                and "position" not in k
+            ):
                 sd[k] = v + 0.05 * torch.randn(v.shape, generator=g)
     save_file(sd, path)
     # The WebUI loads with strict=False, which would hide a key mismatch: check strictly here.
@@ -123,7 +141,9 @@ def write_checkpoint(ckpt_dir: str, name: str, clip_folder: str, seed: int, cont
     return path
 
 
-def write_embedding(emb_dir: str, name: str = EMBEDDING, dim: int = 32, vectors: int = 2, seed: int = 7) -> str:
+def write_embedding(
+    emb_dir: str, name: str = EMBEDDING, dim: int = 32, vectors: int = 2, seed: int = 7
+) -> str:
     """A Textual-Inversion embedding as the WebUI reads `.safetensors` ones: one tensor `emb_params`
     of shape (vectors, dim). (`.pt` files from a new torch are refused by the WebUI's safe unpickler.)"""
     import torch
@@ -153,7 +173,9 @@ def lora_target_names(model) -> list[str]:
     return names
 
 
-def write_lora(lora_dir: str, clip_folder: str, name: str = LORA, rank: int = 4, seed: int = 11) -> str:
+def write_lora(
+    lora_dir: str, clip_folder: str, name: str = LORA, rank: int = 4, seed: int = 11
+) -> str:
     """A kohya-format LoRA (`<key>.lora_down.weight` (r×in), `<key>.lora_up.weight` (out×r),
     `<key>.alpha`) strong enough that `<lora:tiny-lora:1>` visibly changes a tiny image."""
     import torch
@@ -170,76 +192,141 @@ def write_lora(lora_dir: str, clip_folder: str, name: str = LORA, rank: int = 4,
         sd[f"{key}.lora_down.weight"] = torch.randn((rank, lin.in_features), generator=g) * 0.2
         sd[f"{key}.lora_up.weight"] = torch.randn((lin.out_features, rank), generator=g) * 0.2
         sd[f"{key}.alpha"] = torch.tensor(float(rank))
-    save_file(sd, path, metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank),
-                                  "ss_network_alpha": str(rank), "ss_base_model_version": "sd_v1"})
+    save_file(
+        sd,
+        path,
+        metadata={
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": str(rank),
+            "ss_base_model_version": "sd_v1",
+        },
+    )
     return path
 
 
 # ---------------------------------------------------------------------------------------- SDXL
+
 
 def sdxl_config(clip_folder: str, model_channels: int = 32) -> dict:
     """sgm's `configs/inference/sd_xl_base.yaml` with small numbers (the yaml written beside the
     checkpoint). Same block layout as SDXL base (3 levels, 2 res blocks each, attention at the two
     lower levels, transformer depth > 1), so the layer names are SDXL's: input_blocks.0–8,
     middle_block, output_blocks.0–8."""
-    return {"model": {
-        "target": "sgm.models.diffusion.DiffusionEngine",
-        "params": {
-            "scale_factor": 0.13025,
-            "disable_first_stage_autocast": True,
-            "denoiser_config": {
-                "target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
-                "params": {
-                    "num_idx": 1000,
-                    "weighting_config": {"target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"},
-                    "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
-                    "discretization_config": {
-                        "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"},
-                },
-            },
-            "network_config": {
-                "target": "sgm.modules.diffusionmodules.openaimodel.UNetModel",
-                "params": {
-                    "adm_in_channels": 256 + 3 * 512, "num_classes": "sequential", "use_checkpoint": False,
-                    "in_channels": 4, "out_channels": 4, "model_channels": model_channels,
-                    "attention_resolutions": [4, 2], "num_res_blocks": 2, "channel_mult": [1, 2, 4],
-                    "num_head_channels": 16, "use_spatial_transformer": True,
-                    "use_linear_in_transformer": True, "transformer_depth": [1, 2, 3],
-                    "context_dim": 32 + 256, "spatial_transformer_attn_type": "softmax", "legacy": False,
-                },
-            },
-            "conditioner_config": {
-                "target": "sgm.modules.GeneralConditioner",
-                "params": {"emb_models": [
-                    {"is_trainable": False, "input_key": "txt",
-                     "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
-                     "params": {"layer": "hidden", "layer_idx": 1, "version": clip_folder}},
-                    {"is_trainable": False, "input_key": "txt",
-                     "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-                     "params": {"arch": "ViT-S-32-alt", "version": None, "freeze": True,
-                                "layer": "penultimate", "always_return_pooled": True, "legacy": False}},
-                    {"is_trainable": False, "input_key": "original_size_as_tuple",
-                     "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}},
-                    {"is_trainable": False, "input_key": "crop_coords_top_left",
-                     "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}},
-                    {"is_trainable": False, "input_key": "target_size_as_tuple",
-                     "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND", "params": {"outdim": 256}},
-                ]},
-            },
-            "first_stage_config": {
-                "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
-                "params": {
-                    "embed_dim": 4, "monitor": "val/rec_loss",
-                    "ddconfig": {
-                        "attn_type": "vanilla", "double_z": True, "z_channels": 4, "resolution": 64,
-                        "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1],
-                        "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+    return {
+        "model": {
+            "target": "sgm.models.diffusion.DiffusionEngine",
+            "params": {
+                "scale_factor": 0.13025,
+                "disable_first_stage_autocast": True,
+                "denoiser_config": {
+                    "target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
+                    "params": {
+                        "num_idx": 1000,
+                        "weighting_config": {
+                            "target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"
+                        },
+                        "scaling_config": {
+                            "target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"
+                        },
+                        "discretization_config": {
+                            "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"
+                        },
                     },
-                    "lossconfig": {"target": "torch.nn.Identity"},
+                },
+                "network_config": {
+                    "target": "sgm.modules.diffusionmodules.openaimodel.UNetModel",
+                    "params": {
+                        "adm_in_channels": 256 + 3 * 512,
+                        "num_classes": "sequential",
+                        "use_checkpoint": False,
+                        "in_channels": 4,
+                        "out_channels": 4,
+                        "model_channels": model_channels,
+                        "attention_resolutions": [4, 2],
+                        "num_res_blocks": 2,
+                        "channel_mult": [1, 2, 4],
+                        "num_head_channels": 16,
+                        "use_spatial_transformer": True,
+                        "use_linear_in_transformer": True,
+                        "transformer_depth": [1, 2, 3],
+                        "context_dim": 32 + 256,
+                        "spatial_transformer_attn_type": "softmax",
+                        "legacy": False,
+                    },
+                },
+                "conditioner_config": {
+                    "target": "sgm.modules.GeneralConditioner",
+                    "params": {
+                        "emb_models": [
+                            {
+                                "is_trainable": False,
+                                "input_key": "txt",
+                                "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+                                "params": {
+                                    "layer": "hidden",
+                                    "layer_idx": 1,
+                                    "version": clip_folder,
+                                },
+                            },
+                            {
+                                "is_trainable": False,
+                                "input_key": "txt",
+                                "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+                                "params": {
+                                    "arch": "ViT-S-32-alt",
+                                    "version": None,
+                                    "freeze": True,
+                                    "layer": "penultimate",
+                                    "always_return_pooled": True,
+                                    "legacy": False,
+                                },
+                            },
+                            {
+                                "is_trainable": False,
+                                "input_key": "original_size_as_tuple",
+                                "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+                                "params": {"outdim": 256},
+                            },
+                            {
+                                "is_trainable": False,
+                                "input_key": "crop_coords_top_left",
+                                "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+                                "params": {"outdim": 256},
+                            },
+                            {
+                                "is_trainable": False,
+                                "input_key": "target_size_as_tuple",
+                                "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+                                "params": {"outdim": 256},
+                            },
+                        ]
+                    },
+                },
+                "first_stage_config": {
+                    "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
+                    "params": {
+                        "embed_dim": 4,
+                        "monitor": "val/rec_loss",
+                        "ddconfig": {
+                            "attn_type": "vanilla",
+                            "double_z": True,
+                            "z_channels": 4,
+                            "resolution": 64,
+                            "in_channels": 3,
+                            "out_ch": 3,
+                            "ch": 32,
+                            "ch_mult": [1, 1, 1, 1],
+                            "num_res_blocks": 1,
+                            "attn_resolutions": [],
+                            "dropout": 0.0,
+                        },
+                        "lossconfig": {"target": "torch.nn.Identity"},
+                    },
                 },
             },
-        },
-    }}
+        }
+    }
 
 
 def build_tiny_sdxl(clip_folder: str, seed: int, model_channels: int = 32):
@@ -253,7 +340,9 @@ def build_tiny_sdxl(clip_folder: str, seed: int, model_channels: int = 32):
     from tiny_models import reinit_zero_weights, tame_output
 
     torch.manual_seed(seed)
-    model = instantiate_from_config(OmegaConf.create(sdxl_config(clip_folder, model_channels)).model)
+    model = instantiate_from_config(
+        OmegaConf.create(sdxl_config(clip_folder, model_channels)).model
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -265,7 +354,9 @@ def build_tiny_sdxl(clip_folder: str, seed: int, model_channels: int = 32):
     return model.eval()
 
 
-def write_sdxl_checkpoint(ckpt_dir: str, name: str, clip_folder: str, seed: int, model_channels: int = 32) -> str:
+def write_sdxl_checkpoint(
+    ckpt_dir: str, name: str, clip_folder: str, seed: int, model_channels: int = 32
+) -> str:
     """Write `<name>.safetensors` + `<name>.yaml` (sgm structure); re-load strictly into a model built
     from the yaml; check that no UNet weight is all-zero. Returns the path."""
     import torch
@@ -294,7 +385,9 @@ def write_sdxl_checkpoint(ckpt_dir: str, name: str, clip_folder: str, seed: int,
     return path
 
 
-def write_sdxl_embedding(emb_dir: str, name: str = XL_EMBEDDING, vectors: int = 2, seed: int = 17) -> str:
+def write_sdxl_embedding(
+    emb_dir: str, name: str = XL_EMBEDDING, vectors: int = 2, seed: int = 17
+) -> str:
     """An SDXL Textual-Inversion embedding as the WebUI reads them (textual_inversion.py: a dict with
     `clip_l` (n×width of embedder 0) and `clip_g` (n×width of embedder 1))."""
     import torch
@@ -304,8 +397,13 @@ def write_sdxl_embedding(emb_dir: str, name: str = XL_EMBEDDING, vectors: int = 
     path = os.path.join(emb_dir, name + ".safetensors")
     if not os.path.exists(path):
         g = torch.Generator().manual_seed(seed)
-        save_file({"clip_l": torch.randn((vectors, 32), generator=g) * 0.5,
-                   "clip_g": torch.randn((vectors, 256), generator=g) * 0.05}, path)
+        save_file(
+            {
+                "clip_l": torch.randn((vectors, 32), generator=g) * 0.5,
+                "clip_g": torch.randn((vectors, 256), generator=g) * 0.05,
+            },
+            path,
+        )
     return path
 
 
@@ -330,7 +428,9 @@ def sdxl_lora_target_names(model) -> list:
     return names
 
 
-def write_sdxl_lora(lora_dir: str, clip_folder: str, name: str = XL_LORA, rank: int = 4, seed: int = 31) -> str:
+def write_sdxl_lora(
+    lora_dir: str, clip_folder: str, name: str = XL_LORA, rank: int = 4, seed: int = 31
+) -> str:
     import torch
     from safetensors.torch import save_file
 
@@ -370,11 +470,15 @@ def write_host_models(root: str) -> dict:
     make_tiny_clip_folder(paths["clip_wide"], hidden=48, seed=0)
     for name in (PERSONAL, VANILLA):
         paths[name] = write_checkpoint(paths["ckpt_dir"], name, paths["clip"], SEEDS[name])
-    paths[WIDE] = write_checkpoint(paths["ckpt_dir"], WIDE, paths["clip_wide"], SEEDS[WIDE], context_dim=48)
+    paths[WIDE] = write_checkpoint(
+        paths["ckpt_dir"], WIDE, paths["clip_wide"], SEEDS[WIDE], context_dim=48
+    )
     paths[EMBEDDING] = write_embedding(paths["embeddings_dir"])
     paths[LORA] = write_lora(paths["lora_dir"], paths["clip"])
     for name in (XL_PERSONAL, XL_VANILLA, XL_WIDE):
-        paths[name] = write_sdxl_checkpoint(paths["ckpt_dir"], name, paths["clip"], SEEDS[name], XL_CHANNELS[name])
+        paths[name] = write_sdxl_checkpoint(
+            paths["ckpt_dir"], name, paths["clip"], SEEDS[name], XL_CHANNELS[name]
+        )
     paths[XL_EMBEDDING] = write_sdxl_embedding(paths["embeddings_dir"])
     paths[XL_LORA] = write_sdxl_lora(paths["lora_dir"], paths["clip"])
     with open(marker, "w", encoding="utf-8") as f:

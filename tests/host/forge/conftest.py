@@ -25,6 +25,7 @@ LR_FORGE_KEEP=1 (keep the temp folder), LR_FORGE_START_TIMEOUT (seconds, default
 Fixture names are the A1111 tier's (`webui`, `url`, `plain_before`, `lr_defaults`, `lr`) so a check can
 be written once for both tiers; here they are Forge's and shadow tests/host/conftest.py's.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -90,8 +91,10 @@ def _asked_for(config) -> bool:
 def pytest_collection_modifyitems(config, items):
     if _asked_for(config):
         return
-    skip = pytest.mark.skip(reason="Forge tier not asked for: run `pytest tests/host/forge` "
-                                   "(or set LR_FORGE_DIR / LR_FORGE_URL); see tests/host/README.md")
+    skip = pytest.mark.skip(
+        reason="Forge tier not asked for: run `pytest tests/host/forge` "
+        "(or set LR_FORGE_DIR / LR_FORGE_URL); see tests/host/README.md"
+    )
     for it in items:
         if str(it.fspath).startswith(HERE + os.sep):
             it.add_marker(skip)
@@ -115,11 +118,18 @@ def build_models(forge_dir: str, python: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         env.pop("PYTHONPATH", None)
-        r = subprocess.run([python, os.path.join(HOST, "forge_checkpoints.py"), tmp, "--forge-dir", forge_dir],
-                           env=env, capture_output=True, text=True, timeout=1800)
+        r = subprocess.run(
+            [python, os.path.join(HOST, "forge_checkpoints.py"), tmp, "--forge-dir", forge_dir],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if r.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(f"building the Forge models failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            raise RuntimeError(
+                f"building the Forge models failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            )
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         shutil.rmtree(cache, ignore_errors=True)
         os.rename(tmp, cache)
@@ -132,7 +142,10 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
     os.makedirs(os.path.join(data_dir, "extensions"))
     os.symlink(REPO_ROOT, os.path.join(data_dir, "extensions", EXTENSION_NAME))
     # a test-only extension that replaces one attention layer when the prompt says `attnreplace`
-    os.symlink(os.path.join(HERE, "attn_replace_extension"), os.path.join(data_dir, "extensions", "lr-test-attn-replace"))
+    os.symlink(
+        os.path.join(HERE, "attn_replace_extension"),
+        os.path.join(data_dir, "extensions", "lr-test-attn-replace"),
+    )
     ckpt_dir = os.path.join(tmp, "Stable-diffusion")
     shutil.copytree(built["ckpt_dir"], ckpt_dir, copy_function=S.link_or_copy)
     # Live previews off ("Approx NN" would download preview weights); no cond cache across requests
@@ -142,12 +155,32 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
     port = S.free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = os.path.join(data_dir, "forge.log")
-    args = [python, "-u", "launch.py", "--skip-prepare-environment", "--api"] + ([] if ui else ["--nowebui"]) + [
-            "--always-cpu", "--skip-torch-cuda-test", "--skip-version-check", "--skip-python-version-check",
-            "--no-download-sd-model", "--disable-console-progressbars", "--server-name", "127.0.0.1",
-            "--port", str(port), "--data-dir", data_dir, "--ckpt-dir", ckpt_dir,
-            "--ckpt", os.path.join(ckpt_dir, FC.PERSONAL + ".safetensors"),
-            "--embeddings-dir", built["embeddings_dir"], "--lora-dir", built["lora_dir"]]
+    args = (
+        [python, "-u", "launch.py", "--skip-prepare-environment", "--api"]
+        + ([] if ui else ["--nowebui"])
+        + [
+            "--always-cpu",
+            "--skip-torch-cuda-test",
+            "--skip-version-check",
+            "--skip-python-version-check",
+            "--no-download-sd-model",
+            "--disable-console-progressbars",
+            "--server-name",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            data_dir,
+            "--ckpt-dir",
+            ckpt_dir,
+            "--ckpt",
+            os.path.join(ckpt_dir, FC.PERSONAL + ".safetensors"),
+            "--embeddings-dir",
+            built["embeddings_dir"],
+            "--lora-dir",
+            built["lora_dir"],
+        ]
+    )
     if ui:
         # gradio 4 serves /file= only from its allowed paths, which are the --data-dir by default: with a
         # data dir outside the Forge folder, Forge's own javascript/ (script.js, inputAccordion.js,
@@ -156,8 +189,18 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
     args += os.environ.get("LR_FORGE_ARGS", "").split()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("PYTHONPATH", None)
-    w = S.start(args, forge_dir, env, url, log_path, START_TIMEOUT, "Forge", data_dir=data_dir,
-                models=dict(built, ckpt_dir=ckpt_dir), env_prefix="LR_FORGE")
+    w = S.start(
+        args,
+        forge_dir,
+        env,
+        url,
+        log_path,
+        START_TIMEOUT,
+        "Forge",
+        data_dir=data_dir,
+        models=dict(built, ckpt_dir=ckpt_dir),
+        env_prefix="LR_FORGE",
+    )
     w.ui = ui
     return w
 
@@ -182,8 +225,13 @@ def webui(request):
         pytest.skip(src[1])
     tmp = None
     if src[0] == "url":
-        w = S.Server(src[1], pid=int(os.environ["LR_FORGE_PID"]) if os.environ.get("LR_FORGE_PID") else None,
-                     log_path=os.environ.get("LR_FORGE_LOG") or None, what="Forge", env_prefix="LR_FORGE")
+        w = S.Server(
+            src[1],
+            pid=int(os.environ["LR_FORGE_PID"]) if os.environ.get("LR_FORGE_PID") else None,
+            log_path=os.environ.get("LR_FORGE_LOG") or None,
+            what="Forge",
+            env_prefix="LR_FORGE",
+        )
         if not w.alive():
             raise RuntimeError(f"LR_FORGE_URL={src[1]} does not answer /sdapi/v1/sd-models")
     else:
@@ -197,8 +245,12 @@ def webui(request):
     try:
         w.read_titles()
         t0 = time.monotonic()
-        r = H.txt2img(w.url, H.plain_body("warm up", steps=2,
-                                          override_settings={"sd_model_checkpoint": w.title(FC.PERSONAL)}))
+        r = H.txt2img(
+            w.url,
+            H.plain_body(
+                "warm up", steps=2, override_settings={"sd_model_checkpoint": w.title(FC.PERSONAL)}
+            ),
+        )
         assert r.ok, f"Forge's first generation failed: {r.describe()}"
         w.warmup_s = time.monotonic() - t0
         yield w

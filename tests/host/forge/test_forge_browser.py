@@ -11,18 +11,18 @@ Uses the tier's one Forge (conftest `webui`), which is started WITH its UI when 
 selected. Skipped with the reason when Playwright or Chromium is missing, or when an attached Forge
 (LR_FORGE_URL) serves no UI (started with --nowebui).
 """
+
 from __future__ import annotations
 
 import re
 import time
 
+import forge_checkpoints as FC
+import host_server as S
 import pytest
 import requests
 
-import forge_checkpoints as FC
-import host_server as S
-
-SID = "script_layoutandretouch_"          # txt2img: script_layoutandretouch_<name>
+SID = "script_layoutandretouch_"  # txt2img: script_layoutandretouch_<name>
 ISID = "script_img2img_layoutandretouch_"  # img2img
 ACC = f"#{SID}enabled"
 TIMEOUT = 90_000  # ms; a loaded 2-core machine is slow, Forge's gradio 4 page is heavy
@@ -46,8 +46,10 @@ def forge_ui(request):
     except requests.RequestException:
         has_ui = False
     if not has_ui:
-        pytest.skip(f"this Forge ({w.url}) serves no UI: started with --nowebui? "
-                    "(LR_FORGE_URL must point to a Forge started without it)")
+        pytest.skip(
+            f"this Forge ({w.url}) serves no UI: started with --nowebui? "
+            "(LR_FORGE_URL must point to a Forge started without it)"
+        )
     return w
 
 
@@ -63,9 +65,18 @@ class Page:
         self.pg = pg
         self.page_errors: list[str] = []
         self.console_errors: list[str] = []
-        pg.on("pageerror", lambda e: self.page_errors.append(f"{e.name}: {e.message}\n{e.stack or ''}"))
-        pg.on("console", lambda m: self.console_errors.append(f"{m.text} @ {m.location.get('url', '')}")
-              if m.type == "error" else None)
+        pg.on(
+            "pageerror",
+            lambda e: self.page_errors.append(f"{e.name}: {e.message}\n{e.stack or ''}"),
+        )
+        pg.on(
+            "console",
+            lambda m: (
+                self.console_errors.append(f"{m.text} @ {m.location.get('url', '')}")
+                if m.type == "error"
+                else None
+            ),
+        )
 
     def ours(self) -> list[str]:
         return [e for e in self.page_errors + self.console_errors if OURS.search(e)]
@@ -80,14 +91,17 @@ def page(browser, forge_ui):
     pg.goto(forge_ui.url)
     pg.wait_for_selector("#txt2img_prompt textarea")
     # Forge's inputAccordion.js puts the visible checkbox into the header on onUiLoaded
-    pg.wait_for_function("(a) => document.querySelector(a + ' .input-accordion-checkbox') !== null", arg=ACC)
+    pg.wait_for_function(
+        "(a) => document.querySelector(a + ' .input-accordion-checkbox') !== null", arg=ACC
+    )
     yield p
     others = [e for e in p.page_errors + p.console_errors if e not in p.ours()]
     if others:  # Forge's own: listed (pytest -rA / -s), not failed on
-        print("\n[forge-browser] page/console errors not from this extension:\n  " + "\n  ".join(others))
+        print(
+            "\n[forge-browser] page/console errors not from this extension:\n  "
+            + "\n  ".join(others)
+        )
     ctx.close()
-
-
 
 
 # ---------------------------------------------------------------- page helpers
@@ -97,13 +111,19 @@ def header_checkbox(pg, acc=ACC):
 
 def hidden_checked(pg, sid=SID) -> bool:
     """The hidden gradio checkbox the script reads (InputAccordion's `<id>-checkbox`)."""
-    return pg.evaluate("(s) => { const c = document.querySelector('#' + s + 'enabled-checkbox input');"
-                       " return c ? c.checked : null; }", sid)
+    return pg.evaluate(
+        "(s) => { const c = document.querySelector('#' + s + 'enabled-checkbox input');"
+        " return c ? c.checked : null; }",
+        sid,
+    )
 
 
 def wait_enabled(pg, sid=SID):
-    pg.wait_for_function("(s) => { const c = document.querySelector('#' + s + 'enabled-checkbox input');"
-                         " return c && c.checked; }", arg=sid)
+    pg.wait_for_function(
+        "(s) => { const c = document.querySelector('#' + s + 'enabled-checkbox input');"
+        " return c && c.checked; }",
+        arg=sid,
+    )
 
 
 def set_number(pg, elem_id, value):
@@ -132,8 +152,10 @@ def choose(pg, elem_id, value, contains=False):
     pg.locator(f"#{elem_id} input").first.click()
     op = "*=" if contains else "="
     pg.locator(f'#{elem_id} ul.options li[aria-label{op}"{value}"]').first.click()
-    pg.wait_for_function("([id, v]) => document.querySelector('#' + id + ' input').value.includes(v)",
-                         arg=[elem_id, value])
+    pg.wait_for_function(
+        "([id, v]) => document.querySelector('#' + id + ' input').value.includes(v)",
+        arg=[elem_id, value],
+    )
 
 
 TITLES_JS = """(sid) => {
@@ -151,7 +173,9 @@ TITLES_JS = """(sid) => {
 
 def wait_titles(pg, sid):
     try:
-        pg.wait_for_function(f"(sid) => Object.values(({TITLES_JS})(sid)).every(Boolean)", arg=sid, timeout=90_000)
+        pg.wait_for_function(
+            f"(sid) => Object.values(({TITLES_JS})(sid)).every(Boolean)", arg=sid, timeout=90_000
+        )
     except Exception:  # noqa: BLE001 - the caller's assertion names what is missing
         pass
     return pg.evaluate(TITLES_JS, sid)
@@ -168,10 +192,23 @@ def test_forge_accordion_enable_upload_and_hints_in_txt2img(page, forge_ui, phot
     wait_enabled(pg)
     pg.locator(f"{ACC} .label-wrap").first.click()  # open it: the checkbox stays ticked
     pg.locator(f"#{SID}concept_token").wait_for(state="visible")
-    assert cb.is_checked() and hidden_checked(pg), "opening the accordion after ticking switched it off"
-    for name in ("reference_image", "personalization", "vanilla_checkpoint", "concept_token", "class_phrase",
-                 "lambda1", "lambda2", "mask_start", "guess"):
-        assert pg.locator(f"#{SID}{name}").is_visible(), f"{name} is not shown in the opened accordion"
+    assert cb.is_checked() and hidden_checked(pg), (
+        "opening the accordion after ticking switched it off"
+    )
+    for name in (
+        "reference_image",
+        "personalization",
+        "vanilla_checkpoint",
+        "concept_token",
+        "class_phrase",
+        "lambda1",
+        "lambda2",
+        "mask_start",
+        "guess",
+    ):
+        assert pg.locator(f"#{SID}{name}").is_visible(), (
+            f"{name} is not shown in the opened accordion"
+        )
     # the reference photo takes an upload
     pg.locator(f"#{SID}reference_image input[type=file]").set_input_files(photo_path)
     pg.wait_for_selector(f"#{SID}reference_image img")
@@ -188,7 +225,9 @@ def test_forge_opening_the_accordion_enables_it(page):
     wait_enabled(pg)
     assert header_checkbox(pg).is_checked()
     pg.locator(f"{ACC} .label-wrap").first.click()  # closing switches it off again
-    pg.wait_for_function("(s) => !document.querySelector('#' + s + 'enabled-checkbox input').checked", arg=SID)
+    pg.wait_for_function(
+        "(s) => !document.querySelector('#' + s + 'enabled-checkbox input').checked", arg=SID
+    )
     assert not page.ours(), "\n".join(page.ours())
 
 
@@ -197,7 +236,9 @@ def test_forge_img2img_tab_has_its_own_accordion(page, photo_path):
     pg.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
     iacc = f"#{ISID}enabled"
     pg.locator(iacc).wait_for(state="visible")
-    assert pg.locator(iacc).count() == 1 and pg.locator(ACC).count() == 1, "the accordion is not in each tab once"
+    assert pg.locator(iacc).count() == 1 and pg.locator(ACC).count() == 1, (
+        "the accordion is not in each tab once"
+    )
     cb = header_checkbox(pg, iacc)
     assert cb.count() == 1 and not cb.is_checked()
     cb.click()
@@ -212,7 +253,9 @@ def test_forge_img2img_tab_has_its_own_accordion(page, photo_path):
     assert not page.ours(), "\n".join(page.ours())
 
 
-LOG_JS = "() => [...document.querySelectorAll('#html_log_txt2img')].map(e => e.innerText).join('\\n')"
+LOG_JS = (
+    "() => [...document.querySelectorAll('#html_log_txt2img')].map(e => e.innerText).join('\\n')"
+)
 
 
 def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
@@ -230,8 +273,11 @@ def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
     pg.wait_for_selector(f"#{SID}reference_image img")
     choose(pg, f"{SID}vanilla_checkpoint", FC.VANILLA, contains=True)
     pg.locator(f"#{SID}guess").click()
-    pg.wait_for_function("(s) => { const b = document.querySelector('#' + s + 'concept_token input, #' + s +"
-                         " 'concept_token textarea'); return b && b.value == 'sks'; }", arg=SID)
+    pg.wait_for_function(
+        "(s) => { const b = document.querySelector('#' + s + 'concept_token input, #' + s +"
+        " 'concept_token textarea'); return b && b.value == 'sks'; }",
+        arg=SID,
+    )
     before = pg.evaluate(LOG_JS)
     mark = forge_ui.log_mark()
     pg.locator("#txt2img_generate").click()
@@ -240,12 +286,15 @@ def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
         now = pg.evaluate(LOG_JS)
         if now != before and "Time taken" in now:
             break
-        assert time.monotonic() - t0 < GEN_TIMEOUT, f"the generation did not end in {GEN_TIMEOUT}s: {now!r}"
+        assert time.monotonic() - t0 < GEN_TIMEOUT, (
+            f"the generation did not end in {GEN_TIMEOUT}s: {now!r}"
+        )
         time.sleep(0.5)
     info = pg.locator("#html_info_txt2img").first.inner_text()
     log = forge_ui.log_since(mark, settle=1.0)
-    assert "LR lambda1" in info and "LR vanilla checkpoint" in info, \
+    assert "LR lambda1" in info and "LR vanilla checkpoint" in info, (
         f"no LR keys in the infotext under the gallery:\n{info}\nmessage: {pg.evaluate(LOG_JS)!r}\nlog:\n{log[-3000:]}"
+    )
     assert "Sampler: DDIM" in info and "Size: 64x64" in info, info
     assert "[Layout-and-Retouch] retouch of 1 image(s)" in log, log[-3000:]
     assert pg.locator("#txt2img_gallery img").count() >= 1, "no image in the gallery"

@@ -6,24 +6,31 @@ Textual Inversion, batch 2, intermediates, an X/Y/Z sweep, bad inputs, interrupt
 trajectory read through Forge's σ-scaled DDIM. Each enabled run takes ≈ 30–60 s on a CPU here, so
 checks share runs where they can. Assertions are on what only a working run produces.
 """
+
 from __future__ import annotations
 
 import re
 
-import numpy as np
-
 import forge_checkpoints as FC
 import host_helpers as H
+import numpy as np
 
-SWITCH_LINE = re.compile(r"\[Layout-and-Retouch\] stage 1: switched to personalized UNet at step (\d+)")
-RETOUCH_LINE = re.compile(r"\[Layout-and-Retouch\] retouch of (\d+) image\(s\):[^\n]*reference (inverted|cached)")
+SWITCH_LINE = re.compile(
+    r"\[Layout-and-Retouch\] stage 1: switched to personalized UNet at step (\d+)"
+)
+RETOUCH_LINE = re.compile(
+    r"\[Layout-and-Retouch\] retouch of (\d+) image\(s\):[^\n]*reference (inverted|cached)"
+)
 
 
 def _xyz(webui, lr_args, label, values, **kw):
     choices = H.xyz_axis_choices(webui.url)
     assert label in choices, [c for c in choices if "L&R" in c]
     body = H.lr_body(lr_args, **kw)
-    body.update(script_name="x/y/z plot", script_args=H.xyz_args(choices.index(label), ",".join(map(str, values))))
+    body.update(
+        script_name="x/y/z plot",
+        script_args=H.xyz_args(choices.index(label), ",".join(map(str, values))),
+    )
     return H.txt2img(webui.url, body)
 
 
@@ -37,15 +44,21 @@ def test_forge_enabled_run_is_retouched_and_plain_stays_bit_identical(webui, lr,
     # the vanilla steps are s ≤ λ1: the personalized UNet takes step λ1+1, once
     assert [int(s) for s in SWITCH_LINE.findall(log)] == [4], log[-2000:]
     assert [n for n, _ in RETOUCH_LINE.findall(log)] == ["1"], log[-2000:]
-    assert "vanilla checkpoint's text encoder" in log, "stage 1 did not read y_p⁻ with the vanilla text encoder"
+    assert "vanilla checkpoint's text encoder" in log, (
+        "stage 1 did not read y_p⁻ with the vanilla text encoder"
+    )
     after = H.txt2img(webui.url, H.plain_body())
-    assert np.array_equal(after.image, plain_before.image), "something stayed patched after an enabled run"
+    assert np.array_equal(after.image, plain_before.image), (
+        "something stayed patched after an enabled run"
+    )
     assert not after.lr
 
     failed = H.txt2img(webui.url, H.lr_body(lr(concept_token="zzz")))  # token not in the prompt
     H.assert_error_names(failed, "concept_token", "concept token")
     after_fail = H.txt2img(webui.url, H.plain_body())
-    assert np.array_equal(after_fail.image, plain_before.image), "something stayed patched after a failed run"
+    assert np.array_equal(after_fail.image, plain_before.image), (
+        "something stayed patched after a failed run"
+    )
 
 
 def test_forge_vanilla_checkpoint_is_what_stage1_uses(webui, lr):
@@ -62,7 +75,9 @@ def test_forge_vanilla_checkpoint_is_what_stage1_uses(webui, lr):
 def test_forge_lora_mode_switches_the_lora_off_and_restores_it(webui, lr):
     prompt = f"a photo of sks dog in snow <lora:{FC.LORA}:1>"
     plain_lora = H.txt2img(webui.url, H.plain_body(prompt))
-    args = lr(personalization="lora", vanilla_checkpoint="", concept_token="sks", class_phrase="dog")
+    args = lr(
+        personalization="lora", vanilla_checkpoint="", concept_token="sks", class_phrase="dog"
+    )
     on = H.txt2img(webui.url, H.lr_body(args, prompt=prompt))
     lr_keys = H.assert_retouched(on)
     assert lr_keys.get("LR personalization") == "lora", lr_keys
@@ -72,7 +87,9 @@ def test_forge_lora_mode_switches_the_lora_off_and_restores_it(webui, lr):
     # and the vanilla steps really ran without it: λ1 = 0 (LoRA never off) gives another image
     never_off = H.txt2img(webui.url, H.lr_body(dict(args, lambda1=0), prompt=prompt))
     H.assert_retouched(never_off)
-    assert H.differs(never_off.image, on.image), "switching the LoRA off for stage 1 changed nothing"
+    assert H.differs(never_off.image, on.image), (
+        "switching the LoRA off for stage 1 changed nothing"
+    )
 
 
 def test_forge_lora_mode_without_a_lora_tag_is_refused(webui, lr):
@@ -82,8 +99,13 @@ def test_forge_lora_mode_without_a_lora_tag_is_refused(webui, lr):
 
 def test_forge_textual_inversion_mode(webui, lr):
     prompt = f"a photo of {FC.EMBEDDING} dog on the beach"
-    args = lr(personalization="textual_inversion", vanilla_checkpoint="", concept_token=FC.EMBEDDING,
-              class_phrase="dog", reference_prompt=f"a photo of {FC.EMBEDDING} dog")
+    args = lr(
+        personalization="textual_inversion",
+        vanilla_checkpoint="",
+        concept_token=FC.EMBEDDING,
+        class_phrase="dog",
+        reference_prompt=f"a photo of {FC.EMBEDDING} dog",
+    )
     on = H.txt2img(webui.url, H.lr_body(args, prompt=prompt))
     lr_keys = H.assert_retouched(on)
     assert lr_keys.get("LR personalization") == "textual_inversion", lr_keys
@@ -148,7 +170,9 @@ def test_forge_interrupt_mid_retouch_leaves_nothing_patched(webui, lr, plain_bef
     assert r.ok and r.images and r.lr, r.describe()
     assert "interrupted" in " ".join(H.lr_notes(r).values()), r.lr
     after = H.txt2img(webui.url, H.plain_body())
-    assert np.array_equal(after.image, plain_before.image), "something stayed patched after an interrupt"
+    assert np.array_equal(after.image, plain_before.image), (
+        "something stayed patched after an interrupt"
+    )
 
 
 def test_forge_img2img_and_inpaint_retouch_and_keep_the_outside(webui, lr):
@@ -167,9 +191,11 @@ def test_forge_img2img_and_inpaint_retouch_and_keep_the_outside(webui, lr):
     painted = H.img2img(webui.url, H.lr_img2img_body(lr(), mask=H.box_mask(box=box)))
     H.assert_retouched(painted)
     keep = np.ones((H.SIZE, H.SIZE), bool)
-    keep[box[1]:box[3], box[0]:box[2]] = False
+    keep[box[1] : box[3], box[0] : box[2]] = False
     source = np.asarray(H.input_rgb())
-    assert np.array_equal(painted.image[keep], source[keep]), "pixels outside the inpaint mask changed"
+    assert np.array_equal(painted.image[keep], source[keep]), (
+        "pixels outside the inpaint mask changed"
+    )
     assert H.differs(painted.image[~keep], source[~keep])
 
 

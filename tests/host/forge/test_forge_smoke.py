@@ -4,19 +4,21 @@ when disabled, and (xfail until the Forge adapter lands, issue 13) an enabled ru
 Each check asserts on what only a working run produces (pixels, infotext keys), never on HTTP 200
 alone. A 64×64, 8-step DDIM image takes seconds here (full-size SD1.5 weights, fp32 on the CPU).
 """
-from __future__ import annotations
 
-import numpy as np
+from __future__ import annotations
 
 import forge_checkpoints as FC
 import host_helpers as H
+import numpy as np
 
 
 def test_forge_plain_txt2img_is_a_deterministic_image_of_the_personal_model(webui, plain_before):
     img = plain_before.image
     assert img.shape == (H.SIZE, H.SIZE, 3), img.shape
     assert img.std() > 1.0, "a flat image: the random model gives no signal"
-    assert H.parse_infotext(plain_before.infotexts[0]).get("Model") == FC.PERSONAL, plain_before.describe()
+    assert H.parse_infotext(plain_before.infotexts[0]).get("Model") == FC.PERSONAL, (
+        plain_before.describe()
+    )
     again = H.txt2img(webui.url, H.plain_body())
     assert np.array_equal(again.image, img), "the same plain request gave another image"
 
@@ -68,9 +70,13 @@ def test_forge_enabled_dreambooth_run_retouches(webui, plain_before, lr):
 def test_forge_resources(webui, plain_before):
     """Start-up, seconds per image and peak RSS, printed (`pytest -s`) and bounded loosely."""
     r = H.txt2img(webui.url, H.plain_body())
-    lines = [f"Forge start-up to a ready API: {webui.started_s:.1f} s" if webui.started_s else "attached",
-             f"first generation (model load + 2 steps): {webui.warmup_s:.1f} s",
-             f"64x64, {H.STEPS} DDIM steps: {r.seconds:.1f} s"]
+    lines = [
+        f"Forge start-up to a ready API: {webui.started_s:.1f} s"
+        if webui.started_s
+        else "attached",
+        f"first generation (model load + 2 steps): {webui.warmup_s:.1f} s",
+        f"64x64, {H.STEPS} DDIM steps: {r.seconds:.1f} s",
+    ]
     if webui.pid:
         lines.append(f"RSS now {webui.rss_mib():.0f} MiB, peak {webui.rss_mib(peak=True):.0f} MiB")
         assert webui.rss_mib(peak=True) < 16 * 1024, "\n".join(lines)

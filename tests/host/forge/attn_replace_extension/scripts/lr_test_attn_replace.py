@@ -2,6 +2,7 @@
 contains `attnreplace`, it replaces one self-attention layer of the UNet through Forge's
 `set_model_attn1_replace` — as IP-Adapter-style extensions do — with plain attention. The Forge tier
 checks that Layout-and-Retouch then refuses, naming the conflict, instead of editing nothing."""
+
 from modules import scripts
 
 TRIGGER = "attnreplace"
