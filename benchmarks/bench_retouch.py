@@ -64,6 +64,7 @@ from lib_layout_retouch.attention import (  # noqa: E402
     TARGET,
     RetouchAttention,
     RowPlan,
+    StepState,
     patched_attention,
 )
 from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
@@ -631,10 +632,11 @@ def hook_overhead(
     t = torch.full((rows,), 501, device=device, dtype=torch.long)
     table = layer_table_for(model.unet)
     editor = RetouchAttention(table, subject_tokens=[2, 3], latent_hw=latent_hw)
+    layer_masks = None
     if blend:
         m = torch.rand(n, *latent_hw, generator=g).to(device)
-        editor.masks = lr_masks.LayerMasks(m, latent_hw)
-    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=blend, record_maps=False)
+        layer_masks = lr_masks.LayerMasks(m, latent_hw)
+    editor.begin_step(StepState(plan, paint_identity=True, blend=blend, masks=layer_masks))
 
     def timed(fn) -> float:
         clock.sync()
