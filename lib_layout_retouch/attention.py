@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import LayerTable, attention_modules, is_self_attention
-from .masks import LayerMasks
-from .masks import _layer_hw as layer_hw
+from .masks import LayerMasks, layer_hw
 
 REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
 UNCOND, COND = "uncond", "cond"
