@@ -64,6 +64,7 @@ from lib_layout_retouch.attention import (  # noqa: E402
     TARGET,
     RetouchAttention,
     RowPlan,
+    StepState,
     patched_attention,
 )
 from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
@@ -631,10 +632,11 @@ def hook_overhead(
     t = torch.full((rows,), 501, device=device, dtype=torch.long)
     table = layer_table_for(model.unet)
     editor = RetouchAttention(table, subject_tokens=[2, 3], latent_hw=latent_hw)
+    layer_masks = None
     if blend:
         m = torch.rand(n, *latent_hw, generator=g).to(device)
-        editor.masks = lr_masks.LayerMasks(m, latent_hw)
-    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=blend, record_maps=False)
+        layer_masks = lr_masks.LayerMasks(m, latent_hw)
+    editor.begin_step(StepState(plan, paint_identity=True, blend=blend, masks=layer_masks))
 
     def timed(fn) -> float:
         clock.sync()
@@ -1229,7 +1231,16 @@ def profile_once(fn, device: torch.device, top: int = 25) -> dict:
     return {"sort": sort, "top": rows, "table": table}
 
 
+FLUX_CONFIGS = ("tiny-flux", "flux")  # benchmarks/bench_flux.py (a DiT, not an ldm UNet)
+
+
 def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"), None)
+    if config in FLUX_CONFIGS or any(a in (f"--config={c}" for c in FLUX_CONFIGS) for a in argv):
+        from benchmarks.bench_flux import main as flux_main
+
+        return flux_main(argv)
     args = parse_args(argv)
     res = run(args)
     if args.forward_only:

@@ -33,14 +33,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from lib_layout_retouch import conditioning as C  # noqa: E402
 from lib_layout_retouch import flow  # noqa: E402
 from lib_layout_retouch import pipeline as pl  # noqa: E402
-from lib_layout_retouch.attention import COND, LAYOUT, REFERENCE, TARGET, RowPlan  # noqa: E402
+from lib_layout_retouch.attention import (  # noqa: E402
+    COND,
+    LAYOUT,
+    REFERENCE,
+    TARGET,
+    RowPlan,
+    StepState,
+)
 from lib_layout_retouch.dit_attention import (  # noqa: E402
     SHARED,
     SHIFTED,
+    DiTProcessor,
     DiTRetouchAttention,
     layer_table_for_dit,
     patched_blocks,
 )
+from lib_layout_retouch.flux_model import FluxFamily  # noqa: E402
 from lib_layout_retouch.layers import LayerTable  # noqa: E402
 from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
 from lib_layout_retouch.schedule import Schedule  # noqa: E402
@@ -49,33 +58,55 @@ from tests.tiny_flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: 
 from tests.tiny_models import make_tiny_clip_folder  # noqa: E402
 
 
-class Recording(DiTRetouchAttention):
-    """Records, per paint, the target image queries' attention over their keys."""
+class Recording:
+    """While in use, records per paint the target image queries' attention over their keys."""
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+    def __init__(self):
         self.probs = []
 
-    def _paint(self, name, at, q, k, v, k_plain, out, n_txt):
-        super()._paint(name, at, q, k, v, k_plain, out, n_txt)
-        for half, rows in at.target_rows:
-            kr, _ = self._reference_kv(name, half, q, k, v, k_plain, n_txt)
-            keys = [k[rows, :, :n_txt], kr.expand(rows.stop - rows.start, -1, -1, -1)]
-            if self.with_target_tokens:
-                keys.append(k[rows, :, n_txt:])
-            qi = q[rows, :, n_txt:].float()
-            p = (qi @ torch.cat(keys, 2).float().transpose(-1, -2) * qi.shape[-1] ** -0.5).softmax(
-                -1
-            )
-            self.probs.append((name, n_txt, p))
+    def __enter__(self):
+        real = self.real = DiTProcessor.paint
+        probs = self.probs
+
+        def paint(proc, state, at, results, q, k, v, k_plain, out, n_txt):
+            real(proc, state, at, results, q, k, v, k_plain, out, n_txt)
+            for half, rows in at.target_rows:
+                kr, _ = proc.reference_kv(state, half, q, k, v, k_plain, n_txt)
+                keys = [k[rows, :, :n_txt], kr.expand(rows.stop - rows.start, -1, -1, -1)]
+                if proc.options.with_target_tokens:
+                    keys.append(k[rows, :, n_txt:])
+                qi = q[rows, :, n_txt:].float()
+                logits = qi @ torch.cat(keys, 2).float().transpose(-1, -2) * qi.shape[-1] ** -0.5
+                probs.append((proc.name, n_txt, logits.softmax(-1)))
+
+        DiTProcessor.paint = paint
+        return self
+
+    def __exit__(self, *exc):
+        DiTProcessor.paint = self.real
 
 
 def one_paint_call(model, editor, z_ref, z_t, conds, sigma=0.6):
     plan = RowPlan.build([(REFERENCE, 1), (LAYOUT, 1), (TARGET, 1)], halves=(COND,))
     cond = C.cat([conds.reference, conds.layout, conds.target])
-    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False)
+    editor.begin_step(StepState(plan, paint_identity=True))
     with patched_blocks(model.transformer, editor), torch.no_grad():
         return model.velocity(torch.cat([z_ref, z_t, z_t]), sigma, cond)
+
+
+def retouch(model, ref, layout, conds, subject, lambda2, with_target_tokens=False):
+    model.retouch_family = FluxFamily(model, with_target_tokens=with_target_tokens)
+    return pl.retouch(
+        model,
+        reference_latent=ref,
+        layout_latents=layout,
+        conds=conds,
+        subject_tokens=subject,
+        settings=pl.RetouchSettings(
+            schedule=Schedule.for_steps(8, lambda1=1, lambda2=lambda2, mask_start=9, scale=False),
+            guidance_scale=1.0,
+        ),
+    )
 
 
 def main() -> None:
@@ -129,12 +160,13 @@ def main() -> None:
     n_img = (hw[0] // 2) * (hw[1] // 2)
     rope = {}
     for mode in (SHARED, SHIFTED):
-        ed = Recording(
+        ed = DiTRetouchAttention(
             table, subject, hw, rope_of=model.transformer.pe_embedder, reference_rope=mode
         )
-        one_paint_call(model, ed, layout, layout, conds)
+        with Recording() as rec:
+            one_paint_call(model, ed, layout, layout, conds)
         diag = []
-        for _name, n_txt, p in ed.probs:
+        for _name, n_txt, p in rec.probs:
             pr = p[..., n_txt : n_txt + n_img]  # (1, H, n, n) over the reference tokens
             pr = pr / pr.sum(-1, keepdim=True)
             diag.append(pr.diagonal(dim1=-2, dim2=-1).mean().item())
@@ -149,7 +181,7 @@ def main() -> None:
     # 16/56/56, 64×64 tokens = 1024²): every query and key is one RMS-normed vector u, so RoPE alone
     # decides where the target's attention over the reference tokens goes.
     from lib_layout_retouch.dit_attention import apply_rope
-    from lib_layout_retouch.flux_model import image_ids
+    from lib_layout_retouch.dit_tokens import image_ids
     from tests.tiny_flux import EmbedND
 
     geometry = {}
@@ -182,38 +214,18 @@ def main() -> None:
     # 3. own image tokens among the keys
     own = {}
     for with_target in (False, True):
-        ed = Recording(
+        ed = DiTRetouchAttention(
             table,
             subject,
             hw,
             rope_of=model.transformer.pe_embedder,
             with_target_tokens=with_target,
         )
-        one_paint_call(model, ed, ref, layout, conds)
-        share = [p[..., n_txt : n_txt + n_img].sum(-1).mean().item() for _n, n_txt, p in ed.probs]
-        res = pl.retouch(
-            model,
-            reference_latent=ref,
-            layout_latents=layout,
-            conds=conds,
-            subject_tokens=subject,
-            settings=pl.RetouchSettings(
-                schedule=Schedule.for_steps(8, lambda1=1, lambda2=2, mask_start=9, scale=False),
-                guidance_scale=1.0,
-                reference_with_target_tokens=with_target,
-            ),
-        )
-        ref_res = pl.retouch(
-            model,
-            reference_latent=ref,
-            layout_latents=layout,
-            conds=conds,
-            subject_tokens=subject,
-            settings=pl.RetouchSettings(
-                schedule=Schedule.for_steps(8, lambda1=1, lambda2=8, mask_start=9, scale=False),
-                guidance_scale=1.0,
-            ),
-        )  # λ2 = T: the layout's own regeneration
+        with Recording() as rec:
+            one_paint_call(model, ed, ref, layout, conds)
+        share = [p[..., n_txt : n_txt + n_img].sum(-1).mean().item() for _n, n_txt, p in rec.probs]
+        res = retouch(model, ref, layout, conds, subject, 2, with_target)
+        ref_res = retouch(model, ref, layout, conds, subject, 8)  # λ2 = T: the layout regenerated
         moved = ((res.latents - ref_res.latents).norm() / ref_res.latents.norm()).item()
         own[str(with_target)] = dict(
             reference_attention_share=sum(share) / len(share), moved_from_layout=moved

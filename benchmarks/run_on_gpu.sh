@@ -35,6 +35,11 @@ if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.tot
 
 args=(--config sd15 --device cuda --dtype fp16 --profile)
 "$PY" benchmarks/bench_retouch.py "${args[@]}" "$@" 2>&1 | tee "${OUT:-/tmp}/bench_log.txt"
+# Flux.1 (full-size random architecture, 1024², bf16; ~24 GiB of weights): LR_BENCH_FLUX=1
+if [ "${LR_BENCH_FLUX:-0}" = 1 ]; then
+  "$PY" benchmarks/bench_retouch.py --config flux --device cuda --dtype bf16 --steps 28 \
+    --out benchmarks/results/flux-cuda.json 2>&1 | tee "${OUT:-/tmp}/bench_flux_log.txt"
+fi
 # The device tool returns what lies under $OUT.
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/*.json benchmarks/results/*.profile.txt "$OUT"/ 2>/dev/null || true

@@ -12,7 +12,9 @@ lives in one module here:
 - `checks`    what is refused (or noted) before any compute;
 - `vanilla`   DreamBooth's vanilla UNet and text encoder, loaded once and cached;
 - `stage1`    the per-step switch of prompt / UNet / LoRA from the CFG-denoiser callback;
-- `stage2`    the retouch of the stage-1 latents, and the wrapper of this generation's `p.sample`;
+- `run`       one enabled generation's state, kept on `p`;
+- `sampling`  the wrapper of this generation's `p.sample` (stage 1 inside it, then stage 2);
+- `stage2`    the retouch of the stage-1 latents;
 - `xyz`       the X/Y/Z plot axes.
 
 The algorithm itself is `lib_layout_retouch`, which imports nothing from any WebUI.

@@ -12,7 +12,7 @@ from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams
 
-from .settings import opt
+from .options import opt
 
 logger = logs.attach_console()
 

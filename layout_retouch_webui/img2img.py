@@ -21,7 +21,7 @@ from __future__ import annotations
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.schedule import img2img_steps
 
-from .settings import opt
+from .options import opt
 
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # p.inpainting_fill 0…3
 SOFT_INPAINTING_TITLE = "soft inpainting"

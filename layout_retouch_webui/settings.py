@@ -11,13 +11,10 @@ from lib_layout_retouch.params import NO_SAM
 from lib_layout_retouch.segmentation import find_sam_checkpoints
 
 from . import hosts
+from .options import opt  # noqa: F401  (re-exported: the UI reads options through settings)
 
 TITLE = "Layout-and-Retouch"
 EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def opt(name: str, default):
-    return getattr(shared.opts, name, default) if hasattr(shared, "opts") else default
 
 
 def sam_folders() -> list[str]:

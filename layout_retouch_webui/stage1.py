@@ -17,7 +17,7 @@ from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
 
 from . import run as lr_run
-from .settings import opt
+from .options import opt
 from .vanilla import VANILLA_TEXT_ENCODERS, VANILLA_UNETS
 
 logger = logs.attach_console()

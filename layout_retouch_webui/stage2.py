@@ -22,7 +22,8 @@ from lib_layout_retouch.prompts import (
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 
 from . import img2img
-from .settings import opt, sam_folders
+from .options import opt
+from .settings import sam_folders
 
 logger = logs.attach_console()
 

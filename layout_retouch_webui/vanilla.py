@@ -19,7 +19,7 @@ from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.model import unet_family
 
 from . import hosts
-from .settings import opt
+from .options import opt
 
 logger = logs.attach_console()
 UNET_PREFIX = "model.diffusion_model."

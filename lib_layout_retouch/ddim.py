@@ -123,3 +123,40 @@ def sample(
 def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+@dataclass(frozen=True)
+class DDIMSampler:
+    """DDIM for ε-prediction models, as the retouch loop's sampler (`family.Sampler`)."""
+
+    schedule: DDIMSchedule
+
+    @classmethod
+    def for_model(cls, model, steps: int) -> "DDIMSampler":
+        """Over the model's `alphas_cumprod`; the model answers `eps(x, t, cond)`."""
+        return cls(DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps))
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    def time_of_step(self, s: int) -> int:
+        return self.schedule.timestep_of_step(s)
+
+    def level_before_step(self, s: int) -> int:
+        return self.schedule.level_before_step(s)
+
+    def predict(self, model, x: torch.Tensor, t: int, cond) -> torch.Tensor:
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return model.eps(x, tt, cond)
+
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        return cfg_combine(uncond, cond, scale)
+
+    def step(self, x: torch.Tensor, prediction: torch.Tensor, s: int) -> torch.Tensor:
+        return denoise_step(self.schedule, x, prediction, s)
+
+    def invert(
+        self, predict: EpsFn, z0: torch.Tensor, callback: Optional[StepCallback] = None
+    ) -> list[torch.Tensor]:
+        return invert(predict, z0, self.schedule, callback=callback)

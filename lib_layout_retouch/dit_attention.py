@@ -28,6 +28,7 @@ block's own forward runs, untouched.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
@@ -37,12 +38,15 @@ from .attention import (
     COND,
     LAYOUT,
     REFERENCE,
-    TARGET,
     AttentionAlreadyPatched,
-    RowPlan,
+    LayerRoles,
+    RetouchAttention,
+    RetouchProcessor,
+    StepResults,
+    StepState,
 )
+from .dit_tokens import image_ids, token_grid
 from .errors import LayoutRetouchError
-from .flux_model import image_ids, token_grid
 from .layers import PRESETS, LayerTable
 
 DOUBLE, SINGLE = "double_blocks", "single_blocks"
@@ -243,6 +247,8 @@ def layer_table_for_dit(transformer: torch.nn.Module, preset: str = "standard") 
 
 # -- the editor --------------------------------------------------------------------------------------
 class _BlockStep(NamedTuple):
+    """What a processor does at its block in the current call (its roles × the step state)."""
+
     target_rows: list
     copy_layout: bool
     reference: bool
@@ -252,12 +258,137 @@ class _BlockStep(NamedTuple):
     acts: bool
 
 
-class DiTRetouchAttention:
-    """The retouch editor for a joint-attention DiT, driven per step like `attention.RetouchAttention`
-    (same `begin_step`, `masks`, `record_maps`, `store`, `subject_maps`), addressed by block name.
+@dataclass
+class DiTOptions:
+    """The DiT family's choices (docs/ALGORITHM.md, "DiT (Flux)"), shared by every block's processor."""
 
-    `rope_of(ids)`: the transformer's own rotary embedder (`pe_embedder`), for shifted reference
-    positions. `latent_hw`: the latent's size (the image tokens are its 2×2 patches)."""
+    grid: tuple[int, int]  # the image-token grid
+    rope_of: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # the model's pe_embedder
+    reference_rope: str = SHIFTED
+    with_target_tokens: bool = False
+    _shifted: dict = field(default_factory=dict, repr=False)
+
+    def shifted_pe(self, device) -> torch.Tensor:
+        """Rotary embedding of the image grid moved right by its width (the reference sits beside
+        the target, as OminiControl places subject conditions), (1, 1, n, D/2, 2, 2)."""
+        pe = self._shifted.get(device)
+        if pe is None:
+            ids = image_ids(self.grid, col_offset=self.grid[1], device=device)
+            pe = self._shifted[device] = self.rope_of(ids)
+        return pe
+
+
+class DiTProcessor(RetouchProcessor):
+    """The retouch at ONE joint-attention block (the `RetouchProcessor` of the DiT family): the
+    block's Q, K, V over [text tokens ; image tokens] come in from the block's own projections and
+    QK-norm (`double_block` / `single_block`), the edits of the step state are applied, and the
+    attention output (B, L, H·D) goes back into the block."""
+
+    def __init__(self, roles: LayerRoles, n_references: int, options: DiTOptions):
+        super().__init__(roles, n_references)
+        self.options = options
+
+    def at_layer(self, state: StepState) -> _BlockStep:
+        """A joint-attention block has no self/cross split: its roles × the step state."""
+        plan, roles = state.plan, self.roles
+        target_rows = plan.target_rows()
+        copy_here = state.copy_layout and roles.copies_layout
+        ref_here = state.paint_identity and roles.reference
+        blend_here = state.blend and roles.blend and state.masks is not None
+        maps_here = state.record_maps and roles.mask and plan.get(LAYOUT, COND) is not None
+        needs = copy_here or ref_here or blend_here
+        stores = state.keep_sources and needs and plan.has_sources()
+        acts = (bool(target_rows) and needs) or maps_here or stores
+        return _BlockStep(target_rows, copy_here, ref_here, blend_here, maps_here, stores, acts)
+
+    def joint(self, state: StepState, at: _BlockStep, results: StepResults, q, k, v, pe, n_txt):
+        """The block's joint attention in this call (q, k, v: (B, H, L, D) before RoPE)."""
+        k_plain = k  # before the rotary embedding: the reference's keys may get other positions
+        q, k = apply_rope(q, pe), apply_rope(k, pe)
+        if at.copy_layout:  # s ≤ λ2: the whole joint sequence of the target ← the layout's
+            v = v.clone()  # a view of the block's qkv projection
+            for half, rows in at.target_rows:
+                src = self.source(state, LAYOUT, half, q, k, v)
+                q[rows], k[rows], v[rows] = src[0], src[1], src[2]
+        if at.record_maps:
+            self.record_joint_maps(state, results, q, k, n_txt)
+        out = F.scaled_dot_product_attention(q, k, v)
+        if at.reference:  # s > λ2: target image queries → [own text ; reference image] K/V
+            self.paint(state, at, results, q, k, v, k_plain, out, n_txt)
+        if at.blend:  # s ≥ mask start: φ* = M⊙φ_t + (1−M)⊙φ_o on the image tokens
+            self.blend_image_tokens(state, at, q, k, v, out, n_txt)
+        if at.stores:
+            self.keep_joint_sources(state, results, q, k, v, out, k_plain, n_txt)
+        return merge_heads(out)
+
+    def reference_kv(self, state: StepState, half, q, k, v, k_plain, n_txt):
+        """The reference rows' image-token K (with the chosen positions) and V, (R, H, n, D)."""
+        rows = state.plan.get(REFERENCE, half)
+        if rows is None:
+            _, kr, vr, _ = self.source(state, REFERENCE, half, q, k, v)
+            return kr, vr
+        if self.options.reference_rope == SHIFTED:
+            kr = apply_rope(k_plain[rows, :, n_txt:], self.options.shifted_pe(k.device))
+        else:
+            kr = k[rows, :, n_txt:]
+        return kr, v[rows, :, n_txt:]
+
+    def paint(self, state, at, results, q, k, v, k_plain, out, n_txt) -> None:
+        for half, rows in at.target_rows:
+            kr, vr = self.reference_kv(state, half, q, k, v, k_plain, n_txt)
+            if results.captured is not None and state.plan.get(REFERENCE, half) is not None:
+                results.captured[(self.name, REFERENCE, half)] = (
+                    None,
+                    kr.clone(),
+                    vr.clone(),
+                    None,
+                )
+            n = rows.stop - rows.start
+            heads, d = kr.shape[1], kr.shape[3]
+            # several references: all their image tokens side by side, (R, H, n, D) → (1, H, R·n, D)
+            kr = kr.transpose(0, 1).reshape(1, heads, -1, d).expand(n, -1, -1, -1)
+            vr = vr.transpose(0, 1).reshape(1, heads, -1, d).expand(n, -1, -1, -1)
+            keys, values = [k[rows, :, :n_txt], kr], [v[rows, :, :n_txt], vr]
+            if self.options.with_target_tokens:
+                keys.append(k[rows, :, n_txt:])
+                values.append(v[rows, :, n_txt:])
+            out[rows, :, n_txt:] = F.scaled_dot_product_attention(
+                q[rows, :, n_txt:], torch.cat(keys, 2), torch.cat(values, 2)
+            )
+
+    def blend_image_tokens(self, state, at, q, k, v, out, n_txt) -> None:
+        n_img = out.shape[2] - n_txt
+        w = state.masks.for_tokens(n_img, out.dtype, complement=True).unsqueeze(1)  # (N,1,n,1)
+        for half, rows in at.target_rows:
+            phi_o = self.source(state, LAYOUT, half, q, k, v, out=out)[3][:, :, n_txt:]
+            out[rows, :, n_txt:] = out[rows, :, n_txt:].lerp(phi_o, w)
+
+    def keep_joint_sources(self, state, results, q, k, v, out, k_plain, n_txt) -> None:
+        for (path, half), rows in state.plan.slices.items():
+            if path == LAYOUT:
+                results.kept[(self.name, path, half)] = (q[rows], k[rows], v[rows], out[rows])
+            elif path == REFERENCE:
+                kr, vr = self.reference_kv(state, half, q, k, v, k_plain, n_txt)
+                results.kept[(self.name, path, half)] = (None, kr, vr, None)
+
+    def record_joint_maps(self, state, results: StepResults, q, k, n_txt: int) -> None:
+        """The layout's image→text attention, softmax over the text keys (a UNet cross-attention
+        map): (N, H, image tokens, text tokens) to `StepResults.record_maps`."""
+        tokens = results.subject_tokens
+        if tokens and max(tokens) >= n_txt:
+            raise LayoutRetouchError(
+                f"subject token {max(tokens)} lies past the {n_txt} T5 tokens",
+                parameter="class_phrase",
+            )
+        rows = state.plan.get(LAYOUT, COND)
+        qi, kt = q[rows, :, n_txt:].float(), k[rows, :, :n_txt].float()
+        results.record_maps((qi @ kt.transpose(-1, -2) * qi.shape[-1] ** -0.5).softmax(-1))
+
+
+class DiTRetouchAttention(RetouchAttention):
+    """The retouch editor of a joint-attention DiT: the same contract as the UNet's
+    (`begin_step(StepState)`, `subject_maps()`, `kept_sources()`, `captured_reference()`), one
+    `DiTProcessor` per block, called as a block editor (`patched_blocks`)."""
 
     def __init__(
         self,
@@ -274,200 +405,38 @@ class DiTRetouchAttention:
             raise ValueError(f"reference_rope must be one of {ROPE_MODES}, got {reference_rope!r}")
         if reference_rope == SHIFTED and rope_of is None:
             raise ValueError("shifted reference positions need the transformer's rope (rope_of)")
-        self.layers = layers
-        self.subject_tokens = list(subject_tokens)
-        self.latent_hw = tuple(latent_hw)
-        self.grid = token_grid(latent_hw)
-        self.n_references = int(n_references)
-        self.rope_of = rope_of
-        self.reference_rope = reference_rope
-        self.with_target_tokens = bool(with_target_tokens)
-        self.plan: Optional[RowPlan] = None
-        self.copy_layout = self.paint_identity = self.blend = self.record_maps = False
-        self.masks = None
-        self.map_sum: Optional[torch.Tensor] = None
-        self.map_count = 0
-        self.store: dict = {}
-        self.store_sources = False
-        self.capture_reference: Optional[dict] = None
+        options = DiTOptions(token_grid(latent_hw), rope_of, reference_rope, with_target_tokens)
+        super().__init__(
+            layers,
+            subject_tokens,
+            latent_hw,
+            n_references,
+            processor=lambda roles, n: DiTProcessor(roles, n, options),
+        )
+        self.options = options
         self.n_txt: Optional[int] = None  # text tokens of the current call (read at a double block)
-        self._shifted_pe: dict = {}
-        self._reference = set(layers.reference_layers)
-        self._mask = set(layers.mask_layers)
-        self._blend = set(layers.blend_layers)
 
-    def begin_step(
-        self,
-        plan: RowPlan,
-        *,
-        copy_layout: bool,
-        paint_identity: bool,
-        blend: bool,
-        record_maps: bool,
-        keep_store: bool = False,
-        sources: Optional[dict] = None,
-    ) -> None:
-        self.plan = plan
-        self.copy_layout, self.paint_identity = copy_layout, paint_identity
-        self.blend, self.record_maps = blend, record_maps
-        if not keep_store:
-            self.store.clear()
-        if sources:
-            self.store.update(sources)
-
-    def subject_maps(self) -> Optional[torch.Tensor]:
-        if self.map_sum is None or self.map_count == 0:
-            return None
-        return self.map_sum / self.map_count
-
-    # -- called by every block ------------------------------------------------------------------
     def __call__(self, name, block, args, kwargs, original):
+        """One block's forward in the current call."""
         kind = DOUBLE if name.startswith(DOUBLE) else SINGLE
         if kind == DOUBLE:
             txt = args[1] if len(args) > 1 else kwargs.get("txt")
             if txt is not None:
                 self.n_txt = txt.shape[1]
-        if self.plan is None:
+        state = self._state
+        if state is None:
             return original(*args, **kwargs)
-        at = self._at_block(name)
+        proc = self.processor(name)
+        at = proc.at_layer(state)
         if not at.acts:
             return original(*args, **kwargs)
         b = _bind(kind, args, kwargs)
 
         def attend(q, k, v, pe, n_txt):
-            return self.attend(name, at, q, k, v, pe, n_txt)
+            return proc.joint(state, at, self._results, q, k, v, pe, n_txt)
 
         if kind == DOUBLE:
             return double_block(block, b["img"], b["txt"], b["vec"], b["pe"], attend)
         if self.n_txt is None:
             raise RuntimeError(f"{name}: no double block told the text length of this call")
         return single_block(block, b["x"], b["vec"], b["pe"], self.n_txt, attend)
-
-    def _at_block(self, name: str) -> _BlockStep:
-        plan = self.plan
-        target_rows = [
-            (h, plan.get(TARGET, h)) for h in plan.halves() if plan.get(TARGET, h) is not None
-        ]
-        copy_here = self.copy_layout and self.layers.copies_layout_at(name)
-        ref_here = self.paint_identity and name in self._reference
-        blend_here = self.blend and name in self._blend and self.masks is not None
-        maps_here = self.record_maps and name in self._mask and plan.get(LAYOUT, COND) is not None
-        needs = copy_here or ref_here or blend_here
-        stores = self.store_sources and needs and any(p != TARGET for p, _ in plan.slices)
-        return _BlockStep(
-            target_rows,
-            copy_here,
-            ref_here,
-            blend_here,
-            maps_here,
-            stores,
-            acts=(bool(target_rows) and needs) or maps_here or stores,
-        )
-
-    def attend(self, name, at: _BlockStep, q, k, v, pe, n_txt):
-        """The joint attention of one block in the retouch step; returns (B, L, H·D)."""
-        k_plain = k  # before the rotary embedding: the reference's keys get their own positions
-        q, k = apply_rope(q, pe), apply_rope(k, pe)
-        if at.copy_layout:  # s ≤ λ2: the whole joint sequence of the target ← the layout's
-            v = v.clone()  # a view of the block's qkv projection
-            for half, rows in at.target_rows:
-                src = self._source(name, LAYOUT, half, q, k, v)
-                q[rows], k[rows], v[rows] = src[0], src[1], src[2]
-        if at.record_maps:
-            self._record_maps(q, k, self.plan.get(LAYOUT, COND), n_txt)
-        out = F.scaled_dot_product_attention(q, k, v)
-        if at.reference:  # s > λ2: target image queries → [own text ; reference image] K/V
-            self._paint(name, at, q, k, v, k_plain, out, n_txt)
-        if at.blend:  # s ≥ mask start: φ* = M⊙φ_t + (1−M)⊙φ_o on the image tokens
-            self._blend_with_layout(name, at, q, k, v, out, n_txt)
-        if at.stores:
-            self._keep_sources(name, q, k, v, out, k_plain, n_txt)
-        return merge_heads(out)
-
-    # -- the steps of attend --------------------------------------------------------------------
-    def _reference_kv(self, name, half, q, k, v, k_plain, n_txt):
-        """The reference rows' image-token K (with the chosen positions) and V, (R, H, n, D)."""
-        rows = self.plan.get(REFERENCE, half)
-        if rows is None:
-            src = self.store.get((name, REFERENCE, half))
-            if src is None:
-                raise RuntimeError(f"reference path ({half}) missing for {name} at this step")
-            return src[1], src[2]
-        if self.reference_rope == SHIFTED:
-            kr = apply_rope(k_plain[rows, :, n_txt:], self._shifted(k.device))
-        else:
-            kr = k[rows, :, n_txt:]
-        return kr, v[rows, :, n_txt:]
-
-    def _shifted(self, device) -> torch.Tensor:
-        """Rotary embedding of the image grid moved right by its width (the reference sits beside
-        the target, as OminiControl / FreeCus place condition tokens), (1, 1, n, D/2, 2, 2)."""
-        pe = self._shifted_pe.get(device)
-        if pe is None:
-            ids = image_ids(self.grid, col_offset=self.grid[1], device=device)
-            pe = self._shifted_pe[device] = self.rope_of(ids)
-        return pe
-
-    def _paint(self, name, at, q, k, v, k_plain, out, n_txt):
-        for half, rows in at.target_rows:
-            kr, vr = self._reference_kv(name, half, q, k, v, k_plain, n_txt)
-            if self.capture_reference is not None and self.plan.get(REFERENCE, half) is not None:
-                self.capture_reference[(name, REFERENCE, half)] = (
-                    None,
-                    kr.clone(),
-                    vr.clone(),
-                    None,
-                )
-            n = rows.stop - rows.start
-            heads, d = kr.shape[1], kr.shape[3]
-            kr = kr.transpose(0, 1).reshape(1, heads, -1, d).expand(n, -1, -1, -1)
-            vr = vr.transpose(0, 1).reshape(1, heads, -1, d).expand(n, -1, -1, -1)
-            keys = [k[rows, :, :n_txt], kr]
-            values = [v[rows, :, :n_txt], vr]
-            if self.with_target_tokens:
-                keys.append(k[rows, :, n_txt:])
-                values.append(v[rows, :, n_txt:])
-            out[rows, :, n_txt:] = F.scaled_dot_product_attention(
-                q[rows, :, n_txt:], torch.cat(keys, 2), torch.cat(values, 2)
-            )
-
-    def _blend_with_layout(self, name, at, q, k, v, out, n_txt):
-        n_img = out.shape[2] - n_txt
-        w = self.masks.for_tokens(n_img, out.dtype, complement=True).unsqueeze(1)  # (N,1,n,1)
-        for half, rows in at.target_rows:
-            phi_o = self._source(name, LAYOUT, half, q, k, v, out=out)[3][:, :, n_txt:]
-            out[rows, :, n_txt:] = out[rows, :, n_txt:].lerp(phi_o, w)
-
-    def _source(self, name, path, half, q, k, v, out=None):
-        rows = self.plan.get(path, half)
-        if rows is not None:
-            return (q[rows], k[rows], v[rows], None if out is None else out[rows])
-        try:
-            return self.store[(name, path, half)]
-        except KeyError:
-            raise RuntimeError(f"{path} path ({half}) missing for {name} at this step") from None
-
-    def _keep_sources(self, name, q, k, v, out, k_plain, n_txt):
-        for (path, half), rows in self.plan.slices.items():
-            if path == LAYOUT:
-                self.store[(name, path, half)] = (q[rows], k[rows], v[rows], out[rows])
-            elif path == REFERENCE:
-                kr, vr = self._reference_kv(name, half, q, k, v, k_plain, n_txt)
-                self.store[(name, path, half)] = (None, kr, vr, None)
-
-    def _record_maps(self, q, k, rows: slice, n_txt: int) -> None:
-        """The layout's image→text attention of the subject tokens, softmax over the text keys
-        (a UNet cross-attention map), mean over heads and subject tokens → (N, rows, cols)."""
-        if self.subject_tokens and max(self.subject_tokens) >= n_txt:
-            raise LayoutRetouchError(
-                f"subject token {max(self.subject_tokens)} lies past the {n_txt} T5 tokens",
-                parameter="class_phrase",
-            )
-        qi, kt = q[rows, :, n_txt:].float(), k[rows, :, :n_txt].float()
-        probs = (qi @ kt.transpose(-1, -2) * qi.shape[-1] ** -0.5).softmax(-1)  # (N, H, n, txt)
-        idx = torch.tensor(self.subject_tokens, dtype=torch.long, device=probs.device)
-        maps = probs.index_select(-1, idx).mean(dim=(1, 3)).reshape(-1, *self.grid)
-        if self.map_sum is None or self.map_sum.shape != maps.shape:
-            self.map_sum, self.map_count = torch.zeros_like(maps), 0
-        self.map_sum += maps
-        self.map_count += 1

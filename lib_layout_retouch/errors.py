@@ -7,6 +7,8 @@ parameter at fault so the WebUI/API can point at it. Anything else escaping the 
 
 from __future__ import annotations
 
+import math
+
 
 class LayoutRetouchError(ValueError):
     """A problem the user can fix. `str(err)` is written for a person."""
@@ -25,3 +27,34 @@ class Interrupted(Exception):
 
     Not a user error: the caller asked us to stop. Every patch is restored before it propagates.
     """
+
+
+def check_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float | None = None,
+    *,
+    exclusive: bool = False,
+    symbol: str = "",
+    meaning: str = "",
+    fix: str = "",
+) -> float:
+    """`value`, or a LayoutRetouchError naming the parameter, its meaning and its range (`high`
+    None: `low` or more; `exclusive`: both ends excluded)."""
+    ok = (
+        not math.isnan(value)
+        and (value > low if exclusive else value >= low)
+        and (high is None or (value < high if exclusive else value <= high))
+    )
+    if ok:
+        return value
+    if high is None:
+        rule = f"{low:g} or more"
+    else:
+        rule = f"between {low:g} and {high:g}" + (" (exclusive)" if exclusive else "")
+    raise LayoutRetouchError(
+        f"{name} ({symbol + ', ' if symbol else ''}{meaning}) is {value} "
+        f"but must be {rule}" + (f": {fix}" if fix else ""),
+        parameter=name,
+    )

@@ -197,6 +197,60 @@ def reconstruction_error(
     return float((back.double() - z0.double()).norm() / z0.double().norm())
 
 
+class FlowSampler:
+    """The retouch loop's sampler (family.Sampler) for a velocity model over a FlowSchedule:
+    Euler steps (one model call per step); inversion with the same solver."""
+
+    solver = EULER
+
+    def __init__(self, schedule: FlowSchedule):
+        self.schedule = schedule
+
+    @property
+    def steps(self) -> int:
+        return self.schedule.steps
+
+    def time_of_step(self, s: int) -> float:
+        return self.schedule.sigma_of_step(s)
+
+    def level_before_step(self, s: int) -> int:
+        return self.schedule.level_before_step(s)
+
+    def predict(self, model, x: torch.Tensor, sigma: float, cond) -> torch.Tensor:
+        return model.velocity(x, sigma, cond)
+
+    def guide(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+        return cfg_combine(uncond, cond, scale)
+
+    def step(self, x: torch.Tensor, velocity: torch.Tensor, s: int) -> torch.Tensor:
+        hi, lo = self.schedule.step_sigmas(s)
+        return _move(x, velocity, lo - hi)
+
+    def invert(self, predict: VelocityFn, z0: torch.Tensor, callback=None) -> list[torch.Tensor]:
+        return invert(predict, z0, self.schedule, self.solver, callback)
+
+
+class MidpointFlowSampler(FlowSampler):
+    """Second order (RF-Solver-2): the loop evaluates every path again at `midpoint` (half a step
+    on with the first velocity, σ at `time_of_midpoint`) and `step`s with that velocity."""
+
+    solver = MIDPOINT
+
+    def midpoint(self, x: torch.Tensor, velocity: torch.Tensor, s: int) -> torch.Tensor:
+        hi, lo = self.schedule.step_sigmas(s)
+        return _move(x, velocity, (lo - hi) / 2)
+
+    def time_of_midpoint(self, s: int) -> float:
+        hi, lo = self.schedule.step_sigmas(s)
+        return hi + (lo - hi) / 2
+
+
+def flow_sampler(schedule: FlowSchedule, solver: str = MIDPOINT) -> FlowSampler:
+    return (
+        MidpointFlowSampler(schedule) if check_solver(solver) == MIDPOINT else FlowSampler(schedule)
+    )
+
+
 def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Real classifier-free guidance on velocities (Flux-dev with CFG > 1)."""
     return v_uncond + scale * (v_cond - v_uncond)

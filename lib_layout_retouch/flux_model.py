@@ -21,45 +21,20 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from . import flow
+from .attention import COND, UNCOND
 from .conditioning import CHUNK
+from .dit_attention import (
+    ROPE_MODES,
+    SHIFTED,
+    DiTRetouchAttention,
+    layer_table_for_dit,
+    patched_blocks,
+)
+from .dit_tokens import image_ids, pack, token_grid, unpack
 from .errors import LayoutRetouchError
 
 FLUX = "Flux"
 DEFAULT_GUIDANCE = 3.5  # Flux.1-dev's distilled guidance (Forge's "Distilled CFG Scale" default)
-
-
-# -- tokens ↔ latent (BFL's packing; the host's transformer does it itself, the editor needs the map) --
-def token_grid(latent_hw: Sequence[int]) -> tuple[int, int]:
-    """(rows, cols) of 2×2-patch image tokens; odd sizes are padded by one (Forge's circular pad)."""
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    return (h + 1) // 2, (w + 1) // 2
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, H/2·W/2, 4C): token order row-major over the grid, channels (c, ph, pw)."""
-    b, c, h, w = x.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"pack needs an even latent size, got {h}×{w}")
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
-
-
-def unpack(tokens: torch.Tensor, latent_hw: Sequence[int]) -> torch.Tensor:
-    h, w = int(latent_hw[0]), int(latent_hw[1])
-    b, n, c4 = tokens.shape
-    c = c4 // 4
-    return tokens.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-
-
-def image_ids(
-    grid: Sequence[int], col_offset: int = 0, device=None, dtype=torch.float32
-) -> torch.Tensor:
-    """(1, rows·cols, 3) RoPE ids of the image tokens: (0, row, col + col_offset) — BFL's img_ids;
-    text tokens have ids (0, 0, 0)."""
-    gh, gw = int(grid[0]), int(grid[1])
-    ids = torch.zeros(gh, gw, 3, device=device, dtype=dtype)
-    ids[..., 1] = torch.arange(gh, device=device, dtype=dtype)[:, None]
-    ids[..., 2] = torch.arange(gw, device=device, dtype=dtype)[None, :] + col_offset
-    return ids.reshape(1, gh * gw, 3)
 
 
 # -- subject tokens --------------------------------------------------------------------------------
@@ -112,6 +87,9 @@ class FluxModel:
         velocity: Optional[Callable] = None,
         shift: bool = True,
         sigmas: Optional[Callable[[int, tuple[int, int]], Sequence[float]]] = None,
+        solver: str = flow.MIDPOINT,
+        reference_rope: str = SHIFTED,
+        reference_with_target_tokens: bool = False,
     ):
         self.transformer = transformer
         self._encode_t5, self._encode_clip = encode_t5, encode_clip
@@ -121,6 +99,8 @@ class FluxModel:
         self.shift = shift  # dev: resolution-dependent shift; schnell: none
         self._sigmas = sigmas  # the host sampler's σ list for (steps, latent hw), if it has one
         self.guidance_embed = bool(getattr(transformer, "guidance_embed", True))
+        # the retouch loop's model family (family.ModelFamily) with the DiT choices
+        self.retouch_family = FluxFamily(self, solver, reference_rope, reference_with_target_tokens)
         self.notes: list[str] = []
 
     # the pipeline's names for the network that is patched
@@ -181,37 +161,7 @@ class FluxModel:
 
         return subject_token_positions(self.tokenize_clip, prompt, phrases, CHUNK - 2)
 
-    # -- the retouch (pipeline.retouch_family / encode_prompts ask for these) ------------------------
-    def retouch_family(self, settings, subject_tokens, latent_hw, n_references: int = 1):
-        """The DiT family: rectified flow with `settings.flow_solver`, the DiT layer table, the block
-        editor; real CFG only when `guidance_scale` ≠ 1 (Flux-dev's distilled guidance is in the
-        conditioning)."""
-        from .attention import COND, UNCOND
-        from .dit_attention import DiTRetouchAttention, layer_table_for_dit, patched_blocks
-        from .sampling import FlowSampler, RetouchFamily
-
-        layers = settings.layers or layer_table_for_dit(self.transformer, settings.layer_preset)
-        editor = DiTRetouchAttention(
-            layers,
-            subject_tokens,
-            latent_hw,
-            n_references,
-            rope_of=getattr(self.transformer, "pe_embedder", None),
-            reference_rope=settings.reference_rope,
-            with_target_tokens=settings.reference_with_target_tokens,
-        )
-        sampler = FlowSampler(
-            self.schedule(settings.schedule.steps, latent_hw), settings.flow_solver
-        )
-        return RetouchFamily(
-            sampler,
-            layers,
-            editor,
-            lambda: patched_blocks(self.transformer, editor),
-            self.velocity,
-            (UNCOND, COND) if settings.guidance_scale != 1 else (COND,),
-        )
-
+    # -- the retouch (pipeline.encode_prompts asks for these) -----------------------------------
     def retouch_conds(self, prompts, negative_prompt: str = "", guidance: float = DEFAULT_GUIDANCE):
         """pipeline.RetouchConds of y_r, y_p and the negative prompt. The target path attends with
         y_r's T5 tokens but keeps the layout's pooled CLIP vector: the vector is no attention (it
@@ -246,8 +196,54 @@ class FluxModel:
         return self._vae_decode(latents)
 
 
+class FluxFamily:
+    """The DiT family of the retouch loop (family.ModelFamily): rectified flow with `solver` on the
+    model's σ schedule, the DiT layer table, the block editor (`dit_attention`), real CFG only
+    when the guidance scale is not 1 (Flux-dev's distilled guidance is in the conditioning)."""
+
+    def __init__(
+        self,
+        model: "FluxModel",
+        solver: str = flow.MIDPOINT,
+        reference_rope: str = SHIFTED,
+        with_target_tokens: bool = False,
+    ):
+        self.solver = flow.check_solver(solver)
+        if reference_rope not in ROPE_MODES:
+            raise ValueError(f"reference_rope must be one of {ROPE_MODES}, got {reference_rope!r}")
+        self.reference_rope = reference_rope
+        self.with_target_tokens = bool(with_target_tokens)
+        self.model = model  # whose transformer's rotary embedder places shifted reference tokens
+
+    def sampler(self, model, steps: int, latent_hw=None):
+        if latent_hw is None:
+            raise ValueError("the Flux sampler needs the latent size (its σ shift depends on it)")
+        return flow.flow_sampler(model.schedule(steps, latent_hw), self.solver)
+
+    def layer_table(self, model, preset: str):
+        return layer_table_for_dit(model.transformer, preset)
+
+    def editor(self, layers, subject_tokens, latent_hw, n_references):
+        return DiTRetouchAttention(
+            layers,
+            subject_tokens,
+            latent_hw,
+            n_references,
+            rope_of=getattr(self.model.transformer, "pe_embedder", None),
+            reference_rope=self.reference_rope,
+            with_target_tokens=self.with_target_tokens,
+        )
+
+    def patched(self, model, editor):
+        return patched_blocks(model.transformer, editor)
+
+    def halves(self, guidance_scale: float) -> tuple[str, ...]:
+        return (UNCOND, COND) if guidance_scale != 1 else (COND,)
+
+
 __all__ = [
     "FLUX",
+    "FluxFamily",
     "FluxModel",
     "image_ids",
     "pack",

@@ -23,10 +23,14 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .errors import LayoutRetouchError
-from .params import CA_THRESHOLD_FIX, FIELD_BY_NAME
+from .errors import LayoutRetouchError, check_range
 
-DEFAULT_CA_THRESHOLD = FIELD_BY_NAME["ca_threshold"].default
+# The threshold of M^c on the normalised map (MasaCtrl's; DreamMatcher uses 0.05): strictly inside
+# (0, 1), so a constant map (normalised to zeros) gives an empty M^c.
+DEFAULT_CA_THRESHOLD = 0.1
+CA_THRESHOLD_RANGE = (0.0, 1.0)  # both ends excluded
+CA_THRESHOLD_MEANING = "the threshold of the cross-attention mask"
+CA_THRESHOLD_FIX = f"try {DEFAULT_CA_THRESHOLD} (MasaCtrl) or 0.05 (DreamMatcher)"
 # Components of M^c smaller than 2% of the map are dropped by C(.). The paper only says "a volume
 # threshold"; 2% of a 16x16 map is ~5 cells, i.e. larger than single-cell attention specks.
 DEFAULT_MIN_COMPONENT_FRACTION = 0.02
@@ -59,8 +63,17 @@ def normalize_cross_attention(maps: torch.Tensor) -> torch.Tensor:
 
 
 def _check_threshold(threshold: float) -> float:
-    """The parameter table's rule for ca_threshold (params.FIELDS): strictly between 0 and 1."""
-    return FIELD_BY_NAME["ca_threshold"].check_range(float(threshold), CA_THRESHOLD_FIX)
+    """ca_threshold strictly inside CA_THRESHOLD_RANGE (the parameter table's rule too)."""
+    low, high = CA_THRESHOLD_RANGE
+    return check_range(
+        "ca_threshold",
+        float(threshold),
+        low,
+        high,
+        exclusive=True,
+        meaning=CA_THRESHOLD_MEANING,
+        fix=CA_THRESHOLD_FIX,
+    )
 
 
 def cross_attention_mask(
@@ -164,7 +177,7 @@ def adaptive_mask(
     return np.clip(m, 0.0, 1.0).astype(np.float32)
 
 
-def _layer_hw(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+def layer_hw(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
     """The (h, w) of an attention layer with n_tokens tokens over a latent of latent_hw.
 
     First the UNet's own chain (each down-sample is a stride-2 conv with padding 1: ceil(x / 2)),
@@ -215,7 +228,7 @@ class LayerMasks:
         return int(self.mask.shape[0])
 
     def layer_hw(self, n_tokens: int) -> tuple[int, int]:
-        return _layer_hw(self.latent_hw, int(n_tokens))
+        return layer_hw(self.latent_hw, int(n_tokens))
 
     def for_tokens(
         self, n_tokens: int, dtype: torch.dtype | None = None, complement: bool = False

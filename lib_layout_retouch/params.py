@@ -22,10 +22,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import LayoutRetouchError
+from .errors import LayoutRetouchError, check_range
 from .images import decode_image, image_fingerprint
 from .layers import DEFAULT_PRESET, PRESETS
-from .schedule import PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, PAPER_STEPS, Schedule
+from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
+from .schedule import (
+    KNOBS,
+    PAPER_LAMBDA1,
+    PAPER_LAMBDA2,
+    PAPER_MASK_START,
+    PAPER_STEPS,
+    Schedule,
+)
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
 LAYOUT_SOURCES = ("inversion", "stage1", "input")
@@ -96,30 +104,18 @@ class Field:
 
     def check_range(self, value: float, fix: str = "") -> float:
         """`value`, or a LayoutRetouchError naming the field, its meaning and its range."""
-        low, high = self.minimum, self.maximum
-        ok = (
-            not math.isnan(value)
-            and (low is None or (value > low if self.exclusive else value >= low))
-            and (
-                high is None
-                or self.kind == "int"
-                or (value < high if self.exclusive else value <= high)
-            )
+        symbol = self.symbol if self.symbol and self.symbol != self.name.replace("_", " ") else ""
+        high = None if self.kind == "int" else self.maximum
+        return check_range(
+            self.name,
+            value,
+            self.minimum,
+            high,
+            exclusive=self.exclusive,
+            symbol=symbol,
+            meaning=self.meaning,
+            fix=fix,
         )
-        if not ok:
-            if self.kind == "int" or high is None:
-                rule = f"{low:g} or more"
-            else:
-                rule = f"between {low:g} and {high:g}" + (" (exclusive)" if self.exclusive else "")
-            symbol = (
-                self.symbol if self.symbol and self.symbol != self.name.replace("_", " ") else ""
-            )
-            raise LayoutRetouchError(
-                f"{self.name} ({symbol + ', ' if symbol else ''}{self.meaning}) is {value} "
-                f"but must be {rule}" + (f": {fix}" if fix else ""),
-                parameter=self.name,
-            )
-        return value
 
 
 FIELDS: tuple[Field, ...] = (
@@ -207,8 +203,8 @@ FIELDS: tuple[Field, ...] = (
         minimum=0,
         maximum=PAPER_STEPS,
         step=1,
-        symbol="λ1",
-        meaning="the number of first steps drawn by the vanilla model",
+        symbol=KNOBS["lambda1"][0],
+        meaning=KNOBS["lambda1"][1],
         axis="Lambda1",
     ),
     Field(
@@ -221,8 +217,8 @@ FIELDS: tuple[Field, ...] = (
         minimum=0,
         maximum=PAPER_STEPS,
         step=1,
-        symbol="λ2",
-        meaning="the number of first retouch steps that copy the layout",
+        symbol=KNOBS["lambda2"][0],
+        meaning=KNOBS["lambda2"][1],
         axis="Lambda2",
     ),
     Field(
@@ -236,8 +232,8 @@ FIELDS: tuple[Field, ...] = (
         minimum=2,
         maximum=PAPER_STEPS + 1,
         step=1,
-        symbol="mask start",
-        meaning="the first retouch step that blends the subject mask",
+        symbol=KNOBS["mask_start"][0],
+        meaning=KNOBS["mask_start"][1],
         axis="Mask start",
     ),
     Field(
@@ -263,17 +259,18 @@ FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "ca_threshold",
-        0.1,
+        DEFAULT_CA_THRESHOLD,
         "float",
         "Cross-attention mask threshold",
         "Threshold on the min-max normalised cross-attention map of the subject tokens "
-        "(MasaCtrl 0.1, DreamMatcher 0.05); must be between 0 and 1.",
+        f"(MasaCtrl {DEFAULT_CA_THRESHOLD}, DreamMatcher 0.05); must be between "
+        f"{CA_THRESHOLD_RANGE[0]:g} and {CA_THRESHOLD_RANGE[1]:g}.",
         "LR CA threshold",
-        minimum=0.0,
-        maximum=1.0,
+        minimum=CA_THRESHOLD_RANGE[0],
+        maximum=CA_THRESHOLD_RANGE[1],
         step=0.01,
         exclusive=True,
-        meaning="the threshold of the cross-attention mask",
+        meaning=CA_THRESHOLD_MEANING,
         axis="CA threshold",
     ),
     Field(
@@ -340,7 +337,6 @@ FIELDS: tuple[Field, ...] = (
     ),
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
-CA_THRESHOLD_FIX = "try 0.1 (MasaCtrl) or 0.05 (DreamMatcher)"
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,14 +31,13 @@ from .attention import (
     REFERENCE,
     TARGET,
     UNCOND,
-    RetouchAttention,
     RowPlan,
-    patched_attention,
+    StepState,
 )
 from .errors import Interrupted, LayoutRetouchError
-from .layers import LayerTable, layer_table_for
+from .family import Sampler, family_halves, family_of
+from .layers import LayerTable
 from .model import LdmModel
-from .sampling import DDIMSampler, RetouchFamily
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
@@ -61,10 +60,6 @@ class RetouchSettings:
     skip_equal_target: bool = True  # fast path above; False computes the target anyway
     sequential: bool = False  # one UNet call per path (slow; checks the batched call)
     keep_trajectories: bool = False  # keep every step's layout/target latents (tests, previews)
-    # The DiT (Flux) family only (docs/ALGORITHM.md, "DiT (Flux)"):
-    flow_solver: str = "midpoint"  # flow.SOLVERS: inversion and sampling solver of every path
-    reference_rope: str = "shifted"  # the reference image tokens' rotary positions: shifted/shared
-    reference_with_target_tokens: bool = False  # target image queries also see their own tokens
 
 
 @dataclass
@@ -294,30 +289,29 @@ def encode_prompts(
 def invert_latents(
     model: LdmModel,
     z0: torch.Tensor,
-    ddim_schedule: ddim.DDIMSchedule,
+    sampler: Sampler,
     progress: Optional[ProgressFn] = None,
     phase: str = "inversion",
     should_stop: Optional[Callable[[], bool]] = None,
     counter: Optional[list] = None,
     empty: Optional[C.Cond] = None,
 ) -> list[torch.Tensor]:
-    """DDIM inversion with the empty prompt and no CFG (docs/ALGORITHM.md). `counter` ([calls, rows])
-    is incremented per UNet call. `empty`: the empty prompt's conditioning (SDXL: with the image's
-    size terms); default `model.conditioning([""])`."""
+    """The sampler's inversion (DDIM for ε-models) with the empty prompt and no CFG
+    (docs/ALGORITHM.md). `counter` ([calls, rows]) is incremented per model call. `empty`: the
+    empty prompt's conditioning (SDXL: with the image's size terms); default `model.conditioning([""])`."""
     if empty is None:
         empty = model.conditioning([""])
 
-    def eps(x, t):
+    def predict(x, t):
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped during {phase}")
         if counter is not None:
             counter[0] += 1
             counter[1] += x.shape[0]
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return model.eps(x, tt, C.expand(empty, x.shape[0]))
+        return sampler.predict(model, x, t, C.expand(empty, x.shape[0]))
 
     cb = (lambda s, total: progress(phase, s, total)) if progress else None
-    return ddim.invert(eps, z0, ddim_schedule, callback=cb)
+    return sampler.invert(predict, z0, callback=cb)
 
 
 @torch.no_grad()
@@ -362,46 +356,19 @@ def retouch(
         reference_keys = [reference_key] if r == 1 else [None] * r
     if len(reference_keys) != r:
         raise ValueError(f"{len(reference_keys)} reference keys for {r} reference latents")
-    return _Retouch(
-        model,
-        conds,
-        subject_tokens,
-        settings,
-        layout_latents,
-        layout_trajectory,
-        layout_images,
-        segmenter,
-        kv_cache,
-        progress,
-        should_stop,
-        r,
-        _user_mask(user_mask, layout_latents),
-    ).run(reference_latent, list(reference_keys), cache)
-
-
-def retouch_family(
-    model, settings: RetouchSettings, subject_tokens, latent_hw, n_references: int = 1
-) -> RetouchFamily:
-    """The model family's half of the retouch: a model that knows its own (`retouch_family`, e.g.
-    flux_model.FluxModel) says it; otherwise the UNet family — DDIM on ε over the model's ᾱ, the
-    UNet layer table, the per-module attention editor."""
-    own = getattr(model, "retouch_family", None)
-    if own is not None:
-        return own(settings, subject_tokens, latent_hw, n_references)
-    layers = settings.layers or layer_table_for(model.unet, settings.layer_preset)
-    editor = RetouchAttention(layers, subject_tokens, latent_hw, n_references=n_references)
-    schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, settings.schedule.steps)
-
-    def predict(x, t, cond):
-        return model.eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
-
-    return RetouchFamily(
-        DDIMSampler(schedule),
-        layers,
-        editor,
-        lambda: patched_attention(model.unet, editor),
-        predict,
+    inputs = _Inputs(
+        conds=conds,
+        subject_tokens=list(subject_tokens),
+        layout_latents=layout_latents,
+        layout_trajectory=layout_trajectory,
+        layout_images=layout_images,
+        segmenter=segmenter,
+        user_mask=_user_mask(user_mask, layout_latents),
+        n_references=r,
     )
+    hooks = _Hooks(progress, should_stop)
+    run = _Retouch(model, settings, inputs, hooks, kv_cache)
+    return run.run(reference_latent, list(reference_keys), cache)
 
 
 def _user_mask(
@@ -424,128 +391,74 @@ def _user_mask(
     return u
 
 
-class _Retouch:
-    """One retouch, as Algorithm 1 reads: invert the reference (cached), start the layout path, then
-    per step s one batched UNet call for the reference, layout and target paths (the editor copies,
-    paints and blends), a DDIM step for each path; M is built at mask start."""
+@dataclass(frozen=True)
+class _Inputs:
+    """What one retouch works on (see `retouch`)."""
 
-    def __init__(
-        self,
-        model: LdmModel,
-        conds: RetouchConds,
-        subject_tokens,
-        settings: RetouchSettings,
-        layout_latents,
-        layout_trajectory,
-        layout_images,
-        segmenter,
-        kv_cache,
-        progress,
-        should_stop,
-        n_references: int = 1,
-        user_mask: Optional[torch.Tensor] = None,
-    ):
-        self.model, self.settings, self.schedule = model, settings, settings.schedule
-        self.T = self.schedule.steps
-        self.n = layout_latents.shape[0]
-        self.device = layout_latents.device
-        self.layout_latents, self.layout_trajectory = layout_latents, layout_trajectory
-        self.layout_images, self.segmenter = layout_images, segmenter
-        self.kv_cache, self.progress, self.should_stop = kv_cache, progress, should_stop
-        self.conds = conds
-        self.latent_hw = tuple(layout_latents.shape[-2:])
-        self.notes: list[str] = []
-        self.calls = [0, 0]  # UNet calls, rows
-        self.r = n_references
-        self.user_mask = user_mask  # (N, 1, h, w) or None
-        # The model family's sampler, layer table, editor and prediction (sampling.RetouchFamily):
-        # the loop below is the same for every family.
-        self.family = retouch_family(model, settings, subject_tokens, self.latent_hw, n_references)
-        self.sampler, self.layers, self.editor = (
-            self.family.sampler,
-            self.family.layers,
-            self.family.editor,
-        )
-        self.mask: dict = {}
-        self.plans: dict[
-            tuple, RowPlan
-        ] = {}  # one plan per row layout, kept: the editor keeps device indices on it
-        paths = (REFERENCE, LAYOUT, TARGET)
-        padded = C.pad_tokens(
-            [conds.cond_of(p) for p in paths] + [conds.uncond_of(p) for p in paths]
-        )
-        self.cond_of, self.uncond_of = dict(zip(paths, padded[:3])), dict(zip(paths, padded[3:]))
-        self.trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
-        if segmenter is not None and layout_images is None:
-            self.notes.append("SAM skipped: no layout image given; cross-attention mask only")
+    conds: RetouchConds
+    subject_tokens: list[int]
+    layout_latents: torch.Tensor  # z_o[0], (N, C, h, w)
+    layout_trajectory: Optional[Sequence[torch.Tensor]]
+    layout_images: Optional[np.ndarray]
+    segmenter: object
+    user_mask: Optional[torch.Tensor]  # (N, 1, h, w) or None
+    n_references: int
 
-    # -- Algorithm 1 ------------------------------------------------------------------------------
-    def run(self, reference_latent, reference_keys, cache) -> RetouchResult:
-        keys = [
-            None if k is None else inversion_key(k, self.T, self.latent_hw) for k in reference_keys
-        ]
-        z_r, cached = self.invert_references(
-            reference_latent, keys, cache
-        )  # z_r[0…T] (R rows), cached
-        key = keys[0] if self.r == 1 else (None if None in keys else tuple(keys))
-        self.z_l = self.layout_start()  # z_o[T]
-        self.z_t = self.z_l.clone()  # z_t ← z_o[T]
-        self.z_ref = z_r[self.T].clone()
-        kv_key = self.reference_kv_key(key)
-        with self.family.patched():
-            for s in range(1, self.T + 1):
-                if self.should_stop is not None and self.should_stop():
-                    raise Interrupted(f"stopped at retouch step {s} of {self.T}")
-                self.step(s, z_r, kv_key)
-            if not self.mask:
-                self.build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
-        if self.mask.get("kind") is None:
-            self.notes.append("no cross-attention maps were recorded; no mask")
-        if self.user_mask is not None:
-            # Outside the user's mask the input's latents, bit for bit: `where` (not only lerp) so
-            # that U == 0 gives exactly those bits whatever the target holds there.
-            u = self.user_mask
-            self.z_t = torch.where(
-                u == 0, self.layout_latents, torch.lerp(self.layout_latents, self.z_t, u)
-            )
-        return RetouchResult(
-            latents=self.z_t,
-            masks=self.mask.get("masks"),
-            ca_maps=self.mask.get("ca_maps"),
-            mask_kind=self.mask.get("kind", MASK_CA_ONLY),
-            notes=self.notes,
-            unet_calls=self.calls[0],
-            unet_rows=self.calls[1],
-            reference_cached=cached,
-            trajectories=self.trajectories,
-        )
+    @property
+    def n(self) -> int:
+        return self.layout_latents.shape[0]
 
-    def invert_references(self, reference_latent, keys, cache) -> tuple[list[torch.Tensor], bool]:
-        """Each reference's DDIM inversion, once per (reference, model, T), cached on its own (so a
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        return tuple(self.layout_latents.shape[-2:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.layout_latents.device
+
+
+@dataclass
+class _Hooks:
+    """The caller's progress report and stop button, and the model calls counted for the result."""
+
+    progress: Optional[ProgressFn] = None
+    should_stop: Optional[Callable[[], bool]] = None
+    calls: list = field(default_factory=lambda: [0, 0])  # model calls, rows
+
+    def stop_if_asked(self, message: str) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted(message)
+
+    def report(self, phase: str, s: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(phase, s, total)
+
+    def preview(self, latents: torch.Tensor) -> None:
+        preview = getattr(self.progress, "preview", None)  # optional: live previews
+        if preview is not None:
+            preview(latents)
+
+
+class _Inversions:
+    """The reference inversions (cached per reference, model and T) and the layout path's start."""
+
+    def __init__(self, model, sampler: Sampler, inputs: _Inputs, hooks: _Hooks):
+        self.model, self.sampler, self.inputs, self.hooks = model, sampler, inputs, hooks
+        self.T = sampler.steps
+
+    def references(self, reference_latent, keys, cache) -> tuple[list[torch.Tensor], bool]:
+        """Each reference's inversion, once per (reference, model, T), cached on its own (so a
         photo reused in another set is not inverted again); levels stacked to (R, C, h, w)."""
-        if self.r == 1:
-            return self.invert_reference(
-                reference_latent, keys[0], cache, self.conds.reference_empty
-            )
-        empty = self.conds.reference_empty
+        r, empty = self.inputs.n_references, self.inputs.conds.reference_empty
+        if r == 1:
+            return self.reference(reference_latent, keys[0], cache, empty)
         to_invert = sum(1 for k in keys if k is None or cache is None or cache.peek(k) is None)
         per_ref, all_cached, done = [], True, 0
-        for i in range(self.r):
-            empty_i = (
-                C.rows(empty, slice(i, i + 1))
-                if (empty is not None and C.batch_size(empty) == self.r)
-                else empty
-            )
-            progress = None
-            if (
-                self.progress is not None
-            ):  # one "reference inversion" phase over all photos inverted
-                progress = (
-                    lambda offset: (
-                        lambda phase, s, total: self.progress(phase, offset + s, to_invert * total)
-                    )
-                )(done * self.T)
-            z, cached = self.invert_reference(
+        for i in range(r):
+            one_each = empty is not None and C.batch_size(empty) == r
+            empty_i = C.rows(empty, slice(i, i + 1)) if one_each else empty
+            progress = self._shifted_progress(done * self.T, to_invert * self.T)
+            z, cached = self.reference(
                 reference_latent[i : i + 1], keys[i], cache, empty_i, progress
             )
             per_ref.append(z)
@@ -553,163 +466,155 @@ class _Retouch:
             done += 0 if cached else 1
         return [torch.cat(level) for level in zip(*per_ref)], all_cached
 
-    def invert_reference(
+    def _shifted_progress(self, offset: int, total: int) -> Optional[ProgressFn]:
+        """One "reference inversion" phase over all photos inverted."""
+        progress = self.hooks.progress
+        if progress is None:
+            return None
+        return lambda phase, s, _total: progress(phase, offset + s, total)
+
+    def reference(
         self, reference_latent, key, cache, empty, progress=None
     ) -> tuple[list[torch.Tensor], bool]:
-        """DDIM inversion of one reference, once per (reference, model, T)."""
+        """The inversion of one reference, once per (reference, model, T)."""
         z_r = cache.get(key) if (cache is not None and key is not None) else None
         if z_r is not None:
             return z_r, True
-        z_r = self.invert(reference_latent, "reference inversion", empty, progress)
+        z_r = self._invert(reference_latent, "reference inversion", empty, progress)
         if cache is not None and key is not None:
             cache.put(key, z_r)
         return z_r, False
 
     def layout_start(self) -> torch.Tensor:
         """The layout path's z_T: its own inversion (paper) or the stage-1 trajectory's start."""
-        if self.layout_trajectory is not None:
-            if len(self.layout_trajectory) != self.T + 1:
+        trajectory = self.inputs.layout_trajectory
+        if trajectory is not None:
+            if len(trajectory) != self.T + 1:
                 raise ValueError(
-                    f"layout_trajectory has {len(self.layout_trajectory)} latents, expected {self.T + 1}"
+                    f"layout_trajectory has {len(trajectory)} latents, expected {self.T + 1}"
                 )
-            return self.layout_trajectory[0].clone()
-        return self.invert(self.layout_latents, "layout inversion", self.conds.layout_empty)[
-            -1
-        ].clone()
+            return trajectory[0].clone()
+        latents, empty = self.inputs.layout_latents, self.inputs.conds.layout_empty
+        return self._invert(latents, "layout inversion", empty)[-1].clone()
 
-    @torch.no_grad()
-    def invert(self, z0, phase: str, empty, progress=None) -> list[torch.Tensor]:
-        """The family's inversion with the empty prompt and no CFG (docs/ALGORITHM.md), every
-        latent level kept; each model call counted."""
-        if empty is None:
-            empty = self.model.conditioning([""])
-        progress = progress or self.progress
-
-        def predict(x, point):
-            if self.should_stop is not None and self.should_stop():
-                raise Interrupted(f"stopped during {phase}")
-            self.calls[0] += 1
-            self.calls[1] += x.shape[0]
-            return self.family.predict(x, point, C.expand(empty, x.shape[0]))
-
-        cb = (lambda s, total: progress(phase, s, total)) if progress else None
-        return self.sampler.invert(predict, z0, cb)
-
-    def reference_kv_key(self, key) -> Optional[tuple]:
-        """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the negative prompt."""
-        st = self.settings
-        if (
-            self.kv_cache is None
-            or self.kv_cache.max_bytes <= 0
-            or key is None
-            or not st.reset_reference
-            or st.sequential
-            or self.sampler.evaluations > 1  # K/V cached per step, not per evaluation
-        ):
-            return None
-        return (
-            *key,
-            _digest(self.cond_of[REFERENCE], self.uncond_of[REFERENCE]),
-            self.layers.name,
-            tuple(self.layers.reference_layers),
+    def _invert(self, z0, phase: str, empty, progress=None) -> list[torch.Tensor]:
+        h = self.hooks
+        return invert_latents(
+            self.model,
+            z0,
+            self.sampler,
+            progress or h.progress,
+            phase,
+            h.should_stop,
+            h.calls,
+            empty=empty,
         )
 
-    def step(self, s: int, z_r, kv_key) -> None:
-        """Retouch step s: what the paths are, one batched model call per evaluation the sampler
-        needs (or one per path), a sampler step for each path."""
-        st, schedule, editor = self.settings, self.schedule, self.editor
-        if st.reset_reference:
-            self.z_ref = z_r[self.sampler.level_before_step(s)]
-        if self.layout_trajectory is not None:
-            self.z_l = self.layout_trajectory[s - 1]
-        if s == schedule.mask_start:
-            self.build_mask()
-        copy = schedule.copies_layout(s)
-        phase = dict(
-            copy_layout=copy,
-            paint_identity=not copy,
-            blend=schedule.blends_mask(s) and editor.masks is not None,
-            record_maps=not self.mask,
-        )  # maps are recorded until M is built
-        # while the layout is copied into every layer the target equals the layout path: not computed
-        skip_target = copy and st.skip_equal_target and self.layers.swaps_every_layer()
-        need_ref = (not copy and bool(self.layers.reference_layers)) or not st.reset_reference
-        paths = [
-            (REFERENCE, self.r if need_ref else 0),
-            (LAYOUT, self.n),
-            (TARGET, 0 if skip_target else self.n),
-        ]
-        latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
-        evaluated = {p: latents[p] for p, c in paths if c}
-        keep = [LAYOUT] + ([] if skip_target else [TARGET])
-        if not st.reset_reference and REFERENCE in evaluated:
-            keep.append(REFERENCE)
 
-        def evaluate(lat, point):
-            return self.evaluate(paths, lat, point, phase, kv_key if need_ref else None, s)
+@dataclass(frozen=True)
+class _Mask:
+    masks: torch.Tensor  # (N, H, W) M on the device
+    ca_maps: Optional[torch.Tensor]  # (N, h, w) normalised subject maps
+    kind: str
 
-        new = self.sampler.step(s, evaluated, evaluate, keep)
-        z_l_next = new[LAYOUT]
-        self.z_t = z_l_next.clone() if skip_target else new[TARGET]
-        if self.user_mask is not None and not skip_target:
-            # Inpaint: outside the user's mask the target follows the layout path at every step (as
-            # the WebUI's inpaint blends its latents), so the UNet sees the input's context there.
-            self.z_t = torch.lerp(z_l_next, self.z_t, self.user_mask)
-        if REFERENCE in new:
-            self.z_ref = new[REFERENCE]
-        self.z_l = z_l_next
-        if self.trajectories is not None:
-            self.trajectories[LAYOUT].append(self.z_l)
-            self.trajectories[TARGET].append(self.z_t)
-        if self.progress is not None:
-            self.progress("retouch", s, self.T)
-            preview = getattr(
-                self.progress, "preview", None
-            )  # optional: live previews of the target
-            if preview is not None:
-                preview(self.z_t)
 
-    def evaluate(self, paths, latents, point, phase, kv_key, s: int) -> dict[str, torch.Tensor]:
-        """One model evaluation of every path in `paths` at `point`: one batched call, or one call
-        per path (`sequential`); the reference's K/V from `kv_cache` when it holds them."""
-        st, editor = self.settings, self.editor
-        if st.sequential:
-            pred = {}
-            editor.store_sources = True
-            for p, c in paths:
-                if c:  # the first call of the evaluation clears the last one's sources
-                    pred.update(
-                        self.unet_call([(p, c)], latents, point, keep_store=bool(pred), **phase)
-                    )
-            editor.store_sources = False
-            return pred
-        cached_kv = self.kv_cache.get(kv_key, s) if kv_key is not None else None
-        if (
-            cached_kv is not None
-        ):  # the reference's K/V from an earlier generation: no reference rows
-            paths = [(REFERENCE, 0)] + [pc for pc in paths if pc[0] != REFERENCE]
-        editor.capture_reference = {} if (kv_key is not None and cached_kv is None) else None
-        pred = self.unet_call(paths, latents, point, sources=cached_kv, **phase)
-        if editor.capture_reference:
-            self.kv_cache.put(kv_key, s, editor.capture_reference)
-        editor.capture_reference = None
-        return pred
+class _MaskBuilder:
+    """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3); bounded by
+    the user's mask when there is one."""
 
-    def unet_call(
-        self,
-        paths: list[tuple[str, int]],
-        latents: dict[str, torch.Tensor],
-        point,
-        *,
-        keep_store=False,
-        sources=None,
-        **phase,
-    ) -> dict[str, torch.Tensor]:
-        """One batched model call over `paths` × the CFG halves; the guided prediction of each
-        path (ε for a UNet, the velocity for a flow DiT) at `point` (timestep or σ)."""
+    def __init__(self, inputs: _Inputs, ca_threshold: float):
+        self.inputs, self.ca_threshold = inputs, ca_threshold
+
+    def build(self, maps: Optional[torch.Tensor]) -> Optional[_Mask]:
+        inputs, u = self.inputs, self.inputs.user_mask
+        if maps is None:
+            if u is None:
+                return None
+            # nothing recorded: U softened like M is the mask
+            m = torch.from_numpy(np.stack([_softened(u[i, 0]) for i in range(inputs.n)]))
+            return _Mask(m.to(inputs.device), None, MASK_USER)
+        segment = inputs.segmenter is not None and inputs.layout_images is not None
+        kind = MASK_SAM if segment else MASK_CA_ONLY
+        norm_maps, full_masks = [], []
+        for i in range(inputs.n):
+            norm, mc = masks.cross_attention_mask(maps[i], self.ca_threshold)
+            sam = inputs.segmenter.segment(inputs.layout_images[i], norm, mc) if segment else None
+            size = None if sam is not None else inputs.latent_hw
+            full_masks.append(masks.adaptive_mask(mc, sam, size=size))
+            norm_maps.append(norm)
+        if u is not None:
+            full_masks, kind = self._bounded(full_masks, kind)
+        m = torch.from_numpy(np.stack(full_masks)).to(inputs.device)
+        return _Mask(m, torch.from_numpy(np.stack(norm_maps)), kind)
+
+    def _bounded(self, full_masks, kind: str) -> tuple[list[np.ndarray], str]:
+        full_masks, fallback = self.bound_by_user_mask(full_masks)
+        if len(fallback) == self.inputs.n:
+            return full_masks, MASK_USER
+        kind += IN_USER_MASK
+        if fallback:
+            kind += f"; user mask alone for image {', '.join(str(i + 1) for i in fallback)}"
+        return full_masks, kind
+
+    def bound_by_user_mask(self, full_masks) -> tuple[list[np.ndarray], list[int]]:
+        """M·U per image; where that is empty, U softened like M (which images: the second list)."""
+        out, fallback, user = [], [], self.inputs.user_mask
+        for i, m in enumerate(full_masks):
+            u = masks.resize_nearest(user[i, 0].float().cpu().numpy(), m.shape)
+            bounded = (m * u).astype(np.float32)
+            if not (bounded > 0).any():
+                bounded = _softened(user[i, 0], m.shape)
+                fallback.append(i)
+            out.append(bounded)
+        return out, fallback
+
+
+class _Phase(NamedTuple):
+    """What step s does (Algorithm 1): the editor's flags and which paths the model call runs."""
+
+    copy_layout: bool  # s ≤ λ2
+    blend: bool  # s ≥ mask start, M built
+    record_maps: bool  # until M is built
+    skip_target: bool  # the target equals the layout path (fast path): not computed
+    need_reference: bool  # the reference path's K/V are used (or it is not re-set)
+    paths: list  # [(path, rows)] in the call's row order
+
+    def flags(self) -> dict:
+        return dict(
+            copy_layout=self.copy_layout,
+            paint_identity=not self.copy_layout,
+            blend=self.blend,
+            record_maps=self.record_maps,
+        )
+
+
+class _ModelCall:
+    """One batched model call over paths × both CFG halves, through the editor: the guided
+    prediction of each path. One row plan per row layout, kept (the processors cache device
+    indices on it)."""
+
+    def __init__(
+        self, model, sampler: Sampler, editor, inputs: _Inputs, guidance_scale, hooks, halves
+    ):
+        self.model, self.sampler, self.editor, self.hooks = model, sampler, editor, hooks
+        self.halves = halves  # the CFG halves every call carries
+        self.guidance_scale, self.device = guidance_scale, inputs.device
+        conds = inputs.conds
+        self.plans: dict[tuple, RowPlan] = {}
+        paths = (REFERENCE, LAYOUT, TARGET)
+        padded = C.pad_tokens(
+            [conds.cond_of(p) for p in paths] + [conds.uncond_of(p) for p in paths]
+        )
+        self.cond_of, self.uncond_of = dict(zip(paths, padded[:3])), dict(zip(paths, padded[3:]))
+
+    def plan(self, paths: list[tuple[str, int]]) -> RowPlan:
         plan = self.plans.get(tuple(paths))
         if plan is None:
-            plan = self.plans[tuple(paths)] = RowPlan.build(paths, self.family.halves)
+            plan = self.plans[tuple(paths)] = RowPlan.build(paths, self.halves)
+        return plan
+
+    def __call__(self, paths, latents: dict, t, **state) -> dict[str, torch.Tensor]:
+        plan = self.plan(paths)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
         cond = C.cat(
             [
@@ -719,73 +624,211 @@ class _Retouch:
                 if c
             ]
         )
-        self.editor.begin_step(plan, keep_store=keep_store, sources=sources, **phase)
-        pred = self.family.predict(x.to(self.device), point, cond)
-        self.calls[0] += 1
-        self.calls[1] += plan.batch
-        out = {}
-        for p, c in paths:
-            if c:
-                cond_rows, uncond_rows = plan.get(p, COND), plan.get(p, UNCOND)
-                out[p] = (
-                    pred[cond_rows]
-                    if uncond_rows is None  # no CFG (a distilled-guidance DiT at scale 1)
-                    else self.sampler.combine(
-                        pred[uncond_rows], pred[cond_rows], self.settings.guidance_scale
-                    )
-                )
+        self.editor.begin_step(StepState(plan, **state))
+        out = self.sampler.predict(self.model, x.to(self.device), t, cond)
+        self.hooks.calls[0] += 1
+        self.hooks.calls[1] += plan.batch
+        guide = self.sampler.guide
+        return {
+            p: (
+                out[plan.get(p, COND)]
+                if plan.get(p, UNCOND) is None  # no CFG (a distilled-guidance DiT at scale 1)
+                else guide(out[plan.get(p, UNCOND)], out[plan.get(p, COND)], self.guidance_scale)
+            )
+            for p, c in paths
+            if c
+        }
+
+
+class _Retouch:
+    """One retouch, as Algorithm 1 reads: invert the reference (cached), start the layout path, then
+    per step s one batched model call for the reference, layout and target paths (the editor copies,
+    paints and blends), a sampling step for each path; M is built at mask start.
+
+    The model family (`family.ModelFamily`) supplies the sampler, the layer table, the editor and
+    the attention patch; nothing here is specific to a UNet or to DDIM."""
+
+    def __init__(self, model, settings: RetouchSettings, inputs: _Inputs, hooks, kv_cache):
+        self.model, self.settings, self.schedule = model, settings, settings.schedule
+        self.inputs, self.hooks, self.kv_cache = inputs, hooks, kv_cache
+        self.family = family_of(model)
+        # latent size: a flow schedule's shift depends on the image's token count (Flux)
+        self.sampler = self.family.sampler(model, self.schedule.steps, latent_hw=inputs.latent_hw)
+        self.T = self.sampler.steps
+        self.layers = settings.layers or self.family.layer_table(model, settings.layer_preset)
+        self.editor = self.family.editor(
+            self.layers, inputs.subject_tokens, inputs.latent_hw, inputs.n_references
+        )
+        halves = family_halves(self.family, settings.guidance_scale)
+        self.call = _ModelCall(
+            model, self.sampler, self.editor, inputs, settings.guidance_scale, hooks, halves
+        )
+        self.masker = _MaskBuilder(inputs, settings.ca_threshold)
+        self.mask: Optional[_Mask] = None
+        self.layer_masks: Optional[masks.LayerMasks] = None
+        self.notes: list[str] = []
+        self.trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
+        if inputs.segmenter is not None and inputs.layout_images is None:
+            self.notes.append("SAM skipped: no layout image given; cross-attention mask only")
+
+    # -- Algorithm 1 ------------------------------------------------------------------------------
+    def run(self, reference_latent, reference_keys, cache) -> RetouchResult:
+        keys = [
+            None if k is None else inversion_key(k, self.T, self.inputs.latent_hw)
+            for k in reference_keys
+        ]
+        inversions = _Inversions(self.model, self.sampler, self.inputs, self.hooks)
+        z_r, cached = inversions.references(reference_latent, keys, cache)  # z_r[0…T] (R rows)
+        key = keys[0] if self.inputs.n_references == 1 else (None if None in keys else tuple(keys))
+        self.z_l = inversions.layout_start()  # z_o[T]
+        self.z_t = self.z_l.clone()  # z_t ← z_o[T]
+        self.z_ref = z_r[self.T].clone()
+        kv_key = self.reference_kv_key(key)
+        with self.family.patched(self.model, self.editor):
+            for s in range(1, self.T + 1):
+                self.hooks.stop_if_asked(f"stopped at retouch step {s} of {self.T}")
+                self.step(s, z_r, kv_key)
+            if self.mask is None:
+                self.build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
+        return self.result(cached)
+
+    def step(self, s: int, z_r, kv_key) -> None:
+        """Retouch step s: re-set the reference (and stage-1 layout) path, build M at mask start,
+        one model call (or one per path) through the editor, a sampling step per path."""
+        if self.settings.reset_reference:
+            self.z_ref = z_r[self.sampler.level_before_step(s)]
+        if self.inputs.layout_trajectory is not None:
+            self.z_l = self.inputs.layout_trajectory[s - 1]
+        if s == self.schedule.mask_start:
+            self.build_mask()
+        phase = self.phase(s)
+        out = self.predict(s, phase, kv_key)
+        if getattr(self.sampler, "midpoint", None) is not None:
+            out = self.predict_at_midpoint(s, phase, out)
+        self.advance(s, phase, out)
+        self.hooks.report("retouch", s, self.T)
+        self.hooks.preview(self.z_t)
+
+    def phase(self, s: int) -> _Phase:
+        st, copy = self.settings, self.schedule.copies_layout(s)
+        # while the layout is copied into every layer the target equals the layout path: not computed
+        skip_target = copy and st.skip_equal_target and self.layers.swaps_every_layer()
+        need_ref = (not copy and bool(self.layers.reference_layers)) or not st.reset_reference
+        n = self.inputs.n
+        paths = [
+            (REFERENCE, self.inputs.n_references if need_ref else 0),
+            (LAYOUT, n),
+            (TARGET, 0 if skip_target else n),
+        ]
+        blend = self.schedule.blends_mask(s) and self.layer_masks is not None
+        return _Phase(copy, blend, self.mask is None, skip_target, need_ref, paths)
+
+    def predict_at_midpoint(self, s: int, phase: _Phase, out: dict) -> dict[str, torch.Tensor]:
+        """A second-order sampler's second evaluation (flow.MIDPOINT, RF-Solver-2): every path moved
+        half a step with its first prediction, predicted again there — same phase, same edits, one
+        more batched call; `advance` then takes the full step with this prediction."""
+        here = (self.z_ref, self.z_l, self.z_t)
+        half = self.sampler.midpoint
+        self.z_l = half(self.z_l, out[LAYOUT], s)
+        self.z_t = self.z_l if phase.skip_target else half(self.z_t, out[TARGET], s)
+        if REFERENCE in out:
+            self.z_ref = half(self.z_ref, out[REFERENCE], s)
+        try:
+            return self.predict(s, phase, None, t=self.sampler.time_of_midpoint(s))
+        finally:
+            self.z_ref, self.z_l, self.z_t = here
+
+    def predict(self, s: int, phase: _Phase, kv_key, t=None) -> dict[str, torch.Tensor]:
+        """The guided prediction of each path this step (the editor edits the attention)."""
+        latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
+        t = self.sampler.time_of_step(s) if t is None else t
+        state = dict(phase.flags(), masks=self.layer_masks)
+        if self.settings.sequential:
+            return self.predict_one_call_per_path(phase, latents, t, state)
+        use_kv = kv_key is not None and phase.need_reference
+        cached_kv = self.kv_cache.get(kv_key, s) if use_kv else None
+        paths = list(phase.paths)
+        if cached_kv is not None:  # the reference's K/V from an earlier generation: no rows
+            paths[0] = (REFERENCE, 0)
+        state.update(sources=cached_kv or {}, capture_reference=use_kv and cached_kv is None)
+        out = self.call(paths, latents, t, **state)
+        captured = self.editor.captured_reference()
+        if captured:
+            self.kv_cache.put(kv_key, s, captured)
         return out
 
-    def build_mask(self) -> None:
-        """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3); bounded
-        by the user's mask when there is one."""
-        maps = self.editor.subject_maps()
-        if maps is None:
-            if self.user_mask is not None:  # nothing recorded: U softened like M is the mask
-                m = torch.from_numpy(
-                    np.stack([_softened(self.user_mask[i, 0]) for i in range(self.n)])
+    def predict_one_call_per_path(self, phase: _Phase, latents, t, state) -> dict:
+        """`sequential`: each call reads the sources (Q, K, V, output) the step's earlier calls kept."""
+        out, sources = {}, {}
+        for p, c in phase.paths:
+            if c:
+                out.update(
+                    self.call([(p, c)], latents, t, **state, sources=sources, keep_sources=True)
                 )
-                self._set_mask(m.to(self.device), None, MASK_USER)
-            return
-        norm_maps, full_masks = [], []
-        kind = MASK_CA_ONLY
-        for i in range(self.n):
-            norm, mc = masks.cross_attention_mask(maps[i], self.settings.ca_threshold)
-            sam = None
-            if self.segmenter is not None and self.layout_images is not None:
-                sam = self.segmenter.segment(self.layout_images[i], norm, mc)
-                kind = MASK_SAM
-            full_masks.append(
-                masks.adaptive_mask(mc, sam, size=None if sam is not None else self.latent_hw)
-            )
-            norm_maps.append(norm)
-        if self.user_mask is not None:
-            full_masks, fallback = self.bound_by_user_mask(full_masks)
-            if len(fallback) == self.n:
-                kind = MASK_USER
-            else:
-                kind += IN_USER_MASK
-                if fallback:
-                    kind += f"; user mask alone for image {', '.join(str(i + 1) for i in fallback)}"
-        m = torch.from_numpy(np.stack(full_masks)).to(self.device)
-        self._set_mask(m, torch.from_numpy(np.stack(norm_maps)), kind)
+                sources = {**sources, **self.editor.kept_sources()}
+        return out
 
-    def _set_mask(self, m, ca_maps, kind) -> None:
-        self.editor.masks = masks.LayerMasks(m, self.latent_hw)
-        self.editor.record_maps = False
-        self.mask.update(masks=m, ca_maps=ca_maps, kind=kind)
+    def advance(self, s: int, phase: _Phase, out: dict[str, torch.Tensor]) -> None:
+        """A sampling step for each path computed (the layout path's first)."""
+        z_l_next = self.sampler.step(self.z_l, out[LAYOUT], s)
+        if phase.skip_target:
+            self.z_t = z_l_next.clone()
+        else:
+            self.z_t = self.sampler.step(self.z_t, out[TARGET], s)
+            if self.inputs.user_mask is not None:
+                # Inpaint: outside the user's mask the target follows the layout path at every step
+                # (as the WebUI's inpaint blends its latents), so the model sees the input's context.
+                self.z_t = torch.lerp(z_l_next, self.z_t, self.inputs.user_mask)
+        if not self.settings.reset_reference and REFERENCE in out:
+            self.z_ref = self.sampler.step(self.z_ref, out[REFERENCE], s)
+        self.z_l = z_l_next
+        if self.trajectories is not None:
+            self.trajectories[LAYOUT].append(self.z_l)
+            self.trajectories[TARGET].append(self.z_t)
 
-    def bound_by_user_mask(self, full_masks) -> tuple[list[np.ndarray], list[int]]:
-        """M·U per image; where that is empty, U softened like M (which images: the second list)."""
-        out, fallback = [], []
-        for i, m in enumerate(full_masks):
-            u = masks.resize_nearest(self.user_mask[i, 0].float().cpu().numpy(), m.shape)
-            bounded = (m * u).astype(np.float32)
-            if not (bounded > 0).any():
-                bounded = _softened(self.user_mask[i, 0], m.shape)
-                fallback.append(i)
-            out.append(bounded)
-        return out, fallback
+    def build_mask(self) -> None:
+        self.mask = self.masker.build(self.editor.subject_maps())
+        if self.mask is not None:
+            self.layer_masks = masks.LayerMasks(self.mask.masks, self.inputs.latent_hw)
+
+    def reference_kv_key(self, key) -> Optional[tuple]:
+        """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the
+        negative prompt."""
+        st = self.settings
+        if (
+            self.kv_cache is None
+            or self.kv_cache.max_bytes <= 0
+            or key is None
+            or not st.reset_reference
+            or st.sequential
+            or getattr(self.sampler, "midpoint", None)
+            is not None  # K/V kept per step, not per call
+        ):
+            return None
+        prompts = _digest(self.call.cond_of[REFERENCE], self.call.uncond_of[REFERENCE])
+        return (*key, prompts, self.layers.name, tuple(self.layers.reference_layers))
+
+    def result(self, reference_cached: bool) -> RetouchResult:
+        if self.mask is None:
+            self.notes.append("no cross-attention maps were recorded; no mask")
+        z_t, u = self.z_t, self.inputs.user_mask
+        if u is not None:
+            # Outside the user's mask the input's latents, bit for bit: `where` (not only lerp) so
+            # that U == 0 gives exactly those bits whatever the target holds there.
+            layout = self.inputs.layout_latents
+            z_t = torch.where(u == 0, layout, torch.lerp(layout, z_t, u))
+        mask = self.mask
+        return RetouchResult(
+            latents=z_t,
+            masks=None if mask is None else mask.masks,
+            ca_maps=None if mask is None else mask.ca_maps,
+            mask_kind=MASK_CA_ONLY if mask is None else mask.kind,
+            notes=self.notes,
+            unet_calls=self.hooks.calls[0],
+            unet_rows=self.hooks.calls[1],
+            reference_cached=reference_cached,
+            trajectories=self.trajectories,
+        )
 
 
 def _softened(u: torch.Tensor, size=None) -> np.ndarray:

@@ -19,13 +19,20 @@ PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
 
 
-def knob_words(name: str) -> str:
-    """What a knob means, in words a user understands (error messages): the parameter table's words."""
-    if name == "steps":
-        return "the number of sampling steps"
-    from .params import FIELD_BY_NAME  # late: params imports this module
+# How messages name each knob: (symbol, meaning). The parameter table (params.FIELDS) takes them
+# from here.
+KNOBS = {
+    "steps": ("", "the number of sampling steps"),
+    "lambda1": ("λ1", "the number of first steps drawn by the vanilla model"),
+    "lambda2": ("λ2", "the number of first retouch steps that copy the layout"),
+    "mask_start": ("mask start", "the first retouch step that blends the subject mask"),
+}
 
-    return FIELD_BY_NAME[name].words()
+
+def knob_words(name: str) -> str:
+    """What a knob means, in words a user understands (error messages): 'λ1 (the number …)'."""
+    symbol, meaning = KNOBS[name]
+    return f"{symbol} ({meaning})" if symbol else meaning
 
 
 def _is_int(v: object) -> bool:

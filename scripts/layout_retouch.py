@@ -17,7 +17,7 @@ if _EXT_ROOT not in sys.path:
 
 from modules import script_callbacks, scripts  # noqa: E402
 
-from layout_retouch_webui import api, checks, settings, stage1, ui, xyz  # noqa: E402
+from layout_retouch_webui import api, checks, sampling, settings, stage1, ui, xyz  # noqa: E402
 from layout_retouch_webui import run as lr_run  # noqa: E402
 from lib_layout_retouch import logs  # noqa: E402
 from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
@@ -81,7 +81,7 @@ class LayoutRetouchScript(scripts.Script):
                 return
             api.fail_internal(p, e)
             return
-        lr_run.install(p, run)
+        sampling.install(p, run)
         p.extra_generation_params.update(run.job.infotext())
         logger.info(
             f"enabled: {run.job.schedule.describe()}, personalization {params.personalization}"

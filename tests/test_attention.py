@@ -11,6 +11,7 @@ from lib_layout_retouch.attention import (
     UNCOND,
     RetouchAttention,
     RowPlan,
+    StepState,
     patched_attention,
 )
 from lib_layout_retouch.errors import Interrupted
@@ -127,9 +128,9 @@ def test_mask_blend_exact_values(tiny_ldm, m_value):
         own_t = module(x_target)
         own_o = module(x_layout)
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
-    editor.masks = LayerMasks(torch.full((1, 8, 8), m_value), (8, 8))
     plan = RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,))
-    editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=True, record_maps=False)
+    masks = LayerMasks(torch.full((1, 8, 8), m_value), (8, 8))
+    editor.begin_step(StepState(plan, blend=True, masks=masks))
     x = torch.cat([x_layout, x_target])
     with torch.no_grad():
         out = editor(
@@ -160,7 +161,7 @@ def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
     )
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
     plan = RowPlan.build([("reference", 1), (LAYOUT, 1), (TARGET, 2)], halves=(COND,))
-    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False)
+    editor.begin_step(StepState(plan, paint_identity=True))
     with torch.no_grad():
         out = editor(name, module, torch.cat([x_ref, x_lay, x_t, x_t2]), None, None, None)
         h = module.heads
@@ -199,8 +200,7 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
     plan = RowPlan.build([("reference", 1), (LAYOUT, 2), (TARGET, 2)])
     batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in ("reference", LAYOUT, TARGET)])
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
-    editor.capture_reference = {}
-    editor.begin_step(plan, copy_layout=False, paint_identity=True, blend=False, record_maps=False)
+    editor.begin_step(StepState(plan, paint_identity=True, capture_reference=True))
     with torch.no_grad():
         out = editor(name, module, batch, None, None, None)
         for h in (UNCOND, COND):
@@ -219,20 +219,12 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
             _expected_with_reference(module, x[(TARGET, UNCOND)], x[("reference", COND)]),
             atol=1e-3,
         )
-        captured = dict(editor.capture_reference)
+        captured = editor.captured_reference()
         assert set(captured) == {(name, "reference", UNCOND), (name, "reference", COND)}
 
         # The same step with the reference from the capture instead of reference rows.
         cached_plan = RowPlan.build([(LAYOUT, 2), (TARGET, 2)])
-        editor.capture_reference = None
-        editor.begin_step(
-            cached_plan,
-            copy_layout=False,
-            paint_identity=True,
-            blend=False,
-            record_maps=False,
-            sources=captured,
-        )
+        editor.begin_step(StepState(cached_plan, paint_identity=True, sources=captured))
         cached_batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in (LAYOUT, TARGET)])
         cached_out = editor(name, module, cached_batch, None, None, None)
         for h in (UNCOND, COND):
@@ -257,9 +249,8 @@ def test_mask_blend_both_cfg_halves_with_a_varying_mask(tiny_ldm):
     m[0, :4] = 1.0
     m[1, :, :3] = 0.0
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
-    editor.masks = LayerMasks(m, (8, 8))
     plan = RowPlan.build([(LAYOUT, 2), (TARGET, 2)])
-    editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=True, record_maps=False)
+    editor.begin_step(StepState(plan, blend=True, masks=LayerMasks(m, (8, 8))))
     batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in (LAYOUT, TARGET)])
     with torch.no_grad():
         out = editor(name, module, batch, None, None, None)
@@ -300,7 +291,7 @@ def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
     module = attention_modules(unet)[name]
     editor = RetouchAttention(table, subject_tokens=[4, 5], latent_hw=(8, 8))
     plan = RowPlan.build([(LAYOUT, 2)])
-    editor.begin_step(plan, copy_layout=False, paint_identity=False, blend=False, record_maps=True)
+    editor.begin_step(StepState(plan, record_maps=True))
     g = torch.Generator().manual_seed(5)
     x = torch.randn(4, 16, 64, generator=g)
     ctx = torch.randn(4, 77, 32, generator=g)
@@ -330,18 +321,14 @@ def _multi_reference_out(module, name, x_refs, x_t, n_references, sources=None):
     else:
         plan = RowPlan.build([(LAYOUT, 1), (TARGET, x_t.shape[0])], halves=(COND,))
         batch = torch.cat([x_t[:1], x_t])
-    editor.capture_reference = {} if sources is None else None
     editor.begin_step(
-        plan,
-        copy_layout=False,
-        paint_identity=True,
-        blend=False,
-        record_maps=False,
-        sources=sources,
+        StepState(
+            plan, paint_identity=True, sources=sources or {}, capture_reference=sources is None
+        )
     )
     with torch.no_grad():
         out = editor(name, module, batch, None, None, None)
-    return out[plan.get(TARGET, COND)], editor.capture_reference
+    return out[plan.get(TARGET, COND)], editor.captured_reference()
 
 
 def test_the_same_reference_twice_attends_like_it_once(tiny_ldm):

@@ -243,3 +243,29 @@ def test_tiny_sdxl_config_runs_with_dict_conditioning(tmp_path):
     assert hook["extra_kernels"] == {"index_select": 10, "lerp_": 10}
     assert set(res["goals"]) == {"ratio_fast", "lr_extra_peak_gib", "hook_overhead"}
     assert res["unet_calls"] == {"plain": 4, "lr_paper": 16, "lr_fast": 8}
+
+
+def test_tiny_flux_benchmark_runs_plain_and_both_retouch_modes(tmp_path):
+    """`--config tiny-flux` (benchmarks/bench_flux.py): the Flux retouch against a plain Flux run, with
+    the transformer calls each costs (those are exact; the times only positive)."""
+    out = tmp_path / "tiny-flux.json"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--config", "tiny-flux", "--device", "cpu", "--steps", "4"]
+        + ["--warmup", "1", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    T = 4
+    assert res["plain_calls"] == T
+    # stage 1 + two midpoint inversions + the midpoint retouch (2 calls per step)
+    assert res["lr_paper_calls"] == T + 2 * 2 * T + 2 * T
+    # stage 1 + the Euler retouch (reference inversion cached, layout on stage 1's trajectory)
+    assert res["lr_fast_calls"] == 2 * T
+    assert all(res[k] > 0 for k in ("plain_s", "lr_paper_s", "lr_fast_s"))
+    assert "LR/plain" in proc.stdout

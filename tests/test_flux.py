@@ -7,10 +7,11 @@ import torch
 
 from lib_layout_retouch import flow
 from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.attention import COND, LAYOUT, TARGET, RowPlan
+from lib_layout_retouch.attention import COND, LAYOUT, TARGET, RowPlan, StepState
 from lib_layout_retouch.dit_attention import (
     SHARED,
     SHIFTED,
+    DiTProcessor,
     DiTRetouchAttention,
     dit_blocks,
     dit_layer_table,
@@ -21,7 +22,14 @@ from lib_layout_retouch.dit_attention import (
     single_block,
 )
 from lib_layout_retouch.errors import Interrupted
-from lib_layout_retouch.flux_model import image_ids, pack, piece_positions, token_grid, unpack
+from lib_layout_retouch.flux_model import (
+    FluxFamily,
+    image_ids,
+    pack,
+    piece_positions,
+    token_grid,
+    unpack,
+)
 from lib_layout_retouch.masks import LayerMasks
 from lib_layout_retouch.prompts import derive_prompts
 from lib_layout_retouch.schedule import Schedule
@@ -53,6 +61,22 @@ def flux(tmp_path_factory, tiny_clip_dir):
 
 
 def run(flux, **kw):
+    """pl.retouch on the tiny Flux; `solver`, `reference_rope`, `with_target_tokens`: the family's."""
+    model, conds, subject, ref, layouts = flux
+    family = model.retouch_family
+    model.retouch_family = FluxFamily(
+        model,
+        kw.pop("solver", flow.MIDPOINT),
+        kw.pop("reference_rope", SHIFTED),
+        kw.pop("with_target_tokens", False),
+    )
+    try:
+        return _run(flux, **kw)
+    finally:
+        model.retouch_family = family
+
+
+def _run(flux, **kw):
     model, conds, subject, ref, layouts = flux
     sched = kw.pop(
         "schedule", Schedule.for_steps(T, lambda1=1, lambda2=2, mask_start=5, scale=False)
@@ -306,33 +330,29 @@ def test_layer_tables():
         dit_layer_table(19, 38, "heavy")
 
 
-def _one_call(model, editor, x, conds, **phase):
-    """One transformer call over [layout, target] rows (cond half only) with the editor's phase;
-    returns the velocity and what `attend` returned at every block."""
+def _one_call(model, editor, x, conds, masks=None, **flags):
+    """One transformer call over [layout, target] rows (cond half only) with the given step flags;
+    returns the velocity and what every block's joint attention returned."""
     plan = RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,))
     seen = {}
-    real = editor.attend
+    real = DiTProcessor.joint
 
-    def spy(name, at, *a):
-        out = real(name, at, *a)
-        seen[name] = out.clone()
+    def spy(self, *a):
+        out = real(self, *a)
+        seen[self.name] = out.clone()
         return out
 
-    editor.attend = spy
-    real_at = editor._at_block  # every block runs through `attend` (and is seen), acting or not
-    editor._at_block = lambda name: real_at(name)._replace(acts=True)
-    editor.begin_step(
-        plan,
-        **{
-            **dict(copy_layout=False, paint_identity=False, blend=False, record_maps=False),
-            **phase,
-        },
+    real_at = DiTProcessor.at_layer  # every block runs through `joint` (and is seen), acting or not
+    editor.begin_step(StepState(plan, masks=masks, **flags))
+    DiTProcessor.joint, DiTProcessor.at_layer = (
+        spy,
+        lambda self, st: real_at(self, st)._replace(acts=True),
     )
     try:
         with patched_blocks(model.transformer, editor), torch.no_grad():
             v = model.velocity(x, 0.6, conds)
     finally:
-        del editor.attend, editor._at_block
+        DiTProcessor.joint, DiTProcessor.at_layer = real, real_at
     return v, seen
 
 
@@ -347,10 +367,9 @@ def test_mask_one_gives_target_zero_gives_layout_exactly_at_a_block(flux):
     outs = {}
     for m in (None, 1.0, 0.0):
         editor = DiTRetouchAttention(table, subject, HW, rope_of=model.transformer.pe_embedder)
-        if m is not None:
-            editor.masks = LayerMasks(torch.full((1, *HW), m), HW)
+        masks = None if m is None else LayerMasks(torch.full((1, *HW), m), HW)
         # the first blend block sees identical inputs in all three runs (earlier blocks do not blend)
-        outs[m] = _one_call(model, editor, x, cond, blend=m is not None)[1]
+        outs[m] = _one_call(model, editor, x, cond, masks=masks, blend=m is not None)[1]
     first = table.blend_layers[0]
     n_txt = cond["crossattn"].shape[1]
     assert torch.equal(outs[1.0][first], outs[None][first])  # M ≡ 1: the target's own output
@@ -381,14 +400,14 @@ def test_reference_positions_shared_or_shifted(flux):
     a = run(flux, reference_rope=SHARED)
     b = run(flux, reference_rope=SHIFTED)
     assert not torch.allclose(a.latents, b.latents, atol=1e-5)
-    c = run(flux, reference_with_target_tokens=True)
+    c = run(flux, with_target_tokens=True)
     assert not torch.allclose(b.latents, c.latents, atol=1e-5)
 
 
 # -- the retouch loop ------------------------------------------------------------------------------
 @pytest.mark.parametrize("solver", [flow.EULER, flow.MIDPOINT])
 def test_copy_phase_target_equals_layout_then_differs(flux, solver):
-    res = run(flux, skip_equal_target=False, keep_trajectories=True, flow_solver=solver)
+    res = run(flux, skip_equal_target=False, keep_trajectories=True, solver=solver)
     lay, tgt = res.trajectories[LAYOUT], res.trajectories[TARGET]
     for s in (1, 2):  # s ≤ λ2 (equal rows of one batch: rounding of edge rows aside)
         assert (tgt[s - 1] - lay[s - 1]).abs().max() <= 1e-6 * lay[s - 1].abs().max(), s

@@ -282,19 +282,19 @@ def test_row_plans_and_their_device_indices_are_made_once_per_row_layout(setup, 
 
     built, gathers = [], []
     real_build = attention.RowPlan.build.__func__
-    real_gather = attention.RetouchAttention._reference_gather
+    real_gather = attention.RowPlan.reference_gather
 
     def counting_build(cls, paths, *a, **k):
         built.append(tuple(paths))
         return real_build(cls, paths, *a, **k)
 
     def counting_gather(self, device):
-        if ("reference_gather", device) not in self.plan.derived:
-            gathers.append(id(self.plan))
+        if ("reference_gather", device) not in self.derived:
+            gathers.append(id(self))
         return real_gather(self, device)
 
     monkeypatch.setattr(attention.RowPlan, "build", classmethod(counting_build))
-    monkeypatch.setattr(attention.RetouchAttention, "_reference_gather", counting_gather)
+    monkeypatch.setattr(attention.RowPlan, "reference_gather", counting_gather)
     res = run(setup)
     assert res.unet_calls == 3 * T
     assert len(built) == len(set(built)) == 2  # layout-only steps (s ≤ λ2), then three paths

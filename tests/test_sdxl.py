@@ -305,7 +305,7 @@ def test_batched_equals_one_call_per_path_and_fast_path(xl_setup):
 def test_mask_blend_exact_on_an_sdxl_reference_layer(xl, m_value):
     """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend —
     on a depth-2 transformer block's self-attention of the SDXL UNet."""
-    from lib_layout_retouch.attention import COND, RetouchAttention, RowPlan
+    from lib_layout_retouch.attention import COND, RetouchAttention, RowPlan, StepState
     from lib_layout_retouch.layers import LayerTable
     from lib_layout_retouch.masks import LayerMasks
 
@@ -326,13 +326,12 @@ def test_mask_blend_exact_on_an_sdxl_reference_layer(xl, m_value):
     with torch.no_grad():
         own_t, own_o = module(x_target), module(x_layout)
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
-    editor.masks = LayerMasks(torch.full((1, 8, 8), m_value), (8, 8))
     editor.begin_step(
-        RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,)),
-        copy_layout=False,
-        paint_identity=False,
-        blend=True,
-        record_maps=False,
+        StepState(
+            RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,)),
+            blend=True,
+            masks=LayerMasks(torch.full((1, 8, 8), m_value), (8, 8)),
+        )
     )
     with torch.no_grad():
         out = editor(name, module, torch.cat([x_layout, x_target]), None, None, None)

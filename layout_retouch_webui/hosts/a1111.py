@@ -15,7 +15,7 @@ from modules import devices, sd_models, shared
 
 from lib_layout_retouch.model import LdmModel, check_model_supported
 
-from ..settings import opt
+from ..options import opt
 from .base import Host
 
 
