@@ -471,3 +471,29 @@ def test_interrupt_during_the_retouch_restores_every_block(flux):
         run(flux, should_stop=stop)
     assert all("forward" not in b.__dict__ for b in dit_blocks(model.transformer).values())
     assert torch.equal(call(model.transformer, x), before)
+
+
+def test_reference_kv_cache_hit_is_bit_identical_with_no_reference_rows(flux):
+    """The loop's reference K/V cache (one call per step: the Euler solver) serves the DiT too."""
+    kv = pl.ReferenceAttentionCache(max_bytes=1 << 30)
+    cache = pl.InversionCache()
+    first = run(flux, solver=flow.EULER, cache=cache, kv_cache=kv, reference_key=("dog",))
+    second = run(flux, solver=flow.EULER, cache=cache, kv_cache=kv, reference_key=("dog",))
+    assert len(kv) == 1 and second.unet_rows < first.unet_rows
+    assert torch.equal(first.latents, second.latents)
+    # the midpoint solver calls twice per step: no per-step cache, same result as without one
+    mid = run(flux, cache=cache, kv_cache=kv, reference_key=("dog",))
+    assert torch.equal(mid.latents, run(flux, cache=cache, reference_key=("dog",)).latents)
+
+
+def test_two_references_and_an_inpaint_mask(flux):
+    model, conds, subject, ref, layouts = flux
+    two = run(flux, ref=torch.cat([ref, ref.flip(-1)]))
+    one = run(flux)
+    assert two.latents.shape == one.latents.shape
+    assert not torch.allclose(two.latents, one.latents, atol=1e-5)
+    u = torch.zeros(1, 1, *HW)
+    u[..., :, 4:] = 1
+    res = run(flux, user_mask=u)
+    assert torch.equal(res.latents[..., :4], layouts[..., :4])  # the input's latents outside U
+    assert not torch.allclose(res.latents[..., 4:], layouts[..., 4:], atol=1e-3)
