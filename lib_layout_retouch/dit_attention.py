@@ -162,6 +162,12 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
 
 def double_block(block, img, txt, vec, pe, attend):
     """A double-stream block with its attention routed through `attend(q, k, v, pe, n_txt)`."""
+    if getattr(block, "flipped_img_txt", False):  # ComfyUI's variant with [image ; text] order
+        raise LayoutRetouchError(
+            "this DiT puts the image tokens before the text tokens (flipped_img_txt), which the "
+            "retouch does not model: run this model without Layout-and-Retouch",
+            parameter="sd_model",
+        )
     (i_sh1, i_sc1, i_g1), (i_sh2, i_sc2, i_g2) = _modulation(block.img_mod, vec)
     (t_sh1, t_sc1, t_g1), (t_sh2, t_sc2, t_g2) = _modulation(block.txt_mod, vec)
     heads = block.num_heads

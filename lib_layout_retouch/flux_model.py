@@ -16,7 +16,8 @@ The conditioning is a dict, so `conditioning.py` batches it like SDXL's:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -90,6 +91,8 @@ class FluxModel:
         solver: str = flow.MIDPOINT,
         reference_rope: str = SHIFTED,
         reference_with_target_tokens: bool = False,
+        vanilla: Optional[Callable[[], ContextManager]] = None,
+        guidance: float = DEFAULT_GUIDANCE,
     ):
         self.transformer = transformer
         self._encode_t5, self._encode_clip = encode_t5, encode_clip
@@ -99,6 +102,10 @@ class FluxModel:
         self.shift = shift  # dev: resolution-dependent shift; schnell: none
         self._sigmas = sigmas  # the host sampler's σ list for (steps, latent hw), if it has one
         self.guidance_embed = bool(getattr(transformer, "guidance_embed", True))
+        self.guidance = float(guidance)  # the distilled guidance (Forge's "Distilled CFG Scale")
+        # stage 1's vanilla model: a context in which the transformer is the vanilla one (the host
+        # turns the subject's LoRA off, or swaps a vanilla checkpoint in); None: the same model
+        self.vanilla = vanilla or contextlib.nullcontext
         # the retouch loop's model family (family.ModelFamily) with the DiT choices
         self.retouch_family = FluxFamily(self, solver, reference_rope, reference_with_target_tokens)
         self.notes: list[str] = []
@@ -132,11 +139,17 @@ class FluxModel:
 
     # -- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
+    def generation_size(self, width: int, height: int) -> None:
+        """Flux has no size conditioning (SDXL's size terms)."""
+        return None
+
     def conditioning(
         self,
         prompts: Sequence[str],
-        guidance: float = DEFAULT_GUIDANCE,
+        size=None,
         *,
+        negative: bool = False,
+        guidance: Optional[float] = None,
         pooled_from: Optional[Sequence[str]] = None,
     ) -> dict:
         """{"crossattn", "vector", "guidance"} of `prompts`; the pooled vector of `pooled_from`
@@ -145,7 +158,8 @@ class FluxModel:
         prompts = list(prompts)
         t5 = self._encode_t5(prompts)
         pooled = self._encode_clip(list(pooled_from) if pooled_from is not None else prompts)
-        g = torch.full((len(prompts),), float(guidance), device=t5.device, dtype=torch.float32)
+        guidance = self.guidance if guidance is None else float(guidance)
+        g = torch.full((len(prompts),), guidance, device=t5.device, dtype=torch.float32)
         return {"crossattn": t5, "vector": pooled.to(t5.device), "guidance": g}
 
     def subject_tokens(self, prompt: str, phrases: Sequence[str]) -> list[int]:
@@ -162,7 +176,7 @@ class FluxModel:
         return subject_token_positions(self.tokenize_clip, prompt, phrases, CHUNK - 2)
 
     # -- the retouch (pipeline.encode_prompts asks for these) -----------------------------------
-    def retouch_conds(self, prompts, negative_prompt: str = "", guidance: float = DEFAULT_GUIDANCE):
+    def retouch_conds(self, prompts, negative_prompt: str = ""):
         """pipeline.RetouchConds of y_r, y_p and the negative prompt. The target path attends with
         y_r's T5 tokens but keeps the layout's pooled CLIP vector: the vector is no attention (it
         modulates every block), and with y_r's the target would leave the layout while every block
@@ -170,9 +184,9 @@ class FluxModel:
         from .conditioning import rows
         from .pipeline import RetouchConds
 
-        c = self.conditioning([prompts.reference, prompts.personalized, negative_prompt], guidance)
+        c = self.conditioning([prompts.reference, prompts.personalized, negative_prompt])
         reference, layout = rows(c, slice(0, 1)), rows(c, slice(1, 2))
-        empty = self.conditioning([""], guidance)
+        empty = self.conditioning([""])
         return RetouchConds(
             reference=reference,
             layout=layout,

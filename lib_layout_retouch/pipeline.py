@@ -35,7 +35,7 @@ from .attention import (
     StepState,
 )
 from .errors import Interrupted, LayoutRetouchError
-from .family import Sampler, family_halves, family_of
+from .family import EpsUNetFamily, Sampler, family_halves, family_of
 from .layers import LayerTable
 from .model import LdmModel
 
@@ -883,31 +883,48 @@ def generate(
     from .prompts import subject_token_positions
 
     schedule = settings.schedule
-    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
     height, width = (8 * d for d in noise.shape[-2:])
     gen_size = model.generation_size(width, height)
     conds = encode_prompts(
         model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size
     )
     cond_layout = model.conditioning([prompts.layout], gen_size)
-    trajectory = stage1.sample_step_blended(
-        model.denoiser(vanilla_unet),
-        model.denoiser(),
-        schedule,
-        ddim_schedule,
-        cond_layout,
-        conds.layout,
-        conds.uncond,
-        noise,
-        settings.guidance_scale,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    family = family_of(model)
+    phrases = [prompts.concept_token, prompts.class_phrase]
+    if isinstance(family, EpsUNetFamily):  # (or a family built on it)
+        ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
+        trajectory = stage1.sample_step_blended(
+            model.denoiser(vanilla_unet),
+            model.denoiser(),
+            schedule,
+            ddim_schedule,
+            cond_layout,
+            conds.layout,
+            conds.uncond,
+            noise,
+            settings.guidance_scale,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        subject = subject_token_positions(model.tokenize, prompts.personalized, phrases)
+    else:  # another family (Flux): its sampler, its vanilla model (`model.vanilla()`), its tokens
+        trajectory = stage1.sample_step_blended_with(
+            family.sampler(model, schedule.steps, latent_hw=tuple(noise.shape[-2:])),
+            model,
+            schedule,
+            cond_layout,
+            conds.layout,
+            conds.uncond,
+            noise,
+            settings.guidance_scale,
+            vanilla=model.vanilla,
+            halves=family_halves(family, settings.guidance_scale),
+            progress=progress,
+            should_stop=should_stop,
+        )
+        subject = model.subject_tokens(prompts.personalized, phrases)
     layout_latents = trajectory[-1]
     layout_images = model.decode(layout_latents)
-    subject = subject_token_positions(
-        model.tokenize, prompts.personalized, [prompts.concept_token, prompts.class_phrase]
-    )
     # A cached inversion starts with the reference's latent: no VAE pass then.
     cached = (
         cache.peek(inversion_key(reference_key, schedule.steps, noise.shape[-2:]))

@@ -10,7 +10,8 @@ this module is the library's DDIM version, used by the benchmark, the tests and 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
@@ -56,3 +57,51 @@ def sample_step_blended(
 
     callback = (lambda s, total: progress("layout", s, total)) if progress else None
     return ddim.sample(eps_for_step, noise, ddim_schedule, callback=callback)
+
+
+@torch.no_grad()
+def sample_step_blended_with(
+    sampler,
+    model,
+    schedule,
+    cond_layout: C.Cond,
+    cond_personalized: C.Cond,
+    uncond: C.Cond,
+    noise: torch.Tensor,
+    guidance_scale: float,
+    vanilla: Callable[[], ContextManager] = contextlib.nullcontext,
+    halves: Sequence[str] = ("uncond", "cond"),
+    progress: Optional[ProgressFn] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+) -> list[torch.Tensor]:
+    """Stage 1 through a model family's sampler (`family.Sampler`; Flux: the flow sampler): the
+    first λ1 steps by the vanilla model — inside `vanilla()`, which the host makes (a LoRA turned
+    off, a vanilla checkpoint swapped in) — with y_p⁻, the rest by the personalized model with y_p.
+    CFG when `halves` has both; a second-order sampler's midpoint evaluation is taken with the same
+    model and prompt. Returns the trajectory [z_T, …, z_0]."""
+    b = noise.shape[0]
+    both = "uncond" in halves
+    conds = {
+        name: C.cat([C.expand(uncond, b), C.expand(c, b)]) if both else C.expand(c, b)
+        for name, c in (("layout", cond_layout), ("personalized", cond_personalized))
+    }
+    midpoint = getattr(sampler, "midpoint", None)
+
+    def predict(x, t, s):
+        if should_stop is not None and should_stop():
+            raise Interrupted("stopped during layout generation")
+        model_name, prompt_name = schedule.stage1(s)
+        with vanilla() if model_name == "vanilla" else contextlib.nullcontext():
+            out = sampler.predict(model, torch.cat([x, x]) if both else x, t, conds[prompt_name])
+        return sampler.guide(*out.chunk(2), guidance_scale) if both else out
+
+    trajectory, z = [noise], noise
+    for s in range(1, sampler.steps + 1):
+        pred = predict(z, sampler.time_of_step(s), s)
+        if midpoint is not None:
+            pred = predict(midpoint(z, pred, s), sampler.time_of_midpoint(s), s)
+        z = sampler.step(z, pred, s)
+        trajectory.append(z)
+        if progress is not None:
+            progress("layout", s, sampler.steps)
+    return trajectory

@@ -497,3 +497,48 @@ def test_two_references_and_an_inpaint_mask(flux):
     res = run(flux, user_mask=u)
     assert torch.equal(res.latents[..., :4], layouts[..., :4])  # the input's latents outside U
     assert not torch.allclose(res.latents[..., 4:], layouts[..., 4:], atol=1e-3)
+
+
+def test_generate_runs_stage1_with_the_vanilla_model_for_lambda1_steps(flux):
+    """Both stages on the tiny Flux: stage 1 through the flow sampler, the vanilla model (the host's
+    `vanilla()` context: LoRA off) for exactly the first λ1 steps, then the retouch."""
+    import contextlib
+
+    model = flux[0]
+    inside = {"vanilla": False, "calls": []}
+
+    @contextlib.contextmanager
+    def vanilla():
+        inside["vanilla"] = True
+        try:
+            yield
+        finally:
+            inside["vanilla"] = False
+
+    real = model.velocity
+
+    def spy(x, sigma, cond):
+        inside["calls"].append((round(float(sigma), 6), inside["vanilla"]))
+        return real(x, sigma, cond)
+
+    own_vanilla = model.vanilla
+    model.vanilla, model.velocity = vanilla, spy
+    try:
+        out = pl.generate(
+            model,
+            prompts=derive_prompts("a sks dog on the beach", "sks", "dog"),
+            reference_image=photo_tensor(),
+            noise=latent(1, seed=9),
+            settings=pl.RetouchSettings(
+                schedule=Schedule.for_steps(T, lambda1=2, lambda2=2, mask_start=5, scale=False),
+                guidance_scale=1.0,
+            ),
+        )
+    finally:
+        model.vanilla = own_vanilla
+        del model.velocity
+    stage1 = inside["calls"][: 2 * T]  # midpoint: two calls per step
+    assert [v for _, v in stage1] == [True] * 4 + [False] * (2 * T - 4)  # λ1 = 2 steps
+    assert not any(v for _, v in inside["calls"][2 * T :])
+    assert out.images.shape == (1, 3, 64, 64) and out.layout_images.shape == (1, 3, 64, 64)
+    assert not torch.allclose(out.retouch.latents, out.layout_latents, atol=1e-3)
