@@ -29,6 +29,7 @@ from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, D
 from .schedule import (
     KNOBS,
     PAPER_LAMBDA1,
+    PAPER_LAMBDA1_CHALLENGING,
     PAPER_LAMBDA2,
     PAPER_MASK_START,
     PAPER_STEPS,
@@ -197,7 +198,8 @@ FIELDS: tuple[Field, ...] = (
         PAPER_LAMBDA1,
         "int",
         "λ1: vanilla layout steps",
-        "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger "
+        f"How many first steps the vanilla model draws (paper: {PAPER_LAMBDA1}; "
+        f"{PAPER_LAMBDA1_CHALLENGING} for hard prompts). Larger "
         "follows the prompt better but weakens the identity.",
         "LR lambda1",
         minimum=0,
@@ -212,7 +214,7 @@ FIELDS: tuple[Field, ...] = (
         PAPER_LAMBDA2,
         "int",
         "λ2: layout-copy steps",
-        "How many first retouch steps copy the layout's attention (paper: 10).",
+        f"How many first retouch steps copy the layout's attention (paper: {PAPER_LAMBDA2}).",
         "LR lambda2",
         minimum=0,
         maximum=PAPER_STEPS,
@@ -226,7 +228,8 @@ FIELDS: tuple[Field, ...] = (
         PAPER_MASK_START,
         "int",
         "Mask blending from step",
-        f"First retouch step that blends the subject mask (paper: 31 of 50); {PAPER_STEPS + 1} "
+        "First retouch step that blends the subject mask "
+        f"(paper: {PAPER_MASK_START} of {PAPER_STEPS}); {PAPER_STEPS + 1} "
         "turns blending off.",
         "LR mask start",
         minimum=2,
@@ -479,27 +482,34 @@ def _encode_png(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _default(name: str) -> Any:
+    """The dataclass default of a parameter: the table's (FIELDS is the one home of defaults)."""
+    return FIELD_BY_NAME[name].default
+
+
 @dataclass
 class LayoutRetouchParams:
-    enabled: bool = False
+    """The parameters of FIELDS as typed attributes, in FIELDS order, with the table's defaults."""
+
+    enabled: bool = _default("enabled")
     # One image, or a list of 1…MAX_REFERENCES (`references` gives the list either way).
-    reference_image: Image.Image | list[Image.Image] | None = None
-    personalization: str = "dreambooth"
-    vanilla_checkpoint: str = ""
-    concept_token: str = ""
-    class_phrase: str = ""
-    reference_prompt: str = ""
-    lambda1: int = PAPER_LAMBDA1
-    lambda2: int = PAPER_LAMBDA2
-    mask_start: int = PAPER_MASK_START
-    scale_with_steps: bool = True
-    sam_model: str = NO_SAM
-    ca_threshold: float = 0.1
-    show_intermediates: bool = False
-    layout_source: str = "inversion"
-    reset_reference: bool = True
-    layer_preset: str = DEFAULT_PRESET
-    stage1_text_encoder: str = "vanilla"
+    reference_image: Image.Image | list[Image.Image] | None = _default("reference_image")
+    personalization: str = _default("personalization")
+    vanilla_checkpoint: str = _default("vanilla_checkpoint")
+    concept_token: str = _default("concept_token")
+    class_phrase: str = _default("class_phrase")
+    reference_prompt: str = _default("reference_prompt")
+    lambda1: int = _default("lambda1")
+    lambda2: int = _default("lambda2")
+    mask_start: int = _default("mask_start")
+    scale_with_steps: bool = _default("scale_with_steps")
+    sam_model: str = _default("sam_model")
+    ca_threshold: float = _default("ca_threshold")
+    show_intermediates: bool = _default("show_intermediates")
+    layout_source: str = _default("layout_source")
+    reset_reference: bool = _default("reset_reference")
+    layer_preset: str = _default("layer_preset")
+    stage1_text_encoder: str = _default("stage1_text_encoder")
 
     def __post_init__(self) -> None:
         # Coerce on construction, so every instance holds typed values (types only; `validate`

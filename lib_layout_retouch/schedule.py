@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 
 from .errors import LayoutRetouchError
 
+# The paper's settings (§4.1), the one home of these numbers: T DDIM steps, λ1 (3 for its
+# "challenging" prompts), λ2, and the first blended step.
 PAPER_STEPS = 50
 PAPER_LAMBDA1 = 5
+PAPER_LAMBDA1_CHALLENGING = 3
 PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
 
