@@ -7,10 +7,12 @@ import os
 import gradio as gr
 from modules import shared
 
+from lib_layout_retouch import pipeline
 from lib_layout_retouch.params import NO_SAM
+from lib_layout_retouch.schedule import PAPER_STEPS
 from lib_layout_retouch.segmentation import find_sam_checkpoints
 
-from . import hosts
+from . import hosts, options
 from .options import opt  # noqa: F401  (re-exported: the UI reads options through settings)
 
 TITLE = "Layout-and-Retouch"
@@ -45,9 +47,9 @@ def checkpoint_choices() -> list[str]:
 def on_ui_settings():
     section = ("layout_retouch", TITLE)
     shared.opts.add_option(
-        "layout_retouch_default_sam",
+        options.DEFAULT_SAM,
         shared.OptionInfo(
-            NO_SAM,
+            options.DEFAULTS[options.DEFAULT_SAM],
             "Default Segment-Anything model",
             gr.Dropdown,
             lambda: {"choices": sam_choices()},
@@ -55,20 +57,22 @@ def on_ui_settings():
         ),
     )
     shared.opts.add_option(
-        "layout_retouch_reference_cache",
+        options.REFERENCE_CACHE,
         shared.OptionInfo(
-            4,
-            "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)",
+            options.DEFAULTS[options.REFERENCE_CACHE],
+            f"Reference inversions kept in memory (≈{pipeline.INVERSION_ENTRY_MB:.1f} MB each at "
+            f"512², {PAPER_STEPS} steps)",
             gr.Slider,
             {"minimum": 0, "maximum": 32, "step": 1},
             section=section,
         ),
     )
     shared.opts.add_option(
-        "layout_retouch_kv_cache_mb",
+        options.KV_CACHE_MB,
         shared.OptionInfo(
-            0,
-            "Reference attention cache, MB of VRAM (0 = off; one SD1 512² 50-step reference ≈ 1900 MB): "
+            options.DEFAULTS[options.KV_CACHE_MB],
+            f"Reference attention cache, MB of VRAM (0 = off; one SD1 512² {PAPER_STEPS}-step "
+            f"reference ≈ {round(pipeline.KV_REFERENCE_MB, -2):.0f} MB): "
             "repeat generations with the same reference skip the reference path",
             gr.Slider,
             {"minimum": 0, "maximum": 16384, "step": 64},
@@ -76,9 +80,9 @@ def on_ui_settings():
         ),
     )
     shared.opts.add_option(
-        "layout_retouch_vanilla_cache",
+        options.VANILLA_CACHE,
         shared.OptionInfo(
-            1,
+            options.DEFAULTS[options.VANILLA_CACHE],
             "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)",
             gr.Slider,
             {"minimum": 0, "maximum": 4, "step": 1},
@@ -86,9 +90,9 @@ def on_ui_settings():
         ),
     )
     shared.opts.add_option(
-        "layout_retouch_vanilla_on_cpu",
+        options.VANILLA_ON_CPU,
         shared.OptionInfo(
-            False,
+            options.DEFAULTS[options.VANILLA_ON_CPU],
             "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
             section=section,
         ),

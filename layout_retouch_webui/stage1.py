@@ -16,6 +16,7 @@ from lib_layout_retouch import logs, text_encoders
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
 
+from . import options
 from . import run as lr_run
 from .options import opt
 from .vanilla import VANILLA_TEXT_ENCODERS, VANILLA_UNETS
@@ -125,5 +126,5 @@ def end(p, run) -> None:
     restore(p, run)
     if run.vanilla_unet is not None:
         run.host.release_vanilla_unet(
-            p, run.vanilla_unet, keep_on_cpu=bool(opt("layout_retouch_vanilla_on_cpu", False))
+            p, run.vanilla_unet, keep_on_cpu=bool(opt(options.VANILLA_ON_CPU))
         )

@@ -21,7 +21,7 @@ from lib_layout_retouch.prompts import (
 )
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 
-from . import img2img
+from . import img2img, options
 from .options import opt
 from .settings import sam_folders
 
@@ -105,9 +105,9 @@ def _retouch(p, run, samples):
                 "layout source 'stage1' needs the DDIM sampler; the layout was inverted instead"
             )
     cache = lr_job.SHARED_INVERSION_CACHE
-    cache.max_entries = int(opt("layout_retouch_reference_cache", 4))
+    cache.max_entries = int(opt(options.REFERENCE_CACHE))
     kv_cache = lr_job.SHARED_REFERENCE_ATTENTION_CACHE
-    kv_cache.max_bytes = int(opt("layout_retouch_kv_cache_mb", 0)) * 2**20
+    kv_cache.max_bytes = int(opt(options.KV_CACHE_MB)) * 2**20
     if kv_cache.max_bytes == 0:
         kv_cache.clear()
     model_key = host.model_key(p, job.params.personalization)

@@ -22,11 +22,11 @@ from .model import LdmModel
 from .params import NO_SAM, LayoutRetouchParams, reference_error
 from .prompts import RetouchPrompts, derive_prompts
 
-# Reference inversions across generations: one entry ≈ (T+1) latents of one image (3.3 MB at
-# SD1 512², T=50, fp32). The WebUI setting "Reference cache size" overrides it.
-SHARED_INVERSION_CACHE = pipeline.InversionCache(max_entries=4)
-# The reference path's K/V across generations: opt-in (≈1.9 GB at SD1 512², 50 steps, fp16), so
-# 0 bytes until the WebUI setting "Reference attention cache (MB)" says otherwise.
+# Reference inversions across generations (pipeline.INVERSION_ENTRY_MB each); the WebUI setting
+# "Reference inversions kept in memory" sets the size.
+SHARED_INVERSION_CACHE = pipeline.InversionCache()
+# The reference path's K/V across generations: opt-in (pipeline.KV_REFERENCE_MB a reference), so
+# 0 bytes until the WebUI setting "Reference attention cache, MB of VRAM" says otherwise.
 SHARED_REFERENCE_ATTENTION_CACHE = pipeline.ReferenceAttentionCache(max_bytes=0)
 
 

@@ -38,6 +38,7 @@ from .errors import Interrupted, LayoutRetouchError
 from .family import Sampler, family_of
 from .layers import LayerTable
 from .model import LdmModel
+from .schedule import PAPER_LAMBDA2, PAPER_STEPS
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
@@ -111,12 +112,24 @@ class RetouchResult:
     )
 
 
+# What the two reference caches cost, at SD1 512² (64×64 latents) and the paper's T and λ2 — the
+# one home of these figures (the WebUI settings' labels quote them):
+INVERSION_CACHE_ENTRIES = 4  # reference inversions kept by default
+# one inversion: (T+1) latents of 4×64×64 fp32 floats ≈ 3.3 MB
+INVERSION_ENTRY_MB = (PAPER_STEPS + 1) * 4 * 64 * 64 * 4 / 1e6
+# one step of the reference's K and V (fp16, both CFG halves) at the standard preset's layers
+# (output_blocks 6–11: 3 × 32² tokens × 640 + 3 × 64² tokens × 320): ≈ 47 MB; the steps s > λ2
+# need them: ≈ 1.9 GB for one reference
+KV_STEP_MB = 2 * 2 * 2 * 3 * (32 * 32 * 640 + 64 * 64 * 320) / 1e6
+KV_REFERENCE_MB = KV_STEP_MB * (PAPER_STEPS - PAPER_LAMBDA2)
+
+
 class InversionCache:
     """Bounded LRU of reference inversions, key (reference fingerprint, model key, steps).
 
-    One entry is (T+1) latents of one image: 51 × 4×64×64 floats ≈ 3.3 MB at SD1 512² in fp32."""
+    One entry is (T+1) latents of one image (INVERSION_ENTRY_MB at SD1 512², T = 50)."""
 
-    def __init__(self, max_entries: int = 4):
+    def __init__(self, max_entries: int = INVERSION_CACHE_ENTRIES):
         self.max_entries = max_entries
         self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = (
             collections.OrderedDict()
@@ -158,8 +171,9 @@ class InversionCache:
 class ReferenceAttentionCache:
     """Bounded LRU of the reference path's self-attention K/V at the reference layers, per step,
     so a later generation with the same reference, model, steps, size and prompts runs no
-    reference rows at all. Size is the point: at SD1 512², T=50, λ2=10 one reference costs
-    ≈47 MB per step in fp16, ≈1.9 GB in all, on the device — so it is opt-in (`max_bytes` 0 = off)."""
+    reference rows at all. Size is the point: one reference costs KV_STEP_MB per step and
+    KV_REFERENCE_MB in all (≈1.9 GB at SD1 512², T = 50, λ2 = 10), on the device — so it is
+    opt-in (`max_bytes` 0 = off)."""
 
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = max_bytes

@@ -15,6 +15,7 @@ from modules import devices, sd_models, shared
 
 from lib_layout_retouch.model import LdmModel, check_model_supported
 
+from .. import options
 from ..options import opt
 from .base import Host
 
@@ -38,7 +39,7 @@ class A1111Host(Host):
     @staticmethod
     def sdxl_crop() -> tuple[int, int]:
         """The WebUI's SDXL crop settings (top, left), for the generated image's size terms."""
-        return int(opt("sdxl_crop_top", 0)), int(opt("sdxl_crop_left", 0))
+        return int(opt(options.SDXL_CROP_TOP)), int(opt(options.SDXL_CROP_LEFT))
 
     def model_key(self, p, personalization: str) -> str:
         checkpoint = getattr(p.sd_model, "sd_checkpoint_info", None)
