@@ -67,8 +67,6 @@ def _names(blocks: str, indices, attn: str, depth: int = 1) -> tuple[str, ...]:
     )
 
 
-_sd1_names = _names
-
 # Presets: how much of the decoder receives the reference identity. "standard" is the paper's
 # (MasaCtrl's) choice; "light" keeps only the finer of its levels — less of the reference's
 # structure, fewer layers edited — for subjects whose reference pose or background bleeds in.
@@ -80,17 +78,17 @@ DEFAULT_PRESET = "standard"
 # 64×64 levels at 512². Mask: the 16×16 cross-attentions (latent/4). We blend in the same layers
 # that receive the reference (docs/ALGORITHM.md leaves the blend layers open; the blend exists to
 # protect the layout where the reference K/V would repaint it). Light: the 64×64 level only.
-SD1 = LayerTable(
+SD1_LAYERS = LayerTable(
     name="sd1",
     reference_layers=_names("output_blocks", range(6, 12), "attn1"),
     mask_layers=_names("input_blocks", (7, 8), "attn2")
     + _names("output_blocks", (3, 4, 5), "attn2"),
     blend_layers=_names("output_blocks", range(6, 12), "attn1"),
 )
-SD1_LIGHT = LayerTable(
+SD1_LIGHT_LAYERS = LayerTable(
     "sd1-light",
     _names("output_blocks", range(9, 12), "attn1"),
-    SD1.mask_layers,
+    SD1_LAYERS.mask_layers,
     _names("output_blocks", range(9, 12), "attn1"),
 )
 
@@ -107,25 +105,25 @@ SD1_LIGHT = LayerTable(
 _SDXL_REFERENCE = _names("output_blocks", (1, 2), "attn1", 10) + _names(
     "output_blocks", (3, 4, 5), "attn1", 2
 )
-SDXL = LayerTable(
+SDXL_LAYERS = LayerTable(
     name="sdxl",
     reference_layers=_SDXL_REFERENCE,
     mask_layers=_names("input_blocks", (7, 8), "attn2", 10)
     + _names("output_blocks", (0, 1, 2), "attn2", 10),
     blend_layers=_SDXL_REFERENCE,
 )
-SDXL_LIGHT = LayerTable(
+SDXL_LIGHT_LAYERS = LayerTable(
     "sdxl-light",
     _names("output_blocks", (3, 4, 5), "attn1", 2),
-    SDXL.mask_layers,
+    SDXL_LAYERS.mask_layers,
     _names("output_blocks", (3, 4, 5), "attn1", 2),
 )
 
 _TABLES = {
-    ("sd1", "standard"): SD1,
-    ("sd1", "light"): SD1_LIGHT,
-    ("sdxl", "standard"): SDXL,
-    ("sdxl", "light"): SDXL_LIGHT,
+    ("sd1", "standard"): SD1_LAYERS,
+    ("sd1", "light"): SD1_LIGHT_LAYERS,
+    ("sdxl", "standard"): SDXL_LAYERS,
+    ("sdxl", "light"): SDXL_LIGHT_LAYERS,
 }
 
 
