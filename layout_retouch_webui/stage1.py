@@ -15,6 +15,7 @@ from lib_layout_retouch import conditioning as lr_cond
 from lib_layout_retouch import logs, text_encoders
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
+from lib_layout_retouch.prompts import LORA_TAG_FIX
 
 from . import options
 from . import run as lr_run
@@ -91,8 +92,7 @@ def begin(p, run) -> None:
     nets = host.active_loras(p) if lora_off else []
     if lora_off and not nets:
         raise LayoutRetouchError(
-            "personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
-            "to the prompt",
+            f"personalization is 'lora' but no LoRA is active: {LORA_TAG_FIX}",
             parameter="personalization",
         )
     # y_p⁻ for the vanilla steps: DreamBooth through the vanilla checkpoint's text encoder (unless asked

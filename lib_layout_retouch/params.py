@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import LayoutRetouchError, check_range
-from .images import decode_image, image_fingerprint
+from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
 from .layers import DEFAULT_PRESET, PRESETS
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
 from .schedule import (
@@ -465,7 +465,7 @@ def fingerprints_from_infotext(info: Mapping[str, Any]) -> list[str]:
     value = info.get(FIELD_BY_NAME["reference_image"].infotext_key)
     if not isinstance(value, str):
         return []
-    return re.findall(r"[0-9a-f]{16}", value.lower())
+    return find_fingerprints(value)
 
 
 def _format_infotext(f: Field, value: Any) -> str:
@@ -595,9 +595,7 @@ class LayoutRetouchParams:
         if not self.enabled:
             return
         if self.reference_image is None:
-            raise LayoutRetouchError(
-                "no reference image: upload one photo of your subject", parameter="reference_image"
-            )
+            raise LayoutRetouchError(NO_IMAGE, parameter="reference_image")
         if not self.concept_token:
             raise LayoutRetouchError(
                 "concept_token is empty: enter the word that stands for your subject, e.g. sks or "

@@ -30,12 +30,23 @@ _NOT_A_CLASS = frozenset(
 # text, so a concept token inside one is not an occurrence (and must never be rewritten). The one
 # rule for them, the WebUI's own (modules/extra_networks.py re_extra_net): the glue strips with it too.
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
-_EXTRA_NETWORK_TAG = EXTRA_NETWORK_TAG
+# The extra networks that are LoRAs (the WebUI's network names, case as it registers them).
+LORA_NETWORKS = ("lora", "lyco")
+LORA_TAG_FIX = "add your LoRA's tag, <lora:name:1>, to the prompt"
 
 
 def strip_extra_networks(prompt: str) -> str:
     """The prompt without its extra-network tags, as the WebUI removes them before encoding."""
     return EXTRA_NETWORK_TAG.sub("", prompt)
+
+
+def lora_names(prompt: str) -> list[str]:
+    """The names of the prompt's LoRA tags, in order: <lora:NAME:0.8> → NAME."""
+    return [
+        m.group(2).split(":")[0].strip()
+        for m in EXTRA_NETWORK_TAG.finditer(prompt)
+        if m.group(1) in LORA_NETWORKS
+    ]
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ def _token_pattern(token: str) -> re.Pattern[str]:
 
 
 def _tag_spans(prompt: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
+    return [m.span() for m in EXTRA_NETWORK_TAG.finditer(prompt)]
 
 
 def _token_matches(prompt: str, token: str) -> list[re.Match[str]]:
@@ -219,10 +230,8 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
         following = m.group(2) or ""
         return m.group(1), "" if following.lower() in _NOT_A_CLASS else following
 
-    for m in _EXTRA_NETWORK_TAG.finditer(prompt):
-        if m.group(1).lower() in ("lora", "lyco"):
-            return m.group(2).split(":")[0].strip(), ""  # <lora:NAME:0.8> -> NAME
-    return None
+    loras = lora_names(prompt)
+    return (loras[0], "") if loras else None
 
 
 def subject_positions_in_chunks(

@@ -38,6 +38,12 @@ def knob_words(name: str) -> str:
     return f"{symbol} ({meaning})" if symbol else meaning
 
 
+def _not_whole(name: str, value: object) -> LayoutRetouchError:
+    return LayoutRetouchError(
+        f"{knob_words(name)} must be a whole number, got {value!r}", parameter=name
+    )
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -88,9 +94,7 @@ class Schedule:
         _check_steps(steps)
         for name, v in (("lambda1", lambda1), ("lambda2", lambda2), ("mask_start", mask_start)):
             if not _is_int(v):
-                raise LayoutRetouchError(
-                    f"{knob_words(name)} must be a whole number, got {v!r}", parameter=name
-                )
+                raise _not_whole(name, v)
         if not scale:
             return cls(steps, lambda1, lambda2, mask_start)
         if not _is_int(reference_steps) or reference_steps < 1:
@@ -128,9 +132,7 @@ class Schedule:
 
     def _check_range(self, name: str, value: int, lo: int, hi: int, why: str | None) -> None:
         if not _is_int(value):
-            raise LayoutRetouchError(
-                f"{knob_words(name)} must be a whole number, got {value!r}", parameter=name
-            )
+            raise _not_whole(name, value)
         if lo <= value <= hi:
             return
         note = f" ({why})" if why else ""
