@@ -84,6 +84,15 @@ def _token_matches(prompt: str, token: str) -> list[re.Match[str]]:
     ]
 
 
+# What derive_prompts (and the parameters' validation) says when the subject is not named.
+NO_CONCEPT_TOKEN = (
+    "concept_token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>"
+)
+NO_CLASS_PHRASE = (
+    "class_phrase is empty: enter what a normal model calls your subject, e.g. dog or red vase"
+)
+
+
 def derive_prompts(
     prompt: str,
     concept_token: str,
@@ -101,10 +110,7 @@ def derive_prompts(
     prompt = prompt or ""
     token = (concept_token or "").strip()
     if not token:
-        raise LayoutRetouchError(
-            "the concept token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>",
-            parameter="concept_token",
-        )
+        raise LayoutRetouchError(NO_CONCEPT_TOKEN, parameter="concept_token")
     matches = _token_matches(prompt, token)
     if not matches:
         raise LayoutRetouchError(
@@ -116,12 +122,19 @@ def derive_prompts(
         )
     phrase = " ".join((class_phrase or "").split())
     if not phrase:
-        raise LayoutRetouchError(
-            "the class phrase is empty: enter what a normal model calls your subject, "
-            "e.g. dog or red vase",
-            parameter="class_phrase",
-        )
+        raise LayoutRetouchError(NO_CLASS_PHRASE, parameter="class_phrase")
+    return RetouchPrompts(
+        personalized=prompt,
+        layout=_layout_prompt(prompt, matches, phrase),
+        reference=(reference_prompt or "").strip() or f"a photo of {token} {phrase}",
+        concept_token=token,
+        class_phrase=phrase,
+    )
 
+
+def _layout_prompt(prompt: str, matches: list[re.Match[str]], phrase: str) -> str:
+    """y_p⁻: each occurrence of the token dropped where the class phrase follows it, else replaced
+    by the class phrase."""
     # The class phrase "follows" when only whitespace separates it from the token; its inner
     # spaces may be any whitespace, and it must end at a word boundary (dog ≠ doghouse).
     follows = re.compile(
@@ -140,16 +153,7 @@ def derive_prompts(
             pieces.append(phrase)
             pos = m.end()
     pieces.append(prompt[pos:])
-    layout = "".join(pieces)
-
-    reference = (reference_prompt or "").strip() or f"a photo of {token} {phrase}"
-    return RetouchPrompts(
-        personalized=prompt,
-        layout=layout,
-        reference=reference,
-        concept_token=token,
-        class_phrase=phrase,
-    )
+    return "".join(pieces)
 
 
 def conditioning_position(index: int, chunk_length: int = 75) -> int:
