@@ -44,56 +44,52 @@ def checkpoint_choices() -> list[str]:
     return [t for t in host.checkpoint_titles() if t != loaded]
 
 
-def on_ui_settings():
-    section = ("layout_retouch", TITLE)
-    shared.opts.add_option(
-        options.DEFAULT_SAM,
-        shared.OptionInfo(
-            options.DEFAULTS[options.DEFAULT_SAM],
+def _settings_page() -> list[tuple]:
+    """(option, label, component, its arguments) of each setting, in page order."""
+    return [
+        (
+            options.DEFAULT_SAM,
             "Default Segment-Anything model",
             gr.Dropdown,
             lambda: {"choices": sam_choices()},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        options.REFERENCE_CACHE,
-        shared.OptionInfo(
-            options.DEFAULTS[options.REFERENCE_CACHE],
+        (
+            options.REFERENCE_CACHE,
             f"Reference inversions kept in memory (≈{pipeline.INVERSION_ENTRY_MB:.1f} MB each at "
             f"512², {PAPER_STEPS} steps)",
             gr.Slider,
             {"minimum": 0, "maximum": 32, "step": 1},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        options.KV_CACHE_MB,
-        shared.OptionInfo(
-            options.DEFAULTS[options.KV_CACHE_MB],
+        (
+            options.KV_CACHE_MB,
             f"Reference attention cache, MB of VRAM (0 = off; one SD1 512² {PAPER_STEPS}-step "
             f"reference ≈ {round(pipeline.KV_REFERENCE_MB, -2):.0f} MB): "
             "repeat generations with the same reference skip the reference path",
             gr.Slider,
             {"minimum": 0, "maximum": 16384, "step": 64},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        options.VANILLA_CACHE,
-        shared.OptionInfo(
-            options.DEFAULTS[options.VANILLA_CACHE],
+        (
+            options.VANILLA_CACHE,
             "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)",
             gr.Slider,
             {"minimum": 0, "maximum": 4, "step": 1},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        options.VANILLA_ON_CPU,
-        shared.OptionInfo(
-            options.DEFAULTS[options.VANILLA_ON_CPU],
-            "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
-            section=section,
+        (
+            options.VANILLA_ON_CPU,
+            "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per "
+            "image)",
+            None,
+            None,
         ),
-    )
+    ]
+
+
+def on_ui_settings():
+    section = ("layout_retouch", TITLE)
+    for name, label, component, args in _settings_page():
+        default = options.DEFAULTS[name]
+        if component is None:
+            info = shared.OptionInfo(default, label, section=section)
+        else:
+            info = shared.OptionInfo(default, label, component, args, section=section)
+        shared.opts.add_option(name, info)

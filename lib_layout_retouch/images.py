@@ -246,6 +246,37 @@ def prepare_reference(img: Any, size: tuple[int, int]) -> tuple[Image.Image, lis
     return img, notes
 
 
+_MODE_NAMES = {
+    "L": "grayscale",
+    "1": "black-and-white",
+    "P": "palette",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+}
+
+
+def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    """8-bit RGB: 16-bit scaled by its brightest value, transparency on white, other modes
+    converted — each said in a note."""
+    if img.mode in _SIXTEEN_BIT:
+        img = Image.fromarray(_to_uint8_by_max(np.asarray(img)))  # 2-D uint8 → "L"
+        notes.append(_SCALED_16BIT)
+    elif img.info.get(_INFO_16BIT):
+        notes.append(_SCALED_16BIT)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            notes.append("transparent parts of the reference filled with white")
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    if img.mode != "RGB":
+        notes.append(f"reference converted from {_MODE_NAMES.get(img.mode, img.mode)} to RGB")
+        return img.convert("RGB")
+    return img
+
+
 def _prepare(img: Image.Image, tw: int, th: int, notes: list[str]) -> tuple[Image.Image, list[str]]:
     original = img
     orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
@@ -264,32 +295,7 @@ def _prepare(img: Image.Image, tw: int, th: int, notes: list[str]) -> tuple[Imag
     else:
         img.load()
 
-    if img.mode in _SIXTEEN_BIT:
-        img = Image.fromarray(_to_uint8_by_max(np.asarray(img)))  # 2-D uint8 → "L"
-        notes.append(_SCALED_16BIT)
-    elif img.info.get(_INFO_16BIT):
-        notes.append(_SCALED_16BIT)
-
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        if rgba.getchannel("A").getextrema()[0] < 255:
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba).convert("RGB")
-            notes.append("transparent parts of the reference filled with white")
-        else:
-            img = rgba.convert("RGB")
-    elif img.mode != "RGB":
-        names = {
-            "L": "grayscale",
-            "1": "black-and-white",
-            "P": "palette",
-            "CMYK": "CMYK",
-            "YCbCr": "YCbCr",
-        }
-        notes.append(f"reference converted from {names.get(img.mode, img.mode)} to RGB")
-        img = img.convert("RGB")
-
+    img = _to_rgb(img, notes)
     if huge:
         k = _reduction(img.width, img.height, tw, th)
         if k >= 2:

@@ -156,21 +156,8 @@ class RetouchJob:
         'input' the img2img input's latents (then pass no `layout_trajectory`: it is inverted).
         `user_mask`: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution (1 = retouch);
         the result equals `layout_latents` exactly where it is 0."""
-        device = layout_latents.device
         keys = self.reference_keys(model_key)
-        latents = []
-        for key, img in zip(keys, self.references):
-            cached = (
-                cache.peek(pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:]))
-                if cache is not None
-                else None
-            )
-            latents.append(
-                cached[0]
-                if cached is not None
-                else model.encode(image_to_tensor(img).to(device)).to(layout_latents.dtype)
-            )
-        reference_latent = torch.cat(latents)
+        reference_latent = self._reference_latents(model, keys, cache, layout_latents)
         conds = pipeline.encode_prompts(
             model,
             self.prompts,
@@ -204,6 +191,20 @@ class RetouchJob:
             if note not in self.notes:
                 self.notes.append(note)
         return result
+
+    def _reference_latents(self, model, keys, cache, layout_latents) -> torch.Tensor:
+        """The photos' latents (R, C, h, w); a cached inversion starts with its photo's latent, so
+        no VAE pass for those."""
+        latents = []
+        for key, img in zip(keys, self.references):
+            inversion_key = pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:])
+            cached = cache.peek(inversion_key) if cache is not None else None
+            if cached is not None:
+                latents.append(cached[0])
+            else:
+                image = image_to_tensor(img).to(layout_latents.device)
+                latents.append(model.encode(image).to(layout_latents.dtype))
+        return torch.cat(latents)
 
     # -- batches -------------------------------------------------------------------------------
     def for_batch(self, prompt: str, negative_prompt: str) -> "RetouchJob":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import conditioning as C
-from . import ddim, masks
+from . import ddim, masks, stage1
 from .attention import (
     COND,
     LAYOUT,
@@ -38,6 +38,7 @@ from .errors import Interrupted, LayoutRetouchError
 from .family import Sampler, family_of
 from .layers import LayerTable
 from .model import LdmModel
+from .prompts import subject_token_positions
 from .schedule import PAPER_LAMBDA2, PAPER_STEPS
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
@@ -247,28 +248,11 @@ def encode_prompts(
     then have one row per photo (SDXL; SD1 has no size terms and keeps one row for all)."""
     if isinstance(reference_size, (list, tuple)):
         if len(reference_size) == 1 or not model.is_sdxl:
-            return encode_prompts(
-                model,
-                prompts,
-                negative_prompt,
-                generation_size=generation_size,
-                reference_size=reference_size[0] if reference_size else None,
+            reference_size = reference_size[0] if reference_size else None
+        else:
+            return _encode_per_reference(
+                model, prompts, negative_prompt, generation_size, reference_size
             )
-        each = [
-            encode_prompts(
-                model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
-            )
-            for r in reference_size
-        ]
-        return RetouchConds(
-            reference=C.cat([c.reference for c in each]),
-            layout=each[0].layout,
-            uncond=each[0].uncond,
-            target=each[0].target,
-            reference_uncond=C.cat([c.reference_uncond for c in each]),
-            reference_empty=C.cat([c.reference_empty for c in each]),
-            layout_empty=each[0].layout_empty,
-        )
     if not model.is_sdxl:
         c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
         return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
@@ -293,6 +277,25 @@ def encode_prompts(
         reference_uncond=negative(negative_prompt, ref),
         reference_empty=negative("", ref),
         layout_empty=negative("", gen),
+    )
+
+
+def _encode_per_reference(model, prompts, negative_prompt, generation_size, reference_sizes):
+    """SDXL with several reference photos: the reference conditionings one row per photo."""
+    each = [
+        encode_prompts(
+            model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
+        )
+        for r in reference_sizes
+    ]
+    return RetouchConds(
+        reference=C.cat([c.reference for c in each]),
+        layout=each[0].layout,
+        uncond=each[0].uncond,
+        target=each[0].target,
+        reference_uncond=C.cat([c.reference_uncond for c in each]),
+        reference_empty=C.cat([c.reference_empty for c in each]),
+        layout_empty=each[0].layout_empty,
     )
 
 
@@ -862,45 +865,29 @@ def generate(
     vanilla_unet: DreamBooth's vanilla UNet (None: the same UNet, i.e. Textual Inversion).
     reference_size: SDXL size terms of the reference photo as fed (default: the generation's).
     """
-    from . import stage1
-    from .prompts import subject_token_positions
-
-    schedule = settings.schedule
-    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
     height, width = (8 * d for d in noise.shape[-2:])
     gen_size = model.generation_size(width, height)
     conds = encode_prompts(
         model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size
     )
     cond_layout = model.conditioning([prompts.layout], gen_size)
-    trajectory = stage1.sample_step_blended(
-        model.denoiser(vanilla_unet),
-        model.denoiser(),
-        schedule,
-        ddim_schedule,
-        cond_layout,
-        conds.layout,
-        conds.uncond,
-        noise,
-        settings.guidance_scale,
-        progress=progress,
-        should_stop=should_stop,
+    denoisers = (model.denoiser(vanilla_unet), model.denoiser())
+    trajectory = _stage1(
+        model, denoisers, cond_layout, conds, noise, settings, progress, should_stop
     )
     layout_latents = trajectory[-1]
     layout_images = model.decode(layout_latents)
     subject = subject_token_positions(
         model.tokenize, prompts.personalized, [prompts.concept_token, prompts.class_phrase]
     )
-    # A cached inversion starts with the reference's latent: no VAE pass then.
-    cached = (
-        cache.peek(inversion_key(reference_key, schedule.steps, noise.shape[-2:]))
-        if cache is not None and reference_key is not None
-        else None
+    key = (
+        None
+        if reference_key is None
+        else inversion_key(reference_key, settings.schedule.steps, noise.shape[-2:])
     )
-    reference_latent = cached[0] if cached is not None else model.encode(reference_image)
     result = retouch(
         model,
-        reference_latent=reference_latent,
+        reference_latent=_reference_latent(model, reference_image, cache, key),
         layout_latents=layout_latents,
         conds=conds,
         subject_tokens=subject,
@@ -920,3 +907,29 @@ def generate(
         layout_latents=layout_latents,
         retouch=result,
     )
+
+
+def _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop):
+    """Stage 1 with the library's DDIM: the layout's trajectory [z_T … z_0]."""
+    schedule = settings.schedule
+    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
+    vanilla, personalized = denoisers
+    return stage1.sample_step_blended(
+        vanilla,
+        personalized,
+        schedule,
+        ddim_schedule,
+        cond_layout,
+        conds.layout,
+        conds.uncond,
+        noise,
+        settings.guidance_scale,
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
+def _reference_latent(model, reference_image, cache: Optional[InversionCache], key) -> torch.Tensor:
+    """The reference's latent; a cached inversion starts with it, so no VAE pass then."""
+    cached = cache.peek(key) if cache is not None and key is not None else None
+    return cached[0] if cached is not None else model.encode(reference_image)
