@@ -1,4 +1,4 @@
-"""img2img and inpaint (issue 12): what differs from txt2img, in one place.
+"""img2img and inpaint: what differs from txt2img, in one place.
 
 - **Steps.** img2img's sampler runs `t_enc + 1` of the slider's steps (denoising strength; the
   setting "do exactly the amount of steps the slider specifies"): stage 1 and the retouch are

@@ -57,7 +57,7 @@ class RetouchJob:
     height: int
     guidance_scale: float
     notes: list[str] = field(default_factory=list)
-    # img2img (issue 12): `steps` is then the number of steps the img2img sampler RUNS
+    # img2img: `steps` is then the number of steps the img2img sampler RUNS
     # (schedule.img2img_steps); `requested_steps` the slider's value, for the infotext only.
     img2img: bool = False
     requested_steps: Optional[int] = None
@@ -99,7 +99,7 @@ class RetouchJob:
                 else [f"reference photo {i + 1} of {len(photos)}: {n}" for n in ref_notes]
             )
         self.reference_fingerprints = [image_fingerprint(img) for img in self.references]
-        # The first (for one photo: the) reference, as before issue 12.
+        # The first reference (the only one, with one photo): what single-photo callers read.
         self.reference = self.references[0]
         self.reference_fingerprint = self.reference_fingerprints[0]
         self.reference_size = self.reference_sizes[0]

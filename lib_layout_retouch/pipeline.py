@@ -11,6 +11,9 @@
 Fast paths that change no result: while s ≤ λ2 and the layout is copied into every layer the target
 equals the layout path exactly (docs/ALGORITHM.md invariant), so the target rows are not computed and
 z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
+
+The loop is the same for every model family (`family.ModelFamily`): DDIM and the UNet's attention
+above are the ε-UNet family's sampler and editor.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
 MASK_CA_ONLY = "CA only"
 MASK_SAM = "SAM+CA"
-# Inpaint (issue 12): M bounded by the user's mask U ("CA only in user mask"), or — where M·U is
+# Inpaint: M bounded by the user's mask U ("CA only in user mask"), or — where M·U is
 # empty for every image — U softened like M ("user mask").
 MASK_USER = "user mask"
 IN_USER_MASK = " in user mask"
@@ -103,7 +106,7 @@ class RetouchResult:
     latents: torch.Tensor  # (N, C, h, w) target latents z_t[0]
     masks: Optional[torch.Tensor]  # (N, H, W) adaptive mask M in [0, 1]
     ca_maps: Optional[torch.Tensor]  # (N, h, w) normalised subject cross-attention maps
-    mask_kind: str  # MASK_SAM or MASK_CA_ONLY
+    mask_kind: str  # MASK_SAM, MASK_CA_ONLY or MASK_USER; "… in user mask" when bounded by it
     notes: list[str] = field(default_factory=list)
     unet_calls: int = 0
     unet_rows: int = 0
