@@ -691,16 +691,16 @@ class _Retouch:
         self.z_l = inversions.layout_start()  # z_o[T]
         self.z_t = self.z_l.clone()  # z_t ← z_o[T]
         self.z_ref = z_r[self.T].clone()
-        kv_key = self.reference_kv_key(key)
+        kv = _ReferenceKV(self.kv_cache, self.reference_kv_key(key))
         with self.family.patched(self.model, self.editor):
             for s in range(1, self.T + 1):
                 self.hooks.stop_if_asked(f"stopped at retouch step {s} of {self.T}")
-                self.step(s, z_r, kv_key)
+                self.step(s, z_r, kv)
             if self.mask is None:
                 self.build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
         return self.result(cached)
 
-    def step(self, s: int, z_r, kv_key) -> None:
+    def step(self, s: int, z_r, kv: "_ReferenceKV") -> None:
         """Retouch step s: re-set the reference (and stage-1 layout) path, build M at mask start,
         one model call (or one per path) through the editor, a sampling step per path."""
         if self.settings.reset_reference:
@@ -710,7 +710,7 @@ class _Retouch:
         if s == self.schedule.mask_start:
             self.build_mask()
         phase = self.phase(s)
-        out = self.predict(s, phase, kv_key)
+        out = self.predict(s, phase, kv)
         self.advance(s, phase, out)
         self.hooks.report("retouch", s, self.T)
         self.hooks.preview(self.z_t)
@@ -729,23 +729,20 @@ class _Retouch:
         blend = self.schedule.blends_mask(s) and self.layer_masks is not None
         return _Phase(copy, blend, self.mask is None, skip_target, need_ref, paths)
 
-    def predict(self, s: int, phase: _Phase, kv_key) -> dict[str, torch.Tensor]:
+    def predict(self, s: int, phase: _Phase, kv: "_ReferenceKV") -> dict[str, torch.Tensor]:
         """The guided prediction of each path this step (the editor edits the attention)."""
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
         t = self.sampler.time_of_step(s)
         state = dict(phase.flags(), masks=self.layer_masks)
         if self.settings.sequential:
             return self.predict_one_call_per_path(phase, latents, t, state)
-        use_kv = kv_key is not None and phase.need_reference
-        cached_kv = self.kv_cache.get(kv_key, s) if use_kv else None
+        cached = kv.get(s) if phase.need_reference else None
         paths = list(phase.paths)
-        if cached_kv is not None:  # the reference's K/V from an earlier generation: no rows
+        if cached is not None:  # the reference's K/V from an earlier generation: no rows
             paths[0] = (REFERENCE, 0)
-        state.update(sources=cached_kv or {}, capture_reference=use_kv and cached_kv is None)
-        out = self.call(paths, latents, t, **state)
-        captured = self.editor.captured_reference()
-        if captured:
-            self.kv_cache.put(kv_key, s, captured)
+        capture = phase.need_reference and kv.on and cached is None
+        out = self.call(paths, latents, t, **state, sources=cached or {}, capture_reference=capture)
+        kv.put(s, self.editor.captured_reference())
         return out
 
     def predict_one_call_per_path(self, phase: _Phase, latents, t, state) -> dict:
@@ -818,6 +815,26 @@ class _Retouch:
             reference_cached=reference_cached,
             trajectories=self.trajectories,
         )
+
+
+class _ReferenceKV:
+    """The reference path's K/V across generations, for one retouch: per step the cached sources
+    (the call then runs no reference rows), or this call's captured ones to keep. Off (`key` None)
+    when the cache is off or the K/V would not be the same (see `_Retouch.reference_kv_key`)."""
+
+    def __init__(self, cache: Optional[ReferenceAttentionCache], key: Optional[tuple]):
+        self.cache, self.key = cache, key
+
+    @property
+    def on(self) -> bool:
+        return self.key is not None
+
+    def get(self, s: int) -> Optional[dict]:
+        return self.cache.get(self.key, s) if self.on else None
+
+    def put(self, s: int, captured: Optional[dict]) -> None:
+        if self.on and captured:
+            self.cache.put(self.key, s, captured)
 
 
 def _softened(u: torch.Tensor, size=None) -> np.ndarray:
