@@ -32,7 +32,7 @@
         "Loaded model's": "Which text encoder reads the vanilla steps' prompt y_p⁻ in DreamBooth mode: the vanilla checkpoint's own (what the vanilla UNet understands; DreamBooth often fine-tunes the text encoder too), or the loaded personalized model's.",
         "More photos of the subject (optional, up to 3)": "Other photos of the same subject (other angles, other light): the retouch attends to all of them together. Each is inverted once and cached. The API sends them in reference_image as a list.",
         "Guess": "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. It says what it could not find.",
-        "Advanced": "Segment-Anything mask, mask threshold, where the layout path comes from, the reference path reset, the reference prompt (and the attention layer preset): the paper's defaults work for most subjects.",
+        "Advanced": "The reference prompt, Segment-Anything mask, mask threshold, where the layout path comes from, the reference path reset, the attention layer preset and DreamBooth's stage-1 text encoder: the paper's defaults work for most subjects.",
         "Layout-and-Retouch": "Let the vanilla model draw the layout, then retouch the subject's identity from the reference photo."
     };
     function addHints() {

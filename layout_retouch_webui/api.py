@@ -12,6 +12,7 @@ from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams
 
+from . import options
 from .options import opt
 
 logger = logs.attach_console()
@@ -29,7 +30,7 @@ def parse_params(p, args) -> LayoutRetouchParams:
     )
     # The settings' default SAM is the UI dropdown's initial value; for the API it fills an omitted name.
     if params.enabled and params.sam_model == NO_SAM and _named_without(args, "sam_model"):
-        default_sam = opt("layout_retouch_default_sam", NO_SAM)
+        default_sam = opt(options.DEFAULT_SAM)
         if default_sam and default_sam != NO_SAM:
             params = axes.apply_overrides(params, {"sam_model": default_sam})
     return params

@@ -4,10 +4,10 @@ own checks are `LayoutRetouchParams.validate`)."""
 from __future__ import annotations
 
 import os
-import re
 
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import NO_SAM, LayoutRetouchParams
+from lib_layout_retouch.prompts import LORA_TAG_FIX, lora_names
 
 from . import hosts, img2img
 from .settings import SAM_SEEN, sam_choices
@@ -71,10 +71,9 @@ def check_before_sampling(p, params: LayoutRetouchParams) -> None:
         and params.schedule(steps).lambda1 > 0
     ):
         prompts = p.all_prompts or [p.prompt if isinstance(p.prompt, str) else p.prompt[0]]
-        if not any(re.search(r"<(lora|lyco):", pr or "") for pr in prompts):
+        if not any(lora_names(pr or "") for pr in prompts):
             raise LayoutRetouchError(
-                "personalization is 'lora' but the prompt has no <lora:name:1> tag: add "
-                "your LoRA's tag to the prompt",
+                f"personalization is 'lora' but the prompt has no LoRA tag: {LORA_TAG_FIX}",
                 parameter="personalization",
             )
     if params.needs_vanilla_checkpoint:

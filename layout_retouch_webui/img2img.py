@@ -1,4 +1,4 @@
-"""img2img and inpaint (issue 12): what differs from txt2img, in one place.
+"""img2img and inpaint: what differs from txt2img, in one place.
 
 - **Steps.** img2img's sampler runs `t_enc + 1` of the slider's steps (denoising strength; the
   setting "do exactly the amount of steps the slider specifies"): stage 1 and the retouch are
@@ -21,6 +21,7 @@ from __future__ import annotations
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.schedule import img2img_steps
 
+from . import options
 from .options import opt
 
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # p.inpainting_fill 0…3
@@ -40,7 +41,7 @@ def is_inpaint(p) -> bool:
 
 
 def fix_steps() -> bool:
-    return bool(opt("img2img_fix_steps", False))
+    return bool(opt(options.IMG2IMG_FIX_STEPS))
 
 
 def steps_run(p, layout_source: str) -> int:

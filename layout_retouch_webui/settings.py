@@ -7,10 +7,12 @@ import os
 import gradio as gr
 from modules import shared
 
+from lib_layout_retouch import pipeline
 from lib_layout_retouch.params import NO_SAM
+from lib_layout_retouch.schedule import PAPER_STEPS
 from lib_layout_retouch.segmentation import find_sam_checkpoints
 
-from . import hosts
+from . import hosts, options
 from .options import opt  # noqa: F401  (re-exported: the UI reads options through settings)
 
 TITLE = "Layout-and-Retouch"
@@ -42,54 +44,52 @@ def checkpoint_choices() -> list[str]:
     return [t for t in host.checkpoint_titles() if t != loaded]
 
 
-def on_ui_settings():
-    section = ("layout_retouch", TITLE)
-    shared.opts.add_option(
-        "layout_retouch_default_sam",
-        shared.OptionInfo(
-            NO_SAM,
+def _settings_page() -> list[tuple]:
+    """(option, label, component, its arguments) of each setting, in page order."""
+    return [
+        (
+            options.DEFAULT_SAM,
             "Default Segment-Anything model",
             gr.Dropdown,
             lambda: {"choices": sam_choices()},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        "layout_retouch_reference_cache",
-        shared.OptionInfo(
-            4,
-            "Reference inversions kept in memory (≈3.3 MB each at 512², 50 steps)",
+        (
+            options.REFERENCE_CACHE,
+            f"Reference inversions kept in memory (≈{pipeline.INVERSION_ENTRY_MB:.1f} MB each at "
+            f"512², {PAPER_STEPS} steps)",
             gr.Slider,
             {"minimum": 0, "maximum": 32, "step": 1},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        "layout_retouch_kv_cache_mb",
-        shared.OptionInfo(
-            0,
-            "Reference attention cache, MB of VRAM (0 = off; one SD1 512² 50-step reference ≈ 1900 MB): "
+        (
+            options.KV_CACHE_MB,
+            f"Reference attention cache, MB of VRAM (0 = off; one SD1 512² {PAPER_STEPS}-step "
+            f"reference ≈ {round(pipeline.KV_REFERENCE_MB, -2):.0f} MB): "
             "repeat generations with the same reference skip the reference path",
             gr.Slider,
             {"minimum": 0, "maximum": 16384, "step": 64},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        "layout_retouch_vanilla_cache",
-        shared.OptionInfo(
-            1,
+        (
+            options.VANILLA_CACHE,
             "Vanilla UNets kept loaded for DreamBooth mode (≈1.7 GB each in fp16)",
             gr.Slider,
             {"minimum": 0, "maximum": 4, "step": 1},
-            section=section,
         ),
-    )
-    shared.opts.add_option(
-        "layout_retouch_vanilla_on_cpu",
-        shared.OptionInfo(
-            False,
-            "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per image)",
-            section=section,
+        (
+            options.VANILLA_ON_CPU,
+            "Keep the vanilla UNet on the CPU between its steps (saves VRAM, costs a transfer per "
+            "image)",
+            None,
+            None,
         ),
-    )
+    ]
+
+
+def on_ui_settings():
+    section = ("layout_retouch", TITLE)
+    for name, label, component, args in _settings_page():
+        default = options.DEFAULTS[name]
+        if component is None:
+            info = shared.OptionInfo(default, label, section=section)
+        else:
+            info = shared.OptionInfo(default, label, component, args, section=section)
+        shared.opts.add_option(name, info)

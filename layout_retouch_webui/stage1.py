@@ -15,7 +15,9 @@ from lib_layout_retouch import conditioning as lr_cond
 from lib_layout_retouch import logs, text_encoders
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
+from lib_layout_retouch.prompts import LORA_TAG_FIX
 
+from . import options
 from . import run as lr_run
 from .options import opt
 from .vanilla import VANILLA_TEXT_ENCODERS, VANILLA_UNETS
@@ -90,8 +92,7 @@ def begin(p, run) -> None:
     nets = host.active_loras(p) if lora_off else []
     if lora_off and not nets:
         raise LayoutRetouchError(
-            "personalization is 'lora' but no LoRA is active: add its <lora:name:1> tag "
-            "to the prompt",
+            f"personalization is 'lora' but no LoRA is active: {LORA_TAG_FIX}",
             parameter="personalization",
         )
     # y_p⁻ for the vanilla steps: DreamBooth through the vanilla checkpoint's text encoder (unless asked
@@ -125,5 +126,5 @@ def end(p, run) -> None:
     restore(p, run)
     if run.vanilla_unet is not None:
         run.host.release_vanilla_unet(
-            p, run.vanilla_unet, keep_on_cpu=bool(opt("layout_retouch_vanilla_on_cpu", False))
+            p, run.vanilla_unet, keep_on_cpu=bool(opt(options.VANILLA_ON_CPU))
         )

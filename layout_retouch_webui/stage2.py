@@ -21,7 +21,7 @@ from lib_layout_retouch.prompts import (
 )
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 
-from . import img2img
+from . import img2img, options
 from .options import opt
 from .settings import sam_folders
 
@@ -77,8 +77,7 @@ def retouch_samples(p, run, samples: torch.Tensor) -> torch.Tensor:
 
 
 def _retouch(p, run, samples):
-    host = run.host
-    job = run.job
+    host, job = run.host, run.job
     job_for_batch = job
     if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
         job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
@@ -89,53 +88,13 @@ def _retouch(p, run, samples):
     decoded = (
         model.decode(samples) if segmenter is not None or job.params.show_intermediates else None
     )
-    layout_images = pipeline.to_uint8(decoded) if segmenter is not None else None
-    trajectory = None
-    if job.params.layout_source == "stage1":
-        if run.img2img:
-            job.add_note(
-                "layout source 'stage1' follows txt2img's DDIM trajectory from pure noise; img2img's "
-                "starts part-way: the layout was inverted instead"
-            )
-        elif p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
-            # A1111's DDIM stops at t=1 after N−1 calls: its latents are our levels T…1.
-            trajectory = run.trajectory + [samples, samples]
-        else:
-            job.add_note(
-                "layout source 'stage1' needs the DDIM sampler; the layout was inverted instead"
-            )
-    cache = lr_job.SHARED_INVERSION_CACHE
-    cache.max_entries = int(opt("layout_retouch_reference_cache", 4))
-    kv_cache = lr_job.SHARED_REFERENCE_ATTENTION_CACHE
-    kv_cache.max_bytes = int(opt("layout_retouch_kv_cache_mb", 0)) * 2**20
-    if kv_cache.max_bytes == 0:
-        kv_cache.clear()
+    cache, kv_cache = _shared_caches()
     model_key = host.model_key(p, job.params.personalization)
-
     plan = run.progress
     cached = job_for_batch.references_cached(cache, model_key, samples.shape[-2:])
     if cached:
         plan = dataclasses.replace(plan, references_to_invert=plan.references - cached)
     user_mask = img2img.user_mask(p)  # inpaint: 1 where the user painted; None otherwise
-    if user_mask is not None:
-        user_mask = user_mask.to(samples.device)
-
-    def progress(phase, step, total_steps):  # one bar: stage 2 continues where stage 1 ended
-        shared.state.textinfo = ProgressPlan.text(phase)
-        shared.state.sampling_steps = plan.total
-        shared.state.sampling_step = max(
-            shared.state.sampling_step, plan.position(phase, step, total_steps)
-        )
-
-    def preview(latents):  # the WebUI's live preview, at its own setting's rate
-        shared.state.current_latent = latents
-        shared.state.set_current_image()
-
-    progress.preview = preview
-
-    def should_stop():
-        return bool(shared.state.interrupted or shared.state.skipped)
-
     started = time.perf_counter()
     try:
         result = job_for_batch.retouch(
@@ -143,31 +102,90 @@ def _retouch(p, run, samples):
             samples,
             subject_tokens=subject,
             model_key=model_key,
-            layout_trajectory=trajectory,
-            layout_images=layout_images,
+            layout_trajectory=_stage1_trajectory(p, run, samples),
+            layout_images=pipeline.to_uint8(decoded) if segmenter is not None else None,
             segmenter=segmenter,
             cache=cache,
             kv_cache=kv_cache,
-            progress=progress,
-            should_stop=should_stop,
-            user_mask=user_mask,
+            progress=_progress(plan),
+            should_stop=_should_stop,
+            user_mask=None if user_mask is None else user_mask.to(samples.device),
         )
     except Interrupted as e:
         job.add_note(f"retouch interrupted ({e}); layout returned")
         logger.info(f"interrupted: {e}")
         return samples
+    _report(job, job_for_batch, model, result, samples.shape[0], time.perf_counter() - started)
+    if job.params.show_intermediates:
+        keep_intermediates(p, run, decoded, result)
+    return result.latents.to(samples.dtype)
+
+
+def _stage1_trajectory(p, run, samples):
+    """The layout path's latents from stage 1 (layout source 'stage1'), where the host's sampler
+    recorded a DDIM trajectory; else None (the layout is inverted, and a note says why)."""
+    job = run.job
+    if job.params.layout_source != "stage1":
+        return None
+    if run.img2img:
+        job.add_note(
+            "layout source 'stage1' follows txt2img's DDIM trajectory from pure noise; img2img's "
+            "starts part-way: the layout was inverted instead"
+        )
+    elif p.sampler_name == "DDIM" and len(run.trajectory) == job.steps - 1:
+        # A1111's DDIM stops at t=1 after N−1 calls: its latents are our levels T…1.
+        return run.trajectory + [samples, samples]
+    else:
+        job.add_note(
+            "layout source 'stage1' needs the DDIM sampler; the layout was inverted instead"
+        )
+    return None
+
+
+def _shared_caches():
+    """The library's shared reference caches, sized by the WebUI settings."""
+    cache = lr_job.SHARED_INVERSION_CACHE
+    cache.max_entries = int(opt(options.REFERENCE_CACHE))
+    kv_cache = lr_job.SHARED_REFERENCE_ATTENTION_CACHE
+    kv_cache.max_bytes = int(opt(options.KV_CACHE_MB)) * 2**20
+    if kv_cache.max_bytes == 0:
+        kv_cache.clear()
+    return cache, kv_cache
+
+
+def _progress(plan: ProgressPlan):
+    """The retouch's progress on the WebUI's one bar (stage 2 continues where stage 1 ended), with
+    the live preview at the WebUI's own rate."""
+
+    def progress(phase, step, total_steps):
+        shared.state.textinfo = ProgressPlan.text(phase)
+        shared.state.sampling_steps = plan.total
+        shared.state.sampling_step = max(
+            shared.state.sampling_step, plan.position(phase, step, total_steps)
+        )
+
+    def preview(latents):
+        shared.state.current_latent = latents
+        shared.state.set_current_image()
+
+    progress.preview = preview
+    return progress
+
+
+def _should_stop() -> bool:
+    return bool(shared.state.interrupted or shared.state.skipped)
+
+
+def _report(job, job_for_batch, model, result, n: int, seconds: float) -> None:
     job.mask_kind = result.mask_kind
     job.merge_notes(job_for_batch)
     for note in model.notes:  # e.g. a half-precision VAE retried in float32
         job.add_note(note)
+    source = "cached" if result.reference_cached else "inverted"
     logger.info(
-        f"retouch of {samples.shape[0]} image(s): {time.perf_counter() - started:.1f}s, {result.unet_calls} "
-        f"UNet calls ({result.unet_rows} rows), reference {'cached' if result.reference_cached else 'inverted'}, "
-        f"mask {result.mask_kind}"
+        f"retouch of {n} image(s): {seconds:.1f}s, {result.unet_calls} UNet calls "
+        f"({result.unet_rows} rows), reference {source}, mask {result.mask_kind}"
     )
-    if job.params.show_intermediates:
-        keep_intermediates(p, run, decoded, result)
-    return result.latents.to(samples.dtype)
 
 
 def keep_intermediates(p, run, decoded_layouts, result) -> None:

@@ -18,7 +18,7 @@ from lib_layout_retouch import logs, text_encoders
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.model import unet_family
 
-from . import hosts
+from . import hosts, options
 from .options import opt
 
 logger = logs.attach_console()
@@ -57,7 +57,7 @@ class VanillaUNets:
                 self._items[key] = item
                 self.loads += 1
             self._items.move_to_end(key)
-            while len(self._items) > max(1, int(opt("layout_retouch_vanilla_cache", 1))):
+            while len(self._items) > max(1, int(opt(options.VANILLA_CACHE))):
                 self._items.popitem(last=False)
             return item
 

@@ -28,11 +28,16 @@ from .errors import LayoutRetouchError
 MAX_SIDE = 4096
 
 _PARAM = "reference_image"
-_NO_IMAGE = "no reference image: upload one photo of your subject"
+NO_IMAGE = "no reference image: upload one photo of your subject"
+# Image files by their extension (folders of photos; a string that names a file, not base64 data).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# A fingerprint (`image_fingerprint`): 16 lowercase hex characters.
+FINGERPRINT = re.compile(r"[0-9a-f]{16}")
 _HOW_TO_SEND = (
     "send the image file's bytes base64-encoded (optionally with a 'data:image/png;base64,' prefix), "
     "or upload it in the UI"
 )
+_SCALED_16BIT = "16-bit reference scaled to 8 bits by its brightest value"
 _DATA_URL = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 # Marks an image that `decode_image` already scaled from 16 bits (numpy colour input).
@@ -57,10 +62,10 @@ def decode_image(value: Any) -> Image.Image:
             )
         value = value["image"]
     if value is None:
-        raise LayoutRetouchError(_NO_IMAGE, parameter=_PARAM)
+        raise LayoutRetouchError(NO_IMAGE, parameter=_PARAM)
     if isinstance(value, Image.Image):
         if value.width == 0 or value.height == 0:
-            raise LayoutRetouchError(_NO_IMAGE, parameter=_PARAM)
+            raise LayoutRetouchError(NO_IMAGE, parameter=_PARAM)
         return value
     if isinstance(value, np.ndarray):
         return _from_array(value)
@@ -76,7 +81,7 @@ def decode_image(value: Any) -> Image.Image:
 
 def _from_array(arr: np.ndarray) -> Image.Image:
     if arr.size == 0:
-        raise LayoutRetouchError(_NO_IMAGE, parameter=_PARAM)
+        raise LayoutRetouchError(NO_IMAGE, parameter=_PARAM)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
@@ -108,29 +113,33 @@ def _to_uint8_by_max(arr: np.ndarray) -> np.ndarray:
 
 def _from_bytes(data: bytes) -> Image.Image:
     if not data:
-        raise LayoutRetouchError(_NO_IMAGE, parameter=_PARAM)
+        raise LayoutRetouchError(NO_IMAGE, parameter=_PARAM)
     try:
         return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise LayoutRetouchError(
-            f"reference_image is too large to open safely ({e}): send a smaller photo",
-            parameter=_PARAM,
-        ) from e
+        raise _too_large(e) from e
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise _bad_data(" (the data is not an image file)") from e
+
+
+def _too_large(error: Exception) -> LayoutRetouchError:
+    return LayoutRetouchError(
+        f"reference_image is too large to open safely ({error}): send a smaller photo",
+        parameter=_PARAM,
+    )
 
 
 def _looks_like_path(text: str) -> bool:
     return bool(
         re.match(r"^(~|\.{0,2}/|[A-Za-z]:[\\/]|\\\\|file:)", text)
-        or re.search(r"\.(png|jpe?g|webp|bmp|gif|tiff?)$", text, re.IGNORECASE)
+        or text.lower().endswith(IMAGE_EXTENSIONS + (".gif",))
     )
 
 
 def _from_base64(text: str) -> Image.Image:
     stripped = text.strip()
     if not stripped:
-        raise LayoutRetouchError(_NO_IMAGE, parameter=_PARAM)
+        raise LayoutRetouchError(NO_IMAGE, parameter=_PARAM)
     body = _DATA_URL.sub("", stripped, count=1)
     body = re.sub(r"\s+", "", body)
     body += "=" * (-len(body) % 4)
@@ -157,6 +166,11 @@ def _from_base64(text: str) -> Image.Image:
         if path_hint:
             raise _bad_data(path_hint) from e
         raise
+
+
+def find_fingerprints(text: str) -> list[str]:
+    """The fingerprints in a text (an infotext's "LR reference" value), in order."""
+    return FINGERPRINT.findall(text.lower())
 
 
 def image_fingerprint(img: Any) -> str:
@@ -226,13 +240,41 @@ def prepare_reference(img: Any, size: tuple[int, int]) -> tuple[Image.Image, lis
     except LayoutRetouchError:
         raise
     except Image.DecompressionBombError as e:
-        raise LayoutRetouchError(
-            f"reference_image is too large to open safely ({e}): send a smaller photo",
-            parameter=_PARAM,
-        ) from e
+        raise _too_large(e) from e
     except (OSError, ValueError, SyntaxError) as e:
         raise _bad_data(f" (the image data is damaged: {e})") from e
     return img, notes
+
+
+_MODE_NAMES = {
+    "L": "grayscale",
+    "1": "black-and-white",
+    "P": "palette",
+    "CMYK": "CMYK",
+    "YCbCr": "YCbCr",
+}
+
+
+def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    """8-bit RGB: 16-bit scaled by its brightest value, transparency on white, other modes
+    converted — each said in a note."""
+    if img.mode in _SIXTEEN_BIT:
+        img = Image.fromarray(_to_uint8_by_max(np.asarray(img)))  # 2-D uint8 → "L"
+        notes.append(_SCALED_16BIT)
+    elif img.info.get(_INFO_16BIT):
+        notes.append(_SCALED_16BIT)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            notes.append("transparent parts of the reference filled with white")
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return rgba.convert("RGB")
+    if img.mode != "RGB":
+        notes.append(f"reference converted from {_MODE_NAMES.get(img.mode, img.mode)} to RGB")
+        return img.convert("RGB")
+    return img
 
 
 def _prepare(img: Image.Image, tw: int, th: int, notes: list[str]) -> tuple[Image.Image, list[str]]:
@@ -253,32 +295,7 @@ def _prepare(img: Image.Image, tw: int, th: int, notes: list[str]) -> tuple[Imag
     else:
         img.load()
 
-    if img.mode in _SIXTEEN_BIT:
-        img = Image.fromarray(_to_uint8_by_max(np.asarray(img)))  # 2-D uint8 → "L"
-        notes.append("16-bit reference scaled to 8 bits by its brightest value")
-    elif img.info.get(_INFO_16BIT):
-        notes.append("16-bit reference scaled to 8 bits by its brightest value")
-
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        if rgba.getchannel("A").getextrema()[0] < 255:
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba).convert("RGB")
-            notes.append("transparent parts of the reference filled with white")
-        else:
-            img = rgba.convert("RGB")
-    elif img.mode != "RGB":
-        names = {
-            "L": "grayscale",
-            "1": "black-and-white",
-            "P": "palette",
-            "CMYK": "CMYK",
-            "YCbCr": "YCbCr",
-        }
-        notes.append(f"reference converted from {names.get(img.mode, img.mode)} to RGB")
-        img = img.convert("RGB")
-
+    img = _to_rgb(img, notes)
     if huge:
         k = _reduction(img.width, img.height, tw, th)
         if k >= 2:

@@ -22,11 +22,11 @@ from .model import LdmModel
 from .params import NO_SAM, LayoutRetouchParams, reference_error
 from .prompts import RetouchPrompts, derive_prompts
 
-# Reference inversions across generations: one entry ≈ (T+1) latents of one image (3.3 MB at
-# SD1 512², T=50, fp32). The WebUI setting "Reference cache size" overrides it.
-SHARED_INVERSION_CACHE = pipeline.InversionCache(max_entries=4)
-# The reference path's K/V across generations: opt-in (≈1.9 GB at SD1 512², 50 steps, fp16), so
-# 0 bytes until the WebUI setting "Reference attention cache (MB)" says otherwise.
+# Reference inversions across generations (pipeline.INVERSION_ENTRY_MB each); the WebUI setting
+# "Reference inversions kept in memory" sets the size.
+SHARED_INVERSION_CACHE = pipeline.InversionCache()
+# The reference path's K/V across generations: opt-in (pipeline.KV_REFERENCE_MB a reference), so
+# 0 bytes until the WebUI setting "Reference attention cache, MB of VRAM" says otherwise.
 SHARED_REFERENCE_ATTENTION_CACHE = pipeline.ReferenceAttentionCache(max_bytes=0)
 
 
@@ -57,7 +57,7 @@ class RetouchJob:
     height: int
     guidance_scale: float
     notes: list[str] = field(default_factory=list)
-    # img2img (issue 12): `steps` is then the number of steps the img2img sampler RUNS
+    # img2img: `steps` is then the number of steps the img2img sampler RUNS
     # (schedule.img2img_steps); `requested_steps` the slider's value, for the infotext only.
     img2img: bool = False
     requested_steps: Optional[int] = None
@@ -99,7 +99,7 @@ class RetouchJob:
                 else [f"reference photo {i + 1} of {len(photos)}: {n}" for n in ref_notes]
             )
         self.reference_fingerprints = [image_fingerprint(img) for img in self.references]
-        # The first (for one photo: the) reference, as before issue 12.
+        # The first reference (the only one, with one photo): what single-photo callers read.
         self.reference = self.references[0]
         self.reference_fingerprint = self.reference_fingerprints[0]
         self.reference_size = self.reference_sizes[0]
@@ -156,21 +156,8 @@ class RetouchJob:
         'input' the img2img input's latents (then pass no `layout_trajectory`: it is inverted).
         `user_mask`: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution (1 = retouch);
         the result equals `layout_latents` exactly where it is 0."""
-        device = layout_latents.device
         keys = self.reference_keys(model_key)
-        latents = []
-        for key, img in zip(keys, self.references):
-            cached = (
-                cache.peek(pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:]))
-                if cache is not None
-                else None
-            )
-            latents.append(
-                cached[0]
-                if cached is not None
-                else model.encode(image_to_tensor(img).to(device)).to(layout_latents.dtype)
-            )
-        reference_latent = torch.cat(latents)
+        reference_latent = self._reference_latents(model, keys, cache, layout_latents)
         conds = pipeline.encode_prompts(
             model,
             self.prompts,
@@ -204,6 +191,20 @@ class RetouchJob:
             if note not in self.notes:
                 self.notes.append(note)
         return result
+
+    def _reference_latents(self, model, keys, cache, layout_latents) -> torch.Tensor:
+        """The photos' latents (R, C, h, w); a cached inversion starts with its photo's latent, so
+        no VAE pass for those."""
+        latents = []
+        for key, img in zip(keys, self.references):
+            inversion_key = pipeline.inversion_key(key, self.steps, layout_latents.shape[-2:])
+            cached = cache.peek(inversion_key) if cache is not None else None
+            if cached is not None:
+                latents.append(cached[0])
+            else:
+                image = image_to_tensor(img).to(layout_latents.device)
+                latents.append(model.encode(image).to(layout_latents.dtype))
+        return torch.cat(latents)
 
     # -- batches -------------------------------------------------------------------------------
     def for_batch(self, prompt: str, negative_prompt: str) -> "RetouchJob":

@@ -67,8 +67,6 @@ def _names(blocks: str, indices, attn: str, depth: int = 1) -> tuple[str, ...]:
     )
 
 
-_sd1_names = _names
-
 # Presets: how much of the decoder receives the reference identity. "standard" is the paper's
 # (MasaCtrl's) choice; "light" keeps only the finer of its levels — less of the reference's
 # structure, fewer layers edited — for subjects whose reference pose or background bleeds in.
@@ -80,17 +78,17 @@ DEFAULT_PRESET = "standard"
 # 64×64 levels at 512². Mask: the 16×16 cross-attentions (latent/4). We blend in the same layers
 # that receive the reference (docs/ALGORITHM.md leaves the blend layers open; the blend exists to
 # protect the layout where the reference K/V would repaint it). Light: the 64×64 level only.
-SD1 = LayerTable(
+SD1_LAYERS = LayerTable(
     name="sd1",
     reference_layers=_names("output_blocks", range(6, 12), "attn1"),
     mask_layers=_names("input_blocks", (7, 8), "attn2")
     + _names("output_blocks", (3, 4, 5), "attn2"),
     blend_layers=_names("output_blocks", range(6, 12), "attn1"),
 )
-SD1_LIGHT = LayerTable(
+SD1_LIGHT_LAYERS = LayerTable(
     "sd1-light",
     _names("output_blocks", range(9, 12), "attn1"),
-    SD1.mask_layers,
+    SD1_LAYERS.mask_layers,
     _names("output_blocks", range(9, 12), "attn1"),
 )
 
@@ -107,25 +105,25 @@ SD1_LIGHT = LayerTable(
 _SDXL_REFERENCE = _names("output_blocks", (1, 2), "attn1", 10) + _names(
     "output_blocks", (3, 4, 5), "attn1", 2
 )
-SDXL = LayerTable(
+SDXL_LAYERS = LayerTable(
     name="sdxl",
     reference_layers=_SDXL_REFERENCE,
     mask_layers=_names("input_blocks", (7, 8), "attn2", 10)
     + _names("output_blocks", (0, 1, 2), "attn2", 10),
     blend_layers=_SDXL_REFERENCE,
 )
-SDXL_LIGHT = LayerTable(
+SDXL_LIGHT_LAYERS = LayerTable(
     "sdxl-light",
     _names("output_blocks", (3, 4, 5), "attn1", 2),
-    SDXL.mask_layers,
+    SDXL_LAYERS.mask_layers,
     _names("output_blocks", (3, 4, 5), "attn1", 2),
 )
 
 _TABLES = {
-    ("sd1", "standard"): SD1,
-    ("sd1", "light"): SD1_LIGHT,
-    ("sdxl", "standard"): SDXL,
-    ("sdxl", "light"): SDXL_LIGHT,
+    ("sd1", "standard"): SD1_LAYERS,
+    ("sd1", "light"): SD1_LIGHT_LAYERS,
+    ("sdxl", "standard"): SDXL_LAYERS,
+    ("sdxl", "light"): SDXL_LIGHT_LAYERS,
 }
 
 
@@ -154,7 +152,7 @@ def infer_layer_table(
     attention: mask = cross-attention at level L (encoder and decoder);
     SD1 rule: reference/blend = decoder self-attention at the levels finer than L (light: the finest);
     SDXL rule: decoder self-attention at level L minus its first block, and at level L−1 (light: L−1).
-    For the real SD1 and SDXL UNets this gives exactly `SD1`/`SDXL` (tests check it)."""
+    For the real SD1 and SDXL UNets this gives exactly `SD1_LAYERS`/`SDXL_LAYERS` (tests check it)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown layer preset {preset!r}; one of {', '.join(PRESETS)}")
     if not all(hasattr(unet, a) for a in ("input_blocks", "output_blocks")):
@@ -162,20 +160,7 @@ def infer_layer_table(
             "not an ldm/sgm UNetModel (no input_blocks/output_blocks): no layer table for it"
         )
     sdxl = is_sdxl_unet(unet) if sdxl is None else sdxl
-    in_levels = _block_levels(unet.input_blocks, "Downsample", 0, +1)
-    n_levels = in_levels[-1] + 1
-    out_levels = _block_levels(unet.output_blocks, "Upsample", n_levels - 1, -1)
-    mods = attention_modules(unet)
-
-    def level_of(name: str) -> Optional[tuple[str, int, int]]:
-        part, idx = name.split(".")[:2]
-        if part == "input_blocks":
-            return part, in_levels[int(idx)], int(idx)
-        if part == "output_blocks":
-            return part, out_levels[int(idx)], int(idx)
-        return None
-
-    located = {n: level_of(n) for n in mods}
+    located = _located_attention(unet)
     attn_in_levels = [loc[1] for loc in located.values() if loc and loc[0] == "input_blocks"]
     if not attn_in_levels:
         raise ValueError("UNet has no attention in its input blocks")
@@ -186,22 +171,46 @@ def infer_layer_table(
         for n, loc in located.items()
         if loc and loc[0] == "output_blocks" and is_self_attention(n)
     }
-    if sdxl:
-        first_top = min((loc[2] for loc in decoder_self.values() if loc[1] == top), default=None)
-        levels = {top - 1} if preset == "light" else {top, top - 1}
-        reference = tuple(
-            n
-            for n, loc in decoder_self.items()
-            if loc[1] in levels and not (loc[1] == top and loc[2] == first_top)
-        )
-    else:
-        finer = sorted({loc[1] for loc in decoder_self.values() if loc[1] < top})
-        levels = set(finer[:1]) if preset == "light" else set(finer)
-        reference = tuple(n for n, loc in decoder_self.items() if loc[1] in levels)
+    rule = _sdxl_reference if sdxl else _sd1_reference
+    reference = rule(decoder_self, top, light=preset == "light")
     if not reference:  # a one-level UNet: use every decoder self-attention
         reference = tuple(decoder_self)
     name = ("inferred-sdxl" if sdxl else "inferred") + ("-light" if preset == "light" else "")
     return LayerTable(name, reference, mask, reference)
+
+
+def _located_attention(unet) -> dict[str, Optional[tuple[str, int, int]]]:
+    """Each attention module → (blocks, resolution level, block index), None outside the blocks."""
+    in_levels = _block_levels(unet.input_blocks, "Downsample", 0, +1)
+    n_levels = in_levels[-1] + 1
+    out_levels = _block_levels(unet.output_blocks, "Upsample", n_levels - 1, -1)
+    levels = {"input_blocks": in_levels, "output_blocks": out_levels}
+
+    def level_of(name: str) -> Optional[tuple[str, int, int]]:
+        part, idx = name.split(".")[:2]
+        if part not in levels:
+            return None
+        return part, levels[part][int(idx)], int(idx)
+
+    return {n: level_of(n) for n in attention_modules(unet)}
+
+
+def _sd1_reference(decoder_self: dict, top: int, light: bool) -> tuple[str, ...]:
+    """SD1 rule: the decoder self-attention at the levels finer than `top` (light: the finest)."""
+    finer = sorted({loc[1] for loc in decoder_self.values() if loc[1] < top})
+    levels = set(finer[:1]) if light else set(finer)
+    return tuple(n for n, loc in decoder_self.items() if loc[1] in levels)
+
+
+def _sdxl_reference(decoder_self: dict, top: int, light: bool) -> tuple[str, ...]:
+    """SDXL rule: level `top` minus its first block, and level top−1 (light: top−1 only)."""
+    first_top = min((loc[2] for loc in decoder_self.values() if loc[1] == top), default=None)
+    levels = {top - 1} if light else {top, top - 1}
+    return tuple(
+        n
+        for n, loc in decoder_self.items()
+        if loc[1] in levels and not (loc[1] == top and loc[2] == first_top)
+    )
 
 
 def layer_table_for(unet: torch.nn.Module, preset: str = DEFAULT_PRESET) -> LayerTable:

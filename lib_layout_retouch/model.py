@@ -21,14 +21,35 @@ from .errors import LayoutRetouchError
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-SD1 = "SD1.x"
-SDXL = "SDXL"
+SD1_FAMILY = "SD1.x"
+SDXL_FAMILY = "SDXL"
 
 
 def model_family(ldm) -> str:
     """SD1 (ldm `LatentDiffusion`: one CLIP text encoder, tensor conditioning) or SDXL (sgm
     `DiffusionEngine`: a `conditioner` with two text encoders, dict conditioning)."""
-    return SDXL if (getattr(ldm, "is_sdxl", False) or hasattr(ldm, "conditioner")) else SD1
+    return (
+        SDXL_FAMILY
+        if (getattr(ldm, "is_sdxl", False) or hasattr(ldm, "conditioner"))
+        else SD1_FAMILY
+    )
+
+
+# Refusals both model checks give (ldm/sgm in A1111, Forge's engines).
+def _inpaint_refusal() -> LayoutRetouchError:
+    return LayoutRetouchError(
+        "inpainting models (9 input channels) are not supported; load a txt2img SD1.x or SDXL "
+        "checkpoint",
+        parameter="sd_model",
+    )
+
+
+def _prediction_refusal(what: str) -> LayoutRetouchError:
+    return LayoutRetouchError(
+        f"{what} are not supported: the DDIM inversion assumes ε-prediction; load an "
+        "ε-prediction checkpoint",
+        parameter="sd_model",
+    )
 
 
 def _is_sdxl_refiner(ldm) -> bool:
@@ -62,17 +83,9 @@ def check_model_supported(ldm) -> None:
             parameter="sd_model",
         )
     if getattr(ldm, "is_sdxl_inpaint", False) or _unet_in_channels(ldm) not in (None, 4):
-        raise LayoutRetouchError(
-            "inpainting models (9 input channels) are not supported; load a txt2img "
-            "SD1.x or SDXL checkpoint",
-            parameter="sd_model",
-        )
+        raise _inpaint_refusal()
     if getattr(ldm, "parameterization", "eps") != "eps":
-        raise LayoutRetouchError(
-            "v-prediction models (e.g. SD2.x 768, v-pred SDXL) are not supported: the DDIM "
-            "inversion assumes ε-prediction; load an ε-prediction checkpoint",
-            parameter="sd_model",
-        )
+        raise _prediction_refusal("v-prediction models (e.g. SD2.x 768, v-pred SDXL)")
 
 
 def _unet_in_channels(ldm) -> Optional[int]:
@@ -87,11 +100,11 @@ def unet_family(state: dict) -> str:
     SDXL's UNet takes the pooled-text/size vector through `label_emb`; SD1 and SD2 differ in their
     text width (768 vs 1024)."""
     if any(k.startswith("label_emb.") for k in state):
-        return SDXL
+        return SDXL_FAMILY
     widths = {tuple(v.shape)[-1] for k, v in state.items() if k.endswith("attn2.to_k.weight")}
     if widths == {1024}:
         return "SD2.x"
-    return SD1
+    return SD1_FAMILY
 
 
 # --- k-diffusion hosts (Forge): a denoiser D(x; σ) instead of ε(z_t, t) -----------------------------
@@ -156,7 +169,7 @@ class LdmModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.family == SDXL
+        return self.family == SDXL_FAMILY
 
     @property
     def unet_holder(self):
@@ -314,18 +327,10 @@ def check_forge_engine_supported(engine) -> None:
             parameter="sd_model",
         )
     if getattr(engine, "is_inpaint", False):
-        raise LayoutRetouchError(
-            "inpainting models (9 input channels) are not supported; load a txt2img "
-            "SD1.x or SDXL checkpoint",
-            parameter="sd_model",
-        )
+        raise _inpaint_refusal()
     prediction = getattr(getattr(kmodel, "predictor", None), "prediction_type", "epsilon")
     if prediction not in ("epsilon", "eps"):
-        raise LayoutRetouchError(
-            f"{prediction} models (e.g. v-prediction) are not supported: the DDIM "
-            "inversion assumes ε-prediction; load an ε-prediction checkpoint",
-            parameter="sd_model",
-        )
+        raise _prediction_refusal(f"{prediction} models (e.g. v-prediction)")
 
 
 def attention_replacements(model_options: dict) -> list[str]:

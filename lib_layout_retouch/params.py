@@ -23,12 +23,14 @@ import numpy as np
 from PIL import Image
 
 from .errors import LayoutRetouchError, check_range
-from .images import decode_image, image_fingerprint
+from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
 from .layers import DEFAULT_PRESET, PRESETS
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
+from .prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN
 from .schedule import (
     KNOBS,
     PAPER_LAMBDA1,
+    PAPER_LAMBDA1_CHALLENGING,
     PAPER_LAMBDA2,
     PAPER_MASK_START,
     PAPER_STEPS,
@@ -197,7 +199,8 @@ FIELDS: tuple[Field, ...] = (
         PAPER_LAMBDA1,
         "int",
         "λ1: vanilla layout steps",
-        "How many first steps the vanilla model draws (paper: 5; 3 for hard prompts). Larger "
+        f"How many first steps the vanilla model draws (paper: {PAPER_LAMBDA1}; "
+        f"{PAPER_LAMBDA1_CHALLENGING} for hard prompts). Larger "
         "follows the prompt better but weakens the identity.",
         "LR lambda1",
         minimum=0,
@@ -212,7 +215,7 @@ FIELDS: tuple[Field, ...] = (
         PAPER_LAMBDA2,
         "int",
         "λ2: layout-copy steps",
-        "How many first retouch steps copy the layout's attention (paper: 10).",
+        f"How many first retouch steps copy the layout's attention (paper: {PAPER_LAMBDA2}).",
         "LR lambda2",
         minimum=0,
         maximum=PAPER_STEPS,
@@ -226,7 +229,8 @@ FIELDS: tuple[Field, ...] = (
         PAPER_MASK_START,
         "int",
         "Mask blending from step",
-        f"First retouch step that blends the subject mask (paper: 31 of 50); {PAPER_STEPS + 1} "
+        "First retouch step that blends the subject mask "
+        f"(paper: {PAPER_MASK_START} of {PAPER_STEPS}); {PAPER_STEPS + 1} "
         "turns blending off.",
         "LR mask start",
         minimum=2,
@@ -360,64 +364,89 @@ def _coerce(f: Field, value: Any) -> Any:
         return decode_image(value)
     if value is None:  # Gradio sends None for untouched components; the API may send null
         return f.default
-    if f.kind == "bool":
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        if isinstance(value, numbers.Real) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _type_error(f, value, "true or false")
-    if f.kind == "int":
-        if isinstance(value, (bool, np.bool_)):
-            raise _type_error(f, value, "a whole number")
-        if isinstance(value, numbers.Integral):
-            return int(value)
-        if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-            return int(value)
-        if isinstance(value, str):
-            text = value.strip()
-            if re.fullmatch(r"[+-]?\d+", text):
-                return int(text)
-            try:
-                number = float(text)
-            except ValueError:
-                number = math.nan
-            if math.isfinite(number) and number.is_integer():
-                return int(number)
+    try:
+        coerce = _COERCE[f.kind]
+    except KeyError:
+        raise AssertionError(f"unknown field kind {f.kind!r}") from None  # a bug in FIELDS
+    return coerce(f, value)
+
+
+def _to_bool(f: Field, value: Any) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Real) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _type_error(f, value, "true or false")
+
+
+def _to_int(f: Field, value: Any) -> int:
+    if isinstance(value, (bool, np.bool_)):
         raise _type_error(f, value, "a whole number")
-    if f.kind == "float":
-        if isinstance(value, (bool, np.bool_)):
-            raise _type_error(f, value, "a number")
-        number = math.nan
-        if isinstance(value, numbers.Real):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value.strip())
-            except ValueError:
-                pass
-        if not math.isfinite(number):
-            raise _type_error(f, value, "a number")
-        return number
-    if f.kind in ("str", "choice"):
-        if not isinstance(value, str):
-            raise _type_error(f, value, "text")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+        return int(value)
+    if isinstance(value, str):
         text = value.strip()
-        if f.kind == "str":
-            if f.name == "sam_model" and text.lower() in ("", NO_SAM):
-                return NO_SAM
-            return text
-        key = _norm_choice(text)
-        for choice, label in zip(f.choices, f.choice_labels or f.choices):
-            if key in (_norm_choice(choice), _norm_choice(label)):
-                return choice
-        allowed = ", ".join(f"'{c}'" for c in f.choices)
-        raise LayoutRetouchError(
-            f"{f.name} is '{text}', which is not one of {allowed}: choose one of those",
-            parameter=f.name,
-        )
-    raise AssertionError(f"unknown field kind {f.kind!r}")  # a bug in FIELDS
+        if re.fullmatch(r"[+-]?\d+", text):
+            return int(text)
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+    raise _type_error(f, value, "a whole number")
+
+
+def _to_float(f: Field, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)):
+        raise _type_error(f, value, "a number")
+    number = math.nan
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            pass
+    if not math.isfinite(number):
+        raise _type_error(f, value, "a number")
+    return number
+
+
+def _to_str(f: Field, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _type_error(f, value, "text")
+    text = value.strip()
+    if f.name == "sam_model" and text.lower() in ("", NO_SAM):
+        return NO_SAM
+    return text
+
+
+def _to_choice(f: Field, value: Any) -> str:
+    text = _to_str(f, value)
+    key = _norm_choice(text)
+    for choice, label in zip(f.choices, f.choice_labels or f.choices):
+        if key in (_norm_choice(choice), _norm_choice(label)):
+            return choice
+    allowed = ", ".join(f"'{c}'" for c in f.choices)
+    raise LayoutRetouchError(
+        f"{f.name} is '{text}', which is not one of {allowed}: choose one of those",
+        parameter=f.name,
+    )
+
+
+# How each field kind (but "image") is read from what the UI or the API sends.
+_COERCE = {
+    "bool": _to_bool,
+    "int": _to_int,
+    "float": _to_float,
+    "str": _to_str,
+    "choice": _to_choice,
+}
 
 
 def _no_image(value: Any) -> bool:
@@ -462,7 +491,7 @@ def fingerprints_from_infotext(info: Mapping[str, Any]) -> list[str]:
     value = info.get(FIELD_BY_NAME["reference_image"].infotext_key)
     if not isinstance(value, str):
         return []
-    return re.findall(r"[0-9a-f]{16}", value.lower())
+    return find_fingerprints(value)
 
 
 def _format_infotext(f: Field, value: Any) -> str:
@@ -479,27 +508,57 @@ def _encode_png(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+# What a run needs when enabled (checked in this order), with the message that says the fix.
+_NEEDED_TO_RUN = (
+    ("reference_image", NO_IMAGE),
+    ("concept_token", NO_CONCEPT_TOKEN),
+    ("class_phrase", NO_CLASS_PHRASE),
+)
+_NO_VANILLA_CHECKPOINT = (
+    "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose the original "
+    "checkpoint your DreamBooth model was fine-tuned from (e.g. v1-5-pruned-emaonly.safetensors), "
+    "or set personalization to 'textual_inversion' or 'lora' if your subject is an embedding or a "
+    "LoRA"
+)
+# Written to the infotext for DreamBooth only.
+_DREAMBOOTH_ONLY = ("vanilla_checkpoint", "stage1_text_encoder")
+
+
+def _range_fix(f: Field) -> str:
+    """The fix an out-of-range message suggests."""
+    if f.kind == "int":
+        return f"set it to {f.minimum:g} or more (paper: {f.default} at {PAPER_STEPS} steps)"
+    return CA_THRESHOLD_FIX if f.name == "ca_threshold" else ""
+
+
+def _default(name: str) -> Any:
+    """The dataclass default of a parameter: the table's (FIELDS is the one home of defaults)."""
+    return FIELD_BY_NAME[name].default
+
+
 @dataclass
 class LayoutRetouchParams:
-    enabled: bool = False
+    """The parameters of FIELDS as typed attributes, in FIELDS order, with the table's defaults."""
+
+    enabled: bool = _default("enabled")
     # One image, or a list of 1…MAX_REFERENCES (`references` gives the list either way).
-    reference_image: Image.Image | list[Image.Image] | None = None
-    personalization: str = "dreambooth"
-    vanilla_checkpoint: str = ""
-    concept_token: str = ""
-    class_phrase: str = ""
-    reference_prompt: str = ""
-    lambda1: int = PAPER_LAMBDA1
-    lambda2: int = PAPER_LAMBDA2
-    mask_start: int = PAPER_MASK_START
-    scale_with_steps: bool = True
-    sam_model: str = NO_SAM
-    ca_threshold: float = 0.1
-    show_intermediates: bool = False
-    layout_source: str = "inversion"
-    reset_reference: bool = True
-    layer_preset: str = DEFAULT_PRESET
-    stage1_text_encoder: str = "vanilla"
+    reference_image: Image.Image | list[Image.Image] | None = _default("reference_image")
+    personalization: str = _default("personalization")
+    vanilla_checkpoint: str = _default("vanilla_checkpoint")
+    concept_token: str = _default("concept_token")
+    class_phrase: str = _default("class_phrase")
+    reference_prompt: str = _default("reference_prompt")
+    lambda1: int = _default("lambda1")
+    lambda2: int = _default("lambda2")
+    mask_start: int = _default("mask_start")
+    scale_with_steps: bool = _default("scale_with_steps")
+    sam_model: str = _default("sam_model")
+    ca_threshold: float = _default("ca_threshold")
+    show_intermediates: bool = _default("show_intermediates")
+    layout_source: str = _default("layout_source")
+    reset_reference: bool = _default("reset_reference")
+    layer_preset: str = _default("layer_preset")
+    stage1_text_encoder: str = _default("stage1_text_encoder")
 
     def __post_init__(self) -> None:
         # Coerce on construction, so every instance holds typed values (types only; `validate`
@@ -573,41 +632,15 @@ class LayoutRetouchParams:
         for f in FIELDS:  # re-coerce: attributes may have been assigned after construction
             setattr(self, f.name, _coerce(f, getattr(self, f.name)))
         for f in FIELDS:  # the table's ranges (step-count rules: `schedule(steps)`)
-            if f.kind == "int" and f.minimum is not None:
-                f.check_range(
-                    getattr(self, f.name),
-                    f"set it to {f.minimum:g} or more (paper: {f.default} at {PAPER_STEPS} steps)",
-                )
-            elif f.kind == "float" and f.minimum is not None:
-                f.check_range(
-                    getattr(self, f.name), CA_THRESHOLD_FIX if f.name == "ca_threshold" else ""
-                )
+            if f.kind in ("int", "float") and f.minimum is not None:
+                f.check_range(getattr(self, f.name), _range_fix(f))
         if not self.enabled:
             return
-        if self.reference_image is None:
-            raise LayoutRetouchError(
-                "no reference image: upload one photo of your subject", parameter="reference_image"
-            )
-        if not self.concept_token:
-            raise LayoutRetouchError(
-                "concept_token is empty: enter the word that stands for your subject, e.g. sks or "
-                "<my-vase>",
-                parameter="concept_token",
-            )
-        if not self.class_phrase:
-            raise LayoutRetouchError(
-                "class_phrase is empty: enter what a normal model calls your subject, e.g. dog or "
-                "red vase",
-                parameter="class_phrase",
-            )
+        for name, message in _NEEDED_TO_RUN:
+            if not getattr(self, name):
+                raise LayoutRetouchError(message, parameter=name)
         if self.needs_vanilla_checkpoint and not self.vanilla_checkpoint:
-            raise LayoutRetouchError(
-                "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose "
-                "the original checkpoint your DreamBooth model was fine-tuned from (e.g. "
-                "v1-5-pruned-emaonly.safetensors), or set personalization to 'textual_inversion' "
-                "or 'lora' if your subject is an embedding or a LoRA",
-                parameter="vanilla_checkpoint",
-            )
+            raise LayoutRetouchError(_NO_VANILLA_CHECKPOINT, parameter="vanilla_checkpoint")
 
     @property
     def runs_stage1(self) -> bool:
@@ -635,19 +668,9 @@ class LayoutRetouchParams:
         """
         if not self.enabled:
             return {}
-        info: dict[str, str] = {}
-        for f in FIELDS:
-            if f.infotext_key is None or f.kind == "image":
-                continue
-            value = getattr(self, f.name)
-            if f.kind == "str" and value == "":
-                continue
-            if (
-                f.name in ("vanilla_checkpoint", "stage1_text_encoder")
-                and self.personalization != "dreambooth"
-            ):
-                continue  # DreamBooth-only and unused for Textual Inversion / LoRA: not part of the record
-            info[f.infotext_key] = _format_infotext(f, value)
+        info = {
+            f.infotext_key: _format_infotext(f, getattr(self, f.name)) for f in self._recorded()
+        }
         info["LR steps used"] = self.schedule(steps).describe()
         if mask_kind:
             info["LR mask"] = mask_kind
@@ -656,6 +679,19 @@ class LayoutRetouchParams:
                 self.reference_fingerprints()
             )
         return info
+
+    def _recorded(self) -> list[Field]:
+        """The fields the infotext records: not the image (its fingerprint is), not empty text,
+        not the DreamBooth-only ones for Textual Inversion / LoRA (unused, so no part of the record)."""
+        dreambooth = self.personalization == "dreambooth"
+        return [
+            f
+            for f in FIELDS
+            if f.infotext_key is not None
+            and f.kind != "image"
+            and not (f.kind == "str" and getattr(self, f.name) == "")
+            and (dreambooth or f.name not in _DREAMBOOTH_ONLY)
+        ]
 
     @classmethod
     def from_infotext(cls, info: Mapping[str, Any]) -> dict[str, object]:

@@ -11,6 +11,9 @@
 Fast paths that change no result: while s ≤ λ2 and the layout is copied into every layer the target
 equals the layout path exactly (docs/ALGORITHM.md invariant), so the target rows are not computed and
 z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
+
+The loop is the same for every model family (`family.ModelFamily`): DDIM and the UNet's attention
+above are the ε-UNet family's sampler and editor.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from . import conditioning as C
-from . import ddim, masks
+from . import ddim, masks, stage1
 from .attention import (
     COND,
     LAYOUT,
@@ -38,12 +41,14 @@ from .errors import Interrupted, LayoutRetouchError
 from .family import EpsUNetFamily, Sampler, family_halves, family_of
 from .layers import LayerTable
 from .model import LdmModel
+from .prompts import subject_token_positions
+from .schedule import PAPER_LAMBDA2, PAPER_STEPS
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
 MASK_CA_ONLY = "CA only"
 MASK_SAM = "SAM+CA"
-# Inpaint (issue 12): M bounded by the user's mask U ("CA only in user mask"), or — where M·U is
+# Inpaint: M bounded by the user's mask U ("CA only in user mask"), or — where M·U is
 # empty for every image — U softened like M ("user mask").
 MASK_USER = "user mask"
 IN_USER_MASK = " in user mask"
@@ -101,7 +106,7 @@ class RetouchResult:
     latents: torch.Tensor  # (N, C, h, w) target latents z_t[0]
     masks: Optional[torch.Tensor]  # (N, H, W) adaptive mask M in [0, 1]
     ca_maps: Optional[torch.Tensor]  # (N, h, w) normalised subject cross-attention maps
-    mask_kind: str  # MASK_SAM or MASK_CA_ONLY
+    mask_kind: str  # MASK_SAM, MASK_CA_ONLY or MASK_USER; "… in user mask" when bounded by it
     notes: list[str] = field(default_factory=list)
     unet_calls: int = 0
     unet_rows: int = 0
@@ -111,12 +116,24 @@ class RetouchResult:
     )
 
 
+# What the two reference caches cost, at SD1 512² (64×64 latents) and the paper's T and λ2 — the
+# one home of these figures (the WebUI settings' labels quote them):
+INVERSION_CACHE_ENTRIES = 4  # reference inversions kept by default
+# one inversion: (T+1) latents of 4×64×64 fp32 floats ≈ 3.3 MB
+INVERSION_ENTRY_MB = (PAPER_STEPS + 1) * 4 * 64 * 64 * 4 / 1e6
+# one step of the reference's K and V (fp16, both CFG halves) at the standard preset's layers
+# (output_blocks 6–11: 3 × 32² tokens × 640 + 3 × 64² tokens × 320): ≈ 47 MB; the steps s > λ2
+# need them: ≈ 1.9 GB for one reference
+KV_STEP_MB = 2 * 2 * 2 * 3 * (32 * 32 * 640 + 64 * 64 * 320) / 1e6
+KV_REFERENCE_MB = KV_STEP_MB * (PAPER_STEPS - PAPER_LAMBDA2)
+
+
 class InversionCache:
     """Bounded LRU of reference inversions, key (reference fingerprint, model key, steps).
 
-    One entry is (T+1) latents of one image: 51 × 4×64×64 floats ≈ 3.3 MB at SD1 512² in fp32."""
+    One entry is (T+1) latents of one image (INVERSION_ENTRY_MB at SD1 512², T = 50)."""
 
-    def __init__(self, max_entries: int = 4):
+    def __init__(self, max_entries: int = INVERSION_CACHE_ENTRIES):
         self.max_entries = max_entries
         self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = (
             collections.OrderedDict()
@@ -158,8 +175,9 @@ class InversionCache:
 class ReferenceAttentionCache:
     """Bounded LRU of the reference path's self-attention K/V at the reference layers, per step,
     so a later generation with the same reference, model, steps, size and prompts runs no
-    reference rows at all. Size is the point: at SD1 512², T=50, λ2=10 one reference costs
-    ≈47 MB per step in fp16, ≈1.9 GB in all, on the device — so it is opt-in (`max_bytes` 0 = off)."""
+    reference rows at all. Size is the point: one reference costs KV_STEP_MB per step and
+    KV_REFERENCE_MB in all (≈1.9 GB at SD1 512², T = 50, λ2 = 10), on the device — so it is
+    opt-in (`max_bytes` 0 = off)."""
 
     def __init__(self, max_bytes: int = 0):
         self.max_bytes = max_bytes
@@ -236,28 +254,11 @@ def encode_prompts(
         return own(prompts, negative_prompt)
     if isinstance(reference_size, (list, tuple)):
         if len(reference_size) == 1 or not model.is_sdxl:
-            return encode_prompts(
-                model,
-                prompts,
-                negative_prompt,
-                generation_size=generation_size,
-                reference_size=reference_size[0] if reference_size else None,
+            reference_size = reference_size[0] if reference_size else None
+        else:
+            return _encode_per_reference(
+                model, prompts, negative_prompt, generation_size, reference_size
             )
-        each = [
-            encode_prompts(
-                model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
-            )
-            for r in reference_size
-        ]
-        return RetouchConds(
-            reference=C.cat([c.reference for c in each]),
-            layout=each[0].layout,
-            uncond=each[0].uncond,
-            target=each[0].target,
-            reference_uncond=C.cat([c.reference_uncond for c in each]),
-            reference_empty=C.cat([c.reference_empty for c in each]),
-            layout_empty=each[0].layout_empty,
-        )
     if not model.is_sdxl:
         c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
         return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
@@ -282,6 +283,25 @@ def encode_prompts(
         reference_uncond=negative(negative_prompt, ref),
         reference_empty=negative("", ref),
         layout_empty=negative("", gen),
+    )
+
+
+def _encode_per_reference(model, prompts, negative_prompt, generation_size, reference_sizes):
+    """SDXL with several reference photos: the reference conditionings one row per photo."""
+    each = [
+        encode_prompts(
+            model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
+        )
+        for r in reference_sizes
+    ]
+    return RetouchConds(
+        reference=C.cat([c.reference for c in each]),
+        layout=each[0].layout,
+        uncond=each[0].uncond,
+        target=each[0].target,
+        reference_uncond=C.cat([c.reference_uncond for c in each]),
+        reference_empty=C.cat([c.reference_empty for c in each]),
+        layout_empty=each[0].layout_empty,
     )
 
 
@@ -683,16 +703,16 @@ class _Retouch:
         self.z_l = inversions.layout_start()  # z_o[T]
         self.z_t = self.z_l.clone()  # z_t ← z_o[T]
         self.z_ref = z_r[self.T].clone()
-        kv_key = self.reference_kv_key(key)
+        kv = _ReferenceKV(self.kv_cache, self.reference_kv_key(key))
         with self.family.patched(self.model, self.editor):
             for s in range(1, self.T + 1):
                 self.hooks.stop_if_asked(f"stopped at retouch step {s} of {self.T}")
-                self.step(s, z_r, kv_key)
+                self.step(s, z_r, kv)
             if self.mask is None:
                 self.build_mask()  # mask_start = T+1: no blending, but the map and mask are still shown
         return self.result(cached)
 
-    def step(self, s: int, z_r, kv_key) -> None:
+    def step(self, s: int, z_r, kv: "_ReferenceKV") -> None:
         """Retouch step s: re-set the reference (and stage-1 layout) path, build M at mask start,
         one model call (or one per path) through the editor, a sampling step per path."""
         if self.settings.reset_reference:
@@ -702,7 +722,7 @@ class _Retouch:
         if s == self.schedule.mask_start:
             self.build_mask()
         phase = self.phase(s)
-        out = self.predict(s, phase, kv_key)
+        out = self.predict(s, phase, kv)
         if getattr(self.sampler, "midpoint", None) is not None:
             out = self.predict_at_midpoint(s, phase, out)
         self.advance(s, phase, out)
@@ -734,27 +754,25 @@ class _Retouch:
         if REFERENCE in out:
             self.z_ref = half(self.z_ref, out[REFERENCE], s)
         try:
-            return self.predict(s, phase, None, t=self.sampler.time_of_midpoint(s))
+            off = _ReferenceKV(None, None)  # K/V are cached per step, not per call
+            return self.predict(s, phase, off, t=self.sampler.time_of_midpoint(s))
         finally:
             self.z_ref, self.z_l, self.z_t = here
 
-    def predict(self, s: int, phase: _Phase, kv_key, t=None) -> dict[str, torch.Tensor]:
+    def predict(self, s: int, phase: _Phase, kv: "_ReferenceKV", t=None) -> dict[str, torch.Tensor]:
         """The guided prediction of each path this step (the editor edits the attention)."""
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
         t = self.sampler.time_of_step(s) if t is None else t
         state = dict(phase.flags(), masks=self.layer_masks)
         if self.settings.sequential:
             return self.predict_one_call_per_path(phase, latents, t, state)
-        use_kv = kv_key is not None and phase.need_reference
-        cached_kv = self.kv_cache.get(kv_key, s) if use_kv else None
+        cached = kv.get(s) if phase.need_reference else None
         paths = list(phase.paths)
-        if cached_kv is not None:  # the reference's K/V from an earlier generation: no rows
+        if cached is not None:  # the reference's K/V from an earlier generation: no rows
             paths[0] = (REFERENCE, 0)
-        state.update(sources=cached_kv or {}, capture_reference=use_kv and cached_kv is None)
-        out = self.call(paths, latents, t, **state)
-        captured = self.editor.captured_reference()
-        if captured:
-            self.kv_cache.put(kv_key, s, captured)
+        capture = phase.need_reference and kv.on and cached is None
+        out = self.call(paths, latents, t, **state, sources=cached or {}, capture_reference=capture)
+        kv.put(s, self.editor.captured_reference())
         return out
 
     def predict_one_call_per_path(self, phase: _Phase, latents, t, state) -> dict:
@@ -831,6 +849,26 @@ class _Retouch:
         )
 
 
+class _ReferenceKV:
+    """The reference path's K/V across generations, for one retouch: per step the cached sources
+    (the call then runs no reference rows), or this call's captured ones to keep. Off (`key` None)
+    when the cache is off or the K/V would not be the same (see `_Retouch.reference_kv_key`)."""
+
+    def __init__(self, cache: Optional[ReferenceAttentionCache], key: Optional[tuple]):
+        self.cache, self.key = cache, key
+
+    @property
+    def on(self) -> bool:
+        return self.key is not None
+
+    def get(self, s: int) -> Optional[dict]:
+        return self.cache.get(self.key, s) if self.on else None
+
+    def put(self, s: int, captured: Optional[dict]) -> None:
+        if self.on and captured:
+            self.cache.put(self.key, s, captured)
+
+
 def _softened(u: torch.Tensor, size=None) -> np.ndarray:
     """The user's mask U (h, w) softened like M: U's support in the role of M^k with no M^c —
     Normalize(EDT(U > 0)) (rim 0.5, core 1) — times U, so it never leaves U."""
@@ -879,10 +917,6 @@ def generate(
     vanilla_unet: DreamBooth's vanilla UNet (None: the same UNet, i.e. Textual Inversion).
     reference_size: SDXL size terms of the reference photo as fed (default: the generation's).
     """
-    from . import stage1
-    from .prompts import subject_token_positions
-
-    schedule = settings.schedule
     height, width = (8 * d for d in noise.shape[-2:])
     gen_size = model.generation_size(width, height)
     conds = encode_prompts(
@@ -892,49 +926,26 @@ def generate(
     family = family_of(model)
     phrases = [prompts.concept_token, prompts.class_phrase]
     if isinstance(family, EpsUNetFamily):  # (or a family built on it)
-        ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
-        trajectory = stage1.sample_step_blended(
-            model.denoiser(vanilla_unet),
-            model.denoiser(),
-            schedule,
-            ddim_schedule,
-            cond_layout,
-            conds.layout,
-            conds.uncond,
-            noise,
-            settings.guidance_scale,
-            progress=progress,
-            should_stop=should_stop,
+        denoisers = (model.denoiser(vanilla_unet), model.denoiser())
+        trajectory = _stage1(
+            model, denoisers, cond_layout, conds, noise, settings, progress, should_stop
         )
         subject = subject_token_positions(model.tokenize, prompts.personalized, phrases)
     else:  # another family (Flux): its sampler, its vanilla model (`model.vanilla()`), its tokens
-        trajectory = stage1.sample_step_blended_with(
-            family.sampler(model, schedule.steps, latent_hw=tuple(noise.shape[-2:])),
-            model,
-            schedule,
-            cond_layout,
-            conds.layout,
-            conds.uncond,
-            noise,
-            settings.guidance_scale,
-            vanilla=model.vanilla,
-            halves=family_halves(family, settings.guidance_scale),
-            progress=progress,
-            should_stop=should_stop,
+        trajectory = _family_stage1(
+            model, family, cond_layout, conds, noise, settings, progress, should_stop
         )
         subject = model.subject_tokens(prompts.personalized, phrases)
     layout_latents = trajectory[-1]
     layout_images = model.decode(layout_latents)
-    # A cached inversion starts with the reference's latent: no VAE pass then.
-    cached = (
-        cache.peek(inversion_key(reference_key, schedule.steps, noise.shape[-2:]))
-        if cache is not None and reference_key is not None
-        else None
+    key = (
+        None
+        if reference_key is None
+        else inversion_key(reference_key, settings.schedule.steps, noise.shape[-2:])
     )
-    reference_latent = cached[0] if cached is not None else model.encode(reference_image)
     result = retouch(
         model,
-        reference_latent=reference_latent,
+        reference_latent=_reference_latent(model, reference_image, cache, key),
         layout_latents=layout_latents,
         conds=conds,
         subject_tokens=subject,
@@ -954,3 +965,48 @@ def generate(
         layout_latents=layout_latents,
         retouch=result,
     )
+
+
+def _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop):
+    """Stage 1 with the library's DDIM: the layout's trajectory [z_T … z_0]."""
+    schedule = settings.schedule
+    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
+    vanilla, personalized = denoisers
+    return stage1.sample_step_blended(
+        vanilla,
+        personalized,
+        schedule,
+        ddim_schedule,
+        cond_layout,
+        conds.layout,
+        conds.uncond,
+        noise,
+        settings.guidance_scale,
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
+def _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop):
+    """Stage 1 through another family's sampler (Flux: the flow sampler), the vanilla model being
+    the host's `model.vanilla()` context (a LoRA off): the layout's trajectory [z_T … z_0]."""
+    return stage1.sample_step_blended_with(
+        family.sampler(model, settings.schedule.steps, latent_hw=tuple(noise.shape[-2:])),
+        model,
+        settings.schedule,
+        cond_layout,
+        conds.layout,
+        conds.uncond,
+        noise,
+        settings.guidance_scale,
+        vanilla=model.vanilla,
+        halves=family_halves(family, settings.guidance_scale),
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
+def _reference_latent(model, reference_image, cache: Optional[InversionCache], key) -> torch.Tensor:
+    """The reference's latent; a cached inversion starts with it, so no VAE pass then."""
+    cached = cache.peek(key) if cache is not None and key is not None else None
+    return cached[0] if cached is not None else model.encode(reference_image)

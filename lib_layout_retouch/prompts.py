@@ -30,12 +30,23 @@ _NOT_A_CLASS = frozenset(
 # text, so a concept token inside one is not an occurrence (and must never be rewritten). The one
 # rule for them, the WebUI's own (modules/extra_networks.py re_extra_net): the glue strips with it too.
 EXTRA_NETWORK_TAG = re.compile(r"<(\w+):([^>]+)>")
-_EXTRA_NETWORK_TAG = EXTRA_NETWORK_TAG
+# The extra networks that are LoRAs (the WebUI's network names, case as it registers them).
+LORA_NETWORKS = ("lora", "lyco")
+LORA_TAG_FIX = "add your LoRA's tag, <lora:name:1>, to the prompt"
 
 
 def strip_extra_networks(prompt: str) -> str:
     """The prompt without its extra-network tags, as the WebUI removes them before encoding."""
     return EXTRA_NETWORK_TAG.sub("", prompt)
+
+
+def lora_names(prompt: str) -> list[str]:
+    """The names of the prompt's LoRA tags, in order: <lora:NAME:0.8> → NAME."""
+    return [
+        m.group(2).split(":")[0].strip()
+        for m in EXTRA_NETWORK_TAG.finditer(prompt)
+        if m.group(1) in LORA_NETWORKS
+    ]
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ def _token_pattern(token: str) -> re.Pattern[str]:
 
 
 def _tag_spans(prompt: str) -> list[tuple[int, int]]:
-    return [m.span() for m in _EXTRA_NETWORK_TAG.finditer(prompt)]
+    return [m.span() for m in EXTRA_NETWORK_TAG.finditer(prompt)]
 
 
 def _token_matches(prompt: str, token: str) -> list[re.Match[str]]:
@@ -71,6 +82,15 @@ def _token_matches(prompt: str, token: str) -> list[re.Match[str]]:
         for m in _token_pattern(token).finditer(prompt)
         if not any(a <= m.start() < b for a, b in spans)
     ]
+
+
+# What derive_prompts (and the parameters' validation) says when the subject is not named.
+NO_CONCEPT_TOKEN = (
+    "concept_token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>"
+)
+NO_CLASS_PHRASE = (
+    "class_phrase is empty: enter what a normal model calls your subject, e.g. dog or red vase"
+)
 
 
 def derive_prompts(
@@ -90,10 +110,7 @@ def derive_prompts(
     prompt = prompt or ""
     token = (concept_token or "").strip()
     if not token:
-        raise LayoutRetouchError(
-            "the concept token is empty: enter the word that stands for your subject, e.g. sks or <my-vase>",
-            parameter="concept_token",
-        )
+        raise LayoutRetouchError(NO_CONCEPT_TOKEN, parameter="concept_token")
     matches = _token_matches(prompt, token)
     if not matches:
         raise LayoutRetouchError(
@@ -105,12 +122,19 @@ def derive_prompts(
         )
     phrase = " ".join((class_phrase or "").split())
     if not phrase:
-        raise LayoutRetouchError(
-            "the class phrase is empty: enter what a normal model calls your subject, "
-            "e.g. dog or red vase",
-            parameter="class_phrase",
-        )
+        raise LayoutRetouchError(NO_CLASS_PHRASE, parameter="class_phrase")
+    return RetouchPrompts(
+        personalized=prompt,
+        layout=_layout_prompt(prompt, matches, phrase),
+        reference=(reference_prompt or "").strip() or f"a photo of {token} {phrase}",
+        concept_token=token,
+        class_phrase=phrase,
+    )
 
+
+def _layout_prompt(prompt: str, matches: list[re.Match[str]], phrase: str) -> str:
+    """y_p⁻: each occurrence of the token dropped where the class phrase follows it, else replaced
+    by the class phrase."""
     # The class phrase "follows" when only whitespace separates it from the token; its inner
     # spaces may be any whitespace, and it must end at a word boundary (dog ≠ doghouse).
     follows = re.compile(
@@ -129,16 +153,7 @@ def derive_prompts(
             pieces.append(phrase)
             pos = m.end()
     pieces.append(prompt[pos:])
-    layout = "".join(pieces)
-
-    reference = (reference_prompt or "").strip() or f"a photo of {token} {phrase}"
-    return RetouchPrompts(
-        personalized=prompt,
-        layout=layout,
-        reference=reference,
-        concept_token=token,
-        class_phrase=phrase,
-    )
+    return "".join(pieces)
 
 
 def conditioning_position(index: int, chunk_length: int = 75) -> int:
@@ -219,10 +234,8 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
         following = m.group(2) or ""
         return m.group(1), "" if following.lower() in _NOT_A_CLASS else following
 
-    for m in _EXTRA_NETWORK_TAG.finditer(prompt):
-        if m.group(1).lower() in ("lora", "lyco"):
-            return m.group(2).split(":")[0].strip(), ""  # <lora:NAME:0.8> -> NAME
-    return None
+    loras = lora_names(prompt)
+    return (loras[0], "") if loras else None
 
 
 def subject_positions_in_chunks(

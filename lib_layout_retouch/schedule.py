@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 
 from .errors import LayoutRetouchError
 
+# The paper's settings (§4.1), the one home of these numbers: T DDIM steps, λ1 (3 for its
+# "challenging" prompts), λ2, and the first blended step.
 PAPER_STEPS = 50
 PAPER_LAMBDA1 = 5
+PAPER_LAMBDA1_CHALLENGING = 3
 PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
 
@@ -33,6 +36,12 @@ def knob_words(name: str) -> str:
     """What a knob means, in words a user understands (error messages): 'λ1 (the number …)'."""
     symbol, meaning = KNOBS[name]
     return f"{symbol} ({meaning})" if symbol else meaning
+
+
+def _not_whole(name: str, value: object) -> LayoutRetouchError:
+    return LayoutRetouchError(
+        f"{knob_words(name)} must be a whole number, got {value!r}", parameter=name
+    )
 
 
 def _is_int(v: object) -> bool:
@@ -85,9 +94,7 @@ class Schedule:
         _check_steps(steps)
         for name, v in (("lambda1", lambda1), ("lambda2", lambda2), ("mask_start", mask_start)):
             if not _is_int(v):
-                raise LayoutRetouchError(
-                    f"{knob_words(name)} must be a whole number, got {v!r}", parameter=name
-                )
+                raise _not_whole(name, v)
         if not scale:
             return cls(steps, lambda1, lambda2, mask_start)
         if not _is_int(reference_steps) or reference_steps < 1:
@@ -125,9 +132,7 @@ class Schedule:
 
     def _check_range(self, name: str, value: int, lo: int, hi: int, why: str | None) -> None:
         if not _is_int(value):
-            raise LayoutRetouchError(
-                f"{knob_words(name)} must be a whole number, got {value!r}", parameter=name
-            )
+            raise _not_whole(name, value)
         if lo <= value <= hi:
             return
         note = f" ({why})" if why else ""

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from segment_anything.modeling import Sam
 
 SAM_KINDS = ("vit_b", "vit_l", "vit_h")
+_KINDS_TEXT = ", ".join(SAM_KINDS[:-1]) + " or " + SAM_KINDS[-1]  # "vit_b, vit_l or vit_h"
 OFFICIAL_SAM_FILES = ("sam_vit_b_01ec64.pth", "sam_vit_l_0b3195.pth", "sam_vit_h_4b8939.pth")
 
 
@@ -79,10 +80,11 @@ def sam_kind_from_filename(path: str) -> str:
             f"does not support; {_supported_files_hint()}.",
             parameter="sam_model",
         )
-    m = re.search(r"vit[_-]?([blh])(?![a-z])", name)
+    letters = "".join(kind[-1] for kind in SAM_KINDS)  # vit_b → b
+    m = re.search(rf"vit[_-]?([{letters}])(?![a-z])", name)
     if m is None:
         raise LayoutRetouchError(
-            f"cannot tell the SAM model kind (vit_b, vit_l or vit_h) from the file name "
+            f"cannot tell the SAM model kind ({_KINDS_TEXT}) from the file name "
             f"'{os.path.basename(path)}'; keep the official name ({', '.join(OFFICIAL_SAM_FILES)}) "
             f"or choose the kind explicitly.",
             parameter="sam_model",
@@ -99,7 +101,7 @@ def _kind_from_state_dict(state_dict: dict, path: str) -> str:
     )
     if kind is None:
         raise LayoutRetouchError(
-            f"'{path}' is not a Segment Anything ViT checkpoint (no vit_b/vit_l/vit_h image encoder "
+            f"'{path}' is not a Segment Anything ViT checkpoint (no {'/'.join(SAM_KINDS)} image encoder "
             f"found); {_supported_files_hint()}.",
             parameter="sam_model",
         )

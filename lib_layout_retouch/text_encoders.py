@@ -20,6 +20,15 @@ import torch
 
 from .errors import LayoutRetouchError
 
+# Where each text transformer's weights live in a checkpoint (ldm / sgm key prefixes), by the
+# transformer's attribute in its encoder: SD1's CLIP-L, SD2's OpenCLIP, SDXL's CLIP-L and OpenCLIP-G.
+TEXT_ENCODER_PREFIXES = {
+    "sd1": "cond_stage_model.transformer.",
+    "sd2": "cond_stage_model.model.",
+    "sdxl_clip_l": "conditioner.embedders.0.transformer.",
+    "sdxl_clip_g": "conditioner.embedders.1.model.",
+}
+
 # A slot: (the module holding the transformer, its attribute name, the checkpoint key prefix).
 Slot = tuple[torch.nn.Module, str, str]
 

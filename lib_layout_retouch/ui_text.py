@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
+from .images import find_fingerprints
 from .params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES
 
 # Folded into the "Advanced" accordion; everything else is what a first-time user needs.
@@ -35,9 +36,9 @@ EXTRA_HINTS = {
     GUESS_LABEL: "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding "
     "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
     "It says what it could not find.",
-    ADVANCED_LABEL: "Segment-Anything mask, mask threshold, where the layout path comes from, the reference "
-    "path reset, the reference prompt (and the attention layer preset): the paper's defaults "
-    "work for most subjects.",
+    ADVANCED_LABEL: "The reference prompt, Segment-Anything mask, mask threshold, where the layout path "
+    "comes from, the reference path reset, the attention layer preset and DreamBooth's stage-1 "
+    "text encoder: the paper's defaults work for most subjects.",
 }
 
 
@@ -78,7 +79,7 @@ def refusal(message: str) -> str:
 def photo_notice(fingerprint: Optional[str]) -> str:
     """Shown after Send to txt2img / paste: the photo is never stored in an image. `fingerprint`:
     the infotext's "LR reference" value (one fingerprint, or several joined by ", ")."""
-    prints = re.findall(r"[0-9A-Za-z]+", fingerprint or "")
+    prints = find_fingerprints(fingerprint or "")
     if len(prints) > 1:
         listed = ", ".join(f"`{p}`" for p in prints)
         return (

@@ -92,8 +92,9 @@ def test_the_project_has_no_import_cycle():
 
 
 def test_function_level_imports_count():
-    """`pipeline.generate` imports `stage1` inside the function: that edge is in the graph."""
-    assert "lib_layout_retouch.stage1" in import_graph()["lib_layout_retouch.pipeline"]
+    """`hosts.current()` imports the Forge adapter inside the function: that edge is in the graph."""
+    graph = import_graph()
+    assert "layout_retouch_webui.hosts.forge" in graph["layout_retouch_webui.hosts"]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,12 @@
 
 import torch
 
-from lib_layout_retouch.layers import SD1, attention_modules, infer_layer_table, layer_table_for
+from lib_layout_retouch.layers import (
+    SD1_LAYERS,
+    attention_modules,
+    infer_layer_table,
+    layer_table_for,
+)
 
 SD1_UNET = dict(
     image_size=32,
@@ -32,14 +37,14 @@ def test_sd1_table_matches_the_paper_layers_and_the_structural_rule():
     unet = sd1_unet_on_meta()
     names = list(attention_modules(unet))
     assert len(names) == 32
-    SD1.check_against(unet)
-    assert layer_table_for(unet) is SD1
+    SD1_LAYERS.check_against(unet)
+    assert layer_table_for(unet) is SD1_LAYERS
     inferred = infer_layer_table(unet)
-    assert inferred.reference_layers == SD1.reference_layers
-    assert set(inferred.mask_layers) == set(SD1.mask_layers)
+    assert inferred.reference_layers == SD1_LAYERS.reference_layers
+    assert set(inferred.mask_layers) == set(SD1_LAYERS.mask_layers)
     # decoder transformer blocks 10–15 of 16 (MasaCtrl start_layer=10)
     blocks = [n for n in names if n.endswith("attn1")]
-    assert tuple(blocks[10:]) == SD1.reference_layers
+    assert tuple(blocks[10:]) == SD1_LAYERS.reference_layers
 
 
 def test_tiny_model_inferred_table(tiny_ldm):

@@ -95,7 +95,7 @@ def test_empty_class_phrase_error():
     with pytest.raises(LayoutRetouchError) as e:
         derive_prompts("a sks dog", "sks", "   ")
     assert e.value.parameter == "class_phrase"
-    assert "class phrase is empty" in str(e.value)
+    assert "class_phrase is empty" in str(e.value)
 
 
 # A word-level stand-in for CLIP's tokenizer: ids without BOS/EOS, like the real one.

@@ -1,6 +1,6 @@
 """SDXL-family models: the layer table, dict conditioning, the VAE, and the SD1 invariants again.
 
-Every model test runs on two builds of a tiny SDXL (tests/tiny_sdxl.py): "ldm" (ldm's UNet in SDXL
+Every model test runs on two builds of a tiny SDXL (tests/tiny_sdxl.py): "ldm" (ldm's UNet in SDXL_LAYERS
 configuration; always available) and "sgm" (the real sgm DiffusionEngine; skipped with a reason
 where sgm is not importable — it is not on PyPI).
 """
@@ -13,17 +13,21 @@ from lib_layout_retouch import pipeline as pl
 from lib_layout_retouch.attention import LAYOUT, TARGET, patched_attention
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.layers import (
-    SD1,
-    SDXL,
-    SDXL_LIGHT,
+    SD1_LAYERS,
+    SDXL_LAYERS,
+    SDXL_LIGHT_LAYERS,
     attention_modules,
     infer_layer_table,
     is_self_attention,
     layer_table_for,
 )
-from lib_layout_retouch.model import SD1 as SD1_FAMILY
-from lib_layout_retouch.model import SDXL as SDXL_FAMILY
-from lib_layout_retouch.model import LdmModel, check_model_supported, unet_family
+from lib_layout_retouch.model import (
+    SD1_FAMILY,
+    SDXL_FAMILY,
+    LdmModel,
+    check_model_supported,
+    unet_family,
+)
 from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
 from lib_layout_retouch.schedule import Schedule
 from tests import tiny_sdxl as TS
@@ -41,7 +45,7 @@ def _param(kind):
 
 @pytest.fixture(scope="module", params=[_param(k) for k in TS.BUILDS])
 def xl(request, tmp_path_factory):
-    """(kind, model, adapter) of the personalized tiny SDXL."""
+    """(kind, model, adapter) of the personalized tiny SDXL_LAYERS."""
     model = TS.build(request.param, str(tmp_path_factory.mktemp("xl-clip")), seed=0)
     return request.param, model, LdmModel(model)
 
@@ -63,21 +67,28 @@ def test_sdxl_base_table_is_the_structural_rule_on_the_real_unet():
     names = list(attention_modules(unet))
     selfs = [n for n in names if is_self_attention(n)]
     assert len(selfs) == 70 and len(names) == 140
-    assert layer_table_for(unet) is SDXL and layer_table_for(unet, "light") is SDXL_LIGHT
-    SDXL.check_against(unet)
-    assert tuple(selfs[44:]) == SDXL.reference_layers  # MasaCtrl start_layer=44 of 70
+    assert (
+        layer_table_for(unet) is SDXL_LAYERS and layer_table_for(unet, "light") is SDXL_LIGHT_LAYERS
+    )
+    SDXL_LAYERS.check_against(unet)
+    assert tuple(selfs[44:]) == SDXL_LAYERS.reference_layers  # MasaCtrl start_layer=44 of 70
     inferred = infer_layer_table(unet)
-    assert inferred.reference_layers == SDXL.reference_layers and set(inferred.mask_layers) == set(
-        SDXL.mask_layers
-    )
+    assert inferred.reference_layers == SDXL_LAYERS.reference_layers and set(
+        inferred.mask_layers
+    ) == set(SDXL_LAYERS.mask_layers)
     assert set(infer_layer_table(unet, "light").reference_layers) == set(
-        SDXL_LIGHT.reference_layers
+        SDXL_LIGHT_LAYERS.reference_layers
     )
-    assert len(SDXL.mask_layers) == 50 and all(n.endswith("attn2") for n in SDXL.mask_layers)
+    assert len(SDXL_LAYERS.mask_layers) == 50 and all(
+        n.endswith("attn2") for n in SDXL_LAYERS.mask_layers
+    )
 
 
 def test_written_tables_follow_their_rules():
-    assert len(SDXL.reference_layers) == 26 and SDXL.blend_layers == SDXL.reference_layers
+    assert (
+        len(SDXL_LAYERS.reference_layers) == 26
+        and SDXL_LAYERS.blend_layers == SDXL_LAYERS.reference_layers
+    )
     assert all(
         n.startswith(
             (
@@ -88,13 +99,13 @@ def test_written_tables_follow_their_rules():
                 "output_blocks.5.",
             )
         )
-        for n in SDXL.reference_layers
+        for n in SDXL_LAYERS.reference_layers
     )
     assert (
-        set(SDXL_LIGHT.reference_layers) < set(SDXL.reference_layers)
-        and len(SDXL_LIGHT.reference_layers) == 6
+        set(SDXL_LIGHT_LAYERS.reference_layers) < set(SDXL_LAYERS.reference_layers)
+        and len(SDXL_LIGHT_LAYERS.reference_layers) == 6
     )
-    assert SDXL.swaps_every_layer() and SD1.swaps_every_layer()
+    assert SDXL_LAYERS.swaps_every_layer() and SD1_LAYERS.swaps_every_layer()
 
 
 def test_tiny_sdxl_table_by_level(xl):

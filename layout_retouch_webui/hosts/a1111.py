@@ -14,7 +14,9 @@ import torch
 from modules import devices, sd_models, shared
 
 from lib_layout_retouch.model import LdmModel, check_model_supported
+from lib_layout_retouch.text_encoders import TEXT_ENCODER_PREFIXES
 
+from .. import options
 from ..options import opt
 from .base import Host
 
@@ -38,7 +40,7 @@ class A1111Host(Host):
     @staticmethod
     def sdxl_crop() -> tuple[int, int]:
         """The WebUI's SDXL crop settings (top, left), for the generated image's size terms."""
-        return int(opt("sdxl_crop_top", 0)), int(opt("sdxl_crop_left", 0))
+        return int(opt(options.SDXL_CROP_TOP)), int(opt(options.SDXL_CROP_LEFT))
 
     def model_key(self, p, personalization: str) -> str:
         checkpoint = getattr(p.sd_model, "sd_checkpoint_info", None)
@@ -98,15 +100,14 @@ class A1111Host(Host):
         if getattr(sd_model, "is_sdxl", False):
             embedders = list(sd_model.conditioner.embedders)
             slots = [
-                (inner(embedders[0]), "transformer", "conditioner.embedders.0.transformer."),
-                (inner(embedders[1]), "model", "conditioner.embedders.1.model."),
+                (inner(embedders[0]), "transformer", TEXT_ENCODER_PREFIXES["sdxl_clip_l"]),
+                (inner(embedders[1]), "model", TEXT_ENCODER_PREFIXES["sdxl_clip_g"]),
             ]
         else:
             encoder = inner(sd_model.cond_stage_model)
-            attr = (
-                "transformer" if hasattr(encoder, "transformer") else "model"
-            )  # SD1 CLIP / SD2 OpenCLIP
-            slots = [(encoder, attr, f"cond_stage_model.{attr}.")]
+            sd1 = hasattr(encoder, "transformer")  # SD1 CLIP / SD2 OpenCLIP
+            attr, kind = ("transformer", "sd1") if sd1 else ("model", "sd2")
+            slots = [(encoder, attr, TEXT_ENCODER_PREFIXES[kind])]
         return [s for s in slots if isinstance(getattr(s[0], s[1], None), torch.nn.Module)]
 
     def text_encoders_to(self, p, modules, where: str) -> None:

@@ -27,6 +27,7 @@ from modules import shared
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.forge_model import ForgeModel
 from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported
+from lib_layout_retouch.text_encoders import TEXT_ENCODER_PREFIXES
 
 from .a1111 import A1111Host
 
@@ -113,10 +114,10 @@ class ForgeHost(A1111Host):
         engine = p.sd_model
         if getattr(engine, "is_sdxl", False):
             clip = engine.text_processing_engine_l.text_encoder
-            prefix = "conditioner.embedders.0.transformer."
+            prefix = TEXT_ENCODER_PREFIXES["sdxl_clip_l"]
         else:
             clip = engine.text_processing_engine.text_encoder
-            prefix = "cond_stage_model.transformer."
+            prefix = TEXT_ENCODER_PREFIXES["sd1"]
         return (
             [(clip, "transformer", prefix)]
             if isinstance(getattr(clip, "transformer", None), torch.nn.Module)
