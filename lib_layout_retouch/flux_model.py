@@ -146,15 +146,15 @@ class FluxModel:
     def conditioning(
         self,
         prompts: Sequence[str],
-        size=None,
+        guidance: Optional[float] = None,
         *,
         negative: bool = False,
-        guidance: Optional[float] = None,
         pooled_from: Optional[Sequence[str]] = None,
     ) -> dict:
         """{"crossattn", "vector", "guidance"} of `prompts`; the pooled vector of `pooled_from`
-        (same length) when given — the target path attends with y_r's T5 tokens but keeps the
-        layout's pooled vector (docs/ALGORITHM.md, DiT: the vector is not attention)."""
+        (same length) when given. `guidance`: the distilled guidance (None: the model's
+        `guidance`) — in the slot where a UNet model takes its size terms, which Flux has none of
+        (`generation_size` is None, so `pipeline.generate`'s call gives the model's guidance)."""
         prompts = list(prompts)
         t5 = self._encode_t5(prompts)
         pooled = self._encode_clip(list(pooled_from) if pooled_from is not None else prompts)
@@ -176,7 +176,7 @@ class FluxModel:
         return subject_token_positions(self.tokenize_clip, prompt, phrases, CHUNK - 2)
 
     # -- the retouch (pipeline.encode_prompts asks for these) -----------------------------------
-    def retouch_conds(self, prompts, negative_prompt: str = ""):
+    def retouch_conds(self, prompts, negative_prompt: str = "", guidance: Optional[float] = None):
         """pipeline.RetouchConds of y_r, y_p and the negative prompt. The target path attends with
         y_r's T5 tokens but keeps the layout's pooled CLIP vector: the vector is no attention (it
         modulates every block), and with y_r's the target would leave the layout while every block
@@ -184,9 +184,9 @@ class FluxModel:
         from .conditioning import rows
         from .pipeline import RetouchConds
 
-        c = self.conditioning([prompts.reference, prompts.personalized, negative_prompt])
+        c = self.conditioning([prompts.reference, prompts.personalized, negative_prompt], guidance)
         reference, layout = rows(c, slice(0, 1)), rows(c, slice(1, 2))
-        empty = self.conditioning([""])
+        empty = self.conditioning([""], guidance)
         return RetouchConds(
             reference=reference,
             layout=layout,
