@@ -369,6 +369,7 @@ def make_tiny_t5_folder(folder: str, d_model: int = 32, vocab_size: int = 96, se
         bos_id=-1,
         character_coverage=1.0,
         hard_vocab_limit=False,  # a few sentences hold fewer pieces than asked: take what there is
+        num_threads=1,  # the same pieces on every machine
         minloglevel=2,
     )
     os.remove(corpus)
