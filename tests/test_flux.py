@@ -543,3 +543,26 @@ def test_generate_runs_stage1_with_the_vanilla_model_for_lambda1_steps(flux):
     assert not any(v for _, v in inside["calls"][2 * T :])
     assert out.images.shape == (1, 3, 64, 64) and out.layout_images.shape == (1, 3, 64, 64)
     assert not torch.allclose(out.retouch.latents, out.layout_latents, atol=1e-3)
+
+
+def test_shifted_reference_positions_weaken_the_same_cell_tie_at_flux_geometry():
+    """The premise of `reference_rope = shifted` (docs/ALGORITHM.md): in a purely positional head
+    (every query and key one RMS-normed vector, RoPE alone steers) at Flux.1's geometry — head dim
+    128, axes 16/56/56, 64×64 tokens — a target query's attention to the reference token at its own
+    cell is far weaker when the reference sits beside the target than on the same grid."""
+    from lib_layout_retouch.dit_attention import apply_rope
+    from tests.tiny_flux import EmbedND
+
+    grid, axes = (64, 64), (16, 56, 56)
+    embed = EmbedND(128, 10_000, axes)
+    u = torch.randn(128, generator=torch.Generator().manual_seed(0))
+    x = (u / u.pow(2).mean().sqrt()).expand(1, 1, 64 * 64, 128)
+    q = apply_rope(x, embed(image_ids(grid)))
+    same_cell = {}
+    for mode, offset in ((SHARED, 0), (SHIFTED, 64)):
+        k = apply_rope(x, embed(image_ids(grid, col_offset=offset)))
+        p = (q @ k.transpose(-1, -2) * 128**-0.5).softmax(-1)[0, 0]
+        same_cell[mode] = p.diagonal().mean().item()
+    uniform = 1 / (64 * 64)
+    assert same_cell[SHARED] > 10 * uniform  # shared positions: a strong same-place prior
+    assert same_cell[SHIFTED] < same_cell[SHARED] / 3
