@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from modules import shared
 
-from lib_layout_retouch.job import SHARED_INVERSION_CACHE
 from lib_layout_retouch.params import NO_SAM
+from lib_layout_retouch.pipeline import INVERSION_CACHE_ENTRIES
 
 # the extension's
 DEFAULT_SAM = "layout_retouch_default_sam"
@@ -24,7 +24,7 @@ SDXL_CROP_LEFT = "sdxl_crop_left"
 
 DEFAULTS = {
     DEFAULT_SAM: NO_SAM,
-    REFERENCE_CACHE: SHARED_INVERSION_CACHE.max_entries,
+    REFERENCE_CACHE: INVERSION_CACHE_ENTRIES,
     KV_CACHE_MB: 0,  # off: the reference attention cache is opt-in
     VANILLA_CACHE: 1,
     VANILLA_ON_CPU: False,
