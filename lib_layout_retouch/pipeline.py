@@ -923,19 +923,10 @@ def generate(
         model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size
     )
     cond_layout = model.conditioning([prompts.layout], gen_size)
-    family = family_of(model)
-    phrases = [prompts.concept_token, prompts.class_phrase]
-    if isinstance(family, EpsUNetFamily):  # (or a family built on it)
-        denoisers = (model.denoiser(vanilla_unet), model.denoiser())
-        trajectory = _stage1(
-            model, denoisers, cond_layout, conds, noise, settings, progress, should_stop
-        )
-        subject = subject_token_positions(model.tokenize, prompts.personalized, phrases)
-    else:  # another family (Flux): its sampler, its vanilla model (`model.vanilla()`), its tokens
-        trajectory = _family_stage1(
-            model, family, cond_layout, conds, noise, settings, progress, should_stop
-        )
-        subject = model.subject_tokens(prompts.personalized, phrases)
+    trajectory = _layout_trajectory(
+        model, vanilla_unet, cond_layout, conds, noise, settings, progress, should_stop
+    )
+    subject = _subject_tokens(model, prompts)
     layout_latents = trajectory[-1]
     layout_images = model.decode(layout_latents)
     key = (
@@ -985,6 +976,27 @@ def _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, sho
         progress=progress,
         should_stop=should_stop,
     )
+
+
+def _layout_trajectory(
+    model, vanilla_unet, cond_layout, conds, noise, settings, progress, should_stop
+) -> list[torch.Tensor]:
+    """Stage 1 of the model's family: the library's DDIM for an ε-UNet (or a family built on it),
+    else the family's own sampler with the host's `model.vanilla()` context (Flux: a LoRA off)."""
+    family = family_of(model)
+    if isinstance(family, EpsUNetFamily):
+        denoisers = (model.denoiser(vanilla_unet), model.denoiser())
+        return _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop)
+    return _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop)
+
+
+def _subject_tokens(model, prompts) -> list[int]:
+    """The conditioning rows of the subject: CLIP's (UNets), or the model's own (Flux: T5's)."""
+    phrases = [prompts.concept_token, prompts.class_phrase]
+    own = getattr(model, "subject_tokens", None)
+    if own is not None:
+        return own(prompts.personalized, phrases)
+    return subject_token_positions(model.tokenize, prompts.personalized, phrases)
 
 
 def _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop):
