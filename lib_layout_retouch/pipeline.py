@@ -38,6 +38,7 @@ from .attention import (
 from .errors import Interrupted, LayoutRetouchError
 from .layers import LayerTable, layer_table_for
 from .model import LdmModel
+from .sampling import DDIMSampler, RetouchFamily
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
@@ -60,6 +61,10 @@ class RetouchSettings:
     skip_equal_target: bool = True  # fast path above; False computes the target anyway
     sequential: bool = False  # one UNet call per path (slow; checks the batched call)
     keep_trajectories: bool = False  # keep every step's layout/target latents (tests, previews)
+    # The DiT (Flux) family only (docs/ALGORITHM.md, "DiT (Flux)"):
+    flow_solver: str = "midpoint"  # flow.SOLVERS: inversion and sampling solver of every path
+    reference_rope: str = "shifted"  # the reference image tokens' rotary positions: shifted/shared
+    reference_with_target_tokens: bool = False  # target image queries also see their own tokens
 
 
 @dataclass
@@ -231,6 +236,9 @@ def encode_prompts(
     (`generation_size` for the layout/target paths, `reference_size` for the reference path).
     `reference_size` may be a list, one SizeTerms per reference photo: the reference conditionings
     then have one row per photo (SDXL; SD1 has no size terms and keeps one row for all)."""
+    own = getattr(model, "retouch_conds", None)  # a model family with its own (flux_model)
+    if own is not None:
+        return own(prompts, negative_prompt)
     if isinstance(reference_size, (list, tuple)):
         if len(reference_size) == 1 or not model.is_sdxl:
             return encode_prompts(
@@ -371,6 +379,31 @@ def retouch(
     ).run(reference_latent, list(reference_keys), cache)
 
 
+def retouch_family(
+    model, settings: RetouchSettings, subject_tokens, latent_hw, n_references: int = 1
+) -> RetouchFamily:
+    """The model family's half of the retouch: a model that knows its own (`retouch_family`, e.g.
+    flux_model.FluxModel) says it; otherwise the UNet family — DDIM on ε over the model's ᾱ, the
+    UNet layer table, the per-module attention editor."""
+    own = getattr(model, "retouch_family", None)
+    if own is not None:
+        return own(settings, subject_tokens, latent_hw, n_references)
+    layers = settings.layers or layer_table_for(model.unet, settings.layer_preset)
+    editor = RetouchAttention(layers, subject_tokens, latent_hw, n_references=n_references)
+    schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, settings.schedule.steps)
+
+    def predict(x, t, cond):
+        return model.eps(x, torch.full((x.shape[0],), t, device=x.device, dtype=torch.long), cond)
+
+    return RetouchFamily(
+        DDIMSampler(schedule),
+        layers,
+        editor,
+        lambda: patched_attention(model.unet, editor),
+        predict,
+    )
+
+
 def _user_mask(
     user_mask: Optional[torch.Tensor], layout_latents: torch.Tensor
 ) -> Optional[torch.Tensor]:
@@ -420,15 +453,18 @@ class _Retouch:
         self.layout_images, self.segmenter = layout_images, segmenter
         self.kv_cache, self.progress, self.should_stop = kv_cache, progress, should_stop
         self.conds = conds
-        self.ddim = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, self.T)
-        self.layers = settings.layers or layer_table_for(model.unet, settings.layer_preset)
         self.latent_hw = tuple(layout_latents.shape[-2:])
         self.notes: list[str] = []
         self.calls = [0, 0]  # UNet calls, rows
         self.r = n_references
         self.user_mask = user_mask  # (N, 1, h, w) or None
-        self.editor = RetouchAttention(
-            self.layers, subject_tokens, self.latent_hw, n_references=n_references
+        # The model family's sampler, layer table, editor and prediction (sampling.RetouchFamily):
+        # the loop below is the same for every family.
+        self.family = retouch_family(model, settings, subject_tokens, self.latent_hw, n_references)
+        self.sampler, self.layers, self.editor = (
+            self.family.sampler,
+            self.family.layers,
+            self.family.editor,
         )
         self.mask: dict = {}
         self.plans: dict[
@@ -456,7 +492,7 @@ class _Retouch:
         self.z_t = self.z_l.clone()  # z_t ← z_o[T]
         self.z_ref = z_r[self.T].clone()
         kv_key = self.reference_kv_key(key)
-        with patched_attention(self.model.unet, self.editor):
+        with self.family.patched():
             for s in range(1, self.T + 1):
                 if self.should_stop is not None and self.should_stop():
                     raise Interrupted(f"stopped at retouch step {s} of {self.T}")
@@ -524,16 +560,7 @@ class _Retouch:
         z_r = cache.get(key) if (cache is not None and key is not None) else None
         if z_r is not None:
             return z_r, True
-        z_r = invert_latents(
-            self.model,
-            reference_latent,
-            self.ddim,
-            progress or self.progress,
-            "reference inversion",
-            self.should_stop,
-            self.calls,
-            empty=empty,
-        )
+        z_r = self.invert(reference_latent, "reference inversion", empty, progress)
         if cache is not None and key is not None:
             cache.put(key, z_r)
         return z_r, False
@@ -546,16 +573,27 @@ class _Retouch:
                     f"layout_trajectory has {len(self.layout_trajectory)} latents, expected {self.T + 1}"
                 )
             return self.layout_trajectory[0].clone()
-        return invert_latents(
-            self.model,
-            self.layout_latents,
-            self.ddim,
-            self.progress,
-            "layout inversion",
-            self.should_stop,
-            self.calls,
-            empty=self.conds.layout_empty,
-        )[-1].clone()
+        return self.invert(self.layout_latents, "layout inversion", self.conds.layout_empty)[
+            -1
+        ].clone()
+
+    @torch.no_grad()
+    def invert(self, z0, phase: str, empty, progress=None) -> list[torch.Tensor]:
+        """The family's inversion with the empty prompt and no CFG (docs/ALGORITHM.md), every
+        latent level kept; each model call counted."""
+        if empty is None:
+            empty = self.model.conditioning([""])
+        progress = progress or self.progress
+
+        def predict(x, point):
+            if self.should_stop is not None and self.should_stop():
+                raise Interrupted(f"stopped during {phase}")
+            self.calls[0] += 1
+            self.calls[1] += x.shape[0]
+            return self.family.predict(x, point, C.expand(empty, x.shape[0]))
+
+        cb = (lambda s, total: progress(phase, s, total)) if progress else None
+        return self.sampler.invert(predict, z0, cb)
 
     def reference_kv_key(self, key) -> Optional[tuple]:
         """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the negative prompt."""
@@ -566,6 +604,7 @@ class _Retouch:
             or key is None
             or not st.reset_reference
             or st.sequential
+            or self.sampler.evaluations > 1  # K/V cached per step, not per evaluation
         ):
             return None
         return (
@@ -576,11 +615,11 @@ class _Retouch:
         )
 
     def step(self, s: int, z_r, kv_key) -> None:
-        """Retouch step s: what the paths are, one UNet call (or one per path), a DDIM step each."""
+        """Retouch step s: what the paths are, one batched model call per evaluation the sampler
+        needs (or one per path), a sampler step for each path."""
         st, schedule, editor = self.settings, self.schedule, self.editor
-        t = self.ddim.timestep_of_step(s)
         if st.reset_reference:
-            self.z_ref = z_r[self.ddim.level_before_step(s)]
+            self.z_ref = z_r[self.sampler.level_before_step(s)]
         if self.layout_trajectory is not None:
             self.z_l = self.layout_trajectory[s - 1]
         if s == schedule.mask_start:
@@ -601,38 +640,23 @@ class _Retouch:
             (TARGET, 0 if skip_target else self.n),
         ]
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
-        if st.sequential:
-            eps = {}
-            editor.store_sources = True
-            for p, c in paths:
-                if c:  # the first call of the step clears last step's sources
-                    eps.update(self.unet_call([(p, c)], latents, t, keep_store=bool(eps), **phase))
-            editor.store_sources = False
-        else:
-            cached_kv = self.kv_cache.get(kv_key, s) if (kv_key is not None and need_ref) else None
-            if (
-                cached_kv is not None
-            ):  # the reference's K/V from an earlier generation: no reference rows
-                paths[0] = (REFERENCE, 0)
-            editor.capture_reference = (
-                {} if (kv_key is not None and need_ref and cached_kv is None) else None
-            )
-            eps = self.unet_call(paths, latents, t, sources=cached_kv, **phase)
-            if editor.capture_reference:
-                self.kv_cache.put(kv_key, s, editor.capture_reference)
-            editor.capture_reference = None
-        z_l_next = ddim.denoise_step(self.ddim, self.z_l, eps[LAYOUT], s)
-        self.z_t = (
-            z_l_next.clone()
-            if skip_target
-            else ddim.denoise_step(self.ddim, self.z_t, eps[TARGET], s)
-        )
+        evaluated = {p: latents[p] for p, c in paths if c}
+        keep = [LAYOUT] + ([] if skip_target else [TARGET])
+        if not st.reset_reference and REFERENCE in evaluated:
+            keep.append(REFERENCE)
+
+        def evaluate(lat, point):
+            return self.evaluate(paths, lat, point, phase, kv_key if need_ref else None, s)
+
+        new = self.sampler.step(s, evaluated, evaluate, keep)
+        z_l_next = new[LAYOUT]
+        self.z_t = z_l_next.clone() if skip_target else new[TARGET]
         if self.user_mask is not None and not skip_target:
             # Inpaint: outside the user's mask the target follows the layout path at every step (as
             # the WebUI's inpaint blends its latents), so the UNet sees the input's context there.
             self.z_t = torch.lerp(z_l_next, self.z_t, self.user_mask)
-        if not st.reset_reference and REFERENCE in eps:
-            self.z_ref = ddim.denoise_step(self.ddim, self.z_ref, eps[REFERENCE], s)
+        if REFERENCE in new:
+            self.z_ref = new[REFERENCE]
         self.z_l = z_l_next
         if self.trajectories is not None:
             self.trajectories[LAYOUT].append(self.z_l)
@@ -645,20 +669,47 @@ class _Retouch:
             if preview is not None:
                 preview(self.z_t)
 
+    def evaluate(self, paths, latents, point, phase, kv_key, s: int) -> dict[str, torch.Tensor]:
+        """One model evaluation of every path in `paths` at `point`: one batched call, or one call
+        per path (`sequential`); the reference's K/V from `kv_cache` when it holds them."""
+        st, editor = self.settings, self.editor
+        if st.sequential:
+            pred = {}
+            editor.store_sources = True
+            for p, c in paths:
+                if c:  # the first call of the evaluation clears the last one's sources
+                    pred.update(
+                        self.unet_call([(p, c)], latents, point, keep_store=bool(pred), **phase)
+                    )
+            editor.store_sources = False
+            return pred
+        cached_kv = self.kv_cache.get(kv_key, s) if kv_key is not None else None
+        if (
+            cached_kv is not None
+        ):  # the reference's K/V from an earlier generation: no reference rows
+            paths = [(REFERENCE, 0)] + [pc for pc in paths if pc[0] != REFERENCE]
+        editor.capture_reference = {} if (kv_key is not None and cached_kv is None) else None
+        pred = self.unet_call(paths, latents, point, sources=cached_kv, **phase)
+        if editor.capture_reference:
+            self.kv_cache.put(kv_key, s, editor.capture_reference)
+        editor.capture_reference = None
+        return pred
+
     def unet_call(
         self,
         paths: list[tuple[str, int]],
         latents: dict[str, torch.Tensor],
-        t: int,
+        point,
         *,
         keep_store=False,
         sources=None,
         **phase,
     ) -> dict[str, torch.Tensor]:
-        """One batched UNet call over `paths` × both CFG halves; the guided ε of each path."""
+        """One batched model call over `paths` × the CFG halves; the guided prediction of each
+        path (ε for a UNet, the velocity for a flow DiT) at `point` (timestep or σ)."""
         plan = self.plans.get(tuple(paths))
         if plan is None:
-            plan = self.plans[tuple(paths)] = RowPlan.build(paths)
+            plan = self.plans[tuple(paths)] = RowPlan.build(paths, self.family.halves)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
         cond = C.cat(
             [
@@ -669,17 +720,21 @@ class _Retouch:
             ]
         )
         self.editor.begin_step(plan, keep_store=keep_store, sources=sources, **phase)
-        tt = torch.full((plan.batch,), t, device=self.device, dtype=torch.long)
-        eps = self.model.eps(x.to(self.device), tt, cond)
+        pred = self.family.predict(x.to(self.device), point, cond)
         self.calls[0] += 1
         self.calls[1] += plan.batch
-        return {
-            p: ddim.cfg_combine(
-                eps[plan.get(p, UNCOND)], eps[plan.get(p, COND)], self.settings.guidance_scale
-            )
-            for p, c in paths
-            if c
-        }
+        out = {}
+        for p, c in paths:
+            if c:
+                cond_rows, uncond_rows = plan.get(p, COND), plan.get(p, UNCOND)
+                out[p] = (
+                    pred[cond_rows]
+                    if uncond_rows is None  # no CFG (a distilled-guidance DiT at scale 1)
+                    else self.sampler.combine(
+                        pred[uncond_rows], pred[cond_rows], self.settings.guidance_scale
+                    )
+                )
+        return out
 
     def build_mask(self) -> None:
         """M from the layout's recorded subject maps (and SAM), at mask start (paper §3.3); bounded
