@@ -323,3 +323,13 @@ def lr_defaults(webui, reference_b64) -> dict:
     """The A1111 tier's defaults with the Forge models: DreamBooth, forge-personal (loaded) vs
     forge-vanilla, 8 steps, λ1=2, λ2=3, mask start 6 taken literally, no SAM."""
     return H.default_lr(reference_b64, webui.title(FC.VANILLA))
+
+
+@pytest.fixture(scope="session")
+def forge_process():
+    """(forge_dir, python, tiny models) for checks that run Forge's code in a process of their own
+    (no server); skipped when attached to a running Forge by URL."""
+    src = forge_source()
+    if src[0] != "dir":
+        pytest.skip(src[1] if src[0] is None else "needs LR_FORGE_DIR (a folder), not a URL")
+    return src[1], src[2], build_flux_models(src[1], src[2])
