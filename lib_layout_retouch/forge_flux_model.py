@@ -52,10 +52,12 @@ def forge_flux_model(
     *,
     load_model: Callable = lambda patcher: None,
     sigmas: Callable | None = None,
+    guidance: float | None = None,
 ) -> FluxModel:
     """The FluxModel of a Forge `Flux` engine. `sigmas(steps, latent_hw)`: the host sampler's σ list
     (default: Forge's "Simple" scheduler on the predictor's table, what a Flux generation uses unless
-    the user picks another scheduler)."""
+    the user picks another scheduler). `guidance`: the generation's distilled guidance ("Distilled CFG
+    Scale"; `p.distilled_cfg_scale`), used for every path's conditioning (dev; schnell ignores it)."""
     unet_patcher = engine.forge_objects.unet
     kmodel = unet_patcher.model
     transformer = kmodel.diffusion_model
@@ -124,6 +126,13 @@ def forge_flux_model(
         sigmas=sigmas or default_sigmas,
     )
     model.unet_patcher = unet_patcher
+    if guidance is not None:
+        plain_conds = model.retouch_conds
+
+        def retouch_conds(prompts, negative_prompt: str = "", guidance_: float = float(guidance)):
+            return plain_conds(prompts, negative_prompt, guidance=guidance_)
+
+        model.retouch_conds = retouch_conds
     return model
 
 

@@ -186,3 +186,30 @@ def test_vae_encode_is_the_posterior_mode_and_decode_inverts_it(forge_flux):
     assert a.shape == (1, 16, 8, 8)
     back = model.decode(a)
     assert back.shape == (1, 3, 64, 64)
+
+
+def test_unet_family_tells_a_flux_transformer_from_sd(forge_flux):
+    """The DreamBooth vanilla check (layout_retouch_webui/vanilla.py) compares families: a Flux
+    vanilla for an SD model (or the reverse) is refused by name, not as 'SD1.x of another size'."""
+    from lib_layout_retouch.model import SD1, unet_family
+
+    _, model, _ = forge_flux
+    assert unet_family(model.transformer.state_dict()) == "Flux"
+    assert (
+        unet_family(
+            {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 768)}
+        )
+        == SD1
+    )
+
+
+def test_generation_size_is_none_and_guidance_reaches_the_conds(forge_flux):
+    engine, _, _ = forge_flux
+    model = forge_flux_model(engine, guidance=5.0)
+    assert model.generation_size(64, 64) is None
+    from lib_layout_retouch.prompts import derive_prompts
+
+    conds = model.retouch_conds(derive_prompts("a sks dog", "sks", "dog"), "")
+    assert conds.layout["guidance"].tolist() == [5.0] and conds.reference["guidance"].tolist() == [
+        5.0
+    ]

@@ -128,6 +128,42 @@ def main(forge_dir: str, models_root: str, repo_root: str) -> dict:
     assert torch.equal(before, after), "the transformer is not restored after the retouch"
     image = model.decode(res.latents)
     out["decoded"] = list(image.shape)
+
+    # 4. the glue's library entry: RetouchJob.retouch (what layout_retouch_webui/stage2.py calls)
+    from PIL import Image
+
+    from lib_layout_retouch import job as lr_job
+    from lib_layout_retouch.params import LayoutRetouchParams
+
+    photo = Image.fromarray(((img[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy())
+    params = LayoutRetouchParams(
+        enabled=True,
+        reference_image=photo,
+        personalization="lora",
+        concept_token="sks",
+        class_phrase="dog",
+        lambda1=2,
+        lambda2=3,
+        mask_start=6,
+        scale_with_steps=False,
+    )
+    job = lr_job.RetouchJob(
+        params,
+        prompt="a sks dog on the beach",
+        negative_prompt="",
+        steps=8,
+        width=64,
+        height=64,
+        guidance_scale=1.0,
+    )
+    subject = model.subject_tokens(job.prompts.personalized, ["sks", "dog"])
+    r1 = job.retouch(model, layouts, subject_tokens=subject, model_key="probe", cache=None)
+    r2 = job.retouch(model, layouts, subject_tokens=subject, model_key="probe", cache=None)
+    assert torch.equal(r1.latents, r2.latents), "two equal job runs differ"
+    out["job_calls"] = r1.unet_calls
+    out["job_mask"] = r1.mask_kind
+    out["job_vs_layout"] = float((r1.latents - layouts).abs().max())
+    out["infotext"] = job.infotext()
     return out
 
 

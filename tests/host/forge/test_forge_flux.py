@@ -1,6 +1,7 @@
 """Flux.1 in Forge on the tier's tiny Flux (forge_tiny_checkpoints.py): Forge's own loader, engine,
-sampler and LoRA loader run it on the CPU — and, until the Flux adapter exists, an enabled
-Layout-and-Retouch run on Flux is refused with the current message while Forge keeps serving.
+sampler and LoRA loader run it on the CPU — and the extension retouches on it (LoRA and DreamBooth
+stage 1, the DiT retouch through lib_layout_retouch.forge_flux_model), refuses what Flux cannot do by
+name, and leaves plain Flux generations bit-identical.
 
 The module switches Forge to `flux-personal` (POST /sdapi/v1/options) and back to `forge-personal` at
 the end, where the SD1.5 plain image must equal the session's baseline bit for bit. Requests: 64×64,
@@ -22,9 +23,6 @@ import pytest
 LORA_LINE = re.compile(
     r"\[LORA\] Loaded \S*flux-lora\S* for KModel-(UNet|CLIP) with (\d+) keys at weight \S+ "
     r"\(skipped (\d+) keys\)"
-)
-FLUX_REFUSAL = (
-    "Flux (a flow-matching transformer, no UNet self-attention to retouch) is not supported"
 )
 
 
@@ -126,27 +124,66 @@ def test_flux_vanilla_checkpoint_gives_another_image(webui, flux_plain):
     assert np.array_equal(back.image, flux_plain.image), "switching back changed the image"
 
 
-def test_flux_enabled_run_is_refused_and_plain_is_unchanged(webui, flux_plain, lr):
-    """Until the Flux adapter lands: an enabled run is refused before sampling (HTTP 422 naming the
-    model kind), one `refused:` log line, and the next plain Flux image is bit-identical."""
+def flux_lr_body(lr_args: dict, prompt: str = H.PROMPT, **kw) -> dict:
+    body = dict(sampler_name="Euler", scheduler="Simple", cfg_scale=1.0, distilled_cfg_scale=3.5)
+    body.update(kw)
+    return H.lr_body(lr_args, prompt, **body)
+
+
+LORA_PROMPT = H.PROMPT + f" <lora:{FFC.LORA}:1>"
+
+
+def test_flux_lora_run_is_retouched_and_plain_stays_bit_identical(webui, flux_plain, lr):
+    """LoRA mode on Flux: LR infotext keys, another image than the plain LoRA one, one retouch log
+    line; afterwards plain Flux (with and without the LoRA) is bit-identical to before; a repeat is
+    bit-identical (cached inversion); λ1=0 (no LoRA-off steps) gives another image, so stage 1 really
+    ran without the LoRA."""
+    lora_plain = H.txt2img(webui.url, flux_body(LORA_PROMPT))
+    assert lora_plain.ok, lora_plain.describe()
     mark = webui.log_mark()
-    r = H.txt2img(
-        webui.url,
-        H.lr_body(
-            lr(personalization="lora", vanilla_checkpoint=""),
-            H.PROMPT + f" <lora:{FFC.LORA}:1>",
-            sampler_name="Euler",
-            scheduler="Simple",
-            cfg_scale=1.0,
-            distilled_cfg_scale=3.5,
-        ),
-    )
-    assert not r.ok and not r.images, r.describe()
-    assert FLUX_REFUSAL in H.error_text(r), r.describe()
+    on = H.txt2img(webui.url, flux_lr_body(lr(personalization="lora"), LORA_PROMPT))
+    got = H.assert_retouched(on)
+    assert got.get("LR lambda1") == "2" and "LR steps used" in got, got
+    assert H.differs(on.image, lora_plain.image), "the enabled Flux run gave the plain image"
     log = webui.log_since(mark)
-    refused = H.log_refusal_lines(log)
-    assert len(refused) == 1 and FLUX_REFUSAL in refused[0], log[-3000:]
+    assert re.search(r"\[Layout-and-Retouch\] retouch of 1 image\(s\)", log), log[-3000:]
     assert not any(m in log for m in H.TRACEBACK_MARKERS), log[-3000:]
+    again = H.txt2img(webui.url, flux_lr_body(lr(personalization="lora"), LORA_PROMPT))
+    assert np.array_equal(again.image, on.image), "a repeated enabled Flux run differs"
+    no_off = H.txt2img(webui.url, flux_lr_body(lr(personalization="lora", lambda1=0), LORA_PROMPT))
+    assert no_off.ok, no_off.describe()
+    assert H.differs(no_off.image, on.image), "λ1=0 equals λ1=2: the LoRA was never off"
+    back = H.txt2img(webui.url, flux_body())
+    assert np.array_equal(back.image, flux_plain.image), "something stayed patched (Flux)"
+    back_lora = H.txt2img(webui.url, flux_body(LORA_PROMPT))
+    assert np.array_equal(back_lora.image, lora_plain.image), "the LoRA state changed (Flux)"
+
+
+def test_flux_dreambooth_run_switches_at_lambda1_plus_one(webui, flux_plain, lr):
+    mark = webui.log_mark()
+    on = H.txt2img(
+        webui.url, flux_lr_body(lr(lambda1=3, vanilla_checkpoint=webui.title(FFC.VANILLA)))
+    )
+    got = H.assert_retouched(on)
+    assert got.get("LR lambda1") == "3", got
+    log = webui.log_since(mark)
+    switched = re.findall(r"stage 1: switched to personalized UNet at step (\d+)", log)
+    assert switched == ["4"], log[-3000:]
+    assert H.differs(on.image, flux_plain.image)
+    back = H.txt2img(webui.url, flux_body())
+    assert np.array_equal(back.image, flux_plain.image), "something stayed patched (Flux DB)"
+
+
+def test_flux_refusals_name_the_parameter_and_leave_plain_unchanged(webui, flux_plain, lr):
+    ti = H.txt2img(webui.url, flux_lr_body(lr(personalization="textual_inversion")))
+    H.assert_error_names(ti, "personalization")
+    assert "Flux" in H.error_text(ti), ti.describe()
+    stage1 = H.txt2img(
+        webui.url, flux_lr_body(lr(personalization="lora", layout_source="stage1"), LORA_PROMPT)
+    )
+    H.assert_error_names(stage1, "layout_source")
+    sd1_vanilla = H.txt2img(webui.url, flux_lr_body(lr(vanilla_checkpoint=webui.title(FC.VANILLA))))
+    H.assert_error_names(sd1_vanilla, "vanilla_checkpoint")
     back = H.txt2img(webui.url, flux_body())
     assert np.array_equal(back.image, flux_plain.image), (
         "a refused run changed the next plain image"
