@@ -56,7 +56,8 @@ class ForgeHost(A1111Host):
             return
         if params.personalization == "textual_inversion":
             raise LayoutRetouchError(
-                "Textual Inversion is not supported on Flux: Forge reads embeddings only into "
+                "personalization 'textual_inversion' is not supported on Flux: Forge reads "
+                "Textual-Inversion embeddings only into "
                 "CLIP-L, whose pooled vector Flux does not attend to (the subject would not be in "
                 "the T5 tokens the mask follows); use the subject's LoRA or a DreamBooth fine-tune",
                 parameter="personalization",
