@@ -191,6 +191,20 @@ def test_flux_refusals_name_the_parameter_and_leave_plain_unchanged(webui, flux_
     assert back.infotexts[0] == flux_plain.infotexts[0]
 
 
+def test_flux_interrupt_mid_retouch_leaves_nothing_patched(webui, flux_plain, lr):
+    """Interrupt while the Flux retouch runs (30 steps, so the phase lasts long enough to be caught):
+    the layout comes back with a note, and the next plain Flux image is bit-identical."""
+    body = flux_lr_body(lr(personalization="lora"), LORA_PROMPT, steps=30)
+    r, hit, seen = H.interrupt_during_retouch(webui.url, body, at=0.6, interval=0.02)
+    assert hit, f"the progress never showed the retouch phase; textinfo seen: {sorted(seen)}"
+    assert r.ok and r.images and r.lr, r.describe()
+    assert "interrupted" in " ".join(H.lr_notes(r).values()), r.lr
+    after = H.txt2img(webui.url, flux_body())
+    assert np.array_equal(after.image, flux_plain.image), (
+        "something stayed patched (Flux interrupt)"
+    )
+
+
 def test_flux_schnell_is_loaded_as_schnell(webui, flux_plain):
     """The schnell-shaped checkpoint (no guidance embedding) is Forge's schnell: the distilled CFG
     is ignored (its log line), and a 4-step image is made."""
