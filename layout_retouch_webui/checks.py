@@ -24,6 +24,7 @@ def check_host(p, params: LayoutRetouchParams) -> None:
             f"Layout-and-Retouch works in txt2img and img2img, not in {type(p).__name__}"
         )
     host.check_model(p)
+    host.check_params(p, params)
     img2img.check(p, params)
     refiner = getattr(p, "refiner_checkpoint", None)
     if (

@@ -196,6 +196,10 @@ class FluxModel:
             layout_empty=empty,
         )
 
+    def generation_size(self, width: int, height: int) -> None:
+        """No size terms (SDXL's): Flux conditions on text only (job.retouch asks every model)."""
+        return None
+
     # -- VAE ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 
 from .conditioning import SizeTerms, sdxl_conditioning
 from .errors import LayoutRetouchError
+from .flux_model import FLUX
 
 # eps = denoiser(x, t, cond) for a batch x, timesteps t (B,), conditioning cond (conditioning.Cond)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -96,9 +97,12 @@ def _unet_in_channels(ldm) -> Optional[int]:
 
 
 def unet_family(state: dict) -> str:
-    """'SDXL' or 'SD1.x'/'SD2.x' from a UNet state dict (keys without `model.diffusion_model.`):
+    """'SDXL' or 'SD1.x'/'SD2.x' (or 'Flux': a BFL transformer's double blocks) from a UNet state dict
+    (keys without `model.diffusion_model.`):
     SDXL's UNet takes the pooled-text/size vector through `label_emb`; SD1 and SD2 differ in their
     text width (768 vs 1024)."""
+    if any(k.startswith("double_blocks.") for k in state):
+        return FLUX
     if any(k.startswith("label_emb.") for k in state):
         return SDXL_FAMILY
     widths = {tuple(v.shape)[-1] for k, v in state.items() if k.endswith("attn2.to_k.weight")}

@@ -21,6 +21,9 @@ class Host:
         """Refuse (LayoutRetouchError naming the model kind) what the retouch cannot run on."""
         raise NotImplementedError
 
+    def check_params(self, p, params) -> None:
+        """Refuse what this model kind cannot do with these parameters (after `check_model`)."""
+
     def unet(self, p) -> torch.nn.Module:
         """The UNet module (ldm's `diffusion_model` names) that sampling runs now."""
         raise NotImplementedError

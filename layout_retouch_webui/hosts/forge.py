@@ -15,6 +15,13 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
   patcher's own `refresh_loras()`; A1111's `unet_multiplier` does not exist here.
 - Text encoding and the VAE run in `torch.inference_mode()` and load their models through
   `backend.memory_management`; the retouch runs in inference mode too (`inference_context`).
+- Flux.1 (dev/schnell; engine class `Flux`, `PredictionFlux`): the model is
+  `lib_layout_retouch.forge_flux_model` (velocity = the transformer's output, Forge's σ table and
+  "Simple" schedule, T5 + pooled CLIP-L through the engine, the generation's distilled CFG). Stage 1
+  works as for SD (the KModel's `diffusion_model` is the transformer; LoRA off = the patcher's
+  refresh); the sampler hands x unscaled (const prediction). Refused with a reason: Textual Inversion
+  (Forge reads embeddings only into CLIP-L, whose pooled vector is not attended to), layout source
+  `stage1`, img2img (not yet checked on Flux).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from modules import shared
 
 from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.forge_flux_model import forge_flux_model, is_forge_flux
 from lib_layout_retouch.forge_model import ForgeModel
 from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported
 from lib_layout_retouch.text_encoders import TEXT_ENCODER_PREFIXES
@@ -40,7 +48,34 @@ class ForgeHost(A1111Host):
 
     # -- the model ----------------------------------------------------------------------------------
     def check_model(self, p) -> None:
+        if is_forge_flux(p.sd_model):
+            return
         check_forge_engine_supported(p.sd_model)
+
+    def check_params(self, p, params) -> None:
+        if not is_forge_flux(p.sd_model):
+            return
+        if params.personalization == "textual_inversion":
+            raise LayoutRetouchError(
+                "personalization 'textual_inversion' is not supported on Flux: Forge reads "
+                "Textual-Inversion embeddings only into "
+                "CLIP-L, whose pooled vector Flux does not attend to (the subject would not be in "
+                "the T5 tokens the mask follows); use the subject's LoRA or a DreamBooth fine-tune",
+                parameter="personalization",
+            )
+        if params.layout_source == "stage1":
+            raise LayoutRetouchError(
+                "layout source 'stage1' reads DDIM's trajectory, which a Flux (rectified-flow) "
+                "generation does not have; use 'inversion'",
+                parameter="layout_source",
+            )
+        from modules.processing import StableDiffusionProcessingImg2Img
+
+        if isinstance(p, StableDiffusionProcessingImg2Img):
+            raise LayoutRetouchError(
+                "img2img with Layout-and-Retouch is not yet supported on Flux; use txt2img",
+                parameter="sd_model",
+            )
 
     def check_attention_free(self, p) -> None:
         """Another extension's attention replacement (`set_model_attn1_replace`, ...) bypasses the
@@ -66,6 +101,12 @@ class ForgeHost(A1111Host):
         memory_management.load_model_gpu(
             p.sd_model.forge_objects.unet
         )  # on the device, LoRA merged
+        if is_forge_flux(p.sd_model):
+            return forge_flux_model(
+                p.sd_model,
+                load_model=memory_management.load_model_gpu,
+                guidance=float(getattr(p, "distilled_cfg_scale", 3.5) or 3.5),
+            )
         return ForgeModel(
             p.sd_model, sdxl_crop=self.sdxl_crop(), load_model=memory_management.load_model_gpu
         )
@@ -94,8 +135,10 @@ class ForgeHost(A1111Host):
 
     def stage1_latent(self, p, params) -> torch.Tensor:
         """Forge's CFG denoiser gets x once per image (it batches cond/uncond itself), and its DDIM
-        hands it on the σ scale: z_t = x/√(σ²+1)."""
+        hands it on the σ scale: z_t = x/√(σ²+1). Flux (const prediction): x itself."""
         x = params.x[-p.batch_size :]
+        if is_forge_flux(p.sd_model):
+            return x
         sigma = params.sigma[-p.batch_size :].to(x.dtype).view(-1, 1, 1, 1)
         return x / (sigma * sigma + 1).sqrt()
 
@@ -103,8 +146,14 @@ class ForgeHost(A1111Host):
     def encode_prompt(self, p, prompt: str):
         from modules.prompt_parser import SdConditioning
 
+        # Flux reads the distilled guidance from the prompt list (flux.py:90; 3.5 when absent)
         return p.sd_model.get_learned_conditioning(
-            SdConditioning([prompt], width=p.width, height=p.height)
+            SdConditioning(
+                [prompt],
+                width=p.width,
+                height=p.height,
+                distilled_cfg_scale=getattr(p, "distilled_cfg_scale", None),
+            )
         )
 
     def text_encoder_slots(self, p) -> list:
@@ -112,6 +161,8 @@ class ForgeHost(A1111Host):
         keyed as in the checkpoint. SDXL's OpenCLIP-G is stored in another layout than Forge's
         converted module: not swapped (a note says so)."""
         engine = p.sd_model
+        if is_forge_flux(engine):
+            return []  # T5 + CLIP-L: not swapped (a note says stage 1 used the loaded model's)
         if getattr(engine, "is_sdxl", False):
             clip = engine.text_processing_engine_l.text_encoder
             prefix = TEXT_ENCODER_PREFIXES["sdxl_clip_l"]

@@ -59,7 +59,7 @@ clone_at() {
   if [ -n "$skip" ]; then
     # Written directly: `git sparse-checkout set` would try to update the (empty) work tree first.
     git -C "$dst" config core.sparseCheckout true
-    printf '/*\n!%s\n' "$skip" >"$(git -C "$dst" rev-parse --git-dir)/info/sparse-checkout"
+    printf '/*\n!%s\n' "$skip" >"$(git -C "$dst" rev-parse --absolute-git-dir)/info/sparse-checkout"
   fi
   if [ -n "$skip" ]; then
     # git still names the left-out blob it lacks while writing the index ("invalid object … for

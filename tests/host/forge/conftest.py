@@ -45,6 +45,7 @@ if HOST not in sys.path:
     sys.path.insert(0, HOST)
 
 import forge_checkpoints as FC  # noqa: E402
+import forge_tiny_checkpoints as FFC  # noqa: E402
 import host_helpers as H  # noqa: E402
 import host_server as S  # noqa: E402
 
@@ -53,6 +54,8 @@ DEFAULT_DIR = "/work/host/forge"
 DEFAULT_PYTHON = "/work/host/forge-venv/bin/python"
 EXTENSION_NAME = "sd-webui-layout-retouch"
 START_TIMEOUT = float(os.environ.get("LR_FORGE_START_TIMEOUT", "600"))
+TINY_EXTENSION = "tiny_models_extension"  # test-only: registers the tiny Flux models' sizes/configs
+TINY_ENV = "LR_FORGE_TINY_HF"  # where their tiny config folders are (read by that extension)
 
 
 def _not_forge(d: str) -> str | None:
@@ -110,34 +113,64 @@ def models_cache_dir() -> str:
     return os.path.join(base, "sd-webui-layout-retouch", "forge-models-" + h)
 
 
+def flux_models_cache_dir() -> str:
+    """The tiny Flux/SDXL models' own cache (a change of their builder does not rebuild the 4 GB SD1.5 set)."""
+    env = os.environ.get("LR_FORGE_TINY_MODELS")
+    if env:
+        return env
+    h = hashlib.sha1()
+    for f in (
+        os.path.join(HOST, "forge_tiny_checkpoints.py"),
+        os.path.join(HERE, TINY_EXTENSION, "tiny_registration.py"),
+    ):
+        with open(f, "rb") as fh:
+            h.update(fh.read())
+    return os.path.join(
+        os.path.dirname(models_cache_dir()), "forge-tiny-models-" + h.hexdigest()[:12]
+    )
+
+
+def _build(script: str, cache: str, marker: str, forge_dir: str, python: str) -> None:
+    if os.path.exists(os.path.join(cache, marker)):
+        return
+    tmp = cache + ".tmp-%d" % os.getpid()
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run(
+        [python, os.path.join(HOST, script), tmp, "--forge-dir", forge_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(
+            f"building the Forge models ({script}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        )
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.rename(tmp, cache)
+
+
+def build_flux_models(forge_dir: str, python: str) -> dict:
+    """Build (or reuse) the tiny Flux and SDXL models and their tiny config folders (≈ 1 min, ≈ 150 MB)."""
+    cache = flux_models_cache_dir()
+    _build("forge_tiny_checkpoints.py", cache, FFC.MARKER, forge_dir, python)
+    return FFC.paths(cache)
+
+
 def build_models(forge_dir: str, python: str) -> dict:
     """Build (or reuse) the forge-* models with Forge's own Python and modules (≈ 1 min, ≈ 4.2 GB)."""
     cache = models_cache_dir()
-    if not os.path.exists(os.path.join(cache, FC.MARKER)):
-        tmp = cache + ".tmp-%d" % os.getpid()
-        shutil.rmtree(tmp, ignore_errors=True)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        env.pop("PYTHONPATH", None)
-        r = subprocess.run(
-            [python, os.path.join(HOST, "forge_checkpoints.py"), tmp, "--forge-dir", forge_dir],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1800,
-        )
-        if r.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise RuntimeError(
-                f"building the Forge models failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-            )
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        shutil.rmtree(cache, ignore_errors=True)
-        os.rename(tmp, cache)
+    _build("forge_checkpoints.py", cache, FC.MARKER, forge_dir, python)
     return FC.paths(cache)
 
 
 def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Server:
     built = build_models(forge_dir, python)
+    flux = build_flux_models(forge_dir, python)
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
     os.symlink(REPO_ROOT, os.path.join(data_dir, "extensions", EXTENSION_NAME))
@@ -146,8 +179,17 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
         os.path.join(HERE, "attn_replace_extension"),
         os.path.join(data_dir, "extensions", "lr-test-attn-replace"),
     )
+    # the tiny Flux models' registration (sizes from shapes, tiny text-encoder/VAE configs): test-only
+    os.symlink(
+        os.path.join(HERE, TINY_EXTENSION),
+        os.path.join(data_dir, "extensions", "lr-test-tiny-models"),
+    )
     ckpt_dir = os.path.join(tmp, "Stable-diffusion")
     shutil.copytree(built["ckpt_dir"], ckpt_dir, copy_function=S.link_or_copy)
+    shutil.copytree(flux["ckpt_dir"], ckpt_dir, copy_function=S.link_or_copy, dirs_exist_ok=True)
+    lora_dir = os.path.join(tmp, "Lora")
+    shutil.copytree(built["lora_dir"], lora_dir, copy_function=S.link_or_copy)
+    shutil.copytree(flux["lora_dir"], lora_dir, copy_function=S.link_or_copy, dirs_exist_ok=True)
     # Live previews off ("Approx NN" would download preview weights); no cond cache across requests
     # (a bit-identity check must see a text encoder left patched).
     with open(os.path.join(data_dir, "config.json"), "w", encoding="utf-8") as f:
@@ -178,7 +220,7 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
             "--embeddings-dir",
             built["embeddings_dir"],
             "--lora-dir",
-            built["lora_dir"],
+            lora_dir,
         ]
     )
     if ui:
@@ -188,6 +230,7 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
         args += ["--gradio-allowed-path", forge_dir]
     args += os.environ.get("LR_FORGE_ARGS", "").split()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env[TINY_ENV] = flux["hf_root"]
     env.pop("PYTHONPATH", None)
     w = S.start(
         args,
@@ -198,7 +241,7 @@ def start_forge(forge_dir: str, python: str, tmp: str, ui: bool = False) -> S.Se
         START_TIMEOUT,
         "Forge",
         data_dir=data_dir,
-        models=dict(built, ckpt_dir=ckpt_dir),
+        models=dict(built, ckpt_dir=ckpt_dir, lora_dir=lora_dir, flux=flux),
         env_prefix="LR_FORGE",
     )
     w.ui = ui
@@ -280,3 +323,13 @@ def lr_defaults(webui, reference_b64) -> dict:
     """The A1111 tier's defaults with the Forge models: DreamBooth, forge-personal (loaded) vs
     forge-vanilla, 8 steps, λ1=2, λ2=3, mask start 6 taken literally, no SAM."""
     return H.default_lr(reference_b64, webui.title(FC.VANILLA))
+
+
+@pytest.fixture(scope="session")
+def forge_process():
+    """(forge_dir, python, tiny models) for checks that run Forge's code in a process of their own
+    (no server); skipped when attached to a running Forge by URL."""
+    src = forge_source()
+    if src[0] != "dir":
+        pytest.skip(src[1] if src[0] is None else "needs LR_FORGE_DIR (a folder), not a URL")
+    return src[1], src[2], build_flux_models(src[1], src[2])

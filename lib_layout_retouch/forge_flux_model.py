@@ -1,0 +1,139 @@
+"""Forge's Flux engine as the retouch drives it: a `FluxModel` whose callables read Forge's objects.
+
+Forge hands extensions a `ForgeDiffusionEngine` (`backend/diffusion_engine/flux.py`, class `Flux`, also
+for schnell). Nothing here imports Forge: the engine is handed in, and what must run inside Forge
+(loading a patcher's model onto its device) is a callable the host adapter passes, as for
+`forge_model.ForgeModel`. Facts (Forge dfdcbab6; tests/host/FORGE_NOTES.md, "Flux"):
+
+- `forge_objects.unet.model` is a `KModel` with `PredictionFlux` (k_prediction.py:285): prediction
+  type `const`, so `apply_model(x, σ)` feeds x unscaled, `timestep(σ) = σ`, and returns
+  `denoised = x − out·σ` (k_prediction.py:74-91): the transformer's output `out` IS the
+  rectified-flow velocity v = ε − x₀ (x_σ = (1−σ)·x₀ + σ·ε). `velocity` calls the transformer
+  directly with Forge's casts (computation dtype; k_model.py:25-46), not x − denoised over σ.
+- σ table: `predictor.sigmas` = time_shift(μ, t) for t = 1/10000 … 1 (k_prediction.py:292-301); dev
+  uses a FIXED μ = calculate_shift(4096 tokens) = 1.15 whatever the image size (flux.py:37-45; its
+  TODO says so), schnell μ = 1. Forge's "Simple" scheduler (Flux's default) takes every
+  (10000/n)-th entry from the top plus 0 (modules/sd_schedulers.py:81-87): `simple_sigmas`.
+- Text: `text_processing_engine_t5(prompts)` → (B, 256+, d) T5 states (T5 tokens from row 0, EOS,
+  zero-padded to 256; t5_engine.py), `text_processing_engine_l(prompts)` → (states, pooled CLIP-L);
+  the engine's `get_learned_conditioning` builds `{"crossattn": T5, "vector": pooled, "guidance":
+  distilled CFG}` (flux.py:83-96), the dict this FluxModel uses too. The text encoders are loaded
+  with `load_model(forge_objects.clip.patcher)` first (what merges a LoRA's CLIP part).
+- VAE: `first_stage_model.encode(x in [−1, 1], regulation=mode)` (deterministic; Forge samples the
+  posterior by default) then `process_in` = (z − shift)·scale; `decode_first_stage` decodes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .flux_model import FluxModel
+
+
+def simple_sigmas(table: torch.Tensor, steps: int) -> list[float]:
+    """Forge's "Simple" scheduler over the predictor's σ table (ascending): `steps` values from σ_max
+    down, then 0 — modules/sd_schedulers.py:81-87, the same float32 values."""
+    n = len(table)
+    ss = n / steps
+    return [float(table[-(1 + int(x * ss))]) for x in range(steps)] + [0.0]
+
+
+def is_forge_flux(engine) -> bool:
+    """A Forge Flux engine (dev or schnell; not Chroma): its KModel predicts with PredictionFlux."""
+    kmodel = getattr(getattr(getattr(engine, "forge_objects", None), "unet", None), "model", None)
+    predictor = getattr(kmodel, "predictor", None)
+    return type(engine).__name__ == "Flux" and type(predictor).__name__ == "PredictionFlux"
+
+
+def forge_flux_model(
+    engine,
+    *,
+    load_model: Callable = lambda patcher: None,
+    sigmas: Callable | None = None,
+    guidance: float | None = None,
+) -> FluxModel:
+    """The FluxModel of a Forge `Flux` engine. `sigmas(steps, latent_hw)`: the host sampler's σ list
+    (default: Forge's "Simple" scheduler on the predictor's table, what a Flux generation uses unless
+    the user picks another scheduler). `guidance`: the generation's distilled guidance ("Distilled CFG
+    Scale"; `p.distilled_cfg_scale`), used for every path's conditioning (dev; schnell ignores it)."""
+    unet_patcher = engine.forge_objects.unet
+    kmodel = unet_patcher.model
+    transformer = kmodel.diffusion_model
+    predictor = kmodel.predictor
+    dtype = kmodel.computation_dtype
+    guidance_embed = bool(getattr(transformer, "guidance_embed", True))
+
+    def device():
+        return next(transformer.parameters()).device
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        dev = device()
+        t = predictor.timestep(sigma.to(dev).float()).float()
+        guidance = cond.get("guidance") if guidance_embed else None
+        out = transformer(
+            x.to(dev, dtype),
+            t,
+            context=cond["crossattn"].to(dev, dtype),
+            y=cond["vector"].to(dev, dtype),
+            guidance=guidance.to(dev, dtype) if guidance is not None else None,
+            transformer_options={},
+        )
+        return out.float().to(x.device)
+
+    def text_loaded():
+        load_model(engine.forge_objects.clip.patcher)
+
+    def encode_t5(prompts):
+        text_loaded()
+        return engine.text_processing_engine_t5(list(prompts)).float()
+
+    def encode_clip(prompts):
+        text_loaded()
+        _, pooled = engine.text_processing_engine_l(list(prompts))
+        return pooled.float()
+
+    def tokenize_t5(text: str) -> list[int]:
+        return list(engine.text_processing_engine_t5.tokenize([text])[0])
+
+    def tokenize_clip(text: str) -> list[int]:
+        return list(engine.text_processing_engine_l.tokenize([text])[0])
+
+    def vae_encode(images: torch.Tensor) -> torch.Tensor:
+        vae = engine.forge_objects.vae
+        load_model(vae.patcher)
+        x = images.to(vae.device, vae.vae_dtype)
+        z = vae.first_stage_model.encode(x, regulation=lambda posterior: posterior.mode())
+        return vae.first_stage_model.process_in(z.float()).to(images.device)
+
+    def vae_decode(latents: torch.Tensor) -> torch.Tensor:
+        return engine.decode_first_stage(latents).float()
+
+    def default_sigmas(steps: int, latent_hw) -> list[float]:
+        return simple_sigmas(predictor.sigmas, steps)
+
+    model = FluxModel(
+        transformer,
+        encode_t5=encode_t5,
+        encode_clip=encode_clip,
+        tokenize_t5=tokenize_t5,
+        tokenize_clip=tokenize_clip,
+        vae_encode=vae_encode,
+        vae_decode=vae_decode,
+        velocity=velocity,
+        shift=False,
+        sigmas=sigmas or default_sigmas,
+    )
+    model.unet_patcher = unet_patcher
+    if guidance is not None:
+        plain_conds = model.retouch_conds
+
+        def retouch_conds(prompts, negative_prompt: str = "", guidance_: float = float(guidance)):
+            return plain_conds(prompts, negative_prompt, guidance=guidance_)
+
+        model.retouch_conds = retouch_conds
+    return model
+
+
+__all__ = ["forge_flux_model", "is_forge_flux", "simple_sigmas"]
