@@ -12,7 +12,7 @@ from modules import shared
 from lib_layout_retouch import job as lr_job
 from lib_layout_retouch import logs, pipeline
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
-from lib_layout_retouch.flux_model import FLUX
+from lib_layout_retouch.model import FLUX_FAMILY
 from lib_layout_retouch.params import NO_SAM
 from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import (
@@ -32,7 +32,7 @@ logger = logs.attach_console()
 def subject_tokens(model, job, prompt: str) -> list[int]:
     """Positions of the concept token and class phrase in the personalized prompt, as the host's
     tokenizer splits it into 75-token chunks; Flux: the rows of its T5 states (SentencePiece pieces)."""
-    if getattr(model, "family", None) == FLUX:
+    if getattr(model, "family", None) == FLUX_FAMILY:
         return model.subject_tokens(prompt, [job.params.concept_token, job.params.class_phrase])
     clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
     if hasattr(clip, "tokenize_line"):

@@ -33,8 +33,8 @@ from .dit_attention import (
 )
 from .dit_tokens import image_ids, pack, token_grid, unpack
 from .errors import LayoutRetouchError
+from .model import FLUX_FAMILY
 
-FLUX = "Flux"
 DEFAULT_GUIDANCE = 3.5  # Flux.1-dev's distilled guidance (Forge's "Distilled CFG Scale" default)
 
 
@@ -72,7 +72,7 @@ def piece_positions(
 class FluxModel:
     """Velocity, conditioning, subject tokens, VAE and σ schedule of a Flux.1 model (see module doc)."""
 
-    family = FLUX
+    family = FLUX_FAMILY
     is_sdxl = False
 
     def __init__(
@@ -196,10 +196,6 @@ class FluxModel:
             layout_empty=empty,
         )
 
-    def generation_size(self, width: int, height: int) -> None:
-        """No size terms (SDXL's): Flux conditions on text only (job.retouch asks every model)."""
-        return None
-
     # -- VAE ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -260,7 +256,6 @@ class FluxFamily:
 
 
 __all__ = [
-    "FLUX",
     "FluxFamily",
     "FluxModel",
     "image_ids",

@@ -16,7 +16,6 @@ import torch
 
 from .conditioning import SizeTerms, sdxl_conditioning
 from .errors import LayoutRetouchError
-from .flux_model import FLUX
 
 # eps = denoiser(x, t, cond) for a batch x, timesteps t (B,), conditioning cond (conditioning.Cond)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,6 +23,7 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 SD1_FAMILY = "SD1.x"
 SDXL_FAMILY = "SDXL"
+FLUX_FAMILY = "Flux"
 
 
 def model_family(ldm) -> str:
@@ -102,7 +102,7 @@ def unet_family(state: dict) -> str:
     SDXL's UNet takes the pooled-text/size vector through `label_emb`; SD1 and SD2 differ in their
     text width (768 vs 1024)."""
     if any(k.startswith("double_blocks.") for k in state):
-        return FLUX
+        return FLUX_FAMILY
     if any(k.startswith("label_emb.") for k in state):
         return SDXL_FAMILY
     widths = {tuple(v.shape)[-1] for k, v in state.items() if k.endswith("attn2.to_k.weight")}
@@ -304,9 +304,14 @@ class LdmModel:
 
 # Forge's model kinds by engine class (`backend/diffusion_engine/*.py`) that the retouch cannot run on.
 UNSUPPORTED_FORGE_ENGINES = {
-    "Flux": "Flux (a flow-matching transformer, no UNet self-attention to retouch)",
-    "Chroma": "Chroma (a Flux-family transformer, no UNet self-attention to retouch)",
-    "StableDiffusion3": "SD3 (the MMDiT, no UNet self-attention to retouch)",
+    # Flux.1 is accepted before this table is read (hosts/forge.py); this entry is for a Flux engine
+    # whose predictor is not Forge's flow prediction, which the Flux model interface cannot drive.
+    "Flux": "this Flux engine (its predictor is not Forge's PredictionFlux, so the flow sampler "
+    "the retouch inverts with is unknown)",
+    "Chroma": "Chroma (a Flux-derived DiT without CLIP-L or Flux's guidance embedding, its "
+    "modulation from a separate approximator; the DiT retouch is verified on Flux.1 only)",
+    "StableDiffusion3": "SD3/SD3.5 (an MMDiT with joint blocks only, no rotary positions and three "
+    "text encoders; the DiT retouch is written for Flux.1's double/single-stream blocks)",
     "StableDiffusionXLRefiner": "the SDXL refiner (not a personalized model; it cannot draw a layout)",
 }
 
@@ -317,7 +322,7 @@ def check_forge_engine_supported(engine) -> None:
     kind = type(engine).__name__
     if kind in UNSUPPORTED_FORGE_ENGINES:
         raise LayoutRetouchError(
-            f"{UNSUPPORTED_FORGE_ENGINES[kind]} is not supported; load an SD1.x or SDXL checkpoint",
+            f"{UNSUPPORTED_FORGE_ENGINES[kind]} is not supported; load an SD1.x, SDXL or Flux.1 checkpoint",
             parameter="sd_model",
         )
     objects = getattr(engine, "forge_objects", None)

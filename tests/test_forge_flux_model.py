@@ -191,7 +191,7 @@ def test_vae_encode_is_the_posterior_mode_and_decode_inverts_it(forge_flux):
 def test_unet_family_tells_a_flux_transformer_from_sd(forge_flux):
     """The DreamBooth vanilla check (layout_retouch_webui/vanilla.py) compares families: a Flux
     vanilla for an SD model (or the reverse) is refused by name, not as 'SD1.x of another size'."""
-    from lib_layout_retouch.model import SD1, unet_family
+    from lib_layout_retouch.model import SD1_FAMILY, unet_family
 
     _, model, _ = forge_flux
     assert unet_family(model.transformer.state_dict()) == "Flux"
@@ -199,7 +199,7 @@ def test_unet_family_tells_a_flux_transformer_from_sd(forge_flux):
         unet_family(
             {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(4, 768)}
         )
-        == SD1
+        == SD1_FAMILY
     )
 
 
