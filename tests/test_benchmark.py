@@ -162,7 +162,7 @@ def test_phases_account_for_the_run(bench):
         assert sum(ph[k].values()) == pytest.approx(res["runs_s"][k][0], rel=1e-6)
 
 
-def test_cpu_results_never_land_as_committed_gpu_results(bench):
+def test_cpu_results_never_land_as_committed_gpu_results():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import bench_retouch
