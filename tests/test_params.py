@@ -329,13 +329,39 @@ def test_reference_image_forms():
 
 
 # ---- validation --------------------------------------------------------------------------------
-def test_defaults_and_ready_params_validate():
-    LayoutRetouchParams().validate()  # disabled: incomplete is fine
-    _ready().validate()
-    _ready(personalization="lora", vanilla_checkpoint="").validate()
-    _ready(personalization="textual_inversion", vanilla_checkpoint="").validate()
-    _ready(lambda1=0, lambda2=0, mask_start=2, ca_threshold=0.999).validate()
-    _ready(lambda1=200, lambda2=200, mask_start=300).validate()  # upper limits: schedule(steps)
+def _refused(p: LayoutRetouchParams):
+    """The parameter `validate` names, or None when it accepts `p`."""
+    try:
+        p.validate()
+    except LayoutRetouchError as e:
+        return e.parameter
+    return None
+
+
+def test_validate_accepts_the_defaults_and_ready_params():
+    assert _refused(LayoutRetouchParams()) is None  # disabled: incomplete is fine
+    assert _refused(LayoutRetouchParams(enabled=True)) == "reference_image"  # ... but not enabled
+    assert _refused(_ready()) is None
+    assert _refused(_ready(vanilla_checkpoint="")) == "vanilla_checkpoint"  # DreamBooth needs it
+    for kind in ("lora", "textual_inversion"):  # the others do not
+        assert _refused(_ready(personalization=kind, vanilla_checkpoint="")) is None
+    # upper step limits are checked by schedule(steps), not here
+    assert _refused(_ready(lambda1=200, lambda2=200, mask_start=300)) is None
+
+
+@pytest.mark.parametrize(
+    "edge, past",
+    [
+        (dict(lambda1=0), dict(lambda1=-1)),
+        (dict(lambda2=0), dict(lambda2=-1)),
+        (dict(mask_start=2), dict(mask_start=1)),
+        (dict(ca_threshold=0.999), dict(ca_threshold=1.0)),
+        (dict(ca_threshold=0.001), dict(ca_threshold=0.0)),
+    ],
+)
+def test_validate_takes_each_bound_and_refuses_one_past_it(edge, past):
+    assert _refused(_ready(**edge)) is None
+    assert _refused(_ready(**past)) == next(iter(past))
 
 
 @pytest.mark.parametrize(
