@@ -18,7 +18,6 @@ from lib_layout_retouch.params import (
     FIELD_BY_NAME,
     FIELDS,
     LAYOUT_SOURCES,
-    MAX_REFERENCES,
     NO_SAM,
     PERSONALIZATION_KINDS,
     LayoutRetouchParams,
@@ -588,8 +587,13 @@ def _photos(n):
     return [Image.fromarray(np.roll(base, 7 * i, axis=1)) for i in range(n)]
 
 
-def test_max_references_is_four():
-    assert MAX_REFERENCES == 4
+def test_four_references_are_accepted_and_all_used():
+    """Four photos are accepted and all used (five are refused: the next test)."""
+    photos = _photos(4)
+    p = _ready(reference_image=[_b64png(x) for x in photos])
+    p.validate()
+    assert [image_fingerprint(x) for x in p.references] == [image_fingerprint(x) for x in photos]
+    assert len(set(p.reference_fingerprints())) == 4
 
 
 def test_one_string_still_gives_one_image_and_the_same_infotext():
