@@ -6,6 +6,7 @@ import os
 import py_compile
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,9 +18,11 @@ from lib_layout_retouch.params import FIELDS, LayoutRetouchParams
 from lib_layout_retouch.prompts import subject_positions_in_chunks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from tests.paths import DOG_PHOTO  # noqa: E402
-
-PHOTO = Image.open(DOG_PHOTO)
+# A reference photo made here (these tests need any photo, not the ViCo data): 128×128, so the
+# 64×64 jobs below resize it without a crop.
+PHOTO = Image.fromarray(
+    np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8), "RGB"
+)
 
 
 # The hosts and the host glue: the library imports none of them (at module level or inside a function).
@@ -255,7 +258,7 @@ def test_job_prepares_prompts_schedule_reference_and_infotext():
     assert (job.schedule.lambda1, job.schedule.lambda2, job.schedule.mask_start) == (2, 4, 13)
     assert [s for s in range(1, 21) if job.uses_vanilla(s)] == [1, 2]
     assert job.reference.size == (64, 64)
-    assert any("cropped" in n or "resized" in n for n in job.notes)
+    assert job.notes == ["reference was 128×128: resized to 64×64"]
     info = job.infotext()
     assert info["LR lambda1"] == "5" and "λ1=2" in info["LR steps used"]
     assert all(k.startswith("LR ") for k in info)
@@ -339,7 +342,7 @@ def test_a_batch_with_another_prompt_writes_each_note_once():
     """The glue's per-batch job (a style changed the prompt) must not share the request's notes:
     the reference's notes ("... resized/cropped ...") would be written twice into LR notes."""
     job = make_job()
-    assert job.notes, "the 64x64 job resizes the dog photo, which is noted"
+    assert job.notes, "the 64x64 job resizes the 128x128 photo, which is noted"
     batch = job.for_batch("a sks dog on the beach, oil painting", "")
     assert batch.prompts.personalized.endswith("oil painting") and batch.notes is not job.notes
     batch.add_note("only in the batch")
