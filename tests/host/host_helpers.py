@@ -204,13 +204,16 @@ def error_text(res: Result) -> str:
 
 
 def assert_error_names(res: Result, *names: str) -> None:
-    """An HTTP error (4xx/5xx) whose body names the parameter (any of `names`; `_`/space-insensitive)."""
+    """An HTTP error (4xx/5xx) whose body names the parameter: one of `names` (its API key or the
+    words for it: aliases of ONE parameter), compared case- and `_`/space-insensitively."""
     assert res.status >= 400, f"expected an HTTP error naming {names}, got {res.describe()}"
-    text = error_text(res).lower()
-    flat = text.replace(" ", "_")
-    assert any(n.lower() in text or n.lower().replace(" ", "_") in flat for n in names), (
-        f"error does not name {names}: {text[:1000]}"
-    )
+    text = _flat(error_text(res))
+    assert any(_flat(n) in text for n in names), f"error does not name {names}: {text[:1000]}"
+
+
+def _flat(text: str) -> str:
+    """Lower case with spaces as underscores: "Concept token" and "concept_token" read the same."""
+    return text.lower().replace(" ", "_")
 
 
 def assert_retouched(res: Result) -> dict:
