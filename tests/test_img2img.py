@@ -1,4 +1,4 @@
-"""Issue 12 on the tiny model: several reference photos, the inpaint mask, layout source `input`,
+"""img2img on the tiny model: several reference photos, the inpaint mask, layout source `input`,
 and the job's img2img record. Exact invariants (they fail if the code breaks them)."""
 
 import numpy as np

@@ -114,7 +114,7 @@ def test_field_metadata():
         == PERSONALIZATION_KINDS
         == ("dreambooth", "textual_inversion", "lora")
     )
-    # issue 12 added `input` (img2img: retouch the input image itself)
+    # `input`: img2img retouches the input image itself
     assert (
         FIELD_BY_NAME["layout_source"].choices == LAYOUT_SOURCES == ("inversion", "stage1", "input")
     )
@@ -581,7 +581,7 @@ def test_vanilla_checkpoint_is_recorded_for_dreambooth_only():
     assert info["LR vanilla checkpoint"] == "v1-5.safetensors"
 
 
-# ---- several reference photos (issue 12) -------------------------------------------------------
+# ---- several reference photos ----------------------------------------------------------------
 def _photos(n):
     base = np.asarray(_photo().convert("RGB"))
     return [Image.fromarray(np.roll(base, 7 * i, axis=1)) for i in range(n)]

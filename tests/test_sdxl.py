@@ -423,7 +423,7 @@ def test_refiner_inpaint_and_vpred_refused_by_name(xl):
 
 
 def test_several_references_each_with_its_own_size_terms(xl, xl_setup):
-    """Issue 12 on SDXL: one reference row per photo, each with its photo's size terms; the same
+    """Several reference photos on SDXL: one reference row per photo, each with its photo's size terms; the same
     photo twice gives the result of once (K/V concatenated with a copy of themselves)."""
     kind, _, adapter = xl
     _, conds1, subject, ref, layouts = xl_setup

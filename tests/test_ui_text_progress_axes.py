@@ -1,4 +1,4 @@
-"""Library side of the WebUI experience (issue 10): truthful sweeps, axis values checked before a
+"""Library side of the WebUI experience: truthful sweeps, axis values checked before a
 grid starts, UI messages in control labels, the panel's grouping, one progress bar."""
 
 import pytest

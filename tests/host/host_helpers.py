@@ -19,7 +19,7 @@ from PIL import Image
 
 SCRIPT = "Layout-and-Retouch"
 LOG_PREFIX = "[Layout-and-Retouch]"
-# Order of the positional form = order of the named parameters in the API contract (issue 3).
+# Order of the positional form = order of the named parameters in the API contract (README.md, "API").
 ARG_ORDER = (
     "enabled",
     "reference_image",
@@ -396,7 +396,7 @@ def interrupt_during_retouch(url: str, body: dict, at: float = 0.6, interval: fl
     return txt2img_while_polling(url, body, poll, interval=interval), hit, seen
 
 
-# ---------------------------------------------------------------- img2img / inpaint (issue 12)
+# ---------------------------------------------------------------- img2img / inpaint
 
 
 def img2img(url: str, body: dict, timeout: float = 600) -> Result:

@@ -1,4 +1,4 @@
-"""Layout-and-Retouch inside a live WebUI, through its API (issue 3 "Tests").
+"""Layout-and-Retouch inside a live WebUI, through its API.
 
 Every check is on something only a working run produces — `LR ` infotext keys, extra gallery images,
 pixel differences, log lines — never on HTTP 200 alone: the WebUI swallows exceptions raised in
