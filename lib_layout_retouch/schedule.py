@@ -15,6 +15,7 @@ from .errors import LayoutRetouchError
 
 PAPER_STEPS = 50
 PAPER_LAMBDA1 = 5
+PAPER_LAMBDA1_CHALLENGING = 3  # the paper's λ1 for DreamMatcher's challenging prompts
 PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
 
