@@ -46,12 +46,20 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ..errors import LayoutRetouchError
+from ..masks import DEFAULT_CA_THRESHOLD
+from ..params import PERSONALIZATION_KINDS
+from ..schedule import (
+    PAPER_LAMBDA1,
+    PAPER_LAMBDA1_CHALLENGING,
+    PAPER_LAMBDA2,
+    PAPER_MASK_START,
+    PAPER_STEPS,
+)
 from .diversity import mask_path_for
 
 SCRIPT_TITLE = "Layout-and-Retouch"
 METHODS = ("off", "on")
 METHOD_LABELS = {"off": "Baseline (Layout-and-Retouch off)", "on": "Layout-and-Retouch (on)"}
-PERSONALIZATIONS = ("dreambooth", "textual_inversion", "lora")
 LIVE_CONCEPTS = (
     "black_cat",
     "brown_cat",
@@ -108,17 +116,17 @@ class RunSettings:
     n_prompts: int | None = None  # first K prompts of each list; None = all
     prompt_set: str = "normal"
     seed: int = 0  # seeds are seed, seed+1, ..., seed+n-1 for every prompt and both methods
-    steps: int = 50
+    steps: int = PAPER_STEPS
     cfg_scale: float = 7.5
     width: int = 512
     height: int = 512
     sampler: str = "DDIM"
     negative_prompt: str = ""
     methods: tuple = METHODS
-    lambda1: int | None = None  # None: 5 for normal prompts, 3 for challenging (paper)
-    lambda2: int = 10
-    mask_start: int = 31
-    ca_threshold: float = 0.1
+    lambda1: int | None = None  # None: the paper's, for normal or challenging prompts
+    lambda2: int = PAPER_LAMBDA2
+    mask_start: int = PAPER_MASK_START
+    ca_threshold: float = DEFAULT_CA_THRESHOLD
     sam_model: str = ""
     vanilla_checkpoint: str = ""
     max_reference_side: int = 1024  # the reference photo is downscaled to this before upload
@@ -152,7 +160,7 @@ class RunSettings:
     def effective_lambda1(self) -> int:
         if self.lambda1 is not None:
             return int(self.lambda1)
-        return 3 if self.prompt_set == "challenging" else 5
+        return PAPER_LAMBDA1_CHALLENGING if self.prompt_set == "challenging" else PAPER_LAMBDA1
 
 
 @dataclass
@@ -297,9 +305,9 @@ def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
                 folder, images[0]
             )  # imgs_source.txt names a file this copy lacks
         pers = str(merged.get("personalization", "dreambooth"))
-        if pers not in PERSONALIZATIONS:
+        if pers not in PERSONALIZATION_KINDS:
             raise LayoutRetouchError(
-                f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATIONS}.",
+                f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATION_KINDS}.",
                 parameter="concepts",
             )
         token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
