@@ -226,7 +226,25 @@ def assert_retouched(res: Result) -> dict:
 
 
 def differs(a: np.ndarray, b: np.ndarray) -> bool:
+    """Any difference at all (one pixel by one level is enough): for "something happened" checks
+    where `changed` is too strict; as evidence of an effect, prefer `changed`."""
     return a.shape != b.shape or not np.array_equal(a, b)
+
+
+# A measurable change: the mean |Δ| over every pixel and channel, in 8-bit levels. One pixel of a
+# 64×64 image, even changed from black to white, moves it by at most 255 / (64·64) ≈ 0.06.
+MEASURABLE = 0.5
+
+
+def mean_change(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |a − b| over every pixel and channel, in 8-bit levels (0 … 255)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def changed(a: np.ndarray, b: np.ndarray, at_least: float = MEASURABLE) -> bool:
+    """The images differ measurably (`MEASURABLE`), not by a stray pixel."""
+    return mean_change(a, b) >= at_least
 
 
 # ---------------------------------------------------------------- reference images (deterministic)
