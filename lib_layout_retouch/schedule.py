@@ -17,7 +17,7 @@ from .errors import LayoutRetouchError
 # "challenging" prompts), λ2, and the first blended step.
 PAPER_STEPS = 50
 PAPER_LAMBDA1 = 5
-PAPER_LAMBDA1_CHALLENGING = 3
+PAPER_LAMBDA1_CHALLENGING = 3  # the paper's λ1 for DreamMatcher's challenging prompts
 PAPER_LAMBDA2 = 10
 PAPER_MASK_START = 31
 

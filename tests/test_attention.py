@@ -17,6 +17,7 @@ from lib_layout_retouch.attention import (
 from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.layers import LayerTable, attention_modules, layer_table_for
 from lib_layout_retouch.masks import LayerMasks
+from tests.tolerance import assert_differs_beyond, assert_rounding_close, attention_roundings
 
 
 def unet_forward(unet, seed=0):
@@ -115,8 +116,9 @@ def _self_attention_module(tiny_ldm):
 
 
 @pytest.mark.parametrize("m_value", [1.0, 0.0, 0.3])
-def test_mask_blend_exact_values(tiny_ldm, m_value):
-    """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend."""
+def test_mask_blend_values(tiny_ldm, m_value):
+    """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend (to
+    fp32 rounding: the editor's SDPA against the module's own attention)."""
     name, module = _self_attention_module(tiny_ldm)
     table = LayerTable(
         "t", reference_layers=(), mask_layers=(), blend_layers=(name,), layout_layers=()
@@ -136,13 +138,15 @@ def test_mask_blend_exact_values(tiny_ldm, m_value):
         out = editor(
             name, module, x, None, None, lambda *a, **k: pytest.fail("must not pass through")
         )
-    assert torch.allclose(out[0:1], own_o, atol=1e-6)  # the layout row is untouched
+    roundings = attention_roundings(module, 64)
+    assert_rounding_close(out[0:1], own_o, roundings)  # the layout row is untouched
     expected = m_value * own_t + (1 - m_value) * own_o
-    assert torch.allclose(out[1:2], expected, atol=1e-6)
+    tol = assert_rounding_close(out[1:2], expected, roundings)
     if m_value == 1.0:
-        assert torch.allclose(out[1:2], own_t, atol=1e-6)
+        assert_rounding_close(out[1:2], own_t, roundings)
     if m_value == 0.0:
-        assert torch.allclose(out[1:2], own_o, atol=1e-6)
+        assert_rounding_close(out[1:2], own_o, roundings)
+    assert_differs_beyond(own_t, own_o, tol)  # the rows differ, so a swap could not pass
 
 
 def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
@@ -171,8 +175,10 @@ def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
             v = attn.split_heads(module.to_v(x_ref), h)
             probs = attn.attention_probabilities(q, k)
             expected = module.to_out(attn.merge_heads(torch.matmul(probs, v)))
-            assert torch.allclose(out[2 + i : 3 + i], expected, atol=1e-5)
-        assert not torch.allclose(out[2:3], module(x_t), atol=1e-4)
+            tol = assert_rounding_close(
+                out[2 + i : 3 + i], expected, attention_roundings(module, 64)
+            )
+        assert_differs_beyond(out[2:3], module(x_t), tol)
     assert calls == [1]  # one SDPA call for the whole batch, no hand-written softmax
 
 
@@ -199,6 +205,7 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
     }
     plan = RowPlan.build([("reference", 1), (LAYOUT, 2), (TARGET, 2)])
     batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in ("reference", LAYOUT, TARGET)])
+    roundings = attention_roundings(module, 64)
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
     editor.begin_step(StepState(plan, paint_identity=True, capture_reference=True))
     with torch.no_grad():
@@ -206,18 +213,16 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
         for h in (UNCOND, COND):
             rows = plan.get(TARGET, h)
             expected = _expected_with_reference(module, x[(TARGET, h)], x[("reference", h)])
-            assert torch.allclose(out[rows], expected, atol=1e-5)
-            assert torch.allclose(
-                out[plan.get(LAYOUT, h)], module(x[(LAYOUT, h)]), atol=1e-5
-            )  # untouched
-            assert torch.allclose(
-                out[plan.get("reference", h)], module(x[("reference", h)]), atol=1e-5
+            tol = assert_rounding_close(out[rows], expected, roundings)
+            assert_rounding_close(out[plan.get(LAYOUT, h)], module(x[(LAYOUT, h)]), roundings)
+            assert_rounding_close(
+                out[plan.get("reference", h)], module(x[("reference", h)]), roundings
             )
         # the halves differ, so a mix-up of halves could not pass
-        assert not torch.allclose(
+        assert_differs_beyond(
             out[plan.get(TARGET, UNCOND)],
             _expected_with_reference(module, x[(TARGET, UNCOND)], x[("reference", COND)]),
-            atol=1e-3,
+            tol,
         )
         captured = editor.captured_reference()
         assert set(captured) == {(name, "reference", UNCOND), (name, "reference", COND)}
@@ -228,8 +233,8 @@ def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm)
         cached_batch = torch.cat([x[(p, h)] for h in (UNCOND, COND) for p in (LAYOUT, TARGET)])
         cached_out = editor(name, module, cached_batch, None, None, None)
         for h in (UNCOND, COND):
-            assert torch.allclose(
-                cached_out[cached_plan.get(TARGET, h)], out[plan.get(TARGET, h)], atol=1e-5
+            assert_rounding_close(
+                cached_out[cached_plan.get(TARGET, h)], out[plan.get(TARGET, h)], roundings
             )
 
 
@@ -255,17 +260,19 @@ def test_mask_blend_both_cfg_halves_with_a_varying_mask(tiny_ldm):
     with torch.no_grad():
         out = editor(name, module, batch, None, None, None)
         w = m.reshape(2, 64, 1)
+        r = attention_roundings(module, 64)
         for h in (UNCOND, COND):
             own_t, own_o = module(x[(TARGET, h)]), module(x[(LAYOUT, h)])
-            assert torch.allclose(out[plan.get(LAYOUT, h)], own_o, atol=1e-6)
-            assert torch.allclose(out[plan.get(TARGET, h)], w * own_t + (1 - w) * own_o, atol=1e-5)
-            # exact where M is exactly 1 or 0 (up to to_out's rounding of identical inputs)
-            assert torch.allclose(out[plan.get(TARGET, h)][0, :32], own_t[0, :32], atol=1e-6)
-            assert torch.allclose(
+            assert_rounding_close(out[plan.get(LAYOUT, h)], own_o, r)
+            tol = assert_rounding_close(out[plan.get(TARGET, h)], w * own_t + (1 - w) * own_o, r)
+            # the target's own output where M is 1, the layout's where M is 0
+            assert_rounding_close(out[plan.get(TARGET, h)][0, :32], own_t[0, :32], r)
+            assert_rounding_close(
                 out[plan.get(TARGET, h)][1].view(8, 8, -1)[:, :3],
                 own_o[1].view(8, 8, -1)[:, :3],
-                atol=1e-6,
+                r,
             )
+            assert_differs_beyond(own_t, own_o, tol)  # so a swap of the two could not pass
 
 
 def test_layer_masks_complement_is_exact():
@@ -297,13 +304,13 @@ def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
     ctx = torch.randn(4, 77, 32, generator=g)
     with torch.no_grad():
         out = editor(name, module, x, ctx, None, None)
-        assert torch.allclose(
-            out, module(x, ctx), atol=1e-5
-        )  # recording does not change the output
+        # recording does not change the output
+        assert_rounding_close(out, module(x, ctx), attention_roundings(module, 77))
         q = attn.split_heads(module.to_q(x[2:]), module.heads)
         k = attn.split_heads(module.to_k(ctx[2:]), module.heads)
         expected = attn.attention_probabilities(q, k)[..., [4, 5]].mean(dim=(1, 3)).reshape(2, 4, 4)
-    assert torch.allclose(editor.subject_maps(), expected, atol=1e-6)  # the COND half only
+    # the COND half only (probabilities ≤ 1: Q·Kᵀ and the softmax's sum round)
+    assert_rounding_close(editor.subject_maps(), expected, attention_roundings(module, 77))
 
 
 def _multi_reference_out(module, name, x_refs, x_t, n_references, sources=None):
@@ -340,7 +347,7 @@ def test_the_same_reference_twice_attends_like_it_once(tiny_ldm):
     x_t = torch.randn(2, 64, 32, generator=g)
     once, _ = _multi_reference_out(module, name, x_ref, x_t, 1)
     twice, captured = _multi_reference_out(module, name, torch.cat([x_ref, x_ref]), x_t, 2)
-    assert torch.allclose(twice, once, atol=1e-6, rtol=1e-5)
+    assert_rounding_close(twice, once, attention_roundings(module, 128))
     # against the formula: Attention(Q_t, [K_1; K_2], [V_1; V_2]) with two different references
     both, _ = _multi_reference_out(module, name, torch.cat([x_ref, x_other]), x_t, 2)
     h = module.heads
@@ -356,8 +363,8 @@ def test_the_same_reference_twice_attends_like_it_once(tiny_ldm):
                 )
             )
         )
-    assert torch.allclose(both, expected, atol=1e-5)
-    assert not torch.allclose(both, once, atol=1e-3)  # the second reference does count
+    tol = assert_rounding_close(both, expected, attention_roundings(module, 128))
+    assert_differs_beyond(both, once, tol)  # the second reference does count
     # from a cached reference (the captured K/V of both rows) the result is the same
     cached, _ = _multi_reference_out(module, name, None, x_t, 2, sources=captured)
-    assert torch.allclose(cached, twice, atol=1e-6)
+    assert_rounding_close(cached, twice, attention_roundings(module, 128))

@@ -180,6 +180,35 @@ def test_real_sam_architecture_tiny_random_gives_an_image_sized_mask_or_none():
     assert raw and raw[0]["segmentation"].shape == (48, 80)  # the plumbing really ran
 
 
+def test_sam_checkpoint_is_read_by_the_extensions_safe_loader(tmp_path, monkeypatch):
+    """The scoring's SAM goes through segmentation.load_sam (weights_only): the file's weights are
+    loaded into the kind's architecture, and a pickled object is refused, not unpickled."""
+    import torch
+
+    from lib_layout_retouch import segmentation
+
+    monkeypatch.setitem(
+        segmentation.SAM_BUILDERS,
+        "tiny",
+        lambda: diversity.build_random_sam(seed=0).predictor.model,
+    )
+    saved = diversity.build_random_sam(seed=1).predictor.model.state_dict()
+    path = tmp_path / "tiny_sam.pth"
+    torch.save(saved, path)
+    masker = diversity.SamSubjectMasker.from_checkpoint(str(path), "tiny", device="cpu")
+    loaded = masker.generator.predictor.model.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert not all(
+        torch.equal(v, diversity.build_random_sam(seed=0).predictor.model.state_dict()[k])
+        for k, v in saved.items()
+    )  # seed 1's weights, not the builder's own
+    evil = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save({"w": torch.zeros(1), "obj": Image.new("RGB", (1, 1))}, evil)
+    with pytest.raises(LayoutRetouchError, match="is not a SAM checkpoint") as e:
+        diversity.SamSubjectMasker.from_checkpoint(str(evil))
+    assert e.value.parameter == "sam"
+
+
 def test_sam_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(LayoutRetouchError, match="does not exist"):
         diversity.SamSubjectMasker.from_checkpoint(str(tmp_path / "sam_vit_b.pth"))

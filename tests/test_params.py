@@ -18,7 +18,6 @@ from lib_layout_retouch.params import (
     FIELD_BY_NAME,
     FIELDS,
     LAYOUT_SOURCES,
-    MAX_REFERENCES,
     NO_SAM,
     PERSONALIZATION_KINDS,
     LayoutRetouchParams,
@@ -115,7 +114,7 @@ def test_field_metadata():
         == PERSONALIZATION_KINDS
         == ("dreambooth", "textual_inversion", "lora")
     )
-    # issue 12 added `input` (img2img: retouch the input image itself)
+    # `input`: img2img retouches the input image itself
     assert (
         FIELD_BY_NAME["layout_source"].choices == LAYOUT_SOURCES == ("inversion", "stage1", "input")
     )
@@ -329,13 +328,39 @@ def test_reference_image_forms():
 
 
 # ---- validation --------------------------------------------------------------------------------
-def test_defaults_and_ready_params_validate():
-    LayoutRetouchParams().validate()  # disabled: incomplete is fine
-    _ready().validate()
-    _ready(personalization="lora", vanilla_checkpoint="").validate()
-    _ready(personalization="textual_inversion", vanilla_checkpoint="").validate()
-    _ready(lambda1=0, lambda2=0, mask_start=2, ca_threshold=0.999).validate()
-    _ready(lambda1=200, lambda2=200, mask_start=300).validate()  # upper limits: schedule(steps)
+def _refused(p: LayoutRetouchParams):
+    """The parameter `validate` names, or None when it accepts `p`."""
+    try:
+        p.validate()
+    except LayoutRetouchError as e:
+        return e.parameter
+    return None
+
+
+def test_validate_accepts_the_defaults_and_ready_params():
+    assert _refused(LayoutRetouchParams()) is None  # disabled: incomplete is fine
+    assert _refused(LayoutRetouchParams(enabled=True)) == "reference_image"  # ... but not enabled
+    assert _refused(_ready()) is None
+    assert _refused(_ready(vanilla_checkpoint="")) == "vanilla_checkpoint"  # DreamBooth needs it
+    for kind in ("lora", "textual_inversion"):  # the others do not
+        assert _refused(_ready(personalization=kind, vanilla_checkpoint="")) is None
+    # upper step limits are checked by schedule(steps), not here
+    assert _refused(_ready(lambda1=200, lambda2=200, mask_start=300)) is None
+
+
+@pytest.mark.parametrize(
+    "edge, past",
+    [
+        (dict(lambda1=0), dict(lambda1=-1)),
+        (dict(lambda2=0), dict(lambda2=-1)),
+        (dict(mask_start=2), dict(mask_start=1)),
+        (dict(ca_threshold=0.999), dict(ca_threshold=1.0)),
+        (dict(ca_threshold=0.001), dict(ca_threshold=0.0)),
+    ],
+)
+def test_validate_takes_each_bound_and_refuses_one_past_it(edge, past):
+    assert _refused(_ready(**edge)) is None
+    assert _refused(_ready(**past)) == next(iter(past))
 
 
 @pytest.mark.parametrize(
@@ -556,14 +581,19 @@ def test_vanilla_checkpoint_is_recorded_for_dreambooth_only():
     assert info["LR vanilla checkpoint"] == "v1-5.safetensors"
 
 
-# ---- several reference photos (issue 12) -------------------------------------------------------
+# ---- several reference photos ----------------------------------------------------------------
 def _photos(n):
     base = np.asarray(_photo().convert("RGB"))
     return [Image.fromarray(np.roll(base, 7 * i, axis=1)) for i in range(n)]
 
 
-def test_max_references_is_four():
-    assert MAX_REFERENCES == 4
+def test_four_references_are_accepted_and_all_used():
+    """Four photos are accepted and all used (five are refused: the next test)."""
+    photos = _photos(4)
+    p = _ready(reference_image=[_b64png(x) for x in photos])
+    p.validate()
+    assert [image_fingerprint(x) for x in p.references] == [image_fingerprint(x) for x in photos]
+    assert len(set(p.reference_fingerprints())) == 4
 
 
 def test_one_string_still_gives_one_image_and_the_same_infotext():

@@ -85,8 +85,16 @@ def test_describe():
 
 
 def test_bounds_are_inclusive_where_allowed():
-    Schedule(10, 0, 0, 2)
-    Schedule(10, 9, 10, 11)
+    """The extreme schedules are accepted and mean what they say (one past them: the refusals
+    below)."""
+    steps = range(1, 11)
+    low = Schedule(10, 0, 0, 2)  # no vanilla step, no copy step, blending from step 2
+    assert [s for s in steps if low.uses_vanilla(s) or low.copies_layout(s)] == []
+    assert [s for s in steps if low.blends_mask(s)] == list(range(2, 11))
+    high = Schedule(10, 9, 10, 11)  # vanilla up to 9, copies every step, no blending
+    assert [s for s in steps if high.uses_vanilla(s)] == list(range(1, 10))
+    assert all(high.copies_layout(s) and not high.paints_identity(s) for s in steps)
+    assert not any(high.blends_mask(s) for s in steps)
 
 
 @pytest.mark.parametrize(

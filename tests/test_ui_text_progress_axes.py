@@ -1,4 +1,4 @@
-"""Library side of the WebUI experience (issue 10): truthful sweeps, axis values checked before a
+"""Library side of the WebUI experience: truthful sweeps, axis values checked before a
 grid starts, UI messages in control labels, the panel's grouping, one progress bar."""
 
 import pytest
@@ -88,10 +88,9 @@ def test_check_axis_values_runs_the_host_check_for_enabled_cells_only():
 
 # ---- UI text -------------------------------------------------------------------------------------
 def test_ui_messages_use_control_labels_api_names_stay_in_the_api_message():
-    try:
+    with pytest.raises(LayoutRetouchError) as e:
         _ready(vanilla_checkpoint="").validate()
-    except LayoutRetouchError as e:
-        api = str(e)
+    api = str(e.value)
     assert "vanilla_checkpoint" in api
     ui = ui_text.for_ui(api)
     assert "vanilla_checkpoint" not in ui and "“Vanilla checkpoint”" in ui

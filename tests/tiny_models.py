@@ -14,6 +14,7 @@ from typing import Iterable
 
 import torch
 
+from benchmarks.tiny_nets import reinit_zero_weights, tame_output  # noqa: F401  (also used from here)
 from lib_layout_retouch.evaluation.models import bytes_to_unicode  # CLIP BPE's byte alphabet
 
 # Words the tiny tokenizer knows as whole tokens; anything else falls back to characters, as the
@@ -164,29 +165,6 @@ def tiny_ldm_config(clip_folder: str, context_dim: int = 32) -> dict:
             },
         },
     }
-
-
-def reinit_zero_weights(
-    module: torch.nn.Module, generator: torch.Generator, std: float = 0.05
-) -> int:
-    """Re-draw every parameter that is exactly zero everywhere (ldm's zero_module init). Returns the count."""
-    n = 0
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.dim() > 1 and not p.any():
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
-                n += 1
-    return n
-
-
-def tame_output(unet: torch.nn.Module, factor: float = 0.1) -> None:
-    """Scale the UNet's output conv. A trained ε-predictor changes smoothly with its input; a random
-    one is far rougher, which breaks DDIM inversion (ε(z_k) ≠ ε(z_k+1)) and lets fp16 overflow. A
-    small output conv makes ε smooth enough for the inversion round trip while attention still
-    changes the output measurably."""
-    with torch.no_grad():
-        unet.out[-1].weight.mul_(factor)
-        unet.out[-1].bias.mul_(factor)
 
 
 def build_tiny_ldm(clip_folder: str, seed: int = 0):

@@ -18,59 +18,30 @@ attention tests pass vacuously) and the output conv is tamed for a meaningful DD
 from __future__ import annotations
 
 import os
-import sys
-from typing import Optional
 
 import torch
 
-from tests.tiny_models import make_tiny_clip_folder, reinit_zero_weights, tame_output
+from benchmarks.tiny_nets import (  # noqa: F401  (SGM_DIR_DEFAULT, LDM_*, sgm_status: used from here)
+    CLIP_G_WIDTH,
+    CLIP_L_WIDTH,
+    LDM_ADM,
+    LDM_CONTEXT,
+    SGM_DIR_DEFAULT,
+    SIZE_DIM,
+    TinySdxlLike,
+    ldm_sdxl_unet,
+    legacy_alphas_cumprod,
+    reinit_zero_weights,
+    sdxl_like_unet_config,
+    sgm_status,
+    tame_output,
+)
+from tests.tiny_models import make_tiny_clip_folder
 
-SGM_DIR_DEFAULT = "/work/host/webui/repositories/generative-models"
-CLIP_L_WIDTH, CLIP_G_WIDTH, SIZE_DIM = 32, 64, 32  # the "ldm" build
-LDM_CONTEXT = CLIP_L_WIDTH + CLIP_G_WIDTH
-LDM_ADM = CLIP_G_WIDTH + 3 * 2 * SIZE_DIM
 SGM_CONTEXT, SGM_ADM = 32 + 256, 256 + 3 * 2 * 256  # the "sgm" build (ViT-S-32-alt text width 256)
 
 
-def sgm_status() -> tuple[bool, str]:
-    """(importable, reason). Puts the sgm folder on sys.path when found."""
-    folder = os.environ.get("LR_SGM_DIR") or SGM_DIR_DEFAULT
-    if os.path.isdir(os.path.join(folder, "sgm")) and folder not in sys.path:
-        sys.path.append(folder)
-    try:
-        import sgm.models.diffusion  # noqa: F401
-        import sgm.modules.diffusionmodules.openaimodel  # noqa: F401
-    except Exception as e:  # not installed, or a dependency (kornia, open_clip) missing
-        return False, (
-            f"sgm (Stability-AI generative-models) is not importable ({type(e).__name__}: {e}); "
-            "it is not on PyPI — set LR_SGM_DIR to a generative-models checkout "
-            "(tests/host/setup_webui.sh makes one) to run the real-sgm variants"
-        )
-    return True, ""
-
-
 # -- the "ldm" build ------------------------------------------------------------------------------------
-def sdxl_like_unet_config(context_dim: int = LDM_CONTEXT, adm: int = LDM_ADM) -> tuple[dict, int]:
-    """ldm UNetModel arguments and the vector width. (This ldm has no `num_classes="sequential"`:
-    `label_emb` is added after construction with sgm's exact structure and names.)"""
-    return dict(
-        image_size=8,
-        in_channels=4,
-        out_channels=4,
-        model_channels=32,
-        attention_resolutions=[1, 2, 4],
-        num_res_blocks=2,
-        channel_mult=[1, 2, 2],
-        num_head_channels=16,
-        use_spatial_transformer=True,
-        use_linear_in_transformer=True,
-        transformer_depth=2,
-        context_dim=[context_dim] * 2,
-        use_checkpoint=False,
-        legacy=False,
-    ), adm
-
-
 class _SizeEmbedder(torch.nn.Module):
     """sgm's ConcatTimestepEmbedderND: each number → a sinusoidal embedding, concatenated."""
 
@@ -134,58 +105,6 @@ class TinyConditioner(torch.nn.Module):
                 key, dim = ("crossattn", 2) if emb.dim() == 3 else ("vector", 1)
                 out[key] = torch.cat([out[key], emb], dim) if key in out else emb
         return out
-
-
-class _UNetWrapper(torch.nn.Module):
-    """sgm's OpenAIWrapper: (x, t, {"crossattn", "vector"}) → the UNet. (This ldm's SpatialTransformer
-    indexes its context per transformer block, so it gets the same context once per block.)"""
-
-    def __init__(self, unet, depth: Optional[int] = 2):
-        super().__init__()
-        self.diffusion_model = unet
-        self.depth = depth
-
-    def forward(self, x, t, c):
-        context = c["crossattn"] if self.depth is None else [c["crossattn"]] * self.depth
-        return self.diffusion_model(x, timesteps=t, context=context, y=c["vector"])
-
-
-class TinySdxlLike(torch.nn.Module):
-    """The attributes the library reads of A1111's SDXL model (sgm DiffusionEngine + extend_sdxl)."""
-
-    scale_factor = 0.13025
-    is_sdxl = True
-    parameterization = "eps"
-
-    def __init__(self, unet, vae, conditioner):
-        super().__init__()
-        self.model = _UNetWrapper(unet)
-        self.first_stage_model = vae
-        self.conditioner = conditioner
-        self.register_buffer("alphas_cumprod", _legacy_alphas_cumprod())
-
-    def decode_first_stage(self, z):
-        return self.first_stage_model.decode(z / self.scale_factor)
-
-
-def _legacy_alphas_cumprod() -> torch.Tensor:
-    """SD's 'scaled linear' β schedule (sgm LegacyDDPMDiscretization; what A1111 sets for SDXL)."""
-    betas = torch.linspace(0.00085**0.5, 0.0120**0.5, 1000, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
-
-
-def ldm_sdxl_unet() -> torch.nn.Module:
-    """ldm's UNetModel in SDXL configuration, with sgm's `label_emb` (the vector's input)."""
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-
-    config, adm = sdxl_like_unet_config()
-    unet = UNetModel(**config)
-    ted = unet.model_channels * 4
-    unet.label_emb = torch.nn.Sequential(
-        torch.nn.Sequential(torch.nn.Linear(adm, ted), torch.nn.SiLU(), torch.nn.Linear(ted, ted))
-    )
-    unet.num_classes = "sequential"
-    return unet
 
 
 def build_ldm_sdxl(clip_root: str, seed: int = 0) -> TinySdxlLike:
@@ -332,7 +251,7 @@ def build_sgm_sdxl(clip_root: str, seed: int = 0):
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.create(sgm_config(clip_l)))
     # what A1111's extend_sdxl adds
-    model.alphas_cumprod = _legacy_alphas_cumprod()
+    model.alphas_cumprod = legacy_alphas_cumprod()
     model.is_sdxl, model.parameterization = True, "eps"
     _finish(model, seed)
     return model

@@ -7,6 +7,14 @@ import os
 import sys
 
 from ..errors import LayoutRetouchError
+from ..masks import DEFAULT_CA_THRESHOLD
+from ..schedule import (
+    PAPER_LAMBDA1,
+    PAPER_LAMBDA1_CHALLENGING,
+    PAPER_LAMBDA2,
+    PAPER_MASK_START,
+    PAPER_STEPS,
+)
 
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--seed", type=int, default=0, help="seeds are SEED..SEED+n-1, the same for on and off"
     )
-    run.add_argument("--steps", type=int, default=50)
+    run.add_argument("--steps", type=int, default=PAPER_STEPS)
     run.add_argument("--cfg", type=float, default=7.5)
     run.add_argument("--width", type=int, default=512)
     run.add_argument("--height", type=int, default=512)
@@ -146,11 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--negative", default="", help="negative prompt")
     run.add_argument("--methods", default="off,on", help="which of off,on to generate")
     run.add_argument(
-        "--lambda1", type=int, default=None, help="default: 5 (normal prompts), 3 (challenging)"
+        "--lambda1",
+        type=int,
+        default=None,
+        help=f"default: {PAPER_LAMBDA1} (normal prompts), {PAPER_LAMBDA1_CHALLENGING} (challenging)",
     )
-    run.add_argument("--lambda2", type=int, default=10)
-    run.add_argument("--mask-start", type=int, default=31)
-    run.add_argument("--ca-threshold", type=float, default=0.1)
+    run.add_argument("--lambda2", type=int, default=PAPER_LAMBDA2)
+    run.add_argument("--mask-start", type=int, default=PAPER_MASK_START)
+    run.add_argument("--ca-threshold", type=float, default=DEFAULT_CA_THRESHOLD)
     run.add_argument(
         "--sam-model", default="", help="the script's SAM model argument (not the scoring --sam)"
     )

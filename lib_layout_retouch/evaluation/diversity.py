@@ -178,35 +178,26 @@ class SamSubjectMasker:
         clip=None,
         points_per_side: int = 16,
     ) -> "SamSubjectMasker":
+        """SAM's automatic mask generator over `checkpoint`, read by the extension's one SAM loader
+        (`segmentation.load_sam`: weights only, never segment-anything's own unpickling loader)."""
         try:
-            from segment_anything import SamAutomaticMaskGenerator, sam_model_registry
+            from segment_anything import SamAutomaticMaskGenerator
         except ImportError:
             raise LayoutRetouchError(
                 "segment_anything is not installed: pip install segment-anything==1.0",
                 parameter="sam",
             ) from None
-        if not os.path.isfile(checkpoint):
-            raise LayoutRetouchError(
-                f"SAM checkpoint '{checkpoint}' does not exist.", parameter="sam"
-            )
-        model_type = model_type or next(
-            (t for t in ("vit_h", "vit_l", "vit_b") if t in os.path.basename(checkpoint)), None
-        )
-        if model_type not in ("vit_h", "vit_l", "vit_b"):
-            raise LayoutRetouchError(
-                f"Cannot tell the SAM model type of '{checkpoint}' from its name; pass --sam-type vit_h|vit_l|vit_b.",
-                parameter="sam_type",
-            )
+        from ..segmentation import load_sam
         from .models import resolve_device
 
         try:
-            sam = sam_model_registry[model_type](checkpoint=checkpoint)
-        except Exception as e:
+            sam = load_sam(checkpoint, model_type, resolve_device(device))
+        except LayoutRetouchError as e:  # named for the CLI: --sam FILE, --sam-type KIND
             raise LayoutRetouchError(
-                f"Could not load SAM {model_type} from '{checkpoint}' ({e}). Is --sam-type right?",
+                f"{e} (scoring: --sam is the checkpoint; --sam-type vit_h|vit_l|vit_b its kind, "
+                "when the file name does not say it)",
                 parameter="sam",
             ) from None
-        sam.to(resolve_device(device))
         return cls(SamAutomaticMaskGenerator(sam, points_per_side=points_per_side), clip=clip)
 
     def __call__(self, image: Image.Image, class_phrase: str = "") -> np.ndarray | None:

@@ -46,12 +46,20 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ..errors import LayoutRetouchError
+from ..masks import DEFAULT_CA_THRESHOLD
+from ..params import PERSONALIZATION_KINDS
+from ..schedule import (
+    PAPER_LAMBDA1,
+    PAPER_LAMBDA1_CHALLENGING,
+    PAPER_LAMBDA2,
+    PAPER_MASK_START,
+    PAPER_STEPS,
+)
 from .diversity import mask_path_for
 
 SCRIPT_TITLE = "Layout-and-Retouch"
 METHODS = ("off", "on")
 METHOD_LABELS = {"off": "Baseline (Layout-and-Retouch off)", "on": "Layout-and-Retouch (on)"}
-PERSONALIZATIONS = ("dreambooth", "textual_inversion", "lora")
 LIVE_CONCEPTS = (
     "black_cat",
     "brown_cat",
@@ -108,17 +116,17 @@ class RunSettings:
     n_prompts: int | None = None  # first K prompts of each list; None = all
     prompt_set: str = "normal"
     seed: int = 0  # seeds are seed, seed+1, ..., seed+n-1 for every prompt and both methods
-    steps: int = 50
+    steps: int = PAPER_STEPS
     cfg_scale: float = 7.5
     width: int = 512
     height: int = 512
     sampler: str = "DDIM"
     negative_prompt: str = ""
     methods: tuple = METHODS
-    lambda1: int | None = None  # None: 5 for normal prompts, 3 for challenging (paper)
-    lambda2: int = 10
-    mask_start: int = 31
-    ca_threshold: float = 0.1
+    lambda1: int | None = None  # None: the paper's, for normal or challenging prompts
+    lambda2: int = PAPER_LAMBDA2
+    mask_start: int = PAPER_MASK_START
+    ca_threshold: float = DEFAULT_CA_THRESHOLD
     sam_model: str = ""
     vanilla_checkpoint: str = ""
     max_reference_side: int = 1024  # the reference photo is downscaled to this before upload
@@ -152,7 +160,7 @@ class RunSettings:
     def effective_lambda1(self) -> int:
         if self.lambda1 is not None:
             return int(self.lambda1)
-        return 3 if self.prompt_set == "challenging" else 5
+        return PAPER_LAMBDA1_CHALLENGING if self.prompt_set == "challenging" else PAPER_LAMBDA1
 
 
 @dataclass
@@ -297,9 +305,9 @@ def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
                 folder, images[0]
             )  # imgs_source.txt names a file this copy lacks
         pers = str(merged.get("personalization", "dreambooth"))
-        if pers not in PERSONALIZATIONS:
+        if pers not in PERSONALIZATION_KINDS:
             raise LayoutRetouchError(
-                f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATIONS}.",
+                f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATION_KINDS}.",
                 parameter="concepts",
             )
         token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
@@ -775,6 +783,34 @@ def run_protocol(
     from tqdm import tqdm
 
     settings = settings or RunSettings()
+    _check_run_settings(settings, per_server)
+    clients = _clients_for(url, client)
+    concepts = load_concepts(concepts_path, vico_dir)
+    vico_dir = os.path.abspath(vico_dir)
+    out_dir = _make_out_dir(out_dir)
+    jobs = _plan_jobs(concepts, vico_dir, settings)
+    todo = [
+        j
+        for j in jobs
+        if not image_done(image_path(out_dir, j.method, j.spec.name, j.prompt_index, j.seed))
+    ]
+    summary = RunSummary(
+        out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo)
+    )
+    _check_run_file(out_dir, settings, concepts, vico_dir, [c.url for c in clients])
+    say = log or (lambda msg: tqdm.write(msg))
+    if not todo:
+        return summary
+    refs: dict[str, str] = {}  # every reference photo is checked before the first request
+    for spec in {j.spec.name: j.spec for j in todo if j.method == "on"}.values():
+        refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
+    servers = _probe_servers(clients, todo, summary, say)
+    sweep = _Sweep(settings, out_dir, refs, summary, servers, Dispatcher(todo, servers), say)
+    sweep.run(per_server, progress)
+    return summary
+
+
+def _check_run_settings(settings: RunSettings, per_server: int) -> None:
     if settings.n < 1:
         raise LayoutRetouchError("--n must be at least 1.", parameter="n")
     if per_server < 1:
@@ -793,14 +829,21 @@ def run_protocol(
             f"Unknown method(s) {bad} in --methods; use some of {','.join(METHODS)}.",
             parameter="methods",
         )
+
+
+def _clients_for(
+    url: str | Sequence[str], client: WebUIClient | Sequence[WebUIClient] | None
+) -> list[WebUIClient]:
     urls = [url] if isinstance(url, str) else list(url)
     clients = [client] if isinstance(client, WebUIClient) else list(client or [])
     if not clients:
         clients = [WebUIClient(u) for u in urls]
     if not clients or len({c.url for c in clients}) != len(clients):
         raise LayoutRetouchError("Give each WebUI once (--url).", parameter="url")
-    concepts = load_concepts(concepts_path, vico_dir)
-    vico_dir = os.path.abspath(vico_dir)
+    return clients
+
+
+def _make_out_dir(out_dir: str) -> str:
     out_dir = os.path.abspath(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -808,8 +851,13 @@ def run_protocol(
         raise LayoutRetouchError(
             f"Cannot create output folder {out_dir} ({e}).", parameter="out"
         ) from None
+    return out_dir
 
-    jobs: list[_Job] = []  # pairs of methods stay together
+
+def _plan_jobs(concepts: list[ConceptSpec], vico_dir: str, settings: RunSettings) -> list[_Job]:
+    """Every request of the sweep, in order: concept, prompt, seed, then method (a pair of methods
+    stays together)."""
+    jobs: list[_Job] = []
     for spec in concepts:
         prompts = read_prompts(vico_dir, spec.live, settings.prompt_set)
         if settings.n_prompts is not None:
@@ -818,22 +866,14 @@ def run_protocol(
             for k in range(settings.n):
                 for method in settings.methods:
                     jobs.append(_Job(len(jobs), spec, pi, template, settings.seed + k, method))
-    todo = [
-        j
-        for j in jobs
-        if not image_done(image_path(out_dir, j.method, j.spec.name, j.prompt_index, j.seed))
-    ]
-    summary = RunSummary(
-        out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo)
-    )
-    _check_run_file(out_dir, settings, concepts, vico_dir, [c.url for c in clients])
-    say = log or (lambda msg: tqdm.write(msg))
-    if not todo:
-        return summary
-    refs: dict[str, str] = {}  # every reference photo is checked before the first request
-    for spec in {j.spec.name: j.spec for j in todo if j.method == "on"}.values():
-        refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
+    return jobs
 
+
+def _probe_servers(
+    clients: list[WebUIClient], todo: list[_Job], summary: RunSummary, say: Callable[[str], None]
+) -> list[_Server]:
+    """The WebUIs that answer, each knowing whether it has the script; one that does not answer is
+    left out (an error when it is the only one)."""
     servers = []
     for c in clients:
         try:
@@ -868,38 +908,144 @@ def run_protocol(
             f"--api, check --url, then run again.",
             parameter="url",
         )
+    return servers
 
-    dispatcher = Dispatcher(todo, servers)
-    lock = threading.Lock()  # summary, bar, `fatal`
-    fatal: list[Exception] = []
-    bar = tqdm(
-        total=len(jobs),
-        initial=summary.skipped,
-        desc="txt2img",
-        unit="img",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
-    bar.set_postfix_str(f"{len(servers)} WebUI(s)")
 
-    def saved() -> str:
+class _Sweep:
+    """The requests of one run in flight: worker threads (`per_server` per WebUI) take jobs from
+    the dispatcher, save each image with its sidecar, and drop a WebUI that stops answering."""
+
+    def __init__(self, settings, out_dir, refs, summary, servers, dispatcher, say):
+        self.settings = settings
+        self.out_dir = out_dir
+        self.refs = refs  # concept name -> its reference photo, base64
+        self.summary = summary
+        self.servers = servers
+        self.dispatcher = dispatcher
+        self.say = say
+        self.lock = threading.Lock()  # summary, bar, `fatal`
+        self.fatal: list[BaseException] = []
+        self.bar = None
+
+    def run(self, per_server: int, progress: bool) -> None:
+        from tqdm import tqdm
+
+        summary = self.summary
+        self.bar = tqdm(
+            total=summary.total,
+            initial=summary.skipped,
+            desc="txt2img",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        self.bar.set_postfix_str(f"{len(self.servers)} WebUI(s)")
+        threads = [
+            threading.Thread(
+                target=self.work, args=(srv,), name=f"txt2img {srv.client.url} #{i}", daemon=True
+            )
+            for srv in self.servers
+            for i in range(per_server)
+        ]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            self.dispatcher.stop()  # requests in flight finish (or not); every file written is whole
+            raise
+        finally:
+            self.bar.close()
+        if self.fatal:
+            raise self.fatal[0]
+        self._raise_if_unfinished()
+
+    def _raise_if_unfinished(self) -> None:
+        if not self.dispatcher.pending():
+            return
+        errors = [s.error for s in self.servers if s.error]
+        if len(self.servers) == 1:
+            what = (
+                f"The WebUI failed on {errors[0].split(' failed on ', 1)[1]}"
+                if errors
+                else "The WebUI stopped"
+            )
+        else:
+            what = f"All {len(self.servers)} WebUIs stopped answering ({'; '.join(errors)})"
+        raise LayoutRetouchError(f"{what}. {self.saved()}.", parameter="url")
+
+    def saved(self) -> str:
+        s = self.summary
         return (
-            f"{summary.skipped + summary.generated} of {summary.total} images are saved in {out_dir}; run the same "
+            f"{s.skipped + s.generated} of {s.total} images are saved in {self.out_dir}; run the same "
             f"command again to resume (or `score` to score what is there)"
         )
 
-    def webui(server: _Server) -> str:
-        return "The WebUI" + (f" at {server.client.url}" if len(servers) > 1 else "")
+    def webui(self, server: _Server) -> str:
+        return "The WebUI" + (f" at {server.client.url}" if len(self.servers) > 1 else "")
 
-    def one(server: _Server, job: _Job) -> None:
-        spec = job.spec
+    def work(self, server: _Server) -> None:
+        dispatcher = self.dispatcher
+        while True:
+            job = dispatcher.take(server)
+            if job is None:
+                return
+            try:
+                self.one(server, job)
+            except WebUIError as e:
+                dispatcher.finish(job, done=False)
+                self._webui_failed(server, job, e)
+                return
+            except BaseException as e:  # a wrong setup (no LR marker) or a bug: stop everything
+                dispatcher.finish(job, done=False)
+                with self.lock:
+                    self.fatal.append(e)
+                dispatcher.stop()
+                return
+            dispatcher.finish(job, done=True)
+            with self.lock:
+                server.served += 1
+                self.summary.generated += 1
+                self.bar.update(1)
+
+    def _webui_failed(self, server: _Server, job: _Job, e: WebUIError) -> None:
+        """A wrong request (4xx) stops the run: every server would say the same. A server that
+        stops answering is dropped; its requests go to the others."""
+        with self.lock:
+            if not e.transient:
+                self.fatal.append(
+                    LayoutRetouchError(
+                        f"{self.webui(server)} failed on {job.describe()}: {e.args[0]}. {self.saved()}.",
+                        parameter="url",
+                    )
+                )
+                self.dispatcher.stop()
+                return
+            if server.alive:
+                server.alive = False
+                server.error = f"{server.client.url} failed on {job.describe()}: {e.args[0]}"
+                left = sum(s.alive for s in self.servers)
+                self.bar.set_postfix_str(f"{left} WebUI(s)")
+                if left:
+                    self.say(
+                        f"{server.client.url} stopped answering ({e.args[0]}); its requests go to the other "
+                        f"{left} WebUI(s)."
+                    )
+        with self.dispatcher.cond:
+            self.dispatcher.cond.notify_all()
+
+    def one(self, server: _Server, job: _Job) -> None:
+        """One request: the image, its sidecar and the pipeline's mask, written atomically."""
+        spec, settings = job.spec, self.settings
         payload = build_payload(
             spec,
             job.template,
             job.seed,
             job.method,
             settings,
-            refs.get(spec.name, ""),
+            self.refs.get(spec.name, ""),
             include_script=server.has_script,
         )
         reply = server.client.txt2img(payload)
@@ -907,20 +1053,8 @@ def run_protocol(
         info = _parse_info(reply)
         infotexts = info.get("infotexts") or []
         infotext = infotexts[0] if infotexts else str(info.get("raw", ""))
-        script_ran = None
-        if job.method == "on" and settings.on_marker:
-            script_ran = settings.on_marker.lower() in infotext.lower()
-            if not script_ran:
-                raise LayoutRetouchError(
-                    f"{webui(server)} answered {spec.name} / prompt {job.prompt_index} / seed {job.seed} / on with an "
-                    f"image whose infotext has no '{settings.on_marker}': Layout-and-Retouch did not run "
-                    f"(the WebUI hides script errors; its console says why, e.g. a wrong "
-                    f"vanilla_checkpoint). That image was not saved; "
-                    f"{summary.skipped + summary.generated} of {summary.total} are in {out_dir}. "
-                    f"Fix the concept file and run again (--on-marker '' turns this check off).",
-                    parameter="concepts",
-                )
-        path = image_path(out_dir, job.method, spec.name, job.prompt_index, job.seed)
+        script_ran = self._check_script_ran(server, job, infotext)
+        path = image_path(self.out_dir, job.method, spec.name, job.prompt_index, job.seed)
         sidecar = {
             "concept": spec.name,
             "method": job.method,
@@ -947,82 +1081,21 @@ def run_protocol(
             _atomic_write(mask_path_for(path), mask)
         _atomic_write(path, data)  # last: the image's presence is what "done" means
 
-    def work(server: _Server) -> None:
-        while True:
-            job = dispatcher.take(server)
-            if job is None:
-                return
-            try:
-                one(server, job)
-            except WebUIError as e:
-                dispatcher.finish(job, done=False)
-                with lock:
-                    if not e.transient:  # a wrong request (4xx): every server would say the same
-                        fatal.append(
-                            LayoutRetouchError(
-                                f"{webui(server)} failed on {job.describe()}: {e.args[0]}. {saved()}.",
-                                parameter="url",
-                            )
-                        )
-                        dispatcher.stop()
-                        return
-                    if server.alive:
-                        server.alive = False
-                        server.error = (
-                            f"{server.client.url} failed on {job.describe()}: {e.args[0]}"
-                        )
-                        left = sum(s.alive for s in servers)
-                        bar.set_postfix_str(f"{left} WebUI(s)")
-                        if left:
-                            say(
-                                f"{server.client.url} stopped answering ({e.args[0]}); its requests go to the other "
-                                f"{left} WebUI(s)."
-                            )
-                with dispatcher.cond:
-                    dispatcher.cond.notify_all()
-                return
-            except BaseException as e:  # a wrong setup (no LR marker) or a bug: stop everything
-                dispatcher.finish(job, done=False)
-                with lock:
-                    fatal.append(e)
-                dispatcher.stop()
-                return
-            dispatcher.finish(job, done=True)
-            with lock:
-                server.served += 1
-                summary.generated += 1
-                bar.update(1)
-
-    threads = [
-        threading.Thread(
-            target=work, args=(srv,), name=f"txt2img {srv.client.url} #{i}", daemon=True
+    def _check_script_ran(self, server: _Server, job: _Job, infotext: str) -> bool | None:
+        """For an "on" image: whether the infotext carries the marker (None when not checked);
+        without it the script did not run and the run stops."""
+        marker = self.settings.on_marker
+        if job.method != "on" or not marker:
+            return None
+        if marker.lower() in infotext.lower():
+            return True
+        s = self.summary
+        raise LayoutRetouchError(
+            f"{self.webui(server)} answered {job.spec.name} / prompt {job.prompt_index} / seed {job.seed} / on with an "
+            f"image whose infotext has no '{marker}': Layout-and-Retouch did not run "
+            f"(the WebUI hides script errors; its console says why, e.g. a wrong "
+            f"vanilla_checkpoint). That image was not saved; "
+            f"{s.skipped + s.generated} of {s.total} are in {self.out_dir}. "
+            f"Fix the concept file and run again (--on-marker '' turns this check off).",
+            parameter="concepts",
         )
-        for srv in servers
-        for i in range(per_server)
-    ]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
-    except KeyboardInterrupt:
-        dispatcher.stop()  # requests in flight finish (or not); every file written is whole
-        raise
-    finally:
-        bar.close()
-    if fatal:
-        raise fatal[0]
-    left = dispatcher.pending()
-    if left:
-        errors = [s.error for s in servers if s.error]
-        if len(servers) == 1:
-            what = (
-                f"The WebUI failed on {errors[0].split(' failed on ', 1)[1]}"
-                if errors
-                else "The WebUI stopped"
-            )
-        else:
-            what = f"All {len(servers)} WebUIs stopped answering ({'; '.join(errors)})"
-        raise LayoutRetouchError(f"{what}. {saved()}.", parameter="url")
-    return summary

@@ -187,11 +187,65 @@ def score_run(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> ScoreReport:
+    """Score every image of a run folder: per prompt, per concept, per method, and the heat maps."""
     from tqdm import tqdm
 
-    from .models import list_images, load_image
-
     options = options or ScoreOptions()
+    _check_options(options)
+    say = log or (lambda m: tqdm.write(m))
+    out_dir = os.path.abspath(out_dir)
+    notes: list[str] = []
+    records = _records_to_score(out_dir, vico_dir, options, say, notes)
+    tally = _Tally(ref_emb=_reference_embeddings(records, scorers))
+    groups: dict[tuple[str, str], list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        groups[(r.method, r.concept)].append(r)
+    bar = tqdm(total=len(records), desc="scoring", unit="img", disable=not progress)
+    for (method, concept), recs in sorted(
+        groups.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][1])
+    ):
+        _score_concept(method, concept, recs, scorers, options, out_dir, tally, bar)
+    bar.close()
+    if tally.unreadable:
+        notes.append(
+            f"{len(tally.unreadable)} unreadable image(s) were skipped (delete them and rerun `run` to remake "
+            f"them): " + "; ".join(tally.unreadable[:3])
+        )
+    heatmaps = {
+        method: diversity.save_heatmap_png(
+            pts,
+            os.path.join(out_dir, "heatmaps", f"{method}.png"),
+            title=f"{METHOD_LABELS.get(method, method)}, pooled",
+            sigma=options.heatmap_sigma,
+        )
+        for method, pts in tally.centres_by_method.items()
+    }
+    notes.extend(_mask_notes(tally.mask_sources))
+    notes.extend(f"{k} n/a: {v}" for k, v in scorers.reasons.items())
+    return ScoreReport(
+        rows=_method_rows(tally.per_concept, options),
+        per_concept=tally.per_concept,
+        per_prompt=tally.per_prompt,
+        notes=notes,
+        heatmaps=heatmaps,
+        options=options,
+    )
+
+
+@dataclass
+class _Tally:
+    """What scoring gathers over the (method, concept) groups."""
+
+    ref_emb: dict  # reference folder -> {"dino": embeddings or None, "clip": ...}
+    text_cache: dict = field(default_factory=dict)  # T_CLIP text -> its CLIP embedding
+    per_prompt: list = field(default_factory=list)
+    per_concept: list = field(default_factory=list)
+    centres_by_method: dict = field(default_factory=lambda: defaultdict(list))
+    mask_sources: dict = field(default_factory=lambda: defaultdict(int))
+    unreadable: list = field(default_factory=list)
+
+
+def _check_options(options: ScoreOptions) -> None:
     if options.tclip_mode not in TCLIP_MODES:
         raise LayoutRetouchError(
             f"Unknown T_CLIP mode '{options.tclip_mode}'; use one of {TCLIP_MODES}.",
@@ -202,10 +256,11 @@ def score_run(
             f"Unknown centre mode '{options.centre_mode}'; use one of {diversity.CENTRE_MODES}.",
             parameter="centre",
         )
-    say = log or (lambda m: tqdm.write(m))
-    out_dir = os.path.abspath(out_dir)
+
+
+def _records_to_score(out_dir, vico_dir, options, say, notes) -> list[ImageRecord]:
+    """The run's images (paired across methods unless --unpaired); warnings said, notes added."""
     records, warnings = collect_records(out_dir, vico_dir)
-    notes: list[str] = []
     if options.paired and len({r.method for r in records}) > 1:
         records, dropped = pair_records(records)
         if dropped:
@@ -215,8 +270,13 @@ def score_run(
             )
     for w in warnings:
         say(w)
+    return records
 
-    # Reference embeddings: all photos of each concept's folder ({I_r^m}, m = 1..M).
+
+def _reference_embeddings(records: list[ImageRecord], scorers: Scorers) -> dict:
+    """All photos of each concept's folder ({I_r^m}, m = 1..M), embedded once."""
+    from .models import list_images, load_image
+
     ref_emb: dict[str, dict[str, object]] = {}
     for folder in sorted({r.folder for r in records}):
         if not os.path.isdir(folder):
@@ -231,108 +291,102 @@ def score_run(
             "dino": scorers.dino.embed_images(photos) if scorers.dino else None,
             "clip": scorers.clip.embed_images(photos) if scorers.clip else None,
         }
+    return ref_emb
 
-    groups: dict[tuple[str, str], list[ImageRecord]] = defaultdict(list)
-    for r in records:
-        groups[(r.method, r.concept)].append(r)
-    text_cache: dict[str, object] = {}
-    per_prompt, per_concept = [], []
-    centres_by_method: dict[str, list] = defaultdict(list)
-    mask_sources: dict[str, int] = defaultdict(int)
-    unreadable = []
-    bar = tqdm(total=len(records), desc="scoring", unit="img", disable=not progress)
-    for (method, concept), recs in sorted(
-        groups.items(), key=lambda kv: (_rank(kv[0][0]), kv[0][1])
-    ):
-        recs = sorted(
-            recs, key=lambda r: (r.prompt_index, r.seed if r.seed is not None else -1, r.path)
+
+def _score_concept(method, concept, recs, scorers, options, out_dir, tally, bar) -> None:
+    """One (method, concept) group: its prompt rows, its concept row, its centres and heat map."""
+    from .models import load_image
+
+    recs = sorted(
+        recs, key=lambda r: (r.prompt_index, r.seed if r.seed is not None else -1, r.path)
+    )
+    images, kept = [], []
+    for r in recs:
+        try:
+            images.append(load_image(r.path))
+            kept.append(r)
+        except LayoutRetouchError as e:
+            tally.unreadable.append(str(e))
+        bar.update(1)
+    if not kept:
+        return
+    prompt_rows = _prompt_rows(method, concept, kept, images, scorers, options, tally)
+    tally.per_prompt.extend(prompt_rows)
+    crow = {"method": method, "concept": concept, "images": len(kept), "prompts": len(prompt_rows)}
+    for col in ("I_DINO", "I_CLIP", "T_CLIP_class", "T_CLIP_keep", "ImageReward"):
+        crow[col] = nanmean([p[col] for p in prompt_rows])
+    if scorers.inception is not None:
+        crow["IS"], crow["IS_std"] = inception_score(
+            scorers.inception.probs(images), options.is_splits
         )
-        images, kept = [], []
-        for r in recs:
-            try:
-                images.append(load_image(r.path))
-                kept.append(r)
-            except LayoutRetouchError as e:
-                unreadable.append(str(e))
-            bar.update(1)
-        if not kept:
-            continue
-        dino = scorers.dino.embed_images(images) if scorers.dino else None
-        clip = scorers.clip.embed_images(images) if scorers.clip else None
-        refs = ref_emb[kept[0].folder]
-        by_prompt: dict[tuple[int, str], list[int]] = defaultdict(list)
-        for i, r in enumerate(kept):
-            by_prompt[(r.prompt_index, r.template)].append(i)
-        prompt_rows = []
-        for (pi, template), idx in sorted(by_prompt.items()):
-            row = {
-                "method": method,
-                "concept": concept,
-                "prompt_index": pi,
-                "template": template,
-                "images": len(idx),
-                "I_DINO": mean_cosine(refs["dino"], dino[idx])
-                if dino is not None
-                else float("nan"),
-                "I_CLIP": mean_cosine(refs["clip"], clip[idx])
-                if clip is not None
-                else float("nan"),
-            }
-            for mode in TCLIP_MODES:
-                text = tclip_text(template, kept[idx[0]].class_phrase, mode)
-                if clip is not None and text not in text_cache:
-                    text_cache[text] = scorers.clip.embed_texts([text])
-                row[f"T_CLIP_{mode}"] = (
-                    mean_cosine(text_cache[text], clip[idx]) if clip is not None else float("nan")
-                )
-            if scorers.image_reward is not None:
-                text = tclip_text(template, kept[idx[0]].class_phrase, options.tclip_mode)
-                row["ImageReward"] = nanmean(scorers.image_reward(text, [images[i] for i in idx]))
-            else:
-                row["ImageReward"] = float("nan")
-            prompt_rows.append(row)
-        per_prompt.extend(prompt_rows)
+        crow["IS_splits"] = effective_splits(len(images), options.is_splits)
+    else:
+        crow["IS"], crow["IS_std"], crow["IS_splits"] = float("nan"), float("nan"), 0
+    centres = _centres(kept, images, scorers, options, tally.mask_sources)
+    crow["centres"] = len(centres)
+    crow["sigma2_avg"] = diversity.sigma2_avg(centres) if len(centres) >= 2 else float("nan")
+    if centres:
+        tally.centres_by_method[method].extend(centres)
+        diversity.save_heatmap_png(
+            centres,
+            os.path.join(out_dir, "heatmaps", f"{method}__{concept}.png"),
+            title=f"{METHOD_LABELS.get(method, method)} / {concept}",
+            sigma=options.heatmap_sigma,
+        )
+    tally.per_concept.append(crow)
 
-        crow = {
+
+def _prompt_rows(method, concept, kept, images, scorers, options, tally) -> list[dict]:
+    """I_DINO, I_CLIP, T_CLIP (both modes) and ImageReward of each prompt's images."""
+    dino = scorers.dino.embed_images(images) if scorers.dino else None
+    clip = scorers.clip.embed_images(images) if scorers.clip else None
+    refs = tally.ref_emb[kept[0].folder]
+    by_prompt: dict[tuple[int, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(kept):
+        by_prompt[(r.prompt_index, r.template)].append(i)
+    rows = []
+    for (pi, template), idx in sorted(by_prompt.items()):
+        row = {
             "method": method,
             "concept": concept,
-            "images": len(kept),
-            "prompts": len(prompt_rows),
+            "prompt_index": pi,
+            "template": template,
+            "images": len(idx),
+            "I_DINO": mean_cosine(refs["dino"], dino[idx]) if dino is not None else float("nan"),
+            "I_CLIP": mean_cosine(refs["clip"], clip[idx]) if clip is not None else float("nan"),
         }
-        for col in ("I_DINO", "I_CLIP", "T_CLIP_class", "T_CLIP_keep", "ImageReward"):
-            crow[col] = nanmean([p[col] for p in prompt_rows])
-        if scorers.inception is not None:
-            crow["IS"], crow["IS_std"] = inception_score(
-                scorers.inception.probs(images), options.is_splits
+        class_phrase = kept[idx[0]].class_phrase
+        for mode in TCLIP_MODES:
+            text = tclip_text(template, class_phrase, mode)
+            if clip is not None and text not in tally.text_cache:
+                tally.text_cache[text] = scorers.clip.embed_texts([text])
+            row[f"T_CLIP_{mode}"] = (
+                mean_cosine(tally.text_cache[text], clip[idx]) if clip is not None else float("nan")
             )
-            crow["IS_splits"] = effective_splits(len(images), options.is_splits)
+        if scorers.image_reward is not None:
+            text = tclip_text(template, class_phrase, options.tclip_mode)
+            row["ImageReward"] = nanmean(scorers.image_reward(text, [images[i] for i in idx]))
         else:
-            crow["IS"], crow["IS_std"], crow["IS_splits"] = float("nan"), float("nan"), 0
-        centres = []
-        for r, img in zip(kept, images):
-            mask, source = diversity.subject_mask(r.path, img, r.class_phrase, scorers.sam)
-            mask_sources[source] += 1
-            c = diversity.mask_centre(mask, options.centre_mode) if mask is not None else None
-            if c is not None:
-                centres.append(c)
-        crow["centres"] = len(centres)
-        crow["sigma2_avg"] = diversity.sigma2_avg(centres) if len(centres) >= 2 else float("nan")
-        if centres:
-            centres_by_method[method].extend(centres)
-            diversity.save_heatmap_png(
-                centres,
-                os.path.join(out_dir, "heatmaps", f"{method}__{concept}.png"),
-                title=f"{METHOD_LABELS.get(method, method)} / {concept}",
-                sigma=options.heatmap_sigma,
-            )
-        per_concept.append(crow)
-    bar.close()
-    if unreadable:
-        notes.append(
-            f"{len(unreadable)} unreadable image(s) were skipped (delete them and rerun `run` to remake "
-            f"them): " + "; ".join(unreadable[:3])
-        )
+            row["ImageReward"] = float("nan")
+        rows.append(row)
+    return rows
 
+
+def _centres(kept, images, scorers, options, mask_sources) -> list:
+    """The subject centre of each image that has a subject mask (its source counted)."""
+    centres = []
+    for r, img in zip(kept, images):
+        mask, source = diversity.subject_mask(r.path, img, r.class_phrase, scorers.sam)
+        mask_sources[source] += 1
+        c = diversity.mask_centre(mask, options.centre_mode) if mask is not None else None
+        if c is not None:
+            centres.append(c)
+    return centres
+
+
+def _method_rows(per_concept: list[dict], options: ScoreOptions) -> list[dict]:
+    """One row per method: the means over its concepts (the paper's table)."""
     rows = []
     for method in _method_order({c["method"] for c in per_concept}):
         cs = [c for c in per_concept if c["method"] == method]
@@ -357,31 +411,18 @@ def score_run(
         row["IS_splits"] = min((c["IS_splits"] for c in cs), default=0)
         row["centres"] = sum(c["centres"] for c in cs)
         rows.append(row)
+    return rows
 
-    heatmaps = {}
-    for method, pts in centres_by_method.items():
-        heatmaps[method] = diversity.save_heatmap_png(
-            pts,
-            os.path.join(out_dir, "heatmaps", f"{method}.png"),
-            title=f"{METHOD_LABELS.get(method, method)}, pooled",
-            sigma=options.heatmap_sigma,
-        )
+
+def _mask_notes(mask_sources: dict) -> list[str]:
     if mask_sources.get("none") and not (mask_sources.get("png") or mask_sources.get("sam")):
-        notes.append(
+        return [
             "σ²_avg n/a: no subject masks. Pass --sam <SAM checkpoint>, or save <image>.mask.png beside "
             "each image."
-        )
-    elif mask_sources.get("none"):
-        notes.append(f"σ²_avg: {mask_sources['none']} image(s) had no mask and were left out.")
-    notes.extend(f"{k} n/a: {v}" for k, v in scorers.reasons.items())
-    return ScoreReport(
-        rows=rows,
-        per_concept=per_concept,
-        per_prompt=per_prompt,
-        notes=notes,
-        heatmaps=heatmaps,
-        options=options,
-    )
+        ]
+    if mask_sources.get("none"):
+        return [f"σ²_avg: {mask_sources['none']} image(s) had no mask and were left out."]
+    return []
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -19,7 +19,7 @@ from PIL import Image
 
 SCRIPT = "Layout-and-Retouch"
 LOG_PREFIX = "[Layout-and-Retouch]"
-# Order of the positional form = order of the named parameters in the API contract (issue 3).
+# Order of the positional form = order of the named parameters in the API contract (README.md, "API").
 ARG_ORDER = (
     "enabled",
     "reference_image",
@@ -204,13 +204,16 @@ def error_text(res: Result) -> str:
 
 
 def assert_error_names(res: Result, *names: str) -> None:
-    """An HTTP error (4xx/5xx) whose body names the parameter (any of `names`; `_`/space-insensitive)."""
+    """An HTTP error (4xx/5xx) whose body names the parameter: one of `names` (its API key or the
+    words for it: aliases of ONE parameter), compared case- and `_`/space-insensitively."""
     assert res.status >= 400, f"expected an HTTP error naming {names}, got {res.describe()}"
-    text = error_text(res).lower()
-    flat = text.replace(" ", "_")
-    assert any(n.lower() in text or n.lower().replace(" ", "_") in flat for n in names), (
-        f"error does not name {names}: {text[:1000]}"
-    )
+    text = _flat(error_text(res))
+    assert any(_flat(n) in text for n in names), f"error does not name {names}: {text[:1000]}"
+
+
+def _flat(text: str) -> str:
+    """Lower case with spaces as underscores: "Concept token" and "concept_token" read the same."""
+    return text.lower().replace(" ", "_")
 
 
 def assert_retouched(res: Result) -> dict:
@@ -223,7 +226,25 @@ def assert_retouched(res: Result) -> dict:
 
 
 def differs(a: np.ndarray, b: np.ndarray) -> bool:
+    """Any difference at all (one pixel by one level is enough): for "something happened" checks
+    where `changed` is too strict; as evidence of an effect, prefer `changed`."""
     return a.shape != b.shape or not np.array_equal(a, b)
+
+
+# A measurable change: the mean |Δ| over every pixel and channel, in 8-bit levels. One pixel of a
+# 64×64 image, even changed from black to white, moves it by at most 255 / (64·64) ≈ 0.06.
+MEASURABLE = 0.5
+
+
+def mean_change(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |a − b| over every pixel and channel, in 8-bit levels (0 … 255)."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def changed(a: np.ndarray, b: np.ndarray, at_least: float = MEASURABLE) -> bool:
+    """The images differ measurably (`MEASURABLE`), not by a stray pixel."""
+    return mean_change(a, b) >= at_least
 
 
 # ---------------------------------------------------------------- reference images (deterministic)
@@ -393,7 +414,7 @@ def interrupt_during_retouch(url: str, body: dict, at: float = 0.6, interval: fl
     return txt2img_while_polling(url, body, poll, interval=interval), hit, seen
 
 
-# ---------------------------------------------------------------- img2img / inpaint (issue 12)
+# ---------------------------------------------------------------- img2img / inpaint
 
 
 def img2img(url: str, body: dict, timeout: float = 600) -> Result:

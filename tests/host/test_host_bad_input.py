@@ -1,4 +1,4 @@
-"""Bad and unusual input through the API (issue 3 "Bad input").
+"""Bad and unusual input through the API.
 
 Refused input must fail the request with an HTTP error whose body names the parameter (never a
 silently un-retouched 200); unusual-but-usable references must work and say what was done in an

@@ -1,4 +1,4 @@
-"""The browser tier (issue 10): the extension as a person meets it, in headless Chromium (Debian's
+"""The browser tier: the extension as a person meets it, in headless Chromium (Debian's
 package, driven by Playwright) against a real WebUI started WITH its UI (`webui_ui` in conftest).
 
 Skipped with the reason when Playwright or Chromium is missing. Every check is on what the page
@@ -369,7 +369,7 @@ def test_send_to_txt2img_from_png_info_asks_for_the_photo_again(page, webui_ui, 
     assert header_checkbox(page).is_checked()
 
 
-# ---------------------------------------------------------------- img2img (issue 12)
+# ---------------------------------------------------------------- img2img
 ISID = "script_img2img_layoutandretouch_"
 
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol runner (issue 5) against the live WebUI: 2 ViCo concepts × 2 prompts ×
+"""The evaluation protocol runner against the live WebUI: 2 ViCo concepts × 2 prompts ×
 2 seeds, Layout-and-Retouch on and off, then scored with tiny random-weight metric models.
 The numbers are meaningless (random weights everywhere); the plumbing is what this checks."""
 

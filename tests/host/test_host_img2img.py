@@ -1,4 +1,4 @@
-"""img2img, inpaint and several reference photos in the real WebUI (issue 12), SD1.
+"""img2img, inpaint and several reference photos in the real WebUI, SD1.
 
 Defaults as the txt2img tests (DreamBooth, tiny-personal vs tiny-vanilla, λ1=2, λ2=3, mask start 6
 taken literally); the input is `H.input_rgb()`, denoising strength 0.75 (8 steps → img2img runs

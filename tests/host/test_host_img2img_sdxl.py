@@ -1,4 +1,4 @@
-"""img2img, inpaint and several reference photos with the tiny SDXL model (issue 12): the same
+"""img2img, inpaint and several reference photos with the tiny SDXL model: the same
 contract as `test_host_img2img.py` on SDXL (its module fixture `sdxl_model` loads tiny-xl-personal
 and the SD1 model again afterwards)."""
 

@@ -1,4 +1,4 @@
-"""50 enabled generations in a row leave the WebUI's memory flat (issue 3 "Tests").
+"""50 enabled generations in a row leave the WebUI's memory flat.
 
 RSS of the server process (/proc/<pid>/status VmRSS) after each generation. The references rotate
 through REFERENCES different images, more than the reference-inversion cache keeps (default 4), so the

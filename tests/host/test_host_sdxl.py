@@ -1,4 +1,4 @@
-"""Layout-and-Retouch on SDXL inside a live WebUI (issue 9 "Tests", host part).
+"""Layout-and-Retouch on SDXL inside a live WebUI.
 
 The same host checks as on SD1, with the tiny SDXL models of `tiny_checkpoints.py` (sgm
 DiffusionEngine, loaded by the WebUI as SDXL): the module switches the WebUI's model to

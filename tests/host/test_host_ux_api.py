@@ -1,4 +1,4 @@
-"""The WebUI experience through the API (issue 10): no `LR ` leaks, sweeps that tell the truth, axis
+"""The WebUI experience through the API: no `LR ` leaks, sweeps that tell the truth, axis
 values refused before a grid starts, one-line refusals, one progress bar, labelled intermediates.
 
 As everywhere in this tier: assertions are on what only a working run produces (infotext keys, cells

@@ -1,4 +1,4 @@
-"""The Forge browser check (issue 13): the extension's UI in Forge's real page (gradio 4.40; A1111 has
+"""The Forge browser check: the extension's UI in Forge's real page (gradio 4.40; A1111 has
 3.41), in headless Chromium (Debian's package) driven by Playwright, as tests/host/test_host_browser.py
 does for A1111.
 

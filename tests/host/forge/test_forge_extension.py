@@ -1,4 +1,4 @@
-"""The extension in Forge (issue 13): the A1111 tier's checks, on full-size random SD1.5 weights.
+"""The extension in Forge: the A1111 tier's checks, on full-size random SD1.5 weights.
 
 Enabled vs plain, plain bit-identical before/after an enabled run and after failures, the vanilla
 switch (log line at λ1+1, and the vanilla weights matter), LoRA off for the vanilla steps and restored,
@@ -176,7 +176,7 @@ def test_forge_interrupt_mid_retouch_leaves_nothing_patched(webui, lr, plain_bef
 
 
 def test_forge_img2img_and_inpaint_retouch_and_keep_the_outside(webui, lr):
-    """img2img (issue 12) in Forge: retouched over the steps run, and a plain img2img right after is
+    """img2img in Forge: retouched over the steps run, and a plain img2img right after is
     bit-identical; inpaint keeps the input's pixels outside the mask. (Forge's VAE encode and its
     inpaint step draw from the global RNG, so the bit-identity check comes before any inpaint run.)"""
     plain = H.img2img(webui.url, H.img2img_body())

@@ -1,5 +1,5 @@
 """The Forge tier's smoke checks: Forge itself on the forge-* models, the extension loaded and inert
-when disabled, and (xfail until the Forge adapter lands, issue 13) an enabled run.
+when disabled, and an enabled DreamBooth run that retouches.
 
 Each check asserts on what only a working run produces (pixels, infotext keys), never on HTTP 200
 alone. A 64×64, 8-step DDIM image takes seconds here (full-size SD1.5 weights, fp32 on the CPU).
