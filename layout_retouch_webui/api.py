@@ -114,6 +114,12 @@ def refuse(p, err: LayoutRetouchError) -> None:
         return
     p.comment(ui_text.refusal(str(err)))
     p.n_iter = 0  # process_images' batch loop runs no batch: nothing is sampled, nothing is raised
+    p.init = _skip_init  # nor is img2img's input encoded (it draws from the global torch RNG)
+
+
+def _skip_init(*args, **kwargs) -> None:
+    """`p.init` of a refused generation: it runs before the batch loop, and img2img's encodes the
+    input with a draw from the global torch RNG, which would change the next img2img with that seed."""
 
 
 def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
@@ -124,6 +130,10 @@ def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
     def sample(*args, **kwargs):
         raise exc
 
+    # `p.init` is the first thing the WebUI runs after the scripts' `process`: raising there stops
+    # the generation before any compute (img2img's init encodes the input with a draw from the
+    # global torch RNG; the next img2img with the same seed would differ).
+    p.init = sample
     p.sample = sample
 
 
@@ -144,6 +154,7 @@ def fail_internal(p, exc: Exception) -> None:
             raise HTTPException(status_code=500, detail=message)
         raise RuntimeError(message)
 
+    p.init = sample  # before any compute, as for a refusal
     p.sample = sample
 
 

@@ -652,7 +652,7 @@ class LayoutRetouchParams:
             ):
                 continue  # DreamBooth-only and unused for Textual Inversion / LoRA: not part of the record
             info[f.infotext_key] = _format_infotext(f, value)
-        info["LR steps used"] = self.schedule(steps).describe()
+        info["LR steps used"] = self.schedule(steps).describe(stage1=self.runs_stage1)
         if mask_kind:
             info["LR mask"] = mask_kind
         if self.references:

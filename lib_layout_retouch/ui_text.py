@@ -22,6 +22,11 @@ ADVANCED = (
     "stage1_text_encoder",
 )
 
+PANEL_INTRO = (
+    "Vanilla model draws the layout, your subject is retouched in from its photo (up to 4) "
+    "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
+    "the paper used **DDIM**."
+)
 ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
 GUESS_LABEL = "Guess"
@@ -90,6 +95,16 @@ def photo_notice(fingerprint: Optional[str]) -> str:
     return (
         f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
         "Layout-and-Retouch on and restore every control except the photo, which no image stores."
+    )
+
+
+def input_source_in_txt2img() -> str:
+    """Pasted into txt2img from an image made with img2img's layout source 'input'."""
+    f = FIELD_BY_NAME["layout_source"]
+    labels = dict(zip(f.choices, f.choice_labels))
+    return (
+        f"⚠ The image's “{f.label}” was “{labels['input']}”, which only img2img has: txt2img "
+        f"uses “{labels[f.default]}” instead (send the image to img2img to retouch it as it is)."
     )
 
 
