@@ -8,6 +8,8 @@ gallery, and the generation computes nothing.
 
 from __future__ import annotations
 
+import os
+
 from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams
@@ -85,13 +87,27 @@ def with_more_photos(p, params: LayoutRetouchParams, more) -> LayoutRetouchParam
         )
     photos = []
     for i, item in enumerate(items):
+        path = _upload_path(item)
+        name = os.path.basename(
+            str(getattr(item, "orig_name", None) or path)
+        )  # never a server path
         try:
-            with Image.open(_upload_path(item)) as img:
+            if os.path.getsize(path) == 0:
+                # gradio sends a file whose upload has not finished as an empty one
+                raise LayoutRetouchError(
+                    f"{ui_text.MORE_PHOTOS_UPLOADING} ('{name}' has not arrived yet)",
+                    parameter="reference_image",
+                )
+            with Image.open(path) as img:
                 img.load()
                 photos.append(img.copy())
+        except LayoutRetouchError:
+            raise
         except Exception as e:  # not an image, or gone
+            why = type(e).__name__ if isinstance(e, OSError) else "cannot read it as an image"
             raise LayoutRetouchError(
-                f"more photos: file {i + 1} of {len(items)} is not an image ({e})",
+                f"more photos: '{name}' (file {i + 1} of {len(items)}) is not an image ({why}): "
+                "remove it with × and add an image file",
                 parameter="reference_image",
             ) from None
     values = params.references + photos

@@ -11,7 +11,7 @@ from lib_layout_retouch.params import NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.schedule import knob_words
 
 from . import hosts, img2img, samplers
-from .settings import SAM_SEEN, sam_choices
+from .settings import SAM_SEEN, architecture_problem, loaded_unet_shapes, sam_choices
 from .vanilla import VANILLA_UNETS
 
 
@@ -59,6 +59,14 @@ def check_host(p, params: LayoutRetouchParams) -> None:
             raise LayoutRetouchError(
                 f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
                 "checkpoint list; choose one from the list (refresh it after adding files)",
+                parameter="vanilla_checkpoint",
+            )
+        # from the file's header, before its UNet is loaded (gigabytes for a real SDXL file)
+        problem = architecture_problem(info.filename, loaded_unet_shapes(p))
+        if problem:
+            raise LayoutRetouchError(
+                f"vanilla checkpoint '{params.vanilla_checkpoint}' {problem}; choose the checkpoint "
+                "your DreamBooth model was trained from",
                 parameter="vanilla_checkpoint",
             )
 

@@ -8,6 +8,8 @@ carries a live run (`run.of(p)`), and `end` undoes everything in the sampling wr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from modules import shared
 
@@ -66,7 +68,7 @@ def on_progress_denoiser(params):
     run = lr_run.of(p)
     if run is None or not run.stage1_active:
         return
-    shared.state.sampling_steps = run.progress.total
+    shared.state.sampling_steps = math.ceil(run.progress.total)  # whole steps (console bar)
     s = run.sampler.step_of(int(params.denoiser.step) + 1)
     shared.state.textinfo = ProgressPlan.text(
         STAGE1_VANILLA if run.job.uses_vanilla(s) else STAGE1_PERSONAL

@@ -4,6 +4,7 @@ the host's progress bar, live preview, Interrupt/Skip buttons and the intermedia
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -121,10 +122,12 @@ def _retouch(p, run, samples):
 
     def progress(phase, step, total_steps):  # one bar: stage 2 continues where stage 1 ended
         shared.state.textinfo = ProgressPlan.text(phase)
-        shared.state.sampling_steps = plan.total
-        shared.state.sampling_step = max(
-            shared.state.sampling_step, plan.position(phase, step, total_steps)
-        )
+        shared.state.sampling_steps = math.ceil(plan.total)  # whole steps: the console's total bar
+        before = shared.state.sampling_step
+        shared.state.sampling_step = max(before, plan.position(phase, step, total_steps))
+        console = getattr(shared, "total_tqdm", None)  # the console's "Total progress" bar
+        for _ in range(int(shared.state.sampling_step) - int(before) if console else 0):
+            console.update()  # goes on through stage 2
 
     def preview(latents):  # the WebUI's live preview, at its own setting's rate
         shared.state.current_latent = latents

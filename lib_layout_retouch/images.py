@@ -28,7 +28,7 @@ from .errors import LayoutRetouchError
 MAX_SIDE = 4096
 
 _PARAM = "reference_image"
-_NO_IMAGE = "no reference image: upload one photo of your subject"
+_NO_IMAGE = "no reference_image: upload one photo of your subject"
 _HOW_TO_SEND = (
     "send the image file's bytes base64-encoded (optionally with a 'data:image/png;base64,' prefix), "
     "or upload it in the UI"

@@ -590,7 +590,7 @@ class LayoutRetouchParams:
             return
         if self.reference_image is None:
             raise LayoutRetouchError(
-                "no reference image: upload one photo of your subject", parameter="reference_image"
+                "no reference_image: upload one photo of your subject", parameter="reference_image"
             )
         if not self.concept_token:
             raise LayoutRetouchError(

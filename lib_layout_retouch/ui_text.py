@@ -46,6 +46,16 @@ EXTRA_HINTS = {
 }
 
 
+# The X/Y/Z axes of the step knobs count steps at the generation's own step count (`axes`).
+for _f in FIELDS:
+    if _f.name in ("lambda1", "lambda2", "mask_start") and _f.axis:
+        EXTRA_HINTS[f"[L&R] {_f.axis}"] = (
+            f"{_f.label}: the values are steps at this generation's step count, used as given "
+            "(not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 "
+            "steps) are 1 / 2 / 7."
+        )
+
+
 def is_advanced(name: str) -> bool:
     return name in ADVANCED
 
@@ -75,9 +85,23 @@ def for_ui(message: str) -> str:
     return out
 
 
+# Starts every refusal the panel shows; the page's script finds it by this, styles it as an
+# error above the gallery and hides the infotext of the image that was not made.
+REFUSAL_MARK = "⚠ Layout-and-Retouch:"
+MORE_PHOTOS_UPLOADING = (
+    f"“{MORE_PHOTOS_LABEL}” is still uploading — wait until the file sizes show, "
+    "then Generate again"
+)
+
+
 def refusal(message: str) -> str:
-    """A refused generation as the panel shows it (under the gallery): marked, in control labels."""
-    return f"⚠ {for_ui(message)}"
+    """A refused generation as the panel shows it (above the gallery): marked, in control labels."""
+    return f"{REFUSAL_MARK} {for_ui(message)}"
+
+
+def page_texts() -> dict:
+    """The texts the page's script shows itself (javascript/layout_retouch.js carries them)."""
+    return {"refusalMark": REFUSAL_MARK, "moreUploading": MORE_PHOTOS_UPLOADING}
 
 
 def photo_notice(fingerprint: Optional[str]) -> str:
@@ -119,7 +143,7 @@ def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
         )
         return (
             f"⚠ Guess found no concept token in the prompt ({tried}, no rare identifier such as "
-            "sks / ohwx / zwx, no <lora:…> tag): type the token and the class phrase yourself."
+            "sks / ohwx / zwx, no `<lora:…>` tag): type the token and the class phrase yourself."
         )
     token, cls = found
     if not cls:

@@ -100,6 +100,9 @@ class LayoutRetouchScript(scripts.Script):
             processed.infotexts.append(text)
         run.intermediates = []
         lr_run.clear(p)
+        # The images' infotexts are made: whatever builds another one from this `p` later — the
+        # X/Y/Z grid takes its first cell's — describes no retouched image and gets no `LR ` key.
+        api.own_infotext(p)
 
 
 script_callbacks.on_ui_settings(settings.on_ui_settings)

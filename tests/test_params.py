@@ -368,7 +368,7 @@ def test_defaults_and_ready_params_validate():
         (
             dict(reference_image=None),
             "reference_image",
-            "no reference image: upload one photo of your subject",
+            "no reference_image: upload one photo of your subject",
         ),
         (
             dict(concept_token=""),
