@@ -119,7 +119,7 @@ def test_lambda1_that_leaves_no_personalized_step_is_refused(
     unet_calls(url)
     bad = generate(url, lr(lambda1=largest + 1), img2img, sampler_name=sampler, steps=steps)
     assert bad.status == 422, bad.describe()
-    H.assert_error_names(bad, "lambda1")
+    H.assert_error_names(bad, "lambda1", "λ1")
     detail = H.error_text(bad)
     expect = plan(sampler, steps, img2img)
     assert f"between 0 and {largest}" in detail, detail
