@@ -46,13 +46,21 @@
 
     // ---- refusals: styled, above the gallery, without the infotext of an image never made ------
     function refusalIn(tab) {
+        // the WebUI writes the comments as one <p class="comments"> with <br> between lines
         const log = byId('html_log_' + tab);
         if (!log) return null;
         const mark = texts().refusalMark;
-        const nodes = [...log.querySelectorAll('p, div')].filter(function (n) {
-            return !n.children.length && (n.textContent || '').trim().startsWith(mark);
+        const nodes = [...log.querySelectorAll('p')].filter(function (n) {
+            return (n.textContent || '').includes(mark);
         });
-        return nodes.length ? nodes : null;
+        if (!nodes.length) return null;
+        const lines = [];
+        nodes.forEach(function (n) {
+            (n.innerText || n.textContent || '').split('\n').forEach(function (l) {
+                if (l.trim().startsWith(mark)) lines.push(l.trim());
+            });
+        });
+        return {nodes: nodes, text: lines.join('\n')};
     }
 
     function showRefusals() {
@@ -60,8 +68,8 @@
             const found = refusalIn(tab);
             const info = byId('html_info_' + tab);
             if (found) {
-                found.forEach(function (n) { n.classList.add('layout-retouch-error-text'); });
-                const el = banner(tab, found.map(function (n) { return n.textContent.trim(); }).join('\n'));
+                found.nodes.forEach(function (n) { n.classList.add('layout-retouch-error-text'); });
+                const el = banner(tab, found.text);
                 if (el) el.dataset.kind = 'refusal';
                 if (info) info.classList.add('layout-retouch-hidden');
             } else {
