@@ -213,3 +213,20 @@ def test_progress_plan_for_several_references_and_no_stage1():
     no_stage1 = ProgressPlan(steps=10, batch=1, stage1_steps=0)
     assert no_stage1.total == pytest.approx(one.total - 10)
     assert no_stage1.position("reference inversion", 0, 10) == 0
+
+
+def test_axis_units_in_refusals_and_hints():
+    """A swept λ1 / λ2 / mask start counts steps at the generation's count: a refusal says so and
+    gives the paper value's equivalent; the axis's hover hint says so too."""
+    base = LayoutRetouchParams(enabled=False)
+    with pytest.raises(LayoutRetouchError) as e:
+        axes.check_axis_values(base, "mask_start", [6, 31], 10, label="[L&R] Mask start")
+    msg = str(e.value)
+    assert "[L&R] Mask start = 31" in msg and "steps at the generation's 10 steps" in msg, msg
+    assert "31 for 50 steps is 7 at 10" in msg, msg
+    for a in axes.AXES:
+        if a.field in ("lambda1", "lambda2", "mask_start"):
+            assert "steps at this generation's step count" in ui_text.EXTRA_HINTS[a.label]
+    texts = ui_text.page_texts()
+    assert ui_text.refusal("x").startswith(texts["refusalMark"])
+    assert "still uploading" in texts["moreUploading"]
