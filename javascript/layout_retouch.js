@@ -33,6 +33,9 @@
         "More photos of the subject (optional, up to 3)": "Other photos of the same subject (other angles, other light): the retouch attends to all of them together. Each is inverted once and cached. The API sends them in reference_image as a list.",
         "Guess": "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. It says what it could not find.",
         "Advanced": "The reference prompt, Segment-Anything mask, mask threshold, where the layout path comes from, the reference path reset, the attention layer preset and DreamBooth's stage-1 text encoder: the paper's defaults work for most subjects.",
+        "[L&R] Lambda1": "λ1: vanilla layout steps: the values are steps at this generation's step count, used as given (not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 steps) are 1 / 2 / 7.",
+        "[L&R] Lambda2": "λ2: layout-copy steps: the values are steps at this generation's step count, used as given (not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 steps) are 1 / 2 / 7.",
+        "[L&R] Mask start": "Mask blending from step: the values are steps at this generation's step count, used as given (not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 steps) are 1 / 2 / 7.",
         "Layout-and-Retouch": "Let the vanilla model draw the layout, then retouch the subject's identity from the reference photo."
     };
     function addHints() {
@@ -53,6 +56,8 @@
             if (el.dataset.testid === 'block-label' && el.parentElement && !el.parentElement.title) el.parentElement.title = hint;
         });
     }
+    // texts of javascript/layout_retouch_ui.js (refusals, the upload guard)
+    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again"};
     addHints();
     if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });
     if (typeof onUiUpdate === 'function') {

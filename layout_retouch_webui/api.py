@@ -8,6 +8,8 @@ gallery, and the generation computes nothing.
 
 from __future__ import annotations
 
+import os
+
 from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams
@@ -86,13 +88,27 @@ def with_more_photos(p, params: LayoutRetouchParams, more) -> LayoutRetouchParam
         )
     photos = []
     for i, item in enumerate(items):
+        path = _upload_path(item)
+        name = os.path.basename(
+            str(getattr(item, "orig_name", None) or path)
+        )  # never a server path
         try:
-            with Image.open(_upload_path(item)) as img:
+            if os.path.getsize(path) == 0:
+                # gradio sends a file whose upload has not finished as an empty one
+                raise LayoutRetouchError(
+                    f"{ui_text.MORE_PHOTOS_UPLOADING} ('{name}' has not arrived yet)",
+                    parameter="reference_image",
+                )
+            with Image.open(path) as img:
                 img.load()
                 photos.append(img.copy())
+        except LayoutRetouchError:
+            raise
         except Exception as e:  # not an image, or gone
+            why = type(e).__name__ if isinstance(e, OSError) else "cannot read it as an image"
             raise LayoutRetouchError(
-                f"more photos: file {i + 1} of {len(items)} is not an image ({e})",
+                f"more photos: '{name}' (file {i + 1} of {len(items)}) is not an image ({why}): "
+                "remove it with × and add an image file",
                 parameter="reference_image",
             ) from None
     values = params.references + photos
@@ -115,6 +131,12 @@ def refuse(p, err: LayoutRetouchError) -> None:
         return
     p.comment(ui_text.refusal(str(err)))
     p.n_iter = 0  # process_images' batch loop runs no batch: nothing is sampled, nothing is raised
+    p.init = _skip_init  # nor is img2img's input encoded (it draws from the global torch RNG)
+
+
+def _skip_init(*args, **kwargs) -> None:
+    """`p.init` of a refused generation: it runs before the batch loop, and img2img's encodes the
+    input with a draw from the global torch RNG, which would change the next img2img with that seed."""
 
 
 def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
@@ -125,6 +147,10 @@ def fail_generation(p, err: LayoutRetouchError, logged: bool = False) -> None:
     def sample(*args, **kwargs):
         raise exc
 
+    # `p.init` is the first thing the WebUI runs after the scripts' `process`: raising there stops
+    # the generation before any compute (img2img's init encodes the input with a draw from the
+    # global torch RNG; the next img2img with the same seed would differ).
+    p.init = sample
     p.sample = sample
 
 
@@ -145,6 +171,7 @@ def fail_internal(p, exc: Exception) -> None:
             raise HTTPException(status_code=500, detail=message)
         raise RuntimeError(message)
 
+    p.init = sample  # before any compute, as for a refusal
     p.sample = sample
 
 

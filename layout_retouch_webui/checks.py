@@ -8,9 +8,10 @@ import os
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.prompts import LORA_TAG_FIX, lora_names
+from lib_layout_retouch.schedule import knob_words
 
-from . import hosts, img2img
-from .settings import SAM_SEEN, sam_choices
+from . import hosts, img2img, samplers
+from .settings import SAM_SEEN, architecture_problem, loaded_unet_shapes, sam_choices
 from .vanilla import VANILLA_UNETS
 
 
@@ -26,6 +27,7 @@ def check_host(p, params: LayoutRetouchParams) -> None:
     host.check_model(p)
     host.check_params(p, params)
     img2img.check(p, params)
+    check_stage1_steps(p, params)
     refiner = getattr(p, "refiner_checkpoint", None)
     if (
         refiner not in (None, "", "None")
@@ -60,6 +62,49 @@ def check_host(p, params: LayoutRetouchParams) -> None:
                 "checkpoint list; choose one from the list (refresh it after adding files)",
                 parameter="vanilla_checkpoint",
             )
+        # from the file's header, before its UNet is loaded (gigabytes for a real SDXL file)
+        problem = architecture_problem(info.filename, loaded_unet_shapes(p))
+        if problem:
+            raise LayoutRetouchError(
+                f"vanilla checkpoint '{params.vanilla_checkpoint}' {problem}; choose the checkpoint "
+                "your DreamBooth model was trained from",
+                parameter="vanilla_checkpoint",
+            )
+
+
+def check_stage1_steps(p, params: LayoutRetouchParams) -> None:
+    """λ1 counts the steps the host's sampler really runs (DDIM at 10 steps runs 9): at least one of
+    them must be left for the personalized model."""
+    if not params.runs_stage1:
+        return
+    lambda1 = params.schedule(img2img.steps_run(p, params.layout_source)).lambda1
+    if lambda1 == 0:
+        return
+    plan = samplers.of(p)
+    if not plan.known:
+        raise LayoutRetouchError(
+            f"{knob_words('lambda1')} is {lambda1}, but the sampler '{plan.sampler}' decides its "
+            "model calls while it runs, so its first steps cannot be given to the vanilla model: "
+            "choose another sampler (the paper's is DDIM) or set it to 0",
+            parameter="lambda1",
+        )
+    if lambda1 <= plan.steps - 1:
+        return
+    scaled = " (scaled with steps)" if params.scale_with_steps else ""
+    where = img2img.steps_words(p, params.layout_source)
+    where = f"; {where}" if where else ""
+    if plan.steps < 2:
+        fix = "raise the sampling steps" + (" or the denoising strength" if where else "")
+        bound = "it runs no step for the personalized model"
+    else:
+        fix = "choose a smaller value or use more sampling steps"
+        bound = f"it must be between 0 and {plan.steps - 1}"
+    said = plan.words() or f"{plan.sampler} runs {plan.steps} steps"
+    raise LayoutRetouchError(
+        f"{knob_words('lambda1')} is {lambda1}{scaled}, but {said}{where}: {bound} "
+        f"(at least one step is left for the personalized model): {fix}",
+        parameter="lambda1",
+    )
 
 
 def check_before_sampling(p, params: LayoutRetouchParams) -> None:

@@ -10,7 +10,7 @@ from lib_layout_retouch.params import LayoutRetouchParams
 from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import strip_extra_networks
 
-from . import hosts, img2img
+from . import hosts, img2img, samplers
 
 RUN_ATTR = "layout_retouch_run"
 
@@ -38,6 +38,10 @@ class Run:
             img2img=self.img2img,
             requested_steps=p.steps,
         )
+        # stage 1 switches by the host sampler's own steps (DDIM at N steps runs N − 1)
+        self.sampler = samplers.of(p)
+        if self.job.schedule.lambda1 and params.runs_stage1:
+            self.job.stage1_words = self.sampler.words()
         self.vanilla_unet = None
         self.personal_unet = None
         self.layout_cond = None
@@ -55,7 +59,7 @@ class Run:
                 params.layout_source == "stage1" and p.sampler_name == "DDIM" and not self.img2img
             ),
             references=len(params.references),
-            stage1_steps=0 if self.stage1_skipped else None,
+            stage1_steps=0 if self.stage1_skipped else self.sampler.steps,
         )
         self.phase = None
 

@@ -7,7 +7,7 @@ import os
 import gradio as gr
 from modules import shared
 
-from lib_layout_retouch import pipeline
+from lib_layout_retouch import checkpoint_files, pipeline
 from lib_layout_retouch.params import NO_SAM
 from lib_layout_retouch.schedule import PAPER_STEPS
 from lib_layout_retouch.segmentation import find_sam_checkpoints
@@ -38,10 +38,48 @@ def sam_choices() -> list[str]:
 
 
 def checkpoint_choices() -> list[str]:
-    """Vanilla checkpoint candidates: the WebUI's list without the loaded (personalized) model."""
+    """Vanilla checkpoint candidates: the WebUI's list without the loaded (personalized) model and
+    without the files whose header shows a UNet of another architecture (SDXL files while an SD1
+    model is loaded): picking one would load gigabytes only to be refused."""
     host = hosts.current()
-    loaded = getattr(host.loaded_checkpoint(), "title", None)
-    return [t for t in host.checkpoint_titles() if t != loaded]
+    loaded_info = host.loaded_checkpoint()
+    loaded = getattr(loaded_info, "title", None)
+    own = loaded_unet_shapes()
+    out = []
+    for title in host.checkpoint_titles():
+        if title == loaded:
+            continue
+        info = host.checkpoint(title) if own else None
+        if info is not None and architecture_problem(info.filename, own):
+            continue
+        out.append(title)
+    return out
+
+
+def loaded_unet_shapes(p=None) -> dict:
+    """{UNet key: shape} of the loaded model's UNet, {} when none is loaded (or it is unknown)."""
+    import types
+
+    model = getattr(p, "sd_model", None) if p is not None else shared.__dict__.get("sd_model")
+    if model is None:
+        try:
+            model = shared.sd_model  # may load it; an error leaves the list unfiltered
+        except Exception:
+            return {}
+    try:
+        unet = hosts.current().unet(p if p is not None else types.SimpleNamespace(sd_model=model))
+        return {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    except Exception:
+        return {}
+
+
+def architecture_problem(filename: str, own: dict) -> str:
+    """Why checkpoint `filename`'s UNet cannot be the loaded model's vanilla ("" when it can, or the
+    file's header cannot tell: only .safetensors headers are read)."""
+    shapes = checkpoint_files.unet_shapes(filename)
+    if shapes is None or not own:
+        return ""
+    return checkpoint_files.unet_mismatch(shapes, own)
 
 
 def _settings_page() -> list[tuple]:

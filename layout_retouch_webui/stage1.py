@@ -8,6 +8,8 @@ carries a live run (`run.of(p)`), and `end` undoes everything in the sampling wr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from modules import shared
 
@@ -32,7 +34,9 @@ def on_cfg_denoiser(params):
     run = lr_run.of(p)
     if run is None or not run.stage1_active:
         return
-    s = int(denoiser.step) + 1  # the model call about to run, 1-based (exact, unlike sampling_step)
+    # the sampler step of the model call about to run, 1-based (denoiser.step counts model calls
+    # exactly, unlike sampling_step; a second-order step makes two)
+    s = run.sampler.step_of(int(denoiser.step) + 1)
     if run.params.layout_source == "stage1" and len(run.trajectory) < s:
         run.trajectory.append(run.host.stage1_latent(p, params).detach().clone())
     if run.job.uses_vanilla(s):
@@ -52,7 +56,10 @@ def on_cfg_denoiser(params):
     elif run.switched_at is None:
         run.switched_at = s
         restore(p, run)
-        logger.info(f"stage 1: switched to personalized UNet at step {s}")
+        logger.info(
+            f"stage 1: switched to personalized UNet at step {s} "
+            f"(after {int(denoiser.step)} model calls)"
+        )
 
 
 def on_progress_denoiser(params):
@@ -63,8 +70,8 @@ def on_progress_denoiser(params):
     run = lr_run.of(p)
     if run is None or not run.stage1_active:
         return
-    shared.state.sampling_steps = run.progress.total
-    s = int(params.denoiser.step) + 1
+    shared.state.sampling_steps = math.ceil(run.progress.total)  # whole steps (console bar)
+    s = run.sampler.step_of(int(params.denoiser.step) + 1)
     shared.state.textinfo = ProgressPlan.text(
         STAGE1_VANILLA if run.job.uses_vanilla(s) else STAGE1_PERSONAL
     )

@@ -4,6 +4,7 @@ the host's progress bar, live preview, Interrupt/Skip buttons and the intermedia
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
@@ -162,10 +163,12 @@ def _progress(plan: ProgressPlan):
 
     def progress(phase, step, total_steps):
         shared.state.textinfo = ProgressPlan.text(phase)
-        shared.state.sampling_steps = plan.total
-        shared.state.sampling_step = max(
-            shared.state.sampling_step, plan.position(phase, step, total_steps)
-        )
+        shared.state.sampling_steps = math.ceil(plan.total)  # whole steps: the console's total bar
+        before = shared.state.sampling_step
+        shared.state.sampling_step = max(before, plan.position(phase, step, total_steps))
+        console = getattr(shared, "total_tqdm", None)  # the console's "Total progress" bar
+        for _ in range(int(shared.state.sampling_step) - int(before) if console else 0):
+            console.update()  # goes on through stage 2
 
     def preview(latents):
         shared.state.current_latent = latents

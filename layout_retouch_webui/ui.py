@@ -9,9 +9,14 @@ from lib_layout_retouch import ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.prompts import guess_concept
-from lib_layout_retouch.schedule import img2img_steps
+from lib_layout_retouch.schedule import (
+    PAPER_LAMBDA1,
+    PAPER_LAMBDA2,
+    PAPER_MASK_START,
+    img2img_steps,
+)
 
-from . import hosts
+from . import hosts, samplers
 from .api import has_lr_keys
 from .settings import checkpoint_choices, opt, sam_choices
 
@@ -71,156 +76,228 @@ def control(f, labels, eid: str):
     return gr.Textbox(value=f.default, label=f.label, elem_id=eid, lines=1, max_lines=1)
 
 
+SCHEDULE_KNOBS = ("lambda1", "lambda2", "mask_start", "scale_with_steps")
+
+
+class Panel:
+    """The accordion of one tab (txt2img or img2img) while it is built: its components by parameter
+    name, the choices' labels, and the extra components that are no parameter."""
+
+    def __init__(self, script, is_img2img: bool):
+        self.script = script
+        self.is_img2img = is_img2img
+        self.comps: dict = {}
+        self.labels = {f.name: dict(zip(f.choices, f.choice_labels or f.choices)) for f in FIELDS}
+
+    def make(self, name):
+        self.comps[name] = control(FIELD_BY_NAME[name], self.labels, self.script.elem_id(name))
+        return self.comps[name]
+
+    def host(self, name):
+        """The host's own box (prompt, steps, sampler, denoising strength) of this tab, or None."""
+        box = self.script.host_components.get(name)
+        if name == "denoising_strength" and not self.is_img2img:
+            return None
+        return box
+
+
 def build(script, is_img2img: bool) -> list:
     """The accordion's components, in `FIELDS` order (the API's positional order). Sets the
     script's `infotext_fields` and `paste_field_names`."""
-    from modules.ui_common import create_refresh_button
-    from modules.ui_components import FormRow, InputAccordion, ToolButton
+    from modules.ui_components import InputAccordion
 
-    comps = {}
-    labels = {f.name: dict(zip(f.choices, f.choice_labels or f.choices)) for f in FIELDS}
-    made = set()
-
-    def make(name):
-        comps[name] = control(FIELD_BY_NAME[name], labels, script.elem_id(name))
-        made.add(name)
-        return comps[name]
-
+    panel = Panel(script, is_img2img)
     enabled_field = FIELD_BY_NAME["enabled"]
     with InputAccordion(
         enabled_field.default, label=ui_text.ACCORDION_LABEL, elem_id=script.elem_id("enabled")
     ) as enabled:
-        comps["enabled"] = enabled
-        made.add("enabled")
-        gr.Markdown(
-            "Vanilla model draws the layout, your subject is retouched in from its photo (up to 4) "
-            "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
-            "the paper used **DDIM**."
-        )
-        photo_notice = gr.Markdown("", visible=False, elem_id=script.elem_id("photo_notice"))
-        with gr.Row():
-            with gr.Column(scale=1, min_width=200):
-                make("reference_image")
-                # Photos 2…MAX_REFERENCES: one extra component after the FIELDS ones (api.EXTRA_ARGS).
-                more_photos = gr.File(
-                    label=ui_text.MORE_PHOTOS_LABEL,
-                    file_count="multiple",
-                    file_types=["image"],
-                    elem_id=script.elem_id("more_photos"),
-                )
-            with gr.Column(scale=2):
-                make("personalization")
-                with FormRow(elem_id=script.elem_id("vanilla_row")) as vanilla_row:
-                    make("vanilla_checkpoint")
-                    create_refresh_button(
-                        comps["vanilla_checkpoint"],
-                        hosts.current().refresh_checkpoints,
-                        lambda: {"choices": checkpoint_choices()},
-                        script.elem_id("vanilla_refresh"),
-                    )
-                with FormRow():
-                    make("concept_token")
-                    make("class_phrase")
-                    guess = ToolButton(
-                        ui_text.GUESS_LABEL,
-                        elem_id=script.elem_id("guess"),
-                        tooltip=ui_text.EXTRA_HINTS[ui_text.GUESS_LABEL],
-                    )
-                guess_msg = gr.Markdown("", elem_id=script.elem_id("guess_message"))
-        for name in ("lambda1", "lambda2", "mask_start", "scale_with_steps"):
-            make(name)
-        steps_now = getattr(script.host_components.get("steps"), "value", 20) or 20
-        strength_box = script.host_components.get("denoising_strength") if is_img2img else None
-        strength_now = getattr(strength_box, "value", 0.75) if is_img2img else None
-        effective = gr.Markdown(
-            describe_effective(5, 10, 31, True, steps_now, strength_now),
-            elem_id=script.elem_id("effective"),
-        )
+        panel.comps["enabled"] = enabled
+        gr.Markdown(ui_text.PANEL_INTRO)
+        panel.photo_notice = gr.Markdown("", visible=False, elem_id=script.elem_id("photo_notice"))
+        build_subject_row(panel)
+        for name in SCHEDULE_KNOBS:
+            panel.make(name)
+        panel.effective = gr.Markdown(initial_effective(panel), elem_id=script.elem_id("effective"))
         for f in ui_text.basic_fields():
-            if f.name not in made:
-                make(f.name)
+            if f.name not in panel.comps:
+                panel.make(f.name)
         with gr.Accordion(ui_text.ADVANCED_LABEL, open=False, elem_id=script.elem_id("advanced")):
             for f in ui_text.advanced_fields():
-                make(f.name)
+                panel.make(f.name)
+    wire_events(panel)
+    set_paste_fields(panel)
+    # api.EXTRA_ARGS after the parameters
+    return [panel.comps[f.name] for f in FIELDS] + [panel.more_photos]
 
+
+def build_subject_row(panel: Panel) -> None:
+    """The photos on the left; model type, vanilla checkpoint, concept token, class and Guess."""
+    from modules.ui_common import create_refresh_button
+    from modules.ui_components import FormRow, ToolButton
+
+    eid = panel.script.elem_id
+    with gr.Row():
+        with gr.Column(scale=1, min_width=200):
+            panel.make("reference_image")
+            # Photos 2…MAX_REFERENCES: one extra component after the FIELDS ones (api.EXTRA_ARGS).
+            panel.more_photos = gr.File(
+                label=ui_text.MORE_PHOTOS_LABEL,
+                file_count="multiple",
+                file_types=["image"],
+                elem_id=eid("more_photos"),
+            )
+        with gr.Column(scale=2):
+            panel.make("personalization")
+            with FormRow(elem_id=eid("vanilla_row")) as panel.vanilla_row:
+                panel.make("vanilla_checkpoint")
+                create_refresh_button(
+                    panel.comps["vanilla_checkpoint"],
+                    hosts.current().refresh_checkpoints,
+                    lambda: {"choices": checkpoint_choices()},
+                    eid("vanilla_refresh"),
+                )
+            with FormRow():
+                panel.make("concept_token")
+                panel.make("class_phrase")
+                panel.guess = ToolButton(
+                    ui_text.GUESS_LABEL,
+                    elem_id=eid("guess"),
+                    tooltip=ui_text.EXTRA_HINTS[ui_text.GUESS_LABEL],
+                )
+            panel.guess_msg = gr.Markdown("", elem_id=eid("guess_message"))
+
+
+def initial_effective(panel: Panel) -> str:
+    """The "At N steps" line for the controls' and the host boxes' initial values."""
+    steps = getattr(panel.host("steps"), "value", 20) or 20
+    sampler = getattr(panel.host("sampler"), "value", None)
+    strength = (
+        getattr(panel.host("denoising_strength"), "value", 0.75) if panel.is_img2img else None
+    )
+    return describe_effective(
+        PAPER_LAMBDA1, PAPER_LAMBDA2, PAPER_MASK_START, True, steps, strength, None, sampler
+    )
+
+
+def wire_events(panel: Panel) -> None:
+    comps, labels = panel.comps, panel.labels
     kind = comps["personalization"]
     kind.change(
         lambda v: gr.update(visible=v == labels["personalization"]["dreambooth"]),
         inputs=[kind],
-        outputs=[vanilla_row],
+        outputs=[panel.vanilla_row],
         show_progress=False,
     )
-    for photo in (comps["reference_image"], more_photos):
+    for photo in (comps["reference_image"], panel.more_photos):
         photo.upload(
-            lambda: gr.update(value="", visible=False), outputs=[photo_notice], show_progress=False
+            lambda: gr.update(value="", visible=False),
+            outputs=[panel.photo_notice],
+            show_progress=False,
         )
-    prompt_box = script.host_components.get("prompt")
-    steps_box = script.host_components.get("steps")
-    knobs = [comps[n] for n in ("lambda1", "lambda2", "mask_start", "scale_with_steps")]
-    if steps_box is not None:
-        inputs = knobs + [steps_box]
-        update = describe_effective
-        if is_img2img and strength_box is not None:
-            source_labels = {v: k for k, v in labels["layout_source"].items()}
-            inputs = inputs + [strength_box, comps["layout_source"]]
-
-            def update(l1, l2, ms, scale, steps, strength, source):
-                return describe_effective(
-                    l1, l2, ms, scale, steps, strength, source_labels.get(source, source)
-                )
-
-        for c in inputs:
-            c.change(update, inputs=inputs, outputs=[effective], show_progress=False)
+    wire_effective(panel)
+    prompt_box = panel.host("prompt")
     if prompt_box is not None:
-        guess.click(
+        panel.guess.click(
             guess_concept_ui,
             inputs=[prompt_box],
-            outputs=[comps["concept_token"], comps["class_phrase"], guess_msg],
+            outputs=[comps["concept_token"], comps["class_phrase"], panel.guess_msg],
             show_progress=False,
         )
 
+
+def wire_effective(panel: Panel) -> None:
+    """Keep the "At N steps" line current with the knobs, the steps, the sampler and (img2img) the
+    denoising strength and layout source."""
+    steps_box = panel.host("steps")
+    if steps_box is None:
+        return
+    source_labels = {v: k for k, v in panel.labels["layout_source"].items()}
+    strength_box = panel.host("denoising_strength")
+    sampler_box = panel.host("sampler")
+    extra = [b for b in (strength_box, sampler_box) if b is not None]
+    inputs = [panel.comps[n] for n in SCHEDULE_KNOBS] + [steps_box, panel.comps["layout_source"]]
+    inputs += extra
+
+    def update(l1, l2, ms, scale, steps, source, *rest):
+        rest = list(rest)
+        strength = rest.pop(0) if strength_box is not None else None
+        sampler = rest.pop(0) if sampler_box is not None else None
+        return describe_effective(
+            l1, l2, ms, scale, steps, strength, source_labels.get(source, source), sampler
+        )
+
+    for c in inputs:
+        c.change(update, inputs=inputs, outputs=[panel.effective], show_progress=False)
+
+
+def set_paste_fields(panel: Panel) -> None:
+    script, comps = panel.script, panel.comps
     script.infotext_fields = [
         (comps["enabled"], lambda d: True if has_lr_keys(d) else None),
-        (photo_notice, paste_notice),
+        (panel.photo_notice, lambda d: paste_notice(d, panel)),
     ]
     for f in FIELDS:
         if f.infotext_key and f.kind != "image":
             script.infotext_fields.append(
-                (comps[f.name], paste_reader(f.name, labels.get(f.name, {})))
+                (comps[f.name], paste_reader(f.name, panel.labels.get(f.name, {}), panel))
             )
     script.paste_field_names = [f.infotext_key for f in FIELDS if f.infotext_key]
-    return [comps[f.name] for f in FIELDS] + [more_photos]  # api.EXTRA_ARGS after the parameters
 
 
-def paste_notice(d):
+def paste_notice(d, panel=None):
     if not has_lr_keys(d):
         return gr.update(value="", visible=False)
-    return gr.update(
-        value=ui_text.photo_notice(d.get(FIELD_BY_NAME["reference_image"].infotext_key)),
-        visible=True,
-    )
+    notice = ui_text.photo_notice(d.get(FIELD_BY_NAME["reference_image"].infotext_key))
+    if panel is not None and not panel.is_img2img and pasted_input_source(d):
+        notice += "\n\n" + ui_text.input_source_in_txt2img()
+    return gr.update(value=notice, visible=True)
 
 
-def describe_effective(l1, l2, ms, scale, steps, strength=None, source=None):
+def pasted_input_source(d) -> bool:
+    """Whether pasted parameters carry img2img's layout source 'input' (no use in txt2img)."""
+    return LayoutRetouchParams.from_infotext(d).get("layout_source") == "input"
+
+
+def describe_effective(l1, l2, ms, scale, steps, strength=None, source=None, sampler=None):
     """The "At N steps" line. img2img (`strength` given): at the steps its sampler runs
-    (steps × denoising strength), or — layout source 'input' — all the steps, strength unused."""
+    (steps × denoising strength), or — layout source 'input' — all the steps, strength unused.
+    `sampler`: what the host's sampler really runs in stage 1 (DDIM at 10 steps runs 9)."""
     try:
         params = LayoutRetouchParams(lambda1=l1, lambda2=l2, mask_start=ms, scale_with_steps=scale)
         steps = int(steps)
-        if strength is None:
-            return f"At {steps} steps: {params.schedule(steps).describe()}"
-        if source == "input":
+        if strength is not None and source == "input":
             return (
-                f"At {steps} steps (the input image retouched over all of them; denoising strength not "
-                f"used): {params.schedule(steps).describe()}"
+                f"At {steps} steps (the input image retouched over all of them; no stage 1, "
+                f"denoising strength not used): {params.schedule(steps).describe(stage1=False)}"
             )
-        run = img2img_steps(steps, float(strength), bool(opt("img2img_fix_steps", False)))
-        return (
-            f"At {run} steps (img2img runs {run} of {steps} at denoising strength {float(strength):g}): "
-            f"{params.schedule(run).describe()}"
+        if strength is None:
+            run, where = steps, ""
+        else:
+            run = img2img_steps(steps, float(strength), bool(opt("img2img_fix_steps", False)))
+            where = f" (img2img runs {run} of {steps} at denoising strength {float(strength):g})"
+        schedule = params.schedule(run)
+        return f"At {run} steps{where}: {schedule.describe()}" + stage1_words(
+            schedule.lambda1, sampler, steps, strength
         )
     except LayoutRetouchError as e:
         return f"⚠ {ui_text.for_ui(str(e))}"
+
+
+def stage1_words(lambda1: int, sampler, steps: int, strength) -> str:
+    """ "; stage 1: DDIM runs 9 steps for 10 (…)" when the sampler's steps are not the slider's;
+    a warning when λ1 leaves the personalized model no step."""
+    if not sampler:
+        return ""
+    plan = samplers.planned(str(sampler), steps, None if strength is None else float(strength))
+    if lambda1 and not plan.known:
+        return f" — ⚠ {plan.words()}: set λ1 to 0 or choose another sampler (the paper's is DDIM)"
+    if lambda1 and lambda1 > plan.steps - 1:
+        return (
+            f" — ⚠ {plan.words() or f'{plan.sampler} runs {plan.steps} steps'}: λ1 must be at most "
+            f"{max(plan.steps - 1, 0)} (the personalized model needs a step)"
+        )
+    words = plan.words()
+    return f"; stage 1: {words}" if words and lambda1 else ""
 
 
 def guess_concept_ui(prompt):
@@ -232,7 +309,7 @@ def guess_concept_ui(prompt):
     return found[0], found[1] or gr.update(), message
 
 
-def paste_reader(name, labels):
+def paste_reader(name, labels, panel=None):
     def read(d):
         values = LayoutRetouchParams.from_infotext(d)
         if name not in values:
@@ -240,6 +317,8 @@ def paste_reader(name, labels):
         v = values[name]
         if name == "vanilla_checkpoint" and not v:
             return None
+        if name == "layout_source" and v == "input" and panel is not None and not panel.is_img2img:
+            v = FIELD_BY_NAME["layout_source"].default  # 'input' is img2img's; the notice says so
         return labels.get(v, v) if labels else v
 
     return read

@@ -5,6 +5,7 @@ they share nothing with the loaded model but the class (VAE stays the loaded mod
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -36,8 +37,29 @@ def release_freed_memory() -> None:
         pass
 
 
+@contextlib.contextmanager
+def loading_phase(what: str):
+    """Name a load in the WebUI's progress text (it would show "Waiting..." for seconds, or
+    minutes with a real checkpoint); the text is cleared afterwards."""
+    try:
+        from modules import shared
+
+        state = shared.state
+    except (ImportError, AttributeError):
+        state = None
+    if state is not None:
+        state.textinfo = f"Layout-and-Retouch: {what}"
+    try:
+        yield
+    finally:
+        if state is not None:
+            state.textinfo = None
+
+
 class VanillaUNets:
     """Bounded cache of vanilla UNets (setting "Vanilla UNets kept loaded")."""
+
+    WHAT = "UNet"
 
     def __init__(self):
         self._items: OrderedDict = OrderedDict()
@@ -53,7 +75,8 @@ class VanillaUNets:
         with self._lock:
             item = self._items.get(key)
             if item is None:
-                item = self._load(info, like)
+                with loading_phase(f"loading the vanilla {self.WHAT} from {info.title}"):
+                    item = self._load(info, like)
                 self._items[key] = item
                 self.loads += 1
             self._items.move_to_end(key)
@@ -109,6 +132,8 @@ class VanillaUNets:
 class VanillaTextEncoders(VanillaUNets):
     """Bounded cache of the vanilla checkpoints' text transformers (copies of the loaded model's
     with the vanilla weights), for stage 1's y_p⁻ in DreamBooth mode."""
+
+    WHAT = "text encoder"
 
     @staticmethod
     def _dtype(slots) -> torch.dtype:

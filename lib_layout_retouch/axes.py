@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, MutableMapping, Optional
 
 from .errors import LayoutRetouchError
 from .params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
+from .schedule import PAPER_STEPS, scale_count, scale_mask_start
 
 OVERRIDES_ATTR = "layout_retouch_overrides"
 
@@ -118,11 +119,34 @@ def check_axis_values(
                 else reason
             )
             raise LayoutRetouchError(
-                f"X/Y/Z plot: {label} = {value}: {reason} (no image was generated)",
+                f"X/Y/Z plot: {label} = {value}: {reason}{axis_units(field, value, steps)} "
+                "(no image was generated)",
                 parameter=e.parameter or field,
             ) from None
         cells.append(params)
     return cells
+
+
+def axis_units(field: str, value: Any, steps: int) -> str:
+    """For a refused λ1 / λ2 / mask start value: the axis's unit and the value's equivalent, e.g.
+    "; X/Y/Z values are steps at the generation's 10 steps, used as given (not scaled): 31 for
+    50 steps is 7 at 10"."""
+    if field not in SCHEDULE_FIELDS or not isinstance(value, int) or isinstance(value, bool):
+        return ""
+    text = (
+        f"; X/Y/Z values are steps at the generation's {steps} steps, used as given (not "
+        "scaled with steps)"
+    )
+    try:
+        if field == "mask_start" and 2 <= value <= PAPER_STEPS + 1:
+            same = scale_mask_start(value, int(steps))
+        elif field != "mask_start" and 0 <= value <= PAPER_STEPS:
+            same = scale_count(value, int(steps))
+        else:
+            return text
+    except (TypeError, ValueError):
+        return text
+    return f"{text}: {value} for {PAPER_STEPS} steps is {same} at {steps}"
 
 
 def axis_apply(field: str) -> Callable[[Any, Any, Any], None]:

@@ -28,7 +28,7 @@ from .errors import LayoutRetouchError
 MAX_SIDE = 4096
 
 _PARAM = "reference_image"
-NO_IMAGE = "no reference image: upload one photo of your subject"
+NO_IMAGE = "no reference_image: upload one photo of your subject"
 # Image files by their extension (folders of photos; a string that names a file, not base64 data).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 # A fingerprint (`image_fingerprint`): 16 lowercase hex characters.

@@ -61,6 +61,9 @@ class RetouchJob:
     # (schedule.img2img_steps); `requested_steps` the slider's value, for the infotext only.
     img2img: bool = False
     requested_steps: Optional[int] = None
+    # What the host's sampler really runs in stage 1 when it is not `steps` model calls
+    # ("DDIM runs 9 steps for 10 (…)"), for the infotext; "" otherwise.
+    stage1_words: str = ""
 
     def __post_init__(self) -> None:
         self.params.validate()
@@ -232,6 +235,8 @@ class RetouchJob:
         if self.img2img and self.requested_steps is not None and self.requested_steps != self.steps:
             # the values above are at the steps img2img ran; say so next to them
             info["LR steps used"] += f" (img2img ran {self.steps} of {self.requested_steps} steps)"
+        if self.stage1_words:
+            info["LR steps used"] += f"; stage 1: {self.stage1_words}"
         if self.params.sam_model != NO_SAM and self.mask_kind == pipeline.MASK_CA_ONLY:
             self.add_note(f"SAM '{self.params.sam_model}' not used; cross-attention mask only")
         if self.notes:

@@ -671,7 +671,7 @@ class LayoutRetouchParams:
         info = {
             f.infotext_key: _format_infotext(f, getattr(self, f.name)) for f in self._recorded()
         }
-        info["LR steps used"] = self.schedule(steps).describe()
+        info["LR steps used"] = self.schedule(steps).describe(stage1=self.runs_stage1)
         if mask_kind:
             info["LR mask"] = mask_kind
         if self.references:

@@ -59,7 +59,8 @@ class RetouchPrompts:
 
 
 def _token_pattern(token: str) -> re.Pattern[str]:
-    """Whole-token, case-sensitive match: ``sks`` must not match inside ``asks``.
+    """Whole-token match, case-insensitive as CLIP is (its tokenizer lowercases the prompt, so
+    ``SKS`` and ``sks`` are one token to the model): ``sks`` must not match inside ``asks``.
 
     A boundary is only required on a side where the token itself starts/ends with a word character
     (``<my-vase>`` brings its own brackets). Emphasis syntax is no word character, so ``(sks:1.2)``
@@ -67,7 +68,7 @@ def _token_pattern(token: str) -> re.Pattern[str]:
     """
     left = r"(?<!\w)" if re.match(r"\w", token[0]) else ""
     right = r"(?!\w)" if re.match(r"\w", token[-1]) else ""
-    return re.compile(left + re.escape(token) + right)
+    return re.compile(left + re.escape(token) + right, re.IGNORECASE)
 
 
 def _tag_spans(prompt: str) -> list[tuple[int, int]]:

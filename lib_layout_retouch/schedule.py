@@ -190,13 +190,14 @@ class Schedule:
         self._check_s(s)
         return s >= self.mask_start
 
-    def describe(self) -> str:
-        """The values used, for the infotext: "λ1=2, λ2=4, mask from step 13 of 20"."""
+    def describe(self, stage1: bool = True) -> str:
+        """The values used, for the infotext: "λ1=2, λ2=4, mask from step 13 of 20" (without λ1
+        when there is no stage 1: img2img's layout source 'input')."""
         if self.mask_start > self.steps:
             mask = f"no mask blending in {self.steps} steps"
         else:
             mask = f"mask from step {self.mask_start} of {self.steps}"
-        return f"λ1={self.lambda1}, λ2={self.lambda2}, {mask}"
+        return f"{f'λ1={self.lambda1}, ' if stage1 else ''}λ2={self.lambda2}, {mask}"
 
 
 def _check_steps(steps: object) -> None:

@@ -23,6 +23,11 @@ ADVANCED = (
     "stage1_text_encoder",
 )
 
+PANEL_INTRO = (
+    "Vanilla model draws the layout, your subject is retouched in from its photo (up to 4) "
+    "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
+    "the paper used **DDIM**."
+)
 ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
 GUESS_LABEL = "Guess"
@@ -40,6 +45,16 @@ EXTRA_HINTS = {
     "comes from, the reference path reset, the attention layer preset and DreamBooth's stage-1 "
     "text encoder: the paper's defaults work for most subjects.",
 }
+
+
+# The X/Y/Z axes of the step knobs count steps at the generation's own step count (`axes`).
+for _f in FIELDS:
+    if _f.name in ("lambda1", "lambda2", "mask_start") and _f.axis:
+        EXTRA_HINTS[f"[L&R] {_f.axis}"] = (
+            f"{_f.label}: the values are steps at this generation's step count, used as given "
+            "(not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 "
+            "steps) are 1 / 2 / 7."
+        )
 
 
 def is_advanced(name: str) -> bool:
@@ -71,9 +86,23 @@ def for_ui(message: str) -> str:
     return out
 
 
+# Starts every refusal the panel shows; the page's script finds it by this, styles it as an
+# error above the gallery and hides the infotext of the image that was not made.
+REFUSAL_MARK = "⚠ Layout-and-Retouch:"
+MORE_PHOTOS_UPLOADING = (
+    f"“{MORE_PHOTOS_LABEL}” is still uploading — wait until the file sizes show, "
+    "then Generate again"
+)
+
+
 def refusal(message: str) -> str:
-    """A refused generation as the panel shows it (under the gallery): marked, in control labels."""
-    return f"⚠ {for_ui(message)}"
+    """A refused generation as the panel shows it (above the gallery): marked, in control labels."""
+    return f"{REFUSAL_MARK} {for_ui(message)}"
+
+
+def page_texts() -> dict:
+    """The texts the page's script shows itself (javascript/layout_retouch.js carries them)."""
+    return {"refusalMark": REFUSAL_MARK, "moreUploading": MORE_PHOTOS_UPLOADING}
 
 
 def photo_notice(fingerprint: Optional[str]) -> str:
@@ -94,6 +123,16 @@ def photo_notice(fingerprint: Optional[str]) -> str:
     )
 
 
+def input_source_in_txt2img() -> str:
+    """Pasted into txt2img from an image made with img2img's layout source 'input'."""
+    f = FIELD_BY_NAME["layout_source"]
+    labels = dict(zip(f.choices, f.choice_labels))
+    return (
+        f"⚠ The image's “{f.label}” was “{labels['input']}”, which only img2img has: txt2img "
+        f"uses “{labels[f.default]}” instead (send the image to img2img to retouch it as it is)."
+    )
+
+
 def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
     """What the Guess button says about its result."""
     if not (prompt or "").strip():
@@ -105,7 +144,7 @@ def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
         )
         return (
             f"⚠ Guess found no concept token in the prompt ({tried}, no rare identifier such as "
-            "sks / ohwx / zwx, no <lora:…> tag): type the token and the class phrase yourself."
+            "sks / ohwx / zwx, no `<lora:…>` tag): type the token and the class phrase yourself."
         )
     token, cls = found
     if not cls:

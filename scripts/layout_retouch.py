@@ -24,13 +24,15 @@ from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
 
 logger = logs.attach_console()  # "[Layout-and-Retouch] ..." lines on the WebUI's stdout
 
-# The host's prompt, steps (and img2img's denoising strength) boxes, by tab, for the accordion's live
+# The host's prompt, steps, sampler (and img2img's denoising strength) boxes, by tab, for the accordion's live
 # hints. Each tab has its own script instance, so each instance keeps its own tab's boxes.
 _HOST_BOXES = {
     "txt2img_prompt": ("txt2img", "prompt"),
     "txt2img_steps": ("txt2img", "steps"),
+    "txt2img_sampling": ("txt2img", "sampler"),
     "img2img_prompt": ("img2img", "prompt"),
     "img2img_steps": ("img2img", "steps"),
+    "img2img_sampling": ("img2img", "sampler"),
     "img2img_denoising_strength": ("img2img", "denoising_strength"),
 }
 
@@ -98,6 +100,9 @@ class LayoutRetouchScript(scripts.Script):
             processed.infotexts.append(text)
         run.intermediates = []
         lr_run.clear(p)
+        # The images' infotexts are made: whatever builds another one from this `p` later — the
+        # X/Y/Z grid takes its first cell's — describes no retouched image and gets no `LR ` key.
+        api.own_infotext(p)
 
 
 script_callbacks.on_ui_settings(settings.on_ui_settings)

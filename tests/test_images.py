@@ -19,7 +19,7 @@ DOG = VICO / "brown_dog" / "00.jpg"  # 1440×1440
 ELEPHANT = VICO / "elephant_statue" / "2.jpg"  # 1856×2475, portrait
 needs_vico = pytest.mark.skipif(not DOG.exists(), reason="ViCo photos not on this machine")
 
-NO_IMAGE = "no reference image: upload one photo of your subject"
+NO_IMAGE = "no reference_image: upload one photo of your subject"
 NOT_BASE64 = "reference_image is not valid base64 image data (PNG/JPEG"
 
 

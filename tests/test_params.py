@@ -393,7 +393,7 @@ def test_validate_takes_each_bound_and_refuses_one_past_it(edge, past):
         (
             dict(reference_image=None),
             "reference_image",
-            "no reference image: upload one photo of your subject",
+            "no reference_image: upload one photo of your subject",
         ),
         (
             dict(concept_token=""),

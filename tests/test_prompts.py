@@ -32,9 +32,11 @@ from lib_layout_retouch.prompts import (
         ),
         ("a sks doghouse", "sks", "dog", "a dog doghouse"),  # dog must end at a word boundary
         ("sks", "sks", "dog", "dog"),
-        # whole token, case-sensitive: 'asks' and 'SKS' are not occurrences
+        # whole token: 'asks' is no occurrence; case-insensitive as CLIP (it lowercases): 'SKS' is
         ("he asks a sks dog", "sks", "dog", "he asks a dog"),
-        ("a SKS toy and a sks dog", "sks", "dog", "a SKS toy and a dog"),
+        ("a SKS toy and a sks dog", "sks", "dog", "a dog toy and a dog"),
+        ("a photo of SKS dog", "sks", "dog", "a photo of dog"),
+        ("a photo of sks dog", "SKS", "dog", "a photo of dog"),
         # inside A1111 emphasis
         ("a (sks:1.2) on grass", "sks", "dog", "a (dog:1.2) on grass"),
         ("a [sks] on grass", "sks", "dog", "a [dog] on grass"),

@@ -62,7 +62,7 @@ def test_check_axis_values_refuses_a_bad_value_before_the_grid_with_the_axis_and
 def test_check_axis_values_enable_true_needs_a_complete_setup_false_does_not():
     incomplete = LayoutRetouchParams()  # no photo
     axes.check_axis_values(incomplete, "enabled", ["False"], steps=10)
-    with pytest.raises(LayoutRetouchError, match="Enable = True: no reference image"):
+    with pytest.raises(LayoutRetouchError, match="Enable = True: no reference_image"):
         axes.check_axis_values(incomplete, "enabled", ["False", "True"], steps=10)
 
 
@@ -99,7 +99,10 @@ def test_ui_messages_use_control_labels_api_names_stay_in_the_api_message():
     assert (
         ui_text.for_ui("LR concept token: sks") == "LR concept token: sks"
     )  # no name inside words
-    assert ui_text.refusal("concept_token is empty") == "⚠ “Concept token” is empty"
+    assert (
+        ui_text.refusal("concept_token is empty")
+        == "⚠ Layout-and-Retouch: “Concept token” is empty"
+    )
 
 
 def test_every_field_is_in_exactly_one_group_and_the_basic_group_is_the_first_time_needs():
@@ -134,6 +137,8 @@ def test_guess_message_says_what_it_could_not_find():
     assert "no concept token" in msg and "<cat-toy>" in msg and "type" in msg
     assert "no class phrase" in ui_text.guess_message("a <cat-toy>", ("<cat-toy>", ""))
     assert "`sks`" in ui_text.guess_message("a sks dog", ("sks", "dog"))
+    # Markdown would read a bare <lora:…> as an HTML tag and drop it: it is in a code span
+    assert "`<lora:…>`" in ui_text.guess_message("a dog", None)
 
 
 def test_photo_notice_shows_the_fingerprint():
@@ -207,3 +212,20 @@ def test_progress_plan_for_several_references_and_no_stage1():
     no_stage1 = ProgressPlan(steps=10, batch=1, stage1_steps=0)
     assert no_stage1.total == pytest.approx(one.total - 10)
     assert no_stage1.position("reference inversion", 0, 10) == 0
+
+
+def test_axis_units_in_refusals_and_hints():
+    """A swept λ1 / λ2 / mask start counts steps at the generation's count: a refusal says so and
+    gives the paper value's equivalent; the axis's hover hint says so too."""
+    base = LayoutRetouchParams(enabled=False)
+    with pytest.raises(LayoutRetouchError) as e:
+        axes.check_axis_values(base, "mask_start", [6, 31], 10, label="[L&R] Mask start")
+    msg = str(e.value)
+    assert "[L&R] Mask start = 31" in msg and "steps at the generation's 10 steps" in msg, msg
+    assert "31 for 50 steps is 7 at 10" in msg, msg
+    for a in axes.AXES:
+        if a.field in ("lambda1", "lambda2", "mask_start"):
+            assert "steps at this generation's step count" in ui_text.EXTRA_HINTS[a.label]
+    texts = ui_text.page_texts()
+    assert ui_text.refusal("x").startswith(texts["refusalMark"])
+    assert "still uploading" in texts["moreUploading"]

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS  # noqa: E402
-from lib_layout_retouch.ui_text import ACCORDION_LABEL, EXTRA_HINTS  # noqa: E402
+from lib_layout_retouch.ui_text import ACCORDION_LABEL, EXTRA_HINTS, page_texts  # noqa: E402
 
 JS_PATH = os.path.join(ROOT, "javascript", "layout_retouch.js")
 README_PATH = os.path.join(ROOT, "README.md")
@@ -88,6 +88,8 @@ def render() -> str:
         "            if (el.dataset.testid === 'block-label' && el.parentElement && !el.parentElement.title) el.parentElement.title = hint;\n"
         "        });\n"
         "    }\n"
+        "    // texts of javascript/layout_retouch_ui.js (refusals, the upload guard)\n"
+        f"    window.layoutRetouchTexts = {json.dumps(page_texts(), ensure_ascii=False)};\n"
         "    addHints();\n"
         "    if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });\n"
         "    if (typeof onUiUpdate === 'function') {\n"

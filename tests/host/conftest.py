@@ -42,6 +42,7 @@ NO_WEBUI = "no WebUI: set LR_WEBUI_DIR or LR_WEBUI_URL; see tests/host/README.md
 DEFAULT_DIR = "/work/host/webui"
 DEFAULT_PYTHON = "/work/host/venv/bin/python"
 EXTENSION_NAME = "sd-webui-layout-retouch"
+PROBE_DIR = os.path.join(HERE, "probe")  # a test-only extension: see probe/scripts/lr_unet_probe.py
 SAM_CORRUPT = H.SAM_CORRUPT
 SAM_MISSING = H.SAM_MISSING
 START_TIMEOUT = float(os.environ.get("LR_WEBUI_START_TIMEOUT", "300"))
@@ -141,6 +142,8 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> S.Server:
     data_dir = os.path.join(tmp, "data")
     os.makedirs(os.path.join(data_dir, "extensions"))
     os.symlink(REPO_ROOT, os.path.join(data_dir, "extensions", EXTENSION_NAME))
+    # test-only: counts UNet calls by weights (GET /lr-probe/unet-calls)
+    os.symlink(PROBE_DIR, os.path.join(data_dir, "extensions", "lr-unet-probe"))
     # Checkpoints are copied per session (a test moves one away and overwrites its name, then puts it
     # back: a hard link is enough, the cached file is never written); CLIP folders stay cached.
     ckpt_dir = os.path.join(tmp, "Stable-diffusion")

@@ -133,6 +133,19 @@ def select_image(pg, index):
     time.sleep(0.5)
 
 
+def shot(pg, name, selector=None):
+    """With LR_SCREENSHOTS=<dir>: save <dir>/<name> (the README's pictures), of `selector` or the page."""
+    shots = os.environ.get("LR_SCREENSHOTS")
+    if not shots:
+        return
+    path = os.path.join(shots, name)
+    if selector:
+        pg.locator(selector).first.scroll_into_view_if_needed()
+        pg.locator(selector).first.screenshot(path=path)
+    else:
+        pg.screenshot(path=path)
+
+
 # ---------------------------------------------------------------- tests
 def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
     cb = header_checkbox(page)
@@ -178,6 +191,9 @@ def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
         f"the loaded model is offered as vanilla: {options}"
     )
     assert any(TC.VANILLA in o for o in options), options
+    # told from the files' headers: no checkpoint of another architecture (SDXL files, the
+    # other-width SD1) is offered while an SD1 model is loaded
+    assert not any(TC.WIDE in o or "tiny-xl" in o for o in options), options
     # hover hints on every control, the photo and Guess included (the hints script runs after the
     # UI loads; under load that takes a while, so wait for it rather than a fixed time)
     titles_js = """(sid) => {
@@ -198,6 +214,10 @@ def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
         pass
     titles = page.evaluate(titles_js, SID)
     assert all(titles.values()), f"controls without a hover hint: {titles}"
+    shot(page, "ui-accordion.png", ACC)
+    page.locator(f"#{SID}advanced .label-wrap").first.click()
+    page.locator(f"#{SID}sam_model").wait_for(state="visible")
+    shot(page, "ui-advanced.png", f"#{SID}advanced")
 
 
 def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_intermediates_are_labelled(
@@ -231,6 +251,7 @@ def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_inte
     assert gallery_count(page) == 4, "result + layout, mask, attention map expected"
     select_image(page, 0)
     assert "LR lambda1" in info_text(page)
+    shot(page, "ui-result.png")
     for i, what in (
         (1, "stage-1 layout of image 1"),
         (2, "blend mask of image 1"),
@@ -443,3 +464,163 @@ def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_p
     assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, (
         info
     )  # the main photo + "More photos"
+
+
+# ---------------------------------------------------------------- issue 20
+BANNER = "#layout_retouch_message_%s"
+
+
+def small_page(browser, webui_ui, width=1280, height=800):
+    ctx = browser.new_context(viewport={"width": width, "height": height})
+    pg = ctx.new_page()
+    pg.set_default_timeout(TIMEOUT)
+    pg.goto(webui_ui.url)
+    pg.wait_for_selector("#txt2img_prompt textarea")
+    pg.wait_for_function(
+        "() => document.querySelector('%s .input-accordion-checkbox') !== null" % ACC
+    )
+    return ctx, pg
+
+
+def in_viewport(pg, selector) -> bool:
+    return pg.evaluate(
+        """(sel) => { const e = document.querySelector(sel); if (!e) return false;
+        const r = e.getBoundingClientRect();
+        return r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight; }""",
+        selector,
+    )
+
+
+def test_ddim_steps_line_and_a_visible_refusal_at_1280x800(browser, webui_ui, photo_path):
+    """DDIM at 10 steps runs 9: the "At N steps" line says so and flags λ1 = 9; Generate is refused
+    with a styled message above the gallery, in view at 1280×800, and no infotext of a non-image.
+    With LR_SCREENSHOTS=<dir> it saves <dir>/ui-error.png."""
+    ctx, page = small_page(browser, webui_ui)
+    try:
+        setup_small(page, "a photo of sks dog at dusk", steps=10)
+        setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
+        # scaled with steps (the default): 45 for 50 steps is 9 at 10 (λ2 10 → 2, mask 31 → 7)
+        set_number(page, f"{SID}lambda1", 45)
+        page.wait_for_function(
+            "() => document.querySelector('#%seffective').innerText.includes('DDIM runs 9 steps for 10')"
+            % SID
+        )
+        line = page.locator(f"#{SID}effective").first.inner_text()
+        assert "⚠" in line and "at most 8" in line, line
+        mark = webui_ui.log_mark()
+        generate(page)
+        banner = BANNER % "txt2img"
+        page.wait_for_selector(banner, state="visible")
+        text = page.locator(banner).inner_text()
+        assert "Layout-and-Retouch" in text and "DDIM runs 9 steps for 10" in text, text
+        assert "between 0 and 8" in text, text
+        assert in_viewport(page, banner), "the refusal is out of sight at 1280×800"
+        assert not page.locator("#html_info_txt2img").first.is_visible(), (
+            "the infotext of an image that was never made is shown"
+        )
+        color = page.evaluate(
+            "(sel) => getComputedStyle(document.querySelector(sel)).borderTopColor", banner
+        )
+        assert color.replace(" ", "") == "rgb(221,51,51)", color
+        assert gallery_count(page) == 0
+        shots = os.environ.get("LR_SCREENSHOTS")
+        if shots:
+            page.screenshot(path=os.path.join(shots, "ui-error.png"))
+        log = webui_ui.log_since(mark, settle=1.0)
+        assert len(H.log_refusal_lines(log)) == 1, log
+        # fixed: the message goes away and the result shows with its infotext
+        set_number(page, f"{SID}lambda1", 5)  # → 1
+        generate(page)
+        page.wait_for_selector(banner, state="detached")
+        assert page.locator("#html_info_txt2img").first.is_visible()
+        assert "LR steps used" in info_text(page) and "DDIM runs 9 steps for 10" in info_text(page)
+    finally:
+        ctx.close()
+
+
+def test_img2img_refusal_is_visible(browser, webui_ui, photo_path, tmp_path):
+    ctx, page = small_page(browser, webui_ui)
+    try:
+        init_path = tmp_path / "input.png"
+        H.input_rgb().save(init_path)
+        page.locator("#tabs > .tab-nav button", has_text="img2img").first.click()
+        page.locator("#img2img_image input[type=file]").set_input_files(str(init_path))
+        set_text(page, "#img2img_prompt textarea", "a photo of sks dog, refused in img2img")
+        set_number(page, "img2img_width", 64)
+        set_number(page, "img2img_height", 64)
+        set_number(page, "img2img_steps", 8)
+        choose(page, "img2img_sampling", "DDIM")
+        acc = page.locator(f"#{ISID}enabled")
+        if not acc.locator(".input-accordion-checkbox").is_checked():
+            acc.locator(".label-wrap").first.click()
+        page.locator(f"#{ISID}reference_image input[type=file]").set_input_files(photo_path)
+        page.wait_for_selector(f"#{ISID}reference_image img")
+        choose(page, f"{ISID}vanilla_checkpoint", webui_ui.title(TC.VANILLA))
+        # no concept token: refused
+        before = page.evaluate("() => document.querySelector('#html_log_img2img').innerText")
+        page.locator("#img2img_generate").click()
+        banner = BANNER % "img2img"
+        page.wait_for_selector(banner, state="visible")
+        assert "Concept token" in page.locator(banner).inner_text()
+        assert in_viewport(page, banner), "the img2img refusal is out of sight"
+        assert not page.locator("#html_info_img2img").first.is_visible()
+        assert before is not None
+    finally:
+        ctx.close()
+
+
+def test_generate_while_more_photos_upload_waits_and_nothing_stays_stuck(
+    browser, webui_ui, photo_path, tmp_path
+):
+    """A slow link (CDP upload throttling): Generate during the "More photos" upload is held back
+    with "still uploading — wait until the file sizes show"; once the size shows, Generate works and
+    uses both photos."""
+    import numpy as np
+
+    big = tmp_path / "big.png"
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(big)  # ≈ 1.5 MB
+    ctx, page = small_page(browser, webui_ui)
+    try:
+        setup_small(page, "a photo of sks dog by a lake")
+        setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
+        cdp = ctx.new_cdp_session(page)
+        cdp.send("Network.enable")
+        cdp.send(
+            "Network.emulateNetworkConditions",
+            {
+                "offline": False,
+                "latency": 20,
+                "downloadThroughput": -1,
+                "uploadThroughput": 100_000,
+            },
+        )
+        page.locator(f"#{SID}more_photos input[type=file]").set_input_files([str(big)])
+        page.wait_for_function(
+            "() => document.querySelector('#%smore_photos').innerText.includes('big.png')" % SID
+        )
+        before = page.evaluate(LOG_JS)
+        page.locator("#txt2img_generate").click()
+        banner = BANNER % "txt2img"
+        page.wait_for_selector(banner, state="visible")
+        assert (
+            "still uploading — wait until the file sizes show" in page.locator(banner).inner_text()
+        )
+        time.sleep(1.0)
+        assert page.evaluate(LOG_JS) == before, "a generation started during the upload"
+        cdp.send(
+            "Network.emulateNetworkConditions",
+            {"offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
+        )
+        page.wait_for_function(
+            "() => /big\\.png[\\s\\S]*\\d+(\\.\\d+)?\\s*[kKM]?B/.test("
+            "document.querySelector('#%smore_photos').innerText)" % SID,
+            timeout=120_000,
+        )
+        generate(page)
+        page.wait_for_selector(banner, state="detached")
+        info = info_text(page)
+        prints = re.search(r"LR reference: \"?([0-9a-f, ]+)", info)
+        assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, info
+    finally:
+        ctx.close()

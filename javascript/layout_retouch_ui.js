@@ -1,0 +1,122 @@
+// Layout-and-Retouch on the page: refusals shown where the eye is, and Generate held back while
+// "More photos" still uploads. Texts come from lib_layout_retouch/ui_text.py through the generated
+// javascript/layout_retouch.js (window.layoutRetouchTexts).
+(function () {
+    const TABS = ['txt2img', 'img2img'];
+
+    function texts() {
+        return window.layoutRetouchTexts || {refusalMark: '⚠ Layout-and-Retouch:', moreUploading: 'More photos are still uploading'};
+    }
+
+    function app() {
+        return (typeof gradioApp === 'function') ? gradioApp() : document;
+    }
+
+    function byId(id) {
+        return app().querySelector('#' + id);
+    }
+
+    function prefix(tab) {
+        return tab === 'img2img' ? 'script_img2img_layoutandretouch_' : 'script_layoutandretouch_';
+    }
+
+    // ---- a banner at the top of the results column (above the gallery) -------------------------
+    function banner(tab, text) {
+        const id = 'layout_retouch_message_' + tab;
+        let el = byId(id);
+        if (!text) {
+            if (el) el.remove();
+            return null;
+        }
+        const results = byId(tab + '_results') || byId(tab + '_gallery_container');
+        if (!results) return null;
+        if (!el) {
+            el = document.createElement('div');
+            el.id = id;
+            el.className = 'layout-retouch-error';
+            el.setAttribute('role', 'alert');
+            results.insertBefore(el, results.firstChild);
+        }
+        if (el.textContent !== text) {
+            el.textContent = text;
+            el.scrollIntoView({block: 'nearest'});
+        }
+        return el;
+    }
+
+    // ---- refusals: styled, above the gallery, without the infotext of an image never made ------
+    function refusalIn(tab) {
+        // the WebUI writes the comments as one <p class="comments"> with <br> between lines
+        const log = byId('html_log_' + tab);
+        if (!log) return null;
+        const mark = texts().refusalMark;
+        const nodes = [...log.querySelectorAll('p')].filter(function (n) {
+            return (n.textContent || '').includes(mark);
+        });
+        if (!nodes.length) return null;
+        const lines = [];
+        nodes.forEach(function (n) {
+            (n.innerText || n.textContent || '').split('\n').forEach(function (l) {
+                if (l.trim().startsWith(mark)) lines.push(l.trim());
+            });
+        });
+        return {nodes: nodes, text: lines.join('\n')};
+    }
+
+    function showRefusals() {
+        TABS.forEach(function (tab) {
+            const found = refusalIn(tab);
+            const info = byId('html_info_' + tab);
+            if (found) {
+                found.nodes.forEach(function (n) { n.classList.add('layout-retouch-error-text'); });
+                const el = banner(tab, found.text);
+                if (el) el.dataset.kind = 'refusal';
+                if (info) info.classList.add('layout-retouch-hidden');
+            } else {
+                const el = byId('layout_retouch_message_' + tab);
+                if (el && el.dataset.kind !== 'upload') banner(tab, null);
+                if (info) info.classList.remove('layout-retouch-hidden');
+            }
+        });
+    }
+
+    // ---- Generate while "More photos" still uploads -----------------------------------------
+    function enabled(tab) {
+        const cb = byId(prefix(tab) + 'enabled-checkbox');
+        const input = cb ? cb.querySelector('input') : null;
+        return !!(input && input.checked);
+    }
+
+    function stillUploading(tab) {
+        const more = byId(prefix(tab) + 'more_photos');
+        if (!more) return false;
+        // gradio shows "Uploading..." instead of a file's size (a download link) until it has arrived
+        const rows = [...more.querySelectorAll('tbody tr')];
+        return rows.some(function (r) { return !r.querySelector('a'); }) || /Uploading/.test(more.innerText || '');
+    }
+
+    function guardGenerate(event) {
+        const button = event.target && event.target.closest ? event.target.closest('button') : null;
+        if (!button) return;
+        const tab = TABS.find(function (t) { return button.id === t + '_generate'; });
+        if (!tab || !enabled(tab)) return;
+        if (stillUploading(tab)) {
+            event.preventDefault();
+            event.stopImmediatePropagation();
+            const el = banner(tab, texts().refusalMark + ' ' + texts().moreUploading + '.');
+            if (el) el.dataset.kind = 'upload';
+        } else {
+            const el = byId('layout_retouch_message_' + tab);
+            if (el) banner(tab, null);
+        }
+    }
+
+    document.addEventListener('click', guardGenerate, true);
+    if (typeof onUiUpdate === 'function') {
+        let pending = null;
+        onUiUpdate(function () {
+            if (pending) return;
+            pending = setTimeout(function () { pending = null; showRefusals(); }, 200);
+        });
+    }
+})();
