@@ -81,7 +81,6 @@ class LayoutRetouchSampler:
         return {
             "required": {
                 **MODELS,
-                **REFERENCE,
                 **inputs.prompt_inputs(),
                 **inputs.sampler_inputs(CALLS.samplers, CALLS.schedulers),
                 **_lambdas(*inputs.LAMBDAS),
@@ -89,11 +88,11 @@ class LayoutRetouchSampler:
                 "height": ("INT", IMAGE_SIZE),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
-            "optional": {**VANILLA, **LATENT_IN, **inputs.advanced_inputs()},
+            "optional": {**REFERENCE, **VANILLA, **LATENT_IN, **inputs.advanced_inputs()},
         }
 
-    def sample(self, **kw):
-        return run.layout_and_retouch(CALLS, **kw).as_tuple()
+    def sample(self, reference=None, **kw):
+        return run.layout_and_retouch(CALLS, reference=reference, **kw).as_tuple()
 
 
 class LayoutRetouchLayout:
@@ -206,19 +205,19 @@ class LayoutRetouchRetouch:
             "required": {
                 **MODELS,
                 "layout": ("LATENT", {"tooltip": "The layout to retouch."}),
-                **REFERENCE,
                 **inputs.prompt_inputs(),
                 "steps": inputs.sampler_inputs((), ())["steps"],
                 "cfg": inputs.sampler_inputs((), ())["cfg"],
                 **_lambdas("lambda2", "mask_start"),
             },
             "optional": {
+                **REFERENCE,
                 "mask": LATENT_IN["mask"],
                 **inputs.advanced_inputs(advanced),
             },
         }
 
-    def retouch(self, *, layout, **kw):
+    def retouch(self, *, layout, reference=None, **kw):
         out = run.layout_and_retouch(
             CALLS,
             layout=layout,

@@ -71,13 +71,35 @@ def check_supported(patcher, input_name: str = "model") -> None:
             f"'{input_name}'; connect a txt2img SD1.x or SDXL model (inpaint with the MASK input)",
             parameter=input_name,
         )
-    kind = getattr(getattr(base, "model_type", None), "name", "EPS")
+    kind = prediction_kind(patcher)
     if kind != "EPS":
         raise LayoutRetouchError(
             f"{kind} models (e.g. v-prediction) are not supported on '{input_name}': the DDIM "
             "inversion assumes ε-prediction; connect an ε-prediction model",
             parameter=input_name,
         )
+
+
+def model_sampling(patcher):
+    """The model's sampling object as its sampler will see it: a node such as ModelSamplingDiscrete
+    replaces it by an object patch (applied when the model is loaded)."""
+    get = getattr(patcher, "get_model_object", None)
+    if get is not None:
+        try:
+            return get("model_sampling")
+        except (AttributeError, KeyError):
+            pass
+    return patcher.model.model_sampling
+
+
+def prediction_kind(patcher) -> str:
+    """'EPS', 'V_PREDICTION', … from the sampling object's classes (ComfyUI builds it from the model
+    type's class and a schedule class) or, failing that, the BaseModel's `model_type`."""
+    names = [c.__name__ for c in type(model_sampling(patcher)).__mro__]
+    for kind in ("V_PREDICTION", "EDM", "CONST", "X0", "IMG_TO_IMG", "EPS"):
+        if kind in names:
+            return kind
+    return getattr(getattr(patcher.model, "model_type", None), "name", "EPS")
 
 
 def check_same_architecture(personalized, vanilla, input_name: str = "vanilla_model") -> None:
@@ -158,7 +180,7 @@ class ComfyModel(KDiffusionModel):
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        return alpha_cumprod_of_sigma(self.patcher.model.model_sampling.sigmas.float())
+        return alpha_cumprod_of_sigma(model_sampling(self.patcher).sigmas.float())
 
     def model_key(self) -> str:
         """Which weights answer: the model object and its weight patches (a LoRA changes them)."""

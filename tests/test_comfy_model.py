@@ -29,7 +29,11 @@ from lib_layout_retouch.prompts import subject_token_positions
 from lib_layout_retouch.schedule import Schedule
 
 
-class ModelSamplingDiscrete(torch.nn.Module):
+class EPS:
+    pass
+
+
+class ModelSamplingDiscrete(torch.nn.Module, EPS):
     """EPS: input x/√(σ²+1), denoised x − σ·out; t from σ by the nearest log σ."""
 
     def __init__(self, alphas_cumprod):
@@ -331,10 +335,20 @@ def test_inpaint_and_v_prediction_models_are_refused(tiny_ldm):
     p.model.model_config.unet_config["in_channels"] = 9
     with pytest.raises(LayoutRetouchError, match="inpainting"):
         check_supported(p)
+
+    class V_PREDICTION:
+        pass
+
+    class ModelSamplingAdvanced(
+        ModelSamplingDiscrete, V_PREDICTION
+    ):  # the ModelSamplingDiscrete node
+        pass
+
     p = comfy_of(tiny_ldm)
-    p.model.model_type = SimpleNamespace(name="V_PREDICTION")
-    with pytest.raises(LayoutRetouchError, match="V_PREDICTION"):
-        check_supported(p)
+    patched = ModelSamplingAdvanced(tiny_ldm.alphas_cumprod)
+    p.get_model_object = lambda name: patched if name == "model_sampling" else None
+    with pytest.raises(LayoutRetouchError, match="V_PREDICTION.*'vanilla_model'"):
+        check_supported(p, "vanilla_model")
     check_supported(comfy_of(tiny_ldm))  # SD15 ε passes
 
 
