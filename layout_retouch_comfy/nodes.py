@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import LayoutRetouchParams
-from lib_layout_retouch.prompts import derive_prompts
 
 from . import inputs, run
 from .glue import ComfyCalls
@@ -154,12 +150,14 @@ class LayoutRetouchLayout:
 
         try:
             run.check_models(model, vanilla_model)
-            params = LayoutRetouchParams(lambda1=lambda1, scale_with_steps=scale_with_steps)
-            params.validate()
-            job = SimpleNamespace(
-                schedule=params.schedule(steps),
-                prompts=derive_prompts(prompt, concept_token, class_phrase),
-                negative_prompt=negative_prompt,
+            job = run.layout_job(
+                prompt,
+                negative_prompt,
+                concept_token,
+                class_phrase,
+                steps=steps,
+                lambda1=lambda1,
+                scale_with_steps=scale_with_steps,
             )
         except LayoutRetouchError as e:
             raise inputs.node_error(e) from e

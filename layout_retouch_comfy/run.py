@@ -25,11 +25,13 @@ from lib_layout_retouch.comfy_model import (
     check_supported,
 )
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
+from lib_layout_retouch.params import FIELD_BY_NAME
 from lib_layout_retouch.prompts import subject_token_positions
 
 from . import inputs, tensors
 
 log = logging.getLogger("layout_retouch")
+FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default
 
 
 class Progress:
@@ -108,6 +110,30 @@ def make_job(
         height=height,
         guidance_scale=cfg,
         img2img=img2img,
+    )
+
+
+def layout_job(
+    prompt, negative_prompt, concept_token, class_phrase, *, steps, lambda1, scale_with_steps=True
+):
+    """What stage 1 alone needs (the Layout node): the schedule's λ1 and the prompts y_p, y_p⁻.
+    λ2 and the mask step are the retouch's: set so that they fit any step count."""
+    from types import SimpleNamespace
+
+    from lib_layout_retouch.params import LayoutRetouchParams
+    from lib_layout_retouch.prompts import derive_prompts
+
+    params = LayoutRetouchParams(
+        lambda1=lambda1,
+        lambda2=0,
+        mask_start=FIELD_MASK_START_DEFAULT if scale_with_steps else steps + 1,
+        scale_with_steps=scale_with_steps,
+    )
+    params.validate()
+    return SimpleNamespace(
+        schedule=params.schedule(steps),
+        prompts=derive_prompts(prompt, concept_token, class_phrase),
+        negative_prompt=negative_prompt,
     )
 
 
