@@ -9,7 +9,7 @@ import torch
 
 from layout_retouch_comfy import inputs, run, tensors
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS
+from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
 
 
 def test_every_field_is_an_input_a_socket_or_named_as_not_offered():
