@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import time
 
 import comfy_api as A
@@ -12,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 FIELDS_OFFERED = (
     "reference_prompt",
     "scale_with_steps",
@@ -167,3 +171,43 @@ def test_interrupt_mid_retouch_leaves_nothing_patched(comfy, refs, plain_before)
     assert not r.ok and r.messages("execution_interrupted"), r.status
     assert_plain_unchanged(comfy, plain_before)
     assert A.run(comfy.url, G.retouch(refs[0])).ok
+
+
+WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(HERE))), "workflows")
+
+
+def for_test(graph: dict, reference: str) -> dict:
+    """An example API workflow with the test models, the uploaded photo, 64×64 and 4 steps."""
+    g = copy.deepcopy(graph)
+    for node in g.values():
+        i = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            i["ckpt_name"] = G.VANILLA if "v1-5" in i["ckpt_name"] else G.PERSONAL
+        if node["class_type"] == "LoraLoader":
+            i["lora_name"] = G.LORA
+        if node["class_type"] == "LoadImage":
+            i["image"] = reference
+        for k, v in (
+            ("steps", G.STEPS),
+            ("width", G.SIZE),
+            ("height", G.SIZE),
+            ("lambda1", 1),
+            ("lambda2", 1),
+            ("mask_start", 3),
+            ("scale_with_steps", False),
+        ):
+            if k in i:
+                i[k] = v
+    return g
+
+
+@pytest.mark.parametrize(
+    "name", sorted(f for f in os.listdir(WORKFLOWS) if f.endswith("_api.json"))
+)
+def test_example_api_workflow_runs(comfy, refs, name):
+    with open(os.path.join(WORKFLOWS, name), encoding="utf-8") as f:
+        graph = json.load(f)
+    r = A.run(comfy.url, for_test(graph, refs[0]))
+    assert r.ok, r.describe()
+    saved = [n for n, node in graph.items() if node["class_type"] == "SaveImage"]
+    assert saved and all(r.images(n) for n in saved)
