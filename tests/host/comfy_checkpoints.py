@@ -10,6 +10,7 @@ UNet config, randomisation, LoRA and embedding writers are reused), ldm key name
 
 ComfyUI's modules are built without weight init (`comfy.ops.disable_weight_init`): every module is
 initialised by its torch base class first, then randomised as `forge_checkpoints._randomise` does.
+The UNet is built in fp16 (the file's precision anyway), so the build needs < 3 GiB of memory.
 Each checkpoint is re-read and checked with ComfyUI's `model_detection` (must be SD15).
 
 Run it with ComfyUI's Python:  <comfy-python> tests/host/comfy_checkpoints.py <root> [--comfy-dir …]
@@ -52,6 +53,9 @@ def _comfy(comfy_dir: str):
     argv = sys.argv
     sys.argv = [argv[0], "--cpu"]
     try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()  # so that comfy.cli_args reads --cpu (no CUDA probe)
         from comfy.ldm.models.autoencoder import AutoencoderKL
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
     finally:
@@ -77,7 +81,7 @@ def build_state_dict(comfy_dir: str, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed + 1000)
     sd = {}
     config = {k: v for k, v in FC.UNET_CONFIG.items() if k != "use_checkpoint"}
-    unet = Unet(**config)
+    unet = Unet(image_size=32, **config, dtype=torch.float16)  # fp16: the build stays < 3 GiB
     _init(unet, torch)
     FC._randomise(unet, torch, gen)
     with torch.no_grad():
