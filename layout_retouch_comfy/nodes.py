@@ -219,6 +219,7 @@ class LayoutRetouchRetouch:
         out = run.layout_and_retouch(
             CALLS,
             layout=layout,
+            reference=reference,
             lambda1=0,
             seed=0,
             sampler_name="ddim",
