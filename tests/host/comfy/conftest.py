@@ -38,8 +38,8 @@ if HOST not in sys.path:
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import comfy_api as A  # noqa: E402
 import comfy_checkpoints as CC  # noqa: E402
+import comfy_http as A  # noqa: E402
 import host_server as S  # noqa: E402
 
 NO_COMFY = "no ComfyUI: set LR_COMFY_DIR or LR_COMFY_URL; see tests/host/README.md (ComfyUI tier)"

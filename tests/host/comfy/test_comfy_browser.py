@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-import comfy_api as A
+import comfy_http as A
 import host_server as S
 import pytest
 from test_comfy_nodes import WORKFLOWS, for_test, photo

@@ -8,7 +8,7 @@ import json
 import os
 import time
 
-import comfy_api as A
+import comfy_http as A
 import graphs as G
 import numpy as np
 import pytest
