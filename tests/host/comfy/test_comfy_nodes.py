@@ -160,17 +160,18 @@ def test_inpaint_with_a_mask_keeps_the_outside(comfy, refs):
     assert not torch.allclose(out[left], src_latent[left], atol=1e-2 * scale)
 
 
+INTERRUPT_AFTER_S = float(os.environ.get("LR_COMFY_INTERRUPT_AFTER", "120"))
+
+
 def test_interrupt_mid_retouch_leaves_nothing_patched(comfy, refs, plain_before):
-    t0 = time.monotonic()
-    assert A.run(comfy.url, G.retouch(refs[0], steps=4)).ok
-    four = time.monotonic() - t0
+    """12 steps: the loads and stage 1 take ≈ 60–90 s on the test machine's CPU, the inversions and
+    the retouch several minutes: /interrupt after LR_COMFY_INTERRUPT_AFTER s lands in stage 2."""
     pid = A.queue(comfy.url, G.retouch(refs[0], steps=12, prefix="cancelled"))
-    time.sleep(max(2.0, 0.8 * four))  # 12 steps: well into the inversions/retouch by then
+    time.sleep(INTERRUPT_AFTER_S)
     A.interrupt(comfy.url)
     r = A.wait(comfy.url, pid)
     assert not r.ok and r.messages("execution_interrupted"), r.status
     assert_plain_unchanged(comfy, plain_before)
-    assert A.run(comfy.url, G.retouch(refs[0])).ok
 
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(HERE))), "workflows")
