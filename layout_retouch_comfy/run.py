@@ -193,7 +193,7 @@ def stage1(
         start_step=0,
         last_step=l1,
         force_full_denoise=False,
-        callback=progress.sampler_callback("layout"),
+        callback=progress.sampler_callback("layout, vanilla steps"),
         **common,
     )
     # Continue from x1 on the personalized model: latent + σ_λ1·noise2 = x1 (in the model's scale).

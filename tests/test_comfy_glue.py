@@ -183,6 +183,35 @@ def test_stage1_without_vanilla_steps_is_one_pass():
         run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=4, scale_with_steps=False)
 
 
+def test_stage1_progress_counts_both_passes_forward():
+    calls, seen = Calls(), []
+    personalized = SimpleNamespace(model=Base())
+    job = run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=1, scale_with_steps=False)
+    progress = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append(v)), 4)
+    run.stage1(
+        calls,
+        job,
+        model=personalized,
+        vanilla_model=None,
+        clip="c",
+        vanilla_clip=None,
+        latent={"samples": torch.zeros(1, 4, 2, 2)},
+        seed=3,
+        steps=4,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+        noise_mask=None,
+        progress=progress,
+    )
+    first, second = calls.passes
+    first["callback"](0, None, None, 1)  # ComfyUI: (step, x0, x, steps of this pass)
+    for step in range(3):
+        second["callback"](step, None, None, 3)
+    assert seen == [1, 2, 3, 4]
+
+
 def test_progress_lays_phases_end_to_end():
     seen = []
     p = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append((v, t))), 12)

@@ -155,3 +155,39 @@ def interrupt(url: str) -> None:
 
 def queue_running(url: str) -> bool:
     return bool(get(url, "/queue").get("queue_running"))
+
+
+def queue_and_interrupt_when(url: str, graph: dict, node: str, when, timeout: float = 900) -> str:
+    """Queue `graph` and POST /interrupt as soon as the progress of `node` satisfies
+    `when(value, max)` (ComfyUI's websocket "progress" messages to this client); the prompt id."""
+    import asyncio
+    import json
+
+    import aiohttp
+
+    async def go() -> str:
+        async with aiohttp.ClientSession() as s:
+            ws_url = url.replace("http", "ws", 1) + f"/ws?clientId={CLIENT}"
+            async with s.ws_connect(ws_url) as ws:
+                pid = queue(url, graph)
+                async for msg in ws:
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    m = json.loads(msg.data)
+                    d = m.get("data") or {}
+                    if (
+                        m.get("type") == "progress"
+                        and d.get("prompt_id") == pid
+                        and d.get("node") == node
+                    ):
+                        if when(d["value"], d["max"]):
+                            interrupt(url)
+                            return pid
+                    if (
+                        m.get("type") in ("execution_success", "execution_error")
+                        and d.get("prompt_id") == pid
+                    ):
+                        raise AssertionError(f"{pid} ended before the condition: {m}")
+        raise AssertionError("the websocket closed")
+
+    return asyncio.run(asyncio.wait_for(go(), timeout))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 
 import comfy_http as A
 import graphs as G
@@ -160,15 +159,16 @@ def test_inpaint_with_a_mask_keeps_the_outside(comfy, refs):
     assert not torch.allclose(out[left], src_latent[left], atol=1e-2 * scale)
 
 
-INTERRUPT_AFTER_S = float(os.environ.get("LR_COMFY_INTERRUPT_AFTER", "120"))
-
-
 def test_interrupt_mid_retouch_leaves_nothing_patched(comfy, refs, plain_before):
-    """12 steps: the loads and stage 1 take ≈ 60–90 s on the test machine's CPU, the inversions and
-    the retouch several minutes: /interrupt after LR_COMFY_INTERRUPT_AFTER s lands in stage 2."""
-    pid = A.queue(comfy.url, G.retouch(refs[0], steps=12, prefix="cancelled"))
-    time.sleep(INTERRUPT_AFTER_S)
-    A.interrupt(comfy.url)
+    """/interrupt once the node's progress bar is in the retouch (its last `steps` units: stage 1,
+    the reference and layout inversions come first), read from ComfyUI's websocket."""
+    steps = 8
+    pid = A.queue_and_interrupt_when(
+        comfy.url,
+        G.retouch(refs[0], steps=steps, prefix="cancelled"),
+        "lr",
+        lambda value, total: total - steps < value < total,
+    )
     r = A.wait(comfy.url, pid)
     assert not r.ok and r.messages("execution_interrupted"), r.status
     assert_plain_unchanged(comfy, plain_before)
