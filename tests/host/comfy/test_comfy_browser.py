@@ -28,6 +28,7 @@ def page(comfy):
         p.goto(comfy.url + "/", wait_until="domcontentloaded")
         p.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=120_000)
         time.sleep(2)  # the first-run dialogs and the default graph settle
+        p.keyboard.press("Escape")  # the first-run template dialog
         yield p
         p.close()
 
@@ -72,4 +73,5 @@ def test_example_workflow_loads_and_runs_from_the_page(comfy, page, name):
     assert r.ok, r.describe()
     if EXPORT:
         time.sleep(2)
+        page.keyboard.press("Escape")  # a dialog the run may have opened
         page.screenshot(path=os.path.join(EXPORT, name + ".png"))
