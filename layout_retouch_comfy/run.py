@@ -1,0 +1,393 @@
+"""The two stages as the nodes run them, over ComfyUI calls handed in (`calls`: glue.ComfyCalls in
+ComfyUI, a stand-in in the tests), so this module imports no ComfyUI.
+
+Stage 1 runs ComfyUI's own sampler (the user's sampler and scheduler, ComfyUI's previews and model
+patches), split at λ1 like two KSamplerAdvanced nodes: steps 0…λ1 on the vanilla MODEL with y_p⁻,
+λ1…steps on the personalized MODEL with y_p. The second pass continues the first exactly: its noise
+is chosen so that latent + σ_λ1·noise is the first pass's output, which also keeps an inpaint mask's
+outside on the input's own noisy latents. The retouch (stage 2) is the library's, on a clone of the
+personalized MODEL, with the library's always-restoring attention patch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from lib_layout_retouch import job as J
+from lib_layout_retouch.comfy_model import (
+    ComfyModel,
+    check_attention_free,
+    check_same_architecture,
+    check_supported,
+)
+from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
+from lib_layout_retouch.params import FIELD_BY_NAME
+from lib_layout_retouch.prompts import subject_token_positions
+
+from . import inputs, tensors
+
+log = logging.getLogger("layout_retouch")
+FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default
+
+
+class Progress:
+    """One ComfyUI progress bar over every phase: stage 1's sampler steps, the inversions, the retouch.
+    Phases are laid end to end in the order they first report."""
+
+    def __init__(self, bar, total: int, previewer=None):
+        self.bar, self.total, self.previewer = bar, max(1, total), previewer
+        self.offsets: dict[str, int] = {}
+        self.done = 0
+        self.current = 0
+
+    def __call__(self, phase: str, s: int, total: int) -> None:
+        if phase not in self.offsets:
+            self.offsets[phase] = self.done
+        self.current = self.offsets[phase] + s
+        self.done = max(self.done, self.offsets[phase] + total)
+        self.bar.update_absolute(min(self.current, self.total), self.total)
+
+    def sampler_callback(self, phase: str):
+        """A ComfyUI sampler callback(step, x0, x, total_steps) reporting as `phase`."""
+
+        def callback(step, x0, x, total_steps):
+            self(phase, step + 1, total_steps)
+            if self.previewer is not None:
+                image = self.previewer.decode_latent_to_preview_image("JPEG", x0)
+                self.bar.update_absolute(min(self.current, self.total), self.total, image)
+
+        return callback
+
+    def preview(self, z: torch.Tensor) -> None:
+        if self.previewer is not None:
+            image = self.previewer.decode_latent_to_preview_image("JPEG", z)
+            self.bar.update_absolute(min(self.current, self.total), self.total, image)
+
+
+@dataclass
+class Outputs:
+    retouched: dict
+    layout: dict
+    mask: torch.Tensor
+    attention: torch.Tensor
+
+    def as_tuple(self) -> tuple:
+        return (self.retouched, self.layout, self.mask, self.attention)
+
+
+def check_models(model, vanilla_model) -> None:
+    check_supported(model, "model")
+    check_attention_free(model, "model")
+    if vanilla_model is not None:
+        check_same_architecture(model, vanilla_model, "vanilla_model")
+        check_attention_free(vanilla_model, "vanilla_model")
+
+
+def make_job(
+    values: dict,
+    reference,
+    *,
+    prompt,
+    negative_prompt,
+    steps,
+    cfg,
+    width,
+    height,
+    vanilla: bool,
+    img2img: bool,
+) -> J.RetouchJob:
+    params = inputs.make_params(values, tensors.reference_photos(reference), vanilla=vanilla)
+    return J.RetouchJob(
+        params,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance_scale=cfg,
+        img2img=img2img,
+    )
+
+
+def layout_job(
+    prompt, negative_prompt, concept_token, class_phrase, *, steps, lambda1, scale_with_steps=True
+):
+    """What stage 1 alone needs (the Layout node): the schedule's λ1 and the prompts y_p, y_p⁻.
+    λ2 and the mask step are the retouch's: set so that they fit any step count."""
+    from types import SimpleNamespace
+
+    from lib_layout_retouch.params import LayoutRetouchParams
+    from lib_layout_retouch.prompts import derive_prompts
+
+    params = LayoutRetouchParams(
+        lambda1=lambda1,
+        lambda2=0,
+        mask_start=FIELD_MASK_START_DEFAULT if scale_with_steps else steps + 1,
+        scale_with_steps=scale_with_steps,
+    )
+    params.validate()
+    return SimpleNamespace(
+        schedule=params.schedule(steps),
+        prompts=derive_prompts(prompt, concept_token, class_phrase),
+        negative_prompt=negative_prompt,
+    )
+
+
+def stage1(
+    calls,
+    job: J.RetouchJob,
+    *,
+    model,
+    vanilla_model,
+    clip,
+    vanilla_clip,
+    latent: dict,
+    seed,
+    steps,
+    cfg,
+    sampler_name,
+    scheduler,
+    denoise,
+    noise_mask,
+    progress,
+) -> torch.Tensor:
+    """The layout: raw latents (B, C, h, w)."""
+    vanilla_model = vanilla_model or model
+    vanilla_clip = vanilla_clip or clip
+    latent_image = calls.fix_empty_latent_channels(model, latent["samples"])
+    noise = calls.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    positive = calls.encode(clip, job.prompts.personalized)
+    negative = calls.encode(clip, job.negative_prompt)
+    l1 = job.schedule.lambda1
+    common = dict(noise_mask=noise_mask, seed=seed, denoise=denoise)
+    if l1 == 0:
+        return calls.sample(
+            model,
+            noise,
+            steps,
+            cfg,
+            sampler_name,
+            scheduler,
+            positive,
+            negative,
+            latent_image,
+            callback=progress.sampler_callback("layout"),
+            **common,
+        )
+    layout_positive = calls.encode(vanilla_clip, job.prompts.layout)
+    layout_negative = calls.encode(vanilla_clip, job.negative_prompt)
+    x1 = calls.sample(
+        vanilla_model,
+        noise,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        layout_positive,
+        layout_negative,
+        latent_image,
+        start_step=0,
+        last_step=l1,
+        force_full_denoise=False,
+        callback=progress.sampler_callback("layout, vanilla steps"),
+        **common,
+    )
+    # Continue from x1 on the personalized model: latent + σ_λ1·noise2 = x1 (in the model's scale).
+    sigma = float(calls.sigmas(model, steps, sampler_name, scheduler, denoise)[l1])
+    base = model.model
+    noise2 = base.process_latent_in(x1.float()) - base.process_latent_in(latent_image.float())
+    noise2 = (noise2 / sigma).to(latent_image.dtype)
+    return calls.sample(
+        model,
+        noise2,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        positive,
+        negative,
+        latent_image,
+        start_step=l1,
+        last_step=steps,
+        force_full_denoise=True,
+        callback=progress.sampler_callback("layout"),
+        **common,
+    )
+
+
+def layout_and_retouch(
+    calls,
+    *,
+    model,
+    clip,
+    vae,
+    reference,
+    prompt,
+    negative_prompt,
+    seed,
+    steps,
+    cfg,
+    sampler_name,
+    scheduler,
+    width=512,
+    height=512,
+    batch_size=1,
+    vanilla_model=None,
+    vanilla_clip=None,
+    latent=None,
+    denoise=1.0,
+    mask=None,
+    layout: Optional[dict] = None,
+    **values: Any,
+) -> Outputs:
+    """Both stages (or, with `layout` given, the retouch of that layout only). Errors a user can fix
+    raise LayoutRetouchError naming the node input; Cancel raises ComfyUI's interrupt."""
+    try:
+        return _run(
+            calls,
+            model=model,
+            clip=clip,
+            vae=vae,
+            reference=reference,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            width=width,
+            height=height,
+            batch_size=batch_size,
+            vanilla_model=vanilla_model,
+            vanilla_clip=vanilla_clip,
+            latent=latent,
+            denoise=denoise,
+            mask=mask,
+            layout=layout,
+            values=values,
+        )
+    except LayoutRetouchError as e:
+        raise inputs.node_error(e) from e
+    except Interrupted as e:
+        raise calls.interrupt_exception() from e
+
+
+def _run(
+    calls,
+    *,
+    model,
+    clip,
+    vae,
+    reference,
+    prompt,
+    negative_prompt,
+    seed,
+    steps,
+    cfg,
+    sampler_name,
+    scheduler,
+    width,
+    height,
+    batch_size,
+    vanilla_model,
+    vanilla_clip,
+    latent,
+    denoise,
+    mask,
+    layout,
+    values,
+) -> Outputs:
+    check_models(model, vanilla_model)
+    source = latent if layout is None else layout
+    if source is None:
+        samples = torch.zeros(batch_size, 4, height // 8, width // 8)
+        source = {"samples": samples}
+    samples = source["samples"]
+    n, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
+    values = dict(values)
+    if layout is not None:
+        values["layout_source"] = "input"
+    elif values.get("layout_source") == "stage1":
+        log.warning(
+            "Layout-and-Retouch: layout_source 'stage1' needs the library's DDIM stage 1; "
+            "ComfyUI's sampler drew the layout, so it is inverted"
+        )
+        values["layout_source"] = "inversion"
+    job = make_job(
+        values,
+        reference,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        cfg=cfg,
+        width=8 * w,
+        height=8 * h,
+        vanilla=vanilla_model is not None,
+        img2img=latent is not None or layout is not None,
+    )
+    user_mask = None
+    noise_mask = source.get("noise_mask")
+    if mask is not None:
+        noise_mask = mask
+    if noise_mask is not None:
+        user_mask = tensors.mask_at(noise_mask, n, (h, w))
+
+    # Never the user's MODEL objects: clones (the weights are shared; the attention patch restores).
+    model = model.clone()
+    vanilla_model = vanilla_model.clone() if vanilla_model is not None else None
+    runs_stage1 = job.params.runs_stage1
+    refs = len(job.references)
+    work = steps * (1 + refs + 1) + (steps if runs_stage1 else 0)
+    progress = Progress(calls.progress_bar(work), work, calls.previewer(model))
+    if runs_stage1:
+        layout_raw = stage1(
+            calls,
+            job,
+            model=model,
+            vanilla_model=vanilla_model,
+            clip=clip,
+            vanilla_clip=vanilla_clip,
+            latent=source,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            sampler_name=sampler_name,
+            scheduler=scheduler,
+            denoise=denoise,
+            noise_mask=noise_mask,
+            progress=progress,
+        )
+    else:
+        layout_raw = samples
+    lib_model = ComfyModel(model, clip, vae, load_model=calls.load)
+    calls.load(model)
+    subject = subject_token_positions(
+        lib_model.tokenize,
+        job.prompts.personalized,
+        [job.prompts.concept_token, job.prompts.class_phrase],
+    )
+    layout_latents = lib_model.model_latents(layout_raw.to(lib_model.device))
+    result = job.retouch(
+        lib_model,
+        layout_latents,
+        subject_tokens=subject,
+        model_key=lib_model.model_key(),
+        progress=progress,
+        should_stop=calls.interrupted,
+        user_mask=None if user_mask is None else user_mask.to(layout_latents),
+    )
+    for note in job.notes:
+        log.info("Layout-and-Retouch: %s", note)
+    hw = (8 * h, 8 * w)
+    out = {"samples": lib_model.raw_latents(result.latents).cpu()}
+    return Outputs(
+        retouched=out,
+        layout={"samples": layout_raw.cpu()},
+        mask=tensors.maps_to_mask(result.masks, n, hw),
+        attention=tensors.mask_to_image(tensors.maps_to_mask(result.ca_maps, n, hw)),
+    )

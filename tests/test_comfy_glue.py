@@ -1,0 +1,241 @@
+"""The ComfyUI glue without ComfyUI: the node inputs derived from params.FIELDS, the error naming,
+stage 1's split at λ1 (what each sampler pass gets, and that the second continues the first exactly)
+and the tensor conversions — over stand-ins for the ComfyUI calls (`run` takes them handed in)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from layout_retouch_comfy import inputs, run, tensors
+from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
+
+
+def test_every_field_is_an_input_a_socket_or_named_as_not_offered():
+    offered = set(inputs.ADVANCED) | set(inputs.CONCEPT) | set(inputs.LAMBDAS)
+    for f in FIELDS:
+        assert (f.name in offered) + (f.name in inputs.SOCKETS) + (
+            f.name in inputs.NOT_OFFERED
+        ) == 1, f.name
+
+
+@pytest.mark.parametrize("name", inputs.ADVANCED + inputs.LAMBDAS + inputs.CONCEPT)
+def test_inputs_keep_the_fields_default_range_and_hint(name):
+    f = FIELD_BY_NAME[name]
+    kind, opts = inputs.field_input(name)
+    assert opts["default"] == f.default and opts["tooltip"] == f.hint
+    if f.kind == "choice":
+        assert kind == list(f.choices)
+    if f.kind == "int":
+        assert kind == "INT" and opts["min"] == f.minimum
+    if f.kind == "float":
+        assert kind == "FLOAT" and (opts["min"], opts["max"]) == f.slider_range()
+        f.check_range(opts["min"]) and f.check_range(opts["max"])  # the widget's ends are valid
+
+
+def test_make_params_vanilla_socket_decides_the_personalization():
+    p = inputs.make_params(
+        {"concept_token": "sks", "class_phrase": "dog", "lambda1": 3}, [], vanilla=True
+    )
+    assert p.personalization == "dreambooth" and p.lambda1 == 3 and p.enabled
+    p = inputs.make_params({"concept_token": "sks", "class_phrase": "dog"}, [], vanilla=False)
+    assert p.personalization == "textual_inversion"
+    with pytest.raises(LayoutRetouchError) as e:
+        p.validate()
+    assert inputs.node_error(e.value).parameter == "reference"
+    assert "[input 'reference']" in str(inputs.node_error(e.value))
+
+
+def test_node_error_keeps_a_message_that_names_the_input_already():
+    e = LayoutRetouchError("connect an SD1.x model to 'vanilla_model'", parameter="vanilla_model")
+    assert str(inputs.node_error(e)) == str(e)
+
+
+class Base:
+    scale = 0.5
+
+    def process_latent_in(self, x):
+        return x * self.scale
+
+    def process_latent_out(self, x):
+        return x / self.scale
+
+
+class Calls:
+    """ComfyUI's calls as `run` makes them: each sampler pass is recorded; the sampler returns
+    latent + σ_last·noise in the model's scale (what a sampler that stops at σ_last gives)."""
+
+    SIGMAS = torch.tensor([14.6, 6.0, 2.5, 1.0, 0.0])
+
+    def __init__(self):
+        self.passes = []
+
+    def fix_empty_latent_channels(self, model, samples):
+        return samples
+
+    def prepare_noise(self, samples, seed, batch_index=None):
+        return torch.randn(samples.shape, generator=torch.Generator().manual_seed(seed))
+
+    def encode(self, clip, text):
+        return [(clip, text)]
+
+    def sigmas(self, model, steps, sampler_name, scheduler, denoise):
+        return self.SIGMAS
+
+    def sample(
+        self, model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent, **kw
+    ):
+        self.passes.append(
+            dict(
+                model=model, positive=positive, negative=negative, noise=noise, latent=latent, **kw
+            )
+        )
+        last = kw.get("last_step", steps)
+        sigma = 0.0 if kw.get("force_full_denoise") else float(self.SIGMAS[last])
+        b = model.model
+        start = b.process_latent_in(latent) + float(self.SIGMAS[kw.get("start_step") or 0]) * noise
+        return b.process_latent_out(start * 0.9 + sigma * 0.0 + 0.01 * (last or 0))
+
+
+def test_stage1_splits_at_lambda1_and_the_second_pass_continues_the_first():
+    calls = Calls()
+    personalized = SimpleNamespace(model=Base(), name="personalized")
+    vanilla = SimpleNamespace(model=Base(), name="vanilla")
+    job = run.layout_job(
+        "a sks dog", "blurry", "sks", "dog", steps=4, lambda1=2, scale_with_steps=False
+    )
+    latent = {"samples": torch.zeros(1, 4, 2, 2)}
+    progress = run.Progress(SimpleNamespace(update_absolute=lambda *a: None), 4)
+    run.stage1(
+        calls,
+        job,
+        model=personalized,
+        vanilla_model=vanilla,
+        clip="clip",
+        vanilla_clip="vclip",
+        latent=latent,
+        seed=3,
+        steps=4,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+        noise_mask=None,
+        progress=progress,
+    )
+    first, second = calls.passes
+    assert first["model"] is vanilla and first["positive"] == [("vclip", "a dog")]
+    assert first["negative"] == [("vclip", "blurry")]
+    assert (first["start_step"], first["last_step"], first["force_full_denoise"]) == (0, 2, False)
+    assert second["model"] is personalized and second["positive"] == [("clip", "a sks dog")]
+    assert (second["start_step"], second["last_step"], second["force_full_denoise"]) == (2, 4, True)
+    # the second pass starts where the first stopped: latent + σ_λ1·noise2 = the first's output
+    x1 = Calls().sample(
+        vanilla,
+        first["noise"],
+        4,
+        7.0,
+        "euler",
+        "normal",
+        None,
+        None,
+        latent["samples"],
+        start_step=0,
+        last_step=2,
+        force_full_denoise=False,
+    )
+    b = personalized.model
+    start = b.process_latent_in(second["latent"]) + float(Calls.SIGMAS[2]) * second["noise"]
+    assert torch.allclose(start, b.process_latent_in(x1), atol=1e-6)
+
+
+def test_stage1_without_vanilla_steps_is_one_pass():
+    calls = Calls()
+    personalized = SimpleNamespace(model=Base())
+    job = run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=0, scale_with_steps=False)
+    scaled = run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=5).schedule
+    assert scaled.lambda1 == LayoutRetouchParams(lambda1=5).schedule(4).lambda1
+    progress = run.Progress(SimpleNamespace(update_absolute=lambda *a: None), 4)
+    run.stage1(
+        calls,
+        job,
+        model=personalized,
+        vanilla_model=None,
+        clip="clip",
+        vanilla_clip=None,
+        latent={"samples": torch.zeros(1, 4, 2, 2)},
+        seed=3,
+        steps=4,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+        noise_mask=None,
+        progress=progress,
+    )
+    (only,) = calls.passes
+    assert only["model"] is personalized and "start_step" not in only
+
+    with pytest.raises(LayoutRetouchError, match="does not appear"):
+        run.layout_job("a dog", "", "sks", "dog", steps=4, lambda1=1)
+    with pytest.raises(LayoutRetouchError, match="λ1"):
+        run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=4, scale_with_steps=False)
+
+
+def test_stage1_progress_counts_both_passes_forward():
+    calls, seen = Calls(), []
+    personalized = SimpleNamespace(model=Base())
+    job = run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=1, scale_with_steps=False)
+    progress = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append(v)), 4)
+    run.stage1(
+        calls,
+        job,
+        model=personalized,
+        vanilla_model=None,
+        clip="c",
+        vanilla_clip=None,
+        latent={"samples": torch.zeros(1, 4, 2, 2)},
+        seed=3,
+        steps=4,
+        cfg=7.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+        noise_mask=None,
+        progress=progress,
+    )
+    first, second = calls.passes
+    first["callback"](0, None, None, 1)  # ComfyUI: (step, x0, x, steps of this pass)
+    for step in range(3):
+        second["callback"](step, None, None, 3)
+    assert seen == [1, 2, 3, 4]
+
+
+def test_progress_lays_phases_end_to_end():
+    seen = []
+    p = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append((v, t))), 12)
+    p("layout", 4, 4)
+    p("reference inversion", 2, 4)
+    p("retouch", 4, 4)
+    assert seen == [(4, 12), (6, 12), (12, 12)]
+
+
+def test_reference_batch_becomes_photos_and_masks_go_to_latent_size():
+    image = torch.rand(2, 16, 16, 3)
+    photos = tensors.reference_photos(image)
+    assert len(photos) == 2 and photos[0].size == (16, 16)
+    with pytest.raises(LayoutRetouchError, match="at most 4"):
+        tensors.reference_photos(torch.rand(5, 8, 8, 3))
+    mask = torch.zeros(16, 16)
+    mask[:, 8:] = 1
+    m = tensors.mask_at(mask, 2, (2, 2))
+    assert m.shape == (1, 1, 2, 2) and torch.equal(m[0, 0], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    with pytest.raises(LayoutRetouchError, match="mask"):
+        tensors.mask_at(torch.zeros(3, 16, 16), 2, (2, 2))
+    out = tensors.maps_to_mask(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), 1, (4, 4))
+    assert (
+        out.shape == (1, 4, 4)
+        and out[0, 0, 3] == 1
+        and tensors.mask_to_image(out).shape == (1, 4, 4, 3)
+    )
