@@ -14,6 +14,7 @@ selected. Skipped with the reason when Playwright or Chromium is missing, or whe
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -299,3 +300,67 @@ def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
     assert "[Layout-and-Retouch] retouch of 1 image(s)" in log, log[-3000:]
     assert pg.locator("#txt2img_gallery img").count() >= 1, "no image in the gallery"
     assert not page.ours(), "\n".join(page.ours())
+
+
+def test_forge_flux_run_from_the_page(page, forge_ui, photo_path):
+    """Flux.1 from the page: the tier's tiny `flux-personal` loaded, its LoRA in the prompt,
+    personalization LoRA, Euler / Simple, CFG 1; Generate; the infotext under the gallery has the
+    `LR ` keys, `Model: flux-personal` and the distilled CFG. With LR_SCREENSHOTS=<dir> it saves
+    <dir>/forge-flux.png (the README's). `forge-personal` is loaded again afterwards."""
+    import forge_tiny_checkpoints as FFC
+    import host_helpers as H
+
+    pg = page.pg
+    H.set_checkpoint(forge_ui.url, forge_ui.title(FFC.PERSONAL))
+    try:
+        pg.reload()
+        pg.wait_for_selector("#txt2img_prompt textarea")
+        pg.wait_for_function(
+            "(a) => document.querySelector(a + ' .input-accordion-checkbox') !== null", arg=ACC
+        )
+        set_text(
+            pg, "#txt2img_prompt textarea", f"a photo of sks dog on a beach <lora:{FFC.LORA}:1>"
+        )
+        set_number(pg, "txt2img_width", 64)
+        set_number(pg, "txt2img_height", 64)
+        set_number(pg, "txt2img_steps", 8)
+        set_number(pg, "txt2img_cfg_scale", 1)
+        choose(pg, "txt2img_sampling", "Euler")
+        choose(pg, "txt2img_scheduler", "Simple")
+        pg.locator(f"{ACC} .label-wrap").first.click()  # opening switches it on
+        wait_enabled(pg)
+        pg.locator(f"#{SID}reference_image input[type=file]").set_input_files(photo_path)
+        pg.wait_for_selector(f"#{SID}reference_image img")
+        pg.locator(f"#{SID}personalization label").filter(has_text="LoRA").first.click()
+        pg.locator(f"#{SID}guess").click()
+        pg.wait_for_function(
+            "(s) => { const b = document.querySelector('#' + s + 'concept_token input, #' + s +"
+            " 'concept_token textarea'); return b && b.value == 'sks'; }",
+            arg=SID,
+        )
+        before = pg.evaluate(LOG_JS)
+        mark = forge_ui.log_mark()
+        pg.locator("#txt2img_generate").click()
+        t0 = time.monotonic()
+        while True:
+            now = pg.evaluate(LOG_JS)
+            if now != before and "Time taken" in now:
+                break
+            assert time.monotonic() - t0 < GEN_TIMEOUT, (
+                f"the Flux generation did not end in {GEN_TIMEOUT}s: {now!r}"
+            )
+            time.sleep(0.5)
+        info = pg.locator("#html_info_txt2img").first.inner_text()
+        log = forge_ui.log_since(mark, settle=1.0)
+        assert "LR lambda1" in info and "LR personalization: lora" in info, (
+            f"no LR keys in the infotext under the gallery:\n{info}\nlog:\n{log[-3000:]}"
+        )
+        assert f"Model: {FFC.PERSONAL}" in info and "Distilled CFG Scale" in info, info
+        assert "[Layout-and-Retouch] retouch of 1 image(s)" in log, log[-3000:]
+        assert pg.locator("#txt2img_gallery img").count() >= 1, "no image in the gallery"
+        assert not page.ours(), "\n".join(page.ours())
+        shots = os.environ.get("LR_SCREENSHOTS")
+        if shots:
+            pg.screenshot(path=os.path.join(shots, "forge-flux.png"), full_page=True)
+    finally:
+        H.set_checkpoint(forge_ui.url, forge_ui.title(FC.PERSONAL))

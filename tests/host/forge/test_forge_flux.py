@@ -205,6 +205,69 @@ def test_flux_interrupt_mid_retouch_leaves_nothing_patched(webui, flux_plain, lr
     )
 
 
+def test_flux_batch_2_with_intermediates(webui, flux_plain, lr):
+    """Batch 2 on Flux: two retouched results with their own layouts (own seeds), then each one's
+    layout, blend mask and attention map, which carry no LR keys."""
+    off = H.txt2img(webui.url, flux_body(LORA_PROMPT, batch_size=2))
+    assert off.ok, off.describe()
+    on = H.txt2img(
+        webui.url,
+        flux_lr_body(
+            lr(personalization="lora", show_intermediates=True), LORA_PROMPT, batch_size=2
+        ),
+    )
+    H.assert_retouched(on)
+    assert len(on.images) == 2 + 2 * 3, on.describe()
+    for i in range(2):
+        assert H.lr_params(on.infotexts[i]), f"image {i} has no LR infotext: {on.infotexts[i]!r}"
+        assert H.differs(on.images[i], off.images[i]), f"Flux image {i} was not retouched"
+    assert H.differs(on.images[0], on.images[1]), "each image must get its own layout (own seed)"
+    for t in on.infotexts[2:]:
+        assert not H.lr_params(t), f"an intermediate carries LR keys: {t!r}"
+    back = H.txt2img(webui.url, flux_body())
+    assert np.array_equal(back.image, flux_plain.image), "something stayed patched (Flux batch)"
+
+
+def test_flux_xyz_sweep_over_lambda2(webui, flux_plain, lr):
+    """The X/Y/Z plot's LR axis on Flux: a 1×2 grid whose cells record λ2 = 1 and 4 and differ."""
+    choices = H.xyz_axis_choices(webui.url)
+    label = "[L&R] Lambda2"
+    assert label in choices, [c for c in choices if "L&R" in c]
+    body = flux_lr_body(lr(personalization="lora"), LORA_PROMPT)
+    body.update(script_name="x/y/z plot", script_args=H.xyz_args(choices.index(label), "1,4"))
+    r = H.txt2img(webui.url, body)
+    assert r.ok, r.describe()
+    assert r.images[0].shape[:2] == (H.SIZE, 2 * H.SIZE), "no 1×2 grid"
+    got = [H.lr_params(t).get("LR lambda2") for t in r.infotexts[1:3]]
+    assert got == ["1", "4"], r.infotexts
+    assert H.differs(r.images[1], r.images[2]), "λ2 = 1 and 4 gave the same Flux image"
+
+
+def test_flux_schnell_retouch_at_four_steps(webui, flux_plain, lr):
+    """schnell's few steps: λ1 = 1 and λ2 = 2 at 4 steps (as given), the retouch runs, LR steps used
+    records them, and the image differs from schnell's plain LoRA image."""
+    override = {"sd_model_checkpoint": webui.title(FFC.SCHNELL)}
+    try:
+        plain = H.txt2img(webui.url, flux_body(LORA_PROMPT, steps=4, override_settings=override))
+        assert plain.ok, plain.describe()
+        on = H.txt2img(
+            webui.url,
+            flux_lr_body(
+                lr(personalization="lora", lambda1=1, lambda2=2, mask_start=3),
+                LORA_PROMPT,
+                steps=4,
+                override_settings=override,
+            ),
+        )
+        got = H.assert_retouched(on)
+        assert H.parse_infotext(on.infotexts[0]).get("Model") == FFC.SCHNELL, on.describe()
+        assert (got.get("LR lambda1"), got.get("LR lambda2")) == ("1", "2"), got
+        assert "LR steps used" in got, got
+        assert H.differs(on.image, plain.image), "the schnell retouch gave the plain image"
+    finally:
+        H.set_checkpoint(webui.url, webui.title(FFC.PERSONAL))
+
+
 def test_flux_schnell_is_loaded_as_schnell(webui, flux_plain):
     """The schnell-shaped checkpoint (no guidance embedding) is Forge's schnell: the distilled CFG
     is ignored (its log line), and a 4-step image is made."""
