@@ -55,6 +55,16 @@ def patched_attention(
     modules = attention_modules(unet)
     if names is not None:
         modules = {n: modules[n] for n in names}
+    with forwards_replaced(modules, editor, _make_wrapper):
+        yield
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules: dict, editor, make_wrapper: Callable) -> Iterator[None]:
+    """Give each named module an instance `forward` = make_wrapper(name, module, editor, previous
+    own forward or None) while the block runs (attention modules here, DiT blocks in
+    dit_attention). On any exit each module gets back exactly its previous instance attribute (or
+    none, so the class forward applies again); a module already patched by us is refused."""
     installed: list[tuple[torch.nn.Module, bool, object]] = []
     try:
         for name, module in modules.items():
@@ -62,7 +72,7 @@ def patched_attention(
                 raise AttentionAlreadyPatched(f"{name} is already patched by Layout-and-Retouch")
             had_own = "forward" in module.__dict__
             previous = module.__dict__.get("forward")
-            module.forward = _make_wrapper(name, module, editor, previous if had_own else None)
+            module.forward = make_wrapper(name, module, editor, previous if had_own else None)
             installed.append((module, had_own, previous))
         yield
     finally:

@@ -38,12 +38,12 @@ from .attention import (
     COND,
     LAYOUT,
     REFERENCE,
-    AttentionAlreadyPatched,
     LayerRoles,
     RetouchAttention,
     RetouchProcessor,
     StepResults,
     StepState,
+    forwards_replaced,
 )
 from .dit_tokens import image_ids, token_grid
 from .errors import LayoutRetouchError
@@ -81,22 +81,8 @@ def patched_blocks(
     blocks = dit_blocks(transformer)
     if names is not None:
         blocks = {n: blocks[n] for n in names}
-    installed: list[tuple[torch.nn.Module, bool, object]] = []
-    try:
-        for name, block in blocks.items():
-            if getattr(block.__dict__.get("forward"), "_layout_retouch", False):
-                raise AttentionAlreadyPatched(f"{name} is already patched by Layout-and-Retouch")
-            had_own = "forward" in block.__dict__
-            previous = block.__dict__.get("forward")
-            block.forward = _make_wrapper(name, block, editor, previous if had_own else None)
-            installed.append((block, had_own, previous))
+    with forwards_replaced(blocks, editor, _make_wrapper):
         yield
-    finally:
-        for block, had_own, previous in reversed(installed):
-            if had_own:
-                block.forward = previous
-            else:
-                del block.forward
 
 
 def _make_wrapper(name, block, editor, previous) -> Callable:

@@ -259,6 +259,24 @@ LOG_JS = (
 )
 
 
+def generate(pg, forge_ui) -> tuple[str, str]:
+    """Click Generate, wait for "Time taken" under the gallery; (the infotext there, Forge's log
+    since the click)."""
+    before = pg.evaluate(LOG_JS)
+    mark = forge_ui.log_mark()
+    pg.locator("#txt2img_generate").click()
+    t0 = time.monotonic()
+    while True:
+        now = pg.evaluate(LOG_JS)
+        if now != before and "Time taken" in now:
+            break
+        assert time.monotonic() - t0 < GEN_TIMEOUT, (
+            f"the generation did not end in {GEN_TIMEOUT}s: {now!r}"
+        )
+        time.sleep(0.5)
+    return pg.locator("#html_info_txt2img").first.inner_text(), forge_ui.log_since(mark, settle=1.0)
+
+
 def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
     """64×64, DDIM, 8 steps, forge-vanilla as vanilla, Guess → token/class; Generate; the infotext
     under the gallery has the `LR ` keys (λ1 etc. the UI's defaults, scaled to 8 steps)."""
@@ -279,20 +297,7 @@ def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
         " 'concept_token textarea'); return b && b.value == 'sks'; }",
         arg=SID,
     )
-    before = pg.evaluate(LOG_JS)
-    mark = forge_ui.log_mark()
-    pg.locator("#txt2img_generate").click()
-    t0 = time.monotonic()
-    while True:
-        now = pg.evaluate(LOG_JS)
-        if now != before and "Time taken" in now:
-            break
-        assert time.monotonic() - t0 < GEN_TIMEOUT, (
-            f"the generation did not end in {GEN_TIMEOUT}s: {now!r}"
-        )
-        time.sleep(0.5)
-    info = pg.locator("#html_info_txt2img").first.inner_text()
-    log = forge_ui.log_since(mark, settle=1.0)
+    info, log = generate(pg, forge_ui)
     assert "LR lambda1" in info and "LR vanilla checkpoint" in info, (
         f"no LR keys in the infotext under the gallery:\n{info}\nmessage: {pg.evaluate(LOG_JS)!r}\nlog:\n{log[-3000:]}"
     )
@@ -338,20 +343,7 @@ def test_forge_flux_run_from_the_page(page, forge_ui, photo_path):
             " 'concept_token textarea'); return b && b.value == 'sks'; }",
             arg=SID,
         )
-        before = pg.evaluate(LOG_JS)
-        mark = forge_ui.log_mark()
-        pg.locator("#txt2img_generate").click()
-        t0 = time.monotonic()
-        while True:
-            now = pg.evaluate(LOG_JS)
-            if now != before and "Time taken" in now:
-                break
-            assert time.monotonic() - t0 < GEN_TIMEOUT, (
-                f"the Flux generation did not end in {GEN_TIMEOUT}s: {now!r}"
-            )
-            time.sleep(0.5)
-        info = pg.locator("#html_info_txt2img").first.inner_text()
-        log = forge_ui.log_since(mark, settle=1.0)
+        info, log = generate(pg, forge_ui)
         assert "LR lambda1" in info and "LR personalization: lora" in info, (
             f"no LR keys in the infotext under the gallery:\n{info}\nlog:\n{log[-3000:]}"
         )
