@@ -16,7 +16,7 @@ from lib_layout_retouch.schedule import (
     img2img_steps,
 )
 
-from . import hosts, samplers
+from . import hosts, options, samplers
 from .api import has_lr_keys
 from .settings import checkpoint_choices, opt, sam_choices
 
@@ -54,7 +54,7 @@ def control(f, labels, eid: str):
         )
     if f.name == "sam_model":
         choices = sam_choices()
-        default_sam = opt("layout_retouch_default_sam", NO_SAM)
+        default_sam = opt(options.DEFAULT_SAM)
         return gr.Dropdown(
             choices=choices,
             value=default_sam if default_sam in choices else NO_SAM,

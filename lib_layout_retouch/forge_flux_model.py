@@ -58,21 +58,40 @@ def forge_flux_model(
     (default: Forge's "Simple" scheduler on the predictor's table, what a Flux generation uses unless
     the user picks another scheduler). `guidance`: the generation's distilled guidance ("Distilled CFG
     Scale"; `p.distilled_cfg_scale`), used for every path's conditioning (dev; schnell ignores it)."""
-    unet_patcher = engine.forge_objects.unet
-    kmodel = unet_patcher.model
-    transformer = kmodel.diffusion_model
-    predictor = kmodel.predictor
-    dtype = kmodel.computation_dtype
-    guidance_embed = bool(getattr(transformer, "guidance_embed", True))
+    forge = _ForgeFlux(engine, load_model)
+    model = FluxModel(
+        forge.transformer,
+        encode_t5=forge.encode_t5,
+        encode_clip=forge.encode_clip,
+        tokenize_t5=forge.tokenize_t5,
+        tokenize_clip=forge.tokenize_clip,
+        vae_encode=forge.vae_encode,
+        vae_decode=forge.vae_decode,
+        velocity=forge.velocity,
+        shift=False,
+        sigmas=sigmas or forge.simple_sigmas,
+        **({} if guidance is None else {"guidance": float(guidance)}),
+    )
+    model.unet_patcher = engine.forge_objects.unet
+    return model
 
-    def device():
-        return next(transformer.parameters()).device
 
-    def velocity(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
-        dev = device()
-        t = predictor.timestep(sigma.to(dev).float()).float()
-        guidance = cond.get("guidance") if guidance_embed else None
-        out = transformer(
+class _ForgeFlux:
+    """What FluxModel asks of a host, answered by Forge's Flux engine (facts: the module docstring)."""
+
+    def __init__(self, engine, load_model: Callable):
+        self.engine, self.load_model = engine, load_model
+        kmodel = engine.forge_objects.unet.model
+        self.transformer = kmodel.diffusion_model
+        self.predictor = kmodel.predictor
+        self.dtype = kmodel.computation_dtype
+        self.guidance_embed = bool(getattr(self.transformer, "guidance_embed", True))
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        dev, dtype = next(self.transformer.parameters()).device, self.dtype
+        t = self.predictor.timestep(sigma.to(dev).float()).float()
+        guidance = cond.get("guidance") if self.guidance_embed else None
+        out = self.transformer(
             x.to(dev, dtype),
             t,
             context=cond["crossattn"].to(dev, dtype),
@@ -82,58 +101,36 @@ def forge_flux_model(
         )
         return out.float().to(x.device)
 
-    def text_loaded():
-        load_model(engine.forge_objects.clip.patcher)
+    def _text_loaded(self):
+        self.load_model(self.engine.forge_objects.clip.patcher)
 
-    def encode_t5(prompts):
-        text_loaded()
-        return engine.text_processing_engine_t5(list(prompts)).float()
+    def encode_t5(self, prompts) -> torch.Tensor:
+        self._text_loaded()
+        return self.engine.text_processing_engine_t5(list(prompts)).float()
 
-    def encode_clip(prompts):
-        text_loaded()
-        _, pooled = engine.text_processing_engine_l(list(prompts))
+    def encode_clip(self, prompts) -> torch.Tensor:
+        self._text_loaded()
+        _, pooled = self.engine.text_processing_engine_l(list(prompts))
         return pooled.float()
 
-    def tokenize_t5(text: str) -> list[int]:
-        return list(engine.text_processing_engine_t5.tokenize([text])[0])
+    def tokenize_t5(self, text: str) -> list[int]:
+        return list(self.engine.text_processing_engine_t5.tokenize([text])[0])
 
-    def tokenize_clip(text: str) -> list[int]:
-        return list(engine.text_processing_engine_l.tokenize([text])[0])
+    def tokenize_clip(self, text: str) -> list[int]:
+        return list(self.engine.text_processing_engine_l.tokenize([text])[0])
 
-    def vae_encode(images: torch.Tensor) -> torch.Tensor:
-        vae = engine.forge_objects.vae
-        load_model(vae.patcher)
+    def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.engine.forge_objects.vae
+        self.load_model(vae.patcher)
         x = images.to(vae.device, vae.vae_dtype)
         z = vae.first_stage_model.encode(x, regulation=lambda posterior: posterior.mode())
         return vae.first_stage_model.process_in(z.float()).to(images.device)
 
-    def vae_decode(latents: torch.Tensor) -> torch.Tensor:
-        return engine.decode_first_stage(latents).float()
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.engine.decode_first_stage(latents).float()
 
-    def default_sigmas(steps: int, latent_hw) -> list[float]:
-        return simple_sigmas(predictor.sigmas, steps)
-
-    model = FluxModel(
-        transformer,
-        encode_t5=encode_t5,
-        encode_clip=encode_clip,
-        tokenize_t5=tokenize_t5,
-        tokenize_clip=tokenize_clip,
-        vae_encode=vae_encode,
-        vae_decode=vae_decode,
-        velocity=velocity,
-        shift=False,
-        sigmas=sigmas or default_sigmas,
-    )
-    model.unet_patcher = unet_patcher
-    if guidance is not None:
-        plain_conds = model.retouch_conds
-
-        def retouch_conds(prompts, negative_prompt: str = "", guidance_: float = float(guidance)):
-            return plain_conds(prompts, negative_prompt, guidance=guidance_)
-
-        model.retouch_conds = retouch_conds
-    return model
+    def simple_sigmas(self, steps: int, latent_hw) -> list[float]:
+        return simple_sigmas(self.predictor.sigmas, steps)
 
 
 __all__ = ["forge_flux_model", "is_forge_flux", "simple_sigmas"]

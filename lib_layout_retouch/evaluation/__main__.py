@@ -15,6 +15,7 @@ from ..schedule import (
     PAPER_MASK_START,
     PAPER_STEPS,
 )
+from ..segmentation import SAM_KINDS
 
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,7 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sam-type",
         default=None,
-        choices=["vit_h", "vit_l", "vit_b"],
+        choices=list(SAM_KINDS),
         help="SAM model type (guessed from the checkpoint name)",
     )
     g.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")

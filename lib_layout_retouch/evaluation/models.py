@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import LayoutRetouchError
+from ..images import IMAGE_EXTENSIONS
 
 EVAL_SIZE = 256  # DreamMatcher: PersonalizedBase(size=256)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -55,8 +56,6 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_INCEPTION = "torchvision"  # torchvision's IMAGENET1K_V1 weights from the torch hub cache
 DEFAULT_IMAGE_REWARD = "ImageReward-v1.0"
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 # ----------------------------------------------------------------------------------------- images

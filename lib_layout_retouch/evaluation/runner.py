@@ -46,6 +46,7 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from ..errors import LayoutRetouchError
+from ..images import IMAGE_EXTENSIONS
 from ..masks import DEFAULT_CA_THRESHOLD
 from ..params import PERSONALIZATION_KINDS
 from ..schedule import (
@@ -87,7 +88,6 @@ CONCEPT_KEYS = (
     "prompt_extra",
     "live",
 ) + SCRIPT_ARG_KEYS
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -219,6 +219,19 @@ def read_prompts(vico_dir: str, live: bool, prompt_set: str = "normal") -> list[
 def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
     """Read and check the concept file (format in the module docstring) against the ViCo folder."""
     vico_dir = _check_dir(vico_dir, "ViCo", "vico")
+    defaults, concepts = _read_concept_file(path)
+    sources = _reference_sources(vico_dir)
+    available = sorted(d for d in os.listdir(vico_dir) if os.path.isdir(os.path.join(vico_dir, d)))
+    return [
+        _concept_spec(
+            name, _merged_concept(name, raw, defaults, path), path, vico_dir, sources, available
+        )
+        for name, raw in concepts.items()
+    ]
+
+
+def _read_concept_file(path: str) -> tuple[dict, dict]:
+    """(defaults, {name: raw concept}) of the JSON concept file, or a message naming what is wrong."""
     if not os.path.isfile(path):
         raise LayoutRetouchError(f"Concept file '{path}' does not exist.", parameter="concepts")
     try:
@@ -244,91 +257,97 @@ def load_concepts(path: str, vico_dir: str) -> list[ConceptSpec]:
             '{"concepts": {"brown_dog": {"token": "sks", "class": "dog"}, ...}}.',
             parameter="concepts",
         )
-    sources = {}
+    return defaults, concepts
+
+
+def _reference_sources(vico_dir: str) -> dict:
+    """ViCo's imgs_source.txt ({folder: the photo the paper used as reference}), {} without it."""
     src_file = os.path.join(vico_dir, "imgs_source.txt")
-    if os.path.isfile(src_file):
-        try:
-            with open(src_file, encoding="utf-8") as f:
-                sources = json.load(f)
-        except json.JSONDecodeError:
-            sources = {}
-    available = sorted(d for d in os.listdir(vico_dir) if os.path.isdir(os.path.join(vico_dir, d)))
-    specs = []
-    for name, raw in concepts.items():
-        if not isinstance(raw, dict):
-            raise LayoutRetouchError(
-                f"Concept '{name}' in {path} must be an object with token and class.",
-                parameter="concepts",
-            )
-        unknown = sorted(set(raw) - set(CONCEPT_KEYS)) + sorted(set(defaults) - set(CONCEPT_KEYS))
-        if unknown:
-            raise LayoutRetouchError(
-                f"Unknown key(s) {unknown} for concept '{name}' in {path}; known keys: "
-                f"{', '.join(CONCEPT_KEYS)}.",
-                parameter="concepts",
-            )
-        merged = {
-            **{
-                k: v
-                for k, v in defaults.items()
-                if k not in ("token", "class", "folder", "reference_image")
-            },
-            **raw,
-        }
-        for key in ("token", "class"):
-            if not str(merged.get(key, "")).strip():
-                raise LayoutRetouchError(
-                    f"Concept '{name}' in {path} needs a non-empty '{key}'.", parameter="concepts"
-                )
-        folder_name = str(merged.get("folder", name))
-        folder = os.path.join(vico_dir, folder_name)
-        if not os.path.isdir(folder):
-            raise LayoutRetouchError(
-                f"Concept '{name}': folder '{folder}' does not exist. Set \"folder\" to one of: "
-                f"{', '.join(available)}.",
-                parameter="concepts",
-            )
-        images = _image_files(folder)
-        if not images:
-            raise LayoutRetouchError(
-                f"Concept '{name}': no images in '{folder}'.", parameter="concepts"
-            )
-        ref = merged.get("reference_image") or sources.get(folder_name) or images[0]
-        ref_path = ref if os.path.isabs(ref) else os.path.join(folder, ref)
-        if not os.path.isfile(ref_path):
-            if merged.get("reference_image"):
-                raise LayoutRetouchError(
-                    f"Concept '{name}': reference image '{ref_path}' does not exist.",
-                    parameter="concepts",
-                )
-            ref_path = os.path.join(
-                folder, images[0]
-            )  # imgs_source.txt names a file this copy lacks
-        pers = str(merged.get("personalization", "dreambooth"))
-        if pers not in PERSONALIZATION_KINDS:
-            raise LayoutRetouchError(
-                f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATION_KINDS}.",
-                parameter="concepts",
-            )
-        token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
-        specs.append(
-            ConceptSpec(
-                name=name,
-                folder=folder,
-                token=token,
-                class_phrase=cls,
-                subject=str(merged.get("subject") or f"{token} {cls}"),
-                reference_image=os.path.abspath(ref_path),
-                personalization=pers,
-                checkpoint=str(merged.get("checkpoint", "")),
-                prompt_extra=str(merged.get("prompt_extra", "")),
-                live=bool(
-                    merged.get("live", folder_name in LIVE_CONCEPTS or name in LIVE_CONCEPTS)
-                ),
-                script={k: merged[k] for k in SCRIPT_ARG_KEYS if k in merged},
-            )
+    if not os.path.isfile(src_file):
+        return {}
+    try:
+        with open(src_file, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError:
+        return {}
+
+
+def _merged_concept(name: str, raw, defaults: dict, path: str) -> dict:
+    """The concept's keys over the file's defaults (which never give token, class, folder or
+    reference); unknown keys and an empty token or class are refused."""
+    if not isinstance(raw, dict):
+        raise LayoutRetouchError(
+            f"Concept '{name}' in {path} must be an object with token and class.",
+            parameter="concepts",
         )
-    return specs
+    unknown = sorted(set(raw) - set(CONCEPT_KEYS)) + sorted(set(defaults) - set(CONCEPT_KEYS))
+    if unknown:
+        raise LayoutRetouchError(
+            f"Unknown key(s) {unknown} for concept '{name}' in {path}; known keys: "
+            f"{', '.join(CONCEPT_KEYS)}.",
+            parameter="concepts",
+        )
+    own_only = ("token", "class", "folder", "reference_image")
+    merged = {**{k: v for k, v in defaults.items() if k not in own_only}, **raw}
+    for key in ("token", "class"):
+        if not str(merged.get(key, "")).strip():
+            raise LayoutRetouchError(
+                f"Concept '{name}' in {path} needs a non-empty '{key}'.", parameter="concepts"
+            )
+    return merged
+
+
+def _reference_path(name: str, merged: dict, folder: str, folder_name: str, sources: dict) -> str:
+    """The concept's reference photo: its own `reference_image`, else ViCo's source list's, else
+    the folder's first image (also when the source list names a file this copy lacks)."""
+    images = _image_files(folder)
+    if not images:
+        raise LayoutRetouchError(
+            f"Concept '{name}': no images in '{folder}'.", parameter="concepts"
+        )
+    ref = merged.get("reference_image") or sources.get(folder_name) or images[0]
+    ref_path = ref if os.path.isabs(ref) else os.path.join(folder, ref)
+    if os.path.isfile(ref_path):
+        return os.path.abspath(ref_path)
+    if merged.get("reference_image"):
+        raise LayoutRetouchError(
+            f"Concept '{name}': reference image '{ref_path}' does not exist.", parameter="concepts"
+        )
+    return os.path.abspath(os.path.join(folder, images[0]))
+
+
+def _concept_spec(
+    name: str, merged: dict, path: str, vico_dir: str, sources: dict, available: list
+) -> ConceptSpec:
+    folder_name = str(merged.get("folder", name))
+    folder = os.path.join(vico_dir, folder_name)
+    if not os.path.isdir(folder):
+        raise LayoutRetouchError(
+            f"Concept '{name}': folder '{folder}' does not exist. Set \"folder\" to one of: "
+            f"{', '.join(available)}.",
+            parameter="concepts",
+        )
+    reference = _reference_path(name, merged, folder, folder_name, sources)
+    pers = str(merged.get("personalization", "dreambooth"))
+    if pers not in PERSONALIZATION_KINDS:
+        raise LayoutRetouchError(
+            f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATION_KINDS}.",
+            parameter="concepts",
+        )
+    token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
+    return ConceptSpec(
+        name=name,
+        folder=folder,
+        token=token,
+        class_phrase=cls,
+        subject=str(merged.get("subject") or f"{token} {cls}"),
+        reference_image=reference,
+        personalization=pers,
+        checkpoint=str(merged.get("checkpoint", "")),
+        prompt_extra=str(merged.get("prompt_extra", "")),
+        live=bool(merged.get("live", folder_name in LIVE_CONCEPTS or name in LIVE_CONCEPTS)),
+        script={k: merged[k] for k in SCRIPT_ARG_KEYS if k in merged},
+    )
 
 
 def encode_reference(path: str, max_side: int = 1024) -> str:

@@ -123,7 +123,7 @@ def test_lambda1_that_leaves_no_personalized_step_is_refused(
     detail = H.error_text(bad)
     expect = plan(sampler, steps, img2img)
     assert f"between 0 and {largest}" in detail, detail
-    if expect.words():
+    if expect.steps != steps:  # the sampler runs other steps than the slider's: the message says so
         assert expect.words() in detail, detail
     assert unet_calls(url) == [], "a refused request ran the UNet"
     ok = generate(url, lr(lambda1=largest), img2img, sampler_name=sampler, steps=steps)
