@@ -102,7 +102,13 @@ class SamplerSteps:
             text += f" for {self.requested}"
         if calls != self.steps:
             text += f", {calls} model calls"
-        return f"{text} ({FAMILY_WORDS[self.family]})"
+        why = FAMILY_WORDS[self.family]
+        if self.family in (DDIM_LIKE, PLMS) and self.steps > self.requested:
+            # 1000 // n rounds the spacing down: more timesteps than asked (60 → 62)
+            why = f"a timestep sampler: its timesteps are {TRAIN_TIMESTEPS // self.requested} apart"
+        elif self.family in (DDIM_LIKE, PLMS) and self.steps != self.requested - 1:
+            why = FAMILY_WORDS[UNIPC]  # img2img: the strength, not the early stop, sets the count
+        return f"{text} ({why})"
 
 
 def sampler_steps(

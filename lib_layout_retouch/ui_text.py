@@ -97,6 +97,8 @@ MORE_PHOTOS_UPLOADING = (
 
 def refusal(message: str) -> str:
     """A refused generation as the panel shows it (above the gallery): marked, in control labels."""
+    prefix = "Layout-and-Retouch: "  # str(LayoutRetouchError) starts with it; the mark says it once
+    message = message[len(prefix) :] if message.startswith(prefix) else message
     return f"{REFUSAL_MARK} {for_ui(message)}"
 
 

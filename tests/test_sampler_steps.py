@@ -25,7 +25,13 @@ def test_ddim_at_10_runs_9_and_at_7_runs_7():
     assert ss.sampler_steps("DDIM", ss.DDIM_LIKE, 10).steps == 9
     # 1000 // 7 = 142 → 8 timesteps 1 … 995 → 7 calls
     assert ss.sampler_steps("DDIM", ss.DDIM_LIKE, 7).steps == 7
-    assert "DDIM runs 9 steps for 10" in ss.sampler_steps("DDIM", ss.DDIM_LIKE, 10).words()
+    assert ss.sampler_steps("DDIM", ss.DDIM_LIKE, 10).words() == (
+        "DDIM runs 9 steps for 10 (a timestep sampler: it stops one step early)"
+    )
+    # 1000 // 60 = 16 apart: 63 timesteps, 62 steps — more than asked, not one early
+    assert ss.sampler_steps("DDIM", ss.DDIM_LIKE, 60).words() == (
+        "DDIM runs 62 steps for 60 (a timestep sampler: its timesteps are 16 apart)"
+    )
 
 
 @pytest.mark.parametrize("n,strength", [(10, 0.75), (8, 0.75), (20, 0.5), (10, 1.0), (7, 0.3)])
@@ -36,6 +42,8 @@ def test_ddim_img2img_runs_t_enc_minus_one(n, strength):
     assert plan.steps == _ddim_calls(full, t_enc)
     if (n, strength) == (10, 0.75):
         assert plan.steps == 6  # the example: 10 steps at 0.75 runs 6 model calls
+        # the strength set the count, not DDIM's early stop: the words don't claim the latter
+        assert plan.words() == "DDIM runs 6 steps for 10 (a timestep sampler)"
 
 
 def test_img2img_fix_steps():

@@ -228,4 +228,6 @@ def test_axis_units_in_refusals_and_hints():
             assert "steps at this generation's step count" in ui_text.EXTRA_HINTS[a.label]
     texts = ui_text.page_texts()
     assert ui_text.refusal("x").startswith(texts["refusalMark"])
+    # a LayoutRetouchError's str already names the extension: the banner says it once
+    assert ui_text.refusal(str(LayoutRetouchError("x is bad"))) == "⚠ Layout-and-Retouch: x is bad"
     assert "still uploading" in texts["moreUploading"]
