@@ -23,7 +23,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import LayoutRetouchError
 from . import diversity
@@ -109,6 +109,19 @@ def collect_records(
     run_concepts = run.get("concepts", {})
     vico = vico_dir or run.get("vico")
     records, warnings = [], []
+    for method, concept, path in _generated_images(images_dir):
+        spec = run_concepts.get(concept, {})
+        record = _image_record(path, method, concept, spec, vico, vico_dir, warnings)
+        if record is not None:
+            records.append(record)
+    if not records:
+        raise LayoutRetouchError(f"No scorable images under {images_dir}.", parameter="out")
+    return records, warnings
+
+
+def _generated_images(images_dir: str):
+    """(method, concept, path) of each generated image under images/<method>/<concept>/ (not the
+    subject masks or the extra images)."""
     for method in sorted(os.listdir(images_dir)):
         mdir = os.path.join(images_dir, method)
         if not os.path.isdir(mdir):
@@ -118,45 +131,37 @@ def collect_records(
             if not os.path.isdir(cdir):
                 continue
             for name in sorted(os.listdir(cdir)):
-                if (
-                    not name.endswith(".png")
-                    or name.endswith(diversity.MASK_SUFFIX)
-                    or ".extra" in name
-                ):
-                    continue
-                path = os.path.join(cdir, name)
-                side = os.path.splitext(path)[0] + ".json"
-                try:
-                    with open(side, encoding="utf-8") as f:
-                        meta = json.load(f)
-                except (OSError, json.JSONDecodeError) as e:
-                    warnings.append(
-                        f"skipped {path}: no readable sidecar {os.path.basename(side)} ({e})"
-                    )
-                    continue
-                spec = run_concepts.get(concept, {})
-                folder = spec.get("folder") or meta.get("folder")
-                if vico and (vico_dir or not folder or not os.path.isdir(folder)):
-                    # --vico given (moved data) or the recorded folder is gone: re-root by folder name
-                    folder = os.path.join(vico, os.path.basename(folder) if folder else concept)
-                if "template" not in meta or not (meta.get("class") or spec.get("class_phrase")):
-                    warnings.append(f"skipped {path}: its sidecar lacks 'template' or 'class'")
-                    continue
-                records.append(
-                    ImageRecord(
-                        path=path,
-                        method=method,
-                        concept=concept,
-                        prompt_index=int(meta.get("prompt_index", -1)),
-                        template=meta["template"],
-                        class_phrase=meta.get("class") or spec.get("class_phrase"),
-                        seed=meta.get("seed"),
-                        folder=folder or "",
-                    )
-                )
-    if not records:
-        raise LayoutRetouchError(f"No scorable images under {images_dir}.", parameter="out")
-    return records, warnings
+                if name.endswith(".png") and not name.endswith(diversity.MASK_SUFFIX):
+                    if ".extra" not in name:
+                        yield method, concept, os.path.join(cdir, name)
+
+
+def _image_record(path, method, concept, spec, vico, vico_dir, warnings) -> ImageRecord | None:
+    """The image's record from its JSON sidecar, or None with a warning when it cannot be scored."""
+    side = os.path.splitext(path)[0] + ".json"
+    try:
+        with open(side, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        warnings.append(f"skipped {path}: no readable sidecar {os.path.basename(side)} ({e})")
+        return None
+    folder = spec.get("folder") or meta.get("folder")
+    if vico and (vico_dir or not folder or not os.path.isdir(folder)):
+        # --vico given (moved data) or the recorded folder is gone: re-root by folder name
+        folder = os.path.join(vico, os.path.basename(folder) if folder else concept)
+    if "template" not in meta or not (meta.get("class") or spec.get("class_phrase")):
+        warnings.append(f"skipped {path}: its sidecar lacks 'template' or 'class'")
+        return None
+    return ImageRecord(
+        path=path,
+        method=method,
+        concept=concept,
+        prompt_index=int(meta.get("prompt_index", -1)),
+        template=meta["template"],
+        class_phrase=meta.get("class") or spec.get("class_phrase"),
+        seed=meta.get("seed"),
+        folder=folder or "",
+    )
 
 
 def pair_records(records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
@@ -432,7 +437,7 @@ def _csv_value(v):
     return v
 
 
-def _write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+def _write_csv(path: str, rows: list[dict], columns: Sequence[str]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
@@ -512,67 +517,27 @@ def describe(report: ScoreReport, scorers: Scorers) -> list[str]:
     return lines
 
 
+# The columns of results.csv, results_per_concept.csv and results_per_prompt.csv.
+RESULT_COLUMNS = ("method", "label", "images", "concepts", "I_DINO", "I_CLIP", "T_CLIP",
+    "T_CLIP_class", "T_CLIP_keep", "ImageReward", "IS", "IS_std", "IS_splits", "sigma2_avg",
+    "centres")  # fmt: skip
+PER_CONCEPT_COLUMNS = ("method", "concept", "images", "prompts", "I_DINO", "I_CLIP",
+    "T_CLIP_class", "T_CLIP_keep", "ImageReward", "IS", "IS_std", "IS_splits", "sigma2_avg",
+    "centres")  # fmt: skip
+PER_PROMPT_COLUMNS = ("method", "concept", "prompt_index", "template", "images", "I_DINO",
+    "I_CLIP", "T_CLIP_class", "T_CLIP_keep", "ImageReward")  # fmt: skip
+
+
 def write_reports(report: ScoreReport, out_dir: str, scorers: Scorers) -> dict:
-    cols = [
-        "method",
-        "label",
-        "images",
-        "concepts",
-        "I_DINO",
-        "I_CLIP",
-        "T_CLIP",
-        "T_CLIP_class",
-        "T_CLIP_keep",
-        "ImageReward",
-        "IS",
-        "IS_std",
-        "IS_splits",
-        "sigma2_avg",
-        "centres",
-    ]
     files = {
         "csv": os.path.join(out_dir, "results.csv"),
         "per_concept": os.path.join(out_dir, "results_per_concept.csv"),
         "per_prompt": os.path.join(out_dir, "results_per_prompt.csv"),
         "md": os.path.join(out_dir, "results.md"),
     }
-    _write_csv(files["csv"], report.rows, cols)
-    _write_csv(
-        files["per_concept"],
-        report.per_concept,
-        [
-            "method",
-            "concept",
-            "images",
-            "prompts",
-            "I_DINO",
-            "I_CLIP",
-            "T_CLIP_class",
-            "T_CLIP_keep",
-            "ImageReward",
-            "IS",
-            "IS_std",
-            "IS_splits",
-            "sigma2_avg",
-            "centres",
-        ],
-    )
-    _write_csv(
-        files["per_prompt"],
-        report.per_prompt,
-        [
-            "method",
-            "concept",
-            "prompt_index",
-            "template",
-            "images",
-            "I_DINO",
-            "I_CLIP",
-            "T_CLIP_class",
-            "T_CLIP_keep",
-            "ImageReward",
-        ],
-    )
+    _write_csv(files["csv"], report.rows, RESULT_COLUMNS)
+    _write_csv(files["per_concept"], report.per_concept, PER_CONCEPT_COLUMNS)
+    _write_csv(files["per_prompt"], report.per_prompt, PER_PROMPT_COLUMNS)
     md = ["# Layout-and-Retouch evaluation", "", markdown_table(report.rows), ""]
     md += [f"- {line}" for line in describe(report, scorers)]
     with open(files["md"] + ".tmp", "w", encoding="utf-8") as f:
@@ -597,38 +562,13 @@ def build_scorers(
 ) -> Scorers:
     """Load what the options name. "none" skips a metric (n/a); "default" uses the library cache;
     `random_models` builds tiny random networks instead (plumbing checks only)."""
-    from . import models
-
     s = Scorers(random_weights=random_models)
     if random_models:
-        import tempfile
-
-        tok_dir = os.path.join(
-            scratch_dir or tempfile.mkdtemp(prefix="lr_eval_"), "tiny_clip_tokenizer"
+        _random_feature_models(
+            s, clip, dino, inception, device, clip_resize, dino_preprocess, scratch_dir
         )
-        if clip != "none":
-            s.clip = models.build_random_clip(tok_dir, device=device or "cpu", resize=clip_resize)
-        if dino != "none":
-            s.dino = models.build_random_dino(preprocess=dino_preprocess, device=device or "cpu")
-        if inception != "none":
-            s.inception = models.build_random_inception(device=device or "cpu")
     else:
-        if clip != "none":
-            s.clip = models.load_clip(
-                models.DEFAULT_CLIP if clip == "default" else clip,
-                device=device,
-                resize=clip_resize,
-            )
-        if dino != "none":
-            s.dino = models.load_dino(
-                models.DEFAULT_DINO if dino == "default" else dino,
-                device=device,
-                preprocess=dino_preprocess,
-            )
-        if inception != "none":
-            s.inception = models.load_inception(
-                models.DEFAULT_INCEPTION if inception == "default" else inception, device=device
-            )
+        _feature_models(s, clip, dino, inception, device, clip_resize, dino_preprocess)
     for name, _choice, attr in (
         ("I_CLIP/T_CLIP", clip, "clip"),
         ("I_DINO", dino, "dino"),
@@ -636,20 +576,62 @@ def build_scorers(
     ):
         if getattr(s, attr) is None:
             s.reasons[name] = f"skipped (--{attr} none)"
-    if imagereward == "none":
-        s.reasons["ImageReward"] = "skipped (--imagereward none)"
-    else:
-        explicit = imagereward != "auto"
-        scorer, reason = models.load_image_reward(
-            models.DEFAULT_IMAGE_REWARD if not explicit else imagereward,
-            device=device,
-            required=explicit,
-        )
-        s.image_reward = scorer
-        if scorer is None:
-            s.reasons["ImageReward"] = reason
+    _image_reward(s, imagereward, device)
     if sam:
         s.sam = diversity.SamSubjectMasker.from_checkpoint(
             sam, sam_type, device=device, clip=s.clip
         )
     return s
+
+
+def _random_feature_models(s, clip, dino, inception, device, clip_resize, dino_preprocess, scratch):
+    """Tiny random CLIP/DINO/Inception (plumbing checks only, no download)."""
+    import tempfile
+
+    from . import models
+
+    tok_dir = os.path.join(scratch or tempfile.mkdtemp(prefix="lr_eval_"), "tiny_clip_tokenizer")
+    if clip != "none":
+        s.clip = models.build_random_clip(tok_dir, device=device or "cpu", resize=clip_resize)
+    if dino != "none":
+        s.dino = models.build_random_dino(preprocess=dino_preprocess, device=device or "cpu")
+    if inception != "none":
+        s.inception = models.build_random_inception(device=device or "cpu")
+
+
+def _feature_models(s, clip, dino, inception, device, clip_resize, dino_preprocess):
+    """The real CLIP/DINO/Inception the options name ("default": the library cache's)."""
+    from . import models
+
+    if clip != "none":
+        s.clip = models.load_clip(
+            models.DEFAULT_CLIP if clip == "default" else clip, device=device, resize=clip_resize
+        )
+    if dino != "none":
+        s.dino = models.load_dino(
+            models.DEFAULT_DINO if dino == "default" else dino,
+            device=device,
+            preprocess=dino_preprocess,
+        )
+    if inception != "none":
+        s.inception = models.load_inception(
+            models.DEFAULT_INCEPTION if inception == "default" else inception, device=device
+        )
+
+
+def _image_reward(s, imagereward: str, device) -> None:
+    """ImageReward unless "none"; "auto" leaves it out with the reason when it cannot load."""
+    from . import models
+
+    if imagereward == "none":
+        s.reasons["ImageReward"] = "skipped (--imagereward none)"
+        return
+    explicit = imagereward != "auto"
+    scorer, reason = models.load_image_reward(
+        models.DEFAULT_IMAGE_REWARD if not explicit else imagereward,
+        device=device,
+        required=explicit,
+    )
+    s.image_reward = scorer
+    if scorer is None:
+        s.reasons["ImageReward"] = reason
