@@ -259,58 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            from .runner import RunSettings, WebUIClient, run_protocol
-
-            settings = RunSettings(
-                n=args.n,
-                n_prompts=args.prompts,
-                prompt_set=args.prompt_set,
-                seed=args.seed,
-                steps=args.steps,
-                cfg_scale=args.cfg,
-                width=args.width,
-                height=args.height,
-                sampler=args.sampler,
-                negative_prompt=args.negative,
-                methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                lambda1=args.lambda1,
-                lambda2=args.lambda2,
-                mask_start=args.mask_start,
-                ca_threshold=args.ca_threshold,
-                sam_model=args.sam_model,
-                vanilla_checkpoint=args.vanilla_checkpoint,
-                on_marker=args.on_marker,
-                keep_masks=not args.no_masks,
-            )
-            urls = args.url or ["http://127.0.0.1:7860"]
-            clients = [
-                WebUIClient(
-                    u,
-                    timeout=args.timeout,
-                    retries=args.retries,
-                    backoff=args.backoff,
-                    auth=args.api_auth,
-                )
-                for u in urls
-            ]
-            summary = run_protocol(
-                args.vico,
-                args.concepts,
-                urls,
-                args.out,
-                settings,
-                client=clients,
-                progress=not args.no_progress,
-                per_server=args.per_server,
-            )
-            print(
-                f"{summary.generated} image(s) generated, {summary.skipped} already there, {summary.total} in all "
-                f"({summary.out_dir})."
-            )
-            if args.no_score:
-                return 0
-            args.vico_override = None
-            return _score(args, summary.out_dir)
+            return _run(args)
         args.vico_override = args.vico
         return _score(args, os.path.abspath(args.out))
     except LayoutRetouchError as e:
@@ -322,6 +271,63 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def _run(args) -> int:
+    """`run`: generate the protocol's images over the WebUI(s), then score them (unless --no-score)."""
+    from .runner import WebUIClient, run_protocol
+
+    urls = args.url or ["http://127.0.0.1:7860"]
+    clients = [
+        WebUIClient(
+            u, timeout=args.timeout, retries=args.retries, backoff=args.backoff, auth=args.api_auth
+        )
+        for u in urls
+    ]
+    summary = run_protocol(
+        args.vico,
+        args.concepts,
+        urls,
+        args.out,
+        _run_settings(args),
+        client=clients,
+        progress=not args.no_progress,
+        per_server=args.per_server,
+    )
+    print(
+        f"{summary.generated} image(s) generated, {summary.skipped} already there, "
+        f"{summary.total} in all ({summary.out_dir})."
+    )
+    if args.no_score:
+        return 0
+    args.vico_override = None
+    return _score(args, summary.out_dir)
+
+
+def _run_settings(args):
+    from .runner import RunSettings
+
+    return RunSettings(
+        n=args.n,
+        n_prompts=args.prompts,
+        prompt_set=args.prompt_set,
+        seed=args.seed,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        width=args.width,
+        height=args.height,
+        sampler=args.sampler,
+        negative_prompt=args.negative,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        lambda1=args.lambda1,
+        lambda2=args.lambda2,
+        mask_start=args.mask_start,
+        ca_threshold=args.ca_threshold,
+        sam_model=args.sam_model,
+        vanilla_checkpoint=args.vanilla_checkpoint,
+        on_marker=args.on_marker,
+        keep_masks=not args.no_masks,
+    )
 
 
 if __name__ == "__main__":
