@@ -19,6 +19,8 @@ import re
 import time
 
 import forge_checkpoints as FC
+import forge_tiny_checkpoints as FFC
+import host_helpers as H
 import host_server as S
 import pytest
 import requests
@@ -259,6 +261,20 @@ LOG_JS = (
 )
 
 
+def select_checkpoint(pg, forge_ui, stem: str, timeout: float = 60) -> None:
+    """Pick `stem` in Forge's Checkpoint dropdown (the page's own control; an options POST from
+    outside is undone by the open page's dropdown) and wait until the server's options say so."""
+    pg.locator(".model_selection input").first.click()
+    pg.locator(f'.model_selection ul.options li[aria-label*="{stem}"]').first.click()
+    t0 = time.monotonic()
+    while True:
+        got = H.get(forge_ui.url, "/sdapi/v1/options")["sd_model_checkpoint"]
+        if got.startswith(stem):
+            return
+        assert time.monotonic() - t0 < timeout, f"the checkpoint is still {got!r}, not {stem}"
+        time.sleep(0.5)
+
+
 def generate(pg, forge_ui) -> tuple[str, str]:
     """Click Generate, wait for "Time taken" under the gallery; (the infotext there, Forge's log
     since the click)."""
@@ -312,17 +328,9 @@ def test_forge_flux_run_from_the_page(page, forge_ui, photo_path):
     personalization LoRA, Euler / Simple, CFG 1; Generate; the infotext under the gallery has the
     `LR ` keys, `Model: flux-personal` and the distilled CFG. With LR_SCREENSHOTS=<dir> it saves
     <dir>/forge-flux.png (the README's). `forge-personal` is loaded again afterwards."""
-    import forge_tiny_checkpoints as FFC
-    import host_helpers as H
-
     pg = page.pg
-    H.set_checkpoint(forge_ui.url, forge_ui.title(FFC.PERSONAL))
+    select_checkpoint(pg, forge_ui, FFC.PERSONAL)  # as a user does: Forge's Checkpoint dropdown
     try:
-        pg.reload()
-        pg.wait_for_selector("#txt2img_prompt textarea")
-        pg.wait_for_function(
-            "(a) => document.querySelector(a + ' .input-accordion-checkbox') !== null", arg=ACC
-        )
         set_text(
             pg, "#txt2img_prompt textarea", f"a photo of sks dog on a beach <lora:{FFC.LORA}:1>"
         )
@@ -355,4 +363,4 @@ def test_forge_flux_run_from_the_page(page, forge_ui, photo_path):
         if shots:
             pg.screenshot(path=os.path.join(shots, "forge-flux.png"), full_page=True)
     finally:
-        H.set_checkpoint(forge_ui.url, forge_ui.title(FC.PERSONAL))
+        select_checkpoint(pg, forge_ui, FC.PERSONAL)
