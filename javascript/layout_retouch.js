@@ -57,7 +57,7 @@
         });
     }
     // texts of javascript/layout_retouch_ui.js (refusals, the upload guard)
-    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again"};
+    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again", "intermediateKey": "Layout-and-Retouch intermediate"};
     addHints();
     if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });
     if (typeof onUiUpdate === 'function') {

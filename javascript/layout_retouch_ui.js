@@ -5,7 +5,7 @@
     const TABS = ['txt2img', 'img2img'];
 
     function texts() {
-        return window.layoutRetouchTexts || {refusalMark: '⚠ Layout-and-Retouch:', moreUploading: 'More photos are still uploading'};
+        return window.layoutRetouchTexts || {refusalMark: '⚠ Layout-and-Retouch:', moreUploading: 'More photos are still uploading', intermediateKey: 'Layout-and-Retouch intermediate'};
     }
 
     function app() {
@@ -111,12 +111,51 @@
         }
     }
 
+    // ---- the intermediates' thumbnails captioned with what they are --------------------------
+    // Each image's infotext is in the hidden generation-info JSON (gallery order, grid included);
+    // an intermediate's carries "<intermediateKey>: stage-1 layout of image 1" and the like.
+    function intermediateLabels(tab) {
+        const box = byId('generation_info_' + tab);
+        const area = box ? box.querySelector('textarea') : null;
+        if (!area || !area.value) return [];
+        let info;
+        try { info = JSON.parse(area.value); } catch (e) { return []; }
+        const key = texts().intermediateKey || 'Layout-and-Retouch intermediate';
+        return (info.infotexts || []).map(function (t) {
+            const at = (t || '').indexOf(key + ': ');
+            return at < 0 ? '' : t.slice(at + key.length + 2).split(/[,\n]/)[0].trim();
+        });
+    }
+
+    function captionIntermediates() {
+        TABS.forEach(function (tab) {
+            const labels = intermediateLabels(tab);
+            app().querySelectorAll('#' + tab + '_gallery .thumbnail-item').forEach(function (thumb, i) {
+                const label = labels[i] || '';
+                let cap = thumb.querySelector('.layout-retouch-caption');
+                if (!label) {
+                    if (cap) { cap.remove(); thumb.removeAttribute('title'); }
+                    return;
+                }
+                if (!cap) {
+                    cap = document.createElement('span');
+                    cap.className = 'layout-retouch-caption';
+                    thumb.appendChild(cap);
+                }
+                if (cap.textContent !== label) {
+                    cap.textContent = label;
+                    thumb.title = label;
+                }
+            });
+        });
+    }
+
     document.addEventListener('click', guardGenerate, true);
     if (typeof onUiUpdate === 'function') {
         let pending = null;
         onUiUpdate(function () {
             if (pending) return;
-            pending = setTimeout(function () { pending = null; showRefusals(); }, 200);
+            pending = setTimeout(function () { pending = null; showRefusals(); captionIntermediates(); }, 200);
         });
     }
 })();

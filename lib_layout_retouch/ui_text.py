@@ -104,7 +104,11 @@ def refusal(message: str) -> str:
 
 def page_texts() -> dict:
     """The texts the page's script shows itself (javascript/layout_retouch.js carries them)."""
-    return {"refusalMark": REFUSAL_MARK, "moreUploading": MORE_PHOTOS_UPLOADING}
+    return {
+        "refusalMark": REFUSAL_MARK,
+        "moreUploading": MORE_PHOTOS_UPLOADING,
+        "intermediateKey": INTERMEDIATE_KEY,  # the gallery's thumbnails get the label as caption
+    }
 
 
 def photo_notice(fingerprint: Optional[str]) -> str:

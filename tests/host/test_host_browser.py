@@ -249,6 +249,22 @@ def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_inte
         texts
     )  # no hours
     assert gallery_count(page) == 4, "result + layout, mask, attention map expected"
+    # the thumbnails say what each intermediate is (the result's has no caption)
+    try:  # the page's script captions them on its next UI update
+        page.wait_for_function(
+            "() => document.querySelectorAll('#txt2img_gallery .layout-retouch-caption').length >= 3",
+            timeout=15_000,
+        )
+    except Exception:  # noqa: BLE001 - the assertion below names what is missing
+        pass
+    captions = page.evaluate(
+        "() => [...document.querySelectorAll('#txt2img_gallery .thumbnail-item')]"
+        ".map(t => (t.querySelector('.layout-retouch-caption') || {}).textContent || '')"
+    )
+    for what in ("stage-1 layout of image 1", "blend mask of image 1"):
+        assert what in captions, f"no thumbnail captioned {what!r}: {captions}"
+    assert "subject cross-attention map of image 1" in captions, captions
+    assert any(c == "" for c in captions), f"the result's thumbnail got a caption: {captions}"
     select_image(page, 0)
     assert "LR lambda1" in info_text(page)
     shot(page, "ui-result.png")
