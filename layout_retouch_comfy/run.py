@@ -108,10 +108,14 @@ def continuation_noise(model, x1, latent_image, sigma: float) -> torch.Tensor:
     """The second pass's noise, so that it starts where the first stopped (raw latents in, the
     LATENT's dtype out). ComfyUI starts a pass at x = noise_scaling(σ, noise, latent) and returns
     inverse_noise_scaling(σ_last, x): ε-models x = latent + σ·noise, returned as is; the flow (Flux,
-    `CONST`) x = σ·noise + (1−σ)·latent, returned divided by (1−σ)."""
+    `CONST`) x = σ·noise + (1−σ)·latent, returned divided by (1−σ). An all-zero LATENT (an empty
+    image) is not shifted into the model's scale (`CFGGuider.inner_sample`): Flux's shift factor
+    would move it."""
     base = model.model
     x = base.process_latent_in(x1.float())
-    latent = base.process_latent_in(latent_image.float())
+    latent = latent_image.float()
+    if torch.count_nonzero(latent) > 0:
+        latent = base.process_latent_in(latent)
     if is_flux(model):
         noise = (1 - sigma) * (x - latent) / sigma  # x·(1−σ) = σ·noise + (1−σ)·latent
     else:

@@ -401,19 +401,25 @@ def test_a_scheduler_the_flow_cannot_step_is_refused(comfy):
 
 
 # -- stage 1's split ----------------------------------------------------------------------------
-def test_the_second_stage1_pass_continues_the_first_on_the_flow(comfy):
+@pytest.mark.parametrize("empty", [False, True])
+def test_the_second_stage1_pass_continues_the_first_on_the_flow(comfy, empty):
     """ComfyUI starts a pass at noise_scaling(σ, noise, latent) = σ·noise + (1−σ)·latent and returns
-    inverse_noise_scaling(σ_last, x) = x/(1−σ_last): the continuation noise lands on the state."""
+    inverse_noise_scaling(σ_last, x) = x/(1−σ_last): the continuation noise lands on the state. An
+    all-zero LATENT is not shifted into the model's scale (CFGGuider.inner_sample), so its latent
+    is 0 there, not process_latent_in(0) (Flux's shift factor)."""
     base, ms = comfy.patcher.model, CONST()
     g = torch.Generator().manual_seed(4)
-    latent_raw = torch.randn(1, 16, *HW, generator=g)
+    latent_raw = torch.zeros(1, 16, *HW) if empty else torch.randn(1, 16, *HW, generator=g)
+    latent = latent_raw if empty else base.process_latent_in(latent_raw)
     state = torch.randn(1, 16, *HW, generator=g)  # the first pass's x at σ_λ1
     sigma = 0.62
     x1_raw = base.process_latent_out(ms.inverse_noise_scaling(sigma, state))
     noise2 = run.continuation_noise(comfy.patcher, x1_raw, latent_raw, sigma)
-    start = ms.noise_scaling(sigma, noise2, base.process_latent_in(latent_raw))
+    start = ms.noise_scaling(sigma, noise2, latent)
     tol = assert_rounding_close(start, state, roundings=8, gain=1 / sigma)
     assert_differs_beyond(start, state * (1 - sigma), tol)
+    shifted = ms.noise_scaling(sigma, noise2, base.process_latent_in(latent_raw))
+    assert empty == bool((shifted - state).abs().max() > tol), "the empty latent's own case"
 
 
 def test_stage1_conditioning_carries_the_distilled_guidance(comfy):
