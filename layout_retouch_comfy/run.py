@@ -269,6 +269,27 @@ def library_model(calls, model, clip, vae, scheduler: str, guidance: float):
     )
 
 
+def with_layout_source(values: dict, layout_given: bool, flux: bool) -> dict:
+    """The values with the layout source the nodes can serve: 'input' for a given layout; 'stage1'
+    (DDIM's trajectory, which ComfyUI's sampler does not give) inverted on SD, refused on Flux."""
+    values = dict(values)
+    if layout_given:
+        values["layout_source"] = "input"
+    elif values.get("layout_source") == "stage1" and flux:
+        raise LayoutRetouchError(
+            "layout source 'stage1' reads DDIM's trajectory, which a Flux.1 (rectified-flow) "
+            "model does not have; use 'inversion'",
+            parameter="layout_source",
+        )
+    elif values.get("layout_source") == "stage1":
+        log.warning(
+            "Layout-and-Retouch: layout_source 'stage1' needs the library's DDIM stage 1; "
+            "ComfyUI's sampler drew the layout, so it is inverted"
+        )
+        values["layout_source"] = "inversion"
+    return values
+
+
 def check_flow_schedule(lib_model, steps: int, latent_hw, scheduler: str) -> None:
     """The flow sampler needs σ strictly falling to 0: refuse a scheduler whose list is not."""
     try:
@@ -384,21 +405,7 @@ def _run(
         source = {"samples": samples}
     samples = source["samples"]
     n, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
-    values = dict(values)
-    if layout is not None:
-        values["layout_source"] = "input"
-    elif values.get("layout_source") == "stage1" and flux:
-        raise LayoutRetouchError(
-            "layout source 'stage1' reads DDIM's trajectory, which a Flux.1 (rectified-flow) "
-            "model does not have; use 'inversion'",
-            parameter="layout_source",
-        )
-    elif values.get("layout_source") == "stage1":
-        log.warning(
-            "Layout-and-Retouch: layout_source 'stage1' needs the library's DDIM stage 1; "
-            "ComfyUI's sampler drew the layout, so it is inverted"
-        )
-        values["layout_source"] = "inversion"
+    values = with_layout_source(values, layout is not None, flux)
     job = make_job(
         values,
         reference,

@@ -84,9 +84,9 @@ class ComfyFluxModel(ComfyObjects, FluxModel):
         self._last_encoded: Optional[tuple] = None
         super().__init__(
             patcher.model.diffusion_model,
-            encode_t5=lambda prompts: self._encoded(prompts)[0],
-            encode_clip=lambda prompts: self._encoded(prompts)[1],
-            tokenize_t5=lambda text: self._tokens(text, "t5xxl", T5_END, False),
+            encode_t5=self._encode_t5,
+            encode_clip=self._encode_clip,
+            tokenize_t5=self._tokenize_t5,
             velocity=self._network_velocity,
             shift=False,
             sigmas=sigmas or self._simple_sigmas,
@@ -122,15 +122,22 @@ class ComfyFluxModel(ComfyObjects, FluxModel):
         return out.float().to(x.device)
 
     # -- text -------------------------------------------------------------------------------------
-    def _tokens(self, text: str, key: str, end_token: int, has_start: bool) -> list[int]:
+    def _tokenize_t5(self, text: str) -> list[int]:
+        """T5 token ids laid out as the T5 states' rows (no BOS; EOS and padding dropped)."""
         tokens = self.clip.tokenize(text)
-        if key not in tokens:
+        if "t5xxl" not in tokens:
             raise LayoutRetouchError(
-                f"the CLIP on 'clip' gives no {key} tokens: connect Flux.1's text encoders "
+                "the CLIP on 'clip' gives no t5xxl tokens: connect Flux.1's text encoders "
                 "(DualCLIPLoader, type flux: clip_l + t5xxl)",
                 parameter="clip",
             )
-        return token_ids(tokens[key], end_token=end_token, has_start=has_start)
+        return token_ids(tokens["t5xxl"], end_token=T5_END, has_start=False)
+
+    def _encode_t5(self, prompts) -> torch.Tensor:
+        return self._encoded(prompts)[0]
+
+    def _encode_clip(self, prompts) -> torch.Tensor:
+        return self._encoded(prompts)[1]
 
     @torch.no_grad()
     def _encoded(self, prompts) -> tuple[torch.Tensor, torch.Tensor]:
