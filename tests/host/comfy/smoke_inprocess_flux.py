@@ -355,7 +355,9 @@ with torch.inference_mode():
     sigma_l1 = float(ComfyCalls.sigmas(model, STEPS, "euler", "simple", 1.0)[2])
     split_tol = rounding_atol(a, network_roundings(model.model.diffusion_model), gain=1 / sigma_l1)
     assert split_diff <= split_tol, (split_diff, split_tol)
-    summary.append(f"stage 1 split at step 2 = one KSampler pass: {split_diff:.2g} <= {split_tol:.2g}")
+    summary.append(
+        f"stage 1 split at step 2 = one KSampler pass: {split_diff:.2g} <= {split_tol:.2g}"
+    )
 
     # -- the split nodes, inpaint ------------------------------------------------------------------
     def only(*names, **over):
