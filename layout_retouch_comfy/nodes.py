@@ -55,6 +55,20 @@ LATENT_IN = {
         {"tooltip": "Inpaint: 1 = redraw and retouch here; the rest stays the input's."},
     ),
 }
+GUIDANCE = {
+    "guidance": (
+        "FLOAT",
+        {
+            "default": 3.5,
+            "min": 0.0,
+            "max": 100.0,
+            "step": 0.1,
+            "advanced": True,
+            "tooltip": "Flux.1-dev's distilled guidance, as the FluxGuidance node sets it (for "
+            "stage 1 and the retouch); SD models and Flux.1-schnell ignore it.",
+        },
+    )
+}
 RETOUCH_OUT = ("LATENT", "MASK", "IMAGE")
 
 
@@ -84,7 +98,13 @@ class LayoutRetouchSampler:
                 "height": ("INT", IMAGE_SIZE),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
-            "optional": {**REFERENCE, **VANILLA, **LATENT_IN, **inputs.advanced_inputs()},
+            "optional": {
+                **REFERENCE,
+                **VANILLA,
+                **LATENT_IN,
+                **GUIDANCE,
+                **inputs.advanced_inputs(),
+            },
         }
 
     def sample(self, reference=None, **kw):
@@ -117,6 +137,7 @@ class LayoutRetouchLayout:
             "optional": {
                 **VANILLA,
                 **LATENT_IN,
+                **GUIDANCE,
                 **inputs.advanced_inputs(("scale_with_steps",)),
             },
         }
@@ -145,6 +166,7 @@ class LayoutRetouchLayout:
         denoise=1.0,
         mask=None,
         scale_with_steps=True,
+        guidance=3.5,
     ):
         import torch
 
@@ -180,6 +202,7 @@ class LayoutRetouchLayout:
             denoise=denoise,
             noise_mask=noise_mask,
             progress=progress,
+            guidance=guidance,
         )
         out = dict(source)
         out["samples"] = samples
@@ -211,6 +234,7 @@ class LayoutRetouchRetouch:
             "optional": {
                 **REFERENCE,
                 "mask": LATENT_IN["mask"],
+                **GUIDANCE,
                 **inputs.advanced_inputs(advanced),
             },
         }

@@ -18,13 +18,16 @@ from typing import Any, Optional
 import torch
 
 from lib_layout_retouch import job as J
+from lib_layout_retouch.comfy_flux_model import check_blocks_free, comfy_flux_model
 from lib_layout_retouch.comfy_model import (
     ComfyModel,
     check_attention_free,
     check_same_architecture,
     check_supported,
+    is_flux,
 )
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
+from lib_layout_retouch.flux_model import DEFAULT_GUIDANCE
 from lib_layout_retouch.params import FIELD_BY_NAME
 from lib_layout_retouch.prompts import subject_token_positions
 
@@ -81,10 +84,43 @@ class Outputs:
 
 def check_models(model, vanilla_model) -> None:
     check_supported(model, "model")
-    check_attention_free(model, "model")
+    check_free = check_blocks_free if is_flux(model) else check_attention_free
+    check_free(model, "model")
     if vanilla_model is not None:
         check_same_architecture(model, vanilla_model, "vanilla_model")
-        check_attention_free(vanilla_model, "vanilla_model")
+        check_free(vanilla_model, "vanilla_model")
+
+
+def with_guidance(conditioning, guidance: float) -> list:
+    """The CONDITIONING with Flux's distilled guidance set, as the FluxGuidance node sets it
+    (`node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})`)."""
+    return [[t, {**d, "guidance": guidance}] for t, d in conditioning]
+
+
+def encoder(calls, model, guidance: float):
+    """CLIPTextEncode for `model`: Flux's conditioning carries the distilled guidance."""
+    if not is_flux(model):
+        return calls.encode
+    return lambda clip, text: with_guidance(calls.encode(clip, text), guidance)
+
+
+def continuation_noise(model, x1, latent_image, sigma: float) -> torch.Tensor:
+    """The second pass's noise, so that it starts where the first stopped (raw latents in, the
+    LATENT's dtype out). ComfyUI starts a pass at x = noise_scaling(σ, noise, latent) and returns
+    inverse_noise_scaling(σ_last, x): ε-models x = latent + σ·noise, returned as is; the flow (Flux,
+    `CONST`) x = σ·noise + (1−σ)·latent, returned divided by (1−σ). An all-zero LATENT (an empty
+    image) is not shifted into the model's scale (`CFGGuider.inner_sample`): Flux's shift factor
+    would move it."""
+    base = model.model
+    x = base.process_latent_in(x1.float())
+    latent = latent_image.float()
+    if torch.count_nonzero(latent) > 0:
+        latent = base.process_latent_in(latent)
+    if is_flux(model):
+        noise = (1 - sigma) * (x - latent) / sigma  # x·(1−σ) = σ·noise + (1−σ)·latent
+    else:
+        noise = (x - latent) / sigma
+    return noise.to(latent_image.dtype)
 
 
 def make_job(
@@ -154,14 +190,16 @@ def stage1(
     denoise,
     noise_mask,
     progress,
+    guidance: float = DEFAULT_GUIDANCE,
 ) -> torch.Tensor:
-    """The layout: raw latents (B, C, h, w)."""
+    """The layout: raw latents (B, C, h, w). `guidance`: Flux's distilled guidance (FluxGuidance)."""
     vanilla_model = vanilla_model or model
     vanilla_clip = vanilla_clip or clip
     latent_image = calls.fix_empty_latent_channels(model, latent["samples"])
     noise = calls.prepare_noise(latent_image, seed, latent.get("batch_index"))
-    positive = calls.encode(clip, job.prompts.personalized)
-    negative = calls.encode(clip, job.negative_prompt)
+    encode = encoder(calls, model, guidance)
+    positive = encode(clip, job.prompts.personalized)
+    negative = encode(clip, job.negative_prompt)
     l1 = job.schedule.lambda1
     common = dict(noise_mask=noise_mask, seed=seed, denoise=denoise)
     if l1 == 0:
@@ -178,8 +216,8 @@ def stage1(
             callback=progress.sampler_callback("layout"),
             **common,
         )
-    layout_positive = calls.encode(vanilla_clip, job.prompts.layout)
-    layout_negative = calls.encode(vanilla_clip, job.negative_prompt)
+    layout_positive = encode(vanilla_clip, job.prompts.layout)
+    layout_negative = encode(vanilla_clip, job.negative_prompt)
     x1 = calls.sample(
         vanilla_model,
         noise,
@@ -196,11 +234,9 @@ def stage1(
         callback=progress.sampler_callback("layout, vanilla steps"),
         **common,
     )
-    # Continue from x1 on the personalized model: latent + σ_λ1·noise2 = x1 (in the model's scale).
+    # Continue from x1 on the personalized model (`continuation_noise`).
     sigma = float(calls.sigmas(model, steps, sampler_name, scheduler, denoise)[l1])
-    base = model.model
-    noise2 = base.process_latent_in(x1.float()) - base.process_latent_in(latent_image.float())
-    noise2 = (noise2 / sigma).to(latent_image.dtype)
+    noise2 = continuation_noise(model, x1, latent_image, sigma)
     return calls.sample(
         model,
         noise2,
@@ -217,6 +253,62 @@ def stage1(
         callback=progress.sampler_callback("layout"),
         **common,
     )
+
+
+def library_model(calls, model, clip, vae, scheduler: str, guidance: float):
+    """The library's model of a (cloned) MODEL: ComfyModel (SD1.x/SDXL: ε, the library's DDIM) or
+    the Flux adapter, whose flow sampler runs on ComfyUI's σ list for `scheduler`."""
+    if not is_flux(model):
+        return ComfyModel(model, clip, vae, load_model=calls.load)
+
+    def sigmas(steps, latent_hw):
+        return [float(s) for s in calls.sigmas(model, steps, "euler", scheduler, 1.0)]
+
+    return comfy_flux_model(
+        model, clip, vae, load_model=calls.load, sigmas=sigmas, guidance=guidance
+    )
+
+
+def with_layout_source(values: dict, layout_given: bool, flux: bool) -> dict:
+    """The values with the layout source the nodes can serve: 'input' for a given layout; 'stage1'
+    (DDIM's trajectory, which ComfyUI's sampler does not give) inverted on SD, refused on Flux."""
+    values = dict(values)
+    if layout_given:
+        values["layout_source"] = "input"
+    elif values.get("layout_source") == "stage1" and flux:
+        raise LayoutRetouchError(
+            "layout source 'stage1' reads DDIM's trajectory, which a Flux.1 (rectified-flow) "
+            "model does not have; use 'inversion'",
+            parameter="layout_source",
+        )
+    elif values.get("layout_source") == "stage1":
+        log.warning(
+            "Layout-and-Retouch: layout_source 'stage1' needs the library's DDIM stage 1; "
+            "ComfyUI's sampler drew the layout, so it is inverted"
+        )
+        values["layout_source"] = "inversion"
+    return values
+
+
+def check_flow_schedule(lib_model, steps: int, latent_hw, scheduler: str) -> None:
+    """The flow sampler needs σ strictly falling to 0: refuse a scheduler whose list is not."""
+    try:
+        lib_model.schedule(steps, latent_hw)
+    except ValueError as e:
+        raise LayoutRetouchError(
+            f"the scheduler '{scheduler}' gives Flux a σ list the flow retouch cannot step ({e}); "
+            "use 'simple' (Flux's default) or 'beta'",
+            parameter="scheduler",
+        ) from e
+
+
+def subject_rows(lib_model, job) -> list[int]:
+    """The conditioning rows of the concept token and class phrase in y_p: CLIP's 77-token chunks
+    (SD), T5's SentencePiece pieces (Flux)."""
+    phrases = [job.prompts.concept_token, job.prompts.class_phrase]
+    if is_flux(lib_model.patcher):
+        return lib_model.subject_tokens(job.prompts.personalized, phrases)
+    return subject_token_positions(lib_model.tokenize, job.prompts.personalized, phrases)
 
 
 def layout_and_retouch(
@@ -242,6 +334,7 @@ def layout_and_retouch(
     denoise=1.0,
     mask=None,
     layout: Optional[dict] = None,
+    guidance: float = DEFAULT_GUIDANCE,
     **values: Any,
 ) -> Outputs:
     """Both stages (or, with `layout` given, the retouch of that layout only). Errors a user can fix
@@ -269,6 +362,7 @@ def layout_and_retouch(
             denoise=denoise,
             mask=mask,
             layout=layout,
+            guidance=guidance,
             values=values,
         )
     except LayoutRetouchError as e:
@@ -300,24 +394,18 @@ def _run(
     denoise,
     mask,
     layout,
+    guidance,
     values,
 ) -> Outputs:
     check_models(model, vanilla_model)
+    flux = is_flux(model)
     source = latent if layout is None else layout
     if source is None:
         samples = torch.zeros(batch_size, 4, height // 8, width // 8)
         source = {"samples": samples}
     samples = source["samples"]
     n, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
-    values = dict(values)
-    if layout is not None:
-        values["layout_source"] = "input"
-    elif values.get("layout_source") == "stage1":
-        log.warning(
-            "Layout-and-Retouch: layout_source 'stage1' needs the library's DDIM stage 1; "
-            "ComfyUI's sampler drew the layout, so it is inverted"
-        )
-        values["layout_source"] = "inversion"
+    values = with_layout_source(values, layout is not None, flux)
     job = make_job(
         values,
         reference,
@@ -361,16 +449,17 @@ def _run(
             denoise=denoise,
             noise_mask=noise_mask,
             progress=progress,
+            guidance=guidance,
         )
     else:
         layout_raw = samples
-    lib_model = ComfyModel(model, clip, vae, load_model=calls.load)
+    # the retouch's σ list (Flux): the stage-1 scheduler's, "simple" for a layout from elsewhere
+    retouch_scheduler = scheduler if runs_stage1 else "simple"
+    lib_model = library_model(calls, model, clip, vae, retouch_scheduler, guidance)
+    if flux:
+        check_flow_schedule(lib_model, steps, (h, w), retouch_scheduler)
     calls.load(model)
-    subject = subject_token_positions(
-        lib_model.tokenize,
-        job.prompts.personalized,
-        [job.prompts.concept_token, job.prompts.class_phrase],
-    )
+    subject = subject_rows(lib_model, job)
     layout_latents = lib_model.model_latents(layout_raw.to(lib_model.device))
     result = job.retouch(
         lib_model,

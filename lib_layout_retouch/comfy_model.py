@@ -23,6 +23,7 @@ import torch
 from .conditioning import SizeTerms, pad_tokens
 from .errors import LayoutRetouchError
 from .model import (
+    FLUX_FAMILY,
     SD1_FAMILY,
     SDXL_FAMILY,
     KDiffusionModel,
@@ -31,15 +32,49 @@ from .model import (
 )
 
 # ComfyUI model configs (`comfy/supported_models.py`, the class name of `BaseModel.model_config`)
-SUPPORTED_CONFIGS = {"SD15": SD1_FAMILY, "SDXL": SDXL_FAMILY}
+SUPPORTED_CONFIGS = {
+    "SD15": SD1_FAMILY,
+    "SDXL": SDXL_FAMILY,
+    "Flux": FLUX_FAMILY,  # Flux.1-dev (and its fine-tunes): ModelType.FLUX, guidance embedding
+    "FluxSchnell": FLUX_FAMILY,  # ModelType.FLOW, no guidance embedding
+}
+CONNECT = "connect an SD1.x, SDXL or Flux.1 model"
+_OTHER_DIT = "another transformer, whose blocks the retouch does not edit"
 UNSUPPORTED_CONFIGS = {
-    "Flux": "Flux (a flow-matching transformer, no UNet self-attention to retouch)",
-    "FluxSchnell": "Flux (a flow-matching transformer, no UNet self-attention to retouch)",
-    "Chroma": "Chroma (a Flux-family transformer, no UNet self-attention to retouch)",
-    "SD3": "SD3 (the MMDiT, no UNet self-attention to retouch)",
+    "FluxInpaint": "Flux.1 Fill (an inpainting transformer that takes the image as channels)",
+    "Chroma": f"Chroma (a Flux-family transformer without the pooled CLIP vector; {_OTHER_DIT})",
+    "ChromaRadiance": f"Chroma Radiance ({_OTHER_DIT})",
+    "SD3": f"SD3 (the MMDiT; {_OTHER_DIT})",
+    "HunyuanDiT": f"HunyuanDiT ({_OTHER_DIT})",
+    "HunyuanDiT1": f"HunyuanDiT ({_OTHER_DIT})",
+    "AuraFlow": f"AuraFlow ({_OTHER_DIT})",
+    "PixArtAlpha": f"PixArt ({_OTHER_DIT})",
+    "PixArtSigma": f"PixArt ({_OTHER_DIT})",
+    "Lumina2": f"Lumina 2 ({_OTHER_DIT})",
+    "HiDream": f"HiDream ({_OTHER_DIT})",
+    "QwenImage": f"Qwen-Image ({_OTHER_DIT})",
     "SDXLRefiner": "the SDXL refiner (not a personalized model; it cannot draw a layout)",
     "SD15_instructpix2pix": "InstructPix2Pix (an image-conditioned UNet)",
     "SDXL_instructpix2pix": "InstructPix2Pix (an image-conditioned UNet)",
+}
+_UNET_KEYS = (
+    "model_channels",
+    "context_dim",
+    "transformer_depth",
+    "channel_mult",
+    "adm_in_channels",
+)
+# What must agree between the personalized model and its vanilla model (`unet_config` keys)
+SAME_ARCHITECTURE = {
+    SD1_FAMILY: _UNET_KEYS,
+    SDXL_FAMILY: _UNET_KEYS,
+    FLUX_FAMILY: (
+        "hidden_size",
+        "depth",
+        "depth_single_blocks",
+        "context_in_dim",
+        "guidance_embed",
+    ),
 }
 START_TOKEN, END_TOKEN = 49406, 49407  # CLIP's BOS/EOS (ComfyUI's SD1/SDXL tokenizers)
 _PAD = -(2**40)  # a chunk's padding slot: matches no token
@@ -50,8 +85,17 @@ def config_name(base_model) -> str:
 
 
 def model_family_of(base_model) -> str:
-    """'SD1.x' or 'SDXL' for a supported `BaseModel`; anything else is refused by `check_supported`."""
+    """'SD1.x', 'SDXL' or 'Flux' for a supported `BaseModel`; anything else is refused by
+    `check_supported`."""
     return SUPPORTED_CONFIGS.get(config_name(base_model), "")
+
+
+def is_flux(patcher) -> bool:
+    return model_family_of(getattr(patcher, "model", None)) == FLUX_FAMILY
+
+
+def _unet_config(base) -> dict:
+    return getattr(getattr(base, "model_config", None), "unet_config", {}) or {}
 
 
 def check_supported(patcher, input_name: str = "model") -> None:
@@ -60,24 +104,31 @@ def check_supported(patcher, input_name: str = "model") -> None:
     name = config_name(base)
     if name in UNSUPPORTED_CONFIGS:
         raise LayoutRetouchError(
-            f"{UNSUPPORTED_CONFIGS[name]} is not supported; connect an SD1.x or SDXL model to "
-            f"'{input_name}'",
+            f"{UNSUPPORTED_CONFIGS[name]} is not supported; {CONNECT} to '{input_name}'",
             parameter=input_name,
         )
     if name not in SUPPORTED_CONFIGS or getattr(base, "diffusion_model", None) is None:
         raise LayoutRetouchError(
-            f"the model on '{input_name}' ({name or type(base).__name__}) is neither SD1.x nor "
-            "SDXL; connect an SD1.x or SDXL model",
+            f"the model on '{input_name}' ({name or type(base).__name__}) is neither SD1.x, SDXL "
+            f"nor Flux.1; {CONNECT}",
             parameter=input_name,
         )
-    in_channels = getattr(getattr(base, "model_config", None), "unet_config", {}).get("in_channels")
+    kind = prediction_kind(patcher)
+    if model_family_of(base) == FLUX_FAMILY:
+        if kind != "CONST":  # a node replaced the flow's sampling object
+            raise LayoutRetouchError(
+                f"a Flux.1 model sampled as {kind} is not supported on '{input_name}': the flow "
+                "inversion assumes the rectified flow (CONST); take the ModelSampling node out",
+                parameter=input_name,
+            )
+        return
+    in_channels = _unet_config(base).get("in_channels")
     if in_channels not in (None, 4):
         raise LayoutRetouchError(
             f"inpainting models ({in_channels} input channels) are not supported on "
             f"'{input_name}'; connect a txt2img SD1.x or SDXL model (inpaint with the MASK input)",
             parameter=input_name,
         )
-    kind = prediction_kind(patcher)
     if kind != "EPS":
         raise LayoutRetouchError(
             f"{kind} models (e.g. v-prediction) are not supported on '{input_name}': the DDIM "
@@ -88,7 +139,7 @@ def check_supported(patcher, input_name: str = "model") -> None:
 
 def model_sampling(patcher):
     """The model's sampling object as its sampler will see it: a node such as ModelSamplingDiscrete
-    replaces it by an object patch (applied when the model is loaded)."""
+    (or ModelSamplingFlux) replaces it by an object patch (applied when the model is loaded)."""
     get = getattr(patcher, "get_model_object", None)
     if get is not None:
         try:
@@ -99,8 +150,9 @@ def model_sampling(patcher):
 
 
 def prediction_kind(patcher) -> str:
-    """'EPS', 'V_PREDICTION', … from the sampling object's classes (ComfyUI builds it from the model
-    type's class and a schedule class) or, failing that, the BaseModel's `model_type`."""
+    """'EPS', 'V_PREDICTION', 'CONST' (flow), … from the sampling object's classes (ComfyUI builds it
+    from the model type's class and a schedule class) or, failing that, the BaseModel's
+    `model_type`."""
     names = [c.__name__ for c in type(model_sampling(patcher)).__mro__]
     for kind in ("V_PREDICTION", "EDM", "CONST", "X0", "IMG_TO_IMG", "EPS"):
         if kind in names:
@@ -109,17 +161,20 @@ def prediction_kind(patcher) -> str:
 
 
 def check_same_architecture(personalized, vanilla, input_name: str = "vanilla_model") -> None:
-    """The vanilla model draws the layout the personalized one continues: same family and UNet."""
+    """The vanilla model draws the layout the personalized one continues: same family and network
+    (a Flux.1 vanilla for an SD model, or the reverse, is refused naming both)."""
     check_supported(vanilla, input_name)
     a, b = personalized.model, vanilla.model
-    keys = ("model_channels", "context_dim", "transformer_depth", "channel_mult", "adm_in_channels")
-    ca = {k: getattr(a.model_config, "unet_config", {}).get(k) for k in keys}
-    cb = {k: getattr(b.model_config, "unet_config", {}).get(k) for k in keys}
-    if model_family_of(a) != model_family_of(b) or ca != cb:
+    fa, fb = model_family_of(a), model_family_of(b)
+    keys = SAME_ARCHITECTURE.get(fa, ())
+    ca = {k: _unet_config(a).get(k) for k in keys}
+    cb = {k: _unet_config(b).get(k) for k in keys}
+    if fa != fb or ca != cb:
+        what = "another network" if fa == fb else "another model family"
         raise LayoutRetouchError(
-            f"'{input_name}' is {model_family_of(b) or config_name(b)} but 'model' is "
-            f"{model_family_of(a) or config_name(a)} with another UNet: connect the checkpoint your "
-            "personalized model was fine-tuned from (for a LoRA: the MODEL before the LoRA loader)",
+            f"'{input_name}' is {fb or config_name(b)} but 'model' is {fa or config_name(a)} "
+            f"({what}): connect the checkpoint your personalized model was fine-tuned from (for a "
+            "LoRA: the MODEL before the LoRA loader)",
             parameter=input_name,
         )
 
@@ -159,7 +214,85 @@ def _callable_name(fn) -> str:
 _MODEL_KEYS: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
 
 
-class ComfyModel(KDiffusionModel):
+def token_ids(chunks, *, end_token: int, has_start: bool = True) -> list[int]:
+    """Token ids of a ComfyUI tokenizer's chunks (`clip.tokenize(text)[key]`: lists of (token,
+    weight[, word]) entries) laid out as the conditioning's rows. CLIP (`has_start`): each chunk is
+    BOS, 75 slots, EOS, filled word by word (a word that does not fit starts the next chunk), so each
+    chunk's 75 slots are given in full, BOS and last EOS dropped; T5 (no start token): the tokens,
+    EOS, padding — rows from 0. Everything from a chunk's EOS on is padding (`_PAD`, matches no
+    token), trailing padding dropped. An embedding (`embedding:name`) stands in the chunk as vectors:
+    one id per vector, from its values."""
+    ids: list[int] = []
+    for chunk in chunks:
+        ended = False
+        for entry in chunk[1:-1] if has_start else chunk:
+            token = entry[0]
+            if isinstance(token, torch.Tensor):
+                digest = hashlib.sha1(token.detach().float().cpu().numpy().tobytes()).digest()
+                ids.append(-int.from_bytes(digest[:6], "big") - 1)
+                continue
+            token = int(token)
+            ended = ended or token == end_token
+            ids.append(_PAD if ended else token)
+    while ids and ids[-1] == _PAD:
+        ids.pop()
+    return ids
+
+
+def transformer_options(patcher, sigma) -> dict:
+    """The MODEL's transformer options for one call, as ComfyUI's sampler hands them: a fresh dict per
+    call (the network writes into it) with the call's σ."""
+    options = dict((getattr(patcher, "model_options", {}) or {}).get("transformer_options") or {})
+    options["sigmas"] = sigma
+    return options
+
+
+class ComfyObjects:
+    """What both ComfyUI model adapters (ComfyModel here, comfy_flux_model.ComfyFluxModel) read from
+    the MODEL and VAE objects: the device, the weights' key, the VAE and the LATENT socket's scale.
+    Needs `patcher` (the ModelPatcher) and `vae` (ComfyUI's VAE object)."""
+
+    patcher: object
+    vae: object
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.patcher, "load_device", None)
+        return torch.device(device) if device is not None else super().device
+
+    def model_key(self) -> str:
+        """Which weights answer: the model object and its weight patches (a LoRA changes them)."""
+        base = self.patcher.model
+        if base not in _MODEL_KEYS:
+            _MODEL_KEYS[base] = f"{config_name(base)}#{len(_MODEL_KEYS)}:{id(base):x}"
+        return f"{_MODEL_KEYS[base]}:{getattr(self.patcher, 'patches_uuid', '')}"
+
+    # -- VAE --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] → the model's latents. ComfyUI's VAE takes the posterior's
+        mode (its regularizer does not sample), so the inversion is deterministic."""
+        pixels = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
+        raw = self.vae.encode(pixels[..., :3])
+        return self.patcher.model.process_latent_in(raw.float()).to(images.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raw = self.patcher.model.process_latent_out(latents.float())
+        pixels = self.vae.decode(raw.cpu())
+        if pixels.ndim == 5:  # video VAEs add a frame axis
+            pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        return (pixels.float().movedim(-1, 1) * 2 - 1).to(latents.device)
+
+    def raw_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The model's latents → the LATENT socket's (raw VAE) latents."""
+        return self.patcher.model.process_latent_out(latents.float())
+
+    def model_latents(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.patcher.model.process_latent_in(raw.float())
+
+
+class ComfyModel(ComfyObjects, KDiffusionModel):
     """ε through the BaseModel's denoiser, text through the CLIP object, a deterministic VAE.
 
     `patcher`: the ModelPatcher to run (the glue's clone of the user's MODEL); `clip`, `vae`: the
@@ -180,26 +313,11 @@ class ComfyModel(KDiffusionModel):
         return self.patcher.model  # BaseModel: calls its `diffusion_model`
 
     @property
-    def device(self) -> torch.device:
-        device = getattr(self.patcher, "load_device", None)
-        return torch.device(device) if device is not None else super().device
-
-    @property
     def alphas_cumprod(self) -> torch.Tensor:
         return alpha_cumprod_of_sigma(model_sampling(self.patcher).sigmas.float())
 
-    def model_key(self) -> str:
-        """Which weights answer: the model object and its weight patches (a LoRA changes them)."""
-        base = self.patcher.model
-        if base not in _MODEL_KEYS:
-            _MODEL_KEYS[base] = f"{config_name(base)}#{len(_MODEL_KEYS)}:{id(base):x}"
-        return f"{_MODEL_KEYS[base]}:{getattr(self.patcher, 'patches_uuid', '')}"
-
     def denoise(self, x, sigma, cond):
-        options = dict(
-            (getattr(self.patcher, "model_options", {}) or {}).get("transformer_options") or {}
-        )
-        options["sigmas"] = sigma  # a fresh dict per call: the UNet writes into it
+        options = transformer_options(self.patcher, sigma)
         if isinstance(cond, dict):  # SDXL: the pooled-text/size vector goes in as `y`
             extra = dict(c_crossattn=cond["crossattn"], y=cond["vector"])
         else:
@@ -212,25 +330,8 @@ class ComfyModel(KDiffusionModel):
         return tokens["l"] if "l" in tokens else next(iter(tokens.values()))
 
     def tokenize(self, text: str) -> list[int]:
-        """Token ids laid out as the conditioning's rows, without BOS/EOS: ComfyUI fills a chunk's 75
-        slots word by word (a word that does not fit starts the next chunk), so each chunk's slots are
-        given in full with its padding as `_PAD`, trailing padding dropped. An embedding
-        (`embedding:name`) stands in the chunk as vectors: one id per vector, from its values."""
-        ids: list[int] = []
-        for chunk in self._token_chunks(text):
-            ended = False
-            for entry in chunk[1:-1]:  # 75 slots between BOS and the last EOS
-                token = entry[0]
-                if isinstance(token, torch.Tensor):
-                    digest = hashlib.sha1(token.detach().float().cpu().numpy().tobytes()).digest()
-                    ids.append(-int.from_bytes(digest[:6], "big") - 1)
-                    continue
-                token = int(token)
-                ended = ended or token == END_TOKEN
-                ids.append(_PAD if ended else token)
-        while ids and ids[-1] == _PAD:
-            ids.pop()
-        return ids
+        """Token ids laid out as the conditioning's rows, without BOS/EOS (`token_ids`)."""
+        return token_ids(self._token_chunks(text), end_token=END_TOKEN)
 
     def _encode(self, text: str):
         tokens = self.clip.tokenize(text)
@@ -261,30 +362,6 @@ class ComfyModel(KDiffusionModel):
             for _, pooled in encoded
         ]
         return {"crossattn": crossattn, "vector": torch.cat(vectors).float().to(device)}
-
-    # -- VAE --------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] → the model's latents. ComfyUI's VAE takes the posterior's
-        mode (its regularizer does not sample), so the inversion is deterministic."""
-        pixels = ((images.float() + 1) / 2).clamp(0, 1).movedim(1, -1).cpu()
-        raw = self.vae.encode(pixels[..., :3])
-        return self.patcher.model.process_latent_in(raw.float()).to(images.device)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raw = self.patcher.model.process_latent_out(latents.float())
-        pixels = self.vae.decode(raw.cpu())
-        if pixels.ndim == 5:  # video VAEs add a frame axis
-            pixels = pixels.reshape(-1, *pixels.shape[-3:])
-        return (pixels.float().movedim(-1, 1) * 2 - 1).to(latents.device)
-
-    def raw_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """The model's latents → the LATENT socket's (raw VAE) latents."""
-        return self.patcher.model.process_latent_out(latents.float())
-
-    def model_latents(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.patcher.model.process_latent_in(raw.float())
 
     def eps(self, x, t, cond):
         self.load_model(self.patcher)

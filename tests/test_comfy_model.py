@@ -108,7 +108,7 @@ class ModelPatcher:
         self.patches_uuid = uuid.uuid4()
 
     def clone(self):
-        n = ModelPatcher(
+        n = type(self)(
             self.model, {"transformer_options": dict(self.model_options["transformer_options"])}
         )
         n.patches_uuid = self.patches_uuid
@@ -321,7 +321,7 @@ def test_model_key_follows_the_weight_patches(tiny_ldm):
 
 @pytest.mark.parametrize(
     "name, words",
-    [("Flux", "Flux"), ("SD3", "SD3"), ("SDXLRefiner", "refiner"), ("SD21UnclipL", "neither")],
+    [("Chroma", "Chroma"), ("SD3", "SD3"), ("SDXLRefiner", "refiner"), ("SD21UnclipL", "neither")],
 )
 def test_unsupported_models_are_refused_naming_the_input(tiny_ldm, name, words):
     with pytest.raises(LayoutRetouchError) as e:
