@@ -111,6 +111,8 @@ def node_error(error: LayoutRetouchError) -> LayoutRetouchError:
     """The library's message, with the node input it is about (the WebUI names its own field)."""
     name = INPUT_OF_PARAMETER.get(error.parameter or "", error.parameter)
     message = str(error)
+    if name and error.parameter and name != error.parameter:
+        message = message.replace(error.parameter, name)  # "no reference_image" → "no reference"
     if name and f"'{name}'" not in message:
         message += f" [input '{name}']"
     return LayoutRetouchError(message, parameter=name)

@@ -44,7 +44,10 @@ def test_make_params_vanilla_socket_decides_the_personalization():
     with pytest.raises(LayoutRetouchError) as e:
         p.validate()
     assert inputs.node_error(e.value).parameter == "reference"
-    assert "[input 'reference']" in str(inputs.node_error(e.value))
+    # the message speaks of the node's input, not the WebUI parameter's name
+    assert str(inputs.node_error(e.value)) == (
+        "Layout-and-Retouch: no reference: upload one photo of your subject [input 'reference']"
+    )
 
 
 def test_node_error_keeps_a_message_that_names_the_input_already():

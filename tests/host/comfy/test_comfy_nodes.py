@@ -86,7 +86,7 @@ def test_enabled_differs_from_plain_and_plain_is_bit_identical_after(comfy, refs
 
 
 BAD = [
-    ("no reference", dict(reference=None), "reference", "no reference image"),
+    ("no reference", dict(reference=None), "reference", "no reference: upload one photo"),
     (
         "concept token not in prompt",
         dict(prompt="a photo of a dog on a beach"),
