@@ -540,7 +540,8 @@ def test_ddim_steps_line_and_a_visible_refusal_at_1280x800(browser, webui_ui, ph
         assert color.replace(" ", "") == "rgb(221,51,51)", color
         assert gallery_count(page) == 0
         shots = os.environ.get("LR_SCREENSHOTS")
-        if shots:
+        if shots:  # once the WebUI has finished the request (Generate back, no "Waiting...")
+            page.wait_for_selector("#txt2img_generate", state="visible")
             page.screenshot(path=os.path.join(shots, "ui-error.png"))
         log = webui_ui.log_since(mark, settle=1.0)
         assert len(H.log_refusal_lines(log)) == 1, log
