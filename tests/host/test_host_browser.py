@@ -539,9 +539,10 @@ def test_ddim_steps_line_and_a_visible_refusal_at_1280x800(browser, webui_ui, ph
         )
         assert color.replace(" ", "") == "rgb(221,51,51)", color
         assert gallery_count(page) == 0
+        # the WebUI finishes the refused request: its progress bar ("Waiting...") goes away
+        page.wait_for_selector("#txt2img_results .progressDiv", state="detached", timeout=20_000)
         shots = os.environ.get("LR_SCREENSHOTS")
-        if shots:  # once the WebUI has finished the request (Generate back, no "Waiting...")
-            page.wait_for_selector("#txt2img_generate", state="visible")
+        if shots:
             page.screenshot(path=os.path.join(shots, "ui-error.png"))
         log = webui_ui.log_since(mark, settle=1.0)
         assert len(H.log_refusal_lines(log)) == 1, log
