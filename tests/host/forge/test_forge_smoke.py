@@ -79,6 +79,10 @@ def test_forge_resources(webui, plain_before):
     ]
     if webui.pid:
         lines.append(f"RSS now {webui.rss_mib():.0f} MiB, peak {webui.rss_mib(peak=True):.0f} MiB")
-        assert webui.rss_mib(peak=True) < 16 * 1024, "\n".join(lines)
+        # The server's lifetime peak: the tier switches it between full-size SD1.5 (fp32), three tiny
+        # Flux and two tiny SDXL checkpoints, from the API and from the page, and Forge holds the old
+        # model while it loads the next (16.7 GiB seen once the Flux page test was added). The bound
+        # catches a leak that grows with every generation on this 23 GiB machine, not Forge's switching.
+        assert webui.rss_mib(peak=True) < 20 * 1024, "\n".join(lines)
     print("\n[forge] " + "\n[forge] ".join(lines))
     assert np.array_equal(r.image, plain_before.image)
