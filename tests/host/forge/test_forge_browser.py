@@ -22,6 +22,7 @@ import forge_checkpoints as FC
 import forge_tiny_checkpoints as FFC
 import host_helpers as H
 import host_server as S
+import numpy as np
 import pytest
 import requests
 
@@ -323,7 +324,7 @@ def test_forge_generation_from_the_page_has_lr_keys(page, forge_ui, photo_path):
     assert not page.ours(), "\n".join(page.ours())
 
 
-def test_forge_flux_run_from_the_page(page, forge_ui, photo_path):
+def test_forge_flux_run_from_the_page(page, forge_ui, photo_path, plain_before):
     """Flux.1 from the page: the tier's tiny `flux-personal` loaded, its LoRA in the prompt,
     personalization LoRA, Euler / Simple, CFG 1; Generate; the infotext under the gallery has the
     `LR ` keys, `Model: flux-personal` and the distilled CFG. With LR_SCREENSHOTS=<dir> it saves
@@ -364,3 +365,9 @@ def test_forge_flux_run_from_the_page(page, forge_ui, photo_path):
             pg.screenshot(path=os.path.join(shots, "forge-flux.png"), full_page=True)
     finally:
         select_checkpoint(pg, forge_ui, FC.PERSONAL)
+        # Forge loads a chosen checkpoint at the next generation: make one, so SD1.5 is really back
+        # (and unchanged) for the tests after this one
+        back = H.txt2img(forge_ui.url, H.plain_body())
+        assert np.array_equal(back.image, plain_before.image), (
+            "after the Flux run from the page, the SD1.5 plain image differs from the baseline"
+        )
