@@ -32,12 +32,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from lib_layout_retouch import flow  # noqa: E402
-from lib_layout_retouch import pipeline as pl  # noqa: E402
-from lib_layout_retouch.flux_model import FluxFamily, FluxModel  # noqa: E402
+from lib_layout_retouch.dit import flow  # noqa: E402
+from lib_layout_retouch.dit.flux.model import FluxFamily, FluxModel  # noqa: E402
 from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
+from lib_layout_retouch.retouch import loop as pl  # noqa: E402
 from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from tests.tiny_flux import FLUX1_DEV, TinyFlux, TinyFluxVAE  # noqa: E402
+from tests.fixtures.flux import FLUX1_DEV, TinyFlux, TinyFluxVAE  # noqa: E402
 
 PROMPT = "a sks dog surfing on the beach"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -47,8 +47,8 @@ GIB = 1024**3
 def build(config: str, device: torch.device, dtype: torch.dtype) -> tuple[FluxModel, tuple]:
     """(model, latent hw)."""
     if config == "tiny-flux":
-        from tests.tiny_flux import build_tiny_flux_model, make_tiny_t5_folder
-        from tests.tiny_models import make_tiny_clip_folder
+        from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder
+        from tests.fixtures.sd1 import make_tiny_clip_folder
 
         tmp = tempfile.mkdtemp()
         model = build_tiny_flux_model(

@@ -54,15 +54,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.tiny_nets import (  # noqa: E402  (ldm zero-inits; random ε is rough)
-    reinit_zero_weights,
-    tame_output,
-)
 from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
 from lib_layout_retouch import masks as lr_masks  # noqa: E402
-from lib_layout_retouch import pipeline as pl  # noqa: E402
 from lib_layout_retouch import stage1  # noqa: E402
-from lib_layout_retouch.attention import (  # noqa: E402
+from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
+from lib_layout_retouch.retouch import loop as pl  # noqa: E402
+from lib_layout_retouch.schedule import Schedule  # noqa: E402
+from lib_layout_retouch.unet.attention import (  # noqa: E402
     LAYOUT,
     REFERENCE,
     TARGET,
@@ -71,11 +69,13 @@ from lib_layout_retouch.attention import (  # noqa: E402
     StepState,
     patched_attention,
 )
-from lib_layout_retouch.ddim import DDIMSchedule  # noqa: E402
-from lib_layout_retouch.layers import layer_table_for  # noqa: E402
-from lib_layout_retouch.model import LdmModel  # noqa: E402
-from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
-from lib_layout_retouch.schedule import Schedule  # noqa: E402
+from lib_layout_retouch.unet.ddim import DDIMSchedule  # noqa: E402
+from lib_layout_retouch.unet.layers import layer_table_for  # noqa: E402
+from lib_layout_retouch.unet.model import LdmModel  # noqa: E402
+from tests.fixtures.nets import (  # noqa: E402  (ldm zero-inits; random ε is rough)
+    reinit_zero_weights,
+    tame_output,
+)
 
 GIB = float(1 << 30)
 # The goals it checks (same run, same card, SD1.5, 512², T=50, cached reference): L&R fast ≤ 2.5×
@@ -246,7 +246,7 @@ def sdxl_config() -> dict:
 def tiny_sdxl_config() -> dict:
     """The tiny SDXL's "ldm" build (tiny_nets.py, as the tests build it): ldm's UNet in SDXL
     configuration (label_emb, depth 2), 64²."""
-    from benchmarks.tiny_nets import LDM_ADM, LDM_CONTEXT
+    from tests.fixtures.nets import LDM_ADM, LDM_CONTEXT
 
     return {
         "family": "sdxl",
@@ -285,7 +285,7 @@ def context_dim_of(cfg: dict) -> int:
 
 def _sdxl_unet(cfg: dict) -> torch.nn.Module:
     if cfg["unet"] == "sgm-base":
-        from benchmarks.tiny_nets import sgm_status
+        from tests.fixtures.nets import sgm_status
 
         ok, why = sgm_status()
         if not ok:
@@ -310,7 +310,7 @@ def _sdxl_unet(cfg: dict) -> torch.nn.Module:
             spatial_transformer_attn_type="softmax",
             legacy=False,
         )
-    from benchmarks.tiny_nets import ldm_sdxl_unet
+    from tests.fixtures.nets import ldm_sdxl_unet
 
     return ldm_sdxl_unet()
 
@@ -320,7 +320,7 @@ def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
     the conditioning), and a second UNet for DreamBooth mode."""
     from ldm.models.autoencoder import AutoencoderKL
 
-    from benchmarks.tiny_nets import TinySdxlLike
+    from tests.fixtures.nets import TinySdxlLike
 
     torch.manual_seed(seed)
     unet = _sdxl_unet(cfg)

@@ -31,17 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from lib_layout_retouch import conditioning as C  # noqa: E402
-from lib_layout_retouch import flow  # noqa: E402
-from lib_layout_retouch import pipeline as pl  # noqa: E402
-from lib_layout_retouch.attention import (  # noqa: E402
-    COND,
-    LAYOUT,
-    REFERENCE,
-    TARGET,
-    RowPlan,
-    StepState,
-)
-from lib_layout_retouch.dit_attention import (  # noqa: E402
+from lib_layout_retouch.dit import flow  # noqa: E402
+from lib_layout_retouch.dit.blocks import (  # noqa: E402
     SHARED,
     SHIFTED,
     DiTProcessor,
@@ -49,13 +40,22 @@ from lib_layout_retouch.dit_attention import (  # noqa: E402
     layer_table_for_dit,
     patched_blocks,
 )
-from lib_layout_retouch.flux_model import FluxFamily  # noqa: E402
-from lib_layout_retouch.layers import LayerTable  # noqa: E402
+from lib_layout_retouch.dit.flux.model import FluxFamily  # noqa: E402
 from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
+from lib_layout_retouch.retouch import loop as pl  # noqa: E402
 from lib_layout_retouch.schedule import Schedule  # noqa: E402
+from lib_layout_retouch.unet.attention import (  # noqa: E402
+    COND,
+    LAYOUT,
+    REFERENCE,
+    TARGET,
+    RowPlan,
+    StepState,
+)
+from lib_layout_retouch.unet.layers import LayerTable  # noqa: E402
+from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: E402
+from tests.fixtures.sd1 import make_tiny_clip_folder  # noqa: E402
 from tests.paths import photo_tensor  # noqa: E402
-from tests.tiny_flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: E402
-from tests.tiny_models import make_tiny_clip_folder  # noqa: E402
 
 
 class Recording:
@@ -180,9 +180,9 @@ def main() -> None:
     # 2b. the same with a purely positional head at Flux.1's real geometry (head dim 128, axes
     # 16/56/56, 64×64 tokens = 1024²): every query and key is one RMS-normed vector u, so RoPE alone
     # decides where the target's attention over the reference tokens goes.
-    from lib_layout_retouch.dit_attention import apply_rope
-    from lib_layout_retouch.dit_tokens import image_ids
-    from tests.tiny_flux import EmbedND
+    from lib_layout_retouch.dit.blocks import apply_rope
+    from lib_layout_retouch.dit.tokens import image_ids
+    from tests.fixtures.flux import EmbedND
 
     geometry = {}
     for grid, axes in (((4, 4), (8, 12, 12)), ((64, 64), (16, 56, 56))):

@@ -8,7 +8,7 @@ __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
 
 def __getattr__(name):
     if name in __all__:
-        from . import nodes
+        from layout_retouch_comfy import nodes
 
         return getattr(nodes, name)
     raise AttributeError(name)

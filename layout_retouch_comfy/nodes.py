@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
+from layout_retouch_comfy import inputs, run
+from layout_retouch_comfy.glue import ComfyCalls
 from lib_layout_retouch.errors import LayoutRetouchError
-
-from . import inputs, run
-from .glue import ComfyCalls
 
 CALLS = ComfyCalls()
 IMAGE_SIZE = {"default": 512, "min": 64, "max": 8192, "step": 8}

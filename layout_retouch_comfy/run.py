@@ -17,21 +17,20 @@ from typing import Any, Optional
 
 import torch
 
+from layout_retouch_comfy import inputs, tensors
 from lib_layout_retouch import job as J
-from lib_layout_retouch.comfy_flux_model import check_blocks_free, comfy_flux_model
-from lib_layout_retouch.comfy_model import (
+from lib_layout_retouch.adapters.comfy.flux import check_blocks_free, comfy_flux_model
+from lib_layout_retouch.adapters.comfy.sd import (
     ComfyModel,
     check_attention_free,
     check_same_architecture,
     check_supported,
     is_flux,
 )
+from lib_layout_retouch.dit.flux.model import DEFAULT_GUIDANCE
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
-from lib_layout_retouch.flux_model import DEFAULT_GUIDANCE
 from lib_layout_retouch.params import FIELD_BY_NAME
 from lib_layout_retouch.prompts import subject_token_positions
-
-from . import inputs, tensors
 
 log = logging.getLogger("layout_retouch")
 FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 
+from layout_retouch_webui import options
+from layout_retouch_webui.options import opt
 from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import INFOTEXT_PREFIX, NO_SAM, LayoutRetouchParams
-
-from . import options
-from .options import opt
 
 logger = logs.attach_console()
 
@@ -25,7 +24,9 @@ def parse_params(p, args) -> LayoutRetouchParams:
     params = LayoutRetouchParams.from_script_args(args)
     if more:
         params = with_more_photos(p, params, more)
-    from .img2img import steps_run  # late: img2img imports the WebUI's processing lazily too
+    from layout_retouch_webui.img2img import (
+        steps_run,  # late: img2img imports the WebUI's processing lazily too
+    )
 
     params = axes.apply_overrides(
         params, getattr(p, axes.OVERRIDES_ATTR, None), steps_run(p, params.layout_source)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import os
 
+from layout_retouch_webui import hosts, img2img, samplers
+from layout_retouch_webui.settings import (
+    SAM_SEEN,
+    architecture_problem,
+    loaded_unet_shapes,
+    sam_choices,
+)
+from layout_retouch_webui.vanilla import VANILLA_UNETS
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.prompts import LORA_TAG_FIX, lora_names
 from lib_layout_retouch.schedule import knob_words
-
-from . import hosts, img2img, samplers
-from .settings import SAM_SEEN, architecture_problem, loaded_unet_shapes, sam_choices
-from .vanilla import VANILLA_UNETS
 
 
 def check_host(p, params: LayoutRetouchParams) -> None:

@@ -18,11 +18,10 @@
 
 from __future__ import annotations
 
+from layout_retouch_webui import options
+from layout_retouch_webui.options import opt
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.schedule import img2img_steps
-
-from . import options
-from .options import opt
 
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")  # p.inpainting_fill 0…3
 SOFT_INPAINTING_TITLE = "soft inpainting"

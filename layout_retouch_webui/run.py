@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from layout_retouch_webui import hosts, img2img, samplers
 from lib_layout_retouch import job as lr_job
 from lib_layout_retouch.params import LayoutRetouchParams
 from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import strip_extra_networks
-
-from . import hosts, img2img, samplers
 
 RUN_ATTR = "layout_retouch_run"
 

@@ -5,9 +5,8 @@ model calls that stage 1 switches on."""
 
 from __future__ import annotations
 
+from layout_retouch_webui.settings import opt
 from lib_layout_retouch import sampler_steps as ss
-
-from .settings import opt
 
 SECOND_ORDER_UNKNOWN = ("restart",)  # second_order in the WebUI's table, but calls vary
 UNKNOWN_FUNCS = ("sample_dpm_fast", "sample_dpm_adaptive")
@@ -68,7 +67,7 @@ def planned(sampler: str, steps: int, strength: float | None = None) -> ss.Sampl
 
 def of(p) -> ss.SamplerSteps:
     """What generation `p`'s sampler will run."""
-    from .img2img import is_img2img
+    from layout_retouch_webui.img2img import is_img2img
 
     strength = float(p.denoising_strength) if is_img2img(p) else None
     return planned(str(getattr(p, "sampler_name", "") or ""), int(p.steps), strength)

@@ -8,10 +8,9 @@ being swallowed by the WebUI's hook runner. Whatever happens, nothing stays swit
 
 from __future__ import annotations
 
+from layout_retouch_webui import api, stage1, stage2
+from layout_retouch_webui.run import RUN_ATTR, Run
 from lib_layout_retouch.errors import LayoutRetouchError
-
-from . import api, stage1, stage2
-from .run import RUN_ATTR, Run
 
 
 def install(p, run: Run) -> None:

@@ -7,13 +7,13 @@ import os
 import gradio as gr
 from modules import shared
 
-from lib_layout_retouch import checkpoint_files, pipeline
+from layout_retouch_webui import hosts, options
+from layout_retouch_webui.options import opt  # noqa: F401  (re-exported: the UI reads options through settings)
+from lib_layout_retouch import checkpoints as checkpoint_files
 from lib_layout_retouch.params import NO_SAM
+from lib_layout_retouch.retouch import loop as pipeline
 from lib_layout_retouch.schedule import PAPER_STEPS
 from lib_layout_retouch.segmentation import find_sam_checkpoints
-
-from . import hosts, options
-from .options import opt  # noqa: F401  (re-exported: the UI reads options through settings)
 
 TITLE = "Layout-and-Retouch"
 EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

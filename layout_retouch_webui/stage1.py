@@ -13,16 +13,16 @@ import math
 import torch
 from modules import shared
 
+from layout_retouch_webui import options
+from layout_retouch_webui import run as lr_run
+from layout_retouch_webui.options import opt
+from layout_retouch_webui.vanilla import VANILLA_TEXT_ENCODERS, VANILLA_UNETS
 from lib_layout_retouch import conditioning as lr_cond
-from lib_layout_retouch import logs, text_encoders
+from lib_layout_retouch import logs
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
 from lib_layout_retouch.prompts import LORA_TAG_FIX
-
-from . import options
-from . import run as lr_run
-from .options import opt
-from .vanilla import VANILLA_TEXT_ENCODERS, VANILLA_UNETS
+from lib_layout_retouch.unet import text_encoders
 
 logger = logs.attach_console()
 

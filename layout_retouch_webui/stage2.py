@@ -10,10 +10,12 @@ import time
 import torch
 from modules import shared
 
+from layout_retouch_webui import img2img, options
+from layout_retouch_webui.options import opt
+from layout_retouch_webui.settings import sam_folders
 from lib_layout_retouch import job as lr_job
-from lib_layout_retouch import logs, pipeline
+from lib_layout_retouch import logs
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
-from lib_layout_retouch.model import FLUX_FAMILY
 from lib_layout_retouch.params import NO_SAM
 from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import (
@@ -21,11 +23,9 @@ from lib_layout_retouch.prompts import (
     subject_positions_in_chunks,
     subject_token_positions,
 )
+from lib_layout_retouch.retouch import loop as pipeline
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
-
-from . import img2img, options
-from .options import opt
-from .settings import sam_folders
+from lib_layout_retouch.unet.model import FLUX_FAMILY
 
 logger = logs.attach_console()
 

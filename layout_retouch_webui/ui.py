@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import gradio as gr
 
+from layout_retouch_webui import hosts, options, samplers
+from layout_retouch_webui.api import has_lr_keys
+from layout_retouch_webui.settings import checkpoint_choices, opt, sam_choices
 from lib_layout_retouch import ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
@@ -15,10 +18,6 @@ from lib_layout_retouch.schedule import (
     PAPER_MASK_START,
     img2img_steps,
 )
-
-from . import hosts, options, samplers
-from .api import has_lr_keys
-from .settings import checkpoint_choices, opt, sam_choices
 
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 

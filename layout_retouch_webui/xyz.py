@@ -8,13 +8,12 @@ import os
 
 from modules import scripts
 
+from layout_retouch_webui import api, hosts, img2img
+from layout_retouch_webui.checks import check_host
+from layout_retouch_webui.settings import TITLE, sam_choices
 from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, LayoutRetouchParams
-
-from . import api, hosts, img2img
-from .checks import check_host
-from .settings import TITLE, sam_choices
 
 logger = logs.attach_console()
 

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import pipeline
 from .errors import LayoutRetouchError
 from .images import image_fingerprint, prepare_reference, reference_size_terms
-from .model import LdmModel
 from .params import NO_SAM, LayoutRetouchParams, reference_error
 from .prompts import RetouchPrompts, derive_prompts
+from .retouch import loop as pipeline
+from .unet.model import LdmModel
 
 # Reference inversions across generations (pipeline.INVERSION_ENTRY_MB each); the WebUI setting
 # "Reference inversions kept in memory" sets the size.

@@ -24,7 +24,6 @@ from PIL import Image
 
 from .errors import LayoutRetouchError, check_range
 from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
-from .layers import DEFAULT_PRESET, PRESETS
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
 from .prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN
 from .schedule import (
@@ -36,6 +35,7 @@ from .schedule import (
     PAPER_STEPS,
     Schedule,
 )
+from .unet.layers import DEFAULT_PRESET, PRESETS
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
 LAYOUT_SOURCES = ("inversion", "stage1", "input")

@@ -16,9 +16,9 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 
 from . import conditioning as C
-from . import ddim
 from .errors import Interrupted
-from .model import Denoiser
+from .unet import ddim
+from .unet.model import Denoiser
 
 ProgressFn = Callable[[str, int, int], None]
 

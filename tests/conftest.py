@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
-    from tests.tiny_models import make_tiny_clip_folder
+    from tests.fixtures.sd1 import make_tiny_clip_folder
 
     return make_tiny_clip_folder(str(tmp_path_factory.mktemp("tiny-clip")))
 
@@ -22,7 +22,7 @@ def tiny_clip_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ldm(tiny_clip_dir):
     """The "personalized" tiny SD1-architecture model (seed 0)."""
-    from tests.tiny_models import build_tiny_ldm
+    from tests.fixtures.sd1 import build_tiny_ldm
 
     return build_tiny_ldm(tiny_clip_dir, seed=0)
 
@@ -30,7 +30,7 @@ def tiny_ldm(tiny_clip_dir):
 @pytest.fixture(scope="session")
 def tiny_vanilla_unet(tiny_clip_dir):
     """Another tiny model's UNet: DreamBooth's vanilla UNet for `tiny_ldm`."""
-    from tests.tiny_models import build_tiny_ldm
+    from tests.fixtures.sd1 import build_tiny_ldm
 
     return build_tiny_ldm(tiny_clip_dir, seed=1).model.diffusion_model
 
@@ -41,9 +41,9 @@ def setup(tiny_ldm):
     tokens, the dog photo's latent and two random 8×8 layouts (test_pipeline, test_img2img)."""
     import torch
 
-    from lib_layout_retouch import pipeline as pl
-    from lib_layout_retouch.model import LdmModel
     from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
+    from lib_layout_retouch.retouch import loop as pl
+    from lib_layout_retouch.unet.model import LdmModel
     from tests.paths import photo_tensor
 
     model = LdmModel(tiny_ldm)

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from lib_layout_retouch import attention as attn
-from lib_layout_retouch.attention import (
+from lib_layout_retouch.errors import Interrupted
+from lib_layout_retouch.masks import LayerMasks
+from lib_layout_retouch.unet import attention as attn
+from lib_layout_retouch.unet.attention import (
     COND,
     LAYOUT,
     TARGET,
@@ -14,9 +16,7 @@ from lib_layout_retouch.attention import (
     StepState,
     patched_attention,
 )
-from lib_layout_retouch.errors import Interrupted
-from lib_layout_retouch.layers import LayerTable, attention_modules, layer_table_for
-from lib_layout_retouch.masks import LayerMasks
+from lib_layout_retouch.unet.layers import LayerTable, attention_modules, layer_table_for
 from tests.tolerance import assert_differs_beyond, assert_rounding_close, attention_roundings
 
 

@@ -3,7 +3,7 @@
 import torch
 from safetensors.torch import save_file
 
-from lib_layout_retouch import checkpoint_files as cf
+from lib_layout_retouch import checkpoints as cf
 
 SD1 = {
     "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3),

@@ -1,4 +1,4 @@
-"""lib_layout_retouch.comfy_flux_model and the nodes' Flux path (layout_retouch_comfy.run) against
+"""lib_layout_retouch.adapters.comfy.flux and the nodes' Flux path (layout_retouch_comfy.run) against
 stand-ins written the way ComfyUI v0.3.64 writes its Flux objects (`comfy/model_base.py` Flux and
 BaseModel._apply_model, `comfy/model_sampling.py` CONST + ModelSamplingFlux, `comfy/samplers.py`
 simple_scheduler, `comfy/sd1_clip.py` SDTokenizer's word-by-word T5 tokens, `comfy/text_encoders/
@@ -17,20 +17,20 @@ import pytest
 import torch
 
 from layout_retouch_comfy import run
-from lib_layout_retouch import flow
-from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.attention import LAYOUT, TARGET
-from lib_layout_retouch.comfy_flux_model import check_blocks_free, comfy_flux_model
-from lib_layout_retouch.comfy_model import check_same_architecture, check_supported
-from lib_layout_retouch.dit_attention import dit_blocks
+from lib_layout_retouch.adapters.comfy.flux import check_blocks_free, comfy_flux_model
+from lib_layout_retouch.adapters.comfy.sd import check_same_architecture, check_supported
+from lib_layout_retouch.dit import flow
+from lib_layout_retouch.dit.blocks import dit_blocks
+from lib_layout_retouch.dit.flux.model import FluxModel
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.flux_model import FluxModel
 from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.attention import LAYOUT, TARGET
+from tests.fixtures.flux import TinyFluxVAE, build_tiny_flux, make_tiny_t5_folder
 from tests.paths import photo_tensor
 from tests.test_comfy_model import BaseModel, comfy_of
 from tests.test_comfy_model import ModelPatcher as SDModelPatcher
-from tests.tiny_flux import TinyFluxVAE, build_tiny_flux, make_tiny_t5_folder
 from tests.tolerance import assert_differs_beyond, assert_rounding_close, network_roundings
 
 T = 6
@@ -488,7 +488,7 @@ def test_an_interrupt_in_the_retouch_leaves_nothing_patched(comfy):
 
 @pytest.mark.parametrize("solver", [flow.EULER, flow.MIDPOINT])
 def test_copy_phase_target_equals_layout_then_differs(comfy, solver):
-    from lib_layout_retouch.flux_model import FluxFamily
+    from lib_layout_retouch.dit.flux.model import FluxFamily
 
     model = comfy.model
     prompts = derive_prompts("a photo of sks dog on the beach", "sks", "dog")

@@ -1,4 +1,4 @@
-"""The model half of the ComfyUI adapter (`lib_layout_retouch.comfy_model.ComfyModel`) against
+"""The model half of the ComfyUI adapter (`lib_layout_retouch.adapters.comfy.sd.ComfyModel`) against
 stand-ins written the way ComfyUI v0.3.64 writes its objects (`comfy/model_base.py` BaseModel.
 _apply_model, `comfy/model_sampling.py` EPS + ModelSamplingDiscrete, `comfy/model_patcher.py`,
 `comfy/sd1_clip.py` tokenize_with_weights, `comfy/sd.py` CLIP / VAE) around the tiny ldm model:
@@ -12,8 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.comfy_model import (
+from lib_layout_retouch.adapters.comfy.sd import (
     END_TOKEN,
     START_TOKEN,
     ComfyModel,
@@ -23,10 +22,11 @@ from lib_layout_retouch.comfy_model import (
 )
 from lib_layout_retouch.conditioning import SizeTerms
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.layers import attention_modules
-from lib_layout_retouch.model import LdmModel
 from lib_layout_retouch.prompts import subject_token_positions
+from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.layers import attention_modules
+from lib_layout_retouch.unet.model import LdmModel
 
 
 class EPS:

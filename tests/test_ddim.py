@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lib_layout_retouch import ddim
-from lib_layout_retouch.model import LdmModel
+from lib_layout_retouch.unet import ddim
+from lib_layout_retouch.unet.model import LdmModel
 from tests.paths import DOG_PHOTO, photo_tensor
 
 PHOTO = str(DOG_PHOTO)

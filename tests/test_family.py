@@ -3,10 +3,10 @@ a family that wraps the ε-UNet one sees every call, and the result is bit for b
 
 import torch
 
-from lib_layout_retouch import family
-from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.model import LdmModel
+from lib_layout_retouch.retouch import family
+from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.model import LdmModel
 
 T = 6
 

@@ -5,10 +5,8 @@ the flow sampler and its inversions, the block processors and the retouch loop
 import pytest
 import torch
 
-from lib_layout_retouch import flow
-from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.attention import COND, LAYOUT, TARGET, RowPlan, StepState
-from lib_layout_retouch.dit_attention import (
+from lib_layout_retouch.dit import flow
+from lib_layout_retouch.dit.blocks import (
     SHARED,
     SHIFTED,
     DiTProcessor,
@@ -21,8 +19,7 @@ from lib_layout_retouch.dit_attention import (
     plain_attention,
     single_block,
 )
-from lib_layout_retouch.errors import Interrupted
-from lib_layout_retouch.flux_model import (
+from lib_layout_retouch.dit.flux.model import (
     FluxFamily,
     image_ids,
     pack,
@@ -30,17 +27,21 @@ from lib_layout_retouch.flux_model import (
     token_grid,
     unpack,
 )
+from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.masks import LayerMasks
 from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
-from tests.paths import photo_tensor
-from tests.tiny_flux import (
+from lib_layout_retouch.unet.attention import COND, LAYOUT, TARGET, RowPlan, StepState
+from tests.fixtures.flux import (
     TinyFlux,
     build_tiny_flux,
     build_tiny_flux_model,
     flux_config_of_state_dict,
     make_tiny_t5_folder,
 )
+from tests.paths import photo_tensor
+from tests.tolerance import assert_differs_beyond, assert_rounding_close, network_roundings
 
 T = 8
 HW = (8, 8)  # latent; 4×4 image tokens
@@ -474,14 +475,20 @@ def test_interrupt_during_the_retouch_restores_every_block(flux):
     assert torch.equal(call(model.transformer, x), before)
 
 
-def test_reference_kv_cache_hit_is_bit_identical_with_no_reference_rows(flux):
+def test_reference_kv_cache_hit_runs_no_reference_rows_and_agrees_up_to_rounding(flux):
     """The loop's reference K/V cache (one call per step: the Euler solver) serves the DiT too."""
     kv = pl.ReferenceAttentionCache(max_bytes=1 << 30)
     cache = pl.InversionCache()
     first = run(flux, solver=flow.EULER, cache=cache, kv_cache=kv, reference_key=("dog",))
     second = run(flux, solver=flow.EULER, cache=cache, kv_cache=kv, reference_key=("dog",))
     assert len(kv) == 1 and second.unet_rows < first.unet_rows
-    assert torch.equal(first.latents, second.latents)
+    # the hit runs its calls with fewer rows (no reference rows): another GEMM blocking, so the
+    # latents agree up to fp32 rounding over the chain of 2T transformer forwards, not bit for bit
+    tol = assert_rounding_close(
+        second.latents, first.latents, 2 * T * network_roundings(flux[0].transformer)
+    )
+    flipped = run(flux, solver=flow.EULER, ref=flux[3].flip(-1))  # another reference's K/V
+    assert_differs_beyond(flipped.latents, first.latents, tol)
     # the midpoint solver calls twice per step: no per-step cache, same result as without one
     mid = run(flux, cache=cache, kv_cache=kv, reference_key=("dog",))
     assert torch.equal(mid.latents, run(flux, cache=cache, reference_key=("dog",)).latents)
@@ -550,8 +557,8 @@ def test_shifted_reference_positions_weaken_the_same_cell_tie_at_flux_geometry()
     (every query and key one RMS-normed vector, RoPE alone steers) at Flux.1's geometry — head dim
     128, axes 16/56/56, 64×64 tokens — a target query's attention to the reference token at its own
     cell is far weaker when the reference sits beside the target than on the same grid."""
-    from lib_layout_retouch.dit_attention import apply_rope
-    from tests.tiny_flux import EmbedND
+    from lib_layout_retouch.dit.blocks import apply_rope
+    from tests.fixtures.flux import EmbedND
 
     grid, axes = (64, 64), (16, 56, 56)
     embed = EmbedND(128, 10_000, axes)

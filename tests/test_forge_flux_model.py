@@ -1,4 +1,4 @@
-"""lib_layout_retouch.forge_flux_model against stand-ins built the way Forge builds its Flux engine
+"""lib_layout_retouch.adapters.forge.flux against stand-ins built the way Forge builds its Flux engine
 (backend/diffusion_engine/flux.py, backend/modules/k_model.py, k_prediction.PredictionFlux) around the
 tests' tiny Flux: the velocity is what the KModel's denoised implies, the σ list is Forge's "Simple"
 scheduler, text and VAE go through the engine's objects. The real Forge is the Forge tier's
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from lib_layout_retouch.forge_flux_model import forge_flux_model, is_forge_flux, simple_sigmas
-from tests.tiny_flux import TinyFluxVAE, build_tiny_flux
+from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux, simple_sigmas
+from tests.fixtures.flux import TinyFluxVAE, build_tiny_flux
 
 
 class PredictionFlux(torch.nn.Module):
@@ -191,7 +191,7 @@ def test_vae_encode_is_the_posterior_mode_and_decode_inverts_it(forge_flux):
 def test_unet_family_tells_a_flux_transformer_from_sd(forge_flux):
     """The DreamBooth vanilla check (layout_retouch_webui/vanilla.py) compares families: a Flux
     vanilla for an SD model (or the reverse) is refused by name, not as 'SD1.x of another size'."""
-    from lib_layout_retouch.model import SD1_FAMILY, unet_family
+    from lib_layout_retouch.unet.model import SD1_FAMILY, unet_family
 
     _, model, _ = forge_flux
     assert unet_family(model.transformer.state_dict()) == "Flux"

@@ -1,4 +1,4 @@
-"""The model half of the Forge adapter (`lib_layout_retouch.forge_model.ForgeModel`) against stand-ins
+"""The model half of the Forge adapter (`lib_layout_retouch.adapters.forge.sd.ForgeModel`) against stand-ins
 built exactly as Forge builds its objects (`backend/modules/k_model.py`, `k_prediction.py`,
 `backend/diffusion_engine/sdxl.py` at dfdcbab6), around the tiny ldm UNet: ε equals the UNet's own ε,
 the vanilla UNet is swapped through the KModel, SDXL's vector keeps the pooled text and gets the size
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import torch
 
+from lib_layout_retouch.adapters.forge.sd import EnginePrompts, ForgeModel
 from lib_layout_retouch.conditioning import SizeTerms
-from lib_layout_retouch.forge_model import EnginePrompts, ForgeModel
-from lib_layout_retouch.model import LdmModel
+from lib_layout_retouch.unet.model import LdmModel
 from tests.tolerance import assert_differs_beyond, assert_rounding_close, network_roundings
 
 

@@ -298,8 +298,8 @@ def test_job_refuses_a_prompt_without_the_token():
 
 
 def test_job_retouch_on_the_tiny_model(tiny_ldm):
-    from lib_layout_retouch.model import LdmModel
-    from lib_layout_retouch.pipeline import InversionCache
+    from lib_layout_retouch.retouch.loop import InversionCache
+    from lib_layout_retouch.unet.model import LdmModel
 
     job = make_job(lambda1=1, lambda2=1, mask_start=3, scale_with_steps=False)
     job.steps = 4
@@ -317,7 +317,7 @@ def test_job_retouch_on_the_tiny_model(tiny_ldm):
 
 
 def test_model_kinds_that_are_not_supported_are_refused(tiny_ldm):
-    from lib_layout_retouch.model import check_model_supported
+    from lib_layout_retouch.unet.model import check_model_supported
 
     check_model_supported(tiny_ldm)  # SD1-architecture ε-prediction: fine
     sd3 = SimpleNamespace(

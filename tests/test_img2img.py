@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_layout_retouch import ddim
 from lib_layout_retouch import job as lr_job
-from lib_layout_retouch import pipeline as pl
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.model import LdmModel
 from lib_layout_retouch.params import LayoutRetouchParams
+from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet import ddim
+from lib_layout_retouch.unet.model import LdmModel
 from tests.paths import DOG_PHOTO as PHOTO
 from tests.paths import photo_tensor
 from tests.tolerance import (

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lib_layout_retouch.model import (
+from lib_layout_retouch.unet.model import (
     KDiffusionModel,
     LdmModel,
     alpha_cumprod_of_sigma,
@@ -78,7 +78,7 @@ from types import SimpleNamespace  # noqa: E402
 import pytest  # noqa: E402
 
 from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
-from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported  # noqa: E402
+from lib_layout_retouch.unet.model import attention_replacements, check_forge_engine_supported  # noqa: E402
 
 
 def _engine(kind, prediction="epsilon", **flags):

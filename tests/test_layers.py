@@ -2,7 +2,7 @@
 
 import torch
 
-from lib_layout_retouch.layers import (
+from lib_layout_retouch.unet.layers import (
     SD1_LAYERS,
     attention_modules,
     infer_layer_table,

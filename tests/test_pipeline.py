@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.attention import LAYOUT, TARGET
 from lib_layout_retouch.errors import Interrupted
-from lib_layout_retouch.layers import attention_modules, layer_table_for
-from lib_layout_retouch.model import LdmModel
 from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.attention import LAYOUT, TARGET
+from lib_layout_retouch.unet.layers import attention_modules, layer_table_for
+from lib_layout_retouch.unet.model import LdmModel
 from tests.paths import photo_tensor
 from tests.tolerance import (
     assert_differs_beyond,
@@ -297,7 +297,7 @@ def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result
 def test_row_plans_and_their_device_indices_are_made_once_per_row_layout(setup, monkeypatch):
     """The editor keeps device-side row indices on the plan; the retouch must not rebuild plans (and
     so those indices, a host→device copy on a GPU) every step: one plan per distinct row layout."""
-    from lib_layout_retouch import attention
+    from lib_layout_retouch.unet import attention
 
     built, gathers = [], []
     real_build = attention.RowPlan.build.__func__

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from lib_layout_retouch import conditioning as C
-from lib_layout_retouch import pipeline as pl
-from lib_layout_retouch.attention import LAYOUT, TARGET, patched_attention
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
-from lib_layout_retouch.layers import (
+from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
+from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.attention import LAYOUT, TARGET, patched_attention
+from lib_layout_retouch.unet.layers import (
     SD1_LAYERS,
     SDXL_LAYERS,
     SDXL_LIGHT_LAYERS,
@@ -21,16 +23,14 @@ from lib_layout_retouch.layers import (
     is_self_attention,
     layer_table_for,
 )
-from lib_layout_retouch.model import (
+from lib_layout_retouch.unet.model import (
     SD1_FAMILY,
     SDXL_FAMILY,
     LdmModel,
     check_model_supported,
     unet_family,
 )
-from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
-from lib_layout_retouch.schedule import Schedule
-from tests import tiny_sdxl as TS
+from tests.fixtures import sdxl as TS
 from tests.paths import photo_tensor
 from tests.tolerance import (
     assert_differs_beyond,
@@ -339,9 +339,9 @@ def test_batched_equals_one_call_per_path_and_fast_path(xl_setup):
 def test_mask_blend_on_an_sdxl_reference_layer(xl, m_value):
     """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend —
     on a depth-2 transformer block's self-attention of the SDXL UNet."""
-    from lib_layout_retouch.attention import COND, RetouchAttention, RowPlan, StepState
-    from lib_layout_retouch.layers import LayerTable
     from lib_layout_retouch.masks import LayerMasks
+    from lib_layout_retouch.unet.attention import COND, RetouchAttention, RowPlan, StepState
+    from lib_layout_retouch.unet.layers import LayerTable
 
     _, _, adapter = xl
     name = next(

@@ -2,10 +2,10 @@
 
 import torch
 
-from lib_layout_retouch import ddim
-from lib_layout_retouch.model import LdmModel, unet_swapped
 from lib_layout_retouch.schedule import Schedule
 from lib_layout_retouch.stage1 import sample_step_blended
+from lib_layout_retouch.unet import ddim
+from lib_layout_retouch.unet.model import LdmModel, unet_swapped
 from tests.tolerance import assert_differs_beyond, network_roundings, rounding_atol
 
 

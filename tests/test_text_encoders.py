@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.text_encoders import checkpoint_key, copy_with_weights, swapped
+from lib_layout_retouch.unet.text_encoders import checkpoint_key, copy_with_weights, swapped
 from tests.tolerance import assert_differs_beyond, assert_rounding_close, network_roundings
 
 PREFIX = "cond_stage_model.transformer."

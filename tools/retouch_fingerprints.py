@@ -27,19 +27,19 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lib_layout_retouch import conditioning as C  # noqa: E402
-from lib_layout_retouch import flow  # noqa: E402
-from lib_layout_retouch import pipeline as pl  # noqa: E402
-from lib_layout_retouch.dit_attention import SHARED, SHIFTED  # noqa: E402
-from lib_layout_retouch.flux_model import FluxFamily  # noqa: E402
+from lib_layout_retouch.dit import flow  # noqa: E402
+from lib_layout_retouch.dit.blocks import SHARED, SHIFTED  # noqa: E402
+from lib_layout_retouch.dit.flux.model import FluxFamily  # noqa: E402
 from lib_layout_retouch.job import RetouchJob  # noqa: E402
-from lib_layout_retouch.model import LdmModel  # noqa: E402
 from lib_layout_retouch.params import LayoutRetouchParams  # noqa: E402
 from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
+from lib_layout_retouch.retouch import loop as pl  # noqa: E402
 from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from tests import tiny_sdxl as TS  # noqa: E402
+from lib_layout_retouch.unet.model import LdmModel  # noqa: E402
+from tests.fixtures import sdxl as TS  # noqa: E402
+from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: E402
+from tests.fixtures.sd1 import build_tiny_ldm, make_tiny_clip_folder  # noqa: E402
 from tests.paths import DOG_PHOTO, VICO, photo_tensor  # noqa: E402
-from tests.tiny_flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: E402
-from tests.tiny_models import build_tiny_ldm, make_tiny_clip_folder  # noqa: E402
 
 
 def digest(x) -> str:

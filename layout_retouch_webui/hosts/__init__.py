@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from .base import Host
+from layout_retouch_webui.hosts.base import Host
 
 
 @functools.lru_cache(maxsize=1)
@@ -26,10 +26,10 @@ def current() -> Host:
     except ImportError:
         is_forge = False
     if is_forge:
-        from .forge import ForgeHost
+        from layout_retouch_webui.hosts.forge import ForgeHost
 
         return ForgeHost()
-    from .a1111 import A1111Host
+    from layout_retouch_webui.hosts.a1111 import A1111Host
 
     return A1111Host()
 

@@ -13,12 +13,11 @@ import sys
 import torch
 from modules import devices, sd_models, shared
 
-from lib_layout_retouch.model import LdmModel, check_model_supported
-from lib_layout_retouch.text_encoders import TEXT_ENCODER_PREFIXES
-
-from .. import options
-from ..options import opt
-from .base import Host
+from layout_retouch_webui import options
+from layout_retouch_webui.hosts.base import Host
+from layout_retouch_webui.options import opt
+from lib_layout_retouch.unet.model import LdmModel, check_model_supported
+from lib_layout_retouch.unet.text_encoders import TEXT_ENCODER_PREFIXES
 
 
 class A1111Host(Host):

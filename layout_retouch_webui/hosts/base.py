@@ -7,7 +7,7 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
-from lib_layout_retouch.model import LdmModel
+from lib_layout_retouch.unet.model import LdmModel
 
 
 class Host:

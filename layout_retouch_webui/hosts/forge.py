@@ -7,7 +7,7 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
   the same layers (`backend/nn/unet.py` calls `self.attn1(...)` unless a `patches_replace` entry
   replaces it — `check_attention_free` refuses that conflict by name).
 - `KModel.apply_model(x, σ)` returns the denoised image on the k-diffusion σ scale (`backend/modules/
-  k_model.py`): `lib_layout_retouch.forge_model.ForgeModel` drives it as ε(z_t, t); ᾱ is the
+  k_model.py`): `lib_layout_retouch.adapters.forge.sd.ForgeModel` drives it as ε(z_t, t); ᾱ is the
   predictor's `alphas_cumprod`.
 - `modules.sd_models.read_state_dict` is a stub: checkpoints are read with `backend.utils.load_torch_file`.
 - LoRA is merged into the module weights by the patcher's `LoraLoader` (`backend/patcher/lora.py`), with
@@ -16,7 +16,7 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
 - Text encoding and the VAE run in `torch.inference_mode()` and load their models through
   `backend.memory_management`; the retouch runs in inference mode too (`inference_context`).
 - Flux.1 (dev/schnell; engine class `Flux`, `PredictionFlux`): the model is
-  `lib_layout_retouch.forge_flux_model` (velocity = the transformer's output, Forge's σ table and
+  `lib_layout_retouch.adapters.forge.flux` (velocity = the transformer's output, Forge's σ table and
   "Simple" schedule, T5 + pooled CLIP-L through the engine, the generation's distilled CFG). Stage 1
   works as for SD (the KModel's `diffusion_model` is the transformer; LoRA off = the patcher's
   refresh); the sampler hands x unscaled (const prediction). Refused with a reason: Textual Inversion
@@ -31,13 +31,12 @@ import contextlib
 import torch
 from modules import shared
 
+from layout_retouch_webui.hosts.a1111 import A1111Host
+from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
+from lib_layout_retouch.adapters.forge.sd import ForgeModel
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.forge_flux_model import forge_flux_model, is_forge_flux
-from lib_layout_retouch.forge_model import ForgeModel
-from lib_layout_retouch.model import attention_replacements, check_forge_engine_supported
-from lib_layout_retouch.text_encoders import TEXT_ENCODER_PREFIXES
-
-from .a1111 import A1111Host
+from lib_layout_retouch.unet.model import attention_replacements, check_forge_engine_supported
+from lib_layout_retouch.unet.text_encoders import TEXT_ENCODER_PREFIXES
 
 
 class ForgeHost(A1111Host):

@@ -74,8 +74,8 @@ def _models_cache_dir() -> str:
         return env
     h = hashlib.sha1()
     for p in (
-        os.path.join(REPO_ROOT, "tests", "tiny_models.py"),
-        os.path.join(REPO_ROOT, "benchmarks", "tiny_nets.py"),
+        os.path.join(REPO_ROOT, "tests", "fixtures", "sd1.py"),
+        os.path.join(REPO_ROOT, "tests", "fixtures", "nets.py"),
         os.path.join(HERE, "tiny_checkpoints.py"),
     ):
         with open(p, "rb") as f:

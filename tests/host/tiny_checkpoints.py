@@ -1,7 +1,7 @@
 """Tiny random-weight models for a real WebUI host (tests/host/): checkpoints, an embedding, a LoRA.
 
 No pretrained weights exist offline, so the host tests run the WebUI on narrow models of the real SD1
-architecture, built by `tests/tiny_models.py`. Everything is written under one root:
+architecture, built by `tests/fixtures/sd1.py`. Everything is written under one root:
 
     <root>/clip/                       tiny CLIP text model + tokenizer (the yaml's `version` points here)
     <root>/clip-wide/                  a wider one (hidden 48) for the "other architecture" checkpoint
@@ -48,7 +48,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 REPO_ROOT = os.path.dirname(TESTS)
-for _p in (TESTS, REPO_ROOT):  # tiny_models, and lib_layout_retouch which it may import
+for _p in (REPO_ROOT,):  # tests.fixtures (the tiny models) and lib_layout_retouch
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
@@ -76,7 +76,7 @@ MARKER = "tiny_models.json"  # written last: its presence means the root is comp
 
 
 def _config_yaml(clip_folder: str, context_dim: int = 32) -> dict:
-    from tiny_models import tiny_ldm_config
+    from tests.fixtures.sd1 import tiny_ldm_config
 
     return {
         "model": {
@@ -87,11 +87,12 @@ def _config_yaml(clip_folder: str, context_dim: int = 32) -> dict:
 
 
 def _build(clip_folder: str, seed: int, context_dim: int):
-    """`tiny_models.build_tiny_ldm`, for a context width other than 32 as well."""
+    """`tests.fixtures.sd1.build_tiny_ldm`, for a context width other than 32 as well."""
     import torch
     from ldm.util import instantiate_from_config
     from omegaconf import OmegaConf
-    from tiny_models import build_tiny_ldm, reinit_zero_weights, tiny_ldm_config
+
+    from tests.fixtures.sd1 import build_tiny_ldm, reinit_zero_weights, tiny_ldm_config
 
     if context_dim == 32:
         return build_tiny_ldm(clip_folder, seed)
@@ -337,7 +338,8 @@ def build_tiny_sdxl(clip_folder: str, seed: int, model_channels: int = 32):
     import torch
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
-    from tiny_models import reinit_zero_weights, tame_output
+
+    from tests.fixtures.sd1 import reinit_zero_weights, tame_output
 
     torch.manual_seed(seed)
     model = instantiate_from_config(
@@ -452,7 +454,7 @@ def write_sdxl_lora(
 
 def write_host_models(root: str) -> dict:
     """Write everything (see the module docstring) under `root`; return the paths as a dict."""
-    from tiny_models import make_tiny_clip_folder
+    from tests.fixtures.sd1 import make_tiny_clip_folder
 
     root = os.path.abspath(root)
     paths = {

@@ -201,7 +201,7 @@ with torch.inference_mode():
     )
     print("split ok", tuple(r[0]["samples"].shape))
     assert torch.equal(a, plain()), "plain changed at the end"
-    from lib_layout_retouch.layers import attention_modules
+    from lib_layout_retouch.unet.layers import attention_modules
 
     assert all(
         "forward" not in m.__dict__ for m in attention_modules(model.model.diffusion_model).values()

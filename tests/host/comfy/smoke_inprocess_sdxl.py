@@ -77,7 +77,7 @@ CC._init(vae_m, torch)
 FC._randomise(vae_m, torch, g)
 vae = comfy.sd.VAE(sd=vae_m.state_dict())
 print("built SDXL-config", type(m).__name__, flush=True)
-from lib_layout_retouch.comfy_model import ComfyModel
+from lib_layout_retouch.adapters.comfy.sd import ComfyModel
 
 cm = ComfyModel(model, clip, vae)
 print("family", cm.family)

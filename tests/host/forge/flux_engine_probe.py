@@ -1,6 +1,6 @@
 """Run with Forge's Python (tests/host/forge/test_forge_flux_engine.py does): load the tier's tiny Flux
 through Forge's own loader (`backend.loader.forge_loader`, the tier's registration installed), wrap the
-engine with `lib_layout_retouch.forge_flux_model`, and check the adapter against Forge itself:
+engine with `lib_layout_retouch.adapters.forge.flux`, and check the adapter against Forge itself:
 
 - velocity(x, σ) == (x − KModel.apply_model(x, σ))/σ (Forge's PredictionFlux);
 - simple_sigmas == Forge's own "Simple" scheduler (modules/sd_schedulers.simple_scheduler);
@@ -44,10 +44,10 @@ def main(forge_dir: str, models_root: str, repo_root: str) -> dict:
     from backend.loader import forge_loader
     from modules.sd_schedulers import simple_scheduler
 
-    from lib_layout_retouch import pipeline as pl
-    from lib_layout_retouch.dit_attention import dit_blocks
-    from lib_layout_retouch.forge_flux_model import forge_flux_model, is_forge_flux
+    from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
+    from lib_layout_retouch.dit.blocks import dit_blocks
     from lib_layout_retouch.prompts import derive_prompts
+    from lib_layout_retouch.retouch import loop as pl
     from lib_layout_retouch.schedule import Schedule
 
     out = {}

@@ -1,6 +1,6 @@
 """Flux.1 in Forge on the tier's tiny Flux (forge_tiny_checkpoints.py): Forge's own loader, engine,
 sampler and LoRA loader run it on the CPU — and the extension retouches on it (LoRA and DreamBooth
-stage 1, the DiT retouch through lib_layout_retouch.forge_flux_model), refuses what Flux cannot do by
+stage 1, the DiT retouch through lib_layout_retouch.adapters.forge.flux), refuses what Flux cannot do by
 name, and leaves plain Flux generations bit-identical.
 
 The module switches Forge to `flux-personal` (POST /sdapi/v1/options) and back to `forge-personal` at

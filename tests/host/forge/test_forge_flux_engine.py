@@ -1,4 +1,4 @@
-"""The library's Forge Flux adapter (`lib_layout_retouch.forge_flux_model`) against Forge itself, in a
+"""The library's Forge Flux adapter (`lib_layout_retouch.adapters.forge.flux`) against Forge itself, in a
 Forge Python process (no server): flux_engine_probe.py loads the tiny Flux with Forge's own loader and
 checks velocity = (x − apply_model)/σ, the σ list = Forge's "Simple" scheduler, the conditioning =
 the engine's, and a full retouch on Forge's transformer (target ≠ layout, nothing left patched).

@@ -20,9 +20,9 @@ from typing import Callable, Optional
 
 import torch
 
-from .conditioning import SizeTerms, pad_tokens
-from .errors import LayoutRetouchError
-from .model import (
+from ...conditioning import SizeTerms, pad_tokens
+from ...errors import LayoutRetouchError
+from ...unet.model import (
     FLUX_FAMILY,
     SD1_FAMILY,
     SDXL_FAMILY,

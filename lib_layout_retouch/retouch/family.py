@@ -21,9 +21,9 @@ from typing import Callable, ContextManager, Optional, Protocol, Sequence
 
 import torch
 
-from .attention import COND, UNCOND, RetouchAttention, patched_attention
-from .ddim import DDIMSampler
-from .layers import LayerTable, layer_table_for
+from ..unet.attention import COND, UNCOND, RetouchAttention, patched_attention
+from ..unet.ddim import DDIMSampler
+from ..unet.layers import LayerTable, layer_table_for
 
 # (step, total)
 StepCallback = Callable[[int, int], None]

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .model import unet_family
+from .unet.model import unet_family
 
 UNET_PREFIX = "model.diffusion_model."
 MAX_HEADER = 100 * 2**20  # a real header is a few MB at most

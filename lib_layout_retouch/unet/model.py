@@ -14,8 +14,8 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 
-from .conditioning import SizeTerms, sdxl_conditioning
-from .errors import LayoutRetouchError
+from ..conditioning import SizeTerms, sdxl_conditioning
+from ..errors import LayoutRetouchError
 
 # eps = denoiser(x, t, cond) for a batch x, timesteps t (B,), conditioning cond (conditioning.Cond)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

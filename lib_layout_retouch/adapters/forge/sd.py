@@ -14,8 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .conditioning import SizeTerms
-from .model import SD1_FAMILY, SDXL_FAMILY, KDiffusionModel
+from ...conditioning import SizeTerms
+from ...unet.model import SD1_FAMILY, SDXL_FAMILY, KDiffusionModel
 
 
 class EnginePrompts(list):

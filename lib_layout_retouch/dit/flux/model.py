@@ -21,19 +21,19 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from . import flow
-from .attention import COND, UNCOND
-from .conditioning import CHUNK
-from .dit_attention import (
+from ...conditioning import CHUNK
+from ...errors import LayoutRetouchError
+from ...unet.attention import COND, UNCOND
+from ...unet.model import FLUX_FAMILY
+from .. import flow
+from ..blocks import (
     ROPE_MODES,
     SHIFTED,
     DiTRetouchAttention,
     layer_table_for_dit,
     patched_blocks,
 )
-from .dit_tokens import image_ids, pack, token_grid, unpack
-from .errors import LayoutRetouchError
-from .model import FLUX_FAMILY
+from ..tokens import image_ids, pack, token_grid, unpack
 
 DEFAULT_GUIDANCE = 3.5  # Flux.1-dev's distilled guidance (Forge's "Distilled CFG Scale" default)
 
@@ -171,7 +171,7 @@ class FluxModel:
         pooled vector, so no attention map exists for them; given for hosts that show them."""
         if self.tokenize_clip is None:
             return []
-        from .prompts import subject_token_positions
+        from ...prompts import subject_token_positions
 
         return subject_token_positions(self.tokenize_clip, prompt, phrases, CHUNK - 2)
 
@@ -181,8 +181,8 @@ class FluxModel:
         y_r's T5 tokens but keeps the layout's pooled CLIP vector: the vector is no attention (it
         modulates every block), and with y_r's the target would leave the layout while every block
         copies it (as SDXL's vector, docs/ALGORITHM.md)."""
-        from .conditioning import rows
-        from .pipeline import RetouchConds
+        from ...conditioning import rows
+        from ...retouch.loop import RetouchConds
 
         c = self.conditioning([prompts.reference, prompts.personalized, negative_prompt], guidance)
         reference, layout = rows(c, slice(0, 1)), rows(c, slice(1, 2))

@@ -31,17 +31,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .comfy_model import (
+from ...conditioning import pad_tokens
+from ...dit.flux.model import DEFAULT_GUIDANCE, FluxModel
+from ...errors import LayoutRetouchError
+from ..forge.flux import simple_sigmas
+from .sd import (
     ComfyObjects,
     is_flux,
     model_sampling,
     token_ids,
     transformer_options,
 )
-from .conditioning import pad_tokens
-from .errors import LayoutRetouchError
-from .flux_model import DEFAULT_GUIDANCE, FluxModel
-from .forge_flux_model import simple_sigmas
 
 T5_END = 1  # ComfyUI's T5XXLTokenizer: EOS 1, padding 0 (no start token)
 

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from .flux_model import FluxModel
+from ...dit.flux.model import FluxModel
 
 
 def simple_sigmas(table: torch.Tensor, steps: int) -> list[float]:

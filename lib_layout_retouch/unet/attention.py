@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..masks import LayerMasks, layer_hw
 from .layers import LayerTable, attention_modules, is_self_attention
-from .masks import LayerMasks, layer_hw
 
 REFERENCE, LAYOUT, TARGET = "reference", "layout", "target"
 UNCOND, COND = "uncond", "cond"

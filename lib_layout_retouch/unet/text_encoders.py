@@ -18,7 +18,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from .errors import LayoutRetouchError
+from ..errors import LayoutRetouchError
 
 # Where each text transformer's weights live in a checkpoint (ldm / sgm key prefixes), by the
 # transformer's attribute in its encoder: SD1's CLIP-L, SD2's OpenCLIP, SDXL's CLIP-L and OpenCLIP-G.

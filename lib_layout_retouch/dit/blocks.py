@@ -34,7 +34,8 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention import (
+from ..errors import LayoutRetouchError
+from ..unet.attention import (
     COND,
     LAYOUT,
     REFERENCE,
@@ -45,9 +46,8 @@ from .attention import (
     StepState,
     forwards_replaced,
 )
-from .dit_tokens import image_ids, token_grid
-from .errors import LayoutRetouchError
-from .layers import PRESETS, LayerTable
+from ..unet.layers import PRESETS, LayerTable
+from .tokens import image_ids, token_grid
 
 DOUBLE, SINGLE = "double_blocks", "single_blocks"
 SHARED, SHIFTED = "shared", "shifted"

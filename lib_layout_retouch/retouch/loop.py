@@ -26,9 +26,13 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from . import conditioning as C
-from . import ddim, masks, stage1
-from .attention import (
+from .. import conditioning as C
+from .. import masks, stage1
+from ..errors import Interrupted, LayoutRetouchError
+from ..prompts import subject_token_positions
+from ..schedule import PAPER_LAMBDA2, PAPER_STEPS
+from ..unet import ddim
+from ..unet.attention import (
     COND,
     LAYOUT,
     REFERENCE,
@@ -37,12 +41,9 @@ from .attention import (
     RowPlan,
     StepState,
 )
-from .errors import Interrupted, LayoutRetouchError
+from ..unet.layers import LayerTable
+from ..unet.model import LdmModel
 from .family import EpsUNetFamily, Sampler, family_halves, family_of
-from .layers import LayerTable
-from .model import LdmModel
-from .prompts import subject_token_positions
-from .schedule import PAPER_LAMBDA2, PAPER_STEPS
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 

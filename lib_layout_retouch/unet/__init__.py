@@ -1,0 +1,1 @@
+"""lib_layout_retouch.unet"""

@@ -1,0 +1,1 @@
+"""tests.host.forge.attn_replace_extension.scripts"""
