@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import retouch as pipeline
 from .errors import LayoutRetouchError
 from .images import image_fingerprint, prepare_reference, reference_size_terms
 from .params import NO_SAM, LayoutRetouchParams, reference_error
 from .prompts import RetouchPrompts, derive_prompts
-from .retouch import loop as pipeline
 from .unet.model import LdmModel
 
 # Reference inversions across generations (pipeline.INVERSION_ENTRY_MB each); the WebUI setting
@@ -165,7 +165,7 @@ class RetouchJob:
             model,
             self.prompts,
             self.negative_prompt,
-            generation_size=model.generation_size(self.width, self.height),
+            image_size=(self.width, self.height),
             reference_size=self.reference_sizes if len(keys) > 1 else self.reference_size,
         )
         if layout_trajectory is not None and self.params.layout_source == "input":

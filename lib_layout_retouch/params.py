@@ -26,6 +26,7 @@ from .errors import LayoutRetouchError, check_range
 from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
 from .prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN
+from .retouch.layers import DEFAULT_PRESET, PRESETS
 from .schedule import (
     KNOBS,
     PAPER_LAMBDA1,
@@ -35,7 +36,6 @@ from .schedule import (
     PAPER_STEPS,
     Schedule,
 )
-from .unet.layers import DEFAULT_PRESET, PRESETS
 
 PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
 LAYOUT_SOURCES = ("inversion", "stage1", "input")

@@ -41,8 +41,8 @@ def setup(tiny_ldm):
     tokens, the dog photo's latent and two random 8×8 layouts (test_pipeline, test_img2img)."""
     import torch
 
+    from lib_layout_retouch import retouch as pl
     from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
-    from lib_layout_retouch.retouch import loop as pl
     from lib_layout_retouch.unet.model import LdmModel
     from tests.paths import photo_tensor
 

@@ -1,25 +1,24 @@
-"""Stage 2 — the retouch (paper Algorithm 1), and the two stages end to end.
+"""Stage 2 — the retouch (paper Algorithm 1), the same loop for every model family.
 
-    z_r[0…T] ← DDIMInversion(Encode(I_r), "")      cached per (reference, model, T)
-    z_o[0…T] ← DDIMInversion(z_o[0], "")           or the stage-1 trajectory (layout_source="stage1")
+    z_r[0…T] ← Inversion(Encode(I_r), "")          cached per (reference, model, T)
+    z_o[0…T] ← Inversion(z_o[0], "")               or the stage-1 trajectory (layout_source="stage1")
     z_t ← z_o[T]
-    for s = 1 … T: one batched UNet call with the reference, layout and target paths (× CFG halves);
-        the attention editor copies the layout (s ≤ λ2), paints the reference identity (s > λ2) and
-        blends with the adaptive mask M (s ≥ mask_start); each path takes a DDIM step.
+    for s = 1 … T: one batched model call with the reference, layout and target paths (× CFG
+        halves); the editor copies the layout (s ≤ λ2), paints the reference identity (s > λ2) and
+        blends with the adaptive mask M (s ≥ mask_start); each path takes a sampling step.
     I_t ← Decode(z_t)
 
 Fast paths that change no result: while s ≤ λ2 and the layout is copied into every layer the target
 equals the layout path exactly (docs/ALGORITHM.md invariant), so the target rows are not computed and
 z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
 
-The loop is the same for every model family (`family.ModelFamily`): DDIM and the UNet's attention
-above are the ε-UNet family's sampler and editor.
+Everything that differs between model families — the sampler (DDIM, a flow solver), the
+conditionings, the layer table, the editor's processors and the patch — is the family's
+(`retouch.family.ModelFamily`); nothing here asks which family it holds.
 """
 
 from __future__ import annotations
 
-import collections
-import threading
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -27,23 +26,13 @@ import numpy as np
 import torch
 
 from .. import conditioning as C
-from .. import masks, stage1
+from .. import masks
 from ..errors import Interrupted, LayoutRetouchError
-from ..prompts import subject_token_positions
-from ..schedule import PAPER_LAMBDA2, PAPER_STEPS
-from ..unet import ddim
-from ..unet.attention import (
-    COND,
-    LAYOUT,
-    REFERENCE,
-    TARGET,
-    UNCOND,
-    RowPlan,
-    StepState,
-)
-from ..unet.layers import LayerTable
-from ..unet.model import LdmModel
-from .family import EpsUNetFamily, Sampler, family_halves, family_of
+from . import caches
+from .conds import RetouchConds
+from .editor import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RowPlan, StepState
+from .family import Sampler, family_of
+from .layers import LayerTable
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
@@ -69,40 +58,6 @@ class RetouchSettings:
 
 
 @dataclass
-class RetouchConds:
-    """One-row conditionings (conditioning.Cond: a tensor for SD1, a dict for SDXL): y_r for the
-    reference and target paths, y_p for the layout path, the negative prompt for every uncond half.
-
-    SDXL's conditioning carries size terms, which differ between the reference photo and the
-    generated image: `reference`/`reference_uncond`/`reference_empty` carry the reference's,
-    everything else the generation's. For SD1 the optional ones are the same tensors (None)."""
-
-    reference: C.Cond
-    layout: C.Cond
-    uncond: C.Cond
-    target: Optional[C.Cond] = None  # y_r's tokens with the layout's vector (default: reference)
-    reference_uncond: Optional[C.Cond] = (
-        None  # negative prompt with the reference's size terms (default: uncond)
-    )
-    reference_empty: Optional[C.Cond] = (
-        None  # "" for the reference inversion (default: model.conditioning([""]))
-    )
-    layout_empty: Optional[C.Cond] = None  # "" for the layout inversion (default: likewise)
-
-    def cond_of(self, path: str) -> C.Cond:
-        if path == TARGET and self.target is not None:
-            return self.target
-        return self.layout if path == LAYOUT else self.reference
-
-    def uncond_of(self, path: str) -> C.Cond:
-        return (
-            self.reference_uncond
-            if (path == REFERENCE and self.reference_uncond is not None)
-            else self.uncond
-        )
-
-
-@dataclass
 class RetouchResult:
     latents: torch.Tensor  # (N, C, h, w) target latents z_t[0]
     masks: Optional[torch.Tensor]  # (N, H, W) adaptive mask M in [0, 1]
@@ -117,198 +72,9 @@ class RetouchResult:
     )
 
 
-# What the two reference caches cost, at SD1 512² (64×64 latents) and the paper's T and λ2 — the
-# one home of these figures (the WebUI settings' labels quote them):
-INVERSION_CACHE_ENTRIES = 4  # reference inversions kept by default
-# one inversion: (T+1) latents of 4×64×64 fp32 floats ≈ 3.3 MB
-INVERSION_ENTRY_MB = (PAPER_STEPS + 1) * 4 * 64 * 64 * 4 / 1e6
-# one step of the reference's K and V (fp16, both CFG halves) at the standard preset's layers
-# (output_blocks 6–11: 3 × 32² tokens × 640 + 3 × 64² tokens × 320): ≈ 47 MB; the steps s > λ2
-# need them: ≈ 1.9 GB for one reference
-KV_STEP_MB = 2 * 2 * 2 * 3 * (32 * 32 * 640 + 64 * 64 * 320) / 1e6
-KV_REFERENCE_MB = KV_STEP_MB * (PAPER_STEPS - PAPER_LAMBDA2)
-
-
-class InversionCache:
-    """Bounded LRU of reference inversions, key (reference fingerprint, model key, steps).
-
-    One entry is (T+1) latents of one image (INVERSION_ENTRY_MB at SD1 512², T = 50)."""
-
-    def __init__(self, max_entries: int = INVERSION_CACHE_ENTRIES):
-        self.max_entries = max_entries
-        self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = (
-            collections.OrderedDict()
-        )
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple) -> Optional[list[torch.Tensor]]:
-        with self._lock:
-            levels = self._items.get(key)
-            if levels is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
-            return levels
-
-    def peek(self, key: tuple) -> Optional[list[torch.Tensor]]:
-        """Look without counting a hit or refreshing the entry."""
-        with self._lock:
-            return self._items.get(key)
-
-    def put(self, key: tuple, levels: list[torch.Tensor]) -> None:
-        with self._lock:
-            self._items[key] = levels
-            self._items.move_to_end(key)
-            while len(self._items) > max(0, self.max_entries):
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class ReferenceAttentionCache:
-    """Bounded LRU of the reference path's self-attention K/V at the reference layers, per step,
-    so a later generation with the same reference, model, steps, size and prompts runs no
-    reference rows at all. Size is the point: one reference costs KV_STEP_MB per step and
-    KV_REFERENCE_MB in all (≈1.9 GB at SD1 512², T = 50, λ2 = 10), on the device — so it is
-    opt-in (`max_bytes` 0 = off)."""
-
-    def __init__(self, max_bytes: int = 0):
-        self.max_bytes = max_bytes
-        self._items: "collections.OrderedDict[tuple, dict[int, dict]]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _bytes(step_sources: dict) -> int:
-        return sum(
-            t.numel() * t.element_size() for v in step_sources.values() for t in v if t is not None
-        )
-
-    def nbytes(self) -> int:
-        return sum(self._bytes(src) for steps in self._items.values() for src in steps.values())
-
-    def get(self, key: tuple, s: int) -> Optional[dict]:
-        with self._lock:
-            steps = self._items.get(key)
-            if steps is None or s not in steps:
-                return None
-            self._items.move_to_end(key)
-            return steps[s]
-
-    def put(self, key: tuple, s: int, sources: dict) -> None:
-        if self.max_bytes <= 0 or self._bytes(sources) > self.max_bytes:
-            return
-        with self._lock:
-            self._items.setdefault(key, {})[s] = sources
-            self._items.move_to_end(key)
-            while self.nbytes() > self.max_bytes and len(self._items) > 1:
-                self._items.popitem(last=False)
-            steps = self._items.get(key, {})
-            while (
-                self.nbytes() > self.max_bytes and steps
-            ):  # one entry alone too big: keep what fits
-                steps.pop(max(steps))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-def _digest(*conds: C.Cond) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for c in conds:
-        for t in (c[k] for k in sorted(c)) if C.is_dict(c) else (c,):
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def inversion_key(reference_key: tuple, steps: int, latent_hw) -> tuple:
-    return (*reference_key, steps, tuple(latent_hw))
-
-
-def encode_prompts(
-    model: LdmModel,
-    prompts,
-    negative_prompt: str = "",
-    *,
-    generation_size: Optional[C.SizeTerms] = None,
-    reference_size=None,
-) -> RetouchConds:
-    """y_r, y_p and the negative prompt. SDXL: each path with its own image's size terms
-    (`generation_size` for the layout/target paths, `reference_size` for the reference path).
-    `reference_size` may be a list, one SizeTerms per reference photo: the reference conditionings
-    then have one row per photo (SDXL; SD1 has no size terms and keeps one row for all)."""
-    own = getattr(model, "retouch_conds", None)  # a model family with its own (flux_model)
-    if own is not None:
-        return own(prompts, negative_prompt)
-    if isinstance(reference_size, (list, tuple)):
-        if len(reference_size) == 1 or not model.is_sdxl:
-            reference_size = reference_size[0] if reference_size else None
-        else:
-            return _encode_per_reference(
-                model, prompts, negative_prompt, generation_size, reference_size
-            )
-    if not model.is_sdxl:
-        c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
-        return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
-    gen = generation_size or model.generation_size(1024, 1024)
-    ref = reference_size or gen
-    at_gen = model.conditioning([prompts.reference, prompts.personalized], gen)
-
-    def negative(text, size):  # one call each: an empty negative prompt is zeroed only on its own
-        return model.conditioning([text], size, negative=True)
-
-    layout = C.rows(at_gen, slice(1, 2))
-    # The target path attends with y_r's tokens but takes the layout path's `vector` (pooled y_p and
-    # the generation's size terms). The vector is no attention: it reaches every ResBlock through
-    # the time embedding, and the retouch edits attention only — with y_r's vector the target would
-    # leave the layout even while every attention layer copies it (docs/ALGORITHM.md: z_t = z_o for s ≤ λ2).
-    target = C.with_tokens_of(layout, C.rows(at_gen, slice(0, 1)))
-    return RetouchConds(
-        reference=model.conditioning([prompts.reference], ref),
-        layout=layout,
-        uncond=negative(negative_prompt, gen),
-        target=target,
-        reference_uncond=negative(negative_prompt, ref),
-        reference_empty=negative("", ref),
-        layout_empty=negative("", gen),
-    )
-
-
-def _encode_per_reference(model, prompts, negative_prompt, generation_size, reference_sizes):
-    """SDXL with several reference photos: the reference conditionings one row per photo."""
-    each = [
-        encode_prompts(
-            model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
-        )
-        for r in reference_sizes
-    ]
-    return RetouchConds(
-        reference=C.cat([c.reference for c in each]),
-        layout=each[0].layout,
-        uncond=each[0].uncond,
-        target=each[0].target,
-        reference_uncond=C.cat([c.reference_uncond for c in each]),
-        reference_empty=C.cat([c.reference_empty for c in each]),
-        layout_empty=each[0].layout_empty,
-    )
-
-
 @torch.no_grad()
 def invert_latents(
-    model: LdmModel,
+    model,
     z0: torch.Tensor,
     sampler: Sampler,
     progress: Optional[ProgressFn] = None,
@@ -321,7 +87,7 @@ def invert_latents(
     (docs/ALGORITHM.md). `counter` ([calls, rows]) is incremented per model call. `empty`: the
     empty prompt's conditioning (SDXL: with the image's size terms); default `model.conditioning([""])`."""
     if empty is None:
-        empty = model.conditioning([""])
+        empty = family_of(model).conditioning(model, [""])
 
     def predict(x, t):
         if should_stop is not None and should_stop():
@@ -337,7 +103,7 @@ def invert_latents(
 
 @torch.no_grad()
 def retouch(
-    model: LdmModel,
+    model,
     *,
     reference_latent: torch.Tensor,
     layout_latents: torch.Tensor,
@@ -348,8 +114,8 @@ def retouch(
     layout_images: Optional[np.ndarray] = None,
     segmenter=None,
     reference_key: Optional[tuple] = None,
-    cache: Optional[InversionCache] = None,
-    kv_cache: Optional[ReferenceAttentionCache] = None,
+    cache: Optional[caches.InversionCache] = None,
+    kv_cache: Optional[caches.ReferenceAttentionCache] = None,
     progress: Optional[ProgressFn] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     reference_keys: Optional[Sequence[Optional[tuple]]] = None,
@@ -678,9 +444,9 @@ class _Retouch:
         self.T = self.sampler.steps
         self.layers = settings.layers or self.family.layer_table(model, settings.layer_preset)
         self.editor = self.family.editor(
-            self.layers, inputs.subject_tokens, inputs.latent_hw, inputs.n_references
+            model, self.layers, inputs.subject_tokens, inputs.latent_hw, inputs.n_references
         )
-        halves = family_halves(self.family, settings.guidance_scale)
+        halves = self.family.halves(settings.guidance_scale)
         self.call = _ModelCall(
             model, self.sampler, self.editor, inputs, settings.guidance_scale, hooks, halves
         )
@@ -695,7 +461,7 @@ class _Retouch:
     # -- Algorithm 1 ------------------------------------------------------------------------------
     def run(self, reference_latent, reference_keys, cache) -> RetouchResult:
         keys = [
-            None if k is None else inversion_key(k, self.T, self.inputs.latent_hw)
+            None if k is None else caches.inversion_key(k, self.T, self.inputs.latent_hw)
             for k in reference_keys
         ]
         inversions = _Inversions(self.model, self.sampler, self.inputs, self.hooks)
@@ -724,7 +490,7 @@ class _Retouch:
             self.build_mask()
         phase = self.phase(s)
         out = self.predict(s, phase, kv)
-        if getattr(self.sampler, "midpoint", None) is not None:
+        if self.sampler.second_order:
             out = self.predict_at_midpoint(s, phase, out)
         self.advance(s, phase, out)
         self.hooks.report("retouch", s, self.T)
@@ -820,11 +586,10 @@ class _Retouch:
             or key is None
             or not st.reset_reference
             or st.sequential
-            or getattr(self.sampler, "midpoint", None)
-            is not None  # K/V kept per step, not per call
+            or self.sampler.second_order  # K/V kept per step, not per call
         ):
             return None
-        prompts = _digest(self.call.cond_of[REFERENCE], self.call.uncond_of[REFERENCE])
+        prompts = caches.digest(self.call.cond_of[REFERENCE], self.call.uncond_of[REFERENCE])
         return (*key, prompts, self.layers.name, tuple(self.layers.reference_layers))
 
     def result(self, reference_cached: bool) -> RetouchResult:
@@ -855,7 +620,7 @@ class _ReferenceKV:
     (the call then runs no reference rows), or this call's captured ones to keep. Off (`key` None)
     when the cache is off or the K/V would not be the same (see `_Retouch.reference_kv_key`)."""
 
-    def __init__(self, cache: Optional[ReferenceAttentionCache], key: Optional[tuple]):
+    def __init__(self, cache: Optional[caches.ReferenceAttentionCache], key: Optional[tuple]):
         self.cache, self.key = cache, key
 
     @property
@@ -877,149 +642,3 @@ def _softened(u: torch.Tensor, size=None) -> np.ndarray:
     size = size or u.shape
     soft = masks.adaptive_mask(np.zeros(u.shape, bool), u > 0, size=size)
     return (soft * masks.resize_nearest(u, size)).astype(np.float32)
-
-
-@dataclass
-class GenerationResult:
-    images: torch.Tensor  # (N, 3, H, W) retouched images in [-1, 1]
-    layout_images: torch.Tensor  # (N, 3, H, W) stage-1 layouts I_o in [-1, 1]
-    layout_latents: torch.Tensor
-    retouch: RetouchResult
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-@torch.no_grad()
-def generate(
-    model: LdmModel,
-    *,
-    prompts,
-    reference_image: torch.Tensor,
-    noise: torch.Tensor,
-    settings: RetouchSettings,
-    negative_prompt: str = "",
-    vanilla_unet: Optional[torch.nn.Module] = None,
-    layout_source: str = "inversion",
-    segmenter=None,
-    cache: Optional[InversionCache] = None,
-    reference_key: Optional[tuple] = None,
-    kv_cache: Optional[ReferenceAttentionCache] = None,
-    progress: Optional[ProgressFn] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-    reference_size: Optional[C.SizeTerms] = None,
-) -> GenerationResult:
-    """Both stages with the library's DDIM: stage 1 (step-blended layout) then the retouch.
-
-    reference_image: (1, 3, H, W) in [-1, 1] at the generation size; noise: (N, C, h, w) z_T.
-    vanilla_unet: DreamBooth's vanilla UNet (None: the same UNet, i.e. Textual Inversion).
-    reference_size: SDXL size terms of the reference photo as fed (default: the generation's).
-    """
-    height, width = (8 * d for d in noise.shape[-2:])
-    gen_size = model.generation_size(width, height)
-    conds = encode_prompts(
-        model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size
-    )
-    cond_layout = model.conditioning([prompts.layout], gen_size)
-    trajectory = _layout_trajectory(
-        model, vanilla_unet, cond_layout, conds, noise, settings, progress, should_stop
-    )
-    subject = _subject_tokens(model, prompts)
-    layout_latents = trajectory[-1]
-    layout_images = model.decode(layout_latents)
-    key = (
-        None
-        if reference_key is None
-        else inversion_key(reference_key, settings.schedule.steps, noise.shape[-2:])
-    )
-    result = retouch(
-        model,
-        reference_latent=_reference_latent(model, reference_image, cache, key),
-        layout_latents=layout_latents,
-        conds=conds,
-        subject_tokens=subject,
-        settings=settings,
-        layout_trajectory=trajectory if layout_source == "stage1" else None,
-        layout_images=to_uint8(layout_images) if segmenter is not None else None,
-        segmenter=segmenter,
-        reference_key=reference_key,
-        cache=cache,
-        kv_cache=kv_cache,
-        progress=progress,
-        should_stop=should_stop,
-    )
-    return GenerationResult(
-        images=model.decode(result.latents),
-        layout_images=layout_images,
-        layout_latents=layout_latents,
-        retouch=result,
-    )
-
-
-def _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop):
-    """Stage 1 with the library's DDIM: the layout's trajectory [z_T … z_0]."""
-    schedule = settings.schedule
-    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
-    vanilla, personalized = denoisers
-    return stage1.sample_step_blended(
-        vanilla,
-        personalized,
-        schedule,
-        ddim_schedule,
-        cond_layout,
-        conds.layout,
-        conds.uncond,
-        noise,
-        settings.guidance_scale,
-        progress=progress,
-        should_stop=should_stop,
-    )
-
-
-def _layout_trajectory(
-    model, vanilla_unet, cond_layout, conds, noise, settings, progress, should_stop
-) -> list[torch.Tensor]:
-    """Stage 1 of the model's family: the library's DDIM for an ε-UNet (or a family built on it),
-    else the family's own sampler with the host's `model.vanilla()` context (Flux: a LoRA off)."""
-    family = family_of(model)
-    if isinstance(family, EpsUNetFamily):
-        denoisers = (model.denoiser(vanilla_unet), model.denoiser())
-        return _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop)
-    return _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop)
-
-
-def _subject_tokens(model, prompts) -> list[int]:
-    """The conditioning rows of the subject: CLIP's (UNets), or the model's own (Flux: T5's)."""
-    phrases = [prompts.concept_token, prompts.class_phrase]
-    own = getattr(model, "subject_tokens", None)
-    if own is not None:
-        return own(prompts.personalized, phrases)
-    return subject_token_positions(model.tokenize, prompts.personalized, phrases)
-
-
-def _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop):
-    """Stage 1 through another family's sampler (Flux: the flow sampler), the vanilla model being
-    the host's `model.vanilla()` context (a LoRA off): the layout's trajectory [z_T … z_0]."""
-    return stage1.sample_step_blended_with(
-        family.sampler(model, settings.schedule.steps, latent_hw=tuple(noise.shape[-2:])),
-        model,
-        settings.schedule,
-        cond_layout,
-        conds.layout,
-        conds.uncond,
-        noise,
-        settings.guidance_scale,
-        vanilla=model.vanilla,
-        halves=family_halves(family, settings.guidance_scale),
-        progress=progress,
-        should_stop=should_stop,
-    )
-
-
-def _reference_latent(model, reference_image, cache: Optional[InversionCache], key) -> torch.Tensor:
-    """The reference's latent; a cached inversion starts with it, so no VAE pass then."""
-    cached = cache.peek(key) if cache is not None and key is not None else None
-    return cached[0] if cached is not None else model.encode(reference_image)
