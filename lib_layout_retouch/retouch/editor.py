@@ -147,6 +147,12 @@ class StepState:
     sources: Sources = field(default_factory=dict)
     keep_sources: bool = False  # keep this call's sources for a later call (`kept_sources()`)
     capture_reference: bool = False  # capture the reference's K/V (`captured_reference()`)
+    # Several subjects: the reference rows of each subject, in order (photos per subject), and
+    # where each subject's region is — `for_tokens(n, device)` → (N, n) subject index per token,
+    # masks.NO_REGION outside every subject (masks.LayerRegions, or the maps so far). None: one
+    # subject, whose target queries attend to all reference rows.
+    reference_groups: tuple = ()
+    regions: Optional[object] = None
 
 
 @dataclass(frozen=True)
@@ -193,41 +199,61 @@ class LayerStep(NamedTuple):
     acts: bool  # anything to do at all (else the layer runs unchanged)
 
 
-class StepResults:
-    """What the processors hand back during a retouch: the subject maps (summed over layers and
-    steps), and per call the sources kept for a later call and the captured reference K/V."""
+def token_groups(subject_tokens: Sequence) -> list[list[int]]:
+    """Each subject's conditioning rows: a list of ints is one subject, a list of lists several."""
+    tokens = list(subject_tokens)
+    if tokens and isinstance(tokens[0], (list, tuple)):
+        return [list(g) for g in tokens]
+    return [tokens]
 
-    def __init__(self, subject_tokens: Sequence[int], latent_hw: tuple[int, int]):
-        self.subject_tokens = list(subject_tokens)
+
+class StepResults:
+    """What the processors hand back during a retouch: the subject maps (one per subject, summed
+    over layers and steps), and per call the sources kept for a later call and the captured
+    reference K/V."""
+
+    def __init__(self, subject_tokens: Sequence, latent_hw: tuple[int, int]):
+        self.groups = token_groups(subject_tokens)
+        self.subject_tokens = [t for g in self.groups for t in g]  # every subject's rows
         self.latent_hw = latent_hw
         self.kept: dict = {}
         self.captured: Optional[dict] = None
-        self._map_sum: Optional[torch.Tensor] = None  # (N, h, w) sum of subject maps
+        self._map_sums: list[Optional[torch.Tensor]] = [None] * len(self.groups)  # (N, h, w) each
         self._map_count = 0
-        self._token_index: Optional[torch.Tensor] = None
+        self._token_index: list[Optional[torch.Tensor]] = [None] * len(self.groups)
 
     def new_call(self, state: StepState) -> None:
         self.kept = {}
         self.captured = {} if state.capture_reference else None
 
     def record_maps(self, probs: torch.Tensor) -> None:
-        """Add the subject tokens' mean map from attention probabilities (N, heads, n, tokens)."""
-        if self._token_index is None or self._token_index.device != probs.device:
-            # built once on the device: indexing with a Python list would copy it host→device per call
-            self._token_index = torch.tensor(
-                self.subject_tokens, dtype=torch.long, device=probs.device
-            )
-        maps = probs.index_select(-1, self._token_index).mean(dim=(1, 3))  # (N, n)
-        maps = maps.reshape(-1, *layer_hw(self.latent_hw, maps.shape[1]))
-        if self._map_sum is None or self._map_sum.shape != maps.shape:
-            self._map_sum, self._map_count = torch.zeros_like(maps), 0
-        self._map_sum += maps
+        """Add each subject's mean map from attention probabilities (N, heads, n, tokens)."""
+        for k, group in enumerate(self.groups):
+            index = self._token_index[k]
+            if index is None or index.device != probs.device:
+                # made once on the device: a Python list index would copy host→device per call
+                index = self._token_index[k] = torch.tensor(
+                    group, dtype=torch.long, device=probs.device
+                )
+            maps = probs.index_select(-1, index).mean(dim=(1, 3))  # (N, n)
+            maps = maps.reshape(-1, *layer_hw(self.latent_hw, maps.shape[1]))
+            total = self._map_sums[k]
+            if total is None or total.shape != maps.shape:
+                total = self._map_sums[k] = torch.zeros_like(maps)
+                self._map_count = 0
+            total += maps
         self._map_count += 1
 
     def subject_maps(self) -> Optional[torch.Tensor]:
-        if self._map_sum is None or self._map_count == 0:
+        """Subject 1's mean map (N, h, w) — the only subject's, for one subject."""
+        maps = self.subject_maps_each()
+        return None if maps is None else maps[0]
+
+    def subject_maps_each(self) -> Optional[list[torch.Tensor]]:
+        """Each subject's mean map (N, h, w) over the recorded layers and calls."""
+        if self._map_count == 0 or any(m is None for m in self._map_sums):
             return None
-        return self._map_sum / self._map_count
+        return [m / self._map_count for m in self._map_sums]
 
 
 # -- the edits ----------------------------------------------------------------------------------------
@@ -333,20 +359,39 @@ class RetouchProcessor:
                 v[rows] = vr.expand(n, -1, -1, -1)
 
     def paint(self, state, at, results, q, k, v, out, span: TokenSpan, **kv_of) -> None:
-        """The target's image queries attend to [own text ; all references' image tokens (; own
-        image)], overwriting their output of the batched attention."""
+        """The target's image queries attend to [own text ; the references' image tokens (; own
+        image)], overwriting their output of the batched attention. Several subjects: a query in
+        subject k's region attends to subject k's photos only; outside every region it keeps the
+        layout's output φ_o."""
         for half, rows in at.target_rows:
             kr, vr = self.reference_kv(state, half, q, k, v, **kv_of)
             self.capture(state, results, half, kr, vr)
-            n = rows.stop - rows.start
-            keys, values = [side_by_side(kr, n)], [side_by_side(vr, n)]
-            if span.has_text():
-                keys.insert(0, k[rows, :, span.text])
-                values.insert(0, v[rows, :, span.text])
-            if self.with_target_tokens:
-                keys.append(k[rows, :, span.image])
-                values.append(v[rows, :, span.image])
-            out[rows, :, span.image] = attend_to_references(q[rows, :, span.image], keys, values)
+            if state.regions is None:
+                out[rows, :, span.image] = self.attend_references(q, k, v, rows, kr, vr, span)
+                continue
+            phi_o = self.source(state, LAYOUT, half, q, k, v, out=out)[3][:, :, span.image]
+            region = state.regions.for_tokens(phi_o.shape[2], q.device)[:, None, :, None]
+            painted, start = phi_o.clone(), 0
+            for subject, count in enumerate(state.reference_groups):
+                own = slice(start, start + count)
+                start += count
+                if not count:  # this subject's photos are in another call (its own weights)
+                    continue
+                attended = self.attend_references(q, k, v, rows, kr[own], vr[own], span)
+                painted = torch.where(region == subject, attended, painted)
+            out[rows, :, span.image] = painted
+
+    def attend_references(self, q, k, v, rows: slice, kr, vr, span: TokenSpan) -> torch.Tensor:
+        """The target rows' image queries over [own text ; kr, vr side by side (; own image)]."""
+        n = rows.stop - rows.start
+        keys, values = [side_by_side(kr, n)], [side_by_side(vr, n)]
+        if span.has_text():
+            keys.insert(0, k[rows, :, span.text])
+            values.insert(0, v[rows, :, span.text])
+        if self.with_target_tokens:
+            keys.append(k[rows, :, span.image])
+            values.append(v[rows, :, span.image])
+        return attend_to_references(q[rows, :, span.image], keys, values)
 
     def record_maps(self, state: StepState, results: StepResults, q, k, span: TokenSpan) -> None:
         """The layout path's (cond half) image→text attention probabilities, softmax over the text."""
@@ -425,8 +470,12 @@ class RetouchEditor:
         self._results.new_call(state)
 
     def subject_maps(self) -> Optional[torch.Tensor]:
-        """Mean subject-token map per image over recorded layers and calls, (N, h, w)."""
+        """Mean subject-token map per image over recorded layers and calls, (N, h, w) (subject 1's)."""
         return self._results.subject_maps()
+
+    def subject_maps_each(self) -> Optional[list[torch.Tensor]]:
+        """Each subject's mean map per image, [(N, h, w)] (one per subject)."""
+        return self._results.subject_maps_each()
 
     def kept_sources(self) -> dict:
         """The last call's sources, when its state had `keep_sources` (for a later call's `sources`)."""

@@ -81,10 +81,13 @@ class ModelFamily(Protocol):
         *,
         image_size: Optional[ImageSize] = None,
         reference_size=None,
+        reference_subjects: Optional[Sequence[int]] = None,
     ) -> RetouchConds:
         """y_r, y_p and the negative prompt for the three paths (`prompts`: prompts.RetouchPrompts).
         `image_size`: the generation's; `reference_size`: how each reference photo was prepared
-        (`conditioning.SizeTerms`, one or a list; what a family with size conditioning reads)."""
+        (`conditioning.SizeTerms`, one or a list; what a family with size conditioning reads).
+        `reference_subjects`: several subjects — each photo's subject: the reference rows take
+        their subject's y_r (one row per photo), the target the y_r naming every subject."""
 
     def conditioning(self, model, texts: Sequence[str], *, image_size: Optional[ImageSize] = None):
         """The conditioning of `texts` at the generation's size (stage 1's y_p⁻)."""

@@ -18,13 +18,25 @@ from .loop import ProgressFn, RetouchResult, RetouchSettings, retouch
 
 
 def encode_prompts(
-    model, prompts, negative_prompt: str = "", *, image_size=None, reference_size=None
+    model,
+    prompts,
+    negative_prompt: str = "",
+    *,
+    image_size=None,
+    reference_size=None,
+    reference_subjects=None,
 ) -> RetouchConds:
     """y_r, y_p and the negative prompt for the three paths: the model's family's (`encode_conds`).
     `image_size`: the generation's (width, height); `reference_size`: the reference photo's
-    preparation (`conditioning.SizeTerms`, one or a list; read by families with size terms)."""
+    preparation (`conditioning.SizeTerms`, one or a list; read by families with size terms);
+    `reference_subjects`: several subjects, each photo's subject index."""
     return family_of(model).encode_conds(
-        model, prompts, negative_prompt, image_size=image_size, reference_size=reference_size
+        model,
+        prompts,
+        negative_prompt,
+        image_size=image_size,
+        reference_size=reference_size,
+        reference_subjects=reference_subjects,
     )
 
 

@@ -19,8 +19,9 @@ conditionings, the layer table, the editor's processors and the patch — is the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, ContextManager, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from .. import masks
 from ..errors import Interrupted, LayoutRetouchError
 from . import caches
 from .conds import RetouchConds
-from .editor import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RowPlan, StepState
+from .editor import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RowPlan, StepState, token_groups
 from .family import Sampler, family_of
 from .layers import LayerTable
 
@@ -55,6 +56,7 @@ class RetouchSettings:
     skip_equal_target: bool = True  # fast path above; False computes the target anyway
     sequential: bool = False  # one UNet call per path (slow; checks the batched call)
     keep_trajectories: bool = False  # keep every step's layout/target latents (tests, previews)
+    subject_labels: tuple = ()  # several subjects: how notes name them ("sks dog")
 
 
 @dataclass
@@ -70,6 +72,10 @@ class RetouchResult:
     trajectories: Optional[dict[str, list[torch.Tensor]]] = (
         None  # "layout"/"target": latents after each step
     )
+    # several subjects: each subject's normalised map (K, N, h, w) and the region index (N, H, W)
+    # at M's resolution (masks.NO_REGION outside every subject)
+    subject_maps: Optional[torch.Tensor] = None
+    regions: Optional[torch.Tensor] = None
 
 
 @torch.no_grad()
@@ -120,6 +126,9 @@ def retouch(
     should_stop: Optional[Callable[[], bool]] = None,
     reference_keys: Optional[Sequence[Optional[tuple]]] = None,
     user_mask: Optional[torch.Tensor] = None,
+    reference_groups: Optional[Sequence[int]] = None,
+    subject_weights: Optional[Sequence[Optional[Callable[[], ContextManager]]]] = None,
+    base_weights: Optional[Callable[[], ContextManager]] = None,
 ) -> RetouchResult:
     """Retouch N layout latents (N, C, h, w) with R reference latents (R, C, h, w), R ≥ 1.
 
@@ -131,6 +140,16 @@ def retouch(
     K/V at once (concatenated along the tokens).
     user_mask: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution, 1 = retouch here.
     The result equals `layout_latents` exactly where it is 0; M is bounded by it (docs/ALGORITHM.md).
+
+    Several subjects (docs/ALGORITHM.md, "Several subjects"): `subject_tokens` is one list of rows
+    per subject and `reference_groups` the number of reference latents of each, in order (their
+    sum is R). Each subject's region comes from its own maps; in the identity phase a target query
+    in subject k's region attends to subject k's references only, outside every region it keeps
+    the layout's; M is the union of the subjects' masks. `subject_weights[k]`: a context in which
+    the model carries subject k's own weights only (its LoRA on, the other subjects' off; None: the
+    subject has none), `base_weights` one with no subject's: each subject's weights then act in
+    its own region only (docs/ALGORITHM.md, "Several subjects": one target prediction per subject
+    with weights, blended by region).
     """
     if reference_latent.shape[-2:] != layout_latents.shape[-2:]:
         raise LayoutRetouchError(
@@ -143,9 +162,17 @@ def retouch(
         reference_keys = [reference_key] if r == 1 else [None] * r
     if len(reference_keys) != r:
         raise ValueError(f"{len(reference_keys)} reference keys for {r} reference latents")
+    groups = token_groups(subject_tokens)
+    reference_groups = tuple(reference_groups or (r,))
+    if len(reference_groups) != len(groups) or sum(reference_groups) != r:
+        raise ValueError(
+            f"reference_groups {reference_groups} do not split {r} references among "
+            f"{len(groups)} subjects"
+        )
     inputs = _Inputs(
         conds=conds,
-        subject_tokens=list(subject_tokens),
+        subject_tokens=groups if len(groups) > 1 else groups[0],
+        reference_groups=reference_groups,
         layout_latents=layout_latents,
         layout_trajectory=layout_trajectory,
         layout_images=layout_images,
@@ -154,7 +181,8 @@ def retouch(
         n_references=r,
     )
     hooks = _Hooks(progress, should_stop)
-    run = _Retouch(model, settings, inputs, hooks, kv_cache)
+    weights = _SubjectWeights.of(subject_weights, base_weights, len(groups))
+    run = _Retouch(model, settings, inputs, hooks, None if weights else kv_cache, weights)
     return run.run(reference_latent, list(reference_keys), cache)
 
 
@@ -183,7 +211,8 @@ class _Inputs:
     """What one retouch works on (see `retouch`)."""
 
     conds: RetouchConds
-    subject_tokens: list[int]
+    subject_tokens: list  # rows of the subject; several subjects: one list each
+    reference_groups: tuple  # reference latents per subject
     layout_latents: torch.Tensor  # z_o[0], (N, C, h, w)
     layout_trajectory: Optional[Sequence[torch.Tensor]]
     layout_images: Optional[np.ndarray]
@@ -194,6 +223,10 @@ class _Inputs:
     @property
     def n(self) -> int:
         return self.layout_latents.shape[0]
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.reference_groups)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -303,6 +336,8 @@ class _Mask:
     masks: torch.Tensor  # (N, H, W) M on the device
     ca_maps: Optional[torch.Tensor]  # (N, h, w) normalised subject maps
     kind: str
+    subject_maps: Optional[torch.Tensor] = None  # several subjects: (K, N, h, w)
+    regions: Optional[torch.Tensor] = None  # several subjects: (N, H, W) subject index
 
 
 class _MaskBuilder:
@@ -311,6 +346,7 @@ class _MaskBuilder:
 
     def __init__(self, inputs: _Inputs, ca_threshold: float):
         self.inputs, self.ca_threshold = inputs, ca_threshold
+        self.notes: list[str] = []
 
     def build(self, maps: Optional[torch.Tensor]) -> Optional[_Mask]:
         inputs, u = self.inputs, self.inputs.user_mask
@@ -333,6 +369,49 @@ class _MaskBuilder:
             full_masks, kind = self._bounded(full_masks, kind)
         m = torch.from_numpy(np.stack(full_masks)).to(inputs.device)
         return _Mask(m, torch.from_numpy(np.stack(norm_maps)), kind)
+
+    def build_subjects(self, maps: Optional[list[torch.Tensor]], labels: Sequence[str]):
+        """Several subjects: each subject's M_k from its own maps (and SAM prompted from them), made
+        disjoint (a cell goes to the subject whose M_k is highest there), M = their union; notes
+        name a subject the layout does not contain."""
+        inputs = self.inputs
+        if maps is None:
+            return self.build(None)
+        segment = inputs.segmenter is not None and inputs.layout_images is not None
+        kind = MASK_SAM if segment else MASK_CA_ONLY
+        norm_maps, per_subject = [], []
+        for subject_map in maps:
+            norms, fulls = [], []
+            for i in range(inputs.n):
+                norm, mc = masks.cross_attention_mask(subject_map[i], self.ca_threshold)
+                image = inputs.layout_images[i] if segment else None
+                sam = inputs.segmenter.segment(image, norm, mc) if segment and mc.any() else None
+                size = None if sam is not None else inputs.latent_hw
+                fulls.append(masks.adaptive_mask(mc, sam, size=size))
+                norms.append(norm)
+            norm_maps.append(np.stack(norms))
+            per_subject.append(fulls)
+        size = max((m.shape for fulls in per_subject for m in fulls), key=lambda hw: hw[0] * hw[1])
+        scores = torch.from_numpy(
+            np.stack(
+                [np.stack([masks.resize_nearest(m, size) for m in fulls]) for fulls in per_subject]
+            )
+        )
+        regions = masks.regions_from_scores(scores)
+        union = scores.max(dim=0).values * (regions != masks.NO_REGION)
+        full_masks = [union[i].numpy().astype(np.float32) for i in range(inputs.n)]
+        self.notes = [
+            f"no region for subject {k + 1} ({labels[k]}) in image {i + 1}: it was not retouched "
+            "there; try another seed or a larger λ1"
+            for k in range(len(maps))
+            for i in range(inputs.n)
+            if not bool((regions[i] == k).any())
+        ]
+        if inputs.user_mask is not None:
+            full_masks, kind = self._bounded(full_masks, kind)
+        m = torch.from_numpy(np.stack(full_masks)).to(inputs.device)
+        norm_all = torch.from_numpy(np.stack(norm_maps))
+        return _Mask(m, norm_all.max(dim=0).values, kind, norm_all, regions)
 
     def _bounded(self, full_masks, kind: str) -> tuple[list[np.ndarray], str]:
         full_masks, fallback = self.bound_by_user_mask(full_masks)
@@ -394,18 +473,28 @@ class _ModelCall:
         )
         self.cond_of, self.uncond_of = dict(zip(paths, padded[:3])), dict(zip(paths, padded[3:]))
 
+    def cond_for(self, path: str, half: str, reference_rows=None):
+        cond = self.uncond_of[path] if half == UNCOND else self.cond_of[path]
+        if path == REFERENCE and reference_rows is not None and C.batch_size(cond) > 1:
+            cond = C.rows(cond, reference_rows)
+        return cond
+
     def plan(self, paths: list[tuple[str, int]]) -> RowPlan:
         plan = self.plans.get(tuple(paths))
         if plan is None:
             plan = self.plans[tuple(paths)] = RowPlan.build(paths, self.halves)
         return plan
 
-    def __call__(self, paths, latents: dict, t, **state) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, paths, latents: dict, t, reference_rows=None, **state
+    ) -> dict[str, torch.Tensor]:
+        """`reference_rows`: which of the R reference rows this call runs (several subjects with
+        their own weights run each subject's rows in its own call); None: all."""
         plan = self.plan(paths)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
         cond = C.cat(
             [
-                C.expand(self.uncond_of[p] if h == UNCOND else self.cond_of[p], c)
+                C.expand(self.cond_for(p, h, reference_rows), c)
                 for h in plan.halves()
                 for p, c in paths
                 if c
@@ -435,9 +524,12 @@ class _Retouch:
     The model family (`family.ModelFamily`) supplies the sampler, the layer table, the editor and
     the attention patch; nothing here is specific to a UNet or to DDIM."""
 
-    def __init__(self, model, settings: RetouchSettings, inputs: _Inputs, hooks, kv_cache):
+    def __init__(
+        self, model, settings: RetouchSettings, inputs: _Inputs, hooks, kv_cache, weights=None
+    ):
         self.model, self.settings, self.schedule = model, settings, settings.schedule
         self.inputs, self.hooks, self.kv_cache = inputs, hooks, kv_cache
+        self.weights: Optional[_SubjectWeights] = weights
         self.family = family_of(model)
         # latent size: a flow schedule's shift depends on the image's token count (Flux)
         self.sampler = self.family.sampler(model, self.schedule.steps, latent_hw=inputs.latent_hw)
@@ -453,6 +545,7 @@ class _Retouch:
         self.masker = _MaskBuilder(inputs, settings.ca_threshold)
         self.mask: Optional[_Mask] = None
         self.layer_masks: Optional[masks.LayerMasks] = None
+        self.layer_regions: Optional[masks.LayerRegions] = None
         self.notes: list[str] = []
         self.trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
         if inputs.segmenter is not None and inputs.layout_images is None:
@@ -531,8 +624,12 @@ class _Retouch:
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
         t = self.sampler.time_of_step(s) if t is None else t
         state = dict(phase.flags(), masks=self.layer_masks)
+        if self.inputs.n_subjects > 1:
+            state.update(regions=self.regions(phase), reference_groups=self.inputs.reference_groups)
         if self.settings.sequential:
             return self.predict_one_call_per_path(phase, latents, t, state)
+        if self.weights is not None:
+            return self.predict_by_weights(phase, latents, t, state)
         cached = kv.get(s) if phase.need_reference else None
         paths = list(phase.paths)
         if cached is not None:  # the reference's K/V from an earlier generation: no rows
@@ -541,6 +638,61 @@ class _Retouch:
         out = self.call(paths, latents, t, **state, sources=cached or {}, capture_reference=capture)
         kv.put(s, self.editor.captured_reference())
         return out
+
+    def predict_by_weights(self, phase: _Phase, latents, t, state) -> dict:
+        """Several subjects with weights of their own (LoRAs): one call under the base weights for
+        the layout path, the other subjects' references and the target; then per such subject k one
+        call under its weights with its references and the target (the layout's attention from the
+        first call's kept sources). The target's prediction is subject k's inside k's region, the
+        base call's elsewhere: subject k's weights reach no other region."""
+        weights, groups, n = self.weights, self.inputs.reference_groups, self.inputs.n
+        own = [k for k in range(len(groups)) if weights.subjects[k] is not None]
+        start = [sum(groups[:k]) for k in range(len(groups))]
+        rows = {k: list(range(start[k], start[k] + groups[k])) for k in range(len(groups))}
+        base_rows = [r for k in range(len(groups)) if k not in own for r in rows[k]]
+        refs = phase.need_reference
+        target = 0 if phase.skip_target else n
+        paint_own = not phase.copy_layout and bool(own)
+
+        def call(k, paths, ref_rows, **extra):
+            z_ref = latents[REFERENCE][ref_rows] if ref_rows else latents[REFERENCE]
+            counts = tuple(
+                c if (j == k if k is not None else j not in own) else 0
+                for j, c in enumerate(groups)
+            )
+            with (weights.base if k is None else weights.subjects[k])():
+                return self.call(
+                    paths,
+                    {**latents, REFERENCE: z_ref},
+                    t,
+                    reference_rows=ref_rows,
+                    **{**state, "reference_groups": counts, **extra},
+                )
+
+        base_paths = [(REFERENCE, len(base_rows) if refs else 0), (LAYOUT, n), (TARGET, target)]
+        out = call(None, base_paths, base_rows, keep_sources=paint_own)
+        if not paint_own or not target:
+            return out
+        sources, ref_out = self.editor.kept_sources(), {}
+        region = self.latent_regions(state["regions"])
+        for k in own:
+            paths = [(REFERENCE, len(rows[k]) if refs else 0), (TARGET, n)]
+            out_k = call(k, paths, rows[k], sources=sources)
+            out[TARGET] = torch.where(region == k, out_k[TARGET], out[TARGET])
+            if REFERENCE in out_k:
+                ref_out[k] = out_k[REFERENCE]
+        by_row = dict(zip(base_rows, out.get(REFERENCE, ())))
+        for k in own:
+            by_row.update(zip(rows[k], ref_out.get(k, ())))
+        if ref_out:  # the reference paths' own predictions, in row order
+            out[REFERENCE] = torch.stack([by_row[r] for r in range(sum(groups))])
+        return out
+
+    def latent_regions(self, regions) -> torch.Tensor:
+        """The regions at latent resolution, (N, 1, h, w) (for a latent-level choice per cell)."""
+        h, w = self.inputs.latent_hw
+        index = regions.for_tokens(h * w, self.inputs.device)
+        return index.reshape(self.inputs.n, 1, h, w)
 
     def predict_one_call_per_path(self, phase: _Phase, latents, t, state) -> dict:
         """`sequential`: each call reads the sources (Q, K, V, output) the step's earlier calls kept."""
@@ -572,9 +724,26 @@ class _Retouch:
             self.trajectories[TARGET].append(self.z_t)
 
     def build_mask(self) -> None:
-        self.mask = self.masker.build(self.editor.subject_maps())
+        if self.inputs.n_subjects > 1:
+            self.mask = self.masker.build_subjects(
+                self.editor.subject_maps_each(), self.settings.subject_labels
+            )
+            self.notes.extend(n for n in self.masker.notes if n not in self.notes)
+        else:
+            self.mask = self.masker.build(self.editor.subject_maps())
         if self.mask is not None:
             self.layer_masks = masks.LayerMasks(self.mask.masks, self.inputs.latent_hw)
+            if self.mask.regions is not None:
+                self.layer_regions = masks.LayerRegions(self.mask.regions, self.inputs.latent_hw)
+
+    def regions(self, phase: "_Phase") -> Optional[object]:
+        """Several subjects, identity phase: where each subject's region is — the mask's once it is
+        built, before that the subjects' maps so far (read at the first layer that asks)."""
+        if self.inputs.n_subjects == 1 or phase.copy_layout:
+            return None
+        if self.layer_regions is not None:
+            return self.layer_regions
+        return _MapRegions(self.editor, self.settings.ca_threshold, self.inputs)
 
     def reference_kv_key(self, key) -> Optional[tuple]:
         """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the
@@ -612,6 +781,8 @@ class _Retouch:
             unet_rows=self.hooks.calls[1],
             reference_cached=reference_cached,
             trajectories=self.trajectories,
+            subject_maps=None if mask is None else mask.subject_maps,
+            regions=None if mask is None else mask.regions,
         )
 
 
@@ -642,3 +813,41 @@ def _softened(u: torch.Tensor, size=None) -> np.ndarray:
     size = size or u.shape
     soft = masks.adaptive_mask(np.zeros(u.shape, bool), u > 0, size=size)
     return (soft * masks.resize_nearest(u, size)).astype(np.float32)
+
+
+class _MapRegions:
+    """The subjects' regions from their maps recorded so far (identity steps before the mask is
+    built), made at the first layer that asks in a call — so the call's own mask layers, which run
+    before its reference layers, count."""
+
+    def __init__(self, editor, threshold: float, inputs: _Inputs):
+        self.editor, self.threshold, self.inputs = editor, threshold, inputs
+        self._regions: Optional[masks.LayerRegions] = None
+
+    def for_tokens(self, n_tokens: int, device=None) -> torch.Tensor:
+        if self._regions is None:
+            maps = self.editor.subject_maps_each()
+            if maps is None:  # nothing recorded yet: no query is in a region
+                index = torch.full((self.inputs.n, *self.inputs.latent_hw), masks.NO_REGION)
+            else:
+                index = masks.regions_from_maps(maps, self.threshold)
+            self._regions = masks.LayerRegions(index, self.inputs.latent_hw)
+        return self._regions.for_tokens(n_tokens, device)
+
+
+class _SubjectWeights(NamedTuple):
+    """Several subjects with weights of their own (LoRAs): the contexts that switch the model to
+    one subject's weights or to none of them (the host's)."""
+
+    subjects: tuple  # per subject: a context factory, or None (no weights of its own)
+    base: Callable[[], ContextManager]
+
+    @classmethod
+    def of(cls, subject_weights, base_weights, n_subjects: int) -> Optional["_SubjectWeights"]:
+        if not subject_weights or all(w is None for w in subject_weights):
+            return None
+        if len(subject_weights) != n_subjects:
+            raise ValueError(f"{len(subject_weights)} subject weights for {n_subjects} subjects")
+        if n_subjects < 2:
+            raise ValueError("subject weights are for several subjects (one: the host's LoRA)")
+        return cls(tuple(subject_weights), base_weights or contextlib.nullcontext)

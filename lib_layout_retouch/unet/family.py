@@ -5,6 +5,7 @@ subject rows, and the text conditionings (SDXL's with each image's size terms)."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -65,12 +66,25 @@ class EpsUNetFamily:
         return model.subject_tokens(prompt, phrases)
 
     def encode_conds(
-        self, model, prompts, negative_prompt: str = "", *, image_size=None, reference_size=None
+        self,
+        model,
+        prompts,
+        negative_prompt: str = "",
+        *,
+        image_size=None,
+        reference_size=None,
+        reference_subjects=None,
     ) -> RetouchConds:
         """y_r, y_p and the negative prompt. SDXL: each path with its own image's size terms (the
         generation's for the layout/target paths, `reference_size`'s for the reference path).
         `reference_size` may be a list, one SizeTerms per reference photo: the reference
-        conditionings then have one row per photo (SDXL; SD1 has no size terms: one row for all)."""
+        conditionings then have one row per photo (SDXL; SD1 has no size terms: one row for all).
+        `reference_subjects`: several subjects — the subject of each reference photo; the reference
+        rows then take their subject's y_r and the target the y_r naming them all."""
+        if reference_subjects is not None:
+            return self._subjects(
+                model, prompts, negative_prompt, image_size, reference_size, reference_subjects
+            )
         if isinstance(reference_size, (list, tuple)):
             if len(reference_size) == 1 or not self.sdxl:
                 reference_size = reference_size[0] if reference_size else None
@@ -105,6 +119,28 @@ class EpsUNetFamily:
             reference_uncond=negative(negative_prompt, ref),
             reference_empty=negative("", ref),
             layout_empty=negative("", gen),
+        )
+
+    def _subjects(self, model, prompts, negative, image_size, reference_size, subjects):
+        """Several subjects: one reference row per photo with its subject's y_r (SDXL: and its
+        size terms), the target with the y_r naming them all."""
+        texts = [prompts.reference_of_subject(k) for k in subjects]
+        sizes = reference_size if isinstance(reference_size, (list, tuple)) else None
+        if not self.sdxl:
+            common = self.encode_conds(model, prompts, negative)
+            return dataclasses.replace(
+                common, reference=model.conditioning(texts), target=common.reference
+            )
+        common = self.encode_conds(model, prompts, negative, image_size=image_size)
+        gen = model.generation_size(*(image_size or (1024, 1024)))
+        each = [sizes[i] if sizes else reference_size or gen for i in range(len(texts))]
+        return dataclasses.replace(
+            common,
+            reference=C.cat([model.conditioning([t], r) for t, r in zip(texts, each)]),
+            reference_uncond=C.cat(
+                [model.conditioning([negative], r, negative=True) for r in each]
+            ),
+            reference_empty=C.cat([model.conditioning([""], r, negative=True) for r in each]),
         )
 
     def _per_reference(self, model, prompts, negative_prompt, image_size, reference_sizes):

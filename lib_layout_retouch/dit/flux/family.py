@@ -5,6 +5,7 @@ the conditioning). The model is `dit.flux.model.FluxModel` (or a host adapter bu
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -67,9 +68,21 @@ class FluxFamily:
         return model.subject_tokens(prompt, phrases)
 
     def encode_conds(
-        self, model, prompts, negative_prompt: str = "", *, image_size=None, reference_size=None
+        self,
+        model,
+        prompts,
+        negative_prompt: str = "",
+        *,
+        image_size=None,
+        reference_size=None,
+        reference_subjects=None,
     ):
-        return model.retouch_conds(prompts, negative_prompt)
+        conds = model.retouch_conds(prompts, negative_prompt)
+        if reference_subjects is None:
+            return conds
+        # several subjects: each photo's row with its subject's y_r; the target names them all
+        texts = [prompts.reference_of_subject(k) for k in reference_subjects]
+        return dataclasses.replace(conds, reference=model.conditioning(texts))
 
     # -- stage 1 --------------------------------------------------------------------------------
     def vanilla(self, model, network: Optional[torch.nn.Module] = None):
