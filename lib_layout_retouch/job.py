@@ -48,6 +48,31 @@ def mask_to_image(mask: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(arr, mode="L").resize(size, Image.NEAREST).convert("RGB")
 
 
+# Several subjects: each subject's colour in the regions image (subject 1, 2, 3), distinct for the
+# colour-blind; black where no subject is. One home: the WebUI's intermediates, ComfyUI's output and
+# the evaluation's reader (`regions_from_image`) all use it.
+SUBJECT_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115))
+
+
+def regions_to_image(regions: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """(H, W) subject index (masks.NO_REGION outside) → RGB image at `size` (w, h), one colour per
+    subject, nearest so cells stay visible."""
+    index = regions.detach().long().cpu().numpy()
+    arr = np.zeros((*index.shape, 3), dtype=np.uint8)
+    for k, colour in enumerate(SUBJECT_COLOURS):
+        arr[index == k] = colour
+    return Image.fromarray(arr, mode="RGB").resize(size, Image.NEAREST)
+
+
+def regions_from_image(image: Image.Image) -> np.ndarray:
+    """`regions_to_image`'s picture back to a subject index (H, W) (-1 where no subject's colour)."""
+    arr = np.asarray(image.convert("RGB"))
+    index = np.full(arr.shape[:2], -1, dtype=np.int64)
+    for k, colour in enumerate(SUBJECT_COLOURS):
+        index[(arr == np.array(colour, dtype=np.uint8)).all(axis=-1)] = k
+    return index
+
+
 @dataclass
 class RetouchJob:
     params: LayoutRetouchParams

@@ -490,3 +490,13 @@ def test_two_subjects_on_sdxl_each_photo_with_its_own_prompt_and_size_terms(tmp_
     layouts = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     res = _run((model, rows, conds, refs, layouts))
     assert res.regions is not None and res.masks.shape == (1, 8, 8)
+
+
+def test_regions_image_round_trip():
+    from lib_layout_retouch.job import SUBJECT_COLOURS, regions_from_image, regions_to_image
+
+    index = torch.tensor([[0, 1, -1], [2, 2, 0]])
+    img = regions_to_image(index, (6, 4))
+    assert img.size == (6, 4) and img.getpixel((0, 0)) == SUBJECT_COLOURS[0]
+    assert img.getpixel((4, 0)) == (0, 0, 0)
+    assert regions_from_image(img)[::2, ::2].tolist() == index.tolist()
