@@ -35,6 +35,7 @@ import http.client
 import io
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -49,7 +50,7 @@ from .. import NAME
 from ..errors import LayoutRetouchError
 from ..images import IMAGE_EXTENSIONS
 from ..masks import DEFAULT_CA_THRESHOLD
-from ..params import PERSONALIZATION_KINDS
+from ..params import PERSONALIZATION_KINDS, PHOTO_ONLY
 from ..schedule import (
     PAPER_LAMBDA1,
     PAPER_LAMBDA1_CHALLENGING,
@@ -87,8 +88,17 @@ CONCEPT_KEYS = (
     "personalization",
     "checkpoint",
     "prompt_extra",
+    "lora",
     "live",
 ) + SCRIPT_ARG_KEYS
+# The concept file's key for the several-subjects protocol's groups (subjects_runner); not a concept.
+PAIRS_KEY = "pairs"
+SINGLE_PROTOCOL = "single"  # run.json's "protocol" of a one-subject sweep (the default)
+SUBJECTS_PROTOCOL = "subjects"  # … of a several-subjects sweep (subjects_runner)
+_PROTOCOL_WORDS = {
+    SINGLE_PROTOCOL: "one-subject",
+    SUBJECTS_PROTOCOL: "several-subjects (--subjects)",
+}
 
 
 @dataclass
@@ -102,6 +112,7 @@ class ConceptSpec:
     personalization: str = "dreambooth"
     checkpoint: str = ""
     prompt_extra: str = ""
+    lora: str = ""  # the name of its LoRA tag (several subjects: which tag is whose)
     live: bool = False
     script: dict = field(default_factory=dict)  # overrides of SCRIPT_ARG_KEYS
 
@@ -250,7 +261,7 @@ def _read_concept_file(path: str) -> tuple[dict, dict]:
     concepts = (
         data["concepts"]
         if "concepts" in data
-        else {k: v for k, v in data.items() if k != "defaults"}
+        else {k: v for k, v in data.items() if k not in ("defaults", PAIRS_KEY)}
     )
     if not isinstance(concepts, dict) or not concepts or not isinstance(defaults, dict):
         raise LayoutRetouchError(
@@ -288,9 +299,11 @@ def _merged_concept(name: str, raw, defaults: dict, path: str) -> dict:
             f"{', '.join(CONCEPT_KEYS)}.",
             parameter="concepts",
         )
-    own_only = ("token", "class", "folder", "reference_image")
+    own_only = ("token", "class", "folder", "reference_image", "lora")
     merged = {**{k: v for k, v in defaults.items() if k not in own_only}, **raw}
-    for key in ("token", "class"):
+    # A photo-only concept has no trained model, so no token: its class phrase names it.
+    needed = ("class",) if merged.get("personalization") == PHOTO_ONLY else ("token", "class")
+    for key in needed:
         if not str(merged.get(key, "")).strip():
             raise LayoutRetouchError(
                 f"Concept '{name}' in {path} needs a non-empty '{key}'.", parameter="concepts"
@@ -335,20 +348,33 @@ def _concept_spec(
             f"Concept '{name}': personalization '{pers}' is not one of {PERSONALIZATION_KINDS}.",
             parameter="concepts",
         )
-    token, cls = str(merged["token"]).strip(), str(merged["class"]).strip()
+    token, cls = str(merged.get("token", "")).strip(), str(merged["class"]).strip()
+    prompt_extra = str(merged.get("prompt_extra", ""))
     return ConceptSpec(
         name=name,
         folder=folder,
         token=token,
         class_phrase=cls,
-        subject=str(merged.get("subject") or f"{token} {cls}"),
+        subject=str(merged.get("subject") or f"{token} {cls}".strip()),
         reference_image=reference,
         personalization=pers,
         checkpoint=str(merged.get("checkpoint", "")),
-        prompt_extra=str(merged.get("prompt_extra", "")),
+        prompt_extra=prompt_extra,
+        lora=_lora_name(merged, pers, prompt_extra),
         live=bool(merged.get("live", folder_name in LIVE_CONCEPTS or name in LIVE_CONCEPTS)),
         script={k: merged[k] for k in SCRIPT_ARG_KEYS if k in merged},
     )
+
+
+def _lora_name(merged: dict, personalization: str, prompt_extra: str) -> str:
+    """The concept's LoRA name: its own `lora`, else (a LoRA concept) the first `<lora:NAME:…>` tag
+    of its prompt_extra, else ""."""
+    if merged.get("lora"):
+        return str(merged["lora"]).strip()
+    if personalization != "lora":
+        return ""
+    tag = re.search(r"<lora:([^:>]+)", prompt_extra)
+    return tag.group(1).strip() if tag else ""
 
 
 def encode_reference(path: str, max_side: int = 1024) -> str:
@@ -563,19 +589,39 @@ def build_payload(
         "enabled": enabled,
         "reference_image": reference_b64 if enabled else "",
         "personalization": spec.personalization,
-        "vanilla_checkpoint": spec.script.get("vanilla_checkpoint", settings.vanilla_checkpoint),
         "concept_token": spec.token,
         "class_phrase": spec.class_phrase,
-        "lambda1": int(spec.script.get("lambda1", settings.effective_lambda1())),
-        "lambda2": int(spec.script.get("lambda2", settings.lambda2)),
-        "mask_start": int(spec.script.get("mask_start", settings.mask_start)),
-        "ca_threshold": float(spec.script.get("ca_threshold", settings.ca_threshold)),
-        # ON: ask for the intermediates, to keep the pipeline's own subject mask for σ²_avg.
+        **script_settings(spec.script, settings, enabled),
+    }
+    return txt2img_payload(
+        prompt, seed, settings, spec.checkpoint, script if include_script or enabled else None
+    )
+
+
+def script_settings(overrides: dict, settings: RunSettings, enabled: bool) -> dict:
+    """The script's arguments besides the subject(s): the run's settings under `overrides` (a
+    concept's or a group's own vanilla_checkpoint, lambda1, …)."""
+    script = {
+        "vanilla_checkpoint": overrides.get("vanilla_checkpoint", settings.vanilla_checkpoint),
+        "lambda1": int(overrides.get("lambda1", settings.effective_lambda1())),
+        "lambda2": int(overrides.get("lambda2", settings.lambda2)),
+        "mask_start": int(overrides.get("mask_start", settings.mask_start)),
+        "ca_threshold": float(overrides.get("ca_threshold", settings.ca_threshold)),
+        # ON: ask for the intermediates, to keep the pipeline's own subject mask (σ²_avg) and,
+        # with several subjects, its regions picture.
         "show_intermediates": enabled and settings.keep_masks,
     }
-    sam_model = spec.script.get("sam_model", settings.sam_model)
+    sam_model = overrides.get("sam_model", settings.sam_model)
     if sam_model:  # absent: the extension's own default (its settings may name a SAM model)
         script["sam_model"] = sam_model
+    return script
+
+
+def txt2img_payload(
+    prompt: str, seed: int, settings: RunSettings, checkpoint: str, script: dict | None
+) -> dict:
+    """The request's generation settings, the script's arguments (None: no script) and the
+    checkpoint override."""
     payload = {
         "prompt": prompt,
         "negative_prompt": settings.negative_prompt,
@@ -592,10 +638,10 @@ def build_payload(
         "send_images": True,
         "save_images": False,
     }
-    if include_script or enabled:
+    if script is not None:
         payload["alwayson_scripts"] = {SCRIPT_TITLE: {"args": [script]}}
-    if spec.checkpoint:
-        payload["override_settings"] = {"sd_model_checkpoint": spec.checkpoint}
+    if checkpoint:
+        payload["override_settings"] = {"sd_model_checkpoint": checkpoint}
         # Not restored after each request: that would reload the weights twice per image. The WebUI
         # keeps the last concept's checkpoint loaded when the run ends.
         payload["override_settings_restore_afterwards"] = False
@@ -641,6 +687,14 @@ def _decode_image(b64: str) -> bytes:
         return buf.getvalue()
 
 
+def read_reply(reply: dict) -> tuple[bytes, dict, str]:
+    """A txt2img reply's first image (PNG bytes), its info and the first image's infotext."""
+    data = _decode_image(reply["images"][0])
+    info = _parse_info(reply)
+    infotexts = info.get("infotexts") or []
+    return data, info, infotexts[0] if infotexts else str(info.get("raw", ""))
+
+
 def _parse_info(reply: dict) -> dict:
     info = reply.get("info", {})
     if isinstance(info, str):
@@ -657,31 +711,18 @@ def _check_run_file(
     concepts: Sequence[ConceptSpec],
     vico_dir: str,
     urls: Sequence[str],
+    protocol: str = SINGLE_PROTOCOL,
+    groups: Sequence | None = None,
 ) -> None:
-    """Write run.json; refuse to mix images made with other generation settings into one folder."""
+    """Write run.json; refuse to mix images made with other generation settings, or by the other
+    protocol (one subject / several subjects), into one folder."""
     path = os.path.join(out_dir, "run.json")
     current = settings.generation_key()
-    old_concepts = {}
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                old = json.load(f)
-        except (json.JSONDecodeError, OSError):
-            old = {}
-        diff = {
-            k: (old.get("generation", {}).get(k), v)
-            for k, v in current.items()
-            if k in old.get("generation", {}) and old["generation"][k] != v
-        }
-        if diff:
-            pretty = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
-            raise LayoutRetouchError(
-                f"{out_dir} holds images made with other settings ({pretty}). Use the same "
-                f"settings to resume, or another --out.",
-                parameter="out",
-            )
-        old_concepts = old.get("concepts", {})
+    old = read_run_file(out_dir)
+    if old:
+        _refuse_mixed_runs(out_dir, old, current, protocol)
     record = {
+        "protocol": protocol,
         "vico": vico_dir,
         "url": urls[0],
         "urls": list(urls),
@@ -690,9 +731,52 @@ def _check_run_file(
         "n_prompts": settings.n_prompts,
         "seed": settings.seed,
         "methods": list(settings.methods),
-        "concepts": {**old_concepts, **{c.name: c.to_json() for c in concepts}},
+        "concepts": {**old.get("concepts", {}), **{c.name: c.to_json() for c in concepts}},
     }
+    if groups is not None:
+        record["groups"] = {**old.get("groups", {}), **{g.name: g.to_json() for g in groups}}
     _atomic_write(path, json.dumps(record, indent=2).encode("utf-8"))
+
+
+def read_run_file(out_dir: str) -> dict:
+    """The folder's run.json ({} when it is missing or unreadable)."""
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def run_protocol_of(run: dict) -> str:
+    """Which protocol made a run folder (folders from before the several-subjects protocol: one)."""
+    return str(run.get("protocol") or SINGLE_PROTOCOL)
+
+
+def _refuse_mixed_runs(out_dir: str, old: dict, current: dict, protocol: str) -> None:
+    before = run_protocol_of(old)
+    if before != protocol:
+        raise LayoutRetouchError(
+            f"{out_dir} holds a {_PROTOCOL_WORDS.get(before, before)} run; this is a "
+            f"{_PROTOCOL_WORDS.get(protocol, protocol)} run. Use another --out.",
+            parameter="out",
+        )
+    generation = old.get("generation", {})
+    diff = {
+        k: (generation.get(k), v)
+        for k, v in current.items()
+        if k in generation and generation[k] != v
+    }
+    if diff:
+        pretty = ", ".join(f"{k}: {a!r} before, {b!r} now" for k, (a, b) in diff.items())
+        raise LayoutRetouchError(
+            f"{out_dir} holds images made with other settings ({pretty}). Use the same "
+            f"settings to resume, or another --out.",
+            parameter="out",
+        )
 
 
 @dataclass
@@ -800,8 +884,6 @@ def run_protocol(
     server that stops answering (its retries spent) is dropped and its requests go to the others.
     Raises LayoutRetouchError when no server is left or a reply shows a wrong setup, after saving
     everything made so far (the message says how many, and that rerunning resumes)."""
-    from tqdm import tqdm
-
     settings = settings or RunSettings()
     _check_run_settings(settings, per_server)
     clients = _clients_for(url, client)
@@ -809,6 +891,34 @@ def run_protocol(
     vico_dir = os.path.abspath(vico_dir)
     out_dir = _make_out_dir(out_dir)
     jobs = _plan_jobs(concepts, vico_dir, settings)
+    return run_jobs(
+        jobs,
+        out_dir,
+        settings,
+        clients,
+        lambda: _check_run_file(out_dir, settings, concepts, vico_dir, [c.url for c in clients]),
+        progress=progress,
+        log=log,
+        per_server=per_server,
+    )
+
+
+def run_jobs(
+    jobs: Sequence[_Job],
+    out_dir: str,
+    settings: RunSettings,
+    clients: Sequence[WebUIClient],
+    record_run: Callable[[], None],
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    per_server: int = 1,
+    sweep_class: type | None = None,
+) -> RunSummary:
+    """Make the jobs whose image is not on disk yet (`record_run` writes run.json first): every
+    reference photo is read before the first request, then `sweep_class` (default `_Sweep`) sends
+    them over the WebUIs that answer."""
+    from tqdm import tqdm
+
     todo = [
         j
         for j in jobs
@@ -817,15 +927,21 @@ def run_protocol(
     summary = RunSummary(
         out_dir=out_dir, total=len(jobs), generated=0, skipped=len(jobs) - len(todo)
     )
-    _check_run_file(out_dir, settings, concepts, vico_dir, [c.url for c in clients])
+    record_run()
     say = log or (lambda msg: tqdm.write(msg))
     if not todo:
         return summary
-    refs: dict[str, str] = {}  # every reference photo is checked before the first request
-    for spec in {j.spec.name: j.spec for j in todo if j.method == "on"}.values():
-        refs[spec.name] = encode_reference(spec.reference_image, settings.max_reference_side)
+    refs: dict[str, str] = {}  # concept name -> its reference photo, base64
+    for job in todo:
+        for spec in getattr(job.spec, "concepts", (job.spec,)) if job.method == "on" else ():
+            if spec.name not in refs:
+                refs[spec.name] = encode_reference(
+                    spec.reference_image, settings.max_reference_side
+                )
     servers = _probe_servers(clients, todo, summary, say)
-    sweep = _Sweep(settings, out_dir, refs, summary, servers, Dispatcher(todo, servers), say)
+    sweep = (sweep_class or _Sweep)(
+        settings, out_dir, refs, summary, servers, Dispatcher(todo, servers), say
+    )
     sweep.run(per_server, progress)
     return summary
 
@@ -1069,10 +1185,7 @@ class _Sweep:
             include_script=server.has_script,
         )
         reply = server.client.txt2img(payload)
-        data = _decode_image(reply["images"][0])
-        info = _parse_info(reply)
-        infotexts = info.get("infotexts") or []
-        infotext = infotexts[0] if infotexts else str(info.get("raw", ""))
+        data, info, infotext = read_reply(reply)
         script_ran = self._check_script_ran(server, job, infotext)
         path = image_path(self.out_dir, job.method, spec.name, job.prompt_index, job.seed)
         sidecar = {

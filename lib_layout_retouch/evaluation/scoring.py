@@ -38,7 +38,8 @@ from .metrics import (
     nanmean,
     tclip_text,
 )
-from .runner import METHOD_LABELS, METHODS
+from .regions import REGIONS_SUFFIX
+from .runner import METHOD_LABELS, METHODS, SINGLE_PROTOCOL, read_run_file, run_protocol_of
 
 TABLE_COLUMNS = ("I_DINO", "I_CLIP", "T_CLIP", "ImageReward", "IS", "sigma2_avg")
 TABLE_HEADERS = {"sigma2_avg": "σ²_avg"}
@@ -101,11 +102,13 @@ def collect_records(
             f"(images/<method>/<concept>/*.png).",
             parameter="out",
         )
-    run = {}
-    run_file = os.path.join(out_dir, "run.json")
-    if os.path.isfile(run_file):
-        with open(run_file, encoding="utf-8") as f:
-            run = json.load(f)
+    run = read_run_file(out_dir)
+    if run_protocol_of(run) != SINGLE_PROTOCOL:
+        raise LayoutRetouchError(
+            f"{out_dir} holds a several-subjects run: score it with "
+            "subjects_scoring.score_subjects_run (the command line's `score` does).",
+            parameter="out",
+        )
     run_concepts = run.get("concepts", {})
     vico = vico_dir or run.get("vico")
     records, warnings = [], []
@@ -131,7 +134,9 @@ def _generated_images(images_dir: str):
             if not os.path.isdir(cdir):
                 continue
             for name in sorted(os.listdir(cdir)):
-                if name.endswith(".png") and not name.endswith(diversity.MASK_SUFFIX):
+                if name.endswith(".png") and not name.endswith(
+                    (diversity.MASK_SUFFIX, REGIONS_SUFFIX)
+                ):
                     if ".extra" not in name:
                         yield method, concept, os.path.join(cdir, name)
 
@@ -145,10 +150,7 @@ def _image_record(path, method, concept, spec, vico, vico_dir, warnings) -> Imag
     except (OSError, json.JSONDecodeError) as e:
         warnings.append(f"skipped {path}: no readable sidecar {os.path.basename(side)} ({e})")
         return None
-    folder = spec.get("folder") or meta.get("folder")
-    if vico and (vico_dir or not folder or not os.path.isdir(folder)):
-        # --vico given (moved data) or the recorded folder is gone: re-root by folder name
-        folder = os.path.join(vico, os.path.basename(folder) if folder else concept)
+    folder = reference_folder(spec.get("folder") or meta.get("folder"), concept, vico, vico_dir)
     if "template" not in meta or not (meta.get("class") or spec.get("class_phrase")):
         warnings.append(f"skipped {path}: its sidecar lacks 'template' or 'class'")
         return None
@@ -160,8 +162,16 @@ def _image_record(path, method, concept, spec, vico, vico_dir, warnings) -> Imag
         template=meta["template"],
         class_phrase=meta.get("class") or spec.get("class_phrase"),
         seed=meta.get("seed"),
-        folder=folder or "",
+        folder=folder,
     )
+
+
+def reference_folder(folder: str | None, name: str, vico: str | None, vico_dir: str | None) -> str:
+    """The recorded reference folder, re-rooted in `vico` by its folder name when --vico was given
+    (moved data) or the recorded folder is gone."""
+    if vico and (vico_dir or not folder or not os.path.isdir(folder)):
+        folder = os.path.join(vico, os.path.basename(folder) if folder else name)
+    return folder or ""
 
 
 def pair_records(records: list[ImageRecord]) -> tuple[list[ImageRecord], int]:
@@ -279,11 +289,16 @@ def _records_to_score(out_dir, vico_dir, options, say, notes) -> list[ImageRecor
 
 
 def _reference_embeddings(records: list[ImageRecord], scorers: Scorers) -> dict:
-    """All photos of each concept's folder ({I_r^m}, m = 1..M), embedded once."""
+    return embed_reference_folders({r.folder for r in records}, scorers)
+
+
+def embed_reference_folders(folders, scorers: Scorers) -> dict:
+    """All photos of each concept's folder ({I_r^m}, m = 1..M), embedded once:
+    {folder: {"dino": embeddings or None, "clip": …}}."""
     from .models import list_images, load_image
 
     ref_emb: dict[str, dict[str, object]] = {}
-    for folder in sorted({r.folder for r in records}):
+    for folder in sorted(folders):
         if not os.path.isdir(folder):
             raise LayoutRetouchError(
                 f"Reference folder '{folder}' does not exist: pass --vico with the ViCo folder.",
