@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 
 from ..errors import LayoutRetouchError
 from ..masks import DEFAULT_CA_THRESHOLD
@@ -16,6 +17,7 @@ from ..schedule import (
     PAPER_STEPS,
 )
 from ..segmentation import SAM_KINDS
+from .regions import CROP_MODES, DEFAULT_CROP_MODE, DEFAULT_REGION_SOURCE, REGION_SOURCES
 
 
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,22 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
         default="bbox",
         choices=["bbox", "centroid"],
         help="subject centre: mask bounding-box centre (paper, default) or mask centroid",
+    )
+    g.add_argument(
+        "--regions",
+        default=DEFAULT_REGION_SOURCE,
+        choices=list(REGION_SOURCES),
+        help="several subjects: where each subject's region comes from. 'auto' (default): the "
+        "extension's regions picture kept beside the image (<image>.regions.png), else SAM (--sam) "
+        "prompted with the subject's class phrase; 'picture': the picture only; 'sam': SAM for "
+        "every image (the same measurement for both methods)",
+    )
+    g.add_argument(
+        "--region-crop",
+        default=DEFAULT_CROP_MODE,
+        choices=list(CROP_MODES),
+        help="several subjects: the crop identity is measured on, the region's bounding box with "
+        "the pixels outside the region grey ('masked', default) or kept ('bbox')",
     )
     g.add_argument(
         "--is-splits",
@@ -192,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="LR lambda1",
         help="text every 'on' infotext must contain (proof the script ran); '' turns the check off",
     )
+    run.add_argument(
+        "--subjects",
+        action="store_true",
+        help="the several-subjects protocol: each image holds a pair of concepts (the concept "
+        'file\'s "pairs", else every pair one image can hold), identity measured in each '
+        "subject's region; use its own --out",
+    )
+    run.add_argument(
+        "--pairs", type=int, default=None, help="with --subjects: only the first N pairs"
+    )
     run.add_argument("--no-score", action="store_true", help="only generate")
     _add_scoring_args(run)
 
@@ -205,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _score(args, out_dir: str) -> int:
+    from .subjects_scoring import is_subjects_run
+
+    if is_subjects_run(out_dir):
+        return _score_subjects(args, out_dir)
     from .scoring import (
         ScoreOptions,
         build_scorers,
@@ -255,6 +287,50 @@ def _score(args, out_dir: str) -> int:
     return 0
 
 
+def _score_subjects(args, out_dir: str) -> int:
+    """`score` of a several-subjects run folder: identity in each subject's region, collapse,
+    T_CLIP (IS, ImageReward and σ²_avg belong to the one-subject protocol)."""
+    from .scoring import build_scorers
+    from .subjects_scoring import (
+        SubjectScoreOptions,
+        collect_group_records,
+        score_subjects_run,
+        subjects_markdown_table,
+        write_subject_reports,
+    )
+
+    vico = getattr(args, "vico_override", None)
+    collect_group_records(out_dir, vico)  # a wrong --out fails before models load
+    scorers = build_scorers(
+        dino=args.dino,
+        clip=args.clip,
+        inception="none",
+        imagereward="none",
+        sam=args.sam if args.regions != "picture" else "",
+        sam_type=args.sam_type,
+        device=args.device,
+        dino_preprocess=args.dino_preprocess,
+        clip_resize=args.clip_resize,
+        random_models=args.random_models,
+    )
+    scorers.reasons = {k: v for k, v in scorers.reasons.items() if k not in ("IS", "ImageReward")}
+    options = SubjectScoreOptions(
+        tclip_mode=args.tclip_mode,
+        regions=args.regions,
+        crop=args.region_crop,
+        paired=not args.unpaired,
+    )
+    report = score_subjects_run(
+        out_dir, scorers, options, vico_dir=vico, progress=not args.no_progress
+    )
+    files = write_subject_reports(report, out_dir, scorers)
+    print(subjects_markdown_table(report.rows))
+    for note in report.notes:
+        print(f"note: {note}")
+    print("wrote " + ", ".join(files.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -276,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     """`run`: generate the protocol's images over the WebUI(s), then score them (unless --no-score)."""
     from .runner import WebUIClient, run_protocol
+    from .subjects_runner import run_subjects_protocol
 
     urls = args.url or ["http://127.0.0.1:7860"]
     clients = [
@@ -284,7 +361,10 @@ def _run(args) -> int:
         )
         for u in urls
     ]
-    summary = run_protocol(
+    if args.pairs is not None and not args.subjects:
+        raise LayoutRetouchError("--pairs goes with --subjects.", parameter="pairs")
+    run = partial(run_subjects_protocol, max_groups=args.pairs) if args.subjects else run_protocol
+    summary = run(
         args.vico,
         args.concepts,
         urls,
