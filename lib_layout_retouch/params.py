@@ -22,10 +22,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import LayoutRetouchError, check_range
+from .errors import LayoutRetouchError, check_range, combine
 from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
 from .prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN
+from .sampler_steps import SamplerSteps
 from .schedule import (
     KNOBS,
     PAPER_LAMBDA1,
@@ -137,7 +138,7 @@ FIELDS: tuple[Field, ...] = (
         None,
         "image",
         "Reference photo of the subject",
-        f"One photo of your subject (I_r), or up to {MAX_REFERENCES}: the subject's identity is taken "
+        f"One photo of your subject, or up to {MAX_REFERENCES}: the subject's identity is taken "
         "from all of them together. Each is centre-cropped to the image's aspect ratio; the "
         "infotext records their fingerprints.",
         "LR reference",
@@ -214,8 +215,10 @@ FIELDS: tuple[Field, ...] = (
         "lambda2",
         PAPER_LAMBDA2,
         "int",
-        "λ2: layout-copy steps",
-        f"How many first retouch steps copy the layout's attention (paper: {PAPER_LAMBDA2}).",
+        "λ2: retouch steps that keep the layout",
+        "How many first steps of the retouch keep the layout exactly before your subject's "
+        f"identity is painted in (paper: {PAPER_LAMBDA2}). Larger keeps more of the layout's "
+        "shapes; smaller lets the photo change more.",
         "LR lambda2",
         minimum=0,
         maximum=PAPER_STEPS,
@@ -229,9 +232,9 @@ FIELDS: tuple[Field, ...] = (
         PAPER_MASK_START,
         "int",
         "Mask blending from step",
-        "First retouch step that blends the subject mask "
-        f"(paper: {PAPER_MASK_START} of {PAPER_STEPS}); {PAPER_STEPS + 1} "
-        "turns blending off.",
+        "From this step of the retouch on, everything outside the subject mask is kept from the "
+        f"layout (paper: {PAPER_MASK_START} of {PAPER_STEPS}); {PAPER_STEPS + 1} "
+        "turns this blending off.",
         "LR mask start",
         minimum=2,
         maximum=PAPER_STEPS + 1,
@@ -246,7 +249,7 @@ FIELDS: tuple[Field, ...] = (
         "bool",
         "Scale λ1, λ2 and mask start with the step count",
         f"On: the three values are for {PAPER_STEPS} steps and are scaled to your step count. "
-        "Off: they are used as they are.",
+        "Off: they are used as they are; unticking puts in the values used at your step count.",
         "LR scale with steps",
     ),
     Field(
@@ -266,8 +269,9 @@ FIELDS: tuple[Field, ...] = (
         DEFAULT_CA_THRESHOLD,
         "float",
         "Cross-attention mask threshold",
-        "Threshold on the min-max normalised cross-attention map of the subject tokens "
-        f"(MasaCtrl {DEFAULT_CA_THRESHOLD}, DreamMatcher 0.05); must be between "
+        "How strongly a place must attend to the subject's words to count as the subject in the "
+        "mask, relative to the strongest place (MasaCtrl "
+        f"{DEFAULT_CA_THRESHOLD}, DreamMatcher 0.05); lower gives a larger mask. Must be between "
         f"{CA_THRESHOLD_RANGE[0]:g} and {CA_THRESHOLD_RANGE[1]:g}.",
         "LR CA threshold",
         minimum=CA_THRESHOLD_RANGE[0],
@@ -290,11 +294,11 @@ FIELDS: tuple[Field, ...] = (
         "layout_source",
         "inversion",
         "choice",
-        "Layout path latents",
-        "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
-        "or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the "
-        "layout is inverted and the infotext says so), or — img2img only — the input image itself "
-        "(no stage 1: the input is inverted and retouched, putting your subject into that picture).",
+        "Layout source",
+        "What the retouch keeps the layout from: the stage-1 image turned back into noise by DDIM "
+        "inversion (paper), or the noisy images stage 1 passed through (faster: no inversion; needs "
+        "the DDIM sampler, else the image is inverted and the infotext says so), or — img2img only "
+        "— the input image itself (no stage 1: your subject is put into that picture).",
         "LR layout source",
         choices=LAYOUT_SOURCES,
         choice_labels=(
@@ -307,9 +311,11 @@ FIELDS: tuple[Field, ...] = (
         "reset_reference",
         True,
         "bool",
-        "Reset the reference path every step",
-        "Set the reference path back to its stored inversion latent at every step, so it "
-        "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).",
+        "Read the reference photo exactly at every step",
+        "The photo is turned into noise once and replayed beside your image, which takes the "
+        "subject's identity from it at every step. On: each step restarts the replay from the "
+        "photo's own stored noise, so it is read exactly (as MasaCtrl and DreamMatcher do). Off: "
+        "the replay runs on by itself and may drift from the photo.",
         "LR reset reference",
     ),
     Field(
@@ -332,9 +338,10 @@ FIELDS: tuple[Field, ...] = (
         "vanilla",
         "choice",
         "Stage-1 text encoder (DreamBooth)",
-        "Which text encoder reads the vanilla steps' prompt y_p⁻ in DreamBooth mode: the vanilla "
-        "checkpoint's own (what the vanilla UNet understands; DreamBooth often fine-tunes the text "
-        "encoder too), or the loaded personalized model's.",
+        "Which text encoder reads the prompt of the vanilla model's steps (yours with the class "
+        "phrase in place of the concept token) in DreamBooth mode: the vanilla checkpoint's own "
+        "(what the vanilla model understands; DreamBooth often fine-tunes the text encoder too), "
+        "or the loaded personalized model's.",
         "LR stage-1 text encoder",
         choices=STAGE1_TEXT_ENCODERS,
         choice_labels=("Vanilla checkpoint's", "Loaded model's"),
@@ -624,23 +631,39 @@ class LayoutRetouchParams:
 
     # ---- rules ---------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise LayoutRetouchError (naming the parameter and the fix) for the first problem.
+        """Raise ONE LayoutRetouchError naming every problem (`problems`), each with its parameter
+        and fix."""
+        problems = self.problems()
+        if problems:
+            raise combine(problems)
 
-        Ranges are always checked; what a run needs (photo, token, class, vanilla checkpoint) only
-        when enabled. Limits that depend on the step count are checked by `schedule(steps)`.
-        """
+    def problems(self) -> list[LayoutRetouchError]:
+        """Every problem of the parameters themselves, in table order: types, the table's ranges
+        (always), what a run needs (photo, token, class, vanilla checkpoint; only when enabled).
+        Limits that depend on the step count are `schedule(steps)`'s."""
+        problems = []
         for f in FIELDS:  # re-coerce: attributes may have been assigned after construction
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+            try:
+                setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+            except LayoutRetouchError as e:
+                problems.append(e)
+        bad = {e.parameter for e in problems}
         for f in FIELDS:  # the table's ranges (step-count rules: `schedule(steps)`)
-            if f.kind in ("int", "float") and f.minimum is not None:
-                f.check_range(getattr(self, f.name), _range_fix(f))
+            if f.kind in ("int", "float") and f.minimum is not None and f.name not in bad:
+                try:
+                    f.check_range(getattr(self, f.name), _range_fix(f))
+                except LayoutRetouchError as e:
+                    problems.append(e)
         if not self.enabled:
-            return
+            return problems
         for name, message in _NEEDED_TO_RUN:
-            if not getattr(self, name):
-                raise LayoutRetouchError(message, parameter=name)
+            if not getattr(self, name) and name not in bad:
+                problems.append(LayoutRetouchError(message, parameter=name))
         if self.needs_vanilla_checkpoint and not self.vanilla_checkpoint:
-            raise LayoutRetouchError(_NO_VANILLA_CHECKPOINT, parameter="vanilla_checkpoint")
+            problems.append(
+                LayoutRetouchError(_NO_VANILLA_CHECKPOINT, parameter="vanilla_checkpoint")
+            )
+        return problems
 
     @property
     def runs_stage1(self) -> bool:
@@ -653,10 +676,16 @@ class LayoutRetouchParams:
         """DreamBooth's stage 1 runs the vanilla checkpoint's UNet (and text encoder)."""
         return self.personalization == "dreambooth" and self.runs_stage1
 
-    def schedule(self, steps: int) -> Schedule:
-        """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`)."""
+    def schedule(self, steps: int, sampler: SamplerSteps | None = None) -> Schedule:
+        """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`);
+        `sampler`: what stage 1's sampler really runs, whose steps λ1 counts (its bound)."""
         return Schedule.for_steps(
-            steps, self.lambda1, self.lambda2, self.mask_start, scale=self.scale_with_steps
+            steps,
+            self.lambda1,
+            self.lambda2,
+            self.mask_start,
+            scale=self.scale_with_steps,
+            sampler=sampler,
         )
 
     # ---- infotext ------------------------------------------------------------------------------
