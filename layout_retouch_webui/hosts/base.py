@@ -106,7 +106,14 @@ class Host:
         raise NotImplementedError
 
     def refresh_checkpoints(self) -> None:
+        """Re-read the checkpoint folder; never changes the model the WebUI generates with."""
         raise NotImplementedError
+
+    @staticmethod
+    def is_checkpoint_selector(kwargs) -> bool:
+        """Whether a component built with `kwargs` is the page's checkpoint dropdown (the vanilla
+        list follows it)."""
+        return False
 
     def loaded_checkpoint(self, p=None):
         raise NotImplementedError
