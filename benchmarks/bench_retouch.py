@@ -73,9 +73,20 @@ from lib_layout_retouch.unet.ddim import DDIMSchedule  # noqa: E402
 from lib_layout_retouch.unet.layers import layer_table_for  # noqa: E402
 from lib_layout_retouch.unet.model import LdmModel  # noqa: E402
 from tests.fixtures.nets import (  # noqa: E402  (ldm zero-inits; random ε is rough)
+    LDM_ADM,
+    LDM_CONTEXT,
+    TinySdxlLike,
+    ldm_sdxl_unet,
     reinit_zero_weights,
+    sgm_status,
     tame_output,
 )
+from tests.fixtures.sd1 import (  # noqa: E402
+    latent_diffusion_config,
+    tiny_ldm_config,
+    tiny_vae_ddconfig,
+)
+from tests.fixtures.sdxl import sdxl_base_unet_config  # noqa: E402
 
 GIB = float(1 << 30)
 # The goals it checks (same run, same card, SD1.5, 512², T=50, cached reference): L&R fast ≤ 2.5×
@@ -111,47 +122,24 @@ NEGATIVE = ""
 # Model configs (ldm's own classes; random weights)
 
 
-def _ldm_config(unet: dict, ddconfig: dict, image_size: int) -> dict:
-    return {
-        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-        "params": {
-            "linear_start": 0.00085,
-            "linear_end": 0.0120,
-            "num_timesteps_cond": 1,
-            "log_every_t": 200,
-            "timesteps": 1000,
-            "first_stage_key": "jpg",
-            "cond_stage_key": "txt",
-            "image_size": image_size // 8,
-            "channels": 4,
-            "cond_stage_trainable": False,
-            "conditioning_key": "crossattn",
-            "monitor": "val/loss_simple_ema",
-            "scale_factor": 0.18215,
-            "use_ema": False,
-            # No CLIP (no weights, no tokenizer): ldm sets cond_stage_model = None for this value, and
-            # force_null_conditioning keeps conditioning_key "crossattn" so apply_model passes context.
-            "cond_stage_config": "__is_unconditional__",
-            "force_null_conditioning": True,
-            "unet_config": {
-                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                "params": unet,
-            },
-            "first_stage_config": {
-                "target": "ldm.models.autoencoder.AutoencoderKL",
-                "params": {
-                    "embed_dim": 4,
-                    "monitor": "val/rec_loss",
-                    "ddconfig": ddconfig,
-                    "lossconfig": {"target": "torch.nn.Identity"},
-                },
-            },
-        },
-    }
+# The SD VAE's architecture (SD1.x and SDXL alike; only the weights differ).
+SD_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
 
 
 def sd15_config() -> dict:
-    """configs/stable-diffusion/v1-inference.yaml (SD1.4/1.5), use_checkpoint off (inference)."""
+    """configs/stable-diffusion/v1-inference.yaml (SD1.4/1.5) at 512², use_checkpoint off
+    (inference), no text encoder."""
     unet = {
         "image_size": 32,
         "in_channels": 4,
@@ -167,67 +155,13 @@ def sd15_config() -> dict:
         "use_checkpoint": False,
         "legacy": False,
     }
-    ddconfig = {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 128,
-        "ch_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    return _ldm_config(unet, ddconfig, 512)
+    return latent_diffusion_config(unet, dict(SD_VAE_DDCONFIG), 512, clip_folder=None)
 
 
 def tiny_config() -> dict:
-    """tests/tiny_models.py's narrow SD1-architecture model (two UNet levels, 2 heads, 64²)."""
-    unet = {
-        "image_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 32,
-        "attention_resolutions": [1, 2],
-        "num_res_blocks": 1,
-        "channel_mult": [1, 2],
-        "num_heads": 2,
-        "use_spatial_transformer": True,
-        "transformer_depth": 1,
-        "context_dim": 32,
-        "use_checkpoint": False,
-        "legacy": False,
-    }
-    ddconfig = {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 64,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 1, 1, 1],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    return _ldm_config(unet, ddconfig, 64)
-
-
-def _sdxl_vae_ddconfig(ch: int) -> dict:
-    """SDXL's VAE has SD's architecture (only its weights differ): ldm's AutoencoderKL serves."""
-    return {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": ch,
-        "ch_mult": [1, 2, 4, 4] if ch == 128 else [1, 1, 1, 1],
-        "num_res_blocks": 2 if ch == 128 else 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
+    """The tests' tiny SD1-architecture model (tests/fixtures/sd1.py: two UNet levels, 2 heads,
+    64²), without its text encoder."""
+    return tiny_ldm_config(clip_folder=None)
 
 
 def sdxl_config() -> dict:
@@ -239,22 +173,20 @@ def sdxl_config() -> dict:
         "context_dim": 2048,
         "adm": 2816,
         "unet": "sgm-base",
-        "ddconfig": _sdxl_vae_ddconfig(128),
+        "ddconfig": dict(SD_VAE_DDCONFIG),
     }
 
 
 def tiny_sdxl_config() -> dict:
-    """The tiny SDXL's "ldm" build (tiny_nets.py, as the tests build it): ldm's UNet in SDXL
-    configuration (label_emb, depth 2), 64²."""
-    from tests.fixtures.nets import LDM_ADM, LDM_CONTEXT
-
+    """The tiny SDXL's "ldm" build (tests/fixtures/nets.py, as the tests build it): ldm's UNet in
+    SDXL configuration (label_emb, depth 2), 64²."""
     return {
         "family": "sdxl",
         "image_size": 64,
         "context_dim": LDM_CONTEXT,
         "adm": LDM_ADM,
         "unet": "ldm-tiny",
-        "ddconfig": _sdxl_vae_ddconfig(32),
+        "ddconfig": tiny_vae_ddconfig(),
     }
 
 
@@ -285,33 +217,12 @@ def context_dim_of(cfg: dict) -> int:
 
 def _sdxl_unet(cfg: dict) -> torch.nn.Module:
     if cfg["unet"] == "sgm-base":
-        from tests.fixtures.nets import sgm_status
-
         ok, why = sgm_status()
         if not ok:
             raise SystemExit(f"--config sdxl needs sgm: {why}")
         from sgm.modules.diffusionmodules.openaimodel import UNetModel
 
-        return UNetModel(
-            adm_in_channels=2816,
-            num_classes="sequential",
-            use_checkpoint=False,
-            in_channels=4,
-            out_channels=4,
-            model_channels=320,
-            attention_resolutions=[4, 2],
-            num_res_blocks=2,
-            channel_mult=[1, 2, 4],
-            num_head_channels=64,
-            use_spatial_transformer=True,
-            use_linear_in_transformer=True,
-            transformer_depth=[1, 2, 10],
-            context_dim=2048,
-            spatial_transformer_attn_type="softmax",
-            legacy=False,
-        )
-    from tests.fixtures.nets import ldm_sdxl_unet
-
+        return UNetModel(**sdxl_base_unet_config())
     return ldm_sdxl_unet()
 
 
@@ -319,8 +230,6 @@ def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
     """An SDXL-family model object as the library sees A1111's (no text encoders: BenchModel gives
     the conditioning), and a second UNet for DreamBooth mode."""
     from ldm.models.autoencoder import AutoencoderKL
-
-    from tests.fixtures.nets import TinySdxlLike
 
     torch.manual_seed(seed)
     unet = _sdxl_unet(cfg)

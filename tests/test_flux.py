@@ -1,4 +1,4 @@
-"""The retouch on a joint-attention DiT (Flux.1), on the tiny Flux of tests/tiny_flux.py: the model,
+"""The retouch on a joint-attention DiT (Flux.1), on the tiny Flux of tests/fixtures/flux.py: the model,
 the flow sampler and its inversions, the block processors and the retouch loop
 (docs/ALGORITHM.md, "DiT (Flux)")."""
 

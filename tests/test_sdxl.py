@@ -1,6 +1,6 @@
 """SDXL-family models: the layer table, dict conditioning, the VAE, and the SD1 invariants again.
 
-Every model test runs on two builds of a tiny SDXL (tests/tiny_sdxl.py): "ldm" (ldm's UNet in SDXL_LAYERS
+Every model test runs on two builds of a tiny SDXL (tests/fixtures/sdxl.py): "ldm" (ldm's UNet in SDXL_LAYERS
 configuration; always available) and "sgm" (the real sgm DiffusionEngine; skipped with a reason
 where sgm is not importable — it is not on PyPI).
 """

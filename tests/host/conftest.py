@@ -73,12 +73,8 @@ def _models_cache_dir() -> str:
     if env:
         return env
     h = hashlib.sha1()
-    for p in (
-        os.path.join(REPO_ROOT, "tests", "fixtures", "sd1.py"),
-        os.path.join(REPO_ROOT, "tests", "fixtures", "nets.py"),
-        os.path.join(HERE, "tiny_checkpoints.py"),
-    ):
-        with open(p, "rb") as f:
+    for p in TC.SOURCES:
+        with open(os.path.join(REPO_ROOT, p), "rb") as f:
             h.update(f.read())
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "sd-webui-layout-retouch", "host-models-" + h.hexdigest()[:12])
