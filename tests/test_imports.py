@@ -16,15 +16,8 @@ import pathlib
 import pytest
 
 from tests.import_graph import ROOT, Imports, find_cycle
+from tools.longest_units import PRODUCTION  # every folder of production code
 
-PRODUCTION = (
-    "lib_layout_retouch",
-    "layout_retouch_webui",
-    "layout_retouch_comfy",
-    "scripts",
-    "benchmarks",
-    "tools",
-)
 SHARED = ("tests/fixtures",)  # the tiny models: used by the tests, the benchmarks and the tools
 
 
@@ -42,6 +35,21 @@ def test_the_project_has_no_import_cycle():
     assert "lib_layout_retouch.unet.attention" in graph["lib_layout_retouch.retouch.loop"]
     assert "tests.fixtures.sd1" in graph["benchmarks.bench_retouch"]
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
+
+
+def test_production_is_every_folder_of_code_but_the_tests_and_longest_units_reads_it(capsys):
+    from tools import longest_units
+
+    folders = {
+        d.name
+        for d in ROOT.iterdir()
+        if d.is_dir() and not d.name.startswith((".", "__")) and any(d.rglob("*.py"))
+    }  # (not .venv, .git)
+    assert folders - {"tests"} == set(PRODUCTION)
+    longest_units.main(["--top", "100000"])  # by default: every production folder
+    out = capsys.readouterr().out.splitlines()
+    listed = {line.split()[1].split("/")[0] for line in out if line.startswith("  ")}
+    assert set(PRODUCTION) <= listed
 
 
 def test_function_level_imports_count():
