@@ -189,26 +189,12 @@ def test_generate_both_stages_end_to_end(tiny_ldm, tiny_vanilla_unet):
         schedule=Schedule.for_steps(6, lambda1=1, lambda2=1, mask_start=4, scale=False)
     )
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = pl.generate(
-        model,
-        prompts=prompts,
-        reference_image=photo_tensor(),
-        noise=noise,
-        settings=settings,
-        vanilla_unet=tiny_vanilla_unet,
-    )
+    both = dict(prompts=prompts, reference_image=photo_tensor(), noise=noise, settings=settings)
+    out = pl.generate(model, **both, vanilla_unet=tiny_vanilla_unet)
     assert out.images.shape == (2, 3, 64, 64) and out.layout_images.shape == (2, 3, 64, 64)
     decoded = network_roundings(tiny_ldm.first_stage_model.decoder)
     assert_differs_beyond(out.images, out.layout_images, rounding_atol(out.layout_images, decoded))
-    fast = pl.generate(
-        model,
-        prompts=prompts,
-        reference_image=photo_tensor(),
-        noise=noise,
-        settings=settings,
-        vanilla_unet=tiny_vanilla_unet,
-        layout_source="stage1",
-    )
+    fast = pl.generate(model, **both, vanilla_unet=tiny_vanilla_unet, layout_source="stage1")
     assert fast.retouch.unet_calls == out.retouch.unet_calls - 6
     assert torch.equal(fast.layout_latents, out.layout_latents)
 
