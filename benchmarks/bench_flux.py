@@ -32,12 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from lib_layout_retouch.dit import flow  # noqa: E402
-from lib_layout_retouch.dit.flux.model import FluxFamily, FluxModel  # noqa: E402
-from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
-from lib_layout_retouch.retouch import loop as pl  # noqa: E402
-from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from tests.fixtures.flux import FLUX1_DEV, TinyFlux, TinyFluxVAE  # noqa: E402
+from lib_layout_retouch import retouch as pl
+from lib_layout_retouch.dit import flow
+from lib_layout_retouch.dit.flux.family import FluxFamily
+from lib_layout_retouch.dit.flux.model import FluxModel
+from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.schedule import Schedule
+from tests.fixtures.flux import FLUX1_DEV, TinyFlux, TinyFluxVAE
 
 PROMPT = "a sks dog surfing on the beach"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,7 +143,7 @@ def run(args) -> dict:
             torch.cuda.synchronize()
 
     def lr(solver, cache, layout_source):
-        model.retouch_family = FluxFamily(model, solver)
+        model.family = FluxFamily(solver)
         traj = stage1(model, noise, sched, cond_layout, conds.layout)
         return pl.retouch(
             model,

@@ -51,28 +51,20 @@ if ROOT not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from lib_layout_retouch import conditioning as lr_cond  # noqa: E402
-from lib_layout_retouch import masks as lr_masks  # noqa: E402
-from lib_layout_retouch import stage1  # noqa: E402
-from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
-from lib_layout_retouch.retouch import loop as pl  # noqa: E402
-from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from lib_layout_retouch.unet.attention import (  # noqa: E402
-    LAYOUT,
-    REFERENCE,
-    TARGET,
-    RetouchAttention,
-    RowPlan,
-    StepState,
-    patched_attention,
-)
-from lib_layout_retouch.unet.ddim import DDIMSchedule  # noqa: E402
-from lib_layout_retouch.unet.layers import layer_table_for  # noqa: E402
-from lib_layout_retouch.unet.model import LdmModel  # noqa: E402
-from tests.fixtures.nets import (  # noqa: E402  (ldm zero-inits; random ε is rough)
+from lib_layout_retouch import conditioning as lr_cond
+from lib_layout_retouch import masks as lr_masks
+from lib_layout_retouch import retouch as pl
+from lib_layout_retouch import stage1
+from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.retouch.editor import LAYOUT, REFERENCE, TARGET, RowPlan, StepState
+from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.attention import RetouchAttention, patched_attention
+from lib_layout_retouch.unet.layers import layer_table_for
+from lib_layout_retouch.unet.model import LdmModel
+from tests.fixtures.nets import (  # (ldm zero-inits; random ε is rough)
     LDM_ADM,
     LDM_CONTEXT,
     TinySdxlLike,
@@ -81,12 +73,12 @@ from tests.fixtures.nets import (  # noqa: E402  (ldm zero-inits; random ε is r
     sgm_status,
     tame_output,
 )
-from tests.fixtures.sd1 import (  # noqa: E402
+from tests.fixtures.sd1 import (
     latent_diffusion_config,
     tiny_ldm_config,
     tiny_vae_ddconfig,
 )
-from tests.fixtures.sdxl import sdxl_base_unet_config  # noqa: E402
+from tests.fixtures.sdxl import sdxl_base_unet_config
 
 GIB = float(1 << 30)
 # The goals it checks (same run, same card, SD1.5, 512², T=50, cached reference): L&R fast ≤ 2.5×
@@ -475,12 +467,11 @@ def plain_generate(
 ) -> torch.Tensor:
     """A plain T-step DDIM CFG image: the stage-1 code with λ1 = 0 (personalized model throughout)."""
     schedule = Schedule.for_steps(steps, lambda1=0, lambda2=0, mask_start=steps + 1, scale=False)
-    ddim_schedule = DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, steps)
+    sampler = model.family.sampler(model, steps, tuple(noise.shape[-2:]))
     c = model.conditioning([PROMPT, NEGATIVE])
-    den = model.denoiser()
     cond, uncond = lr_cond.rows(c, slice(0, 1)), lr_cond.rows(c, slice(1, 2))
     traj = stage1.sample_step_blended(
-        den, den, schedule, ddim_schedule, cond, cond, uncond, noise, guidance, progress=progress
+        sampler, model, schedule, cond, cond, uncond, noise, guidance, progress=progress
     )
     return model.decode(traj[-1])
 

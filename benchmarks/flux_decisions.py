@@ -31,32 +31,20 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from lib_layout_retouch import conditioning as C  # noqa: E402
-from lib_layout_retouch.dit import flow  # noqa: E402
-from lib_layout_retouch.dit.blocks import (  # noqa: E402
-    SHARED,
-    SHIFTED,
-    DiTProcessor,
-    DiTRetouchAttention,
-    layer_table_for_dit,
-    patched_blocks,
-)
-from lib_layout_retouch.dit.flux.model import FluxFamily  # noqa: E402
-from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
-from lib_layout_retouch.retouch import loop as pl  # noqa: E402
-from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from lib_layout_retouch.unet.attention import (  # noqa: E402
-    COND,
-    LAYOUT,
-    REFERENCE,
-    TARGET,
-    RowPlan,
-    StepState,
-)
-from lib_layout_retouch.unet.layers import LayerTable  # noqa: E402
-from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: E402
-from tests.fixtures.sd1 import make_tiny_clip_folder  # noqa: E402
-from tests.paths import photo_tensor  # noqa: E402
+from lib_layout_retouch import conditioning as C
+from lib_layout_retouch import retouch as pl
+from lib_layout_retouch.dit import flow
+from lib_layout_retouch.dit.flux.blocks import DiTRetouchAttention, patched_blocks
+from lib_layout_retouch.dit.flux.family import FluxFamily
+from lib_layout_retouch.dit.flux.layers import layer_table_for_dit
+from lib_layout_retouch.dit.joint import SHARED, SHIFTED, JointProcessor
+from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.retouch.editor import COND, LAYOUT, REFERENCE, TARGET, RowPlan, StepState
+from lib_layout_retouch.retouch.layers import LayerTable
+from lib_layout_retouch.schedule import Schedule
+from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder
+from tests.fixtures.sd1 import make_tiny_clip_folder
+from tests.paths import photo_tensor
 
 
 class Recording:
@@ -66,13 +54,14 @@ class Recording:
         self.probs = []
 
     def __enter__(self):
-        real = self.real = DiTProcessor.paint
+        real = self.real = JointProcessor.paint
         probs = self.probs
 
-        def paint(proc, state, at, results, q, k, v, k_plain, out, n_txt):
-            real(proc, state, at, results, q, k, v, k_plain, out, n_txt)
+        def paint(proc, state, at, results, q, k, v, out, span, **kv_of):
+            real(proc, state, at, results, q, k, v, out, span, **kv_of)
+            n_txt = kv_of["n_txt"]  # a joint block: [text ; image] tokens
             for half, rows in at.target_rows:
-                kr, _ = proc.reference_kv(state, half, q, k, v, k_plain, n_txt)
+                kr, _ = proc.reference_kv(state, half, q, k, v, **kv_of)
                 keys = [k[rows, :, :n_txt], kr.expand(rows.stop - rows.start, -1, -1, -1)]
                 if proc.options.with_target_tokens:
                     keys.append(k[rows, :, n_txt:])
@@ -80,11 +69,11 @@ class Recording:
                 logits = qi @ torch.cat(keys, 2).float().transpose(-1, -2) * qi.shape[-1] ** -0.5
                 probs.append((proc.name, n_txt, logits.softmax(-1)))
 
-        DiTProcessor.paint = paint
+        JointProcessor.paint = paint
         return self
 
     def __exit__(self, *exc):
-        DiTProcessor.paint = self.real
+        JointProcessor.paint = self.real
 
 
 def one_paint_call(model, editor, z_ref, z_t, conds, sigma=0.6):
@@ -96,7 +85,7 @@ def one_paint_call(model, editor, z_ref, z_t, conds, sigma=0.6):
 
 
 def retouch(model, ref, layout, conds, subject, lambda2, with_target_tokens=False):
-    model.retouch_family = FluxFamily(model, with_target_tokens=with_target_tokens)
+    model.family = FluxFamily(with_target_tokens=with_target_tokens)
     return pl.retouch(
         model,
         reference_latent=ref,
@@ -205,7 +194,7 @@ def positional_head_geometry() -> dict:
     """2b. The same with a purely positional head at Flux.1's real geometry (head dim 128, axes
     16/56/56, 64×64 tokens = 1024²): every query and key is one RMS-normed vector u, so RoPE alone
     decides where the target's attention over the reference tokens goes."""
-    from lib_layout_retouch.dit.blocks import apply_rope
+    from lib_layout_retouch.dit.flux.blocks import apply_rope
     from lib_layout_retouch.dit.tokens import image_ids
     from tests.fixtures.flux import EmbedND
 

@@ -42,8 +42,8 @@ def setup(tiny_ldm):
     retouch on it: tests/sd1_retouch.py)."""
     import torch
 
+    from lib_layout_retouch import retouch as pl
     from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
-    from lib_layout_retouch.retouch import loop as pl
     from lib_layout_retouch.unet.model import LdmModel
     from tests.paths import photo_tensor
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.schedule import Schedule
 from tests.tolerance import network_roundings
 

@@ -5,34 +5,26 @@ the flow sampler and its inversions, the block processors and the retouch loop
 import pytest
 import torch
 
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.dit import flow
-from lib_layout_retouch.dit.blocks import (
-    SHARED,
-    SHIFTED,
-    DiTProcessor,
+from lib_layout_retouch.dit.flux.blocks import (
     DiTRetouchAttention,
     dit_blocks,
-    dit_layer_table,
     double_block,
-    layer_table_for_dit,
+    merge_heads,
     patched_blocks,
     plain_attention,
     single_block,
 )
-from lib_layout_retouch.dit.flux.model import (
-    FluxFamily,
-    image_ids,
-    pack,
-    piece_positions,
-    token_grid,
-    unpack,
-)
+from lib_layout_retouch.dit.flux.family import FluxFamily
+from lib_layout_retouch.dit.flux.layers import dit_layer_table, layer_table_for_dit
+from lib_layout_retouch.dit.flux.model import image_ids, pack, piece_positions, token_grid, unpack
+from lib_layout_retouch.dit.joint import SHARED, SHIFTED, JointProcessor
 from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.masks import LayerMasks
 from lib_layout_retouch.prompts import derive_prompts
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.retouch.editor import COND, LAYOUT, TARGET, RowPlan, StepState
 from lib_layout_retouch.schedule import Schedule
-from lib_layout_retouch.unet.attention import COND, LAYOUT, TARGET, RowPlan, StepState
 from tests.fixtures.flux import (
     TinyFlux,
     build_tiny_flux,
@@ -70,9 +62,8 @@ def flux(tmp_path_factory, tiny_clip_dir):
 def run(flux, **kw):
     """pl.retouch on the tiny Flux; `solver`, `reference_rope`, `with_target_tokens`: the family's."""
     model, conds, subject, ref, layouts = flux
-    family = model.retouch_family
-    model.retouch_family = FluxFamily(
-        model,
+    family = model.family
+    model.family = FluxFamily(
         kw.pop("solver", flow.MIDPOINT),
         kw.pop("reference_rope", SHIFTED),
         kw.pop("with_target_tokens", False),
@@ -80,7 +71,7 @@ def run(flux, **kw):
     try:
         return _run(flux, **kw)
     finally:
-        model.retouch_family = family
+        model.family = family
 
 
 def _run(flux, **kw):
@@ -355,16 +346,18 @@ def _one_call(model, editor, x, conds, masks=None, **flags):
     returns the velocity and what every block's joint attention returned."""
     plan = RowPlan.build([(LAYOUT, 1), (TARGET, 1)], halves=(COND,))
     seen = {}
-    real = DiTProcessor.joint
+    real = JointProcessor.joint
 
     def spy(self, *a):
-        out = real(self, *a)
-        seen[self.name] = out.clone()
+        out = real(self, *a)  # (B, H, L, D)
+        seen[self.name] = merge_heads(out).clone()  # (B, L, H·D): tokens on axis 1
         return out
 
-    real_at = DiTProcessor.at_layer  # every block runs through `joint` (and is seen), acting or not
+    real_at = (
+        JointProcessor.at_layer
+    )  # every block runs through `joint` (and is seen), acting or not
     editor.begin_step(StepState(plan, masks=masks, **flags))
-    DiTProcessor.joint, DiTProcessor.at_layer = (
+    JointProcessor.joint, JointProcessor.at_layer = (
         spy,
         lambda self, st: real_at(self, st)._replace(acts=True),
     )
@@ -372,7 +365,7 @@ def _one_call(model, editor, x, conds, masks=None, **flags):
         with patched_blocks(model.transformer, editor), torch.no_grad():
             v = model.velocity(x, 0.6, conds)
     finally:
-        DiTProcessor.joint, DiTProcessor.at_layer = real, real_at
+        JointProcessor.joint, JointProcessor.at_layer = real, real_at
     return v, seen
 
 
@@ -573,7 +566,7 @@ def test_shifted_reference_positions_weaken_the_same_cell_tie_at_flux_geometry()
     (every query and key one RMS-normed vector, RoPE alone steers) at Flux.1's geometry — head dim
     128, axes 16/56/56, 64×64 tokens — a target query's attention to the reference token at its own
     cell is far weaker when the reference sits beside the target than on the same grid."""
-    from lib_layout_retouch.dit.blocks import apply_rope
+    from lib_layout_retouch.dit.flux.blocks import apply_rope
     from tests.fixtures.flux import EmbedND
 
     grid, axes = (64, 64), (16, 56, 56)

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux, simple_sigmas
+from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
+from lib_layout_retouch.dit.flow import simple_sigmas
 from tests.fixtures.flux import TinyFluxVAE, build_tiny_flux
 
 
@@ -191,7 +192,8 @@ def test_vae_encode_is_the_posterior_mode_and_decode_inverts_it(forge_flux):
 def test_unet_family_tells_a_flux_transformer_from_sd(forge_flux):
     """The DreamBooth vanilla check (layout_retouch_webui/vanilla.py) compares families: a Flux
     vanilla for an SD model (or the reverse) is refused by name, not as 'SD1.x of another size'."""
-    from lib_layout_retouch.unet.model import SD1_FAMILY, unet_family
+    from lib_layout_retouch.checkpoints import unet_family
+    from lib_layout_retouch.unet.family import SD1_FAMILY
 
     _, model, _ = forge_flux
     assert unet_family(model.transformer.state_dict()) == "Flux"
@@ -203,10 +205,9 @@ def test_unet_family_tells_a_flux_transformer_from_sd(forge_flux):
     )
 
 
-def test_generation_size_is_none_and_guidance_reaches_the_conds(forge_flux):
+def test_the_generations_guidance_reaches_every_paths_conds(forge_flux):
     engine, _, _ = forge_flux
     model = forge_flux_model(engine, guidance=5.0)
-    assert model.generation_size(64, 64) is None
     from lib_layout_retouch.prompts import derive_prompts
 
     conds = model.retouch_conds(derive_prompts("a sks dog", "sks", "dog"), "")

@@ -347,7 +347,7 @@ def test_job_refuses_a_prompt_without_the_token():
 
 
 def test_job_retouch_on_the_tiny_model(tiny_ldm):
-    from lib_layout_retouch.retouch.loop import InversionCache
+    from lib_layout_retouch.retouch import InversionCache
     from lib_layout_retouch.unet.model import LdmModel
 
     job = make_job(lambda1=1, lambda2=1, mask_start=3, scale_with_steps=False)

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from lib_layout_retouch import job as lr_job
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import LayoutRetouchParams
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.retouch import loop
 from lib_layout_retouch.schedule import Schedule
 from lib_layout_retouch.unet import ddim
 from lib_layout_retouch.unet.model import LdmModel
@@ -134,14 +135,14 @@ def test_where_the_attention_finds_nothing_inside_the_user_mask_it_is_softened(s
     assert u[0].any() and u[1].any()
     res = run(setup, user_mask=u)
     assert res.mask_kind == "CA only in user mask; user mask alone for image 1"
-    assert np.array_equal(res.masks[0].numpy(), pl._softened(u[0, 0]))
+    assert np.array_equal(res.masks[0].numpy(), loop._softened(u[0, 0]))
     assert torch.equal(res.masks[1], m[1] * u[1, 0])
     for i in range(2):
         assert bool((res.masks[i][u[i, 0] == 0] == 0).all())  # never outside U
     # the softening: U's support with an EDT ramp, 0.5 at the rim and 1 at the core (like M)
     square = torch.zeros(8, 8)
     square[1:7, 1:7] = 1.0
-    soft = pl._softened(square)
+    soft = loop._softened(square)
     assert soft[1, 1] == pytest.approx(0.5) and soft[3, 3] == pytest.approx(1.0) and soft[0, 0] == 0
 
 

@@ -32,7 +32,7 @@ def test_the_project_has_no_import_cycle():
         "tests.fixtures.sdxl",
     ):
         assert module in graph, module  # the walk found every folder's code
-    assert "lib_layout_retouch.unet.attention" in graph["lib_layout_retouch.retouch.loop"]
+    assert "lib_layout_retouch.retouch.editor" in graph["lib_layout_retouch.retouch.loop"]
     assert "tests.fixtures.sd1" in graph["benchmarks.bench_retouch"]
     assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
 

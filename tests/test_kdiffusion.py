@@ -77,8 +77,11 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 
+from lib_layout_retouch.adapters.forge.engines import (  # noqa: E402
+    attention_replacements,
+    check_forge_engine_supported,
+)
 from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
-from lib_layout_retouch.unet.model import attention_replacements, check_forge_engine_supported  # noqa: E402
 
 
 def _engine(kind, prediction="epsilon", **flags):

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.prompts import derive_prompts
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.retouch.editor import LAYOUT, TARGET
 from lib_layout_retouch.schedule import Schedule
-from lib_layout_retouch.unet.attention import LAYOUT, TARGET
+from lib_layout_retouch.unet import ddim
 from lib_layout_retouch.unet.layers import attention_modules, layer_table_for
 from lib_layout_retouch.unet.model import LdmModel
 from tests.paths import photo_tensor
@@ -133,13 +134,13 @@ def test_layout_from_stage1_trajectory(setup, monkeypatch):
         torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(T + 1)
     ]
     stepped = []  # (s, latent) of every DDIM step; the layout path's comes first in each retouch step
-    real_step = pl.ddim.denoise_step
+    real_step = ddim.denoise_step
 
     def spy(schedule, x, eps, s):
         stepped.append((s, x.clone()))
         return real_step(schedule, x, eps, s)
 
-    monkeypatch.setattr(pl.ddim, "denoise_step", spy)
+    monkeypatch.setattr(ddim, "denoise_step", spy)
     res = run(setup, layout_trajectory=traj, keep_trajectories=True)
     assert res.unet_calls == 2 * T  # no layout inversion
     # the layout path is re-set to the trajectory at every step: step s starts from z_(s-1) of stage 1,
@@ -259,7 +260,7 @@ def test_reference_attention_cache_drops_the_reference_rows_and_keeps_the_result
 def test_row_plans_and_their_device_indices_are_made_once_per_row_layout(setup, monkeypatch):
     """The editor keeps device-side row indices on the plan; the retouch must not rebuild plans (and
     so those indices, a host→device copy on a GPU) every step: one plan per distinct row layout."""
-    from lib_layout_retouch.unet import attention
+    from lib_layout_retouch.retouch import editor as attention
 
     built, gathers = [], []
     real_build = attention.RowPlan.build.__func__

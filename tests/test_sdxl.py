@@ -9,27 +9,25 @@ import pytest
 import torch
 
 from lib_layout_retouch import conditioning as C
+from lib_layout_retouch import retouch as pl
+from lib_layout_retouch.checkpoints import unet_family
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.prompts import derive_prompts, subject_token_positions
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.retouch.editor import LAYOUT, TARGET
 from lib_layout_retouch.schedule import Schedule
-from lib_layout_retouch.unet.attention import LAYOUT, TARGET, patched_attention
+from lib_layout_retouch.unet.attention import patched_attention
+from lib_layout_retouch.unet.family import SD1_FAMILY, SDXL_FAMILY
 from lib_layout_retouch.unet.layers import (
     SD1_LAYERS,
     SDXL_LAYERS,
     SDXL_LIGHT_LAYERS,
     attention_modules,
+    check_layer_table,
     infer_layer_table,
     is_self_attention,
     layer_table_for,
 )
-from lib_layout_retouch.unet.model import (
-    SD1_FAMILY,
-    SDXL_FAMILY,
-    LdmModel,
-    check_model_supported,
-    unet_family,
-)
+from lib_layout_retouch.unet.model import LdmModel, check_model_supported
 from tests.fixtures import sdxl as TS
 from tests.paths import photo_tensor
 from tests.tolerance import (
@@ -77,7 +75,7 @@ def test_sdxl_base_table_is_the_structural_rule_on_the_real_unet():
     assert (
         layer_table_for(unet) is SDXL_LAYERS and layer_table_for(unet, "light") is SDXL_LIGHT_LAYERS
     )
-    SDXL_LAYERS.check_against(unet)
+    check_layer_table(SDXL_LAYERS, unet)
     assert tuple(selfs[44:]) == SDXL_LAYERS.reference_layers  # MasaCtrl start_layer=44 of 70
     inferred = infer_layer_table(unet)
     assert inferred.reference_layers == SDXL_LAYERS.reference_layers and set(
@@ -152,7 +150,7 @@ def test_tiny_sdxl_table_by_level(xl):
 def test_sdxl_is_supported_and_other_kinds_are_refused_by_name(xl):
     _, model, adapter = xl
     check_model_supported(model)
-    assert adapter.is_sdxl and adapter.family == SDXL_FAMILY
+    assert adapter.is_sdxl and adapter.family.name == SDXL_FAMILY
     assert unet_family(adapter.unet.state_dict()) == SDXL_FAMILY
 
 
@@ -195,7 +193,7 @@ def test_encode_prompts_gives_each_path_its_own_size_terms(xl):
         adapter,
         prompts,
         "",
-        generation_size=adapter.generation_size(64, 64),
+        image_size=(64, 64),
         reference_size=C.SizeTerms((480, 640), (0, 10), (64, 64)),
     )
     # y_r's tokens on both paths: the reference's encoded alone, the target's beside y_p (another
@@ -289,7 +287,7 @@ def xl_setup(xl):
         adapter,
         prompts,
         "",
-        generation_size=adapter.generation_size(64, 64),
+        image_size=(64, 64),
         reference_size=C.SizeTerms((96, 64), (16, 0), (64, 64)),
     )
     subject = subject_token_positions(adapter.tokenize, prompts.personalized, ["sks", "dog"])
@@ -349,8 +347,9 @@ def test_mask_blend_on_an_sdxl_reference_layer(xl, m_value):
     """M ≡ 1 → the target's own self-attention output; M ≡ 0 → the layout's; else the blend —
     on a depth-2 transformer block's self-attention of the SDXL UNet."""
     from lib_layout_retouch.masks import LayerMasks
-    from lib_layout_retouch.unet.attention import COND, RetouchAttention, RowPlan, StepState
-    from lib_layout_retouch.unet.layers import LayerTable
+    from lib_layout_retouch.retouch.editor import COND, RowPlan, StepState
+    from lib_layout_retouch.retouch.layers import LayerTable
+    from lib_layout_retouch.unet.attention import RetouchAttention
 
     _, _, adapter = xl
     name = next(
@@ -473,9 +472,7 @@ def test_several_references_each_with_its_own_size_terms(xl, xl_setup):
     _, conds1, subject, ref, layouts = xl_setup
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
     sizes = [C.SizeTerms((96, 64), (16, 0), (64, 64)), C.SizeTerms((480, 640), (0, 10), (64, 64))]
-    conds = pl.encode_prompts(
-        adapter, prompts, "", generation_size=adapter.generation_size(64, 64), reference_size=sizes
-    )
+    conds = pl.encode_prompts(adapter, prompts, "", image_size=(64, 64), reference_size=sizes)
     assert (
         C.batch_size(conds.reference)
         == C.batch_size(conds.reference_uncond)
@@ -496,7 +493,7 @@ def test_several_references_each_with_its_own_size_terms(xl, xl_setup):
         adapter,
         prompts,
         "",
-        generation_size=adapter.generation_size(64, 64),
+        image_size=(64, 64),
         reference_size=[sizes[0], sizes[0]],
     )
     once = _run(xl_setup)

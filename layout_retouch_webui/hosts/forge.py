@@ -32,10 +32,14 @@ import torch
 from modules import shared
 
 from layout_retouch_webui.hosts.a1111 import A1111Host
+from lib_layout_retouch.adapters.forge.engines import (
+    attention_replacements,
+    check_forge_engine_supported,
+)
 from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
 from lib_layout_retouch.adapters.forge.sd import ForgeModel
+from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.unet.model import attention_replacements, check_forge_engine_supported
 from lib_layout_retouch.unet.text_encoders import TEXT_ENCODER_PREFIXES
 
 
@@ -63,11 +67,7 @@ class ForgeHost(A1111Host):
                 parameter="personalization",
             )
         if params.layout_source == "stage1":
-            raise LayoutRetouchError(
-                "layout source 'stage1' reads DDIM's trajectory, which a Flux (rectified-flow) "
-                "generation does not have; use 'inversion'",
-                parameter="layout_source",
-            )
+            raise stage1_layout_refusal()
         from modules.processing import StableDiffusionProcessingImg2Img
 
         if isinstance(p, StableDiffusionProcessingImg2Img):
@@ -104,7 +104,7 @@ class ForgeHost(A1111Host):
             return forge_flux_model(
                 p.sd_model,
                 load_model=memory_management.load_model_gpu,
-                guidance=float(getattr(p, "distilled_cfg_scale", 3.5) or 3.5),
+                guidance=float(getattr(p, "distilled_cfg_scale", None) or DEFAULT_GUIDANCE),
             )
         return ForgeModel(
             p.sd_model, sdxl_crop=self.sdxl_crop(), load_model=memory_management.load_model_gpu

@@ -29,15 +29,8 @@ from typing import Callable
 
 import torch
 
+from ...dit.flow import simple_sigmas
 from ...dit.flux.model import FluxModel
-
-
-def simple_sigmas(table: torch.Tensor, steps: int) -> list[float]:
-    """Forge's "Simple" scheduler over the predictor's σ table (ascending): `steps` values from σ_max
-    down, then 0 — modules/sd_schedulers.py:81-87, the same float32 values."""
-    n = len(table)
-    ss = n / steps
-    return [float(table[-(1 + int(x * ss))]) for x in range(steps)] + [0.0]
 
 
 def is_forge_flux(engine) -> bool:
@@ -133,4 +126,4 @@ class _ForgeFlux:
         return simple_sigmas(self.predictor.sigmas, steps)
 
 
-__all__ = ["forge_flux_model", "is_forge_flux", "simple_sigmas"]
+__all__ = ["forge_flux_model", "is_forge_flux"]

@@ -15,7 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from ...conditioning import SizeTerms
-from ...unet.model import SD1_FAMILY, SDXL_FAMILY, KDiffusionModel
+from ...unet.family import SD1, SDXL
+from ...unet.model import KDiffusionModel
 
 
 class EnginePrompts(list):
@@ -44,7 +45,7 @@ class ForgeModel(KDiffusionModel):
 
     def __init__(self, engine, sdxl_crop=(0, 0), load_model: Callable = lambda patcher: None):
         super().__init__(engine, sdxl_crop=sdxl_crop)
-        self.family = SDXL_FAMILY if getattr(engine, "is_sdxl", False) else SD1_FAMILY
+        self.family = SDXL if getattr(engine, "is_sdxl", False) else SD1
         self.load_model = load_model
 
     @property

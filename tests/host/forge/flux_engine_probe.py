@@ -44,10 +44,10 @@ def main(forge_dir: str, models_root: str, repo_root: str) -> dict:
     from backend.loader import forge_loader
     from modules.sd_schedulers import simple_scheduler
 
+    from lib_layout_retouch import retouch as pl
     from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
-    from lib_layout_retouch.dit.blocks import dit_blocks
+    from lib_layout_retouch.dit.flux.blocks import dit_blocks
     from lib_layout_retouch.prompts import derive_prompts
-    from lib_layout_retouch.retouch import loop as pl
     from lib_layout_retouch.schedule import Schedule
 
     out = {}
