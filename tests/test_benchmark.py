@@ -28,22 +28,22 @@ FIGURES = (
 )
 
 
-def run_bench(out, *args: str, timeout: int) -> tuple[str, dict]:
-    """benchmarks/bench_retouch.py on the CPU with `args`, writing `out`: (stdout, the JSON). One
-    thread: on a busy 2-core CI machine two OpenMP threads spin-wait on each other (seen: 8 s →
-    300 s)."""
+def run_script(*argv: str, timeout: int) -> str:
+    """A benchmark script on the CPU (`argv`: the script and its arguments); its stdout. One thread:
+    on a busy 2-core CI machine two OpenMP threads spin-wait on each other (seen: 8 s → 300 s)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--device", "cpu", *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=env,
+        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    return proc.stdout
+
+
+def run_bench(out, *args: str, timeout: int) -> tuple[str, dict]:
+    """benchmarks/bench_retouch.py on the CPU with `args`, writing `out`: (stdout, the JSON)."""
+    stdout = run_script(SCRIPT, "--device", "cpu", *args, "--out", str(out), timeout=timeout)
+    return stdout, json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +212,31 @@ def test_tiny_flux_benchmark_runs_plain_and_both_retouch_modes(tmp_path):
     assert res["lr_fast_calls"] == 2 * T
     assert all(res[k] > 0 for k in ("plain_s", "lr_paper_s", "lr_fast_s"))
     assert "LR/plain" in stdout
+
+
+def test_flux_decisions_measures_every_decision(tmp_path):
+    """benchmarks/flux_decisions.py (docs/ALGORITHM.md's "DiT (Flux)" figures) runs on the tiny Flux
+    and reports each measurement whole: the inversion error of both solvers at every T with the
+    calls it costs, the same-cell shares against uniform, both own-token settings, every block."""
+    from lib_layout_retouch.dit import flow
+
+    out = tmp_path / "flux_decisions.json"
+    run_script(
+        os.path.join(ROOT, "benchmarks", "flux_decisions.py"), "--json", str(out), timeout=300
+    )
+    res = json.loads(out.read_text())
+    rows = res["inversion"]
+    assert {(r["steps"], r["solver"], r["latent"]) for r in rows} == {
+        (t, s, z) for t in (4, 8, 16, 28, 50) for s in flow.SOLVERS for z in ("photo", "random")
+    }
+    assert all(r["calls"] == 2 * r["steps"] * flow.EVALUATIONS[r["solver"]] for r in rows)
+    assert all(math.isfinite(r["error"]) and r["error"] >= 0 for r in rows)
+    share = res["rope_diagonal_share"]
+    assert share["uniform"] == 1 / 16  # 8×8 latents: 4×4 image tokens
+    assert all(0 < share[k] <= 1 for k in ("shared", "shifted"))
+    assert set(res["rope_positional_head"]) == {"4x4", "64x64"}
+    assert set(res["with_target_tokens"]) == {"False", "True"}
+    assert all(0 < v["reference_attention_share"] <= 1 for v in res["with_target_tokens"].values())
+    blocks = res["block_influence"]
+    assert {n.split(".")[0] for n in blocks} == {"double_blocks", "single_blocks"}
+    assert all(v > 0 for v in blocks.values())
