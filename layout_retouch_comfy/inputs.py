@@ -20,6 +20,7 @@ SOCKETS = {
     "vanilla_checkpoint": "vanilla_model",
     "stage1_text_encoder": "vanilla_clip",
     "personalization": "vanilla_model",
+    "subjects": "subjects",  # chained Layout-and-Retouch Subject nodes
 }
 # FIELDS ComfyUI does not offer: SAM checkpoints (the cross-attention mask only), the gallery
 # option (the layout, mask and map are outputs), the switch (the node is the switch).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from layout_retouch_comfy import inputs, run
 from layout_retouch_comfy.glue import ComfyCalls
+from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE
 from lib_layout_retouch.errors import LayoutRetouchError
 
 CALLS = ComfyCalls()
@@ -58,7 +59,7 @@ GUIDANCE = {
     "guidance": (
         "FLOAT",
         {
-            "default": 3.5,
+            "default": DEFAULT_GUIDANCE,
             "min": 0.0,
             "max": 100.0,
             "step": 0.1,
@@ -165,7 +166,7 @@ class LayoutRetouchLayout:
         denoise=1.0,
         mask=None,
         scale_with_steps=True,
-        guidance=3.5,
+        guidance=DEFAULT_GUIDANCE,
     ):
         import torch
 

@@ -54,6 +54,8 @@ def control(f, labels, eid: str, is_img2img: bool = True):
         return gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
     if f.kind == "image":
         return image_input(f.label, eid)
+    if f.kind == "subjects":  # subjects 2 … (the API's list; the panel keeps it as a state)
+        return gr.State(value=[])
     if f.kind == "choice":
         hidden = () if is_img2img else IMG2IMG_ONLY.get(f.name, ())
         return gr.Radio(

@@ -12,6 +12,8 @@ from typing import Iterable
 
 PREFIX = "Layout-and-Retouch: "
 
+from . import NAME
+
 
 class LayoutRetouchError(ValueError):
     """A problem the user can fix. `str(err)` is written for a person. Several problems of one
@@ -30,7 +32,7 @@ class LayoutRetouchError(ValueError):
 
     def __str__(self) -> str:  # "Layout-and-Retouch: <message>" reads well in a UI toast
         msg = super().__str__()
-        return msg if msg.startswith("Layout-and-Retouch") else f"Layout-and-Retouch: {msg}"
+        return msg if msg.startswith(NAME) else f"{NAME}: {msg}"
 
 
 def combine(errors: Iterable[LayoutRetouchError]) -> LayoutRetouchError:
