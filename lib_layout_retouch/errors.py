@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-PREFIX = "Layout-and-Retouch: "
-
 from . import NAME
+
+PREFIX = "Layout-and-Retouch: "
 
 
 class LayoutRetouchError(ValueError):
