@@ -33,17 +33,19 @@ def reference_photos(image: Optional[torch.Tensor]) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
-def mask_at(mask: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:
+def mask_at(
+    mask: torch.Tensor, batch: int, hw: tuple[int, int], name: str = "mask"
+) -> torch.Tensor:
     """A MASK (image resolution) → (batch or 1, 1, h, w) in [0, 1] at `hw` (area average), the
-    retouch's user mask; batch 1 applies to every image."""
+    retouch's user mask; batch 1 applies to every image. `name`: the node input, for the message."""
     m = mask.float()
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3 or m.shape[0] not in (1, batch):
         raise LayoutRetouchError(
-            f"mask has shape {tuple(mask.shape)}: give one mask, or one per image of the batch "
+            f"{name} has shape {tuple(mask.shape)}: give one mask, or one per image of the batch "
             f"({batch})",
-            parameter="mask",
+            parameter=name,
         )
     m = F.interpolate(m[:, None], size=hw, mode="area") if tuple(m.shape[-2:]) != hw else m[:, None]
     return m.clamp(0, 1)
