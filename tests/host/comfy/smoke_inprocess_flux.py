@@ -68,8 +68,10 @@ from lib_layout_retouch.dit.blocks import dit_blocks
 from lib_layout_retouch.prompts import derive_prompts
 from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.segmentation import SubjectSegmenter
 from lib_layout_retouch.unet.attention import LAYOUT, TARGET
 from tests.fixtures.flux import build_tiny_flux, tiny_flux_config_dict
+from tests.fixtures.sam import build_tiny_sam
 from tests.tolerance import network_roundings, rounding_atol
 
 TINY = tiny_flux_config_dict()
@@ -296,6 +298,13 @@ with torch.inference_mode():
     )["result"]
     assert out2[0]["samples"].shape == (2, 16, 8, 8) and out2[2].shape == (2, 64, 64)
     summary.append("batch 2 with two photos ok")
+    sam = SubjectSegmenter(build_tiny_sam(seed=0))  # segments the decoded Flux layout
+    with_sam = LayoutRetouchSampler().sample(
+        reference=ref[:1], vanilla_model=vanilla, sam=sam, **kw
+    )
+    assert "Mask: SAM+CA" in with_sam["ui"]["text"][0].split("\n"), with_sam["ui"]["text"]
+    assert torch.equal(with_sam["result"][1]["samples"], out[1]["samples"]), "stage 1 changed"
+    summary.append("the tiny SAM: Mask: SAM+CA, the same layout")
 
     # -- the copy phase: the target is the layout (rounding aside) ---------------------------------
     prompts = derive_prompts(PROMPT, "sks", "dog")

@@ -50,7 +50,22 @@ SAYS = {
 # The test models and size in the examples' widgets (the λ values stay the examples')
 TEST_VALUES = {"steps": G.STEPS, "width": G.SIZE, "height": G.SIZE}
 
-NODES = "() => app.graph._nodes.map(n => ({id: n.id, type: n.type, title: n.title, box: Array.from(n.boundingRect)}))"
+# Each node's box with its title bar; its height what the node needs for its widgets if that is more
+# (an image node draws its image before the page has grown it to fit)
+NODES = """() => app.graph._nodes.map(n => {
+  const box = Array.from(n.boundingRect);
+  box[3] += Math.max(0, n.computeSize()[1] - n.size[1]);
+  return {id: n.id, type: n.type, title: n.title, box: box};
+})"""
+# Whether the nodes with these ids show their images (loaded, in the image-preview widget); draws
+DRAWN = """(ids) => {
+  app.canvas.draw(true, true);
+  return ids.every(id => {
+    const n = app.graph.getNodeById(id);
+    return n.imgs?.length && n.imgs.every(i => i.complete)
+      && (n.widgets || []).some(w => w.name === '$$canvas-image-preview');
+  });
+}"""
 SET_TEST_VALUES = """([personal, vanilla, lora, reference, values]) => {
   for (const n of app.graph._nodes) {
     for (const w of n.widgets || []) {
@@ -273,7 +288,9 @@ def test_example_runs_from_the_page_and_says_what_it_used_without_overlaps(
     set_test_values(page, reference)
     r = queue_and_wait(comfy, page)
     assert r.ok, r.describe()
-    time.sleep(2)  # the page draws the images and the texts it was sent
+    with_images = [int(i) for i, out in r.outputs.items() if out.get("images")]
+    page.wait_for_function(DRAWN, arg=with_images, timeout=30_000, polling=200)
+    time.sleep(1)
     problems = []  # all of them, not the first only
     nodes = page.evaluate(NODES)
     problems += [f"{a} {ab} overlaps {b} {bb}" for a, ab, b, bb in overlaps(nodes)]
