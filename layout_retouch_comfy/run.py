@@ -427,15 +427,10 @@ def _run(
         vanilla=vanilla_model is not None,
         img2img=latent is not None or layout is not None,
     )
-    user_mask = None
     noise_mask = source.get("noise_mask")
     if mask is not None:
         noise_mask = mask
-    if noise_mask is not None:
-        user_mask = tensors.mask_at(noise_mask, n, (h, w))
-    if subject_mask is not None:  # bounds the retouch only: stage 1 draws the whole picture
-        subject = tensors.mask_at(subject_mask, n, (h, w), name="subject_mask")
-        user_mask = subject if user_mask is None else user_mask * subject
+    user_mask = tensors.retouch_mask(noise_mask, subject_mask, n, (h, w))
 
     # Never the user's MODEL objects: clones (the weights are shared; the attention patch restores).
     model = model.clone()

@@ -51,6 +51,20 @@ def mask_at(
     return m.clamp(0, 1)
 
 
+def retouch_mask(
+    noise_mask: Optional[torch.Tensor],
+    subject_mask: Optional[torch.Tensor],
+    batch: int,
+    hw: tuple[int, int],
+) -> Optional[torch.Tensor]:
+    """The retouch's user mask (`mask_at`): the inpaint mask (it bounds stage 1 too), times the
+    subject mask (it bounds the retouch only: stage 1 draws the whole picture); None: neither."""
+    masks = [mask_at(noise_mask, batch, hw)] if noise_mask is not None else []
+    if subject_mask is not None:
+        masks.append(mask_at(subject_mask, batch, hw, name="subject_mask"))
+    return None if not masks else masks[0] if len(masks) == 1 else masks[0] * masks[1]
+
+
 def maps_to_mask(maps: Optional[torch.Tensor], batch: int, hw: tuple[int, int]) -> torch.Tensor:
     """(N, h', w') maps in [0, 1] (or None: zeros) → MASK (N, H, W), nearest so cells stay visible."""
     if maps is None:

@@ -277,3 +277,15 @@ def test_check_before_run_skips_what_another_node_feeds():
     assert inputs.check_before_run(concept_token="sks", class_phrase="dog", lambdas={}) is None
     message = inputs.check_before_run(concept_token="", class_phrase=None, lambdas={})
     assert "concept_token is empty" in message
+
+
+def test_the_retouch_mask_is_the_inpaint_mask_times_the_subject_mask():
+    assert tensors.retouch_mask(None, None, 1, (2, 2)) is None
+    inpaint = torch.zeros(16, 16)
+    inpaint[:, :8] = 1  # left half
+    subject = torch.zeros(16, 16)
+    subject[:8] = 1  # top half
+    both = tensors.retouch_mask(inpaint, subject, 2, (2, 2))
+    assert both.shape == (1, 1, 2, 2) and both[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    alone = tensors.retouch_mask(None, subject, 2, (2, 2))
+    assert alone[0, 0].tolist() == [[1.0, 1.0], [0.0, 0.0]]
