@@ -81,6 +81,13 @@ WIDGET = """([id, name]) => {
   const w = (app.graph.getNodeById(id).widgets || []).find(w => w.name === name);
   return w ? w.value : null;
 }"""
+# A Preview Any node's text and how much of it its box hides (scrolled out of view), in px
+PREVIEW = """(id) => {
+  const w = (app.graph.getNodeById(id).widgets || []).find(w => w.name === 'preview');
+  if (!w) return null;
+  const el = w.element || w.inputEl;
+  return {text: w.value, hidden: el ? el.scrollHeight - el.clientHeight : null};
+}"""
 SET_WIDGET = """([id, name, value]) => {
   app.graph.getNodeById(id).widgets.find(w => w.name === name).value = value;
 }"""
@@ -218,7 +225,11 @@ def fit_view(page, width: int, height: int, margin: int = 100) -> list[float]:
     (clear of the menu bar and the side bar); the graph's rectangle on the screen."""
     return page.evaluate(
         """([W, H, m]) => {
-          const boxes = app.graph._nodes.map(n => Array.from(n.boundingRect));
+          const boxes = app.graph._nodes.map(n => {  // as NODES measures them
+            const b = Array.from(n.boundingRect);
+            b[3] += Math.max(0, n.computeSize()[1] - n.size[1]);
+            return b;
+          });
           const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
           const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
           const s = Math.min(1, (W - 2 * m) / (x1 - x0), (H - 2 * m) / (y1 - y0));
@@ -300,6 +311,15 @@ def test_example_runs_from_the_page_and_says_what_it_used_without_overlaps(
             problems.append(f"{node['title']} shows {shown!r}, not {SAYS[node['type']]}")
         elif r.outputs.get(str(node["id"]), {}).get("text") != [shown]:
             problems.append(f"/history has not the text {node['title']} shows")
+    # the Preview Any of an `info` output shows that node's text, all of it
+    for info in [n for n in nodes if n["type"] == "PreviewAny"] or [None]:
+        source = api[str(info["id"])]["inputs"]["source"][0] if info else None
+        says = SAYS[api[source]["class_type"]] if source else SAYS[ours[-1]["type"]]
+        previewed = page.evaluate(PREVIEW, info["id"]) if info else None
+        if previewed is None or previewed["text"].split("\n") != says:
+            problems.append(f"Preview Any of 'info' shows {previewed}, not {says}")
+        elif previewed["hidden"] > 0:
+            problems.append(f"{info['title']} hides {previewed['hidden']} px of its text")
     # 'fixed': the seed the example ships is the one that ran, and stays
     if set(controls.values()) != {"fixed"}:
         problems.append(f"control after generate: {controls}")

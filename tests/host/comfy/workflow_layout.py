@@ -2,9 +2,10 @@
 photo on the left, our node next to them (nothing below it: after a run ComfyUI adds the latent
 preview and the node's text to it, ≈ 260 px), the decoders in a narrow column, the saved and
 previewed images in a 2 × 2 grid of nodes large enough for a square image (a smaller image node grows
-to fit its image after a run). `test_comfy_browser.py` applies this to the API-format files with
-LR_COMFY_EXPORT set to write workflows/*.json, and checks after a run that no two node boxes
-intersect.
+to fit its image after a run), and under them a *Preview Any* of our node's `info` output, wide
+enough to show it whole (the text on our node itself gets ComfyUI's small progress-text box).
+`test_comfy_browser.py` applies this to the API-format files with LR_COMFY_EXPORT set to write
+workflows/*.json, and checks after a run that no two node boxes intersect.
 
 {workflow: {node id: (x, y, width, height)}}: pos and size as LiteGraph stores them (the title bar,
 LiteGraph.NODE_TITLE_HEIGHT = 30, is above pos); height None keeps the node's computed height.
@@ -20,6 +21,8 @@ NODE = 400  # our nodes' width (their widgets' labels and values)
 SMALL = 210  # VAE Decode, Convert Mask to Image (its title)
 IMAGE_NODE = (320, 340)  # Save / Preview Image: a square image under the title and the widget
 BELOW_IMAGE = ROW + IMAGE_NODE[1] + TITLE + GAP  # the second row of image nodes
+BELOW_IMAGES = BELOW_IMAGE + IMAGE_NODE[1] + TITLE + GAP  # under both rows
+INFO_HEIGHT = 150  # Preview Any of the `info` output: five lines of text in full
 
 
 def _left(second_height: int = 98) -> dict:
@@ -44,6 +47,7 @@ def _sampler_outputs(x: int) -> dict:
         8: (images, BELOW_IMAGE, w, h),
         10: (images + w + GAP, ROW, w, h),
         11: (images + w + GAP, BELOW_IMAGE, w, h),
+        13: (images, BELOW_IMAGES, 2 * w + GAP, INFO_HEIGHT),  # what the node used, under them
     }
 
 
@@ -67,5 +71,7 @@ LAYOUTS = {
         7: (SAMPLER_X + 2 * (NODE + GAP), ROW + 130, SMALL, None),  # decode layout
         6: (SAMPLER_X + 2 * (NODE + GAP) + SMALL + GAP, ROW, *IMAGE_NODE),  # save
         8: (SAMPLER_X + 2 * (NODE + GAP) + SMALL + GAP, BELOW_IMAGE, *IMAGE_NODE),  # layout
+        # what the Retouch node used, under the images
+        13: (SAMPLER_X + 2 * (NODE + GAP) + SMALL + GAP, BELOW_IMAGES, IMAGE_NODE[0], INFO_HEIGHT),
     },
 }

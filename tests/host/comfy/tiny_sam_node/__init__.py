@@ -7,9 +7,8 @@ import importlib.util
 import os
 import sys
 
-_REPO = os.path.dirname(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
-)
+_HERE = os.path.dirname(os.path.realpath(__file__))  # <repo>/tests/host/comfy/tiny_sam_node
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(_HERE))))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 # by its path: a top-level `tests` is ComfyUI's own tests package in ComfyUI's process
