@@ -3,7 +3,7 @@
     python benchmarks/bench_retouch.py --config tiny-flux --device cpu --steps 6     # CPU / CI
     python benchmarks/bench_retouch.py --config flux --device cuda --dtype bf16     # GPU, 1024²
 
-`tiny-flux`: tests/tiny_flux.py's transformer with the tiny T5 and CLIP. `flux`: the full-size
+`tiny-flux`: tests/fixtures/flux.py's transformer with the tiny T5 and CLIP. `flux`: the full-size
 Flux.1-dev architecture (19 + 38 blocks, width 3072, 24 heads; 11.9 B parameters) with random
 weights, random fixed text states (T5: 512 × 4096, pooled CLIP: 768 — the encoders run once per
 prompt and are not what is compared) and an 8× pooling stand-in VAE, at 1024² (4096 image tokens).
@@ -32,12 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from lib_layout_retouch.dit import flow  # noqa: E402
-from lib_layout_retouch.dit.flux.model import FluxFamily, FluxModel  # noqa: E402
-from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
-from lib_layout_retouch.retouch import loop as pl  # noqa: E402
-from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from tests.fixtures.flux import FLUX1_DEV, TinyFlux, TinyFluxVAE  # noqa: E402
+from lib_layout_retouch import retouch as pl
+from lib_layout_retouch.dit import flow
+from lib_layout_retouch.dit.flux.family import FluxFamily
+from lib_layout_retouch.dit.flux.model import FluxModel
+from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.schedule import Schedule
+from tests.fixtures.flux import FLUX1_DEV, TinyFlux, TinyFluxVAE
 
 PROMPT = "a sks dog surfing on the beach"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -142,7 +143,7 @@ def run(args) -> dict:
             torch.cuda.synchronize()
 
     def lr(solver, cache, layout_source):
-        model.retouch_family = FluxFamily(model, solver)
+        model.family = FluxFamily(solver)
         traj = stage1(model, noise, sched, cond_layout, conds.layout)
         return pl.retouch(
             model,

@@ -25,6 +25,7 @@ SOCKETS = {
     "stage1_text_encoder": "vanilla_clip",
     "personalization": "vanilla_model",
     "sam_model": "sam",  # a SAM loader node's output
+    "subjects": "subjects",  # chained Layout-and-Retouch Subject nodes
 }
 # FIELDS ComfyUI does not offer: the gallery option (the layout, mask and map are outputs), the
 # switch (the node is the switch).

@@ -15,6 +15,7 @@ import inspect
 from layout_retouch_comfy import inputs, run, texts
 from layout_retouch_comfy.glue import ComfyCalls
 from lib_layout_retouch import ui_text
+from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import LayoutRetouchParams
 from lib_layout_retouch.segmentation import OFFICIAL_SAM_FILES, load_segmenter
@@ -93,7 +94,7 @@ GUIDANCE = {
     "guidance": (
         "FLOAT",
         {
-            "default": 3.5,
+            "default": DEFAULT_GUIDANCE,
             "min": 0.0,
             "max": 100.0,
             "step": 0.1,
@@ -305,7 +306,7 @@ class LayoutRetouchLayout:
         denoise=1.0,
         mask=None,
         scale_with_steps=True,
-        guidance=3.5,
+        guidance=DEFAULT_GUIDANCE,
         unique_id=None,
     ):
         import torch

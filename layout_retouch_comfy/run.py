@@ -27,10 +27,9 @@ from lib_layout_retouch.adapters.comfy.sd import (
     check_supported,
     is_flux,
 )
-from lib_layout_retouch.dit.flux.model import DEFAULT_GUIDANCE
+from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME
-from lib_layout_retouch.prompts import subject_token_positions
 from lib_layout_retouch.retouch import loop as pipeline
 
 log = logging.getLogger("layout_retouch")
@@ -277,11 +276,7 @@ def with_layout_source(values: dict, layout_given: bool, flux: bool) -> dict:
     if layout_given:
         values["layout_source"] = "input"
     elif values.get("layout_source") == "stage1" and flux:
-        raise LayoutRetouchError(
-            "layout source 'stage1' reads DDIM's trajectory, which a Flux.1 (rectified-flow) "
-            "model does not have; use 'inversion'",
-            parameter="layout_source",
-        )
+        raise stage1_layout_refusal()
     elif values.get("layout_source") == "stage1":
         log.warning(
             "Layout-and-Retouch: layout_source 'stage1' needs the library's DDIM stage 1; "
@@ -304,12 +299,10 @@ def check_flow_schedule(lib_model, steps: int, latent_hw, scheduler: str) -> Non
 
 
 def subject_rows(lib_model, job) -> list[int]:
-    """The conditioning rows of the concept token and class phrase in y_p: CLIP's 77-token chunks
-    (SD), T5's SentencePiece pieces (Flux)."""
+    """The conditioning rows of the concept token and class phrase in y_p, as the model's family
+    reads them (CLIP's 77-token chunks for SD, T5's SentencePiece pieces for Flux)."""
     phrases = [job.prompts.concept_token, job.prompts.class_phrase]
-    if is_flux(lib_model.patcher):
-        return lib_model.subject_tokens(job.prompts.personalized, phrases)
-    return subject_token_positions(lib_model.tokenize, job.prompts.personalized, phrases)
+    return lib_model.family.subject_tokens(lib_model, job.prompts.personalized, phrases)
 
 
 def layout_and_retouch(

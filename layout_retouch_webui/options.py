@@ -9,7 +9,7 @@ from __future__ import annotations
 from modules import shared
 
 from lib_layout_retouch.params import NO_SAM
-from lib_layout_retouch.retouch.loop import INVERSION_CACHE_ENTRIES
+from lib_layout_retouch.retouch import INVERSION_CACHE_ENTRIES
 
 # the extension's
 DEFAULT_SAM = "layout_retouch_default_sam"

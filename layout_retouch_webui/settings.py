@@ -9,13 +9,14 @@ from modules import shared
 
 from layout_retouch_webui import hosts, options
 from layout_retouch_webui.options import opt  # noqa: F401  (re-exported: the UI reads options through settings)
+from lib_layout_retouch import NAME
 from lib_layout_retouch import checkpoints as checkpoint_files
+from lib_layout_retouch import retouch as pipeline
 from lib_layout_retouch.params import NO_SAM
-from lib_layout_retouch.retouch import loop as pipeline
 from lib_layout_retouch.schedule import PAPER_STEPS
 from lib_layout_retouch.segmentation import find_sam_checkpoints
 
-TITLE = "Layout-and-Retouch"
+TITLE = NAME
 EXT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,38 +15,21 @@ from layout_retouch_webui.options import opt
 from layout_retouch_webui.settings import sam_folders
 from lib_layout_retouch import job as lr_job
 from lib_layout_retouch import logs
+from lib_layout_retouch import retouch as pipeline
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.params import NO_SAM
 from lib_layout_retouch.progress import ProgressPlan
-from lib_layout_retouch.prompts import (
-    strip_extra_networks,
-    subject_positions_in_chunks,
-    subject_token_positions,
-)
-from lib_layout_retouch.retouch import loop as pipeline
+from lib_layout_retouch.prompts import strip_extra_networks
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
-from lib_layout_retouch.unet.model import FLUX_FAMILY
 
 logger = logs.attach_console()
 
 
 def subject_tokens(model, job, prompt: str) -> list[int]:
-    """Positions of the concept token and class phrase in the personalized prompt, as the host's
-    tokenizer splits it into 75-token chunks; Flux: the rows of its T5 states (SentencePiece pieces)."""
-    if getattr(model, "family", None) == FLUX_FAMILY:
-        return model.subject_tokens(prompt, [job.params.concept_token, job.params.class_phrase])
-    clip = model.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
-    if hasattr(clip, "tokenize_line"):
-        chunks, _ = clip.tokenize_line(prompt)
-        return subject_positions_in_chunks(
-            chunks,
-            lambda t: clip.tokenize([t])[0],
-            job.params.concept_token,
-            job.params.class_phrase,
-        )
-    return subject_token_positions(
-        model.tokenize, prompt, [job.params.concept_token, job.params.class_phrase]
-    )
+    """The conditioning rows of the concept token and class phrase in the personalized prompt, as
+    the model's family reads them (CLIP's 75-token chunks; Flux: T5's SentencePiece pieces)."""
+    phrases = [job.params.concept_token, job.params.class_phrase]
+    return model.family.subject_tokens(model, prompt, phrases)
 
 
 def segmenter_for(job, device):

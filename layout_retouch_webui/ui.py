@@ -34,6 +34,8 @@ def control(f, labels, eid: str):
         return gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
     if f.kind == "image":
         return image_input(f.label, eid)
+    if f.kind == "subjects":  # subjects 2 … (the API's list; the panel keeps it as a state)
+        return gr.State(value=[])
     if f.kind == "choice":
         return gr.Radio(
             choices=list(labels[f.name].values()),

@@ -18,9 +18,9 @@ import torch
 from layout_retouch_webui import hosts, options
 from layout_retouch_webui.options import opt
 from lib_layout_retouch import logs
+from lib_layout_retouch.checkpoints import unet_family
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.unet import text_encoders
-from lib_layout_retouch.unet.model import unet_family
 
 logger = logs.attach_console()
 UNET_PREFIX = "model.diffusion_model."

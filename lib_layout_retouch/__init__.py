@@ -28,3 +28,7 @@ The extension
 """
 
 __version__ = "0.1.0"
+
+# The extension's one name: the WebUI script's title (what API clients key `alwayson_scripts` by),
+# the accordion's label, the prefix of every refusal.
+NAME = "Layout-and-Retouch"

@@ -14,7 +14,8 @@ import struct
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from .unet.model import unet_family
+from .dit.flux.family import FLUX_FAMILY
+from .unet.family import SD1_FAMILY, SDXL_FAMILY
 
 UNET_PREFIX = "model.diffusion_model."
 MAX_HEADER = 100 * 2**20  # a real header is a few MB at most
@@ -64,8 +65,23 @@ def _read(path: str, prefix: str) -> Optional[dict[str, tuple]]:
     }
 
 
+def unet_family(state: dict) -> str:
+    """'SDXL' or 'SD1.x'/'SD2.x' (or 'Flux': a BFL transformer's double blocks) from a UNet state dict
+    (keys without `model.diffusion_model.`):
+    SDXL's UNet takes the pooled-text/size vector through `label_emb`; SD1 and SD2 differ in their
+    text width (768 vs 1024)."""
+    if any(k.startswith("double_blocks.") for k in state):
+        return FLUX_FAMILY
+    if any(k.startswith("label_emb.") for k in state):
+        return SDXL_FAMILY
+    widths = {tuple(v.shape)[-1] for k, v in state.items() if k.endswith("attn2.to_k.weight")}
+    if widths == {1024}:
+        return "SD2.x"
+    return SD1_FAMILY
+
+
 def family(shapes: Mapping[str, tuple]) -> str:
-    """`model.unet_family` of a shapes-only UNet."""
+    """`unet_family` of a shapes-only UNet."""
     return unet_family({k: _Shape(tuple(s)) for k, s in shapes.items()})
 
 

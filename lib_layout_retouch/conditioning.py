@@ -1,18 +1,19 @@
-"""Text conditionings as the UNet takes them, for SD1 and SDXL alike.
+"""Text conditionings as the families' networks take them, batched alike.
 
-SD1.x: one tensor (B, tokens, dim) — the text encoder's hidden states (`context`).
-SDXL:  a dict {"crossattn": (B, tokens, 2048), "vector": (B, 2816)} — `crossattn` is the two text
-       encoders' hidden states side by side, `vector` the pooled OpenCLIP embedding followed by the
-       Fourier-embedded size terms (original size, crop top-left, target size; SDXL paper §2.2).
+A conditioning is one tensor (B, tokens, dim) — SD1.x: the text encoder's hidden states — or a dict
+of parts that share the batch: SDXL {"crossattn": (B, tokens, 2048), "vector": (B, 2816)} (the two
+text encoders' hidden states side by side; the pooled OpenCLIP embedding followed by the Fourier-
+embedded size terms), Flux {"crossattn": T5 states, "vector": pooled CLIP-L, "guidance"}.
 
-Every function here takes either form, so the pipeline batches its three paths (reference,
-layout, target × both CFG halves) without caring which model it drives.
+Every function here takes either form, so the loop batches its three paths (reference, layout,
+target × both CFG halves) without caring which model it drives. `SizeTerms` describe how an image
+was prepared (original size, crop, fed size): what a family with size conditioning reads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -122,38 +123,3 @@ class SizeTerms:
             (int(crop_top_left[0]), int(crop_top_left[1])),
             (int(height), int(width)),
         )
-
-
-def sdxl_conditioning(
-    conditioner: torch.nn.Module,
-    prompts: Sequence[str],
-    size: SizeTerms,
-    *,
-    negative: bool = False,
-    aesthetic_score: Optional[float] = None,
-    device=None,
-    dtype=None,
-) -> dict:
-    """{"crossattn", "vector"} for `prompts` through sgm's `GeneralConditioner`, as the WebUI's own
-    `get_learned_conditioning` builds them, but with explicit size terms. An all-empty *negative*
-    prompt gives zero text embeddings (SDXL's unconditional, and what the WebUI sends)."""
-    prompts = list(prompts)
-    n = len(prompts)
-    for embedder in getattr(conditioner, "embedders", []):
-        embedder.ucg_rate = 0.0  # never drop prompts at random at inference
-    if device is None:
-        device = next(conditioner.parameters()).device
-    args = dict(device=device, dtype=dtype or torch.float32)
-    score = aesthetic_score if aesthetic_score is not None else (2.5 if negative else 6.0)
-    batch = {
-        "txt": prompts,
-        "original_size_as_tuple": torch.tensor([list(size.original_hw)], **args).repeat(n, 1),
-        "crop_coords_top_left": torch.tensor([list(size.crop_top_left)], **args).repeat(n, 1),
-        "target_size_as_tuple": torch.tensor([list(size.target_hw)], **args).repeat(n, 1),
-        "aesthetic_score": torch.tensor([[score]], **args).repeat(
-            n, 1
-        ),  # read by refiner-type models only
-    }
-    zero = ["txt"] if negative and all(p == "" for p in prompts) else []
-    out = conditioner(batch, force_zero_embeddings=zero)
-    return {"crossattn": out["crossattn"], "vector": out["vector"]}

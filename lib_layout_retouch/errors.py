@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from . import NAME
+
 
 class LayoutRetouchError(ValueError):
     """A problem the user can fix. `str(err)` is written for a person."""
@@ -19,7 +21,7 @@ class LayoutRetouchError(ValueError):
 
     def __str__(self) -> str:  # "Layout-and-Retouch: <message>" reads well in a UI toast
         msg = super().__str__()
-        return msg if msg.startswith("Layout-and-Retouch") else f"Layout-and-Retouch: {msg}"
+        return msg if msg.startswith(NAME) else f"{NAME}: {msg}"
 
 
 class Interrupted(Exception):

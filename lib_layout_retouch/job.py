@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import retouch as pipeline
 from .errors import LayoutRetouchError
 from .images import image_fingerprint, prepare_reference, reference_size_terms
 from .params import NO_SAM, LayoutRetouchParams, reference_error
-from .prompts import RetouchPrompts, derive_prompts
-from .retouch import loop as pipeline
+from .prompts import RetouchPrompts, SubjectWords
+from .subjects import derive_subject_prompts, subject_rows
 from .unet.model import LdmModel
 
 # Reference inversions across generations (pipeline.INVERSION_ENTRY_MB each); the WebUI setting
@@ -45,6 +46,31 @@ def mask_to_image(mask: torch.Tensor, size: tuple[int, int]) -> Image.Image:
     """(H, W) in [0, 1] → grey PIL image at `size` (w, h), nearest so cells stay visible."""
     arr = (mask.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return Image.fromarray(arr, mode="L").resize(size, Image.NEAREST).convert("RGB")
+
+
+# Several subjects: each subject's colour in the regions image (subject 1, 2, 3), distinct for the
+# colour-blind; black where no subject is. One home: the WebUI's intermediates, ComfyUI's output and
+# the evaluation's reader (`regions_from_image`) all use it.
+SUBJECT_COLOURS = ((230, 159, 0), (86, 180, 233), (0, 158, 115))
+
+
+def regions_to_image(regions: torch.Tensor, size: tuple[int, int]) -> Image.Image:
+    """(H, W) subject index (masks.NO_REGION outside) → RGB image at `size` (w, h), one colour per
+    subject, nearest so cells stay visible."""
+    index = regions.detach().long().cpu().numpy()
+    arr = np.zeros((*index.shape, 3), dtype=np.uint8)
+    for k, colour in enumerate(SUBJECT_COLOURS):
+        arr[index == k] = colour
+    return Image.fromarray(arr, mode="RGB").resize(size, Image.NEAREST)
+
+
+def regions_from_image(image: Image.Image) -> np.ndarray:
+    """`regions_to_image`'s picture back to a subject index (H, W) (-1 where no subject's colour)."""
+    arr = np.asarray(image.convert("RGB"))
+    index = np.full(arr.shape[:2], -1, dtype=np.int64)
+    for k, colour in enumerate(SUBJECT_COLOURS):
+        index[(arr == np.array(colour, dtype=np.uint8)).all(axis=-1)] = k
+    return index
 
 
 @dataclass
@@ -78,35 +104,54 @@ class RetouchJob:
                 parameter="layout_source",
             )
         self.schedule = self.params.schedule(self.steps)
-        self.prompts: RetouchPrompts = derive_prompts(
-            self.prompt,
-            self.params.concept_token,
-            self.params.class_phrase,
-            self.params.reference_prompt or None,
+        self.subjects = self.params.all_subjects()
+        words = [SubjectWords(s.concept_token, s.class_phrase) for s in self.subjects]
+        self.prompts: RetouchPrompts = derive_subject_prompts(
+            self.prompt, words, self.params.reference_prompt or None
         )
-        photos = self.params.references
         size = (self.width, self.height)
-        # One entry per reference photo, in order (prepared image, fingerprint of it, SDXL size terms).
+        # One entry per reference photo, in order, subject by subject (prepared image, fingerprint
+        # of it, SDXL size terms); `reference_groups`: how many photos each subject has.
         self.references: list[Image.Image] = []
         self.reference_sizes = []
-        for i, photo in enumerate(photos):
-            try:
-                prepared, ref_notes = prepare_reference(photo, size)
-                self.reference_sizes.append(reference_size_terms(photo, size))
-            except LayoutRetouchError as e:
-                raise reference_error(e, i, len(photos)) from e
-            self.references.append(prepared)
-            self.notes.extend(
-                ref_notes
-                if len(photos) == 1
-                else [f"reference photo {i + 1} of {len(photos)}: {n}" for n in ref_notes]
-            )
+        self.reference_groups = tuple(len(s.references) for s in self.subjects)
+        for k, subject in enumerate(self.subjects):
+            self._prepare_photos(subject.references, size, k)
         self.reference_fingerprints = [image_fingerprint(img) for img in self.references]
         # The first reference (the only one, with one photo): what single-photo callers read.
         self.reference = self.references[0]
         self.reference_fingerprint = self.reference_fingerprints[0]
         self.reference_size = self.reference_sizes[0]
         self.mask_kind: Optional[str] = None
+
+    def _prepare_photos(self, photos, size, k: int) -> None:
+        """Subject k's reference photos, prepared at the generation size (notes name the photo and,
+        with several subjects, the subject)."""
+        subject = f"subject {k + 1}: " if len(self.subjects) > 1 else ""
+        for i, photo in enumerate(photos):
+            try:
+                prepared, ref_notes = prepare_reference(photo, size)
+                self.reference_sizes.append(reference_size_terms(photo, size))
+            except LayoutRetouchError as e:
+                error = reference_error(e, i, len(photos))
+                raise LayoutRetouchError(subject + error.args[0], parameter=error.parameter) from e
+            self.references.append(prepared)
+            which = "" if len(photos) == 1 else f"reference photo {i + 1} of {len(photos)}: "
+            self.notes.extend(subject + which + n for n in ref_notes)
+
+    @property
+    def several_subjects(self) -> bool:
+        return len(self.subjects) > 1
+
+    def subject_rows(self, model, prompt: Optional[str] = None) -> list:
+        """The conditioning rows of each subject in y_p as the model's family reads them: one
+        subject's list, or one list per subject (refused where two subjects share a row)."""
+        prompt = self.prompts.personalized if prompt is None else prompt
+        words = self.prompts.subject_words()
+        rows = subject_rows(
+            lambda text, phrases: model.family.subject_tokens(model, text, phrases), prompt, words
+        )
+        return rows if self.several_subjects else rows[0]
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def uses_vanilla(self, s: int) -> bool:
@@ -121,6 +166,7 @@ class RetouchJob:
             ca_threshold=self.params.ca_threshold,
             reset_reference=self.params.reset_reference,
             layer_preset=self.params.layer_preset,
+            subject_labels=tuple(w.label for w in self.prompts.subject_words()),
             **overrides,
         )
 
@@ -154,19 +200,24 @@ class RetouchJob:
         progress: Optional[pipeline.ProgressFn] = None,
         should_stop: Optional[Callable[[], bool]] = None,
         user_mask: Optional[torch.Tensor] = None,
+        subject_weights=None,
+        base_weights=None,
     ) -> pipeline.RetouchResult:
         """Stage 2 on `layout_latents` (N, C, h, w): stage 1's result, or with layout_source
         'input' the img2img input's latents (then pass no `layout_trajectory`: it is inverted).
         `user_mask`: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution (1 = retouch);
-        the result equals `layout_latents` exactly where it is 0."""
+        the result equals `layout_latents` exactly where it is 0. Several subjects: `subject_tokens`
+        one list per subject (`subject_rows`); `subject_weights`/`base_weights` the host's
+        contexts for each subject's own weights (its LoRA alone) and for none of them."""
         keys = self.reference_keys(model_key)
         reference_latent = self._reference_latents(model, keys, cache, layout_latents)
         conds = pipeline.encode_prompts(
             model,
             self.prompts,
             self.negative_prompt,
-            generation_size=model.generation_size(self.width, self.height),
+            image_size=(self.width, self.height),
             reference_size=self.reference_sizes if len(keys) > 1 else self.reference_size,
+            reference_subjects=self.reference_subjects() if self.several_subjects else None,
         )
         if layout_trajectory is not None and self.params.layout_source == "input":
             raise ValueError(
@@ -188,12 +239,19 @@ class RetouchJob:
             progress=progress,
             should_stop=should_stop,
             user_mask=user_mask,
+            reference_groups=self.reference_groups if self.several_subjects else None,
+            subject_weights=subject_weights,
+            base_weights=base_weights,
         )
         self.mask_kind = result.mask_kind
         for note in result.notes:
             if note not in self.notes:
                 self.notes.append(note)
         return result
+
+    def reference_subjects(self) -> list[int]:
+        """The subject of each reference photo, in order."""
+        return [k for k, count in enumerate(self.reference_groups) for _ in range(count)]
 
     def _reference_latents(self, model, keys, cache, layout_latents) -> torch.Tensor:
         """The photos' latents (R, C, h, w); a cached inversion starts with its photo's latent, so

@@ -17,6 +17,7 @@ attention's device.
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -313,3 +314,55 @@ def sam_prompts_from_ca(
     found.sort()  # highest value first; ties in raster order
     pts = [((c + 0.5) * sx, (r + 0.5) * sy) for _, r, c in found[: max(0, int(n_points))]]
     return box, np.array(pts, dtype=np.float32).reshape(-1, 2)
+
+
+# -- several subjects: disjoint regions ---------------------------------------------------------------
+NO_REGION = -1
+
+
+def regions_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """(K, N, h, w) per-subject scores (0 = not that subject) → (N, h, w) region index: the subject
+    with the highest score where any is above 0 (ties: the first subject), NO_REGION elsewhere. The
+    regions are disjoint by construction: a cell belongs to one subject or to none."""
+    best, index = scores.max(dim=0)
+    return torch.where(best > 0, index, torch.full_like(index, NO_REGION))
+
+
+def regions_from_maps(maps: Sequence[torch.Tensor], threshold: float) -> torch.Tensor:
+    """Each subject's region from its own cross-attention maps: (N, h, w) per subject → (N, h, w)
+    region index. Per image each subject's map is min-max normalised and thresholded as M^c; where
+    two subjects' M^c overlap the cell goes to the higher normalised map."""
+    t = _check_threshold(threshold)
+    per_subject = []
+    for m in maps:
+        norm = torch.stack([normalize_cross_attention(m[i]) for i in range(m.shape[0])])
+        per_subject.append(torch.where(norm >= t, norm, torch.zeros_like(norm)))
+    return regions_from_scores(torch.stack(per_subject))
+
+
+class LayerRegions:
+    """A region index (N, H, W) (NO_REGION outside every subject) at each attention layer's
+    resolution, nearest-neighbour, cached per resolution and device: `for_tokens(n)` → (N, n)."""
+
+    def __init__(self, index: torch.Tensor, latent_hw: tuple[int, int]):
+        if index.ndim != 3:
+            raise ValueError(f"region index must be (N, H, W), got {tuple(index.shape)}")
+        self.index = index.long()
+        self.latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def for_tokens(self, n_tokens: int, device=None) -> torch.Tensor:
+        device = torch.device(device) if device is not None else self.index.device
+        key = (int(n_tokens), device)
+        hit = self._cache.get(key)
+        if hit is None:
+            h, w = layer_hw(self.latent_hw, int(n_tokens))
+            src = self.index[:, None].float()
+            if tuple(src.shape[-2:]) != (h, w):
+                src = F.interpolate(src, size=(h, w), mode="nearest")
+            hit = self._cache[key] = src.reshape(self.index.shape[0], h * w).long().to(device)
+        return hit
+
+    def subjects_present(self, k: int) -> list[bool]:
+        """Per image: does subject k have any cell?"""
+        return [bool((self.index[i] == k).any()) for i in range(self.index.shape[0])]

@@ -26,6 +26,7 @@ from .errors import LayoutRetouchError, check_range
 from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
 from .prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN
+from .retouch.layers import DEFAULT_PRESET, PRESETS
 from .schedule import (
     KNOBS,
     PAPER_LAMBDA1,
@@ -35,9 +36,12 @@ from .schedule import (
     PAPER_STEPS,
     Schedule,
 )
-from .unet.layers import DEFAULT_PRESET, PRESETS
+from .subjects import MAX_SUBJECTS
 
-PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora")
+PERSONALIZATION_KINDS = ("dreambooth", "textual_inversion", "lora", "photo")
+PHOTO_ONLY = "photo"  # no trained model: the identity comes from the reference photos alone
+# What each subject after the first is given with (subject 1: the flat fields of the same names).
+SUBJECT_KEYS = ("reference_image", "personalization", "concept_token", "class_phrase", "lora")
 LAYOUT_SOURCES = ("inversion", "stage1", "input")
 # Reference photos the target attends to at once. Each adds one row per CFG half to every retouch
 # step and n tokens to the reference layers' keys/values (and one inversion, cached per photo).
@@ -154,7 +158,15 @@ FIELDS: tuple[Field, ...] = (
         "loaded (vanilla) model.",
         "LR personalization",
         choices=PERSONALIZATION_KINDS,
-        choice_labels=("DreamBooth checkpoint", "Textual Inversion embedding", "LoRA"),
+        choice_labels=(
+            "DreamBooth checkpoint",
+            "Textual Inversion embedding",
+            "LoRA",
+            "Photos only (no trained model)",
+        ),
+        doc="`photo`: no trained model at all — the identity comes from the reference photos "
+        "alone through the retouch; no concept token is needed (the class phrase names the "
+        "subject in the prompt).",
     ),
     Field(
         "vanilla_checkpoint",
@@ -339,6 +351,21 @@ FIELDS: tuple[Field, ...] = (
         choices=STAGE1_TEXT_ENCODERS,
         choice_labels=("Vanilla checkpoint's", "Loaded model's"),
     ),
+    Field(
+        "subjects",
+        (),
+        "subjects",
+        "More subjects",
+        f"Subjects 2 to {MAX_SUBJECTS} in the same image, each from its own photos: each is "
+        "retouched only in its own region of the layout, from its own reference photos (and its "
+        "own LoRA).",
+        None,
+        doc="In the API: a list of dicts with the keys "
+        + ", ".join(f"`{k}`" for k in SUBJECT_KEYS)
+        + ". When `reference_image`, `concept_token` and `class_phrase` are not given, the list "
+        "is every subject (the first is subject 1); otherwise those names are subject 1 and the "
+        "list the subjects after it.",
+    ),
 )
 FIELD_BY_NAME: dict[str, Field] = {f.name: f for f in FIELDS}
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in FIELDS)
@@ -439,6 +466,85 @@ def _to_choice(f: Field, value: Any) -> str:
     )
 
 
+# -- several subjects --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SubjectParams:
+    """One subject: its photos, how it was learned, how the prompt names it, and (LoRA) the name of
+    its LoRA tag in the prompt — empty: the LoRA tags are taken in order."""
+
+    reference_image: Any = None
+    personalization: str = "lora"
+    concept_token: str = ""
+    class_phrase: str = ""
+    lora: str = ""
+
+    @property
+    def references(self) -> list:
+        value = self.reference_image
+        if value is None:
+            return []
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+
+    @property
+    def photo_only(self) -> bool:
+        return self.personalization == PHOTO_ONLY
+
+    def to_dict(self, images: bool = True) -> dict:
+        out = {k: getattr(self, k) for k in SUBJECT_KEYS}
+        if images:
+            refs = [_encode_png(img) for img in self.references]
+            out["reference_image"] = refs[0] if len(refs) == 1 else (refs or None)
+        else:
+            out.pop("reference_image")
+        return out
+
+
+def _to_subjects(f: Field, value: Any) -> tuple:
+    """The API's / UI's list of subject dicts → SubjectParams, each value checked as its flat
+    field is; messages name the subject ("subjects[2].class_phrase …", numbered as the user counts:
+    subject 2 is the first of this list)."""
+    if isinstance(value, (SubjectParams, Mapping)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(f, value, "a list of subjects (dicts)")
+    out = []
+    for i, item in enumerate(value):
+        number = i + 2
+        if isinstance(item, SubjectParams):
+            out.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise LayoutRetouchError(
+                f"subject {number} must be a dict with the keys {', '.join(SUBJECT_KEYS)}, got "
+                f"{type(item).__name__}",
+                parameter="subjects",
+            )
+        values = {}
+        for key, raw in item.items():
+            if key not in SUBJECT_KEYS:
+                close = difflib.get_close_matches(str(key), SUBJECT_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise LayoutRetouchError(
+                    f"subject {number}: unknown key '{key}'{hint}; valid keys are: "
+                    + ", ".join(SUBJECT_KEYS),
+                    parameter="subjects",
+                )
+            field = FIELD_BY_NAME.get(key) or _LORA_FIELD
+            try:
+                values[key] = _coerce(field, raw)
+            except LayoutRetouchError as e:
+                raise LayoutRetouchError(
+                    f"subject {number}: {e.args[0]}", parameter="subjects"
+                ) from e
+        out.append(SubjectParams(**values))
+    return tuple(out)
+
+
+_LORA_FIELD = Field(
+    "lora", "", "str", "LoRA", "The name of the subject's LoRA tag in the prompt.", None
+)
+
+
 # How each field kind (but "image") is read from what the UI or the API sends.
 _COERCE = {
     "bool": _to_bool,
@@ -446,6 +552,7 @@ _COERCE = {
     "float": _to_float,
     "str": _to_str,
     "choice": _to_choice,
+    "subjects": _to_subjects,
 }
 
 
@@ -508,11 +615,8 @@ def _encode_png(img: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-# What a run needs when enabled (checked in this order), with the message that says the fix.
-_NEEDED_TO_RUN = (
-    ("reference_image", NO_IMAGE),
-    ("concept_token", NO_CONCEPT_TOKEN),
-    ("class_phrase", NO_CLASS_PHRASE),
+NO_CONCEPT_TOKEN_OR_PHOTO = (
+    NO_CONCEPT_TOKEN + "; a subject with no trained model takes personalization 'photo' (no token)"
 )
 _NO_VANILLA_CHECKPOINT = (
     "vanilla_checkpoint is empty, but personalization 'dreambooth' needs it: choose the original "
@@ -534,6 +638,111 @@ def _range_fix(f: Field) -> str:
 def _default(name: str) -> Any:
     """The dataclass default of a parameter: the table's (FIELDS is the one home of defaults)."""
     return FIELD_BY_NAME[name].default
+
+
+def _subject_one_from_list(d: Mapping) -> Mapping:
+    """The API's `subjects` as every subject: when subject 1's own names are absent, its first entry
+    is subject 1 (moved into those names) and the rest stay `subjects`."""
+    listed = d.get("subjects")
+    if not listed or not isinstance(listed, (list, tuple)):
+        return d
+    own = ("reference_image", "concept_token", "class_phrase")
+    if any(not _no_image(d.get(k)) if k == "reference_image" else d.get(k) for k in own):
+        return d
+    first = listed[0]
+    if not isinstance(first, Mapping):
+        return d
+    unknown = [k for k in first if k not in SUBJECT_KEYS]
+    if unknown:
+        return d  # _to_subjects names the key
+    d = dict(d)
+    d.update({k: v for k, v in first.items() if k != "lora"})
+    d["subjects"] = list(listed[1:])
+    return d
+
+
+def _check_subject(subject: SubjectParams, k: int) -> None:
+    """What subject k (0-based) needs to run, each message naming the subject after the first."""
+    where = f"subject {k + 1}: " if k else ""
+    param = "subjects" if k else None
+    checks = [("reference_image", NO_IMAGE), ("class_phrase", NO_CLASS_PHRASE)]
+    if not subject.photo_only:
+        checks.insert(1, ("concept_token", NO_CONCEPT_TOKEN_OR_PHOTO))
+    for name, message in checks:
+        if not getattr(subject, name):
+            raise LayoutRetouchError(where + message, parameter=param or name)
+
+
+def _check_distinct_subjects(subjects: Sequence[SubjectParams]) -> None:
+    """Two subjects may not share a concept token or a class phrase: their regions would be one."""
+    for k, subject in enumerate(subjects):
+        for j in range(k):
+            other = subjects[j]
+            token = subject.concept_token.lower()
+            if token and token == other.concept_token.lower():
+                raise LayoutRetouchError(
+                    f"subject {k + 1}: the concept token '{subject.concept_token}' is subject "
+                    f"{j + 1}'s too: each subject needs its own (e.g. sks and zwx)",
+                    parameter="subjects",
+                )
+            if " ".join(subject.class_phrase.lower().split()) == " ".join(
+                other.class_phrase.lower().split()
+            ):
+                raise LayoutRetouchError(
+                    f"subject {k + 1}: the class phrase '{subject.class_phrase}' is subject "
+                    f"{j + 1}'s too, so their regions cannot be told apart: name each its own "
+                    "way (e.g. 'terrier' and 'poodle', or 'dog' and 'puppy')",
+                    parameter="subjects",
+                )
+
+
+SUBJECT_INFOTEXT = "LR subject {number} {what}"  # "LR subject 2 concept token"
+_SUBJECT_INFOTEXT_WHAT = {
+    "reference_image": "reference",
+    "personalization": "personalization",
+    "concept_token": "concept token",
+    "class_phrase": "class phrase",
+    "lora": "LoRA",
+}
+
+
+def _subject_infotext(subject: SubjectParams, number: int) -> dict[str, str]:
+    info = {}
+    for key, what in _SUBJECT_INFOTEXT_WHAT.items():
+        if key == "reference_image":
+            value = FINGERPRINT_SEPARATOR.join(image_fingerprint(i) for i in subject.references)
+        else:
+            value = str(getattr(subject, key))
+        if value:
+            info[SUBJECT_INFOTEXT.format(number=number, what=what)] = value
+    return info
+
+
+def _subjects_from_infotext(info: Mapping[str, Any]) -> tuple:
+    """Subjects 2 … of a pasted infotext, as dicts without photos ("reference_fingerprints": the
+    photos' fingerprints, for the UI to match); values that do not parse are left out."""
+    out = []
+    for number in range(2, MAX_SUBJECTS + 1):
+        keys = {
+            k: SUBJECT_INFOTEXT.format(number=number, what=w)
+            for k, w in _SUBJECT_INFOTEXT_WHAT.items()
+        }
+        if not any(key in info for key in keys.values()):
+            break
+        subject: dict[str, Any] = {}
+        for key, infokey in keys.items():
+            if infokey not in info:
+                continue
+            if key == "reference_image":
+                subject["reference_fingerprints"] = find_fingerprints(str(info[infokey]))
+                continue
+            field = FIELD_BY_NAME.get(key) or _LORA_FIELD
+            try:
+                subject[key] = _coerce(field, info[infokey])
+            except LayoutRetouchError:
+                continue
+        out.append(subject)
+    return tuple(out)
 
 
 @dataclass
@@ -559,6 +768,7 @@ class LayoutRetouchParams:
     reset_reference: bool = _default("reset_reference")
     layer_preset: str = _default("layer_preset")
     stage1_text_encoder: str = _default("stage1_text_encoder")
+    subjects: tuple = _default("subjects")  # SubjectParams of subjects 2 … (several subjects)
 
     def __post_init__(self) -> None:
         # Coerce on construction, so every instance holds typed values (types only; `validate`
@@ -576,6 +786,17 @@ class LayoutRetouchParams:
 
     def reference_fingerprints(self) -> list[str]:
         return [image_fingerprint(img) for img in self.references]
+
+    def all_subjects(self) -> list[SubjectParams]:
+        """Every subject in order: subject 1 from the panel's own fields, then `subjects`."""
+        first = SubjectParams(
+            self.reference_image, self.personalization, self.concept_token, self.class_phrase
+        )
+        return [first, *self.subjects]
+
+    @property
+    def several_subjects(self) -> bool:
+        return bool(self.subjects)
 
     # ---- construction from the UI / API -------------------------------------------------------
     @classmethod
@@ -607,11 +828,13 @@ class LayoutRetouchParams:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "LayoutRetouchParams":
-        """Named parameters (API names) → params; missing names take defaults."""
+        """Named parameters (API names) → params; missing names take defaults. `subjects` is every
+        subject when subject 1's own names are not given, else the subjects after it."""
         if not isinstance(d, Mapping):
             raise LayoutRetouchError(
                 f"parameters must be a dict of named values, got {type(d).__name__}"
             )
+        d = _subject_one_from_list(d)
         for key in d:
             if key not in FIELD_BY_NAME:
                 close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
@@ -636,9 +859,15 @@ class LayoutRetouchParams:
                 f.check_range(getattr(self, f.name), _range_fix(f))
         if not self.enabled:
             return
-        for name, message in _NEEDED_TO_RUN:
-            if not getattr(self, name):
-                raise LayoutRetouchError(message, parameter=name)
+        for k, subject in enumerate(self.all_subjects()):
+            _check_subject(subject, k)
+        if len(self.all_subjects()) > MAX_SUBJECTS:
+            raise LayoutRetouchError(
+                f"{len(self.all_subjects())} subjects given; at most {MAX_SUBJECTS} are supported: "
+                f"remove {len(self.all_subjects()) - MAX_SUBJECTS}",
+                parameter="subjects",
+            )
+        _check_distinct_subjects(self.all_subjects())
         if self.needs_vanilla_checkpoint and not self.vanilla_checkpoint:
             raise LayoutRetouchError(_NO_VANILLA_CHECKPOINT, parameter="vanilla_checkpoint")
 
@@ -650,8 +879,10 @@ class LayoutRetouchParams:
 
     @property
     def needs_vanilla_checkpoint(self) -> bool:
-        """DreamBooth's stage 1 runs the vanilla checkpoint's UNet (and text encoder)."""
-        return self.personalization == "dreambooth" and self.runs_stage1
+        """DreamBooth's stage 1 runs the vanilla checkpoint's UNet (and text encoder); with several
+        subjects, any DreamBooth subject's (one multi-concept checkpoint, one vanilla for all)."""
+        dreambooth = any(s.personalization == "dreambooth" for s in self.all_subjects())
+        return dreambooth and self.runs_stage1
 
     def schedule(self, steps: int) -> Schedule:
         """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`)."""
@@ -678,6 +909,8 @@ class LayoutRetouchParams:
             info[FIELD_BY_NAME["reference_image"].infotext_key] = FINGERPRINT_SEPARATOR.join(
                 self.reference_fingerprints()
             )
+        for number, subject in enumerate(self.subjects, start=2):
+            info.update(_subject_infotext(subject, number))
         return info
 
     def _recorded(self) -> list[Field]:
@@ -704,7 +937,7 @@ class LayoutRetouchParams:
         """
         if not any(str(k).startswith(INFOTEXT_PREFIX) for k in info):
             return {}
-        out: dict[str, object] = {"enabled": True}
+        out: dict[str, object] = {"enabled": True, "subjects": _subjects_from_infotext(info)}
         for f in FIELDS:
             if f.infotext_key is None or f.kind == "image":
                 continue
@@ -728,6 +961,8 @@ class LayoutRetouchParams:
                     value = [_encode_png(img) for img in value]
                 else:
                     value = None if value is None else _encode_png(value)
+            elif f.kind == "subjects":
+                value = [subject.to_dict() for subject in value]
             out[f.name] = value
         return out
 

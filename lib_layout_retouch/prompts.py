@@ -50,12 +50,45 @@ def lora_names(prompt: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class SubjectWords:
+    """How the prompt names one subject: its concept token ("" for a subject known from its photos
+    only) and its class phrase."""
+
+    concept_token: str
+    class_phrase: str
+
+    @property
+    def phrases(self) -> list[str]:
+        """The words whose conditioning rows are this subject's (its map's tokens)."""
+        return [p for p in (self.concept_token, self.class_phrase) if p]
+
+    @property
+    def label(self) -> str:
+        return " ".join(p for p in (self.concept_token, self.class_phrase) if p)
+
+    def reference_prompt(self) -> str:
+        return f"a photo of {self.label}"
+
+
+@dataclass(frozen=True)
 class RetouchPrompts:
     personalized: str  # y_p, the user's prompt
     layout: str  # y_p⁻, for the vanilla model
-    reference: str  # y_r, neutral prompt for the reference and target paths
-    concept_token: str
+    reference: str  # y_r, neutral prompt for the reference and target paths (several subjects:
+    #                 the target's, naming them all; each subject's photos take its own)
+    concept_token: str  # subject 1's
     class_phrase: str
+    subjects: tuple = ()  # several subjects (or a photo-only one): subjects.SubjectWords each
+
+    def subject_words(self) -> list:
+        """The subjects' words, one subject: its concept token and class phrase."""
+        if self.subjects:
+            return list(self.subjects)
+        return [SubjectWords(self.concept_token, self.class_phrase)]
+
+    def reference_of_subject(self, k: int) -> str:
+        """y_r of subject k's reference photos."""
+        return self.subjects[k].reference_prompt() if self.subjects else self.reference
 
 
 def _token_pattern(token: str) -> re.Pattern[str]:

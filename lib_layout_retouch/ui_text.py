@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
+from . import NAME
 from .images import find_fingerprints
 from .params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES
 
@@ -28,7 +29,7 @@ PANEL_INTRO = (
     "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
     "the paper used **DDIM**."
 )
-ACCORDION_LABEL = "Layout-and-Retouch"  # the accordion's header, with the Enable checkbox in it
+ACCORDION_LABEL = NAME  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
 GUESS_LABEL = "Guess"
 # Hover hints of controls that are no parameter (by their visible text).

@@ -5,18 +5,21 @@ import torch
 
 from lib_layout_retouch.errors import Interrupted
 from lib_layout_retouch.masks import LayerMasks
-from lib_layout_retouch.unet import attention as attn
-from lib_layout_retouch.unet.attention import (
+from lib_layout_retouch.retouch import editor as editor_module
+from lib_layout_retouch.retouch.editor import (
     COND,
     LAYOUT,
     TARGET,
     UNCOND,
-    RetouchAttention,
     RowPlan,
     StepState,
-    patched_attention,
+    attention_probabilities,
 )
-from lib_layout_retouch.unet.layers import LayerTable, attention_modules, layer_table_for
+from lib_layout_retouch.retouch.layers import LayerTable
+from lib_layout_retouch.retouch.patch import AttentionAlreadyPatched
+from lib_layout_retouch.unet import attention as attn
+from lib_layout_retouch.unet.attention import RetouchAttention, patched_attention
+from lib_layout_retouch.unet.layers import attention_modules, layer_table_for
 from tests.tolerance import assert_differs_beyond, assert_rounding_close, attention_roundings
 
 
@@ -79,7 +82,7 @@ def test_restores_a_foreign_instance_forward_and_refuses_double_patch(tiny_ldm):
     try:
         editor = CountingEditor()
         with patched_attention(unet, editor):
-            with pytest.raises(attn.AttentionAlreadyPatched):
+            with pytest.raises(AttentionAlreadyPatched):
                 with patched_attention(unet, editor):
                     pass
             assert module.__dict__["forward"] is not own
@@ -161,7 +164,9 @@ def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
     calls = []
     real = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(
-        attn.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+        editor_module.F,
+        "scaled_dot_product_attention",
+        lambda *a, **k: calls.append(1) or real(*a, **k),
     )
     editor = RetouchAttention(table, subject_tokens=[1], latent_hw=(8, 8))
     plan = RowPlan.build([("reference", 1), (LAYOUT, 1), (TARGET, 2)], halves=(COND,))
@@ -173,7 +178,7 @@ def test_reference_kv_injection_and_sdpa(tiny_ldm, monkeypatch):
             q = attn.split_heads(module.to_q(xt), h)
             k = attn.split_heads(module.to_k(x_ref), h)
             v = attn.split_heads(module.to_v(x_ref), h)
-            probs = attn.attention_probabilities(q, k)
+            probs = attention_probabilities(q, k)
             expected = module.to_out(attn.merge_heads(torch.matmul(probs, v)))
             tol = assert_rounding_close(
                 out[2 + i : 3 + i], expected, attention_roundings(module, 64)
@@ -187,7 +192,7 @@ def _expected_with_reference(module, x_target, x_reference):
     q = attn.split_heads(module.to_q(x_target), h)
     k = attn.split_heads(module.to_k(x_reference), h)
     v = attn.split_heads(module.to_v(x_reference), h)
-    return module.to_out(attn.merge_heads(torch.matmul(attn.attention_probabilities(q, k), v)))
+    return module.to_out(attn.merge_heads(torch.matmul(attention_probabilities(q, k), v)))
 
 
 def test_reference_kv_per_cfg_half_in_call_and_from_a_cached_reference(tiny_ldm):
@@ -308,7 +313,7 @@ def test_cross_attention_maps_recorded_for_subject_tokens(tiny_ldm):
         assert_rounding_close(out, module(x, ctx), attention_roundings(module, 77))
         q = attn.split_heads(module.to_q(x[2:]), module.heads)
         k = attn.split_heads(module.to_k(ctx[2:]), module.heads)
-        expected = attn.attention_probabilities(q, k)[..., [4, 5]].mean(dim=(1, 3)).reshape(2, 4, 4)
+        expected = attention_probabilities(q, k)[..., [4, 5]].mean(dim=(1, 3)).reshape(2, 4, 4)
     # the COND half only (probabilities ≤ 1: Q·Kᵀ and the softmax's sum round)
     assert_rounding_close(editor.subject_maps(), expected, attention_roundings(module, 77))
 
@@ -358,7 +363,7 @@ def test_the_same_reference_twice_attends_like_it_once(tiny_ldm):
         expected = module.to_out(
             attn.merge_heads(
                 torch.matmul(
-                    attn.attention_probabilities(q, k.expand(2, -1, -1, -1)),
+                    attention_probabilities(q, k.expand(2, -1, -1, -1)),
                     v.expand(2, -1, -1, -1),
                 )
             )

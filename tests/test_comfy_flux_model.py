@@ -17,16 +17,16 @@ import pytest
 import torch
 
 from layout_retouch_comfy import run
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.adapters.comfy.flux import check_blocks_free, comfy_flux_model
 from lib_layout_retouch.adapters.comfy.sd import check_same_architecture, check_supported
 from lib_layout_retouch.dit import flow
-from lib_layout_retouch.dit.blocks import dit_blocks
+from lib_layout_retouch.dit.flux.blocks import dit_blocks
 from lib_layout_retouch.dit.flux.model import FluxModel
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.prompts import derive_prompts
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.retouch.editor import LAYOUT, TARGET
 from lib_layout_retouch.schedule import Schedule
-from lib_layout_retouch.unet.attention import LAYOUT, TARGET
 from tests.fixtures.flux import TinyFluxVAE, build_tiny_flux, make_tiny_t5_folder
 from tests.paths import photo_tensor
 from tests.test_comfy_model import BaseModel, comfy_of
@@ -488,14 +488,14 @@ def test_an_interrupt_in_the_retouch_leaves_nothing_patched(comfy):
 
 @pytest.mark.parametrize("solver", [flow.EULER, flow.MIDPOINT])
 def test_copy_phase_target_equals_layout_then_differs(comfy, solver):
-    from lib_layout_retouch.dit.flux.model import FluxFamily
+    from lib_layout_retouch.dit.flux.family import FluxFamily
 
     model = comfy.model
     prompts = derive_prompts("a photo of sks dog on the beach", "sks", "dog")
     conds = pl.encode_prompts(model, prompts, "")
     subject = model.subject_tokens(prompts.personalized, ["sks", "dog"])
-    family = model.retouch_family
-    model.retouch_family = FluxFamily(model, solver)
+    family = model.family
+    model.family = FluxFamily(solver)
     try:
         res = pl.retouch(
             model,
@@ -511,7 +511,7 @@ def test_copy_phase_target_equals_layout_then_differs(comfy, solver):
             ),
         )
     finally:
-        model.retouch_family = family
+        model.family = family
     lay, tgt = res.trajectories[LAYOUT], res.trajectories[TARGET]
     roundings = network_roundings(comfy.transformer)
     for s in (1, 2):  # s ≤ λ2: the target rows take the layout rows' Q, K, V in every block

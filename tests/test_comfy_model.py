@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.adapters.comfy.sd import (
     END_TOKEN,
     START_TOKEN,
@@ -23,7 +24,6 @@ from lib_layout_retouch.adapters.comfy.sd import (
 from lib_layout_retouch.conditioning import SizeTerms
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.prompts import subject_token_positions
-from lib_layout_retouch.retouch import loop as pl
 from lib_layout_retouch.schedule import Schedule
 from lib_layout_retouch.unet.layers import attention_modules
 from lib_layout_retouch.unet.model import LdmModel

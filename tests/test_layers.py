@@ -5,6 +5,7 @@ import torch
 from lib_layout_retouch.unet.layers import (
     SD1_LAYERS,
     attention_modules,
+    check_layer_table,
     infer_layer_table,
     layer_table_for,
 )
@@ -37,7 +38,7 @@ def test_sd1_table_matches_the_paper_layers_and_the_structural_rule():
     unet = sd1_unet_on_meta()
     names = list(attention_modules(unet))
     assert len(names) == 32
-    SD1_LAYERS.check_against(unet)
+    check_layer_table(SD1_LAYERS, unet)
     assert layer_table_for(unet) is SD1_LAYERS
     inferred = infer_layer_table(unet)
     assert inferred.reference_layers == SD1_LAYERS.reference_layers

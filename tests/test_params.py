@@ -21,6 +21,7 @@ from lib_layout_retouch.params import (
     NO_SAM,
     PERSONALIZATION_KINDS,
     LayoutRetouchParams,
+    SubjectParams,
     fingerprints_from_infotext,
     markdown_parameter_table,
 )
@@ -74,6 +75,7 @@ NON_DEFAULT = dict(
     reset_reference=False,
     layer_preset="light",
     stage1_text_encoder="loaded",
+    subjects=(SubjectParams(_photo().rotate(90), "photo", "", "cat"),),
 )
 
 
@@ -99,11 +101,12 @@ def test_fields_are_the_dataclass_in_order_with_matching_defaults():
         "reset_reference",
         "layer_preset",
         "stage1_text_encoder",
+        "subjects",  # last: positional clients of before keep their order
     ]
     defaults = LayoutRetouchParams()
     for f in FIELDS:
         assert getattr(defaults, f.name) == f.default, f.name
-        assert f.kind in ("bool", "int", "float", "str", "choice", "image")
+        assert f.kind in ("bool", "int", "float", "str", "choice", "image", "subjects")
         assert f.label and f.hint
     assert set(NON_DEFAULT) == set(NAMES) - {"reference_image"}
 
@@ -112,7 +115,7 @@ def test_field_metadata():
     assert (
         FIELD_BY_NAME["personalization"].choices
         == PERSONALIZATION_KINDS
-        == ("dreambooth", "textual_inversion", "lora")
+        == ("dreambooth", "textual_inversion", "lora", "photo")
     )
     # `input`: img2img retouches the input image itself
     assert (
@@ -191,7 +194,7 @@ def test_shorter_positional_lists_and_nones_take_defaults():
 def test_too_many_positional_args():
     with pytest.raises(LayoutRetouchError) as e:
         LayoutRetouchParams.from_script_args([False] * (len(FIELDS) + 1))
-    assert "got 19 positional arguments but Layout-and-Retouch takes at most 18" in str(e.value)
+    assert "got 20 positional arguments but Layout-and-Retouch takes at most 19" in str(e.value)
     assert "enabled, reference_image, personalization" in str(e.value)
 
 
@@ -289,7 +292,7 @@ def test_none_takes_the_default():
             "personalization",
             "hypernetwork",
             "personalization is 'hypernetwork', which is not one of 'dreambooth', 'textual_inversion', "
-            "'lora': choose one of those",
+            "'lora', 'photo': choose one of those",
         ),
         ("layout_source", 1, "layout_source must be text, got 1 (int)"),
         (
@@ -489,6 +492,12 @@ def test_infotext_round_trip_gives_back_every_field():
     if p.personalization != "dreambooth":  # the hidden DreamBooth-only fields are not recorded
         expected["vanilla_checkpoint"] = ""
         expected["stage1_text_encoder"] = "vanilla"  # (read back as the default)
+    # subjects after the first come back as what the infotext holds: their words and the photos'
+    # fingerprints (the UI matches them to the photos it has; empty words are not written)
+    photo = image_fingerprint(NON_DEFAULT["subjects"][0].reference_image)
+    expected["subjects"] = (
+        {"reference_fingerprints": [photo], "personalization": "photo", "class_phrase": "cat"},
+    )
     assert back == expected
     # and the defaults, where empty text fields are not written
     q = _ready()
@@ -545,9 +554,15 @@ def test_api_dict_round_trip():
     json.dumps(d)  # JSON-ready
     q = LayoutRetouchParams.from_dict(d)
     for n in NAMES:
-        if n != "reference_image":
+        if n not in ("reference_image", "subjects"):
             assert getattr(q, n) == getattr(p, n), n
     assert image_fingerprint(q.reference_image) == image_fingerprint(p.reference_image)
+    assert [s.to_dict(images=False) for s in q.subjects] == [
+        s.to_dict(images=False) for s in p.subjects
+    ]
+    assert [image_fingerprint(s.reference_image) for s in q.subjects] == [
+        image_fingerprint(s.reference_image) for s in p.subjects
+    ]
     assert (
         LayoutRetouchParams.from_dict(LayoutRetouchParams().to_api_dict()) == LayoutRetouchParams()
     )
@@ -567,7 +582,7 @@ def test_markdown_parameter_table():
     assert len(lines) == 2 + len(FIELDS)
     assert [ln.split("|")[1].strip().strip("`") for ln in lines[2:]] == NAMES
     assert "| `lambda1` | `5` | **λ1: vanilla layout steps.**" in table
-    assert "One of `dreambooth`, `textual_inversion`, `lora`." in table
+    assert "One of `dreambooth`, `textual_inversion`, `lora`, `photo`." in table
     assert "e.g. sks or &lt;my-vase&gt;." in table and "<my-vase>" not in table  # no stray HTML
 
 

@@ -22,24 +22,24 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from lib_layout_retouch import conditioning as C  # noqa: E402
-from lib_layout_retouch.dit import flow  # noqa: E402
-from lib_layout_retouch.dit.blocks import SHARED, SHIFTED  # noqa: E402
-from lib_layout_retouch.dit.flux.model import FluxFamily  # noqa: E402
-from lib_layout_retouch.job import RetouchJob  # noqa: E402
-from lib_layout_retouch.params import LayoutRetouchParams  # noqa: E402
-from lib_layout_retouch.prompts import derive_prompts  # noqa: E402
-from lib_layout_retouch.retouch import loop as pl  # noqa: E402
-from lib_layout_retouch.schedule import Schedule  # noqa: E402
-from lib_layout_retouch.unet.model import LdmModel  # noqa: E402
-from tests.fixtures import sdxl as TS  # noqa: E402
-from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder  # noqa: E402
-from tests.fixtures.sd1 import build_tiny_ldm, make_tiny_clip_folder  # noqa: E402
-from tests.paths import DOG_PHOTO, VICO, photo_tensor  # noqa: E402
+from lib_layout_retouch import conditioning as C
+from lib_layout_retouch import retouch as pl
+from lib_layout_retouch.dit import flow
+from lib_layout_retouch.dit.flux.family import FluxFamily
+from lib_layout_retouch.dit.joint import SHARED, SHIFTED
+from lib_layout_retouch.job import RetouchJob
+from lib_layout_retouch.params import LayoutRetouchParams
+from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.unet.model import LdmModel
+from tests.fixtures import sdxl as TS
+from tests.fixtures.flux import build_tiny_flux_model, make_tiny_t5_folder
+from tests.fixtures.sd1 import build_tiny_ldm, make_tiny_clip_folder
+from tests.paths import DOG_PHOTO, VICO, photo_tensor
 
 
 def digest(x) -> str:
@@ -182,9 +182,7 @@ def sdxl_cases(tmp: str) -> dict:
         ("sdxl retouch", sizes[0], ref),
         ("sdxl two references", sizes, torch.cat([ref, ref.flip(-1)])),
     ):
-        conds = pl.encode_prompts(
-            adapter, prompts, "", generation_size=adapter.generation_size(64, 64), reference_size=rs
-        )
+        conds = pl.encode_prompts(adapter, prompts, "", image_size=(64, 64), reference_size=rs)
         res = pl.retouch(
             adapter,
             reference_latent=r,
@@ -227,9 +225,8 @@ def flux_cases(tmp: str) -> dict:
 
     @contextlib.contextmanager
     def family(**kw):
-        old = model.retouch_family
-        model.retouch_family = FluxFamily(
-            model,
+        old = model.family
+        model.family = FluxFamily(
             kw.get("solver", flow.MIDPOINT),
             kw.get("reference_rope", SHIFTED),
             kw.get("with_target_tokens", False),
@@ -237,7 +234,7 @@ def flux_cases(tmp: str) -> dict:
         try:
             yield
         finally:
-            model.retouch_family = old
+            model.family = old
 
     def run(fam=None, **kw):
         fields = pl.RetouchSettings.__dataclass_fields__

@@ -74,6 +74,11 @@ class Host:
         """(holder, attribute, checkpoint key prefix) of each text transformer of the loaded model."""
         return []
 
+    def text_encoder_note(self, p) -> str:
+        """The note when `text_encoder_slots` is empty in DreamBooth: stage 1 read y_p⁻ with the loaded
+        model's text encoders."""
+        return "no vanilla text encoder for this model kind: stage 1 used the loaded model's"
+
     def text_encoders_to(self, p, modules: list, where: str) -> None:
         """Move copies of the text encoders where the host's encoding runs ('device' | 'cpu')."""
 

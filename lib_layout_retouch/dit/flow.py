@@ -198,10 +198,11 @@ def reconstruction_error(
 
 
 class FlowSampler:
-    """The retouch loop's sampler (family.Sampler) for a velocity model over a FlowSchedule:
+    """The retouch loop's sampler (retouch.family.Sampler) for a velocity model over a FlowSchedule:
     Euler steps (one model call per step); inversion with the same solver."""
 
     solver = EULER
+    second_order = False
 
     def __init__(self, schedule: FlowSchedule):
         self.schedule = schedule
@@ -235,6 +236,7 @@ class MidpointFlowSampler(FlowSampler):
     on with the first velocity, σ at `time_of_midpoint`) and `step`s with that velocity."""
 
     solver = MIDPOINT
+    second_order = True
 
     def midpoint(self, x: torch.Tensor, velocity: torch.Tensor, s: int) -> torch.Tensor:
         hi, lo = self.schedule.step_sigmas(s)
@@ -254,3 +256,12 @@ def flow_sampler(schedule: FlowSchedule, solver: str = MIDPOINT) -> FlowSampler:
 def cfg_combine(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Real classifier-free guidance on velocities (Flux-dev with CFG > 1)."""
     return v_uncond + scale * (v_cond - v_uncond)
+
+
+def simple_sigmas(table: torch.Tensor, steps: int) -> list[float]:
+    """The "Simple" scheduler of Forge and ComfyUI over a model's σ table (ascending): `steps`
+    values from σ_max down, then 0 (Forge modules/sd_schedulers.py:81-87, ComfyUI
+    `simple_scheduler`), the same float32 values."""
+    n = len(table)
+    ss = n / steps
+    return [float(table[-(1 + int(x * ss))]) for x in range(steps)] + [0.0]

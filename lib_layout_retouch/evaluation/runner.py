@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from .. import NAME
 from ..errors import LayoutRetouchError
 from ..images import IMAGE_EXTENSIONS
 from ..masks import DEFAULT_CA_THRESHOLD
@@ -58,7 +59,7 @@ from ..schedule import (
 )
 from .diversity import mask_path_for
 
-SCRIPT_TITLE = "Layout-and-Retouch"
+SCRIPT_TITLE = NAME
 METHODS = ("off", "on")
 METHOD_LABELS = {"off": "Baseline (Layout-and-Retouch off)", "on": "Layout-and-Retouch (on)"}
 LIVE_CONCEPTS = (

@@ -1,18 +1,24 @@
-"""What a model family supplies to the retouch loop (`pipeline.retouch`), so one loop serves every
-family: ε-prediction UNets with DDIM today (`EPS_UNET`), others (a DiT with joint attention and a
-flow-matching sampler) by supplying their own `ModelFamily`.
+"""The model-family contract: everything that differs between model families, so that one loop
+(`retouch.loop`), one stage 1 (`stage1`) and the hosts' glue serve every family without asking
+which one they hold. A family is one folder supplying this contract: `unet/` (SD1.x, SDXL: ε-UNets,
+DDIM), `dit/flux/` (Flux.1: a joint-attention DiT, rectified flow).
 
-The loop (Algorithm 1) only ever:
-- asks the family's `Sampler` for the model-time of step s, the inversion level a path is re-set
-  to before step s, the model's prediction for a batch, CFG, one sampling step and an inversion;
-- asks the family for its layer table, a retouch editor (`attention.RetouchAttention` with the
-  family's `RetouchProcessor`) and a context manager that routes the model's attention through
-  that editor and always restores it;
-- hands the editor one `attention.StepState` per model call and reads its results back.
+A model (the adapter over a host's model objects) names its family by its `family` attribute. The
+loop and stage 1 only ever:
+- ask the family for its `Sampler`: the model-time of step s, the inversion level a path is re-set
+  to before step s, the model's prediction for a batch, CFG, one sampling step (and, for a second-
+  order sampler, the midpoint evaluation) and an inversion;
+- ask the family for the conditionings of the three paths (`encode_conds`), a prompt's
+  conditioning (`conditioning`: stage 1's y_p⁻), the subject's conditioning rows
+  (`subject_tokens`), the CFG halves every call carries (`halves`) and stage 1's vanilla model
+  (`vanilla`: a context in which the model is the vanilla one);
+- ask the family for its layer table, a retouch editor (`retouch.editor.RetouchEditor` with the
+  family's processor) and a context manager that routes the model's attention through that editor
+  and always restores it;
+- hand the editor one `retouch.editor.StepState` per model call and read its results back.
 
-Levels are counted as in `ddim`: level 0 is the clean latent, level T the noisiest; step s
+Levels are counted as in DDIM: level 0 is the clean latent, level T the noisiest; step s
 (1 … T, denoising order) goes from level T−s+1 to level T−s; `invert` returns levels 0 … T.
-A model names its family by a `retouch_family` attribute; without one it is an ε-UNet.
 """
 
 from __future__ import annotations
@@ -21,16 +27,18 @@ from typing import Callable, ContextManager, Optional, Protocol, Sequence
 
 import torch
 
-from ..unet.attention import COND, UNCOND, RetouchAttention, patched_attention
-from ..unet.ddim import DDIMSampler
-from ..unet.layers import LayerTable, layer_table_for
+from .conds import RetouchConds
+from .editor import RetouchEditor
+from .layers import LayerTable
 
 # (step, total)
 StepCallback = Callable[[int, int], None]
+ImageSize = tuple[int, int]  # (width, height) in pixels
 
 
 class Sampler(Protocol):
     steps: int
+    second_order: bool  # True: `midpoint`/`time_of_midpoint` exist (a second evaluation per step)
 
     def time_of_step(self, s: int):
         """The time value the model is called with at denoising step s (a timestep, a σ, a t)."""
@@ -57,51 +65,59 @@ class Sampler(Protocol):
 
 
 class ModelFamily(Protocol):
-    def sampler(self, model, steps: int, latent_hw=None) -> Sampler:
+    name: str  # what the user reads: "SD1.x", "SDXL", "Flux"
+
+    def sampler(self, model, steps: int, latent_hw: Sequence[int]) -> Sampler:
         """`latent_hw`: the latent's size, for samplers whose schedule depends on it (Flux's shift)."""
 
-    # Optional: `halves(guidance_scale)` — the CFG halves every call carries (default both;
-    # `family_halves`). Optional on the sampler: `midpoint(x, prediction, s)` and
-    # `time_of_midpoint(s)` — a second-order step: the loop evaluates every path again half a step
-    # on (same phase and edits) and `step`s with that prediction.
+    def halves(self, guidance_scale: float) -> tuple[str, ...]:
+        """The CFG halves every model call carries (`editor.UNCOND`, `editor.COND`)."""
+
+    def encode_conds(
+        self,
+        model,
+        prompts,
+        negative_prompt: str = "",
+        *,
+        image_size: Optional[ImageSize] = None,
+        reference_size=None,
+        reference_subjects: Optional[Sequence[int]] = None,
+    ) -> RetouchConds:
+        """y_r, y_p and the negative prompt for the three paths (`prompts`: prompts.RetouchPrompts).
+        `image_size`: the generation's; `reference_size`: how each reference photo was prepared
+        (`conditioning.SizeTerms`, one or a list; what a family with size conditioning reads).
+        `reference_subjects`: several subjects — each photo's subject: the reference rows take
+        their subject's y_r (one row per photo), the target the y_r naming every subject."""
+
+    def conditioning(self, model, texts: Sequence[str], *, image_size: Optional[ImageSize] = None):
+        """The conditioning of `texts` at the generation's size (stage 1's y_p⁻)."""
+
+    def subject_tokens(self, model, prompt: str, phrases: Sequence[str]) -> list[int]:
+        """The conditioning rows of the subject's words in `prompt` (what the maps read)."""
+
+    def vanilla(self, model, network: Optional[torch.nn.Module] = None) -> ContextManager:
+        """Stage 1's vanilla model: a context in which `model` is the vanilla one (`network` in
+        place of its denoising network, or the host's own switch: a LoRA off)."""
 
     def layer_table(self, model, preset: str) -> LayerTable: ...
 
     def editor(
         self,
+        model,
         layers: LayerTable,
         subject_tokens: Sequence[int],
         latent_hw: tuple[int, int],
         n_references: int,
-    ) -> RetouchAttention: ...
+    ) -> RetouchEditor: ...
 
-    def patched(self, model, editor: RetouchAttention) -> ContextManager[None]: ...
-
-
-class EpsUNetFamily:
-    """SD1.x / SDXL: an ε-prediction UNet (ldm attention modules), DDIM."""
-
-    def sampler(self, model, steps: int, latent_hw=None) -> Sampler:
-        return DDIMSampler.for_model(model, steps)
-
-    def layer_table(self, model, preset: str) -> LayerTable:
-        return layer_table_for(model.unet, preset)
-
-    def editor(self, layers, subject_tokens, latent_hw, n_references) -> RetouchAttention:
-        return RetouchAttention(layers, subject_tokens, latent_hw, n_references=n_references)
-
-    def patched(self, model, editor: RetouchAttention) -> ContextManager[None]:
-        return patched_attention(model.unet, editor)
-
-
-EPS_UNET = EpsUNetFamily()
+    def patched(self, model, editor: RetouchEditor) -> ContextManager[None]: ...
 
 
 def family_of(model) -> ModelFamily:
-    return getattr(model, "retouch_family", None) or EPS_UNET
-
-
-def family_halves(family, guidance_scale: float) -> tuple[str, ...]:
-    """The CFG halves of every model call: the family's choice, else both (uncond, cond)."""
-    halves = getattr(family, "halves", None)
-    return tuple(halves(guidance_scale)) if halves is not None else (UNCOND, COND)
+    family = getattr(model, "family", None)
+    if family is None or isinstance(family, str):
+        raise TypeError(
+            f"{type(model).__name__} names no model family (a `family` object of the contract in "
+            "retouch/family.py)"
+        )
+    return family

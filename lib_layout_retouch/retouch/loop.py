@@ -1,49 +1,39 @@
-"""Stage 2 — the retouch (paper Algorithm 1), and the two stages end to end.
+"""Stage 2 — the retouch (paper Algorithm 1), the same loop for every model family.
 
-    z_r[0…T] ← DDIMInversion(Encode(I_r), "")      cached per (reference, model, T)
-    z_o[0…T] ← DDIMInversion(z_o[0], "")           or the stage-1 trajectory (layout_source="stage1")
+    z_r[0…T] ← Inversion(Encode(I_r), "")          cached per (reference, model, T)
+    z_o[0…T] ← Inversion(z_o[0], "")               or the stage-1 trajectory (layout_source="stage1")
     z_t ← z_o[T]
-    for s = 1 … T: one batched UNet call with the reference, layout and target paths (× CFG halves);
-        the attention editor copies the layout (s ≤ λ2), paints the reference identity (s > λ2) and
-        blends with the adaptive mask M (s ≥ mask_start); each path takes a DDIM step.
+    for s = 1 … T: one batched model call with the reference, layout and target paths (× CFG
+        halves); the editor copies the layout (s ≤ λ2), paints the reference identity (s > λ2) and
+        blends with the adaptive mask M (s ≥ mask_start); each path takes a sampling step.
     I_t ← Decode(z_t)
 
 Fast paths that change no result: while s ≤ λ2 and the layout is copied into every layer the target
 equals the layout path exactly (docs/ALGORITHM.md invariant), so the target rows are not computed and
 z_t ← z_o; the reference path is only run when its K/V are used (s > λ2).
 
-The loop is the same for every model family (`family.ModelFamily`): DDIM and the UNet's attention
-above are the ε-UNet family's sampler and editor.
+Everything that differs between model families — the sampler (DDIM, a flow solver), the
+conditionings, the layer table, the editor's processors and the patch — is the family's
+(`retouch.family.ModelFamily`); nothing here asks which family it holds.
 """
 
 from __future__ import annotations
 
-import collections
-import threading
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, ContextManager, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .. import conditioning as C
-from .. import masks, stage1
+from .. import masks
 from ..errors import Interrupted, LayoutRetouchError
-from ..prompts import subject_token_positions
-from ..schedule import PAPER_LAMBDA2, PAPER_STEPS
-from ..unet import ddim
-from ..unet.attention import (
-    COND,
-    LAYOUT,
-    REFERENCE,
-    TARGET,
-    UNCOND,
-    RowPlan,
-    StepState,
-)
-from ..unet.layers import LayerTable
-from ..unet.model import LdmModel
-from .family import EpsUNetFamily, Sampler, family_halves, family_of
+from . import caches
+from .conds import RetouchConds
+from .editor import COND, LAYOUT, REFERENCE, TARGET, UNCOND, RowPlan, StepState, token_groups
+from .family import Sampler, family_of
+from .layers import LayerTable
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, step, total)
 
@@ -66,40 +56,7 @@ class RetouchSettings:
     skip_equal_target: bool = True  # fast path above; False computes the target anyway
     sequential: bool = False  # one UNet call per path (slow; checks the batched call)
     keep_trajectories: bool = False  # keep every step's layout/target latents (tests, previews)
-
-
-@dataclass
-class RetouchConds:
-    """One-row conditionings (conditioning.Cond: a tensor for SD1, a dict for SDXL): y_r for the
-    reference and target paths, y_p for the layout path, the negative prompt for every uncond half.
-
-    SDXL's conditioning carries size terms, which differ between the reference photo and the
-    generated image: `reference`/`reference_uncond`/`reference_empty` carry the reference's,
-    everything else the generation's. For SD1 the optional ones are the same tensors (None)."""
-
-    reference: C.Cond
-    layout: C.Cond
-    uncond: C.Cond
-    target: Optional[C.Cond] = None  # y_r's tokens with the layout's vector (default: reference)
-    reference_uncond: Optional[C.Cond] = (
-        None  # negative prompt with the reference's size terms (default: uncond)
-    )
-    reference_empty: Optional[C.Cond] = (
-        None  # "" for the reference inversion (default: model.conditioning([""]))
-    )
-    layout_empty: Optional[C.Cond] = None  # "" for the layout inversion (default: likewise)
-
-    def cond_of(self, path: str) -> C.Cond:
-        if path == TARGET and self.target is not None:
-            return self.target
-        return self.layout if path == LAYOUT else self.reference
-
-    def uncond_of(self, path: str) -> C.Cond:
-        return (
-            self.reference_uncond
-            if (path == REFERENCE and self.reference_uncond is not None)
-            else self.uncond
-        )
+    subject_labels: tuple = ()  # several subjects: how notes name them ("sks dog")
 
 
 @dataclass
@@ -115,200 +72,15 @@ class RetouchResult:
     trajectories: Optional[dict[str, list[torch.Tensor]]] = (
         None  # "layout"/"target": latents after each step
     )
-
-
-# What the two reference caches cost, at SD1 512² (64×64 latents) and the paper's T and λ2 — the
-# one home of these figures (the WebUI settings' labels quote them):
-INVERSION_CACHE_ENTRIES = 4  # reference inversions kept by default
-# one inversion: (T+1) latents of 4×64×64 fp32 floats ≈ 3.3 MB
-INVERSION_ENTRY_MB = (PAPER_STEPS + 1) * 4 * 64 * 64 * 4 / 1e6
-# one step of the reference's K and V (fp16, both CFG halves) at the standard preset's layers
-# (output_blocks 6–11: 3 × 32² tokens × 640 + 3 × 64² tokens × 320): ≈ 47 MB; the steps s > λ2
-# need them: ≈ 1.9 GB for one reference
-KV_STEP_MB = 2 * 2 * 2 * 3 * (32 * 32 * 640 + 64 * 64 * 320) / 1e6
-KV_REFERENCE_MB = KV_STEP_MB * (PAPER_STEPS - PAPER_LAMBDA2)
-
-
-class InversionCache:
-    """Bounded LRU of reference inversions, key (reference fingerprint, model key, steps).
-
-    One entry is (T+1) latents of one image (INVERSION_ENTRY_MB at SD1 512², T = 50)."""
-
-    def __init__(self, max_entries: int = INVERSION_CACHE_ENTRIES):
-        self.max_entries = max_entries
-        self._items: "collections.OrderedDict[tuple, list[torch.Tensor]]" = (
-            collections.OrderedDict()
-        )
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple) -> Optional[list[torch.Tensor]]:
-        with self._lock:
-            levels = self._items.get(key)
-            if levels is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-            else:
-                self.misses += 1
-            return levels
-
-    def peek(self, key: tuple) -> Optional[list[torch.Tensor]]:
-        """Look without counting a hit or refreshing the entry."""
-        with self._lock:
-            return self._items.get(key)
-
-    def put(self, key: tuple, levels: list[torch.Tensor]) -> None:
-        with self._lock:
-            self._items[key] = levels
-            self._items.move_to_end(key)
-            while len(self._items) > max(0, self.max_entries):
-                self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-class ReferenceAttentionCache:
-    """Bounded LRU of the reference path's self-attention K/V at the reference layers, per step,
-    so a later generation with the same reference, model, steps, size and prompts runs no
-    reference rows at all. Size is the point: one reference costs KV_STEP_MB per step and
-    KV_REFERENCE_MB in all (≈1.9 GB at SD1 512², T = 50, λ2 = 10), on the device — so it is
-    opt-in (`max_bytes` 0 = off)."""
-
-    def __init__(self, max_bytes: int = 0):
-        self.max_bytes = max_bytes
-        self._items: "collections.OrderedDict[tuple, dict[int, dict]]" = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _bytes(step_sources: dict) -> int:
-        return sum(
-            t.numel() * t.element_size() for v in step_sources.values() for t in v if t is not None
-        )
-
-    def nbytes(self) -> int:
-        return sum(self._bytes(src) for steps in self._items.values() for src in steps.values())
-
-    def get(self, key: tuple, s: int) -> Optional[dict]:
-        with self._lock:
-            steps = self._items.get(key)
-            if steps is None or s not in steps:
-                return None
-            self._items.move_to_end(key)
-            return steps[s]
-
-    def put(self, key: tuple, s: int, sources: dict) -> None:
-        if self.max_bytes <= 0 or self._bytes(sources) > self.max_bytes:
-            return
-        with self._lock:
-            self._items.setdefault(key, {})[s] = sources
-            self._items.move_to_end(key)
-            while self.nbytes() > self.max_bytes and len(self._items) > 1:
-                self._items.popitem(last=False)
-            steps = self._items.get(key, {})
-            while (
-                self.nbytes() > self.max_bytes and steps
-            ):  # one entry alone too big: keep what fits
-                steps.pop(max(steps))
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-def _digest(*conds: C.Cond) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for c in conds:
-        for t in (c[k] for k in sorted(c)) if C.is_dict(c) else (c,):
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def inversion_key(reference_key: tuple, steps: int, latent_hw) -> tuple:
-    return (*reference_key, steps, tuple(latent_hw))
-
-
-def encode_prompts(
-    model: LdmModel,
-    prompts,
-    negative_prompt: str = "",
-    *,
-    generation_size: Optional[C.SizeTerms] = None,
-    reference_size=None,
-) -> RetouchConds:
-    """y_r, y_p and the negative prompt. SDXL: each path with its own image's size terms
-    (`generation_size` for the layout/target paths, `reference_size` for the reference path).
-    `reference_size` may be a list, one SizeTerms per reference photo: the reference conditionings
-    then have one row per photo (SDXL; SD1 has no size terms and keeps one row for all)."""
-    own = getattr(model, "retouch_conds", None)  # a model family with its own (flux_model)
-    if own is not None:
-        return own(prompts, negative_prompt)
-    if isinstance(reference_size, (list, tuple)):
-        if len(reference_size) == 1 or not model.is_sdxl:
-            reference_size = reference_size[0] if reference_size else None
-        else:
-            return _encode_per_reference(
-                model, prompts, negative_prompt, generation_size, reference_size
-            )
-    if not model.is_sdxl:
-        c = model.conditioning([prompts.reference, prompts.personalized, negative_prompt])
-        return RetouchConds(reference=c[0:1], layout=c[1:2], uncond=c[2:3])
-    gen = generation_size or model.generation_size(1024, 1024)
-    ref = reference_size or gen
-    at_gen = model.conditioning([prompts.reference, prompts.personalized], gen)
-
-    def negative(text, size):  # one call each: an empty negative prompt is zeroed only on its own
-        return model.conditioning([text], size, negative=True)
-
-    layout = C.rows(at_gen, slice(1, 2))
-    # The target path attends with y_r's tokens but takes the layout path's `vector` (pooled y_p and
-    # the generation's size terms). The vector is no attention: it reaches every ResBlock through
-    # the time embedding, and the retouch edits attention only — with y_r's vector the target would
-    # leave the layout even while every attention layer copies it (docs/ALGORITHM.md: z_t = z_o for s ≤ λ2).
-    target = C.with_tokens_of(layout, C.rows(at_gen, slice(0, 1)))
-    return RetouchConds(
-        reference=model.conditioning([prompts.reference], ref),
-        layout=layout,
-        uncond=negative(negative_prompt, gen),
-        target=target,
-        reference_uncond=negative(negative_prompt, ref),
-        reference_empty=negative("", ref),
-        layout_empty=negative("", gen),
-    )
-
-
-def _encode_per_reference(model, prompts, negative_prompt, generation_size, reference_sizes):
-    """SDXL with several reference photos: the reference conditionings one row per photo."""
-    each = [
-        encode_prompts(
-            model, prompts, negative_prompt, generation_size=generation_size, reference_size=r
-        )
-        for r in reference_sizes
-    ]
-    return RetouchConds(
-        reference=C.cat([c.reference for c in each]),
-        layout=each[0].layout,
-        uncond=each[0].uncond,
-        target=each[0].target,
-        reference_uncond=C.cat([c.reference_uncond for c in each]),
-        reference_empty=C.cat([c.reference_empty for c in each]),
-        layout_empty=each[0].layout_empty,
-    )
+    # several subjects: each subject's normalised map (K, N, h, w) and the region index (N, H, W)
+    # at M's resolution (masks.NO_REGION outside every subject)
+    subject_maps: Optional[torch.Tensor] = None
+    regions: Optional[torch.Tensor] = None
 
 
 @torch.no_grad()
 def invert_latents(
-    model: LdmModel,
+    model,
     z0: torch.Tensor,
     sampler: Sampler,
     progress: Optional[ProgressFn] = None,
@@ -321,7 +93,7 @@ def invert_latents(
     (docs/ALGORITHM.md). `counter` ([calls, rows]) is incremented per model call. `empty`: the
     empty prompt's conditioning (SDXL: with the image's size terms); default `model.conditioning([""])`."""
     if empty is None:
-        empty = model.conditioning([""])
+        empty = family_of(model).conditioning(model, [""])
 
     def predict(x, t):
         if should_stop is not None and should_stop():
@@ -337,7 +109,7 @@ def invert_latents(
 
 @torch.no_grad()
 def retouch(
-    model: LdmModel,
+    model,
     *,
     reference_latent: torch.Tensor,
     layout_latents: torch.Tensor,
@@ -348,12 +120,15 @@ def retouch(
     layout_images: Optional[np.ndarray] = None,
     segmenter=None,
     reference_key: Optional[tuple] = None,
-    cache: Optional[InversionCache] = None,
-    kv_cache: Optional[ReferenceAttentionCache] = None,
+    cache: Optional[caches.InversionCache] = None,
+    kv_cache: Optional[caches.ReferenceAttentionCache] = None,
     progress: Optional[ProgressFn] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     reference_keys: Optional[Sequence[Optional[tuple]]] = None,
     user_mask: Optional[torch.Tensor] = None,
+    reference_groups: Optional[Sequence[int]] = None,
+    subject_weights: Optional[Sequence[Optional[Callable[[], ContextManager]]]] = None,
+    base_weights: Optional[Callable[[], ContextManager]] = None,
 ) -> RetouchResult:
     """Retouch N layout latents (N, C, h, w) with R reference latents (R, C, h, w), R ≥ 1.
 
@@ -365,6 +140,16 @@ def retouch(
     K/V at once (concatenated along the tokens).
     user_mask: inpaint, (N or 1, 1, h, w) float in [0, 1] at latent resolution, 1 = retouch here.
     The result equals `layout_latents` exactly where it is 0; M is bounded by it (docs/ALGORITHM.md).
+
+    Several subjects (docs/ALGORITHM.md, "Several subjects"): `subject_tokens` is one list of rows
+    per subject and `reference_groups` the number of reference latents of each, in order (their
+    sum is R). Each subject's region comes from its own maps; in the identity phase a target query
+    in subject k's region attends to subject k's references only, outside every region it keeps
+    the layout's; M is the union of the subjects' masks. `subject_weights[k]`: a context in which
+    the model carries subject k's own weights only (its LoRA on, the other subjects' off; None: the
+    subject has none), `base_weights` one with no subject's: each subject's weights then act in
+    its own region only (docs/ALGORITHM.md, "Several subjects": one target prediction per subject
+    with weights, blended by region).
     """
     if reference_latent.shape[-2:] != layout_latents.shape[-2:]:
         raise LayoutRetouchError(
@@ -377,9 +162,17 @@ def retouch(
         reference_keys = [reference_key] if r == 1 else [None] * r
     if len(reference_keys) != r:
         raise ValueError(f"{len(reference_keys)} reference keys for {r} reference latents")
+    groups = token_groups(subject_tokens)
+    reference_groups = tuple(reference_groups or (r,))
+    if len(reference_groups) != len(groups) or sum(reference_groups) != r:
+        raise ValueError(
+            f"reference_groups {reference_groups} do not split {r} references among "
+            f"{len(groups)} subjects"
+        )
     inputs = _Inputs(
         conds=conds,
-        subject_tokens=list(subject_tokens),
+        subject_tokens=groups if len(groups) > 1 else groups[0],
+        reference_groups=reference_groups,
         layout_latents=layout_latents,
         layout_trajectory=layout_trajectory,
         layout_images=layout_images,
@@ -388,7 +181,8 @@ def retouch(
         n_references=r,
     )
     hooks = _Hooks(progress, should_stop)
-    run = _Retouch(model, settings, inputs, hooks, kv_cache)
+    weights = _SubjectWeights.of(subject_weights, base_weights, len(groups))
+    run = _Retouch(model, settings, inputs, hooks, None if weights else kv_cache, weights)
     return run.run(reference_latent, list(reference_keys), cache)
 
 
@@ -417,7 +211,8 @@ class _Inputs:
     """What one retouch works on (see `retouch`)."""
 
     conds: RetouchConds
-    subject_tokens: list[int]
+    subject_tokens: list  # rows of the subject; several subjects: one list each
+    reference_groups: tuple  # reference latents per subject
     layout_latents: torch.Tensor  # z_o[0], (N, C, h, w)
     layout_trajectory: Optional[Sequence[torch.Tensor]]
     layout_images: Optional[np.ndarray]
@@ -428,6 +223,10 @@ class _Inputs:
     @property
     def n(self) -> int:
         return self.layout_latents.shape[0]
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.reference_groups)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -537,6 +336,8 @@ class _Mask:
     masks: torch.Tensor  # (N, H, W) M on the device
     ca_maps: Optional[torch.Tensor]  # (N, h, w) normalised subject maps
     kind: str
+    subject_maps: Optional[torch.Tensor] = None  # several subjects: (K, N, h, w)
+    regions: Optional[torch.Tensor] = None  # several subjects: (N, H, W) subject index
 
 
 class _MaskBuilder:
@@ -545,6 +346,7 @@ class _MaskBuilder:
 
     def __init__(self, inputs: _Inputs, ca_threshold: float):
         self.inputs, self.ca_threshold = inputs, ca_threshold
+        self.notes: list[str] = []
 
     def build(self, maps: Optional[torch.Tensor]) -> Optional[_Mask]:
         inputs, u = self.inputs, self.inputs.user_mask
@@ -567,6 +369,49 @@ class _MaskBuilder:
             full_masks, kind = self._bounded(full_masks, kind)
         m = torch.from_numpy(np.stack(full_masks)).to(inputs.device)
         return _Mask(m, torch.from_numpy(np.stack(norm_maps)), kind)
+
+    def build_subjects(self, maps: Optional[list[torch.Tensor]], labels: Sequence[str]):
+        """Several subjects: each subject's M_k from its own maps (and SAM prompted from them), made
+        disjoint (a cell goes to the subject whose M_k is highest there), M = their union; notes
+        name a subject the layout does not contain."""
+        inputs = self.inputs
+        if maps is None:
+            return self.build(None)
+        segment = inputs.segmenter is not None and inputs.layout_images is not None
+        kind = MASK_SAM if segment else MASK_CA_ONLY
+        norm_maps, per_subject = [], []
+        for subject_map in maps:
+            norms, fulls = [], []
+            for i in range(inputs.n):
+                norm, mc = masks.cross_attention_mask(subject_map[i], self.ca_threshold)
+                image = inputs.layout_images[i] if segment else None
+                sam = inputs.segmenter.segment(image, norm, mc) if segment and mc.any() else None
+                size = None if sam is not None else inputs.latent_hw
+                fulls.append(masks.adaptive_mask(mc, sam, size=size))
+                norms.append(norm)
+            norm_maps.append(np.stack(norms))
+            per_subject.append(fulls)
+        size = max((m.shape for fulls in per_subject for m in fulls), key=lambda hw: hw[0] * hw[1])
+        scores = torch.from_numpy(
+            np.stack(
+                [np.stack([masks.resize_nearest(m, size) for m in fulls]) for fulls in per_subject]
+            )
+        )
+        regions = masks.regions_from_scores(scores)
+        union = scores.max(dim=0).values * (regions != masks.NO_REGION)
+        full_masks = [union[i].numpy().astype(np.float32) for i in range(inputs.n)]
+        self.notes = [
+            f"no region for subject {k + 1} ({labels[k]}) in image {i + 1}: it was not retouched "
+            "there; try another seed or a larger λ1"
+            for k in range(len(maps))
+            for i in range(inputs.n)
+            if not bool((regions[i] == k).any())
+        ]
+        if inputs.user_mask is not None:
+            full_masks, kind = self._bounded(full_masks, kind)
+        m = torch.from_numpy(np.stack(full_masks)).to(inputs.device)
+        norm_all = torch.from_numpy(np.stack(norm_maps))
+        return _Mask(m, norm_all.max(dim=0).values, kind, norm_all, regions)
 
     def _bounded(self, full_masks, kind: str) -> tuple[list[np.ndarray], str]:
         full_masks, fallback = self.bound_by_user_mask(full_masks)
@@ -628,18 +473,28 @@ class _ModelCall:
         )
         self.cond_of, self.uncond_of = dict(zip(paths, padded[:3])), dict(zip(paths, padded[3:]))
 
+    def cond_for(self, path: str, half: str, reference_rows=None):
+        cond = self.uncond_of[path] if half == UNCOND else self.cond_of[path]
+        if path == REFERENCE and reference_rows is not None and C.batch_size(cond) > 1:
+            cond = C.rows(cond, reference_rows)
+        return cond
+
     def plan(self, paths: list[tuple[str, int]]) -> RowPlan:
         plan = self.plans.get(tuple(paths))
         if plan is None:
             plan = self.plans[tuple(paths)] = RowPlan.build(paths, self.halves)
         return plan
 
-    def __call__(self, paths, latents: dict, t, **state) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, paths, latents: dict, t, reference_rows=None, **state
+    ) -> dict[str, torch.Tensor]:
+        """`reference_rows`: which of the R reference rows this call runs (several subjects with
+        their own weights run each subject's rows in its own call); None: all."""
         plan = self.plan(paths)
         x = torch.cat([latents[p] for h in plan.halves() for p, c in paths if c])
         cond = C.cat(
             [
-                C.expand(self.uncond_of[p] if h == UNCOND else self.cond_of[p], c)
+                C.expand(self.cond_for(p, h, reference_rows), c)
                 for h in plan.halves()
                 for p, c in paths
                 if c
@@ -669,24 +524,28 @@ class _Retouch:
     The model family (`family.ModelFamily`) supplies the sampler, the layer table, the editor and
     the attention patch; nothing here is specific to a UNet or to DDIM."""
 
-    def __init__(self, model, settings: RetouchSettings, inputs: _Inputs, hooks, kv_cache):
+    def __init__(
+        self, model, settings: RetouchSettings, inputs: _Inputs, hooks, kv_cache, weights=None
+    ):
         self.model, self.settings, self.schedule = model, settings, settings.schedule
         self.inputs, self.hooks, self.kv_cache = inputs, hooks, kv_cache
+        self.weights: Optional[_SubjectWeights] = weights
         self.family = family_of(model)
         # latent size: a flow schedule's shift depends on the image's token count (Flux)
         self.sampler = self.family.sampler(model, self.schedule.steps, latent_hw=inputs.latent_hw)
         self.T = self.sampler.steps
         self.layers = settings.layers or self.family.layer_table(model, settings.layer_preset)
         self.editor = self.family.editor(
-            self.layers, inputs.subject_tokens, inputs.latent_hw, inputs.n_references
+            model, self.layers, inputs.subject_tokens, inputs.latent_hw, inputs.n_references
         )
-        halves = family_halves(self.family, settings.guidance_scale)
+        halves = self.family.halves(settings.guidance_scale)
         self.call = _ModelCall(
             model, self.sampler, self.editor, inputs, settings.guidance_scale, hooks, halves
         )
         self.masker = _MaskBuilder(inputs, settings.ca_threshold)
         self.mask: Optional[_Mask] = None
         self.layer_masks: Optional[masks.LayerMasks] = None
+        self.layer_regions: Optional[masks.LayerRegions] = None
         self.notes: list[str] = []
         self.trajectories = {LAYOUT: [], TARGET: []} if settings.keep_trajectories else None
         if inputs.segmenter is not None and inputs.layout_images is None:
@@ -695,7 +554,7 @@ class _Retouch:
     # -- Algorithm 1 ------------------------------------------------------------------------------
     def run(self, reference_latent, reference_keys, cache) -> RetouchResult:
         keys = [
-            None if k is None else inversion_key(k, self.T, self.inputs.latent_hw)
+            None if k is None else caches.inversion_key(k, self.T, self.inputs.latent_hw)
             for k in reference_keys
         ]
         inversions = _Inversions(self.model, self.sampler, self.inputs, self.hooks)
@@ -724,7 +583,7 @@ class _Retouch:
             self.build_mask()
         phase = self.phase(s)
         out = self.predict(s, phase, kv)
-        if getattr(self.sampler, "midpoint", None) is not None:
+        if self.sampler.second_order:
             out = self.predict_at_midpoint(s, phase, out)
         self.advance(s, phase, out)
         self.hooks.report("retouch", s, self.T)
@@ -765,8 +624,12 @@ class _Retouch:
         latents = {REFERENCE: self.z_ref, LAYOUT: self.z_l, TARGET: self.z_t}
         t = self.sampler.time_of_step(s) if t is None else t
         state = dict(phase.flags(), masks=self.layer_masks)
+        if self.inputs.n_subjects > 1:
+            state.update(regions=self.regions(phase), reference_groups=self.inputs.reference_groups)
         if self.settings.sequential:
             return self.predict_one_call_per_path(phase, latents, t, state)
+        if self.weights is not None:
+            return self.predict_by_weights(phase, latents, t, state)
         cached = kv.get(s) if phase.need_reference else None
         paths = list(phase.paths)
         if cached is not None:  # the reference's K/V from an earlier generation: no rows
@@ -775,6 +638,61 @@ class _Retouch:
         out = self.call(paths, latents, t, **state, sources=cached or {}, capture_reference=capture)
         kv.put(s, self.editor.captured_reference())
         return out
+
+    def predict_by_weights(self, phase: _Phase, latents, t, state) -> dict:
+        """Several subjects with weights of their own (LoRAs): one call under the base weights for
+        the layout path, the other subjects' references and the target; then per such subject k one
+        call under its weights with its references and the target (the layout's attention from the
+        first call's kept sources). The target's prediction is subject k's inside k's region, the
+        base call's elsewhere: subject k's weights reach no other region."""
+        weights, groups, n = self.weights, self.inputs.reference_groups, self.inputs.n
+        own = [k for k in range(len(groups)) if weights.subjects[k] is not None]
+        start = [sum(groups[:k]) for k in range(len(groups))]
+        rows = {k: list(range(start[k], start[k] + groups[k])) for k in range(len(groups))}
+        base_rows = [r for k in range(len(groups)) if k not in own for r in rows[k]]
+        refs = phase.need_reference
+        target = 0 if phase.skip_target else n
+        paint_own = not phase.copy_layout and bool(own)
+
+        def call(k, paths, ref_rows, **extra):
+            z_ref = latents[REFERENCE][ref_rows] if ref_rows else latents[REFERENCE]
+            counts = tuple(
+                c if (j == k if k is not None else j not in own) else 0
+                for j, c in enumerate(groups)
+            )
+            with (weights.base if k is None else weights.subjects[k])():
+                return self.call(
+                    paths,
+                    {**latents, REFERENCE: z_ref},
+                    t,
+                    reference_rows=ref_rows,
+                    **{**state, "reference_groups": counts, **extra},
+                )
+
+        base_paths = [(REFERENCE, len(base_rows) if refs else 0), (LAYOUT, n), (TARGET, target)]
+        out = call(None, base_paths, base_rows, keep_sources=paint_own)
+        if not paint_own or not target:
+            return out
+        sources, ref_out = self.editor.kept_sources(), {}
+        region = self.latent_regions(state["regions"])
+        for k in own:
+            paths = [(REFERENCE, len(rows[k]) if refs else 0), (TARGET, n)]
+            out_k = call(k, paths, rows[k], sources=sources)
+            out[TARGET] = torch.where(region == k, out_k[TARGET], out[TARGET])
+            if REFERENCE in out_k:
+                ref_out[k] = out_k[REFERENCE]
+        by_row = dict(zip(base_rows, out.get(REFERENCE, ())))
+        for k in own:
+            by_row.update(zip(rows[k], ref_out.get(k, ())))
+        if ref_out:  # the reference paths' own predictions, in row order
+            out[REFERENCE] = torch.stack([by_row[r] for r in range(sum(groups))])
+        return out
+
+    def latent_regions(self, regions) -> torch.Tensor:
+        """The regions at latent resolution, (N, 1, h, w) (for a latent-level choice per cell)."""
+        h, w = self.inputs.latent_hw
+        index = regions.for_tokens(h * w, self.inputs.device)
+        return index.reshape(self.inputs.n, 1, h, w)
 
     def predict_one_call_per_path(self, phase: _Phase, latents, t, state) -> dict:
         """`sequential`: each call reads the sources (Q, K, V, output) the step's earlier calls kept."""
@@ -806,9 +724,26 @@ class _Retouch:
             self.trajectories[TARGET].append(self.z_t)
 
     def build_mask(self) -> None:
-        self.mask = self.masker.build(self.editor.subject_maps())
+        if self.inputs.n_subjects > 1:
+            self.mask = self.masker.build_subjects(
+                self.editor.subject_maps_each(), self.settings.subject_labels
+            )
+            self.notes.extend(n for n in self.masker.notes if n not in self.notes)
+        else:
+            self.mask = self.masker.build(self.editor.subject_maps())
         if self.mask is not None:
             self.layer_masks = masks.LayerMasks(self.mask.masks, self.inputs.latent_hw)
+            if self.mask.regions is not None:
+                self.layer_regions = masks.LayerRegions(self.mask.regions, self.inputs.latent_hw)
+
+    def regions(self, phase: "_Phase") -> Optional[object]:
+        """Several subjects, identity phase: where each subject's region is — the mask's once it is
+        built, before that the subjects' maps so far (read at the first layer that asks)."""
+        if self.inputs.n_subjects == 1 or phase.copy_layout:
+            return None
+        if self.layer_regions is not None:
+            return self.layer_regions
+        return _MapRegions(self.editor, self.settings.ca_threshold, self.inputs)
 
     def reference_kv_key(self, key) -> Optional[tuple]:
         """The reference path's K/V depend on its (re-set) latents, the timestep and y_r / the
@@ -820,11 +755,10 @@ class _Retouch:
             or key is None
             or not st.reset_reference
             or st.sequential
-            or getattr(self.sampler, "midpoint", None)
-            is not None  # K/V kept per step, not per call
+            or self.sampler.second_order  # K/V kept per step, not per call
         ):
             return None
-        prompts = _digest(self.call.cond_of[REFERENCE], self.call.uncond_of[REFERENCE])
+        prompts = caches.digest(self.call.cond_of[REFERENCE], self.call.uncond_of[REFERENCE])
         return (*key, prompts, self.layers.name, tuple(self.layers.reference_layers))
 
     def result(self, reference_cached: bool) -> RetouchResult:
@@ -847,6 +781,8 @@ class _Retouch:
             unet_rows=self.hooks.calls[1],
             reference_cached=reference_cached,
             trajectories=self.trajectories,
+            subject_maps=None if mask is None else mask.subject_maps,
+            regions=None if mask is None else mask.regions,
         )
 
 
@@ -855,7 +791,7 @@ class _ReferenceKV:
     (the call then runs no reference rows), or this call's captured ones to keep. Off (`key` None)
     when the cache is off or the K/V would not be the same (see `_Retouch.reference_kv_key`)."""
 
-    def __init__(self, cache: Optional[ReferenceAttentionCache], key: Optional[tuple]):
+    def __init__(self, cache: Optional[caches.ReferenceAttentionCache], key: Optional[tuple]):
         self.cache, self.key = cache, key
 
     @property
@@ -879,147 +815,39 @@ def _softened(u: torch.Tensor, size=None) -> np.ndarray:
     return (soft * masks.resize_nearest(u, size)).astype(np.float32)
 
 
-@dataclass
-class GenerationResult:
-    images: torch.Tensor  # (N, 3, H, W) retouched images in [-1, 1]
-    layout_images: torch.Tensor  # (N, 3, H, W) stage-1 layouts I_o in [-1, 1]
-    layout_latents: torch.Tensor
-    retouch: RetouchResult
+class _MapRegions:
+    """The subjects' regions from their maps recorded so far (identity steps before the mask is
+    built), made at the first layer that asks in a call — so the call's own mask layers, which run
+    before its reference layers, count."""
+
+    def __init__(self, editor, threshold: float, inputs: _Inputs):
+        self.editor, self.threshold, self.inputs = editor, threshold, inputs
+        self._regions: Optional[masks.LayerRegions] = None
+
+    def for_tokens(self, n_tokens: int, device=None) -> torch.Tensor:
+        if self._regions is None:
+            maps = self.editor.subject_maps_each()
+            if maps is None:  # nothing recorded yet: no query is in a region
+                index = torch.full((self.inputs.n, *self.inputs.latent_hw), masks.NO_REGION)
+            else:
+                index = masks.regions_from_maps(maps, self.threshold)
+            self._regions = masks.LayerRegions(index, self.inputs.latent_hw)
+        return self._regions.for_tokens(n_tokens, device)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+class _SubjectWeights(NamedTuple):
+    """Several subjects with weights of their own (LoRAs): the contexts that switch the model to
+    one subject's weights or to none of them (the host's)."""
 
+    subjects: tuple  # per subject: a context factory, or None (no weights of its own)
+    base: Callable[[], ContextManager]
 
-@torch.no_grad()
-def generate(
-    model: LdmModel,
-    *,
-    prompts,
-    reference_image: torch.Tensor,
-    noise: torch.Tensor,
-    settings: RetouchSettings,
-    negative_prompt: str = "",
-    vanilla_unet: Optional[torch.nn.Module] = None,
-    layout_source: str = "inversion",
-    segmenter=None,
-    cache: Optional[InversionCache] = None,
-    reference_key: Optional[tuple] = None,
-    kv_cache: Optional[ReferenceAttentionCache] = None,
-    progress: Optional[ProgressFn] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-    reference_size: Optional[C.SizeTerms] = None,
-) -> GenerationResult:
-    """Both stages with the library's DDIM: stage 1 (step-blended layout) then the retouch.
-
-    reference_image: (1, 3, H, W) in [-1, 1] at the generation size; noise: (N, C, h, w) z_T.
-    vanilla_unet: DreamBooth's vanilla UNet (None: the same UNet, i.e. Textual Inversion).
-    reference_size: SDXL size terms of the reference photo as fed (default: the generation's).
-    """
-    height, width = (8 * d for d in noise.shape[-2:])
-    gen_size = model.generation_size(width, height)
-    conds = encode_prompts(
-        model, prompts, negative_prompt, generation_size=gen_size, reference_size=reference_size
-    )
-    cond_layout = model.conditioning([prompts.layout], gen_size)
-    trajectory = _layout_trajectory(
-        model, vanilla_unet, cond_layout, conds, noise, settings, progress, should_stop
-    )
-    subject = _subject_tokens(model, prompts)
-    layout_latents = trajectory[-1]
-    layout_images = model.decode(layout_latents)
-    key = (
-        None
-        if reference_key is None
-        else inversion_key(reference_key, settings.schedule.steps, noise.shape[-2:])
-    )
-    result = retouch(
-        model,
-        reference_latent=_reference_latent(model, reference_image, cache, key),
-        layout_latents=layout_latents,
-        conds=conds,
-        subject_tokens=subject,
-        settings=settings,
-        layout_trajectory=trajectory if layout_source == "stage1" else None,
-        layout_images=to_uint8(layout_images) if segmenter is not None else None,
-        segmenter=segmenter,
-        reference_key=reference_key,
-        cache=cache,
-        kv_cache=kv_cache,
-        progress=progress,
-        should_stop=should_stop,
-    )
-    return GenerationResult(
-        images=model.decode(result.latents),
-        layout_images=layout_images,
-        layout_latents=layout_latents,
-        retouch=result,
-    )
-
-
-def _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop):
-    """Stage 1 with the library's DDIM: the layout's trajectory [z_T … z_0]."""
-    schedule = settings.schedule
-    ddim_schedule = ddim.DDIMSchedule.from_alphas_cumprod(model.alphas_cumprod, schedule.steps)
-    vanilla, personalized = denoisers
-    return stage1.sample_step_blended(
-        vanilla,
-        personalized,
-        schedule,
-        ddim_schedule,
-        cond_layout,
-        conds.layout,
-        conds.uncond,
-        noise,
-        settings.guidance_scale,
-        progress=progress,
-        should_stop=should_stop,
-    )
-
-
-def _layout_trajectory(
-    model, vanilla_unet, cond_layout, conds, noise, settings, progress, should_stop
-) -> list[torch.Tensor]:
-    """Stage 1 of the model's family: the library's DDIM for an ε-UNet (or a family built on it),
-    else the family's own sampler with the host's `model.vanilla()` context (Flux: a LoRA off)."""
-    family = family_of(model)
-    if isinstance(family, EpsUNetFamily):
-        denoisers = (model.denoiser(vanilla_unet), model.denoiser())
-        return _stage1(model, denoisers, cond_layout, conds, noise, settings, progress, should_stop)
-    return _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop)
-
-
-def _subject_tokens(model, prompts) -> list[int]:
-    """The conditioning rows of the subject: CLIP's (UNets), or the model's own (Flux: T5's)."""
-    phrases = [prompts.concept_token, prompts.class_phrase]
-    own = getattr(model, "subject_tokens", None)
-    if own is not None:
-        return own(prompts.personalized, phrases)
-    return subject_token_positions(model.tokenize, prompts.personalized, phrases)
-
-
-def _family_stage1(model, family, cond_layout, conds, noise, settings, progress, should_stop):
-    """Stage 1 through another family's sampler (Flux: the flow sampler), the vanilla model being
-    the host's `model.vanilla()` context (a LoRA off): the layout's trajectory [z_T … z_0]."""
-    return stage1.sample_step_blended_with(
-        family.sampler(model, settings.schedule.steps, latent_hw=tuple(noise.shape[-2:])),
-        model,
-        settings.schedule,
-        cond_layout,
-        conds.layout,
-        conds.uncond,
-        noise,
-        settings.guidance_scale,
-        vanilla=model.vanilla,
-        halves=family_halves(family, settings.guidance_scale),
-        progress=progress,
-        should_stop=should_stop,
-    )
-
-
-def _reference_latent(model, reference_image, cache: Optional[InversionCache], key) -> torch.Tensor:
-    """The reference's latent; a cached inversion starts with it, so no VAE pass then."""
-    cached = cache.peek(key) if cache is not None and key is not None else None
-    return cached[0] if cached is not None else model.encode(reference_image)
+    @classmethod
+    def of(cls, subject_weights, base_weights, n_subjects: int) -> Optional["_SubjectWeights"]:
+        if not subject_weights or all(w is None for w in subject_weights):
+            return None
+        if len(subject_weights) != n_subjects:
+            raise ValueError(f"{len(subject_weights)} subject weights for {n_subjects} subjects")
+        if n_subjects < 2:
+            raise ValueError("subject weights are for several subjects (one: the host's LoRA)")
+        return cls(tuple(subject_weights), base_weights or contextlib.nullcontext)

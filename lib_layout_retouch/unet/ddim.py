@@ -130,6 +130,7 @@ class DDIMSampler:
     """DDIM for ε-prediction models, as the retouch loop's sampler (`family.Sampler`)."""
 
     schedule: DDIMSchedule
+    second_order = False  # one evaluation per step
 
     @classmethod
     def for_model(cls, model, steps: int) -> "DDIMSampler":

@@ -6,10 +6,12 @@ Names are module paths inside the UNet (`model.model.diffusion_model` in ldm/A11
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from ..retouch.editor import LayerRoles
+from ..retouch.layers import DEFAULT_PRESET, PRESETS, LayerTable
 
 
 def is_self_attention(name: str) -> bool:
@@ -26,39 +28,26 @@ def attention_modules(unet: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in unet.named_modules() if is_self_attention(n) or is_cross_attention(n)}
 
 
-@dataclass(frozen=True)
-class LayerTable:
-    """The layer sets of docs/ALGORITHM.md for one UNet architecture."""
+def check_layer_table(table: LayerTable, unet: torch.nn.Module) -> None:
+    """Every layer the table names is an attention module of this UNet."""
+    names = set(attention_modules(unet))
+    for group in ("reference_layers", "mask_layers", "blend_layers"):
+        missing = [n for n in getattr(table, group) if n not in names]
+        if missing:
+            raise ValueError(f"layer table {table.name!r}: {group} not in this UNet: {missing[:3]}")
 
-    name: str
-    reference_layers: tuple[str, ...]  # attn1 that take the reference path's K, V when s > λ2
-    mask_layers: tuple[str, ...]  # attn2 whose subject-token maps make M^c (the 16×16 ones in SD1)
-    blend_layers: tuple[
-        str, ...
-    ]  # attn1 whose output is blended with the layout's when s ≥ mask_start
-    layout_layers: Optional[tuple[str, ...]] = (
-        None  # swapped with the layout path when s ≤ λ2; None = every layer
+
+def layer_roles(table: LayerTable, name: str) -> LayerRoles:
+    """A UNet layer's roles: self-attention (attn1) layers take the reference and blend, cross-
+    attention (attn2) layers give the subject maps; every layer the table lets copy the layout."""
+    self_attention = is_self_attention(name)
+    return LayerRoles(
+        name,
+        copies_layout=table.copies_layout_at(name),
+        paints=self_attention and name in table.reference_layers,
+        blends=self_attention and name in table.blend_layers,
+        records_maps=not self_attention and name in table.mask_layers,
     )
-
-    def swaps_every_layer(self) -> bool:
-        return self.layout_layers is None
-
-    def copies_layout_at(self, name: str) -> bool:
-        return self.layout_layers is None or name in self.layout_layers
-
-    def with_layout_layers(self, layers: Optional[tuple[str, ...]]) -> "LayerTable":
-        return LayerTable(
-            self.name, self.reference_layers, self.mask_layers, self.blend_layers, layers
-        )
-
-    def check_against(self, unet: torch.nn.Module) -> None:
-        names = set(attention_modules(unet))
-        for group in ("reference_layers", "mask_layers", "blend_layers"):
-            missing = [n for n in getattr(self, group) if n not in names]
-            if missing:
-                raise ValueError(
-                    f"layer table {self.name!r}: {group} not in this UNet: {missing[:3]}"
-                )
 
 
 def _names(blocks: str, indices, attn: str, depth: int = 1) -> tuple[str, ...]:
@@ -66,12 +55,6 @@ def _names(blocks: str, indices, attn: str, depth: int = 1) -> tuple[str, ...]:
         f"{blocks}.{i}.1.transformer_blocks.{d}.{attn}" for i in indices for d in range(depth)
     )
 
-
-# Presets: how much of the decoder receives the reference identity. "standard" is the paper's
-# (MasaCtrl's) choice; "light" keeps only the finer of its levels — less of the reference's
-# structure, fewer layers edited — for subjects whose reference pose or background bleeds in.
-PRESETS = ("standard", "light")
-DEFAULT_PRESET = "standard"
 
 # SD1.x (and SD2.x, same block layout). Reference layers: decoder transformer blocks 10–15 of 16
 # (MasaCtrl start_layer=10, DreamMatcher initial_layer=10) = output_blocks.6–11, the 32×32 and

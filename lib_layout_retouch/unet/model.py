@@ -10,34 +10,28 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ..conditioning import SizeTerms, sdxl_conditioning
+from ..conditioning import SizeTerms
 from ..errors import LayoutRetouchError
+from ..prompts import subject_positions_in_chunks, subject_token_positions
+from .conditioning import sdxl_conditioning
+from .family import SD1, SDXL, EpsUNetFamily, unet_swapped
 
 # eps = denoiser(x, t, cond) for a batch x, timesteps t (B,), conditioning cond (conditioning.Cond)
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-SD1_FAMILY = "SD1.x"
-SDXL_FAMILY = "SDXL"
-FLUX_FAMILY = "Flux"
-
-
-def model_family(ldm) -> str:
+def model_family(ldm) -> EpsUNetFamily:
     """SD1 (ldm `LatentDiffusion`: one CLIP text encoder, tensor conditioning) or SDXL (sgm
     `DiffusionEngine`: a `conditioner` with two text encoders, dict conditioning)."""
-    return (
-        SDXL_FAMILY
-        if (getattr(ldm, "is_sdxl", False) or hasattr(ldm, "conditioner"))
-        else SD1_FAMILY
-    )
+    return SDXL if (getattr(ldm, "is_sdxl", False) or hasattr(ldm, "conditioner")) else SD1
 
 
 # Refusals both model checks give (ldm/sgm in A1111, Forge's engines).
-def _inpaint_refusal() -> LayoutRetouchError:
+def inpaint_refusal() -> LayoutRetouchError:
     return LayoutRetouchError(
         "inpainting models (9 input channels) are not supported; load a txt2img SD1.x or SDXL "
         "checkpoint",
@@ -45,7 +39,7 @@ def _inpaint_refusal() -> LayoutRetouchError:
     )
 
 
-def _prediction_refusal(what: str) -> LayoutRetouchError:
+def prediction_refusal(what: str) -> LayoutRetouchError:
     return LayoutRetouchError(
         f"{what} are not supported: the DDIM inversion assumes ε-prediction; load an "
         "ε-prediction checkpoint",
@@ -84,9 +78,9 @@ def check_model_supported(ldm) -> None:
             parameter="sd_model",
         )
     if getattr(ldm, "is_sdxl_inpaint", False) or _unet_in_channels(ldm) not in (None, 4):
-        raise _inpaint_refusal()
+        raise inpaint_refusal()
     if getattr(ldm, "parameterization", "eps") != "eps":
-        raise _prediction_refusal("v-prediction models (e.g. SD2.x 768, v-pred SDXL)")
+        raise prediction_refusal("v-prediction models (e.g. SD2.x 768, v-pred SDXL)")
 
 
 def _unet_in_channels(ldm) -> Optional[int]:
@@ -94,21 +88,6 @@ def _unet_in_channels(ldm) -> Optional[int]:
         return int(ldm.model.diffusion_model.input_blocks[0][0].in_channels)
     except (AttributeError, IndexError, TypeError):
         return None
-
-
-def unet_family(state: dict) -> str:
-    """'SDXL' or 'SD1.x'/'SD2.x' (or 'Flux': a BFL transformer's double blocks) from a UNet state dict
-    (keys without `model.diffusion_model.`):
-    SDXL's UNet takes the pooled-text/size vector through `label_emb`; SD1 and SD2 differ in their
-    text width (768 vs 1024)."""
-    if any(k.startswith("double_blocks.") for k in state):
-        return FLUX_FAMILY
-    if any(k.startswith("label_emb.") for k in state):
-        return SDXL_FAMILY
-    widths = {tuple(v.shape)[-1] for k, v in state.items() if k.endswith("attn2.to_k.weight")}
-    if widths == {1024}:
-        return "SD2.x"
-    return SD1_FAMILY
 
 
 # --- k-diffusion hosts (Forge): a denoiser D(x; σ) instead of ε(z_t, t) -----------------------------
@@ -131,23 +110,6 @@ def sigma_scale_input(z_t: torch.Tensor, alpha_cumprod_t: torch.Tensor) -> torch
 def eps_from_denoised(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """ε from a k-diffusion denoiser's output D at input x and noise level σ (per batch row)."""
     return (x - denoised) / sigma.view(-1, *([1] * (x.ndim - 1)))
-
-
-@contextlib.contextmanager
-def unet_swapped(holder, unet: Optional[torch.nn.Module]) -> Iterator[None]:
-    """Put `unet` in place of `holder.diffusion_model` for the block (by reference; restored on any
-    exit). `holder` is the model wrapper that calls its `diffusion_model` (ldm's `DiffusionWrapper`
-    under `LatentDiffusion.model`, Forge's `KModel`), or a model that has one under `.model`."""
-    if unet is None:
-        yield
-        return
-    wrapper = holder if hasattr(holder, "diffusion_model") else holder.model
-    previous = wrapper.diffusion_model
-    wrapper.diffusion_model = unet
-    try:
-        yield
-    finally:
-        wrapper.diffusion_model = previous
 
 
 class LdmModel:
@@ -173,7 +135,7 @@ class LdmModel:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.family == SDXL_FAMILY
+        return self.family.sdxl
 
     @property
     def unet_holder(self):
@@ -232,6 +194,18 @@ class LdmModel:
         ):  # A1111's FrozenCLIPEmbedderWithCustomWords (and its SDXL twin)
             return list(encoder.tokenize([text])[0])
         return list(encoder.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def subject_tokens(self, prompt: str, phrases: Sequence[str]) -> list[int]:
+        """The conditioning rows of `phrases` in `prompt`: as the host's tokenizer splits the prompt
+        into 75-token chunks where it has one (A1111's / Forge's `tokenize_line`, Textual-Inversion
+        vectors included), else from the plain token ids."""
+        encoder = self.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
+        if hasattr(encoder, "tokenize_line"):
+            chunks, _ = encoder.tokenize_line(prompt)
+            return subject_positions_in_chunks(
+                chunks, lambda t: encoder.tokenize([t])[0], phrases[0], phrases[1]
+            )
+        return subject_token_positions(self.tokenize, prompt, phrases)
 
     @torch.no_grad()
     def conditioning(
@@ -300,54 +274,6 @@ class LdmModel:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1]."""
         return self._vae(self.ldm.decode_first_stage, latents, "decode")
-
-
-# Forge's model kinds by engine class (`backend/diffusion_engine/*.py`) that the retouch cannot run on.
-UNSUPPORTED_FORGE_ENGINES = {
-    # Flux.1 is accepted before this table is read (hosts/forge.py); this entry is for a Flux engine
-    # whose predictor is not Forge's flow prediction, which the Flux model interface cannot drive.
-    "Flux": "this Flux engine (its predictor is not Forge's PredictionFlux, so the flow sampler "
-    "the retouch inverts with is unknown)",
-    "Chroma": "Chroma (a Flux-derived DiT without CLIP-L or Flux's guidance embedding, its "
-    "modulation from a separate approximator; the DiT retouch is verified on Flux.1 only)",
-    "StableDiffusion3": "SD3/SD3.5 (an MMDiT with joint blocks only, no rotary positions and three "
-    "text encoders; the DiT retouch is written for Flux.1's double/single-stream blocks)",
-    "StableDiffusionXLRefiner": "the SDXL refiner (not a personalized model; it cannot draw a layout)",
-}
-
-
-def check_forge_engine_supported(engine) -> None:
-    """`check_model_supported` for a Forge `ForgeDiffusionEngine`: refused by engine class (the
-    refiner also says `is_sdxl`), then by what the UNet patcher says (inpaint, prediction type)."""
-    kind = type(engine).__name__
-    if kind in UNSUPPORTED_FORGE_ENGINES:
-        raise LayoutRetouchError(
-            f"{UNSUPPORTED_FORGE_ENGINES[kind]} is not supported; load an SD1.x, SDXL or Flux.1 checkpoint",
-            parameter="sd_model",
-        )
-    objects = getattr(engine, "forge_objects", None)
-    kmodel = getattr(getattr(objects, "unet", None), "model", None)
-    if getattr(kmodel, "diffusion_model", None) is None or not (
-        getattr(engine, "is_sd1", False) or getattr(engine, "is_sdxl", False)
-    ):
-        raise LayoutRetouchError(
-            f"the loaded model ({kind}) is neither SD1.x nor SDXL; load an SD1.x or SDXL "
-            "checkpoint",
-            parameter="sd_model",
-        )
-    if getattr(engine, "is_inpaint", False):
-        raise _inpaint_refusal()
-    prediction = getattr(getattr(kmodel, "predictor", None), "prediction_type", "epsilon")
-    if prediction not in ("epsilon", "eps"):
-        raise _prediction_refusal(f"{prediction} models (e.g. v-prediction)")
-
-
-def attention_replacements(model_options: dict) -> list[str]:
-    """Which attention kinds ('attn1', 'attn2') another extension replaced through Forge's
-    `set_model_attn*_replace` / `set_model_replace_all`: the UNet block then calls that patch instead
-    of the module, so the retouch's per-module editors would never run."""
-    replaced = ((model_options or {}).get("transformer_options") or {}).get("patches_replace") or {}
-    return sorted(k for k, v in replaced.items() if v and k in ("attn1", "attn2"))
 
 
 class KDiffusionModel(LdmModel):

@@ -16,7 +16,7 @@ v0.3.64, a125cd84):
   where denoised = x carries no velocity. The CI test checks v = (x − apply_model(x, σ))/σ at σ > 0.
 - σ: the sampler's list (`comfy.samplers.calculate_sigmas` over the patched sampling object) when
   the glue hands it; else ComfyUI's "simple" scheduler over the sampling object's table
-  (`simple_scheduler`, the same as Forge's: `forge_flux_model.simple_sigmas`).
+  (`simple_scheduler`, the same as Forge's: `dit.flow.simple_sigmas`).
 - Text: `clip.tokenize(text)` → {"l": CLIP-L chunks, "t5xxl": T5 tokens}; `encode_from_tokens(…,
   return_pooled=True)` → (T5 states (1, ≥256, 4096), pooled CLIP-L (1, 768)), what CLIPTextEncode
   puts in a CONDITIONING (`[[T5 states, {"pooled_output": pooled}]]`). The distilled guidance is
@@ -32,9 +32,10 @@ from typing import Callable, Optional
 import torch
 
 from ...conditioning import pad_tokens
-from ...dit.flux.model import DEFAULT_GUIDANCE, FluxModel
+from ...dit.flow import simple_sigmas
+from ...dit.flux.family import DEFAULT_GUIDANCE
+from ...dit.flux.model import FluxModel
 from ...errors import LayoutRetouchError
-from ..forge.flux import simple_sigmas
 from .sd import (
     ComfyObjects,
     is_flux,

@@ -21,15 +21,11 @@ from typing import Callable, Optional
 import torch
 
 from ...conditioning import SizeTerms, pad_tokens
+from ...dit.flux.family import FLUX_FAMILY
 from ...errors import LayoutRetouchError
-from ...unet.model import (
-    FLUX_FAMILY,
-    SD1_FAMILY,
-    SDXL_FAMILY,
-    KDiffusionModel,
-    alpha_cumprod_of_sigma,
-    attention_replacements,
-)
+from ...unet.family import SD1, SD1_FAMILY, SDXL, SDXL_FAMILY
+from ...unet.model import KDiffusionModel, alpha_cumprod_of_sigma
+from ..forge.engines import attention_replacements
 
 # ComfyUI model configs (`comfy/supported_models.py`, the class name of `BaseModel.model_config`)
 SUPPORTED_CONFIGS = {
@@ -306,7 +302,7 @@ class ComfyModel(ComfyObjects, KDiffusionModel):
         self.clip = clip
         self.vae = vae
         self.load_model = load_model
-        self.family = model_family_of(patcher.model) or SD1_FAMILY
+        self.family = SDXL if model_family_of(patcher.model) == SDXL_FAMILY else SD1
 
     @property
     def unet_holder(self):

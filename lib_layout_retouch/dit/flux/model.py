@@ -21,21 +21,13 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 
-from ...conditioning import CHUNK
+from ...conditioning import CHUNK, rows
 from ...errors import LayoutRetouchError
-from ...unet.attention import COND, UNCOND
-from ...unet.model import FLUX_FAMILY
+from ...prompts import subject_token_positions
 from .. import flow
-from ..blocks import (
-    ROPE_MODES,
-    SHIFTED,
-    DiTRetouchAttention,
-    layer_table_for_dit,
-    patched_blocks,
-)
+from ..joint import SHIFTED
 from ..tokens import image_ids, pack, token_grid, unpack
-
-DEFAULT_GUIDANCE = 3.5  # Flux.1-dev's distilled guidance (Forge's "Distilled CFG Scale" default)
+from .family import DEFAULT_GUIDANCE, FluxFamily
 
 
 # -- subject tokens --------------------------------------------------------------------------------
@@ -72,9 +64,6 @@ def piece_positions(
 class FluxModel:
     """Velocity, conditioning, subject tokens, VAE and σ schedule of a Flux.1 model (see module doc)."""
 
-    family = FLUX_FAMILY
-    is_sdxl = False
-
     def __init__(
         self,
         transformer: torch.nn.Module,
@@ -106,14 +95,9 @@ class FluxModel:
         # stage 1's vanilla model: a context in which the transformer is the vanilla one (the host
         # turns the subject's LoRA off, or swaps a vanilla checkpoint in); None: the same model
         self.vanilla = vanilla or contextlib.nullcontext
-        # the retouch loop's model family (family.ModelFamily) with the DiT choices
-        self.retouch_family = FluxFamily(self, solver, reference_rope, reference_with_target_tokens)
+        # the model family (retouch.family.ModelFamily) with the DiT choices
+        self.family = FluxFamily(solver, reference_rope, reference_with_target_tokens)
         self.notes: list[str] = []
-
-    # the pipeline's names for the network that is patched
-    @property
-    def unet(self) -> torch.nn.Module:
-        return self.transformer
 
     @property
     def device(self) -> torch.device:
@@ -138,11 +122,6 @@ class FluxModel:
         return flow.FlowSchedule.for_image(steps, tuple(latent_hw), shift=self.shift)
 
     # -- text ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generation_size(self, width: int, height: int) -> None:
-        """Flux has no size conditioning (SDXL's size terms)."""
-        return None
-
     def conditioning(
         self,
         prompts: Sequence[str],
@@ -152,9 +131,7 @@ class FluxModel:
         pooled_from: Optional[Sequence[str]] = None,
     ) -> dict:
         """{"crossattn", "vector", "guidance"} of `prompts`; the pooled vector of `pooled_from`
-        (same length) when given. `guidance`: the distilled guidance (None: the model's
-        `guidance`) — in the slot where a UNet model takes its size terms, which Flux has none of
-        (`generation_size` is None, so `pipeline.generate`'s call gives the model's guidance)."""
+        (same length) when given. `guidance`: the distilled guidance (None: the model's)."""
         prompts = list(prompts)
         t5 = self._encode_t5(prompts)
         pooled = self._encode_clip(list(pooled_from) if pooled_from is not None else prompts)
@@ -171,7 +148,6 @@ class FluxModel:
         pooled vector, so no attention map exists for them; given for hosts that show them."""
         if self.tokenize_clip is None:
             return []
-        from ...prompts import subject_token_positions
 
         return subject_token_positions(self.tokenize_clip, prompt, phrases, CHUNK - 2)
 
@@ -181,8 +157,7 @@ class FluxModel:
         y_r's T5 tokens but keeps the layout's pooled CLIP vector: the vector is no attention (it
         modulates every block), and with y_r's the target would leave the layout while every block
         copies it (as SDXL's vector, docs/ALGORITHM.md)."""
-        from ...conditioning import rows
-        from ...retouch.loop import RetouchConds
+        from ...retouch import RetouchConds
 
         c = self.conditioning([prompts.reference, prompts.personalized, negative_prompt], guidance)
         reference, layout = rows(c, slice(0, 1)), rows(c, slice(1, 2))
@@ -210,53 +185,7 @@ class FluxModel:
         return self._vae_decode(latents)
 
 
-class FluxFamily:
-    """The DiT family of the retouch loop (family.ModelFamily): rectified flow with `solver` on the
-    model's σ schedule, the DiT layer table, the block editor (`dit_attention`), real CFG only
-    when the guidance scale is not 1 (Flux-dev's distilled guidance is in the conditioning)."""
-
-    def __init__(
-        self,
-        model: "FluxModel",
-        solver: str = flow.MIDPOINT,
-        reference_rope: str = SHIFTED,
-        with_target_tokens: bool = False,
-    ):
-        self.solver = flow.check_solver(solver)
-        if reference_rope not in ROPE_MODES:
-            raise ValueError(f"reference_rope must be one of {ROPE_MODES}, got {reference_rope!r}")
-        self.reference_rope = reference_rope
-        self.with_target_tokens = bool(with_target_tokens)
-        self.model = model  # whose transformer's rotary embedder places shifted reference tokens
-
-    def sampler(self, model, steps: int, latent_hw=None):
-        if latent_hw is None:
-            raise ValueError("the Flux sampler needs the latent size (its σ shift depends on it)")
-        return flow.flow_sampler(model.schedule(steps, latent_hw), self.solver)
-
-    def layer_table(self, model, preset: str):
-        return layer_table_for_dit(model.transformer, preset)
-
-    def editor(self, layers, subject_tokens, latent_hw, n_references):
-        return DiTRetouchAttention(
-            layers,
-            subject_tokens,
-            latent_hw,
-            n_references,
-            rope_of=getattr(self.model.transformer, "pe_embedder", None),
-            reference_rope=self.reference_rope,
-            with_target_tokens=self.with_target_tokens,
-        )
-
-    def patched(self, model, editor):
-        return patched_blocks(model.transformer, editor)
-
-    def halves(self, guidance_scale: float) -> tuple[str, ...]:
-        return (UNCOND, COND) if guidance_scale != 1 else (COND,)
-
-
 __all__ = [
-    "FluxFamily",
     "FluxModel",
     "image_ids",
     "pack",

@@ -54,22 +54,7 @@ START_TIMEOUT = float(os.environ.get("LR_COMFY_START_TIMEOUT", "300"))
 
 def comfy_source():
     """('url', url) | ('dir', comfy_dir, python) | (None, reason)."""
-    url = os.environ.get("LR_COMFY_URL")
-    if url:
-        return ("url", url.rstrip("/"))
-    d = os.environ.get("LR_COMFY_DIR")
-    if d is not None and d.strip().lower() in ("", "none", "0"):
-        return (None, NO_COMFY)
-    if d is None and os.path.isfile(os.path.join(DEFAULT_DIR, "main.py")):
-        d = DEFAULT_DIR
-    if not d:
-        return (None, NO_COMFY)
-    if not os.path.isfile(os.path.join(d, "main.py")):
-        return (None, f"LR_COMFY_DIR={d} has no main.py; {NO_COMFY}")
-    py = os.environ.get("LR_COMFY_PYTHON", DEFAULT_PYTHON)
-    if not os.path.exists(py):
-        return (None, f"LR_COMFY_PYTHON={py} does not exist; {NO_COMFY}")
-    return ("dir", d, py)
+    return S.find_source("LR_COMFY", DEFAULT_DIR, DEFAULT_PYTHON, NO_COMFY, launcher="main.py")
 
 
 def pytest_report_header(config):
@@ -81,29 +66,15 @@ def pytest_report_header(config):
     return f"host ComfyUI: {src[1]} -> every ComfyUI test is skipped"
 
 
-def _asked_for(config) -> bool:
-    if os.environ.get("LR_COMFY_URL") or os.environ.get("LR_COMFY_DIR"):
-        return True
-    root = str(config.invocation_params.dir)
-    for a in config.invocation_params.args:
-        if a.startswith("-"):
-            continue
-        p = os.path.realpath(os.path.join(root, a.split("::")[0]))
-        if p == HERE or p.startswith(HERE + os.sep):
-            return True
-    return False
-
-
 def pytest_collection_modifyitems(config, items):
-    if _asked_for(config):
-        return
-    skip = pytest.mark.skip(
-        reason="ComfyUI tier not asked for: run `pytest tests/host/comfy` (or set LR_COMFY_DIR / "
-        "LR_COMFY_URL); see tests/host/README.md"
+    S.skip_unless_asked(
+        config,
+        items,
+        HERE,
+        "LR_COMFY",
+        "ComfyUI tier not asked for: run `pytest tests/host/comfy` (or set LR_COMFY_DIR / "
+        "LR_COMFY_URL); see tests/host/README.md",
     )
-    for it in items:
-        if str(it.fspath).startswith(HERE + os.sep):
-            it.add_marker(skip)
 
 
 def models_cache_dir() -> str:

@@ -63,13 +63,13 @@ from layout_retouch_comfy.nodes import (
     LayoutRetouchRetouch,
     LayoutRetouchSampler,
 )
+from lib_layout_retouch import retouch as pl
 from lib_layout_retouch.adapters.comfy.flux import comfy_flux_model
-from lib_layout_retouch.dit.blocks import dit_blocks
+from lib_layout_retouch.dit.flux.blocks import dit_blocks
 from lib_layout_retouch.prompts import derive_prompts
-from lib_layout_retouch.retouch import loop as pl
+from lib_layout_retouch.retouch.editor import LAYOUT, TARGET
 from lib_layout_retouch.schedule import Schedule
 from lib_layout_retouch.segmentation import SubjectSegmenter
-from lib_layout_retouch.unet.attention import LAYOUT, TARGET
 from tests.fixtures.flux import build_tiny_flux, tiny_flux_config_dict
 from tests.fixtures.sam import build_tiny_sam
 from tests.tolerance import network_roundings, rounding_atol
