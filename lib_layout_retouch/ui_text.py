@@ -215,3 +215,22 @@ INTERMEDIATE_CAPTION = {"layout": "layout", "mask": "mask", "attention map": "ma
 def intermediate_label(kind: str, index: int) -> str:
     """`layout of image 1` etc. (`index` 0-based)."""
     return f"{INTERMEDIATE_WHAT.get(kind, kind)} of image {index + 1}"
+
+
+def steps_line(schedule, *, stage1: bool = True, retouch: bool = True) -> str:
+    """What λ1 / λ2 / mask start are at this step count, in the WebUI's "At N steps" words:
+    "At 4 steps: λ1=1, λ2=1, mask from step 3 of 4 (scaled from 5 / 10 / 31 for 50 steps)".
+    `stage1` False: no λ1 (no stage 1); `retouch` False: λ1 only (a layout alone)."""
+    if retouch:
+        used = schedule.describe(stage1=stage1)
+    else:
+        used = f"λ1={schedule.lambda1}"
+    line = f"At {schedule.steps} steps: {used}"
+    if schedule.scaled_from is not None:
+        l1, l2, start, reference_steps = schedule.scaled_from
+        given = [l1] if not retouch else ([l1] if stage1 else []) + [l2, start]
+        if reference_steps != schedule.steps:
+            line += (
+                f" (scaled from {' / '.join(str(v) for v in given)} for {reference_steps} steps)"
+            )
+    return line

@@ -16,7 +16,9 @@ Otherwise every ComfyUI test is skipped: "no ComfyUI: set LR_COMFY_DIR or LR_COM
 A started ComfyUI gets `--cpu --force-fp32 --cache-none` (so before/after runs recompute), a temporary
 --base-directory (input/output/user files, and custom_nodes/ with a link to this checkout), an
 extra_model_paths.yaml naming the comfy-* models (cached, built once with ComfyUI's Python).
-Its stdout+stderr go to <tmp>/comfy.log. LR_COMFY_KEEP=1 keeps <tmp>.
+Its stdout+stderr go to <tmp>/comfy.log. LR_COMFY_KEEP=1 keeps <tmp>. The test-only custom node
+tiny_sam_node/ is linked beside this checkout and <tmp>/models/sams/sam_tiny.pth is the tiny random
+SAM it lets our SAM loader read.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ NO_COMFY = "no ComfyUI: set LR_COMFY_DIR or LR_COMFY_URL; see tests/host/README.
 DEFAULT_DIR = "/work/host/comfy"
 DEFAULT_PYTHON = "/work/host/comfy-venv/bin/python"
 NODE_FOLDER = "sd-webui-layout-retouch"
+TINY_SAM = "sam_tiny.pth"
 START_TIMEOUT = float(os.environ.get("LR_COMFY_START_TIMEOUT", "300"))
 
 
@@ -112,6 +115,22 @@ def build_models(comfy_dir: str, python: str) -> dict:
     return CC.paths(cache)
 
 
+def write_tiny_sam(path: str) -> None:
+    """The tiny random SAM (tests/fixtures/sam.py, seed 0) as a state-dict file, as SAM ships."""
+    import importlib.util
+
+    import torch
+
+    # by its path: which `tests` package is importable depends on how pytest was started
+    spec = importlib.util.spec_from_file_location(
+        "layout_retouch_tiny_sam", os.path.join(REPO_ROOT, "tests", "fixtures", "sam.py")
+    )
+    sam = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sam)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(sam.build_tiny_sam(seed=0).state_dict(), path)
+
+
 def start_comfy(comfy_dir: str, python: str, tmp: str) -> S.Server:
     built = build_models(comfy_dir, python)
     yaml = [
@@ -121,9 +140,12 @@ def start_comfy(comfy_dir: str, python: str, tmp: str) -> S.Server:
         f"  embeddings: {built['embeddings']}",
     ]
     # --base-directory makes <tmp>/custom_nodes ComfyUI's custom-node folder: it links this checkout
+    # and the test-only tiny_sam_node; <tmp>/models/sams (ComfyUI's models folder) gets the tiny SAM
     nodes = os.path.join(tmp, "custom_nodes")
     os.makedirs(nodes)
     os.symlink(REPO_ROOT, os.path.join(nodes, NODE_FOLDER))
+    os.symlink(os.path.join(HERE, "tiny_sam_node"), os.path.join(nodes, "lr_tiny_sam_node"))
+    write_tiny_sam(os.path.join(tmp, "models", "sams", TINY_SAM))
     config = os.path.join(tmp, "extra_model_paths.yaml")
     with open(config, "w", encoding="utf-8") as f:
         f.write("\n".join(yaml) + "\n")
