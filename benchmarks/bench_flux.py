@@ -3,7 +3,7 @@
     python benchmarks/bench_retouch.py --config tiny-flux --device cpu --steps 6     # CPU / CI
     python benchmarks/bench_retouch.py --config flux --device cuda --dtype bf16     # GPU, 1024²
 
-`tiny-flux`: tests/tiny_flux.py's transformer with the tiny T5 and CLIP. `flux`: the full-size
+`tiny-flux`: tests/fixtures/flux.py's transformer with the tiny T5 and CLIP. `flux`: the full-size
 Flux.1-dev architecture (19 + 38 blocks, width 3072, 24 heads; 11.9 B parameters) with random
 weights, random fixed text states (T5: 512 × 4096, pooled CLIP: 768 — the encoders run once per
 prompt and are not what is compared) and an 8× pooling stand-in VAE, at 1024² (4096 image tokens).

@@ -64,10 +64,21 @@ from lib_layout_retouch.schedule import Schedule
 from lib_layout_retouch.unet.attention import RetouchAttention, patched_attention
 from lib_layout_retouch.unet.layers import layer_table_for
 from lib_layout_retouch.unet.model import LdmModel
-from tests.fixtures.nets import (
+from tests.fixtures.nets import (  # (ldm zero-inits; random ε is rough)
+    LDM_ADM,
+    LDM_CONTEXT,
+    TinySdxlLike,
+    ldm_sdxl_unet,
     reinit_zero_weights,
+    sgm_status,
     tame_output,
 )
+from tests.fixtures.sd1 import (
+    latent_diffusion_config,
+    tiny_ldm_config,
+    tiny_vae_ddconfig,
+)
+from tests.fixtures.sdxl import sdxl_base_unet_config
 
 GIB = float(1 << 30)
 # The goals it checks (same run, same card, SD1.5, 512², T=50, cached reference): L&R fast ≤ 2.5×
@@ -103,47 +114,24 @@ NEGATIVE = ""
 # Model configs (ldm's own classes; random weights)
 
 
-def _ldm_config(unet: dict, ddconfig: dict, image_size: int) -> dict:
-    return {
-        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-        "params": {
-            "linear_start": 0.00085,
-            "linear_end": 0.0120,
-            "num_timesteps_cond": 1,
-            "log_every_t": 200,
-            "timesteps": 1000,
-            "first_stage_key": "jpg",
-            "cond_stage_key": "txt",
-            "image_size": image_size // 8,
-            "channels": 4,
-            "cond_stage_trainable": False,
-            "conditioning_key": "crossattn",
-            "monitor": "val/loss_simple_ema",
-            "scale_factor": 0.18215,
-            "use_ema": False,
-            # No CLIP (no weights, no tokenizer): ldm sets cond_stage_model = None for this value, and
-            # force_null_conditioning keeps conditioning_key "crossattn" so apply_model passes context.
-            "cond_stage_config": "__is_unconditional__",
-            "force_null_conditioning": True,
-            "unet_config": {
-                "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                "params": unet,
-            },
-            "first_stage_config": {
-                "target": "ldm.models.autoencoder.AutoencoderKL",
-                "params": {
-                    "embed_dim": 4,
-                    "monitor": "val/rec_loss",
-                    "ddconfig": ddconfig,
-                    "lossconfig": {"target": "torch.nn.Identity"},
-                },
-            },
-        },
-    }
+# The SD VAE's architecture (SD1.x and SDXL alike; only the weights differ).
+SD_VAE_DDCONFIG = {
+    "double_z": True,
+    "z_channels": 4,
+    "resolution": 256,
+    "in_channels": 3,
+    "out_ch": 3,
+    "ch": 128,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "attn_resolutions": [],
+    "dropout": 0.0,
+}
 
 
 def sd15_config() -> dict:
-    """configs/stable-diffusion/v1-inference.yaml (SD1.4/1.5), use_checkpoint off (inference)."""
+    """configs/stable-diffusion/v1-inference.yaml (SD1.4/1.5) at 512², use_checkpoint off
+    (inference), no text encoder."""
     unet = {
         "image_size": 32,
         "in_channels": 4,
@@ -159,67 +147,13 @@ def sd15_config() -> dict:
         "use_checkpoint": False,
         "legacy": False,
     }
-    ddconfig = {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 128,
-        "ch_mult": [1, 2, 4, 4],
-        "num_res_blocks": 2,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    return _ldm_config(unet, ddconfig, 512)
+    return latent_diffusion_config(unet, dict(SD_VAE_DDCONFIG), 512, clip_folder=None)
 
 
 def tiny_config() -> dict:
-    """tests/tiny_models.py's narrow SD1-architecture model (two UNet levels, 2 heads, 64²)."""
-    unet = {
-        "image_size": 8,
-        "in_channels": 4,
-        "out_channels": 4,
-        "model_channels": 32,
-        "attention_resolutions": [1, 2],
-        "num_res_blocks": 1,
-        "channel_mult": [1, 2],
-        "num_heads": 2,
-        "use_spatial_transformer": True,
-        "transformer_depth": 1,
-        "context_dim": 32,
-        "use_checkpoint": False,
-        "legacy": False,
-    }
-    ddconfig = {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 64,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": 32,
-        "ch_mult": [1, 1, 1, 1],
-        "num_res_blocks": 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
-    return _ldm_config(unet, ddconfig, 64)
-
-
-def _sdxl_vae_ddconfig(ch: int) -> dict:
-    """SDXL's VAE has SD's architecture (only its weights differ): ldm's AutoencoderKL serves."""
-    return {
-        "double_z": True,
-        "z_channels": 4,
-        "resolution": 256,
-        "in_channels": 3,
-        "out_ch": 3,
-        "ch": ch,
-        "ch_mult": [1, 2, 4, 4] if ch == 128 else [1, 1, 1, 1],
-        "num_res_blocks": 2 if ch == 128 else 1,
-        "attn_resolutions": [],
-        "dropout": 0.0,
-    }
+    """The tests' tiny SD1-architecture model (tests/fixtures/sd1.py: two UNet levels, 2 heads,
+    64²), without its text encoder."""
+    return tiny_ldm_config(clip_folder=None)
 
 
 def sdxl_config() -> dict:
@@ -231,22 +165,20 @@ def sdxl_config() -> dict:
         "context_dim": 2048,
         "adm": 2816,
         "unet": "sgm-base",
-        "ddconfig": _sdxl_vae_ddconfig(128),
+        "ddconfig": dict(SD_VAE_DDCONFIG),
     }
 
 
 def tiny_sdxl_config() -> dict:
-    """The tiny SDXL's "ldm" build (tiny_nets.py, as the tests build it): ldm's UNet in SDXL
-    configuration (label_emb, depth 2), 64²."""
-    from tests.fixtures.nets import LDM_ADM, LDM_CONTEXT
-
+    """The tiny SDXL's "ldm" build (tests/fixtures/nets.py, as the tests build it): ldm's UNet in
+    SDXL configuration (label_emb, depth 2), 64²."""
     return {
         "family": "sdxl",
         "image_size": 64,
         "context_dim": LDM_CONTEXT,
         "adm": LDM_ADM,
         "unet": "ldm-tiny",
-        "ddconfig": _sdxl_vae_ddconfig(32),
+        "ddconfig": tiny_vae_ddconfig(),
     }
 
 
@@ -277,33 +209,12 @@ def context_dim_of(cfg: dict) -> int:
 
 def _sdxl_unet(cfg: dict) -> torch.nn.Module:
     if cfg["unet"] == "sgm-base":
-        from tests.fixtures.nets import sgm_status
-
         ok, why = sgm_status()
         if not ok:
             raise SystemExit(f"--config sdxl needs sgm: {why}")
         from sgm.modules.diffusionmodules.openaimodel import UNetModel
 
-        return UNetModel(
-            adm_in_channels=2816,
-            num_classes="sequential",
-            use_checkpoint=False,
-            in_channels=4,
-            out_channels=4,
-            model_channels=320,
-            attention_resolutions=[4, 2],
-            num_res_blocks=2,
-            channel_mult=[1, 2, 4],
-            num_head_channels=64,
-            use_spatial_transformer=True,
-            use_linear_in_transformer=True,
-            transformer_depth=[1, 2, 10],
-            context_dim=2048,
-            spatial_transformer_attn_type="softmax",
-            legacy=False,
-        )
-    from tests.fixtures.nets import ldm_sdxl_unet
-
+        return UNetModel(**sdxl_base_unet_config())
     return ldm_sdxl_unet()
 
 
@@ -311,8 +222,6 @@ def _build_sdxl(cfg: dict, seed: int, vanilla: bool):
     """An SDXL-family model object as the library sees A1111's (no text encoders: BenchModel gives
     the conditioning), and a second UNet for DreamBooth mode."""
     from ldm.models.autoencoder import AutoencoderKL
-
-    from tests.fixtures.nets import TinySdxlLike
 
     torch.manual_seed(seed)
     unet = _sdxl_unet(cfg)
@@ -942,38 +851,42 @@ def _autocast_for(device: torch.device, dtype: torch.dtype):
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    """Build the models, then measure per batch size: plain, L&R paper and fast (and fast with the
+    reference attention cache), the hooks' overhead; the figures (`summarize`) as one dict."""
+    bench = Bench(args)
+    res = describe(bench)
+    with torch.inference_mode(), attention_mode(args.attention):
+        if args.forward_only:
+            res.update(one_forward(bench))
+        else:
+            res.update(measure_all(bench))
+            bench.counter.remove()
+    if not args.forward_only:
+        res.update(summary(bench))
+    res["total_s"] = time.perf_counter() - bench.started
+    return res
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """The run's device and dtype (and torch's CPU threads), refused where they cannot run."""
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cpu" and dtype == torch.float16:
         raise SystemExit("fp16 needs a GPU; use --dtype fp32 (or bf16) on the CPU")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
-    cfg = CONFIGS[args.config]()
-    size = args.image_size or image_size_of(cfg)
-    if size % 8:
-        raise SystemExit(f"--image-size must be a multiple of 8, got {size}")
-    latent_hw = (size // 8, size // 8)
-    clock = PhaseClock(device)
-    cuda = device.type == "cuda"
-    started = time.perf_counter()
+    return device, dtype
 
-    def say(
-        msg: str,
-    ) -> None:  # progress on stderr: the run takes minutes on a GPU, longer on a CPU
-        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    t0 = time.perf_counter()
-    ldm, vanilla = build_models(
-        args.config, args.seed, vanilla=not args.forward_only, quiet=not args.verbose
-    )
-    # Weights in the run's dtype (A1111: model.half()), ldm's schedule buffers (ᾱ) stay float32.
+def _placed(ldm, vanilla, device: torch.device, dtype: torch.dtype) -> None:
+    """Weights in the run's dtype (A1111: model.half()), ldm's schedule buffers (ᾱ) stay float32;
+    the vanilla UNet stays on the CPU for the plain runs (a user without the extension)."""
     ldm.model.to(device, dtype)
     ldm.first_stage_model.to(device, dtype)
     ldm.to(device)
     if vanilla is not None:
-        vanilla.to(dtype)  # kept on the CPU for the plain runs (a user without the extension)
+        vanilla.to(dtype)
     if device.type == "cpu" and dtype != torch.float32:
         # CPU-only: ldm's GroupNorm32 runs in float32 on half weights, which CUDA autocast allows
         # and the CPU kernels refuse; norms stay float32 so bf16 runs on a CPU (a check of the
@@ -982,193 +895,259 @@ def run(args: argparse.Namespace) -> dict:
             for mod in m.modules():
                 if isinstance(mod, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                     mod.float()
-    build_s = time.perf_counter() - t0
-    say(f"built the {args.config} models ({build_s:.1f} s)")
-    model = BenchModel(
-        ldm,
-        _autocast_for(device, dtype),
-        context_dim_of(cfg),
-        clock=clock,
-        vector_dim=cfg.get("adm"),
-    )
-    if cfg.get("family") == "sdxl":  # the goals of this run's model family
-        global GOALS
-        unet_gib = sum(p.numel() * p.element_size() for p in model.unet.parameters()) / GIB
-        GOALS = sdxl_goals(unet_gib)
-    unet_params = sum(p.numel() for p in model.unet.parameters())
-    vae_params = sum(p.numel() for p in ldm.first_stage_model.parameters())
-    mem = (lambda: torch.cuda.memory_allocated() / GIB) if cuda else (lambda: None)
 
-    res: dict = {
+
+class Bench:
+    """One benchmark run: its models on the device, the clock, the UNet counter (not for
+    --forward-only), the L&R settings and caches, and the two generations it times. `say`: progress
+    on stderr (the run takes minutes on a GPU, longer on a CPU)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.started = args, time.perf_counter()
+        self.device, self.dtype = _device_and_dtype(args)
+        self.cuda = self.device.type == "cuda"
+        self.cfg = CONFIGS[args.config]()
+        self.size = args.image_size or image_size_of(self.cfg)
+        if self.size % 8:
+            raise SystemExit(f"--image-size must be a multiple of 8, got {self.size}")
+        self.latent_hw = (self.size // 8, self.size // 8)
+        self.clock = PhaseClock(self.device)
+        t0 = time.perf_counter()
+        self.ldm, self.vanilla = build_models(
+            args.config, args.seed, vanilla=not args.forward_only, quiet=not args.verbose
+        )
+        _placed(self.ldm, self.vanilla, self.device, self.dtype)
+        self.build_s = time.perf_counter() - t0
+        self.say(f"built the {args.config} models ({self.build_s:.1f} s)")
+        self.model = BenchModel(
+            self.ldm,
+            _autocast_for(self.device, self.dtype),
+            context_dim_of(self.cfg),
+            clock=self.clock,
+            vector_dim=self.cfg.get("adm"),
+        )
+        if self.cfg.get("family") == "sdxl":  # the goals of this run's model family
+            global GOALS
+            unet_gib = sum(p.numel() * p.element_size() for p in self.model.unet.parameters())
+            GOALS = sdxl_goals(unet_gib / GIB)
+        self.schedule = Schedule.for_steps(args.steps)  # the paper's λ1, λ2, mask start (T-scaled)
+        self.settings = pl.RetouchSettings(schedule=self.schedule, guidance_scale=args.guidance)
+        self.prompts = derive_prompts(PROMPT, CONCEPT, CLASS)
+        self.ref_img = reference_image(self.size)
+        self.cache = pl.InversionCache(max_entries=2)
+        # The opt-in reference attention cache (WebUI setting, off by default): warm after the
+        # warm-up run.
+        self.kv_cache = pl.ReferenceAttentionCache(max_bytes=int(args.kv_cache_gib * 2**30))
+        if not args.forward_only:
+            self.counter = UNetCounter([self.model.unet, self.vanilla])
+        self.per_batch: dict[int, dict] = {}
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.started:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    def memory_gib(self) -> Optional[float]:
+        return torch.cuda.memory_allocated() / GIB if self.cuda else None
+
+    def measure(self, fn) -> dict:
+        return measure(fn, self.clock, self.counter, self.args.warmup, self.args.repeats)
+
+    def noise(self, b: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.args.seed + 100 + b)
+        return torch.randn(b, 4, *self.latent_hw, generator=g).to(self.device)
+
+    def plain(self, noise: torch.Tensor, progress=None) -> torch.Tensor:
+        return plain_generate(self.model, noise, self.args.steps, self.args.guidance, progress)
+
+    def generate(self, noise: torch.Tensor, layout_source: str, *, kv=None, quiet: bool = False):
+        """`pl.generate` with the paper's settings and the warm reference inversion cache."""
+        return pl.generate(
+            self.model,
+            prompts=self.prompts,
+            reference_image=self.ref_img,
+            noise=noise,
+            settings=self.settings,
+            negative_prompt=NEGATIVE,
+            vanilla_unet=self.vanilla,
+            layout_source=layout_source,
+            cache=self.cache,
+            reference_key=("bench-reference", self.args.config, self.args.seed),
+            kv_cache=kv,
+            progress=None if quiet else self.clock.progress,
+        )
+
+
+def describe(bench: Bench) -> dict:
+    """What ran where: the card, the config, the software, the settings."""
+    args, device, cuda = bench.args, bench.device, bench.cuda
+    return {
         "card": card_name(device),
         "config": args.config,
         "dtype": args.dtype,
         "steps": args.steps,
         "device": device.type,
-        "image_size": size,
+        "image_size": bench.size,
         "attention": args.attention,
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "grad_mode": "inference_mode",
-        "device_props": (
-            {
-                "total_memory_gib": torch.cuda.get_device_properties(device).total_memory / GIB,
-                "multiprocessors": torch.cuda.get_device_properties(device).multi_processor_count,
-            }
-            if cuda
-            else {"threads": torch.get_num_threads()}
-        ),
+        "device_props": _device_props(device),
         "backends": {
             "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
         },
-        "unet_params_m": round(unet_params / 1e6, 2),
-        "vae_params_m": round(vae_params / 1e6, 2),
-        "build_s": build_s,
+        "unet_params_m": round(sum(p.numel() for p in bench.model.unet.parameters()) / 1e6, 2),
+        "vae_params_m": round(
+            sum(p.numel() for p in bench.ldm.first_stage_model.parameters()) / 1e6, 2
+        ),
+        "build_s": bench.build_s,
         "warmup": args.warmup,
         "repeats": args.repeats,
         "hook_repeats": args.hook_repeats,
         "guidance": args.guidance,
     }
 
-    with torch.inference_mode(), attention_mode(args.attention):
-        if args.forward_only:
-            x = torch.randn(2, 4, *latent_hw).to(device)
-            c = model.conditioning([PROMPT, NEGATIVE])
-            t = torch.full((2,), 501, device=device, dtype=torch.long)
-            model.eps(x, t, c)  # warm-up
-            clock.start()
-            eps = model.eps(x, t, c)
-            clock.close("forward")
-            res["forward_s"] = clock.totals["forward"]
-            res["forward_finite"] = bool(torch.isfinite(eps).all())
-            res["forward_abs_max"] = float(eps.abs().max())
-            res["total_s"] = time.perf_counter() - started
-            return res
 
-        schedule = Schedule.for_steps(args.steps)  # the paper's λ1, λ2, mask start (scaled to T)
-        res["schedule"] = {
-            "lambda1": schedule.lambda1,
-            "lambda2": schedule.lambda2,
-            "mask_start": schedule.mask_start,
-            "describe": schedule.describe(),
-        }
-        settings = pl.RetouchSettings(schedule=schedule, guidance_scale=args.guidance)
-        prompts = derive_prompts(PROMPT, CONCEPT, CLASS)
-        ref_img = reference_image(size)
-        cache = pl.InversionCache(max_entries=2)
-        counter = UNetCounter([model.unet, vanilla])
-        res["weights_gib"] = mem()
-        per_batch: dict[int, dict] = {}
+def _device_props(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"threads": torch.get_num_threads()}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "total_memory_gib": props.total_memory / GIB,
+        "multiprocessors": props.multi_processor_count,
+    }
 
-        def noise_for(b: int) -> torch.Tensor:
-            g = torch.Generator().manual_seed(args.seed + 100 + b)
-            return torch.randn(b, 4, *latent_hw, generator=g).to(device)
 
-        # 1. plain, with only the personalized model on the device
-        for b in args.batches:
-            noise = noise_for(b)
-            per_batch[b] = {
-                "batch": b,
-                "plain": measure(
-                    lambda noise=noise: plain_generate(
-                        model, noise, args.steps, args.guidance, clock.progress
-                    ),
-                    clock,
-                    counter,
-                    args.warmup,
-                    args.repeats,
-                ),
+def one_forward(bench: Bench) -> dict:
+    """--forward-only: one UNet forward at CFG batch 2 (after one warm-up)."""
+    model, clock = bench.model, bench.clock
+    x = torch.randn(2, 4, *bench.latent_hw).to(bench.device)
+    c = model.conditioning([PROMPT, NEGATIVE])
+    t = torch.full((2,), 501, device=bench.device, dtype=torch.long)
+    model.eps(x, t, c)  # warm-up
+    clock.start()
+    eps = model.eps(x, t, c)
+    clock.close("forward")
+    return {
+        "forward_s": clock.totals["forward"],
+        "forward_finite": bool(torch.isfinite(eps).all()),
+        "forward_abs_max": float(eps.abs().max()),
+    }
+
+
+def measure_all(bench: Bench) -> dict:
+    """Plain runs with only the personalized model on the device, then (DreamBooth mode: the
+    vanilla UNet joins it, sharing the VAE) the L&R runs and the hook figures, per batch size
+    (into `bench.per_batch`); then the diagnostics. Returns the run's other figures."""
+    sched = bench.schedule
+    res: dict = {
+        "schedule": {
+            "lambda1": sched.lambda1,
+            "lambda2": sched.lambda2,
+            "mask_start": sched.mask_start,
+            "describe": sched.describe(),
+        },
+        "weights_gib": bench.memory_gib(),
+    }
+    for b in bench.args.batches:
+        bench.per_batch[b] = {"batch": b, "plain": plain_figure(bench, b)}
+    if bench.vanilla is not None:
+        bench.vanilla.to(bench.device)
+    res["vanilla_unet_gib"] = bench.memory_gib() - res["weights_gib"] if bench.cuda else None
+    for b in bench.args.batches:
+        bench.per_batch[b].update(lr_figures(bench, b))
+        bench.per_batch[b].update(hook_figures(bench, b))
+    res.update(diagnostics(bench))
+    return res
+
+
+def plain_figure(bench: Bench, b: int) -> dict:
+    noise = bench.noise(b)
+    m = bench.measure(lambda: bench.plain(noise, bench.clock.progress))
+    m.pop("out")
+    bench.say(f"batch {b}: plain {m['s']:.3f} s")
+    return m
+
+
+def lr_figures(bench: Bench, b: int) -> dict:
+    """L&R paper (layout inverted) and fast (the stage-1 trajectory), and fast with the reference
+    attention cache unless --kv-cache-gib 0; each with what its retouch did."""
+    noise = bench.noise(b)
+    runs = [("lr_paper", "inversion", None), ("lr_fast", "stage1", None)]
+    if bench.args.kv_cache_gib > 0:
+        runs.append(("lr_fast_kv", "stage1", bench.kv_cache))
+    figures = {}
+    for key, source, kv in runs:
+        m = bench.measure(lambda source=source, kv=kv: bench.generate(noise, source, kv=kv))
+        out = m.pop("out")
+        r = out.retouch
+        m.update(
+            retouch_calls=r.unet_calls,
+            retouch_rows=r.unet_rows,
+            reference_cached=r.reference_cached,
+            mask_kind=r.mask_kind,
+            images_finite=bool(torch.isfinite(out.images).all()),
+        )
+        figures[key] = m
+        bench.say(f"batch {b}: {key} {m['s']:.3f} s")
+    return figures
+
+
+def hook_figures(bench: Bench, b: int) -> dict:
+    """The hooked/plain UNet forward at the retouch batch, in the identity phase and with the mask
+    blend (`hook_overhead`)."""
+    figures = {}
+    for key, blend in (("hook", False), ("hook_blend", True)):
+        figures[key] = hook_overhead(
+            bench.model,
+            b,
+            bench.latent_hw,
+            bench.clock,
+            bench.args.hook_repeats,
+            blend,
+            bench.args.seed,
+        )
+        bench.say(f"batch {b}: {key} forward ×{figures[key]['ratio']:.3f}")
+    return figures
+
+
+def diagnostics(bench: Bench) -> dict:
+    """CUDA: the implicit host-device syncs of one plain and one L&R run (unless --no-sync-check);
+    --profile: one L&R run under torch.profiler."""
+    res: dict = {}
+    if bench.cuda and not bench.args.no_sync_check:
+        bench.model.clock = None  # the clock's own synchronize() calls are not what we look for
+        n1 = bench.noise(1)
+        try:
+            res["sync_points"] = {
+                "plain": sync_points(lambda: bench.plain(n1)),
+                "lr_paper": sync_points(lambda: bench.generate(n1, "inversion", quiet=True)),
             }
-            per_batch[b]["plain"].pop("out")
-            say(f"batch {b}: plain {per_batch[b]['plain']['s']:.3f} s")
+        except Exception as e:  # a diagnostic: never lose the figures above to it
+            res["sync_points_error"] = f"{type(e).__name__}: {e}"
+        bench.model.clock = bench.clock
+    if bench.args.profile:
+        bench.say("profiling one L&R run")
+        res["torch_profile"] = profile_once(
+            lambda: bench.generate(bench.noise(1), "inversion"), bench.device
+        )
+    return res
 
-        # 2. DreamBooth mode: the vanilla UNet joins it (sharing the VAE)
-        if vanilla is not None:
-            vanilla.to(device)
-        res["vanilla_unet_gib"] = None if not cuda else mem() - res["weights_gib"]
 
-        # The opt-in reference attention cache (WebUI setting, off by default): warm after the warm-up run.
-        kv_cache = pl.ReferenceAttentionCache(max_bytes=int(args.kv_cache_gib * 2**30))
-
-        def lr(noise, layout_source, progress=clock.progress, kv=None):
-            return pl.generate(
-                model,
-                prompts=prompts,
-                reference_image=ref_img,
-                noise=noise,
-                settings=settings,
-                negative_prompt=NEGATIVE,
-                vanilla_unet=vanilla,
-                layout_source=layout_source,
-                cache=cache,
-                reference_key=("bench-reference", args.config, args.seed),
-                kv_cache=kv,
-                progress=progress,
-            )
-
-        for b in args.batches:
-            noise = noise_for(b)
-            runs = [("lr_paper", "inversion", None), ("lr_fast", "stage1", None)]
-            if args.kv_cache_gib > 0:
-                runs.append(("lr_fast_kv", "stage1", kv_cache))
-            for key, source, kv in runs:
-                m = measure(
-                    lambda noise=noise, source=source, kv=kv: lr(noise, source, kv=kv),
-                    clock,
-                    counter,
-                    args.warmup,
-                    args.repeats,
-                )
-                out = m.pop("out")
-                r = out.retouch
-                m.update(
-                    retouch_calls=r.unet_calls,
-                    retouch_rows=r.unet_rows,
-                    reference_cached=r.reference_cached,
-                    mask_kind=r.mask_kind,
-                    images_finite=bool(torch.isfinite(out.images).all()),
-                )
-                per_batch[b][key] = m
-                say(f"batch {b}: {key} {m['s']:.3f} s")
-            for key, blend in (("hook", False), ("hook_blend", True)):
-                per_batch[b][key] = hook_overhead(
-                    model, b, latent_hw, clock, args.hook_repeats, blend, args.seed
-                )
-                say(f"batch {b}: {key} forward ×{per_batch[b][key]['ratio']:.3f}")
-
-        if cuda and not args.no_sync_check:
-            model.clock = None  # the clock's own synchronize() calls are not what we look for
-            n1 = noise_for(1)
-            try:
-                res["sync_points"] = {
-                    "plain": sync_points(
-                        lambda: plain_generate(model, n1, args.steps, args.guidance, None)
-                    ),
-                    "lr_paper": sync_points(lambda: lr(n1, "inversion", None)),
-                }
-            except Exception as e:  # a diagnostic: never lose the figures above to it
-                res["sync_points_error"] = f"{type(e).__name__}: {e}"
-            model.clock = clock
-        if args.profile:
-            say("profiling one L&R run")
-            res["torch_profile"] = profile_once(lambda: lr(noise_for(1), "inversion"), device)
-        counter.remove()
-
-    first = args.batches[0]
-    res.update(summarize(per_batch[first]))
-    for b in args.batches[1:]:
-        res[f"batch{b}"] = summarize(per_batch[b])
+def summary(bench: Bench) -> dict:
+    """The first batch size's figures at the top level, the others as batch<N>; the cache's use."""
+    batches, cache = bench.args.batches, bench.cache
+    res = summarize(bench.per_batch[batches[0]])
+    for b in batches[1:]:
+        res[f"batch{b}"] = summarize(bench.per_batch[b])
     res["cache"] = {
         "entries": len(cache),
         "max_entries": cache.max_entries,
         "hits": cache.hits,
         "misses": cache.misses,
     }
-    res["total_s"] = time.perf_counter() - started
     return res
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import tempfile
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -56,10 +57,11 @@ class Recording:
         real = self.real = JointProcessor.paint
         probs = self.probs
 
-        def paint(proc, state, at, results, q, k, v, k_plain, out, n_txt):
-            real(proc, state, at, results, q, k, v, k_plain, out, n_txt)
+        def paint(proc, state, at, results, q, k, v, out, span, **kv_of):
+            real(proc, state, at, results, q, k, v, out, span, **kv_of)
+            n_txt = kv_of["n_txt"]  # a joint block: [text ; image] tokens
             for half, rows in at.target_rows:
-                kr, _ = proc.reference_kv(state, half, q, k, v, k_plain, n_txt)
+                kr, _ = proc.reference_kv(state, half, q, k, v, **kv_of)
                 keys = [k[rows, :, :n_txt], kr.expand(rows.stop - rows.start, -1, -1, -1)]
                 if proc.options.with_target_tokens:
                     keys.append(k[rows, :, n_txt:])
@@ -97,77 +99,101 @@ def retouch(model, ref, layout, conds, subject, lambda2, with_target_tokens=Fals
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+class FluxCase(NamedTuple):
+    """The tiny Flux, its conditionings for "a sks dog on the beach", the subject's T5 rows, the
+    dog photo's latent, one random layout latent, the latent size, the inferred block table."""
+
+    model: object
+    conds: object
+    subject: list
+    ref: torch.Tensor
+    layout: torch.Tensor
+    hw: tuple
+    table: LayerTable
+
+    @property
+    def n_img(self) -> int:
+        return (self.hw[0] // 2) * (self.hw[1] // 2)
+
+    def editor(self, table: Optional[LayerTable] = None, **options) -> DiTRetouchAttention:
+        """The retouch editor over `table` (default: the inferred one) with the model's RoPE."""
+        return DiTRetouchAttention(
+            self.table if table is None else table,
+            self.subject,
+            self.hw,
+            rope_of=self.model.transformer.pe_embedder,
+            **options,
+        )
+
+
+def flux_case() -> FluxCase:
     tmp = tempfile.mkdtemp()
     model = build_tiny_flux_model(
         make_tiny_t5_folder(os.path.join(tmp, "t5")),
         make_tiny_clip_folder(os.path.join(tmp, "clip")),
     )
     prompts = derive_prompts("a sks dog on the beach", "sks", "dog")
-    conds = pl.encode_prompts(model, prompts, "")
-    subject = model.subject_tokens(prompts.personalized, ["sks", "dog"])
     ref = model.encode(photo_tensor())
     hw = tuple(ref.shape[-2:])
-    layout = 0.6 * torch.randn(1, 16, *hw, generator=torch.Generator().manual_seed(7))
-    results: dict = {}
+    return FluxCase(
+        model=model,
+        conds=pl.encode_prompts(model, prompts, ""),
+        subject=model.subject_tokens(prompts.personalized, ["sks", "dog"]),
+        ref=ref,
+        layout=0.6 * torch.randn(1, 16, *hw, generator=torch.Generator().manual_seed(7)),
+        hw=hw,
+        table=layer_table_for_dit(model.transformer),
+    )
 
-    # 1. inversion
-    empty = model.conditioning([""])
+
+def inversion_errors(case: FluxCase) -> list[dict]:
+    """1. The relative reconstruction error of invert + sample with the same solver, per T."""
+    empty = case.model.conditioning([""])
 
     def velocity(x, sigma):
-        return model.velocity(x, sigma, C.expand(empty, x.shape[0]))
+        return case.model.velocity(x, sigma, C.expand(empty, x.shape[0]))
 
     rows = []
     for steps in (4, 8, 16, 28, 50):
-        sched = model.schedule(steps, hw)
+        sched = case.model.schedule(steps, case.hw)
         for solver in flow.SOLVERS:
-            for name, z0 in (("photo", ref), ("random", layout)):
+            for name, z0 in (("photo", case.ref), ("random", case.layout)):
                 err = flow.reconstruction_error(velocity, z0, sched, solver)
-                rows.append(
-                    dict(
-                        steps=steps,
-                        solver=solver,
-                        latent=name,
-                        error=err,
-                        calls=2 * steps * flow.EVALUATIONS[solver],
-                    )
-                )
-    results["inversion"] = rows
+                calls = 2 * steps * flow.EVALUATIONS[solver]
+                rows.append(dict(steps=steps, solver=solver, latent=name, error=err, calls=calls))
     print("inversion: relative reconstruction error (invert + sample, same solver)")
     for r in rows:
         print(
             f"  T={r['steps']:>2} {r['solver']:<8} {r['latent']:<6} {r['error']:.2e}  ({r['calls']} calls)"
         )
+    return rows
 
-    # 2. reference positions: reference = layout, diagonal share of the reference attention
-    table = layer_table_for_dit(model.transformer)
-    n_img = (hw[0] // 2) * (hw[1] // 2)
+
+def reference_rope_share(case: FluxCase) -> dict:
+    """2. Reference = layout: the share of the target's reference attention on the same cell."""
     rope = {}
     for mode in (SHARED, SHIFTED):
-        ed = DiTRetouchAttention(
-            table, subject, hw, rope_of=model.transformer.pe_embedder, reference_rope=mode
-        )
         with Recording() as rec:
-            one_paint_call(model, ed, layout, layout, conds)
+            one_paint_call(
+                case.model, case.editor(reference_rope=mode), case.layout, case.layout, case.conds
+            )
         diag = []
         for _name, n_txt, p in rec.probs:
-            pr = p[..., n_txt : n_txt + n_img]  # (1, H, n, n) over the reference tokens
+            pr = p[..., n_txt : n_txt + case.n_img]  # (1, H, n, n) over the reference tokens
             pr = pr / pr.sum(-1, keepdim=True)
             diag.append(pr.diagonal(dim1=-2, dim2=-1).mean().item())
         rope[mode] = sum(diag) / len(diag)
-    results["rope_diagonal_share"] = dict(rope, uniform=1 / n_img)
     print(
         f"reference = layout, share of reference attention on the same cell: shared {rope[SHARED]:.3f}, "
-        f"shifted {rope[SHIFTED]:.3f} (uniform {1 / n_img:.3f})"
+        f"shifted {rope[SHIFTED]:.3f} (uniform {1 / case.n_img:.3f})"
     )
+    return dict(rope, uniform=1 / case.n_img)
 
-    # 2b. the same with a purely positional head at Flux.1's real geometry (head dim 128, axes
-    # 16/56/56, 64×64 tokens = 1024²): every query and key is one RMS-normed vector u, so RoPE alone
-    # decides where the target's attention over the reference tokens goes.
+
+def positional_head_geometry() -> dict:
+    """2b. The same with a purely positional head at Flux.1's real geometry (head dim 128, axes
+    16/56/56, 64×64 tokens = 1024²): every query and key is one RMS-normed vector u, so RoPE alone
+    decides where the target's attention over the reference tokens goes."""
     from lib_layout_retouch.dit.flux.blocks import apply_rope
     from lib_layout_retouch.dit.tokens import image_ids
     from tests.fixtures.flux import EmbedND
@@ -197,65 +223,77 @@ def main() -> None:
             f"{out[SHARED]['left_edge_column']:.3f}, shifted {out[SHIFTED]['left_edge_column']:.3f} "
             f"(uniform cell {1 / n:.4f}, column {1 / grid[1]:.3f})"
         )
-    results["rope_positional_head"] = geometry
+    return geometry
 
-    # 3. own image tokens among the keys
+
+def own_image_tokens(case: FluxCase) -> dict:
+    """3. The target's own image tokens among the keys or not: the reference's share of the image
+    queries' attention, and how far the retouch moves from the layout's regeneration."""
     own = {}
     for with_target in (False, True):
-        ed = DiTRetouchAttention(
-            table,
-            subject,
-            hw,
-            rope_of=model.transformer.pe_embedder,
-            with_target_tokens=with_target,
-        )
         with Recording() as rec:
-            one_paint_call(model, ed, ref, layout, conds)
-        share = [p[..., n_txt : n_txt + n_img].sum(-1).mean().item() for _n, n_txt, p in rec.probs]
-        res = retouch(model, ref, layout, conds, subject, 2, with_target)
-        ref_res = retouch(model, ref, layout, conds, subject, 8)  # λ2 = T: the layout regenerated
+            one_paint_call(
+                case.model,
+                case.editor(with_target_tokens=with_target),
+                case.ref,
+                case.layout,
+                case.conds,
+            )
+        share = [
+            p[..., n_txt : n_txt + case.n_img].sum(-1).mean().item() for _n, n_txt, p in rec.probs
+        ]
+        res = retouch(case.model, case.ref, case.layout, case.conds, case.subject, 2, with_target)
+        ref_res = retouch(
+            case.model, case.ref, case.layout, case.conds, case.subject, 8
+        )  # λ2 = T: the layout
         moved = ((res.latents - ref_res.latents).norm() / ref_res.latents.norm()).item()
         own[str(with_target)] = dict(
             reference_attention_share=sum(share) / len(share), moved_from_layout=moved
         )
-    results["with_target_tokens"] = own
     for k, v in own.items():
         print(
             f"own image tokens among the keys={k}: reference share {v['reference_attention_share']:.3f}, "
             f"result moved from the layout's regeneration by {v['moved_from_layout']:.3f} (relative)"
         )
+    return own
 
-    # 4. per-block influence of the reference K/V
-    influence = {}
-    base = one_paint_call(
-        model,
-        DiTRetouchAttention(
-            LayerTable("none", (), (), ()), subject, hw, rope_of=model.transformer.pe_embedder
-        ),
-        ref,
-        layout,
-        conds,
-    )[2]
-    names = [f"double_blocks.{i}" for i in range(len(model.transformer.double_blocks))] + [
-        f"single_blocks.{i}" for i in range(len(model.transformer.single_blocks))
+
+def block_influence(case: FluxCase) -> dict:
+    """4. How much the reference K/V at one block alone change the velocity (relative), per block."""
+    nothing = case.editor(LayerTable("none", (), (), ()))
+    base = one_paint_call(case.model, nothing, case.ref, case.layout, case.conds)[2]
+    transformer = case.model.transformer
+    names = [f"double_blocks.{i}" for i in range(len(transformer.double_blocks))] + [
+        f"single_blocks.{i}" for i in range(len(transformer.single_blocks))
     ]
+    influence = {}
     for name in names:
-        ed = DiTRetouchAttention(
-            LayerTable(name, (name,), (), (name,)),
-            subject,
-            hw,
-            rope_of=model.transformer.pe_embedder,
-        )
-        v = one_paint_call(model, ed, ref, layout, conds)[2]
+        one = case.editor(LayerTable(name, (name,), (), (name,)))
+        v = one_paint_call(case.model, one, case.ref, case.layout, case.conds)[2]
         influence[name] = ((v - base).norm() / base.norm()).item()
-    results["block_influence"] = influence
     print(
         "velocity change from the reference K/V at one block:",
         {k: round(v, 4) for k, v in influence.items()},
     )
+    return influence
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    case = flux_case()
+    results = dict(
+        inversion=inversion_errors(case),
+        rope_diagonal_share=reference_rope_share(case),
+        rope_positional_head=positional_head_geometry(),
+        with_target_tokens=own_image_tokens(case),
+        block_influence=block_influence(case),
+    )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
     const TABS = ['txt2img', 'img2img'];
 
     function texts() {
-        return window.layoutRetouchTexts || {refusalMark: '⚠ Layout-and-Retouch:', moreUploading: 'More photos are still uploading', intermediateKey: 'Layout-and-Retouch intermediate'};
+        return window.layoutRetouchTexts || {refusalMark: '⚠ Layout-and-Retouch:', refusalItem: '•', moreUploading: 'More photos are still uploading', intermediateKey: 'Layout-and-Retouch intermediate', intermediateShort: {}};
     }
 
     function app() {
@@ -54,10 +54,21 @@
             return (n.textContent || '').includes(mark);
         });
         if (!nodes.length) return null;
+        // a refusal with several problems: the marked line, then one "•" line each
+        const item = texts().refusalItem || '•';
         const lines = [];
         nodes.forEach(function (n) {
+            let inRefusal = false;
             (n.innerText || n.textContent || '').split('\n').forEach(function (l) {
-                if (l.trim().startsWith(mark)) lines.push(l.trim());
+                const t = l.trim();
+                if (t.startsWith(mark)) {
+                    lines.push(t);
+                    inRefusal = true;
+                } else if (inRefusal && t.startsWith(item)) {
+                    lines.push(t);
+                } else {
+                    inRefusal = false;
+                }
             });
         });
         return {nodes: nodes, text: lines.join('\n')};
@@ -127,26 +138,46 @@
         });
     }
 
+    // A caption that fits a thumbnail (≈ 40 px wide at 1280 px): "layout", "mask", "map" — with
+    // the image's number when there are several — and the full label on hover.
+    function shortCaption(label, numbered) {
+        const short = texts().intermediateShort || {};
+        const m = /^(.*) of image (\d+)$/.exec(label);
+        if (!m) return label;
+        const word = short[m[1]] || m[1];
+        return numbered ? word + ' ' + m[2] : word;
+    }
+
     function captionIntermediates() {
         TABS.forEach(function (tab) {
             const labels = intermediateLabels(tab);
-            app().querySelectorAll('#' + tab + '_gallery .thumbnail-item').forEach(function (thumb, i) {
+            const numbered = labels.some(function (l) { return /of image [2-9]\d*$|of image 1\d+$/.test(l || ''); });
+            const gallery = byId(tab + '_gallery');
+            let selectedIsIntermediate = false;
+            // the preview's row and the grid each list every image: index within each list
+            const index = new Map();
+            app().querySelectorAll('#' + tab + '_gallery .thumbnail-item').forEach(function (thumb) {
+                const list = thumb.parentElement;
+                const i = index.get(list) || 0;
+                index.set(list, i + 1);
                 const label = labels[i] || '';
                 let cap = thumb.querySelector('.layout-retouch-caption');
                 if (!label) {
                     if (cap) { cap.remove(); thumb.removeAttribute('title'); }
                     return;
                 }
+                if (thumb.classList.contains('selected')) selectedIsIntermediate = true;
                 if (!cap) {
                     cap = document.createElement('span');
                     cap.className = 'layout-retouch-caption';
                     thumb.appendChild(cap);
                 }
-                if (cap.textContent !== label) {
-                    cap.textContent = label;
-                    thumb.title = label;
-                }
+                const text = shortCaption(label, numbered);
+                if (cap.textContent !== text) cap.textContent = text;
+                if (thumb.title !== label) thumb.title = label;
             });
+            // a mostly white blend mask on the white preview: framed on a grey matte
+            if (gallery) gallery.classList.toggle('layout-retouch-intermediate-shown', selectedIsIntermediate);
         });
     }
 

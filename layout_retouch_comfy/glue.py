@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import comfy.utils
+import folder_paths
 import latent_preview
 import torch
+
+from lib_layout_retouch.segmentation import SAM_EXTENSIONS
+
+# Where SAM checkpoints are: `models/sams/`, the folder ComfyUI's segment-anything node packs
+# (Impact Pack, comfyui_segment_anything) use, so their files are listed here too;
+# extra_model_paths.yaml may add folders under `sams:` (ComfyUI reads it before custom nodes).
+SAM_FOLDER = "sams"
+folder_paths.add_model_folder_path(SAM_FOLDER, os.path.join(folder_paths.models_dir, SAM_FOLDER))
+_paths, _extensions = folder_paths.folder_names_and_paths[SAM_FOLDER]
+if not _extensions:  # registered without a filter (no extensions = every file)
+    folder_paths.folder_names_and_paths[SAM_FOLDER] = (_paths, set(SAM_EXTENSIONS))
 
 
 class ComfyCalls:
@@ -85,3 +99,31 @@ class ComfyCalls:
     @staticmethod
     def previewer(model):
         return latent_preview.get_previewer(model.load_device, model.model.latent_format)
+
+    @staticmethod
+    def show_text(node_id, text: str) -> None:
+        """`text` on the node in the page (ComfyUI's progress text, under the widgets); a no-op
+        outside a server (the node called directly) or without the node's id."""
+        if node_id is None:
+            return
+        try:
+            from server import PromptServer
+        except ImportError:
+            return
+        server = getattr(PromptServer, "instance", None)
+        if server is not None:
+            server.send_progress_text(text, node_id)
+
+    @staticmethod
+    def sam_files() -> list[str]:
+        return folder_paths.get_filename_list(SAM_FOLDER)
+
+    @staticmethod
+    def sam_path(name: str):
+        """The file of a listed SAM checkpoint, or None (gone since the list was made)."""
+        return folder_paths.get_full_path(SAM_FOLDER, name)
+
+    @staticmethod
+    def sam_device(choice: str) -> torch.device:
+        """'auto': ComfyUI's device (the GPU unless --cpu); 'cpu': SAM stays off the GPU."""
+        return torch.device("cpu") if choice == "cpu" else mm.get_torch_device()

@@ -1,7 +1,9 @@
 """The nodes' inputs, derived from `lib_layout_retouch.params.FIELDS` (one home per fact): each
 advanced parameter keeps its API name, default, range, choices and hint; what the WebUI takes as a
-field but ComfyUI takes as a socket (the reference photo, the vanilla checkpoint, its text encoder)
-or does not offer (SAM, the gallery option) is left out here and named in `SOCKETS`/`NOT_OFFERED`.
+field but ComfyUI takes as a socket (the reference photo, the vanilla checkpoint, its text encoder,
+the SAM model) or does not offer (the gallery option) is left out here and named in
+`SOCKETS`/`NOT_OFFERED`. `check_before_run` is what the nodes' VALIDATE_INPUTS asks: the checks
+that need no model, so ComfyUI refuses the prompt before anything loads.
 No ComfyUI import: the specs are plain tuples, the sampler lists are passed in.
 """
 
@@ -11,6 +13,8 @@ from typing import Any, Mapping
 
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
+from lib_layout_retouch.prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN, derive_prompts
+from lib_layout_retouch.schedule import Schedule
 
 CATEGORY = "Layout-and-Retouch"
 MAX_INT = 10000
@@ -20,11 +24,21 @@ SOCKETS = {
     "vanilla_checkpoint": "vanilla_model",
     "stage1_text_encoder": "vanilla_clip",
     "personalization": "vanilla_model",
+    "sam_model": "sam",  # a SAM loader node's output
     "subjects": "subjects",  # chained Layout-and-Retouch Subject nodes
 }
-# FIELDS ComfyUI does not offer: SAM checkpoints (the cross-attention mask only), the gallery
-# option (the layout, mask and map are outputs), the switch (the node is the switch).
-NOT_OFFERED = ("enabled", "sam_model", "show_intermediates")
+# FIELDS ComfyUI does not offer: the gallery option (the layout, mask and map are outputs), the
+# switch (the node is the switch).
+NOT_OFFERED = ("enabled", "show_intermediates")
+# What ComfyUI offers of a choice field, where it is less than the WebUI's, and the hint that
+# says it in ComfyUI's words. 'stage1' reads the library's DDIM trajectory, which ComfyUI's
+# sampler does not give (docs/comfyui.md).
+CHOICES = {"layout_source": ("inversion", "input")}
+HINTS = {
+    "layout_source": "Where the layout path's latents come from: 'inversion' = DDIM inversion of "
+    "the stage-1 layout (paper); 'input' = no stage 1: the connected 'latent' (e.g. VAE Encode of "
+    "your picture) is inverted and retouched as it is, putting your subject into that picture.",
+}
 # the concept fields are required inputs, the rest are advanced
 CONCEPT = ("concept_token", "class_phrase")
 LAMBDAS = ("lambda1", "lambda2", "mask_start")
@@ -46,7 +60,7 @@ INPUT_OF_PARAMETER = {
 def field_input(name: str) -> tuple:
     """One FIELDS entry as a ComfyUI input spec (type, options)."""
     f = FIELD_BY_NAME[name]
-    opts: dict[str, Any] = {"default": f.default, "tooltip": f.hint}
+    opts: dict[str, Any] = {"default": f.default, "tooltip": HINTS.get(name, f.hint)}
     if name in ADVANCED:
         opts["advanced"] = True
     if f.kind == "bool":
@@ -57,7 +71,7 @@ def field_input(name: str) -> tuple:
         low, high = f.slider_range()
         return ("FLOAT", {**opts, "min": low, "max": high, "step": f.step})
     if f.kind == "choice":
-        return (list(f.choices), opts)
+        return (list(CHOICES.get(name, f.choices)), opts)
     if f.kind == "str":
         return ("STRING", {**opts, "multiline": False})
     raise AssertionError(f"no ComfyUI input for field kind {f.kind!r}")
@@ -108,12 +122,92 @@ def make_params(values: Mapping[str, Any], references, *, vanilla: bool) -> Layo
     )
 
 
-def node_error(error: LayoutRetouchError) -> LayoutRetouchError:
-    """The library's message, with the node input it is about (the WebUI names its own field)."""
-    name = INPUT_OF_PARAMETER.get(error.parameter or "", error.parameter)
+def node_error(error: LayoutRetouchError, input_name: str | None = None) -> LayoutRetouchError:
+    """The library's message, with the node input it is about (the WebUI names its own field);
+    `input_name`: the input, where the node calls it otherwise."""
+    name = input_name or INPUT_OF_PARAMETER.get(error.parameter or "", error.parameter)
     message = str(error)
     if name and error.parameter and name != error.parameter:
         message = message.replace(error.parameter, name)  # "no reference_image" → "no reference"
     if name and f"'{name}'" not in message:
         message += f" [input '{name}']"
     return LayoutRetouchError(message, parameter=name)
+
+
+# A VALIDATE_INPUTS argument whose socket is not connected (ComfyUI passes None for a connected
+# one: its value is not known before the run).
+UNCONNECTED = object()
+
+
+def check_before_run(
+    *,
+    prompt=None,
+    concept_token=None,
+    class_phrase=None,
+    steps=None,
+    lambdas: Mapping[str, Any],
+    scale_with_steps=True,
+    layout_source=None,
+    latent=UNCONNECTED,
+) -> str | None:
+    """The refusal the node's run would give for these widget values, or None: what needs no model
+    (the concept words, the prompt, λ1 / λ2 / mask start at this step count, the layout source).
+    None values are inputs fed by another node (unknown before the run): not checked. `lambdas`:
+    the node's own of λ1, λ2, mask start (the Layout node has λ1 only, the Retouch node no λ1)."""
+    try:
+        _check_values(prompt, concept_token, class_phrase, steps, lambdas, scale_with_steps)
+        _check_layout_source(layout_source, latent)
+    except LayoutRetouchError as e:
+        return str(node_error(e))
+    return None
+
+
+def _check_values(prompt, concept_token, class_phrase, steps, lambdas, scale_with_steps) -> None:
+    known = {k: v for k, v in lambdas.items() if v is not None}
+    if scale_with_steps is not None:
+        params = LayoutRetouchParams(scale_with_steps=scale_with_steps, **known)
+        params.validate()  # the ranges that need no step count
+        if steps is not None and len(known) == len(lambdas):
+            schedule_of(steps, params, lambdas)
+    if None not in (prompt, concept_token, class_phrase):
+        derive_prompts(prompt, concept_token, class_phrase)  # the words, and the token in y_p
+        return
+    for name, value, message in (
+        ("concept_token", concept_token, NO_CONCEPT_TOKEN),
+        ("class_phrase", class_phrase, NO_CLASS_PHRASE),
+    ):
+        if value is not None and not value.strip():
+            raise LayoutRetouchError(message, parameter=name)
+
+
+def schedule_of(steps, params: LayoutRetouchParams, lambdas) -> Schedule:
+    """The schedule the run would use, of a node with the knobs named in `lambdas` (the values are
+    `params`'); a knob the node has not fits any step count."""
+    unused_mask = FIELD_BY_NAME["mask_start"].default if params.scale_with_steps else steps + 1
+    return Schedule.for_steps(
+        steps,
+        params.lambda1 if "lambda1" in lambdas else 0,
+        params.lambda2 if "lambda2" in lambdas else 0,
+        params.mask_start if "mask_start" in lambdas else unused_mask,
+        scale=params.scale_with_steps,
+    )
+
+
+def _check_layout_source(layout_source, latent) -> None:
+    if layout_source is None:
+        return
+    offered = CHOICES["layout_source"]
+    if layout_source not in offered:
+        raise LayoutRetouchError(
+            f"layout_source '{layout_source}' is not offered in ComfyUI: choose "
+            + " or ".join(f"'{c}'" for c in offered),
+            parameter="layout_source",
+        )
+    if layout_source == "input" and latent is UNCONNECTED:
+        raise LayoutRetouchError(INPUT_WITHOUT_LATENT, parameter="layout_source")
+
+
+INPUT_WITHOUT_LATENT = (
+    "layout_source 'input' retouches the connected 'latent' itself (no stage 1), but no latent is "
+    "connected: connect one (e.g. VAE Encode of your picture), or choose 'inversion'"
+)

@@ -1,15 +1,30 @@
-"""The ComfyUI nodes: Layout-and-Retouch Sampler (both stages), Layout (stage 1) and Retouch
-(stage 2 of any layout latent). Inputs come from `inputs` (FIELDS), the work from `run`."""
+"""The ComfyUI nodes: Layout-and-Retouch Sampler (both stages), Layout (stage 1), Retouch (stage 2 of
+any layout latent) and the SAM loader. Inputs come from `inputs` (FIELDS), the work from `run`, what
+they say from `texts`.
+
+Each node's VALIDATE_INPUTS refuses before the run what needs no model (`inputs.check_before_run`),
+so ComfyUI shows it as a validation error on the node before any checkpoint loads. A node shows the
+values it uses ("At N steps: …"), the mask kind and the notes on itself (ComfyUI's progress text),
+in the `ui` of its result (/history) and as its `info` STRING output.
+"""
 
 from __future__ import annotations
 
-from layout_retouch_comfy import inputs, run
+import inspect
+
+from layout_retouch_comfy import inputs, run, texts
 from layout_retouch_comfy.glue import ComfyCalls
+from lib_layout_retouch import ui_text
 from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE
 from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.params import LayoutRetouchParams
+from lib_layout_retouch.segmentation import OFFICIAL_SAM_FILES, load_segmenter
 
 CALLS = ComfyCalls()
+texts.install_refusal_filter()
 IMAGE_SIZE = {"default": 512, "min": 64, "max": 8192, "step": 8}
+SAM_TYPE = "LAYOUT_RETOUCH_SAM"
+HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id, for the text shown on it
 MODELS = {
     "model": (
         "MODEL",
@@ -55,6 +70,26 @@ LATENT_IN = {
         {"tooltip": "Inpaint: 1 = redraw and retouch here; the rest stays the input's."},
     ),
 }
+SUBJECT_MASK = {
+    "subject_mask": (
+        "MASK",
+        {
+            "tooltip": "txt2img: where your subject is (1 = retouch here). Stage 1 still draws "
+            "the whole picture; the retouch changes only inside this mask, and the blend mask is "
+            "bounded by it. (Inpaint: 'mask' with a 'latent'.)"
+        },
+    )
+}
+SAM = {
+    "sam": (
+        SAM_TYPE,
+        {
+            "tooltip": "A SAM model (Layout-and-Retouch: SAM Loader): the blend mask becomes the "
+            "paper's adaptive mask, SAM's segment of the subject in the layout joined with the "
+            "cross-attention mask (SAM+CA). Empty: the cross-attention mask alone."
+        },
+    )
+}
 GUIDANCE = {
     "guidance": (
         "FLOAT",
@@ -69,11 +104,49 @@ GUIDANCE = {
         },
     )
 }
-RETOUCH_OUT = ("LATENT", "MASK", "IMAGE")
+INFO_TOOLTIP = (
+    "What λ1, λ2 and mask start are at this step count, the mask used and the notes (also shown "
+    "on the node after a run)."
+)
+RETOUCH_TOOLTIPS = (
+    "The retouched LATENT (VAE Decode it).",
+    "The blend mask M at image size (1 = retouched from the reference).",
+    "The subject's normalised cross-attention map, as an image.",
+)
 
 
 def _lambdas(*names):
     return {name: inputs.field_input(name) for name in names}
+
+
+def describe(doc: str) -> str:
+    """A docstring as one paragraph (ComfyUI shows DESCRIPTION as it is)."""
+    return " ".join(inspect.cleandoc(doc).split())
+
+
+def _verdict(refusal):
+    """VALIDATE_INPUTS' answer: True, or the message ComfyUI shows on the node."""
+    return True if refusal is None else refusal
+
+
+def _show(unique_id, text: str) -> None:
+    if text:
+        CALLS.show_text(unique_id, text)
+
+
+def _start_text(steps, lambdas: dict, scale_with_steps, *, stage1=True, retouch=True) -> str:
+    """The "At N steps" line before the run (the run's own text replaces it); "" for values the
+    run will refuse."""
+    try:
+        params = LayoutRetouchParams(scale_with_steps=scale_with_steps, **lambdas)
+        schedule = inputs.schedule_of(steps, params, lambdas)
+    except LayoutRetouchError:
+        return ""
+    return ui_text.steps_line(schedule, stage1=stage1, retouch=retouch)
+
+
+def _result(info: str, outputs: tuple) -> dict:
+    return {"ui": {"text": [info]}, "result": outputs}
 
 
 class LayoutRetouchSampler:
@@ -82,15 +155,22 @@ class LayoutRetouchSampler:
 
     CATEGORY = inputs.CATEGORY
     FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT", "LATENT", "MASK", "IMAGE")
-    RETURN_NAMES = ("retouched", "layout", "blend_mask", "attention_map")
-    DESCRIPTION = __doc__
+    RETURN_TYPES = ("LATENT", "LATENT", "MASK", "IMAGE", "STRING")
+    RETURN_NAMES = ("retouched", "layout", "blend_mask", "attention_map", "info")
+    OUTPUT_TOOLTIPS = (
+        RETOUCH_TOOLTIPS[0],
+        "The stage-1 layout LATENT.",
+        *RETOUCH_TOOLTIPS[1:],
+        INFO_TOOLTIP,
+    )
+    DESCRIPTION = describe(__doc__)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 **MODELS,
+                **REFERENCE,
                 **inputs.prompt_inputs(),
                 **inputs.sampler_inputs(CALLS.samplers, CALLS.schedulers),
                 **_lambdas(*inputs.LAMBDAS),
@@ -99,16 +179,53 @@ class LayoutRetouchSampler:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
             "optional": {
-                **REFERENCE,
                 **VANILLA,
                 **LATENT_IN,
+                **SUBJECT_MASK,
+                **SAM,
                 **GUIDANCE,
                 **inputs.advanced_inputs(),
             },
+            "hidden": HIDDEN,
         }
 
-    def sample(self, reference=None, **kw):
-        return run.layout_and_retouch(CALLS, reference=reference, **kw).as_tuple()
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls,
+        prompt=None,
+        concept_token=None,
+        class_phrase=None,
+        steps=None,
+        lambda1=None,
+        lambda2=None,
+        mask_start=None,
+        scale_with_steps=True,
+        layout_source=None,
+        latent=inputs.UNCONNECTED,
+    ):
+        return _verdict(
+            inputs.check_before_run(
+                prompt=prompt,
+                concept_token=concept_token,
+                class_phrase=class_phrase,
+                steps=steps,
+                lambdas=dict(lambda1=lambda1, lambda2=lambda2, mask_start=mask_start),
+                scale_with_steps=scale_with_steps,
+                layout_source=layout_source,
+                latent=latent,
+            )
+        )
+
+    def sample(self, reference, unique_id=None, **kw):
+        lambdas = {k: kw.get(k) for k in inputs.LAMBDAS}
+        stage1 = kw.get("layout_source") != "input"
+        _show(
+            unique_id,
+            _start_text(kw.get("steps"), lambdas, kw.get("scale_with_steps", True), stage1=stage1),
+        )
+        out = run.layout_and_retouch(CALLS, reference=reference, **kw)
+        _show(unique_id, out.info)
+        return _result(out.info, out.as_tuple())
 
 
 class LayoutRetouchLayout:
@@ -117,9 +234,10 @@ class LayoutRetouchLayout:
 
     CATEGORY = inputs.CATEGORY
     FUNCTION = "layout"
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("layout",)
-    DESCRIPTION = __doc__
+    RETURN_TYPES = ("LATENT", "STRING")
+    RETURN_NAMES = ("layout", "info")
+    OUTPUT_TOOLTIPS = ("The stage-1 layout LATENT.", "What λ1 is at this step count.")
+    DESCRIPTION = describe(__doc__)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -140,7 +258,29 @@ class LayoutRetouchLayout:
                 **GUIDANCE,
                 **inputs.advanced_inputs(("scale_with_steps",)),
             },
+            "hidden": HIDDEN,
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls,
+        prompt=None,
+        concept_token=None,
+        class_phrase=None,
+        steps=None,
+        lambda1=None,
+        scale_with_steps=True,
+    ):
+        return _verdict(
+            inputs.check_before_run(
+                prompt=prompt,
+                concept_token=concept_token,
+                class_phrase=class_phrase,
+                steps=steps,
+                lambdas=dict(lambda1=lambda1),
+                scale_with_steps=scale_with_steps,
+            )
+        )
 
     def layout(
         self,
@@ -167,6 +307,7 @@ class LayoutRetouchLayout:
         mask=None,
         scale_with_steps=True,
         guidance=DEFAULT_GUIDANCE,
+        unique_id=None,
     ):
         import torch
 
@@ -183,6 +324,8 @@ class LayoutRetouchLayout:
             )
         except LayoutRetouchError as e:
             raise inputs.node_error(e) from e
+        info = texts.info_text(job.schedule, retouch=False)
+        _show(unique_id, info)
         source = latent or {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
         noise_mask = mask if mask is not None else source.get("noise_mask")
         progress = run.Progress(CALLS.progress_bar(steps), steps, CALLS.previewer(model))
@@ -206,7 +349,7 @@ class LayoutRetouchLayout:
         )
         out = dict(source)
         out["samples"] = samples
-        return (out,)
+        return _result(info, (out, info))
 
 
 class LayoutRetouchRetouch:
@@ -215,9 +358,11 @@ class LayoutRetouchRetouch:
 
     CATEGORY = inputs.CATEGORY
     FUNCTION = "retouch"
-    RETURN_TYPES = RETOUCH_OUT
-    RETURN_NAMES = ("retouched", "blend_mask", "attention_map")
-    DESCRIPTION = __doc__
+    RETURN_TYPES = ("LATENT", "MASK", "IMAGE", "STRING")
+    RETURN_NAMES = ("retouched", "blend_mask", "attention_map", "info")
+    OUTPUT_TOOLTIPS = (*RETOUCH_TOOLTIPS, INFO_TOOLTIP)
+    DESCRIPTION = describe(__doc__)
+    RETOUCH_LAMBDAS = ("lambda2", "mask_start")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -225,21 +370,51 @@ class LayoutRetouchRetouch:
         return {
             "required": {
                 **MODELS,
+                **REFERENCE,
                 "layout": ("LATENT", {"tooltip": "The layout to retouch."}),
                 **inputs.prompt_inputs(),
                 "steps": inputs.sampler_inputs((), ())["steps"],
                 "cfg": inputs.sampler_inputs((), ())["cfg"],
-                **_lambdas("lambda2", "mask_start"),
+                **_lambdas(*cls.RETOUCH_LAMBDAS),
             },
             "optional": {
-                **REFERENCE,
-                "mask": LATENT_IN["mask"],
+                "mask": (
+                    "MASK",
+                    {"tooltip": "Where to retouch (1 = here); the rest stays the layout's."},
+                ),
+                **SAM,
                 **GUIDANCE,
                 **inputs.advanced_inputs(advanced),
             },
+            "hidden": HIDDEN,
         }
 
-    def retouch(self, *, layout, reference=None, **kw):
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls,
+        prompt=None,
+        concept_token=None,
+        class_phrase=None,
+        steps=None,
+        lambda2=None,
+        mask_start=None,
+        scale_with_steps=True,
+    ):
+        return _verdict(
+            inputs.check_before_run(
+                prompt=prompt,
+                concept_token=concept_token,
+                class_phrase=class_phrase,
+                steps=steps,
+                lambdas=dict(lambda2=lambda2, mask_start=mask_start),
+                scale_with_steps=scale_with_steps,
+            )
+        )
+
+    def retouch(self, *, layout, reference, unique_id=None, **kw):
+        lambdas = {k: kw.get(k) for k in self.RETOUCH_LAMBDAS}
+        scale = kw.get("scale_with_steps", True)
+        _show(unique_id, _start_text(kw.get("steps"), lambdas, scale, stage1=False))
         out = run.layout_and_retouch(
             CALLS,
             layout=layout,
@@ -250,16 +425,69 @@ class LayoutRetouchRetouch:
             scheduler="ddim_uniform",
             **kw,
         )
-        return (out.retouched, out.mask, out.attention)
+        _show(unique_id, out.info)
+        return _result(out.info, (out.retouched, out.mask, out.attention, out.info))
+
+
+class LayoutRetouchSAMLoader:
+    """Load a Segment Anything checkpoint (the official ViT-B, ViT-L or ViT-H file) from ComfyUI's
+    models/sams folder for the Sampler's or the Retouch node's 'sam' input: the blend mask becomes
+    the paper's adaptive mask, SAM's segment of the subject joined with the cross-attention mask."""
+
+    CATEGORY = inputs.CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (SAM_TYPE,)
+    RETURN_NAMES = ("sam",)
+    OUTPUT_TOOLTIPS = ("Connect to the 'sam' input of the Sampler or the Retouch node.",)
+    DESCRIPTION = describe(__doc__)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "sam_name": (
+                    CALLS.sam_files(),
+                    {
+                        "tooltip": "A file in models/sams: "
+                        + ", ".join(OFFICIAL_SAM_FILES)
+                        + " (ViT-B is the lightest). The kind is read from the name or the weights."
+                    },
+                ),
+                "device": (
+                    ["auto", "cpu"],
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: ComfyUI's device (the GPU); cpu: SAM leaves the GPU's "
+                        "memory to the models (slower).",
+                    },
+                ),
+            }
+        }
+
+    def load(self, sam_name, device="auto"):
+        path = CALLS.sam_path(sam_name)
+        try:
+            if path is None:
+                raise LayoutRetouchError(
+                    f"SAM file '{sam_name}' is not in models/sams: put it there and press R "
+                    "(refresh), or choose another",
+                    parameter="sam_model",
+                )
+            segmenter = load_segmenter(path, device=CALLS.sam_device(device))
+        except LayoutRetouchError as e:
+            raise inputs.node_error(e, "sam_name") from e
+        return (segmenter,)
 
 
 NODE_CLASS_MAPPINGS = {
     "LayoutRetouchSampler": LayoutRetouchSampler,
     "LayoutRetouchLayout": LayoutRetouchLayout,
     "LayoutRetouchRetouch": LayoutRetouchRetouch,
+    "LayoutRetouchSAMLoader": LayoutRetouchSAMLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LayoutRetouchSampler": "Layout-and-Retouch Sampler",
     "LayoutRetouchLayout": "Layout-and-Retouch: Layout (stage 1)",
     "LayoutRetouchRetouch": "Layout-and-Retouch: Retouch (stage 2)",
+    "LayoutRetouchSAMLoader": "Layout-and-Retouch: SAM Loader",
 }

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from layout_retouch_comfy import inputs, tensors
+from layout_retouch_comfy import inputs, tensors, texts
 from lib_layout_retouch import job as J
 from lib_layout_retouch.adapters.comfy.flux import check_blocks_free, comfy_flux_model
 from lib_layout_retouch.adapters.comfy.sd import (
@@ -30,6 +30,7 @@ from lib_layout_retouch.adapters.comfy.sd import (
 from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME
+from lib_layout_retouch.retouch import loop as pipeline
 
 log = logging.getLogger("layout_retouch")
 FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default
@@ -75,9 +76,10 @@ class Outputs:
     layout: dict
     mask: torch.Tensor
     attention: torch.Tensor
+    info: str = ""  # texts.info_text: the values used, the mask kind, the notes
 
     def as_tuple(self) -> tuple:
-        return (self.retouched, self.layout, self.mask, self.attention)
+        return (self.retouched, self.layout, self.mask, self.attention, self.info)
 
 
 def check_models(model, vanilla_model) -> None:
@@ -327,10 +329,14 @@ def layout_and_retouch(
     mask=None,
     layout: Optional[dict] = None,
     guidance: float = DEFAULT_GUIDANCE,
+    sam=None,
+    subject_mask=None,
     **values: Any,
 ) -> Outputs:
     """Both stages (or, with `layout` given, the retouch of that layout only). Errors a user can fix
-    raise LayoutRetouchError naming the node input; Cancel raises ComfyUI's interrupt."""
+    raise LayoutRetouchError naming the node input; Cancel raises ComfyUI's interrupt. `sam`: a
+    SubjectSegmenter (the SAM loader node's) for the SAM+CA mask; `subject_mask`: a MASK that bounds
+    the retouch but not stage 1 (txt2img: where the subject is)."""
     try:
         return _run(
             calls,
@@ -355,6 +361,8 @@ def layout_and_retouch(
             mask=mask,
             layout=layout,
             guidance=guidance,
+            sam=sam,
+            subject_mask=subject_mask,
             values=values,
         )
     except LayoutRetouchError as e:
@@ -388,6 +396,8 @@ def _run(
     layout,
     guidance,
     values,
+    sam=None,
+    subject_mask=None,
 ) -> Outputs:
     check_models(model, vanilla_model)
     flux = is_flux(model)
@@ -410,12 +420,10 @@ def _run(
         vanilla=vanilla_model is not None,
         img2img=latent is not None or layout is not None,
     )
-    user_mask = None
     noise_mask = source.get("noise_mask")
     if mask is not None:
         noise_mask = mask
-    if noise_mask is not None:
-        user_mask = tensors.mask_at(noise_mask, n, (h, w))
+    user_mask = tensors.retouch_mask(noise_mask, subject_mask, n, (h, w))
 
     # Never the user's MODEL objects: clones (the weights are shared; the attention patch restores).
     model = model.clone()
@@ -453,6 +461,8 @@ def _run(
     calls.load(model)
     subject = subject_rows(lib_model, job)
     layout_latents = lib_model.model_latents(layout_raw.to(lib_model.device))
+    # SAM segments the decoded layout (the WebUI's stage 2 does the same)
+    layout_images = pipeline.to_uint8(lib_model.decode(layout_latents)) if sam is not None else None
     result = job.retouch(
         lib_model,
         layout_latents,
@@ -461,9 +471,14 @@ def _run(
         progress=progress,
         should_stop=calls.interrupted,
         user_mask=None if user_mask is None else user_mask.to(layout_latents),
+        segmenter=sam,
+        layout_images=layout_images,
     )
     for note in job.notes:
         log.info("Layout-and-Retouch: %s", note)
+    info = texts.info_text(
+        job.schedule, mask_kind=result.mask_kind, notes=job.notes, stage1=runs_stage1
+    )
     hw = (8 * h, 8 * w)
     out = {"samples": lib_model.raw_latents(result.latents).cpu()}
     return Outputs(
@@ -471,4 +486,5 @@ def _run(
         layout={"samples": layout_raw.cpu()},
         mask=tensors.maps_to_mask(result.masks, n, hw),
         attention=tensors.mask_to_image(tensors.maps_to_mask(result.ca_maps, n, hw)),
+        info=info,
     )

@@ -33,20 +33,36 @@ def reference_photos(image: Optional[torch.Tensor]) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
-def mask_at(mask: torch.Tensor, batch: int, hw: tuple[int, int]) -> torch.Tensor:
+def mask_at(
+    mask: torch.Tensor, batch: int, hw: tuple[int, int], name: str = "mask"
+) -> torch.Tensor:
     """A MASK (image resolution) → (batch or 1, 1, h, w) in [0, 1] at `hw` (area average), the
-    retouch's user mask; batch 1 applies to every image."""
+    retouch's user mask; batch 1 applies to every image. `name`: the node input, for the message."""
     m = mask.float()
     if m.ndim == 2:
         m = m[None]
     if m.ndim != 3 or m.shape[0] not in (1, batch):
         raise LayoutRetouchError(
-            f"mask has shape {tuple(mask.shape)}: give one mask, or one per image of the batch "
+            f"{name} has shape {tuple(mask.shape)}: give one mask, or one per image of the batch "
             f"({batch})",
-            parameter="mask",
+            parameter=name,
         )
     m = F.interpolate(m[:, None], size=hw, mode="area") if tuple(m.shape[-2:]) != hw else m[:, None]
     return m.clamp(0, 1)
+
+
+def retouch_mask(
+    noise_mask: Optional[torch.Tensor],
+    subject_mask: Optional[torch.Tensor],
+    batch: int,
+    hw: tuple[int, int],
+) -> Optional[torch.Tensor]:
+    """The retouch's user mask (`mask_at`): the inpaint mask (it bounds stage 1 too), times the
+    subject mask (it bounds the retouch only: stage 1 draws the whole picture); None: neither."""
+    masks = [mask_at(noise_mask, batch, hw)] if noise_mask is not None else []
+    if subject_mask is not None:
+        masks.append(mask_at(subject_mask, batch, hw, name="subject_mask"))
+    return None if not masks else masks[0] if len(masks) == 1 else masks[0] * masks[1]
 
 
 def maps_to_mask(maps: Optional[torch.Tensor], batch: int, hw: tuple[int, int]) -> torch.Tensor:

@@ -130,7 +130,7 @@ def refuse(p, err: LayoutRetouchError) -> None:
     if getattr(p, "is_api", False):
         fail_generation(p, err, logged=True)
         return
-    p.comment(ui_text.refusal(str(err)))
+    p.comment(ui_text.refusal(err))
     p.n_iter = 0  # process_images' batch loop runs no batch: nothing is sampled, nothing is raised
     p.init = _skip_init  # nor is img2img's input encoded (it draws from the global torch RNG)
 

@@ -1,9 +1,10 @@
-"""What is refused, or noted, before any compute: the checks that need the WebUI (the parameters'
-own checks are `LayoutRetouchParams.validate`)."""
+"""What is refused, or noted, before any compute. `check_request` runs every check and names every
+problem in one message (the parameters' own checks are `LayoutRetouchParams.problems`)."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 from layout_retouch_webui import hosts, img2img, samplers
 from layout_retouch_webui.settings import (
@@ -13,25 +14,100 @@ from layout_retouch_webui.settings import (
     sam_choices,
 )
 from layout_retouch_webui.vanilla import VANILLA_UNETS
-from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.errors import LayoutRetouchError, combine
 from lib_layout_retouch.params import NO_SAM, LayoutRetouchParams
-from lib_layout_retouch.prompts import LORA_TAG_FIX, lora_names
-from lib_layout_retouch.schedule import knob_words
+from lib_layout_retouch.prompts import (
+    LORA_TAG_FIX,
+    derive_prompts,
+    lora_names,
+    strip_extra_networks,
+)
+
+
+def check_request(p, params: LayoutRetouchParams) -> None:
+    """Everything that can be checked before any compute, in ONE error naming every problem: the
+    parameters' own (`LayoutRetouchParams.problems`), then what needs the WebUI (one per
+    parameter: a λ1 out of range is said once, with the sampler's bound)."""
+    problems = params.problems()
+    if params.enabled:
+        problems += host_problems(p, params)
+    if problems:
+        raise combine(problems)
 
 
 def check_host(p, params: LayoutRetouchParams) -> None:
-    """The checks that need the WebUI: model kind, lists of checkpoints/files."""
+    """The checks that need the WebUI, in one error."""
+    problems = host_problems(p, params)
+    if problems:
+        raise combine(problems)
+
+
+def host_problems(p, params: LayoutRetouchParams) -> list[LayoutRetouchError]:
+    """What the WebUI's state refuses: the kind of generation and model first (alone: nothing else
+    can be judged on a model the retouch does not run on), then each independent check."""
+    host = hosts.current()
+    try:
+        check_processing(p)
+        host.check_model(p)
+    except LayoutRetouchError as e:
+        return [e]
+    return collect(
+        lambda: host.check_params(p, params),
+        lambda: check_schedule(p, params),
+        lambda: img2img.check(p, params),
+        lambda: check_refiner(p),
+        lambda: check_sam(params),
+        lambda: check_vanilla_checkpoint(p, params),
+        lambda: check_prompt(p, params),
+    )
+
+
+def collect(*checks: Callable[[], None]) -> list[LayoutRetouchError]:
+    """The problems the checks raise, each check run (a LayoutRetouchError stops only its own)."""
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except LayoutRetouchError as e:
+            problems.extend(e.problems)
+    return problems
+
+
+def check_processing(p) -> None:
     from modules.processing import StableDiffusionProcessingTxt2Img
 
-    host = hosts.current()
     if not isinstance(p, StableDiffusionProcessingTxt2Img) and not img2img.is_img2img(p):
         raise LayoutRetouchError(
             f"Layout-and-Retouch works in txt2img and img2img, not in {type(p).__name__}"
         )
-    host.check_model(p)
-    host.check_params(p, params)
-    img2img.check(p, params)
-    check_stage1_steps(p, params)
+
+
+def check_schedule(p, params: LayoutRetouchParams) -> None:
+    """λ1, λ2 and mask start at the steps both stages run, in one check. λ1 counts the steps the
+    host's sampler really runs (DDIM at 10 steps runs 9: λ1 ≤ 8) — its one bound; in img2img the
+    message says how many steps img2img runs."""
+    steps = img2img.steps_run(p, params.layout_source)
+    sampler = samplers.of(p) if params.runs_stage1 else None
+    try:
+        params.schedule(steps, sampler=sampler)
+    except LayoutRetouchError as e:
+        where = img2img.steps_words(p, params.layout_source)
+        if not where:
+            raise
+        fix = (
+            ""
+            if params.layout_source == "input"
+            else ": raise the denoising strength or the steps, or lower the value"
+        )
+        raise combine(
+            [
+                LayoutRetouchError(f"{part.message} — {where}{fix}", part.parameter)
+                for part in e.problems
+            ]
+        ) from None
+
+
+def check_refiner(p) -> None:
     refiner = getattr(p, "refiner_checkpoint", None)
     if (
         refiner not in (None, "", "None")
@@ -44,6 +120,9 @@ def check_host(p, params: LayoutRetouchParams) -> None:
             "Layout-and-Retouch cannot follow; turn Refiner off for retouched images",
             parameter="refiner_checkpoint",
         )
+
+
+def check_sam(params: LayoutRetouchParams) -> None:
     name = params.sam_model
     if name != NO_SAM and (os.path.basename(name) != name or name in (".", "..") or "\\" in name):
         # A name from the list, never a path: API input must not open arbitrary files.
@@ -58,56 +137,38 @@ def check_host(p, params: LayoutRetouchParams) -> None:
             f"({', '.join(sam_choices())}); put the file in models/sam or choose 'none'",
             parameter="sam_model",
         )
-    if params.needs_vanilla_checkpoint:
-        info = host.checkpoint(params.vanilla_checkpoint)
-        if info is None or not os.path.isfile(info.filename):
-            raise LayoutRetouchError(
-                f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
-                "checkpoint list; choose one from the list (refresh it after adding files)",
-                parameter="vanilla_checkpoint",
-            )
-        # from the file's header, before its UNet is loaded (gigabytes for a real SDXL file)
-        problem = architecture_problem(info.filename, loaded_unet_shapes(p))
-        if problem:
-            raise LayoutRetouchError(
-                f"vanilla checkpoint '{params.vanilla_checkpoint}' {problem}; choose the checkpoint "
-                "your DreamBooth model was trained from",
-                parameter="vanilla_checkpoint",
-            )
 
 
-def check_stage1_steps(p, params: LayoutRetouchParams) -> None:
-    """λ1 counts the steps the host's sampler really runs (DDIM at 10 steps runs 9): at least one of
-    them must be left for the personalized model."""
-    if not params.runs_stage1:
-        return
-    lambda1 = params.schedule(img2img.steps_run(p, params.layout_source)).lambda1
-    if lambda1 == 0:
-        return
-    plan = samplers.of(p)
-    if not plan.known:
+def check_vanilla_checkpoint(p, params: LayoutRetouchParams) -> None:
+    if not (params.needs_vanilla_checkpoint and params.vanilla_checkpoint):
+        return  # empty: the parameters' own check says so
+    info = hosts.current().checkpoint(params.vanilla_checkpoint)
+    if info is None or not os.path.isfile(info.filename):
         raise LayoutRetouchError(
-            f"{knob_words('lambda1')} is {lambda1}, but the sampler '{plan.sampler}' decides its "
-            "model calls while it runs, so its first steps cannot be given to the vanilla model: "
-            "choose another sampler (the paper's is DDIM) or set it to 0",
-            parameter="lambda1",
+            f"vanilla checkpoint '{params.vanilla_checkpoint}' is not in the WebUI's "
+            "checkpoint list; choose one from the list (refresh it after adding files)",
+            parameter="vanilla_checkpoint",
         )
-    if lambda1 <= plan.steps - 1:
-        return
-    scaled = " (scaled with steps)" if params.scale_with_steps else ""
-    where = img2img.steps_words(p, params.layout_source)
-    where = f"; {where}" if where else ""
-    if plan.steps < 2:
-        fix = "raise the sampling steps" + (" or the denoising strength" if where else "")
-        bound = "it runs no step for the personalized model"
-    else:
-        fix = "choose a smaller value or use more sampling steps"
-        bound = f"it must be between 0 and {plan.steps - 1}"
-    said = plan.words() or f"{plan.sampler} runs {plan.steps} steps"
-    raise LayoutRetouchError(
-        f"{knob_words('lambda1')} is {lambda1}{scaled}, but {said}{where}: {bound} "
-        f"(at least one step is left for the personalized model): {fix}",
-        parameter="lambda1",
+    # from the file's header, before its UNet is loaded (gigabytes for a real SDXL file)
+    problem = architecture_problem(info.filename, loaded_unet_shapes(p))
+    if problem:
+        raise LayoutRetouchError(
+            f"vanilla checkpoint '{params.vanilla_checkpoint}' {problem}; choose the checkpoint "
+            "your DreamBooth model was trained from",
+            parameter="vanilla_checkpoint",
+        )
+
+
+def check_prompt(p, params: LayoutRetouchParams) -> None:
+    """The concept token must be in the prompt (the run itself would say so, after the others)."""
+    if not (params.concept_token and params.class_phrase):
+        return  # empty: the parameters' own check says so
+    prompt = p.prompt if isinstance(p.prompt, str) else p.prompt[0]
+    derive_prompts(
+        strip_extra_networks(prompt or ""),
+        params.concept_token,
+        params.class_phrase,
+        params.reference_prompt or None,
     )
 
 

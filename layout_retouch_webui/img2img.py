@@ -62,21 +62,10 @@ def steps_words(p, layout_source: str) -> str:
 
 
 def check(p, params) -> None:
-    """img2img's refusals, before any compute (after the parameters' own checks)."""
+    """img2img's own refusals, before any compute (the steps it runs: `checks.check_schedule`)."""
     if not is_img2img(p):
         return
     source = params.layout_source
-    try:
-        params.schedule(steps_run(p, source))
-    except LayoutRetouchError as e:
-        fix = (
-            ""
-            if source == "input"
-            else ": raise the denoising strength or the steps, or lower the value"
-        )
-        raise LayoutRetouchError(
-            f"{e} — {steps_words(p, source)}{fix}", parameter=e.parameter
-        ) from None
     if soft_inpainting_on(p):
         raise LayoutRetouchError(
             "Soft inpainting replaces the WebUI's mask blend and overlay, which the retouch "

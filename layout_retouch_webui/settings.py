@@ -38,23 +38,73 @@ def sam_choices() -> list[str]:
     return [NO_SAM] + names
 
 
-def checkpoint_choices() -> list[str]:
-    """Vanilla checkpoint candidates: the WebUI's list without the loaded (personalized) model and
-    without the files whose header shows a UNet of another architecture (SDXL files while an SD1
-    model is loaded): picking one would load gigabytes only to be refused."""
+def checkpoint_choices(selected: str | None = None) -> list[str]:
+    """Vanilla checkpoint candidates: the WebUI's list without the model that generates (the
+    personalized one: `selected`, the title chosen at the top of the page, or the WebUI's checkpoint
+    option) and without the files whose header shows a UNet of another architecture (SDXL files
+    while an SD1 model is chosen): picking one would load gigabytes only to be refused."""
     host = hosts.current()
-    loaded_info = host.loaded_checkpoint()
-    loaded = getattr(loaded_info, "title", None)
-    own = loaded_unet_shapes()
+    target = generating_checkpoint(selected)
+    own = checkpoint_unet_shapes(target)
     out = []
     for title in host.checkpoint_titles():
-        if title == loaded:
-            continue
-        info = host.checkpoint(title) if own else None
-        if info is not None and architecture_problem(info.filename, own):
-            continue
-        out.append(title)
+        if not_offered(title, target, own) is None:
+            out.append(title)
     return out
+
+
+def generating_checkpoint(selected: str | None = None):
+    """The checkpoint the next generation uses: `selected` (the page's checkpoint dropdown), else the
+    WebUI's checkpoint option (A1111 loads it at once, Forge at the next generation), else the
+    loaded model's."""
+    host = hosts.current()
+    info = host.checkpoint(selected) if selected else None
+    if info is None:
+        info = host.checkpoint(str(getattr(shared.opts, "sd_model_checkpoint", "") or ""))
+    return info if info is not None else host.loaded_checkpoint()
+
+
+def checkpoint_unet_shapes(info) -> dict:
+    """{UNet key: shape} of checkpoint `info`: from its file's header (.safetensors), or from the
+    loaded model when it is that checkpoint; {} when unknown (nothing is filtered then)."""
+    if info is None:
+        return {}
+    shapes = checkpoint_files.unet_shapes(info.filename)
+    if shapes:
+        return shapes
+    loaded = hosts.current().loaded_checkpoint()
+    if loaded is not None and getattr(loaded, "filename", None) == info.filename:
+        return loaded_unet_shapes()
+    return {}
+
+
+def not_offered(title: str, target, own: dict) -> str | None:
+    """Why checkpoint `title` is no vanilla candidate for the checkpoint `target` (whose UNet shapes
+    are `own`), in words after the title ("is an SD1 model but the loaded model is SDXL"); None when
+    it is one."""
+    info = hosts.current().checkpoint(title) if title else None
+    if info is None or not os.path.isfile(info.filename):
+        return "is no longer in the WebUI's checkpoint list"
+    if target is not None and info.filename == getattr(target, "filename", None):
+        return "is now the loaded model itself"
+    problem = architecture_problem(info.filename, own) if own else ""
+    return problem or None
+
+
+def same_checkpoint(title: str, choices: list[str]) -> str | None:
+    """The entry of `choices` that names the file `title` names (a title gains its hash once the
+    WebUI has computed it), or None."""
+    host = hosts.current()
+    info = host.checkpoint(title) if title else None
+    if info is None:
+        return None
+    if title in choices:
+        return title
+    for choice in choices:
+        other = host.checkpoint(choice)
+        if other is not None and other.filename == info.filename:
+            return choice
+    return None
 
 
 def loaded_unet_shapes(p=None) -> dict:

@@ -110,9 +110,7 @@ def begin(p, run) -> None:
         if slots:
             vanilla_te = VANILLA_TEXT_ENCODERS.get(info, slots)
         else:
-            run.job.add_note(
-                "no vanilla text encoder for this model kind: stage 1 used the loaded model's"
-            )
+            run.job.add_note(host.text_encoder_note(p))
     host.text_encoders_to(p, vanilla_te, "device")
     try:
         with host.loras_off_in_text_encoder(p, nets), text_encoders.swapped(slots, vanilla_te):

@@ -3,21 +3,37 @@ steps" line, the concept guess, and infotext paste back into the controls."""
 
 from __future__ import annotations
 
+import types
+
 import gradio as gr
 
-from layout_retouch_webui import hosts, options, samplers
+from layout_retouch_webui import api, hosts, options, samplers
 from layout_retouch_webui.api import has_lr_keys
-from layout_retouch_webui.settings import checkpoint_choices, opt, sam_choices
-from lib_layout_retouch import ui_text
+from layout_retouch_webui.settings import (
+    checkpoint_choices,
+    checkpoint_unet_shapes,
+    generating_checkpoint,
+    not_offered,
+    opt,
+    sam_choices,
+    same_checkpoint,
+)
+from lib_layout_retouch import logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.images import find_fingerprints
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
 from lib_layout_retouch.prompts import guess_concept
 from lib_layout_retouch.schedule import (
     PAPER_LAMBDA1,
     PAPER_LAMBDA2,
     PAPER_MASK_START,
+    effective_values,
     img2img_steps,
+    knob_bounds,
+    unscaled_values,
 )
+
+logger = logs.attach_console()
 
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 
@@ -28,8 +44,12 @@ def image_input(label: str, elem_id: str):
     return gr.Image(label=label, type="pil", source="upload", elem_id=elem_id, height=256)
 
 
-def control(f, labels, eid: str):
-    """The control of parameter `f`."""
+# Choices only img2img has (txt2img does not offer them; a pasted one falls back to the default).
+IMG2IMG_ONLY = {"layout_source": ("input",)}
+
+
+def control(f, labels, eid: str, is_img2img: bool = True):
+    """The control of parameter `f` (in txt2img without img2img's own choices)."""
     if f.kind == "bool":
         return gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
     if f.kind == "image":
@@ -37,8 +57,9 @@ def control(f, labels, eid: str):
     if f.kind == "subjects":  # subjects 2 … (the API's list; the panel keeps it as a state)
         return gr.State(value=[])
     if f.kind == "choice":
+        hidden = () if is_img2img else IMG2IMG_ONLY.get(f.name, ())
         return gr.Radio(
-            choices=list(labels[f.name].values()),
+            choices=[label for value, label in labels[f.name].items() if value not in hidden],
             value=labels[f.name][f.default],
             label=f.label,
             elem_id=eid,
@@ -91,7 +112,9 @@ class Panel:
         self.labels = {f.name: dict(zip(f.choices, f.choice_labels or f.choices)) for f in FIELDS}
 
     def make(self, name):
-        self.comps[name] = control(FIELD_BY_NAME[name], self.labels, self.script.elem_id(name))
+        self.comps[name] = control(
+            FIELD_BY_NAME[name], self.labels, self.script.elem_id(name), self.is_img2img
+        )
         return self.comps[name]
 
     def host(self, name):
@@ -127,13 +150,16 @@ def build(script, is_img2img: bool) -> list:
                 panel.make(f.name)
     wire_events(panel)
     set_paste_fields(panel)
+    if not is_img2img:
+        PANELS.clear()  # a new page (txt2img is built first): the panels of an earlier one are gone
+    PANELS.append(panel)  # the page's checkpoint dropdown, built later, is wired to it
     # api.EXTRA_ARGS after the parameters
     return [panel.comps[f.name] for f in FIELDS] + [panel.more_photos]
 
 
 def build_subject_row(panel: Panel) -> None:
     """The photos on the left; model type, vanilla checkpoint, concept token, class and Guess."""
-    from modules.ui_common import create_refresh_button
+    from modules.ui_common import refresh_symbol
     from modules.ui_components import FormRow, ToolButton
 
     eid = panel.script.elem_id
@@ -151,12 +177,12 @@ def build_subject_row(panel: Panel) -> None:
             panel.make("personalization")
             with FormRow(elem_id=eid("vanilla_row")) as panel.vanilla_row:
                 panel.make("vanilla_checkpoint")
-                create_refresh_button(
-                    panel.comps["vanilla_checkpoint"],
-                    hosts.current().refresh_checkpoints,
-                    lambda: {"choices": checkpoint_choices()},
-                    eid("vanilla_refresh"),
+                panel.vanilla_refresh = ToolButton(
+                    value=refresh_symbol,
+                    elem_id=eid("vanilla_refresh"),
+                    tooltip=ui_text.VANILLA_REFRESH_HINT,
                 )
+            panel.vanilla_notice = gr.Markdown("", visible=False, elem_id=eid("vanilla_notice"))
             with FormRow():
                 panel.make("concept_token")
                 panel.make("class_phrase")
@@ -183,10 +209,14 @@ def initial_effective(panel: Panel) -> str:
 def wire_events(panel: Panel) -> None:
     comps, labels = panel.comps, panel.labels
     kind = comps["personalization"]
+    dreambooth = labels["personalization"]["dreambooth"]
     kind.change(
-        lambda v: gr.update(visible=v == labels["personalization"]["dreambooth"]),
+        lambda v: (
+            gr.update(visible=v == dreambooth),
+            gr.update() if v == dreambooth else gr.update(visible=False),
+        ),
         inputs=[kind],
-        outputs=[panel.vanilla_row],
+        outputs=[panel.vanilla_row, panel.vanilla_notice],
         show_progress=False,
     )
     for photo in (comps["reference_image"], panel.more_photos):
@@ -195,7 +225,27 @@ def wire_events(panel: Panel) -> None:
             outputs=[panel.photo_notice],
             show_progress=False,
         )
+    # after a paste: no "upload the photo again" when the photos used are the ones loaded
+    panel.photo_notice.change(
+        photos_loaded_notice,
+        inputs=[panel.photo_notice, comps["reference_image"], panel.more_photos],
+        outputs=[panel.photo_notice],
+        show_progress=False,
+    )
+    vanilla = comps["vanilla_checkpoint"]
+    panel.vanilla_refresh.click(
+        lambda current: refresh_vanilla(panel, current),
+        inputs=[vanilla],
+        outputs=[vanilla, panel.vanilla_notice],
+        show_progress=False,
+    )
+    vanilla.input(
+        lambda: gr.update(value="", visible=False),
+        outputs=[panel.vanilla_notice],
+        show_progress=False,
+    )
     wire_effective(panel)
+    wire_scale(panel)
     prompt_box = panel.host("prompt")
     if prompt_box is not None:
         panel.guess.click(
@@ -206,29 +256,195 @@ def wire_events(panel: Panel) -> None:
         )
 
 
-def wire_effective(panel: Panel) -> None:
-    """Keep the "At N steps" line current with the knobs, the steps, the sampler and (img2img) the
-    denoising strength and layout source."""
-    steps_box = panel.host("steps")
-    if steps_box is None:
+# --- the vanilla checkpoint list follows the page's checkpoint -----------------------------------
+PANELS: list[
+    Panel
+] = []  # built panels whose vanilla list is not yet wired to the page's checkpoint
+
+
+def on_after_component(component, **kwargs) -> None:
+    """`script_callbacks.on_after_component`: the page's checkpoint dropdown (built after the tabs)
+    drives every panel's vanilla list: a change of the model re-lists the vanilla candidates for it
+    and clears a choice that no longer fits, with a notice."""
+    if not PANELS or not hosts.current().is_checkpoint_selector(kwargs):
         return
-    source_labels = {v: k for k, v in panel.labels["layout_source"].items()}
+    from gradio.context import Context
+
+    panels = list(PANELS)
+    PANELS.clear()
+    for panel in panels:
+        vanilla = panel.comps["vanilla_checkpoint"]
+        outputs = [vanilla, panel.vanilla_notice]
+        try:
+            component.change(
+                lambda selected, current, panel=panel: follow_checkpoint(panel, selected, current),
+                inputs=[component, vanilla],
+                outputs=outputs,
+                show_progress=False,
+            )
+            # a page opened after the model changed elsewhere (API, another tab) lists for it too
+            Context.root_block.load(
+                lambda current, panel=panel: vanilla_update(panel, current, None),
+                inputs=[vanilla],
+                outputs=outputs,
+                show_progress=False,
+            )
+        except Exception as e:  # a host whose page cannot be wired: the 🔄 and the checks remain
+            logger.info(f"the vanilla list cannot follow the checkpoint dropdown: {e}")
+
+
+def follow_checkpoint(panel: Panel, selected, current):
+    """The page's checkpoint changed to `selected`: the vanilla candidates for it; a chosen vanilla
+    checkpoint that no longer fits is cleared, with a notice saying why."""
+    return vanilla_update(panel, current, selected or None)
+
+
+def refresh_vanilla(panel: Panel, current):
+    """🔄: re-read the checkpoint folder (never changing the model the WebUI generates with) and
+    re-list the candidates for the chosen model."""
+    hosts.current().refresh_checkpoints()
+    return vanilla_update(panel, current, None)
+
+
+def vanilla_update(panel: Panel, current, selected):
+    choices = checkpoint_choices(selected)
+    if not current:
+        return gr.update(choices=choices), gr.update()
+    kept = same_checkpoint(current, choices)
+    if kept is not None:
+        return gr.update(choices=choices, value=kept), gr.update()
+    target = generating_checkpoint(selected)
+    why = not_offered(current, target, checkpoint_unet_shapes(target)) or "no longer fits"
+    return (
+        gr.update(choices=choices, value=""),
+        gr.update(value=ui_text.vanilla_cleared(current, why), visible=True),
+    )
+
+
+# --- the reference photos after a paste ------------------------------------------------------------
+def photos_loaded_notice(notice, photo, more):
+    """The "upload the photos again" notice of a paste, replaced by a calm one when every photo used
+    (the fingerprints it names) is the one loaded in the panel."""
+    used = find_fingerprints(notice or "")
+    if not used or not str(notice).startswith("⚠"):
+        return gr.update()
+    loaded = set(loaded_fingerprints(photo, more))
+    if not set(used) <= loaded:
+        return gr.update()
+    return gr.update(value=ui_text.photos_still_loaded(used), visible=True)
+
+
+def loaded_fingerprints(photo, more) -> list[str]:
+    """Fingerprints of the photos in the panel, as a generation would record them."""
+    try:
+        params = LayoutRetouchParams(reference_image=photo)
+        if more:
+            params = api.with_more_photos(types.SimpleNamespace(is_api=False), params, more)
+        return params.reference_fingerprints()
+    except LayoutRetouchError:  # a photo still uploading, or not an image: none counts
+        return []
+
+
+# --- λ1, λ2, mask start: the line under them, and their values when scaling is switched ----------
+def tab_inputs(panel: Panel) -> tuple[list, callable]:
+    """The knobs, the host's steps / layout source / strength / sampler boxes as event inputs, and
+    a reader of those values: (l1, l2, mask, scale, steps, source, strength, sampler)."""
+    steps_box = panel.host("steps")
     strength_box = panel.host("denoising_strength")
     sampler_box = panel.host("sampler")
+    source_labels = {v: k for k, v in panel.labels["layout_source"].items()}
     extra = [b for b in (strength_box, sampler_box) if b is not None]
     inputs = [panel.comps[n] for n in SCHEDULE_KNOBS] + [steps_box, panel.comps["layout_source"]]
     inputs += extra
 
-    def update(l1, l2, ms, scale, steps, source, *rest):
+    def read(l1, l2, ms, scale, steps, source, *rest):
         rest = list(rest)
         strength = rest.pop(0) if strength_box is not None else None
         sampler = rest.pop(0) if sampler_box is not None else None
-        return describe_effective(
-            l1, l2, ms, scale, steps, strength, source_labels.get(source, source), sampler
-        )
+        return l1, l2, ms, scale, steps, source_labels.get(source, source), strength, sampler
+
+    return inputs, read
+
+
+def wire_effective(panel: Panel) -> None:
+    """Keep the "At N steps" line current with the knobs, the steps, the sampler and (img2img) the
+    denoising strength and layout source."""
+    if panel.host("steps") is None:
+        return
+    inputs, read = tab_inputs(panel)
+
+    def update(*values):
+        l1, l2, ms, scale, steps, source, strength, sampler = read(*values)
+        return describe_effective(l1, l2, ms, scale, steps, strength, source, sampler)
 
     for c in inputs:
         c.change(update, inputs=inputs, outputs=[panel.effective], show_progress=False)
+
+
+def wire_scale(panel: Panel) -> None:
+    """Switching "scale with steps" puts in the values in use at this step count (off), or their
+    equivalents for 50 steps (on), and the sliders' ranges; the ranges follow the steps, sampler
+    and (img2img) denoising strength while scaling is off."""
+    if panel.host("steps") is None:
+        return
+    inputs, read = tab_inputs(panel)
+    knobs = [panel.comps[n] for n in SCHEDULE_KNOBS[:3]]
+    scale = panel.comps["scale_with_steps"]
+
+    def switched(*values):
+        return knob_updates(*read(*values), values_too=True)
+
+    def ranges(*values):
+        return knob_updates(*read(*values), values_too=False)
+
+    scale.input(switched, inputs=inputs, outputs=knobs, show_progress=False)
+    for c in [scale] + inputs[4:]:
+        c.change(ranges, inputs=inputs, outputs=knobs, show_progress=False)
+
+
+def knob_updates(l1, l2, ms, scale, steps, source, strength, sampler, values_too: bool):
+    """Slider updates of λ1, λ2 and mask start for "scale with steps" = `scale`: on, the paper's
+    ranges for 50 steps; off, the ranges at the steps run (λ1's is the sampler's). With
+    `values_too` (the user switched it) also the values: those in use, or their 50-step ones."""
+    try:
+        steps = int(steps)
+        run, _ = steps_run(steps, strength, source)
+        plan = stage1_plan(sampler, steps, strength, source)
+        values = [int(l1), int(l2), int(ms)]
+    except (TypeError, ValueError, LayoutRetouchError):
+        return [gr.update()] * 3
+    names = SCHEDULE_KNOBS[:3]
+    if scale:
+        bounds = {n: FIELD_BY_NAME[n].slider_range() for n in names}
+        new = unscaled_values(run, *values)
+    else:
+        bounds = knob_bounds(run, plan)
+        new = effective_values(run, *values)
+    out = []
+    for name, value in zip(names, new):
+        lo, hi = (int(b) for b in bounds[name])
+        hi = max(hi, lo + 1)  # a slider needs a range (λ1 = 0 only: the line says why)
+        update = {"minimum": lo, "maximum": hi}
+        if values_too:
+            update["value"] = min(max(value, lo), hi)
+        out.append(gr.update(**update))
+    return out
+
+
+def steps_run(steps: int, strength=None, source=None) -> tuple[int, str]:
+    """(the steps both stages are scheduled over, where they come from): txt2img's steps; img2img's
+    steps actually run (steps × denoising strength); with layout source 'input' all the steps."""
+    if strength is None or source == "input":
+        return steps, ""
+    run = img2img_steps(steps, float(strength), bool(opt("img2img_fix_steps", False)))
+    return run, f" (img2img runs {run} of {steps} at denoising strength {float(strength):g})"
+
+
+def stage1_plan(sampler, steps: int, strength=None, source=None):
+    """What stage 1's sampler runs (λ1 counts its steps); None without stage 1 or sampler."""
+    if not sampler or source == "input":
+        return None
+    return samplers.planned(str(sampler), steps, None if strength is None else float(strength))
 
 
 def set_paste_fields(panel: Panel) -> None:
@@ -262,7 +478,9 @@ def pasted_input_source(d) -> bool:
 def describe_effective(l1, l2, ms, scale, steps, strength=None, source=None, sampler=None):
     """The "At N steps" line. img2img (`strength` given): at the steps its sampler runs
     (steps × denoising strength), or — layout source 'input' — all the steps, strength unused.
-    `sampler`: what the host's sampler really runs in stage 1 (DDIM at 10 steps runs 9)."""
+    `sampler`: what the host's sampler really runs in stage 1 (DDIM at 10 steps runs 9): λ1 counts
+    those steps, and the line says so ("λ1=1 of DDIM's 9 steps"). A value out of range: the same
+    message as Generate would give."""
     try:
         params = LayoutRetouchParams(lambda1=l1, lambda2=l2, mask_start=ms, scale_with_steps=scale)
         steps = int(steps)
@@ -271,34 +489,15 @@ def describe_effective(l1, l2, ms, scale, steps, strength=None, source=None, sam
                 f"At {steps} steps (the input image retouched over all of them; no stage 1, "
                 f"denoising strength not used): {params.schedule(steps).describe(stage1=False)}"
             )
-        if strength is None:
-            run, where = steps, ""
-        else:
-            run = img2img_steps(steps, float(strength), bool(opt("img2img_fix_steps", False)))
-            where = f" (img2img runs {run} of {steps} at denoising strength {float(strength):g})"
-        schedule = params.schedule(run)
-        return f"At {run} steps{where}: {schedule.describe()}" + stage1_words(
-            schedule.lambda1, sampler, steps, strength
+        run, where = steps_run(steps, strength, source)
+        plan = stage1_plan(sampler, steps, strength, source)
+        schedule = params.schedule(run, sampler=plan)
+        words = plan.words() if plan is not None and schedule.lambda1 else ""
+        return f"At {run} steps{where}: {schedule.describe()}" + (
+            f"; stage 1: {words}" if words else ""
         )
     except LayoutRetouchError as e:
-        return f"⚠ {ui_text.for_ui(str(e))}"
-
-
-def stage1_words(lambda1: int, sampler, steps: int, strength) -> str:
-    """ "; stage 1: DDIM runs 9 steps for 10 (…)" when the sampler's steps are not the slider's;
-    a warning when λ1 leaves the personalized model no step."""
-    if not sampler:
-        return ""
-    plan = samplers.planned(str(sampler), steps, None if strength is None else float(strength))
-    if lambda1 and not plan.known:
-        return f" — ⚠ {plan.words()}: set λ1 to 0 or choose another sampler (the paper's is DDIM)"
-    if lambda1 and lambda1 > plan.steps - 1:
-        return (
-            f" — ⚠ {plan.words() or f'{plan.sampler} runs {plan.steps} steps'}: λ1 must be at most "
-            f"{max(plan.steps - 1, 0)} (the personalized model needs a step)"
-        )
-    words = plan.words()
-    return f"; stage 1: {words}" if words and lambda1 else ""
+        return f"⚠ {ui_text.for_ui(e.message)}"
 
 
 def guess_concept_ui(prompt):

@@ -1,6 +1,7 @@
 """X/Y/Z plot axes (registered at import and on_before_ui: with --nowebui the API builds its UI
 first). The axes themselves are data (`lib_layout_retouch.axes`); a cell's value is checked like a
-UI or API value, and every value of an axis before the grid starts (`confirm`)."""
+UI or API value, and every value of an axis before the grid starts (`confirm`): a refused value
+ends the grid before it starts (API: HTTP 422; UI: the message under the gallery, no image)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from modules import scripts
 
 from layout_retouch_webui import api, hosts, img2img
-from layout_retouch_webui.checks import check_host
+from layout_retouch_webui.checks import check_request
 from layout_retouch_webui.settings import TITLE, sam_choices
 from lib_layout_retouch import axes, logs, ui_text
 from lib_layout_retouch.errors import LayoutRetouchError
@@ -27,6 +28,12 @@ def grid_base_params(p) -> LayoutRetouchParams:
     return LayoutRetouchParams()
 
 
+class GridRefused(Exception):
+    """Raised by an axis's `confirm` in the UI: `guard_grid` ends the X/Y/Z run with no cell and the
+    refusal under the gallery. (Emptying the values instead makes the X/Y/Z script print
+    "Unexpected error: Processing could not begin, you may need to refresh the tab".)"""
+
+
 def axis_confirm(spec):
     """The X/Y/Z `confirm(p, xs)` hook: validate every value before the grid starts."""
 
@@ -40,18 +47,38 @@ def axis_confirm(spec):
                 xs,
                 steps,
                 label=spec.label,
-                host_check=lambda params: check_host(p, params),
+                host_check=lambda params: check_request(p, params),
             )
         except LayoutRetouchError as e:
             logger.info(f"refused: {e}")
             if getattr(p, "is_api", False):
                 raise api.http_422(e) from None
-            # The UI: no exception (the WebUI would print a traceback and an argument dump): the
-            # grid gets no cells, so nothing is computed, and the message is shown under the gallery.
-            p.comment(ui_text.refusal(str(e)))
-            xs.clear()
+            # The UI: no exception reaches the WebUI (it would print a traceback and an argument
+            # dump); the message is shown under the gallery and the grid makes no cell.
+            p.comment(ui_text.refusal(e))
+            raise GridRefused() from None
 
     return confirm
+
+
+def guard_grid(script_class) -> None:
+    """Wrap the X/Y/Z script's `run` once: a `GridRefused` from our `confirm` ends it with an empty
+    result (no image, the refusal in the comments) before the grid prints or computes anything."""
+    run = script_class.run
+    if getattr(run, "_layout_retouch_guard", False):
+        return
+
+    def guarded_run(self, p, *args, **kwargs):
+        try:
+            return run(self, p, *args, **kwargs)
+        except GridRefused:
+            from modules.processing import Processed
+
+            return Processed(p, [])
+
+    guarded_run._layout_retouch_guard = True
+    guarded_run.__wrapped__ = run
+    script_class.run = guarded_run
 
 
 def register_axes() -> None:
@@ -65,6 +92,7 @@ def register_axes() -> None:
             break
     if xyz is None:
         return
+    guard_grid(data.script_class)
     existing = {getattr(o, "label", None) for o in xyz.axis_options}
     choices = {
         "bool": lambda: ["True", "False"],

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, MutableMapping, Optional
 
 from .errors import LayoutRetouchError
 from .params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
-from .schedule import PAPER_STEPS, scale_count, scale_mask_start
+from .schedule import PAPER_STEPS, effective_values, scale_count, scale_mask_start
 
 OVERRIDES_ATTR = "layout_retouch_overrides"
 
@@ -77,14 +77,13 @@ def apply_overrides(
         and params.scale_with_steps
         and any(k in SCHEDULE_FIELDS for k in overrides)
     ):
-        schedule = params.schedule(
-            int(steps)
-        )  # the un-swept knobs' effective values (or their error)
+        # the un-swept knobs' effective values, unchecked: the cell's check (with the sampler's
+        # bound for λ1) names any problem, once
+        lambda1, lambda2, mask_start = effective_values(
+            int(steps), params.lambda1, params.lambda2, params.mask_start
+        )
         merged.update(
-            lambda1=schedule.lambda1,
-            lambda2=schedule.lambda2,
-            mask_start=schedule.mask_start,
-            scale_with_steps=False,
+            lambda1=lambda1, lambda2=lambda2, mask_start=mask_start, scale_with_steps=False
         )
     merged.update(overrides)
     return LayoutRetouchParams.from_dict(merged)
@@ -101,25 +100,22 @@ def check_axis_values(
     """The X/Y/Z `confirm` hook's work: every value of one axis, applied to the UI/API parameters
     of the grid, must make a generation the script accepts at `steps` steps. Raises one
     LayoutRetouchError naming the axis, the value and the fix for the first that does not; returns
-    the parameters of each cell. `host_check` adds the checks that need the WebUI (enabled cells)."""
+    the parameters of each cell. `host_check` checks an enabled cell completely (its parameters
+    and what needs the WebUI, the sampler's bound for λ1 included: one message); without it, or for
+    a disabled cell, the parameters and the schedule at `steps`."""
     label = label or next((a.label for a in AXES if a.field == field), field)
     cells = []
     for value in values:
         try:
             params = apply_overrides(base, {field: value}, steps)
-            params.validate()
-            params.schedule(int(steps))
             if params.enabled and host_check is not None:
                 host_check(params)
+            else:
+                params.validate()
+                params.schedule(int(steps))
         except LayoutRetouchError as e:
-            reason = str(e)
-            reason = (
-                reason[len("Layout-and-Retouch: ") :]
-                if reason.startswith("Layout-and-Retouch: ")
-                else reason
-            )
             raise LayoutRetouchError(
-                f"X/Y/Z plot: {label} = {value}: {reason}{axis_units(field, value, steps)} "
+                f"X/Y/Z plot: {label} = {value}: {e.message}{axis_units(field, value, steps)} "
                 "(no image was generated)",
                 parameter=e.parameter or field,
             ) from None
@@ -128,14 +124,15 @@ def check_axis_values(
 
 
 def axis_units(field: str, value: Any, steps: int) -> str:
-    """For a refused λ1 / λ2 / mask start value: the axis's unit and the value's equivalent, e.g.
-    "; X/Y/Z values are steps at the generation's 10 steps, used as given (not scaled): 31 for
-    50 steps is 7 at 10"."""
+    """For a refused λ1 / λ2 / mask start value: what the axis counts, and the value to enter if
+    the user meant the panel's scale (given for 50 steps), e.g. "; X/Y/Z values count this
+    generation's 10 steps and are used as given (not scaled like the panel's sliders): if you meant
+    31 of 50 steps, as on the slider, enter 7"."""
     if field not in SCHEDULE_FIELDS or not isinstance(value, int) or isinstance(value, bool):
         return ""
     text = (
-        f"; X/Y/Z values are steps at the generation's {steps} steps, used as given (not "
-        "scaled with steps)"
+        f"; X/Y/Z values count this generation's {steps} steps and are used as given (not "
+        "scaled like the panel's sliders)"
     )
     try:
         if field == "mask_start" and 2 <= value <= PAPER_STEPS + 1:
@@ -146,7 +143,9 @@ def axis_units(field: str, value: Any, steps: int) -> str:
             return text
     except (TypeError, ValueError):
         return text
-    return f"{text}: {value} for {PAPER_STEPS} steps is {same} at {steps}"
+    if same == value:
+        return text
+    return f"{text}: if you meant {value} of {PAPER_STEPS} steps, as on the slider, enter {same}"
 
 
 def axis_apply(field: str) -> Callable[[Any, Any, Any], None]:

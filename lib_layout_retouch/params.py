@@ -22,11 +22,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import LayoutRetouchError, check_range
+from .errors import LayoutRetouchError, check_range, combine
 from .images import NO_IMAGE, decode_image, find_fingerprints, image_fingerprint
 from .masks import CA_THRESHOLD_FIX, CA_THRESHOLD_MEANING, CA_THRESHOLD_RANGE, DEFAULT_CA_THRESHOLD
 from .prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN
 from .retouch.layers import DEFAULT_PRESET, PRESETS
+from .sampler_steps import SamplerSteps
 from .schedule import (
     KNOBS,
     PAPER_LAMBDA1,
@@ -141,7 +142,7 @@ FIELDS: tuple[Field, ...] = (
         None,
         "image",
         "Reference photo of the subject",
-        f"One photo of your subject (I_r), or up to {MAX_REFERENCES}: the subject's identity is taken "
+        f"One photo of your subject, or up to {MAX_REFERENCES}: the subject's identity is taken "
         "from all of them together. Each is centre-cropped to the image's aspect ratio; the "
         "infotext records their fingerprints.",
         "LR reference",
@@ -226,8 +227,10 @@ FIELDS: tuple[Field, ...] = (
         "lambda2",
         PAPER_LAMBDA2,
         "int",
-        "λ2: layout-copy steps",
-        f"How many first retouch steps copy the layout's attention (paper: {PAPER_LAMBDA2}).",
+        "λ2: retouch steps that keep the layout",
+        "How many first steps of the retouch keep the layout exactly before your subject's "
+        f"identity is painted in (paper: {PAPER_LAMBDA2}). Larger keeps more of the layout's "
+        "shapes; smaller lets the photo change more.",
         "LR lambda2",
         minimum=0,
         maximum=PAPER_STEPS,
@@ -241,9 +244,9 @@ FIELDS: tuple[Field, ...] = (
         PAPER_MASK_START,
         "int",
         "Mask blending from step",
-        "First retouch step that blends the subject mask "
-        f"(paper: {PAPER_MASK_START} of {PAPER_STEPS}); {PAPER_STEPS + 1} "
-        "turns blending off.",
+        "From this step of the retouch on, everything outside the subject mask is kept from the "
+        f"layout (paper: {PAPER_MASK_START} of {PAPER_STEPS}); {PAPER_STEPS + 1} "
+        "turns this blending off.",
         "LR mask start",
         minimum=2,
         maximum=PAPER_STEPS + 1,
@@ -258,7 +261,7 @@ FIELDS: tuple[Field, ...] = (
         "bool",
         "Scale λ1, λ2 and mask start with the step count",
         f"On: the three values are for {PAPER_STEPS} steps and are scaled to your step count. "
-        "Off: they are used as they are.",
+        "Off: they are used as they are; unticking puts in the values used at your step count.",
         "LR scale with steps",
     ),
     Field(
@@ -278,8 +281,9 @@ FIELDS: tuple[Field, ...] = (
         DEFAULT_CA_THRESHOLD,
         "float",
         "Cross-attention mask threshold",
-        "Threshold on the min-max normalised cross-attention map of the subject tokens "
-        f"(MasaCtrl {DEFAULT_CA_THRESHOLD}, DreamMatcher 0.05); must be between "
+        "How strongly a place must attend to the subject's words to count as the subject in the "
+        "mask, relative to the strongest place (MasaCtrl "
+        f"{DEFAULT_CA_THRESHOLD}, DreamMatcher 0.05); lower gives a larger mask. Must be between "
         f"{CA_THRESHOLD_RANGE[0]:g} and {CA_THRESHOLD_RANGE[1]:g}.",
         "LR CA threshold",
         minimum=CA_THRESHOLD_RANGE[0],
@@ -302,11 +306,11 @@ FIELDS: tuple[Field, ...] = (
         "layout_source",
         "inversion",
         "choice",
-        "Layout path latents",
-        "Where the layout path's latents come from: DDIM inversion of the layout image (paper), "
-        "or the latents stage 1 passed through (no inversion cost; needs the DDIM sampler, else the "
-        "layout is inverted and the infotext says so), or — img2img only — the input image itself "
-        "(no stage 1: the input is inverted and retouched, putting your subject into that picture).",
+        "Layout source",
+        "What the retouch keeps the layout from: the stage-1 image turned back into noise by DDIM "
+        "inversion (paper), or the noisy images stage 1 passed through (faster: no inversion; needs "
+        "the DDIM sampler, else the image is inverted and the infotext says so), or — img2img only "
+        "— the input image itself (no stage 1: your subject is put into that picture).",
         "LR layout source",
         choices=LAYOUT_SOURCES,
         choice_labels=(
@@ -319,9 +323,11 @@ FIELDS: tuple[Field, ...] = (
         "reset_reference",
         True,
         "bool",
-        "Reset the reference path every step",
-        "Set the reference path back to its stored inversion latent at every step, so it "
-        "reconstructs the photo exactly (as MasaCtrl and DreamMatcher do).",
+        "Read the reference photo exactly at every step",
+        "The photo is turned into noise once and replayed beside your image, which takes the "
+        "subject's identity from it at every step. On: each step restarts the replay from the "
+        "photo's own stored noise, so it is read exactly (as MasaCtrl and DreamMatcher do). Off: "
+        "the replay runs on by itself and may drift from the photo.",
         "LR reset reference",
     ),
     Field(
@@ -344,9 +350,10 @@ FIELDS: tuple[Field, ...] = (
         "vanilla",
         "choice",
         "Stage-1 text encoder (DreamBooth)",
-        "Which text encoder reads the vanilla steps' prompt y_p⁻ in DreamBooth mode: the vanilla "
-        "checkpoint's own (what the vanilla UNet understands; DreamBooth often fine-tunes the text "
-        "encoder too), or the loaded personalized model's.",
+        "Which text encoder reads the prompt of the vanilla model's steps (yours with the class "
+        "phrase in place of the concept token) in DreamBooth mode: the vanilla checkpoint's own "
+        "(what the vanilla model understands; DreamBooth often fine-tunes the text encoder too), "
+        "or the loaded personalized model's.",
         "LR stage-1 text encoder",
         choices=STAGE1_TEXT_ENCODERS,
         choice_labels=("Vanilla checkpoint's", "Loaded model's"),
@@ -661,39 +668,47 @@ def _subject_one_from_list(d: Mapping) -> Mapping:
     return d
 
 
-def _check_subject(subject: SubjectParams, k: int) -> None:
+def _subject_problems(subject: SubjectParams, k: int) -> list[LayoutRetouchError]:
     """What subject k (0-based) needs to run, each message naming the subject after the first."""
     where = f"subject {k + 1}: " if k else ""
     param = "subjects" if k else None
     checks = [("reference_image", NO_IMAGE), ("class_phrase", NO_CLASS_PHRASE)]
     if not subject.photo_only:
         checks.insert(1, ("concept_token", NO_CONCEPT_TOKEN_OR_PHOTO))
-    for name, message in checks:
-        if not getattr(subject, name):
-            raise LayoutRetouchError(where + message, parameter=param or name)
+    return [
+        LayoutRetouchError(where + message, parameter=param or name)
+        for name, message in checks
+        if not getattr(subject, name)
+    ]
 
 
-def _check_distinct_subjects(subjects: Sequence[SubjectParams]) -> None:
+def _distinct_subject_problems(subjects: Sequence[SubjectParams]) -> list[LayoutRetouchError]:
     """Two subjects may not share a concept token or a class phrase: their regions would be one."""
+    problems = []
     for k, subject in enumerate(subjects):
         for j in range(k):
             other = subjects[j]
             token = subject.concept_token.lower()
             if token and token == other.concept_token.lower():
-                raise LayoutRetouchError(
-                    f"subject {k + 1}: the concept token '{subject.concept_token}' is subject "
-                    f"{j + 1}'s too: each subject needs its own (e.g. sks and zwx)",
-                    parameter="subjects",
+                problems.append(
+                    LayoutRetouchError(
+                        f"subject {k + 1}: the concept token '{subject.concept_token}' is subject "
+                        f"{j + 1}'s too: each subject needs its own (e.g. sks and zwx)",
+                        parameter="subjects",
+                    )
                 )
-            if " ".join(subject.class_phrase.lower().split()) == " ".join(
-                other.class_phrase.lower().split()
-            ):
-                raise LayoutRetouchError(
-                    f"subject {k + 1}: the class phrase '{subject.class_phrase}' is subject "
-                    f"{j + 1}'s too, so their regions cannot be told apart: name each its own "
-                    "way (e.g. 'terrier' and 'poodle', or 'dog' and 'puppy')",
-                    parameter="subjects",
+            if subject.class_phrase.strip() and " ".join(
+                subject.class_phrase.lower().split()
+            ) == " ".join(other.class_phrase.lower().split()):
+                problems.append(
+                    LayoutRetouchError(
+                        f"subject {k + 1}: the class phrase '{subject.class_phrase}' is subject "
+                        f"{j + 1}'s too, so their regions cannot be told apart: name each its own "
+                        "way (e.g. 'terrier' and 'poodle', or 'dog' and 'puppy')",
+                        parameter="subjects",
+                    )
                 )
+    return problems
 
 
 SUBJECT_INFOTEXT = "LR subject {number} {what}"  # "LR subject 2 concept token"
@@ -847,29 +862,48 @@ class LayoutRetouchParams:
 
     # ---- rules ---------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise LayoutRetouchError (naming the parameter and the fix) for the first problem.
+        """Raise ONE LayoutRetouchError naming every problem (`problems`), each with its parameter
+        and fix."""
+        problems = self.problems()
+        if problems:
+            raise combine(problems)
 
-        Ranges are always checked; what a run needs (photo, token, class, vanilla checkpoint) only
-        when enabled. Limits that depend on the step count are checked by `schedule(steps)`.
-        """
+    def problems(self) -> list[LayoutRetouchError]:
+        """Every problem of the parameters themselves, in table order: types, the table's ranges
+        (always), what a run needs (photo, token, class, vanilla checkpoint; only when enabled).
+        Limits that depend on the step count are `schedule(steps)`'s."""
+        problems = []
         for f in FIELDS:  # re-coerce: attributes may have been assigned after construction
-            setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+            try:
+                setattr(self, f.name, _coerce(f, getattr(self, f.name)))
+            except LayoutRetouchError as e:
+                problems.append(e)
+        bad = {e.parameter for e in problems}
         for f in FIELDS:  # the table's ranges (step-count rules: `schedule(steps)`)
-            if f.kind in ("int", "float") and f.minimum is not None:
-                f.check_range(getattr(self, f.name), _range_fix(f))
+            if f.kind in ("int", "float") and f.minimum is not None and f.name not in bad:
+                try:
+                    f.check_range(getattr(self, f.name), _range_fix(f))
+                except LayoutRetouchError as e:
+                    problems.append(e)
         if not self.enabled:
-            return
-        for k, subject in enumerate(self.all_subjects()):
-            _check_subject(subject, k)
-        if len(self.all_subjects()) > MAX_SUBJECTS:
-            raise LayoutRetouchError(
-                f"{len(self.all_subjects())} subjects given; at most {MAX_SUBJECTS} are supported: "
-                f"remove {len(self.all_subjects()) - MAX_SUBJECTS}",
-                parameter="subjects",
+            return problems
+        subjects = self.all_subjects()
+        for k, subject in enumerate(subjects):
+            problems += [e for e in _subject_problems(subject, k) if e.parameter not in bad]
+        if len(subjects) > MAX_SUBJECTS:
+            problems.append(
+                LayoutRetouchError(
+                    f"{len(subjects)} subjects given; at most {MAX_SUBJECTS} are supported: "
+                    f"remove {len(subjects) - MAX_SUBJECTS}",
+                    parameter="subjects",
+                )
             )
-        _check_distinct_subjects(self.all_subjects())
+        problems += _distinct_subject_problems(subjects)
         if self.needs_vanilla_checkpoint and not self.vanilla_checkpoint:
-            raise LayoutRetouchError(_NO_VANILLA_CHECKPOINT, parameter="vanilla_checkpoint")
+            problems.append(
+                LayoutRetouchError(_NO_VANILLA_CHECKPOINT, parameter="vanilla_checkpoint")
+            )
+        return problems
 
     @property
     def runs_stage1(self) -> bool:
@@ -884,10 +918,16 @@ class LayoutRetouchParams:
         dreambooth = any(s.personalization == "dreambooth" for s in self.all_subjects())
         return dreambooth and self.runs_stage1
 
-    def schedule(self, steps: int) -> Schedule:
-        """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`)."""
+    def schedule(self, steps: int, sampler: SamplerSteps | None = None) -> Schedule:
+        """The λ1/λ2/mask schedule for `steps` sampling steps (scaled if `scale_with_steps`);
+        `sampler`: what stage 1's sampler really runs, whose steps λ1 counts (its bound)."""
         return Schedule.for_steps(
-            steps, self.lambda1, self.lambda2, self.mask_start, scale=self.scale_with_steps
+            steps,
+            self.lambda1,
+            self.lambda2,
+            self.mask_start,
+            scale=self.scale_with_steps,
+            sampler=sampler,
         )
 
     # ---- infotext ------------------------------------------------------------------------------

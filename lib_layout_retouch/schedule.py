@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
-from .errors import LayoutRetouchError
+from .errors import LayoutRetouchError, combine
+from .sampler_steps import SamplerSteps
 
 # The paper's settings (§4.1), the one home of these numbers: T DDIM steps, λ1 (3 for its
 # "challenging" prompts), λ2, and the first blended step.
@@ -63,6 +65,75 @@ def scale_mask_start(mask_start: int, steps: int, reference_steps: int = PAPER_S
     return max(steps + 1 - blended, 2)
 
 
+def effective_values(
+    steps: int,
+    lambda1: int,
+    lambda2: int,
+    mask_start: int,
+    scale: bool = True,
+    reference_steps: int = PAPER_STEPS,
+) -> tuple[int, int, int]:
+    """(λ1, λ2, mask start) as they run at `steps` steps, NOT checked: what unticking "scale with
+    steps" puts in the panel, and what an X/Y/Z cell keeps for the knobs it does not sweep (the
+    check, with the sampler's bound, comes after). Without `scale` the values themselves."""
+    if not scale:
+        return lambda1, lambda2, mask_start
+    return (
+        scale_count(lambda1, steps, reference_steps),
+        scale_count(lambda2, steps, reference_steps),
+        scale_mask_start(mask_start, steps, reference_steps),
+    )
+
+
+def unscaled_values(
+    steps: int, lambda1: int, lambda2: int, mask_start: int, reference_steps: int = PAPER_STEPS
+) -> tuple[int, int, int]:
+    """The values for `reference_steps` that scale to (about) the given ones at `steps` steps — what
+    ticking "scale with steps" again puts in the panel (exact back-and-forth up to 50 steps; above,
+    several step values share one value for 50). Clamped to the sliders' ranges at 50 steps."""
+
+    def count(v: int) -> int:
+        return min(max(math.floor(v * reference_steps / steps + 0.5), 0), reference_steps)
+
+    blended = max(steps + 1 - mask_start, 0)
+    back = math.floor(blended * reference_steps / steps + 0.5)
+    return (
+        count(lambda1),
+        count(lambda2),
+        min(max(reference_steps + 1 - back, 2), reference_steps + 1),
+    )
+
+
+# Why each knob's bound is what it is (range messages).
+PERSONALIZED_STEP_LEFT = "at least one step is left for the personalized model"
+
+
+def knob_bounds(steps: int, sampler: Optional[SamplerSteps] = None) -> dict[str, tuple[int, int]]:
+    """{knob: (lowest, highest)} accepted at `steps` steps — the one home of these bounds (the
+    check, the panel's sliders with scaling off). λ1 counts the steps stage 1's sampler really runs
+    (`sampler`, e.g. DDIM at 10 steps runs 9: λ1 ≤ 8); a sampler that decides its calls while it
+    runs allows λ1 = 0 only."""
+    return {
+        "lambda1": (0, _lambda1_high(steps, sampler)),
+        "lambda2": (0, steps),
+        "mask_start": (2, steps + 1),
+    }
+
+
+def _lambda1_high(steps: int, sampler: Optional[SamplerSteps]) -> int:
+    high = steps - 1
+    if sampler is None:
+        return high
+    if not sampler.known:
+        return 0
+    return max(min(high, sampler.steps - 1), 0)
+
+
+def _sampler_binds(steps: int, sampler: Optional[SamplerSteps]) -> bool:
+    """Whether λ1's bound is the sampler's rather than the step count's."""
+    return sampler is not None and _lambda1_high(steps, sampler) < steps - 1
+
+
 @dataclass(frozen=True)
 class Schedule:
     steps: int
@@ -71,6 +142,9 @@ class Schedule:
     mask_start: int
     # (lambda1, lambda2, mask_start, reference_steps) as the user gave them, when scaled.
     scaled_from: tuple[int, int, int, int] | None = field(default=None, compare=False, repr=False)
+    # What stage 1's sampler really runs (`sampler_steps`): λ1 counts its steps, so λ1's bound is
+    # the sampler's (DDIM at 10 steps runs 9: λ1 ≤ 8). None: `steps` steps, one model call each.
+    sampler: SamplerSteps | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,18 +159,24 @@ class Schedule:
         *,
         scale: bool = True,
         reference_steps: int = PAPER_STEPS,
+        sampler: SamplerSteps | None = None,
     ) -> "Schedule":
         """The schedule for `steps` sampling steps.
 
         With `scale`, the three values are taken as given for `reference_steps` steps (the paper's
-        50) and scaled; without, they are used as they are.
+        50) and scaled; without, they are used as they are. `sampler`: what stage 1's sampler runs
+        (λ1's bound). Every value out of its range is named in ONE error.
         """
         _check_steps(steps)
-        for name, v in (("lambda1", lambda1), ("lambda2", lambda2), ("mask_start", mask_start)):
-            if not _is_int(v):
-                raise _not_whole(name, v)
+        problems = [
+            _not_whole(name, v)
+            for name, v in (("lambda1", lambda1), ("lambda2", lambda2), ("mask_start", mask_start))
+            if not _is_int(v)
+        ]
+        if problems:
+            raise combine(problems)
         if not scale:
-            return cls(steps, lambda1, lambda2, mask_start)
+            return cls(steps, lambda1, lambda2, mask_start, sampler=sampler)
         if not _is_int(reference_steps) or reference_steps < 1:
             raise ValueError(f"reference_steps must be a positive int, got {reference_steps!r}")
         given = (lambda1, lambda2, mask_start, reference_steps)
@@ -111,30 +191,38 @@ class Schedule:
             )
         return cls(
             steps,
-            scale_count(lambda1, steps, reference_steps),
-            scale_count(lambda2, steps, reference_steps),
-            scale_mask_start(mask_start, steps, reference_steps),
+            *effective_values(steps, lambda1, lambda2, mask_start, True, reference_steps),
             scaled_from=given,
+            sampler=sampler,
         )
 
     def validate(self) -> None:
+        """Every knob out of its range, in one LayoutRetouchError (the steps alone first)."""
         _check_steps(self.steps)
         T = self.steps
-        self._check_range(
-            "lambda1",
-            self.lambda1,
-            0,
-            T - 1,
-            "at least one step is left for the personalized model",
-        )
-        self._check_range("lambda2", self.lambda2, 0, T, None)
-        self._check_range("mask_start", self.mask_start, 2, T + 1, f"{T + 1} turns blending off")
+        bounds = knob_bounds(T, self.sampler)
+        why = {
+            "lambda1": PERSONALIZED_STEP_LEFT,
+            "lambda2": None,
+            "mask_start": f"{T + 1} turns blending off",
+        }
+        problems = []
+        for name in ("lambda1", "lambda2", "mask_start"):
+            problem = self._range_problem(name, getattr(self, name), *bounds[name], why[name])
+            if problem is not None:
+                problems.append(problem)
+        if problems:
+            raise combine(problems)
 
-    def _check_range(self, name: str, value: int, lo: int, hi: int, why: str | None) -> None:
+    def _range_problem(
+        self, name: str, value: int, lo: int, hi: int, why: str | None
+    ) -> LayoutRetouchError | None:
         if not _is_int(value):
-            raise _not_whole(name, value)
+            return _not_whole(name, value)
         if lo <= value <= hi:
-            return
+            return None
+        if name == "lambda1" and value > hi and _sampler_binds(self.steps, self.sampler):
+            return self._sampler_problem(value, hi)
         note = f" ({why})" if why else ""
         if self.scaled_from is not None:
             idx = ("lambda1", "lambda2", "mask_start").index(name)
@@ -154,9 +242,39 @@ class Schedule:
                 f"{knob_words(name)} is {value}, but at {self.steps} sampling steps it must be "
                 f"between {lo} and {hi}{note}: choose a value in that range"
             )
-        raise LayoutRetouchError(
-            message,
-            parameter=name,
+        return LayoutRetouchError(message, parameter=name)
+
+    def _given(self, value: int) -> str:
+        """ "λ1 (…) is 9 at 10 sampling steps (scaled from the 45 you set for 50 steps)" or
+        "λ1 (…) is 9"."""
+        if self.scaled_from is None:
+            return f"{knob_words('lambda1')} is {value}"
+        given, ref = self.scaled_from[0], self.scaled_from[3]
+        return (
+            f"{knob_words('lambda1')} is {value} at {self.steps} sampling steps (scaled from the "
+            f"{given} you set for {ref} steps)"
+        )
+
+    def _sampler_problem(self, value: int, hi: int) -> LayoutRetouchError:
+        """λ1 beyond the steps the sampler really runs (the bound the step count alone would allow
+        is never shown: one bound, the sampler's)."""
+        plan = self.sampler
+        if not plan.known:
+            return LayoutRetouchError(
+                f"{self._given(value)}, but the sampler '{plan.sampler}' decides its model calls "
+                "while it runs, so its first steps cannot be given to the vanilla model: choose "
+                "another sampler (the paper's is DDIM) or set it to 0",
+                parameter="lambda1",
+            )
+        said = plan.words() or f"{plan.sampler} runs {plan.steps} steps"
+        if hi == 0:
+            bound = "so it must be 0 (no step would be left for the personalized model)"
+            fix = "raise the sampling steps or set it to 0"
+        else:
+            bound = f"so it must be between 0 and {hi} ({PERSONALIZED_STEP_LEFT})"
+            fix = "choose a smaller value or use more sampling steps"
+        return LayoutRetouchError(
+            f"{self._given(value)}, but {said}, {bound}: {fix}", parameter="lambda1"
         )
 
     def _check_s(self, s: int) -> None:
@@ -192,12 +310,21 @@ class Schedule:
 
     def describe(self, stage1: bool = True) -> str:
         """The values used, for the infotext: "λ1=2, λ2=4, mask from step 13 of 20" (without λ1
-        when there is no stage 1: img2img's layout source 'input')."""
+        when there is no stage 1: img2img's layout source 'input'). With a `sampler` that runs
+        another number of steps than `steps`, λ1 says which it counts: "λ1=2 of DDIM's 6 steps"."""
         if self.mask_start > self.steps:
             mask = f"no mask blending in {self.steps} steps"
         else:
             mask = f"mask from step {self.mask_start} of {self.steps}"
-        return f"{f'λ1={self.lambda1}, ' if stage1 else ''}λ2={self.lambda2}, {mask}"
+        if not stage1:
+            return f"λ2={self.lambda2}, {mask}"
+        return f"{self.lambda1_words()}, λ2={self.lambda2}, {mask}"
+
+    def lambda1_words(self) -> str:
+        plan = self.sampler
+        if plan is None or not plan.known or plan.steps == self.steps or not self.lambda1:
+            return f"λ1={self.lambda1}"
+        return f"λ1={self.lambda1} of {plan.sampler}'s {plan.steps} steps"
 
 
 def _check_steps(steps: object) -> None:

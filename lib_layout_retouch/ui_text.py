@@ -32,6 +32,10 @@ PANEL_INTRO = (
 ACCORDION_LABEL = NAME  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
 GUESS_LABEL = "Guess"
+VANILLA_REFRESH_HINT = (
+    "Vanilla checkpoint: refresh the list after adding files (the model you generate with stays "
+    "as it is; the list follows it by itself)"
+)
 # Hover hints of controls that are no parameter (by their visible text).
 MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCES - 1})"
 
@@ -42,9 +46,9 @@ EXTRA_HINTS = {
     GUESS_LABEL: "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding "
     "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
     "It says what it could not find.",
-    ADVANCED_LABEL: "The reference prompt, Segment-Anything mask, mask threshold, where the layout path "
-    "comes from, the reference path reset, the attention layer preset and DreamBooth's stage-1 "
-    "text encoder: the paper's defaults work for most subjects.",
+    ADVANCED_LABEL: "The reference prompt, the Segment-Anything mask and its threshold, the layout "
+    "source, how exactly the photo is read, the attention layers and DreamBooth's stage-1 text "
+    "encoder: the paper's defaults work for most subjects.",
 }
 
 
@@ -96,8 +100,19 @@ MORE_PHOTOS_UPLOADING = (
 )
 
 
-def refusal(message: str) -> str:
-    """A refused generation as the panel shows it (above the gallery): marked, in control labels."""
+# Starts each further line of a refusal with several problems (the page's script keeps them with it).
+REFUSAL_ITEM = "•"
+
+
+def refusal(error) -> str:
+    """A refused generation as the panel shows it (above the gallery): marked, in control labels.
+    `error`: a LayoutRetouchError (several problems: one line each) or its message."""
+    parts = getattr(error, "problems", None) or []
+    if len(parts) > 1:
+        lines = [f"{REFUSAL_MARK} {len(parts)} problems, fix them all before you Generate again:"]
+        lines += [f"{REFUSAL_ITEM} {for_ui(part.message)}" for part in parts]
+        return "\n".join(lines)
+    message = str(error)
     prefix = "Layout-and-Retouch: "  # str(LayoutRetouchError) starts with it; the mark says it once
     message = message[len(prefix) :] if message.startswith(prefix) else message
     return f"{REFUSAL_MARK} {for_ui(message)}"
@@ -107,8 +122,10 @@ def page_texts() -> dict:
     """The texts the page's script shows itself (javascript/layout_retouch.js carries them)."""
     return {
         "refusalMark": REFUSAL_MARK,
+        "refusalItem": REFUSAL_ITEM,
         "moreUploading": MORE_PHOTOS_UPLOADING,
-        "intermediateKey": INTERMEDIATE_KEY,  # the gallery's thumbnails get the label as caption
+        "intermediateKey": INTERMEDIATE_KEY,  # the gallery's thumbnails get a caption from it
+        "intermediateShort": {INTERMEDIATE_WHAT[k]: v for k, v in INTERMEDIATE_CAPTION.items()},
     }
 
 
@@ -127,6 +144,26 @@ def photo_notice(fingerprint: Optional[str]) -> str:
     return (
         f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
         "Layout-and-Retouch on and restore every control except the photo, which no image stores."
+    )
+
+
+def photos_still_loaded(fingerprints: list[str]) -> str:
+    """Shown instead of `photo_notice` when the photos loaded in the panel are the ones used."""
+    listed = ", ".join(f"`{p}`" for p in fingerprints)
+    what = "photos used are" if len(fingerprints) > 1 else "photo used is"
+    return (
+        f"✓ The reference {what} still loaded (fingerprint{'s' if len(fingerprints) > 1 else ''} "
+        f"{listed}): pasted parameters switched Layout-and-Retouch on and restored every control."
+    )
+
+
+def vanilla_cleared(title: str, reason: str) -> str:
+    """Shown when the checkpoint at the top of the page changed and the chosen vanilla checkpoint
+    no longer fits it (`reason` follows the title: "is an SD1 model but the loaded model is SDXL")."""
+    label = FIELD_BY_NAME["vanilla_checkpoint"].label
+    return (
+        f"⚠ “{label}” was cleared: {title} {reason}. Choose the checkpoint your DreamBooth model "
+        "was trained from (the list offers those that fit the loaded model)."
     )
 
 
@@ -171,6 +208,29 @@ INTERMEDIATE_WHAT = {
 }
 
 
+# The thumbnails' captions: a word that fits a thumbnail (≈ 40 px at 1280 px), the full label on hover.
+INTERMEDIATE_CAPTION = {"layout": "layout", "mask": "mask", "attention map": "map"}
+
+
 def intermediate_label(kind: str, index: int) -> str:
     """`layout of image 1` etc. (`index` 0-based)."""
     return f"{INTERMEDIATE_WHAT.get(kind, kind)} of image {index + 1}"
+
+
+def steps_line(schedule, *, stage1: bool = True, retouch: bool = True) -> str:
+    """What λ1 / λ2 / mask start are at this step count, in the WebUI's "At N steps" words:
+    "At 4 steps: λ1=1, λ2=1, mask from step 3 of 4 (scaled from 5 / 10 / 31 for 50 steps)".
+    `stage1` False: no λ1 (no stage 1); `retouch` False: λ1 only (a layout alone)."""
+    if retouch:
+        used = schedule.describe(stage1=stage1)
+    else:
+        used = f"λ1={schedule.lambda1}"
+    line = f"At {schedule.steps} steps: {used}"
+    if schedule.scaled_from is not None:
+        l1, l2, start, reference_steps = schedule.scaled_from
+        given = [l1] if not retouch else ([l1] if stage1 else []) + [l2, start]
+        if reference_steps != schedule.steps:
+            line += (
+                f" (scaled from {' / '.join(str(v) for v in given)} for {reference_steps} steps)"
+            )
+    return line

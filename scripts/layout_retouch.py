@@ -69,8 +69,9 @@ class LayoutRetouchScript(scripts.Script):
             params = api.parse_params(p, args)
             if not params.enabled:
                 return
-            params.validate()  # the user's own values first, then what depends on the WebUI
-            checks.check_host(p, params)
+            checks.check_request(
+                p, params
+            )  # every problem, the user's values and the WebUI's, at once
             checks.check_before_sampling(p, params)
             run = lr_run.Run(p, params)
             checks.host_notes(p, run)
@@ -111,5 +112,6 @@ try:
 except Exception as e:  # the grid script may not be loaded yet; on_before_ui tries again
     logger.info(f"X/Y/Z axes not registered yet: {e}")
 script_callbacks.on_before_ui(xyz.register_axes)
+script_callbacks.on_after_component(ui.on_after_component)  # the vanilla list follows the model
 script_callbacks.on_cfg_denoiser(stage1.on_cfg_denoiser)
 script_callbacks.on_cfg_denoiser(stage1.on_progress_denoiser)

@@ -38,7 +38,8 @@ def tiny_vanilla_unet(tiny_clip_dir):
 @pytest.fixture(scope="module")
 def setup(tiny_ldm):
     """The tiny SD1 model, its retouch conditionings for "a sks dog on the beach", the subject
-    tokens, the dog photo's latent and two random 8×8 layouts (test_pipeline, test_img2img)."""
+    tokens, the dog photo's latent and two random 8×8 layouts (test_pipeline, test_img2img; the
+    retouch on it: tests/sd1_retouch.py)."""
     import torch
 
     from lib_layout_retouch import retouch as pl

@@ -28,48 +28,34 @@ FIGURES = (
 )
 
 
+def run_script(*argv: str, timeout: int) -> str:
+    """A benchmark script on the CPU (`argv`: the script and its arguments); its stdout. One thread:
+    on a busy 2-core CI machine two OpenMP threads spin-wait on each other (seen: 8 s → 300 s)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def run_bench(out, *args: str, timeout: int) -> tuple[str, dict]:
+    """benchmarks/bench_retouch.py on the CPU with `args`, writing `out`: (stdout, the JSON)."""
+    stdout = run_script(SCRIPT, "--device", "cpu", *args, "--out", str(out), timeout=timeout)
+    return stdout, json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny.json"
-    # One thread: on a busy 2-core CI machine two OpenMP threads spin-wait on each other (seen: 8 s → 300 s).
-    env = dict(
-        os.environ,
-        PYTHONWARNINGS="ignore",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            SCRIPT,
-            "--config",
-            "tiny",
-            "--device",
-            "cpu",
-            "--dtype",
-            "fp32",
-            "--steps",
-            str(STEPS),
-            "--warmup",
-            "1",
-            "--repeats",
-            "1",
-            "--hook-repeats",
-            "2",
-            "--threads",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    stdout, res = run_bench(
+        out,
+        *("--config", "tiny", "--dtype", "fp32", "--steps", str(STEPS), "--threads", "1"),
+        *("--warmup", "1", "--repeats", "1", "--hook-repeats", "2"),
         timeout=240,
-        cwd=ROOT,
-        env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text()), out
+    return stdout, res, out
 
 
 def _positive(v) -> bool:
@@ -195,49 +181,13 @@ def test_what_the_hooks_add_is_one_gather_per_reference_layer_and_one_blend_per_
 def test_tiny_sdxl_config_runs_with_dict_conditioning(tmp_path):
     """--config tiny-sdxl: the SDXL path (dict conditioning, the SDXL layer rule) end to end; the
     kernels the hooks add are one index_select per reference layer (10 in the tiny SDXL table)."""
-    out = tmp_path / "tiny-sdxl.json"
-    env = dict(
-        os.environ,
-        PYTHONWARNINGS="ignore",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            SCRIPT,
-            "--config",
-            "tiny-sdxl",
-            "--device",
-            "cpu",
-            "--dtype",
-            "fp32",
-            "--steps",
-            "4",
-            "--warmup",
-            "0",
-            "--repeats",
-            "1",
-            "--hook-repeats",
-            "1",
-            "--threads",
-            "1",
-            "--batches",
-            "1",
-            "--kv-cache-gib",
-            "0",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    _, res = run_bench(
+        tmp_path / "tiny-sdxl.json",
+        *("--config", "tiny-sdxl", "--dtype", "fp32", "--steps", "4", "--threads", "1"),
+        *("--warmup", "0", "--repeats", "1", "--hook-repeats", "1", "--batches", "1"),
+        *("--kv-cache-gib", "0"),
         timeout=400,
-        cwd=ROOT,
-        env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
     assert res["config"] == "tiny-sdxl" and res["images_finite"]
     hook = res["hook"]["identity_blend"]
     assert hook["layer_table"] == "inferred-sdxl" and hook["reference_layers"] == 10
@@ -249,19 +199,11 @@ def test_tiny_sdxl_config_runs_with_dict_conditioning(tmp_path):
 def test_tiny_flux_benchmark_runs_plain_and_both_retouch_modes(tmp_path):
     """`--config tiny-flux` (benchmarks/bench_flux.py): the Flux retouch against a plain Flux run, with
     the transformer calls each costs (those are exact; the times only positive)."""
-    out = tmp_path / "tiny-flux.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, "--config", "tiny-flux", "--device", "cpu", "--steps", "4"]
-        + ["--warmup", "1", "--repeats", "1", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
+    stdout, res = run_bench(
+        tmp_path / "tiny-flux.json",
+        *("--config", "tiny-flux", "--steps", "4", "--warmup", "1", "--repeats", "1"),
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(out.read_text())
     T = 4
     assert res["plain_calls"] == T
     # stage 1 + two midpoint inversions + the midpoint retouch (2 calls per step)
@@ -269,4 +211,32 @@ def test_tiny_flux_benchmark_runs_plain_and_both_retouch_modes(tmp_path):
     # stage 1 + the Euler retouch (reference inversion cached, layout on stage 1's trajectory)
     assert res["lr_fast_calls"] == 2 * T
     assert all(res[k] > 0 for k in ("plain_s", "lr_paper_s", "lr_fast_s"))
-    assert "LR/plain" in proc.stdout
+    assert "LR/plain" in stdout
+
+
+def test_flux_decisions_measures_every_decision(tmp_path):
+    """benchmarks/flux_decisions.py (docs/ALGORITHM.md's "DiT (Flux)" figures) runs on the tiny Flux
+    and reports each measurement whole: the inversion error of both solvers at every T with the
+    calls it costs, the same-cell shares against uniform, both own-token settings, every block."""
+    from lib_layout_retouch.dit import flow
+
+    out = tmp_path / "flux_decisions.json"
+    run_script(
+        os.path.join(ROOT, "benchmarks", "flux_decisions.py"), "--json", str(out), timeout=300
+    )
+    res = json.loads(out.read_text())
+    rows = res["inversion"]
+    assert {(r["steps"], r["solver"], r["latent"]) for r in rows} == {
+        (t, s, z) for t in (4, 8, 16, 28, 50) for s in flow.SOLVERS for z in ("photo", "random")
+    }
+    assert all(r["calls"] == 2 * r["steps"] * flow.EVALUATIONS[r["solver"]] for r in rows)
+    assert all(math.isfinite(r["error"]) and r["error"] >= 0 for r in rows)
+    share = res["rope_diagonal_share"]
+    assert share["uniform"] == 1 / 16  # 8×8 latents: 4×4 image tokens
+    assert all(0 < share[k] <= 1 for k in ("shared", "shifted"))
+    assert set(res["rope_positional_head"]) == {"4x4", "64x64"}
+    assert set(res["with_target_tokens"]) == {"False", "True"}
+    assert all(0 < v["reference_attention_share"] <= 1 for v in res["with_target_tokens"].values())
+    blocks = res["block_influence"]
+    assert {n.split(".")[0] for n in blocks} == {"double_blocks", "single_blocks"}
+    assert all(v > 0 for v in blocks.values())

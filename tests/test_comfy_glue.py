@@ -24,9 +24,10 @@ def test_every_field_is_an_input_a_socket_or_named_as_not_offered():
 def test_inputs_keep_the_fields_default_range_and_hint(name):
     f = FIELD_BY_NAME[name]
     kind, opts = inputs.field_input(name)
-    assert opts["default"] == f.default and opts["tooltip"] == f.hint
-    if f.kind == "choice":
-        assert kind == list(f.choices)
+    assert opts["default"] == f.default and opts["tooltip"] == inputs.HINTS.get(name, f.hint)
+    if f.kind == "choice":  # ComfyUI offers all of them, or the ones it can serve (the default too)
+        assert kind == list(inputs.CHOICES.get(name, f.choices)) and f.default in kind
+        assert set(kind) <= set(f.choices)
     if f.kind == "int":
         assert kind == "INT" and opts["min"] == f.minimum
     if f.kind == "float":
@@ -242,3 +243,49 @@ def test_reference_batch_becomes_photos_and_masks_go_to_latent_size():
         and out[0, 0, 3] == 1
         and tensors.mask_to_image(out).shape == (1, 4, 4, 3)
     )
+
+
+def test_info_text_says_the_values_used_the_mask_and_the_notes():
+    from layout_retouch_comfy import texts
+    from lib_layout_retouch.schedule import Schedule
+
+    scaled = Schedule.for_steps(4)  # the paper's 5 / 10 / 31 for 50 steps
+    assert texts.info_text(
+        scaled, mask_kind="SAM+CA", notes=["reference was 780×780: resized"]
+    ) == (
+        "At 4 steps: λ1=1, λ2=1, mask from step 3 of 4 (scaled from 5 / 10 / 31 for 50 steps)\n"
+        "Mask: SAM+CA\nNotes: reference was 780×780: resized"
+    )
+    as_given = Schedule.for_steps(8, 2, 3, 9, scale=False)
+    assert texts.info_text(as_given) == "At 8 steps: λ1=2, λ2=3, no mask blending in 8 steps"
+    # no stage 1 (a layout from elsewhere): no λ1; a layout alone: λ1 only
+    assert texts.info_text(scaled, stage1=False).startswith(
+        "At 4 steps: λ2=1, mask from step 3 of 4 (scaled from 10 / 31 for 50 steps)"
+    )
+    assert texts.info_text(scaled, retouch=False) == "At 4 steps: λ1=1 (scaled from 5 for 50 steps)"
+    # at the paper's own step count there is nothing to scale
+    assert "scaled" not in texts.info_text(Schedule.for_steps(50))
+
+
+def test_check_before_run_skips_what_another_node_feeds():
+    lambdas = dict(lambda1=None, lambda2=10, mask_start=31)
+    # λ1 is fed by another node: the ranges are checked, the step-count rules wait for the run
+    assert inputs.check_before_run(steps=4, lambdas=lambdas, scale_with_steps=False) is None
+    message = inputs.check_before_run(steps=None, lambdas=dict(lambda2=-1))
+    assert "'lambda2'" in message
+    # the prompt is fed: the concept words are still checked, their place in the prompt is not
+    assert inputs.check_before_run(concept_token="sks", class_phrase="dog", lambdas={}) is None
+    message = inputs.check_before_run(concept_token="", class_phrase=None, lambdas={})
+    assert "concept_token is empty" in message
+
+
+def test_the_retouch_mask_is_the_inpaint_mask_times_the_subject_mask():
+    assert tensors.retouch_mask(None, None, 1, (2, 2)) is None
+    inpaint = torch.zeros(16, 16)
+    inpaint[:, :8] = 1  # left half
+    subject = torch.zeros(16, 16)
+    subject[:8] = 1  # top half
+    both = tensors.retouch_mask(inpaint, subject, 2, (2, 2))
+    assert both.shape == (1, 1, 2, 2) and both[0, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    alone = tensors.retouch_mask(None, subject, 2, (2, 2))
+    assert alone[0, 0].tolist() == [[1.0, 1.0], [0.0, 0.0]]

@@ -293,6 +293,21 @@ def fast_client(url: str, retries: int = 2, sleeps: list | None = None) -> runne
     )
 
 
+def protocol(vico, concepts, urls, out, settings=None, *, retries=2, sleeps=None, **kw):
+    """`runner.run_protocol` as these tests run it: `settings` (default `small_settings()`), one
+    fast client per WebUI (`urls`: one URL, or a list of them), no progress bar unless `kw` says
+    (`kw`: run_protocol's other arguments)."""
+    if isinstance(urls, list):
+        client = [fast_client(u, retries, sleeps) for u in urls]
+    else:
+        client = fast_client(urls, retries, sleeps)
+    kw.setdefault("progress", False)
+    settings = settings or small_settings()
+    return runner.run_protocol(
+        str(vico), str(concepts), urls, str(out), settings, client=client, **kw
+    )
+
+
 def pngs(out) -> list[str]:
     found = []
     for dirpath, _, files in os.walk(os.path.join(out, "images")):
@@ -405,15 +420,7 @@ def test_run_stops_with_what_is_done_kept_then_resumes(vico, concepts, tmp_path,
     standin.fail_after = 5
     sleeps = []
     with pytest.raises(LayoutRetouchError) as err:
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            standin.url,
-            str(out),
-            small_settings(),
-            client=fast_client(standin.url, retries=2, sleeps=sleeps),
-            progress=False,
-        )
+        protocol(vico, concepts, standin.url, out, retries=2, sleeps=sleeps)
     msg = str(err.value)
     assert "5 of 16 images are saved" in msg and "run the same command again to resume" in msg
     assert "CUDA out of memory" in msg and "gave up after 3 attempts" in msg
@@ -426,15 +433,7 @@ def test_run_stops_with_what_is_done_kept_then_resumes(vico, concepts, tmp_path,
 
     standin.fail_after = None
     before = len(standin.posts)
-    summary = runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    summary = protocol(vico, concepts, standin.url, out)
     assert (summary.total, summary.skipped, summary.generated) == (16, 5, 11)
     assert len(standin.posts) - before == 11  # only the missing images were asked for
     assert len(pngs(out)) == 16 and not summary.warnings
@@ -461,29 +460,21 @@ def test_run_stops_with_what_is_done_kept_then_resumes(vico, concepts, tmp_path,
 
     # nothing left to do: no requests at all
     before = len(standin.posts)
-    again = runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    again = protocol(vico, concepts, standin.url, out)
     assert again.generated == 0 and again.skipped == 16 and len(standin.posts) == before
 
 
 def test_transient_errors_are_retried_with_backoff(vico, concepts, tmp_path, standin):
     standin.fail_next = 2
     sleeps = []
-    summary = runner.run_protocol(
-        str(vico),
-        str(concepts),
+    summary = protocol(
+        vico,
+        concepts,
         standin.url,
-        str(tmp_path / "o"),
+        tmp_path / "o",
         small_settings(n=1, n_prompts=1, methods=("on",)),
-        client=fast_client(standin.url, retries=3, sleeps=sleeps),
-        progress=False,
+        retries=3,
+        sleeps=sleeps,
     )
     assert summary.generated == 2 and sleeps == [0.5, 1.0]
     assert len(standin.posts) == 4
@@ -495,40 +486,18 @@ def test_webui_down_is_a_clear_message(vico, concepts, tmp_path):
         port = s.getsockname()[1]  # closed again: nothing listens there
     url = f"http://127.0.0.1:{port}"
     with pytest.raises(LayoutRetouchError) as err:
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            url,
-            str(tmp_path / "o"),
-            small_settings(),
-            client=fast_client(url, retries=1),
-            progress=False,
-        )
+        protocol(vico, concepts, url, tmp_path / "o", retries=1)
     assert "could not reach the WebUI" in str(err.value) and "--api" in str(err.value)
     assert "0 of 16 images" in str(err.value)
     with pytest.raises(LayoutRetouchError, match="could not reach"):
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            url,
-            str(tmp_path / "o"),
-            small_settings(methods=("off",)),
-            client=fast_client(url, retries=0),
-            progress=False,
-        )
+        protocol(vico, concepts, url, tmp_path / "o", small_settings(methods=("off",)), retries=0)
 
 
 def test_api_not_enabled_fails_at_once_without_retries(vico, concepts, tmp_path, standin):
     standin.status = 404
     with pytest.raises(LayoutRetouchError, match="--api"):
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            standin.url,
-            str(tmp_path / "o"),
-            small_settings(methods=("off",)),
-            client=fast_client(standin.url, retries=3),
-            progress=False,
+        protocol(
+            vico, concepts, standin.url, tmp_path / "o", small_settings(methods=("off",)), retries=3
         )
     assert len(standin.posts) == 1
 
@@ -536,25 +505,15 @@ def test_api_not_enabled_fails_at_once_without_retries(vico, concepts, tmp_path,
 def test_missing_extension_is_reported_before_generating(vico, concepts, tmp_path, standin):
     standin.scripts = ["extra options"]
     with pytest.raises(LayoutRetouchError, match="install and enable the extension"):
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            standin.url,
-            str(tmp_path / "o"),
-            small_settings(),
-            client=fast_client(standin.url),
-            progress=False,
-        )
+        protocol(vico, concepts, standin.url, tmp_path / "o")
     assert standin.posts == []
     # The baseline alone can still be made: without the script in the request (A1111 would answer 422).
-    s = runner.run_protocol(
-        str(vico),
-        str(concepts),
+    s = protocol(
+        vico,
+        concepts,
         standin.url,
-        str(tmp_path / "o"),
+        tmp_path / "o",
         small_settings(n=1, n_prompts=1, methods=("off",)),
-        client=fast_client(standin.url),
-        progress=False,
         log=lambda m: None,
     )
     assert s.generated == 2 and "sent without it" in s.warnings[0]
@@ -564,90 +523,34 @@ def test_missing_extension_is_reported_before_generating(vico, concepts, tmp_pat
 def test_unreadable_images_in_replies_are_retried_then_reported(vico, concepts, tmp_path, standin):
     standin.garbage = True
     with pytest.raises(LayoutRetouchError, match="unreadable"):
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            standin.url,
-            str(tmp_path / "o"),
-            small_settings(),
-            client=fast_client(standin.url, retries=1),
-            progress=False,
-        )
+        protocol(vico, concepts, standin.url, tmp_path / "o", retries=1)
     assert len(standin.posts) == 2 and pngs(tmp_path / "o") == []
 
 
 def test_other_settings_in_the_same_folder_are_refused(vico, concepts, tmp_path, standin):
     out = str(tmp_path / "o")
-    runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        out,
-        small_settings(n=1, n_prompts=1),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1))
     with pytest.raises(LayoutRetouchError, match="steps: 4 before, 6 now"):
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            standin.url,
-            out,
-            small_settings(n=1, n_prompts=1, steps=6),
-            client=fast_client(standin.url),
-            progress=False,
-        )
+        protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1, steps=6))
     # more images / prompts with the same settings extend the run
-    s = runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        out,
-        small_settings(n=2, n_prompts=1),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    s = protocol(vico, concepts, standin.url, out, small_settings(n=2, n_prompts=1))
     assert (s.skipped, s.generated) == (4, 4)
 
 
 def test_a_broken_image_is_kept_aside_and_made_again(vico, concepts, tmp_path, standin):
     out = tmp_path / "o"
-    runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(n=1, n_prompts=1),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1))
     victim = pngs(out)[0]
     with open(victim, "r+b") as f:
         f.truncate(30)
-    s = runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(n=1, n_prompts=1),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    s = protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1))
     assert s.generated == 1 and os.path.isfile(victim + ".broken")
     Image.open(victim).verify()
 
 
 def test_bad_inputs_have_clear_messages(vico, concepts, tmp_path, standin):
     def run(v=vico, c=concepts, **kw):
-        return runner.run_protocol(
-            str(v),
-            str(c),
-            standin.url,
-            str(tmp_path / "o"),
-            small_settings(**kw),
-            client=fast_client(standin.url),
-            progress=False,
-        )
+        return protocol(v, c, standin.url, tmp_path / "o", small_settings(**kw))
 
     with pytest.raises(LayoutRetouchError, match="ViCo folder .* does not exist"):
         run(v=tmp_path / "nowhere")
@@ -699,28 +602,12 @@ def test_a_script_that_did_not_run_stops_the_run(vico, concepts, tmp_path, stand
     standin.script_runs = False  # the WebUI swallowed the script's error and sent a plain image
     out = tmp_path / "o"
     with pytest.raises(LayoutRetouchError, match="Layout-and-Retouch did not run") as err:
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            standin.url,
-            str(out),
-            small_settings(n=1, n_prompts=1),
-            client=fast_client(standin.url),
-            progress=False,
-        )
+        protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1))
     assert "1 of 4 are in" in str(
         err.value
     )  # the "off" image before it is kept, the bad "on" one is not
     assert [os.path.basename(os.path.dirname(os.path.dirname(p))) for p in pngs(out)] == ["off"]
-    s = runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(n=1, n_prompts=1, on_marker=""),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    s = protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1, on_marker=""))
     assert s.generated == 3
 
 
@@ -878,15 +765,7 @@ def test_score_arithmetic_with_injected_embedders_follows_dreammatcher(
 ):
     """Stub embedders with known outputs: I/T per prompt, mean over prompts, then concepts; ImageReward too."""
     out = tmp_path / "o"
-    runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(n=2, n_prompts=2),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    protocol(vico, concepts, standin.url, out, small_settings(n=2, n_prompts=2))
 
     class Stub:  # image embedding: e0 for reference photos (odd sizes), e0/e1 by seed for generated images
         preprocess_mode = "stub"
@@ -936,15 +815,7 @@ def test_score_arithmetic_with_injected_embedders_follows_dreammatcher(
 
 def test_unpaired_images_are_left_out_by_default(vico, concepts, tmp_path, standin):
     out = tmp_path / "o"
-    runner.run_protocol(
-        str(vico),
-        str(concepts),
-        standin.url,
-        str(out),
-        small_settings(n=1, n_prompts=1),
-        client=fast_client(standin.url),
-        progress=False,
-    )
+    protocol(vico, concepts, standin.url, out, small_settings(n=1, n_prompts=1))
     extra = out / "images" / "on" / "brown_dog"
     Image.new("RGB", (64, 48)).save(extra / "p05_s9.png")
     (extra / "p05_s9.json").write_text(
@@ -1060,13 +931,13 @@ def test_a_sweep_over_three_webuis_one_dying_makes_every_image_exactly_once(
     settings = small_settings(
         n=3, n_prompts=2
     )  # 2 concepts x 2 prompts x 3 seeds x on/off = 24 images
-    summary = runner.run_protocol(
-        str(vico),
+    summary = protocol(
+        vico,
         two_checkpoint_concepts(tmp_path),
         [s.url for s in three_standins],
-        str(out),
+        out,
         settings,
-        client=[fast_client(s.url, retries=1) for s in three_standins],
+        retries=1,
         progress=True,
     )
     assert (summary.total, summary.generated, summary.skipped) == (24, 24, 0)
@@ -1085,15 +956,7 @@ def test_a_sweep_over_three_webuis_one_dying_makes_every_image_exactly_once(
 
     # resumable: nothing left, nothing asked
     before = [len(s.posts) for s in (a, c)]
-    again = runner.run_protocol(
-        str(vico),
-        two_checkpoint_concepts(tmp_path),
-        [a.url, c.url],
-        str(out),
-        settings,
-        client=[fast_client(s.url) for s in (a, c)],
-        progress=False,
-    )
+    again = protocol(vico, two_checkpoint_concepts(tmp_path), [a.url, c.url], out, settings)
     assert again.generated == 0 and again.skipped == 24 and [len(s.posts) for s in (a, c)] == before
 
 
@@ -1101,14 +964,12 @@ def test_each_checkpoint_stays_on_the_webui_that_has_it_loaded(vico, tmp_path, t
     a, b, c = three_standins
     for s in (a, b):
         s.delay = 0.02
-    runner.run_protocol(
-        str(vico),
+    protocol(
+        vico,
         two_checkpoint_concepts(tmp_path),
         [a.url, b.url],
-        str(tmp_path / "o"),
+        tmp_path / "o",
         small_settings(n=4, n_prompts=2),
-        client=[fast_client(s.url) for s in (a, b)],
-        progress=False,
     )
     runs = []
     for s in (a, b):
@@ -1123,14 +984,12 @@ def test_each_checkpoint_stays_on_the_webui_that_has_it_loaded(vico, tmp_path, t
 
     # --per-server 2: two requests in flight on a WebUI, never more
     c.delay = 0.1
-    runner.run_protocol(
-        str(vico),
+    protocol(
+        vico,
         two_checkpoint_concepts(tmp_path),
         [c.url],
-        str(tmp_path / "o2"),
+        tmp_path / "o2",
         small_settings(n=2, n_prompts=1),
-        client=[fast_client(c.url)],
-        progress=False,
         per_server=2,
     )
     assert c.max_active == 2 and len(c.served_keys) == 8
@@ -1144,30 +1003,14 @@ def test_when_every_webui_stops_the_run_stops_cleanly_and_resumes(
         s.die_after = k
     out = tmp_path / "out"
     with pytest.raises(LayoutRetouchError) as err:
-        runner.run_protocol(
-            str(vico),
-            str(concepts),
-            [s.url for s in three_standins],
-            str(out),
-            small_settings(),
-            client=[fast_client(s.url, retries=1) for s in three_standins],
-            progress=False,
-        )
+        protocol(vico, concepts, [s.url for s in three_standins], out, retries=1)
     msg = str(err.value)
     assert "All 3 WebUIs stopped answering" in msg and "6 of 16 images are saved" in msg
     assert "run the same command again to resume" in msg
     assert len(pngs(out)) == 6 and not [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
     fresh = StandIn()
     try:
-        s = runner.run_protocol(
-            str(vico),
-            str(concepts),
-            [fresh.url],
-            str(out),
-            small_settings(),
-            client=[fast_client(fresh.url)],
-            progress=False,
-        )
+        s = protocol(vico, concepts, [fresh.url], out)
     finally:
         fresh.close()
     assert (s.generated, s.skipped) == (10, 6) and len(fresh.served_keys) == 10

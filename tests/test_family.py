@@ -2,9 +2,6 @@
 retouch/family.py): a family that wraps the ε-UNet one sees every call, and the result is bit for
 bit the default's; the family-free modules import no family's folder."""
 
-import ast
-import pathlib
-
 import torch
 
 from lib_layout_retouch import retouch as pl
@@ -13,9 +10,8 @@ from lib_layout_retouch.retouch import family
 from lib_layout_retouch.schedule import Schedule
 from lib_layout_retouch.unet.family import SD1, EpsUNetFamily
 from lib_layout_retouch.unet.model import LdmModel
+from tests.import_graph import Imports
 from tests.paths import photo_tensor
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 T = 6
 
@@ -124,54 +120,47 @@ def test_both_stages_ask_the_family_for_conditionings_subject_rows_and_the_vanil
     assert torch.equal(out.images, default.images)
 
 
-def _project_imports(path: pathlib.Path) -> set[str]:
-    """The lib_layout_retouch modules `path` imports (relative imports resolved)."""
-    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            found.update(f"{base}.{a.name}" for a in node.names)
-            found.add(base)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-    return {m for m in found if m.startswith("lib_layout_retouch")}
-
-
 FAMILY_FOLDERS = (
     "lib_layout_retouch.unet",
     "lib_layout_retouch.dit",
     "lib_layout_retouch.adapters",
 )
+# The retouch package, stage 1 and the paper's family-free modules.
+FAMILY_FREE = tuple(
+    f"lib_layout_retouch.{m}" for m in ("stage1", "schedule", "prompts", "masks", "conditioning")
+)
+
+
+def family_violations(imports: Imports) -> list[str]:
+    """What the family-free modules import from a family folder, directly or through other
+    modules of the library."""
+    free = [
+        m for m in imports.paths if m.startswith("lib_layout_retouch.retouch") or m in FAMILY_FREE
+    ]
+    return imports.violations(free, lambda name: name.startswith(FAMILY_FOLDERS))
 
 
 def test_the_loop_stage1_and_the_paper_modules_import_no_family():
     """The retouch package, stage 1 and the paper's family-free modules ask no family by name: they
-    import nothing from unet/, dit/ or adapters/ (a family is one folder behind the contract)."""
-    lib = ROOT / "lib_layout_retouch"
-    free = sorted((lib / "retouch").glob("*.py")) + [
-        lib / f"{m}.py" for m in ("stage1", "schedule", "prompts", "masks", "conditioning")
-    ]
-    offenders = {
-        str(p.relative_to(ROOT)): sorted(
-            m for m in _project_imports(p) if m.startswith(FAMILY_FOLDERS)
-        )
-        for p in free
-    }
-    offenders = {p: m for p, m in offenders.items() if m}
-    assert not offenders, offenders
+    import nothing from unet/, dit/ or adapters/ (a family is one folder behind the contract), also
+    not through another module."""
+    imports = Imports(("lib_layout_retouch",))
+    assert {"lib_layout_retouch.retouch.loop", "lib_layout_retouch.stage1"} <= set(imports.paths)
+    assert family_violations(imports) == []
 
 
 def test_the_family_guard_sees_an_import_of_a_family(tmp_path):
-    planted = tmp_path / "lib_layout_retouch" / "retouch" / "planted.py"
-    planted.parent.mkdir(parents=True)
-    planted.write_text("from ..unet.ddim import DDIMSampler\n")
-    global ROOT
-    saved, ROOT = ROOT, tmp_path
-    try:
-        assert "lib_layout_retouch.unet.ddim" in _project_imports(planted)
-    finally:
-        ROOT = saved
+    files = {
+        "retouch/__init__.py": "",
+        "retouch/planted.py": "from ..unet.ddim import DDIMSampler\n",
+        "masks.py": "def f():\n    from . import helper\n",
+        "helper.py": "import lib_layout_retouch.dit.flux.model\n",
+    }
+    for rel, text in files.items():
+        path = tmp_path / "lib_layout_retouch" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert family_violations(Imports(("lib_layout_retouch",), tmp_path)) == [
+        "lib_layout_retouch.masks → lib_layout_retouch.helper imports lib_layout_retouch.dit.flux.model",
+        "lib_layout_retouch.retouch.planted imports lib_layout_retouch.unet.ddim.DDIMSampler",
+    ]

@@ -214,3 +214,62 @@ def test_the_generations_guidance_reaches_every_paths_conds(forge_flux):
     assert conds.layout["guidance"].tolist() == [5.0] and conds.reference["guidance"].tolist() == [
         5.0
     ]
+
+
+# --- the Flux.1 family adapter (what hosts/forge.py asks of it) --------------------------------------
+from lib_layout_retouch.adapters.forge.flux import FORGE_FLUX  # noqa: E402
+from lib_layout_retouch.adapters.forge.vae import encode_mode  # noqa: E402
+from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE, FluxFamily  # noqa: E402
+from lib_layout_retouch.errors import LayoutRetouchError  # noqa: E402
+from lib_layout_retouch.params import LayoutRetouchParams  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "params,img2img,parameter,words",
+    [
+        (dict(personalization="textual_inversion"), False, "personalization", "CLIP-L"),
+        (dict(personalization="lora", layout_source="stage1"), False, "layout_source", "DDIM"),
+        (dict(personalization="lora"), True, "sd_model", "img2img"),
+    ],
+)
+def test_flux_adapter_refuses_what_flux_cannot_do_by_parameter(params, img2img, parameter, words):
+    with pytest.raises(LayoutRetouchError, match=words) as e:
+        FORGE_FLUX.check_params(LayoutRetouchParams(**params), img2img=img2img)
+    assert e.value.parameter == parameter
+
+
+def test_flux_adapter_accepts_txt2img_lora_and_dreambooth_with_inversion(forge_flux):
+    engine, _, _ = forge_flux
+    assert FORGE_FLUX.matches(engine)
+    FORGE_FLUX.check(engine)
+    for kind in ("lora", "dreambooth"):
+        FORGE_FLUX.check_params(LayoutRetouchParams(personalization=kind), img2img=False)
+
+
+def test_flux_adapter_model_carries_the_generations_distilled_guidance(forge_flux):
+    engine, _, _ = forge_flux
+    loads = []
+    for asked, want in ((5.0, 5.0), (None, DEFAULT_GUIDANCE), (0, DEFAULT_GUIDANCE)):
+        model = FORGE_FLUX.model(
+            engine, load_model=loads.append, sdxl_crop=(8, 8), distilled_cfg_scale=asked
+        )
+        assert isinstance(model.family, FluxFamily)
+        assert model.conditioning(["a dog"])["guidance"].tolist() == [want]
+    assert set(loads) == {"clip-patcher"}  # the host's loader reaches the engine's objects
+
+
+def test_flux_adapter_stage1_latent_is_x_itself_and_no_text_encoder_is_swapped(forge_flux):
+    engine, _, _ = forge_flux
+    x = torch.randn(2, 16, 4, 4)
+    assert FORGE_FLUX.stage1_latent(x, torch.tensor([0.9, 0.3])) is x
+    assert FORGE_FLUX.text_encoder_slots(engine) == []
+    note = FORGE_FLUX.text_encoder_note
+    assert "T5 and CLIP-L" in note and "stage1_text_encoder" in note
+
+
+def test_flux_vae_encode_is_the_shared_deterministic_encode(forge_flux):
+    engine, model, _ = forge_flux
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    assert torch.equal(
+        model.encode(img), encode_mode(engine.forge_objects.vae, img, lambda patcher: None)
+    )

@@ -189,3 +189,90 @@ def test_denoise_passes_sdxls_vector_as_y():
     assert torch.equal(seen["c_crossattn"], cond["crossattn"]) and torch.equal(
         seen["y"], cond["vector"]
     )
+
+
+# --- the SD1.x/SDXL family adapter (what hosts/forge.py asks of it) ---------------------------------
+from lib_layout_retouch.adapters.forge.sd import FORGE_SD  # noqa: E402
+from lib_layout_retouch.adapters.forge.vae import encode_mode  # noqa: E402
+from lib_layout_retouch.params import LayoutRetouchParams  # noqa: E402
+from lib_layout_retouch.unet.family import SD1, SDXL  # noqa: E402
+from lib_layout_retouch.unet.text_encoders import TEXT_ENCODER_PREFIXES  # noqa: E402
+
+
+def test_sd_adapter_builds_forge_model_with_the_hosts_crop_and_loader(tiny_ldm):
+    loads = []
+    model = FORGE_SD.model(
+        sd1_engine(tiny_ldm), load_model=loads.append, sdxl_crop=(8, 16), distilled_cfg_scale=5.0
+    )
+    assert isinstance(model, ForgeModel) and model.family is SD1
+    assert model.sdxl_crop == (8, 16) and model.load_model == loads.append
+    sdxl = FORGE_SD.model(FakeSdxlEngine(), load_model=loads.append)
+    assert sdxl.family is SDXL and sdxl.sdxl_crop == (0, 0)
+
+
+def test_sd_adapter_stage1_latent_undoes_the_sigma_scaling_exactly():
+    """z_t = x/√(σ²+1): σ = 0.75 → ÷1.25 and σ = 0 → x, both exact in float32."""
+    x = torch.full((2, 4, 2, 2), 5.0)
+    z = FORGE_SD.stage1_latent(x, torch.tensor([0.75, 0.0], dtype=torch.float64))
+    assert z.dtype == torch.float32
+    assert torch.equal(z[0], torch.full((4, 2, 2), 4.0)) and torch.equal(z[1], x[1])
+
+
+def test_sd_adapter_refuses_nothing_a_valid_parameter_set_asks():
+    FORGE_SD.check_params(LayoutRetouchParams(personalization="textual_inversion"), img2img=True)
+    FORGE_SD.check_params(LayoutRetouchParams(layout_source="stage1"), img2img=False)
+
+
+def _clip(transformer):
+    return SimpleNamespace(text_encoder=SimpleNamespace(transformer=transformer))
+
+
+def test_sd_adapter_text_encoder_slots_are_clip_l_keyed_as_in_the_checkpoint():
+    sd1_clip, sdxl_clip = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    sd1 = SimpleNamespace(is_sdxl=False, text_processing_engine=_clip(sd1_clip))
+    [(holder, attr, prefix)] = FORGE_SD.text_encoder_slots(sd1)
+    assert getattr(holder, attr) is sd1_clip and prefix == TEXT_ENCODER_PREFIXES["sd1"]
+    sdxl = SimpleNamespace(
+        is_sdxl=True,
+        text_processing_engine_l=_clip(sdxl_clip),
+        text_processing_engine_g=_clip(torch.nn.Linear(2, 2)),
+    )
+    [(holder, attr, prefix)] = FORGE_SD.text_encoder_slots(sdxl)
+    assert getattr(holder, attr) is sdxl_clip and prefix == TEXT_ENCODER_PREFIXES["sdxl_clip_l"]
+    # a transformer that is not a module (a stand-in, a hijacked wrapper) is not swapped
+    assert FORGE_SD.text_encoder_slots(SimpleNamespace(text_processing_engine=_clip(None))) == []
+    assert FORGE_SD.text_encoder_note is None  # the host's own note then
+
+
+class PosteriorVae:
+    """Forge's `forge_objects.vae`: encode(x, regulation) hands the posterior to `regulation` (mode =
+    the mean here; a sample adds noise from the global RNG), `process_in` = (z − shift)·scale."""
+
+    patcher = "vae-patcher"
+    device = torch.device("cpu")
+    vae_dtype = torch.float32
+
+    def __init__(self):
+        class FirstStage:
+            def encode(self, x, regulation=None):
+                mean = x[:, :1, ::8, ::8].repeat(1, 4, 1, 1)
+                posterior = SimpleNamespace(
+                    mode=lambda: mean, sample=lambda: mean + torch.randn_like(mean)
+                )
+                return regulation(posterior) if regulation else posterior.sample()
+
+            def process_in(self, z):
+                return (z - 0.5) * 0.25
+
+        self.first_stage_model = FirstStage()
+
+
+def test_forge_model_encodes_with_the_shared_deterministic_encode(tiny_ldm):
+    engine = sd1_engine(tiny_ldm)
+    engine.forge_objects.vae = PosteriorVae()
+    loads = []
+    img = torch.rand(1, 3, 16, 16) * 2 - 1
+    got = ForgeModel(engine, load_model=loads.append).encode(img)
+    assert torch.equal(got, (img[:, :1, ::8, ::8].repeat(1, 4, 1, 1) - 0.5) * 0.25)
+    assert torch.equal(got, encode_mode(engine.forge_objects.vae, img, lambda patcher: None))
+    assert loads == ["vae-patcher"]

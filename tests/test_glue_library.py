@@ -1,5 +1,6 @@
 """The parts of the WebUI glue that are library code: axes, the job, subject rows in A1111's
-parsed chunks, the hints file, and the rule that the library never imports the WebUI."""
+parsed chunks, the hints file, and the host-import rules: the library imports no host and no host's
+glue, ComfyUI's host-free glue modules no host (directly or through other modules)."""
 
 import ast
 import os
@@ -16,6 +17,7 @@ from lib_layout_retouch import job as lr_job
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELDS, LayoutRetouchParams
 from lib_layout_retouch.prompts import subject_positions_in_chunks
+from tests.import_graph import Imports, imported_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A reference photo made here (these tests need any photo, not the ViCo data): 128×128, so the
@@ -25,49 +27,96 @@ PHOTO = Image.fromarray(
 )
 
 
-# The hosts and the host glue: the library imports none of them (at module level or inside a function).
-HOST_PACKAGES = ("modules", "backend", "comfy", "gradio", "layout_retouch_webui", "scripts")
+# The hosts: A1111's `modules`, Forge's `backend`, gradio, and ComfyUI's top-level packages.
+HOSTS = ("modules", "backend", "gradio") + (
+    "comfy",
+    "comfy_extras",
+    "comfy_execution",
+    "latent_preview",
+    "folder_paths",
+    "node_helpers",
+    "nodes",
+    "server",
+    "execution",
+)
+GLUE = ("layout_retouch_webui", "layout_retouch_comfy", "scripts")  # each host's glue
+# The ComfyUI glue's modules that import ComfyUI (layout_retouch_comfy/__init__.py: `nodes` and
+# `glue`; the package loads `nodes` on first use). Every other module of it is host-free: the tests
+# drive them without ComfyUI.
+COMFY_HOST_MODULES = (
+    "layout_retouch_comfy",
+    "layout_retouch_comfy.glue",
+    "layout_retouch_comfy.nodes",
+)
 
 
-def host_imports(source: str) -> list[str]:
-    """The modules `source` imports whose top-level package is a host's or the host glue's."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names = [node.module or ""]
-        else:
-            continue  # relative imports stay inside the library
-        found += [n for n in names if n.split(".")[0] in HOST_PACKAGES]
-    return found
+def _top(name: str) -> str:
+    return name.split(".")[0]
 
 
-def library_files() -> list[str]:
-    top = os.path.join(ROOT, "lib_layout_retouch")
-    return sorted(
-        os.path.join(d, n) for d, _, names in os.walk(top) for n in names if n.endswith(".py")
+def host_imports(source: str, module: str = "lib_layout_retouch.x") -> list[str]:
+    """The names `source` (the text of `module`) imports whose top-level package is a host's or a
+    host glue's."""
+    return sorted(n for n in imported_names(source, module) if _top(n) in HOSTS + GLUE)
+
+
+def host_violations(imports: Imports) -> list[str]:
+    """The library importing a host or a host's glue, and ComfyUI's host-free glue modules importing
+    a host — directly or through other project modules (`Imports.violations`)."""
+    library = [m for m in imports.paths if _top(m) == "lib_layout_retouch"]
+    comfy_free = [
+        m
+        for m in imports.paths
+        if _top(m) == "layout_retouch_comfy" and m not in COMFY_HOST_MODULES
+    ]
+    return imports.violations(library, lambda n: _top(n) in HOSTS + GLUE) + imports.violations(
+        comfy_free, lambda n: _top(n) in HOSTS
     )
 
 
 def test_the_import_check_sees_every_host_and_every_import_form():
-    for host in HOST_PACKAGES:
+    for host in HOSTS + GLUE:
         assert host_imports(f"import {host}") == [host]
         assert host_imports(f"import os, {host}.x as y") == [f"{host}.x"]
-        assert host_imports(f"def f():\n    from {host}.x import y") == [f"{host}.x"]
+        assert host_imports(f"def f():\n    from {host}.x import y") == [f"{host}.x.y"]
     assert (
         host_imports("import modulesx, torch\nfrom . import modules\nfrom .gradio import a") == []
     )
 
 
-def test_library_never_imports_a_host_or_the_host_glue():
-    files = library_files()
-    assert len(files) > 20 and any(
-        f.endswith(os.path.join("evaluation", "runner.py")) for f in files
-    )
-    for path in files:
-        with open(path, encoding="utf-8") as f:
-            assert host_imports(f.read()) == [], os.path.relpath(path, ROOT)
+def test_the_library_and_comfys_host_free_modules_import_no_host():
+    imports = Imports(("lib_layout_retouch", "layout_retouch_comfy"))
+    assert len(imports.paths) > 30 and "lib_layout_retouch.evaluation.runner" in imports.paths
+    assert {"layout_retouch_comfy.inputs", "layout_retouch_comfy.run"} <= set(imports.paths)
+    assert "comfy.sample" in imports.names["layout_retouch_comfy.glue"]  # (the glue may)
+    assert host_violations(imports) == []
+
+
+def test_a_host_import_is_found_in_the_library_or_through_comfys_glue(tmp_path):
+    files = {
+        "lib_layout_retouch/__init__.py": "",
+        "lib_layout_retouch/a.py": "def f():\n    import gradio as gr\n",
+        "lib_layout_retouch/b.py": "from layout_retouch_comfy import inputs\n",
+        "layout_retouch_comfy/__init__.py": "def f():\n    from layout_retouch_comfy import nodes\n",
+        "layout_retouch_comfy/glue.py": "import comfy.sample\n",
+        "layout_retouch_comfy/nodes.py": "from layout_retouch_comfy import glue, run\n",
+        "layout_retouch_comfy/inputs.py": "import folder_paths\n",
+        "layout_retouch_comfy/run.py": "from . import tensors\n",
+        "layout_retouch_comfy/tensors.py": "from .glue import helper\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    found = host_violations(Imports(("lib_layout_retouch", "layout_retouch_comfy"), tmp_path))
+    assert found == [
+        "lib_layout_retouch.a imports gradio",
+        "lib_layout_retouch.b imports layout_retouch_comfy.inputs",
+        "lib_layout_retouch.b → layout_retouch_comfy.inputs imports folder_paths",
+        "layout_retouch_comfy.inputs imports folder_paths",
+        "layout_retouch_comfy.run → layout_retouch_comfy.tensors → layout_retouch_comfy.glue"
+        " imports comfy.sample",
+        "layout_retouch_comfy.tensors → layout_retouch_comfy.glue imports comfy.sample",
+    ]
 
 
 def glue_files() -> list[str]:

@@ -137,3 +137,32 @@ def test_attention_replacements_name_what_another_extension_replaced():
     assert attention_replacements(opts) == ["attn2"]
     opts["transformer_options"]["patches_replace"]["attn1"] = {("input", 1, 0): print}
     assert attention_replacements(opts) == ["attn1", "attn2"]
+
+
+# --- which family adapter answers for an engine (adapters/forge/__init__.py) ----------------------
+from lib_layout_retouch.adapters.forge import FAMILIES, FORGE_FLUX, FORGE_SD, engine_family  # noqa: E402
+
+
+def _flux_engine(kind="Flux", predictor="PredictionFlux"):
+    engine = _engine(kind)
+    engine.forge_objects.unet.model.predictor = type(predictor, (), {})()
+    return engine
+
+
+def test_engine_family_tells_flux_from_sd_and_leaves_the_rest_to_sds_refusals():
+    assert engine_family(_flux_engine()) is FORGE_FLUX
+    assert engine_family(_engine("StableDiffusion", is_sd1=True)) is FORGE_SD
+    assert engine_family(_engine("StableDiffusionXL", is_sdxl=True)) is FORGE_SD
+    engine_family(_flux_engine()).check(_flux_engine())
+    # not Flux.1 as the retouch drives it: the SD adapter takes it and refuses it by name
+    for engine, words in (
+        (_flux_engine(predictor="PredictionDiscreteFlow"), "PredictionFlux"),
+        (_flux_engine(kind="Chroma"), "Chroma"),
+        (_engine("StableDiffusion3"), "SD3"),
+    ):
+        family = engine_family(engine)
+        assert family is FORGE_SD
+        with pytest.raises(LayoutRetouchError, match=words) as e:
+            family.check(engine)
+        assert e.value.parameter == "sd_model"
+    assert FAMILIES[-1] is FORGE_SD  # last: it matches every engine

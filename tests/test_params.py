@@ -716,3 +716,38 @@ def test_layout_source_input_needs_no_vanilla_checkpoint_in_dreambooth_mode():
     ] == [True, True, False]
     with pytest.raises(LayoutRetouchError, match="vanilla_checkpoint is empty"):
         LayoutRetouchParams(layout_source="inversion", **base).validate()
+
+
+def test_validate_names_every_problem_at_once():
+    """No photo, no concept token, λ1 < 0 and a threshold of 2: one error naming all four, in table
+    order, each with its parameter; the error's parameter is the first's."""
+    params = LayoutRetouchParams(
+        enabled=True, class_phrase="dog", vanilla_checkpoint="v", lambda1=-1, ca_threshold=2.0
+    )
+    problems = params.problems()
+    assert [p.parameter for p in problems] == [
+        "lambda1",
+        "ca_threshold",
+        "reference_image",
+        "concept_token",
+    ]
+    with pytest.raises(LayoutRetouchError) as e:
+        params.validate()
+    assert e.value.parameter == "lambda1"
+    assert [str(p) for p in e.value.problems] == [str(p) for p in problems]
+    assert str(e.value).startswith("Layout-and-Retouch: 4 problems: (1) lambda1 ")
+    assert LayoutRetouchParams().problems() == []  # disabled: nothing is needed
+
+
+def test_combine_flattens_keeps_one_problem_per_parameter_and_returns_a_single_one_as_is():
+    from lib_layout_retouch.errors import combine
+
+    a = LayoutRetouchError("a is bad", parameter="a")
+    b = LayoutRetouchError("b is bad", parameter="b")
+    again = LayoutRetouchError("a is bad in another way", parameter="a")
+    assert combine([a]) is a
+    both = combine([a, b])
+    assert str(both) == "Layout-and-Retouch: 2 problems: (1) a is bad; (2) b is bad"
+    assert combine([both, again]).problems == [a, b]  # flattened; the second 'a' left out
+    with pytest.raises(ValueError):
+        combine([])

@@ -226,3 +226,89 @@ def test_schedule_at_the_img2img_step_count(steps, strength, expected):
     T = img2img_steps(steps, strength)
     s = Schedule.for_steps(T)
     assert (s.steps, s.lambda1, s.lambda2, s.mask_start, s.describe()) == expected
+
+
+# -- λ1's bound is the sampler's: one check, every problem in one message ------------------------------
+def _ddim(steps):
+    from lib_layout_retouch.sampler_steps import DDIM_LIKE, sampler_steps
+
+    return sampler_steps("DDIM", DDIM_LIKE, steps)
+
+
+@pytest.mark.parametrize("lambda1", [10, 9])
+def test_lambda1_has_one_bound_the_samplers(lambda1):
+    """DDIM at 10 steps runs 9: λ1 = 10 and λ1 = 9 are refused with the SAME bound (0…8), never the
+    step count's 0…9 first and the sampler's after."""
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule(10, lambda1, 2, 7, sampler=_ddim(10))
+    msg = str(e.value)
+    assert e.value.parameter == "lambda1"
+    assert f"is {lambda1}, but DDIM runs 9 steps for 10" in msg, msg
+    assert "between 0 and 8" in msg and "between 0 and 9" not in msg, msg
+    assert Schedule(10, 8, 2, 7, sampler=_ddim(10)).lambda1 == 8
+    with pytest.raises(LayoutRetouchError) as e:  # scaled: 45 for 50 steps is 9 at 10
+        Schedule.for_steps(10, 45, sampler=_ddim(10))
+    assert "is 9 at 10 sampling steps (scaled from the 45 you set for 50 steps)" in str(e.value)
+    assert "between 0 and 8" in str(e.value)
+
+
+def test_lambda1_bound_without_sampler_or_with_one_that_runs_more_steps():
+    from lib_layout_retouch.sampler_steps import FIRST_ORDER, UNKNOWN, sampler_steps
+    from lib_layout_retouch.schedule import knob_bounds
+
+    assert knob_bounds(10)["lambda1"] == (0, 9)
+    assert knob_bounds(10, _ddim(10)) == {
+        "lambda1": (0, 8),
+        "lambda2": (0, 10),
+        "mask_start": (2, 11),
+    }
+    assert knob_bounds(10, sampler_steps("Euler", FIRST_ORDER, 10))["lambda1"] == (0, 9)
+    # DDIM at 60 steps runs 62 (timesteps 16 apart): the step count's bound still holds
+    assert _ddim(60).steps == 62 and knob_bounds(60, _ddim(60))["lambda1"] == (0, 59)
+    adaptive = sampler_steps("DPM adaptive", UNKNOWN, 10)
+    assert knob_bounds(10, adaptive)["lambda1"] == (0, 0)
+    assert Schedule(10, 0, 2, 7, sampler=adaptive).lambda1 == 0
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule(10, 1, 2, 7, sampler=adaptive)
+    assert "decides its model calls while it runs" in str(e.value) and "set it to 0" in str(e.value)
+
+
+def test_every_knob_out_of_range_is_named_in_one_error():
+    with pytest.raises(LayoutRetouchError) as e:
+        Schedule(10, 10, 12, 15, sampler=_ddim(10))
+    err = e.value
+    assert [p.parameter for p in err.problems] == ["lambda1", "lambda2", "mask_start"]
+    assert err.parameter == "lambda1"
+    msg = str(err)
+    assert msg.startswith("Layout-and-Retouch: 3 problems: (1) λ1"), msg
+    assert "; (2) λ2 (the number of first retouch steps that copy the layout) is 12" in msg, msg
+    assert "; (3) mask start (the first retouch step that blends the subject mask) is 15" in msg
+    assert msg.count("Layout-and-Retouch") == 1, msg
+    with pytest.raises(LayoutRetouchError) as e:  # two values that are no whole numbers: both
+        Schedule.for_steps(10, 1.5, 2, "x")
+    assert [p.parameter for p in e.value.problems] == ["lambda1", "mask_start"]
+
+
+def test_describe_says_which_steps_lambda1_counts():
+    assert Schedule(10, 1, 2, 7, sampler=_ddim(10)).describe() == (
+        "λ1=1 of DDIM's 9 steps, λ2=2, mask from step 7 of 10"
+    )
+    assert Schedule(10, 0, 2, 7, sampler=_ddim(10)).describe().startswith("λ1=0, ")
+    assert Schedule(10, 1, 2, 7).describe() == "λ1=1, λ2=2, mask from step 7 of 10"
+
+
+def test_effective_values_are_the_schedules_and_unscaled_values_go_back_exactly_up_to_50():
+    from lib_layout_retouch.schedule import effective_values, unscaled_values
+
+    for steps in (2, 4, 10, 20, 33, 50, 100):
+        s = Schedule.for_steps(steps, 7, 13, 40)
+        assert effective_values(steps, 7, 13, 40) == (s.lambda1, s.lambda2, s.mask_start)
+    assert effective_values(10, 7, 13, 40, scale=False) == (7, 13, 40)
+    assert effective_values(10, 50, 50, 51) == (10, 10, 11)  # unchecked: λ1 = 10 of 10 steps
+    for steps in range(2, 51):
+        for v in range(steps + 1):
+            for mask in range(2, steps + 2):
+                back = unscaled_values(steps, v, v, mask)
+                assert effective_values(steps, *back) == (v, v, mask), (steps, v, mask, back)
+                assert 0 <= back[0] <= 50 and 2 <= back[2] <= 51
+    assert unscaled_values(10, 1, 2, 7) == (5, 10, 31)  # the paper's values at 10 steps

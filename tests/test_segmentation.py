@@ -18,58 +18,10 @@ from lib_layout_retouch.segmentation import (
     load_segmenter,
     sam_kind_from_filename,
 )
+from tests.fixtures.sam import build_tiny_sam
 from tests.paths import DOG_PHOTO
 
 DOG = str(DOG_PHOTO)
-IMG = 64  # tiny SAM input size (SamPredictor resizes the long side to this)
-
-
-def build_tiny_sam(embed_dim: int = 48, seed: int | None = None):
-    """The real SAM blocks at toy size: ViT encoder 64px/patch 16 -> a 4x4 embedding."""
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=IMG,
-            patch_size=16,
-            embed_dim=embed_dim,
-            depth=2,
-            num_heads=2,
-            out_chans=32,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=(1,),
-            window_size=2,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=32,
-            image_embedding_size=(IMG // 16, IMG // 16),
-            input_image_size=(IMG, IMG),
-            mask_in_chans=8,
-        ),
-        mask_decoder=MaskDecoder(
-            transformer_dim=32,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2),
-            num_multimask_outputs=3,
-            iou_head_depth=1,
-            iou_head_hidden_dim=32,
-        ),
-    )
-    # SAM zero-inits its position embeddings; random ones make the tiny model position-aware.
-    with torch.no_grad():
-        for name, p in sam.named_parameters():
-            if (name.endswith("pos_embed") or "rel_pos" in name) and not p.any():
-                p.normal_(0, 0.02)
-    return sam.eval()
 
 
 @pytest.fixture(autouse=True)

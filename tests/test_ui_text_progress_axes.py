@@ -60,10 +60,26 @@ def test_check_axis_values_refuses_a_bad_value_before_the_grid_with_the_axis_and
 
 
 def test_check_axis_values_enable_true_needs_a_complete_setup_false_does_not():
-    incomplete = LayoutRetouchParams()  # no photo
+    incomplete = LayoutRetouchParams()  # no photo, token, class, vanilla checkpoint
     axes.check_axis_values(incomplete, "enabled", ["False"], steps=10)
-    with pytest.raises(LayoutRetouchError, match="Enable = True: no reference_image"):
+    with pytest.raises(LayoutRetouchError) as e:
         axes.check_axis_values(incomplete, "enabled", ["False", "True"], steps=10)
+    msg = str(e.value)  # every missing piece at once, not one per try
+    assert "Enable = True: 4 problems: (1) no reference_image" in msg, msg
+    for name in ("concept_token", "class_phrase", "vanilla_checkpoint"):
+        assert f"{name} is empty" in msg, msg
+
+
+def test_an_unswept_knob_out_of_range_is_said_once_by_the_cells_check():
+    """The knobs an axis does not sweep keep their effective values unchecked
+    (`apply_overrides`); the cell's check names the problem, with the host's bound when given."""
+    base = _ready(lambda1=50)  # 10 at 10 steps: out of range for λ1
+    cell = axes.apply_overrides(base, {"lambda2": 2}, steps=10)
+    assert (cell.lambda1, cell.lambda2, cell.mask_start, cell.scale_with_steps) == (10, 2, 7, False)
+    with pytest.raises(LayoutRetouchError) as e:
+        axes.check_axis_values(base, "lambda2", [2], steps=10)
+    assert "λ1 (the number of first steps drawn by the vanilla model) is 10" in str(e.value)
+    assert "between 0 and 9" in str(e.value) and e.value.parameter == "lambda1"
 
 
 def test_check_axis_values_runs_the_host_check_for_enabled_cells_only():
@@ -103,6 +119,18 @@ def test_ui_messages_use_control_labels_api_names_stay_in_the_api_message():
         ui_text.refusal("concept_token is empty")
         == "⚠ Layout-and-Retouch: “Concept token” is empty"
     )
+
+
+def test_a_refusal_with_several_problems_is_one_marked_line_and_one_item_line_each():
+    with pytest.raises(LayoutRetouchError) as e:
+        _ready(concept_token="", ca_threshold=2.0).validate()
+    lines = ui_text.refusal(e.value).split("\n")
+    texts = ui_text.page_texts()
+    assert lines[0].startswith(texts["refusalMark"]) and "2 problems" in lines[0], lines
+    assert [line.split(" ")[0] for line in lines[1:]] == [texts["refusalItem"]] * 2, lines
+    assert "“Cross-attention mask threshold”" in lines[1] and "“Concept token”" in lines[2], lines
+    # one problem: one line, as before
+    assert ui_text.refusal(LayoutRetouchError("x is bad")) == "⚠ Layout-and-Retouch: x is bad"
 
 
 def test_every_field_is_in_exactly_one_group_and_the_basic_group_is_the_first_time_needs():
@@ -221,8 +249,15 @@ def test_axis_units_in_refusals_and_hints():
     with pytest.raises(LayoutRetouchError) as e:
         axes.check_axis_values(base, "mask_start", [6, 31], 10, label="[L&R] Mask start")
     msg = str(e.value)
-    assert "[L&R] Mask start = 31" in msg and "steps at the generation's 10 steps" in msg, msg
-    assert "31 for 50 steps is 7 at 10" in msg, msg
+    assert "[L&R] Mask start = 31" in msg, msg
+    assert "X/Y/Z values count this generation's 10 steps and are used as given" in msg, msg
+    assert "if you meant 31 of 50 steps, as on the slider, enter 7" in msg, msg
+    with pytest.raises(LayoutRetouchError) as e:  # λ1 = 10 at 10 steps: 10 of 50 would be 2
+        axes.check_axis_values(base, "lambda1", [10], 10, label="[L&R] Lambda1")
+    assert "if you meant 10 of 50 steps, as on the slider, enter 2" in str(e.value)
+    with pytest.raises(LayoutRetouchError) as e:  # at 50 steps the two scales are one: no hint
+        axes.check_axis_values(base, "lambda1", [50], 50, label="[L&R] Lambda1")
+    assert "if you meant" not in str(e.value) and "used as given" in str(e.value)
     for a in axes.AXES:
         if a.field in ("lambda1", "lambda2", "mask_start"):
             assert "steps at this generation's step count" in ui_text.EXTRA_HINTS[a.label]

@@ -72,3 +72,49 @@ def attention_roundings(module: torch.nn.Module, tokens: int) -> int:
     projections (`network_roundings`), then Q·Kᵀ (head width), the softmax sum and P·V (`tokens` each)."""
     head_width = module.to_q.out_features // module.heads
     return network_roundings(module) + head_width + 2 * tokens
+
+
+class SubjectMapGain:
+    """While in its `with` block, the largest gain of the subject maps' min-max normalisation
+    (`masks.normalize_cross_attention`, the map M^c thresholds): a rounding δ of the raw averaged map
+    becomes up to 4δ/(hi − lo) in the normalised one (δ on the cell, on lo and on hi), so relative to
+    the raw map's largest value hi the gain is 4·hi/(hi − lo)."""
+
+    def __init__(self):
+        self.value = 0.0
+
+    def __enter__(self) -> "SubjectMapGain":
+        from lib_layout_retouch import masks
+
+        self._masks, self._real = masks, masks.normalize_cross_attention
+
+        def recording(maps):
+            m = torch.as_tensor(maps).detach().float().reshape(-1, *maps.shape[-2:]).mean(0)
+            lo, hi = float(m.min()), float(m.max())
+            if hi > lo:
+                self.value = max(self.value, 4 * max(abs(hi), abs(lo)) / (hi - lo))
+            return self._real(maps)
+
+        masks.normalize_cross_attention = recording
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._masks.normalize_cross_attention = self._real
+
+
+def assert_same_mask(a, b, roundings: int, map_gain: float) -> None:
+    """The retouch mask M of two runs that round differently (`a`, `b`: RetouchResults of the same
+    layouts, ≥ 2 images). M thresholds the normalised subject map (then a distance transform of that
+    binary), so it is the same bit for bit unless a cell of the map lies within the maps' rounding
+    drift of the threshold: the maps agree up to that drift, the fixture keeps clear of the
+    threshold by more than it (else this comparison could not tell), and then M must be equal.
+    `map_gain`: `SubjectMapGain().value` of the runs; the two layouts' maps differ beyond the drift,
+    so the map comparison can fail."""
+    from lib_layout_retouch.masks import DEFAULT_CA_THRESHOLD
+
+    assert map_gain > 0, "no subject map was normalised inside SubjectMapGain's block"
+    tol = assert_rounding_close(a.ca_maps, b.ca_maps, roundings, gain=map_gain)
+    assert_differs_beyond(b.ca_maps[0], b.ca_maps[1], tol)
+    margin = float((b.ca_maps - DEFAULT_CA_THRESHOLD).abs().min())
+    assert margin > tol, f"a map cell {margin:.3g} from the threshold, within the drift {tol:.3g}"
+    assert torch.equal(a.masks, b.masks)

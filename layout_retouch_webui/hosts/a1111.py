@@ -19,6 +19,10 @@ from layout_retouch_webui.options import opt
 from lib_layout_retouch.unet.model import LdmModel, check_model_supported
 from lib_layout_retouch.unet.text_encoders import TEXT_ENCODER_PREFIXES
 
+SD_MODEL_OPTION = (
+    "sd_model_checkpoint"  # the WebUI's option naming the checkpoint it generates with
+)
+
 
 class A1111Host(Host):
     name = "AUTOMATIC1111"
@@ -160,7 +164,24 @@ class A1111Host(Host):
         return list(sd_models.checkpoint_tiles())
 
     def refresh_checkpoints(self):
+        """Re-read the checkpoint folder without changing the model the WebUI generates with:
+        `sd_models.list_models()` also sets the checkpoint option back to the `--ckpt` file when the
+        WebUI was started with one (`modules/sd_models.py` 167-171, the same in Forge), and the next
+        generation would silently load that file. The option is put back as it was (without its
+        `onchange`: nothing is loaded)."""
+        chosen = shared.opts.data.get(SD_MODEL_OPTION)
         sd_models.list_models()
+        if chosen is not None:
+            shared.opts.data[SD_MODEL_OPTION] = chosen
+
+    @staticmethod
+    def is_checkpoint_selector(kwargs) -> bool:
+        """Whether a component built with `kwargs` is the page's checkpoint dropdown: A1111's
+        quicksetting, or Forge's model selection (its `model_selection` class; Forge keeps this
+        method from A1111's adapter)."""
+        return kwargs.get("elem_id") == f"setting_{SD_MODEL_OPTION}" or "model_selection" in (
+            kwargs.get("elem_classes") or []
+        )
 
     def loaded_checkpoint(self, p=None):
         model = p.sd_model if p is not None else getattr(shared, "sd_model", None)

@@ -74,6 +74,11 @@ class Host:
         """(holder, attribute, checkpoint key prefix) of each text transformer of the loaded model."""
         return []
 
+    def text_encoder_note(self, p) -> str:
+        """The note when `text_encoder_slots` is empty in DreamBooth: stage 1 read y_p⁻ with the loaded
+        model's text encoders."""
+        return "no vanilla text encoder for this model kind: stage 1 used the loaded model's"
+
     def text_encoders_to(self, p, modules: list, where: str) -> None:
         """Move copies of the text encoders where the host's encoding runs ('device' | 'cpu')."""
 
@@ -106,7 +111,14 @@ class Host:
         raise NotImplementedError
 
     def refresh_checkpoints(self) -> None:
+        """Re-read the checkpoint folder; never changes the model the WebUI generates with."""
         raise NotImplementedError
+
+    @staticmethod
+    def is_checkpoint_selector(kwargs) -> bool:
+        """Whether a component built with `kwargs` is the page's checkpoint dropdown (the vanilla
+        list follows it)."""
+        return False
 
     def loaded_checkpoint(self, p=None):
         raise NotImplementedError

@@ -19,9 +19,11 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
   `lib_layout_retouch.adapters.forge.flux` (velocity = the transformer's output, Forge's σ table and
   "Simple" schedule, T5 + pooled CLIP-L through the engine, the generation's distilled CFG). Stage 1
   works as for SD (the KModel's `diffusion_model` is the transformer; LoRA off = the patcher's
-  refresh); the sampler hands x unscaled (const prediction). Refused with a reason: Textual Inversion
-  (Forge reads embeddings only into CLIP-L, whose pooled vector is not attended to), layout source
-  `stage1`, img2img (not yet checked on Flux).
+  refresh).
+- What differs between SD1.x/SDXL and Flux.1 — the support check, the parameter refusals, the library
+  model, the stage-1 latent from the CFG denoiser's x, the text encoders DreamBooth swaps — is asked of
+  the engine's family adapter (`lib_layout_retouch.adapters.forge.engine_family`); this module never
+  asks which family is loaded.
 """
 
 from __future__ import annotations
@@ -32,15 +34,9 @@ import torch
 from modules import shared
 
 from layout_retouch_webui.hosts.a1111 import A1111Host
-from lib_layout_retouch.adapters.forge.engines import (
-    attention_replacements,
-    check_forge_engine_supported,
-)
-from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
-from lib_layout_retouch.adapters.forge.sd import ForgeModel
-from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
+from lib_layout_retouch.adapters.forge import EngineFamily, engine_family
+from lib_layout_retouch.adapters.forge.engines import attention_replacements
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.unet.text_encoders import TEXT_ENCODER_PREFIXES
 
 
 class ForgeHost(A1111Host):
@@ -50,31 +46,19 @@ class ForgeHost(A1111Host):
     name = "Forge"
 
     # -- the model ----------------------------------------------------------------------------------
+    @staticmethod
+    def family_adapter(p) -> EngineFamily:
+        """The loaded engine's family adapter: every family-dependent answer below is its."""
+        return engine_family(p.sd_model)
+
     def check_model(self, p) -> None:
-        if is_forge_flux(p.sd_model):
-            return
-        check_forge_engine_supported(p.sd_model)
+        self.family_adapter(p).check(p.sd_model)
 
     def check_params(self, p, params) -> None:
-        if not is_forge_flux(p.sd_model):
-            return
-        if params.personalization == "textual_inversion":
-            raise LayoutRetouchError(
-                "personalization 'textual_inversion' is not supported on Flux: Forge reads "
-                "Textual-Inversion embeddings only into "
-                "CLIP-L, whose pooled vector Flux does not attend to (the subject would not be in "
-                "the T5 tokens the mask follows); use the subject's LoRA or a DreamBooth fine-tune",
-                parameter="personalization",
-            )
-        if params.layout_source == "stage1":
-            raise stage1_layout_refusal()
         from modules.processing import StableDiffusionProcessingImg2Img
 
-        if isinstance(p, StableDiffusionProcessingImg2Img):
-            raise LayoutRetouchError(
-                "img2img with Layout-and-Retouch is not yet supported on Flux; use txt2img",
-                parameter="sd_model",
-            )
+        img2img = isinstance(p, StableDiffusionProcessingImg2Img)
+        self.family_adapter(p).check_params(params, img2img=img2img)
 
     def check_attention_free(self, p) -> None:
         """Another extension's attention replacement (`set_model_attn1_replace`, ...) bypasses the
@@ -94,20 +78,17 @@ class ForgeHost(A1111Host):
     def set_unet(self, p, unet) -> None:
         p.sd_model.forge_objects.unet.model.diffusion_model = unet
 
-    def library_model(self, p) -> ForgeModel:
+    def library_model(self, p):
         from backend import memory_management
 
         memory_management.load_model_gpu(
             p.sd_model.forge_objects.unet
         )  # on the device, LoRA merged
-        if is_forge_flux(p.sd_model):
-            return forge_flux_model(
-                p.sd_model,
-                load_model=memory_management.load_model_gpu,
-                guidance=float(getattr(p, "distilled_cfg_scale", None) or DEFAULT_GUIDANCE),
-            )
-        return ForgeModel(
-            p.sd_model, sdxl_crop=self.sdxl_crop(), load_model=memory_management.load_model_gpu
+        return self.family_adapter(p).model(
+            p.sd_model,
+            load_model=memory_management.load_model_gpu,
+            sdxl_crop=self.sdxl_crop(),
+            distilled_cfg_scale=getattr(p, "distilled_cfg_scale", None),
         )
 
     def inference_context(self):
@@ -133,13 +114,10 @@ class ForgeHost(A1111Host):
             unet.to("cpu")
 
     def stage1_latent(self, p, params) -> torch.Tensor:
-        """Forge's CFG denoiser gets x once per image (it batches cond/uncond itself), and its DDIM
-        hands it on the σ scale: z_t = x/√(σ²+1). Flux (const prediction): x itself."""
-        x = params.x[-p.batch_size :]
-        if is_forge_flux(p.sd_model):
-            return x
-        sigma = params.sigma[-p.batch_size :].to(x.dtype).view(-1, 1, 1, 1)
-        return x / (sigma * sigma + 1).sqrt()
+        """Forge's CFG denoiser gets x once per image (it batches cond/uncond itself); how x relates
+        to z_t is the family's (ε: on the σ scale; Flux: x itself)."""
+        b = p.batch_size
+        return self.family_adapter(p).stage1_latent(params.x[-b:], params.sigma[-b:])
 
     # -- text ---------------------------------------------------------------------------------------
     def encode_prompt(self, p, prompt: str):
@@ -156,23 +134,10 @@ class ForgeHost(A1111Host):
         )
 
     def text_encoder_slots(self, p) -> list:
-        """CLIP-L (SD1's only encoder, SDXL's first): the transformers inside Forge's IntegratedCLIP,
-        keyed as in the checkpoint. SDXL's OpenCLIP-G is stored in another layout than Forge's
-        converted module: not swapped (a note says so)."""
-        engine = p.sd_model
-        if is_forge_flux(engine):
-            return []  # T5 + CLIP-L: not swapped (a note says stage 1 used the loaded model's)
-        if getattr(engine, "is_sdxl", False):
-            clip = engine.text_processing_engine_l.text_encoder
-            prefix = TEXT_ENCODER_PREFIXES["sdxl_clip_l"]
-        else:
-            clip = engine.text_processing_engine.text_encoder
-            prefix = TEXT_ENCODER_PREFIXES["sd1"]
-        return (
-            [(clip, "transformer", prefix)]
-            if isinstance(getattr(clip, "transformer", None), torch.nn.Module)
-            else []
-        )
+        return self.family_adapter(p).text_encoder_slots(p.sd_model)
+
+    def text_encoder_note(self, p) -> str:
+        return self.family_adapter(p).text_encoder_note or super().text_encoder_note(p)
 
     def text_encoders_to(self, p, modules, where: str) -> None:
         from backend import memory_management

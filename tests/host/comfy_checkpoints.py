@@ -48,8 +48,13 @@ VAE_CONFIG = {
 
 
 def _comfy(comfy_dir: str):
-    if comfy_dir not in sys.path:
-        sys.path.insert(0, comfy_dir)
+    # ComfyUI's `comfy` is a namespace package (no __init__.py), which the import system takes only
+    # when no sys.path entry has a regular package of that name: this script's folder has one (the
+    # tier's tests/host/comfy/), so it leaves sys.path for the import.
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [comfy_dir] + [
+        p for p in sys.path if p != comfy_dir and os.path.abspath(p or os.curdir) != here
+    ]
     argv = sys.argv
     sys.argv = [argv[0], "--cpu"]
     try:

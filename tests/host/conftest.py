@@ -19,6 +19,7 @@ LR_WEBUI_KEEP=1 (keep the temp folder for inspection).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -73,12 +74,8 @@ def _models_cache_dir() -> str:
     if env:
         return env
     h = hashlib.sha1()
-    for p in (
-        os.path.join(REPO_ROOT, "tests", "fixtures", "sd1.py"),
-        os.path.join(REPO_ROOT, "tests", "fixtures", "nets.py"),
-        os.path.join(HERE, "tiny_checkpoints.py"),
-    ):
-        with open(p, "rb") as f:
+    for p in TC.SOURCES:
+        with open(os.path.join(REPO_ROOT, p), "rb") as f:
             h.update(f.read())
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "sd-webui-layout-retouch", "host-models-" + h.hexdigest()[:12])
@@ -206,44 +203,57 @@ def _start(webui_dir: str, python: str, tmp: str, ui: bool = False) -> S.Server:
     )
 
 
+def _warm_up(w: S.Server) -> None:
+    """Read the checkpoint titles; load the personalized model (it loads on the first generation)."""
+    w.read_titles()
+    H.txt2img(
+        w.url,
+        H.plain_body(
+            "warm up", steps=2, override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}
+        ),
+    )
+
+
+@contextlib.contextmanager
+def _started(src, prefix: str, ui: bool = False):
+    """A WebUI started from `src` ('dir', webui_dir, python) in a new temporary folder, warmed up;
+    stopped at the end and its folder removed (kept, and said, with LR_WEBUI_KEEP=1)."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        w = _start(src[1], src[2], tmp, ui=ui)
+        try:
+            _warm_up(w)
+            yield w
+        finally:
+            S.stop(w)
+    finally:
+        if not os.environ.get("LR_WEBUI_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"\nhost WebUI folder kept: {tmp}")
+
+
 @pytest.fixture(scope="session")
 def webui():
     src = _webui_source()
     if src[0] is None:
         pytest.skip(src[1])
-    tmp = None
-    if src[0] == "url":
-        w = S.Server(
-            src[1],
-            pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
-            log_path=os.environ.get("LR_WEBUI_LOG") or None,
-        )
-        if not w.alive():
-            raise RuntimeError(f"LR_WEBUI_URL={src[1]} does not answer /sdapi/v1/sd-models")
-    else:
-        tmp = tempfile.mkdtemp(prefix="lr-host-")
-        try:
-            w = _start(src[1], src[2], tmp)
-        except BaseException:
-            if not os.environ.get("LR_WEBUI_KEEP"):
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    if src[0] == "dir":
+        with _started(src, "lr-host-") as w:
+            yield w
+        return
+    w = S.Server(
+        src[1],
+        pid=int(os.environ["LR_WEBUI_PID"]) if os.environ.get("LR_WEBUI_PID") else None,
+        log_path=os.environ.get("LR_WEBUI_LOG") or None,
+    )
+    if not w.alive():
+        raise RuntimeError(f"LR_WEBUI_URL={src[1]} does not answer /sdapi/v1/sd-models")
     try:
-        w.read_titles()
-        # Warm-up: the model loads on the first generation; make sure it is the personalized one.
-        H.txt2img(
-            w.url,
-            H.plain_body(
-                "warm up", steps=2, override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}
-            ),
-        )
+        _warm_up(w)
         yield w
     finally:
         S.stop(w)
-        if tmp and not os.environ.get("LR_WEBUI_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp:
-            print(f"\nhost WebUI folder kept: {tmp}")
 
 
 @pytest.fixture(scope="session")
@@ -271,28 +281,8 @@ def webui_ui():
             else "the browser tier starts its own WebUI: set LR_WEBUI_DIR "
             "(or LR_WEBUI_UI_URL for one started without --nowebui)"
         )
-    tmp = tempfile.mkdtemp(prefix="lr-host-ui-")
-    try:
-        w = _start(src[1], src[2], tmp, ui=True)
-    except BaseException:
-        if not os.environ.get("LR_WEBUI_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        w.read_titles()
-        H.txt2img(
-            w.url,
-            H.plain_body(
-                "warm up", steps=2, override_settings={"sd_model_checkpoint": w.title(TC.PERSONAL)}
-            ),
-        )
+    with _started(src, "lr-host-ui-", ui=True) as w:
         yield w
-    finally:
-        S.stop(w)
-        if not os.environ.get("LR_WEBUI_KEEP"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            print(f"\nhost WebUI (UI) folder kept: {tmp}")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Server plumbing for the host tiers: start a WebUI-like server as a child process, wait for its
 API, read its log and memory, stop it by its PID.
 
-Host-independent (AUTOMATIC1111 or Forge): what to start is the caller's. Used by both tiers:
-tests/host/conftest.py (A1111) and tests/host/forge/conftest.py (Forge).
+Host-independent (AUTOMATIC1111, Forge or ComfyUI): what to start is the caller's. Used by every
+tier: tests/host/conftest.py (A1111), tests/host/forge/conftest.py (Forge) and
+tests/host/comfy/conftest.py (ComfyUI).
 """
 
 from __future__ import annotations
@@ -89,32 +90,58 @@ class Server:
         return self.titles[stem]
 
 
-def find_source(prefix: str, default_dir: str, default_python: str, none: str, check=None):
+def find_source(
+    prefix: str,
+    default_dir: str,
+    default_python: str,
+    none: str,
+    check=None,
+    launcher: str = "launch.py",
+):
     """Where the tier's server comes from: ('url', url) | ('dir', host_dir, python) | (None, reason).
 
-    <prefix>_URL attaches; else <prefix>_DIR (default `default_dir` when it has a launch.py; "none", "0" or
-    empty turn the default off) is started with <prefix>_PYTHON (default `default_python`). `none`: the
-    reason when there is nothing; `check(dir)`: why a folder with a launch.py is still the wrong host
-    (None: it is right)."""
+    <prefix>_URL attaches; else <prefix>_DIR (default `default_dir` when it has the `launcher` script;
+    "none", "0" or empty turn the default off) is started with <prefix>_PYTHON (default
+    `default_python`). `none`: the reason when there is nothing; `check(dir)`: why a folder with the
+    launcher is still the wrong host (None: it is right)."""
     url = os.environ.get(prefix + "_URL")
     if url:
         return ("url", url.rstrip("/"))
     d = os.environ.get(prefix + "_DIR")
     if d is not None and d.strip().lower() in ("", "none", "0"):
         return (None, none)  # explicitly off (also hides the default folder)
-    if d is None and os.path.isfile(os.path.join(default_dir, "launch.py")):
+    if d is None and os.path.isfile(os.path.join(default_dir, launcher)):
         d = default_dir
     if not d:
         return (None, none)
     py = os.environ.get(prefix + "_PYTHON", default_python)
-    if not os.path.isfile(os.path.join(d, "launch.py")):
-        return (None, f"{prefix}_DIR={d} has no launch.py; {none}")
+    if not os.path.isfile(os.path.join(d, launcher)):
+        return (None, f"{prefix}_DIR={d} has no {launcher}; {none}")
     wrong = check(d) if check else None
     if wrong:
         return (None, f"{prefix}_DIR={d} {wrong}; {none}")
     if not os.path.exists(py):
         return (None, f"{prefix}_PYTHON={py} does not exist; {none}")
     return ("dir", d, py)
+
+
+def skip_unless_asked(config, items, folder: str, prefix: str, why: str) -> None:
+    """A tier that runs only when asked (Forge, ComfyUI): unless its `folder` (or a file in it) is
+    named on the command line, or <prefix>_DIR / <prefix>_URL is set, its collected tests are
+    skipped with `why` — so `pytest tests/host` (the A1111 tier) never starts that host."""
+    if os.environ.get(prefix + "_URL") or os.environ.get(prefix + "_DIR"):
+        return
+    root = str(config.invocation_params.dir)
+    for a in config.invocation_params.args:
+        if a.startswith("-"):
+            continue
+        p = os.path.realpath(os.path.join(root, a.split("::")[0]))
+        if p == folder or p.startswith(folder + os.sep):
+            return
+    skip = pytest.mark.skip(reason=why)
+    for it in items:
+        if str(it.fspath).startswith(folder + os.sep):
+            it.add_marker(skip)
 
 
 def free_port() -> int:

@@ -73,6 +73,25 @@ def choose(pg, elem_id, option):
     pg.locator(f"#{elem_id} ul.options li", has_text=option).first.click()
 
 
+def dropdown_options(pg, elem_id):
+    """The options a gradio 3 dropdown offers (opened and closed again)."""
+    box = pg.locator(f"#{elem_id} input")
+    box.click()
+    pg.locator(f"#{elem_id} ul.options li").first.wait_for()
+    texts = [t.strip() for t in pg.locator(f"#{elem_id} ul.options li").all_inner_texts()]
+    box.blur()  # the list closes on blur (Escape leaves it open: the next click would close it)
+    pg.locator(f"#{elem_id} ul.options").wait_for(state="detached")
+    return texts
+
+
+def number_value(pg, elem_id) -> str:
+    return pg.locator(f"#{elem_id} input[type=number]").input_value()
+
+
+def slider_max(pg, elem_id) -> str:
+    return pg.locator(f"#{elem_id} input[type=number]").get_attribute("max")
+
+
 def setup_small(pg, prompt, steps=8):
     set_text(pg, "#txt2img_prompt textarea", prompt)
     set_number(pg, "txt2img_width", 64)
@@ -214,6 +233,17 @@ def test_accordion_with_enable_in_its_header_and_a_tidy_panel(page, webui_ui):
         pass
     titles = page.evaluate(titles_js, SID)
     assert all(titles.values()), f"controls without a hover hint: {titles}"
+    # the hints speak the user's words, not the paper's symbols
+    hints = page.evaluate(
+        "() => Object.entries(window.titles || {}).filter(([k]) => k.includes('Layout') || "
+        "k.includes('λ') || k.includes('reference') || k.includes('encoder'))"
+        ".map(([k, v]) => k + ': ' + v).join('\\n')"
+    )
+    for jargon in ("I_r", "y_p", "layout-copy", "reference path"):
+        assert jargon not in hints, f"a hover hint says {jargon!r}:\n{hints}"
+    # img2img's own layout source (the input image) is not offered in txt2img
+    sources = page.locator(f"#{SID}layout_source label").all_inner_texts()
+    assert sources and not any("input image" in t for t in sources), sources
     shot(page, "ui-accordion.png", ACC)
     page.locator(f"#{SID}advanced .label-wrap").first.click()
     page.locator(f"#{SID}sam_model").wait_for(state="visible")
@@ -258,14 +288,35 @@ def test_generate_with_a_photo_progress_through_stage_2_never_goes_back_and_inte
     except Exception:  # noqa: BLE001 - the assertion below names what is missing
         pass
     captions = page.evaluate(
-        "() => [...document.querySelectorAll('#txt2img_gallery .thumbnail-item')]"
-        ".map(t => (t.querySelector('.layout-retouch-caption') || {}).textContent || '')"
+        "() => [...document.querySelectorAll('#txt2img_gallery .thumbnails .thumbnail-item')]"
+        ".map(t => [(t.querySelector('.layout-retouch-caption') || {}).textContent || '', t.title])"
     )
-    for what in ("stage-1 layout of image 1", "blend mask of image 1"):
-        assert what in captions, f"no thumbnail captioned {what!r}: {captions}"
-    assert "subject cross-attention map of image 1" in captions, captions
-    assert any(c == "" for c in captions), f"the result's thumbnail got a caption: {captions}"
+    assert [c for c, _ in captions] == ["", "layout", "mask", "map"], captions
+    assert [t for _, t in captions[1:]] == [
+        "stage-1 layout of image 1",
+        "blend mask of image 1",
+        "subject cross-attention map of image 1",
+    ], captions  # the full label on hover
+    # at 1280 px a caption fits its thumbnail (it was cut to "stag…")
+    page.set_viewport_size({"width": 1280, "height": 800})
+    time.sleep(0.5)
+    cut = page.evaluate(
+        "() => [...document.querySelectorAll('#txt2img_gallery .thumbnails .layout-retouch-caption')]"
+        ".filter(c => c.scrollWidth > c.clientWidth + 1 || "
+        "c.getBoundingClientRect().height > c.parentElement.getBoundingClientRect().height / 2)"
+        ".map(c => c.textContent + ' ' + c.scrollWidth + '>' + c.clientWidth)"
+    )
+    assert cut == [], f"captions that do not fit their thumbnail at 1280 px: {cut}"
+    page.set_viewport_size({"width": 1400, "height": 1000})
+    # the blend mask (mostly white here) is shown on a grey matte, the result is not
+    matte_js = (
+        "() => getComputedStyle(document.querySelector('#txt2img_gallery .preview img'))"
+        ".backgroundColor"
+    )
+    select_image(page, 2)
+    page.wait_for_function(f"() => ({matte_js})() === 'rgb(128, 128, 128)'", timeout=10_000)
     select_image(page, 0)
+    page.wait_for_function(f"() => ({matte_js})() !== 'rgb(128, 128, 128)'", timeout=10_000)
     assert "LR lambda1" in info_text(page)
     shot(page, "ui-result.png")
     for i, what in (
@@ -332,9 +383,12 @@ def test_a_bad_xyz_value_gives_a_message_and_no_grid(page, webui_ui, photo_path)
     generate(page)  # until the area under the gallery says "Time taken" (a refused run ends too)
     text = page.evaluate(LOG_JS)
     assert "Mask start = 60" in text, f"no message naming the bad value under the gallery: {text!r}"
+    assert "X/Y/Z values count this generation's 10 steps" in text, text
     assert gallery_count(page) == 0, "a grid was made despite the bad value"
     log = webui_ui.log_since(mark, settle=1.0)
     assert "retouch of" not in log and not any(m in log for m in H.TRACEBACK_MARKERS), log
+    # the grid ends as a refusal, not as the X/Y/Z script's own failure
+    assert "Unexpected error" not in log and "X/Y/Z plot will create" not in log, log
 
 
 def test_paste_switches_on_and_asks_for_the_photo_again(page, webui_ui):
@@ -460,6 +514,8 @@ def test_img2img_inpaint_upload_accordion_and_generation(page, webui_ui, photo_p
     )
     effective = page.locator(f"#{ISID}effective").first.inner_text()
     assert "img2img runs 7 of 8" in effective, effective
+    # two step counts: the line says which one λ1 counts (DDIM's own 5), and of which λ2/mask count
+    assert "λ1=1 of DDIM's 5 steps" in effective and "of 7" in effective, effective
     shots = os.environ.get("LR_SCREENSHOTS")
     if shots:
         page.locator(f"#{ISID}enabled").scroll_into_view_if_needed()
@@ -517,12 +573,13 @@ def test_ddim_steps_line_and_a_visible_refusal_at_1280x800(browser, webui_ui, ph
         setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
         # scaled with steps (the default): 45 for 50 steps is 9 at 10 (λ2 10 → 2, mask 31 → 7)
         set_number(page, f"{SID}lambda1", 45)
+        # the line is redrawn once for the steps and once for λ1: wait for both, not the first
         page.wait_for_function(
-            "() => document.querySelector('#%seffective').innerText.includes('DDIM runs 9 steps for 10')"
-            % SID
+            "() => { const t = document.querySelector('#%seffective').innerText;"
+            " return t.includes('DDIM runs 9 steps for 10') && t.includes('λ1=9'); }" % SID
         )
         line = page.locator(f"#{SID}effective").first.inner_text()
-        assert "⚠" in line and "at most 8" in line, line
+        assert "⚠" in line and "between 0 and 8" in line, line
         mark = webui_ui.log_mark()
         generate(page)
         banner = BANNER % "txt2img"
@@ -642,3 +699,185 @@ def test_generate_while_more_photos_upload_waits_and_nothing_stays_stuck(
         assert prints and len(prints.group(1).strip(" ,").split(", ")) == 2, info
     finally:
         ctx.close()
+
+
+# ---------------------------------------------------------------- issue 26
+def test_the_vanilla_list_follows_the_loaded_model_and_refresh_never_changes_it(page, webui_ui):
+    """SD1 → SDXL at the top of the page: the vanilla list offers the SDXL vanillas by itself, the
+    chosen SD1 vanilla is cleared with a notice; 🔄 re-reads the folder and the WebUI still
+    generates with the SDXL model (`list_models()` would set `--ckpt`'s SD1 file back)."""
+    url = webui_ui.url
+    sd1, xl = webui_ui.title(TC.PERSONAL), webui_ui.title(TC.XL_PERSONAL)
+    enable(page)
+    vanilla_id = f"{SID}vanilla_checkpoint"
+    choose(page, vanilla_id, webui_ui.title(TC.VANILLA))
+    notice = page.locator(f"#{SID}vanilla_notice").first
+    try:
+        choose(page, "setting_sd_model_checkpoint", xl)
+        notice.wait_for(state="visible", timeout=60_000)
+        text = notice.inner_text()
+        assert TC.VANILLA in text and "SDXL" in text and "SD1" in text, text
+        assert page.locator(f"#{vanilla_id} input").input_value() == "", "the stale choice stays"
+        offered = dropdown_options(page, vanilla_id)
+        assert any(TC.XL_VANILLA in o for o in offered), offered
+        assert not any(o.startswith(TC.VANILLA) or TC.PERSONAL in o for o in offered), offered
+        # the model switch itself is the WebUI's: a plain request queues behind the load
+        r = H.txt2img(url, H.plain_body("after the switch", steps=2))
+        assert H.parse_infotext(r.infotexts[0]).get("Model") == TC.XL_PERSONAL, r.describe()
+        # 🔄 after adding files: the list is re-read, the model the WebUI generates with is not
+        page.locator(f"#{SID}vanilla_refresh").click()
+        time.sleep(3.0)
+        chosen = H.get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
+        assert chosen.split(" [")[0] == xl.split(" [")[0], f"🔄 changed the checkpoint to {chosen}"
+        r = H.txt2img(url, H.plain_body("after the refresh", steps=2))
+        assert H.parse_infotext(r.infotexts[0]).get("Model") == TC.XL_PERSONAL, (
+            "the generation after 🔄 loaded another model"
+        )
+        assert any(TC.XL_VANILLA in o for o in dropdown_options(page, vanilla_id))
+        # picking a vanilla checkpoint again puts the notice away
+        choose(page, vanilla_id, webui_ui.title(TC.XL_VANILLA))
+        notice.wait_for(state="hidden", timeout=20_000)
+    finally:
+        # the page's switch may still be queued: let it happen, then load SD1 for the next tests
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            now = H.get(url, "/sdapi/v1/options")["sd_model_checkpoint"]
+            if now.split(" [")[0] == xl.split(" [")[0]:
+                break
+            time.sleep(0.5)
+        H.txt2img(url, H.plain_body("after the switch", steps=2))
+        H.set_checkpoint(url, sd1)
+        H.txt2img(url, H.plain_body("back to SD1", steps=2))
+
+
+def test_lambda1_has_one_bound_and_every_problem_is_in_one_message(browser, webui_ui, photo_path):
+    """DDIM at 10 steps runs 9: λ1 = 10 (50 scaled) and λ1 = 9 (45 scaled) are refused with the same
+    bound, 0…8 — the "At N steps" line says the same — and a request with several problems (no
+    concept token, no class phrase, λ1) names them all at once, in the banner, one line each."""
+    ctx, page = small_page(browser, webui_ui)
+    try:
+        setup_small(page, "a photo of sks dog on a roof", steps=10)
+        setup_lr(page, photo_path, webui_ui.title(TC.VANILLA), guess=False)
+        set_number(page, f"{SID}lambda1", 50)  # 10 at 10 steps
+        page.wait_for_function(
+            "() => document.querySelector('#%seffective').innerText.includes('⚠')" % SID
+        )
+        line = page.locator(f"#{SID}effective").first.inner_text()
+        assert "between 0 and 8" in line and "between 0 and 9" not in line, line
+        generate(page)
+        banner = BANNER % "txt2img"
+        page.wait_for_selector(banner, state="visible")
+        text = page.locator(banner).inner_text()
+        assert "3 problems" in text, text
+        for words in ("“Concept token” is empty", "“Class phrase” is empty", "λ1 "):
+            assert words in text, (words, text)
+        assert "is 10 at 10 sampling steps" in text and "between 0 and 8" in text, text
+        assert "between 0 and 9" not in text, text
+        assert len([ln for ln in text.split("\n") if ln.strip().startswith("•")]) == 3, text
+        assert gallery_count(page) == 0
+        # the two missing words given, λ1 = 45 → 9: refused with the same bound, alone
+        page.locator(f"#{SID}guess").click()
+        page.wait_for_function(
+            "() => document.querySelector('#%sconcept_token input, #%sconcept_token textarea')"
+            ".value == 'sks'" % (SID, SID)
+        )
+        set_number(page, f"{SID}lambda1", 45)
+        generate(page)
+        page.wait_for_function(
+            "(sel) => document.querySelector(sel) && "
+            "document.querySelector(sel).innerText.includes('is 9 at 10')",
+            arg=banner,
+        )
+        text = page.locator(banner).inner_text()
+        assert "between 0 and 8" in text and "problems" not in text, text
+        # at 1280 px the Guess button is whole and inside the accordion
+        box = page.evaluate(
+            """(sid) => { const g = document.querySelector('#' + sid + 'guess');
+            const a = document.querySelector('#' + sid + 'enabled');
+            return {right: g.getBoundingClientRect().right, edge: a.getBoundingClientRect().right,
+                    scroll: g.scrollWidth, client: g.clientWidth}; }""",
+            SID,
+        )
+        assert box["right"] <= box["edge"] and box["scroll"] <= box["client"], box
+    finally:
+        ctx.close()
+
+
+def test_unticking_scale_with_steps_puts_in_the_values_in_use(browser, webui_ui, photo_path):
+    """At 10 DDIM steps the paper's 5 / 10 / 31 run as 1 / 2 / 7: unticking "Scale λ1, λ2 and mask
+    start" puts those in, with the ranges at 10 steps (λ1 up to 8: DDIM runs 9), so Generate runs
+    them as they were; ticking it again gives back 5 / 10 / 31 and the 50-step ranges."""
+    ctx, page = small_page(browser, webui_ui)
+    knobs = [f"{SID}lambda1", f"{SID}lambda2", f"{SID}mask_start"]
+    try:
+        setup_small(page, "a photo of sks dog under a tree", steps=10)
+        setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
+        assert [number_value(page, k) for k in knobs] == ["5", "10", "31"]
+        page.locator(f"#{SID}scale_with_steps input").uncheck()
+        page.wait_for_function(
+            "(id) => document.querySelector('#' + id + ' input[type=number]').value === '7'",
+            arg=knobs[2],
+        )
+        assert [number_value(page, k) for k in knobs] == ["1", "2", "7"]
+        assert [slider_max(page, k) for k in knobs] == ["8", "10", "11"]
+        page.wait_for_function(
+            "() => document.querySelector('#%seffective').innerText.includes('of 10')" % SID
+        )
+        line = page.locator(f"#{SID}effective").first.inner_text()
+        assert "⚠" not in line and "λ1=1 of DDIM's 9 steps, λ2=2, mask from step 7 of 10" in line, (
+            line
+        )
+        generate(page)
+        info = H.parse_infotext(info_text(page))
+        assert (info.get("LR lambda1"), info.get("LR lambda2"), info.get("LR mask start")) == (
+            "1",
+            "2",
+            "7",
+        ), info
+        assert info.get("LR scale with steps") == "False", info
+        page.locator(f"#{SID}scale_with_steps input").check()
+        page.wait_for_function(
+            "(id) => document.querySelector('#' + id + ' input[type=number]').value === '31'",
+            arg=knobs[2],
+        )
+        assert [number_value(page, k) for k in knobs] == ["5", "10", "31"]
+        assert [slider_max(page, k) for k in knobs] == ["50", "50", "51"]
+    finally:
+        ctx.close()
+
+
+def test_paste_with_the_same_photo_loaded_does_not_ask_for_it_again(page, webui_ui, photo_path):
+    """After a paste (or Send to txt2img) the panel asks for the photo only when the one used is not
+    loaded: with the same photo in the panel it says so instead."""
+    r = H.txt2img(
+        webui_ui.url,
+        H.lr_body(
+            {
+                "enabled": True,
+                "reference_image": H.png_b64(H.reference_rgb()),
+                "vanilla_checkpoint": webui_ui.title(TC.VANILLA),
+                "concept_token": "sks",
+                "class_phrase": "dog",
+                "lambda1": 2,
+                "lambda2": 3,
+                "mask_start": 6,
+                "scale_with_steps": False,
+            }
+        ),
+    )
+    lr = H.assert_retouched(r)
+    enable(page)
+    page.locator(f"#{SID}reference_image input[type=file]").set_input_files(photo_path)
+    page.wait_for_selector(f"#{SID}reference_image img")
+    set_text(page, "#txt2img_prompt textarea", r.infotexts[0])
+    page.locator("#txt2img_tools #paste").click()
+    notice = page.locator(f"#{SID}photo_notice").first
+    page.wait_for_function(
+        "(id) => { const n = document.querySelector('#' + id);"
+        " return n && n.innerText.includes('still loaded'); }",
+        arg=f"{SID}photo_notice",
+        timeout=30_000,
+    )
+    text = notice.inner_text()
+    assert "Upload" not in text and lr["LR reference"] in text, text
+    assert header_checkbox(page).is_checked()

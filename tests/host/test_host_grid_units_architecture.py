@@ -32,14 +32,13 @@ def test_the_grid_image_carries_no_lr_keys(webui, lr):
 
 def test_a_refused_axis_value_says_the_axis_counts_steps_at_this_count(webui, lr):
     """[L&R] Mask start = 31 (the panel's default, for 50 steps) at 10 steps: refused, and the message
-    says axis values are steps at the generation's count and gives the equivalent (7)."""
+    says axis values count the generation's steps and what to enter for the slider's 31 (7)."""
     r = _xyz(webui, lr(), "[L&R] Mask start", [6, 31], steps=10)
     assert r.status == 422, r.describe()
     text = H.error_text(r)
     assert "[L&R] Mask start = 31" in text, text
-    assert "steps at the generation's 10 steps" in text and "31 for 50 steps is 7 at 10" in text, (
-        text
-    )
+    assert "X/Y/Z values count this generation's 10 steps" in text, text
+    assert "if you meant 31 of 50 steps, as on the slider, enter 7" in text, text
 
 
 def test_a_vanilla_checkpoint_of_another_architecture_is_refused_before_loading(webui, lr):

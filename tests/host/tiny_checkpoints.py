@@ -1,7 +1,8 @@
 """Tiny random-weight models for a real WebUI host (tests/host/): checkpoints, an embedding, a LoRA.
 
 No pretrained weights exist offline, so the host tests run the WebUI on narrow models of the real SD1
-architecture, built by `tests/fixtures/sd1.py`. Everything is written under one root:
+and SDXL architectures, from the tiny models' configs in `tests/fixtures/` (`sd1.py`, `sdxl.py`).
+Everything is written under one root:
 
     <root>/clip/                       tiny CLIP text model + tokenizer (the yaml's `version` points here)
     <root>/clip-wide/                  a wider one (hidden 48) for the "other architecture" checkpoint
@@ -73,6 +74,15 @@ XL_CHANNELS = {
     XL_WIDE: 64,
 }  # UNet model_channels (GroupNorm: a multiple of 32)
 MARKER = "tiny_models.json"  # written last: its presence means the root is complete
+# The files the models are built from (repository paths): the tier's model cache is keyed by their
+# hash (tests/host/conftest.py); tests/test_imports.py checks that every module of tests/ this one
+# imports, directly or not, is listed.
+SOURCES = (
+    "tests/fixtures/nets.py",
+    "tests/fixtures/sd1.py",
+    "tests/fixtures/sdxl.py",
+    "tests/host/tiny_checkpoints.py",
+)
 
 
 def _config_yaml(clip_folder: str, context_dim: int = 32) -> dict:
@@ -210,123 +220,19 @@ def write_lora(
 
 
 def sdxl_config(clip_folder: str, model_channels: int = 32) -> dict:
-    """sgm's `configs/inference/sd_xl_base.yaml` with small numbers (the yaml written beside the
-    checkpoint). Same block layout as SDXL base (3 levels, 2 res blocks each, attention at the two
-    lower levels, transformer depth > 1), so the layer names are SDXL's: input_blocks.0–8,
-    middle_block, output_blocks.0–8."""
+    """The yaml written beside an SDXL checkpoint: `tests.fixtures.sdxl.sgm_config` with SDXL base's
+    block layout (3 levels, 2 res blocks each, attention at the two lower levels, transformer depth
+    > 1), so the layer names are SDXL's: input_blocks.0–8, middle_block, output_blocks.0–8."""
+    from tests.fixtures.sdxl import sgm_config
+
     return {
-        "model": {
-            "target": "sgm.models.diffusion.DiffusionEngine",
-            "params": {
-                "scale_factor": 0.13025,
-                "disable_first_stage_autocast": True,
-                "denoiser_config": {
-                    "target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
-                    "params": {
-                        "num_idx": 1000,
-                        "weighting_config": {
-                            "target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"
-                        },
-                        "scaling_config": {
-                            "target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"
-                        },
-                        "discretization_config": {
-                            "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"
-                        },
-                    },
-                },
-                "network_config": {
-                    "target": "sgm.modules.diffusionmodules.openaimodel.UNetModel",
-                    "params": {
-                        "adm_in_channels": 256 + 3 * 512,
-                        "num_classes": "sequential",
-                        "use_checkpoint": False,
-                        "in_channels": 4,
-                        "out_channels": 4,
-                        "model_channels": model_channels,
-                        "attention_resolutions": [4, 2],
-                        "num_res_blocks": 2,
-                        "channel_mult": [1, 2, 4],
-                        "num_head_channels": 16,
-                        "use_spatial_transformer": True,
-                        "use_linear_in_transformer": True,
-                        "transformer_depth": [1, 2, 3],
-                        "context_dim": 32 + 256,
-                        "spatial_transformer_attn_type": "softmax",
-                        "legacy": False,
-                    },
-                },
-                "conditioner_config": {
-                    "target": "sgm.modules.GeneralConditioner",
-                    "params": {
-                        "emb_models": [
-                            {
-                                "is_trainable": False,
-                                "input_key": "txt",
-                                "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
-                                "params": {
-                                    "layer": "hidden",
-                                    "layer_idx": 1,
-                                    "version": clip_folder,
-                                },
-                            },
-                            {
-                                "is_trainable": False,
-                                "input_key": "txt",
-                                "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-                                "params": {
-                                    "arch": "ViT-S-32-alt",
-                                    "version": None,
-                                    "freeze": True,
-                                    "layer": "penultimate",
-                                    "always_return_pooled": True,
-                                    "legacy": False,
-                                },
-                            },
-                            {
-                                "is_trainable": False,
-                                "input_key": "original_size_as_tuple",
-                                "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-                                "params": {"outdim": 256},
-                            },
-                            {
-                                "is_trainable": False,
-                                "input_key": "crop_coords_top_left",
-                                "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-                                "params": {"outdim": 256},
-                            },
-                            {
-                                "is_trainable": False,
-                                "input_key": "target_size_as_tuple",
-                                "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-                                "params": {"outdim": 256},
-                            },
-                        ]
-                    },
-                },
-                "first_stage_config": {
-                    "target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper",
-                    "params": {
-                        "embed_dim": 4,
-                        "monitor": "val/rec_loss",
-                        "ddconfig": {
-                            "attn_type": "vanilla",
-                            "double_z": True,
-                            "z_channels": 4,
-                            "resolution": 64,
-                            "in_channels": 3,
-                            "out_ch": 3,
-                            "ch": 32,
-                            "ch_mult": [1, 1, 1, 1],
-                            "num_res_blocks": 1,
-                            "attn_resolutions": [],
-                            "dropout": 0.0,
-                        },
-                        "lossconfig": {"target": "torch.nn.Identity"},
-                    },
-                },
-            },
-        }
+        "model": sgm_config(
+            clip_folder,
+            model_channels=model_channels,
+            attention_resolutions=(4, 2),
+            channel_mult=(1, 2, 4),
+            device=None,
+        )
     }
 
 
@@ -339,7 +245,7 @@ def build_tiny_sdxl(clip_folder: str, seed: int, model_channels: int = 32):
     from omegaconf import OmegaConf
     from sgm.util import instantiate_from_config
 
-    from tests.fixtures.sd1 import reinit_zero_weights, tame_output
+    from tests.fixtures.nets import reinit_zero_weights, tame_output
 
     torch.manual_seed(seed)
     model = instantiate_from_config(

@@ -9,8 +9,9 @@ from ...unet.model import inpaint_refusal, prediction_refusal
 
 # Forge's model kinds by engine class (`backend/diffusion_engine/*.py`) that the retouch cannot run on.
 UNSUPPORTED_FORGE_ENGINES = {
-    # Flux.1 is accepted before this table is read (hosts/forge.py); this entry is for a Flux engine
-    # whose predictor is not Forge's flow prediction, which the Flux model interface cannot drive.
+    # Flux.1 is claimed by its own adapter before this table is read (`adapters.forge.FAMILIES`, the
+    # SD adapter last); this entry is for a Flux engine whose predictor is not Forge's flow
+    # prediction, which the Flux model interface cannot drive.
     "Flux": "this Flux engine (its predictor is not Forge's PredictionFlux, so the flow sampler "
     "the retouch inverts with is unknown)",
     "Chroma": "Chroma (a Flux-derived DiT without CLIP-L or Flux's guidance embedding, its "

@@ -19,8 +19,7 @@ for schnell). Nothing here imports Forge: the engine is handed in, and what must
   the engine's `get_learned_conditioning` builds `{"crossattn": T5, "vector": pooled, "guidance":
   distilled CFG}` (flux.py:83-96), the dict this FluxModel uses too. The text encoders are loaded
   with `load_model(forge_objects.clip.patcher)` first (what merges a LoRA's CLIP part).
-- VAE: `first_stage_model.encode(x in [−1, 1], regulation=mode)` (deterministic; Forge samples the
-  posterior by default) then `process_in` = (z − shift)·scale; `decode_first_stage` decodes.
+- VAE: the posterior's mode (`vae.encode_mode`, shared with SD1/SDXL); `decode_first_stage` decodes.
 """
 
 from __future__ import annotations
@@ -30,7 +29,10 @@ from typing import Callable
 import torch
 
 from ...dit.flow import simple_sigmas
+from ...dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
 from ...dit.flux.model import FluxModel
+from ...errors import LayoutRetouchError
+from .vae import encode_mode
 
 
 def is_forge_flux(engine) -> bool:
@@ -113,11 +115,7 @@ class _ForgeFlux:
         return list(self.engine.text_processing_engine_l.tokenize([text])[0])
 
     def vae_encode(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.engine.forge_objects.vae
-        self.load_model(vae.patcher)
-        x = images.to(vae.device, vae.vae_dtype)
-        z = vae.first_stage_model.encode(x, regulation=lambda posterior: posterior.mode())
-        return vae.first_stage_model.process_in(z.float()).to(images.device)
+        return encode_mode(self.engine.forge_objects.vae, images, self.load_model)
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.engine.decode_first_stage(latents).float()
@@ -126,4 +124,59 @@ class _ForgeFlux:
         return simple_sigmas(self.predictor.sigmas, steps)
 
 
-__all__ = ["forge_flux_model", "is_forge_flux"]
+class ForgeFlux:
+    """Forge's Flux.1 engines (dev, schnell) as the Forge host asks about them (the questions:
+    `adapters.forge.EngineFamily`)."""
+
+    name = "Flux.1"
+    # DreamBooth's stage 1 reads y_p⁻ with the loaded model's T5 and CLIP-L (README, "Flux.1").
+    text_encoder_note = (
+        "Flux.1: stage 1 read the class prompt with the loaded model's T5 and CLIP-L (the vanilla "
+        "checkpoint's text encoders are not swapped in on Flux); set stage1_text_encoder to "
+        "'loaded' to choose that explicitly"
+    )
+
+    def matches(self, engine) -> bool:
+        return is_forge_flux(engine)
+
+    def check(self, engine) -> None:
+        """`matches` is the check: a Flux engine with Forge's flow prediction (another is refused by
+        the SD adapter's engine table, by name)."""
+
+    def check_params(self, params, *, img2img: bool) -> None:
+        if params.personalization == "textual_inversion":
+            raise LayoutRetouchError(
+                "personalization 'textual_inversion' is not supported on Flux: Forge reads "
+                "Textual-Inversion embeddings only into CLIP-L, whose pooled vector Flux does not "
+                "attend to (the subject would not be in the T5 tokens the mask follows); use the "
+                "subject's LoRA or a DreamBooth fine-tune",
+                parameter="personalization",
+            )
+        if params.layout_source == "stage1":
+            raise stage1_layout_refusal()
+        if img2img:
+            raise LayoutRetouchError(
+                "img2img with Layout-and-Retouch is not yet supported on Flux; use txt2img",
+                parameter="sd_model",
+            )
+
+    def model(
+        self, engine, *, load_model: Callable, sdxl_crop=(0, 0), distilled_cfg_scale=None
+    ) -> FluxModel:
+        """The generation's distilled guidance ("Distilled CFG Scale"; Flux.1-dev's default when the
+        request has none) for every path's conditioning; `sdxl_crop` is SDXL's."""
+        guidance = float(distilled_cfg_scale or DEFAULT_GUIDANCE)
+        return forge_flux_model(engine, load_model=load_model, guidance=guidance)
+
+    def stage1_latent(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Const prediction: the sampler hands x itself (x_σ = (1−σ)·x₀ + σ·ε)."""
+        return x
+
+    def text_encoder_slots(self, engine) -> list:
+        """None: T5 and CLIP-L are not swapped for DreamBooth's stage 1 (`text_encoder_note`)."""
+        return []
+
+
+FORGE_FLUX = ForgeFlux()
+
+__all__ = ["FORGE_FLUX", "ForgeFlux", "forge_flux_model", "is_forge_flux"]

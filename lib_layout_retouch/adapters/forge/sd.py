@@ -17,6 +17,9 @@ import torch
 from ...conditioning import SizeTerms
 from ...unet.family import SD1, SDXL
 from ...unet.model import KDiffusionModel
+from ...unet.text_encoders import TEXT_ENCODER_PREFIXES
+from .engines import check_forge_engine_supported
+from .vae import encode_mode
 
 
 class EnginePrompts(list):
@@ -102,16 +105,60 @@ class ForgeModel(KDiffusionModel):
         return {"crossattn": cond["crossattn"], "vector": torch.cat([pooled, flat], dim=1)}
 
     # -- VAE --------------------------------------------------------------------------------------
-    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """The posterior's mode (Forge's VAE samples it by default, from the global RNG): the
-        inversion must be deterministic for the reference cache to mean anything."""
-        vae = self.ldm.forge_objects.vae
-        self.load_model(vae.patcher)
-        x = images.to(vae.device, vae.vae_dtype)
-        z = vae.first_stage_model.encode(x, regulation=lambda posterior: posterior.mode())
-        return vae.first_stage_model.process_in(z.float()).to(images.device)
+        """The posterior's mode (`vae.encode_mode`): deterministic, as the inversion cache needs."""
+        return encode_mode(self.ldm.forge_objects.vae, images, self.load_model)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.ldm.decode_first_stage(latents).float()
+
+
+class ForgeSD:
+    """Forge's SD1.x and SDXL engines (`StableDiffusion`, `StableDiffusionXL`) as the Forge host asks
+    about them (the questions: `adapters.forge.EngineFamily`). Last in the detection order
+    (`adapters.forge.FAMILIES`): it takes every engine no other family claims, and `check` refuses by
+    name what is neither SD1.x nor SDXL (Chroma, SD3, the refiner, inpaint, v-prediction, …)."""
+
+    name = "SD1.x/SDXL"
+    text_encoder_note = None  # the host's own note (only when the transformer is not a module)
+
+    def matches(self, engine) -> bool:
+        return True
+
+    def check(self, engine) -> None:
+        check_forge_engine_supported(engine)
+
+    def check_params(self, params, *, img2img: bool) -> None:
+        """Every valid parameter set runs on SD1.x/SDXL."""
+
+    def model(
+        self, engine, *, load_model: Callable, sdxl_crop=(0, 0), distilled_cfg_scale=None
+    ) -> ForgeModel:
+        """`distilled_cfg_scale` is Flux's; an ε-UNet has no distilled guidance."""
+        return ForgeModel(engine, sdxl_crop=sdxl_crop, load_model=load_model)
+
+    def stage1_latent(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Forge's samplers hand the ε-model x on the σ scale: z_t = x/√(σ²+1) (`KModel.apply_model`
+        feeds x/√(σ²+1) to the UNet)."""
+        s = sigma.to(x.dtype).view(-1, 1, 1, 1)
+        return x / (s * s + 1).sqrt()
+
+    def text_encoder_slots(self, engine) -> list:
+        """CLIP-L (SD1's only encoder, SDXL's first): the transformer inside Forge's IntegratedCLIP,
+        keyed as in the checkpoint. SDXL's OpenCLIP-G is stored in another layout than Forge's
+        converted module: not swapped (stage 1 reads SDXL's second encoder from the loaded model)."""
+        if getattr(engine, "is_sdxl", False):
+            clip = engine.text_processing_engine_l.text_encoder
+            prefix = TEXT_ENCODER_PREFIXES["sdxl_clip_l"]
+        else:
+            clip = engine.text_processing_engine.text_encoder
+            prefix = TEXT_ENCODER_PREFIXES["sd1"]
+        return (
+            [(clip, "transformer", prefix)]
+            if isinstance(getattr(clip, "transformer", None), torch.nn.Module)
+            else []
+        )
+
+
+FORGE_SD = ForgeSD()

@@ -70,6 +70,14 @@ def queue(url: str, graph: dict) -> str:
     return r.json()["prompt_id"]
 
 
+def refused(url: str, graph: dict) -> dict:
+    """POST a graph ComfyUI must refuse before running it: its 400 answer (`error`, `node_errors`)."""
+    r = requests.post(url + "/prompt", json={"prompt": graph, "client_id": CLIENT}, timeout=30)
+    if r.status_code != 400:
+        raise AssertionError(f"/prompt accepted the graph ({r.status_code}): {r.text[:2000]}")
+    return r.json()
+
+
 class Result:
     def __init__(self, url: str, prompt_id: str, entry: dict):
         self.url, self.prompt_id, self.entry = url, prompt_id, entry

@@ -16,7 +16,9 @@ Otherwise every ComfyUI test is skipped: "no ComfyUI: set LR_COMFY_DIR or LR_COM
 A started ComfyUI gets `--cpu --force-fp32 --cache-none` (so before/after runs recompute), a temporary
 --base-directory (input/output/user files, and custom_nodes/ with a link to this checkout), an
 extra_model_paths.yaml naming the comfy-* models (cached, built once with ComfyUI's Python).
-Its stdout+stderr go to <tmp>/comfy.log. LR_COMFY_KEEP=1 keeps <tmp>.
+Its stdout+stderr go to <tmp>/comfy.log. LR_COMFY_KEEP=1 keeps <tmp>. The test-only custom node
+tiny_sam_node/ is linked beside this checkout and <tmp>/models/sams/sam_tiny.pth is the tiny random
+SAM it lets our SAM loader read.
 """
 
 from __future__ import annotations
@@ -46,27 +48,13 @@ NO_COMFY = "no ComfyUI: set LR_COMFY_DIR or LR_COMFY_URL; see tests/host/README.
 DEFAULT_DIR = "/work/host/comfy"
 DEFAULT_PYTHON = "/work/host/comfy-venv/bin/python"
 NODE_FOLDER = "sd-webui-layout-retouch"
+TINY_SAM = "sam_tiny.pth"
 START_TIMEOUT = float(os.environ.get("LR_COMFY_START_TIMEOUT", "300"))
 
 
 def comfy_source():
     """('url', url) | ('dir', comfy_dir, python) | (None, reason)."""
-    url = os.environ.get("LR_COMFY_URL")
-    if url:
-        return ("url", url.rstrip("/"))
-    d = os.environ.get("LR_COMFY_DIR")
-    if d is not None and d.strip().lower() in ("", "none", "0"):
-        return (None, NO_COMFY)
-    if d is None and os.path.isfile(os.path.join(DEFAULT_DIR, "main.py")):
-        d = DEFAULT_DIR
-    if not d:
-        return (None, NO_COMFY)
-    if not os.path.isfile(os.path.join(d, "main.py")):
-        return (None, f"LR_COMFY_DIR={d} has no main.py; {NO_COMFY}")
-    py = os.environ.get("LR_COMFY_PYTHON", DEFAULT_PYTHON)
-    if not os.path.exists(py):
-        return (None, f"LR_COMFY_PYTHON={py} does not exist; {NO_COMFY}")
-    return ("dir", d, py)
+    return S.find_source("LR_COMFY", DEFAULT_DIR, DEFAULT_PYTHON, NO_COMFY, launcher="main.py")
 
 
 def pytest_report_header(config):
@@ -78,29 +66,15 @@ def pytest_report_header(config):
     return f"host ComfyUI: {src[1]} -> every ComfyUI test is skipped"
 
 
-def _asked_for(config) -> bool:
-    if os.environ.get("LR_COMFY_URL") or os.environ.get("LR_COMFY_DIR"):
-        return True
-    root = str(config.invocation_params.dir)
-    for a in config.invocation_params.args:
-        if a.startswith("-"):
-            continue
-        p = os.path.realpath(os.path.join(root, a.split("::")[0]))
-        if p == HERE or p.startswith(HERE + os.sep):
-            return True
-    return False
-
-
 def pytest_collection_modifyitems(config, items):
-    if _asked_for(config):
-        return
-    skip = pytest.mark.skip(
-        reason="ComfyUI tier not asked for: run `pytest tests/host/comfy` (or set LR_COMFY_DIR / "
-        "LR_COMFY_URL); see tests/host/README.md"
+    S.skip_unless_asked(
+        config,
+        items,
+        HERE,
+        "LR_COMFY",
+        "ComfyUI tier not asked for: run `pytest tests/host/comfy` (or set LR_COMFY_DIR / "
+        "LR_COMFY_URL); see tests/host/README.md",
     )
-    for it in items:
-        if str(it.fspath).startswith(HERE + os.sep):
-            it.add_marker(skip)
 
 
 def models_cache_dir() -> str:
@@ -141,6 +115,22 @@ def build_models(comfy_dir: str, python: str) -> dict:
     return CC.paths(cache)
 
 
+def write_tiny_sam(path: str) -> None:
+    """The tiny random SAM (tests/fixtures/sam.py, seed 0) as a state-dict file, as SAM ships."""
+    import importlib.util
+
+    import torch
+
+    # by its path: which `tests` package is importable depends on how pytest was started
+    spec = importlib.util.spec_from_file_location(
+        "layout_retouch_tiny_sam", os.path.join(REPO_ROOT, "tests", "fixtures", "sam.py")
+    )
+    sam = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sam)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(sam.build_tiny_sam(seed=0).state_dict(), path)
+
+
 def start_comfy(comfy_dir: str, python: str, tmp: str) -> S.Server:
     built = build_models(comfy_dir, python)
     yaml = [
@@ -150,9 +140,12 @@ def start_comfy(comfy_dir: str, python: str, tmp: str) -> S.Server:
         f"  embeddings: {built['embeddings']}",
     ]
     # --base-directory makes <tmp>/custom_nodes ComfyUI's custom-node folder: it links this checkout
+    # and the test-only tiny_sam_node; <tmp>/models/sams (ComfyUI's models folder) gets the tiny SAM
     nodes = os.path.join(tmp, "custom_nodes")
     os.makedirs(nodes)
     os.symlink(REPO_ROOT, os.path.join(nodes, NODE_FOLDER))
+    os.symlink(os.path.join(HERE, "tiny_sam_node"), os.path.join(nodes, "lr_tiny_sam_node"))
+    write_tiny_sam(os.path.join(tmp, "models", "sams", TINY_SAM))
     config = os.path.join(tmp, "extra_model_paths.yaml")
     with open(config, "w", encoding="utf-8") as f:
         f.write("\n".join(yaml) + "\n")

@@ -1,8 +1,10 @@
 """A light in-process check of the nodes with ComfyUI's own model patcher, sampler, CLIP and VAE on a
 tiny SD1-config UNet (≈ 1.8 GB, no server, no lock needed): the Sampler node runs and differs from a
-plain KSampler whose latent is bit-identical before and after; bad inputs raise the library's message
-naming the input; batch 2 with two photos; inpaint keeps the outside; the split nodes run; no
-attention module is left patched. Run with ComfyUI's Python:
+plain KSampler whose latent is bit-identical before and after, and says what it used (its `ui` text =
+its `info` output); bad inputs raise the library's message naming the input; batch 2 with two
+photos; inpaint keeps the outside; a tiny random SAM (tests/fixtures/sam.py) makes the mask SAM+CA;
+a subject mask bounds the retouch and not stage 1; the split nodes run; no attention module is left
+patched. Run with ComfyUI's Python:
 
     <comfy-venv>/bin/python tests/host/comfy/smoke_inprocess.py [--comfy-dir /work/host/comfy]
 """
@@ -39,6 +41,8 @@ from layout_retouch_comfy.nodes import (
     LayoutRetouchRetouch,
     LayoutRetouchSampler,
 )
+from lib_layout_retouch.segmentation import SubjectSegmenter
+from tests.fixtures.sam import build_tiny_sam
 
 UC = dict(
     image_size=32,
@@ -123,11 +127,19 @@ kw = dict(
 with torch.inference_mode():
     a = plain()
     t0 = time.time()
-    out = LayoutRetouchSampler().sample(reference=ref[:1], vanilla_model=vanilla, **kw)
+    result = LayoutRetouchSampler().sample(reference=ref[:1], vanilla_model=vanilla, **kw)
+    out = result["result"]
+    (info,) = result["ui"]["text"]
+    print("the node says:", info.replace("\n", " | "))
+    assert info == out[4] and info.split("\n") == [
+        "At 4 steps: λ1=1, λ2=1, mask from step 3 of 4",
+        "Mask: CA only",
+        "Notes: reference was 96×80: centre-cropped to 1:1 and resized to 64×64",
+    ], info
     print(
         "sampler ok",
         time.time() - t0,
-        [tuple(o["samples"].shape) if isinstance(o, dict) else tuple(o.shape) for o in out],
+        [tuple(o["samples"].shape) if isinstance(o, dict) else tuple(o.shape) for o in out[:4]],
         flush=True,
     )
     assert not torch.equal(out[0]["samples"], a)
@@ -153,17 +165,37 @@ with torch.inference_mode():
     # batch 2, two photos, img2img+mask
     out2 = LayoutRetouchSampler().sample(
         reference=ref, vanilla_model=vanilla, **dict(kw, batch_size=2)
-    )
+    )["result"]
     print("batch", tuple(out2[0]["samples"].shape), tuple(out2[2].shape), tuple(out2[3].shape))
     src = {"samples": torch.randn(1, 4, 8, 8)}
     mask = torch.zeros(64, 64)
     mask[:, :32] = 1
     out3 = LayoutRetouchSampler().sample(
         reference=ref[:1], latent=src, mask=mask, denoise=1.0, **kw
-    )
+    )["result"]
     d = (out3[0]["samples"] - src["samples"]).abs()
     print("inpaint: outside max diff", d[..., 5:].max().item(), "inside", d[..., :3].max().item())
     assert d[..., 5:].max() <= 1e-6 * src["samples"].abs().max() and d[..., :3].max() > 1e-2
+    # SAM: the tiny random SAM segments the decoded layout
+    sam = SubjectSegmenter(build_tiny_sam(seed=0))
+    with_sam = LayoutRetouchSampler().sample(
+        reference=ref[:1], vanilla_model=vanilla, sam=sam, **kw
+    )
+    assert "Mask: SAM+CA" in with_sam["ui"]["text"][0].split("\n"), with_sam["ui"]["text"]
+    assert torch.equal(with_sam["result"][1]["samples"], out[1]["samples"]), "stage 1 changed"
+    print("SAM:", with_sam["ui"]["text"][0].split("\n")[1])
+    # a subject mask bounds the retouch, not stage 1 (the layout is the one without it)
+    subject = torch.zeros(64, 64)
+    subject[:, 32:] = 1
+    bounded = LayoutRetouchSampler().sample(
+        reference=ref[:1], vanilla_model=vanilla, subject_mask=subject, **kw
+    )["result"]
+    assert torch.equal(bounded[1]["samples"], out[1]["samples"]), "stage 1 changed"
+    d = (bounded[0]["samples"] - bounded[1]["samples"]).abs()
+    print(
+        "subject mask: outside max diff", d[..., :3].max().item(), "inside", d[..., 5:].max().item()
+    )
+    assert d[..., :3].max() <= 1e-6 * bounded[1]["samples"].abs().max() and d[..., 5:].max() > 1e-3
     lay = LayoutRetouchLayout().layout(
         model=model,
         clip=clip,
@@ -182,7 +214,7 @@ with torch.inference_mode():
         batch_size=1,
         vanilla_model=vanilla,
         scale_with_steps=False,
-    )[0]
+    )["result"][0]
     r = LayoutRetouchRetouch().retouch(
         layout=lay,
         reference=ref[:1],
@@ -198,8 +230,8 @@ with torch.inference_mode():
         lambda2=1,
         mask_start=3,
         scale_with_steps=False,
-    )
-    print("split ok", tuple(r[0]["samples"].shape))
+    )["result"]
+    print("split ok", tuple(r[0]["samples"].shape), r[3].replace("\n", " | "))
     assert torch.equal(a, plain()), "plain changed at the end"
     from lib_layout_retouch.unet.layers import attention_modules
 

@@ -69,7 +69,9 @@ from lib_layout_retouch.dit.flux.blocks import dit_blocks
 from lib_layout_retouch.prompts import derive_prompts
 from lib_layout_retouch.retouch.editor import LAYOUT, TARGET
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.segmentation import SubjectSegmenter
 from tests.fixtures.flux import build_tiny_flux, tiny_flux_config_dict
+from tests.fixtures.sam import build_tiny_sam
 from tests.tolerance import network_roundings, rounding_atol
 
 TINY = tiny_flux_config_dict()
@@ -269,7 +271,8 @@ with torch.inference_mode():
     # -- the Sampler node ---------------------------------------------------------------------------
     a = plain()
     t0 = time.time()
-    out = LayoutRetouchSampler().sample(reference=ref[:1], vanilla_model=vanilla, **kw)
+    result = LayoutRetouchSampler().sample(reference=ref[:1], vanilla_model=vanilla, **kw)
+    out = result["result"]
     took = time.time() - t0
     assert all(torch.isfinite(o["samples"]).all() for o in out[:2])
     assert out[0]["samples"].shape == (1, 16, 8, 8)
@@ -282,16 +285,26 @@ with torch.inference_mode():
         f"sampler node ok in {took:.1f}s; retouched vs layout max diff {d_layout:.3g}; "
         "plain KSampler bit-identical before/after"
     )
+    (info,) = result["ui"]["text"]
+    assert info == out[4] and info.startswith(f"At {STEPS} steps: λ1=") and "Mask: " in info
+    summary.append("the node says: " + info.replace("\n", " | "))
     cfg2 = LayoutRetouchSampler().sample(
         reference=ref[:1], vanilla_model=vanilla, **dict(kw, cfg=2.0)
-    )
+    )["result"]
     assert not torch.allclose(cfg2[0]["samples"], out[0]["samples"], atol=1e-4)
     summary.append("real CFG (cfg 2) runs and differs")
     out2 = LayoutRetouchSampler().sample(
         reference=ref, vanilla_model=vanilla, **dict(kw, batch_size=2)
-    )
+    )["result"]
     assert out2[0]["samples"].shape == (2, 16, 8, 8) and out2[2].shape == (2, 64, 64)
     summary.append("batch 2 with two photos ok")
+    sam = SubjectSegmenter(build_tiny_sam(seed=0))  # segments the decoded Flux layout
+    with_sam = LayoutRetouchSampler().sample(
+        reference=ref[:1], vanilla_model=vanilla, sam=sam, **kw
+    )
+    assert "Mask: SAM+CA" in with_sam["ui"]["text"][0].split("\n"), with_sam["ui"]["text"]
+    assert torch.equal(with_sam["result"][1]["samples"], out[1]["samples"]), "stage 1 changed"
+    summary.append("the tiny SAM: Mask: SAM+CA, the same layout")
 
     # -- the copy phase: the target is the layout (rounding aside) ---------------------------------
     prompts = derive_prompts(PROMPT, "sks", "dog")
@@ -369,16 +382,16 @@ with torch.inference_mode():
         **only(*shared, "sampler_name", "scheduler", "lambda1", "width", "height", "batch_size"),
         seed=1,
         vanilla_model=vanilla,
-    )[0]
+    )["result"][0]
     r = LayoutRetouchRetouch().retouch(
         **only(*shared, "vae", "lambda2", "mask_start"), layout=lay_node, reference=ref[:1]
-    )
+    )["result"]
     assert r[0]["samples"].shape == (1, 16, 8, 8) and torch.isfinite(r[0]["samples"]).all()
     summary.append("Layout node -> Retouch node ok")
     src = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(9))}
     mask = torch.zeros(64, 64)
     mask[:, :32] = 1
-    out3 = LayoutRetouchSampler().sample(reference=ref[:1], latent=src, mask=mask, **kw)
+    out3 = LayoutRetouchSampler().sample(reference=ref[:1], latent=src, mask=mask, **kw)["result"]
     d = (out3[0]["samples"] - src["samples"]).abs()
     outside, inside = float(d[..., 5:].max()), float(d[..., :3].max())
     assert outside <= 1e-6 * float(src["samples"].abs().max()) and inside > 1e-2, (outside, inside)

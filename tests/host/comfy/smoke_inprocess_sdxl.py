@@ -111,7 +111,7 @@ with torch.inference_mode():
         tuple(c["vector"].shape),
         bool(torch.isfinite(c["crossattn"]).all()),
     )
-    out = LayoutRetouchSampler().sample(reference=ref, **kw)
+    out = LayoutRetouchSampler().sample(reference=ref, **kw)["result"]
     assert c["crossattn"].shape == (1, 77, 2048) and c["vector"].shape == (1, 2816)
     assert torch.isfinite(c["crossattn"]).all() and torch.isfinite(c["vector"]).all()
     samples = out[0]["samples"]

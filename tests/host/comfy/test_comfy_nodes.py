@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NODES = ("LayoutRetouchSampler", "LayoutRetouchLayout", "LayoutRetouchRetouch")
+TINY_SAM = "sam_tiny.pth"  # conftest.py writes it into models/sams; tiny_sam_node reads its kind
 FIELDS_OFFERED = (
     "reference_prompt",
     "scale_with_steps",
@@ -46,6 +48,11 @@ def plain_before(comfy):
     return r.latent("out")
 
 
+def log_text(comfy) -> str:
+    with open(comfy.log_path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
 def assert_plain_unchanged(comfy, before):
     r = A.run(comfy.url, G.plain())
     assert r.ok, r.describe()
@@ -56,20 +63,30 @@ def assert_plain_unchanged(comfy, before):
 
 def test_nodes_are_registered_with_the_library_fields(comfy):
     info = A.get(comfy.url, "/object_info")
-    for name in ("LayoutRetouchSampler", "LayoutRetouchLayout", "LayoutRetouchRetouch"):
+    for name in (*NODES, "LayoutRetouchSAMLoader"):
         assert name in info and info[name]["category"] == "Layout-and-Retouch"
+        assert "\n" not in info[name]["description"]
     node = info["LayoutRetouchSampler"]["input"]
     assert (
         node["required"]["lambda1"][1]["min"] == 0 and node["required"]["mask_start"][1]["min"] == 2
     )
     assert node["optional"]["ca_threshold"][1]["min"] == pytest.approx(0.01)
     assert set(FIELDS_OFFERED) <= set(node["optional"])
+    assert node["optional"]["layout_source"][0] == ["inversion", "input"]
+    assert "infotext" not in node["optional"]["layout_source"][1]["tooltip"]
+    for name in ("LayoutRetouchSampler", "LayoutRetouchRetouch"):
+        assert info[name]["input"]["required"]["reference"][0] == "IMAGE"
+        assert info[name]["input"]["optional"]["sam"][0] == "LAYOUT_RETOUCH_SAM"
     assert info["LayoutRetouchSampler"]["output_name"] == [
         "retouched",
         "layout",
         "blend_mask",
         "attention_map",
+        "info",
     ]
+    # a started ComfyUI has the tier's tiny SAM (tiny_sam_node) in models/sams, and only it
+    if comfy.proc is not None:
+        assert info["LayoutRetouchSAMLoader"]["input"]["required"]["sam_name"][0] == [TINY_SAM]
 
 
 def test_enabled_differs_from_plain_and_plain_is_bit_identical_after(comfy, refs, plain_before):
@@ -85,39 +102,85 @@ def test_enabled_differs_from_plain_and_plain_is_bit_identical_after(comfy, refs
     assert_plain_unchanged(comfy, plain_before)
 
 
-BAD = [
-    ("no reference", dict(reference=None), "reference", "no reference: upload one photo"),
+REFUSED_BEFORE_THE_RUN = [
+    ("no reference", dict(reference=None), "reference", "Required input is missing"),
     (
         "concept token not in prompt",
         dict(prompt="a photo of a dog on a beach"),
         "concept_token",
         "does not appear",
     ),
+    ("empty class phrase", dict(class_phrase=""), "class_phrase", "class_phrase is empty"),
     ("λ1 ≥ steps", dict(lambda1=4), "lambda1", "λ1"),
-    ("v-prediction vanilla model", dict(vprediction=True), "vanilla_model", "V_PREDICTION"),
+    ("layout source stage1", dict(layout_source="stage1"), "layout_source", "not offered"),
 ]
 
 
-@pytest.mark.parametrize("case, change, input_name, words", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_an_execution_error_naming_the_input(
-    comfy, refs, plain_before, case, change, input_name, words
+@pytest.mark.parametrize(
+    "case, change, input_name, words",
+    REFUSED_BEFORE_THE_RUN,
+    ids=[b[0] for b in REFUSED_BEFORE_THE_RUN],
+)
+def test_what_needs_no_model_is_refused_by_validation_naming_the_input(
+    comfy, refs, case, change, input_name, words
 ):
+    """/prompt answers 400 with the node's error (VALIDATE_INPUTS, or ComfyUI's own for a missing
+    required input) and nothing runs: no checkpoint is loaded for a typo."""
     change = dict(change)
     reference = change.pop("reference", refs[0])
-    g = G.retouch(reference, **{k: v for k, v in change.items() if k != "vprediction"})
-    if change.get("vprediction"):
-        g["vpred"] = {
-            "class_type": "ModelSamplingDiscrete",
-            "inputs": {"model": ["vckpt", 0], "sampling": "v_prediction", "zsnr": False},
-        }
-        g["lr"]["inputs"]["vanilla_model"] = ["vpred", 0]
+    before = set(A.get(comfy.url, "/history"))
+    answer = A.refused(comfy.url, G.retouch(reference, **change))
+    reasons = answer["node_errors"]["lr"]["errors"]
+    assert answer["node_errors"]["lr"]["class_type"] == "LayoutRetouchSampler"
+    assert reasons and all(words in f"{e['message']}: {e['details']}" for e in reasons), reasons
+    assert all(input_name in e["details"] for e in reasons), reasons
+    if case != "no reference":  # ours: the library's message naming the input
+        assert all("Layout-and-Retouch: " in e["details"] for e in reasons), reasons
+    assert set(A.get(comfy.url, "/history")) == before
+
+
+def test_a_refusal_at_run_time_is_an_execution_error_logged_in_one_line(comfy, refs, plain_before):
+    """What only the models can tell (here a v-prediction vanilla model) fails the node with the
+    message naming the input; the log has ComfyUI's one line for it and no traceback."""
+    g = G.retouch(refs[0])
+    g["vpred"] = {
+        "class_type": "ModelSamplingDiscrete",
+        "inputs": {"model": ["vckpt", 0], "sampling": "v_prediction", "zsnr": False},
+    }
+    g["lr"]["inputs"]["vanilla_model"] = ["vpred", 0]
+    log_before = len(log_text(comfy))
     r = A.run(comfy.url, g)
     assert not r.ok
     err = r.error()
     assert err.get("node_type") == "LayoutRetouchSampler", err
     msg = err["exception_message"]
-    assert msg.startswith("Layout-and-Retouch") and words in msg and f"'{input_name}'" in msg, msg
+    assert msg.startswith("Layout-and-Retouch") and "V_PREDICTION" in msg, msg
+    assert "'vanilla_model'" in msg
+    if comfy.log_path:
+        log = log_text(comfy)[log_before:]
+        assert "!!! Exception during processing !!! Layout-and-Retouch" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
     assert_plain_unchanged(comfy, plain_before)  # and ComfyUI keeps serving
+
+
+def test_the_sam_loader_makes_the_mask_sam_and_ca_and_the_node_says_what_it_used(comfy, refs):
+    listed = A.get(comfy.url, "/object_info/LayoutRetouchSAMLoader")["LayoutRetouchSAMLoader"]
+    if TINY_SAM not in listed["input"]["required"]["sam_name"][0]:
+        pytest.skip(f"no {TINY_SAM} in this ComfyUI's models/sams (a started one has it)")
+    g = G.retouch(refs[0])
+    g["sam"] = {
+        "class_type": "LayoutRetouchSAMLoader",
+        "inputs": {"sam_name": TINY_SAM, "device": "cpu"},
+    }
+    g["lr"]["inputs"]["sam"] = ["sam", 0]
+    r = A.run(comfy.url, g)
+    assert r.ok, r.describe()
+    (text,) = r.outputs["lr"]["text"]
+    assert text.split("\n") == [
+        "At 4 steps: λ1=1, λ2=1, mask from step 3 of 4",
+        "Mask: SAM+CA",
+        "Notes: reference was 96×96: resized to 64×64",
+    ], text
 
 
 def test_lora_as_two_models(comfy, refs, plain_before):
@@ -175,6 +238,7 @@ def test_interrupt_mid_retouch_leaves_nothing_patched(comfy, refs, plain_before)
 
 
 WORKFLOWS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(HERE))), "workflows")
+API_WORKFLOWS = os.path.join(WORKFLOWS, "api")
 
 
 def for_test(graph: dict, reference: str) -> dict:
@@ -202,11 +266,9 @@ def for_test(graph: dict, reference: str) -> dict:
     return g
 
 
-@pytest.mark.parametrize(
-    "name", sorted(f for f in os.listdir(WORKFLOWS) if f.endswith("_api.json"))
-)
+@pytest.mark.parametrize("name", sorted(os.listdir(API_WORKFLOWS)))
 def test_example_api_workflow_runs(comfy, refs, name):
-    with open(os.path.join(WORKFLOWS, name), encoding="utf-8") as f:
+    with open(os.path.join(API_WORKFLOWS, name), encoding="utf-8") as f:
         graph = json.load(f)
     r = A.run(comfy.url, for_test(graph, refs[0]))
     assert r.ok, r.describe()

@@ -76,31 +76,15 @@ def pytest_report_header(config):
     return f"host Forge: {src[1]} -> every Forge test is skipped"
 
 
-def _asked_for(config) -> bool:
-    """Forge runs when asked: this folder (or a file in it) is named on the command line, or
-    LR_FORGE_DIR / LR_FORGE_URL is set. `pytest tests/host` alone (the A1111 tier) never starts it."""
-    if os.environ.get("LR_FORGE_URL") or os.environ.get("LR_FORGE_DIR"):
-        return True
-    root = str(config.invocation_params.dir)
-    for a in config.invocation_params.args:
-        if a.startswith("-"):
-            continue
-        p = os.path.realpath(os.path.join(root, a.split("::")[0]))
-        if p == HERE or p.startswith(HERE + os.sep):
-            return True
-    return False
-
-
 def pytest_collection_modifyitems(config, items):
-    if _asked_for(config):
-        return
-    skip = pytest.mark.skip(
-        reason="Forge tier not asked for: run `pytest tests/host/forge` "
-        "(or set LR_FORGE_DIR / LR_FORGE_URL); see tests/host/README.md"
+    S.skip_unless_asked(
+        config,
+        items,
+        HERE,
+        "LR_FORGE",
+        "Forge tier not asked for: run `pytest tests/host/forge` "
+        "(or set LR_FORGE_DIR / LR_FORGE_URL); see tests/host/README.md",
     )
-    for it in items:
-        if str(it.fspath).startswith(HERE + os.sep):
-            it.add_marker(skip)
 
 
 def models_cache_dir() -> str:

@@ -1,11 +1,12 @@
 """Run with Forge's Python (tests/host/forge/test_forge_flux_engine.py does): load the tier's tiny Flux
 through Forge's own loader (`backend.loader.forge_loader`, the tier's registration installed), wrap the
-engine with `lib_layout_retouch.adapters.forge.flux`, and check the adapter against Forge itself:
+engine with the Forge host's Flux adapter (`lib_layout_retouch.adapters.forge.engine_family` must choose
+`FORGE_FLUX`), and check it against Forge itself:
 
 - velocity(x, σ) == (x − KModel.apply_model(x, σ))/σ (Forge's PredictionFlux);
 - simple_sigmas == Forge's own "Simple" scheduler (modules/sd_schedulers.simple_scheduler);
 - the conditioning equals the engine's get_learned_conditioning (T5 states, pooled CLIP-L, guidance);
-- a full retouch (pipeline.retouch: inversion of a photo encoded by Forge's VAE, the batched
+- a full retouch (retouch.retouch: inversion of a photo encoded by Forge's VAE, the batched
   reference/layout/target transformer calls, the DiT editor) runs on Forge's transformer, the target
   differs from the layout, and afterwards no block is left patched and the transformer's output is
   bit-identical to before.
@@ -45,17 +46,19 @@ def main(forge_dir: str, models_root: str, repo_root: str) -> dict:
     from modules.sd_schedulers import simple_scheduler
 
     from lib_layout_retouch import retouch as pl
-    from lib_layout_retouch.adapters.forge.flux import forge_flux_model, is_forge_flux
+    from lib_layout_retouch.adapters.forge import FORGE_FLUX, engine_family
     from lib_layout_retouch.dit.flux.blocks import dit_blocks
     from lib_layout_retouch.prompts import derive_prompts
+    from lib_layout_retouch.retouch.editor import LAYOUT, TARGET
     from lib_layout_retouch.schedule import Schedule
 
     out = {}
     engine = forge_loader(
         os.path.join(models_root, "Stable-diffusion", "flux-personal.safetensors")
     )
-    assert is_forge_flux(engine), type(engine).__name__
-    model = forge_flux_model(engine, load_model=memory_management.load_model_gpu)
+    # the adapter the Forge host asks (hosts/forge.py), chosen from Forge's own engine
+    assert engine_family(engine) is FORGE_FLUX, type(engine).__name__
+    model = FORGE_FLUX.model(engine, load_model=memory_management.load_model_gpu)
     kmodel = engine.forge_objects.unet.model
     torch.set_grad_enabled(False)
 
@@ -117,7 +120,7 @@ def main(forge_dir: str, models_root: str, repo_root: str) -> dict:
         subject_tokens=subject,
         settings=settings,
     )
-    lay, tgt = res.trajectories[pl.LAYOUT], res.trajectories[pl.TARGET]
+    lay, tgt = res.trajectories[LAYOUT], res.trajectories[TARGET]
     out["subject_t5_rows"] = list(subject)
     out["transformer_calls"] = res.unet_calls
     out["target_vs_layout_final"] = float((tgt[-1] - lay[-1]).abs().max())

@@ -160,16 +160,24 @@ def test_flux_lora_run_is_retouched_and_plain_stays_bit_identical(webui, flux_pl
 
 
 def test_flux_dreambooth_run_switches_at_lambda1_plus_one(webui, flux_plain, lr):
+    """DreamBooth on Flux: the vanilla transformer for λ1 steps. Stage 1 reads the class prompt
+    with the loaded model's T5 and CLIP-L (flux-vanilla's own differ: another seed), and says so in
+    a note: asking for the loaded model's text encoders gives the same image, without the note."""
     mark = webui.log_mark()
-    on = H.txt2img(
-        webui.url, flux_lr_body(lr(lambda1=3, vanilla_checkpoint=webui.title(FFC.VANILLA)))
-    )
+    args = lr(lambda1=3, vanilla_checkpoint=webui.title(FFC.VANILLA))
+    on = H.txt2img(webui.url, flux_lr_body(args))
     got = H.assert_retouched(on)
     assert got.get("LR lambda1") == "3", got
     log = webui.log_since(mark)
     switched = re.findall(r"stage 1: switched to personalized UNet at step (\d+)", log)
     assert switched == ["4"], log[-3000:]
     assert H.differs(on.image, flux_plain.image)
+    notes = " ".join(H.lr_notes(on).values())
+    assert "T5 and CLIP-L" in notes and "stage1_text_encoder" in notes, on.lr
+    loaded = H.txt2img(webui.url, flux_lr_body({**args, "stage1_text_encoder": "loaded"}))
+    H.assert_retouched(loaded)
+    assert "T5 and CLIP-L" not in " ".join(H.lr_notes(loaded).values()), loaded.lr
+    assert np.array_equal(loaded.image, on.image), "stage 1 read y_p⁻ with other text encoders"
     back = H.txt2img(webui.url, flux_body())
     assert np.array_equal(back.image, flux_plain.image), "something stayed patched (Flux DB)"
 
