@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
@@ -58,9 +59,10 @@ from lib_layout_retouch import conditioning as lr_cond
 from lib_layout_retouch import masks as lr_masks
 from lib_layout_retouch import retouch as pl
 from lib_layout_retouch import stage1
-from lib_layout_retouch.prompts import derive_prompts
+from lib_layout_retouch.prompts import SubjectWords, derive_prompts
 from lib_layout_retouch.retouch.editor import LAYOUT, REFERENCE, TARGET, RowPlan, StepState
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.subjects import MAX_SUBJECTS, derive_subject_prompts, subject_rows
 from lib_layout_retouch.unet.attention import RetouchAttention, patched_attention
 from lib_layout_retouch.unet.layers import layer_table_for
 from lib_layout_retouch.unet.model import LdmModel
@@ -109,6 +111,16 @@ REQUIRED_KEYS = (
 
 PROMPT, CONCEPT, CLASS = "a photo of sks dog jumping over the fence", "sks", "dog"
 NEGATIVE = ""
+# Several subjects (--subjects 1 2): K subjects in one prompt, each with its own concept token and
+# reference photo (one multi-concept DreamBooth checkpoint: no per-subject weights). Subject 1 is
+# the one-subject run's dog.
+SUBJECT_WORDS = (("sks", "dog"), ("zwx", "cat"), ("pqv", "teddy bear"))
+SUBJECT_PROMPTS = {
+    2: "a photo of sks dog and zwx cat jumping over the fence",
+    3: "a photo of sks dog, zwx cat and pqv teddy bear jumping over the fence",
+}
+# Goal (several subjects): a two-subject L&R image ≤ 1.3× the one-subject one, same run and card.
+SUBJECTS_GOAL = 1.3
 
 # ---------------------------------------------------------------------------------------------------
 # Model configs (ldm's own classes; random weights)
@@ -342,13 +354,21 @@ def attention_mode(mode: str):
 
 class PhaseClock:
     """Wall time split into named phases. `close(name)` synchronises the device and adds the time
-    since the previous mark to `name`; marks are placed only at phase ends (a handful per run), so
-    the step loops keep running asynchronously."""
+    since the previous mark to `name` — and, with a `counter` (UNetCounter), the UNet calls and
+    rows since then; marks are placed only at phase ends (a handful per run), so the step loops
+    keep running asynchronously."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.rows: dict[str, int] = defaultdict(int)
+        self.counter = None
         self.last = 0.0
+        self._counted = (0, 0)
+
+    def _counts(self) -> tuple[int, int]:
+        return (self.counter.calls, self.counter.rows) if self.counter is not None else (0, 0)
 
     def sync(self) -> None:
         if self.cuda:
@@ -357,6 +377,8 @@ class PhaseClock:
     def start(self) -> None:
         self.sync()
         self.totals = defaultdict(float)
+        self.calls, self.rows = defaultdict(int), defaultdict(int)
+        self._counted = self._counts()
         self.last = time.perf_counter()
 
     def close(self, name: str) -> float:
@@ -364,6 +386,11 @@ class PhaseClock:
         now = time.perf_counter()
         self.totals[name] += now - self.last
         self.last = now
+        counted = self._counts()
+        if counted[0] != self._counted[0]:
+            self.calls[name] += counted[0] - self._counted[0]
+            self.rows[name] += counted[1] - self._counted[1]
+        self._counted = counted
         return now
 
     def progress(self, phase: str, s: int, total: int) -> None:
@@ -484,7 +511,7 @@ def measure(
     cuda = clock.cuda
     for _ in range(warmup):
         fn()
-    runs, phases, peaks = [], [], []
+    runs, phases, peaks, phase_counts = [], [], [], []
     calls = rows = 0
     out = None
     for _ in range(repeats):
@@ -498,6 +525,7 @@ def measure(
         t1 = clock.close("other")
         runs.append(t1 - t0)
         phases.append(dict(clock.totals))
+        phase_counts.append((dict(clock.calls), dict(clock.rows)))
         calls, rows = counter.calls, counter.rows
         if cuda:
             peaks.append(torch.cuda.max_memory_allocated() / GIB)
@@ -507,6 +535,12 @@ def measure(
         "s": statistics.median(runs),
         "runs_s": runs,
         "phases_s": {k: phases[mid].get(k, 0.0) for k in PHASE_ORDER if k in phases[mid]},
+        "phase_calls": {
+            k: phase_counts[mid][0][k] for k in PHASE_ORDER if k in phase_counts[mid][0]
+        },
+        "phase_rows": {
+            k: phase_counts[mid][1][k] for k in PHASE_ORDER if k in phase_counts[mid][1]
+        },
         "peak_gib": max(peaks) if peaks else None,
         "unet_calls": calls,
         "unet_rows": rows,
@@ -683,6 +717,39 @@ def summarize(per: dict) -> dict:
         k: {"goal": g, "value": d[k], "met": None if d[k] is None else bool(d[k] <= g)}
         for k, g in GOALS.items()
     }
+    timed = [k for k in per if isinstance(per[k], dict) and "phase_calls" in per[k]]
+    d["phases_s"] = {k: per[k]["phases_s"] for k in timed}
+    d["runs_s"] = {k: per[k]["runs_s"] for k in timed}
+    d["phase_calls"] = {k: per[k]["phase_calls"] for k in timed}
+    d["phase_rows"] = {k: per[k]["phase_rows"] for k in timed}
+    subjects = sorted({int(k.split("_")[-1][0]) for k in timed if k.endswith("subj")})
+    if subjects:
+        d["subjects"] = {str(k): subjects_summary(per, k) for k in subjects}
+    return d
+
+
+def subjects_summary(per: dict, k: int) -> dict:
+    """K subjects against one, same batch and run: whole L&R image and retouch phase, time ratios
+    (goal: the image ≤ SUBJECTS_GOAL× one subject's), UNet calls and rows."""
+    d: dict = {"subjects": k}
+    for run in ("lr_paper", "lr_fast"):
+        one, several = per[run], per[subjects_key(run, k)]
+        name = run[3:]  # paper / fast
+        d[f"{run}_s"] = several["s"]
+        d[f"ratio_{name}"] = _ratio(several["s"], one["s"])
+        d[f"retouch_ratio_{name}"] = _ratio(
+            several["phases_s"].get("retouch"), one["phases_s"].get("retouch")
+        )
+        d[f"unet_calls_{name}"] = several["unet_calls"]
+        d[f"unet_rows_{name}"] = several["unet_rows"]
+        d[f"retouch_unet_calls_{name}"] = several["retouch_calls"]
+        d[f"retouch_unet_rows_{name}"] = several["retouch_rows"]
+        d[f"images_finite_{name}"] = several["images_finite"]
+        d[f"phases_s_{name}"] = several["phases_s"]
+    d["goals"] = {
+        key: {"goal": SUBJECTS_GOAL, "value": d[key], "met": bool(d[key] <= SUBJECTS_GOAL)}
+        for key in ("ratio_paper", "ratio_fast")
+    }
     return d
 
 
@@ -692,6 +759,34 @@ def _fmt(v, spec: str = ".3f") -> str:
     if isinstance(v, float):
         return format(v, spec)
     return str(v)
+
+
+def subjects_lines(batches, w0: int, w: int) -> list[str]:
+    """The several-subjects rows of the table (--subjects 1 2): K subjects against one."""
+    lines = []
+    for k in sorted({k for _, d in batches for k in d.get("subjects", {})}):
+        figures = (
+            (f"L&R paper, {k} subjects (s)", "lr_paper_s", ".3f", False),
+            (f"L&R fast, {k} subjects (s)", "lr_fast_s", ".3f", False),
+            (f"  ratio paper {k}/1 subject", "ratio_paper", ".2f", True),
+            (f"  ratio fast {k}/1 subject", "ratio_fast", ".2f", True),
+            (f"  retouch phase paper {k}/1", "retouch_ratio_paper", ".2f", False),
+            (f"  retouch phase fast {k}/1", "retouch_ratio_fast", ".2f", False),
+        )
+        for label, key, spec, goal in figures:
+            cells = "".join(
+                f"{_fmt(d.get('subjects', {}).get(k, {}).get(key), spec):>{w}}" for _, d in batches
+            )
+            gtxt = f"≤ {SUBJECTS_GOAL}" if goal else ""
+            lines.append(f"{label:<{w0}}{cells}{gtxt:>{w}}")
+        for what in ("unet_calls", "unet_rows"):
+            cells = "".join(
+                f"{'/'.join(str(d['subjects'][k][f'{what}_{r}']) for r in ('paper', 'fast')):>{w}}"
+                for _, d in batches
+                if k in d.get("subjects", {})
+            )
+            lines.append(f"{what.replace('_', ' ') + f' paper/fast {k} subj.':<{w0}}{cells}")
+    return lines
 
 
 def format_table(res: dict) -> str:
@@ -742,14 +837,21 @@ def format_table(res: dict) -> str:
             for _, d in batches
         )
         lines.append(f"{what.replace('_', ' ') + ' plain/paper/fast':<{w0}}{cells}")
+    lines += subjects_lines(batches, w0, w)
     lines.append("")
     lines.append("where the time goes (s, median run): " + ", ".join(PHASE_ORDER))
     for bname, d in batches:
-        for k in ("plain", "lr_paper", "lr_fast"):
+        for k in d["phase_calls"]:
             ph = d["phases_s"][k]
             lines.append(
-                f"  {bname} {k:<9}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER)
+                f"  {bname} {k:<16}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER)
             )
+    lines.append("UNet calls / rows per phase (one run): " + ", ".join(PHASE_ORDER[:4]))
+    for bname, d in batches:
+        for k, calls in d["phase_calls"].items():
+            rows = d["phase_rows"][k]
+            cells = "".join(f"{f'{calls.get(p, 0)}/{rows.get(p, 0)}':>10}" for p in PHASE_ORDER[:4])
+            lines.append(f"  {bname} {k:<16}{cells}")
     for what, pts in (res.get("sync_points") or {}).items():
         total = sum(p["count"] for p in pts)
         lines.append(
@@ -806,6 +908,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="attention of the unhooked layers (see attention_mode)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--subjects",
+        type=int,
+        nargs="+",
+        default=[1],
+        choices=range(1, MAX_SUBJECTS + 1),
+        metavar="K",
+        help="several subjects: '1 2' also times L&R paper and fast with two subjects (two "
+        "reference photos, two concept tokens), right after the one-subject runs, and reports K "
+        "subjects against one (goal ≤ 1.3×)",
+    )
     p.add_argument(
         "--kv-cache-gib",
         type=float,
@@ -934,12 +1047,14 @@ class Bench:
         self.settings = pl.RetouchSettings(schedule=self.schedule, guidance_scale=args.guidance)
         self.prompts = derive_prompts(PROMPT, CONCEPT, CLASS)
         self.ref_img = reference_image(self.size)
-        self.cache = pl.InversionCache(max_entries=2)
+        # One inversion per reference photo: the one-subject run's and each several-subjects run's.
+        self.cache = pl.InversionCache(max_entries=1 + sum(k for k in args.subjects if k > 1))
         # The opt-in reference attention cache (WebUI setting, off by default): warm after the
         # warm-up run.
         self.kv_cache = pl.ReferenceAttentionCache(max_bytes=int(args.kv_cache_gib * 2**30))
         if not args.forward_only:
             self.counter = UNetCounter([self.model.unet, self.vanilla])
+            self.clock.counter = self.counter  # calls and rows per phase
         self.per_batch: dict[int, dict] = {}
 
     def say(self, msg: str) -> None:
@@ -974,6 +1089,68 @@ class Bench:
             kv_cache=kv,
             progress=None if quiet else self.clock.progress,
         )
+
+
+def generate_subjects(bench: Bench, noise: torch.Tensor, layout_source: str, k: int):
+    """`pl.generate`'s two stages with K ≥ 2 subjects (SUBJECT_PROMPTS[k]): y_p⁻ with every concept
+    token as its class phrase for stage 1, then the retouch with one reference photo per subject
+    (each its own inversion, cached), each subject's rows and region (docs/ALGORITHM.md, "Several
+    subjects"). One multi-concept DreamBooth checkpoint: no per-subject weights."""
+    model, family, args = bench.model, bench.model.family, bench.args
+    words = [SubjectWords(token, phrase) for token, phrase in SUBJECT_WORDS[:k]]
+    prompt = SUBJECT_PROMPTS[k]
+    prompts = derive_subject_prompts(prompt, words)
+    size = (bench.size, bench.size)
+    conds = pl.encode_prompts(
+        model, prompts, NEGATIVE, image_size=size, reference_subjects=list(range(k))
+    )
+    trajectory = stage1.sample_step_blended(
+        family.sampler(model, bench.schedule.steps, tuple(noise.shape[-2:])),
+        model,
+        bench.schedule,
+        family.conditioning(model, [prompts.layout], image_size=size),
+        conds.layout,
+        conds.uncond,
+        noise,
+        bench.settings.guidance_scale,
+        vanilla=lambda: family.vanilla(model, bench.vanilla),
+        halves=family.halves(bench.settings.guidance_scale),
+        progress=bench.clock.progress,
+    )
+    rows = subject_rows(
+        lambda p, phrases: family.subject_tokens(model, p, phrases), prompt, prompts.subject_words()
+    )
+    model.decode(trajectory[-1])  # the layout image, as pl.generate decodes it
+    keys = [("bench-reference", args.config, args.seed, k, j) for j in range(k)]
+    references = torch.cat([_subject_reference(bench, j, key) for j, key in enumerate(keys)])
+    result = pl.retouch(
+        model,
+        reference_latent=references,
+        layout_latents=trajectory[-1],
+        conds=conds,
+        subject_tokens=rows,
+        settings=dataclasses.replace(bench.settings, subject_labels=tuple(w.label for w in words)),
+        layout_trajectory=trajectory if layout_source == "stage1" else None,
+        reference_keys=keys,
+        reference_groups=(1,) * k,
+        cache=bench.cache,
+        progress=bench.clock.progress,
+    )
+    return pl.GenerationResult(
+        images=model.decode(result.latents),
+        layout_images=None,
+        layout_latents=trajectory[-1],
+        retouch=result,
+    )
+
+
+def _subject_reference(bench: Bench, j: int, key: tuple) -> torch.Tensor:
+    """Subject j's reference latent (subject 0: the one-subject run's photo); a cached inversion
+    starts with it, so no VAE pass then."""
+    cached = bench.cache.peek(pl.inversion_key(key, bench.schedule.steps, bench.latent_hw))
+    if cached is not None:
+        return cached[0]
+    return bench.model.encode(reference_image(bench.size, seed=1 + j))
 
 
 def describe(bench: Bench) -> dict:
@@ -1075,12 +1252,23 @@ def lr_figures(bench: Bench, b: int) -> dict:
     """L&R paper (layout inverted) and fast (the stage-1 trajectory), and fast with the reference
     attention cache unless --kv-cache-gib 0; each with what its retouch did."""
     noise = bench.noise(b)
-    runs = [("lr_paper", "inversion", None), ("lr_fast", "stage1", None)]
+    runs = [
+        ("lr_paper", lambda: bench.generate(noise, "inversion")),
+        ("lr_fast", lambda: bench.generate(noise, "stage1")),
+    ]
     if bench.args.kv_cache_gib > 0:
-        runs.append(("lr_fast_kv", "stage1", bench.kv_cache))
+        runs.append(("lr_fast_kv", lambda: bench.generate(noise, "stage1", kv=bench.kv_cache)))
+    for k in (k for k in bench.args.subjects if k > 1):  # right after one subject: same load
+        for key, source in (
+            (subjects_key("lr_paper", k), "inversion"),
+            (subjects_key("lr_fast", k), "stage1"),
+        ):
+            runs.append(
+                (key, lambda source=source, k=k: generate_subjects(bench, noise, source, k))
+            )
     figures = {}
-    for key, source, kv in runs:
-        m = bench.measure(lambda source=source, kv=kv: bench.generate(noise, source, kv=kv))
+    for key, fn in runs:
+        m = bench.measure(fn)
         out = m.pop("out")
         r = out.retouch
         m.update(
@@ -1093,6 +1281,11 @@ def lr_figures(bench: Bench, b: int) -> dict:
         figures[key] = m
         bench.say(f"batch {b}: {key} {m['s']:.3f} s")
     return figures
+
+
+def subjects_key(run: str, k: int) -> str:
+    """The figure's name of a K-subject run: lr_paper_2subj, lr_fast_2subj."""
+    return f"{run}_{k}subj"
 
 
 def hook_figures(bench: Bench, b: int) -> dict:
