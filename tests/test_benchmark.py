@@ -196,6 +196,43 @@ def test_tiny_sdxl_config_runs_with_dict_conditioning(tmp_path):
     assert res["unet_calls"] == {"plain": 4, "lr_paper": 16, "lr_fast": 8}
 
 
+def test_two_subject_config_reports_its_rows_against_one_subject(tmp_path):
+    """`--subjects 1 2`: L&R paper and fast with two subjects (one reference photo each), in the same
+    run as one subject. The second subject adds exactly its reference row per CFG half in every
+    identity step (T − λ2 steps) and nothing else: stage 1 and the layout inversion are the same."""
+    T = STEPS
+    stdout, res = run_bench(
+        tmp_path / "tiny-subjects.json",
+        *("--config", "tiny", "--dtype", "fp32", "--steps", str(T), "--threads", "1"),
+        *("--warmup", "1", "--repeats", "1", "--hook-repeats", "1", "--batches", "1"),
+        *("--kv-cache-gib", "0", "--subjects", "1", "2"),
+        timeout=300,
+    )
+    lam2 = res["schedule"]["lambda2"]
+    two = res["subjects"]["2"]
+    one_retouch = lam2 * 2 + (T - lam2) * 2 * (1 + 2)
+    two_retouch = lam2 * 2 + (T - lam2) * 2 * (2 + 2)
+    assert res["retouch_unet_rows"]["lr_fast"] == one_retouch
+    assert two["retouch_unet_rows_fast"] == two_retouch
+    assert two["retouch_unet_rows_paper"] == T + two_retouch  # + the layout inversion
+    assert two["unet_calls_paper"] == 3 * T and two["unet_calls_fast"] == 2 * T
+    assert two["unet_rows_fast"] == 2 * T + two_retouch
+    rows, calls = res["phase_rows"], res["phase_calls"]
+    assert rows["lr_paper_2subj"] == {
+        "stage1": 2 * T,
+        "layout_inversion": T,
+        "retouch": two_retouch,
+    }
+    assert calls["lr_fast_2subj"] == {"stage1": T, "retouch": T}
+    assert rows["lr_fast"]["retouch"] == one_retouch  # the one-subject run beside it
+    for name in ("paper", "fast"):
+        assert math.isclose(two[f"ratio_{name}"], two[f"lr_{name}_s"] / res[f"lr_{name}_s"])
+        assert _positive(two[f"retouch_ratio_{name}"]) and two[f"images_finite_{name}"]
+        assert two["goals"][f"ratio_{name}"]["goal"] == 1.3
+    for label in ("L&R paper, 2 subjects (s)", "ratio fast 2/1 subject", "lr_fast_2subj"):
+        assert label in stdout, label
+
+
 def test_tiny_flux_benchmark_runs_plain_and_both_retouch_modes(tmp_path):
     """`--config tiny-flux` (benchmarks/bench_flux.py): the Flux retouch against a plain Flux run, with
     the transformer calls each costs (those are exact; the times only positive)."""
