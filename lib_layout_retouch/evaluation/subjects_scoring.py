@@ -18,8 +18,8 @@ regions with a source. T_CLIP: the whole image against the prompt with the class
 ("class") or the template verbatim ("keep"), per prompt, then over prompts and pairs.
 
 Writes results_subjects.csv (per method), results_subjects_per_pair.csv,
-results_subjects_per_subject.csv, results_subjects_per_region.csv (every image × subject) and
-results_subjects.md.
+results_subjects_per_subject.csv, results_subjects_per_region.csv (every image × subject),
+results_subjects.md (the table and how it was made) and results_subjects.json (all of it).
 """
 
 from __future__ import annotations
@@ -495,6 +495,7 @@ def write_subject_reports(report: SubjectsReport, out_dir: str, scorers: Scorers
         "per_subject": os.path.join(out_dir, "results_subjects_per_subject.csv"),
         "per_region": os.path.join(out_dir, "results_subjects_per_region.csv"),
         "md": os.path.join(out_dir, "results_subjects.md"),
+        "json": os.path.join(out_dir, "results_subjects.json"),
     }
     _write_csv(files["csv"], report.rows, SUBJECT_RESULT_COLUMNS)
     _write_csv(files["per_pair"], report.per_group, PER_PAIR_COLUMNS)
@@ -510,5 +511,48 @@ def write_subject_reports(report: SubjectsReport, out_dir: str, scorers: Scorers
     with open(files["md"] + ".tmp", "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     os.replace(files["md"] + ".tmp", files["md"])
+    _write_json(files["json"], report, scorers)
     report.files = files
     return files
+
+
+def _plain(value):
+    """A value as JSON has it: NaN → null, tuples → lists, floats as they are."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return float(value) if hasattr(value, "__float__") else str(value)
+
+
+def _write_json(path: str, report: SubjectsReport, scorers: Scorers) -> None:
+    """results_subjects.json: the summary per method, per pair, per subject and every region (each
+    image × subject: where its region came from, its area, its identity against its own and the
+    other subject's photos, collapsed or not), the notes and the options (NaN: null)."""
+    o = report.options
+    data = {
+        "protocol": SUBJECTS_PROTOCOL,
+        "options": {
+            "tclip_mode": o.tclip_mode,
+            "regions": o.regions,
+            "crop": o.crop,
+            "paired": o.paired,
+        },  # fmt: skip
+        "random_weights": bool(scorers.random_weights),
+        "summary": report.rows,
+        "per_pair": report.per_group,
+        "per_subject": report.per_subject,
+        "per_region": [
+            {c: r.get(c) for c in PER_REGION_COLUMNS} | {"folders": r.get("folders")}
+            for r in report.per_region
+        ],
+        "notes": report.notes,
+    }
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(_plain(data), f, indent=1)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
