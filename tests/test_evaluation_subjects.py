@@ -393,3 +393,89 @@ def test_regions_picture_survives_a_lossy_copy_and_rejects_other_pictures():
     speck = np.zeros((100, 100), dtype=bool)
     speck[0, :10] = True  # 0.1 % of the image: the subject is missing
     assert regions_mod.subject_masks(np.where(speck, 0, -1), 1) == [None]
+
+
+# ------------------------------------------------------------------ the library on the tiny model
+class LibraryWebUI(runner.WebUIClient):
+    """The txt2img API answered by the library itself on the tests' tiny SD1 model: the script's
+    arguments parsed as the API parses them (`LayoutRetouchParams.from_dict`), a two-subject
+    `RetouchJob` retouching a seeded layout latent, and the regions intermediate drawn as the
+    extension draws it (`job.regions_to_image`). Keeps each ON image's regions for the test."""
+
+    def __init__(self, ldm):
+        super().__init__("http://library.invalid", retries=0)
+        from lib_layout_retouch.unet.model import LdmModel
+
+        self.model = LdmModel(ldm)
+        self.regions: dict[tuple, torch.Tensor] = {}  # (prompt, seed) -> (h, w) subject index
+
+    def txt2img_scripts(self):
+        return ["layout-and-retouch"]
+
+    def txt2img(self, payload: dict) -> dict:
+        from lib_layout_retouch.job import RetouchJob, tensor_to_images
+        from lib_layout_retouch.params import LayoutRetouchParams
+
+        w, h, seed, prompt = payload["width"], payload["height"], payload["seed"], payload["prompt"]
+        g = torch.Generator().manual_seed(seed)
+        latents = torch.randn(1, 4, h // 8, w // 8, generator=g)
+        script = payload["alwayson_scripts"]["Layout-and-Retouch"]["args"][0]
+        infotext, images, infotexts = f"{prompt}\nSeed: {seed}", [], []
+        if script["enabled"]:
+            params = LayoutRetouchParams.from_dict(
+                {k: v for k, v in script.items() if k != "show_intermediates"}
+            )
+            job = RetouchJob(params, prompt, "", payload["steps"], w, h, payload["cfg_scale"])
+            res = job.retouch(
+                self.model, latents, subject_tokens=job.subject_rows(self.model),
+                model_key="tiny", cache=None, kv_cache=None,
+            )  # fmt: skip
+            latents = res.latents
+            self.regions[(prompt, seed)] = res.regions[0]
+            infotext += ", " + ", ".join(f"{k}: {v}" for k, v in job.infotext().items())
+            images.append(regions_to_image(res.regions[0], (w, h)))
+            infotexts.append(f'{INTERMEDIATE_KEY}: "subject regions"')
+        image = tensor_to_images(self.model.decode(latents))[0]
+        info = {"seed": seed, "infotexts": [infotext, *infotexts]}
+        return {
+            "images": [_png_b64(im) for im in (image, *images)],
+            "info": json.dumps(info),
+        }
+
+
+def test_the_protocol_runs_on_the_tiny_model_and_measures_its_own_regions(vico, tmp_path, tiny_ldm):
+    """Two photo-only subjects (a box and a vase) retouched by the library on the tiny SD1 model;
+    `score` reads each subject's region back from the regions picture the run kept: every region's
+    area is exactly its share of the retouch's own subject index, and the random-weight DINO/CLIP
+    give each found region a similarity in [-1, 1] to its own and to the other subject's photos."""
+    concepts = tmp_path / "photo_only.json"
+    concepts.write_text(
+        json.dumps(
+            {
+                "defaults": {"personalization": "photo", "lambda1": 1},
+                "concepts": {"red_box": {"class": "box"}, "blue_vase": {"class": "vase"}},
+            }
+        )
+    )
+    webui = LibraryWebUI(tiny_ldm)
+    out = tmp_path / "tiny"
+    run = subjects_runner.run_subjects_protocol(
+        str(vico), str(concepts), webui.url, str(out),
+        runner.RunSettings(n=2, n_prompts=1, steps=6, width=64, height=64, seed=3,
+                           lambda2=2, mask_start=4),
+        client=webui, progress=False,
+    )  # fmt: skip
+    assert run.generated == 4 and len(webui.regions) == 2
+    rc = cli_main(["score", "--out", str(out), "--random-models", "--no-progress"])
+    assert rc == 0
+    data = json.loads((out / "results_subjects.json").read_text())
+    regions = [r for r in data["per_region"] if r["method"] == "on"]
+    assert len(regions) == 4 and {r["source"] for r in regions} == {"picture"}
+    for r in regions:
+        index = webui.regions[("a box and a vase on a table", r["seed"])]
+        share = float((index == r["subject"] - 1).float().mean())
+        assert r["area"] == pytest.approx(share if share >= regions_mod.MIN_REGION_AREA else 0.0)
+        if r["found"]:
+            assert -1.0 <= r["I_DINO"] <= 1.0 and -1.0 <= r["DINO_other"] <= 1.0
+            assert r["collapsed"] == int(r["DINO_other"] > r["I_DINO"])
+    assert any(r["found"] for r in regions)
