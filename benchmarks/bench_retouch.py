@@ -508,43 +508,60 @@ def measure(
 ) -> dict:
     """Warm-up runs, then timed runs: median seconds, peak memory over the timed runs, the phases
     of the median run, UNet calls/rows of one run, and what the last run returned."""
-    cuda = clock.cuda
+    return measure_interleaved({"run": fn}, clock, counter, warmup, repeats)["run"]
+
+
+def measure_interleaved(
+    fns: dict, clock: PhaseClock, counter: UNetCounter, warmup: int, repeats: int
+) -> dict:
+    """`measure` for several runs at once, their timed runs interleaved (a, b, a, b, …) after
+    every warm-up, so that a load that changes over the minutes (a shared CPU) hits them alike."""
     for _ in range(warmup):
-        fn()
-    runs, phases, peaks, phase_counts = [], [], [], []
-    calls = rows = 0
-    out = None
+        for fn in fns.values():
+            fn()
+    timed: dict = {key: [] for key in fns}
     for _ in range(repeats):
-        counter.reset()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        clock.start()
-        t0 = clock.last
-        out = fn()
-        t1 = clock.close("other")
-        runs.append(t1 - t0)
-        phases.append(dict(clock.totals))
-        phase_counts.append((dict(clock.calls), dict(clock.rows)))
-        calls, rows = counter.calls, counter.rows
-        if cuda:
-            peaks.append(torch.cuda.max_memory_allocated() / GIB)
-    order = sorted(range(len(runs)), key=runs.__getitem__)
-    mid = order[(len(order) - 1) // 2]
+        for key, fn in fns.items():
+            timed[key].append(_timed_run(fn, clock, counter))
+    return {key: _median_run(runs) for key, runs in timed.items()}
+
+
+def _timed_run(fn, clock: PhaseClock, counter: UNetCounter) -> dict:
+    """One timed run: seconds, phases (time, calls, rows), peak memory, UNet calls and rows."""
+    counter.reset()
+    if clock.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    clock.start()
+    t0 = clock.last
+    out = fn()
+    t1 = clock.close("other")
     return {
-        "s": statistics.median(runs),
-        "runs_s": runs,
-        "phases_s": {k: phases[mid].get(k, 0.0) for k in PHASE_ORDER if k in phases[mid]},
-        "phase_calls": {
-            k: phase_counts[mid][0][k] for k in PHASE_ORDER if k in phase_counts[mid][0]
-        },
-        "phase_rows": {
-            k: phase_counts[mid][1][k] for k in PHASE_ORDER if k in phase_counts[mid][1]
-        },
-        "peak_gib": max(peaks) if peaks else None,
-        "unet_calls": calls,
-        "unet_rows": rows,
+        "s": t1 - t0,
+        "phases": dict(clock.totals),
+        "calls": dict(clock.calls),
+        "rows": dict(clock.rows),
+        "peak": torch.cuda.max_memory_allocated() / GIB if clock.cuda else None,
+        "unet_calls": counter.calls,
+        "unet_rows": counter.rows,
         "out": out,
+    }
+
+
+def _median_run(runs: list) -> dict:
+    """The figures of a run's timed repeats: the median time, the median run's phases."""
+    mid = sorted(range(len(runs)), key=lambda i: runs[i]["s"])[(len(runs) - 1) // 2]
+    m, peaks = runs[mid], [r["peak"] for r in runs if r["peak"] is not None]
+    return {
+        "s": statistics.median(r["s"] for r in runs),
+        "runs_s": [r["s"] for r in runs],
+        "phases_s": {k: m["phases"].get(k, 0.0) for k in PHASE_ORDER if k in m["phases"]},
+        "phase_calls": {k: m["calls"][k] for k in PHASE_ORDER if k in m["calls"]},
+        "phase_rows": {k: m["rows"][k] for k in PHASE_ORDER if k in m["rows"]},
+        "peak_gib": max(peaks) if peaks else None,
+        "unet_calls": runs[-1]["unet_calls"],
+        "unet_rows": runs[-1]["unet_rows"],
+        "out": runs[-1]["out"],
     }
 
 
@@ -827,7 +844,7 @@ def format_table(res: dict) -> str:
         lines.append(f"{label:<{w0}}{cells}{gtxt:>{w}}")
     for label, key in kernel_rows:
         cells = "".join(
-            f"{str(d['hook'][key].get('plain_kernels')) + '/' + str(d['hook'][key].get('hooked_kernels')):>{w}}"
+            f"{_fmt(d['hook'][key].get('plain_kernels')) + '/' + _fmt(d['hook'][key].get('hooked_kernels')):>{w}}"
             for _, d in batches
         )
         lines.append(f"{label:<{w0}}{cells}")
@@ -863,6 +880,11 @@ def format_table(res: dict) -> str:
             "(CPU run: the goals are for a GPU, where a UNet call is launch-bound; on a CPU rows cost"
             " time in proportion, so the ratios here say nothing about the goals)"
         )
+        if res.get("subjects"):
+            lines.append(
+                f"(several subjects: the goal ≤ {SUBJECTS_GOAL}× one subject is for the compute-bound"
+                " CPU proxy, --config sd15 --image-size 256 --steps 10 --batches 1)"
+            )
     return "\n".join(lines)
 
 
@@ -898,7 +920,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=2, help="timed runs per figure (median)")
     p.add_argument(
-        "--hook-repeats", type=int, default=10, help="timed forwards per hook figure (median)"
+        "--hook-repeats",
+        type=int,
+        default=10,
+        help="timed forwards per hook figure (median); 0 skips the hook figures",
     )
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument(
@@ -1252,23 +1277,27 @@ def lr_figures(bench: Bench, b: int) -> dict:
     """L&R paper (layout inverted) and fast (the stage-1 trajectory), and fast with the reference
     attention cache unless --kv-cache-gib 0; each with what its retouch did."""
     noise = bench.noise(b)
-    runs = [
-        ("lr_paper", lambda: bench.generate(noise, "inversion")),
-        ("lr_fast", lambda: bench.generate(noise, "stage1")),
-    ]
-    if bench.args.kv_cache_gib > 0:
-        runs.append(("lr_fast_kv", lambda: bench.generate(noise, "stage1", kv=bench.kv_cache)))
-    for k in (k for k in bench.args.subjects if k > 1):  # right after one subject: same load
-        for key, source in (
-            (subjects_key("lr_paper", k), "inversion"),
-            (subjects_key("lr_fast", k), "stage1"),
-        ):
-            runs.append(
-                (key, lambda source=source, k=k: generate_subjects(bench, noise, source, k))
+    several = [k for k in bench.args.subjects if k > 1]
+    groups = []  # each group's runs interleaved (one subject beside K: the same load)
+    for run, source in (("lr_paper", "inversion"), ("lr_fast", "stage1")):
+        group = {run: lambda source=source: bench.generate(noise, source)}
+        for k in several:
+            group[subjects_key(run, k)] = lambda source=source, k=k: generate_subjects(
+                bench, noise, source, k
             )
+        groups.append(group)
+    if bench.args.kv_cache_gib > 0:
+        groups.append({"lr_fast_kv": lambda: bench.generate(noise, "stage1", kv=bench.kv_cache)})
+    measured = {}
+    for group in groups:
+        bench.say(f"batch {b}: timing {', '.join(group)}")
+        measured.update(
+            measure_interleaved(
+                group, bench.clock, bench.counter, bench.args.warmup, bench.args.repeats
+            )
+        )
     figures = {}
-    for key, fn in runs:
-        m = bench.measure(fn)
+    for key, m in measured.items():
         out = m.pop("out")
         r = out.retouch
         m.update(
@@ -1291,6 +1320,8 @@ def subjects_key(run: str, k: int) -> str:
 def hook_figures(bench: Bench, b: int) -> dict:
     """The hooked/plain UNet forward at the retouch batch, in the identity phase and with the mask
     blend (`hook_overhead`)."""
+    if bench.args.hook_repeats <= 0:  # skipped (--hook-repeats 0): the figures are null
+        return {"hook": {"ratio": None}, "hook_blend": {"ratio": None}}
     figures = {}
     for key, blend in (("hook", False), ("hook_blend", True)):
         figures[key] = hook_overhead(
