@@ -20,6 +20,26 @@ from ..segmentation import SAM_KINDS
 from .regions import CROP_MODES, DEFAULT_CROP_MODE, DEFAULT_REGION_SOURCE, REGION_SOURCES
 
 
+def _add_region_args(g) -> None:
+    """Scoring options of the several-subjects protocol: where each region comes from, its crop."""
+    g.add_argument(
+        "--regions",
+        default=DEFAULT_REGION_SOURCE,
+        choices=list(REGION_SOURCES),
+        help="several subjects: where each subject's region comes from. 'auto' (default): the "
+        "extension's regions picture kept beside the image (<image>.regions.png), else SAM (--sam) "
+        "prompted with the subject's class phrase; 'picture': the picture only; 'sam': SAM for "
+        "every image (the same measurement for both methods)",
+    )
+    g.add_argument(
+        "--region-crop",
+        default=DEFAULT_CROP_MODE,
+        choices=list(CROP_MODES),
+        help="several subjects: the crop identity is measured on, the region's bounding box with "
+        "the pixels outside the region grey ('masked', default) or kept ('bbox')",
+    )
+
+
 def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "scoring (models load from a local path or the library caches; nothing is downloaded)"
@@ -84,22 +104,7 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
         choices=["bbox", "centroid"],
         help="subject centre: mask bounding-box centre (paper, default) or mask centroid",
     )
-    g.add_argument(
-        "--regions",
-        default=DEFAULT_REGION_SOURCE,
-        choices=list(REGION_SOURCES),
-        help="several subjects: where each subject's region comes from. 'auto' (default): the "
-        "extension's regions picture kept beside the image (<image>.regions.png), else SAM (--sam) "
-        "prompted with the subject's class phrase; 'picture': the picture only; 'sam': SAM for "
-        "every image (the same measurement for both methods)",
-    )
-    g.add_argument(
-        "--region-crop",
-        default=DEFAULT_CROP_MODE,
-        choices=list(CROP_MODES),
-        help="several subjects: the crop identity is measured on, the region's bounding box with "
-        "the pixels outside the region grey ('masked', default) or kept ('bbox')",
-    )
+    _add_region_args(g)
     g.add_argument(
         "--is-splits",
         type=int,
@@ -120,6 +125,20 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
         help="tiny random-weight CLIP/DINO/Inception: checks the plumbing, numbers are meaningless",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_subjects_run_args(p: argparse.ArgumentParser) -> None:
+    """`run`'s options of the several-subjects protocol."""
+    p.add_argument(
+        "--subjects",
+        action="store_true",
+        help="the several-subjects protocol: each image holds a pair of concepts (the concept "
+        'file\'s "pairs", else every pair one image can hold), identity measured in each '
+        "subject's region; use its own --out",
+    )
+    p.add_argument(
+        "--pairs", type=int, default=None, help="with --subjects: only the first N pairs"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,16 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="LR lambda1",
         help="text every 'on' infotext must contain (proof the script ran); '' turns the check off",
     )
-    run.add_argument(
-        "--subjects",
-        action="store_true",
-        help="the several-subjects protocol: each image holds a pair of concepts (the concept "
-        'file\'s "pairs", else every pair one image can hold), identity measured in each '
-        "subject's region; use its own --out",
-    )
-    run.add_argument(
-        "--pairs", type=int, default=None, help="with --subjects: only the first N pairs"
-    )
+    _add_subjects_run_args(run)
     run.add_argument("--no-score", action="store_true", help="only generate")
     _add_scoring_args(run)
 
