@@ -367,6 +367,10 @@ class PhaseClock:
         self.counter = None
         self.last = 0.0
         self._counted = (0, 0)
+        # This process's CPU seconds per phase: on a CPU shared with other work, wall time follows
+        # the others' load and CPU time does not (with one torch thread it is the compute itself).
+        self.cpu: dict[str, float] = defaultdict(float)
+        self.cpu_last = 0.0
 
     def _counts(self) -> tuple[int, int]:
         return (self.counter.calls, self.counter.rows) if self.counter is not None else (0, 0)
@@ -380,6 +384,8 @@ class PhaseClock:
         self.totals = defaultdict(float)
         self.calls, self.rows = defaultdict(int), defaultdict(int)
         self._counted = self._counts()
+        self.cpu = defaultdict(float)
+        self.cpu_last = time.process_time()
         self.last = time.perf_counter()
 
     def close(self, name: str) -> float:
@@ -387,6 +393,9 @@ class PhaseClock:
         now = time.perf_counter()
         self.totals[name] += now - self.last
         self.last = now
+        cpu = time.process_time()
+        self.cpu[name] += cpu - self.cpu_last
+        self.cpu_last = cpu
         counted = self._counts()
         if counted[0] != self._counted[0]:
             self.calls[name] += counted[0] - self._counted[0]
@@ -540,6 +549,7 @@ def _timed_run(fn, clock: PhaseClock, counter: UNetCounter) -> dict:
     return {
         "s": t1 - t0,
         "phases": dict(clock.totals),
+        "cpu": dict(clock.cpu),
         "calls": dict(clock.calls),
         "rows": dict(clock.rows),
         "peak": torch.cuda.max_memory_allocated() / GIB if clock.cuda else None,
@@ -556,7 +566,9 @@ def _median_run(runs: list) -> dict:
     return {
         "s": statistics.median(r["s"] for r in runs),
         "runs_s": [r["s"] for r in runs],
+        "cpu_s": statistics.median(sum(r["cpu"].values()) for r in runs),
         "phases_s": {k: m["phases"].get(k, 0.0) for k in PHASE_ORDER if k in m["phases"]},
+        "phases_cpu_s": {k: m["cpu"].get(k, 0.0) for k in PHASE_ORDER if k in m["cpu"]},
         "phase_calls": {k: m["calls"][k] for k in PHASE_ORDER if k in m["calls"]},
         "phase_rows": {k: m["rows"][k] for k in PHASE_ORDER if k in m["rows"]},
         "peak_gib": max(peaks) if peaks else None,
@@ -736,6 +748,8 @@ def summarize(per: dict) -> dict:
         for k, g in GOALS.items()
     }
     timed = [k for k in per if isinstance(per[k], dict) and "phase_calls" in per[k]]
+    d["cpu_s"] = {k: per[k]["cpu_s"] for k in timed}
+    d["phases_cpu_s"] = {k: per[k]["phases_cpu_s"] for k in timed}
     d["phases_s"] = {k: per[k]["phases_s"] for k in timed}
     d["runs_s"] = {k: per[k]["runs_s"] for k in timed}
     d["phase_calls"] = {k: per[k]["phase_calls"] for k in timed}
@@ -758,6 +772,11 @@ def subjects_summary(per: dict, k: int) -> dict:
         d[f"retouch_ratio_{name}"] = _ratio(
             several["phases_s"].get("retouch"), one["phases_s"].get("retouch")
         )
+        d[f"cpu_ratio_{name}"] = _ratio(several["cpu_s"], one["cpu_s"])
+        d[f"retouch_cpu_ratio_{name}"] = _ratio(
+            several["phases_cpu_s"].get("retouch"), one["phases_cpu_s"].get("retouch")
+        )
+        d[f"rows_ratio_{name}"] = _ratio(several["unet_rows"], one["unet_rows"])
         d[f"unet_calls_{name}"] = several["unet_calls"]
         d[f"unet_rows_{name}"] = several["unet_rows"]
         d[f"retouch_unet_calls_{name}"] = several["retouch_calls"]
@@ -791,6 +810,12 @@ def subjects_lines(batches, w0: int, w: int) -> list[str]:
             (f"  ratio fast {k}/1 subject", "ratio_fast", ".2f", True),
             (f"  retouch phase paper {k}/1", "retouch_ratio_paper", ".2f", False),
             (f"  retouch phase fast {k}/1", "retouch_ratio_fast", ".2f", False),
+            (f"  CPU time paper {k}/1", "cpu_ratio_paper", ".2f", False),
+            (f"  CPU time fast {k}/1", "cpu_ratio_fast", ".2f", False),
+            (f"  CPU retouch paper {k}/1", "retouch_cpu_ratio_paper", ".2f", False),
+            (f"  CPU retouch fast {k}/1", "retouch_cpu_ratio_fast", ".2f", False),
+            (f"  UNet rows paper {k}/1", "rows_ratio_paper", ".2f", False),
+            (f"  UNet rows fast {k}/1", "rows_ratio_fast", ".2f", False),
         )
         for label, key, spec, goal in figures:
             cells = "".join(
@@ -865,6 +890,13 @@ def format_table(res: dict) -> str:
             lines.append(
                 f"  {bname} {k:<16}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER)
             )
+    if res["device"] == "cpu":
+        lines.append("this process's CPU time (s, same run): " + ", ".join(PHASE_ORDER))
+        for bname, d in batches:
+            for k, ph in d["phases_cpu_s"].items():
+                lines.append(
+                    f"  {bname} {k:<16}" + "".join(f"{ph.get(p, 0.0):>10.3f}" for p in PHASE_ORDER)
+                )
     lines.append("UNet calls / rows per phase (one run): " + ", ".join(PHASE_ORDER[:4]))
     for bname, d in batches:
         for k, calls in d["phase_calls"].items():

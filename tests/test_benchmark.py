@@ -231,7 +231,10 @@ def test_two_subject_config_reports_its_rows_against_one_subject(tmp_path):
         assert math.isclose(two[f"ratio_{name}"], two[f"lr_{name}_s"] / res[f"lr_{name}_s"])
         assert _positive(two[f"retouch_ratio_{name}"]) and two[f"images_finite_{name}"]
         assert two[f"reference_cached_{name}"] and res["reference_cached"]
+        assert _positive(two[f"cpu_ratio_{name}"]) and _positive(two[f"retouch_cpu_ratio_{name}"])
         assert two["goals"][f"ratio_{name}"]["goal"] == 1.3
+    assert two["rows_ratio_fast"] == (2 * T + two_retouch) / (2 * T + one_retouch)
+    assert set(res["phases_cpu_s"]["lr_fast_2subj"]) >= {"stage1", "retouch"}
     for label in ("L&R paper, 2 subjects (s)", "ratio fast 2/1 subject", "lr_fast_2subj"):
         assert label in stdout, label
 
