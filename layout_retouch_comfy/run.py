@@ -30,7 +30,7 @@ from lib_layout_retouch.adapters.comfy.sd import (
 from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME
-from lib_layout_retouch.retouch import loop as pipeline
+from lib_layout_retouch.retouch.generate import to_uint8
 
 log = logging.getLogger("layout_retouch")
 FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default
@@ -462,7 +462,7 @@ def _run(
     subject = subject_rows(lib_model, job)
     layout_latents = lib_model.model_latents(layout_raw.to(lib_model.device))
     # SAM segments the decoded layout (the WebUI's stage 2 does the same)
-    layout_images = pipeline.to_uint8(lib_model.decode(layout_latents)) if sam is not None else None
+    layout_images = to_uint8(lib_model.decode(layout_latents)) if sam is not None else None
     result = job.retouch(
         lib_model,
         layout_latents,
