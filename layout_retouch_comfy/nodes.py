@@ -15,7 +15,7 @@ import inspect
 from layout_retouch_comfy import inputs, run, texts
 from layout_retouch_comfy.glue import ComfyCalls
 from lib_layout_retouch import ui_text
-from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE
+from lib_layout_retouch.adapters.comfy import GUIDANCE_DEFAULT
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import LayoutRetouchParams
 from lib_layout_retouch.segmentation import OFFICIAL_SAM_FILES, load_segmenter
@@ -94,7 +94,7 @@ GUIDANCE = {
     "guidance": (
         "FLOAT",
         {
-            "default": DEFAULT_GUIDANCE,
+            "default": GUIDANCE_DEFAULT,
             "min": 0.0,
             "max": 100.0,
             "step": 0.1,
@@ -306,7 +306,7 @@ class LayoutRetouchLayout:
         denoise=1.0,
         mask=None,
         scale_with_steps=True,
-        guidance=DEFAULT_GUIDANCE,
+        guidance=GUIDANCE_DEFAULT,
         unique_id=None,
     ):
         import torch
@@ -328,7 +328,8 @@ class LayoutRetouchLayout:
         _show(unique_id, info)
         source = latent or {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
         noise_mask = mask if mask is not None else source.get("noise_mask")
-        progress = run.Progress(CALLS.progress_bar(steps), steps, CALLS.previewer(model))
+        bar = CALLS.progress_bar(steps * run.TICKS)
+        progress = run.Progress(bar, steps, previewer=CALLS.previewer(model))
         samples = run.stage1(
             CALLS,
             job,

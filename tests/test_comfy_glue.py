@@ -10,6 +10,7 @@ import torch
 from layout_retouch_comfy import inputs, run, tensors
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
+from lib_layout_retouch.progress import ProgressPlan
 
 
 def test_every_field_is_an_input_a_socket_or_named_as_not_offered():
@@ -213,16 +214,30 @@ def test_stage1_progress_counts_both_passes_forward():
     first["callback"](0, None, None, 1)  # ComfyUI: (step, x0, x, steps of this pass)
     for step in range(3):
         second["callback"](step, None, None, 3)
-    assert seen == [1, 2, 3, 4]
+    assert seen == [run.TICKS * s for s in (1, 2, 3, 4)]
 
 
-def test_progress_lays_phases_end_to_end():
+def test_progress_weights_the_phases_as_the_progress_plan():
+    """The bar counts stage 1's steps, then each stage-2 phase by its plan's weight (a retouch step
+    runs more rows than an inversion step); it never goes back, also when the plan shrinks."""
     seen = []
-    p = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append((v, t))), 12)
-    p("layout", 4, 4)
-    p("reference inversion", 2, 4)
+    plan = ProgressPlan(steps=4, batch=1, references=2)
+    p = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append((v, t))), 4, plan)
+    p.sampler_callback(0)(3, None, None, 4)
+    assert seen[-1] == (4 * run.TICKS, round(plan.total * run.TICKS))
+    p("reference inversion", 4, 8)  # half of both photos' inversions
+    want = 4 + plan.units["reference inversion"] / 2
+    assert seen[-1][0] == round(want * run.TICKS)
+    cached = ProgressPlan(steps=4, batch=1, references=2, references_to_invert=0)
+    p.replan(cached)
+    p("layout inversion", 1, 4)  # before the old position in the new plan: stays
+    assert seen[-1][0] == round(want * run.TICKS) and seen[-1][1] == round(cached.total * run.TICKS)
+    p("retouch", 1, 4)
+    retouch_step = cached.units["retouch"] / 4
+    assert retouch_step > 4 * cached.units["layout inversion"] / 4  # weighted, not step-counted
+    assert seen[-1][0] == round(cached.position("retouch", 1, 4) * run.TICKS)
     p("retouch", 4, 4)
-    assert seen == [(4, 12), (6, 12), (12, 12)]
+    assert seen[-1] == (round(cached.total * run.TICKS),) * 2
 
 
 def test_reference_batch_becomes_photos_and_masks_go_to_latent_size():
