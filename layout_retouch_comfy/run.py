@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from layout_retouch_comfy import inputs, tensors, texts
+from layout_retouch_comfy import subjects as S
 from lib_layout_retouch import job as J
 from lib_layout_retouch.adapters.comfy import GUIDANCE_DEFAULT, ModelFamily, model_family
 from lib_layout_retouch.adapters.comfy import check_models as check_model_inputs
@@ -27,6 +28,7 @@ from lib_layout_retouch.progress import ProgressPlan
 from lib_layout_retouch.prompts import RetouchPrompts, derive_prompts
 from lib_layout_retouch.retouch import to_uint8
 from lib_layout_retouch.schedule import Schedule
+from lib_layout_retouch.subjects import subject_error
 
 log = logging.getLogger("layout_retouch")
 FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default
@@ -90,9 +92,10 @@ class Outputs:
     mask: torch.Tensor
     attention: torch.Tensor
     info: str = ""  # texts.info_text: the values used, the mask kind, the notes
+    regions: Optional[torch.Tensor] = None  # IMAGE: each subject's region in its colour
 
     def as_tuple(self) -> tuple:
-        return (self.retouched, self.layout, self.mask, self.attention, self.info)
+        return (self.retouched, self.layout, self.mask, self.attention, self.info, self.regions)
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Request:
     guidance: float = GUIDANCE_DEFAULT
     sam: Any = None  # a SubjectSegmenter (the SAM loader node's): the SAM+CA mask
     subject_mask: Optional[torch.Tensor] = None  # bounds the retouch, not stage 1
+    subjects: Optional[tuple] = None  # the chained Subject nodes' (subjects.Subject)
     values: dict = field(default_factory=dict)
 
     @classmethod
@@ -158,10 +162,37 @@ def continuation_noise(model, x1, latent_image, sigma: float) -> torch.Tensor:
     return noise.to(latent_image.dtype)
 
 
-def make_job(values: dict, reference, request: Request, latent_hw) -> J.RetouchJob:
+def run_subjects(request: Request) -> list[S.Subject]:
+    """Every subject of the request: the node's own (its `reference` and concept words) when its
+    `reference` is connected, then the chained Subject nodes' (`subjects.run_subjects`)."""
+    own = None
+    if request.reference is not None:
+        own = S.Subject(
+            request.reference,
+            inputs.own_personalization(request.vanilla_model is not None),
+            request.values.get("concept_token", ""),
+            request.values.get("class_phrase", ""),
+        )
+    return S.run_subjects(own, request.subjects)
+
+
+def subject_params(subjects) -> list:
+    """The library's subjects, each with its photos (a refusal names the subject, after the
+    first)."""
+    out = []
+    for k, subject in enumerate(subjects):
+        try:
+            photos = tensors.reference_photos(subject.reference)
+        except LayoutRetouchError as e:
+            raise subject_error(e.args[0], k, e.parameter or "reference_image") from e
+        out.append(subject.params(photos))
+    return out
+
+
+def make_job(values: dict, subjects, request: Request, latent_hw) -> J.RetouchJob:
     """The library's job of a request whose latents are `latent_hw` (h, w)."""
     params = inputs.make_params(
-        values, tensors.reference_photos(reference), vanilla=request.vanilla_model is not None
+        values, subject_params(subjects), vanilla=request.vanilla_model is not None
     )
     h, w = latent_hw
     return J.RetouchJob(
@@ -354,7 +385,8 @@ def _run(calls, request: Request) -> Outputs:
     samples = source["samples"]
     n, (h, w) = samples.shape[0], tuple(samples.shape[-2:])
     values = with_layout_source(request.values, request.layout is not None, family)
-    job = make_job(values, request.reference, request, (h, w))
+    subjects = run_subjects(request)
+    job = make_job(values, subjects, request, (h, w))
     noise_mask = request.mask if request.mask is not None else source.get("noise_mask")
     user_mask = tensors.retouch_mask(noise_mask, request.subject_mask, n, (h, w))
 
@@ -362,6 +394,13 @@ def _run(calls, request: Request) -> Outputs:
     model = request.model.clone()
     vanilla = request.vanilla_model
     vanilla = vanilla.clone() if vanilla is not None else None
+    lora_models = [
+        None if s.lora is None else calls.with_lora(model, s.lora, s.lora_strength)
+        for s in subjects
+    ]
+    if len(subjects) == 1 and lora_models[0] is not None:
+        # one subject: its LoRA is the personalized MODEL, the MODEL without it the vanilla one
+        vanilla, model, lora_models = vanilla or model, lora_models[0], [None]
     runs_stage1 = job.params.runs_stage1
     plan = progress_plan(job, n)
     bar = calls.progress_bar(round(plan.total * TICKS))
@@ -387,7 +426,9 @@ def _run(calls, request: Request) -> Outputs:
         )
     else:
         layout_raw = samples
-    result, lib_model = _retouch(calls, request, job, model, layout_raw, user_mask, progress)
+    result, lib_model = _retouch(
+        calls, request, job, (model, lora_models), layout_raw, user_mask, progress
+    )
     for note in job.notes:
         log.info("Layout-and-Retouch: %s", note)
     info = texts.info_text(
@@ -395,17 +436,32 @@ def _run(calls, request: Request) -> Outputs:
     )
     hw = (8 * h, 8 * w)
     out = {"samples": lib_model.raw_latents(result.latents).cpu()}
+    mask = tensors.maps_to_mask(result.masks, n, hw)
     return Outputs(
         retouched=out,
         layout={"samples": layout_raw.cpu()},
-        mask=tensors.maps_to_mask(result.masks, n, hw),
+        mask=mask,
         attention=tensors.mask_to_image(tensors.maps_to_mask(result.ca_maps, n, hw)),
         info=info,
+        regions=tensors.regions_to_images(result.regions, mask, hw),
     )
 
 
-def _retouch(calls, request: Request, job, model, layout_raw, user_mask, progress):
-    """Stage 2 on the layout (raw latents): the library's result and model."""
+def subject_weights(lib_model, base, lora_models):
+    """The retouch's contexts for subjects with a LoRA of their own (several subjects): subject k's
+    runs its calls on its MODEL (the base with its LoRA's weight patches; ComfyUI re-patches the
+    shared weights when it loads it), the base context on the MODEL without any subject's LoRA.
+    (None, None) when no subject has one."""
+    if all(m is None for m in lora_models):
+        return None, None
+    weights = [None if m is None else (lambda m=m: lib_model.patcher_as(m)) for m in lora_models]
+    return weights, lambda: lib_model.patcher_as(base)
+
+
+def _retouch(calls, request: Request, job, models, layout_raw, user_mask, progress):
+    """Stage 2 on the layout (raw latents): the library's result and model. `models`: the MODEL
+    and each subject's MODEL with its LoRA (None: none)."""
+    model, lora_models = models
     runs_stage1 = job.params.runs_stage1
     # the retouch's σ list (flow): the stage-1 scheduler's, "simple" for a layout from elsewhere
     scheduler = request.scheduler if runs_stage1 else "simple"
@@ -421,6 +477,7 @@ def _retouch(calls, request: Request, job, model, layout_raw, user_mask, progres
     # SAM segments the decoded layout (the WebUI's stage 2 does the same)
     sam = request.sam
     layout_images = to_uint8(lib_model.decode(layout_latents)) if sam is not None else None
+    weights, base_weights = subject_weights(lib_model, model, lora_models)
     result = job.retouch(
         lib_model,
         layout_latents,
@@ -431,5 +488,7 @@ def _retouch(calls, request: Request, job, model, layout_raw, user_mask, progres
         user_mask=None if user_mask is None else user_mask.to(layout_latents),
         segmenter=sam,
         layout_images=layout_images,
+        subject_weights=weights,
+        base_weights=base_weights,
     )
     return result, lib_model

@@ -6,8 +6,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from layout_retouch_comfy import inputs, run, tensors
+from layout_retouch_comfy import subjects as S
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
 from lib_layout_retouch.progress import ProgressPlan
@@ -37,11 +39,14 @@ def test_inputs_keep_the_fields_default_range_and_hint(name):
 
 
 def test_make_params_vanilla_socket_decides_the_personalization():
-    p = inputs.make_params(
-        {"concept_token": "sks", "class_phrase": "dog", "lambda1": 3}, [], vanilla=True
-    )
+    def own(vanilla):
+        subject = S.Subject(None, inputs.own_personalization(vanilla), "sks", "dog")
+        return inputs.make_params({"lambda1": 3}, [subject.params([])], vanilla=vanilla)
+
+    p = own(True)
     assert p.personalization == "dreambooth" and p.lambda1 == 3 and p.enabled
-    p = inputs.make_params({"concept_token": "sks", "class_phrase": "dog"}, [], vanilla=False)
+    assert (p.concept_token, p.class_phrase, p.subjects) == ("sks", "dog", ())
+    p = own(False)
     assert p.personalization == "textual_inversion"
     with pytest.raises(LayoutRetouchError) as e:
         p.validate()
@@ -50,6 +55,47 @@ def test_make_params_vanilla_socket_decides_the_personalization():
     assert str(inputs.node_error(e.value)) == (
         "Layout-and-Retouch: no reference: upload one photo of your subject [input 'reference']"
     )
+
+
+def test_subject_1_is_the_nodes_own_or_the_chains_first():
+    dog = S.Subject("dog photos", "lora", "sks", "dog", "dog.safetensors", {"w": 1}, 0.8)
+    cat = S.Subject("cat photos", "photo", "", "cat")
+    own = S.Subject("own photos", "dreambooth", "qwe", "bird")
+    assert S.run_subjects(own, (dog, cat)) == [own, dog, cat]
+    assert S.run_subjects(None, (dog, cat)) == [dog, cat]
+    with pytest.raises(LayoutRetouchError, match="no subject") as e:
+        S.run_subjects(None, None)
+    assert e.value.parameter == "reference"
+    d, c = Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")
+    p = inputs.make_params({}, [dog.params([d]), cat.params([c])], vanilla=False)
+    assert (p.concept_token, p.class_phrase, p.personalization) == ("sks", "dog", "lora")
+    assert [s.class_phrase for s in p.all_subjects()] == ["dog", "cat"]
+    assert p.subjects[0].photo_only and p.subjects[0].references == [c]
+    p.validate()
+
+
+@pytest.mark.parametrize(
+    "personalization, token, lora, words",
+    [
+        ("lora", "sks", S.NO_LORA, "needs the subject's LoRA"),
+        ("dreambooth", "sks", "dog.safetensors", "choose personalization 'lora'"),
+        ("textual_inversion", " ", S.NO_LORA, "needs the concept token"),
+    ],
+)
+def test_a_subject_node_refuses_what_its_inputs_contradict(personalization, token, lora, words):
+    with pytest.raises(LayoutRetouchError, match=words):
+        S.check_subject(personalization, token, lora)
+    S.check_subject("photo", "", S.NO_LORA)  # no trained model: no token, no LoRA
+    S.check_subject("lora", "sks", "dog.safetensors")
+
+
+def test_a_chain_holds_at_most_max_subjects():
+    one = S.Subject(None, "photo", "", "dog")
+    chain = S.chained(S.chained(None, one), one)
+    assert len(S.chained(chain, one)) == 3
+    with pytest.raises(LayoutRetouchError, match="4 subjects are chained; at most 3") as e:
+        S.chained(S.chained(chain, one), one)
+    assert e.value.parameter == "subjects"
 
 
 def test_node_error_keeps_a_message_that_names_the_input_already():

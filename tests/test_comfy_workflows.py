@@ -22,7 +22,17 @@ API = WORKFLOWS / "api"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 # The folder names ComfyUI v0.3.64 reads templates from (custom_node_manager.py)
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
-SOCKETS = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "MASK", "CONDITIONING", "LAYOUT_RETOUCH_SAM"}
+SOCKETS = {
+    "MODEL",
+    "CLIP",
+    "VAE",
+    "IMAGE",
+    "LATENT",
+    "MASK",
+    "CONDITIONING",
+    "LAYOUT_RETOUCH_SAM",
+    "LAYOUT_RETOUCH_SUBJECTS",
+}
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is above a node's pos
 
 

@@ -14,6 +14,7 @@ is a callable the glue passes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import weakref
 from typing import Callable, Optional
@@ -279,6 +280,16 @@ class ComfyObjects:
         if pixels.ndim == 5:  # video VAEs add a frame axis
             pixels = pixels.reshape(-1, *pixels.shape[-3:])
         return (pixels.float().movedim(-1, 1) * 2 - 1).to(latents.device)
+
+    @contextlib.contextmanager
+    def patcher_as(self, patcher):
+        """The calls inside run on `patcher`: a clone of this MODEL with other weight patches (a
+        subject's LoRA); ComfyUI re-patches the shared weights when `load_model` loads it."""
+        own, self.patcher = self.patcher, patcher
+        try:
+            yield
+        finally:
+            self.patcher = own
 
     def raw_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The model's latents → the LATENT socket's (raw VAE) latents."""
