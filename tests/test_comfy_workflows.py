@@ -66,6 +66,7 @@ def test_the_templates_folder_holds_the_ui_workflows_each_with_a_thumbnail():
         "layout_retouch_dreambooth",
         "layout_retouch_lora",
         "layout_retouch_split_stages",
+        "layout_retouch_two_subjects",
     ]
     for path in UI_FILES:
         graph = json.loads(path.read_text("utf-8"))
