@@ -298,6 +298,15 @@ class LayoutRetouchLayout:
             "optional": {
                 **VANILLA,
                 **LATENT_IN,
+                "subjects": (
+                    SUBJECTS_TYPE,
+                    {
+                        "tooltip": "Several subjects: the Subject nodes of the Retouch node this "
+                        "layout goes to; each subject's concept token becomes its class phrase in "
+                        "the vanilla steps' prompt (the node's own words too, unless a Subject "
+                        "node has its concept token)."
+                    },
+                ),
                 **GUIDANCE,
                 **inputs.advanced_inputs(("scale_with_steps",)),
             },
@@ -350,6 +359,7 @@ class LayoutRetouchLayout:
         mask=None,
         scale_with_steps=True,
         guidance=GUIDANCE_DEFAULT,
+        subjects=None,
         unique_id=None,
     ):
         import torch
@@ -364,6 +374,7 @@ class LayoutRetouchLayout:
                 steps=steps,
                 lambda1=lambda1,
                 scale_with_steps=scale_with_steps,
+                subjects=subjects,
             )
         except LayoutRetouchError as e:
             raise inputs.node_error(e) from e

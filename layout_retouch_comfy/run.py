@@ -25,10 +25,10 @@ from lib_layout_retouch.adapters.comfy import check_models as check_model_inputs
 from lib_layout_retouch.errors import Interrupted, LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, LayoutRetouchParams
 from lib_layout_retouch.progress import ProgressPlan
-from lib_layout_retouch.prompts import RetouchPrompts, derive_prompts
+from lib_layout_retouch.prompts import RetouchPrompts, SubjectWords
 from lib_layout_retouch.retouch import to_uint8
 from lib_layout_retouch.schedule import Schedule
-from lib_layout_retouch.subjects import subject_error
+from lib_layout_retouch.subjects import derive_subject_prompts, subject_error
 
 log = logging.getLogger("layout_retouch")
 FIELD_MASK_START_DEFAULT = FIELD_BY_NAME["mask_start"].default
@@ -218,10 +218,19 @@ class LayoutJob:
 
 
 def layout_job(
-    prompt, negative_prompt, concept_token, class_phrase, *, steps, lambda1, scale_with_steps=True
+    prompt,
+    negative_prompt,
+    concept_token,
+    class_phrase,
+    *,
+    steps,
+    lambda1,
+    scale_with_steps=True,
+    subjects=None,
 ) -> LayoutJob:
     """The Layout node's job. λ2 and the mask step are the retouch's: set so that they fit any step
-    count."""
+    count. `subjects`: chained Subject nodes, whose words y_p⁻ also replaces (the node's own words
+    first, unless a Subject node has its concept token)."""
     params = LayoutRetouchParams(
         lambda1=lambda1,
         lambda2=0,
@@ -229,9 +238,13 @@ def layout_job(
         scale_with_steps=scale_with_steps,
     )
     params.validate()
+    own = SubjectWords(concept_token, class_phrase)
+    chain = [s.words for s in subjects or ()]
+    tokens = {w.concept_token.lower() for w in chain}
+    words = chain if (concept_token or "").strip().lower() in tokens else [own, *chain]
     return LayoutJob(
         schedule=params.schedule(steps),
-        prompts=derive_prompts(prompt, concept_token, class_phrase),
+        prompts=derive_subject_prompts(prompt, words),
         negative_prompt=negative_prompt,
     )
 

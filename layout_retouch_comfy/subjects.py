@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import PHOTO_ONLY, SubjectParams
+from lib_layout_retouch.prompts import SubjectWords
 from lib_layout_retouch.subjects import MAX_SUBJECTS
 
 NO_LORA = "None"  # the lora_name choice for a subject without a LoRA file
@@ -35,12 +36,18 @@ class Subject:
     lora: Optional[dict] = None
     lora_strength: float = 1.0
 
+    @property
+    def words(self) -> SubjectWords:
+        """How the prompt names it (photo only: its class phrase alone)."""
+        token = "" if self.personalization == PHOTO_ONLY else self.concept_token
+        return SubjectWords(token, self.class_phrase)
+
     def params(self, photos) -> SubjectParams:
         """The library's subject with its photos (PIL images)."""
         return SubjectParams(
             reference_image=list(photos) or None,
             personalization=self.personalization,
-            concept_token="" if self.personalization == PHOTO_ONLY else self.concept_token,
+            concept_token=self.words.concept_token,
             class_phrase=self.class_phrase,
             lora="" if self.lora is None else self.lora_name,
         )

@@ -89,6 +89,21 @@ def test_a_subject_node_refuses_what_its_inputs_contradict(personalization, toke
     S.check_subject("lora", "sks", "dog.safetensors")
 
 
+def test_the_layout_nodes_prompt_replaces_every_chained_subjects_token():
+    cat = S.Subject(None, "lora", "zwx", "cat", "cat.safetensors", {}, 1.0)
+    bird = S.Subject(None, "photo", "", "bird")
+    prompt = "a sks dog and zwx cat and a bird"
+    job = run.layout_job(prompt, "", "sks", "dog", steps=4, lambda1=1, subjects=(cat, bird))
+    assert job.prompts.layout == "a dog and cat and a bird"
+    # the node's own words are a Subject node's: not twice
+    dog = S.Subject(None, "lora", "sks", "dog", "dog.safetensors", {}, 1.0)
+    again = run.layout_job(prompt, "", "sks", "dog", steps=4, lambda1=1, subjects=(dog, cat))
+    assert again.prompts.layout == "a dog and cat and a bird"
+    assert run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=1).prompts.layout == (
+        "a dog"
+    )
+
+
 def test_a_chain_holds_at_most_max_subjects():
     one = S.Subject(None, "photo", "", "dog")
     chain = S.chained(S.chained(None, one), one)
