@@ -552,7 +552,7 @@ class LayoutRetouchSubject:
             if class_phrase is not None and not class_phrase.strip():
                 raise LayoutRetouchError(NO_CLASS_PHRASE, parameter="class_phrase")
         except LayoutRetouchError as e:
-            return str(inputs.node_error(e))
+            return str(_subject_error(e))
         return True
 
     def subject(
@@ -590,10 +590,17 @@ class LayoutRetouchSubject:
             )
             return (S.chained(subjects, subject),)
         except LayoutRetouchError as e:
-            raise inputs.node_error(e) from e
+            raise _subject_error(e) from e
 
 
 SUBJECT_DEFAULT = SubjectParams()
+
+
+def _subject_error(error: LayoutRetouchError) -> LayoutRetouchError:
+    """A Subject node's refusal naming its own input (the Sampler's map sends 'personalization' to
+    its vanilla_model socket)."""
+    name = "reference" if error.parameter == "reference_image" else error.parameter
+    return inputs.node_error(error, name)
 
 
 class LayoutRetouchSAMLoader:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import PHOTO_ONLY, SubjectParams
+from lib_layout_retouch.params import PERSONALIZATION_KINDS, PHOTO_ONLY, SubjectParams
 from lib_layout_retouch.prompts import SubjectWords
 from lib_layout_retouch.subjects import MAX_SUBJECTS
 
@@ -56,6 +56,12 @@ class Subject:
 def check_subject(personalization: str, concept_token: str, lora_name: str) -> None:
     """What a Subject node refuses before anything loads: a LoRA subject without its file, a file
     on a subject learned otherwise, a trained subject without its concept token."""
+    if personalization not in PERSONALIZATION_KINDS:
+        raise LayoutRetouchError(
+            f"personalization '{personalization}' is not one of "
+            + ", ".join(f"'{k}'" for k in PERSONALIZATION_KINDS),
+            parameter="personalization",
+        )
     has_lora = bool(lora_name) and lora_name != NO_LORA
     if personalization == LORA and not has_lora:
         raise LayoutRetouchError(

@@ -169,6 +169,51 @@ def test_a_node_without_photos_or_subjects_is_refused_and_a_chain_brings_its_own
     assert isinstance(message, str) and "'sks' does not appear" in message
 
 
+def test_the_subject_node_lists_loras_chains_and_refuses_naming_its_input(
+    nodes, tmp_path, monkeypatch
+):
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    (folder / "dog.safetensors").write_bytes(b"")
+    cls = nodes.LayoutRetouchSubject
+    spec = cls.INPUT_TYPES()
+    assert spec["required"]["lora_name"][0] == ["None", "dog.safetensors"]
+    kinds, opts = spec["required"]["personalization"]
+    assert set(kinds) == {"dreambooth", "textual_inversion", "lora", "photo"}
+    assert opts["default"] == "lora"
+    loaded = []
+    monkeypatch.setattr(
+        nodes.CALLS,
+        "load_lora",
+        lambda name: loaded.append(name) or ({"w": 1} if name == "dog.safetensors" else None),
+    )
+    photo = torch.rand(1, 8, 8, 3)
+    (one,) = cls().subject(photo, "lora", " sks ", " white  dog ", "dog.safetensors", 0.5)
+    (two,) = cls().subject(photo, "photo", "", "cat", subjects=one)
+    assert [(s.concept_token, s.class_phrase, s.lora_strength) for s in two] == [
+        ("sks", "white dog", 0.5),
+        ("", "cat", 1.0),
+    ]
+    assert two[0].lora == {"w": 1} and two[1].lora is None and loaded == ["dog.safetensors"]
+    for bad, name in (
+        (("lora", "sks", "dog", "None"), "lora_name"),
+        (("photo", "", " ", "None"), "class_phrase"),
+        (("dreambooth", "", "dog", "None"), "concept_token"),
+        (("lora", "sks", "dog", "gone.safetensors"), "lora_name"),
+        (("bogus", "sks", "dog", "None"), "personalization"),
+    ):
+        with pytest.raises(LayoutRetouchError) as e:
+            cls().subject(photo, *bad)
+        assert f"'{name}'" in str(e.value), (bad, str(e.value))
+        if bad[3] != "gone.safetensors":  # a file gone since the list was made: only at the run
+            message = cls.VALIDATE_INPUTS(*bad)
+            assert isinstance(message, str) and f"'{name}'" in message, (bad, message)
+    assert cls.VALIDATE_INPUTS("lora", "sks", "dog", "dog.safetensors") is True
+    with pytest.raises(LayoutRetouchError, match="at most 4") as e:
+        cls().subject(torch.rand(5, 8, 8, 3), "photo", "", "cat")
+    assert "'reference'" in str(e.value)
+
+
 def test_descriptions_are_one_paragraph(nodes):
     for cls in nodes.NODE_CLASS_MAPPINGS.values():
         text = cls.DESCRIPTION
