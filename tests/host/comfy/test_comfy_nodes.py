@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from layout_retouch_comfy import run
 from lib_layout_retouch.job import regions_from_image
+from lib_layout_retouch.progress import ProgressPlan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODES = ("LayoutRetouchSampler", "LayoutRetouchLayout", "LayoutRetouchRetouch")
@@ -230,14 +232,16 @@ def test_inpaint_with_a_mask_keeps_the_outside(comfy, refs):
 
 
 def test_interrupt_mid_retouch_leaves_nothing_patched(comfy, refs, plain_before):
-    """/interrupt once the node's progress bar is in the retouch (its last `steps` units: stage 1,
-    the reference and layout inversions come first), read from ComfyUI's websocket."""
+    """/interrupt once the node's progress bar is in the retouch (its last part, weighted as
+    `ProgressPlan` weighs it: stage 1, the reference and layout inversions come first), read from
+    ComfyUI's websocket."""
     steps = 8
+    retouch = round(ProgressPlan(steps=steps).units["retouch"] * run.TICKS)
     pid = A.queue_and_interrupt_when(
         comfy.url,
         G.retouch(refs[0], steps=steps, prefix="cancelled"),
         "lr",
-        lambda value, total: total - steps < value < total,
+        lambda value, total: total - retouch < value < total,
     )
     r = A.wait(comfy.url, pid)
     assert not r.ok and r.messages("execution_interrupted"), r.status
