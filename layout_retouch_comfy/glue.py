@@ -7,6 +7,7 @@ import os
 import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
+import comfy.sd
 import comfy.utils
 import folder_paths
 import latent_preview
@@ -127,3 +128,19 @@ class ComfyCalls:
     def sam_device(choice: str) -> torch.device:
         """'auto': ComfyUI's device (the GPU unless --cpu); 'cpu': SAM stays off the GPU."""
         return torch.device("cpu") if choice == "cpu" else mm.get_torch_device()
+
+    @staticmethod
+    def lora_files() -> list[str]:
+        return folder_paths.get_filename_list("loras")
+
+    @staticmethod
+    def load_lora(name: str):
+        """A LoRA file of models/loras as a state dict (as the LoRA loader reads it), or None (the
+        file is gone since the list was made)."""
+        path = folder_paths.get_full_path("loras", name)
+        return None if path is None else comfy.utils.load_torch_file(path, safe_load=True)
+
+    @staticmethod
+    def with_lora(model, lora: dict, strength: float):
+        """A clone of `model` with the LoRA's weight patches (LoraLoaderModelOnly's)."""
+        return comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0]

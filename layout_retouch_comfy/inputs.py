@@ -9,10 +9,16 @@ No ComfyUI import: the specs are plain tuples, the sampler lists are passed in.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
+from lib_layout_retouch.params import (
+    FIELD_BY_NAME,
+    FIELDS,
+    NO_SAM,
+    LayoutRetouchParams,
+    SubjectParams,
+)
 from lib_layout_retouch.prompts import NO_CLASS_PHRASE, NO_CONCEPT_TOKEN, derive_prompts
 from lib_layout_retouch.schedule import Schedule
 
@@ -35,6 +41,11 @@ NOT_OFFERED = ("enabled", "show_intermediates")
 # sampler does not give (docs/comfyui.md).
 CHOICES = {"layout_source": ("inversion", "input")}
 HINTS = {
+    "personalization": "How this subject was learned: 'lora' = its LoRA file below (acting only "
+    "in its region); 'textual_inversion' = an embedding in the prompt; 'dreambooth' = a token of the "
+    "connected (multi-concept) MODEL, with its base checkpoint on the Sampler's vanilla_model; "
+    "'photo' = no trained model: the identity comes from the photos alone (no concept token; the "
+    "class phrase names it in the prompt).",
     "layout_source": "Where the layout path's latents come from: 'inversion' = DDIM inversion of "
     "the stage-1 layout (paper); 'input' = no stage 1: the connected 'latent' (e.g. VAE Encode of "
     "your picture) is inverted and retouched as it is, putting your subject into that picture.",
@@ -108,18 +119,38 @@ def advanced_inputs(names=ADVANCED) -> dict[str, tuple]:
     return {name: field_input(name) for name in names}
 
 
-def make_params(values: Mapping[str, Any], references, *, vanilla: bool) -> LayoutRetouchParams:
-    """The library's params from the node's inputs (FIELDS names) and the reference photos."""
-    named = {k: v for k, v in values.items() if k in FIELD_BY_NAME and k not in SOCKETS}
+def own_personalization(vanilla: bool) -> str:
+    """How the node's own subject was learned, from its sockets: a vanilla MODEL connected means a
+    personalized MODEL (DreamBooth, or the MODEL after a LoRA loader); none, an embedding in the
+    prompt on the loaded model (Textual Inversion)."""
+    return "dreambooth" if vanilla else "textual_inversion"
+
+
+def make_params(
+    values: Mapping[str, Any], subjects: Sequence[SubjectParams], *, vanilla: bool
+) -> LayoutRetouchParams:
+    """The library's params from the node's inputs (FIELDS names) and its subjects (subject 1
+    first, each with its photos)."""
+    first, *rest = subjects
+    own = {k: getattr(first, k) for k in SUBJECT_OWN}
+    named = {
+        k: v
+        for k, v in values.items()
+        if k in FIELD_BY_NAME and k not in SOCKETS and k not in SUBJECT_OWN
+    }
     return LayoutRetouchParams(
         enabled=True,
-        reference_image=list(references) or None,
-        personalization="dreambooth" if vanilla else "textual_inversion",
+        **own,
+        subjects=tuple(rest),
         vanilla_checkpoint="vanilla_model" if vanilla else "",
         sam_model=NO_SAM,
         stage1_text_encoder="vanilla",
         **named,
     )
+
+
+# Subject 1's own fields of the params (the node's widgets, or the first Subject node's).
+SUBJECT_OWN = ("reference_image", "personalization", "concept_token", "class_phrase")
 
 
 def node_error(error: LayoutRetouchError, input_name: str | None = None) -> LayoutRetouchError:

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import inspect
 
-from layout_retouch_comfy import inputs, run, texts
+from layout_retouch_comfy import inputs, run, tensors, texts
+from layout_retouch_comfy import subjects as S
 from layout_retouch_comfy.glue import ComfyCalls
 from lib_layout_retouch import ui_text
-from lib_layout_retouch.dit.flux.family import DEFAULT_GUIDANCE
+from lib_layout_retouch.adapters.comfy import GUIDANCE_DEFAULT
 from lib_layout_retouch.errors import LayoutRetouchError
-from lib_layout_retouch.params import LayoutRetouchParams
+from lib_layout_retouch.params import LayoutRetouchParams, SubjectParams
+from lib_layout_retouch.prompts import NO_CLASS_PHRASE
 from lib_layout_retouch.segmentation import OFFICIAL_SAM_FILES, load_segmenter
 
 CALLS = ComfyCalls()
 texts.install_refusal_filter()
 IMAGE_SIZE = {"default": 512, "min": 64, "max": 8192, "step": 8}
 SAM_TYPE = "LAYOUT_RETOUCH_SAM"
+SUBJECTS_TYPE = "LAYOUT_RETOUCH_SUBJECTS"
 HIDDEN = {"unique_id": "UNIQUE_ID"}  # the node's id, for the text shown on it
 MODELS = {
     "model": (
@@ -53,7 +56,21 @@ VANILLA = {
 REFERENCE = {
     "reference": (
         "IMAGE",
-        {"tooltip": "Photo(s) of your subject: a batch of up to 4 photos is used together."},
+        {
+            "tooltip": "Photo(s) of your subject: a batch of up to 4 photos is used together. "
+            "With Subject nodes in 'subjects' this is subject 1 (concept_token, class_phrase) "
+            "and they are the subjects after it; leave it empty to make them every subject."
+        },
+    )
+}
+SUBJECTS = {
+    "subjects": (
+        SUBJECTS_TYPE,
+        {
+            "tooltip": "Several subjects in one image: chained Layout-and-Retouch Subject nodes. "
+            "Each subject is retouched only in its own region of the layout, from its own photos "
+            "(and its LoRA only there). With 'reference' empty they are every subject."
+        },
     )
 }
 LATENT_IN = {
@@ -94,7 +111,7 @@ GUIDANCE = {
     "guidance": (
         "FLOAT",
         {
-            "default": DEFAULT_GUIDANCE,
+            "default": GUIDANCE_DEFAULT,
             "min": 0.0,
             "max": 100.0,
             "step": 0.1,
@@ -112,6 +129,11 @@ RETOUCH_TOOLTIPS = (
     "The retouched LATENT (VAE Decode it).",
     "The blend mask M at image size (1 = retouched from the reference).",
     "The subject's normalised cross-attention map, as an image.",
+)
+REGIONS_TOOLTIP = (
+    "Each subject's region in its colour (subject 1 orange, 2 sky blue, 3 green; black: no "
+    "subject's), where it was retouched from its own photos; one subject: where the blend mask "
+    "is at least ½."
 )
 
 
@@ -149,19 +171,34 @@ def _result(info: str, outputs: tuple) -> dict:
     return {"ui": {"text": [info]}, "result": outputs}
 
 
+def _own_words(reference, subjects, concept_token, class_phrase):
+    """VALIDATE_INPUTS' view of the node's own subject: its (concept_token, class_phrase) to check,
+    (None, None) when the chained Subject nodes are every subject (their words are checked on the
+    run), or the refusal when there is no subject at all."""
+    if reference is not inputs.UNCONNECTED:
+        return concept_token, class_phrase
+    if subjects is inputs.UNCONNECTED:
+        try:
+            S.run_subjects(None, None)
+        except LayoutRetouchError as e:
+            return str(inputs.node_error(e))
+    return None, None
+
+
 class LayoutRetouchSampler:
     """KSampler-like: stage 1 (vanilla MODEL for λ1 steps, then the personalized one) and the
     retouch of the subject's identity from the reference photo(s)."""
 
     CATEGORY = inputs.CATEGORY
     FUNCTION = "sample"
-    RETURN_TYPES = ("LATENT", "LATENT", "MASK", "IMAGE", "STRING")
-    RETURN_NAMES = ("retouched", "layout", "blend_mask", "attention_map", "info")
+    RETURN_TYPES = ("LATENT", "LATENT", "MASK", "IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("retouched", "layout", "blend_mask", "attention_map", "info", "regions")
     OUTPUT_TOOLTIPS = (
         RETOUCH_TOOLTIPS[0],
         "The stage-1 layout LATENT.",
         *RETOUCH_TOOLTIPS[1:],
         INFO_TOOLTIP,
+        REGIONS_TOOLTIP,
     )
     DESCRIPTION = describe(__doc__)
 
@@ -170,7 +207,6 @@ class LayoutRetouchSampler:
         return {
             "required": {
                 **MODELS,
-                **REFERENCE,
                 **inputs.prompt_inputs(),
                 **inputs.sampler_inputs(CALLS.samplers, CALLS.schedulers),
                 **_lambdas(*inputs.LAMBDAS),
@@ -179,6 +215,8 @@ class LayoutRetouchSampler:
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64}),
             },
             "optional": {
+                **REFERENCE,
+                **SUBJECTS,
                 **VANILLA,
                 **LATENT_IN,
                 **SUBJECT_MASK,
@@ -202,12 +240,17 @@ class LayoutRetouchSampler:
         scale_with_steps=True,
         layout_source=None,
         latent=inputs.UNCONNECTED,
+        reference=inputs.UNCONNECTED,
+        subjects=inputs.UNCONNECTED,
     ):
+        words = _own_words(reference, subjects, concept_token, class_phrase)
+        if isinstance(words, str):
+            return words
         return _verdict(
             inputs.check_before_run(
                 prompt=prompt,
-                concept_token=concept_token,
-                class_phrase=class_phrase,
+                concept_token=words[0],
+                class_phrase=words[1],
                 steps=steps,
                 lambdas=dict(lambda1=lambda1, lambda2=lambda2, mask_start=mask_start),
                 scale_with_steps=scale_with_steps,
@@ -216,7 +259,7 @@ class LayoutRetouchSampler:
             )
         )
 
-    def sample(self, reference, unique_id=None, **kw):
+    def sample(self, reference=None, unique_id=None, **kw):
         lambdas = {k: kw.get(k) for k in inputs.LAMBDAS}
         stage1 = kw.get("layout_source") != "input"
         _show(
@@ -255,6 +298,15 @@ class LayoutRetouchLayout:
             "optional": {
                 **VANILLA,
                 **LATENT_IN,
+                "subjects": (
+                    SUBJECTS_TYPE,
+                    {
+                        "tooltip": "Several subjects: the Subject nodes of the Retouch node this "
+                        "layout goes to; each subject's concept token becomes its class phrase in "
+                        "the vanilla steps' prompt (the node's own words too, unless a Subject "
+                        "node has its concept token)."
+                    },
+                ),
                 **GUIDANCE,
                 **inputs.advanced_inputs(("scale_with_steps",)),
             },
@@ -306,7 +358,8 @@ class LayoutRetouchLayout:
         denoise=1.0,
         mask=None,
         scale_with_steps=True,
-        guidance=DEFAULT_GUIDANCE,
+        guidance=GUIDANCE_DEFAULT,
+        subjects=None,
         unique_id=None,
     ):
         import torch
@@ -321,6 +374,7 @@ class LayoutRetouchLayout:
                 steps=steps,
                 lambda1=lambda1,
                 scale_with_steps=scale_with_steps,
+                subjects=subjects,
             )
         except LayoutRetouchError as e:
             raise inputs.node_error(e) from e
@@ -328,7 +382,8 @@ class LayoutRetouchLayout:
         _show(unique_id, info)
         source = latent or {"samples": torch.zeros(batch_size, 4, height // 8, width // 8)}
         noise_mask = mask if mask is not None else source.get("noise_mask")
-        progress = run.Progress(CALLS.progress_bar(steps), steps, CALLS.previewer(model))
+        bar = CALLS.progress_bar(steps * run.TICKS)
+        progress = run.Progress(bar, steps, previewer=CALLS.previewer(model))
         samples = run.stage1(
             CALLS,
             job,
@@ -358,9 +413,9 @@ class LayoutRetouchRetouch:
 
     CATEGORY = inputs.CATEGORY
     FUNCTION = "retouch"
-    RETURN_TYPES = ("LATENT", "MASK", "IMAGE", "STRING")
-    RETURN_NAMES = ("retouched", "blend_mask", "attention_map", "info")
-    OUTPUT_TOOLTIPS = (*RETOUCH_TOOLTIPS, INFO_TOOLTIP)
+    RETURN_TYPES = ("LATENT", "MASK", "IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("retouched", "blend_mask", "attention_map", "info", "regions")
+    OUTPUT_TOOLTIPS = (*RETOUCH_TOOLTIPS, INFO_TOOLTIP, REGIONS_TOOLTIP)
     DESCRIPTION = describe(__doc__)
     RETOUCH_LAMBDAS = ("lambda2", "mask_start")
 
@@ -370,7 +425,6 @@ class LayoutRetouchRetouch:
         return {
             "required": {
                 **MODELS,
-                **REFERENCE,
                 "layout": ("LATENT", {"tooltip": "The layout to retouch."}),
                 **inputs.prompt_inputs(),
                 "steps": inputs.sampler_inputs((), ())["steps"],
@@ -378,6 +432,8 @@ class LayoutRetouchRetouch:
                 **_lambdas(*cls.RETOUCH_LAMBDAS),
             },
             "optional": {
+                **REFERENCE,
+                **SUBJECTS,
                 "mask": (
                     "MASK",
                     {"tooltip": "Where to retouch (1 = here); the rest stays the layout's."},
@@ -399,19 +455,24 @@ class LayoutRetouchRetouch:
         lambda2=None,
         mask_start=None,
         scale_with_steps=True,
+        reference=inputs.UNCONNECTED,
+        subjects=inputs.UNCONNECTED,
     ):
+        words = _own_words(reference, subjects, concept_token, class_phrase)
+        if isinstance(words, str):
+            return words
         return _verdict(
             inputs.check_before_run(
                 prompt=prompt,
-                concept_token=concept_token,
-                class_phrase=class_phrase,
+                concept_token=words[0],
+                class_phrase=words[1],
                 steps=steps,
                 lambdas=dict(lambda2=lambda2, mask_start=mask_start),
                 scale_with_steps=scale_with_steps,
             )
         )
 
-    def retouch(self, *, layout, reference, unique_id=None, **kw):
+    def retouch(self, *, layout, reference=None, unique_id=None, **kw):
         lambdas = {k: kw.get(k) for k in self.RETOUCH_LAMBDAS}
         scale = kw.get("scale_with_steps", True)
         _show(unique_id, _start_text(kw.get("steps"), lambdas, scale, stage1=False))
@@ -426,7 +487,120 @@ class LayoutRetouchRetouch:
             **kw,
         )
         _show(unique_id, out.info)
-        return _result(out.info, (out.retouched, out.mask, out.attention, out.info))
+        outputs = (out.retouched, out.mask, out.attention, out.info, out.regions)
+        return _result(out.info, outputs)
+
+
+class LayoutRetouchSubject:
+    """One subject of several in one image: its photo(s), how it was learned, how the prompt names
+    it and, for a LoRA subject, its LoRA file, which acts only in this subject's region. Chain
+    Subject nodes through 'subjects' and connect the last to the Sampler's or the Retouch node's
+    'subjects'; the prompt names every subject, e.g. 'a photo of sks dog and zwx cat on a sofa'."""
+
+    CATEGORY = inputs.CATEGORY
+    FUNCTION = "subject"
+    RETURN_TYPES = (SUBJECTS_TYPE,)
+    RETURN_NAMES = ("subjects",)
+    OUTPUT_TOOLTIPS = (
+        "The subjects so far, this one last: to the next Subject node's 'subjects', or the "
+        "Sampler's / Retouch node's 'subjects'.",
+    )
+    DESCRIPTION = describe(__doc__)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        kinds, options = inputs.field_input("personalization")
+        return {
+            "required": {
+                "reference": (
+                    "IMAGE",
+                    {"tooltip": "Photo(s) of this subject: a batch of up to 4 is used together."},
+                ),
+                "personalization": (
+                    kinds,
+                    {**options, "default": SUBJECT_DEFAULT.personalization},
+                ),
+                **{name: inputs.field_input(name) for name in inputs.CONCEPT},
+                "lora_name": (
+                    [S.NO_LORA, *CALLS.lora_files()],
+                    {
+                        "tooltip": "personalization 'lora': this subject's LoRA (models/loras); "
+                        "it acts only in this subject's region (its text-encoder weights are "
+                        "not applied). Load no LoRA for it in the MODEL."
+                    },
+                ),
+                "lora_strength": (
+                    "FLOAT",
+                    {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01},
+                ),
+            },
+            "optional": {
+                "subjects": (
+                    SUBJECTS_TYPE,
+                    {"tooltip": "The Subject nodes before this one (this one comes after them)."},
+                )
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(
+        cls, personalization=None, concept_token=None, class_phrase=None, lora_name=None
+    ):
+        try:
+            if None not in (personalization, concept_token, lora_name):
+                S.check_subject(personalization, concept_token, lora_name)
+            if class_phrase is not None and not class_phrase.strip():
+                raise LayoutRetouchError(NO_CLASS_PHRASE, parameter="class_phrase")
+        except LayoutRetouchError as e:
+            return str(_subject_error(e))
+        return True
+
+    def subject(
+        self,
+        reference,
+        personalization,
+        concept_token,
+        class_phrase,
+        lora_name=S.NO_LORA,
+        lora_strength=1.0,
+        subjects=None,
+    ):
+        try:
+            S.check_subject(personalization, concept_token, lora_name)
+            if not class_phrase.strip():
+                raise LayoutRetouchError(NO_CLASS_PHRASE, parameter="class_phrase")
+            tensors.reference_photos(reference)  # more than 4 photos: refused on this node
+            lora = None
+            if lora_name != S.NO_LORA:
+                lora = CALLS.load_lora(lora_name)
+                if lora is None:
+                    raise LayoutRetouchError(
+                        f"LoRA file '{lora_name}' is not in models/loras: put it there and press "
+                        "R (refresh), or choose another",
+                        parameter="lora_name",
+                    )
+            subject = S.Subject(
+                reference,
+                personalization,
+                concept_token.strip(),
+                " ".join(class_phrase.split()),
+                lora_name,
+                lora,
+                float(lora_strength),
+            )
+            return (S.chained(subjects, subject),)
+        except LayoutRetouchError as e:
+            raise _subject_error(e) from e
+
+
+SUBJECT_DEFAULT = SubjectParams()
+
+
+def _subject_error(error: LayoutRetouchError) -> LayoutRetouchError:
+    """A Subject node's refusal naming its own input (the Sampler's map sends 'personalization' to
+    its vanilla_model socket)."""
+    name = "reference" if error.parameter == "reference_image" else error.parameter
+    return inputs.node_error(error, name)
 
 
 class LayoutRetouchSAMLoader:
@@ -484,10 +658,12 @@ NODE_CLASS_MAPPINGS = {
     "LayoutRetouchLayout": LayoutRetouchLayout,
     "LayoutRetouchRetouch": LayoutRetouchRetouch,
     "LayoutRetouchSAMLoader": LayoutRetouchSAMLoader,
+    "LayoutRetouchSubject": LayoutRetouchSubject,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LayoutRetouchSampler": "Layout-and-Retouch Sampler",
     "LayoutRetouchLayout": "Layout-and-Retouch: Layout (stage 1)",
     "LayoutRetouchRetouch": "Layout-and-Retouch: Retouch (stage 2)",
     "LayoutRetouchSAMLoader": "Layout-and-Retouch: SAM Loader",
+    "LayoutRetouchSubject": "Layout-and-Retouch Subject",
 }

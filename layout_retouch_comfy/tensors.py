@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lib_layout_retouch.errors import LayoutRetouchError
+from lib_layout_retouch.job import regions_to_image
+from lib_layout_retouch.masks import NO_REGION
 from lib_layout_retouch.params import MAX_REFERENCES
 
 
@@ -76,3 +78,17 @@ def maps_to_mask(maps: Optional[torch.Tensor], batch: int, hw: tuple[int, int]) 
 def mask_to_image(mask: torch.Tensor) -> torch.Tensor:
     """MASK (N, H, W) → grey IMAGE (N, H, W, 3)."""
     return mask[..., None].expand(*mask.shape, 3).contiguous()
+
+
+def regions_to_images(
+    regions: Optional[torch.Tensor], mask: torch.Tensor, hw: tuple[int, int]
+) -> torch.Tensor:
+    """The subjects' regions as an IMAGE (N, H, W, 3): each subject's region in its colour
+    (`job.regions_to_image`, the WebUI's intermediates' colours), black outside every region.
+    `regions`: (N, h', w') subject index (masks.NO_REGION outside); None (one subject): the
+    subject's region is where the blend MASK (N, H, W) is at least ½."""
+    if regions is None:
+        regions = torch.where(mask >= 0.5, 0, NO_REGION)
+    h, w = hw
+    pictures = [np.asarray(regions_to_image(r, (w, h))) for r in regions.cpu()]
+    return torch.from_numpy(np.stack(pictures)).float() / 255

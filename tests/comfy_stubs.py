@@ -22,7 +22,8 @@ def folder_paths_stub(models_dir: str) -> types.ModuleType:
     """`folder_paths` as far as the glue reads it: folders by name, a non-recursive file list."""
     fp = types.ModuleType("folder_paths")
     fp.models_dir = models_dir
-    fp.folder_names_and_paths = {}
+    # ComfyUI registers its own model folders (folder_paths.py); the glue lists loras
+    fp.folder_names_and_paths = {"loras": ([os.path.join(models_dir, "loras")], {".safetensors"})}
 
     def add_model_folder_path(name, path, is_default=False):
         paths, _ = fp.folder_names_and_paths.setdefault(name, ([], set()))
@@ -62,6 +63,7 @@ def stubbed_nodes(monkeypatch, tmp_path):
         "comfy.samplers": samplers,
         "comfy.model_management": mm,
         "comfy.sample": types.ModuleType("comfy.sample"),
+        "comfy.sd": types.ModuleType("comfy.sd"),
         "comfy.utils": types.ModuleType("comfy.utils"),
         "latent_preview": types.ModuleType("latent_preview"),
         "folder_paths": folder_paths_stub(str(tmp_path / "models")),

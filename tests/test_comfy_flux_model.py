@@ -18,7 +18,7 @@ import torch
 
 from layout_retouch_comfy import run
 from lib_layout_retouch import retouch as pl
-from lib_layout_retouch.adapters.comfy.flux import check_blocks_free, comfy_flux_model
+from lib_layout_retouch.adapters.comfy.flux import COMFY_FLUX, check_blocks_free, comfy_flux_model
 from lib_layout_retouch.adapters.comfy.sd import check_same_architecture, check_supported
 from lib_layout_retouch.dit import flow
 from lib_layout_retouch.dit.flux.blocks import dit_blocks
@@ -396,7 +396,7 @@ def test_a_scheduler_the_flow_cannot_step_is_refused(comfy):
     calls.sigmas = lambda *a: torch.tensor([1.0, 0.5, 0.5, 0.0])
     m = run.library_model(calls, comfy.patcher, comfy.clip, comfy.vae, "weird", 3.5)
     with pytest.raises(LayoutRetouchError, match="scheduler 'weird'") as e:
-        run.check_flow_schedule(m, 3, HW, "weird")
+        COMFY_FLUX.check_schedule(m, 3, HW, "weird")
     assert e.value.parameter == "scheduler"
 
 

@@ -6,10 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 
 from layout_retouch_comfy import inputs, run, tensors
+from layout_retouch_comfy import subjects as S
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, LayoutRetouchParams
+from lib_layout_retouch.progress import ProgressPlan
 
 
 def test_every_field_is_an_input_a_socket_or_named_as_not_offered():
@@ -36,11 +39,14 @@ def test_inputs_keep_the_fields_default_range_and_hint(name):
 
 
 def test_make_params_vanilla_socket_decides_the_personalization():
-    p = inputs.make_params(
-        {"concept_token": "sks", "class_phrase": "dog", "lambda1": 3}, [], vanilla=True
-    )
+    def own(vanilla):
+        subject = S.Subject(None, inputs.own_personalization(vanilla), "sks", "dog")
+        return inputs.make_params({"lambda1": 3}, [subject.params([])], vanilla=vanilla)
+
+    p = own(True)
     assert p.personalization == "dreambooth" and p.lambda1 == 3 and p.enabled
-    p = inputs.make_params({"concept_token": "sks", "class_phrase": "dog"}, [], vanilla=False)
+    assert (p.concept_token, p.class_phrase, p.subjects) == ("sks", "dog", ())
+    p = own(False)
     assert p.personalization == "textual_inversion"
     with pytest.raises(LayoutRetouchError) as e:
         p.validate()
@@ -49,6 +55,62 @@ def test_make_params_vanilla_socket_decides_the_personalization():
     assert str(inputs.node_error(e.value)) == (
         "Layout-and-Retouch: no reference: upload one photo of your subject [input 'reference']"
     )
+
+
+def test_subject_1_is_the_nodes_own_or_the_chains_first():
+    dog = S.Subject("dog photos", "lora", "sks", "dog", "dog.safetensors", {"w": 1}, 0.8)
+    cat = S.Subject("cat photos", "photo", "", "cat")
+    own = S.Subject("own photos", "dreambooth", "qwe", "bird")
+    assert S.run_subjects(own, (dog, cat)) == [own, dog, cat]
+    assert S.run_subjects(None, (dog, cat)) == [dog, cat]
+    with pytest.raises(LayoutRetouchError, match="no subject") as e:
+        S.run_subjects(None, None)
+    assert e.value.parameter == "reference"
+    d, c = Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")
+    p = inputs.make_params({}, [dog.params([d]), cat.params([c])], vanilla=False)
+    assert (p.concept_token, p.class_phrase, p.personalization) == ("sks", "dog", "lora")
+    assert [s.class_phrase for s in p.all_subjects()] == ["dog", "cat"]
+    assert p.subjects[0].photo_only and p.subjects[0].references == [c]
+    p.validate()
+
+
+@pytest.mark.parametrize(
+    "personalization, token, lora, words",
+    [
+        ("lora", "sks", S.NO_LORA, "needs the subject's LoRA"),
+        ("dreambooth", "sks", "dog.safetensors", "choose personalization 'lora'"),
+        ("textual_inversion", " ", S.NO_LORA, "needs the concept token"),
+    ],
+)
+def test_a_subject_node_refuses_what_its_inputs_contradict(personalization, token, lora, words):
+    with pytest.raises(LayoutRetouchError, match=words):
+        S.check_subject(personalization, token, lora)
+    S.check_subject("photo", "", S.NO_LORA)  # no trained model: no token, no LoRA
+    S.check_subject("lora", "sks", "dog.safetensors")
+
+
+def test_the_layout_nodes_prompt_replaces_every_chained_subjects_token():
+    cat = S.Subject(None, "lora", "zwx", "cat", "cat.safetensors", {}, 1.0)
+    bird = S.Subject(None, "photo", "", "bird")
+    prompt = "a sks dog and zwx cat and a bird"
+    job = run.layout_job(prompt, "", "sks", "dog", steps=4, lambda1=1, subjects=(cat, bird))
+    assert job.prompts.layout == "a dog and cat and a bird"
+    # the node's own words are a Subject node's: not twice
+    dog = S.Subject(None, "lora", "sks", "dog", "dog.safetensors", {}, 1.0)
+    again = run.layout_job(prompt, "", "sks", "dog", steps=4, lambda1=1, subjects=(dog, cat))
+    assert again.prompts.layout == "a dog and cat and a bird"
+    assert run.layout_job("a sks dog", "", "sks", "dog", steps=4, lambda1=1).prompts.layout == (
+        "a dog"
+    )
+
+
+def test_a_chain_holds_at_most_max_subjects():
+    one = S.Subject(None, "photo", "", "dog")
+    chain = S.chained(S.chained(None, one), one)
+    assert len(S.chained(chain, one)) == 3
+    with pytest.raises(LayoutRetouchError, match="4 subjects are chained; at most 3") as e:
+        S.chained(S.chained(chain, one), one)
+    assert e.value.parameter == "subjects"
 
 
 def test_node_error_keeps_a_message_that_names_the_input_already():
@@ -213,16 +275,30 @@ def test_stage1_progress_counts_both_passes_forward():
     first["callback"](0, None, None, 1)  # ComfyUI: (step, x0, x, steps of this pass)
     for step in range(3):
         second["callback"](step, None, None, 3)
-    assert seen == [1, 2, 3, 4]
+    assert seen == [run.TICKS * s for s in (1, 2, 3, 4)]
 
 
-def test_progress_lays_phases_end_to_end():
+def test_progress_weights_the_phases_as_the_progress_plan():
+    """The bar counts stage 1's steps, then each stage-2 phase by its plan's weight (a retouch step
+    runs more rows than an inversion step); it never goes back, also when the plan shrinks."""
     seen = []
-    p = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append((v, t))), 12)
-    p("layout", 4, 4)
-    p("reference inversion", 2, 4)
+    plan = ProgressPlan(steps=4, batch=1, references=2)
+    p = run.Progress(SimpleNamespace(update_absolute=lambda v, t, *a: seen.append((v, t))), 4, plan)
+    p.sampler_callback(0)(3, None, None, 4)
+    assert seen[-1] == (4 * run.TICKS, round(plan.total * run.TICKS))
+    p("reference inversion", 4, 8)  # half of both photos' inversions
+    want = 4 + plan.units["reference inversion"] / 2
+    assert seen[-1][0] == round(want * run.TICKS)
+    cached = ProgressPlan(steps=4, batch=1, references=2, references_to_invert=0)
+    p.replan(cached)
+    p("layout inversion", 1, 4)  # before the old position in the new plan: stays
+    assert seen[-1][0] == round(want * run.TICKS) and seen[-1][1] == round(cached.total * run.TICKS)
+    p("retouch", 1, 4)
+    retouch_step = cached.units["retouch"] / 4
+    assert retouch_step > 4 * cached.units["layout inversion"] / 4  # weighted, not step-counted
+    assert seen[-1][0] == round(cached.position("retouch", 1, 4) * run.TICKS)
     p("retouch", 4, 4)
-    assert seen == [(4, 12), (6, 12), (12, 12)]
+    assert seen[-1] == (round(cached.total * run.TICKS),) * 2
 
 
 def test_reference_batch_becomes_photos_and_masks_go_to_latent_size():

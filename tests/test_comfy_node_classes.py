@@ -1,6 +1,6 @@
 """The node classes as ComfyUI reads them, without ComfyUI (`comfy_stubs`): what VALIDATE_INPUTS
 refuses before the run (and that ComfyUI passes it every input it reads), the declarations (the
-reference is required, what layout_source offers, descriptions without docstring indentation), the
+reference or a chain of Subject nodes, what layout_source offers, descriptions without docstring indentation), the
 SAM loader, and that a refusal's traceback stays out of ComfyUI's log."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tests import comfy_stubs
 
 # The widget values of the shipped workflows (and of ComfyUI's defaults where they differ)
 GOOD = dict(
+    reference=None,  # connected: ComfyUI passes None for a linked input
     prompt="a photo of sks dog on a beach",
     concept_token="sks",
     class_phrase="dog",
@@ -143,14 +144,74 @@ def test_layout_source_offers_what_comfyui_can_serve_in_its_words(nodes):
 
 
 @pytest.mark.parametrize("node", ["LayoutRetouchSampler", "LayoutRetouchRetouch"])
-def test_reference_is_required_and_sam_and_masks_are_optional(nodes, node):
+def test_reference_subjects_sam_and_masks_are_optional(nodes, node):
     spec = nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()
-    assert spec["required"]["reference"][0] == "IMAGE"
-    assert "reference" not in spec["optional"]
+    assert spec["optional"]["reference"][0] == "IMAGE"
+    assert spec["optional"]["subjects"][0] == nodes.SUBJECTS_TYPE
+    assert "reference" not in spec["required"]
     assert spec["optional"]["sam"][0] == nodes.SAM_TYPE
     assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
     if node == "LayoutRetouchSampler":
         assert spec["optional"]["subject_mask"][0] == spec["optional"]["mask"][0] == "MASK"
+
+
+@pytest.mark.parametrize("node", ["LayoutRetouchSampler", "LayoutRetouchRetouch"])
+def test_a_node_without_photos_or_subjects_is_refused_and_a_chain_brings_its_own_words(nodes, node):
+    from layout_retouch_comfy.inputs import UNCONNECTED
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node]
+    message = validate(cls, **values_for(node, reference=UNCONNECTED))
+    assert isinstance(message, str) and "no subject" in message and "'reference'" in message
+    # the chain is every subject: the node's own words are not its (a token not in the prompt)
+    chain = values_for(node, reference=UNCONNECTED, subjects=None, prompt="a zwx cat and a dog")
+    assert validate(cls, **chain) is True
+    message = validate(cls, **dict(chain, reference=None))  # photos connected: its own words
+    assert isinstance(message, str) and "'sks' does not appear" in message
+
+
+def test_the_subject_node_lists_loras_chains_and_refuses_naming_its_input(
+    nodes, tmp_path, monkeypatch
+):
+    folder = tmp_path / "models" / "loras"
+    folder.mkdir(parents=True)
+    (folder / "dog.safetensors").write_bytes(b"")
+    cls = nodes.LayoutRetouchSubject
+    spec = cls.INPUT_TYPES()
+    assert spec["required"]["lora_name"][0] == ["None", "dog.safetensors"]
+    kinds, opts = spec["required"]["personalization"]
+    assert set(kinds) == {"dreambooth", "textual_inversion", "lora", "photo"}
+    assert opts["default"] == "lora"
+    loaded = []
+    monkeypatch.setattr(
+        nodes.CALLS,
+        "load_lora",
+        lambda name: loaded.append(name) or ({"w": 1} if name == "dog.safetensors" else None),
+    )
+    photo = torch.rand(1, 8, 8, 3)
+    (one,) = cls().subject(photo, "lora", " sks ", " white  dog ", "dog.safetensors", 0.5)
+    (two,) = cls().subject(photo, "photo", "", "cat", subjects=one)
+    assert [(s.concept_token, s.class_phrase, s.lora_strength) for s in two] == [
+        ("sks", "white dog", 0.5),
+        ("", "cat", 1.0),
+    ]
+    assert two[0].lora == {"w": 1} and two[1].lora is None and loaded == ["dog.safetensors"]
+    for bad, name in (
+        (("lora", "sks", "dog", "None"), "lora_name"),
+        (("photo", "", " ", "None"), "class_phrase"),
+        (("dreambooth", "", "dog", "None"), "concept_token"),
+        (("lora", "sks", "dog", "gone.safetensors"), "lora_name"),
+        (("bogus", "sks", "dog", "None"), "personalization"),
+    ):
+        with pytest.raises(LayoutRetouchError) as e:
+            cls().subject(photo, *bad)
+        assert f"'{name}'" in str(e.value), (bad, str(e.value))
+        if bad[3] != "gone.safetensors":  # a file gone since the list was made: only at the run
+            message = cls.VALIDATE_INPUTS(*bad)
+            assert isinstance(message, str) and f"'{name}'" in message, (bad, message)
+    assert cls.VALIDATE_INPUTS("lora", "sks", "dog", "dog.safetensors") is True
+    with pytest.raises(LayoutRetouchError, match="at most 4") as e:
+        cls().subject(torch.rand(5, 8, 8, 3), "photo", "", "cat")
+    assert "'reference'" in str(e.value)
 
 
 def test_descriptions_are_one_paragraph(nodes):
@@ -160,17 +221,27 @@ def test_descriptions_are_one_paragraph(nodes):
         assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
 
 
-def test_info_is_the_last_output_of_each_node_that_samples(nodes):
-    for name in KNOBS:
+def test_outputs_keep_their_slots_and_regions_come_last(nodes):
+    """Saved workflows link outputs by index: info stays where it was, regions (several subjects)
+    was added after it."""
+    slots = {
+        "LayoutRetouchSampler": (
+            "retouched",
+            "layout",
+            "blend_mask",
+            "attention_map",
+            "info",
+            "regions",
+        ),
+        "LayoutRetouchRetouch": ("retouched", "blend_mask", "attention_map", "info", "regions"),
+        "LayoutRetouchLayout": ("layout", "info"),
+    }
+    for name, names in slots.items():
         cls = nodes.NODE_CLASS_MAPPINGS[name]
-        assert cls.RETURN_TYPES[-1] == "STRING" and cls.RETURN_NAMES[-1] == "info"
-    # the outputs that were there keep their slots (saved workflows link them by index)
-    assert nodes.LayoutRetouchSampler.RETURN_NAMES[:4] == (
-        "retouched",
-        "layout",
-        "blend_mask",
-        "attention_map",
-    )
+        assert cls.RETURN_NAMES == names
+        assert cls.RETURN_TYPES[names.index("info")] == "STRING"
+        if "regions" in names:
+            assert cls.RETURN_TYPES[-1] == "IMAGE"
 
 
 def test_start_text_is_the_schedule_at_this_step_count(nodes):

@@ -98,7 +98,7 @@ def test_info_says_the_values_used_the_mask_kind_and_the_notes(comfy_objects):
     assert lines[0] == "At 6 steps: λ2=2, mask from step 4 of 6"  # no stage 1: no λ1
     assert lines[1] == "Mask: CA only"
     assert lines[2].startswith("Notes: ") and "resized" in lines[2]  # 96×80 photo for 64×64
-    assert out.as_tuple()[-1] == out.info
+    assert out.as_tuple()[4] == out.info
 
 
 def test_a_sam_model_makes_the_mask_sam_and_ca(comfy_objects, segmenter):

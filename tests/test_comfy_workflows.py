@@ -22,7 +22,17 @@ API = WORKFLOWS / "api"
 UI_FILES = sorted(WORKFLOWS.glob("*.json"))
 # The folder names ComfyUI v0.3.64 reads templates from (custom_node_manager.py)
 TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
-SOCKETS = {"MODEL", "CLIP", "VAE", "IMAGE", "LATENT", "MASK", "CONDITIONING", "LAYOUT_RETOUCH_SAM"}
+SOCKETS = {
+    "MODEL",
+    "CLIP",
+    "VAE",
+    "IMAGE",
+    "LATENT",
+    "MASK",
+    "CONDITIONING",
+    "LAYOUT_RETOUCH_SAM",
+    "LAYOUT_RETOUCH_SUBJECTS",
+}
 TITLE = 30  # LiteGraph.NODE_TITLE_HEIGHT: the title bar is above a node's pos
 
 
@@ -56,6 +66,7 @@ def test_the_templates_folder_holds_the_ui_workflows_each_with_a_thumbnail():
         "layout_retouch_dreambooth",
         "layout_retouch_lora",
         "layout_retouch_split_stages",
+        "layout_retouch_two_subjects",
     ]
     for path in UI_FILES:
         graph = json.loads(path.read_text("utf-8"))

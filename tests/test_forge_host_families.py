@@ -11,6 +11,7 @@ import pathlib
 import pytest
 
 from lib_layout_retouch.adapters.forge import FAMILIES, EngineFamily
+from tests import family_guard as guard
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HOST = ROOT / "layout_retouch_webui" / "hosts" / "forge.py"
@@ -35,38 +36,11 @@ FAMILY_NAMES = {
     "is_sd1",
     "is_sdxl",
 }
-FAMILY_WORDS = ("flux", "sdxl", "sd1", "sd15", "stablediffusion", "chroma")
 
 
 def family_branches(source: str) -> list[str]:
-    """Where `source` tells a family by name (imports, names, attributes as identifiers or strings,
-    comparisons with a family's word)."""
-    found = []
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.ImportFrom):
-            modules, names = [node.module or ""], [a.name for a in node.names]
-        elif isinstance(node, ast.Import):
-            modules, names = [a.name for a in node.names], []
-        elif isinstance(node, ast.Name):
-            modules, names = [], [node.id]
-        elif isinstance(node, ast.Attribute):
-            modules, names = [], [node.attr]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            modules, names = [], [node.value]  # getattr(engine, "is_sdxl")
-        elif isinstance(node, ast.Compare):
-            operands = [node.left, *node.comparators]
-            words = [
-                o.value.lower()
-                for o in operands
-                if isinstance(o, ast.Constant) and isinstance(o.value, str)
-            ]
-            found += [w for w in words if any(f in w for f in FAMILY_WORDS)]
-            continue
-        else:
-            continue
-        found += [m for m in modules if m.startswith(FAMILY_MODULES)]
-        found += [n for n in names if n in FAMILY_NAMES]
-    return found
+    """Where `source` tells a family by name (tests/family_guard.py)."""
+    return guard.family_branches(source, FAMILY_MODULES, FAMILY_NAMES)
 
 
 def questions_asked(source: str) -> set[str]:

@@ -33,7 +33,7 @@ import torch
 
 from ...conditioning import pad_tokens
 from ...dit.flow import simple_sigmas
-from ...dit.flux.family import DEFAULT_GUIDANCE
+from ...dit.flux.family import DEFAULT_GUIDANCE, stage1_layout_refusal
 from ...dit.flux.model import FluxModel
 from ...errors import LayoutRetouchError
 from .sd import (
@@ -182,4 +182,62 @@ def comfy_flux_model(
     )
 
 
-__all__ = ["T5_END", "ComfyFluxModel", "check_blocks_free", "comfy_flux_model"]
+class ComfyFlux:
+    """ComfyUI's Flux.1 MODELs (dev, schnell) as the nodes ask about them (the questions:
+    `adapters.comfy.ModelFamily`): the rectified flow on ComfyUI's σ list, the distilled guidance."""
+
+    name = "Flux.1"
+
+    def matches(self, patcher) -> bool:
+        return is_flux(patcher)
+
+    def check_free(self, patcher, input_name: str = "model") -> None:
+        check_blocks_free(patcher, input_name)
+
+    def encoder(self, encode: Callable, guidance: float) -> Callable:
+        """CLIPTextEncode followed by FluxGuidance: the CONDITIONING carries the distilled guidance."""
+        return lambda clip, text: with_guidance(encode(clip, text), guidance)
+
+    def continuation_noise(self, x: torch.Tensor, latent: torch.Tensor, sigma: float):
+        """The flow (`CONST`) starts a pass at x = σ·noise + (1−σ)·latent and returns x/(1−σ):
+        x·(1−σ) = σ·noise + (1−σ)·latent."""
+        return (1 - sigma) * (x - latent) / sigma
+
+    def stage1_layout_source(self) -> str:
+        raise stage1_layout_refusal()
+
+    def model(self, patcher, clip, vae, *, load_model: Callable, sigmas: Callable, guidance):
+        """`ComfyFluxModel` stepping on `sigmas(steps, latent_hw)` (the sampler's σ list)."""
+        return comfy_flux_model(
+            patcher, clip, vae, load_model=load_model, sigmas=sigmas, guidance=guidance
+        )
+
+    def check_schedule(self, lib_model, steps: int, latent_hw, scheduler: str) -> None:
+        """The flow sampler needs σ strictly falling to 0: refuse a scheduler whose list is not."""
+        try:
+            lib_model.schedule(steps, latent_hw)
+        except ValueError as e:
+            raise LayoutRetouchError(
+                f"the scheduler '{scheduler}' gives Flux a σ list the flow retouch cannot step "
+                f"({e}); use 'simple' (Flux's default) or 'beta'",
+                parameter="scheduler",
+            ) from e
+
+
+def with_guidance(conditioning, guidance: float) -> list:
+    """The CONDITIONING with Flux's distilled guidance set, as the FluxGuidance node sets it
+    (`node_helpers.conditioning_set_values(conditioning, {"guidance": guidance})`)."""
+    return [[t, {**d, "guidance": guidance}] for t, d in conditioning]
+
+
+COMFY_FLUX = ComfyFlux()
+
+__all__ = [
+    "COMFY_FLUX",
+    "T5_END",
+    "ComfyFlux",
+    "ComfyFluxModel",
+    "check_blocks_free",
+    "comfy_flux_model",
+    "with_guidance",
+]

@@ -14,6 +14,7 @@ is a callable the glue passes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import weakref
 from typing import Callable, Optional
@@ -280,6 +281,16 @@ class ComfyObjects:
             pixels = pixels.reshape(-1, *pixels.shape[-3:])
         return (pixels.float().movedim(-1, 1) * 2 - 1).to(latents.device)
 
+    @contextlib.contextmanager
+    def patcher_as(self, patcher):
+        """The calls inside run on `patcher`: a clone of this MODEL with other weight patches (a
+        subject's LoRA); ComfyUI re-patches the shared weights when `load_model` loads it."""
+        own, self.patcher = self.patcher, patcher
+        try:
+            yield
+        finally:
+            self.patcher = own
+
     def raw_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The model's latents → the LATENT socket's (raw VAE) latents."""
         return self.patcher.model.process_latent_out(latents.float())
@@ -362,3 +373,39 @@ class ComfyModel(ComfyObjects, KDiffusionModel):
     def eps(self, x, t, cond):
         self.load_model(self.patcher)
         return super().eps(x, t, cond)
+
+
+class ComfySD:
+    """ComfyUI's SD1.x and SDXL MODELs as the nodes ask about them (the questions:
+    `adapters.comfy.ModelFamily`): ε-prediction, the library's DDIM retouch."""
+
+    name = "SD1.x/SDXL"
+
+    def matches(self, patcher) -> bool:
+        """Every MODEL: `check_supported` refuses by name what no family runs."""
+        return True
+
+    def check_free(self, patcher, input_name: str = "model") -> None:
+        check_attention_free(patcher, input_name)
+
+    def encoder(self, encode: Callable, guidance: float) -> Callable:
+        """CLIPTextEncode as it is (SD has no distilled guidance)."""
+        return encode
+
+    def continuation_noise(self, x: torch.Tensor, latent: torch.Tensor, sigma: float):
+        """ε-models start a pass at x = latent + σ·noise and return x as it is."""
+        return (x - latent) / sigma
+
+    def stage1_layout_source(self) -> str:
+        """ComfyUI's sampler gives no DDIM trajectory: the layout is inverted."""
+        return "inversion"
+
+    def model(self, patcher, clip, vae, *, load_model: Callable, sigmas: Callable, guidance):
+        """`ComfyModel` (the library's DDIM; `sigmas` and `guidance` are the flow's)."""
+        return ComfyModel(patcher, clip, vae, load_model=load_model)
+
+    def check_schedule(self, lib_model, steps: int, latent_hw, scheduler: str) -> None:
+        """The retouch runs the library's DDIM whatever ComfyUI's scheduler: nothing to refuse."""
+
+
+COMFY_SD = ComfySD()

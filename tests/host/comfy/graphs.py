@@ -167,3 +167,43 @@ def inpaint(g: dict, image: str) -> dict:
     }
     g["lr"]["inputs"].update(latent=["enc", 0], mask=["src", 1], denoise=1.0)
     return g
+
+
+TWO_PROMPT = "a photo of sks dog and zwx cat on a beach"
+TWO_WORDS = (("sks", "dog"), ("zwx", "cat"))
+
+
+def subjects(
+    references: list[str],
+    *,
+    loras: tuple = (LORA, None),
+    prompt: str = TWO_PROMPT,
+    prefix: str = "two",
+    **inputs,
+) -> dict:
+    """Layout-and-Retouch Subject nodes (one per photo, chained in order; subject k's LoRA file
+    `loras[k]`, None: photo only, named by its class phrase) into the Sampler's 'subjects', its own
+    'reference' empty (the chain is every subject); the base checkpoint is the MODEL. Saves as
+    `retouch`, and SaveImage 'regions_save' of the regions output."""
+    g = retouch(None, prompt=prompt, vanilla=None, prefix=prefix, **inputs)
+    link = None
+    for k, (name, lora, (token, phrase)) in enumerate(zip(references, loras, TWO_WORDS)):
+        g[f"photo{k}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        subject = {
+            "reference": [f"photo{k}", 0],
+            "personalization": "lora" if lora else "photo",
+            "concept_token": token if lora else "",
+            "class_phrase": phrase,
+            "lora_name": lora or "None",
+            "lora_strength": 1.0,
+        }
+        if link is not None:
+            subject["subjects"] = link
+        g[f"subject{k}"] = {"class_type": "LayoutRetouchSubject", "inputs": subject}
+        link = [f"subject{k}", 0]
+    g["lr"]["inputs"]["subjects"] = link
+    g["regions_save"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["lr", 5], "filename_prefix": prefix + "-regions"},
+    }
+    return g

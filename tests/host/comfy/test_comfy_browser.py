@@ -28,7 +28,12 @@ from test_comfy_nodes import WORKFLOWS, photo
 EXPORT = os.environ.get("LR_COMFY_EXPORT")
 MISSING = S.browser_missing()
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-EXAMPLES = ["layout_retouch_dreambooth", "layout_retouch_lora", "layout_retouch_split_stages"]
+EXAMPLES = [
+    "layout_retouch_dreambooth",
+    "layout_retouch_lora",
+    "layout_retouch_split_stages",
+    "layout_retouch_two_subjects",
+]
 OURS = ("LayoutRetouchSampler", "LayoutRetouchLayout", "LayoutRetouchRetouch")
 TEXT_WIDGET = "$$node-text-preview"  # ComfyUI's progress text on a node (send_progress_text)
 NOTE = "Notes: reference was 512×512: resized to 64×64"
@@ -47,6 +52,23 @@ SAYS = {
         NOTE,
     ],
 }
+# Where an example's node says more: two subjects, each photo noted with its subject
+SAYS_IN = {
+    "layout_retouch_two_subjects": {
+        "LayoutRetouchSampler": [
+            SAYS["LayoutRetouchSampler"][0],
+            "Mask: CA only",
+            "Notes: subject 1: reference was 512×512: resized to 64×64; "
+            "subject 2: reference was 512×512: resized to 64×64",
+        ]
+    }
+}
+
+
+def says(example: str, node_type: str) -> list[str]:
+    return SAYS_IN.get(example, {}).get(node_type) or SAYS[node_type]
+
+
 # The test models and size in the examples' widgets (the λ values stay the examples')
 TEST_VALUES = {"steps": G.STEPS, "width": G.SIZE, "height": G.SIZE}
 
@@ -71,7 +93,7 @@ SET_TEST_VALUES = """([personal, vanilla, lora, reference, values]) => {
     for (const w of n.widgets || []) {
       if (n.type === 'CheckpointLoaderSimple' && w.name === 'ckpt_name')
         w.value = String(w.value).includes('v1-5') ? vanilla : personal;
-      else if (n.type === 'LoraLoader' && w.name === 'lora_name') w.value = lora;
+      else if (w.name === 'lora_name' && w.value !== 'None') w.value = lora;  // LoRA loader, Subject
       else if (n.type === 'LoadImage' && w.name === 'image') w.value = reference;
       else if (w.name in values) w.value = values[w.name];
     }
@@ -173,7 +195,7 @@ def log_text(comfy) -> str:
 
 def test_nodes_are_in_the_node_library(page):
     names = page.evaluate("Object.keys(LiteGraph.registered_node_types)")
-    for node in (*OURS, "LayoutRetouchSAMLoader"):
+    for node in (*OURS, "LayoutRetouchSAMLoader", "LayoutRetouchSubject"):
         assert node in names
     category = page.evaluate("LiteGraph.registered_node_types['LayoutRetouchSampler'].category")
     assert category == "Layout-and-Retouch"
@@ -307,17 +329,18 @@ def test_example_runs_from_the_page_and_says_what_it_used_without_overlaps(
     problems += [f"{a} {ab} overlaps {b} {bb}" for a, ab, b, bb in overlaps(nodes)]
     for node in ours:
         shown = page.evaluate(WIDGET, [node["id"], TEXT_WIDGET])
-        if shown is None or shown.split("\n") != SAYS[node["type"]]:
-            problems.append(f"{node['title']} shows {shown!r}, not {SAYS[node['type']]}")
+        want = says(name, node["type"])
+        if shown is None or shown.split("\n") != want:
+            problems.append(f"{node['title']} shows {shown!r}, not {want}")
         elif r.outputs.get(str(node["id"]), {}).get("text") != [shown]:
             problems.append(f"/history has not the text {node['title']} shows")
     # the Preview Any of an `info` output shows that node's text, all of it
     for info in [n for n in nodes if n["type"] == "PreviewAny"] or [None]:
         source = api[str(info["id"])]["inputs"]["source"][0] if info else None
-        says = SAYS[api[source]["class_type"]] if source else SAYS[ours[-1]["type"]]
+        want = says(name, api[source]["class_type"] if source else ours[-1]["type"])
         previewed = page.evaluate(PREVIEW, info["id"]) if info else None
-        if previewed is None or previewed["text"].split("\n") != says:
-            problems.append(f"Preview Any of 'info' shows {previewed}, not {says}")
+        if previewed is None or previewed["text"].split("\n") != want:
+            problems.append(f"Preview Any of 'info' shows {previewed}, not {want}")
         elif previewed["hidden"] > 0:
             problems.append(f"{info['title']} hides {previewed['hidden']} px of its text")
     # 'fixed': the seed the example ships is the one that ran, and stays

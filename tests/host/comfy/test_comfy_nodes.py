@@ -14,6 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
+from layout_retouch_comfy import run
+from lib_layout_retouch.job import regions_from_image
+from lib_layout_retouch.progress import ProgressPlan
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODES = ("LayoutRetouchSampler", "LayoutRetouchLayout", "LayoutRetouchRetouch")
 TINY_SAM = "sam_tiny.pth"  # conftest.py writes it into models/sams; tiny_sam_node reads its kind
@@ -75,15 +79,21 @@ def test_nodes_are_registered_with_the_library_fields(comfy):
     assert node["optional"]["layout_source"][0] == ["inversion", "input"]
     assert "infotext" not in node["optional"]["layout_source"][1]["tooltip"]
     for name in ("LayoutRetouchSampler", "LayoutRetouchRetouch"):
-        assert info[name]["input"]["required"]["reference"][0] == "IMAGE"
+        assert info[name]["input"]["optional"]["reference"][0] == "IMAGE"
         assert info[name]["input"]["optional"]["sam"][0] == "LAYOUT_RETOUCH_SAM"
+        assert info[name]["input"]["optional"]["subjects"][0] == "LAYOUT_RETOUCH_SUBJECTS"
     assert info["LayoutRetouchSampler"]["output_name"] == [
         "retouched",
         "layout",
         "blend_mask",
         "attention_map",
         "info",
+        "regions",
     ]
+    subject = info["LayoutRetouchSubject"]
+    assert subject["output"] == ["LAYOUT_RETOUCH_SUBJECTS"]
+    assert G.LORA in subject["input"]["required"]["lora_name"][0]  # models/loras
+    assert subject["input"]["optional"]["subjects"][0] == "LAYOUT_RETOUCH_SUBJECTS"
     # a started ComfyUI has the tier's tiny SAM (tiny_sam_node) in models/sams, and only it
     if comfy.proc is not None:
         assert info["LayoutRetouchSAMLoader"]["input"]["required"]["sam_name"][0] == [TINY_SAM]
@@ -103,7 +113,7 @@ def test_enabled_differs_from_plain_and_plain_is_bit_identical_after(comfy, refs
 
 
 REFUSED_BEFORE_THE_RUN = [
-    ("no reference", dict(reference=None), "reference", "Required input is missing"),
+    ("no reference", dict(reference=None), "reference", "no subject"),
     (
         "concept token not in prompt",
         dict(prompt="a photo of a dog on a beach"),
@@ -134,8 +144,7 @@ def test_what_needs_no_model_is_refused_by_validation_naming_the_input(
     assert answer["node_errors"]["lr"]["class_type"] == "LayoutRetouchSampler"
     assert reasons and all(words in f"{e['message']}: {e['details']}" for e in reasons), reasons
     assert all(input_name in e["details"] for e in reasons), reasons
-    if case != "no reference":  # ours: the library's message naming the input
-        assert all("Layout-and-Retouch: " in e["details"] for e in reasons), reasons
+    assert all("Layout-and-Retouch: " in e["details"] for e in reasons), reasons
     assert set(A.get(comfy.url, "/history")) == before
 
 
@@ -223,17 +232,41 @@ def test_inpaint_with_a_mask_keeps_the_outside(comfy, refs):
 
 
 def test_interrupt_mid_retouch_leaves_nothing_patched(comfy, refs, plain_before):
-    """/interrupt once the node's progress bar is in the retouch (its last `steps` units: stage 1,
-    the reference and layout inversions come first), read from ComfyUI's websocket."""
+    """/interrupt once the node's progress bar is in the retouch (its last part, weighted as
+    `ProgressPlan` weighs it: stage 1, the reference and layout inversions come first), read from
+    ComfyUI's websocket."""
     steps = 8
+    retouch = round(ProgressPlan(steps=steps).units["retouch"] * run.TICKS)
     pid = A.queue_and_interrupt_when(
         comfy.url,
         G.retouch(refs[0], steps=steps, prefix="cancelled"),
         "lr",
-        lambda value, total: total - steps < value < total,
+        lambda value, total: total - retouch < value < total,
     )
     r = A.wait(comfy.url, pid)
     assert not r.ok and r.messages("execution_interrupted"), r.status
+    assert_plain_unchanged(comfy, plain_before)
+
+
+def test_two_subject_nodes_each_retouched_in_its_own_region(comfy, refs, plain_before):
+    """Two chained Subject nodes (a LoRA subject and a photo-only one): the regions output has a
+    region of each subject's colour, and nothing else but black (disjoint); the result is another
+    than with the first subject alone; the LoRA's weight patches are off again afterwards."""
+    two = A.run(comfy.url, G.subjects(refs))
+    assert two.ok, two.describe()
+    (regions,) = two.images("regions_save")
+    index = regions_from_image(Image.fromarray(regions))
+    assert (index == 0).any() and (index == 1).any(), np.unique(index)
+    assert ((index >= 0) | (regions == 0).all(-1)).all()
+    (text,) = two.outputs["lr"]["text"]
+    assert text.split("\n")[:2] == [
+        "At 4 steps: λ1=1, λ2=1, mask from step 3 of 4",
+        "Mask: CA only",
+    ]
+    one = A.run(comfy.url, G.subjects(refs[:1], prompt="a photo of sks dog and a cat on a beach"))
+    assert one.ok, one.describe()
+    out, alone = two.latent("out"), one.latent("out")
+    assert torch.isfinite(out).all() and not torch.allclose(out, alone, atol=1e-3)
     assert_plain_unchanged(comfy, plain_before)
 
 
@@ -248,7 +281,7 @@ def for_test(graph: dict, reference: str) -> dict:
         i = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
             i["ckpt_name"] = G.VANILLA if "v1-5" in i["ckpt_name"] else G.PERSONAL
-        if node["class_type"] == "LoraLoader":
+        if node["class_type"] == "LoraLoader" or i.get("lora_name", "None") != "None":
             i["lora_name"] = G.LORA
         if node["class_type"] == "LoadImage":
             i["image"] = reference

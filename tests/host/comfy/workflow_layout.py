@@ -52,6 +52,8 @@ def _sampler_outputs(x: int) -> dict:
 
 
 SAMPLER_X = LEFT + GAP
+PHOTO_Y = ROW + 160  # the first photo under the checkpoint loader
+SECOND_PHOTO_Y = PHOTO_Y + 360 + TITLE + GAP
 LAYOUTS = {
     "layout_retouch_dreambooth": {
         **_left(),  # personalized checkpoint, vanilla checkpoint, reference photo
@@ -62,6 +64,15 @@ LAYOUTS = {
         **_left(126),  # base checkpoint, LoRA loader, reference photo
         4: (SAMPLER_X, ROW, NODE, None),
         **_sampler_outputs(SAMPLER_X + NODE + GAP),
+    },
+    "layout_retouch_two_subjects": {
+        1: (0, ROW, LEFT, None),  # base checkpoint
+        2: (0, PHOTO_Y, LEFT, 360),  # subject 1's photo
+        3: (0, SECOND_PHOTO_Y, LEFT, 360),  # subject 2's photo
+        14: (SAMPLER_X, PHOTO_Y, NODE, None),  # Subject 1, beside its photo
+        15: (SAMPLER_X, SECOND_PHOTO_Y, NODE, None),  # Subject 2, chained from Subject 1
+        4: (SAMPLER_X + NODE + GAP, ROW, NODE, None),  # Sampler (its 'subjects' from Subject 2)
+        **_sampler_outputs(SAMPLER_X + 2 * (NODE + GAP)),  # 10: the regions, 11: the blend mask
     },
     "layout_retouch_split_stages": {
         **_left(),
