@@ -25,13 +25,6 @@ from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 logger = logs.attach_console()
 
 
-def subject_tokens(model, job, prompt: str) -> list[int]:
-    """The conditioning rows of the concept token and class phrase in the personalized prompt, as
-    the model's family reads them (CLIP's 75-token chunks; Flux: T5's SentencePiece pieces)."""
-    phrases = [job.params.concept_token, job.params.class_phrase]
-    return model.family.subject_tokens(model, prompt, phrases)
-
-
 def segmenter_for(job, device):
     """The SAM model, or None with a note (the cross-attention mask still works)."""
     if job.params.sam_model == NO_SAM:
@@ -69,7 +62,9 @@ def _retouch(p, run, samples):
     if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
         job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
     model = host.library_model(p)
-    subject = subject_tokens(model, job, job_for_batch.prompts.personalized)
+    # the rows of the concept token and class phrase in y_p as the model's family reads them (CLIP's
+    # 75-token chunks; Flux: T5's pieces); several subjects: one list each
+    subject = job_for_batch.subject_rows(model)
     segmenter = segmenter_for(job, host.device)
     # the layout as pixels, decoded once: SAM segments it, the intermediates show it
     decoded = (
