@@ -400,6 +400,11 @@ def test_the_api_list_of_every_subject():
     with pytest.raises(LayoutRetouchError) as e:
         LayoutRetouchParams.from_dict({"subjects": [{"class_phrase": "cat", "colour": "red"}]})
     assert "unknown key 'colour'" in str(e.value)
+    # subject 1 has no LoRA name of its own: a named one is refused, not dropped
+    with pytest.raises(LayoutRetouchError) as e:
+        LayoutRetouchParams.from_dict({"subjects": [{"class_phrase": "cat", "lora": "my_cat"}]})
+    assert e.value.message.startswith("subject 1: its lora 'my_cat' cannot be named")
+    assert e.value.parameter == "subjects"
 
 
 def test_joint_block_region_queries_attend_to_their_own_subjects_reference_only():
