@@ -148,7 +148,15 @@ def subject_networks(p, run) -> list:
     """Each subject's LoRA network as the host holds it (None: the subject has none), by the
     names of the prompt's active LoRA tags (`subjects.subject_loras` says which is whose)."""
     tags = run.host.lora_tags(p)
-    names = subject_loras(run.params.all_subjects(), [name for name, _ in tags])
+    loaded = [name for name, _ in tags]
+    try:
+        names = subject_loras(run.params.all_subjects(), loaded)
+    except LayoutRetouchError as e:  # the prompt's tags passed the check: one was not loaded
+        raise LayoutRetouchError(
+            f"{e.message} (the LoRAs the WebUI loaded for this image: {', '.join(loaded) or 'none'};"
+            " a tag whose file is not in the LoRA folder is not loaded)",
+            parameter=e.parameter,
+        ) from None
     handles = dict(tags)
     return [None if name is None else handles[name] for name in names]
 
