@@ -271,6 +271,21 @@ def test_a_subjects_weights_act_in_its_own_region(two):
         assert "forward" not in m.__dict__
 
 
+def test_every_subject_with_weights_of_its_own(two):
+    """Both subjects with LoRA-like weights (the base call then runs no reference rows): each
+    subject's weights change the result inside its own region."""
+    model = two[0]
+    first, second = _lora_like(model.unet, seed=5), _lora_like(model.unet, seed=6)
+    one = _run(two, subject_weights=[first, None])
+    both = _run(two, subject_weights=[first, second])
+    assert torch.isfinite(both.latents).all()
+    inside = both.regions[0] == 1
+    assert inside.any()
+    d = (both.latents - one.latents).abs()[0].mean(0)
+    assert float(d[inside].mean()) > 0  # subject 2's weights act in its region
+    assert not any("forward" in m.__dict__ for m in model.unet.modules())
+
+
 def test_interrupt_and_error_restore_the_attention(two):
     model = two[0]
     steps = iter(range(100))
