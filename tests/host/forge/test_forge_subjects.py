@@ -5,6 +5,8 @@ tag's file when it is first named), so the cached model set is not rebuilt."""
 
 from __future__ import annotations
 
+import os
+
 import forge_checkpoints as FC
 import host_helpers as H
 import numpy as np
@@ -17,8 +19,9 @@ TWO_LORAS = f"a photo of sks dog and zwx cat on a sofa <lora:{FC.LORA}:1> <lora:
 
 @pytest.fixture(scope="module")
 def second_lora(webui):
-    lora_dir, base = webui.models.get("lora_dir"), webui.models.get(FC.PERSONAL)
-    if not (lora_dir and base):
+    lora_dir, ckpt_dir = webui.models.get("lora_dir"), webui.models.get("ckpt_dir")
+    base = os.path.join(ckpt_dir or "", FC.PERSONAL + ".safetensors")
+    if not (lora_dir and os.path.isfile(base)):
         pytest.skip("an attached Forge: its LoRA folder is unknown (start one with LR_FORGE_DIR)")
     return FC.write_lora(lora_dir, base, LORA_2, seed=12)
 
