@@ -59,7 +59,7 @@
         });
     }
     // texts of javascript/layout_retouch_ui.js (refusals, the upload guard)
-    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "refusalItem": "•", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again", "intermediateKey": "Layout-and-Retouch intermediate", "intermediateShort": {"stage-1 layout": "layout", "blend mask": "mask", "subject cross-attention map": "map"}};
+    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "refusalItem": "•", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again", "intermediateKey": "Layout-and-Retouch intermediate", "intermediateShort": {"stage-1 layout": "layout", "blend mask": "mask", "subject cross-attention map": "map", "subject regions": "regions"}};
     addHints();
     if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });
     if (typeof onUiUpdate === 'function') {

@@ -22,6 +22,7 @@ from lib_layout_retouch.prompts import (
     lora_names,
     strip_extra_networks,
 )
+from lib_layout_retouch.subjects import subject_loras
 
 
 def check_request(p, params: LayoutRetouchParams) -> None:
@@ -176,7 +177,11 @@ def check_before_sampling(p, params: LayoutRetouchParams) -> None:
     """Problems that would otherwise only show mid-sampling: refused here, before any compute."""
     host = hosts.current()
     steps = img2img.steps_run(p, params.layout_source)
-    if (
+    if params.several_subjects:
+        # each LoRA subject's tag in the prompt (the run maps them to the loaded networks)
+        prompt = p.prompt if isinstance(p.prompt, str) else p.prompt[0]
+        subject_loras(params.all_subjects(), lora_names(prompt or ""))
+    elif (
         params.personalization == "lora"
         and params.runs_stage1
         and params.schedule(steps).lambda1 > 0

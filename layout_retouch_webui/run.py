@@ -51,6 +51,9 @@ class Run:
         self.retouched = False
         self.lora_nets: list = []
         self.lora_restore = None
+        # several subjects: each subject's LoRA network (None: it has none), off for all of stage 1
+        self.subject_loras: list = []
+        self.loras_off_in_stage1 = False
         self.progress = ProgressPlan(
             steps=steps,
             batch=p.batch_size,

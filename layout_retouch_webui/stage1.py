@@ -22,6 +22,7 @@ from lib_layout_retouch import logs
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.progress import STAGE1_PERSONAL, STAGE1_VANILLA, ProgressPlan
 from lib_layout_retouch.prompts import LORA_TAG_FIX
+from lib_layout_retouch.subjects import subject_loras
 from lib_layout_retouch.unet import text_encoders
 
 logger = logs.attach_console()
@@ -39,6 +40,10 @@ def on_cfg_denoiser(params):
     s = run.sampler.step_of(int(denoiser.step) + 1)
     if run.params.layout_source == "stage1" and len(run.trajectory) < s:
         run.trajectory.append(run.host.stage1_latent(p, params).detach().clone())
+    if run.loras_off_in_stage1 and run.lora_nets and run.lora_restore is None:
+        # several subjects: their LoRAs stay off for the whole of stage 1 (each acts in its own
+        # region in the retouch); here, not in `begin` (see below)
+        run.lora_restore = run.host.loras_off_in_unet(p, run.lora_nets)
     if run.job.uses_vanilla(s):
         tc = params.text_cond
         if isinstance(tc, (torch.Tensor, dict)):  # SD1: a tensor; SDXL: {"crossattn", "vector"}
@@ -55,7 +60,7 @@ def on_cfg_denoiser(params):
             run.lora_restore = run.host.loras_off_in_unet(p, run.lora_nets)
     elif run.switched_at is None:
         run.switched_at = s
-        restore(p, run)
+        restore(p, run, loras=not run.loras_off_in_stage1)
         logger.info(
             f"stage 1: switched to personalized UNet at step {s} "
             f"(after {int(denoiser.step)} model calls)"
@@ -77,11 +82,11 @@ def on_progress_denoiser(params):
     )
 
 
-def restore(p, run) -> None:
-    """The personalized UNet and the LoRA back in place."""
+def restore(p, run, loras: bool = True) -> None:
+    """The personalized UNet and (`loras`) the LoRA back in place."""
     if run.personal_unet is not None:
         run.host.set_unet(p, run.personal_unet)
-    if run.lora_restore is not None:
+    if loras and run.lora_restore is not None:
         restore_loras, run.lora_restore = run.lora_restore, None
         restore_loras()
 
@@ -89,23 +94,18 @@ def restore(p, run) -> None:
 def begin(p, run) -> None:
     host = run.host
     run.personal_unet = host.unet(p)
-    kind = run.params.personalization
+    # DreamBooth (several subjects: any of them, one multi-concept checkpoint): the vanilla UNet
+    dreambooth = run.params.needs_vanilla_checkpoint
     info = None
-    if kind == "dreambooth":
+    if dreambooth:
         info = host.checkpoint(run.params.vanilla_checkpoint)
         run.vanilla_unet = VANILLA_UNETS.get(info, run.personal_unet)
         host.place_vanilla_unet(p, run.vanilla_unet)
-    lora_off = kind == "lora" and run.job.schedule.lambda1 > 0
-    nets = host.active_loras(p) if lora_off else []
-    if lora_off and not nets:
-        raise LayoutRetouchError(
-            f"personalization is 'lora' but no LoRA is active: {LORA_TAG_FIX}",
-            parameter="personalization",
-        )
+    nets = stage1_loras(p, run)
     # y_p⁻ for the vanilla steps: DreamBooth through the vanilla checkpoint's text encoder (unless asked
     # otherwise), LoRA with the network off in the text encoder.
     slots, vanilla_te = [], []
-    if kind == "dreambooth" and run.params.stage1_text_encoder == "vanilla":
+    if dreambooth and run.params.stage1_text_encoder == "vanilla":
         slots = host.text_encoder_slots(p)
         if slots:
             vanilla_te = VANILLA_TEXT_ENCODERS.get(info, slots)
@@ -123,6 +123,42 @@ def begin(p, run) -> None:
     run.stage1_active = True
     run.switched_at = None
     run.trajectory = []
+
+
+def stage1_loras(p, run) -> list:
+    """The LoRA networks stage 1 switches off. One subject learned as a LoRA: every active one,
+    for the vanilla steps. Several subjects: the LoRA subjects' own (`run.subject_loras`, one per
+    subject, None for the others), for the whole of stage 1; other LoRAs (a style) stay on."""
+    host, params = run.host, run.params
+    if run.job.several_subjects:
+        run.subject_loras = subject_networks(p, run)
+        run.loras_off_in_stage1 = any(n is not None for n in run.subject_loras)
+        return [n for n in run.subject_loras if n is not None]
+    lora_off = params.personalization == "lora" and run.job.schedule.lambda1 > 0
+    nets = host.active_loras(p) if lora_off else []
+    if lora_off and not nets:
+        raise LayoutRetouchError(
+            f"personalization is 'lora' but no LoRA is active: {LORA_TAG_FIX}",
+            parameter="personalization",
+        )
+    return nets
+
+
+def subject_networks(p, run) -> list:
+    """Each subject's LoRA network as the host holds it (None: the subject has none), by the
+    names of the prompt's active LoRA tags (`subjects.subject_loras` says which is whose)."""
+    tags = run.host.lora_tags(p)
+    loaded = [name for name, _ in tags]
+    try:
+        names = subject_loras(run.params.all_subjects(), loaded)
+    except LayoutRetouchError as e:  # the prompt's tags passed the check: one was not loaded
+        raise LayoutRetouchError(
+            f"{e.message} (the LoRAs the WebUI loaded for this image: {', '.join(loaded) or 'none'};"
+            " a tag whose file is not in the LoRA folder is not loaded)",
+            parameter=e.parameter,
+        ) from None
+    handles = dict(tags)
+    return [None if name is None else handles[name] for name in names]
 
 
 def end(p, run) -> None:

@@ -3,6 +3,7 @@ the host's progress bar, live preview, Interrupt/Skip buttons and the intermedia
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -10,7 +11,7 @@ import time
 import torch
 from modules import shared
 
-from layout_retouch_webui import img2img, options
+from layout_retouch_webui import img2img, options, stage1
 from layout_retouch_webui.options import opt
 from layout_retouch_webui.settings import sam_folders
 from lib_layout_retouch import job as lr_job
@@ -23,13 +24,6 @@ from lib_layout_retouch.prompts import strip_extra_networks
 from lib_layout_retouch.segmentation import find_sam_checkpoints, load_segmenter
 
 logger = logs.attach_console()
-
-
-def subject_tokens(model, job, prompt: str) -> list[int]:
-    """The conditioning rows of the concept token and class phrase in the personalized prompt, as
-    the model's family reads them (CLIP's 75-token chunks; Flux: T5's SentencePiece pieces)."""
-    phrases = [job.params.concept_token, job.params.class_phrase]
-    return model.family.subject_tokens(model, prompt, phrases)
 
 
 def segmenter_for(job, device):
@@ -69,7 +63,9 @@ def _retouch(p, run, samples):
     if p.prompts and strip_extra_networks(p.prompts[0]) != job.prompt:
         job_for_batch = job.for_batch(p.prompts[0], p.negative_prompts[0])  # its own notes list
     model = host.library_model(p)
-    subject = subject_tokens(model, job, job_for_batch.prompts.personalized)
+    # the rows of the concept token and class phrase in y_p as the model's family reads them (CLIP's
+    # 75-token chunks; Flux: T5's pieces); several subjects: one list each
+    subject = job_for_batch.subject_rows(model)
     segmenter = segmenter_for(job, host.device)
     # the layout as pixels, decoded once: SAM segments it, the intermediates show it
     decoded = (
@@ -77,6 +73,11 @@ def _retouch(p, run, samples):
     )
     cache, kv_cache = _shared_caches()
     model_key = host.model_key(p, job.params.personalization)
+    subject_weights, base_weights = _subject_weights(p, run)
+    if subject_weights is not None:
+        # the photos are inverted with no subject's LoRA on (the base weights): not what a run
+        # with the LoRAs on everywhere inverts
+        model_key += "|subject LoRAs off"
     plan = run.progress
     cached = job_for_batch.references_cached(cache, model_key, samples.shape[-2:])
     if cached:
@@ -84,20 +85,23 @@ def _retouch(p, run, samples):
     user_mask = img2img.user_mask(p)  # inpaint: 1 where the user painted; None otherwise
     started = time.perf_counter()
     try:
-        result = job_for_batch.retouch(
-            model,
-            samples,
-            subject_tokens=subject,
-            model_key=model_key,
-            layout_trajectory=_stage1_trajectory(p, run, samples),
-            layout_images=pipeline.to_uint8(decoded) if segmenter is not None else None,
-            segmenter=segmenter,
-            cache=cache,
-            kv_cache=kv_cache,
-            progress=_progress(plan),
-            should_stop=_should_stop,
-            user_mask=None if user_mask is None else user_mask.to(samples.device),
-        )
+        with (base_weights or contextlib.nullcontext)():
+            result = job_for_batch.retouch(
+                model,
+                samples,
+                subject_tokens=subject,
+                model_key=model_key,
+                layout_trajectory=_stage1_trajectory(p, run, samples),
+                layout_images=pipeline.to_uint8(decoded) if segmenter is not None else None,
+                segmenter=segmenter,
+                cache=cache,
+                kv_cache=kv_cache,
+                progress=_progress(plan),
+                should_stop=_should_stop,
+                user_mask=None if user_mask is None else user_mask.to(samples.device),
+                subject_weights=subject_weights,
+                base_weights=base_weights,
+            )
     except Interrupted as e:
         job.add_note(f"retouch interrupted ({e}); layout returned")
         logger.info(f"interrupted: {e}")
@@ -106,6 +110,18 @@ def _retouch(p, run, samples):
     if job.params.show_intermediates:
         keep_intermediates(p, run, decoded, result)
     return result.latents.to(samples.dtype)
+
+
+def _subject_weights(p, run):
+    """Several subjects with LoRAs: per subject the host's context with its LoRA alone on (None
+    for a subject without one) and the context with none of them on — each LoRA then acts in its
+    own region only; (None, None) otherwise (one subject: the host's LoRAs as they are)."""
+    if not run.job.several_subjects:
+        return None, None
+    own = stage1.subject_networks(p, run)
+    if all(n is None for n in own):
+        return None, None
+    return run.host.lora_scopes(p, own)
 
 
 def _stage1_trajectory(p, run, samples):
@@ -191,4 +207,8 @@ def keep_intermediates(p, run, decoded_layouts, result) -> None:
         if result.ca_maps is not None:
             run.intermediates.append(
                 ("attention map", base + i, lr_job.mask_to_image(result.ca_maps[i], size))
+            )
+        if result.regions is not None and run.job.several_subjects:
+            run.intermediates.append(
+                ("regions", base + i, lr_job.regions_to_image(result.regions[i], size))
             )

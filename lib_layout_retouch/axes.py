@@ -36,17 +36,22 @@ class AxisSpec:
 
 _AXIS_VALUE_TYPES = {"bool": str, "int": int, "float": float, "str": str, "choice": str}
 
-# Made from the parameter table: every field with an `axis` label, in the table's order.
+# Several subjects: how many of the given subjects are retouched — the first N (no parameter of
+# its own: a cell keeps the first N subjects; the others are drawn as the prompt says, unretouched).
+SUBJECTS_RETOUCHED = "subjects_retouched"
+
+# Made from the parameter table: every field with an `axis` label, in the table's order; then the
+# number of subjects retouched.
 AXES: tuple[AxisSpec, ...] = tuple(
     AxisSpec(f"[L&R] {f.axis}", f.name, _AXIS_VALUE_TYPES[f.kind], f.axis_choices)
     for f in FIELDS
     if f.axis
-)
+) + (AxisSpec("[L&R] Subjects retouched", SUBJECTS_RETOUCHED, int),)
 
 
 def set_override(target: Any, field: str, value: Any) -> None:
     """What an axis does: record `field = value` on the processing object `target`."""
-    if field not in FIELD_BY_NAME:
+    if field not in FIELD_BY_NAME and field != SUBJECTS_RETOUCHED:
         raise KeyError(field)
     overrides = getattr(target, OVERRIDES_ATTR, None)
     if overrides is None:
@@ -71,6 +76,10 @@ def apply_overrides(
     """
     if not overrides:
         return params
+    overrides = dict(overrides)
+    if SUBJECTS_RETOUCHED in overrides:
+        subjects = first_subjects(params, overrides.pop(SUBJECTS_RETOUCHED))
+        overrides.setdefault("subjects", subjects)
     merged = {name: getattr(params, name) for name in FIELD_BY_NAME}
     if (
         steps is not None
@@ -87,6 +96,22 @@ def apply_overrides(
         )
     merged.update(overrides)
     return LayoutRetouchParams.from_dict(merged)
+
+
+def first_subjects(params: LayoutRetouchParams, value: Any) -> tuple:
+    """`params.subjects` (subjects 2 …) for a cell that retouches the first `value` subjects."""
+    given = len(params.all_subjects())
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        n = 0
+    if not 1 <= n <= given:
+        raise LayoutRetouchError(
+            f"subjects retouched is {value}, but {given} subject(s) are given: use values from 1 "
+            f"to {given} (add subjects in the panel, or the API's subjects, to retouch more)",
+            parameter="subjects",
+        )
+    return tuple(params.subjects[: n - 1])
 
 
 def check_axis_values(

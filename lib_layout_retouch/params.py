@@ -662,6 +662,14 @@ def _subject_one_from_list(d: Mapping) -> Mapping:
     unknown = [k for k in first if k not in SUBJECT_KEYS]
     if unknown:
         return d  # _to_subjects names the key
+    if str(first.get("lora") or "").strip():
+        # subject 1 has no LoRA name of its own (the panel's fields): never drop one silently
+        raise LayoutRetouchError(
+            f"subject 1: its lora '{first['lora']}' cannot be named; subject 1 takes the first of "
+            "the prompt's LoRA tags that no other subject names: leave it empty and name the "
+            "other subjects' LoRAs (or put subject 1's tag first in the prompt)",
+            parameter="subjects",
+        )
     d = dict(d)
     d.update({k: v for k, v in first.items() if k != "lora"})
     d["subjects"] = list(listed[1:])

@@ -139,3 +139,71 @@ def subject_rows(
                     "class_phrase",
                 )
     return rows
+
+
+LORA = "lora"  # the personalization of a subject learned as a LoRA
+
+
+def subject_loras(subjects: Sequence, tags: Sequence[str]) -> list[Optional[str]]:
+    """Which of the prompt's LoRA tags (`tags`: their names, in prompt order) is each subject's:
+    None for a subject not learned as a LoRA. A subject's `lora` names its tag; an empty one takes
+    the tags no subject names, in order, over the LoRA subjects in order. Refuses, naming the
+    subject: a named tag not in the prompt, one tag for two subjects, no tag left."""
+    tags = list(tags)
+    named = [
+        _lora_name(getattr(s, "lora", "")) if s.personalization == LORA else None for s in subjects
+    ]
+    out: list[Optional[str]] = [None] * len(subjects)
+    for k, name in enumerate(named):
+        if not name:
+            continue
+        match = _find_tag(name, tags)
+        if match is None:
+            listed = ", ".join(tags) or "none"
+            raise subject_error(
+                f"its LoRA '{name}' is not among the prompt's LoRA tags ({listed}): add "
+                f"<lora:{name}:1> to the prompt, or name one of those",
+                k,
+                _lora_parameter(k),
+            )
+        if match in out:
+            raise subject_error(
+                f"its LoRA '{match}' is subject {out.index(match) + 1}'s too: each LoRA subject "
+                "needs a LoRA of its own",
+                k,
+                _lora_parameter(k),
+            )
+        out[k] = match
+    free = [t for t in tags if t not in out]
+    for k, name in enumerate(named):
+        if name is None or name:
+            continue
+        if not free:
+            listed = ", ".join(tags) or "none"
+            raise subject_error(
+                f"it is learned as a LoRA but the prompt has no LoRA tag left for it (tags: "
+                f"{listed}; they go to the LoRA subjects in order): add its tag, <lora:name:1>, "
+                "to the prompt, or set its personalization to how it was learned",
+                k,
+                _lora_parameter(k),
+            )
+        out[k] = free.pop(0)
+    return out
+
+
+def _lora_name(value: str) -> str:
+    """A subject's LoRA as the user wrote it: the tag's name, or the whole tag <lora:NAME:0.8>."""
+    value = (value or "").strip()
+    m = re.fullmatch(r"<\s*lora\s*:([^:>]*)(:[^>]*)?>", value, re.IGNORECASE)
+    return (m.group(1) if m else value).strip()
+
+
+def _find_tag(name: str, tags: Sequence[str]) -> Optional[str]:
+    """The tag named `name`: exactly, else the one equal ignoring case."""
+    if name in tags:
+        return name
+    return next((t for t in tags if t.lower() == name.lower()), None)
+
+
+def _lora_parameter(k: int) -> str:
+    return "personalization" if k == 0 else "subjects"

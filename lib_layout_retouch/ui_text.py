@@ -205,11 +205,17 @@ INTERMEDIATE_WHAT = {
     "layout": "stage-1 layout",
     "mask": "blend mask",
     "attention map": "subject cross-attention map",
+    "regions": "subject regions",  # several subjects: one colour each (job.SUBJECT_COLOURS)
 }
 
 
 # The thumbnails' captions: a word that fits a thumbnail (≈ 40 px at 1280 px), the full label on hover.
-INTERMEDIATE_CAPTION = {"layout": "layout", "mask": "mask", "attention map": "map"}
+INTERMEDIATE_CAPTION = {
+    "layout": "layout",
+    "mask": "mask",
+    "attention map": "map",
+    "regions": "regions",
+}
 
 
 def intermediate_label(kind: str, index: int) -> str:

@@ -208,6 +208,7 @@ def test_axes_are_the_sweepable_knobs_with_their_grid_types():
         ("[L&R] SAM model", "sam_model", str, "sam"),
         ("[L&R] CA threshold", "ca_threshold", float, None),
         ("[L&R] Layer preset", "layer_preset", str, "layer_presets"),
+        ("[L&R] Subjects retouched", "subjects_retouched", int, None),
     ]
 
 
@@ -234,7 +235,28 @@ def test_axes_write_overrides_that_are_validated_like_api_values():
         "vanilla_checkpoint",
         "sam_model",
         "layer_preset",
+        "subjects_retouched",
     }
+
+
+def test_the_subjects_retouched_axis_keeps_the_first_n_subjects():
+    from lib_layout_retouch.params import SubjectParams
+
+    cat, bird = SubjectParams(class_phrase="cat"), SubjectParams(class_phrase="bird")
+    base = LayoutRetouchParams(concept_token="sks", class_phrase="dog", subjects=(cat, bird))
+    cells = [axes.apply_overrides(base, {axes.SUBJECTS_RETOUCHED: n}) for n in (1, 2, 3)]
+    assert [c.subjects for c in cells] == [(), (cat,), (cat, bird)]
+    assert (
+        cells[0].to_infotext(10).keys()
+        == LayoutRetouchParams(concept_token="sks", class_phrase="dog").to_infotext(10).keys()
+    )  # the cell records what ran: subject 1 alone
+    for bad in (0, 4, "two"):
+        with pytest.raises(LayoutRetouchError) as err:
+            axes.check_axis_values(base, axes.SUBJECTS_RETOUCHED, [1, bad], steps=10)
+        assert err.value.message.startswith(
+            f"X/Y/Z plot: [L&R] Subjects retouched = {bad}: subjects retouched is {bad}, but 3 "
+            "subject(s) are given: use values from 1 to 3"
+        ), err.value.message
 
 
 def chunk(tokens, fixes=()):

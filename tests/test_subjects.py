@@ -271,6 +271,21 @@ def test_a_subjects_weights_act_in_its_own_region(two):
         assert "forward" not in m.__dict__
 
 
+def test_every_subject_with_weights_of_its_own(two):
+    """Both subjects with LoRA-like weights (the base call then runs no reference rows): each
+    subject's weights change the result inside its own region."""
+    model = two[0]
+    first, second = _lora_like(model.unet, seed=5), _lora_like(model.unet, seed=6)
+    one = _run(two, subject_weights=[first, None])
+    both = _run(two, subject_weights=[first, second])
+    assert torch.isfinite(both.latents).all()
+    inside = both.regions[0] == 1
+    assert inside.any()
+    d = (both.latents - one.latents).abs()[0].mean(0)
+    assert float(d[inside].mean()) > 0  # subject 2's weights act in its region
+    assert not any("forward" in m.__dict__ for m in model.unet.modules())
+
+
 def test_interrupt_and_error_restore_the_attention(two):
     model = two[0]
     steps = iter(range(100))
@@ -400,6 +415,11 @@ def test_the_api_list_of_every_subject():
     with pytest.raises(LayoutRetouchError) as e:
         LayoutRetouchParams.from_dict({"subjects": [{"class_phrase": "cat", "colour": "red"}]})
     assert "unknown key 'colour'" in str(e.value)
+    # subject 1 has no LoRA name of its own: a named one is refused, not dropped
+    with pytest.raises(LayoutRetouchError) as e:
+        LayoutRetouchParams.from_dict({"subjects": [{"class_phrase": "cat", "lora": "my_cat"}]})
+    assert e.value.message.startswith("subject 1: its lora 'my_cat' cannot be named")
+    assert e.value.parameter == "subjects"
 
 
 def test_joint_block_region_queries_attend_to_their_own_subjects_reference_only():
@@ -514,3 +534,51 @@ def test_regions_image_round_trip():
     assert img.size == (6, 4) and img.getpixel((0, 0)) == SUBJECT_COLOURS[0]
     assert img.getpixel((4, 0)) == (0, 0, 0)
     assert regions_from_image(img)[::2, ::2].tolist() == index.tolist()
+
+
+# -- which LoRA tag is each subject's ----------------------------------------------------------------
+def _lora_subjects(*specs):
+    return [SubjectParams(personalization=kind, lora=lora) for kind, lora in specs]
+
+
+def test_lora_tags_go_to_the_lora_subjects_in_order():
+    from lib_layout_retouch.subjects import subject_loras
+
+    tags = ["my_dog", "my_cat", "style"]
+    two = _lora_subjects(("lora", ""), ("lora", ""))
+    assert subject_loras(two, tags) == ["my_dog", "my_cat"]
+    # a named tag is taken first; the empty ones take the rest in order; other kinds get none
+    named = _lora_subjects(("lora", ""), ("textual_inversion", ""), ("lora", "<lora:MY_DOG:0.7>"))
+    assert subject_loras(named, tags) == ["my_cat", None, "my_dog"]
+    assert subject_loras(_lora_subjects(("photo", ""), ("lora", "style")), tags) == [None, "style"]
+
+
+@pytest.mark.parametrize(
+    "specs, tags, message",
+    [
+        (
+            [("lora", ""), ("lora", "my_cat")],
+            ["my_dog"],
+            "subject 2: its LoRA 'my_cat' is not among the prompt's LoRA tags (my_dog): add "
+            "<lora:my_cat:1> to the prompt",
+        ),
+        (
+            [("lora", ""), ("lora", "")],
+            ["my_dog"],
+            "subject 2: it is learned as a LoRA but the prompt has no LoRA tag left for it",
+        ),
+        (
+            [("photo", ""), ("lora", "a"), ("lora", "A")],
+            ["a", "b"],
+            "subject 3: its LoRA 'a' is subject 2's too",
+        ),
+        ([("lora", "")], [], "it is learned as a LoRA but the prompt has no LoRA tag left"),
+    ],
+)
+def test_lora_subject_without_its_tag_is_refused(specs, tags, message):
+    from lib_layout_retouch.subjects import subject_loras
+
+    with pytest.raises(LayoutRetouchError) as e:
+        subject_loras(_lora_subjects(*specs), tags)
+    assert e.value.message.startswith(message), e.value.message
+    assert e.value.parameter == ("personalization" if message.startswith("it is") else "subjects")

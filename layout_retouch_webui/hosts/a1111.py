@@ -156,6 +156,31 @@ class A1111Host(Host):
     def lora_key(self, p) -> str:
         return ",".join(f"{n.name}:{n.unet_multiplier}" for n in self.active_loras(p))
 
+    def lora_tags(self, p):
+        return [(n.name, n) for n in self.active_loras(p)]  # `name`: the tag's, as written
+
+    def lora_scopes(self, p, own):
+        """By the networks' `unet_multiplier` (read at each call): subject k's network at the
+        multiplier it has now, the other subjects' at 0."""
+        nets = [n for n in own if n is not None]
+        strength = {id(n): n.unet_multiplier for n in nets}
+
+        def only(on):
+            @contextlib.contextmanager
+            def scope():
+                saved = [(n, n.unet_multiplier) for n in nets]
+                for n in nets:
+                    n.unet_multiplier = strength[id(n)] if n is on else 0
+                try:
+                    yield
+                finally:
+                    for n, m in saved:
+                        n.unet_multiplier = m
+
+            return scope
+
+        return [None if n is None else only(n) for n in own], only(None)
+
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self, name):
         return sd_models.get_closet_checkpoint_match(name) if name else None

@@ -102,6 +102,17 @@ class Host:
     def lora_key(self, p) -> str:
         return ""
 
+    def lora_tags(self, p) -> list[tuple[str, object]]:
+        """The active LoRA networks as (the name of its prompt tag, the network), in prompt order."""
+        return []
+
+    def lora_scopes(self, p, own: list) -> tuple[list, Callable[[], ContextManager]]:
+        """Several subjects with LoRAs (`own[k]`: subject k's network from `lora_tags`, or None):
+        per subject a context factory in which its own network is the only one of `own` on in the
+        UNet (None for a subject without one), and one in which none of `own` is on. Networks that
+        are no subject's stay as they are; each context puts back what it found."""
+        return [None] * len(own), contextlib.nullcontext
+
     # -- checkpoints --------------------------------------------------------------------------------
     def checkpoint(self, name: str):
         """The checkpoint of the WebUI's list named `name` (an object with `.filename`, `.title`)."""

@@ -11,8 +11,10 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
   predictor's `alphas_cumprod`.
 - `modules.sd_models.read_state_dict` is a stub: checkpoints are read with `backend.utils.load_torch_file`.
 - LoRA is merged into the module weights by the patcher's `LoraLoader` (`backend/patcher/lora.py`), with
-  a backup of the originals: "off" is `lora_loader.refresh({})` (the originals back), "on" is the
-  patcher's own `refresh_loras()`; A1111's `unet_multiplier` does not exist here.
+  a backup of the originals: "off" is `lora_loader.refresh(...)` with the other files' patches only
+  (`{}`: the originals back), "on" is the patcher's own `refresh_loras()`; several subjects' LoRAs
+  each in its own region re-merge a subset the same way (`lora_scopes`); A1111's `unet_multiplier`
+  does not exist here.
 - Text encoding and the VAE run in `torch.inference_mode()` and load their models through
   `backend.memory_management`; the retouch runs in inference mode too (`inference_context`).
 - Flux.1 (dev/schnell; engine class `Flux`, `PredictionFlux`): the model is
@@ -29,6 +31,7 @@ What differs from AUTOMATIC1111, and how this adapter answers it:
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from modules import shared
@@ -173,7 +176,7 @@ class ForgeHost(A1111Host):
         memory_management.load_model_gpu(
             patcher
         )  # loaded (LoRA merged) now, so encoding loads nothing more
-        patcher.lora_loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
+        _refresh(patcher, _without(patcher.lora_patches, loras))
         try:
             yield
         finally:
@@ -183,12 +186,47 @@ class ForgeHost(A1111Host):
         if not loras:
             return lambda: None
         patcher = p.sd_model.forge_objects.unet
-        patcher.lora_loader.refresh(lora_patches={}, offload_device=patcher.offload_device)
+        _refresh(patcher, _without(patcher.lora_patches, loras))
         return patcher.refresh_loras
 
     def lora_key(self, p) -> str:
         patcher = p.sd_model.forge_objects.unet
         return str(list((getattr(patcher, "lora_patches", None) or {}).keys()))
+
+    def lora_tags(self, p):
+        """(tag name, file) of the `networks` module's loaded networks whose file is merged into
+        this generation's UNet patcher (its `lora_patches` keys start with the file name)."""
+        merged = set(self.active_loras(p))
+        networks = sys.modules.get("networks")  # sd_forge_lora
+        tags = []
+        for net in getattr(networks, "loaded_networks", None) or []:
+            filename = getattr(getattr(net, "network_on_disk", None), "filename", None)
+            if filename in merged:
+                tags.append((net.name, filename))
+        return tags
+
+    def lora_scopes(self, p, own):
+        """By re-merging a subset of the patcher's `lora_patches` (the loader restores its backup
+        first): subject k's file and the files of no subject; on leaving, what was merged before."""
+        patcher = p.sd_model.forge_objects.unet
+        patches = dict(patcher.lora_patches)
+        files = [f for f in own if f is not None]
+        merged = []  # the subsets the open scopes merged, innermost last
+
+        def only(on):
+            @contextlib.contextmanager
+            def scope():
+                merged.append(_without(patches, [f for f in files if f != on]))
+                _refresh(patcher, merged[-1])
+                try:
+                    yield
+                finally:
+                    merged.pop()
+                    _refresh(patcher, merged[-1] if merged else patches)
+
+            return scope
+
+        return [None if f is None else only(f) for f in own], only(None)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def read_state_dict(self, filename):
@@ -198,3 +236,14 @@ class ForgeHost(A1111Host):
 
     def fix_checkpoint_keys(self, state):
         return state  # Forge's `get_state_dict_from_checkpoint` is a stub; its loader keeps the file's keys
+
+
+def _without(lora_patches: dict, files) -> dict:
+    """The patcher's `lora_patches` without the LoRA files `files` (keys: (file, strengths…))."""
+    files = set(files)
+    return {k: v for k, v in (lora_patches or {}).items() if k[0] not in files}
+
+
+def _refresh(patcher, lora_patches: dict) -> None:
+    """Merge exactly `lora_patches` into the patcher's model (the originals restored first)."""
+    patcher.lora_loader.refresh(lora_patches=lora_patches, offload_device=patcher.offload_device)

@@ -364,6 +364,12 @@ class RetouchProcessor:
         subject k's region attends to subject k's photos only; outside every region it keeps the
         layout's output φ_o."""
         for half, rows in at.target_rows:
+            if state.regions is not None and not any(state.reference_groups):
+                # every subject's photos are in calls of their own (their own weights): the
+                # layout's output here, as in a region whose photos are elsewhere
+                phi_o = self.source(state, LAYOUT, half, q, k, v, out=out)[3]
+                out[rows, :, span.image] = phi_o[:, :, span.image]
+                continue
             kr, vr = self.reference_kv(state, half, q, k, v, **kv_of)
             self.capture(state, results, half, kr, vr)
             if state.regions is None:

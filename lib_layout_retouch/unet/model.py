@@ -202,8 +202,10 @@ class LdmModel:
         encoder = self.text_encoder()  # SDXL: the CLIP-L embedder (both tokenize alike)
         if hasattr(encoder, "tokenize_line"):
             chunks, _ = encoder.tokenize_line(prompt)
+            # [concept token, class phrase]; a photo-only subject has its class phrase only
+            token, phrase = ["", *phrases][-2:]
             return subject_positions_in_chunks(
-                chunks, lambda t: encoder.tokenize([t])[0], phrases[0], phrases[1]
+                chunks, lambda t: encoder.tokenize([t])[0], token, phrase
             )
         return subject_token_positions(self.tokenize, prompt, phrases)
 

@@ -62,6 +62,9 @@ VANILLA = "tiny-vanilla"
 WIDE = "tiny-wide"
 EMBEDDING = "tiny-concept"
 LORA = "tiny-lora"
+# a second subject's (several subjects in one image)
+EMBEDDING_2 = "tiny-concept-two"
+LORA_2 = "tiny-lora-two"
 XL_PERSONAL = "tiny-xl-personal"
 XL_VANILLA = "tiny-xl-vanilla"
 XL_WIDE = "tiny-xl-wide"
@@ -383,6 +386,8 @@ def write_host_models(root: str) -> dict:
     )
     paths[EMBEDDING] = write_embedding(paths["embeddings_dir"])
     paths[LORA] = write_lora(paths["lora_dir"], paths["clip"])
+    paths[EMBEDDING_2] = write_embedding(paths["embeddings_dir"], EMBEDDING_2, seed=8)
+    paths[LORA_2] = write_lora(paths["lora_dir"], paths["clip"], LORA_2, seed=12)
     for name in (XL_PERSONAL, XL_VANILLA, XL_WIDE):
         paths[name] = write_sdxl_checkpoint(
             paths["ckpt_dir"], name, paths["clip"], SEEDS[name], XL_CHANNELS[name]
