@@ -33,7 +33,10 @@
         "Vanilla checkpoint's": "Which text encoder reads the prompt of the vanilla model's steps (yours with the class phrase in place of the concept token) in DreamBooth mode: the vanilla checkpoint's own (what the vanilla model understands; DreamBooth often fine-tunes the text encoder too), or the loaded personalized model's.",
         "Loaded model's": "Which text encoder reads the prompt of the vanilla model's steps (yours with the class phrase in place of the concept token) in DreamBooth mode: the vanilla checkpoint's own (what the vanilla model understands; DreamBooth often fine-tunes the text encoder too), or the loaded personalized model's.",
         "More photos of the subject (optional, up to 3)": "Other photos of the same subject (other angles, other light): the retouch attends to all of them together. Each is inverted once and cached. The API sends them in reference_image as a list.",
-        "Guess": "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. It says what it could not find.",
+        "Guess": "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. Several in the prompt fill subject 2 and 3 too (their panels open). It says what it could not find.",
+        "➕ Add subject": "Subjects 2 to 3 in the same image, each from its own photos: each is retouched only in its own region of the layout, from its own reference photos (and its own LoRA). Shows the next subject's panel (up to 3): name each in the prompt with its own concept token and class phrase, e.g. 'a photo of sks dog and zwx cat on a sofa'.",
+        "✖ Remove subject": "Remove this subject from the image; the subjects after it move up.",
+        "LoRA name (optional)": "For a LoRA subject: the name of its tag in the prompt (my_dog for <lora:my_dog:1>), so its LoRA acts only in its own region. Empty: the prompt's LoRA tags are the LoRA subjects' in order.",
         "Advanced": "The reference prompt, the Segment-Anything mask and its threshold, the layout source, how exactly the photo is read, the attention layers and DreamBooth's stage-1 text encoder: the paper's defaults work for most subjects.",
         "[L&R] Lambda1": "λ1: vanilla layout steps: the values are steps at this generation's step count, used as given (not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 steps) are 1 / 2 / 7.",
         "[L&R] Lambda2": "λ2: retouch steps that keep the layout: the values are steps at this generation's step count, used as given (not scaled with steps): at 10 steps the panel's paper values 5 / 10 / 31 (for 50 steps) are 1 / 2 / 7.",
@@ -59,7 +62,7 @@
         });
     }
     // texts of javascript/layout_retouch_ui.js (refusals, the upload guard)
-    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "refusalItem": "•", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again", "intermediateKey": "Layout-and-Retouch intermediate", "intermediateShort": {"stage-1 layout": "layout", "blend mask": "mask", "subject cross-attention map": "map"}};
+    window.layoutRetouchTexts = {"refusalMark": "⚠ Layout-and-Retouch:", "refusalItem": "•", "moreUploading": "“More photos of the subject (optional, up to 3)” is still uploading — wait until the file sizes show, then Generate again", "intermediateKey": "Layout-and-Retouch intermediate", "intermediateShort": {"stage-1 layout": "layout", "blend mask": "mask", "subject cross-attention map": "map", "subject regions": "regions"}};
     addHints();
     if (typeof onUiLoaded === 'function') onUiLoaded(function () { addHints(); labelTitles(); });
     if (typeof onUiUpdate === 'function') {
