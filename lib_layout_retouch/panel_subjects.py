@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .params import FIELD_BY_NAME, MAX_SUBJECTS, SubjectParams
+from .params import (
+    _SUBJECT_INFOTEXT_WHAT,
+    FIELD_BY_NAME,
+    MAX_SUBJECTS,
+    SUBJECT_INFOTEXT,
+    SubjectParams,
+)
 
 _KIND = FIELD_BY_NAME["personalization"]
 KIND_LABELS: dict[str, str] = dict(zip(_KIND.choices, _KIND.choice_labels))
@@ -100,6 +106,15 @@ def pasted_subjects(values: Mapping[str, Any]) -> list[PastedSubject]:
             )
         )
     return out
+
+
+def paste_keys() -> list[str]:
+    """The infotext keys of subjects 2 … ("LR subject 2 concept token" …): the panel pastes them."""
+    return [
+        SUBJECT_INFOTEXT.format(number=n, what=what)
+        for n in range(2, MAX_SUBJECTS + 1)
+        for what in _SUBJECT_INFOTEXT_WHAT.values()
+    ]
 
 
 def guessed_count(count: Any, found: Sequence) -> int:

@@ -212,3 +212,14 @@ def test_one_subject_has_no_regions_picture():
         "mask",
         "attention map",
     ]
+
+
+def test_the_panel_pastes_every_key_a_generation_writes_for_its_subjects():
+    subjects = [
+        {"reference_image": BLUE, "personalization": "lora", "concept_token": "zwx",
+         "class_phrase": "cat", "lora": "my_cat"},
+        {"reference_image": GREEN, "personalization": "photo", "class_phrase": "bird"},
+    ]  # fmt: skip
+    info = LayoutRetouchParams(**_subject_one(subjects=subjects)).to_infotext(20)
+    written = {k for k in info if k.startswith("LR subject")}
+    assert len(written) == 5 + 3 and written <= set(ps.paste_keys())
