@@ -178,12 +178,17 @@ def _report(job, job_for_batch, model, result, n: int, seconds: float) -> None:
 
 
 def keep_intermediates(p, run, decoded_layouts, result) -> None:
-    """Layout, mask, attention map and (several subjects) the subject regions of each image, for
-    the gallery after the results."""
+    """Layout, mask and attention map of each image, for the gallery after the results."""
     size = (p.width, p.height)
     layouts = lr_job.tensor_to_images(decoded_layouts)
     base = int(getattr(p, "iteration", 0) or 0) * p.batch_size  # index of this batch's first image
     for i, layout in enumerate(layouts):
         run.intermediates.append(("layout", base + i, layout))
-        for kind, picture in lr_job.intermediate_images(result, i, size):
-            run.intermediates.append((kind, base + i, picture))
+        if result.masks is not None:
+            run.intermediates.append(
+                ("mask", base + i, lr_job.mask_to_image(result.masks[i], size))
+            )
+        if result.ca_maps is not None:
+            run.intermediates.append(
+                ("attention map", base + i, lr_job.mask_to_image(result.ca_maps[i], size))
+            )
