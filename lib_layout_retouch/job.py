@@ -64,20 +64,6 @@ def regions_to_image(regions: torch.Tensor, size: tuple[int, int]) -> Image.Imag
     return Image.fromarray(arr, mode="RGB").resize(size, Image.NEAREST)
 
 
-def intermediate_images(result, index: int, size: tuple[int, int]) -> list[tuple[str, Image.Image]]:
-    """What the gallery shows of image `index` of a retouch `result` after its layout, as (kind,
-    picture at `size`) with the kinds of ui_text.INTERMEDIATE_WHAT: the blend mask, the subject
-    cross-attention map and, with several subjects, the subject regions (one colour each)."""
-    out = []
-    if result.masks is not None:
-        out.append(("mask", mask_to_image(result.masks[index], size)))
-    if result.ca_maps is not None:
-        out.append(("attention map", mask_to_image(result.ca_maps[index], size)))
-    if getattr(result, "regions", None) is not None:
-        out.append(("regions", regions_to_image(result.regions[index], size)))
-    return out
-
-
 def regions_from_image(image: Image.Image) -> np.ndarray:
     """`regions_to_image`'s picture back to a subject index (H, W) (-1 where no subject's colour)."""
     arr = np.asarray(image.convert("RGB"))

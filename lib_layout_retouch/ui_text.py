@@ -250,7 +250,7 @@ INTERMEDIATE_WHAT = {
     "layout": "stage-1 layout",
     "mask": "blend mask",
     "attention map": "subject cross-attention map",
-    "regions": "subject regions",  # several subjects: each subject's region in its colour
+    "regions": "subject regions",  # several subjects: one colour each (job.SUBJECT_COLOURS)
 }
 
 
