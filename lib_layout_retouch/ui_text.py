@@ -174,9 +174,10 @@ def photo_notice(fingerprint: Optional[str], subject: int = 1) -> str:
 def photos_still_loaded(fingerprints: list[str], subject: int = 1) -> str:
     """Shown instead of `photo_notice` when the photos loaded in the panel are the ones used."""
     listed = ", ".join(f"`{p}`" for p in fingerprints)
-    what = "photos used are" if len(fingerprints) > 1 else "photo used is"
+    many = len(fingerprints) > 1
+    what = f"photo{'s' if many else ''}{_of_subject(subject)} used {'are' if many else 'is'}"
     return (
-        f"✓ The reference {what}{_of_subject(subject)} still loaded "
+        f"✓ The reference {what} still loaded "
         f"(fingerprint{'s' if len(fingerprints) > 1 else ''} {listed}): pasted parameters switched "
         "Layout-and-Retouch on and restored every control."
     )

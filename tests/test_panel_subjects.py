@@ -138,7 +138,10 @@ def test_the_photo_notice_names_the_subject_after_the_first():
     assert "Upload the reference photo of subject 2 again" in two and fp in two
     several = ui_text.photo_notice(f"{fp}, {image_fingerprint(RED)}", subject=3)
     assert "Upload the 2 reference photos of subject 3 again" in several
-    assert "of subject 2 still loaded" in ui_text.photos_still_loaded([fp], subject=2)
+    assert "The reference photo of subject 2 used is still loaded" in ui_text.photos_still_loaded(
+        [fp], subject=2
+    )
+    assert ui_text.photos_still_loaded([fp]).startswith("✓ The reference photo used is still")
 
 
 # ---- Guess --------------------------------------------------------------------------------------
