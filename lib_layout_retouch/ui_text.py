@@ -24,10 +24,11 @@ ADVANCED = (
     "stage1_text_encoder",
 )
 
+ADD_SUBJECT_LABEL = "➕ Add subject"
 PANEL_INTRO = (
     "Vanilla model draws the layout, your subject is retouched in from its photo (up to 4) "
-    "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
-    "the paper used **DDIM**."
+    f"([paper](https://arxiv.org/abs/2407.09779)); **{ADD_SUBJECT_LABEL}** for a second or third one. "
+    "Stage 1 works with any sampler; the paper used **DDIM**."
 )
 ACCORDION_LABEL = NAME  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
@@ -39,7 +40,6 @@ VANILLA_REFRESH_HINT = (
 # Hover hints of controls that are no parameter (by their visible text).
 MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCES - 1})"
 # Several subjects: subject 1 is the panel's own controls, subjects 2 … each a panel of their own.
-ADD_SUBJECT_LABEL = "➕ Add subject"
 REMOVE_SUBJECT_LABEL = "✖ Remove subject"
 LORA_NAME_LABEL = "LoRA name (optional)"
 
