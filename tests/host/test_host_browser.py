@@ -979,10 +979,17 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         assert "LR subject 2 reference" in text
         select_image(page, 4)
         assert "Layout-and-Retouch intermediate: subject regions of image 1" in info_text(page)
-        if os.environ.get("LR_SCREENSHOTS"):
-            page.locator(f"{ACC}").scroll_into_view_if_needed()
+        if os.environ.get("LR_SCREENSHOTS"):  # the README's: the gallery down to subject 2's panel
+            top, bottom = page.evaluate(
+                "(ids) => { const r = ids.map(i => document.querySelector(i).getBoundingClientRect());"
+                " return [Math.min(...r.map(b => b.top)) + scrollY,"
+                " Math.max(...r.map(b => b.bottom)) + scrollY]; }",
+                ["#txt2img_gallery", f"#{SID}subject2_panel"],
+            )
             page.screenshot(
-                path=os.path.join(os.environ["LR_SCREENSHOTS"], "ui-subjects.png"), full_page=True
+                path=os.path.join(os.environ["LR_SCREENSHOTS"], "ui-subjects.png"),
+                full_page=True,
+                clip={"x": 0, "y": max(top - 8, 0), "width": 1280, "height": bottom - top + 16},
             )
         # paste: with both photos still loaded, each subject's notice says so
         infotext = json.loads(page.locator("#generation_info_txt2img textarea").input_value())[
