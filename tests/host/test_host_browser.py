@@ -936,7 +936,7 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         )
         assert box(page, f"{SID}subject2_class").input_value() == "cat"
         assert box(page, f"{SID}concept_token").input_value() == "sks"
-        guessed = page.locator(f"#{SID}guess_message").inner_text()
+        guessed = page.locator(f"#{SID}guess_message").first.inner_text()
         assert "subject 1 sks dog, subject 2 zwx cat" in guessed, guessed
         assert not page.locator(f"#{SID}subject3_panel").is_visible()
         # ✖ hides it (emptied); Add subject shows it again, then subject 3, then no more
