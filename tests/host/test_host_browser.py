@@ -959,8 +959,8 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         upload_photo(page, f"{SID}subject2_reference_image", subject_photo(tmp_path))
         pick(page, f"{SID}subject2_personalization", "Photos only")
         set_text(page, f"#{SID}subject2_class textarea, #{SID}subject2_class input", "cat")
-        page.locator(f"#{SID}subject2_lora").wait_for(state="hidden")  # LoRA's only
-        assert page.locator(f"#{SID}subject1_heading").is_visible()
+        page.locator(f"#{SID}subject2_lora").first.wait_for(state="hidden")  # LoRA's only
+        assert page.locator(f"#{SID}subject1_heading").first.is_visible()
         page.locator(f"#{SID}show_intermediates input").check()
         generate(page)
         assert gallery_count(page) == 5, "result + layout, mask, map and the subject regions"
