@@ -963,7 +963,10 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         assert page.locator(f"#{SID}subject1_heading").first.is_visible()
         page.locator(f"#{SID}show_intermediates input").check()
         generate(page)
-        assert gallery_count(page) == 5, "result + layout, mask, map and the subject regions"
+        assert gallery_count(page) == 5, (  # result + layout, mask, map and the subject regions
+            gallery_count(page),
+            page.evaluate(LOG_JS),
+        )
         page.wait_for_function(
             "() => document.querySelectorAll('#txt2img_gallery .layout-retouch-caption').length >= 4",
             timeout=15_000,
