@@ -950,14 +950,19 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         page.locator(f"#{SID}add_subject").wait_for(state="hidden")
         page.locator(f"#{SID}subject3_remove").click()
         page.locator(f"#{SID}subject3_panel").wait_for(state="hidden")
-        # subject 1: the TI embedding; subject 2: photo only (a cat from its photo alone)
-        set_text(page, "#txt2img_prompt textarea", f"a photo of {TC.EMBEDDING} dog and a cat")
+        # two TI embeddings (TC.EMBEDDING_2 comes with the run path's host tier)
+        set_text(
+            page,
+            "#txt2img_prompt textarea",
+            f"a photo of {TC.EMBEDDING} dog and {TC.EMBEDDING_2} cat",
+        )
         upload_photo(page, f"{SID}reference_image", photo_path)
         pick(page, f"{SID}personalization", "Textual Inversion embedding")
         set_text(page, f"#{SID}concept_token textarea, #{SID}concept_token input", TC.EMBEDDING)
         set_text(page, f"#{SID}class_phrase textarea, #{SID}class_phrase input", "dog")
         upload_photo(page, f"{SID}subject2_reference_image", subject_photo(tmp_path))
-        pick(page, f"{SID}subject2_personalization", "Photos only")
+        pick(page, f"{SID}subject2_personalization", "Textual Inversion embedding")
+        set_text(page, f"#{SID}subject2_token textarea, #{SID}subject2_token input", TC.EMBEDDING_2)
         set_text(page, f"#{SID}subject2_class textarea, #{SID}subject2_class input", "cat")
         page.locator(f"#{SID}subject2_lora").first.wait_for(state="hidden")  # LoRA's only
         assert page.locator(f"#{SID}subject1_heading").first.is_visible()
@@ -977,7 +982,10 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         )
         assert captions == ["", "layout", "mask", "map", "regions"], captions
         text = info_text(page)
-        for line in ("LR subject 2 personalization: photo", "LR subject 2 class phrase: cat"):
+        for line in (
+            "LR subject 2 personalization: textual_inversion",
+            "LR subject 2 class phrase: cat",
+        ):
             assert line in text, text
         assert "LR subject 2 reference" in text
         select_image(page, 4)
@@ -1013,7 +1021,7 @@ def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back
         wait_text(page, f"{SID}subject2_photo_notice", "Upload the reference photo of subject 2")
         assert box(page, f"{SID}subject2_class").input_value() == "cat"
         checked = page.locator(f"#{SID}subject2_personalization label:has(input:checked)").first
-        assert checked.inner_text().strip().startswith("Photos only"), checked.inner_text()
+        assert checked.inner_text().strip() == "Textual Inversion embedding", checked.inner_text()
         assert not page.locator(f"#{SID}subject3_panel").is_visible()
         assert header_checkbox(page).is_checked()
     finally:
