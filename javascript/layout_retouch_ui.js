@@ -99,11 +99,15 @@
     }
 
     function stillUploading(tab) {
-        const more = byId(prefix(tab) + 'more_photos');
-        if (!more) return false;
-        // gradio shows "Uploading..." instead of a file's size (a download link) until it has arrived
-        const rows = [...more.querySelectorAll('tbody tr')];
-        return rows.some(function (r) { return !r.querySelector('a'); }) || /Uploading/.test(more.innerText || '');
+        // subject 1's "More photos" and those of the subjects after it (subject2_more_photos …)
+        const boxes = [byId(prefix(tab) + 'more_photos')].concat(
+            [...app().querySelectorAll('[id^="' + prefix(tab) + 'subject"][id$="_more_photos"]')]);
+        return boxes.some(function (more) {
+            if (!more) return false;
+            // gradio shows "Uploading..." instead of a file's size (a download link) until it has arrived
+            const rows = [...more.querySelectorAll('tbody tr')];
+            return rows.some(function (r) { return !r.querySelector('a'); }) || /Uploading/.test(more.innerText || '');
+        });
     }
 
     function guardGenerate(event) {

@@ -19,10 +19,18 @@ from layout_retouch_webui.settings import (
     same_checkpoint,
 )
 from lib_layout_retouch import logs, ui_text
+from lib_layout_retouch import panel_subjects as ps
 from lib_layout_retouch.errors import LayoutRetouchError
 from lib_layout_retouch.images import find_fingerprints
-from lib_layout_retouch.params import FIELD_BY_NAME, FIELDS, NO_SAM, LayoutRetouchParams
-from lib_layout_retouch.prompts import guess_concept
+from lib_layout_retouch.job import SUBJECT_COLOURS
+from lib_layout_retouch.params import (
+    FIELD_BY_NAME,
+    FIELDS,
+    MAX_SUBJECTS,
+    NO_SAM,
+    LayoutRetouchParams,
+)
+from lib_layout_retouch.prompts import guess_subjects
 from lib_layout_retouch.schedule import (
     PAPER_LAMBDA1,
     PAPER_LAMBDA2,
@@ -54,7 +62,7 @@ def control(f, labels, eid: str, is_img2img: bool = True):
         return gr.Checkbox(value=f.default, label=f.label, elem_id=eid)
     if f.kind == "image":
         return image_input(f.label, eid)
-    if f.kind == "subjects":  # subjects 2 … (the API's list; the panel keeps it as a state)
+    if f.kind == "subjects":  # subjects 2 …: the shown subject panels' values (`SubjectPanel`)
         return gr.State(value=[])
     if f.kind == "choice":
         hidden = () if is_img2img else IMG2IMG_ONLY.get(f.name, ())
@@ -138,7 +146,11 @@ def build(script, is_img2img: bool) -> list:
         panel.comps["enabled"] = enabled
         gr.Markdown(ui_text.PANEL_INTRO)
         panel.photo_notice = gr.Markdown("", visible=False, elem_id=script.elem_id("photo_notice"))
+        panel.subject1_heading = gr.HTML(
+            subject_heading(1), visible=False, elem_id=script.elem_id("subject1_heading")
+        )
         build_subject_row(panel)
+        build_more_subjects(panel)
         for name in SCHEDULE_KNOBS:
             panel.make(name)
         panel.effective = gr.Markdown(initial_effective(panel), elem_id=script.elem_id("effective"))
@@ -194,6 +206,183 @@ def build_subject_row(panel: Panel) -> None:
             panel.guess_msg = gr.Markdown("", elem_id=eid("guess_message"))
 
 
+# --- subjects 2 … ---------------------------------------------------------------------------------
+def subject_heading(number: int) -> str:
+    """ "Subject N" with the colour its region has in the intermediates' regions picture."""
+    r, g, b = SUBJECT_COLOURS[(number - 1) % len(SUBJECT_COLOURS)]
+    return (
+        f'<span class="layout-retouch-subject-heading"><span class="layout-retouch-swatch" '
+        f'style="background: rgb({r}, {g}, {b})"></span>{ui_text.subject_heading(number)}</span>'
+    )
+
+
+class SubjectPanel:
+    """The controls of subject `number` (2 …), shown by *Add subject*: photo and more photos, how
+    it was learned, concept token, class phrase, LoRA name; a notice (paste) and a message (a
+    photo that cannot be read)."""
+
+    def __init__(self, panel: Panel, number: int):
+        from modules.ui_components import FormRow
+
+        self.number = number
+        eid = lambda name: panel.script.elem_id(f"subject{number}_{name}")  # noqa: E731
+        labels = panel.labels["personalization"]
+        with gr.Column(visible=False, elem_id=eid("panel"), variant="panel") as self.box:
+            with gr.Row():
+                gr.HTML(subject_heading(number), elem_id=eid("heading"))
+                self.remove = gr.Button(
+                    ui_text.REMOVE_SUBJECT_LABEL, elem_id=eid("remove"), size="sm", scale=0
+                )
+            self.notice = gr.Markdown("", visible=False, elem_id=eid("photo_notice"))
+            with gr.Row():
+                with gr.Column(scale=1, min_width=200):
+                    self.photo = image_input(
+                        FIELD_BY_NAME["reference_image"].label, eid("reference_image")
+                    )
+                    self.more = gr.File(
+                        label=ui_text.MORE_PHOTOS_LABEL,
+                        file_count="multiple",
+                        file_types=["image"],
+                        elem_id=eid("more_photos"),
+                    )
+                with gr.Column(scale=2):
+                    self.kind = gr.Radio(
+                        choices=list(labels.values()),
+                        value=labels[ps.DEFAULT_KIND],
+                        label=FIELD_BY_NAME["personalization"].label,
+                        elem_id=eid("personalization"),
+                    )
+                    with FormRow():
+                        self.token = text_box(FIELD_BY_NAME["concept_token"].label, eid("token"))
+                        self.cls = text_box(FIELD_BY_NAME["class_phrase"].label, eid("class"))
+                        self.lora = text_box(
+                            ui_text.LORA_NAME_LABEL, eid("lora"), ps.DEFAULT_KIND == "lora"
+                        )
+                    self.message = gr.Markdown("", visible=False, elem_id=eid("message"))
+
+    @property
+    def values(self) -> list:
+        """The controls whose values make the subject, in `read_row`'s order."""
+        return [getattr(self, name) for name in SUBJECT_CONTROLS]
+
+
+# A subject panel's controls that make the subject (`read_row`'s arguments, in order).
+SUBJECT_CONTROLS = ("photo", "more", "kind", "token", "cls", "lora")
+
+
+def text_box(label: str, elem_id: str, visible: bool = True):
+    return gr.Textbox(value="", label=label, elem_id=elem_id, lines=1, max_lines=1, visible=visible)
+
+
+def build_more_subjects(panel: Panel) -> None:
+    """Subjects 2 … MAX_SUBJECTS (hidden until *Add subject*), the hidden count of the subjects
+    shown, and the `subjects` argument they make (a state, `FIELDS`' last)."""
+    eid = panel.script.elem_id
+    panel.subject_count = gr.Number(
+        value=1, precision=0, visible=False, elem_id=eid("subject_count")
+    )
+    panel.more_subjects = [SubjectPanel(panel, n) for n in range(2, MAX_SUBJECTS + 1)]
+    panel.add_subject = gr.Button(
+        ui_text.ADD_SUBJECT_LABEL, elem_id=eid("add_subject"), size="sm", variant="secondary"
+    )
+    panel.make("subjects")
+
+
+def read_row(photo, more, kind, token, cls, lora) -> tuple[ps.SubjectRow, str]:
+    """One subject panel's values → (its row, "" or why a photo could not be read)."""
+    photos, problem = [], ""
+    try:
+        params = LayoutRetouchParams(reference_image=photo)
+        if more:
+            params = api.with_more_photos(types.SimpleNamespace(is_api=False), params, more)
+        photos = params.references
+    except LayoutRetouchError as e:
+        problem = ui_text.for_ui(e.message)
+    return ps.SubjectRow(photos, kind, token or "", cls or "", lora or ""), problem
+
+
+def subjects_state(count, *values):
+    """The `subjects` argument from the shown panels, and each panel's photo message."""
+    per = len(SUBJECT_CONTROLS)
+    rows, messages = [], []
+    for k in range(len(values) // per):
+        row, problem = read_row(*values[k * per : (k + 1) * per])
+        rows.append(row)
+        text = f"⚠ {ui_text.subject_heading(k + 2)}: {problem}" if problem else ""
+        messages.append(gr.update(value=text, visible=bool(problem)))
+    return [ps.subjects_value(count, rows)] + messages
+
+
+def shown_subjects(count):
+    """Visibility of the subject panels, subject 1's heading and *Add subject* for `count`."""
+    n = ps.shown_count(count)
+    boxes = [gr.update(visible=k < n) for k in range(1, MAX_SUBJECTS)]
+    return boxes + [gr.update(visible=n > 1), gr.update(visible=n < MAX_SUBJECTS)]
+
+
+def remove_subject(index: int, count, *values):
+    """✖ on subject `index` + 2: the subjects after it move up, one panel fewer is shown."""
+    per = len(SUBJECT_CONTROLS)
+    rows = [list(values[k * per : (k + 1) * per]) for k in range(len(values) // per)]
+    empty = [None, None, ps.KIND_LABELS[ps.DEFAULT_KIND], "", "", ""]
+    rows = rows[:index] + rows[index + 1 :] + [empty]
+    out = []
+    for photo, more, kind, token, cls, lora in rows:
+        files = [api._upload_path(m) for m in (more or [])] or None
+        out += [photo, files, kind, token, cls, lora]
+    return out + [max(ps.shown_count(count) - 1, 1)]
+
+
+def wire_subjects(panel: Panel) -> None:
+    count, subjects = panel.subject_count, panel.more_subjects
+    values = [c for s in subjects for c in s.values]
+    panel.add_subject.click(
+        lambda n: min(ps.shown_count(n) + 1, MAX_SUBJECTS),
+        inputs=[count],
+        outputs=[count],
+        show_progress=False,
+    )
+    count.change(
+        shown_subjects,
+        inputs=[count],
+        outputs=[s.box for s in subjects] + [panel.subject1_heading, panel.add_subject],
+        show_progress=False,
+    )
+    for c in [count] + values:
+        c.change(
+            subjects_state,
+            inputs=[count] + values,
+            outputs=[panel.comps["subjects"]] + [s.message for s in subjects],
+            show_progress=False,
+        )
+    lora_label = panel.labels["personalization"]["lora"]
+    for k, s in enumerate(subjects):
+        s.remove.click(
+            lambda n, *v, k=k: remove_subject(k, n, *v),
+            inputs=[count] + values,
+            outputs=values + [count],
+            show_progress=False,
+        )
+        s.kind.change(
+            lambda v: gr.update(visible=v == lora_label),
+            inputs=[s.kind],
+            outputs=[s.lora],
+            show_progress=False,
+        )
+        for photo in (s.photo, s.more):
+            photo.upload(
+                lambda: gr.update(value="", visible=False), outputs=[s.notice], show_progress=False
+            )
+        s.notice.change(
+            lambda notice, photo, more, number=s.number: photos_loaded_notice(
+                notice, photo, more, number
+            ),
+            inputs=[s.notice, s.photo, s.more],
+            outputs=[s.notice],
+            show_progress=False,
+        )
+
+
 def initial_effective(panel: Panel) -> str:
     """The "At N steps" line for the controls' and the host boxes' initial values."""
     steps = getattr(panel.host("steps"), "value", 20) or 20
@@ -208,17 +397,22 @@ def initial_effective(panel: Panel) -> str:
 
 def wire_events(panel: Panel) -> None:
     comps, labels = panel.comps, panel.labels
-    kind = comps["personalization"]
+    # the vanilla checkpoint (one for all subjects) is asked for while a shown subject is DreamBooth
+    kinds = [comps["personalization"]] + [s.kind for s in panel.more_subjects]
     dreambooth = labels["personalization"]["dreambooth"]
-    kind.change(
-        lambda v: (
-            gr.update(visible=v == dreambooth),
-            gr.update() if v == dreambooth else gr.update(visible=False),
-        ),
-        inputs=[kind],
-        outputs=[panel.vanilla_row, panel.vanilla_notice],
-        show_progress=False,
-    )
+
+    def vanilla_shown(count, *shown_kinds):
+        wanted = dreambooth in shown_kinds[: ps.shown_count(count)]
+        return gr.update(visible=wanted), gr.update() if wanted else gr.update(visible=False)
+
+    for c in [panel.subject_count] + kinds:
+        c.change(
+            vanilla_shown,
+            inputs=[panel.subject_count] + kinds,
+            outputs=[panel.vanilla_row, panel.vanilla_notice],
+            show_progress=False,
+        )
+    wire_subjects(panel)
     for photo in (comps["reference_image"], panel.more_photos):
         photo.upload(
             lambda: gr.update(value="", visible=False),
@@ -248,10 +442,12 @@ def wire_events(panel: Panel) -> None:
     wire_scale(panel)
     prompt_box = panel.host("prompt")
     if prompt_box is not None:
+        texts = [comps["concept_token"], comps["class_phrase"]]
+        texts += [c for s in panel.more_subjects for c in (s.token, s.cls)]
         panel.guess.click(
             guess_concept_ui,
-            inputs=[prompt_box],
-            outputs=[comps["concept_token"], comps["class_phrase"], panel.guess_msg],
+            inputs=[prompt_box, panel.subject_count],
+            outputs=texts + [panel.subject_count, panel.guess_msg],
             show_progress=False,
         )
 
@@ -322,16 +518,16 @@ def vanilla_update(panel: Panel, current, selected):
 
 
 # --- the reference photos after a paste ------------------------------------------------------------
-def photos_loaded_notice(notice, photo, more):
+def photos_loaded_notice(notice, photo, more, subject: int = 1):
     """The "upload the photos again" notice of a paste, replaced by a calm one when every photo used
-    (the fingerprints it names) is the one loaded in the panel."""
+    (the fingerprints it names) is the one loaded in the panel of subject `subject`."""
     used = find_fingerprints(notice or "")
     if not used or not str(notice).startswith("⚠"):
         return gr.update()
     loaded = set(loaded_fingerprints(photo, more))
     if not set(used) <= loaded:
         return gr.update()
-    return gr.update(value=ui_text.photos_still_loaded(used), visible=True)
+    return gr.update(value=ui_text.photos_still_loaded(used, subject), visible=True)
 
 
 def loaded_fingerprints(photo, more) -> list[str]:
@@ -458,7 +654,51 @@ def set_paste_fields(panel: Panel) -> None:
             script.infotext_fields.append(
                 (comps[f.name], paste_reader(f.name, panel.labels.get(f.name, {}), panel))
             )
+    script.infotext_fields += subject_paste_fields(panel)
     script.paste_field_names = [f.infotext_key for f in FIELDS if f.infotext_key]
+    script.paste_field_names += ps.paste_keys()
+
+
+def pasted(d) -> list | None:
+    """Subjects 2 … of pasted parameters (`PastedSubject`s), or None without `LR ` keys."""
+    if not has_lr_keys(d):
+        return None
+    return ps.pasted_subjects(LayoutRetouchParams.from_infotext(d))
+
+
+def subject_paste_fields(panel: Panel) -> list:
+    """The paste of subjects 2 …: how many are shown, and each one's texts (a subject the pasted
+    image did not have is emptied) and photo notice (no image stores the photos)."""
+    fields = [(panel.subject_count, lambda d: None if pasted(d) is None else 1 + len(pasted(d)))]
+    empty = ps.PastedSubject(ps.KIND_LABELS[ps.DEFAULT_KIND], "", "", "", [])
+    for k, s in enumerate(panel.more_subjects):
+
+        def reader(attr, k=k):
+            def read(d):
+                subjects = pasted(d)
+                if subjects is None:
+                    return None
+                return getattr(subjects[k] if k < len(subjects) else empty, attr)
+
+            return read
+
+        def notice(d, k=k, number=s.number):
+            subjects = pasted(d)
+            if subjects is None:
+                return None
+            if k >= len(subjects):
+                return gr.update(value="", visible=False)
+            prints = ", ".join(subjects[k].fingerprints)
+            return gr.update(value=ui_text.photo_notice(prints, number), visible=True)
+
+        fields += [
+            (s.kind, reader("personalization")),
+            (s.token, reader("concept_token")),
+            (s.cls, reader("class_phrase")),
+            (s.lora, reader("lora")),
+            (s.notice, notice),
+        ]
+    return fields
 
 
 def paste_notice(d, panel=None):
@@ -500,13 +740,16 @@ def describe_effective(l1, l2, ms, scale, steps, strength=None, source=None, sam
         return f"⚠ {ui_text.for_ui(e.message)}"
 
 
-def guess_concept_ui(prompt):
+def guess_concept_ui(prompt, count=1):
+    """Guess: the concept token and class phrase of every subject the prompt names (subject 1's
+    fields, then subject 2's … whose panels open), the panels shown, and what it found."""
     names = hosts.current().embedding_names() or []
-    found = guess_concept(prompt or "", names)
+    found = guess_subjects(prompt or "", names, MAX_SUBJECTS)
     message = ui_text.guess_message(prompt, found, names)
-    if not found:
-        return gr.update(), gr.update(), message
-    return found[0], found[1] or gr.update(), message
+    texts = [gr.update()] * (2 * MAX_SUBJECTS)
+    for k, (token, cls) in enumerate(found):
+        texts[2 * k : 2 * k + 2] = [token, cls or gr.update()]
+    return texts + [ps.guessed_count(count, found), message]
 
 
 def paste_reader(name, labels, panel=None):

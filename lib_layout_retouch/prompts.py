@@ -272,6 +272,39 @@ def guess_concept(prompt: str, known_embeddings: Iterable[str] = ()) -> tuple[st
     return (loras[0], "") if loras else None
 
 
+def guess_subjects(
+    prompt: str, known_embeddings: Iterable[str] = (), limit: int = 3
+) -> list[tuple[str, str]]:
+    """Every subject the prompt names, as (concept token, class phrase), at most `limit`: the
+    Textual-Inversion embedding names in the prompt (in prompt order), then the rare identifiers
+    (sks, ohwx, zwx; each with the word after it), each token once; when there is neither, the LoRA
+    tags' names. The first is always `guess_concept`'s, so one subject is guessed as before."""
+    prompt = prompt or ""
+    embeddings: list[tuple[int, str, str]] = []
+    for name in dict.fromkeys((n or "").strip() for n in known_embeddings):
+        matches = _token_matches(prompt, name) if name else []
+        if matches:
+            embeddings.append((matches[0].start(), name, ""))
+    spans = _tag_spans(prompt)
+    rare = re.compile(
+        r"(?<!\w)(" + "|".join(RARE_TOKENS) + r")(?!\w)(?:[\s\]\)]+([A-Za-z][\w-]*))?"
+    )
+    identifiers: list[tuple[int, str, str]] = []
+    for m in rare.finditer(prompt):
+        if any(a <= m.start() < b for a, b in spans):
+            continue
+        following = m.group(2) or ""
+        phrase = "" if following.lower() in _NOT_A_CLASS else following
+        identifiers.append((m.start(), m.group(1), phrase))
+    found: list[tuple[str, str]] = []
+    for _, token, phrase in sorted(embeddings) + identifiers:
+        if token.lower() not in {t.lower() for t, _ in found}:
+            found.append((token, phrase))
+    if not found:
+        found = [(name, "") for name in dict.fromkeys(lora_names(prompt))]
+    return found[:limit]
+
+
 def subject_positions_in_chunks(
     chunks: Sequence, tokenize: Callable[[str], list[int]], concept_token: str, class_phrase: str
 ) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 
 from . import NAME
 from .images import find_fingerprints
-from .params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES
+from .params import FIELD_BY_NAME, FIELDS, MAX_REFERENCES, MAX_SUBJECTS
 
 # Folded into the "Advanced" accordion; everything else is what a first-time user needs.
 ADVANCED = (
@@ -24,10 +24,11 @@ ADVANCED = (
     "stage1_text_encoder",
 )
 
+ADD_SUBJECT_LABEL = "➕ Add subject"
 PANEL_INTRO = (
     "Vanilla model draws the layout, your subject is retouched in from its photo (up to 4) "
-    "([paper](https://arxiv.org/abs/2407.09779)). Stage 1 works with any sampler; "
-    "the paper used **DDIM**."
+    f"([paper](https://arxiv.org/abs/2407.09779)); **{ADD_SUBJECT_LABEL}** for a second or third one. "
+    "Stage 1 works with any sampler; the paper used **DDIM**."
 )
 ACCORDION_LABEL = NAME  # the accordion's header, with the Enable checkbox in it
 ADVANCED_LABEL = "Advanced"
@@ -38,6 +39,15 @@ VANILLA_REFRESH_HINT = (
 )
 # Hover hints of controls that are no parameter (by their visible text).
 MORE_PHOTOS_LABEL = f"More photos of the subject (optional, up to {MAX_REFERENCES - 1})"
+# Several subjects: subject 1 is the panel's own controls, subjects 2 … each a panel of their own.
+REMOVE_SUBJECT_LABEL = "✖ Remove subject"
+LORA_NAME_LABEL = "LoRA name (optional)"
+
+
+def subject_heading(number: int) -> str:
+    """The heading of subject `number`'s panel (1-based, as the user counts)."""
+    return f"Subject {number}"
+
 
 EXTRA_HINTS = {
     MORE_PHOTOS_LABEL: "Other photos of the same subject (other angles, other light): the retouch attends to all "
@@ -45,7 +55,15 @@ EXTRA_HINTS = {
     "reference_image as a list.",
     GUESS_LABEL: "Fill Concept token and Class phrase from the prompt: a Textual-Inversion embedding "
     "name, a rare identifier such as sks / ohwx followed by its class word, or a LoRA tag. "
-    "It says what it could not find.",
+    "Several in the prompt fill subject 2 and 3 too (their panels open). It says what it could "
+    "not find.",
+    ADD_SUBJECT_LABEL: f"{FIELD_BY_NAME['subjects'].hint} Shows the next subject's panel (up to "
+    f"{MAX_SUBJECTS}): name each in the prompt with its own concept token and class phrase, e.g. "
+    "'a photo of sks dog and zwx cat on a sofa'.",
+    REMOVE_SUBJECT_LABEL: "Remove this subject from the image; the subjects after it move up.",
+    LORA_NAME_LABEL: "For a LoRA subject: the name of its tag in the prompt (my_dog for "
+    "<lora:my_dog:1>), so its LoRA acts only in its own region. Empty: the prompt's LoRA tags are "
+    "the LoRA subjects' in order.",
     ADVANCED_LABEL: "The reference prompt, the Segment-Anything mask and its threshold, the layout "
     "source, how exactly the photo is read, the attention layers and DreamBooth's stage-1 text "
     "encoder: the paper's defaults work for most subjects.",
@@ -129,31 +147,39 @@ def page_texts() -> dict:
     }
 
 
-def photo_notice(fingerprint: Optional[str]) -> str:
+def _of_subject(subject: int) -> str:
+    return f" of subject {subject}" if subject > 1 else ""
+
+
+def photo_notice(fingerprint: Optional[str], subject: int = 1) -> str:
     """Shown after Send to txt2img / paste: the photo is never stored in an image. `fingerprint`:
-    the infotext's "LR reference" value (one fingerprint, or several joined by ", ")."""
+    the infotext's "LR reference" value (one fingerprint, or several joined by ", "); `subject`:
+    whose photos (1-based; subjects after the first are named)."""
     prints = find_fingerprints(fingerprint or "")
+    whose = _of_subject(subject)
     if len(prints) > 1:
         listed = ", ".join(f"`{p}`" for p in prints)
         return (
-            f"⚠ **Upload the {len(prints)} reference photos again** (the ones used had fingerprints "
-            f"{listed}): pasted parameters switch Layout-and-Retouch on and restore every control "
-            "except the photos, which no image stores."
+            f"⚠ **Upload the {len(prints)} reference photos{whose} again** (the ones used had "
+            f"fingerprints {listed}): pasted parameters switch Layout-and-Retouch on and restore "
+            "every control except the photos, which no image stores."
         )
     which = f" (the one used had fingerprint `{fingerprint}`)" if fingerprint else ""
     return (
-        f"⚠ **Upload the reference photo again**{which}: pasted parameters switch "
+        f"⚠ **Upload the reference photo{whose} again**{which}: pasted parameters switch "
         "Layout-and-Retouch on and restore every control except the photo, which no image stores."
     )
 
 
-def photos_still_loaded(fingerprints: list[str]) -> str:
+def photos_still_loaded(fingerprints: list[str], subject: int = 1) -> str:
     """Shown instead of `photo_notice` when the photos loaded in the panel are the ones used."""
     listed = ", ".join(f"`{p}`" for p in fingerprints)
-    what = "photos used are" if len(fingerprints) > 1 else "photo used is"
+    many = len(fingerprints) > 1
+    what = f"photo{'s' if many else ''}{_of_subject(subject)} used {'are' if many else 'is'}"
     return (
-        f"✓ The reference {what} still loaded (fingerprint{'s' if len(fingerprints) > 1 else ''} "
-        f"{listed}): pasted parameters switched Layout-and-Retouch on and restored every control."
+        f"✓ The reference {what} still loaded "
+        f"(fingerprint{'s' if len(fingerprints) > 1 else ''} {listed}): pasted parameters switched "
+        "Layout-and-Retouch on and restored every control."
     )
 
 
@@ -178,7 +204,8 @@ def input_source_in_txt2img() -> str:
 
 
 def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
-    """What the Guess button says about its result."""
+    """What the Guess button says about its result. `found`: `guess_concept`'s (token, class) or
+    None, or `guess_subjects`' list of them."""
     if not (prompt or "").strip():
         return "⚠ Guess: the prompt is empty; write a prompt with your concept token first."
     if not found:
@@ -190,6 +217,10 @@ def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
             f"⚠ Guess found no concept token in the prompt ({tried}, no rare identifier such as "
             "sks / ohwx / zwx, no `<lora:…>` tag): type the token and the class phrase yourself."
         )
+    if isinstance(found, list):  # every subject `guess_subjects` found
+        if len(found) > 1:
+            return _several_guessed(found)
+        found = found[0]
     token, cls = found
     if not cls:
         return (
@@ -197,6 +228,21 @@ def guess_message(prompt: str, found, embeddings: Iterable[str] = ()) -> str:
             "model calls your subject (e.g. dog)."
         )
     return f"Guess: concept token `{token}`, class phrase `{cls}`."
+
+
+def _several_guessed(found) -> str:
+    parts = [
+        f"subject {k} `{token}`" + (f" {cls}" if cls else "")
+        for k, (token, cls) in enumerate(found, start=1)
+    ]
+    line = f"Guess: {', '.join(parts)}."
+    missing = [f"`{token}`" for token, cls in found if not cls]
+    if missing:
+        line += (
+            f" No class phrase found after {', '.join(missing)} — type what a normal model calls "
+            "each (e.g. dog, cat)."
+        )
+    return line
 
 
 # The key that labels an intermediate image's infotext (no `LR ` prefix: it is not a retouched image).

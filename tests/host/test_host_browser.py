@@ -7,12 +7,14 @@ gallery, the message area, the progress bar's text while it runs."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 
 import host_helpers as H
 import host_server as S
+import numpy as np
 import pytest
 import tiny_checkpoints as TC
 from PIL import Image
@@ -881,3 +883,146 @@ def test_paste_with_the_same_photo_loaded_does_not_ask_for_it_again(page, webui_
     text = notice.inner_text()
     assert "Upload" not in text and lr["LR reference"] in text, text
     assert header_checkbox(page).is_checked()
+
+
+# ---------------------------------------------------------------- several subjects
+def box(pg, elem_id):
+    """A text control (gradio renders a one-line Textbox as an input or a textarea)."""
+    return pg.locator(f"#{elem_id} input, #{elem_id} textarea").first
+
+
+def subject_photo(tmp_path) -> str:
+    """Subject 2's photo: another picture than subject 1's."""
+    path = str(tmp_path / "subject2.png")
+    Image.fromarray(255 - np.asarray(H.reference_rgb())).save(path)
+    return path
+
+
+def upload_photo(pg, elem_id, path):
+    pg.locator(f"#{elem_id} input[type=file]").set_input_files(path)
+    pg.wait_for_selector(f"#{elem_id} img")
+
+
+def pick(pg, elem_id, label):
+    """Choose `label` in a radio group."""
+    pg.locator(f"#{elem_id} label", has_text=label).first.click()
+
+
+def wait_text(pg, elem_id, text, timeout=30_000):
+    pg.wait_for_function(
+        "([id, t]) => { const n = document.querySelector('#' + id);"
+        " return !!n && n.offsetParent !== null && n.innerText.includes(t); }",
+        arg=[elem_id, text],
+        timeout=timeout,
+    )
+
+
+def test_two_subjects_added_guessed_generated_with_their_regions_and_pasted_back(
+    browser, webui_ui, photo_path, tmp_path
+):
+    ctx, page = small_page(browser, webui_ui)  # 1280×800
+    try:
+        enable(page)
+        panel2 = page.locator(f"#{SID}subject2_panel")
+        assert not panel2.is_visible(), "subject 2 is shown before Add subject"
+        # Guess fills every subject it finds, opening subject 2's panel for the second
+        setup_small(page, "a photo of sks dog and zwx cat on a sofa")
+        page.locator(f"#{SID}guess").click()
+        panel2.wait_for(state="visible")
+        page.wait_for_function(
+            "(id) => { const b = document.querySelector('#' + id + ' input, #' + id + ' textarea');"
+            " return b && b.value === 'zwx'; }",
+            arg=f"{SID}subject2_token",
+        )
+        assert box(page, f"{SID}subject2_class").input_value() == "cat"
+        assert box(page, f"{SID}concept_token").input_value() == "sks"
+        guessed = page.locator(f"#{SID}guess_message").first.inner_text()
+        assert "subject 1 sks dog, subject 2 zwx cat" in guessed, guessed
+        assert not page.locator(f"#{SID}subject3_panel").is_visible()
+        # ✖ hides it (emptied); Add subject shows it again, then subject 3, then no more
+        page.locator(f"#{SID}subject2_remove").click()
+        panel2.wait_for(state="hidden")
+        page.locator(f"#{SID}add_subject").click()
+        panel2.wait_for(state="visible")
+        assert box(page, f"{SID}subject2_token").input_value() == ""
+        page.locator(f"#{SID}add_subject").click()
+        page.locator(f"#{SID}subject3_panel").wait_for(state="visible")
+        page.locator(f"#{SID}add_subject").wait_for(state="hidden")
+        page.locator(f"#{SID}subject3_remove").click()
+        page.locator(f"#{SID}subject3_panel").wait_for(state="hidden")
+        # two TI embeddings (TC.EMBEDDING_2 comes with the run path's host tier)
+        set_text(
+            page,
+            "#txt2img_prompt textarea",
+            f"a photo of {TC.EMBEDDING} dog and {TC.EMBEDDING_2} cat",
+        )
+        upload_photo(page, f"{SID}reference_image", photo_path)
+        pick(page, f"{SID}personalization", "Textual Inversion embedding")
+        set_text(page, f"#{SID}concept_token textarea, #{SID}concept_token input", TC.EMBEDDING)
+        set_text(page, f"#{SID}class_phrase textarea, #{SID}class_phrase input", "dog")
+        upload_photo(page, f"{SID}subject2_reference_image", subject_photo(tmp_path))
+        pick(page, f"{SID}subject2_personalization", "Textual Inversion embedding")
+        set_text(page, f"#{SID}subject2_token textarea, #{SID}subject2_token input", TC.EMBEDDING_2)
+        set_text(page, f"#{SID}subject2_class textarea, #{SID}subject2_class input", "cat")
+        page.locator(f"#{SID}subject2_lora").first.wait_for(state="hidden")  # LoRA's only
+        assert page.locator(f"#{SID}subject1_heading").first.is_visible()
+        page.locator(f"#{SID}show_intermediates input").check()
+        generate(page)
+        assert gallery_count(page) == 5, (  # result + layout, mask, map and the subject regions
+            gallery_count(page),
+            page.evaluate(LOG_JS),
+        )
+        page.wait_for_function(
+            "() => document.querySelectorAll('#txt2img_gallery .layout-retouch-caption').length >= 4",
+            timeout=15_000,
+        )
+        captions = page.evaluate(
+            "() => [...document.querySelectorAll('#txt2img_gallery .thumbnails .thumbnail-item')]"
+            ".map(t => (t.querySelector('.layout-retouch-caption') || {}).textContent || '')"
+        )
+        assert captions == ["", "layout", "mask", "map", "regions"], captions
+        text = info_text(page)
+        for line in (
+            "LR subject 2 personalization: textual_inversion",
+            "LR subject 2 class phrase: cat",
+        ):
+            assert line in text, text
+        assert "LR subject 2 reference" in text
+        select_image(page, 4)
+        assert "Layout-and-Retouch intermediate: subject regions of image 1" in info_text(page)
+        if os.environ.get("LR_SCREENSHOTS"):  # the README's: the gallery down to subject 2's panel
+            top, bottom = page.evaluate(
+                "(ids) => { const r = ids.map(i => document.querySelector(i).getBoundingClientRect());"
+                " return [Math.min(...r.map(b => b.top)) + scrollY,"
+                " Math.max(...r.map(b => b.bottom)) + scrollY]; }",
+                ["#txt2img_gallery", f"#{SID}subject2_panel"],
+            )
+            page.screenshot(
+                path=os.path.join(os.environ["LR_SCREENSHOTS"], "ui-subjects.png"),
+                full_page=True,
+                clip={"x": 0, "y": max(top - 8, 0), "width": 1280, "height": bottom - top + 16},
+            )
+        # paste: with both photos still loaded, each subject's notice says so
+        infotext = json.loads(page.locator("#generation_info_txt2img textarea").input_value())[
+            "infotexts"
+        ][0]
+        set_text(page, "#txt2img_prompt textarea", infotext)
+        page.locator("#txt2img_tools #paste").click()
+        wait_text(page, f"{SID}photo_notice", "still loaded")
+        wait_text(page, f"{SID}subject2_photo_notice", "of subject 2 used is still loaded")
+    finally:
+        ctx.close()
+    # paste into a fresh page: subject 2 comes back with its texts and asks for its photo
+    ctx, page = small_page(browser, webui_ui)
+    try:
+        set_text(page, "#txt2img_prompt textarea", infotext)
+        page.locator("#txt2img_tools #paste").click()
+        page.locator(f"#{SID}subject2_panel").wait_for(state="visible")
+        wait_text(page, f"{SID}subject2_photo_notice", "Upload the reference photo of subject 2")
+        assert box(page, f"{SID}subject2_class").input_value() == "cat"
+        checked = page.locator(f"#{SID}subject2_personalization label:has(input:checked)").first
+        assert checked.inner_text().strip() == "Textual Inversion embedding", checked.inner_text()
+        assert not page.locator(f"#{SID}subject3_panel").is_visible()
+        assert header_checkbox(page).is_checked()
+    finally:
+        ctx.close()
