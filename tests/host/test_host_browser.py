@@ -575,10 +575,12 @@ def test_ddim_steps_line_and_a_visible_refusal_at_1280x800(browser, webui_ui, ph
         setup_lr(page, photo_path, webui_ui.title(TC.VANILLA))
         # scaled with steps (the default): 45 for 50 steps is 9 at 10 (λ2 10 → 2, mask 31 → 7)
         set_number(page, f"{SID}lambda1", 45)
-        # the line is redrawn once for the steps and once for λ1: wait for both, not the first
+        # the line is redrawn once for the steps and once for λ1: wait for the second (λ1 = 9 is
+        # beyond DDIM's 9 steps, so the line is the refusal Generate will give)
         page.wait_for_function(
             "() => { const t = document.querySelector('#%seffective').innerText;"
-            " return t.includes('DDIM runs 9 steps for 10') && t.includes('λ1=9'); }" % SID
+            " return t.includes('DDIM runs 9 steps for 10') && t.includes('between 0 and 8'); }"
+            % SID
         )
         line = page.locator(f"#{SID}effective").first.inner_text()
         assert "⚠" in line and "between 0 and 8" in line, line
