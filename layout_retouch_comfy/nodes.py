@@ -185,6 +185,17 @@ def _own_words(reference, subjects, concept_token, class_phrase):
     return None, None
 
 
+def _validate(reference, subjects, concept_token, class_phrase, **checks):
+    """The Sampler's and Retouch node's VALIDATE_INPUTS: the node's own subject words (see
+    `_own_words`) and `checks` (inputs.check_before_run's other arguments) as ComfyUI's verdict."""
+    words = _own_words(reference, subjects, concept_token, class_phrase)
+    if isinstance(words, str):
+        return words
+    return _verdict(
+        inputs.check_before_run(concept_token=words[0], class_phrase=words[1], **checks)
+    )
+
+
 class LayoutRetouchSampler:
     """KSampler-like: stage 1 (vanilla MODEL for λ1 steps, then the personalized one) and the
     retouch of the subject's identity from the reference photo(s)."""
@@ -243,20 +254,17 @@ class LayoutRetouchSampler:
         reference=inputs.UNCONNECTED,
         subjects=inputs.UNCONNECTED,
     ):
-        words = _own_words(reference, subjects, concept_token, class_phrase)
-        if isinstance(words, str):
-            return words
-        return _verdict(
-            inputs.check_before_run(
-                prompt=prompt,
-                concept_token=words[0],
-                class_phrase=words[1],
-                steps=steps,
-                lambdas=dict(lambda1=lambda1, lambda2=lambda2, mask_start=mask_start),
-                scale_with_steps=scale_with_steps,
-                layout_source=layout_source,
-                latent=latent,
-            )
+        return _validate(
+            reference,
+            subjects,
+            concept_token,
+            class_phrase,
+            prompt=prompt,
+            steps=steps,
+            lambdas=dict(lambda1=lambda1, lambda2=lambda2, mask_start=mask_start),
+            scale_with_steps=scale_with_steps,
+            layout_source=layout_source,
+            latent=latent,
         )
 
     def sample(self, reference=None, unique_id=None, **kw):
@@ -458,18 +466,15 @@ class LayoutRetouchRetouch:
         reference=inputs.UNCONNECTED,
         subjects=inputs.UNCONNECTED,
     ):
-        words = _own_words(reference, subjects, concept_token, class_phrase)
-        if isinstance(words, str):
-            return words
-        return _verdict(
-            inputs.check_before_run(
-                prompt=prompt,
-                concept_token=words[0],
-                class_phrase=words[1],
-                steps=steps,
-                lambdas=dict(lambda2=lambda2, mask_start=mask_start),
-                scale_with_steps=scale_with_steps,
-            )
+        return _validate(
+            reference,
+            subjects,
+            concept_token,
+            class_phrase,
+            prompt=prompt,
+            steps=steps,
+            lambdas=dict(lambda2=lambda2, mask_start=mask_start),
+            scale_with_steps=scale_with_steps,
         )
 
     def retouch(self, *, layout, reference=None, unique_id=None, **kw):
